@@ -1,0 +1,1 @@
+"""multifd: live migration of guest RAM and device state over parallel channel processes."""

@@ -1,0 +1,130 @@
+"""The one exception tree of multifd.
+
+Every error the engine raises derives from :class:`MigrationError`::
+
+    MigrationError
+    ├── ProtocolError
+    │   ├── LocalProtocolError        we were about to break the protocol (a bug)
+    │   └── RemoteProtocolError       the peer sent something invalid
+    │       └── HandshakeError        a hello that must not join a migration
+    ├── TransportError
+    │   ├── TransportClosedError      the peer closed the connection
+    │   └── TransportBrokenError      reset, timeout, refused: the link failed
+    ├── PoolError
+    │   ├── BrokenPoolError           an earlier failure broke the pool
+    │   └── WorkerCrashedError        a worker process died (exit code attached)
+    ├── CompressionError
+    ├── DeviceStateError
+    ├── ConfigError                   invalid or mismatched configuration
+    ├── ConvergenceError              precopy did not converge in the allowed rounds
+    ├── VerificationError             destination memory differs from the source's
+    ├── CancelledError                the migration was cancelled
+    └── RemoteTraceback               (a cause, never raised) another process's traceback
+
+Errors cross process boundaries (channel processes report them to the main
+process), so every class pickles with its arguments intact.  Always raise with
+``raise NewError(...) from cause`` so the first cause stays attached.
+"""
+
+from __future__ import annotations
+
+
+class MigrationError(Exception):
+    """Root of every error raised by multifd."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # The default reduction re-calls __init__ with self.args, which breaks
+        # for subclasses whose __init__ takes other arguments; keep the state
+        # explicitly so every subclass round-trips through pickle.
+        return (_rebuild, (type(self), self.args, self.__dict__.copy()))
+
+
+def _rebuild(cls: type[MigrationError], args: tuple, state: dict) -> MigrationError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+class ProtocolError(MigrationError):
+    """A violation of the multifd wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid packet or message."""
+
+
+class HandshakeError(RemoteProtocolError):
+    """A connection's hello was refused (magic, version, auth, UUID, channel id)."""
+
+
+class TransportError(MigrationError):
+    """Moving bytes over a transport failed."""
+
+
+class TransportClosedError(TransportError):
+    """The peer closed the connection (cleanly or in the middle of a packet)."""
+
+
+class TransportBrokenError(TransportError):
+    """The connection failed: reset, refused, timed out, unreachable."""
+
+
+class PoolError(MigrationError):
+    """A worker pool could not run a job."""
+
+
+class BrokenPoolError(PoolError):
+    """The pool is broken by an earlier failure (kept as ``__cause__``)."""
+
+
+class WorkerCrashedError(PoolError):
+    """A worker process died while it ran a job."""
+
+    def __init__(self, message: str, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class CompressionError(MigrationError):
+    """A codec failed, or a payload decompressed to the wrong size."""
+
+
+class DeviceStateError(MigrationError):
+    """A device's state stream was malformed, or its save or load failed."""
+
+
+class ConfigError(MigrationError):
+    """Invalid parameters, or a configuration the two sides do not share."""
+
+
+class ConvergenceError(MigrationError):
+    """Precopy did not converge within the allowed number of rounds."""
+
+
+class VerificationError(MigrationError):
+    """The destination's memory does not equal the source's at switchover."""
+
+
+class CancelledError(MigrationError):
+    """The migration (or a pool job) was cancelled."""
+
+
+class RemoteTraceback(MigrationError):
+    """The formatted traceback of an exception raised in another process.
+
+    Never raised: a worker pool attaches it as ``__cause__`` of an exception that
+    crossed a process boundary (pickling drops tracebacks), so the remote frames
+    print under "The above exception was the direct cause of ...".
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
