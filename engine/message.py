@@ -1,0 +1,628 @@
+"""The main-channel messages of the multifd wire format, with no I/O.
+
+Byte layout (integers big-endian; docs/wire-format.md §3 is the specification)::
+
+    message      type u16 | flags u16 (0) | body_length u32 (≤ 16 MiB) | body
+    string       len u16 | UTF-8        ("string1": len u8 | bytes)
+
+    CONFIG          page_size u32 | packet_pages u32 | channel_count u16 | n_blocks u16
+                    | flags u32 | codec string1 | codec_level i16
+                    | n_blocks × (name string1 | size u64)
+                    | n_devices u16 | n_devices × (idstr string1 | instance_id u32)
+    CONFIG_ACK      status u16 | reason string
+    CHANNELS_READY  (empty)
+    SYNC_MARKER     epoch u32
+    SWITCHOVER      (empty)
+    COMPLETE        final_epoch u32 | flags u32 (bit 0: DIGESTS follows)
+    DIGESTS         digest_chunk u32 | n_digests u32 | n × 32-byte SHA-256
+    RESUMED         downtime_us u64 | verify_us u64 | verified u8 | detail string
+    ABORT           code u16 | message string
+    PING, PONG      token u64
+
+:func:`encode_message` turns a record into bytes; :class:`MessageDecoder` turns
+received bytes into records, checking every length, count and field (CONFIG in
+full) before use.  Bytes from the peer that break a rule raise RemoteProtocolError;
+an invalid record given to the encoder raises LocalProtocolError.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+from engine.errors import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    TransportClosedError,
+)
+from engine.packet import (
+    MAX_BLOCK_PAGES,
+    MAX_BLOCKS,
+    MAX_CHANNELS,
+    MAX_DEVICES,
+    MAX_MESSAGE_BODY,
+    MAX_PACKET_PAGES,
+    MESSAGE_HEADER_SIZE,
+    NEED_DATA,
+    PAGE_SIZE,
+    Buffer,
+    NeedData,
+    PacketLimits,
+)
+
+DIGEST_SIZE: Final = 32  # SHA-256
+
+
+class MessageType(enum.IntEnum):
+    CONFIG = 1
+    CONFIG_ACK = 2
+    CHANNELS_READY = 3
+    SYNC_MARKER = 4
+    SWITCHOVER = 5
+    COMPLETE = 6
+    RESUMED = 7
+    ABORT = 8
+    PING = 9
+    PONG = 10
+    DIGESTS = 11
+
+
+class ConfigFlags(enum.IntFlag):
+    ZERO_PAGE_DETECTION = 1
+
+
+class AbortCode(enum.IntEnum):
+    CANCELLED = 1
+    FAILED = 2
+
+
+class CompleteFlags(enum.IntFlag):
+    DIGESTS_FOLLOW = 1
+
+
+class Verification(enum.IntEnum):
+    """RESUMED ``verified``: how the destination's memory compared with the digests."""
+
+    NOT_CHECKED = 0
+    EQUAL = 1
+    DIFFERENT = 2
+
+
+# A plain int: ~ of an IntFlag keeps only the defined bits, which would hide unknown ones.
+_CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION)
+_COMPLETE_FLAGS: Final = int(CompleteFlags.DIGESTS_FOLLOW)
+_VERIFICATIONS: Final = frozenset(Verification)
+_ABORT_CODES: Final = frozenset(AbortCode)
+
+# ── fixed layouts ─────────────────────────────────────────────────────────────
+
+# message header, 8 bytes
+#  0 type u16 | 2 flags u16 | 4 body_length u32
+_MESSAGE_HEADER = struct.Struct(">HHI")
+
+# CONFIG body, fixed start, 16 bytes (codec name, level, blocks and devices follow)
+#  0 page_size u32 | 4 packet_pages u32 | 8 channel_count u16 | 10 n_blocks u16 | 12 flags u32
+_CONFIG = struct.Struct(">IIHHI")
+
+# COMPLETE body, 8 bytes
+#  0 final_epoch u32 | 4 flags u32
+_COMPLETE = struct.Struct(">II")
+
+# DIGESTS body, fixed start, 8 bytes (n_digests × 32 bytes follow)
+#  0 digest_chunk u32 | 4 n_digests u32
+_DIGESTS = struct.Struct(">II")
+
+# RESUMED body, fixed start, 17 bytes (the detail string follows)
+#  0 downtime_us u64 | 8 verify_us u64 | 16 verified u8
+_RESUMED = struct.Struct(">QQB")
+
+# Fields and length prefixes inside bodies.
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_I16 = struct.Struct(">h")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+_STRING_MAX: Final = 0xFFFF
+_STRING1_MAX: Final = 0xFF
+
+# ── records ───────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSpec:
+    """A RAM block: a unique name of 1..255 UTF-8 bytes, a size in bytes."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """A device whose state migrates; ``(idstr, instance_id)`` is unique."""
+
+    idstr: str
+    instance_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """CONFIG: the source's proposal of the migration's layout (wire-format §3.1)."""
+
+    page_size: int
+    packet_pages: int
+    channel_count: int
+    zero_page_detection: bool
+    codec: str
+    codec_level: int
+    blocks: tuple[BlockSpec, ...]
+    devices: tuple[DeviceSpec, ...] = ()
+
+    @property
+    def block_pages(self) -> tuple[int, ...]:
+        """Pages of each block, in CONFIG order."""
+        return tuple(block.size // self.page_size for block in self.blocks)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigAck:
+    """CONFIG_ACK: ``status`` 0 accepts the CONFIG; any other value refuses it."""
+
+    status: int
+    reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelsReady:
+    """CHANNELS_READY: all N channels joined and their processes run."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncMarker:
+    """SYNC_MARKER: every channel has sent SYNC(``epoch``)."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """SWITCHOVER: the source guest is paused; the final round follows."""
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """COMPLETE: every page is sent (epochs up to ``final_epoch``); END is on every channel."""
+
+    final_epoch: int
+    digests_follow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Digests:
+    """DIGESTS: SHA-256 of each ``digest_chunk``-byte piece of each block, in order."""
+
+    digest_chunk: int
+    digests: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """RESUMED: the destination runs; its share of the downtime, verification result."""
+
+    downtime_us: int
+    verify_us: int
+    verified: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """ABORT, either direction."""
+
+    code: int
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    token: int
+
+
+Message: TypeAlias = (
+    Config | ConfigAck | ChannelsReady | SyncMarker | Switchover | Complete | Digests
+    | Resumed | Abort | Ping | Pong
+)
+
+
+def packet_limits(
+    config: Config, codec: int, codec_bound: Callable[[int], int] | None = None
+) -> PacketLimits:
+    """The PacketLimits a channel receiver enforces for an accepted ``config``.
+
+    ``codec`` is the id the codec registry gives ``config.codec``.
+    """
+    return PacketLimits(config.page_size, config.packet_pages, config.block_pages,
+                        codec, codec_bound)
+
+
+# ── validation shared by the encoder and the decoder ──────────────────────────
+
+
+def _config_problem(config: Config) -> str | None:
+    """What is wrong with ``config`` as wire-format §3.1 states it, or None."""
+    if config.page_size != PAGE_SIZE:
+        return f"page_size {config.page_size} is not {PAGE_SIZE}"
+    if not 1 <= config.packet_pages <= MAX_PACKET_PAGES:
+        return f"packet_pages {config.packet_pages} is outside 1..{MAX_PACKET_PAGES}"
+    if not 1 <= config.channel_count <= MAX_CHANNELS:
+        return f"channel_count {config.channel_count} is outside 1..{MAX_CHANNELS}"
+    if not (1 <= len(config.codec) <= _STRING1_MAX and config.codec.isascii()):
+        return "the codec name must be 1..255 ASCII characters"
+    if not -0x8000 <= config.codec_level <= 0x7FFF:
+        return f"codec_level {config.codec_level} does not fit 16 bits"
+    if not 1 <= len(config.blocks) <= MAX_BLOCKS:
+        return f"{len(config.blocks)} blocks, not 1..{MAX_BLOCKS}"
+    for block in config.blocks:
+        if not 1 <= _utf8_length(block.name) <= _STRING1_MAX:
+            return f"block name {block.name!r} is not 1..255 UTF-8 bytes"
+        pages, rest = divmod(block.size, config.page_size)
+        if rest or not 1 <= pages <= MAX_BLOCK_PAGES:
+            return (f"block {block.name!r} size {block.size} is not a positive multiple "
+                    f"of the page size, at most {MAX_BLOCK_PAGES} pages")
+    if len({block.name for block in config.blocks}) != len(config.blocks):
+        return "block names are not unique"
+    if len(config.devices) > MAX_DEVICES:
+        return f"{len(config.devices)} devices exceed {MAX_DEVICES}"
+    for device in config.devices:
+        if _utf8_length(device.idstr) > _STRING1_MAX:
+            return f"device idstr {device.idstr!r} is longer than 255 UTF-8 bytes"
+        if not 0 <= device.instance_id <= 0xFFFF_FFFF:
+            return f"device {device.idstr!r} instance_id does not fit 32 bits"
+    if len(set(config.devices)) != len(config.devices):
+        return "(idstr, instance_id) pairs of devices are not unique"
+    return None
+
+
+def _digests_problem(digests: Digests) -> str | None:
+    """What is wrong with ``digests`` as wire-format §3.3 states it, or None."""
+    if not 1 <= digests.digest_chunk <= 0xFFFF_FFFF:
+        return f"digest_chunk {digests.digest_chunk} is outside 1..2**32-1"
+    if not digests.digests:
+        return "there are no digests"
+    if any(len(digest) != DIGEST_SIZE for digest in digests.digests):
+        return f"a digest is not {DIGEST_SIZE} bytes"
+    return None
+
+
+def _utf8_length(text: str) -> int:
+    """Length of ``text`` in UTF-8; -1 if it cannot be encoded (lone surrogates)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
+
+
+# ── encoding ──────────────────────────────────────────────────────────────────
+
+
+def _string(text: str, length: struct.Struct, encoding: str = "utf-8") -> bytes:
+    data = text.encode(encoding)
+    return length.pack(len(data)) + data
+
+
+def _encode_config(config: Config) -> bytes:
+    problem = _config_problem(config)
+    if problem is not None:
+        raise LocalProtocolError(f"invalid CONFIG: {problem}")
+    flags = ConfigFlags.ZERO_PAGE_DETECTION if config.zero_page_detection else 0
+    parts = [
+        _CONFIG.pack(config.page_size, config.packet_pages, config.channel_count,
+                     len(config.blocks), flags),
+        _string(config.codec, _U8, "ascii"),
+        _I16.pack(config.codec_level),
+    ]
+    for block in config.blocks:
+        parts += (_string(block.name, _U8), _U64.pack(block.size))
+    parts.append(_U16.pack(len(config.devices)))
+    for device in config.devices:
+        parts += (_string(device.idstr, _U8), _U32.pack(device.instance_id))
+    return b"".join(parts)
+
+
+def _encode_complete(complete: Complete) -> bytes:
+    flags = CompleteFlags.DIGESTS_FOLLOW if complete.digests_follow else 0
+    return _COMPLETE.pack(complete.final_epoch, flags)
+
+
+def _encode_digests(digests: Digests) -> bytes:
+    problem = _digests_problem(digests)
+    if problem is not None:
+        raise LocalProtocolError(f"invalid DIGESTS: {problem}")
+    return (_DIGESTS.pack(digests.digest_chunk, len(digests.digests))
+            + b"".join(digests.digests))
+
+
+def _encode_resumed(resumed: Resumed) -> bytes:
+    if resumed.verified not in _VERIFICATIONS:
+        raise LocalProtocolError(f"RESUMED verified {resumed.verified} is not 0, 1 or 2")
+    return (_RESUMED.pack(resumed.downtime_us, resumed.verify_us, resumed.verified)
+            + _string(resumed.detail, _U16))
+
+
+def _encode_abort(abort: Abort) -> bytes:
+    if abort.code not in _ABORT_CODES:
+        raise LocalProtocolError(f"unknown ABORT code {abort.code}")
+    return _U16.pack(abort.code) + _string(abort.message, _U16)
+
+
+_ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
+    Config: (MessageType.CONFIG, _encode_config),
+    ConfigAck: (MessageType.CONFIG_ACK,
+                lambda ack: _U16.pack(ack.status) + _string(ack.reason, _U16)),
+    ChannelsReady: (MessageType.CHANNELS_READY, lambda _: b""),
+    SyncMarker: (MessageType.SYNC_MARKER, lambda marker: _U32.pack(marker.epoch)),
+    Switchover: (MessageType.SWITCHOVER, lambda _: b""),
+    Complete: (MessageType.COMPLETE, _encode_complete),
+    Digests: (MessageType.DIGESTS, _encode_digests),
+    Resumed: (MessageType.RESUMED, _encode_resumed),
+    Abort: (MessageType.ABORT, _encode_abort),
+    Ping: (MessageType.PING, lambda ping: _U64.pack(ping.token)),
+    Pong: (MessageType.PONG, lambda pong: _U64.pack(pong.token)),
+}
+
+
+def encode_message(message: Message) -> bytes:
+    """Header and body of ``message``.
+
+    Raises LocalProtocolError for a record that is not a message, a field out of
+    range, a string too long or not encodable, a body over 16 MiB, or a CONFIG,
+    DIGESTS, RESUMED or ABORT that breaks a rule of wire-format §3.
+    """
+    try:
+        message_type, encoder = _ENCODERS[type(message)]
+    except KeyError:
+        raise LocalProtocolError(f"{type(message).__name__} is not a message") from None
+    try:
+        body = encoder(message)
+    except (struct.error, UnicodeEncodeError) as error:
+        raise LocalProtocolError(f"cannot encode {message_type.name}: {error}") from error
+    if len(body) > MAX_MESSAGE_BODY:
+        raise LocalProtocolError(f"{message_type.name} body exceeds {MAX_MESSAGE_BODY} bytes")
+    return _MESSAGE_HEADER.pack(message_type, 0, len(body)) + body
+
+
+# ── decoding ──────────────────────────────────────────────────────────────────
+
+
+class _Reader:
+    """Reads a body front to back; running past its end is a RemoteProtocolError."""
+
+    __slots__ = ("_data", "_offset", "_what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._offset = 0
+        self._what = what
+
+    def take(self, size: int) -> bytes:
+        end = self._offset + size
+        if end > len(self._data):
+            raise RemoteProtocolError(f"{self._what} body is truncated")
+        chunk = self._data[self._offset:end]
+        self._offset = end
+        return chunk
+
+    def unpack(self, layout: struct.Struct) -> tuple[int, ...]:
+        return layout.unpack(self.take(layout.size))
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._offset
+
+    def number(self, layout: struct.Struct) -> int:
+        (value,) = self.unpack(layout)
+        return value
+
+    def string(self, length: struct.Struct, field: str, encoding: str = "utf-8") -> str:
+        raw = self.take(self.number(length))
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError as error:
+            raise RemoteProtocolError(
+                f"{self._what} {field} is not valid {encoding}"
+            ) from error
+
+    def finish(self) -> None:
+        if self.remaining:
+            raise RemoteProtocolError(f"{self._what} body has {self.remaining} trailing bytes")
+
+
+def _decode_config(body: _Reader) -> Config:
+    page_size, packet_pages, channel_count, n_blocks, flags = body.unpack(_CONFIG)
+    if flags & ~_CONFIG_FLAGS:
+        raise RemoteProtocolError(f"unknown CONFIG flags 0x{flags:08x}")
+    if not 1 <= n_blocks <= MAX_BLOCKS:
+        raise RemoteProtocolError(f"CONFIG n_blocks {n_blocks} is outside 1..{MAX_BLOCKS}")
+    codec = body.string(_U8, "codec name", "ascii")
+    codec_level = body.number(_I16)
+    blocks = tuple(BlockSpec(body.string(_U8, "block name"), body.number(_U64))
+                   for _ in range(n_blocks))
+    n_devices = body.number(_U16)
+    if n_devices > MAX_DEVICES:
+        raise RemoteProtocolError(f"CONFIG n_devices {n_devices} exceeds {MAX_DEVICES}")
+    devices = tuple(DeviceSpec(body.string(_U8, "device idstr"), body.number(_U32))
+                    for _ in range(n_devices))
+    config = Config(page_size, packet_pages, channel_count, bool(flags), codec, codec_level,
+                    blocks, devices)
+    problem = _config_problem(config)
+    if problem is not None:
+        raise RemoteProtocolError(f"invalid CONFIG: {problem}")
+    return config
+
+
+def _decode_complete(body: _Reader) -> Complete:
+    final_epoch, flags = body.unpack(_COMPLETE)
+    if flags & ~_COMPLETE_FLAGS:
+        raise RemoteProtocolError(f"unknown COMPLETE flags 0x{flags:08x}")
+    return Complete(final_epoch, bool(flags & _COMPLETE_FLAGS))
+
+
+def _decode_digests(body: _Reader) -> Digests:
+    digest_chunk, n_digests = body.unpack(_DIGESTS)
+    # body_length is capped by the header check, so this caps n_digests before the loop.
+    if n_digests * DIGEST_SIZE != body.remaining:
+        raise RemoteProtocolError(f"DIGESTS n_digests {n_digests} disagrees with body_length")
+    digests = Digests(digest_chunk, tuple(body.take(DIGEST_SIZE) for _ in range(n_digests)))
+    problem = _digests_problem(digests)
+    if problem is not None:
+        raise RemoteProtocolError(f"invalid DIGESTS: {problem}")
+    return digests
+
+
+def _decode_resumed(body: _Reader) -> Resumed:
+    downtime_us, verify_us, verified = body.unpack(_RESUMED)
+    if verified not in _VERIFICATIONS:
+        raise RemoteProtocolError(f"RESUMED verified {verified} is not 0, 1 or 2")
+    return Resumed(downtime_us, verify_us, Verification(verified),
+                   body.string(_U16, "detail"))
+
+
+def _decode_abort(body: _Reader) -> Abort:
+    code = body.number(_U16)
+    if code not in _ABORT_CODES:
+        raise RemoteProtocolError(f"unknown ABORT code {code}")
+    return Abort(AbortCode(code), body.string(_U16, "message"))
+
+
+_Decoder: TypeAlias = Callable[[_Reader], Message]
+_DECODERS: Final[dict[int, _Decoder]] = {
+    MessageType.CONFIG: _decode_config,
+    MessageType.CONFIG_ACK: lambda body: ConfigAck(body.number(_U16), body.string(_U16, "reason")),
+    MessageType.CHANNELS_READY: lambda body: ChannelsReady(),
+    MessageType.SYNC_MARKER: lambda body: SyncMarker(body.number(_U32)),
+    MessageType.SWITCHOVER: lambda body: Switchover(),
+    MessageType.COMPLETE: _decode_complete,
+    MessageType.DIGESTS: _decode_digests,
+    MessageType.RESUMED: _decode_resumed,
+    MessageType.ABORT: _decode_abort,
+    MessageType.PING: lambda body: Ping(body.number(_U64)),
+    MessageType.PONG: lambda body: Pong(body.number(_U64)),
+}
+
+_STRING1_FIELD: Final = 1 + _STRING1_MAX
+_STRING_FIELD: Final = _U16.size + _STRING_MAX
+# (smallest, largest) body of each type, checked from the header before the body is
+# waited for; the exact size is checked when the body is parsed.
+_BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
+    MessageType.CONFIG: (
+        _CONFIG.size + 1 + 1 + _I16.size + (1 + 1 + _U64.size) + _U16.size,
+        _CONFIG.size + _STRING1_FIELD + _I16.size + MAX_BLOCKS * (_STRING1_FIELD + _U64.size)
+        + _U16.size + MAX_DEVICES * (_STRING1_FIELD + _U32.size),
+    ),
+    MessageType.CONFIG_ACK: (_U16.size + _U16.size, _U16.size + _STRING_FIELD),
+    MessageType.CHANNELS_READY: (0, 0),
+    MessageType.SYNC_MARKER: (_U32.size, _U32.size),
+    MessageType.SWITCHOVER: (0, 0),
+    MessageType.COMPLETE: (_COMPLETE.size, _COMPLETE.size),
+    MessageType.DIGESTS: (_DIGESTS.size + DIGEST_SIZE, MAX_MESSAGE_BODY),
+    MessageType.RESUMED: (_RESUMED.size + _U16.size, _RESUMED.size + _STRING_FIELD),
+    MessageType.ABORT: (_U16.size + _U16.size, _U16.size + _STRING_FIELD),
+    MessageType.PING: (_U64.size, _U64.size),
+    MessageType.PONG: (_U64.size, _U64.size),
+}
+
+class MessageDecoder:
+    """Incremental decoder of one direction of the main channel (after the hellos).
+
+    Feed bytes with :meth:`receive_data` (``b""`` means the peer closed the
+    connection) and call :meth:`next_message` until it answers :data:`NEED_DATA`.
+    A header is checked as soon as it arrives (known type, flags 0, a body_length
+    the type can have, at most 16 MiB), before its body is waited for.  Once it
+    has raised a ProtocolError, every later call raises again.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._header: tuple[MessageType, int] | None = None
+        self._closed = False
+        self._error: ProtocolError | None = None
+
+    def receive_data(self, data: Buffer) -> None:
+        """Append received bytes; ``b""`` marks the end of the stream.
+
+        Raises LocalProtocolError for data after the end of the stream.
+        """
+        if self._closed:
+            raise LocalProtocolError("receive_data() after the end of the stream")
+        if data:
+            self._buffer += data
+        else:
+            self._closed = True
+
+    def next_message(self) -> Message | Literal[NeedData.NEED_DATA]:
+        """The next whole message, or NEED_DATA.
+
+        Raises RemoteProtocolError for an invalid message or a stream that ended
+        inside one, and TransportClosedError once the stream ended between messages.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError("the main channel already failed") from self._error
+        try:
+            return self._next_message()
+        except RemoteProtocolError as error:
+            self._error = error
+            raise
+
+    def _next_message(self) -> Message | Literal[NeedData.NEED_DATA]:
+        buffer = self._buffer
+        if self._header is None:
+            if len(buffer) < MESSAGE_HEADER_SIZE:
+                return self._need_data()
+            self._header = _decode_header(buffer[:MESSAGE_HEADER_SIZE])
+        message_type, body_length = self._header
+        end = MESSAGE_HEADER_SIZE + body_length
+        if len(buffer) < end:
+            return self._need_data()
+        body = _Reader(bytes(buffer[MESSAGE_HEADER_SIZE:end]), message_type.name)
+        del buffer[:end]
+        self._header = None
+        message = _DECODERS[message_type](body)
+        body.finish()
+        return message
+
+    def _need_data(self) -> Literal[NeedData.NEED_DATA]:
+        if self._closed:
+            if self._buffer:
+                raise RemoteProtocolError("the main channel closed inside a message")
+            raise TransportClosedError("the peer closed the main channel")
+        return NEED_DATA
+
+
+def _decode_header(data: Buffer) -> tuple[MessageType, int]:
+    type_id, flags, body_length = _MESSAGE_HEADER.unpack(data)
+    if type_id not in _DECODERS:
+        raise RemoteProtocolError(f"unknown message type {type_id}")
+    message_type = MessageType(type_id)
+    if flags:
+        raise RemoteProtocolError(f"{message_type.name} flags must be 0, got 0x{flags:04x}")
+    if body_length > MAX_MESSAGE_BODY:
+        raise RemoteProtocolError(f"body_length {body_length} exceeds {MAX_MESSAGE_BODY}")
+    smallest, largest = _BODY_SIZES[message_type]
+    if not smallest <= body_length <= largest:
+        raise RemoteProtocolError(
+            f"{message_type.name} body_length {body_length} is outside {smallest}..{largest}"
+        )
+    return message_type, body_length

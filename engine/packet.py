@@ -1,0 +1,667 @@
+"""The multifd wire codec for hellos and multifd-channel packets, with no I/O.
+
+Byte layout (integers big-endian; docs/wire-format.md is the specification, field
+by field; the main-channel messages live in :mod:`engine.message`)::
+
+    every connection   hello, 80 bytes
+                       magic "MFDH" | version | role | flags | migration_id (16)
+                       | channel_id | channel_count | reserved | nonce (16) | auth (32)
+
+    multifd channel    hello, then packets until END, each:
+                       common header, 16 bytes
+                           magic "MFDP" | kind | flags | header_length | payload_length
+                           | sequence
+                       kind header, header_length bytes
+                           RAM_PAGES  block_index | codec | 0 | epoch | n_runs | 0
+                                      | n_runs × (first_page | n_pages | run flags)
+                           SYNC, END  epoch | 0
+                       payload, payload_length bytes
+                           RAM_PAGES only: the non-zero pages, run after run
+
+A channel is read in one of two ways:
+
+* the hot path reads exactly 16 bytes → :func:`decode_packet_header`, exactly
+  ``header_length`` bytes → :func:`decode_packet`, then ``payload_length`` bytes
+  straight into guest memory, tracking ``sequence`` and ``epoch`` itself;
+* :class:`PacketDecoder` buffers whatever arrives (``receive_data``) and answers a
+  whole packet or :data:`NEED_DATA` (``next_packet``), the h11 way.
+
+Both validate every header field against hard caps and the negotiated
+:class:`PacketLimits` before a byte of payload is read.  Bytes from the peer that
+break a rule raise :class:`~engine.errors.RemoteProtocolError`
+(:class:`~engine.errors.HandshakeError` for hellos); asking to encode something
+invalid raises :class:`~engine.errors.LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import struct
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from operator import add, le, mul
+from typing import Final, Literal, NamedTuple, TypeAlias
+
+from engine.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+HELLO_MAGIC: Final = 0x4D464448  # "MFDH"
+PACKET_MAGIC: Final = 0x4D464450  # "MFDP"
+VERSION: Final = 1
+HELLO_SIZE: Final = 80
+NONCE_SIZE: Final = 16
+AUTH_SIZE: Final = 32
+PACKET_HEADER_SIZE: Final = 16
+MESSAGE_HEADER_SIZE: Final = 8
+PAGE_SIZE: Final = 4096
+MAX_PACKET_PAGES: Final = 4096
+MAX_CHANNELS: Final = 256
+MAX_BLOCKS: Final = 256
+MAX_BLOCK_PAGES: Final = 1 << 32  # first_page is 32 bits
+MAX_DEVICES: Final = 1024
+MAX_MESSAGE_BODY: Final = 16 * 1024 * 1024
+CODEC_NONE: Final = 0
+# A compressed payload may exceed its raw size by this much when the codec names
+# no bound of its own (PacketLimits.codec_bound is None).
+COMPRESSED_SLACK: Final = 1024
+
+
+class HelloRole(enum.IntEnum):
+    MAIN = 1  # main channel, source → destination
+    CHANNEL = 2  # multifd channel
+    MAIN_REPLY = 3  # destination's reply on the main channel
+
+
+class PacketKind(enum.IntEnum):
+    RAM_PAGES = 1
+    SYNC = 2
+    DEVICE_STATE = 3  # reserved: refused until the device-state client defines it
+    END = 4
+
+
+class RunFlags(enum.IntFlag):
+    ZERO = 1  # the run's pages are all zero and carry no payload
+
+
+class NeedData(enum.Enum):
+    """Type of :data:`NEED_DATA`."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+#: Answer of ``next_packet()`` / ``next_message()``: feed more bytes first.
+NEED_DATA: Final = NeedData.NEED_DATA
+
+# ── fixed layouts ─────────────────────────────────────────────────────────────
+
+# hello, 80 bytes; auth is the HMAC of bytes 0..47 (plus the peer's nonce for role 3)
+#  0 magic u32 | 4 version u16 | 6 role u8 | 7 flags u8 | 8 migration_id 16s
+# 24 channel_id u16 | 26 channel_count u16 | 28 reserved u32 | 32 nonce 16s | 48 auth 32s
+_HELLO = struct.Struct(">IHBB16sHHI16s32s")
+_HELLO_SIGNED = 48
+
+# common packet header, 16 bytes
+#  0 magic u32 | 4 kind u8 | 5 flags u8 | 6 header_length u16 | 8 payload_length u32
+# 12 sequence u32
+_PACKET_HEADER = struct.Struct(">IBBHII")
+
+# RAM_PAGES kind header, fixed part, 12 bytes (n_runs runs follow)
+#  0 block_index u16 | 2 codec u8 | 3 reserved u8 | 4 epoch u32 | 8 n_runs u16 | 10 reserved u16
+_RAM_PAGES = struct.Struct(">HBBIHH")
+
+# one page run, 8 bytes
+#  0 first_page u32 | 4 n_pages u16 | 6 flags u16 (RunFlags)
+_RUN = struct.Struct(">IHH")
+
+# SYNC and END kind header, 8 bytes
+#  0 epoch u32 | 4 reserved u32
+_EPOCH = struct.Struct(">II")
+
+# The common header and the RAM_PAGES fixed part back to back (28 bytes), so that
+# encode_ram_pages packs its fixed fields in one call: it runs once per packet.
+_RAM_PAGES_PREFIX = struct.Struct(">IBBHII" + "HBBIHH")
+
+_RAM_PAGES_MIN_HEADER: Final = _RAM_PAGES.size + _RUN.size
+_RAM_PAGES_MAX_HEADER: Final = _RAM_PAGES.size + _RUN.size * MAX_PACKET_PAGES
+_ROLES: Final = {role.value: role for role in HelloRole}
+_KINDS: Final = {kind.value: kind for kind in PacketKind}
+# Common-header flag bits each kind may carry; version 1 defines none.
+_PACKET_FLAGS: Final = {PacketKind.RAM_PAGES: 0, PacketKind.SYNC: 0, PacketKind.END: 0}
+
+
+# ── hello ─────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHello:
+    """An authenticated hello.  ``channel_id`` is 0 for the main roles."""
+
+    role: HelloRole
+    migration_id: uuid.UUID
+    channel_id: int
+    channel_count: int
+    nonce: bytes
+
+
+def _hello_auth(secret: bytes, signed: Buffer, peer_nonce: bytes) -> bytes:
+    mac = hmac.new(secret, signed, hashlib.sha256)
+    mac.update(peer_nonce)
+    return mac.digest()
+
+
+def _check_peer_nonce(peer_nonce: bytes) -> None:
+    if peer_nonce and len(peer_nonce) != NONCE_SIZE:
+        raise LocalProtocolError(f"peer_nonce must be empty or {NONCE_SIZE} bytes")
+
+
+def encode_hello(
+    role: HelloRole,
+    migration_id: uuid.UUID,
+    channel_id: int,
+    channel_count: int,
+    secret: bytes,
+    nonce: bytes | None = None,
+    peer_nonce: bytes = b"",
+) -> bytes:
+    """The 80-byte hello for ``role``, authenticated with ``secret``.
+
+    ``nonce`` defaults to 16 fresh random bytes (pass one only for test vectors).
+    ``peer_nonce`` is the nonce of the source's main hello for ``MAIN_REPLY`` and must
+    be empty for the other roles.  Raises LocalProtocolError for an unknown role,
+    a channel id or count out of range, or a nonce of the wrong size.
+    """
+    if role not in _ROLES:
+        raise LocalProtocolError(f"unknown hello role {role!r}")
+    _check_peer_nonce(peer_nonce)
+    if (role == HelloRole.MAIN_REPLY) != bool(peer_nonce):
+        raise LocalProtocolError("peer_nonce is required for MAIN_REPLY and only for it")
+    if not 1 <= channel_count <= MAX_CHANNELS:
+        raise LocalProtocolError(f"channel_count {channel_count} is outside 1..{MAX_CHANNELS}")
+    if role == HelloRole.CHANNEL:
+        if not 0 <= channel_id < channel_count:
+            raise LocalProtocolError(f"channel_id {channel_id} is outside 0..{channel_count - 1}")
+    elif channel_id != 0:
+        raise LocalProtocolError("a main-channel hello has channel_id 0")
+    if nonce is None:
+        nonce = os.urandom(NONCE_SIZE)
+    elif len(nonce) != NONCE_SIZE:
+        raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes")
+    unsigned = _HELLO.pack(
+        HELLO_MAGIC, VERSION, role, 0, migration_id.bytes,
+        channel_id, channel_count, 0, nonce, bytes(AUTH_SIZE),
+    )[:_HELLO_SIGNED]
+    return unsigned + _hello_auth(secret, unsigned, peer_nonce)
+
+
+def decode_hello(data: Buffer, secret: bytes, peer_nonce: bytes = b"") -> ChannelHello:
+    """Check and decode an 80-byte hello.
+
+    Pass ``peer_nonce`` (the nonce of our own main hello) exactly when the hello
+    must be the destination's ``MAIN_REPLY``; without it only ``MAIN`` and
+    ``CHANNEL`` are accepted, so a hello cannot be reflected back at its sender.
+    Raises HandshakeError naming the first problem: length, magic, version, role,
+    flags, reserved bytes, authenticator, channel count, channel id.  Checks that
+    need the migration (same UUID and count as the main channel, duplicate channel
+    id) are the caller's.
+    """
+    _check_peer_nonce(peer_nonce)
+    if len(data) != HELLO_SIZE:
+        raise HandshakeError(f"a hello is {HELLO_SIZE} bytes, got {len(data)}")
+    (magic, version, role, flags, migration_id, channel_id, channel_count,
+     reserved, nonce, auth) = _HELLO.unpack(data)
+    if magic != HELLO_MAGIC:
+        raise HandshakeError(f"wrong hello magic 0x{magic:08x} (expected 0x{HELLO_MAGIC:08x})")
+    if version != VERSION:
+        raise HandshakeError(f"unsupported hello version {version} (this side speaks {VERSION})")
+    if role not in _ROLES:
+        raise HandshakeError(f"unknown hello role {role}")
+    if peer_nonce and role != HelloRole.MAIN_REPLY:
+        raise HandshakeError(f"expected a main-channel reply hello (role 3), got role {role}")
+    if not peer_nonce and role == HelloRole.MAIN_REPLY:
+        raise HandshakeError("unexpected main-channel reply hello (role 3)")
+    if flags:
+        raise HandshakeError(f"hello flags must be 0, got 0x{flags:02x}")
+    if reserved:
+        raise HandshakeError(f"hello reserved bytes must be 0, got 0x{reserved:08x}")
+    expected = _hello_auth(secret, data[:_HELLO_SIGNED], peer_nonce)
+    if not hmac.compare_digest(auth, expected):
+        raise HandshakeError("bad hello authenticator (wrong secret or replayed hello)")
+    if not 1 <= channel_count <= MAX_CHANNELS:
+        raise HandshakeError(f"hello channel count {channel_count} is outside 1..{MAX_CHANNELS}")
+    if role == HelloRole.CHANNEL:
+        if channel_id >= channel_count:
+            raise HandshakeError(f"hello channel id {channel_id} is outside 0..{channel_count - 1}")
+    elif channel_id != 0:
+        raise HandshakeError(f"main-channel hello has channel id {channel_id}, not 0")
+    return ChannelHello(_ROLES[role], uuid.UUID(bytes=migration_id), channel_id,
+                        channel_count, nonce)
+
+
+# ── packet records ────────────────────────────────────────────────────────────
+
+
+class PageRun(NamedTuple):
+    """``n_pages`` pages of a block from ``first_page``; ``zero``: all zero, no payload."""
+
+    first_page: int
+    n_pages: int
+    zero: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PacketHeader:
+    """A checked common packet header (from :func:`decode_packet_header`)."""
+
+    kind: PacketKind
+    flags: int
+    header_length: int
+    payload_length: int
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class RamPagesHeader:
+    """A RAM_PAGES packet without its payload (``payload_length`` bytes follow)."""
+
+    sequence: int
+    block_index: int
+    codec: int
+    epoch: int
+    runs: tuple[PageRun, ...]
+    payload_length: int
+
+    @property
+    def n_pages(self) -> int:
+        """Pages in all runs."""
+        return sum(run.n_pages for run in self.runs)
+
+    @property
+    def normal_pages(self) -> int:
+        """Pages that travel in the payload (those of non-ZERO runs)."""
+        return sum(run.n_pages for run in self.runs if not run.zero)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPacket:
+    """Every packet of ``epoch`` on this channel came before this one."""
+
+    sequence: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndPacket:
+    """The last packet of a channel; ``epoch`` is the last completed (0: none)."""
+
+    sequence: int
+    epoch: int
+
+
+Packet: TypeAlias = RamPagesHeader | SyncPacket | EndPacket
+
+
+@dataclass(frozen=True, slots=True)
+class PacketLimits:
+    """What the receiver of a channel accepts, from the negotiated CONFIG.
+
+    ``block_pages`` holds the pages of each RAM block in CONFIG order; ``codec`` is
+    the negotiated codec id (0: none).  A compressed payload of a packet whose
+    non-zero pages make ``raw`` bytes may be at most ``codec_bound(raw)`` bytes, or
+    ``raw + COMPRESSED_SLACK`` when ``codec_bound`` is None.  (Give a module-level
+    function as ``codec_bound`` if the limits must be pickled.)  Raises
+    LocalProtocolError for values the wire format cannot carry.
+    """
+
+    page_size: int
+    packet_pages: int
+    block_pages: tuple[int, ...]
+    codec: int = CODEC_NONE
+    codec_bound: Callable[[int], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.page_size != PAGE_SIZE:
+            raise LocalProtocolError(f"page_size must be {PAGE_SIZE}")
+        if not 1 <= self.packet_pages <= MAX_PACKET_PAGES:
+            raise LocalProtocolError(f"packet_pages must be 1..{MAX_PACKET_PAGES}")
+        if not 1 <= len(self.block_pages) <= MAX_BLOCKS:
+            raise LocalProtocolError(f"there must be 1..{MAX_BLOCKS} blocks")
+        if not all(1 <= pages <= MAX_BLOCK_PAGES for pages in self.block_pages):
+            raise LocalProtocolError(f"a block must have 1..{MAX_BLOCK_PAGES} pages")
+        if not 0 <= self.codec <= 0xFF:
+            raise LocalProtocolError("codec id must be 0..255")
+
+    def max_payload(self, raw_size: int) -> int:
+        """The largest compressed payload accepted for ``raw_size`` bytes of pages."""
+        if self.codec_bound is None:
+            return raw_size + COMPRESSED_SLACK
+        return self.codec_bound(raw_size)
+
+
+# ── encoding ──────────────────────────────────────────────────────────────────
+
+
+def encode_ram_pages(
+    sequence: int,
+    block_index: int,
+    codec: int,
+    epoch: int,
+    runs: Sequence[tuple[int, int, bool]],
+    payload_length: int,
+) -> bytes:
+    """Common header and RAM_PAGES header; the caller sends the payload after it.
+
+    ``runs`` is any sequence of ``(first_page, n_pages, zero)`` triples.  Checks what
+    it can without the negotiated limits: 1..4096 runs of ≥ 1 page, sorted and not
+    overlapping, at most 4096 pages, and for codec 0 a payload of exactly the
+    non-zero pages.  Raises LocalProtocolError otherwise or for a field out of range.
+    """
+    n_runs = len(runs)
+    if not 1 <= n_runs <= MAX_PACKET_PAGES:
+        raise LocalProtocolError(f"a RAM_PAGES packet has 1..{MAX_PACKET_PAGES} runs")
+    firsts, counts, zeros = zip(*runs)
+    if min(counts) < 1:
+        raise LocalProtocolError("a page run has at least one page")
+    if not all(map(le, map(add, firsts, counts), firsts[1:])):
+        raise LocalProtocolError("page runs must be sorted and must not overlap")
+    n_pages = sum(counts)
+    if n_pages > MAX_PACKET_PAGES:
+        raise LocalProtocolError(f"{n_pages} pages exceed {MAX_PACKET_PAGES} per packet")
+    zero_flags = tuple(map(bool, zeros))
+    if codec == CODEC_NONE:
+        raw = (n_pages - sum(map(mul, counts, zero_flags))) * PAGE_SIZE
+        if payload_length != raw:
+            raise LocalProtocolError(f"payload_length {payload_length}, expected {raw} for codec 0")
+    try:
+        prefix = _RAM_PAGES_PREFIX.pack(
+            PACKET_MAGIC, PacketKind.RAM_PAGES, 0, _RAM_PAGES.size + _RUN.size * n_runs,
+            payload_length, sequence, block_index, codec, 0, epoch, n_runs, 0,
+        )
+        return prefix + b"".join(map(_RUN.pack, firsts, counts, zero_flags))
+    except struct.error as error:
+        raise LocalProtocolError(f"RAM_PAGES field out of range: {error}") from error
+
+
+def _encode_epoch_packet(kind: PacketKind, sequence: int, epoch: int) -> bytes:
+    try:
+        return (_PACKET_HEADER.pack(PACKET_MAGIC, kind, 0, _EPOCH.size, 0, sequence)
+                + _EPOCH.pack(epoch, 0))
+    except struct.error as error:
+        raise LocalProtocolError(f"{kind.name} field out of range: {error}") from error
+
+
+def encode_sync(sequence: int, epoch: int) -> bytes:
+    """A SYNC packet closing ``epoch``; LocalProtocolError for a field out of range."""
+    return _encode_epoch_packet(PacketKind.SYNC, sequence, epoch)
+
+
+def encode_end(sequence: int, epoch: int) -> bytes:
+    """An END packet; ``epoch`` is the last completed one (0 if none)."""
+    return _encode_epoch_packet(PacketKind.END, sequence, epoch)
+
+
+# ── decoding ──────────────────────────────────────────────────────────────────
+
+
+def decode_packet_header(data: Buffer) -> PacketHeader:
+    """Check and decode the 16-byte common header.
+
+    Raises RemoteProtocolError for a wrong magic, an unknown or reserved kind
+    (DEVICE_STATE is not enabled), flag bits the kind does not define, or a
+    ``header_length`` (and for SYNC/END a ``payload_length``) the kind cannot have.
+    Sequence and payload bounds need the channel's state: see :func:`decode_packet`.
+    Raises LocalProtocolError if ``data`` is not 16 bytes.
+    """
+    if len(data) != PACKET_HEADER_SIZE:
+        raise LocalProtocolError(f"a packet header is {PACKET_HEADER_SIZE} bytes")
+    magic, kind_id, flags, header_length, payload_length, sequence = _PACKET_HEADER.unpack(data)
+    if magic != PACKET_MAGIC:
+        raise RemoteProtocolError(f"wrong packet magic 0x{magic:08x}")
+    if kind_id == PacketKind.DEVICE_STATE:
+        raise RemoteProtocolError("device-state packets are not enabled")
+    kind = _KINDS.get(kind_id)
+    if kind is None:
+        raise RemoteProtocolError(f"unknown packet kind {kind_id}")
+    if flags & ~_PACKET_FLAGS[kind]:
+        raise RemoteProtocolError(f"unknown {kind.name} flags 0x{flags:02x}")
+    if kind is PacketKind.RAM_PAGES:
+        if (not _RAM_PAGES_MIN_HEADER <= header_length <= _RAM_PAGES_MAX_HEADER
+                or (header_length - _RAM_PAGES.size) % _RUN.size):
+            raise RemoteProtocolError(f"RAM_PAGES header_length {header_length} is not 12 + 8 × n_runs")
+    else:
+        if header_length != _EPOCH.size:
+            raise RemoteProtocolError(f"{kind.name} header_length {header_length} is not 8")
+        if payload_length:
+            raise RemoteProtocolError(f"{kind.name} carries no payload, got {payload_length}")
+    return PacketHeader(kind, flags, header_length, payload_length, sequence)
+
+
+def _check_kind_header(
+    header: PacketHeader, body: Buffer, kind: PacketKind, expected_sequence: int
+) -> None:
+    if header.kind is not kind:
+        raise LocalProtocolError(f"a {header.kind.name} header given to the {kind.name} decoder")
+    if len(body) != header.header_length:
+        raise LocalProtocolError(f"kind header is {header.header_length} bytes, got {len(body)}")
+    if header.sequence != expected_sequence:
+        raise RemoteProtocolError(f"packet sequence {header.sequence}, expected {expected_sequence}")
+
+
+def decode_ram_pages(
+    header: PacketHeader,
+    body: Buffer,
+    limits: PacketLimits,
+    expected_sequence: int,
+    current_epoch: int,
+) -> RamPagesHeader:
+    """Check and decode a RAM_PAGES kind header (``header.header_length`` bytes).
+
+    Raises RemoteProtocolError unless the sequence is ``expected_sequence``, the
+    epoch is ``current_epoch``, the block exists, the codec is 0 or the negotiated
+    one, reserved fields are 0, ``n_runs`` matches ``header_length``, every run has
+    ≥ 1 page and only known flags, runs are sorted, disjoint and inside the block,
+    there are at most ``packet_pages`` pages, and ``payload_length`` is exactly the
+    non-zero pages (codec 0) or within the codec's bound.
+    """
+    _check_kind_header(header, body, PacketKind.RAM_PAGES, expected_sequence)
+    block_index, codec, reserved, epoch, n_runs, reserved2 = _RAM_PAGES.unpack_from(body)
+    if n_runs != (header.header_length - _RAM_PAGES.size) // _RUN.size:
+        raise RemoteProtocolError(f"n_runs {n_runs} disagrees with header_length {header.header_length}")
+    if n_runs > limits.packet_pages:
+        raise RemoteProtocolError(f"{n_runs} runs exceed packet_pages {limits.packet_pages}")
+    if reserved or reserved2:
+        raise RemoteProtocolError("RAM_PAGES reserved fields must be 0")
+    if epoch != current_epoch:
+        raise RemoteProtocolError(f"RAM_PAGES of epoch {epoch} in epoch {current_epoch}")
+    if block_index >= len(limits.block_pages):
+        raise RemoteProtocolError(f"block index {block_index} out of range")
+    if codec != CODEC_NONE and codec != limits.codec:
+        raise RemoteProtocolError(f"codec {codec} was not negotiated")
+    # Checked column-wise with builtins rather than run by run: a packet may
+    # carry 4096 runs and this runs for every packet.
+    with memoryview(body) as view:
+        firsts, counts, flags = zip(*_RUN.iter_unpack(view[_RAM_PAGES.size:]))
+    if min(counts) < 1:
+        raise RemoteProtocolError("a page run of 0 pages")
+    if max(flags) > RunFlags.ZERO:
+        raise RemoteProtocolError("unknown page run flags")
+    ends = list(map(add, firsts, counts))
+    if not all(map(le, ends, firsts[1:])):
+        raise RemoteProtocolError("page runs are not sorted or overlap")
+    if ends[-1] > limits.block_pages[block_index]:
+        raise RemoteProtocolError(f"page run ends past block {block_index}")
+    n_pages = sum(counts)
+    if n_pages > limits.packet_pages:
+        raise RemoteProtocolError(f"{n_pages} pages exceed packet_pages {limits.packet_pages}")
+    raw = (n_pages - sum(map(mul, counts, flags))) * limits.page_size
+    payload_length = header.payload_length
+    if codec == CODEC_NONE:
+        if payload_length != raw:
+            raise RemoteProtocolError(f"payload_length {payload_length}, expected {raw}")
+    elif payload_length > limits.max_payload(raw):
+        raise RemoteProtocolError(f"compressed payload_length {payload_length} over the bound")
+    # tuple.__new__ builds the PageRuns without the Python-level NamedTuple __new__.
+    runs = tuple(map(tuple.__new__, repeat(PageRun), zip(firsts, counts, map(bool, flags))))
+    return RamPagesHeader(header.sequence, block_index, codec, epoch, runs, payload_length)
+
+
+def _decode_epoch(
+    header: PacketHeader, body: Buffer, kind: PacketKind, expected_sequence: int
+) -> int:
+    _check_kind_header(header, body, kind, expected_sequence)
+    epoch, reserved = _EPOCH.unpack(body)
+    if reserved:
+        raise RemoteProtocolError(f"{kind.name} reserved field must be 0")
+    return int(epoch)
+
+
+def decode_sync(
+    header: PacketHeader, body: Buffer, expected_sequence: int, current_epoch: int
+) -> SyncPacket:
+    """Check and decode a SYNC kind header: its epoch must be ``current_epoch``."""
+    epoch = _decode_epoch(header, body, PacketKind.SYNC, expected_sequence)
+    if epoch != current_epoch:
+        raise RemoteProtocolError(f"SYNC of epoch {epoch} in epoch {current_epoch}")
+    return SyncPacket(header.sequence, epoch)
+
+
+def decode_end(
+    header: PacketHeader, body: Buffer, expected_sequence: int, current_epoch: int
+) -> EndPacket:
+    """Check and decode an END kind header: its epoch must be ``current_epoch - 1``."""
+    epoch = _decode_epoch(header, body, PacketKind.END, expected_sequence)
+    if epoch != current_epoch - 1:
+        raise RemoteProtocolError(f"END names epoch {epoch}, expected {current_epoch - 1}")
+    return EndPacket(header.sequence, epoch)
+
+
+def decode_packet(
+    header: PacketHeader,
+    body: Buffer,
+    limits: PacketLimits,
+    expected_sequence: int,
+    current_epoch: int,
+) -> Packet:
+    """Check and decode the kind header that follows ``header`` (see the decode_* above).
+
+    The caller tracks the channel's state: ``expected_sequence`` starts at 0 and
+    grows by one per packet; ``current_epoch`` starts at 1 and grows by one after
+    each SYNC.  After END nothing may follow.
+    """
+    if header.kind is PacketKind.RAM_PAGES:
+        return decode_ram_pages(header, body, limits, expected_sequence, current_epoch)
+    if header.kind is PacketKind.SYNC:
+        return decode_sync(header, body, expected_sequence, current_epoch)
+    return decode_end(header, body, expected_sequence, current_epoch)
+
+
+class PacketDecoder:
+    """Incremental decoder of the packets of one multifd channel (after its hello).
+
+    Feed bytes with :meth:`receive_data` (``b""`` means the peer closed the
+    connection) and call :meth:`next_packet` until it answers :data:`NEED_DATA`.
+    It checks every packet as :func:`decode_packet` does and keeps the channel's
+    state: sequences count from 0; the epoch starts at 1; RAM_PAGES must carry the
+    current epoch; SYNC must carry the current epoch and moves it to epoch + 1; END
+    must carry the last completed epoch (current - 1).  Any byte after END, or the
+    connection closing before END, is a RemoteProtocolError.  Headers are checked
+    as soon as they arrive, before the payload is waited for.  Once it has raised,
+    every later call raises again.
+    """
+
+    def __init__(self, limits: PacketLimits) -> None:
+        self.limits = limits
+        self._buffer = bytearray()
+        self._sequence = 0
+        self._epoch = 1
+        self._header: PacketHeader | None = None
+        self._record: Packet | None = None
+        self._ended = False
+        self._closed = False
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def sequence(self) -> int:
+        """The sequence number the next packet must carry."""
+        return self._sequence
+
+    @property
+    def epoch(self) -> int:
+        """The channel's current epoch."""
+        return self._epoch
+
+    @property
+    def ended(self) -> bool:
+        """True once END has been returned."""
+        return self._ended
+
+    def receive_data(self, data: Buffer) -> None:
+        """Append received bytes; ``b""`` marks the end of the stream.
+
+        Raises LocalProtocolError for data after the end of the stream.
+        """
+        if self._closed:
+            raise LocalProtocolError("receive_data() after the end of the stream")
+        if data:
+            self._buffer += data
+        else:
+            self._closed = True
+
+    def next_packet(self) -> tuple[Packet, bytes] | Literal[NeedData.NEED_DATA]:
+        """The next whole packet and its payload, or NEED_DATA.
+
+        After END it answers NEED_DATA while no further byte arrives.  Raises
+        RemoteProtocolError for an invalid packet, bytes after END, or a stream that
+        ended before END or inside a packet.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError("the channel already failed") from self._error
+        try:
+            return self._next_packet()
+        except RemoteProtocolError as error:
+            self._error = error
+            raise
+
+    def _next_packet(self) -> tuple[Packet, bytes] | Literal[NeedData.NEED_DATA]:
+        buffer = self._buffer
+        if self._ended:
+            if buffer:
+                raise RemoteProtocolError(f"{len(buffer)} bytes after END")
+            return NEED_DATA
+        if self._header is None:
+            if len(buffer) < PACKET_HEADER_SIZE:
+                return self._need_data()
+            self._header = decode_packet_header(buffer[:PACKET_HEADER_SIZE])
+        header = self._header
+        body_end = PACKET_HEADER_SIZE + header.header_length
+        if self._record is None:
+            if len(buffer) < body_end:
+                return self._need_data()
+            self._record = decode_packet(header, buffer[PACKET_HEADER_SIZE:body_end],
+                                         self.limits, self._sequence, self._epoch)
+        record = self._record
+        end = body_end + header.payload_length
+        if len(buffer) < end:
+            return self._need_data()
+        with memoryview(buffer) as view:
+            payload = view[body_end:end].tobytes()
+        del buffer[:end]
+        self._header = self._record = None
+        self._sequence += 1
+        if isinstance(record, SyncPacket):
+            self._epoch += 1
+        elif isinstance(record, EndPacket):
+            self._ended = True
+        return record, payload
+
+    def _need_data(self) -> Literal[NeedData.NEED_DATA]:
+        if self._closed:
+            if self._buffer:
+                raise RemoteProtocolError("the connection closed inside a packet")
+            raise RemoteProtocolError("the connection closed before END")
+        return NEED_DATA

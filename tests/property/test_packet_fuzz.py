@@ -1,0 +1,403 @@
+"""Property tests of the wire codec: round trips, and garbage never escapes as
+anything but a valid record, NEED_DATA or RemoteProtocolError.
+
+Every decoder is fed both whole and one byte at a time, and the two feedings must
+agree.  Every record a decoder answers is checked against the rules of
+docs/wire-format.md by an oracle written here, and must re-encode to exactly the
+bytes it was decoded from.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, TypeAlias
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.errors import HandshakeError, RemoteProtocolError, TransportClosedError
+from engine.message import (
+    Abort,
+    BlockSpec,
+    ChannelsReady,
+    Complete,
+    Digests,
+    Config,
+    ConfigAck,
+    DeviceSpec,
+    Message,
+    MessageDecoder,
+    Ping,
+    Pong,
+    Resumed,
+    Switchover,
+    SyncMarker,
+    encode_message,
+)
+from engine.packet import (
+    COMPRESSED_SLACK,
+    HELLO_SIZE,
+    NEED_DATA,
+    PAGE_SIZE,
+    EndPacket,
+    HelloRole,
+    Packet,
+    PacketDecoder,
+    PacketLimits,
+    RamPagesHeader,
+    SyncPacket,
+    decode_hello,
+    decode_packet,
+    decode_packet_header,
+    encode_end,
+    encode_hello,
+    encode_ram_pages,
+    encode_sync,
+)
+
+FAST = settings(max_examples=200, deadline=None)
+LIMITS = PacketLimits(PAGE_SIZE, packet_pages=24, block_pages=(64, 8, 1), codec=9)
+U16 = st.integers(0, 0xFFFF)
+U32 = st.integers(0, 0xFFFF_FFFF)
+U64 = st.integers(0, 0xFFFF_FFFF_FFFF_FFFF)
+
+# ── packets ───────────────────────────────────────────────────────────────────
+
+
+# ("ram", block, codec, runs, compressed payload) or ("sync",)
+Op: TypeAlias = tuple[Any, ...]
+
+
+@st.composite
+def ram_pages_ops(draw: st.DrawFn) -> Op:
+    """A valid RAM_PAGES packet, as the arguments to build it from (small reprs)."""
+    block = draw(st.integers(0, len(LIMITS.block_pages) - 1))
+    block_pages = LIMITS.block_pages[block]
+    codec = draw(st.sampled_from([0, LIMITS.codec]))
+    runs: list[tuple[int, int, bool]] = []
+    position = draw(st.integers(0, block_pages - 1))
+    normal_budget = 1 if codec == 0 else 4  # keeps byte-at-a-time feeding fast
+    for gap, n_pages, zero in draw(st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 4), st.booleans()), min_size=1, max_size=6
+    )):
+        start = position + (gap if runs else 0)
+        n_pages = min(n_pages, block_pages - start)
+        if n_pages < 1:
+            break
+        if not zero and normal_budget == 0:
+            zero = True
+        elif not zero:
+            n_pages = min(n_pages, normal_budget)
+            normal_budget -= n_pages
+        runs.append((start, n_pages, zero))
+        position = start + n_pages
+    payload = b"" if codec == 0 else draw(st.binary(max_size=24))
+    return ("ram", block, codec, tuple(runs), payload)
+
+
+channel_ops = st.lists(st.one_of(ram_pages_ops(), st.just(("sync",))), max_size=6)
+
+
+def build_stream(ops: list[Op], end: bool) -> tuple[bytes, int]:
+    """The bytes of a valid channel made of ``ops`` (then END if ``end``); packet count."""
+    parts: list[bytes] = []
+    sequence, epoch = 0, 1
+    for op in ops:
+        if op[0] == "sync":
+            parts.append(encode_sync(sequence, epoch))
+            epoch += 1
+        else:
+            _, block, codec, runs, payload = op
+            if codec == 0:
+                payload = bytes([sequence % 251]) * (
+                    sum(n for _, n, zero in runs if not zero) * PAGE_SIZE)
+            parts += (encode_ram_pages(sequence, block, codec, epoch, runs, len(payload)),
+                      payload)
+        sequence += 1
+    if end:
+        parts.append(encode_end(sequence, epoch - 1))
+        sequence += 1
+    return b"".join(parts), sequence
+
+
+packet_streams = st.builds(build_stream, channel_ops, st.booleans())
+
+
+def check_packet(record: Packet, payload: bytes, sequence: int, epoch: int) -> bytes:
+    """Assert ``record`` obeys wire-format §2 in state (sequence, epoch); its bytes."""
+    assert record.sequence == sequence
+    if isinstance(record, SyncPacket):
+        assert record.epoch == epoch and payload == b""
+        return encode_sync(record.sequence, record.epoch)
+    if isinstance(record, EndPacket):
+        assert record.epoch == epoch - 1 and payload == b""
+        return encode_end(record.sequence, record.epoch)
+    assert isinstance(record, RamPagesHeader)
+    assert record.epoch == epoch and record.codec in (0, LIMITS.codec)
+    assert 1 <= len(record.runs) <= LIMITS.packet_pages
+    end = 0
+    for run in record.runs:
+        assert run.n_pages >= 1 and run.first_page >= end and isinstance(run.zero, bool)
+        end = run.first_page + run.n_pages
+    assert end <= LIMITS.block_pages[record.block_index]
+    assert record.n_pages <= LIMITS.packet_pages
+    raw = record.normal_pages * PAGE_SIZE
+    assert record.payload_length == len(payload)
+    assert len(payload) == raw if record.codec == 0 else len(payload) <= raw + COMPRESSED_SLACK
+    return encode_ram_pages(record.sequence, record.block_index, record.codec, record.epoch,
+                            record.runs, record.payload_length) + payload
+
+
+def pieces(data: bytes, one_byte: bool) -> list[bytes]:
+    """``data`` whole or one byte at a time; never an empty piece (b"" means EOF)."""
+    if one_byte:
+        return [data[i:i + 1] for i in range(len(data))]
+    return [data] if data else []
+
+
+def run_packet_decoder(
+    data: bytes, one_byte: bool, eof: bool = True
+) -> tuple[list[tuple[Packet, bytes]], int, str]:
+    """Feed ``data`` whole or one byte at a time, then EOF if ``eof``.
+
+    Answers the packets, the bytes they took, and "need-data" or "error".  Checks
+    every packet with the oracle, and that it re-encodes to the bytes it came from.
+    """
+    decoder = PacketDecoder(LIMITS)
+    packets: list[tuple[Packet, bytes]] = []
+    offset = 0
+
+    def drain() -> None:
+        nonlocal offset
+        while (item := decoder.next_packet()) is not NEED_DATA:
+            record, payload = item
+            wire = check_packet(record, payload, decoder.sequence - 1,
+                                decoder.epoch - isinstance(record, SyncPacket))
+            assert data[offset:offset + len(wire)] == wire
+            offset += len(wire)
+            packets.append(item)
+
+    try:
+        for piece in pieces(data, one_byte):
+            decoder.receive_data(piece)
+            drain()
+        if eof:
+            decoder.receive_data(b"")
+            drain()
+    except RemoteProtocolError:
+        return packets, offset, "error"
+    return packets, offset, "need-data"
+
+
+def both_feedings(data: bytes, eof: bool = True) -> tuple[list[tuple[Packet, bytes]], int, str]:
+    whole = run_packet_decoder(data, False, eof)
+    assert run_packet_decoder(data, True, eof) == whole
+    return whole
+
+
+@FAST
+@given(packet_streams)
+def test_packet_stream_round_trip(stream: tuple[bytes, int]) -> None:
+    data, n_packets = stream
+    packets, consumed, outcome = both_feedings(data, eof=False)
+    assert (len(packets), consumed, outcome) == (n_packets, len(data), "need-data")
+    # closing the connection is fine after END and an error before it
+    ended = bool(packets) and isinstance(packets[-1][0], EndPacket)
+    assert run_packet_decoder(data, False)[2] == ("need-data" if ended else "error")
+
+
+def flip(data: bytes, index: int, xor: int) -> bytes:
+    """``data`` with the byte at ``index`` xor-ed (unchanged if empty)."""
+    if not data:
+        return data
+    return data[:index] + bytes([data[index] ^ xor]) + data[index + 1:]
+
+
+def mutations(data: bytes) -> st.SearchStrategy[bytes]:
+    """``data`` truncated, with a byte corrupted, bytes inserted, or a byte dropped."""
+    index = st.integers(0, max(len(data) - 1, 0))
+    return st.one_of(
+        index.map(lambda i: data[:i]),
+        st.tuples(index, st.integers(1, 255)).map(lambda t: flip(data, *t)),
+        st.tuples(index, st.binary(min_size=1, max_size=4)).map(
+            lambda t: data[:t[0]] + t[1] + data[t[0]:]
+        ),
+        index.map(lambda i: data[:i] + data[i + 1:]),
+    )
+
+
+@FAST
+@given(packet_streams.flatmap(lambda stream: mutations(stream[0])))
+def test_packet_decoder_corrupted_stream(data: bytes) -> None:
+    both_feedings(data)
+
+
+PACKET_PREFIX = st.sampled_from([b"MFDP\x01", b"MFDP\x02", b"MFDP\x03", b"MFDP\x04", b"MFD", b""])
+
+
+@FAST
+@given(st.tuples(PACKET_PREFIX, st.binary(max_size=120)).map(b"".join))
+def test_packet_decoder_random_bytes(data: bytes) -> None:
+    both_feedings(data)
+
+
+@FAST
+@given(st.binary(min_size=12, max_size=12), st.binary(max_size=80), st.booleans(),
+       st.integers(1, 3))
+def test_split_packet_decoders_random_bytes(rest: bytes, body: bytes, in_sequence: bool,
+                                            epoch: int) -> None:
+    try:
+        header = decode_packet_header(b"MFDP" + rest)
+    except RemoteProtocolError:
+        return
+    body = body[:header.header_length].ljust(header.header_length, b"\0")
+    sequence = header.sequence if in_sequence else 0
+    try:
+        record = decode_packet(header, body, LIMITS, sequence, epoch)
+    except RemoteProtocolError:
+        return
+    payload = bytes(header.payload_length)
+    wire = check_packet(record, payload, sequence, epoch)
+    assert wire == b"MFDP" + rest + body + payload
+
+
+# ── hello ─────────────────────────────────────────────────────────────────────
+
+SECRET = b"fuzz secret"
+ROLES = st.sampled_from(list(HelloRole))
+
+
+@st.composite
+def hellos(draw: st.DrawFn) -> tuple[bytes, bytes, tuple]:
+    """(hello, peer_nonce to decode it with, the fields it was made of)."""
+    role = draw(ROLES)
+    count = draw(st.integers(1, 256))
+    channel_id = draw(st.integers(0, count - 1)) if role == HelloRole.CHANNEL else 0
+    migration_id = uuid.UUID(bytes=draw(st.binary(min_size=16, max_size=16)))
+    nonce = draw(st.binary(min_size=16, max_size=16))
+    peer_nonce = draw(st.binary(min_size=16, max_size=16)) if role == 3 else b""
+    wire = encode_hello(role, migration_id, channel_id, count, SECRET, nonce, peer_nonce)
+    return wire, peer_nonce, (role, migration_id, channel_id, count, nonce)
+
+
+@FAST
+@given(hellos())
+def test_hello_round_trip(case: tuple[bytes, bytes, tuple]) -> None:
+    wire, peer_nonce, fields = case
+    hello = decode_hello(wire, SECRET, peer_nonce)
+    assert (hello.role, hello.migration_id, hello.channel_id, hello.channel_count,
+            hello.nonce) == fields
+
+
+@FAST
+@given(hellos(), st.integers(0, HELLO_SIZE - 1), st.integers(1, 255))
+def test_hello_any_changed_byte_is_refused(case: tuple, index: int, xor: int) -> None:
+    wire, peer_nonce, _ = case
+    corrupted = wire[:index] + bytes([wire[index] ^ xor]) + wire[index + 1:]
+    with pytest.raises(HandshakeError):
+        decode_hello(corrupted, SECRET, peer_nonce)
+
+
+@FAST
+@given(st.binary(max_size=100), st.sampled_from([b"", bytes(16)]))
+def test_hello_random_bytes_refused(data: bytes, peer_nonce: bytes) -> None:
+    with pytest.raises(HandshakeError):
+        decode_hello(data, SECRET, peer_nonce)
+
+
+# ── messages ──────────────────────────────────────────────────────────────────
+
+TEXT = st.text(max_size=12)
+NAMES = st.text(min_size=1, max_size=12)
+
+configs = st.builds(
+    Config,
+    page_size=st.just(PAGE_SIZE),
+    packet_pages=st.integers(1, 4096),
+    channel_count=st.integers(1, 256),
+    zero_page_detection=st.booleans(),
+    codec=st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=8),
+    codec_level=st.integers(-0x8000, 0x7FFF),
+    blocks=st.lists(st.builds(BlockSpec, NAMES, st.integers(1, 1 << 32).map(lambda p: p * 4096)),
+                    min_size=1, max_size=4, unique_by=lambda b: b.name).map(tuple),
+    devices=st.lists(st.builds(DeviceSpec, TEXT, U32), max_size=4, unique=True).map(tuple),
+)
+completes = st.builds(Complete, U32, st.booleans())
+digest_lists = st.builds(
+    Digests, st.integers(1, 0xFFFF_FFFF),
+    st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=4).map(tuple),
+)
+messages: st.SearchStrategy[Message] = st.one_of(
+    configs,
+    st.builds(ConfigAck, U16, TEXT),
+    st.just(ChannelsReady()),
+    st.builds(SyncMarker, U32),
+    st.just(Switchover()),
+    completes,
+    digest_lists,
+    st.builds(Resumed, U64, U64, st.integers(0, 2), TEXT),
+    st.builds(Abort, st.integers(1, 2), TEXT),
+    st.builds(Ping, U64),
+    st.builds(Pong, U64),
+)
+
+
+def run_message_decoder(data: bytes, one_byte: bool) -> tuple[list[Message], str]:
+    """Feed ``data`` then EOF; the messages (each re-encodes to its own bytes) and
+    how it stopped: "closed" (EOF between messages) or "error"."""
+    decoder = MessageDecoder()
+    found: list[Message] = []
+    offset = 0
+
+    def drain() -> None:
+        nonlocal offset
+        while (message := decoder.next_message()) is not NEED_DATA:
+            wire = encode_message(message)
+            assert data[offset:offset + len(wire)] == wire
+            offset += len(wire)
+            found.append(message)
+
+    try:
+        for piece in pieces(data, one_byte):
+            decoder.receive_data(piece)
+            drain()
+        decoder.receive_data(b"")
+        drain()
+    except TransportClosedError:
+        assert offset == len(data)
+        return found, "closed"
+    except RemoteProtocolError:
+        return found, "error"
+    raise AssertionError("NEED_DATA after the end of the stream")
+
+
+def message_feedings(data: bytes) -> tuple[list[Message], str]:
+    whole = run_message_decoder(data, False)
+    assert run_message_decoder(data, True) == whole
+    return whole
+
+
+@FAST
+@given(st.lists(messages, max_size=4))
+def test_message_round_trip(records: list[Message]) -> None:
+    assert message_feedings(b"".join(map(encode_message, records))) == (records, "closed")
+
+
+@FAST
+@given(st.lists(messages, min_size=1, max_size=3).map(
+    lambda records: b"".join(map(encode_message, records))).flatmap(mutations))
+def test_message_decoder_corrupted_stream(data: bytes) -> None:
+    message_feedings(data)
+
+
+MESSAGE_PREFIX = st.tuples(st.integers(0, 11), st.integers(0, 40)).map(
+    lambda t: t[0].to_bytes(2, "big") + bytes(2) + t[1].to_bytes(4, "big")
+)
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=60),
+                 st.tuples(MESSAGE_PREFIX, st.binary(max_size=60)).map(b"".join)))
+def test_message_decoder_random_bytes(data: bytes) -> None:
+    message_feedings(data)
