@@ -1,0 +1,372 @@
+"""Shared memory: guest RAM blocks, their dirty maps, and raw segments.
+
+This is the only module that creates, attaches or unlinks POSIX shared memory.
+Everything else gets memoryviews and numpy views from here, and passes only
+*names* (a :class:`RamHandle`, a segment name) between processes.
+
+One segment per RAM block::
+
+    offset 0                                   size            size + n_pages
+    ├──────────── guest pages (4 KiB each) ─────┼── dirty map ──┤ (page aligned)
+                                                  one byte per page: 1 = dirty
+
+Ownership: exactly one process *creates* a segment and is its owner; only the
+owner unlinks it.  Other processes *attach* by name.  Python 3.11's
+``SharedMemory`` registers every attach with the resource tracker, which then
+unlinks the segment when the attaching process exits; so attaching here goes
+straight to ``shm_open`` + ``mmap`` and never registers.  The owner does
+register, so the tracker cleans up if the owner itself dies.
+
+Dirty tracking (DESIGN.md): the guest writes a page first, then sets its byte.
+:meth:`DirtyMap.take` snapshots the map, clears exactly the entries it saw set,
+and only then may the caller read those pages.  A write that lands after the
+clear marks the page again, so it goes in the next round: nothing is lost.
+Bytes, not bits, so concurrent writers never read-modify-write each other.
+"""
+
+from __future__ import annotations
+
+import _posixshmem  # the primitive multiprocessing.shared_memory is built on
+import mmap
+import os
+import secrets
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+
+import numpy as np
+
+from engine.errors import ConfigError, LocalProtocolError
+
+PAGE_SIZE = 4096
+_TRACKER_TYPE = "shared_memory"
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class Segment:
+    """One POSIX shared-memory segment mapped into this process.
+
+    Create with :meth:`create` (this process becomes the owner) or :meth:`attach`.
+    ``buf`` is a writable memoryview of the whole segment.  :meth:`close` unmaps;
+    :meth:`unlink` (owner only) removes the name.  Views taken from ``buf`` must be
+    released before :meth:`close`, or the mapping stays until they are collected.
+    """
+
+    def __init__(self, name: str, size: int, mapping: mmap.mmap, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.owner = owner
+        self._mmap: mmap.mmap | None = mapping
+        self.buf: memoryview = memoryview(mapping)
+        self._unlinked = False
+
+    @classmethod
+    def create(cls, size: int, *, name: str | None = None, prealloc: bool = False) -> Segment:
+        """Create a zero-filled segment of `size` bytes; this process owns it.
+
+        `prealloc` allocates every page now and touches it: ``posix_fallocate``
+        fails cleanly when /dev/shm is full (instead of a SIGBUS on some later
+        write), and on tmpfs it leaves pages unzeroed until first written, so
+        one byte per page is written too.  Then the migration's first write
+        into the segment does not pay for the page fault.
+        Raises ConfigError when the segment cannot be created (name taken, no space).
+        """
+        if size <= 0:
+            raise ConfigError(f"segment size must be positive, got {size}")
+        name = name or f"mfd-{secrets.token_hex(8)}"
+        path = "/" + name
+        try:
+            fd = _posixshmem.shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot create shared memory {name!r}: {exc}") from exc
+        try:
+            os.ftruncate(fd, size)
+            if prealloc:
+                os.posix_fallocate(fd, 0, size)
+            mapping = mmap.mmap(fd, size)
+            if prealloc:
+                np.frombuffer(mapping, dtype=np.uint8)[::PAGE_SIZE] = 0
+        except OSError as exc:
+            _posixshmem.shm_unlink(path)
+            raise ConfigError(f"cannot size shared memory {name!r} to {size} bytes: {exc}") from exc
+        finally:
+            os.close(fd)  # mmap keeps its own reference to the file
+        resource_tracker.register(path, _TRACKER_TYPE)
+        return cls(name, size, mapping, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, populate: bool = False) -> Segment:
+        """Map an existing segment by name, without registering it for cleanup.
+
+        `populate` builds this process's page tables for the whole segment now
+        (MAP_POPULATE), in one pass, instead of one page fault per page later.
+        Raises ConfigError if no such segment exists.
+        """
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot attach shared memory {name!r}: {exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or size == 0:
+                raise ConfigError(f"shared memory {name!r} is empty")
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+            mapping = mmap.mmap(fd, size, flags=flags)
+        finally:
+            os.close(fd)
+        return cls(name, size, mapping, owner=False)
+
+    def close(self) -> None:
+        """Unmap now, or when the last view still in use is released.  Idempotent.
+
+        Never raises: a failing job's traceback may still hold a page view, and
+        closing must not mask that job's error.  Dropping our references lets
+        the mapping go with the last view.
+        """
+        if self._mmap is None:
+            return
+        mapping, self._mmap = self._mmap, None
+        try:
+            self.buf.release()
+            mapping.close()
+        except BufferError:
+            pass
+
+    def unlink(self) -> None:
+        """Remove the segment's name (owner only).  Idempotent."""
+        if not self.owner:
+            raise LocalProtocolError(f"only the owner may unlink shared memory {self.name!r}")
+        if self._unlinked:
+            return
+        self._unlinked = True
+        path = "/" + self.name
+        try:
+            _posixshmem.shm_unlink(path)
+        except FileNotFoundError:
+            pass
+        resource_tracker.unregister(path, _TRACKER_TYPE)
+
+    def __repr__(self) -> str:
+        role = "owner" if self.owner else "attached"
+        return f"<Segment {self.name} {self.size} bytes {role}>"
+
+
+class DirtyMap:
+    """One byte per page: 1 = written since the migration last took it.
+
+    Writers (the guest) store the page, then call :meth:`mark`.  The migration
+    calls :meth:`take`, which is the get-and-clear rule of DESIGN.md.
+    """
+
+    def __init__(self, view: np.ndarray) -> None:
+        self._map = view
+
+    def __len__(self) -> int:
+        return int(self._map.shape[0])
+
+    def mark(self, first_page: int, n_pages: int = 1) -> None:
+        """Mark a contiguous range dirty (call after writing the pages)."""
+        self._map[first_page:first_page + n_pages] = 1
+
+    def mark_pages(self, pages: np.ndarray) -> None:
+        """Mark the given page indices dirty (call after writing them)."""
+        self._map[pages] = 1
+
+    def count(self) -> int:
+        """How many pages are dirty now (a peek: nothing is cleared)."""
+        return int(np.count_nonzero(self._map))
+
+    def take(self) -> np.ndarray:
+        """Snapshot the dirty pages, clear exactly those entries, return them sorted.
+
+        Read the returned pages only after this call returns: a page written
+        after its entry was cleared is marked again and taken next time.
+        """
+        pages = np.flatnonzero(self._map)
+        self._map[pages] = 0
+        return pages
+
+    def clear_all(self) -> None:
+        """Clear every entry (used when a round sends every page anyway)."""
+        self._map[:] = 0
+
+    def snapshot(self) -> np.ndarray:
+        """A copy of the map (for tests and diagnostics)."""
+        return self._map.copy()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHandle:
+    """What another process needs to attach one RAM block."""
+
+    name: str
+    size: int
+    segment: str
+
+
+@dataclass(frozen=True, slots=True)
+class RamHandle:
+    """What another process needs to attach a GuestRAM: names and sizes only."""
+
+    blocks: tuple[BlockHandle, ...]
+    page_size: int = PAGE_SIZE
+
+
+class RamBlock:
+    """One named block of guest RAM in its own shared-memory segment."""
+
+    def __init__(self, index: int, name: str, size: int, segment: Segment) -> None:
+        self.index = index
+        self.name = name
+        self.size = size
+        self.n_pages = size // PAGE_SIZE
+        self.segment = segment
+        self.pages: memoryview = segment.buf[:size]
+        self._dirty_view = np.frombuffer(segment.buf, dtype=np.uint8, count=self.n_pages, offset=size)
+        self.dirty = DirtyMap(self._dirty_view)
+
+    def page_view(self, first_page: int, n_pages: int = 1) -> memoryview:
+        """A writable view of `n_pages` pages starting at `first_page` (no copy)."""
+        start = first_page * PAGE_SIZE
+        return self.pages[start:start + n_pages * PAGE_SIZE]
+
+    def array(self) -> np.ndarray:
+        """The block as a (n_pages, PAGE_SIZE) uint8 numpy view (no copy).
+
+        Delete the array before closing the RAM.
+        """
+        return np.frombuffer(self.pages, dtype=np.uint8).reshape(self.n_pages, PAGE_SIZE)
+
+    def _release(self) -> None:
+        self.pages.release()
+        del self._dirty_view
+        self.dirty = DirtyMap(np.empty(0, dtype=np.uint8))
+
+
+class GuestRAM:
+    """A VM's guest memory: named blocks in shared memory, each with a dirty map.
+
+    The VMM creates it (:meth:`create`, the owner) and its vCPU processes attach
+    (:meth:`attach` with :attr:`handle`).  Use as a context manager, or call
+    :meth:`close` (and :meth:`unlink`, owner only) when done.
+    """
+
+    def __init__(self, blocks: list[RamBlock], owner: bool) -> None:
+        self.blocks: tuple[RamBlock, ...] = tuple(blocks)
+        self.owner = owner
+        self._by_name = {b.name: b for b in blocks}
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls, blocks: Mapping[str, int] | Iterable[tuple[str, int]], *, prealloc: bool = False
+    ) -> GuestRAM:
+        """Create zero-filled RAM blocks ``{name: size}``; sizes are multiples of 4 KiB.
+
+        `prealloc` allocates every page now (the destination should: first touch
+        of fresh memory costs as much as the copy).  Raises ConfigError.
+        """
+        items = list(blocks.items() if isinstance(blocks, Mapping) else blocks)
+        if not items:
+            raise ConfigError("guest RAM needs at least one block")
+        names = [name for name, _ in items]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"RAM block names must be unique: {names}")
+        created: list[RamBlock] = []
+        try:
+            for index, (name, size) in enumerate(items):
+                if not name or len(name.encode()) > 255:
+                    raise ConfigError(f"RAM block name must be 1..255 bytes: {name!r}")
+                if size <= 0 or size % PAGE_SIZE:
+                    raise ConfigError(
+                        f"RAM block {name!r} size {size} is not a positive multiple of {PAGE_SIZE}"
+                    )
+                map_size = _round_up(size // PAGE_SIZE, PAGE_SIZE)
+                segment = Segment.create(size + map_size, prealloc=prealloc)
+                created.append(RamBlock(index, name, size, segment))
+        except BaseException:
+            for block in created:
+                block._release()
+                block.segment.close()
+                block.segment.unlink()
+            raise
+        return cls(created, owner=True)
+
+    @classmethod
+    def attach(cls, handle: RamHandle, populate: bool = False) -> GuestRAM:
+        """Attach RAM created by another process.  Raises ConfigError.
+
+        `populate` pre-faults this process's mappings (channel processes do, at
+        setup, so the transfer does not take one page fault per page).
+        """
+        attached: list[RamBlock] = []
+        try:
+            for index, spec in enumerate(handle.blocks):
+                segment = Segment.attach(spec.segment, populate)
+                if segment.size < spec.size + spec.size // PAGE_SIZE:
+                    segment.close()
+                    raise ConfigError(f"shared memory for block {spec.name!r} is too small")
+                attached.append(RamBlock(index, spec.name, spec.size, segment))
+        except BaseException:
+            for block in attached:
+                block._release()
+                block.segment.close()
+            raise
+        return cls(attached, owner=False)
+
+    @property
+    def handle(self) -> RamHandle:
+        return RamHandle(tuple(BlockHandle(b.name, b.size, b.segment.name) for b in self.blocks))
+
+    @property
+    def layout(self) -> tuple[tuple[str, int], ...]:
+        """``((name, size), ...)`` in block order."""
+        return tuple((b.name, b.size) for b in self.blocks)
+
+    @property
+    def size(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    @property
+    def n_pages(self) -> int:
+        return sum(b.n_pages for b in self.blocks)
+
+    def block(self, name: str) -> RamBlock:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConfigError(f"no RAM block named {name!r}") from None
+
+    def dirty_pages(self) -> int:
+        """Pages dirty right now, over all blocks (a peek)."""
+        return sum(b.dirty.count() for b in self.blocks)
+
+    def close(self) -> None:
+        """Unmap every block (idempotent).  Release your own views first."""
+        if self._closed:
+            return
+        self._closed = True
+        for block in self.blocks:
+            block._release()
+            block.segment.close()
+
+    def unlink(self) -> None:
+        """Remove every block's segment (owner only; idempotent)."""
+        for block in self.blocks:
+            block.segment.unlink()
+
+    def __enter__(self) -> GuestRAM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        if self.owner:
+            self.unlink()
+
+    def __repr__(self) -> str:
+        blocks = ", ".join(f"{b.name}={b.size}" for b in self.blocks)
+        return f"<GuestRAM {blocks} {'owner' if self.owner else 'attached'}>"
