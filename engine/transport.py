@@ -1,0 +1,267 @@
+"""Transports: how bytes move between the two sides.  They know nothing of pages.
+
+A transport module (``transports/tcp.py``, ``transports/unix.py``) turns a URI
+into a connected :class:`Connection` (``connect``) or a :class:`Listener`
+(``listen``).  The engine finds it by URI scheme through :func:`connect` /
+:func:`listen`, which import the module named in :data:`_BUILTIN` on first use,
+so ``engine`` never imports ``transports`` statically.  Third parties add
+schemes with :func:`register_transport`.
+
+Every socket error is translated to the engine's tree here, in one place:
+EOF → TransportClosedError; reset, refused, timeout → TransportBrokenError.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import select
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError, TransportBrokenError, TransportClosedError
+
+Buffer = bytes | bytearray | memoryview
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedError:
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return TransportBrokenError(f"{what}: timed out")
+    if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN, errno.ENOTCONN):
+        return TransportClosedError(f"{what}: connection closed by peer ({exc.strerror})")
+    return TransportBrokenError(f"{what}: {exc.strerror or exc}")
+
+
+class Connection:
+    """A connected, reliable byte stream over a socket.
+
+    ``send_buffers`` writes a list of buffers with as few system calls as the
+    kernel allows (``sendmsg``); ``recv_into_buffers`` scatters exactly the bytes
+    that fill the given buffers (``recvmsg_into``): page data goes from guest
+    memory to the socket and from the socket to guest memory with no copy in
+    Python.
+    """
+
+    def __init__(self, sock: socket.socket, peer: str = "") -> None:
+        self.sock = sock
+        self.peer = peer or _describe(sock)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def send_buffers(
+        self, buffers: Sequence[Buffer], on_block: Callable[[], None] | None = None
+    ) -> int:
+        """Write every byte of every buffer, in order.  Returns the byte count.
+
+        `on_block` is called exactly once: when the socket buffer first fills
+        (the call is about to sleep), or at the end if it never did.  The
+        channels hand their slot back there, so waking the main process costs
+        nothing: this process was going to sleep anyway.
+        """
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        total = sum(v.nbytes for v in views)
+        start = 0
+        flags = socket.MSG_DONTWAIT if on_block is not None else 0
+        try:
+            while start < len(views):
+                batch = views[start:start + _IOV_MAX]
+                try:
+                    sent = self.sock.sendmsg(batch, (), flags)
+                except BlockingIOError:
+                    assert on_block is not None
+                    on_block()
+                    on_block, flags = None, 0
+                    continue
+                # Skip fully written buffers, trim a partly written one.
+                while sent and start < len(views):
+                    if sent >= views[start].nbytes:
+                        sent -= views[start].nbytes
+                        start += 1
+                    else:
+                        views[start] = views[start][sent:]
+                        sent = 0
+        except OSError as exc:
+            raise _broken(exc, f"send to {self.peer}") from exc
+        if on_block is not None:
+            on_block()
+        return total
+
+    def send_all(self, data: Buffer) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise _broken(exc, f"send to {self.peer}") from exc
+
+    def recv_into_buffers(self, buffers: Sequence[memoryview]) -> int:
+        """Fill every buffer completely, in order.  Returns the byte count.
+
+        Raises TransportClosedError if the stream ends before they are full.
+        """
+        views = [b for b in buffers if b.nbytes]
+        total = sum(v.nbytes for v in views)
+        start = 0
+        try:
+            while start < len(views):
+                got = self.sock.recvmsg_into(views[start:start + _IOV_MAX])[0]
+                if got == 0:
+                    raise TransportClosedError(f"{self.peer} closed the connection mid-packet")
+                while got and start < len(views):
+                    if got >= views[start].nbytes:
+                        got -= views[start].nbytes
+                        start += 1
+                    else:
+                        views[start] = views[start][got:]
+                        got = 0
+        except OSError as exc:
+            raise _broken(exc, f"receive from {self.peer}") from exc
+        return total
+
+    def recv_exact(self, n: int) -> bytes:
+        """Read exactly `n` bytes.  Raises TransportClosedError on early EOF."""
+        buf = bytearray(n)
+        self.recv_into_buffers([memoryview(buf)])
+        return bytes(buf)
+
+    def recv_exact_or_eof(self, n: int) -> bytes | None:
+        """Read exactly `n` bytes, or return None on EOF before the first byte."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        try:
+            got = self.sock.recv_into(view, n)
+        except OSError as exc:
+            raise _broken(exc, f"receive from {self.peer}") from exc
+        if got == 0:
+            return None
+        if got < n:
+            self.recv_into_buffers([view[got:]])
+        return bytes(buf)
+
+    def recv_some(self, max_bytes: int = 65536) -> bytes:
+        """Whatever is available (blocking for at least one byte); b"" at EOF."""
+        try:
+            return self.sock.recv(max_bytes)
+        except OSError as exc:
+            raise _broken(exc, f"receive from {self.peer}") from exc
+
+    def readable(self, timeout: float = 0.0) -> bool:
+        """True if a read would not block (data, EOF or an error are waiting)."""
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(ready)
+
+    def shutdown(self) -> None:
+        """Stop both directions, waking any thread or process blocked on this socket."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Listener(Protocol):
+    """A bound, listening endpoint."""
+
+    address: str  # a URI that reaches it, with the real port once bound
+
+    def fileno(self) -> int: ...
+    def accept(self, timeout: float | None) -> Connection: ...
+    def close(self) -> None: ...
+
+
+class SocketListener:
+    """A listening socket; :meth:`accept` hands out :class:`Connection` objects."""
+
+    def __init__(self, sock: socket.socket, address: str, cleanup: Callable[[], None] | None = None):
+        self.sock = sock
+        self.address = address
+        self._cleanup = cleanup
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self, timeout: float | None) -> Connection:
+        """Wait up to `timeout` seconds for a connection.  Raises TransportBrokenError."""
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError as exc:
+            raise _broken(exc, f"accept on {self.address}") from exc
+        conn.settimeout(None)
+        return Connection(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "peer"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) or "unix peer"
+
+
+# ---------------------------------------------------------------------------
+# The registry: URI scheme -> transport module.
+
+
+@dataclass(frozen=True)
+class TransportEntry:
+    connect: Callable[[str, float], Connection]
+    listen: Callable[[str], Listener]
+
+
+_REGISTRY: dict[str, TransportEntry] = {}
+_BUILTIN = {"tcp": "transports.tcp", "unix": "transports.unix"}
+
+
+def register_transport(
+    scheme: str, connect: Callable[[str, float], Connection], listen: Callable[[str], Listener]
+) -> None:
+    """Make ``scheme://`` URIs usable with :func:`connect` and :func:`listen`."""
+    _REGISTRY[scheme] = TransportEntry(connect, listen)
+
+
+def _entry(uri: str) -> TransportEntry:
+    scheme = urlsplit(uri).scheme
+    if not scheme:
+        raise ConfigError(f"address {uri!r} has no scheme; use e.g. tcp://HOST:PORT or unix:///PATH")
+    if scheme not in _REGISTRY and scheme in _BUILTIN:
+        importlib.import_module(_BUILTIN[scheme])
+    try:
+        return _REGISTRY[scheme]
+    except KeyError:
+        known = sorted(set(_REGISTRY) | set(_BUILTIN))
+        raise ConfigError(f"unknown transport {scheme!r} in {uri!r}; known: {known}") from None
+
+
+def connect(uri: str, timeout: float = 10.0) -> Connection:
+    """Open a connection to `uri`.  Raises ConfigError or TransportBrokenError."""
+    return _entry(uri).connect(uri, timeout)
+
+
+def listen(uri: str) -> Listener:
+    """Bind and listen on `uri`.  Raises ConfigError or TransportBrokenError."""
+    return _entry(uri).listen(uri)

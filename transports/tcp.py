@@ -1,0 +1,66 @@
+"""``tcp://HOST:PORT`` — TCP sockets (port 0 when listening picks a free port)."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError, TransportBrokenError
+from engine.transport import Connection, SocketListener, register_transport
+
+
+def _host_port(uri: str) -> tuple[str, int]:
+    parts = urlsplit(uri)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"bad port in {uri!r}") from exc
+    if parts.hostname is None or port is None:
+        raise ConfigError(f"expected tcp://HOST:PORT, got {uri!r}")
+    return parts.hostname, port
+
+
+def _tune(sock: socket.socket) -> None:
+    # Packets go out as one sendmsg of header + pages: Nagle would only add delay.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def connect(uri: str, timeout: float) -> Connection:
+    host, port = _host_port(uri)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise TransportBrokenError(f"cannot connect to {uri}: {exc.strerror or exc}") from exc
+    sock.settimeout(None)
+    _tune(sock)
+    return Connection(sock, f"{host}:{port}")
+
+
+def listen(uri: str) -> SocketListener:
+    host, port = _host_port(uri)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return _TcpListener(sock, f"tcp://{shown}:{bound_port}")
+
+
+class _TcpListener(SocketListener):
+    def accept(self, timeout: float | None) -> Connection:
+        conn = super().accept(timeout)
+        _tune(conn.sock)
+        return conn
+
+
+register_transport("tcp", connect, listen)

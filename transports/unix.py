@@ -1,0 +1,56 @@
+"""``unix:///PATH`` — Unix-domain stream sockets on this host."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError, TransportBrokenError
+from engine.transport import Connection, SocketListener, register_transport
+
+
+def _path(uri: str) -> str:
+    parts = urlsplit(uri)
+    path = parts.path if not parts.netloc else f"/{parts.netloc}{parts.path}"
+    if not path:
+        raise ConfigError(f"expected unix:///PATH, got {uri!r}")
+    return path
+
+
+def connect(uri: str, timeout: float) -> Connection:
+    path = _path(uri)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise TransportBrokenError(f"cannot connect to {uri}: {exc.strerror or exc}") from exc
+    sock.settimeout(None)
+    return Connection(sock, path)
+
+
+def listen(uri: str) -> SocketListener:
+    path = _path(uri)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
+    inode = os.stat(path).st_ino
+
+    def remove_socket_file() -> None:
+        # Only remove the file if it is still ours (not replaced by a new listener).
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    return SocketListener(sock, f"unix://{path}", cleanup=remove_socket_file)
+
+
+register_transport("unix", connect, listen)
