@@ -1,0 +1,338 @@
+"""Multifd channel processes: the code that runs in each channel's OS process.
+
+A channel is a job on the process backend of the worker pool.  It receives its
+connected data socket and its control socket (by SCM_RIGHTS), attaches guest
+RAM and the slot table by name, and then moves page data between shared memory
+and the socket with no copy in Python::
+
+    source main ── JOB(slot) ──▶ send channel: slot → payload sender → IOVs ──▶ sendmsg
+                ◀── IDLE(slot) ─   (as soon as the socket is full when the IOVs do
+                                    not point into the slot: hand-offs overlap sends)
+                                 SYNC(e) → SYNC packet, SYNCED(e)
+    dest main   ◀─ AT_SYNC(e) ── recv channel: header → payload receiver → recvmsg_into RAM
+                ── RELEASE(e) ─▶                 waits at SYNC until released
+
+Control messages are 16 bytes on a SOCK_SEQPACKET socketpair: a slot index or an
+epoch, never data.  What a payload *is* stays with its client: the channel looks
+up the sender or receiver of each payload kind in engine/payload.py.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from engine import packet
+from engine.errors import (
+    CancelledError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TransportClosedError,
+)
+from engine.payload import ChannelContext, payload_handlers
+from engine.pool import current_cancel_token
+from engine.shm import GuestRAM, RamHandle
+from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
+from engine.transport import Connection
+
+# ---------------------------------------------------------------------------
+# Control messages between a main process and its channel processes.
+
+
+class ControlOp(IntEnum):
+    # main → send channel
+    JOB = 1        # a: slot index now owned by the channel
+    SYNC = 2       # a: epoch to close with a SYNC packet
+    FINISH = 3     # a: last completed epoch; send END and return
+    # send channel → main
+    IDLE = 4       # a: slot index, now empty, handed back with the swap
+    SYNCED = 5     # a: epoch whose SYNC packet was written
+    FINISHED = 6
+    # recv channel → main
+    AT_SYNC = 7    # a: epoch whose SYNC packet arrived; the channel now waits
+    DELIVERED = 8  # kind: payload kind, a: slot index holding a delivered payload
+    ENDED = 9      # a: epoch carried by END; the channel returns
+    # main → recv channel
+    RELEASE = 10   # a: epoch; continue reading
+    RETURN = 11    # a: slot index the main process is done with
+    # either way
+    QUIT = 12
+    READY = 13     # channel → main: memory attached, serving
+
+
+# op (1) | payload kind (1) | reserved (2) | a (4) | b (8)
+_CONTROL = struct.Struct(">BBHIQ")
+CONTROL_SIZE = _CONTROL.size
+
+
+@dataclass(frozen=True, slots=True)
+class ControlMessage:
+    op: ControlOp
+    a: int = 0
+    b: int = 0
+    kind: int = 0
+
+
+def control_pair() -> tuple[socket.socket, socket.socket]:
+    """A (main end, channel end) pair of connected SOCK_SEQPACKET sockets."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def post(sock: socket.socket, op: ControlOp, a: int = 0, b: int = 0, kind: int = 0) -> None:
+    """Send one control message.  Raises TransportClosedError if the other end is gone."""
+    try:
+        sock.send(_CONTROL.pack(op, kind, 0, a, b))
+    except OSError as exc:
+        raise TransportClosedError(f"control socket closed ({exc.strerror})") from exc
+
+
+def read_control(sock: socket.socket, wait: bool = True) -> ControlMessage | None:
+    """Read one control message; None when the other end closed.
+
+    With ``wait=False`` raise BlockingIOError if no message is waiting.
+    """
+    try:
+        data = sock.recv(CONTROL_SIZE, 0 if wait else socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        raise TransportClosedError(f"control socket failed ({exc.strerror})") from exc
+    if not data:
+        return None
+    if len(data) != CONTROL_SIZE:
+        raise LocalProtocolError(f"control message of {len(data)} bytes")
+    op, kind, _, a, b = _CONTROL.unpack(data)
+    try:
+        return ControlMessage(ControlOp(op), a, b, kind)
+    except ValueError:
+        raise LocalProtocolError(f"unknown control op {op}") from None
+
+
+# ---------------------------------------------------------------------------
+# What a channel is given, and what it reports.
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """Everything a channel process needs, by name: no page data, no objects."""
+
+    channel_id: int
+    n_channels: int
+    ram: RamHandle
+    slots: SlotTableHandle | None
+    packet_pages: int
+    payload_kinds: tuple[int, ...] = (packet.PacketKind.RAM_PAGES,)
+    codec: str = "none"
+    codec_level: int = 0
+    zero_page_detection: bool = False
+    options: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChannelReport:
+    """What a channel process returns when it ends normally."""
+
+    channel_id: int
+    packets: int
+    memory: dict[str, int]  # kB from /proc/self/status (VmHWM, RssAnon, ...) and cpu_ms
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _memory_report(cpu_at_ready: float) -> dict[str, int]:
+    """kB figures from /proc/self/status, and the CPU time (ms) used since READY."""
+    wanted = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem",
+              "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
+    report: dict[str, int] = {"cpu_ms": int((_cpu_s() - cpu_at_ready) * 1000)}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in wanted:
+                    report[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return report
+
+
+# ---------------------------------------------------------------------------
+# The two channel loops.  Each runs in a pool process and returns a report.
+
+
+def _slot_releaser(slot: SendSlot, ctrl: socket.socket, index: int) -> Callable[[], None]:
+    def hand_back() -> None:
+        slot.clear()
+        post(ctrl, ControlOp.IDLE, index)
+
+    return hand_back
+
+
+def _wait_readable(*fds: Any) -> list[Any]:
+    ready, _, _ = select.select(list(fds), [], [])
+    return ready
+
+
+def run_send_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
+    """Serve JOB/SYNC/FINISH requests until FINISH; raises on any failure."""
+    conn = Connection(data)
+    token = current_cancel_token()
+    ram = GuestRAM.attach(spec.ram, populate=True)
+    assert spec.slots is not None
+    slots = SlotTable.attach(spec.slots)
+    ctx = ChannelContext(spec, ram, slots)
+    senders = {kind: payload_handlers(kind)[0](ctx) for kind in spec.payload_kinds}
+    sequence, epoch = 0, 1
+    try:
+        post(ctrl, ControlOp.READY)
+        cpu_at_ready = _cpu_s()
+        while True:
+            try:
+                # Busy: the next job is usually queued already; take it without a select.
+                message = read_control(ctrl, wait=False)
+            except BlockingIOError:
+                ready = _wait_readable(ctrl, data, token)
+                if token in ready:
+                    raise CancelledError(f"channel {spec.channel_id} cancelled") from None
+                if data in ready:
+                    # The destination never writes on a channel: readable means closed or reset.
+                    raise TransportClosedError(
+                        f"destination closed multifd channel {spec.channel_id}"
+                    ) from None
+                message = read_control(ctrl)
+            if message is None or message.op is ControlOp.QUIT:
+                raise CancelledError(f"channel {spec.channel_id} told to quit")
+            if message.op is ControlOp.JOB:
+                slot = slots[message.a]
+                if slot.epoch != epoch:
+                    raise LocalProtocolError(
+                        f"slot for epoch {slot.epoch} queued on channel in epoch {epoch}"
+                    )
+                try:
+                    sender = senders[slot.kind]
+                except KeyError:
+                    raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
+                buffers = sender.prepare(slot, sequence, epoch)
+                hand_back = _slot_releaser(slot, ctrl, message.a)
+                if sender.holds_slot:
+                    wire = conn.send_buffers(buffers)
+                    hand_back()
+                else:
+                    # The buffers no longer need the slot: give it back while this
+                    # packet is sent (when the socket is full and we would sleep
+                    # anyway), so the next hand-off overlaps this send.
+                    wire = conn.send_buffers(buffers, on_block=hand_back)
+                del buffers
+                ctx.count(Counter.WIRE_BYTES, wire)
+                ctx.count(Counter.PACKETS, 1)
+                sequence += 1
+            elif message.op is ControlOp.SYNC:
+                if message.a != epoch:
+                    raise LocalProtocolError(f"SYNC({message.a}) asked in epoch {epoch}")
+                sync = packet.encode_sync(sequence, epoch)
+                conn.send_all(sync)
+                ctx.count(Counter.WIRE_BYTES, len(sync))
+                ctx.count(Counter.SYNCS, 1)
+                sequence += 1
+                epoch += 1
+                post(ctrl, ControlOp.SYNCED, message.a)
+            elif message.op is ControlOp.FINISH:
+                end = packet.encode_end(sequence, epoch - 1)
+                conn.send_all(end)
+                ctx.count(Counter.WIRE_BYTES, len(end))
+                sequence += 1
+                post(ctrl, ControlOp.FINISHED)
+                return ChannelReport(spec.channel_id, sequence, _memory_report(cpu_at_ready))
+            else:
+                raise LocalProtocolError(f"send channel got {message.op.name}")
+    finally:
+        senders.clear()
+        del ctx
+        slots.close()
+        ram.close()
+        conn.close()
+        ctrl.close()
+
+
+def run_recv_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
+    """Read packets into guest RAM until END; waits at each SYNC until released."""
+    conn = Connection(data)
+    token = current_cancel_token()
+    ram = GuestRAM.attach(spec.ram, populate=True)
+    slots = SlotTable.attach(spec.slots) if spec.slots is not None else None
+    ctx = ChannelContext(spec, ram, slots)
+    receivers = {kind: payload_handlers(kind)[1](ctx) for kind in spec.payload_kinds}
+    sequence, epoch = 0, 1
+    try:
+        post(ctrl, ControlOp.READY)
+        cpu_at_ready = _cpu_s()
+        while True:
+            ready = _wait_readable(data, ctrl, token)
+            if token in ready:
+                raise CancelledError(f"channel {spec.channel_id} cancelled")
+            if ctrl in ready:
+                # Nothing is expected from main here except QUIT (or its exit).
+                message = read_control(ctrl)
+                raise CancelledError(
+                    f"channel {spec.channel_id} stopped by main "
+                    f"({message.op.name if message else 'main went away'})"
+                )
+            raw = conn.recv_exact_or_eof(packet.PACKET_HEADER_SIZE)
+            if raw is None:
+                raise TransportClosedError(
+                    f"source closed multifd channel {spec.channel_id} without END"
+                )
+            header = packet.decode_packet_header(raw)
+            body = conn.recv_exact(header.header_length) if header.header_length else b""
+            ctx.count(Counter.WIRE_BYTES, len(raw) + len(body) + header.payload_length)
+            ctx.count(Counter.PACKETS, 1)
+            if header.kind == packet.PacketKind.SYNC:
+                sync = packet.decode_sync(header, body, sequence, epoch)
+                ctx.count(Counter.SYNCS, 1)
+                post(ctrl, ControlOp.AT_SYNC, sync.epoch)
+                _wait_release(ctrl, token, spec.channel_id, sync.epoch)
+                epoch += 1
+            elif header.kind == packet.PacketKind.END:
+                packet.decode_end(header, body, sequence, epoch)
+                post(ctrl, ControlOp.ENDED, epoch - 1)
+                return ChannelReport(spec.channel_id, sequence + 1, _memory_report(cpu_at_ready))
+            else:
+                receiver = receivers.get(header.kind)
+                if receiver is None:
+                    raise RemoteProtocolError(
+                        f"packet kind {header.kind} is not enabled in this migration"
+                    )
+                receiver.receive(header, body, conn, sequence, epoch)
+            sequence += 1
+    finally:
+        receivers.clear()
+        del ctx
+        if slots is not None:
+            slots.close()
+        ram.close()
+        conn.close()
+        ctrl.close()
+
+
+def _wait_release(ctrl: socket.socket, token: object, channel_id: int, epoch: int) -> None:
+    """Block at the sync barrier until main sends RELEASE(epoch)."""
+    while True:
+        ready = _wait_readable(ctrl, token)
+        if token in ready:
+            raise CancelledError(f"channel {channel_id} cancelled at sync {epoch}")
+        message = read_control(ctrl)
+        if message is None or message.op is ControlOp.QUIT:
+            raise CancelledError(f"channel {channel_id} stopped at sync {epoch}")
+        if message.op is ControlOp.RELEASE:
+            if message.a != epoch:
+                raise LocalProtocolError(f"RELEASE({message.a}) while waiting at sync {epoch}")
+            return
+        raise LocalProtocolError(f"recv channel at sync got {message.op.name}")

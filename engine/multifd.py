@@ -1,0 +1,316 @@
+"""The multifd core in the main process: schedule payloads on channels, sync them.
+
+Payload-agnostic: it moves *slots* (engine/slots.py) between clients and channel
+processes and knows nothing of pages, dirty maps or devices.
+
+Source (:class:`MultifdSender`), N channels and M clients, N + M slots::
+
+    client j fills its slot ─ send(j) ─▶ wait for an idle channel c
+                                        swap: c gets the filled slot,
+                                              j gets c's empty one
+                                        JOB(slot) ─▶ channel c
+    sync()  : SYNC(e) to every channel; wait SYNCED(e) from all; marker(e)
+    finish(): FINISH to every channel (each sends END); wait FINISHED from all
+
+Flush is the client's business (send its partly filled slot); sync is the
+core's: the two are separate calls (seed 004).
+
+Destination (:class:`MultifdReceiver`): channels report AT_SYNC(e) and wait;
+on the main channel's SYNC_MARKER(e) the receiver waits until every channel is
+at the barrier, then releases them all into epoch e + 1.
+
+Every wait selects on the control sockets *and* the failure latch, so a failed
+or cancelled migration wakes it at once.  A channel whose control socket closes
+has exited: its job's future holds the real cause, which becomes the
+migration's error.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+
+from engine.channel import ControlMessage, ControlOp, post, read_control
+from engine.errors import LocalProtocolError, TransportBrokenError, TransportClosedError
+from engine.slots import SendSlot, SlotTable
+from engine.sync import FailureLatch, SyncBarrier
+from engine.transport import Connection
+
+log = logging.getLogger("multifd.core")
+
+# How long to wait for a dead channel's future to carry its real error.
+_EXIT_CAUSE_WAIT = 2.0
+
+
+class ChannelLink:
+    """The main process's handle on one channel process."""
+
+    def __init__(self, channel_id: int, ctrl: socket.socket, conn: Connection, future: Future):
+        self.channel_id = channel_id
+        self.ctrl = ctrl
+        self.conn = conn          # kept so teardown can shut it down under a blocked process
+        self.future = future
+
+    def post(self, op: ControlOp, a: int = 0, b: int = 0, kind: int = 0) -> None:
+        post(self.ctrl, op, a, b, kind)
+
+    def shutdown(self) -> None:
+        """Wake the channel process if it is blocked on its data socket."""
+        self.conn.shutdown()
+
+    def close(self) -> None:
+        self.ctrl.close()
+        self.conn.close()
+
+
+class _ChannelPump:
+    """Reads control messages from channels; shared by sender and receiver."""
+
+    def __init__(self, links: list[ChannelLink], latch: FailureLatch, stall_timeout: float | None):
+        self.links = links
+        self.latch = latch
+        self.stall_timeout = stall_timeout
+        self._by_fd = {link.ctrl.fileno(): link for link in links}
+
+    def fds(self) -> list[int]:
+        """Control sockets still worth waiting on (channels that have not ended)."""
+        return list(self._by_fd)
+
+    def retire(self, link: ChannelLink) -> None:
+        """The channel said its last word; its control socket will close normally."""
+        self._by_fd.pop(link.ctrl.fileno(), None)
+
+    def pump(self, timeout: float | None) -> list[tuple[ChannelLink, ControlMessage]]:
+        """Wait up to `timeout` for messages; return all that are ready.
+
+        Raises the migration's first error if the latch is (or becomes) set, and
+        records a channel that exited as the first error.
+        """
+        self.latch.raise_if_failed()
+        fds = list(self._by_fd) + [self.latch.fileno()]
+        ready, _, _ = select.select(fds, [], [], timeout)
+        self.latch.raise_if_failed()
+        messages = []
+        for fd in ready:
+            link = self._by_fd.get(fd)
+            if link is None:  # retired while handling an earlier message of this batch
+                continue
+            message = read_control(link.ctrl)
+            if message is None:
+                self._channel_exited(link)
+            else:
+                messages.append((link, message))
+        return messages
+
+    def pump_until(self, done: Callable[[], bool], handle: Callable[[ChannelLink, ControlMessage], None],
+                   what: str) -> None:
+        """Handle messages until `done()`; fail if nothing arrives for stall_timeout."""
+        while not done():
+            messages = self.pump(self.stall_timeout)
+            if not messages:
+                self.latch.fail(TransportBrokenError(
+                    f"no progress on any multifd channel for {self.stall_timeout:.0f} s "
+                    f"while waiting for {what}"
+                ))
+                self.latch.raise_if_failed()
+            for link, message in messages:
+                handle(link, message)
+
+    def _channel_exited(self, link: ChannelLink) -> None:
+        try:
+            error = link.future.exception(timeout=_EXIT_CAUSE_WAIT)
+        except Exception as exc:  # a timeout or the pool's own cancellation
+            error = exc
+        if error is None:
+            error = TransportClosedError(f"multifd channel {link.channel_id} exited unexpectedly")
+        self.latch.fail(error)
+        self.latch.raise_if_failed()
+
+
+class MultifdSender:
+    """Source side of the core: N channels, `n_clients` client slots.
+
+    Thread-safe: clients on several threads may call :meth:`send`.
+    """
+
+    def __init__(
+        self,
+        links: list[ChannelLink],
+        slots: SlotTable,
+        n_clients: int,
+        latch: FailureLatch,
+        marker: Callable[[int], None],
+        stall_timeout: float | None = 60.0,
+    ) -> None:
+        n = len(links)
+        if len(slots) != n + n_clients:
+            raise LocalProtocolError(f"need {n + n_clients} slots, table has {len(slots)}")
+        self._links = links
+        self._slots = slots
+        self._pump = _ChannelPump(links, latch, stall_timeout)
+        self._marker = marker
+        self._channel_slot = list(range(n))             # channel i starts with slot i
+        self._client_slot = [n + j for j in range(n_clients)]
+        self._busy = [False] * n
+        self._synced: set[int] = set()
+        self._finished: set[int] = set()
+        self._next = 0
+        self._lock = threading.Lock()
+        self.epoch = 1
+        self.packets_queued = 0
+
+    def client_slot(self, client: int) -> SendSlot:
+        """The slot client `client` owns now (it changes with every send)."""
+        return self._slots[self._client_slot[client]]
+
+    def send(self, client: int) -> None:
+        """Hand the client's filled slot to an idle channel; the client gets an empty one.
+
+        Blocks while every channel is busy (back-pressure).  Raises the
+        migration's first error if anything failed meanwhile.
+        """
+        with self._lock:
+            slot = self._slots[self._client_slot[client]]
+            if slot.empty:
+                raise LocalProtocolError("send() of an empty slot")
+            slot.epoch = self.epoch
+            channel = self._wait_idle_channel()
+            self._client_slot[client], self._channel_slot[channel] = (
+                self._channel_slot[channel], self._client_slot[client],
+            )
+            self._busy[channel] = True
+            self._links[channel].post(ControlOp.JOB, self._channel_slot[channel])
+            self.packets_queued += 1
+
+    def sync(self) -> int:
+        """End the current epoch on every channel, then write the marker.  Returns the epoch.
+
+        On return every packet of the epoch has been written to its socket, and
+        every channel is idle.
+        """
+        with self._lock:
+            epoch = self.epoch
+            self._synced.clear()
+            for link in self._links:
+                link.post(ControlOp.SYNC, epoch)
+            self._pump.pump_until(
+                lambda: len(self._synced) == len(self._links) and not any(self._busy),
+                lambda link, message: self._handle(link, message, expect_epoch=epoch),
+                f"sync {epoch}",
+            )
+            self.epoch += 1
+            self._marker(epoch)
+            return epoch
+
+    def finish(self) -> None:
+        """Send END on every channel and wait until each confirmed it."""
+        with self._lock:
+            for link in self._links:
+                link.post(ControlOp.FINISH, self.epoch - 1)
+            self._pump.pump_until(
+                lambda: len(self._finished) == len(self._links),
+                self._handle,
+                "channels to finish",
+            )
+
+    def idle(self) -> bool:
+        """True when no channel holds a job (drains pending notifications first)."""
+        with self._lock:
+            for link, message in self._pump.pump(0):
+                self._handle(link, message)
+            return not any(self._busy)
+
+    def _wait_idle_channel(self) -> int:
+        for link, message in self._pump.pump(0):
+            self._handle(link, message)
+        while True:
+            n = len(self._links)
+            for step in range(n):
+                channel = (self._next + step) % n
+                if not self._busy[channel]:
+                    self._next = channel + 1
+                    return channel
+            messages = self._pump.pump(self._pump.stall_timeout)
+            if not messages:
+                self._pump.latch.fail(TransportBrokenError(
+                    f"no multifd channel became idle for {self._pump.stall_timeout:.0f} s"
+                ))
+                self._pump.latch.raise_if_failed()
+            for link, message in messages:
+                self._handle(link, message)
+
+    def _handle(self, link: ChannelLink, message: ControlMessage, expect_epoch: int = 0) -> None:
+        channel = link.channel_id
+        if message.op is ControlOp.IDLE:
+            if not self._busy[channel] or message.a != self._channel_slot[channel]:
+                raise LocalProtocolError(f"channel {channel} idle with slot {message.a} unexpectedly")
+            self._busy[channel] = False
+        elif message.op is ControlOp.SYNCED:
+            if message.a != expect_epoch:
+                raise LocalProtocolError(f"channel {channel} synced {message.a}, not {expect_epoch}")
+            self._synced.add(channel)
+        elif message.op is ControlOp.FINISHED:
+            self._finished.add(channel)
+            self._pump.retire(link)
+        else:
+            raise LocalProtocolError(f"source got {message.op.name} from channel {channel}")
+
+
+class MultifdReceiver:
+    """Destination side of the core: the sync barrier over N channels."""
+
+    def __init__(self, links: list[ChannelLink], latch: FailureLatch,
+                 stall_timeout: float | None = 60.0) -> None:
+        self._links = links
+        self._pump = _ChannelPump(links, latch, stall_timeout)
+        self.barrier = SyncBarrier(len(links))
+        self._deliveries: dict[int, Callable[[ChannelLink, ControlMessage], None]] = {}
+
+    def on_delivery(self, kind: int, handler: Callable[[ChannelLink, ControlMessage], None]) -> None:
+        """Route DELIVERED messages of payload `kind` to `handler` (a client)."""
+        self._deliveries[int(kind)] = handler
+
+    def sync(self, epoch: int) -> None:
+        """Wait until every channel reached SYNC(epoch), then release them all."""
+        self._pump.pump_until(lambda: self.barrier.all_at(epoch), self._handle, f"sync {epoch}")
+        self.barrier.release_all(epoch)
+        for link in self._links:
+            link.post(ControlOp.RELEASE, epoch)
+
+    def wait_all_ended(self) -> None:
+        """Wait until every channel read END (no channel will write guest RAM again)."""
+        self._pump.pump_until(lambda: self.barrier.all_ended, self._handle, "END on every channel")
+
+    def fds(self) -> list[int]:
+        """Control sockets to watch next to the main channel."""
+        return self._pump.fds()
+
+    def poll(self) -> None:
+        """Handle whatever channels reported so far, without blocking."""
+        for link, message in self._pump.pump(0):
+            self._handle(link, message)
+
+    def _handle(self, link: ChannelLink, message: ControlMessage) -> None:
+        if message.op is ControlOp.AT_SYNC:
+            self.barrier.reached(link.channel_id, message.a)
+        elif message.op is ControlOp.ENDED:
+            self.barrier.ended(link.channel_id, message.a)
+            self._pump.retire(link)
+        elif message.op is ControlOp.DELIVERED and message.kind in self._deliveries:
+            self._deliveries[message.kind](link, message)
+        else:
+            raise LocalProtocolError(f"destination got {message.op.name} from channel {link.channel_id}")
+
+
+def shutdown_links(links: Iterable[ChannelLink]) -> None:
+    """Tell every channel to quit and wake any that is blocked on its data socket."""
+    for link in links:
+        try:
+            link.post(ControlOp.QUIT)
+        except TransportClosedError:
+            pass
+        link.shutdown()

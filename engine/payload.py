@@ -1,0 +1,140 @@
+"""Payload kinds: the plug-in point between the multifd core and its clients.
+
+The core moves slots and never looks inside them.  A *client* (RAM pages,
+device state, ...) registers, per packet kind:
+
+* a **sender** factory — runs in each source channel process and turns a filled
+  slot into ``[header, buffers...]`` (the *prepare* op of seed 002);
+* a **receiver** factory — runs in each destination channel process, validates
+  a packet and places its payload;
+* optionally a **client** factory — runs in the source main process and fills
+  slots (for RAM: the dirty rounds).
+
+Clients register on import; the built-in ones are imported here by *name* on
+first use, so ``engine`` never imports ``clients`` statically.  A new payload
+kind is a new client module, not a change to the core.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from engine import packet
+from engine.errors import LocalProtocolError
+from engine.shm import GuestRAM
+from engine.slots import Counter, SendSlot, SlotTable
+from engine.transport import Buffer, Connection
+
+if TYPE_CHECKING:
+    from engine.channel import ChannelSpec
+
+
+class ChannelContext:
+    """Per-process state shared by the payload handlers of one channel."""
+
+    def __init__(self, spec: ChannelSpec, ram: GuestRAM, slots: SlotTable | None) -> None:
+        self.spec = spec
+        self.ram = ram
+        self.slots = slots
+        self.counters: np.ndarray = (
+            slots.counters[spec.channel_id] if slots is not None else np.zeros(len(Counter), "<u8")
+        )
+
+    def count(self, counter: Counter, value: int) -> None:
+        self.counters[counter] += value
+
+
+class PayloadSender(Protocol):
+    """Source side of a payload kind: turns a filled slot into the buffers to send.
+
+    ``holds_slot`` says whether the buffers from :meth:`prepare` point into the
+    slot itself.  If not (RAM pages: the slot only describes pages, the buffers
+    are views of guest RAM), the channel hands the slot back before it sends, so
+    the next hand-off overlaps this send.
+    """
+
+    holds_slot: bool
+
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
+        """Header bytes first, then payload buffers (views of shared memory)."""
+        ...
+
+
+class PayloadReceiver(Protocol):
+    """Destination side of a payload kind: validates a packet and places its payload."""
+
+    def receive(
+        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
+    ) -> None:
+        """Decode `body` (the kind-specific header), then read the payload from `conn`."""
+        ...
+
+
+class PrecopyClient(Protocol):
+    """A source main-process client that sends its data in dirty rounds."""
+
+    def queue_all(self) -> int:
+        """First round: queue everything; returns the pages queued."""
+        ...
+
+    def queue_dirty(self) -> int:
+        """Later rounds: queue what changed since it was last queued."""
+        ...
+
+    def flush(self) -> None:
+        """Send a partly filled slot (before a sync)."""
+        ...
+
+    def pending_pages(self) -> int:
+        """How much is dirty now, in pages (a peek)."""
+        ...
+
+
+SenderFactory = Callable[[ChannelContext], PayloadSender]
+ReceiverFactory = Callable[[ChannelContext], PayloadReceiver]
+ClientFactory = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class PayloadEntry:
+    sender: SenderFactory
+    receiver: ReceiverFactory
+    client: ClientFactory | None = None
+
+
+_PAYLOADS: dict[int, PayloadEntry] = {}
+_BUILTIN = {
+    packet.PacketKind.RAM_PAGES: "clients.ram",
+    packet.PacketKind.DEVICE_STATE: "clients.device_state",
+}
+
+
+def register_payload(
+    kind: int,
+    *,
+    sender: SenderFactory,
+    receiver: ReceiverFactory,
+    client: ClientFactory | None = None,
+) -> None:
+    """Register the handlers of a payload kind (a client module calls this on import)."""
+    _PAYLOADS[int(kind)] = PayloadEntry(sender, receiver, client)
+
+
+def payload_entry(kind: int) -> PayloadEntry:
+    """The handlers of `kind`, importing its built-in client module on first use."""
+    if kind not in _PAYLOADS and kind in _BUILTIN:
+        importlib.import_module(_BUILTIN[packet.PacketKind(kind)])
+    try:
+        return _PAYLOADS[kind]
+    except KeyError:
+        raise LocalProtocolError(f"no payload handler registered for kind {kind}") from None
+
+
+def payload_handlers(kind: int) -> tuple[SenderFactory, ReceiverFactory]:
+    entry = payload_entry(kind)
+    return entry.sender, entry.receiver
