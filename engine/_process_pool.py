@@ -20,6 +20,7 @@ result is ``pickle((ok, value or exception, traceback text))``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import multiprocessing
@@ -33,7 +34,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -59,6 +60,28 @@ logger = logging.getLogger("multifd.pool")
 _FRAME = struct.Struct("!QIH")
 _MAX_FDS = 250  # per frame; Linux refuses more than 253 (SCM_MAX_FD) in one message
 _RECV_CHUNK = 256 * 1024
+
+
+# Worker processes import numpy but do no linear algebra: one BLAS thread each,
+# or OpenBLAS's idle workers spin and steal CPU from the channels (measured:
+# setup 418 → 334 ms and ~3 % more throughput with 2 channels on 2 cores).  A
+# spawned child inherits the environment at start(), so set these defaults
+# around start() only, without touching the owner's own environment for good.
+_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _worker_environment() -> Iterator[None]:
+    with _ENV_LOCK:
+        added = [name for name in _WORKER_ENV if name not in os.environ]
+        for name in added:
+            os.environ[name] = _WORKER_ENV[name]
+        try:
+            yield
+        finally:
+            for name in added:
+                os.environ.pop(name, None)
 
 
 class _FrameReader:
@@ -411,7 +434,8 @@ class ProcessBackend:
             process = self._process_class(target=_worker_main, daemon=True,
                                           args=(theirs, pool._token._wait_end),
                                           name=f"{pool.name}-{index}")
-            process.start()
+            with _worker_environment():
+                process.start()
         except Exception as exc:
             ours.close()
             error = PoolError(f"pool {pool.name!r} could not start worker process {index}")

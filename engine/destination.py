@@ -1,0 +1,351 @@
+"""The destination side of a live migration.
+
+::
+
+    listen     bind now (so .address is known, port 0 included); accept until a
+               hello authenticates as a main channel; strangers are refused and
+               logged, and never join
+    setup      reply hello; CONFIG → check it fits (RAM layout, codec) → CONFIG_ACK;
+               accept N channel hellos (same migration id and count, ids unique)
+               → N channel processes → READY → CHANNELS_READY; stop listening
+    receive    main-channel messages in order: SYNC_MARKER(e) = barrier (every
+               channel waits at SYNC(e) until all are there, then all go on)
+    complete   SWITCHOVER marks the source's pause; COMPLETE: wait for END on
+               every channel (no channel writes RAM after this), verify digests
+               if asked, dump if asked, resume the guest, send RESUMED
+
+Downtime is measured here, from SWITCHOVER to "ready to run" plus the resume
+callback; verification and dumps are test instruments and are reported apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from engine import message as wire
+from engine import packet
+from engine.channel import ChannelSpec, run_recv_channel
+from engine.errors import (
+    CancelledError,
+    ConfigError,
+    HandshakeError,
+    MigrationError,
+    RemoteProtocolError,
+    TransportBrokenError,
+    TransportClosedError,
+    VerificationError,
+)
+from engine.migration import Migration, MigrationConfig
+from engine.multifd import MultifdReceiver
+from engine.shm import PAGE_SIZE, GuestRAM
+from engine.slots import SlotTable
+from engine.stats import MigrationResult, StatsTracker
+from engine.sync import MigrationEvent, MigrationState, wait_any
+from engine.transport import Connection, listen
+from engine.verify import compare_digests, dump_ram, ram_digests
+
+log = logging.getLogger("multifd.destination")
+
+M = TypeVar("M")
+
+
+class DestinationMigration(Migration):
+    """Receive a migration on `address` into `ram` (or into RAM created from CONFIG).
+
+    The listener is bound at construction, so :attr:`address` (with the real port
+    when asked for port 0) can be given to the source before :meth:`run`.
+    `resume_guest` starts the guest once its memory is complete.  If `ram` is
+    None the RAM is created (owned by this object) to match the source, and is
+    handed to the caller as :attr:`ram` on success.
+    """
+
+    role = "destination"
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        secret: bytes,
+        ram: GuestRAM | None = None,
+        resume_guest: Callable[[], None] | None = None,
+        config: MigrationConfig | None = None,
+        prealloc: bool = True,
+        dump_dir: str | None = None,
+        accept_timeout_s: float | None = None,
+    ) -> None:
+        super().__init__(config or MigrationConfig(), secret)
+        self.ram = ram
+        self._owns_ram = False
+        self._resume_guest = resume_guest
+        self.prealloc = prealloc
+        self.dump_dir = dump_dir
+        self.accept_timeout_s = accept_timeout_s
+        self._listener = listen(address)
+        self.address = self._listener.address
+        self.negotiated: wire.Config | None = None
+        self.refused: list[str] = []   # why each refused connection was refused
+        self._receiver: MultifdReceiver | None = None
+        self._decoder = wire.MessageDecoder()
+
+    def close(self) -> None:
+        """Stop listening (for a destination that will not run)."""
+        self._listener.close()
+
+    # -- the phases --------------------------------------------------------
+
+    def _run(self) -> MigrationResult:
+        self._machine.fire(MigrationEvent.LISTEN)
+        self._conn, hello = self._accept_main()
+        t_start = time.perf_counter()
+        self._machine.fire(MigrationEvent.START)
+        self.migration_id = hello.migration_id
+        self._setup(hello)
+        t_setup = time.perf_counter()
+        self._machine.fire(MigrationEvent.SETUP_DONE)
+        return self._receive(t_start, t_setup)
+
+    def _accept_main(self) -> tuple[Connection, packet.ChannelHello]:
+        deadline = None if self.accept_timeout_s is None else time.monotonic() + self.accept_timeout_s
+        while True:
+            conn = self._accept(deadline, "a source to connect")
+            hello = self._read_hello(conn)
+            if hello is None:
+                continue
+            if hello.role is not packet.HelloRole.MAIN:
+                self._refuse(conn, f"a {hello.role.name} hello before any main channel")
+                continue
+            return conn, hello
+
+    def _setup(self, hello: packet.ChannelHello) -> None:
+        cfg = self.config
+        conn = self._conn
+        assert conn is not None
+        conn.settimeout(cfg.handshake_timeout_s)
+        conn.send_all(packet.encode_hello(
+            packet.HelloRole.MAIN_REPLY, hello.migration_id, 0, hello.channel_count, self.secret,
+            peer_nonce=hello.nonce,
+        ))
+        config = self._read_message(wire.Config)
+        refusal = self._check_config(config, hello)
+        if refusal:
+            self._send_message(wire.ConfigAck(1, refusal))
+            raise ConfigError(f"refused the source's configuration: {refusal}")
+        self.negotiated = config
+        if self.ram is None:
+            self.ram = GuestRAM.create(
+                [(b.name, b.size) for b in config.blocks], prealloc=self.prealloc
+            )
+            self._owns_ram = True
+        self._send_message(wire.ConfigAck(0, ""))
+
+        conns = self._accept_channels(hello)
+        # Destination slots carry no pages; the table holds the channels' counters.
+        self._slots = SlotTable.create(
+            n_slots=1, max_items=1, payload_capacity=0, n_channels=config.channel_count
+        )
+        self.tracker = StatsTracker(self.ram.size, PAGE_SIZE)
+        self.tracker.slots = self._slots
+        spec = ChannelSpec(
+            channel_id=0, n_channels=config.channel_count, ram=self.ram.handle,
+            slots=self._slots.handle, packet_pages=config.packet_pages,
+        )
+        self._start_channels(run_recv_channel, conns, spec)
+        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
+        self._listener.close()  # every channel joined: nobody else may connect
+        self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s)
+        self._send_message(wire.ChannelsReady())
+        conn.settimeout(None)
+
+    def _check_config(self, config: wire.Config, hello: packet.ChannelHello) -> str:
+        if config.channel_count != hello.channel_count:
+            return f"CONFIG says {config.channel_count} channels, the hello said {hello.channel_count}"
+        if config.codec != "none":
+            return f"compression {config.codec!r} is not available on this destination"
+        if config.devices:
+            return "the source migrates devices this destination does not have"
+        layout = tuple((b.name, b.size) for b in config.blocks)
+        if self.ram is not None and layout != self.ram.layout:
+            return f"RAM layout differs: source {list(layout)}, destination {list(self.ram.layout)}"
+        return ""
+
+    def _accept_channels(self, main: packet.ChannelHello) -> list[Connection]:
+        n = main.channel_count
+        joined: dict[int, Connection] = {}
+        deadline = time.monotonic() + self.config.handshake_timeout_s
+        try:
+            while len(joined) < n:
+                conn = self._accept(deadline, f"{n - len(joined)} of {n} multifd channels")
+                hello = self._read_hello(conn)
+                if hello is None:
+                    continue
+                problem = ""
+                if hello.role is not packet.HelloRole.CHANNEL:
+                    problem = "a second main channel while a migration is in setup"
+                elif hello.migration_id != main.migration_id:
+                    problem = f"migration id {hello.migration_id} is not {main.migration_id}"
+                elif hello.channel_count != n:
+                    problem = f"channel count {hello.channel_count}, expected {n}"
+                elif hello.channel_id in joined:
+                    problem = f"duplicate channel id {hello.channel_id}"
+                if problem:
+                    self._refuse(conn, problem)
+                    continue
+                joined[hello.channel_id] = conn
+        except BaseException:
+            for conn in joined.values():
+                conn.close()
+            raise
+        return [joined[i] for i in range(n)]
+
+    def _receive(self, t_start: float, t_setup: float) -> MigrationResult:
+        receiver = self._receiver
+        assert receiver is not None and self._conn is not None
+        t_switchover: float | None = None
+        rounds = 0
+        while True:
+            message = self._decoder.next_message()
+            if message is packet.NEED_DATA:
+                ready = wait_any([self._conn, *receiver.fds()], None, self.latch)
+                if any(fd is not self._conn for fd in ready):
+                    receiver.poll()
+                if self._conn in ready:
+                    data = self._conn.recv_some()
+                    if not data:
+                        raise TransportClosedError("the source closed the main channel")
+                    self._decoder.receive_data(data)
+                continue
+            if isinstance(message, wire.Ping):
+                self._send_message(wire.Pong(message.token))
+            elif isinstance(message, wire.SyncMarker):
+                receiver.sync(message.epoch)
+                rounds += 1
+                assert self.tracker is not None
+                self.tracker.round = rounds
+            elif isinstance(message, wire.Switchover):
+                t_switchover = time.perf_counter()
+                self._machine.fire(MigrationEvent.SWITCHOVER)
+                assert self.tracker is not None
+                self.tracker.state = "switchover"
+            elif isinstance(message, wire.Complete):
+                if t_switchover is None:
+                    raise RemoteProtocolError("COMPLETE before SWITCHOVER")
+                return self._complete(message, t_start, t_setup, t_switchover, rounds)
+            elif isinstance(message, wire.Abort):
+                if message.code == wire.AbortCode.CANCELLED:
+                    raise CancelledError(f"source cancelled: {message.message}")
+                raise MigrationError(f"source failed: {message.message}")
+            else:
+                raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
+
+    def _complete(
+        self, message: wire.Complete, t_start: float, t_setup: float, t_switchover: float,
+        rounds: int,
+    ) -> MigrationResult:
+        assert self._receiver is not None and self.ram is not None
+        self._receiver.wait_all_ended()
+        last_epoch = self._receiver.barrier.epochs[0] - 1
+        if message.final_epoch != last_epoch:
+            raise RemoteProtocolError(
+                f"COMPLETE for epoch {message.final_epoch}, channels ended after {last_epoch}"
+            )
+        t_ready = time.perf_counter()
+        verify_s, verified = 0.0, 0
+        if message.digests_follow:
+            t_hash = time.perf_counter()
+            ours = ram_digests(self.ram)
+            theirs = self._read_message(wire.Digests)
+            detail = compare_digests(self.ram, theirs.digest_chunk, ours, theirs.digests)
+            verify_s = time.perf_counter() - t_hash
+            if detail:
+                raise VerificationError(f"destination memory differs from the source: {detail}")
+            verified = 1
+        if self.dump_dir:
+            dump_ram(self.ram, os.path.join(self.dump_dir, "dest.ram"))
+        t_resume = time.perf_counter()
+        if self._resume_guest is not None:
+            self._resume_guest()
+        downtime_s = (t_ready - t_switchover) + (time.perf_counter() - t_resume)
+        self._send_message(wire.Resumed(int(downtime_s * 1e6), int(verify_s * 1e6), verified, ""))
+        self._machine.fire(MigrationEvent.COMPLETE)
+        t_end = time.perf_counter()
+        counters = self._counters()
+        return MigrationResult(
+            status="completed",
+            role="destination",
+            migration_id=str(self.migration_id),
+            ram_bytes=self.ram.size,
+            channels=len(self._links),
+            total_time_s=t_end - t_start,
+            setup_time_ms=(t_setup - t_start) * 1000,
+            downtime_ms=downtime_s * 1000,
+            rounds=rounds,
+            pages_sent=counters["normal_pages"],
+            zero_pages=counters["zero_pages"],
+            bytes_on_wire=counters["wire_bytes"],
+            throughput_bytes_per_s=counters["wire_bytes"] / max(t_ready - t_setup, 1e-9),
+            verified=True if verified == 1 else None,
+            verify_time_ms=verify_s * 1000,
+            channel_memory_kib=self._channel_memory(),
+        )
+
+    # -- helpers -----------------------------------------------------------
+
+    def _accept(self, deadline: float | None, what: str) -> Connection:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise HandshakeError(f"timed out waiting for {what}")
+        if not wait_any([self._listener], remaining, self.latch):
+            raise HandshakeError(f"timed out waiting for {what}")
+        return self._listener.accept(self.config.handshake_timeout_s)
+
+    def _read_hello(self, conn: Connection) -> packet.ChannelHello | None:
+        """The connection's hello, or None after refusing (and closing) it."""
+        conn.settimeout(self.config.handshake_timeout_s)
+        try:
+            hello = packet.decode_hello(conn.recv_exact(packet.HELLO_SIZE), self.secret)
+        except (HandshakeError, RemoteProtocolError, TransportClosedError, TransportBrokenError) as exc:
+            self._refuse(conn, str(exc))
+            return None
+        conn.settimeout(None)
+        return hello
+
+    def _refuse(self, conn: Connection, why: str) -> None:
+        log.warning("refused a connection from %s: %s", conn.peer, why)
+        self.refused.append(why)
+        conn.close()
+
+    def _read_message(self, expected: type[M]) -> M:
+        assert self._conn is not None
+        while True:
+            message = self._decoder.next_message()
+            if message is packet.NEED_DATA:
+                wait_any([self._conn], None, self.latch)
+                data = self._conn.recv_some()
+                if not data:
+                    raise TransportClosedError("the source closed the main channel")
+                self._decoder.receive_data(data)
+                continue
+            if isinstance(message, wire.Abort):
+                raise MigrationError(f"source aborted: {message.message}")
+            if not isinstance(message, expected):
+                raise RemoteProtocolError(
+                    f"expected {expected.__name__} from the source, got {type(message).__name__}"
+                )
+            return message
+
+    def _counters(self) -> dict[str, int]:
+        assert self.tracker is not None
+        return self.tracker.totals()
+
+    def _teardown(self) -> None:
+        super()._teardown()
+        self._listener.close()
+        failed = self._machine.state is not MigrationState.COMPLETED
+        if failed and self._owns_ram and self.ram is not None:
+            self.ram.close()
+            self.ram.unlink()
+            self.ram = None

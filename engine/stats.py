@@ -1,0 +1,138 @@
+"""Migration statistics: live figures while it runs, a summary when it ends.
+
+Channel processes count into shared memory (engine/slots.py ``Counter``); the
+main process adds what it wrote on the main channel and the round bookkeeping.
+:class:`StatsTracker` turns those into a :class:`MigrationStats` snapshot at any
+moment (thread-safe: it only reads).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.slots import Counter, SlotTable
+
+_WINDOW_S = 0.5  # throughput is measured over the last half second
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """A live snapshot.  Bytes are bytes; rates are per second."""
+
+    state: str
+    round: int
+    elapsed_s: float
+    ram_bytes: int
+    bytes_on_wire: int           # main channel + every multifd channel, headers included
+    pages_sent: int              # pages whose bytes travelled
+    zero_pages: int              # pages sent as zero runs, without payload
+    guest_bytes_sent: int        # guest memory covered by the packets sent so far
+    throughput_bytes_per_s: float
+    dirty_rate_bytes_per_s: float
+    remaining_bytes: int         # dirty bytes waiting for the next round
+    expected_downtime_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """The summary of a finished migration (both sides fill what they know)."""
+
+    status: str
+    role: str
+    migration_id: str
+    ram_bytes: int
+    channels: int
+    total_time_s: float
+    setup_time_ms: float
+    downtime_ms: float
+    rounds: int
+    pages_sent: int
+    zero_pages: int
+    bytes_on_wire: int
+    throughput_bytes_per_s: float
+    verified: bool | None
+    verify_detail: str = ""
+    verify_time_ms: float = 0.0
+    expected_downtime_ms: float = 0.0
+    dirty_rate_bytes_per_s: float = 0.0
+    rtt_ms: float = 0.0
+    channel_memory_kib: list[dict[str, int]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+
+class StatsTracker:
+    """Collects what the source knows and answers :class:`MigrationStats`."""
+
+    def __init__(self, ram_bytes: int, page_size: int) -> None:
+        self.ram_bytes = ram_bytes
+        self.page_size = page_size
+        self.slots: SlotTable | None = None
+        self.started = time.perf_counter()
+        self.state = "setup"
+        self.round = 0
+        self.main_bytes = 0
+        self.remaining_pages = 0
+        self.dirty_rate = 0.0
+        self.bandwidth = 0.0
+        self.downtime_limit_s = 0.0
+        self._samples: deque[tuple[float, int]] = deque()
+        self._frozen: dict[str, int] | None = None
+        self._lock = threading.Lock()
+
+    def totals(self) -> dict[str, int]:
+        """Counters over all channels, plus the main channel's bytes."""
+        if self._frozen is not None:
+            return self._frozen
+        counts = {c.name.lower(): 0 for c in Counter}
+        if self.slots is not None:
+            for counter, value in zip(Counter, self.slots.totals().tolist()):
+                counts[counter.name.lower()] = int(value)
+        counts["wire_bytes"] += self.main_bytes
+        return counts
+
+    def freeze(self) -> None:
+        """Keep the final counters (call before the slot table goes away)."""
+        self._frozen = self.totals()
+
+    def expected_downtime_s(self) -> float:
+        if self.bandwidth <= 0:
+            return 0.0
+        return self.remaining_pages * self.page_size / self.bandwidth
+
+    def snapshot(self) -> MigrationStats:
+        now = time.perf_counter()
+        totals = self.totals()
+        wire = totals["wire_bytes"]
+        with self._lock:
+            self._samples.append((now, wire))
+            while len(self._samples) > 2 and now - self._samples[0][0] > _WINDOW_S:
+                self._samples.popleft()
+            first_t, first_bytes = self._samples[0]
+        throughput = (wire - first_bytes) / (now - first_t) if now > first_t else 0.0
+        return MigrationStats(
+            state=self.state,
+            round=self.round,
+            elapsed_s=now - self.started,
+            ram_bytes=self.ram_bytes,
+            bytes_on_wire=wire,
+            pages_sent=totals["normal_pages"],
+            zero_pages=totals["zero_pages"],
+            guest_bytes_sent=totals["guest_bytes"],
+            throughput_bytes_per_s=throughput,
+            dirty_rate_bytes_per_s=self.dirty_rate,
+            remaining_bytes=self.remaining_pages * self.page_size,
+            expected_downtime_ms=self.expected_downtime_s() * 1000,
+        )
