@@ -1,0 +1,224 @@
+"""The RAM client: guest pages as multifd payloads.
+
+Source, main process (:class:`RamClient`)::
+
+    round 1 : clear every dirty map, then queue every page (bulk)
+    round k : take() each block's dirty map (snapshot + clear), then queue those pages
+    queueing: sorted page indices → runs of contiguous pages → the client's slot
+              (one block per slot, ≤ packet_pages pages); a full slot is sent
+    flush() : send the partly filled slot (before every sync)
+
+Channel processes (registered for ``PacketKind.RAM_PAGES``):
+
+* :class:`RamPagesSender` turns a slot into ``[header, page views...]``: one
+  memoryview of guest RAM per run, so ``sendmsg`` reads guest memory directly.
+* :class:`RamPagesReceiver` validates the header, then scatters the payload
+  straight into guest RAM with ``recvmsg_into``.
+
+All per-page work in the main process is vectorised (numpy); Python loops run
+per packet, not per page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from engine import packet
+from engine.errors import LocalProtocolError
+from engine.multifd import MultifdSender
+from engine.payload import ChannelContext, register_payload
+from engine.shm import PAGE_SIZE, GuestRAM, RamBlock
+from engine.slots import Counter, SendSlot
+from engine.transport import Buffer, Connection
+
+
+def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split sorted, unique page indices into runs: (first pages, run lengths)."""
+    if pages.size == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    bounds = np.concatenate(([0], breaks, [pages.size]))
+    return pages[bounds[:-1]], np.diff(bounds)
+
+
+class RamClient:
+    """Queues guest pages into the multifd core, one block per packet."""
+
+    def __init__(
+        self,
+        ram: GuestRAM,
+        core: MultifdSender,
+        client_id: int,
+        packet_pages: int,
+        on_packet: Callable[[], None] | None = None,
+    ) -> None:
+        self.ram = ram
+        self.core = core
+        self.client_id = client_id
+        self.packet_pages = packet_pages
+        self._on_packet = on_packet
+        self._slot_pages = 0          # pages in the slot being filled
+        self.pages_queued = 0
+
+    # -- rounds ------------------------------------------------------------
+
+    def queue_all(self) -> int:
+        """First round: clear every dirty map, then queue every page of every block.
+
+        Clearing first and reading after is the get-and-clear rule applied to
+        the whole map: a write during this round marks its page for the next.
+        """
+        for block in self.ram.blocks:
+            block.dirty.clear_all()
+        for block in self.ram.blocks:
+            self.queue_range(block, 0, block.n_pages)
+        return self.ram.n_pages
+
+    def queue_dirty(self) -> int:
+        """Later rounds: take each block's dirty pages and queue them.  Returns the count."""
+        total = 0
+        for block in self.ram.blocks:
+            pages = block.dirty.take()
+            if pages.size:
+                self.queue_pages(block, pages)
+                total += int(pages.size)
+        return total
+
+    def pending_pages(self) -> int:
+        """Dirty pages waiting for the next round (a peek)."""
+        return self.ram.dirty_pages()
+
+    # -- queueing ----------------------------------------------------------
+
+    def queue_range(self, block: RamBlock, first_page: int, n_pages: int) -> None:
+        """Queue the contiguous pages [first_page, first_page + n_pages) of `block`."""
+        end = first_page + n_pages
+        while first_page < end:
+            slot = self._slot_for(block)
+            take = min(self.packet_pages - self._slot_pages, end - first_page)
+            self._append_run(slot, first_page, take)
+            first_page += take
+
+    def queue_pages(self, block: RamBlock, pages: np.ndarray) -> None:
+        """Queue sorted, unique page indices of `block`."""
+        done = 0
+        while done < pages.size:
+            slot = self._slot_for(block)
+            take = min(self.packet_pages - self._slot_pages, pages.size - done)
+            firsts, counts = page_runs(pages[done:done + take])
+            n = slot.n_items
+            if n and int(slot.items[n - 1, 0] + slot.items[n - 1, 1]) == int(firsts[0]):
+                slot.items[n - 1, 1] += counts[0]        # continues the slot's last run
+                firsts, counts = firsts[1:], counts[1:]
+            m = firsts.size
+            slot.items[n:n + m, 0] = firsts
+            slot.items[n:n + m, 1] = counts
+            slot.n_items = n + m
+            self._filled(slot, take)
+            done += take
+
+    def flush(self) -> None:
+        """Send the partly filled slot, if any (call before every sync)."""
+        if self._slot_pages:
+            self._send()
+
+    # -- internals ---------------------------------------------------------
+
+    def _slot_for(self, block: RamBlock) -> SendSlot:
+        slot = self.core.client_slot(self.client_id)
+        if self._slot_pages and slot.a0 != block.index:
+            self._send()  # one block per packet
+            slot = self.core.client_slot(self.client_id)
+        if not self._slot_pages:
+            slot.kind = packet.PacketKind.RAM_PAGES
+            slot.a0 = block.index
+            slot.n_items = 0
+        return slot
+
+    def _append_run(self, slot: SendSlot, first_page: int, n_pages: int) -> None:
+        n = slot.n_items
+        if n and int(slot.items[n - 1, 0] + slot.items[n - 1, 1]) == first_page:
+            slot.items[n - 1, 1] += n_pages
+        else:
+            slot.items[n] = (first_page, n_pages)
+            slot.n_items = n + 1
+        self._filled(slot, n_pages)
+
+    def _filled(self, slot: SendSlot, n_pages: int) -> None:
+        self._slot_pages += n_pages
+        self.pages_queued += n_pages
+        if self._slot_pages >= self.packet_pages:
+            self._send()
+
+    def _send(self) -> None:
+        self.core.send(self.client_id)
+        self._slot_pages = 0
+        if self._on_packet is not None:
+            self._on_packet()
+
+
+# ---------------------------------------------------------------------------
+# Channel-process side.
+
+
+class RamPagesSender:
+    """Slot → RAM_PAGES header + one view of guest RAM per run."""
+
+    holds_slot = False  # the views point into guest RAM, not into the slot
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+        self.blocks = ctx.ram.blocks
+
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
+        block = self.blocks[slot.a0]
+        runs = [(first, count, False) for first, count in slot.used_items().tolist()]
+        pages = sum(count for _, count, _ in runs)
+        header = packet.encode_ram_pages(
+            sequence, block.index, 0, epoch, runs, pages * PAGE_SIZE
+        )
+        buffers: list[Buffer] = [header]
+        buffers.extend(block.page_view(first, count) for first, count, _ in runs)
+        ctx = self.ctx
+        ctx.count(Counter.NORMAL_PAGES, pages)
+        ctx.count(Counter.GUEST_BYTES, pages * PAGE_SIZE)
+        ctx.count(Counter.PAYLOAD_BYTES, pages * PAGE_SIZE)
+        return buffers
+
+
+class RamPagesReceiver:
+    """RAM_PAGES packet → validated header → payload scattered into guest RAM."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+        self.blocks = ctx.ram.blocks
+        spec = ctx.spec
+        self.limits = packet.PacketLimits(
+            page_size=PAGE_SIZE,
+            packet_pages=spec.packet_pages,
+            block_pages=tuple(b.n_pages for b in self.blocks),
+            codec=0,
+        )
+
+    def receive(
+        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
+    ) -> None:
+        pages = packet.decode_ram_pages(header, body, self.limits, sequence, epoch)
+        block = self.blocks[pages.block_index]
+        if pages.codec != 0:
+            raise LocalProtocolError("compressed RAM pages are not supported by this receiver")
+        views = [block.page_view(run.first_page, run.n_pages) for run in pages.runs if not run.zero]
+        conn.recv_into_buffers(views)
+        normal = pages.normal_pages
+        ctx = self.ctx
+        ctx.count(Counter.NORMAL_PAGES, normal)
+        ctx.count(Counter.GUEST_BYTES, pages.n_pages * PAGE_SIZE)
+        ctx.count(Counter.PAYLOAD_BYTES, header.payload_length)
+
+
+register_payload(
+    packet.PacketKind.RAM_PAGES, sender=RamPagesSender, receiver=RamPagesReceiver, client=RamClient
+)
