@@ -1,0 +1,120 @@
+"""Throughput: migrate an idle guest of random RAM, against the raw-socket baseline.
+
+For each channel count N (1, 2, 4 by default) and each repetition, in one run:
+
+* **baseline** — the same bytes through plain TCP sockets with N sender and N
+  receiver processes, shared memory to pre-allocated shared memory
+  (bench/baseline.py): the kernel's limit on this machine;
+* **multifd** — a live migration of an idle guest (random content, so nothing
+  compresses or skips) over N channels, source and destination in separate
+  channel processes, destination RAM allocated up front as for the baseline.
+
+Prints one line per case (medians over the repetitions) with the ratio
+multifd / baseline, and writes everything to JSON.  Timing: the migration's
+transfer time is its total time minus setup (process start-up and handshakes,
+reported apart); the baseline starts once its processes are up.
+
+    python bench/throughput.py [--ram 1G] [--channels 1 2 4] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.baseline import raw_socket_seconds  # noqa: E402
+from clients.guest import fill_ram  # noqa: E402
+from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
+from engine.cli import parse_size  # noqa: E402
+
+SECRET = b"bench"
+
+
+def migrate_once(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, transport: str) -> dict:
+    address = "tcp://127.0.0.1:0" if transport == "tcp" else f"unix:///tmp/mfd-bench-{os.getpid()}.sock"
+    destination = DestinationMigration(address, secret=SECRET, ram=dst, config=config)
+    destination.start()
+    try:
+        result = SourceMigration(src, destination.address, secret=SECRET, config=config).run()
+        remote = destination.wait(30)
+    except BaseException:
+        destination.cancel()
+        raise
+    transfer_s = result.total_time_s - result.setup_time_ms / 1000
+    return {
+        "transfer_s": transfer_s,
+        "setup_ms": result.setup_time_ms,
+        "total_s": result.total_time_s,
+        "downtime_ms": result.downtime_ms,
+        "bytes_on_wire": result.bytes_on_wire,
+        "source_channel_memory_kib": result.channel_memory_kib,
+        "destination_channel_memory_kib": remote.channel_memory_kib,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ram", type=parse_size, default=parse_size("1G"))
+    parser.add_argument("--channels", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--packet-pages", type=int, default=MigrationConfig.packet_pages)
+    parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    parser.add_argument("--json", default="bench/results/throughput.json")
+    args = parser.parse_args()
+
+    cases: dict[int, dict[str, list]] = {n: {"baseline": [], "multifd": []} for n in args.channels}
+    with GuestRAM.create({"pc.ram": args.ram}) as src, \
+            GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst:
+        fill_ram(src, "random", seed=7)
+        for rep in range(args.repeat):
+            for n in args.channels:
+                config = MigrationConfig(channels=n, packet_pages=args.packet_pages)
+                # Alternate the order so both sides share the machine's drifts.
+                order = ("baseline", "multifd") if rep % 2 == 0 else ("multifd", "baseline")
+                for kind in order:
+                    if kind == "baseline":
+                        cases[n]["baseline"].append(raw_socket_seconds(src, dst, n))
+                    else:
+                        cases[n]["multifd"].append(migrate_once(src, dst, config, args.transport))
+            time.sleep(0.2)
+
+    report = {"ram_bytes": args.ram, "repeat": args.repeat, "packet_pages": args.packet_pages,
+              "transport": args.transport, "cpus": os.cpu_count(), "cases": []}
+    print(f"{args.ram / 2**30:.2f} GiB random RAM, idle guest, {args.transport}, "
+          f"{args.repeat} runs, medians (min-max)")
+    print(f"{'channels':>8} {'baseline GB/s':>16} {'multifd GB/s':>16} {'ratio':>6} "
+          f"{'setup ms':>9} {'RSS/channel MiB':>16}")
+    for n, runs in cases.items():
+        base = [args.ram / s / 1e9 for s in runs["baseline"]]
+        ours = [args.ram / r["transfer_s"] / 1e9 for r in runs["multifd"]]
+        ratios = [o / b for o, b in zip(ours, base)]
+        setup = statistics.median(r["setup_ms"] for r in runs["multifd"])
+        rss = [m.get("VmHWM", 0) - m.get("RssShmem", 0)
+               for r in runs["multifd"] for m in r["source_channel_memory_kib"]]
+        rss_mib = statistics.median(rss) / 1024 if rss else 0.0
+        print(f"{n:>8} {statistics.median(base):>7.2f} ({min(base):.2f}-{max(base):.2f})"
+              f" {statistics.median(ours):>7.2f} ({min(ours):.2f}-{max(ours):.2f})"
+              f" {statistics.median(ratios):>6.2f} {setup:>9.0f} {rss_mib:>16.1f}")
+        report["cases"].append({
+            "channels": n,
+            "baseline_gbps": base,
+            "multifd_gbps": ours,
+            "ratio_per_run": ratios,
+            "ratio_median": statistics.median(ratios),
+            "runs": runs["multifd"],
+        })
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as out:
+        json.dump(report, out, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

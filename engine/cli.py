@@ -1,0 +1,352 @@
+"""The ``multifd`` command line.
+
+``multifd demo``     a live migration of a synthetic guest between two processes on
+                     this machine (this one is the source; it starts ``listen``)
+``multifd listen``   the destination: wait for a source, receive, verify, resume
+``multifd migrate``  the source: migrate a synthetic guest to a listening destination
+
+This module is the composition root: it wires the engine to the synthetic guest
+of ``clients`` (the engine itself never imports clients).  Errors print one
+line and exit non-zero; ``--json`` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from engine.errors import CancelledError, ConfigError, MigrationError
+from engine.migration import MigrationConfig
+from engine.stats import MigrationResult
+
+log = logging.getLogger("multifd.cli")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+SECRET_ENV = "MULTIFD_SECRET"
+
+
+def parse_size(text: str) -> int:
+    """'1G', '256M', '64MiB', '4096' → bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 1G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_rate(text: str) -> float:
+    return float(parse_size(text))
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
+        if abs(n) < 1024 or prefix == "Ti":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} {unit}"
+
+
+def _secret(args: argparse.Namespace) -> bytes:
+    if getattr(args, "secret_file", None):
+        with open(args.secret_file, "rb") as f:
+            secret = f.read().strip()
+    else:
+        secret = os.environ.get(SECRET_ENV, "").encode()
+    if not secret:
+        raise ConfigError(
+            f"no shared secret: pass --secret-file FILE or set {SECRET_ENV} (same on both sides)"
+        )
+    return secret
+
+
+# ---------------------------------------------------------------------------
+# Arguments.
+
+
+def _add_guest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ram", type=parse_size, default=parse_size("256M"), help="guest RAM size (256M)")
+    p.add_argument("--workload", choices=("idle", "random", "incrementer"), default="random")
+    p.add_argument("--dirty-rate", type=parse_rate, default=parse_rate("32M"),
+                   help="bytes/s the guest dirties (32M); 0 = as fast as it can (incrementer)")
+    p.add_argument("--hot-fraction", type=float, default=1.0,
+                   help="random workload: dirty only this fraction of the pages")
+    p.add_argument("--fill", choices=("random", "zero", "text"), default="random")
+    p.add_argument("--zero-fraction", type=float, default=0.0)
+
+
+def _add_migration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channels", type=int, default=2)
+    p.add_argument("--packet-pages", type=int, default=MigrationConfig.packet_pages)
+    p.add_argument("--downtime-limit", type=float, default=300.0, help="milliseconds (300)")
+    p.add_argument("--max-rounds", type=int, default=30)
+    p.add_argument("--on-max-rounds", choices=("switchover", "fail"), default="switchover")
+    p.add_argument("--no-verify", action="store_true", help="skip hashing both memories")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--dump-dir", help="write the RAM images (source.ram / dest.ram) here")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multifd", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="live-migrate a synthetic guest between two local processes")
+    _add_guest_options(demo)
+    _add_migration_options(demo)
+    demo.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    _add_output_options(demo)
+
+    listen = sub.add_parser("listen", help="destination: receive one migration")
+    listen.add_argument("--address", default="tcp://0.0.0.0:4444", help="tcp://HOST:PORT or unix:///PATH")
+    listen.add_argument("--ram", type=parse_size, help="create the RAM up front (default: from the source)")
+    listen.add_argument("--secret-file")
+    listen.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for a source")
+    listen.add_argument("--run-after", type=float, default=0.0,
+                        help="after resume, run the guest (incrementer) for this many seconds")
+    _add_output_options(listen)
+
+    migrate = sub.add_parser("migrate", help="source: migrate a synthetic guest to a listener")
+    migrate.add_argument("--to", required=True, help="tcp://HOST:PORT or unix:///PATH")
+    migrate.add_argument("--secret-file")
+    _add_guest_options(migrate)
+    _add_migration_options(migrate)
+    _add_output_options(migrate)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> MigrationConfig:
+    return MigrationConfig(
+        channels=args.channels,
+        packet_pages=args.packet_pages,
+        downtime_limit_ms=args.downtime_limit,
+        max_rounds=args.max_rounds,
+        on_max_rounds=args.on_max_rounds,
+        verify=not args.no_verify,
+    ).validate()
+
+
+# ---------------------------------------------------------------------------
+# Output.
+
+
+def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None) -> None:
+    verified = {True: "yes", False: "NO", None: "not checked"}[result.verified]
+    lines = [
+        f"status           {result.status} ({result.role})",
+        f"guest RAM        {_human(result.ram_bytes)} over {result.channels} channel(s)",
+        f"total time       {result.total_time_s:.3f} s (setup {result.setup_time_ms:.1f} ms)",
+        f"downtime         {result.downtime_ms:.1f} ms",
+        f"rounds           {result.rounds}",
+        f"pages sent       {result.pages_sent} (+{result.zero_pages} zero pages)",
+        f"bytes on wire    {_human(result.bytes_on_wire)}",
+        f"throughput       {_human(result.throughput_bytes_per_s)}/s",
+        f"memory verified  {verified}" + (f" — {result.verify_detail}" if result.verify_detail else ""),
+    ]
+    for key, value in (extra or {}).items():
+        lines.append(f"{key:<16} {value}")
+    print("\n".join(lines))
+
+
+class _Progress:
+    """A one-line live view on a terminal (nothing when not a tty or with --json)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._live = None
+        if enabled:
+            from rich.live import Live
+
+            self._live = Live(refresh_per_second=10, transient=True)
+            self._live.start()
+
+    def update(self, stats: Any) -> None:
+        if self._live is None or stats is None:
+            return
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        table = Table.grid(padding=(0, 1))
+        done = min(stats.guest_bytes_sent, stats.ram_bytes) if stats.round <= 1 else stats.ram_bytes
+        table.add_row(
+            f"[bold]{stats.state}[/]",
+            ProgressBar(total=max(stats.ram_bytes, 1), completed=done, width=30),
+            f"round {stats.round}",
+            f"{_human(stats.bytes_on_wire)} sent",
+            f"{_human(stats.throughput_bytes_per_s)}/s",
+            f"remaining {_human(stats.remaining_bytes)}",
+            f"exp. downtime {stats.expected_downtime_ms:.0f} ms",
+        )
+        self._live.update(table)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+
+def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
+    """Wait for a started migration; Ctrl-C cancels it (and still waits for teardown)."""
+    try:
+        while True:
+            try:
+                result: MigrationResult = migration.wait(timeout=0.1)
+                return result
+            except TimeoutError:
+                progress.update(migration.stats())
+    except KeyboardInterrupt:
+        migration.cancel("interrupted (Ctrl-C)")
+        return migration.wait()
+    finally:
+        progress.close()
+
+
+# ---------------------------------------------------------------------------
+# Commands.
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from clients.guest import SyntheticGuest
+    from engine.destination import DestinationMigration
+    from engine.shm import GuestRAM
+
+    secret = _secret(args)
+    ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
+    destination = DestinationMigration(
+        args.address, secret=secret, ram=ram, dump_dir=args.dump_dir,
+        accept_timeout_s=args.accept_timeout,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
+    print(f"LISTENING {destination.address}", flush=True)
+    try:
+        destination.start()
+        result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json))
+        ram = destination.ram
+        extra: dict[str, Any] = {}
+        if args.run_after > 0 and ram is not None:
+            guest = SyntheticGuest(ram, workload="incrementer", dirty_rate=0)
+            guest.start()
+            time.sleep(args.run_after)
+            report = guest.stop()
+            extra["guest_pages_written_after_resume"] = report.pages_written if report else 0
+        _emit(args, result, extra)
+        return 0
+    finally:
+        if ram is not None:
+            ram.close()
+            ram.unlink()
+
+
+def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationResult:
+    from clients.guest import SyntheticGuest, fill_ram
+    from engine.shm import GuestRAM
+    from engine.source import SourceMigration
+
+    config = _config(args)
+    with GuestRAM.create([("pc.ram", args.ram)]) as ram:
+        fill_ram(ram, args.fill, args.zero_fraction)
+        guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
+        guest.start()
+        try:
+            source = SourceMigration(
+                ram, to, secret=secret, config=config, pause_guest=guest.pause,
+                resume_guest=guest.resume, dump_dir=args.dump_dir,
+            )
+            source.start()
+            return _wait_with_progress(source, _Progress(sys.stdout.isatty() and not args.json))
+        finally:
+            guest.stop()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    result = _run_source(args, args.to, _secret(args))
+    _emit(args, result)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    secret = secrets.token_hex(32).encode()
+    with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
+        address = f"unix://{tmp}/migration.sock" if args.transport == "unix" else "tcp://127.0.0.1:0"
+        command = [sys.executable, "-m", "engine.cli", "listen", "--address", address,
+                   "--ram", str(args.ram), "--json", "--accept-timeout", "60"]
+        if args.dump_dir:
+            command += ["--dump-dir", args.dump_dir]
+        env = dict(os.environ, **{SECRET_ENV: secret.decode()})
+        destination = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
+        try:
+            to = _read_listening(destination)
+            if not args.json:
+                print(f"destination process {destination.pid} listening on {to}")
+            result = _run_source(args, to, secret)
+            remote = json.loads(destination.communicate(timeout=60)[0] or "{}")
+        finally:
+            if destination.poll() is None:
+                destination.terminate()
+                destination.wait(timeout=10)
+            if destination.stdout:
+                destination.stdout.close()
+    _emit(args, result, {"destination": remote} if args.json else {
+        "dest downtime": f"{remote.get('downtime_ms', 0):.1f} ms (destination's share)",
+    })
+    return 0 if result.verified is not False else 1
+
+
+def _read_listening(process: subprocess.Popen) -> str:
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], 30)
+    line = process.stdout.readline() if ready else ""
+    if not line.startswith("LISTENING "):
+        raise MigrationError("the destination process did not start listening")
+    return line.split(maxsplit=1)[1].strip()
+
+
+def _emit(args: argparse.Namespace, result: MigrationResult, extra: dict[str, Any] | None = None) -> None:
+    if args.json:
+        data = result.to_dict()
+        data.update(extra or {})
+        print(json.dumps(data, indent=None, default=str))
+    else:
+        _print_summary(result, extra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="multifd: %(message)s",
+    )
+    handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate}
+    try:
+        return handlers[args.command](args)
+    except CancelledError as exc:
+        _fail(args, "cancelled", exc)
+        return 130
+    except (MigrationError, OSError) as exc:
+        _fail(args, "failed", exc)
+        return 1
+    except KeyboardInterrupt:
+        _fail(args, "cancelled", "interrupted")
+        return 130
+
+
+def _fail(args: argparse.Namespace, status: str, error: object) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"status": status, "error": str(error)}))
+    print(f"multifd: {status}: {error}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
