@@ -66,7 +66,7 @@ class Snapshot:
     threads: set[int]
 
     @classmethod
-    def take(cls) -> "Snapshot":
+    def take(cls) -> Snapshot:
         return cls(_children(), _shm_segments(), _fds(), _threads())
 
 
