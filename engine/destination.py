@@ -30,10 +30,8 @@ from engine import message as wire
 from engine import packet
 from engine.channel import ChannelSpec, run_recv_channel
 from engine.errors import (
-    CancelledError,
     ConfigError,
     HandshakeError,
-    MigrationError,
     RemoteProtocolError,
     TransportBrokenError,
     TransportClosedError,
@@ -64,6 +62,7 @@ class DestinationMigration(Migration):
     """
 
     role = "destination"
+    peer = "source"
 
     def __init__(
         self,
@@ -89,7 +88,6 @@ class DestinationMigration(Migration):
         self.negotiated: wire.Config | None = None
         self.refused: list[str] = []   # why each refused connection was refused
         self._receiver: MultifdReceiver | None = None
-        self._decoder = wire.MessageDecoder()
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
@@ -129,7 +127,7 @@ class DestinationMigration(Migration):
             packet.HelloRole.MAIN_REPLY, hello.migration_id, 0, hello.channel_count, self.secret,
             peer_nonce=hello.nonce,
         ))
-        config = self._read_message(wire.Config)
+        config = self._read_message(wire.Config, cfg.handshake_timeout_s)
         refusal = self._check_config(config, hello)
         if refusal:
             self._send_message(wire.ConfigAck(1, refusal))
@@ -207,7 +205,7 @@ class DestinationMigration(Migration):
         t_switchover: float | None = None
         rounds = 0
         while True:
-            message = self._decoder.next_message()
+            message = self._main_decoder.next_message()
             if message is packet.NEED_DATA:
                 ready = wait_any([self._conn, *receiver.fds()], None, self.latch)
                 if any(fd is not self._conn for fd in ready):
@@ -216,7 +214,7 @@ class DestinationMigration(Migration):
                     data = self._conn.recv_some()
                     if not data:
                         raise TransportClosedError("the source closed the main channel")
-                    self._decoder.receive_data(data)
+                    self._main_decoder.receive_data(data)
                 continue
             if isinstance(message, wire.Ping):
                 self._send_message(wire.Pong(message.token))
@@ -235,9 +233,7 @@ class DestinationMigration(Migration):
                     raise RemoteProtocolError("COMPLETE before SWITCHOVER")
                 return self._complete(message, t_start, t_setup, t_switchover, rounds)
             elif isinstance(message, wire.Abort):
-                if message.code == wire.AbortCode.CANCELLED:
-                    raise CancelledError(f"source cancelled: {message.message}")
-                raise MigrationError(f"source failed: {message.message}")
+                raise self._peer_error(message)
             else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
 
@@ -305,11 +301,17 @@ class DestinationMigration(Migration):
     def _read_hello(self, conn: Connection) -> packet.ChannelHello | None:
         """The connection's hello, or None after refusing (and closing) it."""
         conn.settimeout(self.config.handshake_timeout_s)
+        self._track(conn)
         try:
             hello = packet.decode_hello(conn.recv_exact(packet.HELLO_SIZE), self.secret)
         except (HandshakeError, RemoteProtocolError, TransportClosedError, TransportBrokenError) as exc:
+            if self.latch.failed:  # woken by a cancel, not by the stranger
+                conn.close()
+                self.latch.raise_if_failed()
             self._refuse(conn, str(exc))
             return None
+        finally:
+            self._untrack(conn)
         conn.settimeout(None)
         return hello
 
@@ -318,19 +320,18 @@ class DestinationMigration(Migration):
         self.refused.append(why)
         conn.close()
 
-    def _read_message(self, expected: type[M]) -> M:
-        assert self._conn is not None
+    def _read_message(self, expected: type[M], timeout: float | None = None) -> M:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            message = self._decoder.next_message()
+            message = self._main_decoder.next_message()
             if message is packet.NEED_DATA:
-                wait_any([self._conn], None, self.latch)
-                data = self._conn.recv_some()
+                data = self._read_main(deadline)
                 if not data:
                     raise TransportClosedError("the source closed the main channel")
-                self._decoder.receive_data(data)
+                self._main_decoder.receive_data(data)
                 continue
             if isinstance(message, wire.Abort):
-                raise MigrationError(f"source aborted: {message.message}")
+                raise self._peer_error(message)
             if not isinstance(message, expected):
                 raise RemoteProtocolError(
                     f"expected {expected.__name__} from the source, got {type(message).__name__}"
@@ -343,9 +344,9 @@ class DestinationMigration(Migration):
 
     def _teardown(self) -> None:
         super()._teardown()
-        self._listener.close()
+        self._step("stop listening", self._listener.close)
         failed = self._machine.state is not MigrationState.COMPLETED
         if failed and self._owns_ram and self.ram is not None:
-            self.ram.close()
-            self.ram.unlink()
+            self._step("close the RAM it created", self.ram.close)
+            self._step("unlink the RAM it created", self.ram.unlink)
             self.ram = None

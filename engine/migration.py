@@ -18,6 +18,8 @@ background (:meth:`Migration.start`, then :meth:`Migration.wait`);
 from __future__ import annotations
 
 import logging
+import select
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,8 +30,16 @@ from typing import Any, Literal
 from engine import message as wire
 from engine import packet
 from engine.channel import ChannelSpec, ControlOp, control_pair, read_control
-from engine.errors import CancelledError, ConfigError, MigrationError, TransportClosedError
-from engine.multifd import ChannelLink, shutdown_links
+from engine.errors import (
+    CancelledError,
+    ConfigError,
+    LocalProtocolError,
+    MigrationError,
+    TransportBrokenError,
+    TransportClosedError,
+    TransportError,
+)
+from engine.multifd import ChannelLink, root_cause, shutdown_links
 from engine.pool import WorkerPool
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
@@ -99,6 +109,13 @@ class Migration:
         self._conn: Connection | None = None
         self.tracker: StatsTracker | None = None
         self.result: MigrationResult | None = None
+        # Connections a thread may be blocked reading (handshakes, the main
+        # channel): a failure or cancel shuts their read side to wake it.
+        self._in_flight: set[Connection] = set()
+        self._in_flight_lock = threading.Lock()
+        self.latch.on_fail(self._kick)
+        self._peer_reason: BaseException | None = None  # the peer's ABORT, if one came
+        self._main_decoder = wire.MessageDecoder()  # what the peer says on the main channel
 
     # -- public API --------------------------------------------------------
 
@@ -110,21 +127,32 @@ class Migration:
         """Run to completion in this thread.  Raises a MigrationError on failure or cancel."""
         try:
             self.result = self._run()
-            return self.result
         except BaseException as exc:
-            error = self._first_error(exc)
-            self._machine.fire(
-                MigrationEvent.CANCEL if isinstance(error, CancelledError) else MigrationEvent.FAIL
-            )
-            self._on_failure(error)
+            self.latch.fail(exc)
+            error = self._fail()
             if error is exc:
                 raise
             raise error from exc
-        finally:
+        else:
             self._teardown()
-            if self._machine.state is MigrationState.CANCELLING:
-                self._machine.fire(MigrationEvent.TORN_DOWN)
+            return self.result
+        finally:
             self.latch.close()
+
+    def _fail(self) -> BaseException:
+        """Recover, tear down, settle the state; return the error to report."""
+        first = self.latch.error
+        assert first is not None
+        self._on_failure(first)  # the source resumes its guest before anything slow
+        self._teardown()
+        # A transport failure seen first is often the echo of the peer's ABORT:
+        # report the peer's reason when it arrived while tearing down.
+        error = self._peer_reason if isinstance(first, TransportError) and self._peer_reason else first
+        cancelled = isinstance(error, CancelledError)
+        self._machine.fire(MigrationEvent.CANCEL if cancelled else MigrationEvent.FAIL)
+        if self._machine.state is MigrationState.CANCELLING:
+            self._machine.fire(MigrationEvent.TORN_DOWN)
+        return error
 
     def start(self) -> None:
         """Run in the background; use :meth:`wait` for the result."""
@@ -165,12 +193,6 @@ class Migration:
     def _on_failure(self, error: BaseException) -> None:
         """Side-specific recovery (the source resumes its guest)."""
 
-    def _first_error(self, exc: BaseException) -> BaseException:
-        # The latch holds the first failure (a channel, the peer, a cancel);
-        # an exception raised while reacting to it is only its echo.
-        self.latch.fail(exc)
-        return self.latch.error or exc
-
     def _start_channels(
         self, target: Callable[..., Any], conns: list[Connection], spec: ChannelSpec
     ) -> None:
@@ -191,14 +213,35 @@ class Migration:
                 raise
             finally:
                 channel_end.close()
-            link = ChannelLink(channel_id, main_end, conn, future)
+            link = ChannelLink(channel_id, main_end, conn, future, root_cause=self._pool_broken_by)
             self._links.append(link)
             future.add_done_callback(self._channel_done)
+
+    def _track(self, conn: Connection) -> Connection:
+        """Remember `conn` so a failure or cancel can wake a read blocked on it."""
+        with self._in_flight_lock:
+            self._in_flight.add(conn)
+        if self.latch.failed:
+            conn.shutdown_read()
+        return conn
+
+    def _untrack(self, conn: Connection) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(conn)
+
+    def _kick(self) -> None:
+        with self._in_flight_lock:
+            blocked = list(self._in_flight)
+        for conn in blocked:
+            conn.shutdown_read()
+
+    def _pool_broken_by(self) -> BaseException | None:
+        return self._pool.broken if self._pool is not None else None
 
     def _channel_done(self, future: Future) -> None:
         error = future.exception()
         if error is not None:
-            self.latch.fail(error)
+            self.latch.fail(root_cause(error, self._pool_broken_by()))
 
     def _wait_channels_ready(self, timeout: float) -> None:
         """Wait until every channel process attached its memory and is serving."""
@@ -212,9 +255,14 @@ class Migration:
                 )
             for fd in wait_any(list(waiting), remaining, self.latch):
                 link = waiting.pop(fd)
-                message = read_control(link.ctrl)
-                if message is None or message.op is not ControlOp.READY:
-                    raise TransportClosedError(f"channel {link.channel_id} failed to start")
+                try:
+                    message = read_control(link.ctrl)
+                except TransportClosedError:
+                    message = None
+                if message is None:
+                    raise link.exit_error()
+                if message.op is not ControlOp.READY:
+                    raise LocalProtocolError(f"channel {link.channel_id} sent {message.op.name} first")
 
     def _channel_memory(self) -> list[dict[str, int]]:
         """Memory figures (kB) each channel process reported when it ended."""
@@ -227,6 +275,28 @@ class Migration:
                 pass
         return reports
 
+    peer = "peer"
+
+    def _peer_error(self, abort: wire.Abort) -> MigrationError:
+        """The error the peer's ABORT stands for (and remember it as the peer's reason)."""
+        if abort.code == wire.AbortCode.CANCELLED:
+            error: MigrationError = CancelledError(f"{self.peer} cancelled: {abort.message}")
+        else:
+            error = MigrationError(f"{self.peer} failed: {abort.message}")
+        self._peer_reason = self._peer_reason or error
+        return error
+
+    def _read_main(self, deadline: float | None) -> bytes:
+        """Bytes from the main channel (b"" at EOF), waking on failure or cancel too.
+
+        Raises TransportBrokenError if nothing comes before `deadline` (monotonic).
+        """
+        assert self._conn is not None
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not wait_any([self._conn], remaining, self.latch):
+            raise TransportBrokenError(f"the {self.peer} did not answer on the main channel in time")
+        return self._conn.recv_some()
+
     def _send_message(self, record: wire.Message) -> None:
         assert self._conn is not None
         data = wire.encode_message(record)
@@ -235,31 +305,69 @@ class Migration:
             self.tracker.main_bytes += len(data)
 
     def _teardown(self) -> None:
-        """Stop and release everything this migration created.  Idempotent, never raises."""
+        """Stop and release everything this migration created.  Idempotent, never raises.
+
+        Order: ABORT to the peer → QUIT and shut down every channel socket (wakes
+        a process blocked on it) → pool shutdown (joins started workers, kills
+        stragglers) → close sockets → unlink the slot table.  Each step runs even
+        if an earlier one failed.
+        """
         failed = self.latch.failed and self._machine.state is not MigrationState.COMPLETED
         if failed and self._conn is not None:
-            self._send_abort()
-        if self._links:
-            if failed:
-                shutdown_links(self._links)
+            self._step("send ABORT", self._send_abort)
+            if self._links:  # only channel sockets could tell the peer first
+                self._step("hear the peer out", self._await_peer_close)
+        if failed and self._links:
+            self._step("stop channels", shutdown_links, self._links)
         if self._pool is not None:
-            try:
-                self._pool.shutdown(wait=True, cancel=failed)
-            except Exception:  # teardown must go on; the first error is already recorded
-                log.exception("pool shutdown failed")
+            self._step("shut the pool down", self._pool.shutdown, wait=True, cancel=failed)
         for link in self._links:
-            link.close()
+            self._step("close a channel link", link.close)
         self._links = []
         if self.tracker is not None:
-            self.tracker.freeze()
+            self._step("keep final counters", self.tracker.freeze)
             self.tracker.slots = None
         if self._slots is not None:
-            self._slots.close()
-            self._slots.unlink()
+            self._step("close the slot table", self._slots.close)
+            self._step("unlink the slot table", self._slots.unlink)
             self._slots = None
         if self._conn is not None:
-            self._conn.close()
+            self._step("close the main channel", self._conn.close)
             self._conn = None
+
+    @staticmethod
+    def _step(what: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        try:
+            action(*args, **kwargs)
+        except Exception:  # teardown goes on; the first error is already recorded
+            log.exception("teardown: could not %s", what)
+
+    def _await_peer_close(self, timeout: float = 0.5) -> None:
+        """After our ABORT: wait until the peer closes the main channel or aborts too.
+
+        Only then are the channel sockets shut down, so the peer learns why from
+        the ABORT rather than from a broken channel.  Bounded: a dead peer costs
+        at most `timeout`.
+        """
+        if self._peer_reason is not None:
+            return  # the peer aborted first: it is tearing down already
+        assert self._conn is not None
+        deadline = time.monotonic() + timeout
+        decoder = self._main_decoder
+        while True:
+            try:
+                message = decoder.next_message()
+            except MigrationError:
+                return  # closed, or garbage: either way the peer is done talking
+            if message is packet.NEED_DATA:
+                remaining = deadline - time.monotonic()
+                ready, _, _ = select.select([self._conn], [], [], max(0.0, remaining))
+                if not ready:
+                    return
+                decoder.receive_data(self._conn.recv_some())
+            elif isinstance(message, wire.Abort):
+                self._peer_error(message)
+                return
 
     def _send_abort(self) -> None:
         error = self.latch.error

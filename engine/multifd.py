@@ -35,7 +35,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 from engine.channel import ControlMessage, ControlOp, post, read_control
-from engine.errors import LocalProtocolError, TransportBrokenError, TransportClosedError
+from engine.errors import (
+    BrokenPoolError,
+    CancelledError,
+    LocalProtocolError,
+    TransportBrokenError,
+    TransportClosedError,
+)
 from engine.slots import SendSlot, SlotTable
 from engine.sync import FailureLatch, SyncBarrier
 from engine.transport import Connection
@@ -49,14 +55,42 @@ _EXIT_CAUSE_WAIT = 2.0
 class ChannelLink:
     """The main process's handle on one channel process."""
 
-    def __init__(self, channel_id: int, ctrl: socket.socket, conn: Connection, future: Future):
+    def __init__(
+        self,
+        channel_id: int,
+        ctrl: socket.socket,
+        conn: Connection,
+        future: Future,
+        root_cause: Callable[[], BaseException | None] = lambda: None,
+    ) -> None:
         self.channel_id = channel_id
         self.ctrl = ctrl
         self.conn = conn          # kept so teardown can shut it down under a blocked process
         self.future = future
+        self._root_cause = root_cause  # what broke the pool, if it broke
 
     def post(self, op: ControlOp, a: int = 0, b: int = 0, kind: int = 0) -> None:
-        post(self.ctrl, op, a, b, kind)
+        """Send a control message; if the channel died, raise what killed it."""
+        try:
+            post(self.ctrl, op, a, b, kind)
+        except TransportClosedError as exc:
+            raise self.exit_error() from exc
+
+    def exit_error(self) -> BaseException:
+        """Why the channel process ended, once its control socket closed.
+
+        The socket may close (or reset) before the pool has reported the job's
+        outcome, so wait a moment for the real cause: a crash's exit code, or
+        the exception the job raised.
+        """
+        try:
+            error = self.future.exception(timeout=_EXIT_CAUSE_WAIT)
+        except Exception as exc:  # a timeout, or the pool's own cancellation
+            error = exc
+        if error is None:
+            error = TransportClosedError(f"multifd channel {self.channel_id} exited unexpectedly")
+        return root_cause(error, self._root_cause())
+
 
     def shutdown(self) -> None:
         """Wake the channel process if it is blocked on its data socket."""
@@ -65,6 +99,13 @@ class ChannelLink:
     def close(self) -> None:
         self.ctrl.close()
         self.conn.close()
+
+
+def root_cause(error: BaseException, pool_broken_by: BaseException | None) -> BaseException:
+    """A channel cancelled because a sibling failed reports the sibling's failure."""
+    if isinstance(error, (CancelledError, BrokenPoolError)) and pool_broken_by is not None:
+        return pool_broken_by
+    return error
 
 
 class _ChannelPump:
@@ -99,7 +140,10 @@ class _ChannelPump:
             link = self._by_fd.get(fd)
             if link is None:  # retired while handling an earlier message of this batch
                 continue
-            message = read_control(link.ctrl)
+            try:
+                message = read_control(link.ctrl)
+            except TransportClosedError:  # reset: the process died under it
+                message = None
             if message is None:
                 self._channel_exited(link)
             else:
@@ -121,13 +165,8 @@ class _ChannelPump:
                 handle(link, message)
 
     def _channel_exited(self, link: ChannelLink) -> None:
-        try:
-            error = link.future.exception(timeout=_EXIT_CAUSE_WAIT)
-        except Exception as exc:  # a timeout or the pool's own cancellation
-            error = exc
-        if error is None:
-            error = TransportClosedError(f"multifd channel {link.channel_id} exited unexpectedly")
-        self.latch.fail(error)
+        """A channel's control socket closed: record its job's real error, first."""
+        self.latch.fail(link.exit_error())
         self.latch.raise_if_failed()
 
 
@@ -310,7 +349,7 @@ def shutdown_links(links: Iterable[ChannelLink]) -> None:
     """Tell every channel to quit and wake any that is blocked on its data socket."""
     for link in links:
         try:
-            link.post(ControlOp.QUIT)
+            post(link.ctrl, ControlOp.QUIT)
         except TransportClosedError:
-            pass
+            pass  # that channel is gone already
         link.shutdown()

@@ -67,6 +67,7 @@ class SourceMigration(Migration):
     """
 
     role = "source"
+    peer = "destination"
 
     def __init__(
         self,
@@ -92,9 +93,9 @@ class SourceMigration(Migration):
         self._pongs: dict[int, float] = {}
         self._expect_close = False
         self._last_progress = 0.0
-        self._decoder = wire.MessageDecoder()
         self._core: MultifdSender | None = None
         self._rtt_s = 0.0
+        self._setup_deadline = 0.0
 
     @property
     def core(self) -> MultifdSender:
@@ -155,19 +156,15 @@ class SourceMigration(Migration):
 
     def _setup(self) -> None:
         cfg = self.config
-        conn = self._conn = connect(self.to, cfg.connect_timeout_s)
-        conn.settimeout(cfg.handshake_timeout_s)
+        conn = self._conn = connect(self.to, cfg.connect_timeout_s, self.latch)
+        conn.settimeout(cfg.handshake_timeout_s)  # bounds sends; reads wait on the latch
+        self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
         # Mutual authentication: our hello, then the destination's reply over our nonce.
         nonce = os.urandom(packet.NONCE_SIZE)
         conn.send_all(packet.encode_hello(
             packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, nonce=nonce
         ))
-        try:
-            reply = packet.decode_hello(
-                conn.recv_exact(packet.HELLO_SIZE), self.secret, peer_nonce=nonce
-            )
-        except TransportClosedError as exc:
-            raise HandshakeError(f"destination {self.to} refused the connection") from exc
+        reply = packet.decode_hello(self._read_hello_reply(), self.secret, peer_nonce=nonce)
         if reply.role is not packet.HelloRole.MAIN_REPLY or reply.migration_id != self.migration_id:
             raise HandshakeError(f"destination {self.to} answered with an unexpected hello")
         self._send_message(self._config_record())
@@ -184,7 +181,7 @@ class SourceMigration(Migration):
         conns: list[Connection] = []
         try:
             for channel_id in range(cfg.channels):
-                data = connect(self.to, cfg.connect_timeout_s)
+                data = connect(self.to, cfg.connect_timeout_s, self.latch)
                 conns.append(data)
                 data.send_all(packet.encode_hello(
                     packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels, self.secret
@@ -199,6 +196,7 @@ class SourceMigration(Migration):
         )
         self._start_channels(run_send_channel, conns, spec)
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
+        self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
         self._read_setup_message(wire.ChannelsReady)
         self._rtt_s = self._measure_rtt()
         conn.settimeout(None)
@@ -290,15 +288,24 @@ class SourceMigration(Migration):
             devices=(),
         )
 
+    def _read_hello_reply(self) -> bytes:
+        reply = b""
+        while len(reply) < packet.HELLO_SIZE:
+            data = self._read_main(self._setup_deadline)
+            if not data:
+                raise HandshakeError(f"destination {self.to} refused the connection")
+            reply += data
+        if len(reply) > packet.HELLO_SIZE:  # an ABORT right after the reply, say
+            self._main_decoder.receive_data(reply[packet.HELLO_SIZE:])
+        return reply[:packet.HELLO_SIZE]
+
     def _read_setup_message(self, expected: type[M]) -> M:
         """Read the next main-channel message during setup (before the reader runs)."""
-        assert self._conn is not None
-        decoder = self._decoder
+        decoder = self._main_decoder
         while True:
             message = decoder.next_message()
             if message is packet.NEED_DATA:
-                self.latch.raise_if_failed()
-                data = self._conn.recv_some()
+                data = self._read_main(self._setup_deadline)
                 if not data:
                     raise TransportClosedError(f"destination {self.to} closed the main channel")
                 decoder.receive_data(data)
@@ -306,7 +313,7 @@ class SourceMigration(Migration):
             if isinstance(message, wire.Pong):
                 self._pongs[message.token] = time.perf_counter()
             if isinstance(message, wire.Abort):
-                raise self._remote_abort(message)
+                raise self._peer_error(message)
             if not isinstance(message, expected):
                 raise RemoteProtocolError(
                     f"expected {expected.__name__} from the destination, got {type(message).__name__}"
@@ -325,7 +332,7 @@ class SourceMigration(Migration):
     def _read_return_path(self) -> None:
         """Thread job: dispatch the destination's messages until the migration ends."""
         assert self._conn is not None
-        conn, decoder = self._conn, self._decoder
+        conn, decoder = self._conn, self._main_decoder
         try:
             while True:
                 message = decoder.next_message()
@@ -344,7 +351,7 @@ class SourceMigration(Migration):
                     self._resumed.set(message)
                     return
                 elif isinstance(message, wire.Abort):
-                    self.latch.fail(self._remote_abort(message))
+                    self.latch.fail(self._peer_error(message))
                     return
                 elif isinstance(message, wire.Pong):
                     continue
@@ -354,11 +361,6 @@ class SourceMigration(Migration):
                     )
         except MigrationError as exc:
             self.latch.fail(exc)
-
-    def _remote_abort(self, message: wire.Abort) -> MigrationError:
-        if message.code == wire.AbortCode.CANCELLED:
-            return CancelledError(f"destination cancelled: {message.message}")
-        return MigrationError(f"destination failed: {message.message}")
 
     def _progress(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -384,6 +386,6 @@ class SourceMigration(Migration):
     def _teardown(self) -> None:
         super()._teardown()
         if self._helpers is not None:
-            self._helpers.shutdown(wait=True, cancel=True)
+            self._step("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
             self._helpers = None
-        self._resumed.close()
+        self._step("close the resumed signal", self._resumed.close)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+from collections.abc import Callable
 from enum import Enum, auto
 
 from engine.errors import CancelledError, LocalProtocolError, MigrationError
@@ -34,6 +35,12 @@ class FailureLatch:
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._write_fd, False)
         self._closed = False
+        self._on_fail: list[Callable[[], None]] = []
+
+    def on_fail(self, kick: Callable[[], None]) -> None:
+        """Call `kick` (quick, non-blocking) once the latch fails: it wakes waits
+        that cannot select on the latch, such as a blocking socket read."""
+        self._on_fail.append(kick)
 
     def fail(self, error: BaseException) -> bool:
         """Record `error` unless an error is already recorded.  True if it was first."""
@@ -43,7 +50,9 @@ class FailureLatch:
             self._error = error
             if not self._closed:
                 os.write(self._write_fd, b"!")
-            return True
+        for kick in self._on_fail:
+            kick()
+        return True
 
     def cancel(self, reason: str = "migration cancelled") -> bool:
         return self.fail(CancelledError(reason))

@@ -158,6 +158,13 @@ class Connection:
         ready, _, _ = select.select([self.sock], [], [], timeout)
         return bool(ready)
 
+    def shutdown_read(self) -> None:
+        """Wake a reader blocked on this socket (it sees EOF); writing still works."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
     def shutdown(self) -> None:
         """Stop both directions, waking any thread or process blocked on this socket."""
         try:
@@ -173,6 +180,35 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def connect_socket(
+    sock: socket.socket, address: object, timeout: float, abort: Selectable | None, what: str
+) -> None:
+    """Connect `sock` within `timeout` s; give up at once when `abort` becomes readable.
+
+    Raises TransportBrokenError (refused, unreachable, timed out, aborted); the
+    socket is left blocking.
+    """
+    sock.setblocking(False)
+    try:
+        error = sock.connect_ex(address)  # type: ignore[arg-type]
+        if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            watch = [abort] if abort is not None else []
+            aborted, writable, _ = select.select(watch, [sock], [], timeout)
+            if aborted:
+                raise TransportBrokenError(f"connecting to {what} was aborted")
+            if not writable:
+                raise TransportBrokenError(f"cannot connect to {what}: timed out")
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise TransportBrokenError(f"cannot connect to {what}: {os.strerror(error)}")
+    finally:
+        sock.setblocking(True)
+
+
+class Selectable(Protocol):
+    def fileno(self) -> int: ...
 
 
 class Listener(Protocol):
@@ -227,9 +263,12 @@ def _describe(sock: socket.socket) -> str:
 # The registry: URI scheme -> transport module.
 
 
+ConnectFn = Callable[[str, float, "Selectable | None"], Connection]
+
+
 @dataclass(frozen=True)
 class TransportEntry:
-    connect: Callable[[str, float], Connection]
+    connect: ConnectFn
     listen: Callable[[str], Listener]
 
 
@@ -237,9 +276,7 @@ _REGISTRY: dict[str, TransportEntry] = {}
 _BUILTIN = {"tcp": "transports.tcp", "unix": "transports.unix"}
 
 
-def register_transport(
-    scheme: str, connect: Callable[[str, float], Connection], listen: Callable[[str], Listener]
-) -> None:
+def register_transport(scheme: str, connect: ConnectFn, listen: Callable[[str], Listener]) -> None:
     """Make ``scheme://`` URIs usable with :func:`connect` and :func:`listen`."""
     _REGISTRY[scheme] = TransportEntry(connect, listen)
 
@@ -257,9 +294,12 @@ def _entry(uri: str) -> TransportEntry:
         raise ConfigError(f"unknown transport {scheme!r} in {uri!r}; known: {known}") from None
 
 
-def connect(uri: str, timeout: float = 10.0) -> Connection:
-    """Open a connection to `uri`.  Raises ConfigError or TransportBrokenError."""
-    return _entry(uri).connect(uri, timeout)
+def connect(uri: str, timeout: float = 10.0, abort: Selectable | None = None) -> Connection:
+    """Open a connection to `uri`, giving up when `abort` becomes readable.
+
+    Raises ConfigError or TransportBrokenError.
+    """
+    return _entry(uri).connect(uri, timeout, abort)
 
 
 def listen(uri: str) -> Listener:
