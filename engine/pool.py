@@ -394,8 +394,9 @@ class WorkerPool:
         return pending
 
     def _after_break(self, pending: list[_Job]) -> None:
-        logger.log(logging.INFO if self._cancelled else logging.WARNING,
-                   "pool %r broken by %r", self.name, self._broken)
+        # The failure reaches its owner through the futures; logging it louder
+        # would print every migration error twice.
+        logger.debug("pool %r broken by %r", self.name, self._broken)
         self._token.set()
         for job in pending:
             job.release()

@@ -1,0 +1,109 @@
+"""The `multifd` command: the demo, the two-process listen/migrate pair, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MULTIFD = [sys.executable, "-m", "engine.cli"]
+REQUIRED = {"status", "ram_bytes", "channels", "total_time_s", "setup_time_ms", "downtime_ms",
+            "rounds", "pages_sent", "bytes_on_wire", "throughput_bytes_per_s", "verified"}
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*MULTIFD, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_demo_json(transport: str) -> None:
+    done = run("demo", "--ram", "16M", "--channels", "2", "--transport", transport,
+               "--workload", "incrementer", "--dirty-rate", "16M", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert REQUIRED <= summary.keys()
+    assert summary["status"] == "completed"
+    assert summary["verified"] is True
+    assert summary["ram_bytes"] == 16 << 20 and summary["channels"] == 2
+    assert summary["rounds"] >= 2 and summary["pages_sent"] >= 4096
+    assert summary["destination"]["status"] == "completed"
+    assert summary["destination"]["verified"] is True
+
+
+def test_demo_dumps_equal_images(tmp_path: Path) -> None:
+    done = run("demo", "--ram", "8M", "--dump-dir", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    source, dest = tmp_path / "source.ram", tmp_path / "dest.ram"
+    assert source.stat().st_size == dest.stat().st_size == 8 << 20
+    assert source.read_bytes() == dest.read_bytes()
+
+
+def test_demo_human_summary() -> None:
+    done = run("demo", "--ram", "8M", "--workload", "idle")
+    assert done.returncode == 0, done.stderr
+    assert "status           completed (source)" in done.stdout
+    assert "memory verified  yes" in done.stdout
+
+
+def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    listener = subprocess.Popen(
+        [*MULTIFD, "listen", "--address", "tcp://127.0.0.1:0", "--secret-file", str(secret),
+         "--json", "--accept-timeout", "60", "--run-after", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None
+        ready, _, _ = select.select([listener.stdout], [], [], 60)
+        line = listener.stdout.readline() if ready else ""
+        assert line.startswith("LISTENING tcp://127.0.0.1:"), line
+        address = line.split()[1]
+        done = run("migrate", "--to", address, "--secret-file", str(secret), "--ram", "8M",
+                   "--channels", "3", "--json")
+        assert done.returncode == 0, done.stderr
+        source = json.loads(done.stdout)
+        out, err = listener.communicate(timeout=60)
+        assert listener.returncode == 0, err
+        destination = json.loads(out)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.communicate()
+    assert source["status"] == destination["status"] == "completed"
+    assert source["verified"] is True and source["channels"] == 3
+    assert destination["guest_pages_written_after_resume"] > 0  # the guest ran afterwards
+
+
+def test_errors_are_one_line_without_traceback() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    done = run("migrate", "--to", f"tcp://127.0.0.1:{port}", "--ram", "4M",
+               env={"MULTIFD_SECRET": "x"})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert done.stderr.startswith("multifd: failed: cannot connect to tcp://127.0.0.1:")
+
+
+def test_missing_secret_is_a_clear_error() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MULTIFD_SECRET"}
+    done = subprocess.run([*MULTIFD, "listen", "--address", "tcp://127.0.0.1:0"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    assert "no shared secret" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_failure_json() -> None:
+    done = run("migrate", "--to", "bogus://nowhere", "--ram", "4M", "--json",
+               env={"MULTIFD_SECRET": "x"})
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"status": "failed", "error": json.loads(done.stdout)["error"]}
+    assert "unknown transport 'bogus'" in json.loads(done.stdout)["error"]

@@ -1,0 +1,458 @@
+"""Shared memory (engine/shm.py): segments, guest RAM blocks and dirty maps.
+
+Every test creates real POSIX shared memory and removes it again; the
+``no_leaks`` fixture fails a test that leaves a segment, an fd (a live mapping
+holds one), a thread or a child process behind.  Views of a block (its dirty
+map, page views, arrays) are dropped before the RAM is closed, as the module's
+contract asks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+from multiprocessing import resource_tracker
+
+import numpy as np
+import pytest
+
+from engine.errors import ConfigError, LocalProtocolError
+from engine.shm import PAGE_SIZE, BlockHandle, GuestRAM, RamHandle, Segment
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+_SHM_DIR = "/dev/shm"
+
+
+def _segments() -> set[str]:
+    return {name for name in os.listdir(_SHM_DIR) if not name.startswith("sem.")}
+
+
+@pytest.fixture
+def ram() -> GuestRAM:
+    """An owned RAM of two blocks: ``main`` (64 pages) and ``vga`` (4 pages)."""
+    guest = GuestRAM.create({"main": 64 * PAGE_SIZE, "vga": 4 * PAGE_SIZE})
+    yield guest
+    guest.close()
+    guest.unlink()
+
+
+# ---------------------------------------------------------------------------
+# DirtyMap
+
+
+def test_dirty_map_starts_clean(ram: GuestRAM) -> None:
+    block = ram.block("main")
+    assert len(block.dirty) == 64
+    assert block.dirty.count() == 0
+    assert ram.dirty_pages() == 0
+    taken = block.dirty.take()
+    assert taken.size == 0
+    assert np.issubdtype(taken.dtype, np.integer)
+
+
+def test_mark_and_mark_pages_set_exactly_those_pages(ram: GuestRAM) -> None:
+    block = ram.block("main")
+    block.dirty.mark(5)
+    block.dirty.mark(10, 3)
+    block.dirty.mark_pages(np.array([63, 0, 11], dtype=np.int64))
+    assert block.dirty.count() == 6
+    assert ram.block("vga").dirty.count() == 0
+    assert ram.dirty_pages() == 6
+    expected = np.zeros(64, dtype=np.uint8)
+    expected[[0, 5, 10, 11, 12, 63]] = 1
+    np.testing.assert_array_equal(block.dirty.snapshot(), expected)
+
+
+def test_take_returns_marked_pages_sorted_and_clears_them(ram: GuestRAM) -> None:
+    block = ram.block("main")
+    block.dirty.mark_pages(np.array([40, 3, 17, 63, 0], dtype=np.int64))
+    block.dirty.mark(20, 2)
+    taken = block.dirty.take()
+    assert taken.tolist() == [0, 3, 17, 20, 21, 40, 63]
+    assert block.dirty.count() == 0
+    assert not block.dirty.snapshot().any()
+    assert block.dirty.take().size == 0
+
+
+def test_mark_after_take_is_seen_by_next_take(ram: GuestRAM) -> None:
+    """The no-lost-update rule: a page written after take() goes in the next round."""
+    block = ram.block("main")
+    block.dirty.mark(7)
+    assert block.dirty.take().tolist() == [7]
+    block.dirty.mark(7)  # the same page written again after its entry was cleared
+    block.dirty.mark(9)
+    assert block.dirty.count() == 2
+    assert block.dirty.take().tolist() == [7, 9]
+    assert block.dirty.take().tolist() == []
+
+
+def test_take_racing_a_writer_loses_and_repeats_nothing(ram: GuestRAM) -> None:
+    """A writer marks every page once while takes run: each page is taken exactly once."""
+    block = ram.block("main")
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    taken: list[np.ndarray] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for _ in range(200):
+                for page in range(block.n_pages):
+                    block.dirty.mark(page)
+                    while block.dirty.snapshot()[page]:
+                        pass  # wait until some take() has picked this page up
+        finally:
+            done.set()
+
+    try:
+        thread = threading.Thread(target=writer)
+        thread.start()
+        while not done.is_set():
+            taken.append(block.dirty.take())
+        thread.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    taken.append(block.dirty.take())
+    all_taken = np.sort(np.concatenate(taken))
+    np.testing.assert_array_equal(all_taken, np.repeat(np.arange(block.n_pages), 200))
+
+
+def test_clear_all(ram: GuestRAM) -> None:
+    block = ram.block("main")
+    block.dirty.mark(0, 64)
+    assert block.dirty.count() == 64
+    block.dirty.clear_all()
+    assert block.dirty.count() == 0
+    assert block.dirty.take().size == 0
+
+
+def test_snapshot_is_a_copy(ram: GuestRAM) -> None:
+    block = ram.block("main")
+    block.dirty.mark(1)
+    snap = block.dirty.snapshot()
+    snap[2] = 1          # changing the copy does not mark the page
+    block.dirty.mark(3)  # and marking later does not change the copy
+    assert snap.tolist()[:4] == [0, 1, 1, 0]
+    assert block.dirty.take().tolist() == [1, 3]
+    assert snap[1] == 1
+
+
+def test_dirty_maps_are_per_block(ram: GuestRAM) -> None:
+    ram.block("vga").dirty.mark(3)
+    assert ram.block("main").dirty.take().size == 0
+    assert ram.block("vga").dirty.take().tolist() == [3]
+
+
+def test_dirty_map_does_not_overlap_pages(ram: GuestRAM) -> None:
+    """The map lives after the pages: filling every page leaves the map clean."""
+    block = ram.block("main")
+    array = block.array()
+    array[:] = 0xFF
+    del array
+    assert block.dirty.count() == 0
+    block.dirty.mark(0, block.n_pages)
+    assert bytes(block.page_view(block.n_pages - 1)) == b"\xff" * PAGE_SIZE
+
+
+# ---------------------------------------------------------------------------
+# GuestRAM: creation and properties
+
+
+def test_create_from_dict_layout_and_properties() -> None:
+    before = _segments()
+    ram = GuestRAM.create({"main": 8 * PAGE_SIZE, "rom": PAGE_SIZE})
+    try:
+        assert ram.owner
+        assert ram.layout == (("main", 8 * PAGE_SIZE), ("rom", PAGE_SIZE))
+        assert ram.size == 9 * PAGE_SIZE
+        assert ram.n_pages == 9
+        assert [b.index for b in ram.blocks] == [0, 1]
+        assert [b.n_pages for b in ram.blocks] == [8, 1]
+        handle = ram.handle
+        assert isinstance(handle, RamHandle)
+        assert handle.page_size == PAGE_SIZE
+        assert handle.blocks == (
+            BlockHandle("main", 8 * PAGE_SIZE, ram.blocks[0].segment.name),
+            BlockHandle("rom", PAGE_SIZE, ram.blocks[1].segment.name),
+        )
+        assert _segments() - before == {b.segment.name for b in ram.blocks}
+        assert len(ram.blocks[0].pages) == 8 * PAGE_SIZE
+        assert bytes(ram.block("main").page_view(0, 8)) == bytes(8 * PAGE_SIZE)  # zero-filled
+        assert ram.block("rom") is ram.blocks[1]
+    finally:
+        ram.close()
+        ram.unlink()
+    assert _segments() == before
+
+
+def test_create_from_pairs_keeps_order() -> None:
+    ram = GuestRAM.create([("z", 2 * PAGE_SIZE), ("a", PAGE_SIZE), ("m", 3 * PAGE_SIZE)])
+    try:
+        assert ram.layout == (("z", 2 * PAGE_SIZE), ("a", PAGE_SIZE), ("m", 3 * PAGE_SIZE))
+        assert ram.n_pages == 6
+        assert [h.name for h in ram.handle.blocks] == ["z", "a", "m"]
+    finally:
+        ram.close()
+        ram.unlink()
+
+
+def test_block_name_of_255_bytes_is_allowed() -> None:
+    ram = GuestRAM.create([("n" * 255, PAGE_SIZE)])
+    try:
+        assert ram.block("n" * 255).size == PAGE_SIZE
+    finally:
+        ram.close()
+        ram.unlink()
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        pytest.param({}, id="no-blocks"),
+        pytest.param([], id="no-pairs"),
+        pytest.param({"main": 0}, id="size-zero"),
+        pytest.param({"main": -PAGE_SIZE}, id="size-negative"),
+        pytest.param({"main": PAGE_SIZE + 1}, id="size-not-page-multiple"),
+        pytest.param({"main": PAGE_SIZE - 1}, id="size-under-a-page"),
+        pytest.param({"": PAGE_SIZE}, id="name-empty"),
+        pytest.param({"n" * 256: PAGE_SIZE}, id="name-256-bytes"),
+        pytest.param({"é" * 128: PAGE_SIZE}, id="name-256-utf8-bytes"),
+        pytest.param([("main", PAGE_SIZE), ("main", PAGE_SIZE)], id="duplicate-names"),
+        # A bad block after good ones: the good ones already have segments.
+        pytest.param([("a", PAGE_SIZE), ("b", 2 * PAGE_SIZE), ("c", 100)], id="bad-last-block"),
+        pytest.param([("a", PAGE_SIZE), ("", PAGE_SIZE)], id="bad-last-name"),
+    ],
+)
+def test_invalid_ram_raises_config_error_and_leaves_no_segment(blocks: object) -> None:
+    before = _segments()
+    with pytest.raises(ConfigError):
+        GuestRAM.create(blocks)  # type: ignore[arg-type]
+    assert _segments() == before
+
+
+def test_unknown_block_raises_config_error(ram: GuestRAM) -> None:
+    with pytest.raises(ConfigError, match="nope"):
+        ram.block("nope")
+
+
+def test_prealloc_creates_zeroed_writable_ram() -> None:
+    ram = GuestRAM.create({"main": 16 * PAGE_SIZE}, prealloc=True)
+    try:
+        block = ram.block("main")
+        array = block.array()
+        assert array.shape == (16, PAGE_SIZE)
+        assert not array.any()
+        array[15, -1] = 0x5A
+        del array
+        assert block.dirty.count() == 0
+        assert bytes(block.page_view(15))[-1] == 0x5A
+    finally:
+        ram.close()
+        ram.unlink()
+
+
+def test_context_manager_closes_and_unlinks_owner() -> None:
+    before = _segments()
+    with GuestRAM.create({"main": PAGE_SIZE}) as ram:
+        assert len(_segments() - before) == 1
+    assert _segments() == before
+    ram.close()   # still idempotent afterwards
+    ram.unlink()
+
+
+def test_page_view_and_array_address_the_same_bytes(ram: GuestRAM) -> None:
+    block = ram.block("main")
+    view = block.page_view(3, 2)
+    assert len(view) == 2 * PAGE_SIZE
+    view[PAGE_SIZE:PAGE_SIZE + 4] = b"abcd"
+    view.release()
+    array = block.array()
+    assert bytes(array[4, :4]) == b"abcd"
+    assert not array[3].any()
+    del array
+
+
+# ---------------------------------------------------------------------------
+# GuestRAM: attach, ownership, close / unlink
+
+
+def test_attach_in_same_process_shares_pages_and_dirty_maps(ram: GuestRAM) -> None:
+    other = GuestRAM.attach(ram.handle)
+    try:
+        assert not other.owner
+        assert other.layout == ram.layout
+        assert other.handle == ram.handle
+        # owner → attached
+        ram.block("main").page_view(2)[:8] = b"owner-->"
+        ram.block("main").dirty.mark(2)
+        assert bytes(other.block("main").page_view(2)[:8]) == b"owner-->"
+        assert other.block("main").dirty.take().tolist() == [2]
+        assert ram.block("main").dirty.count() == 0
+        # attached → owner
+        other.block("vga").page_view(3)[-8:] = b"<--other"
+        other.block("vga").dirty.mark(3)
+        assert bytes(ram.block("vga").page_view(3)[-8:]) == b"<--other"
+        assert ram.block("vga").dirty.take().tolist() == [3]
+    finally:
+        other.close()
+
+
+def test_attach_with_populate(ram: GuestRAM) -> None:
+    ram.block("main").page_view(63)[:3] = b"end"
+    other = GuestRAM.attach(ram.handle, populate=True)
+    try:
+        assert bytes(other.block("main").page_view(63)[:3]) == b"end"
+    finally:
+        other.close()
+
+
+def test_only_the_owner_may_unlink(ram: GuestRAM) -> None:
+    other = GuestRAM.attach(ram.handle)
+    try:
+        with pytest.raises(LocalProtocolError):
+            other.unlink()
+        with pytest.raises(LocalProtocolError):
+            other.blocks[0].segment.unlink()
+    finally:
+        other.close()
+    # The failed unlink removed nothing: the segments are still attachable.
+    again = GuestRAM.attach(ram.handle)
+    again.close()
+
+
+def test_close_and_unlink_are_idempotent() -> None:
+    before = _segments()
+    ram = GuestRAM.create({"main": 2 * PAGE_SIZE})
+    other = GuestRAM.attach(ram.handle)
+    other.close()
+    other.close()
+    ram.close()
+    ram.close()
+    ram.unlink()
+    ram.unlink()
+    assert _segments() == before
+
+
+def test_attached_ram_survives_owner_unlink_until_closed() -> None:
+    ram = GuestRAM.create({"main": PAGE_SIZE})
+    other = GuestRAM.attach(ram.handle)
+    ram.block("main").page_view(0)[:2] = b"hi"
+    ram.close()
+    ram.unlink()
+    try:
+        assert bytes(other.block("main").page_view(0)[:2]) == b"hi"
+        with pytest.raises(ConfigError):
+            GuestRAM.attach(other.handle)  # the name is gone
+    finally:
+        other.close()
+
+
+def test_attach_missing_segment_raises_config_error(ram: GuestRAM) -> None:
+    first = ram.handle.blocks[0]
+    missing = BlockHandle("gone", PAGE_SIZE, "mfd-test-no-such-segment")
+    # The first block attaches, then the second fails: the first is released again.
+    with pytest.raises(ConfigError):
+        GuestRAM.attach(RamHandle((first, missing)))
+
+
+def test_attach_handle_larger_than_segment_raises_config_error(ram: GuestRAM) -> None:
+    block = ram.handle.blocks[1]
+    too_big = BlockHandle(block.name, block.size * 4, block.segment)
+    with pytest.raises(ConfigError, match="too small"):
+        GuestRAM.attach(RamHandle((ram.handle.blocks[0], too_big)))
+
+
+def _attach_write_mark(handle: RamHandle, block_name: str, page: int, data: bytes) -> None:
+    """Child process (spawn): attach, write a page, mark it dirty, close, exit.
+
+    The child gets a fresh, not yet started resource tracker instead of its
+    parent's: had attach registered the segment, that private tracker would
+    start now and unlink the segment when this process exits, which is the
+    Python 3.11 pitfall the module avoids.
+    """
+    resource_tracker._resource_tracker = resource_tracker.ResourceTracker()
+    ram = GuestRAM.attach(handle)
+    block = ram.block(block_name)
+    block.page_view(page)[: len(data)] = data
+    block.dirty.mark(page)
+    ram.close()
+    if resource_tracker._resource_tracker._pid is not None:
+        raise SystemExit(3)  # attach registered the segment with a resource tracker
+
+
+def test_child_process_attaches_writes_marks_and_does_not_unlink(ram: GuestRAM) -> None:
+    before = _segments()
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_attach_write_mark, args=(ram.handle, "main", 41, b"from the child"))
+    child.start()
+    child.join(30)
+    exitcode = child.exitcode
+    if exitcode is None:
+        child.kill()
+        child.join()
+    child.close()
+    assert exitcode == 0
+    assert _segments() == before  # the child's exit removed nothing
+    block = ram.block("main")
+    assert bytes(block.page_view(41)[:14]) == b"from the child"
+    assert block.dirty.take().tolist() == [41]
+    # And another process can still attach by name.
+    again = GuestRAM.attach(ram.handle)
+    assert bytes(again.block("main").page_view(41)[:14]) == b"from the child"
+    again.close()
+
+
+# ---------------------------------------------------------------------------
+# Segment
+
+
+def test_segment_create_attach_roundtrip() -> None:
+    before = _segments()
+    owner = Segment.create(3 * PAGE_SIZE)
+    try:
+        assert owner.owner
+        assert owner.size == 3 * PAGE_SIZE
+        assert len(owner.buf) == 3 * PAGE_SIZE
+        assert _segments() - before == {owner.name}
+        other = Segment.attach(owner.name)
+        try:
+            assert not other.owner
+            assert other.size == owner.size
+            owner.buf[100:103] = b"abc"
+            assert bytes(other.buf[100:103]) == b"abc"
+            with pytest.raises(LocalProtocolError):
+                other.unlink()
+        finally:
+            other.close()
+            other.close()
+    finally:
+        owner.close()
+        owner.unlink()
+        owner.unlink()
+    assert _segments() == before
+
+
+def test_segment_create_with_name_taken_raises_config_error() -> None:
+    owner = Segment.create(PAGE_SIZE)
+    try:
+        with pytest.raises(ConfigError):
+            Segment.create(PAGE_SIZE, name=owner.name)
+    finally:
+        owner.close()
+        owner.unlink()
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_segment_create_invalid_size_raises_config_error(size: int) -> None:
+    before = _segments()
+    with pytest.raises(ConfigError):
+        Segment.create(size)
+    assert _segments() == before
+
+
+def test_segment_attach_missing_name_raises_config_error() -> None:
+    with pytest.raises(ConfigError):
+        Segment.attach("mfd-test-no-such-segment")
