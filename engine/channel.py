@@ -98,7 +98,8 @@ def read_control(sock: socket.socket, wait: bool = True) -> ControlMessage | Non
     With ``wait=False`` raise BlockingIOError if no message is waiting.
     """
     try:
-        data = sock.recv(CONTROL_SIZE, 0 if wait else socket.MSG_DONTWAIT)
+        # One byte more than a message: a longer one would otherwise be cut silently.
+        data = sock.recv(CONTROL_SIZE + 1, 0 if wait else socket.MSG_DONTWAIT)
     except BlockingIOError:
         raise
     except OSError as exc:

@@ -74,14 +74,17 @@ class MigrationConfig:
             raise ConfigError(f"channels must be 1..{packet.MAX_CHANNELS}, got {self.channels}")
         if not 1 <= self.packet_pages <= packet.MAX_PACKET_PAGES:
             raise ConfigError(f"packet_pages must be 1..{packet.MAX_PACKET_PAGES}")
-        if self.downtime_limit_ms < 0:
-            raise ConfigError("downtime_limit_ms must not be negative")
+        if not self.downtime_limit_ms >= 0:  # also refuses NaN
+            raise ConfigError("downtime_limit_ms must be a non-negative number")
+        for name in ("connect_timeout_s", "handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if self.max_rounds < 1:
             raise ConfigError("max_rounds must be at least 1")
         if self.on_max_rounds not in ("switchover", "fail"):
             raise ConfigError("on_max_rounds must be 'switchover' or 'fail'")
         if self.start_method not in ("spawn", "forkserver", "fork"):
-            raise ConfigError(f"unknown start method {self.start_method!r}")
+            raise ConfigError(f"start_method must be spawn, forkserver or fork, not {self.start_method!r}")
         return self
 
     def with_(self, **changes: Any) -> MigrationConfig:

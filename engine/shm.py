@@ -186,7 +186,11 @@ class DirtyMap:
         Read the returned pages only after this call returns: a page written
         after its entry was cleared is marked again and taken next time.
         """
-        pages = np.flatnonzero(self._map)
+        # Scan a copy: the guest keeps marking while we look, and numpy's nonzero
+        # counts and then fills in two passes over its input, failing if the
+        # count changes in between.  Clearing only what the copy saw keeps the
+        # no-lost-update rule: a mark after the copy survives for next time.
+        pages = np.flatnonzero(self._map.copy())
         self._map[pages] = 0
         return pages
 

@@ -155,8 +155,8 @@ class SlotTable:
             raise ConfigError("slot table sizes must be positive")
         size = cls._size(n_slots, max_items, payload_capacity, n_channels)
         segment = Segment.create(size)
-        header = np.ndarray((4,), dtype="<u4", buffer=segment.buf)
-        header[:] = (_MAGIC, n_slots, max_items, payload_capacity)
+        header = np.ndarray((5,), dtype="<u4", buffer=segment.buf)
+        header[:] = (_MAGIC, n_slots, max_items, payload_capacity, n_channels)
         del header
         handle = SlotTableHandle(segment.name, n_slots, max_items, payload_capacity, n_channels)
         return cls(segment, handle)
@@ -164,8 +164,9 @@ class SlotTable:
     @classmethod
     def attach(cls, handle: SlotTableHandle) -> SlotTable:
         segment = Segment.attach(handle.segment)
-        header = np.ndarray((4,), dtype="<u4", buffer=segment.buf)
-        expected = (_MAGIC, handle.n_slots, handle.max_items, handle.payload_capacity)
+        header = np.ndarray((5,), dtype="<u4", buffer=segment.buf)
+        expected = (_MAGIC, handle.n_slots, handle.max_items, handle.payload_capacity,
+                    handle.n_channels)
         ok = tuple(int(v) for v in header) == expected
         del header
         if not ok:

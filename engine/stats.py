@@ -95,7 +95,7 @@ class StatsTracker:
     def totals(self) -> dict[str, int]:
         """Counters over all channels, plus the main channel's bytes."""
         if self._frozen is not None:
-            return self._frozen
+            return dict(self._frozen)
         counts = {c.name.lower(): 0 for c in Counter}
         if self.slots is not None:
             for counter, value in zip(Counter, self.slots.totals().tolist()):

@@ -132,8 +132,12 @@ class Signal:
         return self._value
 
     def close(self) -> None:
-        os.close(self._read_fd)
-        os.close(self._write_fd)
+        with self._lock:
+            if self._read_fd < 0:
+                return
+            os.close(self._read_fd)
+            os.close(self._write_fd)
+            self._read_fd = self._write_fd = -1
 
 
 # ---------------------------------------------------------------------------

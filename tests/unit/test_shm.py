@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
-import threading
 from multiprocessing import resource_tracker
 
 import numpy as np
@@ -89,35 +87,49 @@ def test_mark_after_take_is_seen_by_next_take(ram: GuestRAM) -> None:
     assert block.dirty.take().tolist() == []
 
 
-def test_take_racing_a_writer_loses_and_repeats_nothing(ram: GuestRAM) -> None:
-    """A writer marks every page once while takes run: each page is taken exactly once."""
-    block = ram.block("main")
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+def _mark_each_page_once(handle: RamHandle, block_name: str) -> None:
+    """Child process (spawn): the guest contract, every page of a block marked once."""
+    ram = GuestRAM.attach(handle)
+    block = ram.block(block_name)
+    for page in np.random.default_rng(7).permutation(block.n_pages).tolist():
+        block.dirty.mark(page)
+    ram.close()
+
+
+def test_take_while_another_process_marks_takes_every_page_exactly_once() -> None:
+    """The guest (another process) marks while the migration takes, as in every precopy round.
+
+    Each page is marked once, so over all takes each page must come back exactly once:
+    a lost mark is a page never sent, a repeated one a mark take() failed to clear.
+    """
+    n_pages = 65536  # 256 MiB of sparse shared memory; only the dirty map is touched
+    ram = GuestRAM.create({"big": n_pages * PAGE_SIZE})
+    errors: list[str] = []
     taken: list[np.ndarray] = []
-    done = threading.Event()
-
-    def writer() -> None:
-        try:
-            for _ in range(200):
-                for page in range(block.n_pages):
-                    block.dirty.mark(page)
-                    while block.dirty.snapshot()[page]:
-                        pass  # wait until some take() has picked this page up
-        finally:
-            done.set()
-
+    child = multiprocessing.get_context("spawn").Process(
+        target=_mark_each_page_once, args=(ram.handle, "big")
+    )
     try:
-        thread = threading.Thread(target=writer)
-        thread.start()
-        while not done.is_set():
-            taken.append(block.dirty.take())
-        thread.join()
+        child.start()
+        try:
+            while child.is_alive():
+                taken.append(ram.blocks[0].dirty.take())
+        except RuntimeError as exc:  # keep only the message: its traceback holds a map view
+            errors.append(str(exc))
+        child.join(30)
+        exitcode = child.exitcode
+        taken.append(ram.blocks[0].dirty.take())
     finally:
-        sys.setswitchinterval(old_interval)
-    taken.append(block.dirty.take())
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+        child.close()
+        ram.close()
+        ram.unlink()
+    assert exitcode == 0
+    assert not errors, f"take() raised while the guest was writing: {errors[0]}"
     all_taken = np.sort(np.concatenate(taken))
-    np.testing.assert_array_equal(all_taken, np.repeat(np.arange(block.n_pages), 200))
+    np.testing.assert_array_equal(all_taken, np.arange(n_pages))
 
 
 def test_clear_all(ram: GuestRAM) -> None:
@@ -368,18 +380,22 @@ def test_attach_handle_larger_than_segment_raises_config_error(ram: GuestRAM) ->
 def _attach_write_mark(handle: RamHandle, block_name: str, page: int, data: bytes) -> None:
     """Child process (spawn): attach, write a page, mark it dirty, close, exit.
 
-    The child gets a fresh, not yet started resource tracker instead of its
-    parent's: had attach registered the segment, that private tracker would
-    start now and unlink the segment when this process exits, which is the
-    Python 3.11 pitfall the module avoids.
+    The child first forgets the resource tracker it shares with its parent, so
+    it behaves like an independent process: had attach registered the segment,
+    a private tracker would start now and unlink the segment when this process
+    exits, which is the Python 3.11 pitfall the module avoids.
     """
-    resource_tracker._resource_tracker = resource_tracker.ResourceTracker()
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is not None:
+        os.close(tracker._fd)
+    tracker._fd = None
+    tracker._pid = None
     ram = GuestRAM.attach(handle)
     block = ram.block(block_name)
     block.page_view(page)[: len(data)] = data
     block.dirty.mark(page)
     ram.close()
-    if resource_tracker._resource_tracker._pid is not None:
+    if tracker._pid is not None:
         raise SystemExit(3)  # attach registered the segment with a resource tracker
 
 

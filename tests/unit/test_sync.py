@@ -1,0 +1,512 @@
+"""The failure latch, signals and the state tables (engine/sync.py)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from engine.errors import CancelledError, ConfigError, LocalProtocolError, MigrationError
+from engine.sync import (
+    CHANNEL_TRANSITIONS,
+    MIGRATION_TRANSITIONS,
+    ChannelEvent,
+    ChannelState,
+    FailureLatch,
+    MigrationEvent,
+    MigrationState,
+    Signal,
+    StateMachine,
+    SyncBarrier,
+    wait_any,
+)
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+S, E = MigrationState, MigrationEvent
+
+
+@pytest.fixture
+def latch() -> Iterator[FailureLatch]:
+    made = FailureLatch()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def signal() -> Iterator[Signal]:
+    made = Signal()
+    yield made
+    made.close()
+
+
+def _readable(obj: object, timeout: float = 0.0) -> bool:
+    ready, _, _ = select.select([obj], [], [], timeout)
+    return bool(ready)
+
+
+def _later(delay: float, action: object) -> threading.Thread:
+    """Run `action` in a thread after `delay` seconds; join the returned thread."""
+
+    def run() -> None:
+        time.sleep(delay)
+        action()  # type: ignore[operator]
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+# ---------------------------------------------------------------------------
+# FailureLatch
+
+
+def test_latch_starts_unfailed(latch: FailureLatch) -> None:
+    assert not latch.failed
+    assert latch.error is None
+    latch.raise_if_failed()  # no error: returns
+    assert not _readable(latch)
+    assert latch.wait(0) is False
+
+
+def test_first_error_wins(latch: FailureLatch) -> None:
+    first, second = ConfigError("first"), ConfigError("second")
+    assert latch.fail(first) is True
+    assert latch.fail(second) is False
+    assert latch.cancel() is False
+    assert latch.failed
+    assert latch.error is first
+    with pytest.raises(ConfigError) as info:
+        latch.raise_if_failed()
+    assert info.value is first
+
+
+def test_fileno_readable_exactly_when_failed(latch: FailureLatch) -> None:
+    assert not _readable(latch.fileno())
+    latch.fail(MigrationError("x"))
+    assert _readable(latch.fileno())
+    assert _readable(latch)
+    latch.fail(MigrationError("y"))
+    assert _readable(latch)  # stays readable; nobody drains it
+    assert latch.wait(0) is True
+
+
+def test_wait_wakes_when_another_thread_fails(latch: FailureLatch) -> None:
+    thread = _later(0.05, lambda: latch.fail(MigrationError("late")))
+    try:
+        started = time.monotonic()
+        assert latch.wait(5) is True
+        assert time.monotonic() - started < 4
+    finally:
+        thread.join()
+
+
+def test_on_fail_callbacks_run_once_after_the_error_is_recorded(latch: FailureLatch) -> None:
+    seen: list[tuple[str, BaseException | None, bool]] = []
+    latch.on_fail(lambda: seen.append(("a", latch.error, _readable(latch))))
+    latch.on_fail(lambda: seen.append(("b", latch.error, _readable(latch))))
+    error = MigrationError("boom")
+    latch.fail(error)
+    latch.fail(MigrationError("again"))
+    latch.cancel()
+    assert seen == [("a", error, True), ("b", error, True)]
+
+
+def test_raise_if_failed_keeps_a_migration_error_as_is(latch: FailureLatch) -> None:
+    error = CancelledError("stop")
+    latch.fail(error)
+    with pytest.raises(CancelledError) as info:
+        latch.raise_if_failed()
+    assert info.value is error
+
+
+def test_raise_if_failed_wraps_other_errors(latch: FailureLatch) -> None:
+    cause = ValueError("bad value")
+    latch.fail(cause)
+    with pytest.raises(MigrationError) as info:
+        latch.raise_if_failed()
+    assert type(info.value) is MigrationError
+    assert info.value.__cause__ is cause
+    assert "ValueError" in str(info.value) and "bad value" in str(info.value)
+    assert latch.error is cause
+
+
+def test_cancel_records_cancelled_error(latch: FailureLatch) -> None:
+    assert latch.cancel("operator said so") is True
+    assert isinstance(latch.error, CancelledError)
+    assert "operator said so" in str(latch.error)
+    with pytest.raises(CancelledError):
+        latch.raise_if_failed()
+
+
+def test_close_is_idempotent_and_fail_after_close_does_not_raise() -> None:
+    latch = FailureLatch()
+    kicked: list[bool] = []
+    latch.on_fail(lambda: kicked.append(True))
+    latch.close()
+    latch.close()
+    error = MigrationError("after close")
+    assert latch.fail(error) is True
+    assert latch.error is error
+    assert kicked == [True]
+    with pytest.raises(MigrationError):
+        latch.raise_if_failed()
+
+
+def test_close_releases_both_fds() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    latch = FailureLatch()
+    assert len(set(os.listdir("/proc/self/fd")) - before) == 2
+    latch.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+# ---------------------------------------------------------------------------
+# Signal and wait_any
+
+
+def test_signal_is_set_once(signal: Signal, latch: FailureLatch) -> None:
+    assert not signal.is_set()
+    assert signal.value is None
+    assert not _readable(signal)
+    signal.set("first")
+    signal.set("second")  # ignored
+    assert signal.is_set()
+    assert signal.value == "first"
+    assert _readable(signal)
+    assert signal.wait(latch, timeout=0) == "first"
+    assert signal.wait(latch) == "first"
+
+
+def test_signal_set_without_value(signal: Signal, latch: FailureLatch) -> None:
+    signal.set()
+    assert signal.is_set()
+    assert signal.wait(latch, timeout=0) is None
+
+
+def test_signal_wait_wakes_when_set_from_another_thread(signal: Signal, latch: FailureLatch) -> None:
+    thread = _later(0.05, lambda: signal.set(42))
+    try:
+        assert signal.wait(latch, timeout=5) == 42
+    finally:
+        thread.join()
+
+
+def test_signal_wait_raises_the_latch_error(signal: Signal, latch: FailureLatch) -> None:
+    error = ConfigError("already failed")
+    latch.fail(error)
+    with pytest.raises(ConfigError) as info:
+        signal.wait(latch, timeout=5)
+    assert info.value is error
+
+
+def test_signal_wait_is_woken_by_a_failing_latch(signal: Signal, latch: FailureLatch) -> None:
+    thread = _later(0.05, latch.cancel)
+    try:
+        started = time.monotonic()
+        with pytest.raises(CancelledError):
+            signal.wait(latch, timeout=5)
+        assert time.monotonic() - started < 4
+    finally:
+        thread.join()
+
+
+def test_signal_wait_times_out(signal: Signal, latch: FailureLatch) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        signal.wait(latch, timeout=0.05)
+    assert time.monotonic() - started >= 0.04
+    assert not signal.is_set()
+
+
+def test_wait_any_returns_ready_fds(latch: FailureLatch) -> None:
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        assert wait_any([r1, r2], 0, latch) == []
+        os.write(w2, b"x")
+        assert wait_any([r1, r2], 5, latch) == [r2]
+        os.write(w1, b"x")
+        assert sorted(wait_any([r1, r2], 5, latch)) == sorted([r1, r2])
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+def test_wait_any_with_objects(signal: Signal, latch: FailureLatch) -> None:
+    signal.set(1)
+    assert wait_any([signal], 0, latch) == [signal]
+
+
+def test_wait_any_raises_when_latch_failed_before(latch: FailureLatch) -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")  # even with an fd ready, the failure wins
+        error = MigrationError("failed")
+        latch.fail(error)
+        with pytest.raises(MigrationError) as info:
+            wait_any([r], 5, latch)
+        assert info.value is error
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_wait_any_is_woken_by_a_failure_during_the_wait(latch: FailureLatch) -> None:
+    r, w = os.pipe()
+    thread = _later(0.05, lambda: latch.fail(RuntimeError("worker died")))
+    try:
+        with pytest.raises(MigrationError) as info:
+            wait_any([r], 5, latch)
+        assert isinstance(info.value.__cause__, RuntimeError)
+    finally:
+        thread.join()
+        os.close(r)
+        os.close(w)
+
+
+# ---------------------------------------------------------------------------
+# MigrationState / StateMachine
+
+# A legal path from NONE to each state, so every state is reached through the table.
+_PATHS: dict[MigrationState, tuple[MigrationEvent, ...]] = {
+    S.NONE: (),
+    S.LISTENING: (E.LISTEN,),
+    S.SETUP: (E.START,),
+    S.ACTIVE: (E.START, E.SETUP_DONE),
+    S.SWITCHOVER: (E.START, E.SETUP_DONE, E.SWITCHOVER),
+    S.COMPLETED: (E.START, E.SETUP_DONE, E.SWITCHOVER, E.COMPLETE),
+    S.CANCELLING: (E.START, E.CANCEL),
+    S.CANCELLED: (E.START, E.CANCEL, E.TORN_DOWN),
+    S.FAILED: (E.START, E.FAIL),
+}
+
+
+def _machine_in(state: MigrationState) -> StateMachine:
+    machine = StateMachine()
+    for event in _PATHS[state]:
+        machine.fire(event)
+    assert machine.state is state
+    return machine
+
+
+def test_paths_cover_every_state() -> None:
+    assert set(_PATHS) == set(MigrationState)
+
+
+def test_source_happy_path() -> None:
+    machine = StateMachine()
+    assert machine.state is S.NONE
+    assert machine.fire(E.START) is S.SETUP
+    assert machine.fire(E.SETUP_DONE) is S.ACTIVE
+    assert machine.fire(E.SWITCHOVER) is S.SWITCHOVER
+    assert not machine.state.finished
+    assert machine.fire(E.COMPLETE) is S.COMPLETED
+    assert machine.state is S.COMPLETED
+    assert machine.state.finished
+
+
+def test_destination_happy_path() -> None:
+    machine = StateMachine()
+    assert machine.fire(E.LISTEN) is S.LISTENING
+    assert machine.fire(E.START) is S.SETUP
+    assert machine.fire(E.SETUP_DONE) is S.ACTIVE
+    assert machine.fire(E.SWITCHOVER) is S.SWITCHOVER
+    assert machine.fire(E.COMPLETE) is S.COMPLETED
+
+
+def test_table_moves_match_fire() -> None:
+    for (state, event), target in MIGRATION_TRANSITIONS.items():
+        machine = _machine_in(state)
+        assert machine.fire(event) is target, (state, event)
+
+
+_MISSING = [
+    (state, event)
+    for state, event in itertools.product(MigrationState, MigrationEvent)
+    if (state, event) not in MIGRATION_TRANSITIONS
+]
+
+
+@pytest.mark.parametrize(("state", "event"), _MISSING, ids=[f"{s.name}-{e.name}" for s, e in _MISSING])
+def test_every_move_not_in_the_table_is_refused(state: MigrationState, event: MigrationEvent) -> None:
+    machine = _machine_in(state)
+    with pytest.raises(LocalProtocolError, match=f"{event.name}.*{state.name}"):
+        machine.fire(event)
+    assert machine.state is state  # a refused event changes nothing
+
+
+def test_refused_moves_include_the_obvious_mistakes() -> None:
+    missing = set(_MISSING)
+    assert (S.COMPLETED, E.FAIL) in missing       # failure only once, and never after completion
+    assert (S.FAILED, E.FAIL) in missing
+    assert (S.ACTIVE, E.COMPLETE) in missing      # no completion without switchover
+    assert (S.NONE, E.SETUP_DONE) in missing
+    assert (S.SETUP, E.LISTEN) in missing
+    assert all(not state.finished or event is not E.START for state, event in MIGRATION_TRANSITIONS)
+
+
+def test_cancel_after_completed_stays_completed() -> None:
+    machine = _machine_in(S.COMPLETED)
+    assert machine.fire(E.CANCEL) is S.COMPLETED
+    assert machine.fire(E.CANCEL) is S.COMPLETED
+
+
+def test_cancel_is_harmless_once_finished_or_cancelling() -> None:
+    assert _machine_in(S.FAILED).fire(E.CANCEL) is S.FAILED
+    assert _machine_in(S.CANCELLED).fire(E.CANCEL) is S.CANCELLED
+    machine = _machine_in(S.ACTIVE)
+    assert machine.fire(E.CANCEL) is S.CANCELLING
+    assert machine.fire(E.CANCEL) is S.CANCELLING
+    assert not machine.state.finished
+    assert machine.fire(E.TORN_DOWN) is S.CANCELLED
+    assert machine.state.finished
+
+
+def test_fail_while_cancelling_ends_cancelled() -> None:
+    machine = _machine_in(S.SWITCHOVER)
+    machine.fire(E.CANCEL)
+    assert machine.fire(E.FAIL) is S.CANCELLED
+    with pytest.raises(LocalProtocolError):
+        machine.fire(E.TORN_DOWN)
+
+
+@pytest.mark.parametrize("state", [S.NONE, S.LISTENING, S.SETUP, S.ACTIVE, S.SWITCHOVER])
+def test_fail_from_every_running_state(state: MigrationState) -> None:
+    assert _machine_in(state).fire(E.FAIL) is S.FAILED
+
+
+def test_finished_states() -> None:
+    assert {s for s in MigrationState if s.finished} == {S.COMPLETED, S.CANCELLED, S.FAILED}
+
+
+def test_wait_finished_wakes_on_completion() -> None:
+    machine = _machine_in(S.SWITCHOVER)
+    assert machine.wait_finished(timeout=0.01) is False
+    thread = _later(0.05, lambda: machine.fire(E.COMPLETE))
+    try:
+        assert machine.wait_finished(timeout=5) is True
+        assert machine.state is S.COMPLETED
+    finally:
+        thread.join()
+
+
+def test_wait_finished_is_not_woken_by_cancelling_alone() -> None:
+    machine = _machine_in(S.ACTIVE)
+    thread = _later(0.02, lambda: machine.fire(E.CANCEL))
+    try:
+        assert machine.wait_finished(timeout=0.2) is False
+        assert machine.state is S.CANCELLING
+    finally:
+        thread.join()
+    machine.fire(E.TORN_DOWN)
+    assert machine.wait_finished(timeout=0) is True
+
+
+# ---------------------------------------------------------------------------
+# SyncBarrier
+
+
+def test_channel_table() -> None:
+    assert CHANNEL_TRANSITIONS == {
+        (ChannelState.RUNNING, ChannelEvent.REACHED_SYNC): ChannelState.AT_BARRIER,
+        (ChannelState.AT_BARRIER, ChannelEvent.RELEASED): ChannelState.RUNNING,
+        (ChannelState.RUNNING, ChannelEvent.ENDED): ChannelState.ENDED,
+    }
+
+
+def test_barrier_three_channels_over_several_epochs() -> None:
+    barrier = SyncBarrier(3)
+    assert barrier.states == [ChannelState.RUNNING] * 3
+    assert barrier.epochs == [1, 1, 1]
+    for epoch in (1, 2, 3):
+        for channel in (2, 0, 1):  # any order
+            assert not barrier.all_at(epoch)
+            barrier.reached(channel, epoch)
+            assert barrier.states[channel] is ChannelState.AT_BARRIER
+        assert barrier.all_at(epoch)
+        assert not barrier.all_at(epoch + 1)
+        barrier.release_all(epoch)
+        assert barrier.states == [ChannelState.RUNNING] * 3
+        assert barrier.epochs == [epoch + 1] * 3
+        assert not barrier.all_at(epoch)
+    assert not barrier.all_ended
+    barrier.ended(0, 3)
+    barrier.ended(2, 3)
+    assert barrier.states[0] is ChannelState.ENDED
+    assert not barrier.all_ended
+    barrier.ended(1, 3)
+    assert barrier.all_ended
+
+
+def test_barrier_end_before_any_sync() -> None:
+    barrier = SyncBarrier(2)
+    barrier.ended(0, 0)
+    barrier.ended(1, 0)
+    assert barrier.all_ended
+
+
+def test_reaching_the_wrong_epoch_is_refused() -> None:
+    barrier = SyncBarrier(3)
+    with pytest.raises(LocalProtocolError):
+        barrier.reached(0, 2)
+    with pytest.raises(LocalProtocolError):
+        barrier.reached(0, 0)
+    assert barrier.states[0] is ChannelState.RUNNING
+
+
+def test_release_before_all_reached_is_refused() -> None:
+    barrier = SyncBarrier(3)
+    barrier.reached(0, 1)
+    barrier.reached(1, 1)
+    with pytest.raises(LocalProtocolError):
+        barrier.release_all(1)
+    assert barrier.epochs == [1, 1, 1]
+    assert barrier.states[:2] == [ChannelState.AT_BARRIER] * 2
+    barrier.reached(2, 1)
+    with pytest.raises(LocalProtocolError):
+        barrier.release_all(2)  # all reached, but a different epoch
+    barrier.release_all(1)
+    with pytest.raises(LocalProtocolError):
+        barrier.release_all(1)  # a second release
+    assert barrier.epochs == [2, 2, 2]
+
+
+def test_second_reached_without_release_is_refused() -> None:
+    barrier = SyncBarrier(3)
+    barrier.reached(1, 1)
+    with pytest.raises(LocalProtocolError):
+        barrier.reached(1, 1)
+    assert barrier.states[1] is ChannelState.AT_BARRIER
+
+
+def test_end_with_the_wrong_epoch_is_refused() -> None:
+    barrier = SyncBarrier(3)
+    for channel in range(3):
+        barrier.reached(channel, 1)
+    barrier.release_all(1)
+    with pytest.raises(LocalProtocolError):
+        barrier.ended(0, 2)  # epoch 2 never closed
+    with pytest.raises(LocalProtocolError):
+        barrier.ended(0, 0)
+    assert barrier.states[0] is ChannelState.RUNNING
+    barrier.ended(0, 1)
+    assert barrier.states[0] is ChannelState.ENDED
+
+
+def test_end_while_at_the_barrier_or_after_end_is_refused() -> None:
+    barrier = SyncBarrier(2)
+    barrier.reached(0, 1)
+    with pytest.raises(LocalProtocolError):
+        barrier.ended(0, 0)
+    barrier.ended(1, 0)
+    with pytest.raises(LocalProtocolError):
+        barrier.ended(1, 0)
+    with pytest.raises(LocalProtocolError):
+        barrier.reached(1, 1)
+    assert not barrier.all_ended
