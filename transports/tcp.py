@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError, TransportBrokenError
-from engine.transport import Connection, SocketListener, register_transport
+from engine.transport import Connection, Selectable, SocketListener, connect_socket, register_transport
 
 
 def _host_port(uri: str) -> tuple[str, int]:
@@ -25,15 +26,27 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect(uri: str, timeout: float) -> Connection:
+def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connection:
     host, port = _host_port(uri)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise TransportBrokenError(f"cannot connect to {uri}: {exc.strerror or exc}") from exc
-    sock.settimeout(None)
-    _tune(sock)
-    return Connection(sock, f"{host}:{port}")
+        raise TransportBrokenError(f"cannot resolve {uri}: {exc.strerror or exc}") from exc
+    error: TransportBrokenError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            connect_socket(sock, address, timeout, abort, uri)
+        except TransportBrokenError as exc:
+            sock.close()
+            error = exc
+            if abort is not None and select.select([abort], [], [], 0)[0]:
+                break  # aborted: do not try the host's other addresses
+            continue
+        _tune(sock)
+        return Connection(sock, f"{host}:{port}")
+    assert error is not None
+    raise error
 
 
 def listen(uri: str) -> SocketListener:

@@ -7,7 +7,7 @@ import socket
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError, TransportBrokenError
-from engine.transport import Connection, SocketListener, register_transport
+from engine.transport import Connection, Selectable, SocketListener, connect_socket, register_transport
 
 
 def _path(uri: str) -> str:
@@ -18,16 +18,14 @@ def _path(uri: str) -> str:
     return path
 
 
-def connect(uri: str, timeout: float) -> Connection:
+def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connection:
     path = _path(uri)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect(path)
-    except OSError as exc:
+        connect_socket(sock, path, timeout, abort, uri)
+    except BaseException:
         sock.close()
-        raise TransportBrokenError(f"cannot connect to {uri}: {exc.strerror or exc}") from exc
-    sock.settimeout(None)
+        raise
     return Connection(sock, path)
 
 
