@@ -6,8 +6,8 @@ RAM and the slot table by name, and then moves page data between shared memory
 and the socket with no copy in Python::
 
     source main ── JOB(slot) ──▶ send channel: slot → payload sender → IOVs ──▶ sendmsg
-                ◀── IDLE(slot) ─   (as soon as the socket is full when the IOVs do
-                                    not point into the slot: hand-offs overlap sends)
+                ◀── IDLE(slot) ─   (before the sendmsg when the IOVs do not point
+                                    into the slot, so hand-offs overlap sends)
                                  SYNC(e) → SYNC packet, SYNCED(e)
     dest main   ◀─ AT_SYNC(e) ── recv channel: header → payload receiver → recvmsg_into RAM
                 ── RELEASE(e) ─▶                 waits at SYNC until released
@@ -23,7 +23,6 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -169,12 +168,10 @@ def _memory_report(cpu_at_ready: float) -> dict[str, int]:
 # The two channel loops.  Each runs in a pool process and returns a report.
 
 
-def _slot_releaser(slot: SendSlot, ctrl: socket.socket, index: int) -> Callable[[], None]:
-    def hand_back() -> None:
-        slot.clear()
-        post(ctrl, ControlOp.IDLE, index)
-
-    return hand_back
+def _hand_back(slot: SendSlot, ctrl: socket.socket, index: int) -> None:
+    """Empty the slot and return it to the main process with IDLE."""
+    slot.clear()
+    post(ctrl, ControlOp.IDLE, index)
 
 
 def _wait_readable(*fds: Any) -> list[Any]:
@@ -222,16 +219,14 @@ def run_send_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket
                 except KeyError:
                     raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
                 buffers = sender.prepare(slot, sequence, epoch)
-                hand_back = _slot_releaser(slot, ctrl, message.a)
-                if sender.holds_slot:
-                    wire = conn.send_buffers(buffers)
-                    hand_back()
-                else:
-                    # The buffers no longer need the slot: give it back while this
-                    # packet is sent (when the socket is full and we would sleep
-                    # anyway), so the next hand-off overlaps this send.
-                    wire = conn.send_buffers(buffers, on_block=hand_back)
+                if not sender.holds_slot:
+                    # The buffers no longer need the slot: hand it back now, so the
+                    # main process refills it while this packet is being sent.
+                    _hand_back(slot, ctrl, message.a)
+                wire = conn.send_buffers(buffers)
                 del buffers
+                if sender.holds_slot:
+                    _hand_back(slot, ctrl, message.a)
                 ctx.count(Counter.WIRE_BYTES, wire)
                 ctx.count(Counter.PACKETS, 1)
                 sequence += 1
