@@ -6,8 +6,8 @@ For each channel count N (1, 2, 4 by default) and each repetition, in one run:
   receiver processes, shared memory to pre-allocated shared memory
   (bench/baseline.py): the kernel's limit on this machine;
 * **multifd** — a live migration of an idle guest (random content, so nothing
-  compresses or skips) over N channels, source and destination in separate
-  channel processes, destination RAM allocated up front as for the baseline.
+  compresses or skips) over N channels, from this process to a destination
+  process of its own, destination RAM allocated up front as for the baseline.
 
 Prints one line per case (medians over the repetitions) with the ratio
 multifd / baseline, and writes everything to JSON.  Timing: the migration's
@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from multiprocessing.connection import Connection
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,20 +34,42 @@ from bench.baseline import raw_socket_seconds  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
+from engine.shm import RamHandle  # noqa: E402
 
 SECRET = b"bench"
 
 
+def _destination_process(handle: RamHandle, address: str, config: MigrationConfig,
+                         pipe: Connection) -> None:
+    """The destination VMM: its own process, as in a real migration."""
+    ram = GuestRAM.attach(handle)
+    try:
+        destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config)
+        pipe.send(destination.address)
+        result = destination.run()
+        pipe.send(result.to_dict())
+    except BaseException as exc:
+        pipe.send({"error": repr(exc)})
+    finally:
+        ram.close()
+        pipe.close()
+
+
 def migrate_once(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, transport: str) -> dict:
     address = "tcp://127.0.0.1:0" if transport == "tcp" else f"unix:///tmp/mfd-bench-{os.getpid()}.sock"
-    destination = DestinationMigration(address, secret=SECRET, ram=dst, config=config)
-    destination.start()
+    ours, theirs = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_destination_process, args=(dst.handle, address, config, theirs))
+    process.start()
+    theirs.close()
     try:
-        result = SourceMigration(src, destination.address, secret=SECRET, config=config).run()
-        remote = destination.wait(30)
-    except BaseException:
-        destination.cancel()
-        raise
+        result = SourceMigration(src, ours.recv(), secret=SECRET, config=config).run()
+        remote = ours.recv()
+    finally:
+        process.join(30)
+        ours.close()
+    if "error" in remote:
+        raise RuntimeError(f"destination failed: {remote['error']}")
     transfer_s = result.total_time_s - result.setup_time_ms / 1000
     return {
         "transfer_s": transfer_s,
@@ -54,7 +78,7 @@ def migrate_once(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, transpor
         "downtime_ms": result.downtime_ms,
         "bytes_on_wire": result.bytes_on_wire,
         "source_channel_memory_kib": result.channel_memory_kib,
-        "destination_channel_memory_kib": remote.channel_memory_kib,
+        "destination_channel_memory_kib": remote["channel_memory_kib"],
     }
 
 

@@ -54,7 +54,7 @@ class MigrationConfig:
     """What the source proposes; the destination checks it fits (CONFIG / CONFIG_ACK)."""
 
     channels: int = 2
-    packet_pages: int = 2048                # 8 MiB per packet: see docs/architecture.md
+    packet_pages: int = 4096                # 16 MiB per packet: see docs/architecture.md
     downtime_limit_ms: float = 300.0
     max_rounds: int = 30
     on_max_rounds: Literal["switchover", "fail"] = "switchover"

@@ -10,7 +10,9 @@ Source (:class:`MultifdSender`), N channels and M clients, N + M slots::
                                               j gets c's empty one
                                         JOB(slot) ─▶ channel c
     sync()  : SYNC(e) to every channel; wait SYNCED(e) from all; marker(e)
-    finish(): FINISH to every channel (each sends END); wait FINISHED from all
+              (an epoch in which nothing was sent is not synced)
+    finish(): FINISH to every channel: each sends END after its last packet.
+              END is the final barrier, so the last round needs no sync.
 
 Flush is the client's business (send its partly filled slot); sync is the
 core's: the two are separate calls (seed 004).
@@ -201,6 +203,7 @@ class MultifdSender:
         self._lock = threading.Lock()
         self.epoch = 1
         self.packets_queued = 0
+        self._queued_in_epoch = 0
 
     def client_slot(self, client: int) -> SendSlot:
         """The slot client `client` owns now (it changes with every send)."""
@@ -224,14 +227,18 @@ class MultifdSender:
             self._busy[channel] = True
             self._links[channel].post(ControlOp.JOB, self._channel_slot[channel])
             self.packets_queued += 1
+            self._queued_in_epoch += 1
 
     def sync(self) -> int:
-        """End the current epoch on every channel, then write the marker.  Returns the epoch.
+        """End the current epoch on every channel, then write the marker.
 
-        On return every packet of the epoch has been written to its socket, and
-        every channel is idle.
+        Returns the last synced epoch.  On return every packet of it has been
+        written to its socket, and every channel is idle.  An epoch in which
+        nothing was sent has nothing to order: it is not synced.
         """
         with self._lock:
+            if self._queued_in_epoch == 0:
+                return self.epoch - 1
             epoch = self.epoch
             self._synced.clear()
             for link in self._links:
@@ -242,14 +249,26 @@ class MultifdSender:
                 f"sync {epoch}",
             )
             self.epoch += 1
+            self._queued_in_epoch = 0
             self._marker(epoch)
             return epoch
 
-    def finish(self) -> None:
-        """Send END on every channel and wait until each confirmed it."""
+    def finish(self) -> int:
+        """Queue END on every channel, after whatever each still has to send.
+
+        END is the last barrier: the destination resumes only once it read END
+        on every channel, and each END follows that channel's last pages, so
+        the final round needs no sync of its own.  Returns the last synced
+        epoch (what COMPLETE carries).  Does not wait: see :meth:`wait_finished`.
+        """
         with self._lock:
             for link in self._links:
                 link.post(ControlOp.FINISH, self.epoch - 1)
+            return self.epoch - 1
+
+    def wait_finished(self) -> None:
+        """Wait until every channel has written END."""
+        with self._lock:
             self._pump.pump_until(
                 lambda: len(self._finished) == len(self._links),
                 self._handle,

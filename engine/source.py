@@ -255,9 +255,10 @@ class SourceMigration(Migration):
         self.tracker.round += 1
         client.queue_dirty()
         client.flush()
-        final_epoch = self.core.sync()
         self.tracker.remaining_pages = 0
-        self.core.finish()
+        # No sync for the last round: END, after each channel's last pages, is
+        # the barrier the destination waits for before it resumes.
+        final_epoch = self.core.finish()
         self._send_message(wire.Complete(final_epoch, self.config.verify))
         verify_ms = 0.0
         if self.config.verify:
@@ -271,6 +272,7 @@ class SourceMigration(Migration):
         self._expect_close = True
         resumed = self._resumed.wait(self.latch, timeout=None)
         assert isinstance(resumed, wire.Resumed)
+        self.core.wait_finished()
         return resumed, t_pause, t_switchover_sent, verify_ms
 
     # -- helpers -----------------------------------------------------------

@@ -52,7 +52,7 @@ class MigrationResult:
     total_time_s: float
     setup_time_ms: float
     downtime_ms: float
-    rounds: int
+    rounds: int                  # source: precopy rounds + the final one; destination: epochs synced
     pages_sent: int
     zero_pages: int
     bytes_on_wire: int
