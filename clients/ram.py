@@ -33,6 +33,9 @@ from engine.shm import PAGE_SIZE, GuestRAM, RamBlock
 from engine.slots import Counter, SendSlot
 from engine.transport import Buffer, Connection
 
+# Below this many pages a packet is not worth splitting further.
+_MIN_SPLIT = 64
+
 
 def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split sorted, unique page indices into runs: (first pages, run lengths)."""
@@ -61,6 +64,7 @@ class RamClient:
         self.packet_pages = packet_pages
         self._on_packet = on_packet
         self._slot_pages = 0          # pages in the slot being filled
+        self._packet_limit = packet_pages  # pages per packet in this round
         self.pages_queued = 0
 
     # -- rounds ------------------------------------------------------------
@@ -78,13 +82,21 @@ class RamClient:
         return self.ram.n_pages
 
     def queue_dirty(self) -> int:
-        """Later rounds: take each block's dirty pages and queue them.  Returns the count."""
-        total = 0
-        for block in self.ram.blocks:
-            pages = block.dirty.take()
-            if pages.size:
-                self.queue_pages(block, pages)
-                total += int(pages.size)
+        """Later rounds: take each block's dirty pages and queue them.  Returns the count.
+
+        A round of few pages (the last one above all: it is downtime) is cut
+        into packets small enough to reach every channel, instead of riding one
+        channel while the others idle.
+        """
+        taken = [(block, block.dirty.take()) for block in self.ram.blocks]
+        total = sum(int(pages.size) for _, pages in taken)
+        self._packet_limit = min(self.packet_pages, max(_MIN_SPLIT, -(-total // self.core.channels)))
+        try:
+            for block, pages in taken:
+                if pages.size:
+                    self.queue_pages(block, pages)
+        finally:
+            self._packet_limit = self.packet_pages
         return total
 
     def pending_pages(self) -> int:
@@ -98,7 +110,7 @@ class RamClient:
         end = first_page + n_pages
         while first_page < end:
             slot = self._slot_for(block)
-            take = min(self.packet_pages - self._slot_pages, end - first_page)
+            take = min(self._packet_limit - self._slot_pages, end - first_page)
             self._append_run(slot, first_page, take)
             first_page += take
 
@@ -107,7 +119,7 @@ class RamClient:
         done = 0
         while done < pages.size:
             slot = self._slot_for(block)
-            take = min(self.packet_pages - self._slot_pages, pages.size - done)
+            take = min(self._packet_limit - self._slot_pages, pages.size - done)
             firsts, counts = page_runs(pages[done:done + take])
             n = slot.n_items
             if n and int(slot.items[n - 1, 0] + slot.items[n - 1, 1]) == int(firsts[0]):
@@ -150,7 +162,7 @@ class RamClient:
     def _filled(self, slot: SendSlot, n_pages: int) -> None:
         self._slot_pages += n_pages
         self.pages_queued += n_pages
-        if self._slot_pages >= self.packet_pages:
+        if self._slot_pages >= self._packet_limit:
             self._send()
 
     def _send(self) -> None:

@@ -179,18 +179,17 @@ class _Progress:
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
-        table = Table.grid(padding=(0, 1))
+        # Round 1 fills the bar; later rounds only resend what the guest dirtied.
         done = min(stats.guest_bytes_sent, stats.ram_bytes) if stats.round <= 1 else stats.ram_bytes
-        table.add_row(
-            f"[bold]{stats.state}[/]",
-            ProgressBar(total=max(stats.ram_bytes, 1), completed=done, width=30),
-            f"round {stats.round}",
-            f"{_human(stats.bytes_on_wire)} sent",
-            f"{_human(stats.throughput_bytes_per_s)}/s",
-            f"remaining {_human(stats.remaining_bytes)}",
-            f"exp. downtime {stats.expected_downtime_ms:.0f} ms",
+        line = Table.grid(padding=(0, 1))
+        line.add_row(
+            f"[bold]{stats.state:<10}[/]",
+            ProgressBar(total=max(stats.ram_bytes, 1), completed=done, width=16),
+            f"round {stats.round} · {_human(stats.bytes_on_wire)} · "
+            f"{_human(stats.throughput_bytes_per_s)}/s · left {_human(stats.remaining_bytes)} · "
+            f"~{stats.expected_downtime_ms:.0f} ms",
         )
-        self._live.update(table)
+        self._live.update(line)
 
     def close(self) -> None:
         if self._live is not None:

@@ -205,6 +205,10 @@ class MultifdSender:
         self.packets_queued = 0
         self._queued_in_epoch = 0
 
+    @property
+    def channels(self) -> int:
+        return len(self._links)
+
     def client_slot(self, client: int) -> SendSlot:
         """The slot client `client` owns now (it changes with every send)."""
         return self._slots[self._client_slot[client]]

@@ -121,7 +121,7 @@ class SourceMigration(Migration):
         expected_downtime_s = self._precopy(client)
         self._machine.fire(MigrationEvent.SWITCHOVER)
         self._set_state("switchover")
-        resumed, t_pause, t_switchover_sent, verify_ms = self._switchover(client)
+        resumed, t_pause, t_switchover_sent, t_complete, verify_ms = self._switchover(client)
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)
         self._set_state("completed")
@@ -130,7 +130,7 @@ class SourceMigration(Migration):
         downtime_ms = (
             (t_switchover_sent - t_pause) * 1000 + self._rtt_s * 500 + resumed.downtime_us / 1000
         )
-        active_s = max(t_end - t_setup, 1e-9)
+        transfer_s = max(t_complete - t_setup, 1e-9)  # until every byte is on its way
         return MigrationResult(
             status="completed",
             role="source",
@@ -144,7 +144,7 @@ class SourceMigration(Migration):
             pages_sent=totals["normal_pages"],
             zero_pages=totals["zero_pages"],
             bytes_on_wire=totals["wire_bytes"],
-            throughput_bytes_per_s=totals["wire_bytes"] / active_s,
+            throughput_bytes_per_s=totals["wire_bytes"] / transfer_s,
             verified=None if resumed.verified == 0 else resumed.verified == 1,
             verify_detail=resumed.detail,
             verify_time_ms=max(verify_ms, resumed.verify_us / 1000),
@@ -244,7 +244,14 @@ class SourceMigration(Migration):
                 log.info("forcing switchover after %d rounds", tracker.round)
                 return expected
 
-    def _switchover(self, client: PrecopyClient) -> tuple[wire.Resumed, float, float, float]:
+    def _switchover(
+        self, client: PrecopyClient
+    ) -> tuple[wire.Resumed, float, float, float, float]:
+        """Pause, last round, END, COMPLETE, (DIGESTS), RESUMED.
+
+        Returns RESUMED and the times of the pause, of SWITCHOVER and of
+        COMPLETE being sent, and the source's hashing time in ms.
+        """
         assert self.tracker is not None
         if self._pause_guest is not None:
             self._pause_guest()
@@ -260,6 +267,7 @@ class SourceMigration(Migration):
         # the barrier the destination waits for before it resumes.
         final_epoch = self.core.finish()
         self._send_message(wire.Complete(final_epoch, self.config.verify))
+        t_complete = time.perf_counter()
         verify_ms = 0.0
         if self.config.verify:
             # Hash while the destination hashes its copy; the guest stays paused.
@@ -273,7 +281,7 @@ class SourceMigration(Migration):
         resumed = self._resumed.wait(self.latch, timeout=None)
         assert isinstance(resumed, wire.Resumed)
         self.core.wait_finished()
-        return resumed, t_pause, t_switchover_sent, verify_ms
+        return resumed, t_pause, t_switchover_sent, t_complete, verify_ms
 
     # -- helpers -----------------------------------------------------------
 

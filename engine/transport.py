@@ -41,6 +41,12 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 SEND_STEP = 1 << 20
 
 
+def _flat(buffer: Buffer) -> memoryview:
+    """A flat byte view of `buffer` (guest-page views already are: no cast)."""
+    view = memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 def _batch(views: list[memoryview], start: int) -> list[memoryview]:
     """The IOVs of the next sendmsg: from views[start], at most SEND_STEP bytes."""
     batch: list[memoryview] = []
@@ -87,7 +93,7 @@ class Connection:
 
         Each ``sendmsg`` carries at most :data:`SEND_STEP` bytes (see there).
         """
-        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        views = [_flat(b) for b in buffers if len(b)]
         total = sum(v.nbytes for v in views)
         start = 0
         try:
