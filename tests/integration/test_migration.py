@@ -84,3 +84,22 @@ def test_no_convergence_fails_and_leaves_the_guest_running() -> None:
             assert not guest.paused
             guest.pause()  # it answers: it was running all along
             assert check_incrementer(src) == ""  # and its memory is intact
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.parametrize("workload", ["random", "incrementer"])
+def test_large_live_migration_with_default_packets(transport: str, workload: str) -> None:
+    """The CI-sized tests above at 512 MiB, 4 channels and the default 16 MiB packets."""
+    config = MigrationConfig(channels=4, verify=True)
+    with guest_ram(512 * MiB) as src, guest_ram(512 * MiB, fill="zero", prealloc=True) as dst:
+        guest = SyntheticGuest(src, workload, dirty_rate=256 * MiB, hot_fraction=0.25)
+        guest.start()
+        try:
+            result, _ = migrate(src, dst, config, transport, guest)
+        finally:
+            guest.stop()
+        assert result.verified is True and result.rounds >= 2
+        assert same_memory(src, dst)
+        if workload == "incrementer":
+            assert check_incrementer(dst) == ""
