@@ -19,13 +19,14 @@ up the sender or receiver of each payload kind in engine/payload.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, Self
 
 from engine import packet
 from engine.errors import (
@@ -34,7 +35,7 @@ from engine.errors import (
     RemoteProtocolError,
     TransportClosedError,
 )
-from engine.payload import ChannelContext, payload_handlers
+from engine.payload import ChannelContext, PayloadSender, payload_handlers
 from engine.pool import current_cancel_token
 from engine.shm import GuestRAM, RamHandle
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
@@ -181,141 +182,172 @@ def _wait_readable(*fds: Any) -> list[Any]:
 
 def run_send_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
     """Serve JOB/SYNC/FINISH requests until FINISH; raises on any failure."""
-    conn = Connection(data)
-    token = current_cancel_token()
-    ram = GuestRAM.attach(spec.ram, populate=True)
-    assert spec.slots is not None
-    slots = SlotTable.attach(spec.slots)
-    ctx = ChannelContext(spec, ram, slots)
-    senders = {kind: payload_handlers(kind)[0](ctx) for kind in spec.payload_kinds}
-    sequence, epoch = 0, 1
-    try:
-        post(ctrl, ControlOp.READY)
-        cpu_at_ready = _cpu_s()
-        while True:
-            try:
-                # Busy: the next job is usually queued already; take it without a select.
-                message = read_control(ctrl, wait=False)
-            except BlockingIOError:
-                ready = _wait_readable(ctrl, data, token)
-                if token in ready:
-                    raise CancelledError(f"channel {spec.channel_id} cancelled") from None
-                if data in ready:
-                    # The destination never writes on a channel: readable means closed or reset.
-                    raise TransportClosedError(
-                        f"destination closed multifd channel {spec.channel_id}"
-                    ) from None
-                message = read_control(ctrl)
-            if message is None or message.op is ControlOp.QUIT:
-                raise CancelledError(f"channel {spec.channel_id} told to quit")
-            if message.op is ControlOp.JOB:
-                slot = slots[message.a]
-                if slot.epoch != epoch:
-                    raise LocalProtocolError(
-                        f"slot for epoch {slot.epoch} queued on channel in epoch {epoch}"
-                    )
-                try:
-                    sender = senders[slot.kind]
-                except KeyError:
-                    raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
-                buffers = sender.prepare(slot, sequence, epoch)
-                if not sender.holds_slot:
-                    # The buffers no longer need the slot: hand it back now, so the
-                    # main process refills it while this packet is being sent.
-                    _hand_back(slot, ctrl, message.a)
-                wire = conn.send_buffers(buffers)
-                del buffers
-                if sender.holds_slot:
-                    _hand_back(slot, ctrl, message.a)
-                ctx.count(Counter.WIRE_BYTES, wire)
-                ctx.count(Counter.PACKETS, 1)
-                sequence += 1
-            elif message.op is ControlOp.SYNC:
-                if message.a != epoch:
-                    raise LocalProtocolError(f"SYNC({message.a}) asked in epoch {epoch}")
-                sync = packet.encode_sync(sequence, epoch)
-                conn.send_all(sync)
-                ctx.count(Counter.WIRE_BYTES, len(sync))
-                ctx.count(Counter.SYNCS, 1)
-                sequence += 1
-                epoch += 1
-                post(ctrl, ControlOp.SYNCED, message.a)
-            elif message.op is ControlOp.FINISH:
-                end = packet.encode_end(sequence, epoch - 1)
-                conn.send_all(end)
-                ctx.count(Counter.WIRE_BYTES, len(end))
-                sequence += 1
-                post(ctrl, ControlOp.FINISHED)
-                return ChannelReport(spec.channel_id, sequence, _memory_report(cpu_at_ready))
-            else:
-                raise LocalProtocolError(f"send channel got {message.op.name}")
-    finally:
-        senders.clear()
-        del ctx
-        slots.close()
-        ram.close()
-        conn.close()
-        ctrl.close()
+    with _SendChannel(spec, ctrl, data) as channel:
+        return channel.serve()
 
 
 def run_recv_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
     """Read packets into guest RAM until END; waits at each SYNC until released."""
-    conn = Connection(data)
-    token = current_cancel_token()
-    ram = GuestRAM.attach(spec.ram, populate=True)
-    slots = SlotTable.attach(spec.slots) if spec.slots is not None else None
-    ctx = ChannelContext(spec, ram, slots)
-    receivers = {kind: payload_handlers(kind)[1](ctx) for kind in spec.payload_kinds}
-    sequence, epoch = 0, 1
-    try:
-        post(ctrl, ControlOp.READY)
-        cpu_at_ready = _cpu_s()
+    with _RecvChannel(spec, ctrl, data) as channel:
+        return channel.serve()
+
+
+class _Channel:
+    """What both channel loops hold: memory (pre-faulted), sockets, counters.
+
+    Used as a context manager: whatever happens, everything is released.
+    """
+
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
+        self.spec = spec
+        self.ctrl = ctrl
+        self.data = data
+        self.token = current_cancel_token()
+        self._stack = contextlib.ExitStack()
+        self._stack.callback(ctrl.close)
+        self.conn = Connection(data)
+        self._stack.callback(self.conn.close)
+        ram = GuestRAM.attach(spec.ram, populate=True)
+        self._stack.callback(ram.close)
+        slots = SlotTable.attach(spec.slots) if spec.slots is not None else None
+        if slots is not None:
+            self._stack.callback(slots.close)
+        self.ctx = ChannelContext(spec, ram, slots)
+        self.sequence = 0
+        self.epoch = 1
+        self._cpu_at_ready = 0.0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def ready(self) -> None:
+        post(self.ctrl, ControlOp.READY)
+        self._cpu_at_ready = _cpu_s()
+
+    def report(self, packets: int) -> ChannelReport:
+        return ChannelReport(self.spec.channel_id, packets, _memory_report(self._cpu_at_ready))
+
+    def cancelled(self, why: str) -> CancelledError:
+        return CancelledError(f"channel {self.spec.channel_id} {why}")
+
+
+class _SendChannel(_Channel):
+    def serve(self) -> ChannelReport:
+        slots = self.ctx.slots
+        assert slots is not None
+        senders = {kind: payload_handlers(kind)[0](self.ctx) for kind in self.spec.payload_kinds}
+        self.ready()
         while True:
-            ready = _wait_readable(data, ctrl, token)
-            if token in ready:
-                raise CancelledError(f"channel {spec.channel_id} cancelled")
-            if ctrl in ready:
-                # Nothing is expected from main here except QUIT (or its exit).
-                message = read_control(ctrl)
-                raise CancelledError(
-                    f"channel {spec.channel_id} stopped by main "
-                    f"({message.op.name if message else 'main went away'})"
-                )
-            raw = conn.recv_exact_or_eof(packet.PACKET_HEADER_SIZE)
-            if raw is None:
+            message = self._next_request()
+            if message.op is ControlOp.JOB:
+                self._send_job(slots[message.a], message.a, senders)
+            elif message.op is ControlOp.SYNC:
+                self._send_sync(message.a)
+            elif message.op is ControlOp.FINISH:
+                self._send_packet(packet.encode_end(self.sequence, self.epoch - 1))
+                post(self.ctrl, ControlOp.FINISHED)
+                return self.report(self.sequence)
+            else:
+                raise LocalProtocolError(f"send channel got {message.op.name}")
+
+    def _next_request(self) -> ControlMessage:
+        try:
+            # Busy: the next job is usually queued already; take it without a select.
+            message = read_control(self.ctrl, wait=False)
+        except BlockingIOError:
+            ready = _wait_readable(self.ctrl, self.data, self.token)
+            if self.token in ready:
+                raise self.cancelled("cancelled") from None
+            if self.data in ready:
+                # The destination never writes on a channel: readable means closed or reset.
                 raise TransportClosedError(
-                    f"source closed multifd channel {spec.channel_id} without END"
-                )
-            header = packet.decode_packet_header(raw)
-            body = conn.recv_exact(header.header_length) if header.header_length else b""
-            ctx.count(Counter.WIRE_BYTES, len(raw) + len(body) + header.payload_length)
-            ctx.count(Counter.PACKETS, 1)
+                    f"destination closed multifd channel {self.spec.channel_id}"
+                ) from None
+            message = read_control(self.ctrl)
+        if message is None or message.op is ControlOp.QUIT:
+            raise self.cancelled("told to quit")
+        return message
+
+    def _send_job(self, slot: SendSlot, index: int, senders: dict[int, PayloadSender]) -> None:
+        if slot.epoch != self.epoch:
+            raise LocalProtocolError(f"slot for epoch {slot.epoch} queued in epoch {self.epoch}")
+        try:
+            sender = senders[slot.kind]
+        except KeyError:
+            raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
+        buffers = sender.prepare(slot, self.sequence, self.epoch)
+        if not sender.holds_slot:
+            # The buffers no longer need the slot: hand it back now, so the
+            # main process refills it while this packet is being sent.
+            _hand_back(slot, self.ctrl, index)
+        self.ctx.count(Counter.WIRE_BYTES, self.conn.send_buffers(buffers))
+        del buffers
+        if sender.holds_slot:
+            _hand_back(slot, self.ctrl, index)
+        self.ctx.count(Counter.PACKETS, 1)
+        self.sequence += 1
+
+    def _send_sync(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            raise LocalProtocolError(f"SYNC({epoch}) asked in epoch {self.epoch}")
+        self._send_packet(packet.encode_sync(self.sequence, epoch))
+        self.ctx.count(Counter.SYNCS, 1)
+        self.epoch += 1
+        post(self.ctrl, ControlOp.SYNCED, epoch)
+
+    def _send_packet(self, encoded: bytes) -> None:
+        self.conn.send_all(encoded)
+        self.ctx.count(Counter.WIRE_BYTES, len(encoded))
+        self.sequence += 1
+
+
+class _RecvChannel(_Channel):
+    def serve(self) -> ChannelReport:
+        receivers = {kind: payload_handlers(kind)[1](self.ctx) for kind in self.spec.payload_kinds}
+        self.ready()
+        while True:
+            header, body = self._next_packet()
             if header.kind == packet.PacketKind.SYNC:
-                sync = packet.decode_sync(header, body, sequence, epoch)
-                ctx.count(Counter.SYNCS, 1)
-                post(ctrl, ControlOp.AT_SYNC, sync.epoch)
-                _wait_release(ctrl, token, spec.channel_id, sync.epoch)
-                epoch += 1
+                sync = packet.decode_sync(header, body, self.sequence, self.epoch)
+                self.ctx.count(Counter.SYNCS, 1)
+                post(self.ctrl, ControlOp.AT_SYNC, sync.epoch)
+                _wait_release(self.ctrl, self.token, self.spec.channel_id, sync.epoch)
+                self.epoch += 1
             elif header.kind == packet.PacketKind.END:
-                packet.decode_end(header, body, sequence, epoch)
-                post(ctrl, ControlOp.ENDED, epoch - 1)
-                return ChannelReport(spec.channel_id, sequence + 1, _memory_report(cpu_at_ready))
+                packet.decode_end(header, body, self.sequence, self.epoch)
+                post(self.ctrl, ControlOp.ENDED, self.epoch - 1)
+                return self.report(self.sequence + 1)
             else:
                 receiver = receivers.get(header.kind)
                 if receiver is None:
                     raise RemoteProtocolError(
                         f"packet kind {header.kind} is not enabled in this migration"
                     )
-                receiver.receive(header, body, conn, sequence, epoch)
-            sequence += 1
-    finally:
-        receivers.clear()
-        del ctx
-        if slots is not None:
-            slots.close()
-        ram.close()
-        conn.close()
-        ctrl.close()
+                receiver.receive(header, body, self.conn, self.sequence, self.epoch)
+            self.sequence += 1
+
+    def _next_packet(self) -> tuple[packet.PacketHeader, bytes]:
+        """The next packet's common and kind-specific headers (the payload stays unread)."""
+        ready = _wait_readable(self.data, self.ctrl, self.token)
+        if self.token in ready:
+            raise self.cancelled("cancelled")
+        if self.ctrl in ready:
+            # Nothing is expected from main here except QUIT (or its exit).
+            message = read_control(self.ctrl)
+            raise self.cancelled(f"stopped by main ({message.op.name if message else 'main went away'})")
+        raw = self.conn.recv_exact_or_eof(packet.PACKET_HEADER_SIZE)
+        if raw is None:
+            raise TransportClosedError(
+                f"source closed multifd channel {self.spec.channel_id} without END"
+            )
+        header = packet.decode_packet_header(raw)
+        body = self.conn.recv_exact(header.header_length) if header.header_length else b""
+        self.ctx.count(Counter.WIRE_BYTES, len(raw) + len(body) + header.payload_length)
+        self.ctx.count(Counter.PACKETS, 1)
+        return header, body
 
 
 def _wait_release(ctrl: socket.socket, token: object, channel_id: int, epoch: int) -> None:

@@ -52,6 +52,7 @@ from engine.packet import (
     Buffer,
     NeedData,
     PacketLimits,
+    StreamBuffer,
 )
 
 DIGEST_SIZE: Final = 32  # SHA-256
@@ -544,7 +545,7 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.PONG: (_U64.size, _U64.size),
 }
 
-class MessageDecoder:
+class MessageDecoder(StreamBuffer):
     """Incremental decoder of one direction of the main channel (after the hellos).
 
     Feed bytes with :meth:`receive_data` (``b""`` means the peer closed the
@@ -555,22 +556,9 @@ class MessageDecoder:
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        super().__init__()
         self._header: tuple[MessageType, int] | None = None
-        self._closed = False
         self._error: ProtocolError | None = None
-
-    def receive_data(self, data: Buffer) -> None:
-        """Append received bytes; ``b""`` marks the end of the stream.
-
-        Raises LocalProtocolError for data after the end of the stream.
-        """
-        if self._closed:
-            raise LocalProtocolError("receive_data() after the end of the stream")
-        if data:
-            self._buffer += data
-        else:
-            self._closed = True
 
     def next_message(self) -> Message | Literal[NeedData.NEED_DATA]:
         """The next whole message, or NEED_DATA.

@@ -560,7 +560,27 @@ def decode_packet(
     return decode_end(header, body, expected_sequence, current_epoch)
 
 
-class PacketDecoder:
+class StreamBuffer:
+    """The receive side both incremental decoders share: bytes in, and the end mark."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._closed = False
+
+    def receive_data(self, data: Buffer) -> None:
+        """Append received bytes; ``b""`` marks the end of the stream.
+
+        Raises LocalProtocolError for data after the end of the stream.
+        """
+        if self._closed:
+            raise LocalProtocolError("receive_data() after the end of the stream")
+        if data:
+            self._buffer += data
+        else:
+            self._closed = True
+
+
+class PacketDecoder(StreamBuffer):
     """Incremental decoder of the packets of one multifd channel (after its hello).
 
     Feed bytes with :meth:`receive_data` (``b""`` means the peer closed the
@@ -575,14 +595,13 @@ class PacketDecoder:
     """
 
     def __init__(self, limits: PacketLimits) -> None:
+        super().__init__()
         self.limits = limits
-        self._buffer = bytearray()
         self._sequence = 0
         self._epoch = 1
         self._header: PacketHeader | None = None
         self._record: Packet | None = None
         self._ended = False
-        self._closed = False
         self._error: RemoteProtocolError | None = None
 
     @property
@@ -599,18 +618,6 @@ class PacketDecoder:
     def ended(self) -> bool:
         """True once END has been returned."""
         return self._ended
-
-    def receive_data(self, data: Buffer) -> None:
-        """Append received bytes; ``b""`` marks the end of the stream.
-
-        Raises LocalProtocolError for data after the end of the stream.
-        """
-        if self._closed:
-            raise LocalProtocolError("receive_data() after the end of the stream")
-        if data:
-            self._buffer += data
-        else:
-            self._closed = True
 
     def next_packet(self) -> tuple[Packet, bytes] | Literal[NeedData.NEED_DATA]:
         """The next whole packet and its payload, or NEED_DATA.

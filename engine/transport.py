@@ -60,6 +60,20 @@ def _batch(views: list[memoryview], start: int) -> list[memoryview]:
     return batch
 
 
+def _advance(views: list[memoryview], start: int, done: int) -> int:
+    """Account for `done` bytes moved from views[start:]: skip the buffers they
+    filled, trim the one they ended in.  Returns the new start."""
+    while done and start < len(views):
+        size = views[start].nbytes
+        if done >= size:
+            done -= size
+            start += 1
+        else:
+            views[start] = views[start][done:]
+            done = 0
+    return start
+
+
 def _broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedError:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return TransportBrokenError(f"{what}: timed out")
@@ -99,15 +113,7 @@ class Connection:
         try:
             while start < len(views):
                 batch = _batch(views, start)
-                sent = self.sock.sendmsg(batch)
-                # Skip fully written buffers, trim a partly written one.
-                while sent and start < len(views):
-                    if sent >= views[start].nbytes:
-                        sent -= views[start].nbytes
-                        start += 1
-                    else:
-                        views[start] = views[start][sent:]
-                        sent = 0
+                start = _advance(views, start, self.sock.sendmsg(batch))
         except OSError as exc:
             raise _broken(exc, f"send to {self.peer}") from exc
         return total
@@ -131,13 +137,7 @@ class Connection:
                 got = self.sock.recvmsg_into(views[start:start + _IOV_MAX])[0]
                 if got == 0:
                     raise TransportClosedError(f"{self.peer} closed the connection mid-packet")
-                while got and start < len(views):
-                    if got >= views[start].nbytes:
-                        got -= views[start].nbytes
-                        start += 1
-                    else:
-                        views[start] = views[start][got:]
-                        got = 0
+                start = _advance(views, start, got)
         except OSError as exc:
             raise _broken(exc, f"receive from {self.peer}") from exc
         return total
