@@ -8,12 +8,8 @@ Source, main process (:class:`RamClient`)::
               (one block per slot, ≤ packet_pages pages); a full slot is sent
     flush() : send the partly filled slot (before every sync)
 
-Channel processes (registered for ``PacketKind.RAM_PAGES``):
-
-* :class:`RamPagesSender` turns a slot into ``[header, page views...]``: one
-  memoryview of guest RAM per run, so ``sendmsg`` reads guest memory directly.
-* :class:`RamPagesReceiver` validates the header, then scatters the payload
-  straight into guest RAM with ``recvmsg_into``.
+Channel processes: clients/ram_payload.py (zero pages, compression, placement),
+registered here for ``PacketKind.RAM_PAGES``.
 
 All per-page work in the main process is vectorised (numpy); Python loops run
 per packet, not per page.
@@ -21,17 +17,16 @@ per packet, not per page.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
+from clients.ram_payload import RamPagesReceiver, RamPagesSender
 from engine import packet
-from engine.errors import LocalProtocolError
 from engine.multifd import MultifdSender
-from engine.payload import ChannelContext, register_payload
-from engine.shm import PAGE_SIZE, GuestRAM, RamBlock
-from engine.slots import Counter, SendSlot
-from engine.transport import Buffer, Connection
+from engine.payload import register_payload
+from engine.shm import GuestRAM, RamBlock
+from engine.slots import SendSlot
 
 # Below this many pages a packet is not worth splitting further.
 _MIN_SPLIT = 64
@@ -170,65 +165,6 @@ class RamClient:
         self._slot_pages = 0
         if self._on_packet is not None:
             self._on_packet()
-
-
-# ---------------------------------------------------------------------------
-# Channel-process side.
-
-
-class RamPagesSender:
-    """Slot → RAM_PAGES header + one view of guest RAM per run."""
-
-    holds_slot = False  # the views point into guest RAM, not into the slot
-
-    def __init__(self, ctx: ChannelContext) -> None:
-        self.ctx = ctx
-        self.blocks = ctx.ram.blocks
-
-    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
-        block = self.blocks[slot.a0]
-        runs = [(first, count, False) for first, count in slot.used_items().tolist()]
-        pages = sum(count for _, count, _ in runs)
-        header = packet.encode_ram_pages(
-            sequence, block.index, 0, epoch, runs, pages * PAGE_SIZE
-        )
-        buffers: list[Buffer] = [header]
-        buffers.extend(block.page_view(first, count) for first, count, _ in runs)
-        ctx = self.ctx
-        ctx.count(Counter.NORMAL_PAGES, pages)
-        ctx.count(Counter.GUEST_BYTES, pages * PAGE_SIZE)
-        ctx.count(Counter.PAYLOAD_BYTES, pages * PAGE_SIZE)
-        return buffers
-
-
-class RamPagesReceiver:
-    """RAM_PAGES packet → validated header → payload scattered into guest RAM."""
-
-    def __init__(self, ctx: ChannelContext) -> None:
-        self.ctx = ctx
-        self.blocks = ctx.ram.blocks
-        spec = ctx.spec
-        self.limits = packet.PacketLimits(
-            page_size=PAGE_SIZE,
-            packet_pages=spec.packet_pages,
-            block_pages=tuple(b.n_pages for b in self.blocks),
-            codec=0,
-        )
-
-    def receive(
-        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
-    ) -> None:
-        pages = packet.decode_ram_pages(header, body, self.limits, sequence, epoch)
-        block = self.blocks[pages.block_index]
-        if pages.codec != 0:
-            raise LocalProtocolError("compressed RAM pages are not supported by this receiver")
-        views = [block.page_view(run.first_page, run.n_pages) for run in pages.runs if not run.zero]
-        conn.recv_into_buffers(views)
-        normal = pages.normal_pages
-        ctx = self.ctx
-        ctx.count(Counter.NORMAL_PAGES, normal)
-        ctx.count(Counter.GUEST_BYTES, pages.n_pages * PAGE_SIZE)
-        ctx.count(Counter.PAYLOAD_BYTES, header.payload_length)
 
 
 register_payload(

@@ -130,7 +130,7 @@ class ChannelSpec:
     packet_pages: int
     payload_kinds: tuple[int, ...] = (packet.PacketKind.RAM_PAGES,)
     codec: str = "none"
-    codec_level: int = 0
+    codec_level: int | None = None
     zero_page_detection: bool = False
     options: dict[str, object] = field(default_factory=dict)
 

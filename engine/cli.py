@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from engine import codecs
 from engine.errors import CancelledError, ConfigError, MigrationError
 from engine.migration import MigrationConfig
 from engine.stats import MigrationResult
@@ -93,6 +94,12 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--on-max-rounds", choices=("switchover", "fail"), default="switchover")
     p.add_argument("--no-verify", action="store_true", help="skip hashing both memories")
+    p.add_argument("--compression", choices=codecs.available(), default="none")
+    p.add_argument("--compression-level", type=int, default=None,
+                   help="the codec's own scale (default: the codec's default)")
+    p.add_argument("--zero-page-detection", choices=("on", "off"), default="on")
+    p.add_argument("--max-bandwidth", type=parse_rate, default=None,
+                   help="bytes/s over all channels together, e.g. 125M (default: no cap)")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -137,6 +144,10 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
         max_rounds=args.max_rounds,
         on_max_rounds=args.on_max_rounds,
         verify=not args.no_verify,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        zero_page_detection=args.zero_page_detection == "on",
+        max_bandwidth=args.max_bandwidth,
     ).validate()
 
 
@@ -152,9 +163,13 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
         f"total time       {result.total_time_s:.3f} s (setup {result.setup_time_ms:.1f} ms)",
         f"downtime         {result.downtime_ms:.1f} ms",
         f"rounds           {result.rounds}",
-        f"pages sent       {result.pages_sent} (+{result.zero_pages} zero pages)",
-        f"bytes on wire    {_human(result.bytes_on_wire)}",
-        f"throughput       {_human(result.throughput_bytes_per_s)}/s",
+        f"pages sent       {result.pages_sent} (+{result.zero_pages} zero pages, no payload)",
+        f"bytes on wire    {_human(result.bytes_on_wire)} for {_human(result.guest_bytes)} of guest memory",
+        f"compression      {result.compression}"
+        + (f", {_human(result.payload_bytes)} of payload, ratio {result.compression_ratio:.2f}"
+           if result.compression != "none" else ""),
+        f"throughput       {_human(result.guest_throughput_bytes_per_s)}/s of guest memory, "
+        f"{_human(result.throughput_bytes_per_s)}/s on the wire",
         f"memory verified  {verified}" + (f" — {result.verify_detail}" if result.verify_detail else ""),
     ]
     for key, value in (extra or {}).items():
@@ -225,7 +240,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     destination = DestinationMigration(
         args.address, secret=secret, ram=ram, dump_dir=args.dump_dir,
-        accept_timeout_s=args.accept_timeout,
+        accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
     )
     signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
     print(f"LISTENING {destination.address}", flush=True)

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from engine import codecs, packet
 from engine import message as wire
-from engine import packet
 from engine.channel import ChannelSpec, run_recv_channel
 from engine.errors import (
     ConfigError,
@@ -75,6 +75,8 @@ class DestinationMigration(Migration):
         prealloc: bool = True,
         dump_dir: str | None = None,
         accept_timeout_s: float | None = None,
+        ram_is_zeroed: bool = False,
+        accept_codecs: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__(config or MigrationConfig(), secret)
         self.ram = ram
@@ -83,6 +85,9 @@ class DestinationMigration(Migration):
         self.prealloc = prealloc
         self.dump_dir = dump_dir
         self.accept_timeout_s = accept_timeout_s
+        # RAM created here is zero; RAM handed in is only if the caller says so.
+        self.ram_is_zeroed = ram_is_zeroed or ram is None
+        self.accept_codecs = accept_codecs  # None: every codec this side has
         self._listener = listen(address)
         self.address = self._listener.address
         self.negotiated: wire.Config | None = None
@@ -147,9 +152,17 @@ class DestinationMigration(Migration):
         )
         self.tracker = StatsTracker(self.ram.size, PAGE_SIZE)
         self.tracker.slots = self._slots
+        # During an incoming migration the dirty map says which pages may hold
+        # data, so a ZERO run only writes pages that need it (clients/ram_payload.py).
+        for block in self.ram.blocks:
+            if self.ram_is_zeroed:
+                block.dirty.clear_all()
+            else:
+                block.dirty.mark(0, block.n_pages)
         spec = ChannelSpec(
             channel_id=0, n_channels=config.channel_count, ram=self.ram.handle,
             slots=self._slots.handle, packet_pages=config.packet_pages,
+            codec=config.codec, zero_page_detection=config.zero_page_detection,
         )
         self._start_channels(run_recv_channel, conns, spec)
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
@@ -161,8 +174,10 @@ class DestinationMigration(Migration):
     def _check_config(self, config: wire.Config, hello: packet.ChannelHello) -> str:
         if config.channel_count != hello.channel_count:
             return f"CONFIG says {config.channel_count} channels, the hello said {hello.channel_count}"
-        if config.codec != "none":
+        if config.codec not in codecs.available():
             return f"compression {config.codec!r} is not available on this destination"
+        if self.accept_codecs is not None and config.codec not in self.accept_codecs:
+            return f"compression {config.codec!r} is not accepted here ({', '.join(self.accept_codecs)} are)"
         if config.devices:
             return "the source migrates devices this destination does not have"
         layout = tuple((b.name, b.size) for b in config.blocks)
@@ -268,7 +283,7 @@ class DestinationMigration(Migration):
         self._send_message(wire.Resumed(int(downtime_s * 1e6), int(verify_s * 1e6), verified, ""))
         self._machine.fire(MigrationEvent.COMPLETE)
         t_end = time.perf_counter()
-        counters = self._counters()
+        assert self.tracker is not None and self.negotiated is not None
         return MigrationResult(
             status="completed",
             role="destination",
@@ -279,10 +294,8 @@ class DestinationMigration(Migration):
             setup_time_ms=(t_setup - t_start) * 1000,
             downtime_ms=downtime_s * 1000,
             rounds=rounds,
-            pages_sent=counters["normal_pages"],
-            zero_pages=counters["zero_pages"],
-            bytes_on_wire=counters["wire_bytes"],
-            throughput_bytes_per_s=counters["wire_bytes"] / max(t_ready - t_setup, 1e-9),
+            **self.tracker.traffic(t_ready - t_setup),  # until every page is in place
+            compression=self.negotiated.codec,
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
             channel_memory_kib=self._channel_memory(),
@@ -337,10 +350,6 @@ class DestinationMigration(Migration):
                     f"expected {expected.__name__} from the source, got {type(message).__name__}"
                 )
             return message
-
-    def _counters(self) -> dict[str, int]:
-        assert self.tracker is not None
-        return self.tracker.totals()
 
     def _teardown(self) -> None:
         super()._teardown()

@@ -27,8 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from engine import codecs, packet
 from engine import message as wire
-from engine import packet
 from engine.channel import ChannelSpec, ControlOp, control_pair, read_control
 from engine.errors import (
     CancelledError,
@@ -59,9 +59,10 @@ class MigrationConfig:
     max_rounds: int = 30
     on_max_rounds: Literal["switchover", "fail"] = "switchover"
     verify: bool = False                    # hash both memories at switchover and compare
-    compression: str = "none"
-    compression_level: int = 0
-    zero_page_detection: bool = False
+    compression: str = "none"               # none, lz4, zstd, zlib (engine/codecs.py)
+    compression_level: int | None = None    # None: the codec's default
+    zero_page_detection: bool = True
+    max_bandwidth: float | None = None      # bytes/s over all channels together; None: no cap
     connect_timeout_s: float = 10.0
     handshake_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
@@ -83,6 +84,9 @@ class MigrationConfig:
             raise ConfigError("max_rounds must be at least 1")
         if self.on_max_rounds not in ("switchover", "fail"):
             raise ConfigError("on_max_rounds must be 'switchover' or 'fail'")
+        codecs.make_codec(self.compression, self.compression_level)  # raises ConfigError
+        if self.max_bandwidth is not None and not self.max_bandwidth > 0:
+            raise ConfigError("max_bandwidth must be a positive number of bytes/s, or None")
         if self.start_method not in ("spawn", "forkserver", "fork"):
             raise ConfigError(f"start_method must be spawn, forkserver or fork, not {self.start_method!r}")
         return self

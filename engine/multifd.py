@@ -33,6 +33,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
@@ -44,7 +45,7 @@ from engine.errors import (
     TransportBrokenError,
     TransportClosedError,
 )
-from engine.slots import SendSlot, SlotTable
+from engine.slots import Counter, SendSlot, SlotTable
 from engine.sync import FailureLatch, SyncBarrier
 from engine.transport import Connection
 
@@ -172,6 +173,31 @@ class _ChannelPump:
         self.latch.raise_if_failed()
 
 
+class RateLimiter:
+    """Keeps the bytes all channels wrote under `bytes_per_s` on average.
+
+    It counts what was actually written (compressed packets are known only once
+    sent), so at most the packets in flight run ahead of the cap; waiting is on
+    the failure latch, so a cancel still wakes it.
+    """
+
+    def __init__(self, bytes_per_s: float, written: Callable[[], int], latch: FailureLatch) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._written = written
+        self._latch = latch
+        self._start: tuple[float, int] | None = None
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if self._start is None:
+            self._start = (now, self._written())
+            return
+        t0, base = self._start
+        ahead = self._written() - base - (now - t0) * self.bytes_per_s
+        if ahead > 0 and self._latch.wait(ahead / self.bytes_per_s):
+            self._latch.raise_if_failed()
+
+
 class MultifdSender:
     """Source side of the core: N channels, `n_clients` client slots.
 
@@ -186,6 +212,7 @@ class MultifdSender:
         latch: FailureLatch,
         marker: Callable[[int], None],
         stall_timeout: float | None = 60.0,
+        max_bandwidth: float | None = None,
     ) -> None:
         n = len(links)
         if len(slots) != n + n_clients:
@@ -204,6 +231,9 @@ class MultifdSender:
         self.epoch = 1
         self.packets_queued = 0
         self._queued_in_epoch = 0
+        self._limiter = None if max_bandwidth is None else RateLimiter(
+            max_bandwidth, lambda: int(slots.totals()[Counter.WIRE_BYTES]), latch
+        )
 
     @property
     def channels(self) -> int:
@@ -224,6 +254,8 @@ class MultifdSender:
             if slot.empty:
                 raise LocalProtocolError("send() of an empty slot")
             slot.epoch = self.epoch
+            if self._limiter is not None:
+                self._limiter.wait()
             channel = self._wait_idle_channel()
             self._client_slot[client], self._channel_slot[channel] = (
                 self._channel_slot[channel], self._client_slot[client],

@@ -176,6 +176,10 @@ class DirtyMap:
         """Mark the given page indices dirty (call after writing them)."""
         self._map[pages] = 1
 
+    def view(self, first_page: int, n_pages: int) -> np.ndarray:
+        """The entries of a page range, as a writable numpy view."""
+        return self._map[first_page:first_page + n_pages]
+
     def count(self) -> int:
         """How many pages are dirty now (a peek: nothing is cleared)."""
         return int(np.count_nonzero(self._map))

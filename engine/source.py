@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from engine import codecs, packet
 from engine import message as wire
-from engine import packet
 from engine.channel import ChannelSpec, run_send_channel
 from engine.errors import (
     CancelledError,
@@ -126,11 +126,9 @@ class SourceMigration(Migration):
         self._machine.fire(MigrationEvent.COMPLETE)
         self._set_state("completed")
         assert self.tracker is not None
-        totals = self.tracker.totals()
         downtime_ms = (
             (t_switchover_sent - t_pause) * 1000 + self._rtt_s * 500 + resumed.downtime_us / 1000
         )
-        transfer_s = max(t_complete - t_setup, 1e-9)  # until every byte is on its way
         return MigrationResult(
             status="completed",
             role="source",
@@ -141,10 +139,8 @@ class SourceMigration(Migration):
             setup_time_ms=(t_setup - t_start) * 1000,
             downtime_ms=downtime_ms,
             rounds=self.tracker.round,
-            pages_sent=totals["normal_pages"],
-            zero_pages=totals["zero_pages"],
-            bytes_on_wire=totals["wire_bytes"],
-            throughput_bytes_per_s=totals["wire_bytes"] / transfer_s,
+            **self.tracker.traffic(t_complete - t_setup),  # until every page is on its way
+            compression=self.config.compression,
             verified=None if resumed.verified == 0 else resumed.verified == 1,
             verify_detail=resumed.detail,
             verify_time_ms=max(verify_ms, resumed.verify_us / 1000),
@@ -193,6 +189,8 @@ class SourceMigration(Migration):
         spec = ChannelSpec(
             channel_id=0, n_channels=cfg.channels, ram=self.ram.handle,
             slots=self._slots.handle, packet_pages=cfg.packet_pages,
+            codec=cfg.compression, codec_level=cfg.compression_level,
+            zero_page_detection=cfg.zero_page_detection,
         )
         self._start_channels(run_send_channel, conns, spec)
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
@@ -203,7 +201,7 @@ class SourceMigration(Migration):
         self._core = MultifdSender(
             self._links, self._slots, n_clients=1, latch=self.latch,
             marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
-            stall_timeout=cfg.stall_timeout_s,
+            stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
         )
         self._helpers = WorkerPool("thread", 2, name="mfd-src-helper")
         self._helpers.submit(self._read_return_path)
@@ -293,7 +291,7 @@ class SourceMigration(Migration):
             channel_count=cfg.channels,
             zero_page_detection=cfg.zero_page_detection,
             codec=cfg.compression,
-            codec_level=cfg.compression_level,
+            codec_level=codecs.make_codec(cfg.compression, cfg.compression_level).level,
             blocks=tuple(wire.BlockSpec(name, size) for name, size in self.ram.layout),
             devices=(),
         )

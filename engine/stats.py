@@ -53,16 +53,22 @@ class MigrationResult:
     setup_time_ms: float
     downtime_ms: float
     rounds: int                  # source: precopy rounds + the final one; destination: epochs synced
-    pages_sent: int
-    zero_pages: int
-    bytes_on_wire: int
-    throughput_bytes_per_s: float
+    pages_sent: int              # pages whose bytes travelled
+    zero_pages: int              # pages sent as zero runs, without payload
+    bytes_on_wire: int           # main channel + every channel, headers included
+    throughput_bytes_per_s: float  # bytes on the wire per second of transfer
     verified: bool | None
     verify_detail: str = ""
     verify_time_ms: float = 0.0
     expected_downtime_ms: float = 0.0
     dirty_rate_bytes_per_s: float = 0.0
     rtt_ms: float = 0.0
+    transfer_time_s: float = 0.0          # setup done → every page on its way (destination: in place)
+    guest_bytes: int = 0                  # guest memory the packets covered (zero pages included)
+    guest_throughput_bytes_per_s: float = 0.0
+    compression: str = "none"
+    payload_bytes: int = 0                # non-zero pages after compression
+    compression_ratio: float = 1.0        # non-zero page bytes / payload bytes
     channel_memory_kib: list[dict[str, int]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -102,6 +108,23 @@ class StatsTracker:
                 counts[counter.name.lower()] = int(value)
         counts["wire_bytes"] += self.main_bytes
         return counts
+
+    def traffic(self, transfer_s: float) -> dict[str, Any]:
+        """The MigrationResult fields about what moved, over `transfer_s` seconds."""
+        totals = self.totals()
+        transfer_s = max(transfer_s, 1e-9)
+        normal_bytes = totals["normal_pages"] * self.page_size
+        return {
+            "pages_sent": totals["normal_pages"],
+            "zero_pages": totals["zero_pages"],
+            "bytes_on_wire": totals["wire_bytes"],
+            "throughput_bytes_per_s": totals["wire_bytes"] / transfer_s,
+            "transfer_time_s": transfer_s,
+            "guest_bytes": totals["guest_bytes"],
+            "guest_throughput_bytes_per_s": totals["guest_bytes"] / transfer_s,
+            "payload_bytes": totals["payload_bytes"],
+            "compression_ratio": normal_bytes / totals["payload_bytes"] if totals["payload_bytes"] else 1.0,
+        }
 
     def freeze(self) -> None:
         """Keep the final counters (call before the slot table goes away)."""

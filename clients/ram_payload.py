@@ -1,0 +1,206 @@
+"""RAM pages in the channel processes: the *prepare* op and its inverse.
+
+Source (:class:`RamPagesSender`), per slot (one block, runs of pages)::
+
+    runs ── zero-page detection (numpy, per page) ──▶ runs with ZERO flags
+         ── codec none: header + one view of guest RAM per non-zero run
+         ── codec X   : header + frames of ≤ 1 MiB of non-zero pages, each
+                        compressed from a per-channel scratch copy, or RAW
+                        (views of guest RAM) when it would not shrink
+
+Destination (:class:`RamPagesReceiver`): validate the header, then receive the
+non-zero pages straight into guest RAM (RAW) or decompress each frame (bounded
+by its size) and copy it in; make ZERO runs zero where the page may hold data.
+
+The destination's dirty map is its "may hold data" map during an incoming
+migration: set where a page was written, cleared where it was zeroed.  The
+migration initialises it (all clear for RAM known to be zero, all set otherwise),
+so a zero page of a fresh destination costs no write at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine import codecs, packet
+from engine.errors import RemoteProtocolError
+from engine.payload import ChannelContext
+from engine.shm import PAGE_SIZE, RamBlock
+from engine.slots import Counter, SendSlot
+from engine.transport import Buffer, Connection
+
+_WORDS_PER_PAGE = PAGE_SIZE // 8
+_FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE
+_FEW_RUNS = 32  # up to this many runs, check them slice by slice; beyond, gather
+
+
+def _words(block: RamBlock) -> np.ndarray:
+    """The block as (pages, 512) 64-bit words: a zero test is one ``any`` per row."""
+    return np.frombuffer(block.pages, dtype=np.uint64).reshape(block.n_pages, _WORDS_PER_PAGE)
+
+
+def zero_runs(words: np.ndarray, items: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Split page runs ``items`` (first, count) into runs of zero / non-zero pages."""
+    firsts, counts = items[:, 0].astype(np.int64), items[:, 1].astype(np.int64)
+    if len(items) <= _FEW_RUNS:
+        pages = np.concatenate([np.arange(f, f + c) for f, c in zip(firsts, counts)])
+        nonzero = np.concatenate([words[f:f + c].any(axis=1) for f, c in zip(firsts, counts)])
+    else:
+        offsets = np.repeat(np.cumsum(counts) - counts, counts)
+        pages = np.arange(int(counts.sum())) - offsets + np.repeat(firsts, counts)
+        nonzero = np.asarray(words[pages].any(axis=1))
+    # A run ends where pages stop being contiguous or the zero-ness changes.
+    breaks = np.flatnonzero((np.diff(pages) != 1) | (nonzero[1:] != nonzero[:-1])) + 1
+    bounds = np.concatenate(([0], breaks, [pages.size]))
+    starts = bounds[:-1]
+    return list(zip(pages[starts].tolist(), np.diff(bounds).tolist(),
+                    (~nonzero[starts]).tolist()))
+
+
+class RamPagesSender:
+    """Slot → RAM_PAGES header + payload buffers (views of guest RAM, or frames)."""
+
+    holds_slot = False  # the buffers are guest RAM or fresh frames, never the slot
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        spec = ctx.spec
+        self.ctx = ctx
+        self.blocks = ctx.ram.blocks
+        self.words = [_words(block) for block in self.blocks] if spec.zero_page_detection else None
+        self.codec = codecs.make_codec(spec.codec, spec.codec_level)
+        self.compress = self.codec.wire_id != 0
+        self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
+
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
+        block = self.blocks[slot.a0]
+        items = slot.used_items()
+        if self.words is not None:
+            runs = zero_runs(self.words[block.index], items)
+        else:
+            runs = [(first, count, False) for first, count in items.tolist()]
+        views = [block.page_view(first, count) for first, count, zero in runs if not zero]
+        normal = sum(count for _, count, zero in runs if not zero)
+        all_pages = sum(count for _, count, _ in runs)
+        if self.compress and normal:
+            frames = self._frames(views)
+            payload_length = sum(len(frame) for frame in frames)
+            codec = self.codec.wire_id
+        else:
+            frames, payload_length, codec = views, normal * PAGE_SIZE, 0
+        ctx = self.ctx
+        ctx.count(Counter.NORMAL_PAGES, normal)
+        ctx.count(Counter.ZERO_PAGES, all_pages - normal)
+        ctx.count(Counter.GUEST_BYTES, all_pages * PAGE_SIZE)
+        ctx.count(Counter.PAYLOAD_BYTES, payload_length)
+        header = packet.encode_ram_pages(sequence, block.index, codec, epoch, runs, payload_length)
+        return [header, *frames]
+
+    def _frames(self, views: list[memoryview]) -> list[Buffer]:
+        """The pages of `views` as frames: header, then compressed bytes or RAW views."""
+        buffers: list[Buffer] = []
+        for frame in _cut(views, _FRAME_BYTES):
+            size = sum(view.nbytes for view in frame)
+            # Compress a copy: the guest may write a page while the codec reads it
+            # twice; the copy keeps every codec's input stable (that page is dirty
+            # again and goes next round anyway).
+            scratch = memoryview(self._scratch)[:size]
+            at = 0
+            for view in frame:
+                scratch[at:at + view.nbytes] = view
+                at += view.nbytes
+            packed = self.codec.compress(scratch)
+            if len(packed) < size:
+                buffers += [codecs.encode_frame_header(len(packed), raw=False), packed]
+            else:
+                buffers += [codecs.encode_frame_header(size, raw=True), *frame]
+        return buffers
+
+
+class RamPagesReceiver:
+    """RAM_PAGES packet → validated header → pages placed into guest RAM."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        spec = ctx.spec
+        self.ctx = ctx
+        self.blocks = ctx.ram.blocks
+        self.codec = codecs.make_codec(spec.codec, None)
+        self.limits = packet.PacketLimits(
+            page_size=PAGE_SIZE,
+            packet_pages=spec.packet_pages,
+            block_pages=tuple(b.n_pages for b in self.blocks),
+            codec=self.codec.wire_id,
+            codec_bound=codecs.payload_bound,
+        )
+        self._frame = bytearray(_FRAME_BYTES) if self.codec.wire_id else bytearray()
+
+    def receive(
+        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
+    ) -> None:
+        pages = packet.decode_ram_pages(header, body, self.limits, sequence, epoch)
+        block = self.blocks[pages.block_index]
+        views = [block.page_view(run.first_page, run.n_pages) for run in pages.runs if not run.zero]
+        if pages.codec == 0:
+            conn.recv_into_buffers(views)
+        else:
+            self._receive_frames(conn, views, header.payload_length)
+        for run in pages.runs:
+            if run.zero:
+                _make_zero(block, run.first_page, run.n_pages)
+            else:
+                block.dirty.mark(run.first_page, run.n_pages)  # may hold data now
+        ctx = self.ctx
+        ctx.count(Counter.NORMAL_PAGES, pages.normal_pages)
+        ctx.count(Counter.ZERO_PAGES, pages.n_pages - pages.normal_pages)
+        ctx.count(Counter.GUEST_BYTES, pages.n_pages * PAGE_SIZE)
+        ctx.count(Counter.PAYLOAD_BYTES, header.payload_length)
+
+    def _receive_frames(self, conn: Connection, views: list[memoryview], payload_length: int) -> None:
+        consumed = 0
+        for frame in _cut(views, _FRAME_BYTES):
+            size = sum(view.nbytes for view in frame)
+            length, raw = codecs.decode_frame_header(conn.recv_exact(codecs.FRAME_HEADER.size), size)
+            consumed += codecs.FRAME_HEADER.size + length
+            if consumed > payload_length:
+                raise RemoteProtocolError("compressed frames overrun payload_length")
+            if raw:
+                conn.recv_into_buffers(frame)
+                continue
+            packed = memoryview(self._frame)[:length]
+            conn.recv_into_buffers([packed])
+            pages = self.codec.decompress(packed, size)  # exactly `size` bytes, or an error
+            at = 0
+            for view in frame:
+                view[:] = pages[at:at + view.nbytes]
+                at += view.nbytes
+        if consumed != payload_length:
+            raise RemoteProtocolError(
+                f"compressed frames total {consumed} bytes, payload_length says {payload_length}"
+            )
+
+
+def _cut(views: list[memoryview], limit: int) -> list[list[memoryview]]:
+    """Cut a sequence of views into consecutive groups of `limit` bytes (last one less)."""
+    groups: list[list[memoryview]] = [[]]
+    room = limit
+    for view in views:
+        while view.nbytes:
+            if room == 0:
+                groups.append([])
+                room = limit
+            take = min(room, view.nbytes)
+            groups[-1].append(view[:take])
+            view = view[take:]
+            room -= take
+    return [group for group in groups if group]
+
+
+def _make_zero(block: RamBlock, first_page: int, n_pages: int) -> None:
+    """Zero the pages of a ZERO run that may hold data; pages known zero stay untouched."""
+    may_hold_data = block.dirty.view(first_page, n_pages)
+    written = np.flatnonzero(may_hold_data)
+    if written.size:
+        pages = np.frombuffer(block.pages, dtype=np.uint8).reshape(block.n_pages, PAGE_SIZE)
+        pages[first_page + written] = 0
+        may_hold_data[written] = 0
