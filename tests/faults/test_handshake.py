@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import os
 import socket
-import struct
 import time
 import uuid
 
 import pytest
 
-from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration, packet
+from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
 from engine import message as wire
 from engine.errors import HandshakeError, MigrationError
 from engine.sync import MigrationState
 from tests.harness import SECRET, MiB, guest_ram, same_memory
+from tests.protocol import HandMadeSource, port_of, raw_hello
 
 FAST = MigrationConfig(channels=2, packet_pages=64, handshake_timeout_s=1.0)
-_HELLO = struct.Struct(">IHBB16sHHI16s")
-
-
-def raw_hello(role: int = 2, migration: uuid.UUID | None = None, channel_id: int = 0,
-              count: int = 2, secret: bytes = SECRET, magic: int = packet.HELLO_MAGIC,
-              version: int = 1) -> bytes:
-    """A hello built by hand, so fields the encoder refuses can be sent anyway."""
-    body = _HELLO.pack(magic, version, role, 0, (migration or uuid.uuid4()).bytes,
-                       channel_id, count, 0, os.urandom(16))
-    return body + hmac.new(secret, body, hashlib.sha256).digest()
-
-
-def _port(destination: DestinationMigration) -> tuple[str, int]:
-    host, port = destination.address.removeprefix("tcp://").rsplit(":", 1)
-    return host, int(port)
-
-
 def _send_and_wait_closed(addr: tuple[str, int], data: bytes) -> bytes:
     """Send `data` on a fresh connection; return what comes back before the close."""
     with socket.create_connection(addr, timeout=5) as s:
@@ -63,7 +43,7 @@ def test_strangers_are_refused_and_the_migration_still_works() -> None:
 
 
 def _strangers_then_migrate(destination: DestinationMigration, src: GuestRAM, dst: GuestRAM) -> None:
-    addr = _port(destination)
+    addr = port_of(destination)
     strangers = {
         "garbage": b"GET / HTTP/1.1\r\n" * 5 + b"\r\n" * 20,
         "wrong magic": raw_hello(role=1, magic=0x12345678),
@@ -102,51 +82,6 @@ def test_a_source_with_the_wrong_secret_fails_cleanly() -> None:
         with pytest.raises(MigrationError):
             destination.wait(10)
         assert "authenticat" in destination.refused[0]
-
-
-class HandMadeSource:
-    """Drives a real destination through the main-channel handshake with the codec."""
-
-    def __init__(self, destination: DestinationMigration, ram_layout: list[tuple[str, int]],
-                 channels: int = 2) -> None:
-        self.addr = _port(destination)
-        self.migration = uuid.uuid4()
-        self.channels = channels
-        self.main = socket.create_connection(self.addr, timeout=5)
-        nonce = os.urandom(16)
-        self.main.sendall(packet.encode_hello(packet.HelloRole.MAIN, self.migration, 0, channels,
-                                              SECRET, nonce=nonce))
-        reply = self._recv(packet.HELLO_SIZE)
-        assert packet.decode_hello(reply, SECRET, peer_nonce=nonce).role is packet.HelloRole.MAIN_REPLY
-        self.main.sendall(wire.encode_message(wire.Config(
-            4096, 64, channels, False, "none", 0,
-            tuple(wire.BlockSpec(n, s) for n, s in ram_layout), ())))
-        self.decoder = wire.MessageDecoder()
-        assert self.next_message() == wire.ConfigAck(0, "")
-        self.sockets: list[socket.socket] = []
-
-    def _recv(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.main.recv(n - len(data))
-            assert chunk, "destination closed the main channel"
-            data += chunk
-        return data
-
-    def next_message(self) -> wire.Message:
-        while (message := self.decoder.next_message()) is packet.NEED_DATA:
-            self.decoder.receive_data(self.main.recv(4096))
-        return message
-
-    def channel(self, hello: bytes) -> socket.socket:
-        s = socket.create_connection(self.addr, timeout=5)
-        s.sendall(hello)
-        self.sockets.append(s)
-        return s
-
-    def close(self) -> None:
-        for s in [self.main, *self.sockets]:
-            s.close()
 
 
 def test_channel_hellos_that_must_not_join(caplog: pytest.LogCaptureFixture) -> None:

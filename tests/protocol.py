@@ -1,0 +1,88 @@
+"""A hand-made source for protocol tests: real sockets, bytes built with the codec.
+
+It drives a real DestinationMigration through the handshake and can then send
+any packet on its channels, valid or not, to see what the destination does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import uuid
+
+from engine import DestinationMigration, packet
+from engine import message as wire
+from tests.harness import SECRET
+
+_HELLO = struct.Struct(">IHBB16sHHI16s")
+
+
+def raw_hello(role: int = 2, migration: uuid.UUID | None = None, channel_id: int = 0,
+              count: int = 2, secret: bytes = SECRET, magic: int = packet.HELLO_MAGIC,
+              version: int = 1) -> bytes:
+    """A hello built by hand, so fields the encoder refuses can be sent anyway."""
+    body = _HELLO.pack(magic, version, role, 0, (migration or uuid.uuid4()).bytes,
+                       channel_id, count, 0, os.urandom(16))
+    return body + hmac.new(secret, body, hashlib.sha256).digest()
+
+
+def port_of(destination: DestinationMigration) -> tuple[str, int]:
+    host, port = destination.address.removeprefix("tcp://").rsplit(":", 1)
+    return host, int(port)
+
+
+class HandMadeSource:
+    """Drives a real destination through the main-channel handshake with the codec."""
+
+    def __init__(self, destination: DestinationMigration, ram_layout: list[tuple[str, int]],
+                 channels: int = 2, codec: str = "none", packet_pages: int = 64) -> None:
+        self.addr = port_of(destination)
+        self.migration = uuid.uuid4()
+        self.channels = channels
+        self.main = socket.create_connection(self.addr, timeout=5)
+        nonce = os.urandom(16)
+        self.main.sendall(packet.encode_hello(packet.HelloRole.MAIN, self.migration, 0, channels,
+                                              SECRET, nonce=nonce))
+        reply = self._recv(packet.HELLO_SIZE)
+        assert packet.decode_hello(reply, SECRET, peer_nonce=nonce).role is packet.HelloRole.MAIN_REPLY
+        self.main.sendall(wire.encode_message(wire.Config(
+            4096, packet_pages, channels, True, codec, 0,
+            tuple(wire.BlockSpec(n, s) for n, s in ram_layout), ())))
+        self.decoder = wire.MessageDecoder()
+        assert self.next_message() == wire.ConfigAck(0, "")
+        self.sockets: list[socket.socket] = []
+
+    def _recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.main.recv(n - len(data))
+            assert chunk, "destination closed the main channel"
+            data += chunk
+        return data
+
+    def next_message(self) -> wire.Message:
+        while (message := self.decoder.next_message()) is packet.NEED_DATA:
+            self.decoder.receive_data(self.main.recv(4096))
+        return message
+
+    def channel(self, hello: bytes) -> socket.socket:
+        s = socket.create_connection(self.addr, timeout=5)
+        s.sendall(hello)
+        self.sockets.append(s)
+        return s
+
+    def close(self) -> None:
+        for s in [self.main, *self.sockets]:
+            s.close()
+
+
+
+    def join_all(self) -> list[socket.socket]:
+        """Open every channel with a valid hello; wait for CHANNELS_READY."""
+        channels = [self.channel(raw_hello(migration=self.migration, channel_id=i, count=self.channels))
+                    for i in range(self.channels)]
+        assert self.next_message() == wire.ChannelsReady()
+        return channels
