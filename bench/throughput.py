@@ -40,11 +40,12 @@ SECRET = b"bench"
 
 
 def _destination_process(handle: RamHandle, address: str, config: MigrationConfig,
-                         pipe: Connection) -> None:
+                         pipe: Connection, ram_is_zeroed: bool = False) -> None:
     """The destination VMM: its own process, as in a real migration."""
     ram = GuestRAM.attach(handle)
     try:
-        destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config)
+        destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config,
+                                           ram_is_zeroed=ram_is_zeroed)
         pipe.send(destination.address)
         result = destination.run()
         pipe.send(result.to_dict())

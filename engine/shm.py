@@ -180,6 +180,12 @@ class DirtyMap:
         """The entries of a page range, as a writable numpy view."""
         return self._map[first_page:first_page + n_pages]
 
+    def take_pages(self, pages: np.ndarray) -> np.ndarray:
+        """Of the given page indices, those marked: return them and clear their marks."""
+        marked = pages[self._map[pages].astype(bool)]
+        self._map[marked] = 0
+        return marked
+
     def count(self) -> int:
         """How many pages are dirty now (a peek: nothing is cleared)."""
         return int(np.count_nonzero(self._map))
