@@ -15,6 +15,7 @@ Byte layout (integers big-endian; docs/wire-format.md §3 is the specification):
     SWITCHOVER      (empty)
     COMPLETE        final_epoch u32 | flags u32 (bit 0: DIGESTS follows)
     DIGESTS         digest_chunk u32 | n_digests u32 | n × 32-byte SHA-256
+    DEVICES_DONE    n_devices u16 | n × (chunks u32 | bytes u64 | SHA-256 of the stream 32)
     RESUMED         downtime_us u64 | verify_us u64 | verified u8 | detail string
     ABORT           code u16 | message string
     PING, PONG      token u64
@@ -70,6 +71,7 @@ class MessageType(enum.IntEnum):
     PING = 9
     PONG = 10
     DIGESTS = 11
+    DEVICES_DONE = 12
 
 
 class ConfigFlags(enum.IntFlag):
@@ -112,6 +114,10 @@ _CONFIG = struct.Struct(">IIHHI")
 # COMPLETE body, 8 bytes
 #  0 final_epoch u32 | 4 flags u32
 _COMPLETE = struct.Struct(">II")
+
+# one device in DEVICES_DONE, 44 bytes
+#  0 chunks u32 | 4 bytes u64 | 12 sha256 32s
+_DEVICE_DONE = struct.Struct(">IQ32s")
 
 # DIGESTS body, fixed start, 8 bytes (n_digests × 32 bytes follow)
 #  0 digest_chunk u32 | 4 n_digests u32
@@ -215,6 +221,22 @@ class Digests:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceDone:
+    """How one device's saved stream ended: chunk count (END included), bytes, SHA-256."""
+
+    chunks: int
+    size: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesDone:
+    """DEVICES_DONE: every device's stream is saved; one entry per CONFIG device, in order."""
+
+    devices: tuple[DeviceDone, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Resumed:
     """RESUMED: the destination runs; its share of the downtime, verification result."""
 
@@ -244,7 +266,7 @@ class Pong:
 
 Message: TypeAlias = (
     Config | ConfigAck | ChannelsReady | SyncMarker | Switchover | Complete | Digests
-    | Resumed | Abort | Ping | Pong
+    | DevicesDone | Resumed | Abort | Ping | Pong
 )
 
 
@@ -356,6 +378,16 @@ def _encode_digests(digests: Digests) -> bytes:
             + b"".join(digests.digests))
 
 
+def _encode_devices_done(done: DevicesDone) -> bytes:
+    if len(done.devices) > MAX_DEVICES:
+        raise LocalProtocolError(f"{len(done.devices)} devices exceed {MAX_DEVICES}")
+    for device in done.devices:
+        if device.chunks < 1 or len(device.digest) != DIGEST_SIZE:
+            raise LocalProtocolError("a device stream has at least its END chunk and a 32-byte digest")
+    return _U16.pack(len(done.devices)) + b"".join(
+        _DEVICE_DONE.pack(d.chunks, d.size, d.digest) for d in done.devices)
+
+
 def _encode_resumed(resumed: Resumed) -> bytes:
     if resumed.verified not in _VERIFICATIONS:
         raise LocalProtocolError(f"RESUMED verified {resumed.verified} is not 0, 1 or 2")
@@ -378,6 +410,7 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
     Switchover: (MessageType.SWITCHOVER, lambda _: b""),
     Complete: (MessageType.COMPLETE, _encode_complete),
     Digests: (MessageType.DIGESTS, _encode_digests),
+    DevicesDone: (MessageType.DEVICES_DONE, _encode_devices_done),
     Resumed: (MessageType.RESUMED, _encode_resumed),
     Abort: (MessageType.ABORT, _encode_abort),
     Ping: (MessageType.PING, lambda ping: _U64.pack(ping.token)),
@@ -493,6 +526,17 @@ def _decode_digests(body: _Reader) -> Digests:
     return digests
 
 
+def _decode_devices_done(body: _Reader) -> DevicesDone:
+    n_devices = body.number(_U16)
+    if n_devices > MAX_DEVICES or n_devices * _DEVICE_DONE.size != body.remaining:
+        raise RemoteProtocolError(f"DEVICES_DONE n_devices {n_devices} disagrees with body_length")
+    devices = tuple(DeviceDone(*_DEVICE_DONE.unpack(body.take(_DEVICE_DONE.size)))
+                    for _ in range(n_devices))
+    if any(device.chunks < 1 for device in devices):
+        raise RemoteProtocolError("a DEVICES_DONE entry counts no chunk (not even END)")
+    return DevicesDone(devices)
+
+
 def _decode_resumed(body: _Reader) -> Resumed:
     downtime_us, verify_us, verified = body.unpack(_RESUMED)
     if verified not in _VERIFICATIONS:
@@ -517,6 +561,7 @@ _DECODERS: Final[dict[int, _Decoder]] = {
     MessageType.SWITCHOVER: lambda body: Switchover(),
     MessageType.COMPLETE: _decode_complete,
     MessageType.DIGESTS: _decode_digests,
+    MessageType.DEVICES_DONE: _decode_devices_done,
     MessageType.RESUMED: _decode_resumed,
     MessageType.ABORT: _decode_abort,
     MessageType.PING: lambda body: Ping(body.number(_U64)),
@@ -539,6 +584,7 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.SWITCHOVER: (0, 0),
     MessageType.COMPLETE: (_COMPLETE.size, _COMPLETE.size),
     MessageType.DIGESTS: (_DIGESTS.size + DIGEST_SIZE, MAX_MESSAGE_BODY),
+    MessageType.DEVICES_DONE: (_U16.size, _U16.size + MAX_DEVICES * _DEVICE_DONE.size),
     MessageType.RESUMED: (_RESUMED.size + _U16.size, _RESUMED.size + _STRING_FIELD),
     MessageType.ABORT: (_U16.size + _U16.size, _U16.size + _STRING_FIELD),
     MessageType.PING: (_U64.size, _U64.size),

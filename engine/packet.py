@@ -81,8 +81,12 @@ class HelloRole(enum.IntEnum):
 class PacketKind(enum.IntEnum):
     RAM_PAGES = 1
     SYNC = 2
-    DEVICE_STATE = 3  # reserved: refused until the device-state client defines it
+    DEVICE_STATE = 3
     END = 4
+
+
+class DeviceFlags(enum.IntFlag):
+    END = 1  # the device's last chunk: its config part, loaded after every other
 
 
 class RunFlags(enum.IntFlag):
@@ -132,7 +136,14 @@ _RAM_PAGES_MAX_HEADER: Final = _RAM_PAGES.size + _RUN.size * MAX_PACKET_PAGES
 _ROLES: Final = {role.value: role for role in HelloRole}
 _KINDS: Final = {kind.value: kind for kind in PacketKind}
 # Common-header flag bits each kind may carry; version 1 defines none.
-_PACKET_FLAGS: Final = {PacketKind.RAM_PAGES: 0, PacketKind.SYNC: 0, PacketKind.END: 0}
+_PACKET_FLAGS: Final = {PacketKind.RAM_PAGES: 0, PacketKind.SYNC: 0, PacketKind.END: 0,
+                        PacketKind.DEVICE_STATE: int(DeviceFlags.END)}
+#: The largest chunk of device state one packet carries; longer chunks are split.
+MAX_DEVICE_CHUNK: Final = 1 << 20
+
+# DEVICE_STATE kind header, fixed part, 12 bytes (the idstr follows)
+#  0 instance_id u32 | 4 chunk_index u32 | 8 reserved u16 | 10 reserved u8 | 11 idstr_length u8
+_DEVICE_STATE = struct.Struct(">IIHBB")
 
 
 # ── hello ─────────────────────────────────────────────────────────────────────
@@ -303,7 +314,23 @@ class EndPacket:
     epoch: int
 
 
-Packet: TypeAlias = RamPagesHeader | SyncPacket | EndPacket
+@dataclass(frozen=True, slots=True)
+class DeviceChunkHeader:
+    """One chunk of a device's state stream: chunk ``index`` of (idstr, instance_id).
+
+    Chunks 0, 1, … carry the state in order; the one with ``end`` set is the
+    device's config part and comes last.
+    """
+
+    sequence: int
+    idstr: str
+    instance_id: int
+    index: int
+    end: bool
+    payload_length: int
+
+
+Packet: TypeAlias = RamPagesHeader | SyncPacket | EndPacket | DeviceChunkHeader
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +432,31 @@ def encode_end(sequence: int, epoch: int) -> bytes:
     return _encode_epoch_packet(PacketKind.END, sequence, epoch)
 
 
+def encode_device_state(
+    sequence: int, idstr: str, instance_id: int, index: int, end: bool, payload_length: int
+) -> bytes:
+    """The header of one device-state chunk (the caller sends the chunk after it).
+
+    Raises LocalProtocolError for an idstr that is not 1..255 UTF-8 bytes, numbers
+    out of range, a chunk over MAX_DEVICE_CHUNK, or an empty chunk without END.
+    """
+    try:
+        name = idstr.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise LocalProtocolError(f"device idstr {idstr!r} is not UTF-8") from error
+    if not 1 <= len(name) <= 255:
+        raise LocalProtocolError(f"device idstr {idstr!r} is not 1..255 bytes")
+    if not 0 <= payload_length <= MAX_DEVICE_CHUNK or (payload_length == 0 and not end):
+        raise LocalProtocolError(f"device chunk of {payload_length} bytes (END {end})")
+    try:
+        kind_header = _DEVICE_STATE.pack(instance_id, index, 0, 0, len(name)) + name
+        return _PACKET_HEADER.pack(PACKET_MAGIC, PacketKind.DEVICE_STATE,
+                                   DeviceFlags.END if end else 0, len(kind_header),
+                                   payload_length, sequence) + kind_header
+    except struct.error as error:
+        raise LocalProtocolError(f"cannot encode a device chunk: {error}") from error
+
+
 # ── decoding ──────────────────────────────────────────────────────────────────
 
 
@@ -422,8 +474,6 @@ def decode_packet_header(data: Buffer) -> PacketHeader:
     magic, kind_id, flags, header_length, payload_length, sequence = _PACKET_HEADER.unpack(data)
     if magic != PACKET_MAGIC:
         raise RemoteProtocolError(f"wrong packet magic 0x{magic:08x}")
-    if kind_id == PacketKind.DEVICE_STATE:
-        raise RemoteProtocolError("device-state packets are not enabled")
     kind = _KINDS.get(kind_id)
     if kind is None:
         raise RemoteProtocolError(f"unknown packet kind {kind_id}")
@@ -433,6 +483,11 @@ def decode_packet_header(data: Buffer) -> PacketHeader:
         if (not _RAM_PAGES_MIN_HEADER <= header_length <= _RAM_PAGES_MAX_HEADER
                 or (header_length - _RAM_PAGES.size) % _RUN.size):
             raise RemoteProtocolError(f"RAM_PAGES header_length {header_length} is not 12 + 8 × n_runs")
+    elif kind is PacketKind.DEVICE_STATE:
+        if not _DEVICE_STATE.size + 1 <= header_length <= _DEVICE_STATE.size + 255:
+            raise RemoteProtocolError(f"DEVICE_STATE header_length {header_length} is not 12 + idstr")
+        if payload_length > MAX_DEVICE_CHUNK:
+            raise RemoteProtocolError(f"device chunk of {payload_length} bytes exceeds {MAX_DEVICE_CHUNK}")
     else:
         if header_length != _EPOCH.size:
             raise RemoteProtocolError(f"{kind.name} header_length {header_length} is not 8")
@@ -540,6 +595,32 @@ def decode_end(
     return EndPacket(header.sequence, epoch)
 
 
+def decode_device_state(
+    header: PacketHeader, body: Buffer, expected_sequence: int
+) -> DeviceChunkHeader:
+    """Check and decode a DEVICE_STATE kind header.
+
+    Raises RemoteProtocolError for a wrong sequence, nonzero reserved bytes, an
+    idstr whose length disagrees with ``header_length`` or that is not UTF-8, or
+    an empty chunk that is not the END chunk.  Whether the device exists, and
+    whether its index is new, is the receiver's to check.
+    """
+    _check_kind_header(header, body, PacketKind.DEVICE_STATE, expected_sequence)
+    instance_id, index, reserved, reserved2, name_length = _DEVICE_STATE.unpack_from(body)
+    if reserved or reserved2:
+        raise RemoteProtocolError("DEVICE_STATE reserved fields must be 0")
+    if name_length != header.header_length - _DEVICE_STATE.size:
+        raise RemoteProtocolError(f"idstr length {name_length} disagrees with header_length")
+    try:
+        idstr = bytes(body[_DEVICE_STATE.size:]).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RemoteProtocolError("device idstr is not valid UTF-8") from error
+    end = bool(header.flags & DeviceFlags.END)
+    if header.payload_length == 0 and not end:
+        raise RemoteProtocolError(f"empty chunk {index} of device {idstr!r} is not its END chunk")
+    return DeviceChunkHeader(header.sequence, idstr, instance_id, index, end, header.payload_length)
+
+
 def decode_packet(
     header: PacketHeader,
     body: Buffer,
@@ -557,6 +638,8 @@ def decode_packet(
         return decode_ram_pages(header, body, limits, expected_sequence, current_epoch)
     if header.kind is PacketKind.SYNC:
         return decode_sync(header, body, expected_sequence, current_epoch)
+    if header.kind is PacketKind.DEVICE_STATE:
+        return decode_device_state(header, body, expected_sequence)
     return decode_end(header, body, expected_sequence, current_epoch)
 
 

@@ -25,6 +25,8 @@ from engine.message import (
     Config,
     ConfigAck,
     DeviceSpec,
+    DeviceDone,
+    DevicesDone,
     Digests,
     Message,
     MessageDecoder,
@@ -38,8 +40,10 @@ from engine.message import (
 from engine.packet import (
     COMPRESSED_SLACK,
     HELLO_SIZE,
+    MAX_DEVICE_CHUNK,
     NEED_DATA,
     PAGE_SIZE,
+    DeviceChunkHeader,
     EndPacket,
     HelloRole,
     Packet,
@@ -50,6 +54,7 @@ from engine.packet import (
     decode_hello,
     decode_packet,
     decode_packet_header,
+    encode_device_state,
     encode_end,
     encode_hello,
     encode_ram_pages,
@@ -96,7 +101,14 @@ def ram_pages_ops(draw: st.DrawFn) -> Op:
     return ("ram", block, codec, tuple(runs), payload)
 
 
-channel_ops = st.lists(st.one_of(ram_pages_ops(), st.just(("sync",))), max_size=6)
+device_ops = st.builds(
+    lambda idstr, instance, index, end, payload: ("device", idstr, instance, index, end,
+                                                  payload if (payload or end) else b"x"),
+    st.text(min_size=1, max_size=12).filter(lambda t: len(t.encode()) <= 255),
+    st.integers(0, 0xFFFF_FFFF), st.integers(0, 0xFFFF_FFFF), st.booleans(),
+    st.binary(max_size=40),
+)
+channel_ops = st.lists(st.one_of(ram_pages_ops(), st.just(("sync",)), device_ops), max_size=6)
 
 
 def build_stream(ops: list[Op], end: bool) -> tuple[bytes, int]:
@@ -107,6 +119,10 @@ def build_stream(ops: list[Op], end: bool) -> tuple[bytes, int]:
         if op[0] == "sync":
             parts.append(encode_sync(sequence, epoch))
             epoch += 1
+        elif op[0] == "device":
+            _, idstr, instance, index, end_flag, payload = op
+            parts += (encode_device_state(sequence, idstr, instance, index, end_flag, len(payload)),
+                      payload)
         else:
             _, block, codec, runs, payload = op
             if codec == 0:
@@ -133,6 +149,11 @@ def check_packet(record: Packet, payload: bytes, sequence: int, epoch: int) -> b
     if isinstance(record, EndPacket):
         assert record.epoch == epoch - 1 and payload == b""
         return encode_end(record.sequence, record.epoch)
+    if isinstance(record, DeviceChunkHeader):
+        assert record.payload_length == len(payload) <= MAX_DEVICE_CHUNK
+        assert 1 <= len(record.idstr.encode()) <= 255 and (payload or record.end)
+        return encode_device_state(record.sequence, record.idstr, record.instance_id,
+                                   record.index, record.end, record.payload_length) + payload
     assert isinstance(record, RamPagesHeader)
     assert record.epoch == epoch and record.codec in (0, LIMITS.codec)
     assert 1 <= len(record.runs) <= LIMITS.packet_pages
@@ -336,6 +357,9 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.just(Switchover()),
     completes,
     digest_lists,
+    st.builds(DevicesDone, st.lists(st.builds(DeviceDone, st.integers(1, 0xFFFF_FFFF), U64,
+                                              st.binary(min_size=32, max_size=32)),
+                                    max_size=3).map(tuple)),
     st.builds(Resumed, U64, U64, st.integers(0, 2), TEXT),
     st.builds(Abort, st.integers(1, 2), TEXT),
     st.builds(Ping, U64),

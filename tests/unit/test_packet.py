@@ -30,6 +30,8 @@ from engine.message import (
     Config,
     ConfigAck,
     DeviceSpec,
+    DeviceDone,
+    DevicesDone,
     Digests,
     Message,
     MessageDecoder,
@@ -57,12 +59,15 @@ from engine.packet import (
     PageRun,
     RamPagesHeader,
     SyncPacket,
+    DeviceChunkHeader,
+    decode_device_state,
     decode_end,
     decode_hello,
     decode_packet,
     decode_packet_header,
     decode_ram_pages,
     decode_sync,
+    encode_device_state,
     encode_end,
     encode_hello,
     encode_ram_pages,
@@ -275,6 +280,71 @@ def test_end_golden() -> None:
     assert decode_packet(header, END[16:], LIMITS, 9, 4) == EndPacket(9, 3)
 
 
+# DEVICE_STATE chunk 7 of ("nic", 2), 1000 bytes of state, sequence 5:
+#  common: magic, kind 3, flags 0, header_length 15, payload_length 1000, sequence 5
+#  kind:   instance_id 2, chunk_index 7, reserved 0, reserved 0, idstr length 3, "nic"
+DEVICE_CHUNK = h("4d464450" "03" "00" "000f" "000003e8" "00000005"
+                 "00000002" "00000007" "0000" "00" "03" "6e6963")
+# The END chunk (the config part, here empty) of ("vga", 0), index 12:
+DEVICE_END = h("4d464450" "03" "01" "000f" "00000000" "00000006"
+               "00000000" "0000000c" "0000" "00" "03" "766761")
+
+
+def common_header_device(payload_length: int) -> bytes:
+    return struct.pack(">IBBHII", 0x4D464450, 3, 0, 15, payload_length, 5)
+
+
+def test_device_state_golden() -> None:
+    assert encode_device_state(5, "nic", 2, 7, False, 1000) == DEVICE_CHUNK
+    header = decode_packet_header(DEVICE_CHUNK[:16])
+    assert header == PacketHeader(PacketKind.DEVICE_STATE, 0, 15, 1000, 5)
+    assert decode_device_state(header, DEVICE_CHUNK[16:], 5) == DeviceChunkHeader(5, "nic", 2, 7, False, 1000)
+    assert decode_packet(header, DEVICE_CHUNK[16:], LIMITS, 5, 1) == DeviceChunkHeader(5, "nic", 2, 7, False, 1000)
+    assert encode_device_state(6, "vga", 0, 12, True, 0) == DEVICE_END
+    header = decode_packet_header(DEVICE_END[:16])
+    assert decode_device_state(header, DEVICE_END[16:], 6) == DeviceChunkHeader(6, "vga", 0, 12, True, 0)
+
+
+@pytest.mark.parametrize(
+    ("wire", "match"),
+    [
+        pytest.param(DEVICE_CHUNK[:16] + h("00000002" "00000007" "0001" "00" "03") + b"nic",
+                     "reserved", id="reserved"),
+        pytest.param(DEVICE_CHUNK[:16] + h("00000002" "00000007" "0000" "00" "02") + b"nic",
+                     "idstr length 2", id="idstr-length"),
+        pytest.param(DEVICE_CHUNK[:16] + h("00000002" "00000007" "0000" "00" "03") + b"\xff\xfeA",
+                     "not valid UTF-8", id="idstr-utf8"),
+        pytest.param(common_header_device(payload_length=0) + h("00000002" "00000007" "0000" "00" "03")
+                     + b"nic", "is not its END chunk", id="empty-not-end"),
+    ],
+)
+def test_device_state_refused(wire: bytes, match: str) -> None:
+    header = decode_packet_header(wire[:16])
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode_device_state(header, wire[16:], 5)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (("", 0, 0, False, 10), "1..255"),
+    (("x" * 256, 0, 0, False, 10), "1..255"),
+    (("nic", 0, 0, False, 0), "END False"),
+    (("nic", 0, 0, True, (1 << 20) + 1), "bytes"),
+    (("nic", -1, 0, False, 10), "cannot encode"),
+])
+def test_device_state_encoder_refuses(args: tuple, match: str) -> None:
+    with pytest.raises(LocalProtocolError, match=match):
+        encode_device_state(0, *args)
+
+
+def test_device_chunks_in_the_stream_decoder() -> None:
+    decoder = PacketDecoder(LIMITS)
+    decoder.receive_data(encode_device_state(0, "nic", 2, 7, False, 3) + b"abc"
+                         + encode_device_state(1, "nic", 2, 8, True, 0) + encode_end(2, 0))
+    assert decoder.next_packet() == (DeviceChunkHeader(0, "nic", 2, 7, False, 3), b"abc")
+    assert decoder.next_packet() == (DeviceChunkHeader(1, "nic", 2, 8, True, 0), b"")
+    assert decoder.next_packet() == (EndPacket(2, 0), b"")
+
+
 def common_header(kind: int = 1, flags: int = 0, header_length: int = 20,
                   payload_length: int = 0, sequence: int = 0,
                   magic: int = 0x4D464450) -> bytes:
@@ -285,8 +355,14 @@ def common_header(kind: int = 1, flags: int = 0, header_length: int = 20,
     ("data", "match"),
     [
         pytest.param(common_header(magic=0x4D464448), "wrong packet magic", id="magic"),
-        pytest.param(common_header(kind=3), "device-state packets are not enabled",
-                     id="device-state"),
+        pytest.param(common_header(kind=3, header_length=12), "DEVICE_STATE header_length 12",
+                     id="device-no-idstr"),
+        pytest.param(common_header(kind=3, header_length=12 + 256), "DEVICE_STATE header_length 268",
+                     id="device-idstr-too-long"),
+        pytest.param(common_header(kind=3, header_length=15, payload_length=(1 << 20) + 1),
+                     "exceeds 1048576", id="device-chunk-too-big"),
+        pytest.param(common_header(kind=3, header_length=15, flags=2), "unknown DEVICE_STATE flags",
+                     id="device-flags"),
         pytest.param(common_header(kind=0), "unknown packet kind 0", id="kind-0"),
         pytest.param(common_header(kind=5), "unknown packet kind 5", id="kind-5"),
         pytest.param(common_header(flags=1), "unknown RAM_PAGES flags", id="ram-flags"),
@@ -652,6 +728,10 @@ MESSAGE_VECTORS = [
     pytest.param(Digests(1 << 20, (b"\x11" * 32, b"\x22" * 32)),
                  "000b" "0000" "00000048" "00100000" "00000002"
                  + "11" * 32 + "22" * 32, id="digests"),
+    pytest.param(DevicesDone((DeviceDone(3, 1000, b"\x33" * 32),)),
+                 "000c" "0000" "0000002e" "0001" "00000003" "00000000000003e8" + "33" * 32,
+                 id="devices-done"),
+    pytest.param(DevicesDone(()), "000c" "0000" "00000002" "0000", id="devices-done-none"),
     pytest.param(Resumed(1500, 250000, Verification.EQUAL, ""),
                  "0007" "0000" "00000013" "00000000000005dc" "000000000003d090" "01" "0000",
                  id="resumed"),
@@ -740,7 +820,9 @@ def test_config_body_helper_matches_golden() -> None:
     [
         # header
         pytest.param(message(0, b""), "unknown message type 0", id="type-0"),
-        pytest.param(message(12, b""), "unknown message type 12", id="type-12"),
+        pytest.param(message(13, b""), "unknown message type 13", id="type-13"),
+        pytest.param(message(12, h("0002") + bytes(44)), "n_devices 2 disagrees", id="devices-done-short"),
+        pytest.param(message(12, h("0001") + bytes(44)), "counts no chunk", id="devices-done-zero"),
         pytest.param(message(3, b"", flags=1), "flags must be 0", id="flags"),
         pytest.param(message(6, b"", length=MAX_MESSAGE_BODY + 1), "exceeds", id="over-16MiB"),
         pytest.param(message(9, b"\0" * 7), "PING body_length 7", id="short-fixed"),
