@@ -24,7 +24,7 @@ import os
 import select
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Self
 
@@ -132,7 +132,8 @@ class ChannelSpec:
     codec: str = "none"
     codec_level: int | None = None
     zero_page_detection: bool = False
-    options: dict[str, object] = field(default_factory=dict)
+    delivery_slots: int = 0                       # destination: slots per channel (Deliveries)
+    devices: tuple[tuple[str, int], ...] = ()     # CONFIG's device table: (idstr, instance_id)
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,55 @@ class _SendChannel(_Channel):
         self.sequence += 1
 
 
+class Deliveries:
+    """Hands payloads from a destination channel to the main process (for clients
+    whose payload is consumed there, such as device state).
+
+    Each channel owns a few slots of the destination's slot table.  A payload is
+    received straight into a free one and announced with DELIVERED(kind, slot);
+    the main process copies it out and answers RETURN(slot).  With every slot
+    out, the channel waits for a RETURN before it reads on: back-pressure.
+    """
+
+    def __init__(self, channel: _RecvChannel, indices: range) -> None:
+        self._channel = channel
+        self._free = list(indices)
+
+    def take(self) -> SendSlot:
+        """A free slot, waiting for one to come back if none is."""
+        slots = self._channel.ctx.slots
+        assert slots is not None
+        while not self._free:
+            self._channel.wait_control("a delivery slot to come back")
+        return slots[self._free.pop()]
+
+    def deliver(self, kind: int, slot: SendSlot) -> None:
+        post(self._channel.ctrl, ControlOp.DELIVERED, slot.index, kind=kind)
+
+    def returned(self, index: int) -> None:
+        self._free.append(index)
+
+
 class _RecvChannel(_Channel):
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
+        super().__init__(spec, ctrl, data)
+        per_channel = spec.delivery_slots
+        first = spec.channel_id * per_channel
+        self.deliveries = Deliveries(self, range(first, first + per_channel))
+        self.ctx.deliveries = self.deliveries
+
+    def wait_control(self, what: str) -> ControlMessage:
+        """Block for the next control message, handling RETURN; QUIT or a cancel raise."""
+        ready = _wait_readable(self.ctrl, self.token)
+        if self.token in ready:
+            raise self.cancelled(f"cancelled while waiting for {what}")
+        message = read_control(self.ctrl)
+        if message is None or message.op is ControlOp.QUIT:
+            raise self.cancelled(f"stopped while waiting for {what}")
+        if message.op is ControlOp.RETURN:
+            self.deliveries.returned(message.a)
+        return message
+
     def serve(self) -> ChannelReport:
         receivers = {kind: payload_handlers(kind)[1](self.ctx) for kind in self.spec.payload_kinds}
         self.ready()
@@ -314,7 +363,7 @@ class _RecvChannel(_Channel):
                 sync = packet.decode_sync(header, body, self.sequence, self.epoch)
                 self.ctx.count(Counter.SYNCS, 1)
                 post(self.ctrl, ControlOp.AT_SYNC, sync.epoch)
-                _wait_release(self.ctrl, self.token, self.spec.channel_id, sync.epoch)
+                self._wait_release(sync.epoch)
                 self.epoch += 1
             elif header.kind == packet.PacketKind.END:
                 packet.decode_end(header, body, self.sequence, self.epoch)
@@ -329,15 +378,29 @@ class _RecvChannel(_Channel):
                 receiver.receive(header, body, self.conn, self.sequence, self.epoch)
             self.sequence += 1
 
+    def _wait_release(self, epoch: int) -> None:
+        """Block at the sync barrier until main sends RELEASE(epoch)."""
+        while True:
+            message = self.wait_control(f"sync {epoch} to be released")
+            if message.op is ControlOp.RELEASE:
+                if message.a != epoch:
+                    raise LocalProtocolError(f"RELEASE({message.a}) while waiting at sync {epoch}")
+                return
+            if message.op is not ControlOp.RETURN:
+                raise LocalProtocolError(f"recv channel at sync {epoch} got {message.op.name}")
+
     def _next_packet(self) -> tuple[packet.PacketHeader, bytes]:
         """The next packet's common and kind-specific headers (the payload stays unread)."""
-        ready = _wait_readable(self.data, self.ctrl, self.token)
-        if self.token in ready:
-            raise self.cancelled("cancelled")
-        if self.ctrl in ready:
-            # Nothing is expected from main here except QUIT (or its exit).
-            message = read_control(self.ctrl)
-            raise self.cancelled(f"stopped by main ({message.op.name if message else 'main went away'})")
+        while True:
+            ready = _wait_readable(self.data, self.ctrl, self.token)
+            if self.token in ready:
+                raise self.cancelled("cancelled")
+            if self.ctrl not in ready:
+                break
+            # Between packets main only returns delivery slots, or says QUIT.
+            message = self.wait_control("the next packet")
+            if message.op is not ControlOp.RETURN:
+                raise LocalProtocolError(f"recv channel got {message.op.name}")
         raw = self.conn.recv_exact_or_eof(packet.PACKET_HEADER_SIZE)
         if raw is None:
             raise TransportClosedError(
@@ -348,19 +411,3 @@ class _RecvChannel(_Channel):
         self.ctx.count(Counter.WIRE_BYTES, len(raw) + len(body) + header.payload_length)
         self.ctx.count(Counter.PACKETS, 1)
         return header, body
-
-
-def _wait_release(ctrl: socket.socket, token: object, channel_id: int, epoch: int) -> None:
-    """Block at the sync barrier until main sends RELEASE(epoch)."""
-    while True:
-        ready = _wait_readable(ctrl, token)
-        if token in ready:
-            raise CancelledError(f"channel {channel_id} cancelled at sync {epoch}")
-        message = read_control(ctrl)
-        if message is None or message.op is ControlOp.QUIT:
-            raise CancelledError(f"channel {channel_id} stopped at sync {epoch}")
-        if message.op is ControlOp.RELEASE:
-            if message.a != epoch:
-                raise LocalProtocolError(f"RELEASE({message.a}) while waiting at sync {epoch}")
-            return
-        raise LocalProtocolError(f"recv channel at sync got {message.op.name}")

@@ -13,6 +13,7 @@ line and exit non-zero; ``--json`` prints one JSON object on stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -102,6 +103,19 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
                    help="bytes/s over all channels together, e.g. 125M (default: no cap)")
 
 
+def _add_device_options(p: argparse.ArgumentParser, source: bool = True) -> None:
+    p.add_argument("--devices", type=int, default=0, help="demo devices to migrate (0)")
+    p.add_argument("--device-state", type=parse_size, default=parse_size("4M"),
+                   help="state size of each demo device (4M)")
+    if source:
+        p.add_argument("--device-save-latency", type=float, default=0.0,
+                       help="milliseconds each device takes to save, in all (0)")
+    p.add_argument("--device-load-latency", type=float, default=0.0,
+                   help="milliseconds each device takes to load, in all (0)")
+    p.add_argument("--device-load", choices=("parallel", "serial"), default="parallel",
+                   help="destination: load devices at once, or one after another")
+
+
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dump-dir", help="write the RAM images (source.ram / dest.ram) here")
@@ -116,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guest_options(demo)
     _add_migration_options(demo)
     demo.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    _add_device_options(demo)
     _add_output_options(demo)
 
     listen = sub.add_parser("listen", help="destination: receive one migration")
@@ -125,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for a source")
     listen.add_argument("--run-after", type=float, default=0.0,
                         help="after resume, run the guest (incrementer) for this many seconds")
+    _add_device_options(listen, source=False)
     _add_output_options(listen)
 
     migrate = sub.add_parser("migrate", help="source: migrate a synthetic guest to a listener")
@@ -132,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--secret-file")
     _add_guest_options(migrate)
     _add_migration_options(migrate)
+    _add_device_options(migrate)
     _add_output_options(migrate)
     return parser
 
@@ -172,6 +189,13 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
         f"{_human(result.throughput_bytes_per_s)}/s on the wire",
         f"memory verified  {verified}" + (f" — {result.verify_detail}" if result.verify_detail else ""),
     ]
+    for device in result.extra.get("devices", []):
+        verified = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]
+        lines.append(
+            f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
+            f"{device['chunks']} chunks, saved in {device['save_ms']:.0f} ms, "
+            f"loaded in {device['load_ms']:.0f} ms {verified}".rstrip()
+        )
     for key, value in (extra or {}).items():
         lines.append(f"{key:<16} {value}")
     print("\n".join(lines))
@@ -232,15 +256,19 @@ def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    from clients.devices import demo_devices
     from clients.guest import SyntheticGuest
     from engine.destination import DestinationMigration
     from engine.shm import GuestRAM
 
     secret = _secret(args)
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
+    devices = demo_devices(args.devices, args.device_state, load_latency_s=args.device_load_latency / 1000,
+                           with_state=False)
     destination = DestinationMigration(
         args.address, secret=secret, ram=ram, dump_dir=args.dump_dir,
         accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
+        devices=devices, device_load=args.device_load,
     )
     signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
     print(f"LISTENING {destination.address}", flush=True)
@@ -264,6 +292,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationResult:
+    from clients.devices import demo_devices
     from clients.guest import SyntheticGuest, fill_ram
     from engine.shm import GuestRAM
     from engine.source import SourceMigration
@@ -274,9 +303,11 @@ def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationRe
         guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
         guest.start()
         try:
+            devices = demo_devices(args.devices, args.device_state,
+                                   save_latency_s=args.device_save_latency / 1000)
             source = SourceMigration(
                 ram, to, secret=secret, config=config, pause_guest=guest.pause,
-                resume_guest=guest.resume, dump_dir=args.dump_dir,
+                resume_guest=guest.resume, dump_dir=args.dump_dir, devices=devices,
             )
             source.start()
             return _wait_with_progress(source, _Progress(sys.stdout.isatty() and not args.json))
@@ -295,7 +326,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
         address = f"unix://{tmp}/migration.sock" if args.transport == "unix" else "tcp://127.0.0.1:0"
         command = [sys.executable, "-m", "engine.cli", "listen", "--address", address,
-                   "--ram", str(args.ram), "--json", "--accept-timeout", "60"]
+                   "--ram", str(args.ram), "--json", "--accept-timeout", "60",
+                   "--devices", str(args.devices), "--device-state", str(args.device_state),
+                   "--device-load-latency", str(args.device_load_latency),
+                   "--device-load", args.device_load]
         if args.dump_dir:
             command += ["--dump-dir", args.dump_dir]
         env = dict(os.environ, **{SECRET_ENV: secret.decode()})
@@ -312,10 +346,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 destination.wait(timeout=10)
             if destination.stdout:
                 destination.stdout.close()
+    result = _merge_devices(result, remote)
     _emit(args, result, {"destination": remote} if args.json else {
         "dest downtime": f"{remote.get('downtime_ms', 0):.1f} ms (destination's share)",
     })
     return 0 if result.verified is not False else 1
+
+
+def _merge_devices(result: MigrationResult, remote: dict[str, Any]) -> MigrationResult:
+    """The source knows what each device saved; the destination what it loaded."""
+    if "devices" not in result.extra:
+        return result
+    loaded = {(d["idstr"], d["instance_id"]): d for d in remote.get("devices", [])}
+    devices = []
+    for device in result.extra["devices"]:
+        theirs = loaded.get((device["idstr"], device["instance_id"]), {})
+        devices.append({**device, "load_ms": theirs.get("load_ms", 0.0),
+                        "verified": theirs.get("verified")})
+    extra = {**result.extra, "devices": devices,
+             "devices_verified": remote.get("devices_verified")}
+    return dataclasses.replace(result, extra=extra)
 
 
 def _read_listening(process: subprocess.Popen) -> str:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
 
 from engine import codecs, packet
 from engine import message as wire
 from engine.channel import ChannelSpec, run_recv_channel
+from engine.device import DeviceLoading, DeviceReport, MigratableDevice, device_key
 from engine.errors import (
     ConfigError,
     HandshakeError,
@@ -39,14 +40,20 @@ from engine.errors import (
 )
 from engine.migration import Migration, MigrationConfig
 from engine.multifd import MultifdReceiver
+from engine.payload import payload_entry
+from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
-from engine.stats import MigrationResult, StatsTracker
+from engine.stats import MigrationResult, StatsTracker, device_extra
 from engine.sync import MigrationEvent, MigrationState, wait_any
 from engine.transport import Connection, listen
 from engine.verify import compare_digests, dump_ram, ram_digests
 
 log = logging.getLogger("multifd.destination")
+
+# Slots per channel for handing device chunks to this process (engine/channel.py
+# Deliveries): one being filled while the main process copies the other out.
+DELIVERY_SLOTS = 2
 
 M = TypeVar("M")
 
@@ -77,6 +84,9 @@ class DestinationMigration(Migration):
         accept_timeout_s: float | None = None,
         ram_is_zeroed: bool = False,
         accept_codecs: tuple[str, ...] | None = None,
+        devices: Sequence[MigratableDevice] = (),
+        device_load: Literal["parallel", "serial"] = "parallel",
+        max_device_buffer: int = 64 << 20,
     ) -> None:
         super().__init__(config or MigrationConfig(), secret)
         self.ram = ram
@@ -88,6 +98,16 @@ class DestinationMigration(Migration):
         # RAM created here is zero; RAM handed in is only if the caller says so.
         self.ram_is_zeroed = ram_is_zeroed or ram is None
         self.accept_codecs = accept_codecs  # None: every codec this side has
+        self.devices = {device_key(device): device for device in devices}
+        if len(self.devices) != len(devices):
+            raise ConfigError("two devices share an (idstr, instance_id)")
+        if device_load not in ("parallel", "serial"):
+            raise ConfigError("device_load must be 'parallel' or 'serial'")
+        self.device_load = device_load
+        self.max_device_buffer = max_device_buffer
+        self._device_pool: WorkerPool | None = None
+        self._loader: DeviceLoading | None = None
+        self.device_reports: list[DeviceReport] = []
         self._listener = listen(address)
         self.address = self._listener.address
         self.negotiated: wire.Config | None = None
@@ -146,9 +166,14 @@ class DestinationMigration(Migration):
         self._send_message(wire.ConfigAck(0, ""))
 
         conns = self._accept_channels(hello)
-        # Destination slots carry no pages; the table holds the channels' counters.
+        # Destination slots carry no pages: they deliver device chunks to this
+        # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
+        devices = [self.devices[(d.idstr, d.instance_id)] for d in config.devices]
+        per_channel = DELIVERY_SLOTS if devices else 0
         self._slots = SlotTable.create(
-            n_slots=1, max_items=1, payload_capacity=0, n_channels=config.channel_count
+            n_slots=max(1, per_channel * config.channel_count), max_items=1,
+            payload_capacity=packet.MAX_DEVICE_CHUNK if devices else 0,
+            n_channels=config.channel_count,
         )
         self.tracker = StatsTracker(self.ram.size, PAGE_SIZE)
         self.tracker.slots = self._slots
@@ -163,13 +188,30 @@ class DestinationMigration(Migration):
             channel_id=0, n_channels=config.channel_count, ram=self.ram.handle,
             slots=self._slots.handle, packet_pages=config.packet_pages,
             codec=config.codec, zero_page_detection=config.zero_page_detection,
+            delivery_slots=per_channel,
+            devices=tuple((d.idstr, d.instance_id) for d in config.devices),
+            payload_kinds=(packet.PacketKind.RAM_PAGES,)
+            + ((packet.PacketKind.DEVICE_STATE,) if devices else ()),
         )
         self._start_channels(run_recv_channel, conns, spec)
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
         self._listener.close()  # every channel joined: nobody else may connect
         self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s)
+        if devices:
+            self._start_device_loader(devices)
         self._send_message(wire.ChannelsReady())
         conn.settimeout(None)
+
+    def _start_device_loader(self, devices: list[MigratableDevice]) -> None:
+        """Chunks delivered by the channels go to the device-state client's loader."""
+        assert self._receiver is not None and self._slots is not None
+        workers = len(devices) if self.device_load == "parallel" else 1
+        self._device_pool = WorkerPool("thread", workers, name="mfd-dst-devices")
+        make_loader = payload_entry(packet.PacketKind.DEVICE_STATE).sink
+        assert make_loader is not None
+        self._loader = make_loader(devices, self._slots, self._device_pool, self.latch,
+                                   self.max_device_buffer)
+        self._receiver.on_delivery(packet.PacketKind.DEVICE_STATE, self._loader.on_delivered)
 
     def _check_config(self, config: wire.Config, hello: packet.ChannelHello) -> str:
         if config.channel_count != hello.channel_count:
@@ -178,8 +220,11 @@ class DestinationMigration(Migration):
             return f"compression {config.codec!r} is not available on this destination"
         if self.accept_codecs is not None and config.codec not in self.accept_codecs:
             return f"compression {config.codec!r} is not accepted here ({', '.join(self.accept_codecs)} are)"
-        if config.devices:
-            return "the source migrates devices this destination does not have"
+        theirs = {(d.idstr, d.instance_id) for d in config.devices}
+        for idstr, instance in sorted(theirs - set(self.devices)):
+            return f"device {idstr!r}/{instance} is on the source only"
+        for idstr, instance in sorted(set(self.devices) - theirs):
+            return f"device {idstr!r}/{instance} is on the destination only: it would get no state"
         layout = tuple((b.name, b.size) for b in config.blocks)
         if self.ram is not None and layout != self.ram.layout:
             return f"RAM layout differs: source {list(layout)}, destination {list(self.ram.layout)}"
@@ -218,6 +263,7 @@ class DestinationMigration(Migration):
         receiver = self._receiver
         assert receiver is not None and self._conn is not None
         t_switchover: float | None = None
+        devices_done: wire.DevicesDone | None = None
         rounds = 0
         while True:
             message = self._main_decoder.next_message()
@@ -243,10 +289,17 @@ class DestinationMigration(Migration):
                 self._machine.fire(MigrationEvent.SWITCHOVER)
                 assert self.tracker is not None
                 self.tracker.state = "switchover"
+            elif isinstance(message, wire.DevicesDone):
+                if t_switchover is None or devices_done is not None:
+                    raise RemoteProtocolError("DEVICES_DONE out of place")
+                devices_done = message
             elif isinstance(message, wire.Complete):
                 if t_switchover is None:
                     raise RemoteProtocolError("COMPLETE before SWITCHOVER")
-                return self._complete(message, t_start, t_setup, t_switchover, rounds)
+                if (devices_done is None) != (self._loader is None):
+                    raise RemoteProtocolError("COMPLETE without DEVICES_DONE, or DEVICES_DONE "
+                                              "without devices")
+                return self._complete(message, t_start, t_setup, t_switchover, rounds, devices_done)
             elif isinstance(message, wire.Abort):
                 raise self._peer_error(message)
             else:
@@ -254,7 +307,7 @@ class DestinationMigration(Migration):
 
     def _complete(
         self, message: wire.Complete, t_start: float, t_setup: float, t_switchover: float,
-        rounds: int,
+        rounds: int, devices_done: wire.DevicesDone | None,
     ) -> MigrationResult:
         assert self._receiver is not None and self.ram is not None
         self._receiver.wait_all_ended()
@@ -263,6 +316,9 @@ class DestinationMigration(Migration):
             raise RemoteProtocolError(
                 f"COMPLETE for epoch {message.final_epoch}, channels ended after {last_epoch}"
             )
+        if self._loader is not None and devices_done is not None:
+            # Every chunk is delivered (END on every channel): wait for the loads.
+            self.device_reports = self._loader.wait_loaded(devices_done.devices)
         t_ready = time.perf_counter()
         verify_s, verified = 0.0, 0
         if message.digests_follow:
@@ -299,6 +355,7 @@ class DestinationMigration(Migration):
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
             channel_memory_kib=self._channel_memory(),
+            extra=device_extra(self.device_reports),
         )
 
     # -- helpers -----------------------------------------------------------
@@ -353,6 +410,10 @@ class DestinationMigration(Migration):
 
     def _teardown(self) -> None:
         super()._teardown()
+        if self._device_pool is not None:
+            failed = self._machine.state is not MigrationState.COMPLETED
+            self._step("stop the device loads", self._device_pool.shutdown, wait=True, cancel=failed)
+            self._device_pool = None
         self._step("stop listening", self._listener.close)
         failed = self._machine.state is not MigrationState.COMPLETED
         if failed and self._owns_ram and self.ram is not None:

@@ -31,7 +31,7 @@ from engine.slots import Counter, SendSlot, SlotTable
 from engine.transport import Buffer, Connection
 
 if TYPE_CHECKING:
-    from engine.channel import ChannelSpec
+    from engine.channel import ChannelSpec, Deliveries
 
 
 class ChannelContext:
@@ -44,6 +44,8 @@ class ChannelContext:
         self.counters: np.ndarray = (
             slots.counters[spec.channel_id] if slots is not None else np.zeros(len(Counter), "<u8")
         )
+        # Destination channels: how payloads consumed in the main process get there.
+        self.deliveries: Deliveries | None = None
 
     def count(self, counter: Counter, value: int) -> None:
         self.counters[counter] += value
@@ -104,7 +106,8 @@ ClientFactory = Callable[..., Any]
 class PayloadEntry:
     sender: SenderFactory
     receiver: ReceiverFactory
-    client: ClientFactory | None = None
+    client: ClientFactory | None = None   # source main process: produces the payloads
+    sink: ClientFactory | None = None     # destination main process: consumes deliveries
 
 
 _PAYLOADS: dict[int, PayloadEntry] = {}
@@ -120,9 +123,10 @@ def register_payload(
     sender: SenderFactory,
     receiver: ReceiverFactory,
     client: ClientFactory | None = None,
+    sink: ClientFactory | None = None,
 ) -> None:
     """Register the handlers of a payload kind (a client module calls this on import)."""
-    _PAYLOADS[int(kind)] = PayloadEntry(sender, receiver, client)
+    _PAYLOADS[int(kind)] = PayloadEntry(sender, receiver, client, sink)
 
 
 def payload_entry(kind: int) -> PayloadEntry:

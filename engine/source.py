@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from engine import codecs, packet
 from engine import message as wire
 from engine.channel import ChannelSpec, run_send_channel
+from engine.device import DeviceReport, DeviceSaving, MigratableDevice, device_key
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -45,8 +46,8 @@ from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
-from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, Signal, wait_any
+from engine.stats import MigrationResult, StatsTracker, device_extra
+from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
 from engine.transport import Connection, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
 
@@ -79,9 +80,13 @@ class SourceMigration(Migration):
         pause_guest: Callable[[], None] | None = None,
         resume_guest: Callable[[], None] | None = None,
         dump_dir: str | None = None,
+        devices: Sequence[MigratableDevice] = (),
     ) -> None:
         super().__init__(config or MigrationConfig(), secret)
         self.ram = ram
+        self.devices = list(devices)
+        self._device_pool: WorkerPool | None = None
+        self.device_reports: list[DeviceReport] = []
         self.to = to
         self._pause_guest = pause_guest
         self._resume_guest = resume_guest
@@ -148,6 +153,7 @@ class SourceMigration(Migration):
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
             channel_memory_kib=self._channel_memory(),
+            extra=device_extra(self.device_reports),
         )
 
     def _setup(self) -> None:
@@ -168,8 +174,11 @@ class SourceMigration(Migration):
         if ack.status != 0:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
 
+        # N channel slots + one for the RAM client + one per device save job,
+        # each big enough for a device chunk when there are devices.
         self._slots = SlotTable.create(
-            n_slots=cfg.channels + 1, max_items=cfg.packet_pages, payload_capacity=0,
+            n_slots=cfg.channels + 1 + len(self.devices), max_items=cfg.packet_pages,
+            payload_capacity=packet.MAX_DEVICE_CHUNK if self.devices else 0,
             n_channels=cfg.channels,
         )
         assert self.tracker is not None
@@ -191,6 +200,7 @@ class SourceMigration(Migration):
             slots=self._slots.handle, packet_pages=cfg.packet_pages,
             codec=cfg.compression, codec_level=cfg.compression_level,
             zero_page_detection=cfg.zero_page_detection,
+            payload_kinds=self._payload_kinds(), devices=self._device_table(),
         )
         self._start_channels(run_send_channel, conns, spec)
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
@@ -199,12 +209,14 @@ class SourceMigration(Migration):
         self._rtt_s = self._measure_rtt()
         conn.settimeout(None)
         self._core = MultifdSender(
-            self._links, self._slots, n_clients=1, latch=self.latch,
+            self._links, self._slots, n_clients=1 + len(self.devices), latch=self.latch,
             marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
             stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
         )
         self._helpers = WorkerPool("thread", 2, name="mfd-src-helper")
         self._helpers.submit(self._read_return_path)
+        if self.devices:
+            self._device_pool = WorkerPool("thread", len(self.devices), name="mfd-src-devices")
 
     def _precopy(self, client: PrecopyClient) -> float:
         """Rounds until converged.  Returns the expected downtime (s) at switchover."""
@@ -257,9 +269,13 @@ class SourceMigration(Migration):
         t_pause = time.perf_counter()
         self._send_message(wire.Switchover())
         t_switchover_sent = time.perf_counter()
+        saver = self._start_device_saves()
         self.tracker.round += 1
         client.queue_dirty()
         client.flush()
+        if saver is not None:
+            done, self.device_reports = saver.wait(self.latch)
+            self._send_message(wire.DevicesDone(tuple(done)))
         self.tracker.remaining_pages = 0
         # No sync for the last round: END, after each channel's last pages, is
         # the barrier the destination waits for before it resumes.
@@ -283,6 +299,16 @@ class SourceMigration(Migration):
 
     # -- helpers -----------------------------------------------------------
 
+    def _start_device_saves(self) -> DeviceSaving | None:
+        """Every device saves at once, on the device pool, beside the last RAM round."""
+        if not self.devices:
+            return None
+        make_saver = payload_entry(packet.PacketKind.DEVICE_STATE).client
+        assert make_saver is not None and self._device_pool is not None
+        saver: DeviceSaving = make_saver(self.devices, self.core, RAM_CLIENT + 1, self._device_pool)
+        saver.start(self.latch)
+        return saver
+
     def _config_record(self) -> wire.Config:
         cfg = self.config
         return wire.Config(
@@ -293,8 +319,17 @@ class SourceMigration(Migration):
             codec=cfg.compression,
             codec_level=codecs.make_codec(cfg.compression, cfg.compression_level).level,
             blocks=tuple(wire.BlockSpec(name, size) for name, size in self.ram.layout),
-            devices=(),
+            devices=tuple(wire.DeviceSpec(idstr, instance) for idstr, instance in self._device_table()),
         )
+
+    def _device_table(self) -> tuple[tuple[str, int], ...]:
+        return tuple(device_key(device) for device in self.devices)
+
+    def _payload_kinds(self) -> tuple[int, ...]:
+        kinds = [packet.PacketKind.RAM_PAGES]
+        if self.devices:
+            kinds.append(packet.PacketKind.DEVICE_STATE)
+        return tuple(kinds)
 
     def _read_hello_reply(self) -> bytes:
         reply = b""
@@ -396,4 +431,8 @@ class SourceMigration(Migration):
         if self._helpers is not None:
             self._step("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
             self._helpers = None
+        if self._device_pool is not None:
+            failed = self._machine.state is not MigrationState.COMPLETED
+            self._step("stop the device save jobs", self._device_pool.shutdown, wait=True, cancel=failed)
+            self._device_pool = None
         self._step("close the resumed signal", self._resumed.close)

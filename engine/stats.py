@@ -159,3 +159,13 @@ class StatsTracker:
             remaining_bytes=self.remaining_pages * self.page_size,
             expected_downtime_ms=self.expected_downtime_s() * 1000,
         )
+
+
+def device_extra(reports: list[Any]) -> dict[str, Any]:
+    """The result's per-device section (DeviceReport objects), if there are devices."""
+    if not reports:
+        return {}
+    devices = [asdict(report) for report in reports]
+    verified = [d["verified"] for d in devices]
+    return {"devices": devices,
+            "devices_verified": None if None in verified else all(verified)}

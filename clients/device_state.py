@@ -1,0 +1,344 @@
+"""The device-state client: device streams as multifd payloads (seeds 000, 001, 003).
+
+Source, at switchover (guest paused)::
+
+    DeviceSaver: one save job per device on a thread pool, all at once
+        device.save_state() chunks ── ≤ 1 MiB pieces ──▶ the job's own client slot
+        ──▶ core.send() (the same slot swap as RAM) ──▶ any idle channel
+        save_config() ──▶ the END chunk; then (chunks, bytes, SHA-256) per device
+
+Channels: DeviceStateSender writes [header, slot payload]; DeviceStateReceiver
+checks the device is in CONFIG and receives the chunk straight into a delivery
+slot for the main process.
+
+Destination, main process::
+
+    DeviceLoader: chunks arrive in any order → per device, by index → when the
+        next index is there, a *drain* job for that device (at most one in flight
+        per device) loads every consecutive chunk it finds, the END chunk last
+
+No thread per device waits for chunks, so a bounded pool cannot deadlock; with
+one worker per device the devices load in parallel (``device_load="parallel"``),
+with one worker in all they load one after another (``"serial"``, to compare).
+Every malformed stream is a DeviceStateError: unknown device, duplicate index,
+chunk after the END chunk, too much buffered ahead, missing chunk at the end,
+a save or load that raises, a stream that hashes differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from engine import message as wire
+from engine import packet
+from engine.channel import ControlMessage, ControlOp
+from engine.device import DeviceReport, MigratableDevice
+from engine.errors import DeviceStateError, MigrationError, RemoteProtocolError
+from engine.multifd import ChannelLink, MultifdSender
+from engine.payload import ChannelContext, register_payload
+from engine.pool import WorkerPool
+from engine.slots import Counter, SendSlot, SlotTable
+from engine.sync import FailureLatch
+from engine.transport import Buffer, Connection
+
+CHUNK = packet.MAX_DEVICE_CHUNK
+
+
+# ---------------------------------------------------------------------------
+# Source, main process.
+
+
+class DeviceSaver:
+    """Saves every device in parallel on `pool`, each job filling its own client slot."""
+
+    def __init__(self, devices: Sequence[MigratableDevice], core: MultifdSender,
+                 first_client: int, pool: WorkerPool) -> None:
+        self.devices = list(devices)
+        self.core = core
+        self.first_client = first_client
+        self.pool = pool
+        self._futures: list[Future] = []
+        self._finished = threading.Condition()
+
+    def start(self, latch: FailureLatch) -> None:
+        """Submit one save job per device; a failed job fails the migration at once."""
+        latch.on_fail(self._wake)
+        for index, device in enumerate(self.devices):
+            future = self.pool.submit(self._save, index, device)
+            future.add_done_callback(lambda f: self._job_done(f, latch))
+            self._futures.append(future)
+
+    def wait(self, latch: FailureLatch) -> tuple[list[wire.DeviceDone], list[DeviceReport]]:
+        """Wait for every save job; per device, what DEVICES_DONE says and a report."""
+        with self._finished:
+            while not all(future.done() for future in self._futures):
+                latch.raise_if_failed()
+                self._finished.wait()
+        latch.raise_if_failed()
+        results = [future.result() for future in self._futures]
+        return [done for done, _ in results], [report for _, report in results]
+
+    def _job_done(self, future: Future, latch: FailureLatch) -> None:
+        if future.exception() is not None:
+            latch.fail(future.exception())  # type: ignore[arg-type]
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._finished:
+            self._finished.notify_all()
+
+    def _save(self, index: int, device: MigratableDevice) -> tuple[wire.DeviceDone, DeviceReport]:
+        client = self.first_client + index
+        digest = hashlib.sha256()
+        size = chunks = 0
+        busy = 0.0
+        try:
+            started = time.perf_counter()
+            state = iter(device.save_state())
+            while True:
+                chunk = next(state, None)
+                busy += time.perf_counter() - started
+                if chunk is None:
+                    break
+                for piece in _pieces(chunk):
+                    self._send(client, index, chunks, piece, end=False)
+                    digest.update(piece)
+                    size += len(piece)
+                    chunks += 1
+                started = time.perf_counter()
+            started = time.perf_counter()
+            config = bytes(device.save_config())
+            busy += time.perf_counter() - started
+        except MigrationError:
+            raise
+        except Exception as exc:
+            raise DeviceStateError(f"device {device.idstr!r}/{device.instance_id} failed to save: "
+                                   f"{exc}") from exc
+        if len(config) > CHUNK:
+            raise DeviceStateError(f"device {device.idstr!r}: config part over {CHUNK} bytes")
+        self._send(client, index, chunks, config, end=True)
+        digest.update(config)
+        size += len(config)
+        chunks += 1
+        report = DeviceReport(device.idstr, device.instance_id, size, chunks, save_ms=busy * 1000)
+        return wire.DeviceDone(chunks, size, digest.digest()), report
+
+    def _send(self, client: int, device: int, index: int, data: bytes | memoryview, end: bool) -> None:
+        slot = self.core.client_slot(client)
+        slot.kind = packet.PacketKind.DEVICE_STATE
+        slot.a0, slot.a1, slot.a2 = device, index, int(end)
+        slot.payload[:len(data)] = data
+        slot.payload_length = len(data)
+        self.core.send(client)
+
+
+def _pieces(chunk: bytes) -> list[memoryview]:
+    view = memoryview(chunk).cast("B")
+    return [view[at:at + CHUNK] for at in range(0, len(view), CHUNK)] or []
+
+
+# ---------------------------------------------------------------------------
+# Channel processes.
+
+
+class DeviceStateSender:
+    """Slot → DEVICE_STATE header + the chunk, which lives in the slot itself."""
+
+    holds_slot = True  # the chunk is in the slot: keep it until it is sent
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+        self.devices = ctx.spec.devices
+
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
+        idstr, instance = self.devices[slot.a0]
+        length = slot.payload_length
+        header = packet.encode_device_state(sequence, idstr, instance, slot.a1, bool(slot.a2), length)
+        self.ctx.count(Counter.DEVICE_BYTES, length)
+        return [header, slot.payload[:length]]
+
+
+class DeviceStateReceiver:
+    """DEVICE_STATE packet → a known device → its chunk into a delivery slot."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+        self.devices = {key: index for index, key in enumerate(ctx.spec.devices)}
+
+    def receive(
+        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
+    ) -> None:
+        chunk = packet.decode_device_state(header, body, sequence)
+        device = self.devices.get((chunk.idstr, chunk.instance_id))
+        if device is None:
+            raise RemoteProtocolError(
+                f"chunk {chunk.index} of unknown device {chunk.idstr!r}/{chunk.instance_id}"
+            )
+        deliveries = self.ctx.deliveries
+        assert deliveries is not None
+        slot = deliveries.take()
+        conn.recv_into_buffers([slot.payload[:chunk.payload_length]])
+        slot.kind = packet.PacketKind.DEVICE_STATE
+        slot.a0, slot.a1, slot.a2 = device, chunk.index, int(chunk.end)
+        slot.payload_length = chunk.payload_length
+        self.ctx.count(Counter.DEVICE_BYTES, chunk.payload_length)
+        deliveries.deliver(packet.PacketKind.DEVICE_STATE, slot)
+
+
+# ---------------------------------------------------------------------------
+# Destination, main process.
+
+
+@dataclass
+class _Stream:
+    """One device's incoming stream."""
+
+    device: MigratableDevice
+    pending: dict[int, bytes] = field(default_factory=dict)
+    buffered: int = 0
+    next: int = 0               # the index load_state wants next
+    end: int | None = None      # the END chunk's index, once seen
+    loaded: int = 0
+    reordered: int = 0          # chunks that arrived before an earlier one
+    draining: bool = False
+    done: bool = False
+    busy: float = 0.0           # seconds inside load_state / load_config
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    idle: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.idle = threading.Condition(self.lock)
+
+    @property
+    def name(self) -> str:
+        return f"{self.device.idstr!r}/{self.device.instance_id}"
+
+
+class DeviceLoader:
+    """Puts each device's chunks back in order and loads them on `pool`."""
+
+    def __init__(self, devices: Sequence[MigratableDevice], slots: SlotTable, pool: WorkerPool,
+                 latch: FailureLatch, max_buffered: int = 64 << 20) -> None:
+        self.streams = [_Stream(device) for device in devices]
+        self.slots = slots
+        self.pool = pool
+        self.latch = latch
+        self.max_buffered = max_buffered
+        latch.on_fail(self._wake_all)  # a failure wakes wait_loaded()
+
+    def _wake_all(self) -> None:
+        for stream in self.streams:
+            with stream.lock:
+                stream.idle.notify_all()
+
+    def on_delivered(self, link: ChannelLink, message: ControlMessage) -> None:
+        """A channel delivered a chunk (main thread): copy it out, return the slot, file it."""
+        slot = self.slots[message.a]
+        stream_index, index, end = slot.a0, slot.a1, bool(slot.a2)
+        data = bytes(slot.payload[:slot.payload_length])
+        slot.clear()
+        link.post(ControlOp.RETURN, message.a)
+        self.accept_chunk(stream_index, index, end, data)
+
+    def accept_chunk(self, device: int, index: int, end: bool, data: bytes) -> None:
+        """File chunk `index` of device `device` (CONFIG order), in whatever order
+        chunks come; start loading when the next one is there.  Raises DeviceStateError."""
+        stream = self.streams[device]
+        with stream.lock:
+            if index < stream.next or index in stream.pending:
+                raise DeviceStateError(f"device {stream.name}: chunk {index} arrived twice")
+            if stream.end is not None and index > stream.end:
+                raise DeviceStateError(f"device {stream.name}: chunk {index} after its END chunk "
+                                       f"{stream.end}")
+            if end:
+                if stream.end is not None:
+                    raise DeviceStateError(f"device {stream.name}: a second END chunk ({index})")
+                beyond = [k for k in stream.pending if k > index]
+                if beyond:
+                    raise DeviceStateError(f"device {stream.name}: chunk {min(beyond)} after its "
+                                           f"END chunk {index}")
+                stream.end = index
+            stream.pending[index] = data
+            stream.buffered += len(data)
+            if index > stream.next + len(stream.pending) - 1:
+                stream.reordered += 1  # a later chunk overtook an earlier one
+            if stream.buffered > self.max_buffered:
+                raise DeviceStateError(
+                    f"device {stream.name}: {stream.buffered} bytes buffered waiting for chunk "
+                    f"{stream.next} (limit {self.max_buffered})"
+                )
+            if stream.next in stream.pending and not stream.draining:
+                stream.draining = True
+                self.pool.submit(self._drain, stream).add_done_callback(self._drain_done)
+
+    def _drain(self, stream: _Stream) -> None:
+        """Pool job: load every consecutive chunk there is, then stop (others may follow)."""
+        while True:
+            with stream.lock:
+                if stream.next not in stream.pending:
+                    stream.draining = False
+                    stream.idle.notify_all()
+                    return
+                index = stream.next
+                data = stream.pending.pop(index)
+                stream.buffered -= len(data)
+                last = index == stream.end
+            started = time.perf_counter()
+            try:
+                if last:
+                    stream.device.load_config(data)
+                else:
+                    stream.device.load_state(data)
+            except Exception as exc:
+                with stream.lock:
+                    stream.draining = False
+                    stream.idle.notify_all()
+                raise DeviceStateError(f"device {stream.name} failed to load chunk {index}: "
+                                       f"{exc}") from exc
+            with stream.lock:
+                stream.busy += time.perf_counter() - started
+                stream.digest.update(data)
+                stream.loaded += 1
+                stream.next += 1
+                stream.done = last
+
+    def _drain_done(self, future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            self.latch.fail(error)
+
+    def wait_loaded(self, expected: Sequence[wire.DeviceDone]) -> list[DeviceReport]:
+        """After every chunk was delivered: wait for the loads, check them against
+        DEVICES_DONE.  Raises DeviceStateError for a missing chunk or another digest."""
+        if len(expected) != len(self.streams):
+            raise RemoteProtocolError(f"DEVICES_DONE lists {len(expected)} devices, "
+                                      f"CONFIG {len(self.streams)}")
+        reports = []
+        for stream, done in zip(self.streams, expected):
+            with stream.lock:
+                while stream.draining and not self.latch.failed:
+                    stream.idle.wait()
+            self.latch.raise_if_failed()
+            with stream.lock:
+                if not stream.done or stream.loaded != done.chunks:
+                    missing = "its END chunk" if stream.end is None else f"chunk {stream.next}"
+                    raise DeviceStateError(f"device {stream.name}: {missing} never arrived "
+                                           f"({stream.loaded} of {done.chunks} loaded)")
+                verified = stream.digest.digest() == done.digest
+                if not verified:
+                    raise DeviceStateError(f"device {stream.name}: the loaded state differs from "
+                                           f"the saved one")
+                reports.append(DeviceReport(stream.device.idstr, stream.device.instance_id,
+                                            done.size, done.chunks, load_ms=stream.busy * 1000,
+                                            verified=verified, reordered=stream.reordered))
+        return reports
+
+
+register_payload(packet.PacketKind.DEVICE_STATE, sender=DeviceStateSender,
+                 receiver=DeviceStateReceiver, client=DeviceSaver, sink=DeviceLoader)

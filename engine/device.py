@@ -1,0 +1,94 @@
+"""Devices whose state migrates: the contract a VMM implements.
+
+A device's state is an ordered stream of opaque chunks plus a small *config*
+part that loads last (think of a NIC VF or a vGPU: bulk state first, then the
+configuration that makes it live).  Saving and loading may be slow — they may
+talk to firmware — so the engine runs them on worker-pool threads, one job per
+device, all devices at once: the devices' share of the downtime is the slowest
+device, not the sum.  A device never starts a thread of its own.
+
+Register the same devices, by ``(idstr, instance_id)``, on both sides; a device
+present on one side only is refused before any page moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from engine.channel import ControlMessage
+    from engine.message import DeviceDone
+    from engine.multifd import ChannelLink
+    from engine.sync import FailureLatch
+
+
+@runtime_checkable
+class MigratableDevice(Protocol):
+    """What the engine needs from a device (both sides)."""
+
+    idstr: str          # e.g. "0000:00:05.0/vfio"; 1..255 UTF-8 bytes
+    instance_id: int    # distinguishes devices of one idstr
+
+    def save_state(self) -> Iterable[bytes]:
+        """Source, guest paused: the state as ordered chunks (may be slow).
+
+        Chunks longer than 1 MiB are split on the way; the destination gets the
+        same bytes in the same order, not necessarily the same boundaries.
+        """
+        ...
+
+    def save_config(self) -> bytes:
+        """Source, after the last chunk: the config part (may be empty)."""
+        ...
+
+    def load_state(self, chunk: bytes) -> None:
+        """Destination: the next chunk, in order (may be slow)."""
+        ...
+
+    def load_config(self, config: bytes) -> None:
+        """Destination: the config part, after every chunk was loaded."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """What happened to one device in a migration (each side fills its part)."""
+
+    idstr: str
+    instance_id: int
+    bytes: int
+    chunks: int
+    save_ms: float = 0.0      # source: time spent in save_state/save_config
+    load_ms: float = 0.0      # destination: time spent in load_state/load_config
+    verified: bool | None = None  # destination: loaded stream hashes as the saved one
+    reordered: int = 0            # destination: chunks that overtook an earlier one
+
+
+def device_key(device: MigratableDevice) -> tuple[str, int]:
+    return (device.idstr, device.instance_id)
+
+
+class DeviceSaving(Protocol):
+    """Source side of the device-state client (clients/device_state.py)."""
+
+    def start(self, latch: FailureLatch) -> None:
+        """Start saving every device, at once; a failure fails the latch."""
+        ...
+
+    def wait(self, latch: FailureLatch) -> tuple[list[DeviceDone], list[DeviceReport]]:
+        """When every device is saved: what DEVICES_DONE says, and reports."""
+        ...
+
+
+class DeviceLoading(Protocol):
+    """Destination side of the device-state client (clients/device_state.py)."""
+
+    def on_delivered(self, link: ChannelLink, message: ControlMessage) -> None:
+        """A channel delivered a chunk (main thread)."""
+        ...
+
+    def wait_loaded(self, expected: Sequence[DeviceDone]) -> list[DeviceReport]:
+        """Once every chunk was delivered: wait for the loads, check them."""
+        ...
