@@ -243,7 +243,7 @@ class DeviceLoader:
         stream_index, index, end = slot.a0, slot.a1, bool(slot.a2)
         data = bytes(slot.payload[:slot.payload_length])
         slot.clear()
-        link.post(ControlOp.RETURN, message.a)
+        link.post_if_running(ControlOp.RETURN, message.a)
         self.accept_chunk(stream_index, index, end, data)
 
     def accept_chunk(self, device: int, index: int, end: bool, data: bytes) -> None:

@@ -64,6 +64,7 @@ class ControlOp(IntEnum):
     # either way
     QUIT = 12
     READY = 13     # channel → main: memory attached, serving
+    BYE = 14       # main → recv channel: your ENDED arrived; nothing more will come
 
 
 # op (1) | payload kind (1) | reserved (2) | a (4) | b (8)
@@ -368,6 +369,7 @@ class _RecvChannel(_Channel):
             elif header.kind == packet.PacketKind.END:
                 packet.decode_end(header, body, self.sequence, self.epoch)
                 post(self.ctrl, ControlOp.ENDED, self.epoch - 1)
+                self._wait_goodbye()
                 return self.report(self.sequence + 1)
             else:
                 receiver = receivers.get(header.kind)
@@ -377,6 +379,13 @@ class _RecvChannel(_Channel):
                     )
                 receiver.receive(header, body, self.conn, self.sequence, self.epoch)
             self.sequence += 1
+
+    def _wait_goodbye(self) -> None:
+        """Read what main still sends (RETURNs) until its BYE.  Closing with a
+        message unread would reset the socket, and Linux reports that reset to
+        main before the ENDED still queued for it: ENDED would be lost."""
+        while self.wait_control("main's goodbye").op is not ControlOp.BYE:
+            pass
 
     def _wait_release(self, epoch: int) -> None:
         """Block at the sync barrier until main sends RELEASE(epoch)."""

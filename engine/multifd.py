@@ -79,6 +79,16 @@ class ChannelLink:
         except TransportClosedError as exc:
             raise self.exit_error() from exc
 
+    def post_if_running(self, op: ControlOp, a: int = 0) -> None:
+        """Send a message that is moot once the channel ended normally (RETURN of a
+        delivery slot after its END); a channel that failed still raises its error."""
+        try:
+            post(self.ctrl, op, a)
+        except TransportClosedError as exc:
+            error = self.exit_error()
+            if not (self.future.done() and self.future.exception() is None):
+                raise error from exc
+
     def exit_error(self) -> BaseException:
         """Why the channel process ended, once its control socket closed.
 
@@ -394,6 +404,7 @@ class MultifdReceiver:
         elif message.op is ControlOp.ENDED:
             self.barrier.ended(link.channel_id, message.a)
             self._pump.retire(link)
+            link.post_if_running(ControlOp.BYE)  # the channel may now close its end
         elif message.op is ControlOp.DELIVERED and message.kind in self._deliveries:
             self._deliveries[message.kind](link, message)
         else:

@@ -38,7 +38,8 @@ class HandMadeSource:
     """Drives a real destination through the main-channel handshake with the codec."""
 
     def __init__(self, destination: DestinationMigration, ram_layout: list[tuple[str, int]],
-                 channels: int = 2, codec: str = "none", packet_pages: int = 64) -> None:
+                 channels: int = 2, codec: str = "none", packet_pages: int = 64,
+                 devices: tuple[tuple[str, int], ...] = ()) -> None:
         self.addr = port_of(destination)
         self.migration = uuid.uuid4()
         self.channels = channels
@@ -50,7 +51,8 @@ class HandMadeSource:
         assert packet.decode_hello(reply, SECRET, peer_nonce=nonce).role is packet.HelloRole.MAIN_REPLY
         self.main.sendall(wire.encode_message(wire.Config(
             4096, packet_pages, channels, True, codec, 0,
-            tuple(wire.BlockSpec(n, s) for n, s in ram_layout), ())))
+            tuple(wire.BlockSpec(n, s) for n, s in ram_layout),
+            tuple(wire.DeviceSpec(idstr, instance) for idstr, instance in devices))))
         self.decoder = wire.MessageDecoder()
         assert self.next_message() == wire.ConfigAck(0, "")
         self.sockets: list[socket.socket] = []
@@ -86,3 +88,23 @@ class HandMadeSource:
                     for i in range(self.channels)]
         assert self.next_message() == wire.ChannelsReady()
         return channels
+
+    def send(self, message: wire.Message) -> None:
+        self.main.sendall(wire.encode_message(message))
+
+
+class ChannelWriter:
+    """Packets on one hand-made channel, with their sequence numbers kept."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sequence = 0
+
+    def device_chunk(self, idstr: str, instance: int, index: int, data: bytes, end: bool = False) -> None:
+        self.sock.sendall(packet.encode_device_state(self.sequence, idstr, instance, index, end,
+                                                     len(data)) + data)
+        self.sequence += 1
+
+    def end(self, epoch: int = 0) -> None:
+        self.sock.sendall(packet.encode_end(self.sequence, epoch))
+        self.sequence += 1

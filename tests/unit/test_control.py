@@ -72,7 +72,7 @@ def test_defaults_are_zero(pair: tuple[socket.socket, socket.socket]) -> None:
 def test_op_values_are_the_protocol_numbers() -> None:
     assert {op.name: op.value for op in ControlOp} == {
         "JOB": 1, "SYNC": 2, "FINISH": 3, "IDLE": 4, "SYNCED": 5, "FINISHED": 6, "AT_SYNC": 7,
-        "DELIVERED": 8, "ENDED": 9, "RELEASE": 10, "RETURN": 11, "QUIT": 12, "READY": 13,
+        "DELIVERED": 8, "ENDED": 9, "RELEASE": 10, "RETURN": 11, "QUIT": 12, "READY": 13, "BYE": 14,
     }
 
 
@@ -143,7 +143,7 @@ def test_read_on_own_closed_socket_raises_transport_closed(pair: tuple[socket.so
 
 def test_unknown_op_raises_local_protocol_error(pair: tuple[socket.socket, socket.socket]) -> None:
     main, channel = pair
-    for op in (0, 14, 255):
+    for op in (0, 15, 255):
         main.send(struct.pack(">BBHIQ", op, 0, 0, 1, 2))
         with pytest.raises(LocalProtocolError, match=str(op)):
             read_control(channel)

@@ -29,9 +29,9 @@ from engine.message import (
     Complete,
     Config,
     ConfigAck,
-    DeviceSpec,
     DeviceDone,
     DevicesDone,
+    DeviceSpec,
     Digests,
     Message,
     MessageDecoder,
@@ -49,6 +49,7 @@ from engine.packet import (
     MAX_MESSAGE_BODY,
     NEED_DATA,
     ChannelHello,
+    DeviceChunkHeader,
     EndPacket,
     HelloRole,
     Packet,
@@ -59,7 +60,6 @@ from engine.packet import (
     PageRun,
     RamPagesHeader,
     SyncPacket,
-    DeviceChunkHeader,
     decode_device_state,
     decode_end,
     decode_hello,
@@ -298,8 +298,9 @@ def test_device_state_golden() -> None:
     assert encode_device_state(5, "nic", 2, 7, False, 1000) == DEVICE_CHUNK
     header = decode_packet_header(DEVICE_CHUNK[:16])
     assert header == PacketHeader(PacketKind.DEVICE_STATE, 0, 15, 1000, 5)
-    assert decode_device_state(header, DEVICE_CHUNK[16:], 5) == DeviceChunkHeader(5, "nic", 2, 7, False, 1000)
-    assert decode_packet(header, DEVICE_CHUNK[16:], LIMITS, 5, 1) == DeviceChunkHeader(5, "nic", 2, 7, False, 1000)
+    chunk = DeviceChunkHeader(5, "nic", 2, 7, False, 1000)
+    assert decode_device_state(header, DEVICE_CHUNK[16:], 5) == chunk
+    assert decode_packet(header, DEVICE_CHUNK[16:], LIMITS, 5, 1) == chunk
     assert encode_device_state(6, "vga", 0, 12, True, 0) == DEVICE_END
     header = decode_packet_header(DEVICE_END[:16])
     assert decode_device_state(header, DEVICE_END[16:], 6) == DeviceChunkHeader(6, "vga", 0, 12, True, 0)

@@ -1,0 +1,145 @@
+"""Broken device-state streams: each a clear error, a clean teardown, the guest running."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import pytest
+
+from clients.devices import DemoDevice
+from clients.guest import SyntheticGuest, check_incrementer
+from engine import DestinationMigration, MigrationConfig, SourceMigration
+from engine import message as wire
+from engine.errors import ConfigError, DeviceStateError, MigrationError
+from tests.harness import SECRET, MiB, address, guest_ram
+from tests.protocol import ChannelWriter, HandMadeSource
+
+FAST = MigrationConfig(channels=2, packet_pages=64, handshake_timeout_s=2.0)
+NIC = ("nic", 0)
+
+
+def _hand_made(run: object, finish: bool = False) -> str:
+    """Drive a destination that has the device NIC with `run(channels, source)`;
+    return the error it fails with."""
+    with guest_ram(4 * MiB, fill="zero") as dst:
+        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=FAST,
+                                           devices=[DemoDevice(*NIC, state_size=0, with_state=False)])
+        destination.start()
+        source = HandMadeSource(destination, list(dst.layout), channels=2, devices=(NIC,))
+        try:
+            channels = [ChannelWriter(s) for s in source.join_all()]
+            run(channels, source)  # type: ignore[operator]
+            with pytest.raises(MigrationError) as failure:
+                destination.wait(10)
+        finally:
+            source.close()
+        return str(failure.value)
+
+
+def _finish(channels: list[ChannelWriter], source: HandMadeSource, done: wire.DeviceDone) -> None:
+    source.send(wire.Switchover())
+    source.send(wire.DevicesDone((done,)))
+    for channel in channels:
+        channel.end()
+    source.send(wire.Complete(0, False))
+
+
+def test_chunk_of_an_unknown_device() -> None:
+    error = _hand_made(lambda ch, src: ch[0].device_chunk("ghost", 0, 0, b"boo"))
+    assert "unknown device 'ghost'/0" in error
+
+
+def test_duplicate_index() -> None:
+    def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        ch[0].device_chunk(*NIC, 0, b"first")
+        ch[1].device_chunk(*NIC, 0, b"again")
+    assert "chunk 0 arrived twice" in _hand_made(run)
+
+
+def test_chunk_after_the_end_marker() -> None:
+    def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        ch[0].device_chunk(*NIC, 0, b"state")
+        ch[0].device_chunk(*NIC, 1, b"{}", end=True)
+        ch[1].device_chunk(*NIC, 2, b"late")
+    assert "chunk 2 after its END chunk 1" in _hand_made(run)
+
+
+def test_missing_index_at_the_end() -> None:
+    def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        stream = [b"zero", b"two", b"{}"]
+        ch[0].device_chunk(*NIC, 0, stream[0])
+        ch[1].device_chunk(*NIC, 2, stream[1])
+        ch[0].device_chunk(*NIC, 3, stream[2], end=True)   # chunk 1 never comes
+        _finish(ch, src, wire.DeviceDone(4, 9, hashlib.sha256(b"".join(stream)).digest()))
+    assert "chunk 1 never arrived (1 of 4 loaded)" in _hand_made(run)
+
+
+def test_loaded_state_that_hashes_differently() -> None:
+    def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        ch[0].device_chunk(*NIC, 0, b"{\"size\": 0, \"sha256\": \"\", \"idstr\": \"nic\"}", end=True)
+        _finish(ch, src, wire.DeviceDone(1, 40, bytes(32)))
+    assert "loaded state differs from the saved one" in _hand_made(run)
+
+
+class Failing(DemoDevice):
+    def __init__(self, *args: object, fail_on: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.fail_on = fail_on
+
+    def save_state(self) -> Iterator[bytes]:
+        for n, chunk in enumerate(super().save_state()):
+            if self.fail_on == "save" and n == 3:
+                raise OSError("firmware timed out")
+            yield chunk
+
+    def load_state(self, chunk: bytes) -> None:
+        if self.fail_on == "load" and len(self.state) >= 512 << 10:
+            raise OSError("firmware rejected the state")
+        super().load_state(chunk)
+
+
+@pytest.mark.parametrize("where", ["save", "load"])
+def test_save_or_load_that_raises_leaves_the_guest_running(where: str) -> None:
+    with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
+        destination = DestinationMigration(
+            address("tcp"), secret=SECRET, ram=dst, config=FAST,
+            devices=[Failing("gpu", 0, 2 * MiB, with_state=False, fail_on=where)])
+        destination.start()
+        with SyntheticGuest(src, "incrementer", dirty_rate=8 * MiB) as guest:
+            source = SourceMigration(src, destination.address, secret=SECRET, config=FAST,
+                                     pause_guest=guest.pause, resume_guest=guest.resume,
+                                     devices=[Failing("gpu", 0, 2 * MiB, fail_on=where)])
+            with pytest.raises(MigrationError) as failure:
+                source.run()
+            with pytest.raises(MigrationError) as remote:
+                destination.wait(10)
+            assert not guest.paused  # it was paused at switchover, and resumed
+            guest.pause()
+            assert check_incrementer(src) == ""
+        if where == "save":
+            assert isinstance(failure.value, DeviceStateError)
+            assert "device 'gpu'/0 failed to save: firmware timed out" in str(failure.value)
+        else:
+            assert isinstance(remote.value, DeviceStateError)
+            assert "device 'gpu'/0 failed to load chunk 2: firmware rejected" in str(remote.value)
+            assert "destination failed: device 'gpu'/0 failed to load" in str(failure.value)
+
+
+@pytest.mark.parametrize(("source_devices", "destination_devices", "match"), [
+    ([("nic", 0), ("gpu", 0)], [("nic", 0)], "device 'gpu'/0 is on the source only"),
+    ([("nic", 0)], [("nic", 0), ("nic", 1)], "device 'nic'/1 is on the destination only"),
+])
+def test_device_on_one_side_only_is_refused_before_any_page(
+        source_devices: list, destination_devices: list, match: str) -> None:
+    with guest_ram(4 * MiB, fill="text") as src, guest_ram(4 * MiB, fill="zero") as dst:
+        destination = DestinationMigration(
+            address("tcp"), secret=SECRET, ram=dst,
+            devices=[DemoDevice(i, n, 0, with_state=False) for i, n in destination_devices])
+        destination.start()
+        with pytest.raises(ConfigError, match=match):
+            SourceMigration(src, destination.address, secret=SECRET,
+                            devices=[DemoDevice(i, n, 1024) for i, n in source_devices]).run()
+        with pytest.raises(ConfigError):
+            destination.wait(10)
+        assert bytes(dst.blocks[0].pages) == bytes(4 * MiB)
