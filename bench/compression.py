@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -28,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.throughput import SECRET, _destination_process  # noqa: E402
+from bench.remote import migrate  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
-from engine import GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
+from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 
 CODECS = [("none", None), ("lz4", 0), ("zstd", 1), ("zstd", 3), ("zlib", 1)]
@@ -44,21 +43,7 @@ def migrate_once(src: GuestRAM, dst: GuestRAM, config: MigrationConfig) -> dict[
     # (outside the timing) and declared so, so zero pages cost it nothing.
     for block in dst.blocks:
         block.array()[:] = 0
-    ours, theirs = multiprocessing.Pipe()
-    process = multiprocessing.get_context("spawn").Process(
-        target=_destination_process, args=(dst.handle, "tcp://127.0.0.1:0", config, theirs, True))
-    process.start()
-    theirs.close()
-    try:
-        times = os.times()
-        result = SourceMigration(src, ours.recv(), secret=SECRET, config=config).run()
-        main_cpu = sum(os.times()[:2]) - sum(times[:2])
-        remote = ours.recv()
-    finally:
-        process.join(60)
-        ours.close()
-    if "error" in remote:
-        raise RuntimeError(f"destination failed: {remote['error']}")
+    result, remote, main_cpu = migrate(src, dst, config, ram_is_zeroed=True)
     gib = result.guest_bytes / 2**30
     return {
         "guest_gbps": result.guest_throughput_bytes_per_s / 1e9,

@@ -21,56 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
 import time
-from multiprocessing.connection import Connection
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.baseline import raw_socket_seconds  # noqa: E402
+from bench.remote import migrate  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
-from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
+from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
-from engine.shm import RamHandle  # noqa: E402
-
-SECRET = b"bench"
-
-
-def _destination_process(handle: RamHandle, address: str, config: MigrationConfig,
-                         pipe: Connection, ram_is_zeroed: bool = False) -> None:
-    """The destination VMM: its own process, as in a real migration."""
-    ram = GuestRAM.attach(handle)
-    try:
-        destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config,
-                                           ram_is_zeroed=ram_is_zeroed)
-        pipe.send(destination.address)
-        result = destination.run()
-        pipe.send(result.to_dict())
-    except BaseException as exc:
-        pipe.send({"error": repr(exc)})
-    finally:
-        ram.close()
-        pipe.close()
 
 
 def migrate_once(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, transport: str) -> dict:
-    address = "tcp://127.0.0.1:0" if transport == "tcp" else f"unix:///tmp/mfd-bench-{os.getpid()}.sock"
-    ours, theirs = multiprocessing.Pipe()
-    process = multiprocessing.get_context("spawn").Process(
-        target=_destination_process, args=(dst.handle, address, config, theirs))
-    process.start()
-    theirs.close()
-    try:
-        result = SourceMigration(src, ours.recv(), secret=SECRET, config=config).run()
-        remote = ours.recv()
-    finally:
-        process.join(30)
-        ours.close()
-    if "error" in remote:
-        raise RuntimeError(f"destination failed: {remote['error']}")
+    result, remote, _ = migrate(src, dst, config, transport=transport)
     transfer_s = result.total_time_s - result.setup_time_ms / 1000
     return {
         "transfer_s": transfer_s,

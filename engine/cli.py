@@ -103,17 +103,19 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
                    help="bytes/s over all channels together, e.g. 125M (default: no cap)")
 
 
-def _add_device_options(p: argparse.ArgumentParser, source: bool = True) -> None:
+def _add_device_options(p: argparse.ArgumentParser, source: bool = True,
+                        destination: bool = True) -> None:
     p.add_argument("--devices", type=int, default=0, help="demo devices to migrate (0)")
     p.add_argument("--device-state", type=parse_size, default=parse_size("4M"),
                    help="state size of each demo device (4M)")
     if source:
         p.add_argument("--device-save-latency", type=float, default=0.0,
                        help="milliseconds each device takes to save, in all (0)")
-    p.add_argument("--device-load-latency", type=float, default=0.0,
-                   help="milliseconds each device takes to load, in all (0)")
-    p.add_argument("--device-load", choices=("parallel", "serial"), default="parallel",
-                   help="destination: load devices at once, or one after another")
+    if destination:
+        p.add_argument("--device-load-latency", type=float, default=0.0,
+                       help="milliseconds each device takes to load, in all (0)")
+        p.add_argument("--device-load", choices=("parallel", "serial"), default="parallel",
+                       help="destination: load devices at once, or one after another")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--secret-file")
     _add_guest_options(migrate)
     _add_migration_options(migrate)
-    _add_device_options(migrate)
+    _add_device_options(migrate, destination=False)
     _add_output_options(migrate)
     return parser
 

@@ -19,12 +19,13 @@ FAST = MigrationConfig(channels=2, packet_pages=64, handshake_timeout_s=2.0)
 NIC = ("nic", 0)
 
 
-def _hand_made(run: object, finish: bool = False) -> str:
+def _hand_made(run: object, max_device_buffer: int = 64 * MiB) -> str:
     """Drive a destination that has the device NIC with `run(channels, source)`;
     return the error it fails with."""
     with guest_ram(4 * MiB, fill="zero") as dst:
         destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=FAST,
-                                           devices=[DemoDevice(*NIC, state_size=0, with_state=False)])
+                                           devices=[DemoDevice(*NIC, state_size=0, with_state=False)],
+                                           max_device_buffer=max_device_buffer)
         destination.start()
         source = HandMadeSource(destination, list(dst.layout), channels=2, devices=(NIC,))
         try:
@@ -73,6 +74,15 @@ def test_missing_index_at_the_end() -> None:
         ch[0].device_chunk(*NIC, 3, stream[2], end=True)   # chunk 1 never comes
         _finish(ch, src, wire.DeviceDone(4, 9, hashlib.sha256(b"".join(stream)).digest()))
     assert "chunk 1 never arrived (1 of 4 loaded)" in _hand_made(run)
+
+
+def test_chunks_buffered_ahead_are_bounded() -> None:
+    """A source that never sends chunk 0 cannot make the destination hoard memory."""
+    def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        for index in range(1, 9):
+            ch[index % 2].device_chunk(*NIC, index, bytes(256 << 10))
+    error = _hand_made(run, max_device_buffer=1 * MiB)
+    assert "buffered waiting for chunk 0 (limit 1048576)" in error
 
 
 def test_loaded_state_that_hashes_differently() -> None:
