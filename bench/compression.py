@@ -19,7 +19,6 @@ destination's is; medians over --repeat runs):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import migrate  # noqa: E402
+from bench.remote import migrate, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
@@ -129,10 +128,7 @@ def main() -> int:
     print(f"\n90%-zero guest, detection on vs off:    {zero_gain:.1f}x faster on loopback, "
           f"{zero_gain_link:.1f}x at 10 Gbit/s (target >= 5x)")
     print(f"text at 1 Gbit/s, lz4 vs none:          {cap_gain:.1f}x faster (target >= 2x)")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as out:
-        json.dump(report, out, indent=1)
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

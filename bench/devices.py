@@ -17,7 +17,6 @@ serial grows as M x L.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import migrate  # noqa: E402
+from bench.remote import migrate, write_report  # noqa: E402
 from clients.devices import demo_devices  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
@@ -92,10 +91,7 @@ def main() -> int:
         report["cases"].append({"devices": count, "mode": mode, "downtime_ms": downtime,
                                 "devices_share_ms": share, "share_over_l": share / args.load_ms,
                                 "runs": runs[count, mode]})
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as out:
-        json.dump(report, out, indent=1)
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

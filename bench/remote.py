@@ -7,6 +7,7 @@ zeroed outside the timing) and sends its result back over a pipe.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from multiprocessing.connection import Connection
@@ -76,3 +77,11 @@ def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport:
     if "error" in remote:
         raise RuntimeError(f"destination failed: {remote['error']}")
     return result, remote, main_cpu_s
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """Every run of a benchmark, as JSON, for whoever checks its figures."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as out:
+        json.dump(report, out, indent=1)
+    print(f"wrote {path}")

@@ -20,7 +20,6 @@ reported apart); the baseline starts once its processes are up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.baseline import raw_socket_seconds  # noqa: E402
-from bench.remote import migrate  # noqa: E402
+from bench.remote import migrate, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
@@ -100,10 +99,7 @@ def main() -> int:
             "ratio_median": statistics.median(ratios),
             "runs": runs["multifd"],
         })
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as out:
-        json.dump(report, out, indent=1)
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 
