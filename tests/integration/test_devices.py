@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -80,15 +81,39 @@ def test_a_device_without_state_and_several_instances() -> None:
     assert targets[1].config is not None and targets[1].state == b""
 
 
-def test_serial_loading_loads_one_device_after_another() -> None:
-    sources = demo_devices(3, 1 * MiB, load_latency_s=0.0)
-    targets = demo_devices(3, 1 * MiB, load_latency_s=0.05, with_state=False)
-    _, remote = _migrate(sources, targets, channels=2, device_load="serial")
+class Watched(DemoDevice):
+    """Records how many devices are loading at once; can wait for its siblings."""
+
+    active = 0
+    most_active = 0
+    lock = threading.Lock()
+    meet: threading.Barrier | None = None
+
+    def load_state(self, chunk: bytes) -> None:
+        cls = Watched
+        with cls.lock:
+            cls.active += 1
+            cls.most_active = max(cls.most_active, cls.active)
+        try:
+            if cls.meet is not None and not self.state:
+                cls.meet.wait(timeout=10)  # every device must be loading at once to pass
+            super().load_state(chunk)
+        finally:
+            with cls.lock:
+                cls.active -= 1
+
+
+@pytest.mark.parametrize("mode", ["serial", "parallel"])
+def test_devices_load_one_after_another_or_all_at_once(mode: str) -> None:
+    Watched.active = Watched.most_active = 0
+    Watched.meet = threading.Barrier(3) if mode == "parallel" else None
+    sources = [Watched(f"dev{i}", 0, 1 * MiB, seed=i) for i in range(3)]
+    targets = [Watched(f"dev{i}", 0, 1 * MiB, load_latency_s=0.03, with_state=False)
+               for i in range(3)]
+    _, remote = _migrate(sources, targets, channels=2, device_load=mode)
     assert remote.extra["devices_verified"] is True
-    _, parallel = _migrate(demo_devices(3, 1 * MiB), demo_devices(3, 1 * MiB, load_latency_s=0.05,
-                                                                    with_state=False), channels=2)
-    # Three 50 ms loads: about 150 ms one after another, about 50 ms at once.
-    assert remote.downtime_ms > parallel.downtime_ms + 60
+    # Serial: never two loads at once.  Parallel: all three met inside load_state.
+    assert Watched.most_active == (1 if mode == "serial" else 3)
 
 
 class Recorder:
