@@ -296,11 +296,14 @@ class DeviceLoader:
                 else:
                     stream.device.load_state(data)
             except Exception as exc:
+                error = DeviceStateError(f"device {stream.name} failed to load chunk {index}: {exc}")
+                # Fail first, then wake wait_loaded(): woken before, it would
+                # blame a missing chunk instead of this load.
+                self.latch.fail(error)
                 with stream.lock:
                     stream.draining = False
                     stream.idle.notify_all()
-                raise DeviceStateError(f"device {stream.name} failed to load chunk {index}: "
-                                       f"{exc}") from exc
+                raise error from exc
             with stream.lock:
                 stream.busy += time.perf_counter() - started
                 stream.digest.update(data)

@@ -60,8 +60,9 @@ def test_duplicate_index() -> None:
 
 def test_chunk_after_the_end_marker() -> None:
     def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        # A config part the device accepts: it may load before chunk 2 arrives.
         ch[0].device_chunk(*NIC, 0, b"state")
-        ch[0].device_chunk(*NIC, 1, b"{}", end=True)
+        ch[0].device_chunk(*NIC, 1, b'{"size": 5, "sha256": ""}', end=True)
         ch[1].device_chunk(*NIC, 2, b"late")
     assert "chunk 2 after its END chunk 1" in _hand_made(run)
 
