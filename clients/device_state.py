@@ -17,6 +17,10 @@ Destination, main process::
         next index is there, a *drain* job for that device (at most one in flight
         per device) loads every consecutive chunk it finds, the END chunk last
 
+Snapshots: the same saver hands chunks to the snapshot file instead (``emit``),
+and :meth:`DeviceLoader.load_saved` loads streams that come in order from it,
+one pool job per device, with the same checks.
+
 No thread per device waits for chunks, so a bounded pool cannot deadlock; with
 one worker per device the devices load in parallel (``device_load="parallel"``),
 with one worker in all they load one after another (``"serial"``, to compare).
@@ -30,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,7 +42,7 @@ from engine import message as wire
 from engine import packet
 from engine.channel import ControlMessage, ControlOp
 from engine.device import DeviceReport, MigratableDevice
-from engine.errors import DeviceStateError, MigrationError, RemoteProtocolError
+from engine.errors import DeviceStateError, LocalProtocolError, MigrationError, RemoteProtocolError
 from engine.multifd import ChannelLink, MultifdSender
 from engine.payload import ChannelContext, register_payload
 from engine.pool import WorkerPool
@@ -53,15 +57,25 @@ CHUNK = packet.MAX_DEVICE_CHUNK
 # Source, main process.
 
 
-class DeviceSaver:
-    """Saves every device in parallel on `pool`, each job filling its own client slot."""
+# Where a save job puts chunk `index` of device `device` (CONFIG order).
+ChunkSink = Callable[[int, int, "bytes | memoryview", bool], None]
 
-    def __init__(self, devices: Sequence[MigratableDevice], core: MultifdSender,
-                 first_client: int, pool: WorkerPool) -> None:
+
+class DeviceSaver:
+    """Saves every device in parallel on `pool`.
+
+    Each job hands its chunks to the multifd core through its own client slot
+    (client ``first_client + device``), or, given ``emit``, to that instead (a
+    snapshot file).  ``emit`` is called from the jobs' threads at once.
+    """
+
+    def __init__(self, devices: Sequence[MigratableDevice], core: MultifdSender | None,
+                 first_client: int, pool: WorkerPool, emit: ChunkSink | None = None) -> None:
         self.devices = list(devices)
         self.core = core
         self.first_client = first_client
         self.pool = pool
+        self._emit = emit if emit is not None else self._send
         self._futures: list[Future] = []
         self._finished = threading.Condition()
 
@@ -93,7 +107,6 @@ class DeviceSaver:
             self._finished.notify_all()
 
     def _save(self, index: int, device: MigratableDevice) -> tuple[wire.DeviceDone, DeviceReport]:
-        client = self.first_client + index
         digest = hashlib.sha256()
         size = chunks = 0
         busy = 0.0
@@ -106,7 +119,7 @@ class DeviceSaver:
                 if chunk is None:
                     break
                 for piece in _pieces(chunk):
-                    self._send(client, index, chunks, piece, end=False)
+                    self._emit(index, chunks, piece, False)
                     digest.update(piece)
                     size += len(piece)
                     chunks += 1
@@ -121,14 +134,16 @@ class DeviceSaver:
                                    f"{exc}") from exc
         if len(config) > CHUNK:
             raise DeviceStateError(f"device {device.idstr!r}: config part over {CHUNK} bytes")
-        self._send(client, index, chunks, config, end=True)
+        self._emit(index, chunks, config, True)
         digest.update(config)
         size += len(config)
         chunks += 1
         report = DeviceReport(device.idstr, device.instance_id, size, chunks, save_ms=busy * 1000)
         return wire.DeviceDone(chunks, size, digest.digest()), report
 
-    def _send(self, client: int, device: int, index: int, data: bytes | memoryview, end: bool) -> None:
+    def _send(self, device: int, index: int, data: bytes | memoryview, end: bool) -> None:
+        assert self.core is not None
+        client = self.first_client + device
         slot = self.core.client_slot(client)
         slot.kind = packet.PacketKind.DEVICE_STATE
         slot.a0, slot.a1, slot.a2 = device, index, int(end)
@@ -289,23 +304,18 @@ class DeviceLoader:
                 data = stream.pending.pop(index)
                 stream.buffered -= len(data)
                 last = index == stream.end
-            started = time.perf_counter()
             try:
-                if last:
-                    stream.device.load_config(data)
-                else:
-                    stream.device.load_state(data)
-            except Exception as exc:
-                error = DeviceStateError(f"device {stream.name} failed to load chunk {index}: {exc}")
+                busy = _load_chunk(stream, index, data, last)
+            except DeviceStateError as error:
                 # Fail first, then wake wait_loaded(): woken before, it would
                 # blame a missing chunk instead of this load.
                 self.latch.fail(error)
                 with stream.lock:
                     stream.draining = False
                     stream.idle.notify_all()
-                raise error from exc
+                raise
             with stream.lock:
-                stream.busy += time.perf_counter() - started
+                stream.busy += busy
                 stream.digest.update(data)
                 stream.loaded += 1
                 stream.next += 1
@@ -315,6 +325,38 @@ class DeviceLoader:
         error = future.exception()
         if error is not None:
             self.latch.fail(error)
+
+    def load_saved(self, streams: Sequence[Iterable[bytes]], counts: Sequence[int]) -> None:
+        """Start loading streams that come in order (a snapshot's): one pool job
+        per device, all at once; stream i has counts[i] chunks, the last its
+        config part.  Returns at once: :meth:`wait_loaded` waits and checks."""
+        if len(streams) != len(self.streams) or len(counts) != len(self.streams):
+            raise LocalProtocolError("one stream and one chunk count per device")
+        for stream, chunks, count in zip(self.streams, streams, counts):
+            with stream.lock:
+                stream.draining = True
+            self.pool.submit(self._load_all, stream, chunks, count).add_done_callback(self._drain_done)
+
+    def _load_all(self, stream: _Stream, chunks: Iterable[bytes], count: int) -> None:
+        """Pool job: load every chunk of `stream` in order, the last as its config."""
+        try:
+            for index, data in enumerate(chunks):
+                self.latch.raise_if_failed()
+                last = index == count - 1
+                busy = _load_chunk(stream, index, data, last)
+                with stream.lock:
+                    stream.busy += busy
+                    stream.digest.update(data)
+                    stream.loaded += 1
+                    stream.next += 1
+                    stream.done = last
+        except BaseException as error:
+            self.latch.fail(error)  # before waking wait_loaded(), which would blame the stream
+            raise
+        finally:
+            with stream.lock:
+                stream.draining = False
+                stream.idle.notify_all()
 
     def wait_loaded(self, expected: Sequence[wire.DeviceDone]) -> list[DeviceReport]:
         """After every chunk was delivered: wait for the loads, check them against
@@ -341,6 +383,20 @@ class DeviceLoader:
                                             done.size, done.chunks, load_ms=stream.busy * 1000,
                                             verified=verified, reordered=stream.reordered))
         return reports
+
+
+def _load_chunk(stream: _Stream, index: int, data: bytes, last: bool) -> float:
+    """Hand one chunk to its device (the config part if `last`); returns the
+    seconds the device took.  Raises DeviceStateError if the device raises."""
+    started = time.perf_counter()
+    try:
+        if last:
+            stream.device.load_config(data)
+        else:
+            stream.device.load_state(data)
+    except Exception as exc:
+        raise DeviceStateError(f"device {stream.name} failed to load chunk {index}: {exc}") from exc
+    return time.perf_counter() - started
 
 
 register_payload(packet.PacketKind.DEVICE_STATE, sender=DeviceStateSender,

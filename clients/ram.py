@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clients.ram_payload import RamPagesReceiver, RamPagesSender
+from clients.ram_payload import RamPagesFileReader, RamPagesFileWriter, RamPagesReceiver, RamPagesSender
 from engine import packet
 from engine.multifd import MultifdSender
 from engine.payload import register_payload
@@ -168,5 +168,6 @@ class RamClient:
 
 
 register_payload(
-    packet.PacketKind.RAM_PAGES, sender=RamPagesSender, receiver=RamPagesReceiver, client=RamClient
+    packet.PacketKind.RAM_PAGES, sender=RamPagesSender, receiver=RamPagesReceiver, client=RamClient,
+    file_writer=RamPagesFileWriter, file_reader=RamPagesFileReader,
 )

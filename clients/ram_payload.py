@@ -16,6 +16,11 @@ The destination's dirty map is its "may hold data" map during an incoming
 migration: set where a page was written, cleared where it was zeroed.  The
 migration initialises it (all clear for RAM known to be zero, all set otherwise),
 so a zero page of a fresh destination costs no write at all.
+
+Snapshots (file channels) use the same prepare step with another send:
+:class:`RamPagesFileWriter` runs zero-page detection, records in the present
+map which pages the file holds, and places each non-zero run at its fixed
+offset in the file; :class:`RamPagesFileReader` reads runs back to their pages.
 """
 
 from __future__ import annotations
@@ -121,6 +126,67 @@ class RamPagesSender:
             else:
                 buffers += [codecs.encode_frame_header(size, raw=True), *frame]
         return buffers
+
+
+class RamPagesFileWriter:
+    """Snapshot save: slot → zero runs → present map + each non-zero run at its place."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        target = ctx.spec.file
+        assert target is not None and ctx.present is not None
+        self.ctx = ctx
+        self.blocks = ctx.ram.blocks
+        self.offsets = target.pages_offsets
+        self.words = [_words(b) for b in self.blocks] if ctx.spec.zero_page_detection else None
+        present = np.frombuffer(ctx.present, dtype=np.uint8)
+        bases = np.cumsum([0] + [b.n_pages for b in self.blocks])
+        self.present = [present[bases[i]:bases[i + 1]] for i in range(len(self.blocks))]
+
+    def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
+        block = self.blocks[slot.a0]
+        items = slot.used_items()
+        if self.words is not None:
+            runs = zero_runs(self.words[block.index], items)
+        else:
+            runs = [(first, count, False) for first, count in items.tolist()]
+        present, base = self.present[block.index], self.offsets[block.index]
+        plan = []
+        normal = all_pages = 0
+        for first, count, zero in runs:
+            # A page zero now is absent from the file, whatever an earlier round
+            # left at its place: restore leaves it zero.
+            present[first:first + count] = 0 if zero else 1
+            all_pages += count
+            if not zero:
+                plan.append((base + first * PAGE_SIZE, [block.page_view(first, count)]))
+                normal += count
+        ctx = self.ctx
+        ctx.count(Counter.NORMAL_PAGES, normal)
+        ctx.count(Counter.ZERO_PAGES, all_pages - normal)
+        ctx.count(Counter.GUEST_BYTES, all_pages * PAGE_SIZE)
+        ctx.count(Counter.PAYLOAD_BYTES, normal * PAGE_SIZE)
+        return plan
+
+
+class RamPagesFileReader:
+    """Snapshot restore: slot (runs of present pages) → each run read into its pages."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        target = ctx.spec.file
+        assert target is not None
+        self.ctx = ctx
+        self.blocks = ctx.ram.blocks
+        self.offsets = target.pages_offsets
+
+    def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
+        block = self.blocks[slot.a0]
+        base = self.offsets[block.index]
+        runs = slot.used_items().tolist()
+        pages = sum(count for _, count in runs)
+        self.ctx.count(Counter.NORMAL_PAGES, pages)
+        self.ctx.count(Counter.GUEST_BYTES, pages * PAGE_SIZE)
+        self.ctx.count(Counter.PAYLOAD_BYTES, pages * PAGE_SIZE)
+        return [(base + first * PAGE_SIZE, [block.page_view(first, count)]) for first, count in runs]
 
 
 class RamPagesReceiver:

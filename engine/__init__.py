@@ -5,14 +5,26 @@ The API a VMM embeds::
     from engine import GuestRAM, MigrationConfig, SourceMigration, DestinationMigration
 
 Every error is an :class:`engine.errors.MigrationError`.
+
+The names below are imported on first use: a channel process imports only the
+modules it runs (engine.channel and what it needs), not the orchestration, so
+it starts in about half the time.
 """
 
-from engine.destination import DestinationMigration
-from engine.errors import MigrationError
-from engine.migration import MigrationConfig
-from engine.shm import GuestRAM
-from engine.source import SourceMigration
-from engine.stats import MigrationResult, MigrationStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_PUBLIC = {
+    "DestinationMigration": "engine.destination",
+    "GuestRAM": "engine.shm",
+    "MigrationConfig": "engine.migration",
+    "MigrationError": "engine.errors",
+    "MigrationResult": "engine.stats",
+    "MigrationStats": "engine.stats",
+    "SourceMigration": "engine.source",
+}
 
 __all__ = [
     "DestinationMigration",
@@ -23,3 +35,25 @@ __all__ = [
     "MigrationStats",
     "SourceMigration",
 ]
+
+if TYPE_CHECKING:
+    from engine.destination import DestinationMigration
+    from engine.errors import MigrationError
+    from engine.migration import MigrationConfig
+    from engine.shm import GuestRAM
+    from engine.source import SourceMigration
+    from engine.stats import MigrationResult, MigrationStats
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -12,9 +12,16 @@ and the socket with no copy in Python::
     dest main   ◀─ AT_SYNC(e) ── recv channel: header → payload receiver → recvmsg_into RAM
                 ── RELEASE(e) ─▶                 waits at SYNC until released
 
+A *file* channel (snapshots) serves the same JOB/SYNC/FINISH requests, but its
+send op is positional I/O on its own descriptor of the snapshot file::
+
+    main ── JOB(slot) ──▶ file channel: slot → payload planner → (offset, IOVs)
+         ◀── IDLE(slot) ─     → pwritev (save) or preadv (restore) at those offsets
+                              SYNC(e) → nothing to write: SYNCED(e) once earlier jobs are done
+
 Control messages are 16 bytes on a SOCK_SEQPACKET socketpair: a slot index or an
 epoch, never data.  What a payload *is* stays with its client: the channel looks
-up the sender or receiver of each payload kind in engine/payload.py.
+up the sender, receiver or file planner of each payload kind in engine/payload.py.
 """
 
 from __future__ import annotations
@@ -35,11 +42,11 @@ from engine.errors import (
     RemoteProtocolError,
     TransportClosedError,
 )
-from engine.payload import ChannelContext, PayloadSender, payload_handlers
+from engine.payload import ChannelContext, FilePlanner, payload_entry, payload_handlers
 from engine.pool import current_cancel_token
-from engine.shm import GuestRAM, RamHandle
+from engine.shm import GuestRAM, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
-from engine.transport import Connection
+from engine.transport import Connection, PositionalFile, open_file
 
 # ---------------------------------------------------------------------------
 # Control messages between a main process and its channel processes.
@@ -121,6 +128,17 @@ def read_control(sock: socket.socket, wait: bool = True) -> ControlMessage | Non
 
 
 @dataclass(frozen=True)
+class FileTarget:
+    """Where a file channel moves pages: a snapshot file's page areas."""
+
+    path: str
+    mode: str                          # "write" (save) or "read" (restore)
+    pages_offsets: tuple[int, ...]     # per RAM block: file offset of its page 0
+    present: str | None = None         # save: segment of the present map, one byte per page
+    direct_io: bool = False
+
+
+@dataclass(frozen=True)
 class ChannelSpec:
     """Everything a channel process needs, by name: no page data, no objects."""
 
@@ -135,6 +153,7 @@ class ChannelSpec:
     zero_page_detection: bool = False
     delivery_slots: int = 0                       # destination: slots per channel (Deliveries)
     devices: tuple[tuple[str, int], ...] = ()     # CONFIG's device table: (idstr, instance_id)
+    file: FileTarget | None = None                # file channels: the snapshot file
 
 
 @dataclass(frozen=True)
@@ -194,21 +213,28 @@ def run_recv_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket
         return channel.serve()
 
 
+def run_file_channel(spec: ChannelSpec, ctrl: socket.socket) -> ChannelReport:
+    """Serve JOB/SYNC/FINISH with positional I/O on the snapshot file until FINISH."""
+    with _FileChannel(spec, ctrl) as channel:
+        return channel.serve()
+
+
 class _Channel:
     """What both channel loops hold: memory (pre-faulted), sockets, counters.
 
     Used as a context manager: whatever happens, everything is released.
     """
 
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket | None) -> None:
         self.spec = spec
         self.ctrl = ctrl
         self.data = data
         self.token = current_cancel_token()
         self._stack = contextlib.ExitStack()
         self._stack.callback(ctrl.close)
-        self.conn = Connection(data)
-        self._stack.callback(self.conn.close)
+        if data is not None:
+            self.conn = Connection(data)
+            self._stack.callback(self.conn.close)
         ram = GuestRAM.attach(spec.ram, populate=True)
         self._stack.callback(ram.close)
         slots = SlotTable.attach(spec.slots) if spec.slots is not None else None
@@ -236,34 +262,60 @@ class _Channel:
         return CancelledError(f"channel {self.spec.channel_id} {why}")
 
 
-class _SendChannel(_Channel):
+class _JobChannel(_Channel):
+    """Serves the source side's requests: JOB(slot), SYNC(epoch), FINISH.
+
+    Subclasses say what a job, a sync and the finish do on their transport.
+    """
+
     def serve(self) -> ChannelReport:
         slots = self.ctx.slots
         assert slots is not None
-        senders = {kind: payload_handlers(kind)[0](self.ctx) for kind in self.spec.payload_kinds}
         self.ready()
         while True:
             message = self._next_request()
             if message.op is ControlOp.JOB:
-                self._send_job(slots[message.a], message.a, senders)
+                slot = slots[message.a]
+                if slot.epoch != self.epoch:
+                    raise LocalProtocolError(f"slot for epoch {slot.epoch} queued in epoch {self.epoch}")
+                self._job(slot, message.a)
+                self.ctx.count(Counter.PACKETS, 1)
+                self.sequence += 1
             elif message.op is ControlOp.SYNC:
-                self._send_sync(message.a)
+                if message.a != self.epoch:
+                    raise LocalProtocolError(f"SYNC({message.a}) asked in epoch {self.epoch}")
+                self._sync(message.a)
+                self.ctx.count(Counter.SYNCS, 1)
+                self.epoch += 1
+                post(self.ctrl, ControlOp.SYNCED, message.a)
             elif message.op is ControlOp.FINISH:
-                self._send_packet(packet.encode_end(self.sequence, self.epoch - 1))
+                self._finish()
                 post(self.ctrl, ControlOp.FINISHED)
                 return self.report(self.sequence)
             else:
-                raise LocalProtocolError(f"send channel got {message.op.name}")
+                raise LocalProtocolError(f"{type(self).__name__} got {message.op.name}")
+
+    def _job(self, slot: SendSlot, index: int) -> None:
+        raise NotImplementedError
+
+    def _sync(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
 
     def _next_request(self) -> ControlMessage:
         try:
             # Busy: the next job is usually queued already; take it without a select.
             message = read_control(self.ctrl, wait=False)
         except BlockingIOError:
-            ready = _wait_readable(self.ctrl, self.data, self.token)
+            watched: list[Any] = [self.ctrl, self.token]
+            if self.data is not None:
+                watched.append(self.data)
+            ready = _wait_readable(*watched)
             if self.token in ready:
                 raise self.cancelled("cancelled") from None
-            if self.data in ready:
+            if self.data is not None and self.data in ready:
                 # The destination never writes on a channel: readable means closed or reset.
                 raise TransportClosedError(
                     f"destination closed multifd channel {self.spec.channel_id}"
@@ -273,11 +325,17 @@ class _SendChannel(_Channel):
             raise self.cancelled("told to quit")
         return message
 
-    def _send_job(self, slot: SendSlot, index: int, senders: dict[int, PayloadSender]) -> None:
-        if slot.epoch != self.epoch:
-            raise LocalProtocolError(f"slot for epoch {slot.epoch} queued in epoch {self.epoch}")
+
+class _SendChannel(_JobChannel):
+    """Jobs become packets on the data socket; SYNC and FINISH write SYNC and END."""
+
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
+        super().__init__(spec, ctrl, data)
+        self.senders = {kind: payload_handlers(kind)[0](self.ctx) for kind in spec.payload_kinds}
+
+    def _job(self, slot: SendSlot, index: int) -> None:
         try:
-            sender = senders[slot.kind]
+            sender = self.senders[slot.kind]
         except KeyError:
             raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
         buffers = sender.prepare(slot, self.sequence, self.epoch)
@@ -289,21 +347,64 @@ class _SendChannel(_Channel):
         del buffers
         if sender.holds_slot:
             _hand_back(slot, self.ctrl, index)
-        self.ctx.count(Counter.PACKETS, 1)
-        self.sequence += 1
 
-    def _send_sync(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            raise LocalProtocolError(f"SYNC({epoch}) asked in epoch {self.epoch}")
+    def _sync(self, epoch: int) -> None:
         self._send_packet(packet.encode_sync(self.sequence, epoch))
-        self.ctx.count(Counter.SYNCS, 1)
-        self.epoch += 1
-        post(self.ctrl, ControlOp.SYNCED, epoch)
+
+    def _finish(self) -> None:
+        self._send_packet(packet.encode_end(self.sequence, self.epoch - 1))
 
     def _send_packet(self, encoded: bytes) -> None:
         self.conn.send_all(encoded)
         self.ctx.count(Counter.WIRE_BYTES, len(encoded))
         self.sequence += 1
+
+
+class _FileChannel(_JobChannel):
+    """Jobs become positional writes (save) or reads (restore) on the snapshot file.
+
+    A job's planner turns its slot into ``(file offset, views of guest RAM)``
+    pairs; the slot goes back before the I/O, as for RAM packets.  Syncs and
+    the finish write nothing: a file has no reader to tell, and a SYNCED
+    answered after the earlier jobs' I/O returned is the ordering the
+    snapshot needs (a page saved again in the next round lands after this one).
+    """
+
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket) -> None:
+        super().__init__(spec, ctrl, None)
+        target = spec.file
+        assert target is not None
+        self.file: PositionalFile = open_file(target.path, target.mode, target.direct_io)
+        self._stack.callback(self.file.close)
+        if target.present is not None:
+            present = Segment.attach(target.present)
+            self._stack.callback(present.close)
+            self.ctx.present = present.buf
+        self.writing = target.mode == "write"
+        self.planners: dict[int, FilePlanner] = {}
+        for kind in spec.payload_kinds:
+            entry = payload_entry(kind)
+            factory = entry.file_writer if self.writing else entry.file_reader
+            if factory is None:
+                raise LocalProtocolError(f"payload kind {kind} cannot be saved to a file")
+            self.planners[kind] = factory(self.ctx)
+
+    def _job(self, slot: SendSlot, index: int) -> None:
+        try:
+            planner = self.planners[slot.kind]
+        except KeyError:
+            raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
+        plan = planner.plan(slot)
+        _hand_back(slot, self.ctrl, index)  # the plan holds views of guest RAM, not the slot
+        move = self.file.write_at if self.writing else self.file.read_into
+        moved = sum(move(offset, views) for offset, views in plan)
+        self.ctx.count(Counter.WIRE_BYTES, moved)
+
+    def _sync(self, epoch: int) -> None:
+        pass
+
+    def _finish(self) -> None:
+        pass
 
 
 class Deliveries:

@@ -4,6 +4,9 @@
                      this machine (this one is the source; it starts ``listen``)
 ``multifd listen``   the destination: wait for a source, receive, verify, resume
 ``multifd migrate``  the source: migrate a synthetic guest to a listening destination
+``multifd save``     save a synthetic guest (live or stopped) to a snapshot file
+``multifd restore``  restore a snapshot file into new guest RAM
+``multifd inspect``  print what a snapshot file holds
 
 This module is the composition root: it wires the engine to the synthetic guest
 of ``clients`` (the engine itself never imports clients).  Errors print one
@@ -88,16 +91,17 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-fraction", type=float, default=0.0)
 
 
-def _add_migration_options(p: argparse.ArgumentParser) -> None:
+def _add_migration_options(p: argparse.ArgumentParser, wire: bool = True) -> None:
     p.add_argument("--channels", type=int, default=2)
     p.add_argument("--packet-pages", type=int, default=MigrationConfig.packet_pages)
     p.add_argument("--downtime-limit", type=float, default=300.0, help="milliseconds (300)")
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--on-max-rounds", choices=("switchover", "fail"), default="switchover")
-    p.add_argument("--no-verify", action="store_true", help="skip hashing both memories")
-    p.add_argument("--compression", choices=codecs.available(), default="none")
-    p.add_argument("--compression-level", type=int, default=None,
-                   help="the codec's own scale (default: the codec's default)")
+    if wire:  # a snapshot keeps pages at fixed places, uncompressed, and hashes nothing
+        p.add_argument("--no-verify", action="store_true", help="skip hashing both memories")
+        p.add_argument("--compression", choices=codecs.available(), default="none")
+        p.add_argument("--compression-level", type=int, default=None,
+                       help="the codec's own scale (default: the codec's default)")
     p.add_argument("--zero-page-detection", choices=("on", "off"), default="on")
     p.add_argument("--max-bandwidth", type=parse_rate, default=None,
                    help="bytes/s over all channels together, e.g. 125M (default: no cap)")
@@ -152,6 +156,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_migration_options(migrate)
     _add_device_options(migrate, destination=False)
     _add_output_options(migrate)
+
+    save = sub.add_parser("save", help="save a synthetic guest to a snapshot file")
+    save.add_argument("file", help="the snapshot to write (replaced only once the new one is durable)")
+    save.add_argument("--live", action="store_true",
+                      help="keep the guest running through precopy rounds (default: pause first)")
+    save.add_argument("--direct-io", action="store_true", help="write pages with O_DIRECT")
+    _add_guest_options(save)
+    _add_migration_options(save, wire=False)
+    _add_device_options(save, destination=False)
+    _add_output_options(save)
+
+    restore = sub.add_parser("restore", help="restore a snapshot file into new guest RAM")
+    restore.add_argument("file")
+    restore.add_argument("--channels", type=int, default=2)
+    restore.add_argument("--direct-io", action="store_true", help="read pages with O_DIRECT")
+    restore.add_argument("--device-load-latency", type=float, default=0.0,
+                         help="milliseconds each demo device takes to load, in all (0)")
+    restore.add_argument("--device-load", choices=("parallel", "serial"), default="parallel")
+    _add_output_options(restore)
+
+    inspect = sub.add_parser("inspect", help="print what a snapshot file holds")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -162,9 +190,9 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
         downtime_limit_ms=args.downtime_limit,
         max_rounds=args.max_rounds,
         on_max_rounds=args.on_max_rounds,
-        verify=not args.no_verify,
-        compression=args.compression,
-        compression_level=args.compression_level,
+        verify=not getattr(args, "no_verify", True),
+        compression=getattr(args, "compression", "none"),
+        compression_level=getattr(args, "compression_level", None),
         zero_page_detection=args.zero_page_detection == "on",
         max_bandwidth=args.max_bandwidth,
     ).validate()
@@ -176,27 +204,41 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
 
 def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None) -> None:
     verified = {True: "yes", False: "NO", None: "not checked"}[result.verified]
+    to_file, from_file = result.role == "save", result.role == "restore"
+    moved = "written" if to_file else "read" if from_file else "sent"
     lines = [
         f"status           {result.status} ({result.role})",
         f"guest RAM        {_human(result.ram_bytes)} over {result.channels} channel(s)",
         f"total time       {result.total_time_s:.3f} s (setup {result.setup_time_ms:.1f} ms)",
-        f"downtime         {result.downtime_ms:.1f} ms",
-        f"rounds           {result.rounds}",
-        f"pages sent       {result.pages_sent} (+{result.zero_pages} zero pages, no payload)",
-        f"bytes on wire    {_human(result.bytes_on_wire)} for {_human(result.guest_bytes)} of guest memory",
-        f"compression      {result.compression}"
-        + (f", {_human(result.payload_bytes)} of payload, ratio {result.compression_ratio:.2f}"
-           if result.compression != "none" else ""),
-        f"throughput       {_human(result.guest_throughput_bytes_per_s)}/s of guest memory, "
-        f"{_human(result.throughput_bytes_per_s)}/s on the wire",
-        f"memory verified  {verified}" + (f" — {result.verify_detail}" if result.verify_detail else ""),
     ]
+    if not from_file:
+        lines += [f"{'guest paused' if to_file else 'downtime':<16} {result.downtime_ms:.1f} ms",
+                  f"rounds           {result.rounds}"]
+    lines += [
+        f"{'pages ' + moved:<16} {result.pages_sent}"
+        + f" (+{result.zero_pages} zero pages, "
+        + ("not written)" if to_file else "not stored)" if from_file else "no payload)"),
+        f"{'bytes ' + moved if to_file or from_file else 'bytes on wire':<16} "
+        f"{_human(result.bytes_on_wire)} for {_human(result.guest_bytes)} of guest memory",
+    ]
+    if not (to_file or from_file):
+        lines.append(f"compression      {result.compression}"
+                     + (f", {_human(result.payload_bytes)} of payload, ratio {result.compression_ratio:.2f}"
+                        if result.compression != "none" else ""))
+    lines.append(f"throughput       {_human(result.guest_throughput_bytes_per_s)}/s of guest memory"
+                 + (f", {_human(result.throughput_bytes_per_s)}/s on the wire"
+                    if not (to_file or from_file) else ""))
+    if not (to_file or from_file):
+        lines.append(f"memory verified  {verified}"
+                     + (f" — {result.verify_detail}" if result.verify_detail else ""))
     for device in result.extra.get("devices", []):
-        verified = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]
+        checked = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]
+        saved = f"saved in {device['save_ms']:.0f} ms"
+        loaded = f"loaded in {device['load_ms']:.0f} ms {checked}".rstrip()
         lines.append(
             f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
-            f"{device['chunks']} chunks, saved in {device['save_ms']:.0f} ms, "
-            f"loaded in {device['load_ms']:.0f} ms {verified}".rstrip()
+            f"{device['chunks']} chunks, "
+            + (saved if to_file else loaded if from_file else f"{saved}, {loaded}")
         )
     for key, value in (extra or {}).items():
         lines.append(f"{key:<16} {value}")
@@ -355,6 +397,87 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.verified is not False else 1
 
 
+def cmd_save(args: argparse.Namespace) -> int:
+    from clients.devices import demo_devices
+    from clients.guest import SyntheticGuest, fill_ram
+    from engine.shm import GuestRAM
+    from engine.snapshot import SnapshotSave
+
+    config = _config(args)
+    with GuestRAM.create([("pc.ram", args.ram)]) as ram:
+        fill_ram(ram, args.fill, args.zero_fraction)
+        guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
+        guest.start()
+        try:
+            devices = demo_devices(args.devices, args.device_state,
+                                   save_latency_s=args.device_save_latency / 1000)
+            save = SnapshotSave(ram, args.file, config=config, live=args.live, pause_guest=guest.pause,
+                                resume_guest=guest.resume, devices=devices, direct_io=args.direct_io,
+                                dump_dir=args.dump_dir)
+            signal.signal(signal.SIGTERM, lambda *_: save.cancel("terminated (SIGTERM)"))
+            save.start()
+            result = _wait_with_progress(save, _Progress(sys.stdout.isatty() and not args.json))
+        finally:
+            guest.stop()
+    _emit(args, result, {} if args.json else {"file": result.extra["path"]})
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from clients.devices import DemoDevice
+    from engine.snapshot import SnapshotRestore, inspect_snapshot
+
+    info = inspect_snapshot(args.file)
+    # The demo devices the snapshot holds, empty, to be loaded.
+    devices = [DemoDevice(d.idstr, d.instance_id, d.size - d.chunks[-1][1],
+                          load_latency_s=args.device_load_latency / 1000, with_state=False)
+               for d in info.metadata.devices]
+    restore = SnapshotRestore(args.file, config=MigrationConfig(channels=args.channels),
+                              devices=devices, device_load=args.device_load,
+                              direct_io=args.direct_io, dump_dir=args.dump_dir)
+    signal.signal(signal.SIGTERM, lambda *_: restore.cancel("terminated (SIGTERM)"))
+    try:
+        restore.start()
+        result = _wait_with_progress(restore, _Progress(sys.stdout.isatty() and not args.json))
+    finally:
+        if restore.ram is not None:
+            restore.ram.close()
+            restore.ram.unlink()
+    if devices:  # each demo device also checks its state against its own config part
+        verified = bool(result.extra.get("devices_verified")) and all(d.intact() for d in devices)
+        result = dataclasses.replace(result, extra={**result.extra, "devices_verified": verified})
+    _emit(args, result, {} if args.json else {"file": args.file})
+    return 0 if result.extra.get("devices_verified", True) is not False else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from engine.snapshot import inspect_snapshot
+
+    summary = inspect_snapshot(args.file).to_dict()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["saved_at_ns"] / 1e9))
+    lines = [
+        f"snapshot         {summary['path']} ({_human(summary['file_size'])})",
+        f"format           version {summary['format_version']}, id {summary['snapshot_id']}",
+        f"saved            {saved}, {'live' if summary['live'] else 'stopped'}, "
+        f"page size {summary['page_size']}",
+        f"guest RAM        {_human(summary['ram_bytes'])} in {len(summary['blocks'])} block(s)",
+    ]
+    for block in summary["blocks"]:
+        lines.append(f"block {block['name']:<10} {_human(block['size'])}: {block['present_pages']} of "
+                     f"{block['pages']} pages present (the rest zero), pages at {block['pages_offset']}")
+    for device in summary["devices"]:
+        lines.append(f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
+                     f"{device['chunks']} chunks, sha256 {device['sha256'][:16]}…")
+    if not summary["devices"]:
+        lines.append("devices          none")
+    lines.append(f"info             {json.dumps(summary['info'], sort_keys=True)}")
+    print("\n".join(lines))
+    return 0
+
+
 def _merge_devices(result: MigrationResult, remote: dict[str, Any]) -> MigrationResult:
     """The source knows what each device saved; the destination what it loaded."""
     if "devices" not in result.extra:
@@ -394,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="multifd: %(message)s",
     )
-    handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate}
+    handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate,
+                "save": cmd_save, "restore": cmd_restore, "inspect": cmd_inspect}
     try:
         return handlers[args.command](args)
     except CancelledError as exc:

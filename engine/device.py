@@ -92,3 +92,8 @@ class DeviceLoading(Protocol):
     def wait_loaded(self, expected: Sequence[DeviceDone]) -> list[DeviceReport]:
         """Once every chunk was delivered: wait for the loads, check them."""
         ...
+
+    def load_saved(self, streams: Sequence[Iterable[bytes]], counts: Sequence[int]) -> None:
+        """Snapshot restore: start loading streams that come in order, all devices
+        at once (then :meth:`wait_loaded`)."""
+        ...

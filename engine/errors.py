@@ -15,6 +15,8 @@ Every error the engine raises derives from :class:`MigrationError`::
     │   └── WorkerCrashedError        a worker process died (exit code attached)
     ├── CompressionError
     ├── DeviceStateError
+    ├── SnapshotError                 a snapshot file could not be written or read
+    │   └── SnapshotFormatError       not a snapshot, or a damaged one: refused before loading
     ├── ConfigError                   invalid or mismatched configuration
     ├── ConvergenceError              precopy did not converge in the allowed rounds
     ├── VerificationError             destination memory differs from the source's
@@ -96,6 +98,14 @@ class CompressionError(MigrationError):
 
 class DeviceStateError(MigrationError):
     """A device's state stream was malformed, or its save or load failed."""
+
+
+class SnapshotError(MigrationError):
+    """A snapshot file could not be written, made durable or read."""
+
+
+class SnapshotFormatError(SnapshotError):
+    """The file is not a multifd snapshot, or a damaged or incomplete one."""
 
 
 class ConfigError(MigrationError):

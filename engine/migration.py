@@ -22,7 +22,7 @@ import select
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -99,9 +99,10 @@ class Migration:
     """Lifecycle and teardown common to both sides.  Subclasses implement :meth:`_run`."""
 
     role = "migration"
+    networked = True  # has a peer to authenticate (snapshots have none)
 
-    def __init__(self, config: MigrationConfig, secret: bytes) -> None:
-        if not secret:
+    def __init__(self, config: MigrationConfig, secret: bytes = b"") -> None:
+        if self.networked and not secret:
             raise ConfigError("a shared secret is required (both sides must be given the same one)")
         self.config = config.validate()
         self.secret = bytes(secret)
@@ -201,9 +202,10 @@ class Migration:
         """Side-specific recovery (the source resumes its guest)."""
 
     def _start_channels(
-        self, target: Callable[..., Any], conns: list[Connection], spec: ChannelSpec
+        self, target: Callable[..., Any], conns: Sequence[Connection | None], spec: ChannelSpec
     ) -> None:
-        """Run one channel process per connection on the process pool."""
+        """Run one channel process per connection (None: a file channel, no socket)
+        on the process pool."""
         cfg = self.config
         self._pool = WorkerPool(
             "process", len(conns), name=f"mfd-{self.role}",
@@ -211,9 +213,10 @@ class Migration:
         )
         for channel_id, conn in enumerate(conns):
             main_end, channel_end = control_pair()
+            data = () if conn is None else (conn.sock,)
             try:
                 future = self._pool.submit(
-                    target, replace(spec, channel_id=channel_id), channel_end, conn.sock
+                    target, replace(spec, channel_id=channel_id), channel_end, *data
                 )
             except BaseException:
                 main_end.close()

@@ -62,13 +62,14 @@ class ChannelLink:
         self,
         channel_id: int,
         ctrl: socket.socket,
-        conn: Connection,
+        conn: Connection | None,
         future: Future,
         root_cause: Callable[[], BaseException | None] = lambda: None,
     ) -> None:
         self.channel_id = channel_id
         self.ctrl = ctrl
         self.conn = conn          # kept so teardown can shut it down under a blocked process
+                                  # (None: a file channel)
         self.future = future
         self._root_cause = root_cause  # what broke the pool, if it broke
 
@@ -107,11 +108,13 @@ class ChannelLink:
 
     def shutdown(self) -> None:
         """Wake the channel process if it is blocked on its data socket."""
-        self.conn.shutdown()
+        if self.conn is not None:
+            self.conn.shutdown()
 
     def close(self) -> None:
         self.ctrl.close()
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
 
 def root_cause(error: BaseException, pool_broken_by: BaseException | None) -> BaseException:

@@ -8,7 +8,10 @@ device state, ...) registers, per packet kind:
 * a **receiver** factory — runs in each destination channel process, validates
   a packet and places its payload;
 * optionally a **client** factory — runs in the source main process and fills
-  slots (for RAM: the dirty rounds).
+  slots (for RAM: the dirty rounds);
+* optionally **file writer / reader** factories — run in the channel processes
+  of a snapshot save / restore and turn a slot into positioned buffers
+  (``(file offset, views)``) that the file channel writes or reads.
 
 Clients register on import; the built-in ones are imported here by *name* on
 first use, so ``engine`` never imports ``clients`` statically.  A new payload
@@ -26,7 +29,7 @@ import numpy as np
 
 from engine import packet
 from engine.errors import LocalProtocolError
-from engine.shm import GuestRAM
+from engine.shm import GuestRAM, RamBlock
 from engine.slots import Counter, SendSlot, SlotTable
 from engine.transport import Buffer, Connection
 
@@ -46,6 +49,9 @@ class ChannelContext:
         )
         # Destination channels: how payloads consumed in the main process get there.
         self.deliveries: Deliveries | None = None
+        # Snapshot save channels: one byte per page of all blocks, 1 = its bytes
+        # are in the file (engine/snapshot.py turns it into the file's bitmaps).
+        self.present: memoryview | None = None
 
     def count(self, counter: Counter, value: int) -> None:
         self.counters[counter] += value
@@ -77,6 +83,15 @@ class PayloadReceiver(Protocol):
         ...
 
 
+class FilePlanner(Protocol):
+    """Snapshot side of a payload kind, in a file channel process."""
+
+    def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
+        """Where the slot's bytes go in (save) or come from (restore) the file:
+        ``(file offset, buffers)`` pairs, each buffer run contiguous in the file."""
+        ...
+
+
 class PrecopyClient(Protocol):
     """A source main-process client that sends its data in dirty rounds."""
 
@@ -86,6 +101,10 @@ class PrecopyClient(Protocol):
 
     def queue_dirty(self) -> int:
         """Later rounds: queue what changed since it was last queued."""
+        ...
+
+    def queue_pages(self, block: RamBlock, pages: np.ndarray) -> None:
+        """Queue these sorted, unique pages of `block` (a snapshot restore's)."""
         ...
 
     def flush(self) -> None:
@@ -99,6 +118,7 @@ class PrecopyClient(Protocol):
 
 SenderFactory = Callable[[ChannelContext], PayloadSender]
 ReceiverFactory = Callable[[ChannelContext], PayloadReceiver]
+PlannerFactory = Callable[[ChannelContext], FilePlanner]
 ClientFactory = Callable[..., Any]
 
 
@@ -108,6 +128,8 @@ class PayloadEntry:
     receiver: ReceiverFactory
     client: ClientFactory | None = None   # source main process: produces the payloads
     sink: ClientFactory | None = None     # destination main process: consumes deliveries
+    file_writer: PlannerFactory | None = None  # snapshot save, in the channel processes
+    file_reader: PlannerFactory | None = None  # snapshot restore, in the channel processes
 
 
 _PAYLOADS: dict[int, PayloadEntry] = {}
@@ -124,9 +146,11 @@ def register_payload(
     receiver: ReceiverFactory,
     client: ClientFactory | None = None,
     sink: ClientFactory | None = None,
+    file_writer: PlannerFactory | None = None,
+    file_reader: PlannerFactory | None = None,
 ) -> None:
     """Register the handlers of a payload kind (a client module calls this on import)."""
-    _PAYLOADS[int(kind)] = PayloadEntry(sender, receiver, client, sink)
+    _PAYLOADS[int(kind)] = PayloadEntry(sender, receiver, client, sink, file_writer, file_reader)
 
 
 def payload_entry(kind: int) -> PayloadEntry:

@@ -29,25 +29,23 @@ from typing import TypeVar
 from engine import codecs, packet
 from engine import message as wire
 from engine.channel import ChannelSpec, run_send_channel
-from engine.device import DeviceReport, DeviceSaving, MigratableDevice, device_key
+from engine.device import MigratableDevice, device_key
 from engine.errors import (
-    CancelledError,
     ConfigError,
-    ConvergenceError,
     HandshakeError,
-    LocalProtocolError,
     MigrationError,
     RemoteProtocolError,
     TransportClosedError,
 )
-from engine.migration import Migration, MigrationConfig
+from engine.migration import MigrationConfig
 from engine.multifd import MultifdSender
-from engine.payload import PrecopyClient, payload_entry
+from engine.payload import PrecopyClient
 from engine.pool import WorkerPool
+from engine.saving import SavingMigration
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
-from engine.stats import MigrationResult, StatsTracker, device_extra
-from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
+from engine.stats import MigrationResult, device_extra
+from engine.sync import MigrationEvent, Signal, wait_any
 from engine.transport import Connection, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
 
@@ -55,11 +53,9 @@ log = logging.getLogger("multifd.source")
 
 M = TypeVar("M")
 
-RAM_CLIENT = 0
-_PROGRESS_EVERY_S = 0.1
 
 
-class SourceMigration(Migration):
+class SourceMigration(SavingMigration):
     """Migrate `ram` (owned by the caller's VMM) to the destination at `to`.
 
     `pause_guest` stops the guest's vCPUs (returns once no more writes happen);
@@ -82,32 +78,15 @@ class SourceMigration(Migration):
         dump_dir: str | None = None,
         devices: Sequence[MigratableDevice] = (),
     ) -> None:
-        super().__init__(config or MigrationConfig(), secret)
-        self.ram = ram
-        self.devices = list(devices)
-        self._device_pool: WorkerPool | None = None
-        self.device_reports: list[DeviceReport] = []
+        super().__init__(ram, config or MigrationConfig(), secret, pause_guest=pause_guest,
+                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices)
         self.to = to
-        self._pause_guest = pause_guest
-        self._resume_guest = resume_guest
-        self._paused = False
-        self.dump_dir = dump_dir
-        self.tracker = StatsTracker(ram.size, PAGE_SIZE)
         self._helpers: WorkerPool | None = None
         self._resumed = Signal()
         self._pongs: dict[int, float] = {}
         self._expect_close = False
-        self._last_progress = 0.0
-        self._core: MultifdSender | None = None
         self._rtt_s = 0.0
         self._setup_deadline = 0.0
-
-    @property
-    def core(self) -> MultifdSender:
-        """The multifd core (exists once setup has started the channels)."""
-        if self._core is None:
-            raise LocalProtocolError("the multifd core is used before setup")
-        return self._core
 
     # -- the phases --------------------------------------------------------
 
@@ -118,11 +97,7 @@ class SourceMigration(Migration):
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
         self._set_state("active")
-        make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
-        assert make_client is not None
-        client: PrecopyClient = make_client(
-            self.ram, self.core, RAM_CLIENT, self.config.packet_pages, self._progress
-        )
+        client = self._ram_client()
         expected_downtime_s = self._precopy(client)
         self._machine.fire(MigrationEvent.SWITCHOVER)
         self._set_state("switchover")
@@ -215,44 +190,7 @@ class SourceMigration(Migration):
         )
         self._helpers = WorkerPool("thread", 2, name="mfd-src-helper")
         self._helpers.submit(self._read_return_path)
-        if self.devices:
-            self._device_pool = WorkerPool("thread", len(self.devices), name="mfd-src-devices")
-
-    def _precopy(self, client: PrecopyClient) -> float:
-        """Rounds until converged.  Returns the expected downtime (s) at switchover."""
-        assert self.tracker is not None
-        cfg, tracker = self.config, self.tracker
-        limit_s = cfg.downtime_limit_ms / 1000
-        t_precopy = time.perf_counter()
-        wire_at_start = tracker.totals()["wire_bytes"]
-        taken = 0
-        while True:
-            tracker.round += 1
-            t_round = time.perf_counter()
-            taken = client.queue_all() if tracker.round == 1 else client.queue_dirty()
-            client.flush()
-            self.core.sync()
-            now = time.perf_counter()
-            sent = tracker.totals()["wire_bytes"] - wire_at_start
-            tracker.bandwidth = sent / max(now - t_precopy, 1e-9)
-            pending = client.pending_pages()
-            tracker.remaining_pages = pending
-            tracker.dirty_rate = pending * PAGE_SIZE / max(now - t_round, 1e-9)
-            expected = tracker.expected_downtime_s()
-            self._progress(force=True)
-            log.debug("round %d: %d pages sent, %d dirty, expected downtime %.1f ms",
-                      tracker.round, taken, pending, expected * 1000)
-            if expected <= limit_s:
-                return expected
-            if tracker.round >= cfg.max_rounds:
-                if cfg.on_max_rounds == "fail":
-                    raise ConvergenceError(
-                        f"not converged after {tracker.round} rounds: {pending * PAGE_SIZE} bytes "
-                        f"dirty, expected downtime {expected * 1000:.0f} ms "
-                        f"> limit {cfg.downtime_limit_ms:.0f} ms"
-                    )
-                log.info("forcing switchover after %d rounds", tracker.round)
-                return expected
+        self._start_device_pool()
 
     def _switchover(
         self, client: PrecopyClient
@@ -263,10 +201,7 @@ class SourceMigration(Migration):
         COMPLETE being sent, and the source's hashing time in ms.
         """
         assert self.tracker is not None
-        if self._pause_guest is not None:
-            self._pause_guest()
-        self._paused = True
-        t_pause = time.perf_counter()
+        t_pause = self._pause()
         self._send_message(wire.Switchover())
         t_switchover_sent = time.perf_counter()
         saver = self._start_device_saves()
@@ -298,16 +233,6 @@ class SourceMigration(Migration):
         return resumed, t_pause, t_switchover_sent, t_complete, verify_ms
 
     # -- helpers -----------------------------------------------------------
-
-    def _start_device_saves(self) -> DeviceSaving | None:
-        """Every device saves at once, on the device pool, beside the last RAM round."""
-        if not self.devices:
-            return None
-        make_saver = payload_entry(packet.PacketKind.DEVICE_STATE).client
-        assert make_saver is not None and self._device_pool is not None
-        saver: DeviceSaving = make_saver(self.devices, self.core, RAM_CLIENT + 1, self._device_pool)
-        saver.start(self.latch)
-        return saver
 
     def _config_record(self) -> wire.Config:
         cfg = self.config
@@ -405,34 +330,9 @@ class SourceMigration(Migration):
         except MigrationError as exc:
             self.latch.fail(exc)
 
-    def _progress(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if force or now - self._last_progress >= _PROGRESS_EVERY_S:
-            self._last_progress = now
-            if self.tracker is not None:
-                self.tracker.snapshot()  # keeps the throughput window fed
-
-    def _set_state(self, state: str) -> None:
-        if self.tracker is not None:
-            self.tracker.state = state
-
-    def _on_failure(self, error: BaseException) -> None:
-        self._set_state("cancelled" if isinstance(error, CancelledError) else "failed")
-        if self._paused:
-            self._paused = False
-            if self._resume_guest is not None:
-                try:
-                    self._resume_guest()
-                except Exception:
-                    log.exception("resuming the source guest after a failed migration failed")
-
     def _teardown(self) -> None:
         super()._teardown()
         if self._helpers is not None:
             self._step("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
             self._helpers = None
-        if self._device_pool is not None:
-            failed = self._machine.state is not MigrationState.COMPLETED
-            self._step("stop the device save jobs", self._device_pool.shutdown, wait=True, cancel=failed)
-            self._device_pool = None
         self._step("close the resumed signal", self._resumed.close)

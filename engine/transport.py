@@ -321,3 +321,30 @@ def connect(uri: str, timeout: float = 10.0, abort: Selectable | None = None) ->
 def listen(uri: str) -> Listener:
     """Bind and listen on `uri`.  Raises ConfigError or TransportBrokenError."""
     return _entry(uri).listen(uri)
+
+
+# ---------------------------------------------------------------------------
+# Files: positional I/O for snapshots (transports/file.py, found by name too).
+
+
+class PositionalFile(Protocol):
+    """An open snapshot file (transports/file.py's SnapshotFile)."""
+
+    path: str
+
+    def write_at(self, offset: int, buffers: Sequence[Buffer]) -> int: ...
+    def read_into(self, offset: int, buffers: Sequence[Buffer]) -> int: ...
+    def read_at(self, offset: int, length: int) -> bytes: ...
+    def size(self) -> int: ...
+    def sync(self) -> None: ...
+    def publish(self) -> str: ...
+    def discard(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def open_file(path: str, mode: str, direct_io: bool = False) -> PositionalFile:
+    """Open a snapshot file: ``create`` (a partial file for target `path`),
+    ``write`` or ``read``.  Raises SnapshotError."""
+    module = importlib.import_module("transports.file")
+    opened: PositionalFile = module.open_file(path, mode, direct_io)
+    return opened

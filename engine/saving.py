@@ -1,0 +1,170 @@
+"""What every side that saves a running guest shares: live migration's source
+(engine/source.py) and the snapshot save (engine/snapshot.py).
+
+Both own the guest's RAM and devices and its pause/resume callbacks, run the
+RAM client's precopy rounds through the multifd core until what is left fits
+the downtime limit, save the devices at once on a thread pool, and — should
+anything fail after the pause — resume the guest, so it keeps running.  They
+differ in where the bytes go (sockets to a destination, or a file) and in how
+the end is confirmed (the destination's RESUMED, or a durable file).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from engine import packet
+from engine.device import DeviceReport, DeviceSaving, MigratableDevice
+from engine.errors import CancelledError, ConvergenceError, LocalProtocolError
+from engine.migration import Migration, MigrationConfig
+from engine.multifd import MultifdSender
+from engine.payload import PrecopyClient, payload_entry
+from engine.pool import WorkerPool
+from engine.shm import PAGE_SIZE, GuestRAM
+from engine.stats import StatsTracker
+from engine.sync import MigrationState
+
+log = logging.getLogger("multifd.source")
+
+RAM_CLIENT = 0  # the RAM client's slot; device save job i uses client RAM_CLIENT + 1 + i
+_PROGRESS_EVERY_S = 0.1
+
+
+class SavingMigration(Migration):
+    """A migration whose guest runs here: RAM rounds, device saves, pause and resume.
+
+    `pause_guest` stops the guest's vCPUs (returns once no more writes happen);
+    `resume_guest` restarts them and is called if anything fails after the
+    pause: a failed migration or save leaves the guest running.
+    """
+
+    def __init__(
+        self,
+        ram: GuestRAM,
+        config: MigrationConfig,
+        secret: bytes = b"",
+        *,
+        pause_guest: Callable[[], None] | None = None,
+        resume_guest: Callable[[], None] | None = None,
+        dump_dir: str | None = None,
+        devices: Sequence[MigratableDevice] = (),
+    ) -> None:
+        super().__init__(config, secret)
+        self.ram = ram
+        self.devices = list(devices)
+        self.device_reports: list[DeviceReport] = []
+        self.dump_dir = dump_dir
+        self.tracker = StatsTracker(ram.size, PAGE_SIZE)
+        self._pause_guest = pause_guest
+        self._resume_guest = resume_guest
+        self._paused = False
+        self._device_pool: WorkerPool | None = None
+        self._core: MultifdSender | None = None
+        self._last_progress = 0.0
+
+    @property
+    def core(self) -> MultifdSender:
+        """The multifd core (exists once setup has started the channels)."""
+        if self._core is None:
+            raise LocalProtocolError("the multifd core is used before setup")
+        return self._core
+
+    def _ram_client(self) -> PrecopyClient:
+        make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
+        assert make_client is not None
+        client: PrecopyClient = make_client(
+            self.ram, self.core, RAM_CLIENT, self.config.packet_pages, self._progress
+        )
+        return client
+
+    def _start_device_pool(self) -> None:
+        if self.devices:
+            self._device_pool = WorkerPool("thread", len(self.devices), name=f"mfd-{self.role}-devices")
+
+    def _pause(self) -> float:
+        """Pause the guest; returns when (perf_counter) it was paused."""
+        if self._pause_guest is not None:
+            self._pause_guest()
+        self._paused = True
+        return time.perf_counter()
+
+    def _precopy(self, client: PrecopyClient) -> float:
+        """Rounds until converged.  Returns the expected downtime (s) at switchover."""
+        assert self.tracker is not None
+        cfg, tracker = self.config, self.tracker
+        limit_s = cfg.downtime_limit_ms / 1000
+        t_precopy = time.perf_counter()
+        wire_at_start = tracker.totals()["wire_bytes"]
+        taken = 0
+        while True:
+            tracker.round += 1
+            t_round = time.perf_counter()
+            taken = client.queue_all() if tracker.round == 1 else client.queue_dirty()
+            client.flush()
+            self.core.sync()
+            now = time.perf_counter()
+            sent = tracker.totals()["wire_bytes"] - wire_at_start
+            tracker.bandwidth = sent / max(now - t_precopy, 1e-9)
+            pending = client.pending_pages()
+            tracker.remaining_pages = pending
+            tracker.dirty_rate = pending * PAGE_SIZE / max(now - t_round, 1e-9)
+            expected = tracker.expected_downtime_s()
+            self._progress(force=True)
+            log.debug("round %d: %d pages sent, %d dirty, expected downtime %.1f ms",
+                      tracker.round, taken, pending, expected * 1000)
+            if expected <= limit_s:
+                return expected
+            if tracker.round >= cfg.max_rounds:
+                if cfg.on_max_rounds == "fail":
+                    raise ConvergenceError(
+                        f"not converged after {tracker.round} rounds: {pending * PAGE_SIZE} bytes "
+                        f"dirty, expected downtime {expected * 1000:.0f} ms "
+                        f"> limit {cfg.downtime_limit_ms:.0f} ms"
+                    )
+                log.info("forcing switchover after %d rounds", tracker.round)
+                return expected
+
+    def _start_device_saves(self, **where: Any) -> DeviceSaving | None:
+        """Every device saves at once, on the device pool, beside the last RAM round.
+
+        Chunks go to the multifd core, or where `where` says (``emit=``: a file).
+        """
+        if not self.devices:
+            return None
+        make_saver = payload_entry(packet.PacketKind.DEVICE_STATE).client
+        assert make_saver is not None and self._device_pool is not None
+        core = self._core if "emit" not in where else None
+        saver: DeviceSaving = make_saver(self.devices, core, RAM_CLIENT + 1, self._device_pool, **where)
+        saver.start(self.latch)
+        return saver
+
+    def _progress(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self._last_progress >= _PROGRESS_EVERY_S:
+            self._last_progress = now
+            if self.tracker is not None:
+                self.tracker.snapshot()  # keeps the throughput window fed
+
+    def _set_state(self, state: str) -> None:
+        if self.tracker is not None:
+            self.tracker.state = state
+
+    def _on_failure(self, error: BaseException) -> None:
+        self._set_state("cancelled" if isinstance(error, CancelledError) else "failed")
+        if self._paused:
+            self._paused = False
+            if self._resume_guest is not None:
+                try:
+                    self._resume_guest()
+                except Exception:
+                    log.exception("resuming the guest after a failed %s failed", self.role)
+
+    def _teardown(self) -> None:
+        super()._teardown()
+        if self._device_pool is not None:
+            failed = self._machine.state is not MigrationState.COMPLETED
+            self._step("stop the device save jobs", self._device_pool.shutdown, wait=True, cancel=failed)
+            self._device_pool = None

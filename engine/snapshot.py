@@ -1,0 +1,535 @@
+"""Snapshots: save a guest to a file and restore it, over N file channels.
+
+The layout (engine/snapshot_format.py, docs/snapshot-format.md) gives every
+guest page a fixed place, so the multifd core drives file channels exactly as
+it drives socket channels — the RAM client's slots, the same rounds and syncs —
+and only the channels' send op differs: positional writes and reads
+(transports/file.py) instead of packets::
+
+    save     plan the layout; create a partial file; N file channels
+             live: precopy rounds until what is left fits the downtime limit
+                   (a page saved again overwrites its own place)
+             pause → final round; devices save at once, chunks appended after the pages
+             every channel done → bitmaps, metadata → fsync → superblock → fsync
+             → rename over the target → fsync the directory: only now "saved"
+    restore  read and check superblock, metadata and bitmaps — before anything loads
+             N file channels read runs of present pages straight into guest RAM,
+             while every device loads at once on the pool; then resume
+
+A save that fails or is cancelled removes its partial file and resumes the
+guest; the target path is untouched until the new snapshot is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from engine import message as wire
+from engine import packet
+from engine import snapshot_format as fmt
+from engine.channel import ChannelSpec, FileTarget, run_file_channel
+from engine.device import DeviceLoading, MigratableDevice, device_key
+from engine.errors import ConfigError, LocalProtocolError
+from engine.migration import Migration, MigrationConfig
+from engine.multifd import MultifdSender
+from engine.payload import PrecopyClient, payload_entry
+from engine.pool import WorkerPool
+from engine.saving import RAM_CLIENT, SavingMigration
+from engine.shm import PAGE_SIZE, GuestRAM, Segment
+from engine.slots import SlotTable
+from engine.stats import MigrationResult, StatsTracker, device_extra
+from engine.sync import MigrationEvent
+from engine.transport import PositionalFile, open_file
+from engine.verify import dump_ram
+
+log = logging.getLogger("multifd.snapshot")
+
+def _check_config(config: MigrationConfig) -> MigrationConfig:
+    if config.compression != "none":
+        raise ConfigError("a snapshot keeps every page at a fixed place, uncompressed: "
+                          "compression is for the wire (use compression='none')")
+    return config
+
+
+# ---------------------------------------------------------------------------
+# Reading and checking a snapshot (inspect, restore).
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """Everything a snapshot's header and metadata say, checked against the file."""
+
+    path: str
+    file_size: int
+    superblock: fmt.Superblock
+    metadata: fmt.Metadata
+
+    @property
+    def live(self) -> bool:
+        return bool(self.superblock.flags & fmt.SnapshotFlags.LIVE)
+
+    @property
+    def layout(self) -> tuple[tuple[str, int], ...]:
+        return tuple((block.name, block.size) for block in self.metadata.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        sb, md = self.superblock, self.metadata
+        return {
+            "path": self.path,
+            "format_version": sb.version,
+            "snapshot_id": str(sb.snapshot_id),
+            "saved_at_ns": sb.saved_at_ns,
+            "live": self.live,
+            "page_size": sb.page_size,
+            "file_size": self.file_size,
+            "ram_bytes": sum(block.size for block in md.blocks),
+            "blocks": [{"name": b.name, "size": b.size, "pages": b.n_pages(sb.page_size),
+                        "present_pages": b.present_pages, "pages_offset": b.pages_offset}
+                       for b in md.blocks],
+            "devices": [{"idstr": d.idstr, "instance_id": d.instance_id, "bytes": d.size,
+                         "chunks": len(d.chunks), "sha256": d.digest.hex()} for d in md.devices],
+            "info": md.info,
+            "vmm_config_bytes": len(md.vmm_config),
+        }
+
+
+def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray]]:
+    """Check the whole snapshot's structure; returns it and each block's present pages.
+
+    Raises SnapshotFormatError (truncated, wrong magic or version, damaged
+    header or metadata, regions outside the file, bad bitmaps) before any page
+    or device state is read.
+    """
+    size = file.size()
+    head = file.read_at(0, min(size, fmt.SUPERBLOCK_SIZE))
+    sb = fmt.decode_superblock(head, size)
+    md = fmt.decode_metadata(file.read_at(sb.meta_offset, sb.meta_length), sb)
+    present = [
+        fmt.decode_bitmap(file.read_at(b.bitmap_offset, b.bitmap_length(sb.page_size)),
+                          b.n_pages(sb.page_size), b.present_pages)
+        for b in md.blocks
+    ]
+    return SnapshotInfo(file.path, size, sb, md), present
+
+
+def inspect_snapshot(path: str) -> SnapshotInfo:
+    """Read and check a snapshot's header, metadata and bitmaps.  Raises SnapshotError."""
+    file = open_file(path, "read")
+    try:
+        return _read_snapshot(file)[0]
+    finally:
+        file.close()
+
+
+# ---------------------------------------------------------------------------
+# Save.
+
+
+class _DeviceArea:
+    """Device chunks, appended after the page areas by the save jobs (any thread)."""
+
+    def __init__(self, file: PositionalFile, start: int, n_devices: int) -> None:
+        self._file = file
+        self._lock = threading.Lock()
+        self.end = start
+        self._chunks: list[dict[int, tuple[int, int]]] = [{} for _ in range(n_devices)]
+
+    def append(self, device: int, index: int, data: bytes | memoryview, end: bool) -> None:
+        length = memoryview(data).nbytes
+        with self._lock:
+            offset = self.end
+            self.end += length
+        self._file.write_at(offset, [data])
+        with self._lock:
+            self._chunks[device][index] = (offset, length)
+
+    def entries(self, devices: Sequence[MigratableDevice],
+                done: Sequence[wire.DeviceDone]) -> tuple[fmt.DeviceEntry, ...]:
+        entries = []
+        for chunks, device, saved in zip(self._chunks, devices, done):
+            if sorted(chunks) != list(range(saved.chunks)):
+                raise LocalProtocolError(f"device {device.idstr!r}: {len(chunks)} chunks in the "
+                                         f"file, {saved.chunks} saved")
+            entries.append(fmt.DeviceEntry(device.idstr, device.instance_id,
+                                           tuple(chunks[i] for i in range(saved.chunks)), saved.digest))
+        return tuple(entries)
+
+
+class SnapshotSave(SavingMigration):
+    """Save `ram` and `devices` to the snapshot file `path`.
+
+    ``live=True``: the guest keeps running through precopy rounds until what is
+    left fits ``config.downtime_limit_ms``, then it is paused for the last round
+    and the devices.  ``live=False``: paused first, every page written once.
+    :meth:`run` returns only once the file is durable under `path`; the guest
+    is left paused, unless ``resume_after`` (a checkpoint).  If the save fails
+    or is cancelled, the guest is resumed and no file is left at `path` (an
+    older snapshot there is untouched).
+    """
+
+    role = "save"
+    networked = False
+
+    def __init__(
+        self,
+        ram: GuestRAM,
+        path: str,
+        *,
+        config: MigrationConfig | None = None,
+        live: bool = True,
+        pause_guest: Callable[[], None] | None = None,
+        resume_guest: Callable[[], None] | None = None,
+        resume_after: bool = False,
+        devices: Sequence[MigratableDevice] = (),
+        vmm_config: bytes = b"",
+        direct_io: bool = False,
+        dump_dir: str | None = None,
+    ) -> None:
+        super().__init__(ram, _check_config(config or MigrationConfig()), pause_guest=pause_guest,
+                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices)
+        if len({device_key(d) for d in self.devices}) != len(self.devices):
+            raise ConfigError("two devices share an (idstr, instance_id)")
+        self.path = path
+        self.live = live
+        self.resume_after = resume_after
+        self.vmm_config = bytes(vmm_config)
+        self.direct_io = direct_io
+        self.layout = fmt.plan_layout(ram.layout, PAGE_SIZE)
+        self.snapshot_id = self.migration_id
+        self._file: PositionalFile | None = None
+        self._present: Segment | None = None
+        self._devices_area: _DeviceArea | None = None
+        self.published: str | None = None
+
+    def _run(self) -> MigrationResult:
+        self._machine.fire(MigrationEvent.START)
+        t_start = time.perf_counter()
+        self._setup()
+        t_setup = time.perf_counter()
+        self._machine.fire(MigrationEvent.SETUP_DONE)
+        self._set_state("active")
+        client = self._ram_client()
+        expected_s = self._precopy(client) if self.live else 0.0
+        self._machine.fire(MigrationEvent.SWITCHOVER)
+        self._set_state("switchover")
+        t_pause = self._pause()
+        self._final_round(client)
+        t_durable = time.perf_counter()
+        if self.dump_dir:
+            dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))
+        if self.resume_after:
+            self._paused = False
+            if self._resume_guest is not None:
+                self._resume_guest()
+        t_end = time.perf_counter()
+        self._machine.fire(MigrationEvent.COMPLETE)
+        self._set_state("completed")
+        assert self.tracker is not None
+        return MigrationResult(
+            status="completed",
+            role="save",
+            migration_id=str(self.snapshot_id),
+            ram_bytes=self.ram.size,
+            channels=self.config.channels,
+            total_time_s=t_end - t_start,
+            setup_time_ms=(t_setup - t_start) * 1000,
+            # Paused until durable (and resumed, if asked): what a checkpoint costs the guest.
+            downtime_ms=((t_end if self.resume_after else t_durable) - t_pause) * 1000,
+            rounds=self.tracker.round,
+            **self.tracker.traffic(t_durable - t_setup),
+            verified=None,
+            expected_downtime_ms=expected_s * 1000,
+            dirty_rate_bytes_per_s=self.tracker.dirty_rate,
+            channel_memory_kib=self._channel_memory(),
+            extra={"path": self.published, "live": self.live, **device_extra(self.device_reports)},
+        )
+
+    def _setup(self) -> None:
+        cfg = self.config
+        self._file = open_file(self.path, "create")
+        if self.direct_io:
+            open_file(self._file.path, "write", direct_io=True).close()  # fails here if unsupported
+        self._present = Segment.create(self.ram.n_pages)  # fresh: all absent
+        self._slots = SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
+                                       payload_capacity=0, n_channels=cfg.channels)
+        assert self.tracker is not None
+        self.tracker.slots = self._slots
+        target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
+                            present=self._present.name, direct_io=self.direct_io)
+        spec = ChannelSpec(
+            channel_id=0, n_channels=cfg.channels, ram=self.ram.handle, slots=self._slots.handle,
+            packet_pages=cfg.packet_pages, zero_page_detection=cfg.zero_page_detection,
+            payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target,
+        )
+        self._start_channels(run_file_channel, [None] * cfg.channels, spec)
+        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
+        self._core = MultifdSender(
+            self._links, self._slots, n_clients=1, latch=self.latch, marker=lambda epoch: None,
+            stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
+        )
+        self._start_device_pool()
+        self._devices_area = _DeviceArea(self._file, self.layout.device_area, len(self.devices))
+
+    def _final_round(self, client: PrecopyClient) -> None:
+        """Guest paused: the last pages and every device, then make the file durable."""
+        assert self.tracker is not None and self._devices_area is not None
+        saver = self._start_device_saves(emit=self._devices_area.append)
+        self.tracker.round += 1
+        if self.live:
+            client.queue_dirty()
+        else:
+            client.queue_all()
+        client.flush()
+        done: list[wire.DeviceDone] = []
+        if saver is not None:
+            done, self.device_reports = saver.wait(self.latch)
+        self.tracker.remaining_pages = 0
+        self.core.finish()
+        self.core.wait_finished()  # every page is written
+        self._write_metadata(done)
+
+    def _write_metadata(self, done: Sequence[wire.DeviceDone]) -> None:
+        """Bitmaps and metadata, durable; then the superblock; then publish."""
+        file, area, present_map = self._file, self._devices_area, self._present
+        assert file is not None and area is not None and present_map is not None
+        present = np.frombuffer(bytes(present_map.buf[:self.ram.n_pages]), dtype=np.uint8)
+        blocks, first = [], 0
+        for entry, block in zip(self.layout.blocks, self.ram.blocks):
+            pages = present[first:first + block.n_pages]
+            first += block.n_pages
+            file.write_at(entry.bitmap_offset, [fmt.encode_bitmap(pages)])
+            blocks.append(replace(entry, present_pages=int(np.count_nonzero(pages))))
+        assert self.tracker is not None
+        info = {"engine": "multifd", "live": self.live, "rounds": self.tracker.round,
+                "channels": self.config.channels, "zero_page_detection": self.config.zero_page_detection,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        metadata = fmt.encode_metadata(fmt.Metadata(tuple(blocks), area.entries(self.devices, done),
+                                                    info, self.vmm_config))
+        file.write_at(area.end, [metadata])
+        file.sync()  # everything the superblock vouches for is on disk before it is
+        flags = fmt.SnapshotFlags.LIVE if self.live else fmt.SnapshotFlags(0)
+        superblock = fmt.Superblock(
+            flags, PAGE_SIZE, len(blocks), len(self.devices), area.end, len(metadata),
+            area.end + len(metadata), time.time_ns(), self.snapshot_id,
+            hashlib.sha256(metadata).digest(),
+        )
+        file.write_at(0, [fmt.encode_superblock(superblock)])
+        self.published = file.publish()
+
+    def _teardown(self) -> None:
+        super()._teardown()  # channels stop before the file goes
+        if self._file is not None:
+            if self.published is None:
+                self._step("remove the partial snapshot", self._file.discard)
+            self._step("close the snapshot file", self._file.close)
+            self._file = None
+        if self._present is not None:
+            self._step("close the present map", self._present.close)
+            self._step("unlink the present map", self._present.unlink)
+            self._present = None
+
+
+# ---------------------------------------------------------------------------
+# Restore.
+
+
+class SnapshotRestore(Migration):
+    """Restore the snapshot at `path` into guest RAM and `devices`.
+
+    Without `ram` the restore creates RAM of the snapshot's layout
+    (:attr:`ram`, owned by the caller afterwards).  With `ram`, its layout must
+    be the snapshot's; pages the snapshot does not hold are zeroed unless
+    ``ram_is_zeroed``.  The same devices, by (idstr, instance_id), as were
+    saved must be given.  Everything in the file is checked before anything is
+    loaded; ``resume_guest`` is called once every page and device is in place.
+    """
+
+    role = "restore"
+    networked = False
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        ram: GuestRAM | None = None,
+        config: MigrationConfig | None = None,
+        devices: Sequence[MigratableDevice] = (),
+        device_load: Literal["parallel", "serial"] = "parallel",
+        ram_is_zeroed: bool = False,
+        resume_guest: Callable[[], None] | None = None,
+        direct_io: bool = False,
+        dump_dir: str | None = None,
+    ) -> None:
+        super().__init__(_check_config(config or MigrationConfig()))
+        self.path = path
+        self.ram = ram
+        self._ram_is_zeroed = ram_is_zeroed or ram is None
+        self.devices = {device_key(device): device for device in devices}
+        if len(self.devices) != len(devices):
+            raise ConfigError("two devices share an (idstr, instance_id)")
+        if device_load not in ("parallel", "serial"):
+            raise ConfigError("device_load must be 'parallel' or 'serial'")
+        self.device_load = device_load
+        self.resume_guest = resume_guest
+        self.direct_io = direct_io
+        self.dump_dir = dump_dir
+        self.info: SnapshotInfo | None = None
+        self._file: PositionalFile | None = None
+        self._created_ram = False
+        self._device_pool: WorkerPool | None = None
+        self._core: MultifdSender | None = None
+
+    def _run(self) -> MigrationResult:
+        self._machine.fire(MigrationEvent.START)
+        t_start = time.perf_counter()
+        info, present = self._open()
+        self._setup(info, present)
+        t_setup = time.perf_counter()
+        self._machine.fire(MigrationEvent.SETUP_DONE)
+        assert self.ram is not None and self._core is not None and self.tracker is not None
+        self.tracker.state = "active"
+        loader, expected = self._start_device_loads(info)
+        make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
+        assert make_client is not None
+        client: PrecopyClient = make_client(self.ram, self._core, RAM_CLIENT, self.config.packet_pages)
+        self.tracker.round = 1
+        for block, pages in zip(self.ram.blocks, present):
+            if pages.size:
+                client.queue_pages(block, pages)
+        client.flush()
+        self._core.finish()
+        self._core.wait_finished()  # every present page is in guest RAM
+        t_ram = time.perf_counter()
+        reports = loader.wait_loaded(expected) if loader is not None else []
+        self._machine.fire(MigrationEvent.SWITCHOVER)
+        if self.dump_dir:
+            dump_ram(self.ram, os.path.join(self.dump_dir, "dest.ram"))
+        if self.resume_guest is not None:
+            self.resume_guest()
+        t_end = time.perf_counter()
+        self._machine.fire(MigrationEvent.COMPLETE)
+        self.tracker.state = "completed"
+        return MigrationResult(
+            status="completed",
+            role="restore",
+            migration_id=str(info.superblock.snapshot_id),
+            ram_bytes=self.ram.size,
+            channels=self.config.channels,
+            total_time_s=t_end - t_start,
+            setup_time_ms=(t_setup - t_start) * 1000,
+            downtime_ms=0.0,
+            rounds=1,
+            **self._traffic(t_ram - t_setup),
+            verified=None,
+            channel_memory_kib=self._channel_memory(),
+            extra={"path": info.path, "live": info.live, **device_extra(reports)},
+        )
+
+    def _traffic(self, transfer_s: float) -> dict[str, Any]:
+        """What moved: the pages read, and the absent ones, zero without any I/O."""
+        assert self.tracker is not None and self.ram is not None
+        traffic = self.tracker.traffic(transfer_s)
+        traffic["zero_pages"] = self.ram.n_pages - traffic["pages_sent"]
+        traffic["guest_bytes"] = self.ram.size
+        traffic["guest_throughput_bytes_per_s"] = self.ram.size / max(transfer_s, 1e-9)
+        return traffic
+
+    def _open(self) -> tuple[SnapshotInfo, list[np.ndarray]]:
+        """Open and check the file, then match it to the guest: nothing loads before."""
+        self._file = open_file(self.path, "read")
+        info, present = _read_snapshot(self._file)
+        self.info = info
+        saved = {(d.idstr, d.instance_id) for d in info.metadata.devices}
+        for idstr, instance in sorted(saved - set(self.devices)):
+            raise ConfigError(f"device {idstr!r}/{instance} is in the snapshot but was not given")
+        for idstr, instance in sorted(set(self.devices) - saved):
+            raise ConfigError(f"device {idstr!r}/{instance} is not in the snapshot: it would get no state")
+        if self.ram is None:
+            self.ram = GuestRAM.create(info.layout)
+            self._created_ram = True
+        elif self.ram.layout != info.layout:
+            raise ConfigError(f"the snapshot's RAM {_describe(info.layout)} does not match the "
+                              f"guest's {_describe(self.ram.layout)}")
+        return info, present
+
+    def _setup(self, info: SnapshotInfo, present: list[np.ndarray]) -> None:
+        cfg, ram = self.config, self.ram
+        assert ram is not None
+        if not self._ram_is_zeroed:
+            self._zero_absent(present)
+        self.tracker = StatsTracker(ram.size, PAGE_SIZE)
+        self._slots = SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
+                                       payload_capacity=0, n_channels=cfg.channels)
+        self.tracker.slots = self._slots
+        target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
+                            direct_io=self.direct_io)
+        spec = ChannelSpec(channel_id=0, n_channels=cfg.channels, ram=ram.handle,
+                           slots=self._slots.handle, packet_pages=cfg.packet_pages,
+                           payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target)
+        self._start_channels(run_file_channel, [None] * cfg.channels, spec)
+        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
+        self._core = MultifdSender(self._links, self._slots, n_clients=1, latch=self.latch,
+                                   marker=lambda epoch: None, stall_timeout=cfg.stall_timeout_s)
+
+    def _zero_absent(self, present: list[np.ndarray]) -> None:
+        """RAM that held something: zero the pages the snapshot does not hold."""
+        assert self.ram is not None
+        for block, pages_present in zip(self.ram.blocks, present):
+            absent = np.ones(block.n_pages, dtype=bool)
+            absent[pages_present] = False
+            if absent.any():
+                pages = block.array()
+                pages[absent] = 0
+                del pages
+
+    def _start_device_loads(self, info: SnapshotInfo) -> tuple[DeviceLoading | None, list[wire.DeviceDone]]:
+        """Every device loads at once on the device pool, beside the RAM reads."""
+        entries = info.metadata.devices
+        if not entries:
+            return None, []
+        make_loader = payload_entry(packet.PacketKind.DEVICE_STATE).sink
+        assert make_loader is not None and self._file is not None
+        workers = len(entries) if self.device_load == "parallel" else 1
+        self._device_pool = WorkerPool("thread", workers, name="mfd-restore-devices")
+        devices = [self.devices[(e.idstr, e.instance_id)] for e in entries]
+        loader: DeviceLoading = make_loader(devices, None, self._device_pool, self.latch)
+        loader.load_saved([self._chunks(entry) for entry in entries], [len(e.chunks) for e in entries])
+        expected = [wire.DeviceDone(len(e.chunks), e.size, e.digest) for e in entries]
+        return loader, expected
+
+    def _chunks(self, entry: fmt.DeviceEntry) -> Iterator[bytes]:
+        file = self._file
+        assert file is not None
+        for offset, length in entry.chunks:
+            yield file.read_at(offset, length)
+
+    def _teardown(self) -> None:
+        super()._teardown()
+        if self._device_pool is not None:
+            failed = self.result is None
+            self._step("stop the device loads", self._device_pool.shutdown, wait=True, cancel=failed)
+            self._device_pool = None
+        if self._file is not None:
+            self._step("close the snapshot file", self._file.close)
+            self._file = None
+        if self._created_ram and self.result is None and self.ram is not None:
+            # Ours, and nobody will get it: a failed restore leaves no RAM behind.
+            self._step("close the RAM", self.ram.close)
+            self._step("unlink the RAM", self.ram.unlink)
+            self.ram = None
+
+
+def _describe(layout: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(f"{name} ({size} bytes)" for name, size in layout)
+
+
+__all__ = ["SnapshotInfo", "SnapshotRestore", "SnapshotSave", "inspect_snapshot"]

@@ -1,0 +1,386 @@
+"""The snapshot file's layout, encoded and decoded without touching a file (sans-IO).
+
+``docs/snapshot-format.md`` is the byte-by-byte description; this module is its
+only implementation.  A snapshot gives every guest page a fixed place, so N
+channel processes write and read pages in parallel with positional I/O, and a
+page saved again in a later round overwrites its own place::
+
+    0           superblock (4 KiB): magic, version, where the metadata is, digests
+    4096        page bitmaps, one per block (1 bit per page: 1 = its bytes are in the file)
+    1 MiB-aligned  page area of block 0 (page p at pages_offset + p * page_size)
+    1 MiB-aligned  page area of block 1 ...
+    after them  device-state chunks, in the order they were saved
+    then        metadata: block table, device table (each chunk's place), info, VMM config
+
+The superblock is written last, after everything else is durable, and names the
+metadata by offset, length and SHA-256: a file whose save did not finish has no
+valid superblock.  Every decoder here checks what it reads against the file's
+size and the other regions, so a damaged file is refused with a clear
+:class:`SnapshotFormatError` before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntFlag
+from typing import Any
+
+import numpy as np
+
+from engine.errors import SnapshotFormatError
+
+MAGIC = b"MFDSNAP\x00"
+VERSION = 1
+SUPERBLOCK_SIZE = 4096
+PAGE_AREA_ALIGN = 1 << 20     # page areas start on 1 MiB: any O_DIRECT block size divides it
+DEVICE_AREA_ALIGN = 4096
+MAX_BLOCKS = 1024
+MAX_DEVICES = 1024
+MAX_NAME = 255
+MAX_CHUNK = 1 << 20           # a device chunk, as on the wire (packet.MAX_DEVICE_CHUNK)
+MAX_BLOB = 16 << 20           # info JSON and VMM configuration, each
+PAGE_SIZES = (4096,)
+
+
+class SnapshotFlags(IntFlag):
+    LIVE = 1 << 0             # saved while the guest ran (rounds), not stopped
+
+
+# magic 8 | version 4 | flags 4 | page_size 4 | n_blocks 4 | n_devices 4 | reserved 4 |
+# meta_offset 8 | meta_length 8 | file_size 8 | saved_at_ns 8 | snapshot_id 16 |
+# meta_sha256 32 | header_sha256 32 (of every byte before it)
+_SUPER = struct.Struct("<8sIIIIII QQQQ 16s 32s")
+_SUPER_DIGEST_AT = _SUPER.size
+SUPERBLOCK_USED = _SUPER.size + 32
+_BLOCK = struct.Struct("<QQQQ")        # size, bitmap_offset, pages_offset, present_pages
+_DEVICE = struct.Struct("<IIQ32s")     # instance_id, n_chunks, size, sha256
+_CHUNK = struct.Struct("<QI")          # offset, length
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------
+# Records.
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One RAM block's place in the file."""
+
+    name: str
+    size: int
+    bitmap_offset: int
+    pages_offset: int
+    present_pages: int = 0    # pages whose bytes are in the file (bits set)
+
+    def n_pages(self, page_size: int) -> int:
+        return self.size // page_size
+
+    def bitmap_length(self, page_size: int) -> int:
+        return bitmap_length(self.n_pages(page_size))
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    """One device's saved stream: its chunks in order (the last is the config part)."""
+
+    idstr: str
+    instance_id: int
+    chunks: tuple[tuple[int, int], ...]   # (file offset, length)
+    digest: bytes                          # SHA-256 of the whole stream
+
+    @property
+    def size(self) -> int:
+        return sum(length for _, length in self.chunks)
+
+
+@dataclass(frozen=True)
+class Superblock:
+    flags: SnapshotFlags
+    page_size: int
+    n_blocks: int
+    n_devices: int
+    meta_offset: int
+    meta_length: int
+    file_size: int
+    saved_at_ns: int
+    snapshot_id: uuid.UUID
+    meta_digest: bytes
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class Metadata:
+    blocks: tuple[BlockEntry, ...]
+    devices: tuple[DeviceEntry, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)   # what saved it, how (JSON)
+    vmm_config: bytes = b""                                # the VMM's own, opaque
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a new snapshot puts each block's bitmap and pages, and its device data."""
+
+    page_size: int
+    blocks: tuple[BlockEntry, ...]
+    device_area: int          # first byte after the last page area (4 KiB aligned)
+
+
+# ---------------------------------------------------------------------------
+# Layout and bitmaps.
+
+
+def bitmap_length(n_pages: int) -> int:
+    """Bytes of a block's bitmap: whole little-endian 64-bit words."""
+    return _round_up(n_pages, 64) // 8
+
+
+def plan_layout(blocks: Sequence[tuple[str, int]], page_size: int = 4096) -> Layout:
+    """Offsets for a snapshot of RAM with `blocks` (name, size)."""
+    _check_blocks(blocks, page_size)
+    at = SUPERBLOCK_SIZE
+    bitmaps = []
+    for _, size in blocks:
+        bitmaps.append(at)
+        at += bitmap_length(size // page_size)
+    entries = []
+    for (name, size), bitmap_at in zip(blocks, bitmaps):
+        at = _round_up(at, PAGE_AREA_ALIGN)
+        entries.append(BlockEntry(name, size, bitmap_at, at))
+        at += size
+    return Layout(page_size, tuple(entries), _round_up(at, DEVICE_AREA_ALIGN))
+
+
+def _check_blocks(blocks: Sequence[tuple[str, int]], page_size: int) -> None:
+    if page_size not in PAGE_SIZES:
+        raise SnapshotFormatError(f"page size {page_size} is not supported (only {PAGE_SIZES})")
+    if not 1 <= len(blocks) <= MAX_BLOCKS:
+        raise SnapshotFormatError(f"{len(blocks)} RAM blocks: a snapshot holds 1..{MAX_BLOCKS}")
+    names = set()
+    for name, size in blocks:
+        if not name or len(name.encode()) > MAX_NAME:
+            raise SnapshotFormatError(f"block name {name!r} must be 1..{MAX_NAME} UTF-8 bytes")
+        if name in names:
+            raise SnapshotFormatError(f"two blocks are named {name!r}")
+        names.add(name)
+        if size <= 0 or size % page_size:
+            raise SnapshotFormatError(f"block {name!r}: size {size} is not a positive number of pages")
+
+
+def encode_bitmap(present: np.ndarray) -> bytes:
+    """One byte per page (non-zero: present) → the block's bitmap bytes.
+
+    Bit p % 64 of little-endian word p // 64 is page p, which is bit p % 8 of
+    byte p // 8; bits past the last page are zero.
+    """
+    bits = np.packbits(np.asarray(present, dtype=bool), bitorder="little").tobytes()
+    return bits.ljust(bitmap_length(len(present)), b"\x00")
+
+
+def decode_bitmap(data: bytes, n_pages: int, expected_present: int | None = None) -> np.ndarray:
+    """The bitmap's present pages, as sorted page indices (int64).
+
+    Raises SnapshotFormatError for a bitmap of the wrong length, with a bit set
+    past the last page, or with another count of pages than the block table says.
+    """
+    if len(data) != bitmap_length(n_pages):
+        raise SnapshotFormatError(f"bitmap of {len(data)} bytes for {n_pages} pages "
+                                  f"(expected {bitmap_length(n_pages)})")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[n_pages:].any():
+        raise SnapshotFormatError(f"bitmap marks a page past the block's {n_pages} pages")
+    pages = np.flatnonzero(bits[:n_pages]).astype(np.int64)
+    if expected_present is not None and pages.size != expected_present:
+        raise SnapshotFormatError(f"bitmap marks {pages.size} pages present, the block table "
+                                  f"says {expected_present}")
+    return pages
+
+
+# ---------------------------------------------------------------------------
+# Superblock.
+
+
+def encode_superblock(sb: Superblock) -> bytes:
+    """The superblock, padded to SUPERBLOCK_SIZE, its own digest included."""
+    body = _SUPER.pack(
+        MAGIC, sb.version, int(sb.flags), sb.page_size, sb.n_blocks, sb.n_devices, 0,
+        sb.meta_offset, sb.meta_length, sb.file_size, sb.saved_at_ns, sb.snapshot_id.bytes,
+        sb.meta_digest,
+    )
+    return (body + hashlib.sha256(body).digest()).ljust(SUPERBLOCK_SIZE, b"\x00")
+
+
+def decode_superblock(data: bytes, file_size: int) -> Superblock:
+    """Check and decode the superblock of a file of `file_size` bytes."""
+    if file_size < SUPERBLOCK_SIZE or len(data) < SUPERBLOCK_USED:
+        raise SnapshotFormatError(f"file of {file_size} bytes is too short to be a snapshot "
+                                  f"(truncated, or not one)")
+    body = bytes(data[:_SUPER.size])
+    (magic, version, flags, page_size, n_blocks, n_devices, _, meta_offset, meta_length,
+     size, saved_at_ns, snapshot_id, meta_digest) = _SUPER.unpack(body)
+    if magic != MAGIC:
+        if magic == b"\x00" * 8:
+            raise SnapshotFormatError("no snapshot header: the file is empty there, as a save "
+                                      "that never finished leaves it")
+        raise SnapshotFormatError(f"not a multifd snapshot (magic {magic!r})")
+    if version != VERSION:
+        raise SnapshotFormatError(f"snapshot format version {version} is not supported "
+                                  f"(this reads version {VERSION})")
+    if hashlib.sha256(body).digest() != bytes(data[_SUPER_DIGEST_AT:SUPERBLOCK_USED]):
+        raise SnapshotFormatError("the snapshot header is damaged (its digest does not match)")
+    if flags & ~int(SnapshotFlags.LIVE):
+        raise SnapshotFormatError(f"unknown snapshot flags {flags:#x}")
+    if page_size not in PAGE_SIZES:
+        raise SnapshotFormatError(f"page size {page_size} is not supported")
+    if size != file_size:
+        what = "truncated" if file_size < size else "longer than it was written"
+        raise SnapshotFormatError(f"snapshot is {what}: {file_size} bytes, its header says {size}")
+    if not 1 <= n_blocks <= MAX_BLOCKS or n_devices > MAX_DEVICES:
+        raise SnapshotFormatError(f"{n_blocks} blocks and {n_devices} devices: out of range")
+    if meta_offset < SUPERBLOCK_SIZE or meta_length > file_size or meta_offset > file_size - meta_length:
+        raise SnapshotFormatError(f"metadata at {meta_offset} (+{meta_length}) lies outside the file")
+    return Superblock(SnapshotFlags(flags), page_size, n_blocks, n_devices, meta_offset, meta_length,
+                      size, saved_at_ns, uuid.UUID(bytes=snapshot_id), meta_digest, version)
+
+
+# ---------------------------------------------------------------------------
+# Metadata.
+
+
+def _name(text: str, what: str) -> bytes:
+    raw = text.encode()
+    if not 1 <= len(raw) <= MAX_NAME:
+        raise SnapshotFormatError(f"{what} {text!r} must be 1..{MAX_NAME} UTF-8 bytes")
+    return _U8.pack(len(raw)) + raw
+
+
+def encode_metadata(md: Metadata) -> bytes:
+    out = bytearray()
+    for block in md.blocks:
+        out += _name(block.name, "block name")
+        out += _BLOCK.pack(block.size, block.bitmap_offset, block.pages_offset, block.present_pages)
+    for device in md.devices:
+        out += _name(device.idstr, "device idstr")
+        out += _DEVICE.pack(device.instance_id, len(device.chunks), device.size, device.digest)
+        for offset, length in device.chunks:
+            out += _CHUNK.pack(offset, length)
+    for blob in (json.dumps(md.info, sort_keys=True).encode(), md.vmm_config):
+        if len(blob) > MAX_BLOB:
+            raise SnapshotFormatError(f"info or VMM configuration over {MAX_BLOB} bytes")
+        out += _U32.pack(len(blob)) + blob
+    return bytes(out)
+
+
+class _Reader:
+    """Reads the metadata's fields in order; running short is a damaged file."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.at:
+            raise SnapshotFormatError("the snapshot's metadata ends early")
+        chunk = self.data[self.at:self.at + n]
+        self.at += n
+        return chunk
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        return layout.unpack(self.take(layout.size))
+
+    def name(self, what: str) -> str:
+        (length,) = self.unpack(_U8)
+        try:
+            text = self.take(length).decode()
+        except UnicodeDecodeError:
+            raise SnapshotFormatError(f"a {what} is not UTF-8") from None
+        if not text:
+            raise SnapshotFormatError(f"an empty {what}")
+        return text
+
+
+def decode_metadata(data: bytes, sb: Superblock) -> Metadata:
+    """Check and decode the metadata the superblock names.
+
+    Checks its digest, then that every region it describes — bitmaps, page
+    areas, device chunks — lies inside the file, clear of the superblock, the
+    metadata and every other region.
+    """
+    if len(data) != sb.meta_length or hashlib.sha256(data).digest() != sb.meta_digest:
+        raise SnapshotFormatError("the snapshot's metadata is damaged (its digest does not match)")
+    reader = _Reader(data)
+    blocks = []
+    for _ in range(sb.n_blocks):
+        name = reader.name("block name")
+        size, bitmap_offset, pages_offset, present = reader.unpack(_BLOCK)
+        blocks.append(BlockEntry(name, size, bitmap_offset, pages_offset, present))
+    _check_blocks([(b.name, b.size) for b in blocks], sb.page_size)
+    devices = []
+    for _ in range(sb.n_devices):
+        idstr = reader.name("device idstr")
+        instance_id, n_chunks, size, digest = reader.unpack(_DEVICE)
+        if n_chunks < 1:
+            raise SnapshotFormatError(f"device {idstr!r}/{instance_id} has no chunks (not even "
+                                      f"its config part)")
+        chunks = tuple(reader.unpack(_CHUNK) for _ in range(n_chunks))
+        device = DeviceEntry(idstr, instance_id, chunks, digest)
+        if device.size != size:
+            raise SnapshotFormatError(f"device {idstr!r}/{instance_id}: chunks total {device.size} "
+                                      f"bytes, its entry says {size}")
+        if any(length > MAX_CHUNK for _, length in chunks):
+            raise SnapshotFormatError(f"device {idstr!r}/{instance_id}: a chunk over {MAX_CHUNK} bytes")
+        devices.append(device)
+    if len({(d.idstr, d.instance_id) for d in devices}) != len(devices):
+        raise SnapshotFormatError("two device entries share an (idstr, instance_id)")
+    blobs = []
+    for _ in range(2):
+        (length,) = reader.unpack(_U32)
+        blobs.append(reader.take(length))
+    if reader.at != len(data):
+        raise SnapshotFormatError(f"{len(data) - reader.at} unexpected bytes after the metadata")
+    try:
+        info = json.loads(blobs[0])
+    except ValueError:
+        raise SnapshotFormatError("the snapshot's info is not JSON") from None
+    if not isinstance(info, dict):
+        raise SnapshotFormatError("the snapshot's info is not a JSON object")
+    metadata = Metadata(tuple(blocks), tuple(devices), info, blobs[1])
+    check_regions(metadata, sb)
+    return metadata
+
+
+def check_regions(md: Metadata, sb: Superblock) -> None:
+    """Every region inside the file, none overlapping another, pages page-aligned."""
+    regions: list[tuple[int, int, str]] = [(0, SUPERBLOCK_SIZE, "the header"),
+                                           (sb.meta_offset, sb.meta_length, "the metadata")]
+    for block in md.blocks:
+        n_pages = block.n_pages(sb.page_size)
+        if block.present_pages > n_pages:
+            raise SnapshotFormatError(f"block {block.name!r}: {block.present_pages} pages present "
+                                      f"of {n_pages}")
+        if block.pages_offset % sb.page_size:
+            raise SnapshotFormatError(f"block {block.name!r}: pages at {block.pages_offset}, "
+                                      f"not page-aligned")
+        regions.append((block.bitmap_offset, block.bitmap_length(sb.page_size),
+                        f"the bitmap of block {block.name!r}"))
+        regions.append((block.pages_offset, block.size, f"the pages of block {block.name!r}"))
+    for device in md.devices:
+        name = f"{device.idstr!r}/{device.instance_id}"
+        regions += [(offset, length, f"a chunk of device {name}") for offset, length in device.chunks]
+    for start, length, what in regions:
+        if start < 0 or length < 0 or start + length > sb.file_size:
+            raise SnapshotFormatError(f"{what} ({start} +{length}) points outside the "
+                                      f"{sb.file_size}-byte file")
+    spans = sorted((start, start + length, what) for start, length, what in regions if length)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise SnapshotFormatError(f"{second} overlaps {first}")
