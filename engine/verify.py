@@ -65,7 +65,9 @@ def compare_digests(
 
 
 def dump_ram(ram: GuestRAM, path: str) -> int:
-    """Write every block, in order, to a raw file at `path`.  Returns bytes written."""
+    """Write every block, in order, to a raw file at `path` (its directory is
+    created if needed).  Returns bytes written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     written = 0
     with open(path, "wb") as out:
         for block in ram.blocks:

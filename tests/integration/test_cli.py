@@ -123,3 +123,46 @@ def test_failure_json() -> None:
     assert done.returncode == 1
     assert json.loads(done.stdout) == {"status": "failed", "error": json.loads(done.stdout)["error"]}
     assert "unknown transport 'bogus'" in json.loads(done.stdout)["error"]
+
+
+def test_save_restore_inspect(tmp_path: Path) -> None:
+    snap, saved, restored = tmp_path / "vm.snap", tmp_path / "saved", tmp_path / "restored"
+    done = run("save", str(snap), "--live", "--ram", "16M", "--workload", "incrementer",
+               "--dirty-rate", "16M", "--channels", "3", "--devices", "2", "--device-state", "300K",
+               "--dump-dir", str(saved), "--json")
+    assert done.returncode == 0, done.stderr
+    save = json.loads(done.stdout)
+    assert save["status"] == "completed" and save["role"] == "save" and save["live"] is True
+    assert save["path"] == str(snap) and save["rounds"] >= 2 and save["channels"] == 3
+    assert [d["idstr"] for d in save["devices"]] == ["dev0", "dev1"]
+
+    done = run("inspect", str(snap), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["live"] is True and info["ram_bytes"] == 16 << 20
+    assert info["blocks"][0]["name"] == "pc.ram" and info["blocks"][0]["pages"] == 4096
+    assert [(d["idstr"], d["chunks"]) for d in info["devices"]] == [("dev0", 3), ("dev1", 3)]
+
+    done = run("restore", str(snap), "--channels", "2", "--dump-dir", str(restored), "--json")
+    assert done.returncode == 0, done.stderr
+    restore = json.loads(done.stdout)
+    assert restore["role"] == "restore" and restore["devices_verified"] is True
+    assert restore["pages_sent"] + restore["zero_pages"] == 4096
+    # The restored RAM is the guest's RAM at the pause, byte for byte.
+    assert (saved / "source.ram").read_bytes() == (restored / "dest.ram").read_bytes()
+
+    human = run("inspect", str(snap))
+    assert human.returncode == 0
+    assert "block pc.ram" in human.stdout and "device dev1/0" in human.stdout
+
+
+def test_restore_of_a_damaged_file_is_one_line(tmp_path: Path) -> None:
+    snap = tmp_path / "vm.snap"
+    assert run("save", str(snap), "--ram", "4M").returncode == 0
+    with open(snap, "r+b") as f:
+        f.truncate(snap.stat().st_size // 2)
+    for command in ("restore", "inspect"):
+        done = run(command, str(snap))
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
+        assert "snapshot is truncated" in done.stderr

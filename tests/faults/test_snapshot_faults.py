@@ -1,0 +1,294 @@
+"""Bad snapshot files are refused before anything loads; failed saves leave no file.
+
+Every case runs real channel processes under the leak check: nothing may be
+left running, mapped or open, and a failed save must leave the guest running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import pytest
+
+from clients.devices import DemoDevice
+from clients.guest import SyntheticGuest, check_incrementer
+from engine import GuestRAM, MigrationConfig
+from engine import snapshot_format as fmt
+from engine.errors import (
+    CancelledError,
+    ConfigError,
+    DeviceStateError,
+    MigrationError,
+    SnapshotError,
+    SnapshotFormatError,
+)
+from engine.snapshot import SnapshotRestore, SnapshotSave
+from tests.harness import MiB, guest_ram, same_memory
+
+NIC = ("nic", 0)
+# Rounds capped at 16 MiB/s over 4 MiB of RAM a guest dirties at 64 MiB/s: every
+# round finds the whole RAM dirty again, so the save runs until stopped.
+NEVER_CONVERGES = MigrationConfig(max_bandwidth=16 * MiB, packet_pages=16, max_rounds=10_000,
+                                  downtime_limit_ms=1)
+
+
+class Recorder:
+    """A device that records every load it is asked to do."""
+
+    def __init__(self, idstr: str, instance_id: int = 0) -> None:
+        self.idstr, self.instance_id = idstr, instance_id
+        self.calls: list[str] = []
+
+    def save_state(self) -> list[bytes]:
+        return [b"state"]
+
+    def save_config(self) -> bytes:
+        return b"config"
+
+    def load_state(self, chunk: bytes) -> None:
+        self.calls.append("state")
+
+    def load_config(self, config: bytes) -> None:
+        self.calls.append("config")
+
+
+@pytest.fixture
+def snapshot(tmp_path: Path) -> Path:
+    """A good stopped snapshot: 4 MiB of text (some zero pages), device NIC."""
+    path = tmp_path / "good.snap"
+    with guest_ram(4 * MiB, fill="text") as ram:
+        SnapshotSave(ram, str(path), live=False, devices=[Recorder(*NIC)]).run()
+    return path
+
+
+def _restore_refused(path: Path, error: type[MigrationError], match: str,
+                     layout: dict[str, int] | None = None) -> None:
+    """Restore into RAM holding a sentinel: refused, and nothing was loaded."""
+    device = Recorder(*NIC)
+    with GuestRAM.create(layout or {"pc.ram": 4 * MiB}) as ram:
+        ram.blocks[0].array()[:] = 0x5A
+        with pytest.raises(error, match=match):
+            SnapshotRestore(str(path), ram=ram, devices=[device]).run()
+        assert (ram.blocks[0].array() == 0x5A).all(), "guest RAM was written"
+    assert device.calls == [], "a device was loaded"
+
+
+def _rewrite(path: Path, metadata: Callable[[fmt.Metadata], fmt.Metadata]) -> None:
+    """Change the metadata and sign it again, as a buggy or hostile writer would."""
+    data = bytearray(path.read_bytes())
+    sb = fmt.decode_superblock(bytes(data[:fmt.SUPERBLOCK_SIZE]), len(data))
+    md = fmt.decode_metadata(bytes(data[sb.meta_offset:sb.meta_offset + sb.meta_length]), sb)
+    meta = fmt.encode_metadata(metadata(md))
+    data = data[:sb.meta_offset] + meta
+    sb = replace(sb, meta_length=len(meta), file_size=len(data), meta_digest=hashlib.sha256(meta).digest())
+    data[:fmt.SUPERBLOCK_SIZE] = fmt.encode_superblock(sb)
+    path.write_bytes(bytes(data))
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_good_snapshot_restores(snapshot: Path) -> None:
+    device = Recorder(*NIC)
+    with GuestRAM.create({"pc.ram": 4 * MiB}) as ram:
+        SnapshotRestore(str(snapshot), ram=ram, devices=[device]).run()
+    assert device.calls == ["state", "config"]
+
+
+@pytest.mark.parametrize("keep", ["nothing", "100 bytes", "half the pages", "all but the last byte"])
+def test_truncated_file(snapshot: Path, keep: str) -> None:
+    size = snapshot.stat().st_size
+    cut = {"nothing": 0, "100 bytes": 100, "half the pages": 3 * MiB, "all but the last byte": size - 1}
+    os.truncate(snapshot, cut[keep])
+    _restore_refused(snapshot, SnapshotFormatError, "too short|truncated")
+
+
+def test_wrong_magic(snapshot: Path) -> None:
+    _patch(snapshot, 0, b"QEVM\x00\x00\x00\x03")
+    _restore_refused(snapshot, SnapshotFormatError, "not a multifd snapshot")
+
+
+def test_newer_version(snapshot: Path) -> None:
+    header = bytearray(snapshot.read_bytes()[:fmt.SUPERBLOCK_USED])
+    header[8:12] = (2).to_bytes(4, "little")
+    header[112:144] = hashlib.sha256(bytes(header[:112])).digest()
+    _patch(snapshot, 0, bytes(header))
+    _restore_refused(snapshot, SnapshotFormatError, "version 2 is not supported")
+
+
+def test_damaged_header(snapshot: Path) -> None:
+    _patch(snapshot, 40, b"\xff")  # meta_length, without re-signing
+    _restore_refused(snapshot, SnapshotFormatError, "header is damaged")
+
+
+def test_unfinished_save_has_no_header(snapshot: Path) -> None:
+    _patch(snapshot, 0, bytes(fmt.SUPERBLOCK_SIZE))  # what a crash before publish leaves
+    _restore_refused(snapshot, SnapshotFormatError, "a save that never finished")
+
+
+def test_damaged_metadata(snapshot: Path) -> None:
+    sb = fmt.decode_superblock(snapshot.read_bytes()[:fmt.SUPERBLOCK_SIZE], snapshot.stat().st_size)
+    _patch(snapshot, sb.meta_offset + 3, b"\x00\x01")
+    _restore_refused(snapshot, SnapshotFormatError, "metadata is damaged")
+
+
+def test_bitmap_outside_the_file(snapshot: Path) -> None:
+    _rewrite(snapshot, lambda md: replace(md, blocks=(replace(md.blocks[0], bitmap_offset=1 << 40),)))
+    _restore_refused(snapshot, SnapshotFormatError, "bitmap of block 'pc.ram' .* points outside")
+
+
+def test_pages_outside_the_file(snapshot: Path) -> None:
+    _rewrite(snapshot, lambda md: replace(md, blocks=(replace(md.blocks[0], pages_offset=1 << 30),)))
+    _restore_refused(snapshot, SnapshotFormatError, "pages of block 'pc.ram' .* points outside")
+
+
+def test_device_chunk_outside_the_file(snapshot: Path) -> None:
+    def move(md: fmt.Metadata) -> fmt.Metadata:
+        device = md.devices[0]
+        return replace(md, devices=(replace(device, chunks=((1 << 33, 5), device.chunks[1])),))
+    _rewrite(snapshot, move)
+    _restore_refused(snapshot, SnapshotFormatError, "chunk of device 'nic'/0 .* points outside")
+
+
+def test_bitmap_that_disagrees_with_the_block_table(snapshot: Path) -> None:
+    _rewrite(snapshot, lambda md: replace(md, blocks=(replace(md.blocks[0], present_pages=1),)))
+    _restore_refused(snapshot, SnapshotFormatError, "the block table says 1")
+
+
+@pytest.mark.parametrize("layout", [{"pc.ram": 8 * MiB}, {"pc.ram": 4 * MiB, "vga": MiB},
+                                    {"other": 4 * MiB}])
+def test_size_that_does_not_match_the_guest(snapshot: Path, layout: dict[str, int]) -> None:
+    _restore_refused(snapshot, ConfigError, "does not match the guest's", layout=layout)
+
+
+def test_device_on_one_side_only(snapshot: Path) -> None:
+    with pytest.raises(ConfigError, match="'nic'/0 is in the snapshot but was not given"):
+        SnapshotRestore(str(snapshot)).run()
+    with pytest.raises(ConfigError, match="'gpu'/0 is not in the snapshot"):
+        SnapshotRestore(str(snapshot), devices=[Recorder(*NIC), Recorder("gpu")]).run()
+
+
+def test_not_a_file_at_all(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match="no snapshot at"):
+        SnapshotRestore(str(tmp_path / "missing.snap")).run()
+    garbage = tmp_path / "garbage.snap"
+    garbage.write_bytes(os.urandom(10000))
+    with pytest.raises(SnapshotFormatError, match="not a multifd snapshot"):
+        SnapshotRestore(str(garbage)).run()
+
+
+# ---------------------------------------------------------------------------
+# Saves that fail: the guest runs on, and no file looks complete.
+
+
+class FailingDevice(DemoDevice):
+    def save_state(self):  # type: ignore[no-untyped-def]
+        yield from list(super().save_state())[:2]
+        raise OSError("firmware timed out")
+
+
+def _assert_running(guest: SyntheticGuest, ram: GuestRAM) -> None:
+    assert not guest.paused
+    before = bytes(ram.blocks[0].pages)
+    deadline = time.monotonic() + 10
+    while bytes(ram.blocks[0].pages) == before:
+        assert time.monotonic() < deadline, "the guest did not run after the failed save"
+        time.sleep(0.02)
+
+
+def test_failed_device_save_leaves_the_old_snapshot_and_a_running_guest(snapshot: Path) -> None:
+    old = snapshot.read_bytes()
+    with guest_ram(4 * MiB) as ram, SyntheticGuest(ram, "incrementer", dirty_rate=8 * MiB) as guest:
+        save = SnapshotSave(ram, str(snapshot), live=True, pause_guest=guest.pause,
+                            resume_guest=guest.resume,
+                            devices=[FailingDevice("gpu", state_size=MiB)])
+        with pytest.raises(DeviceStateError, match="'gpu'/0 failed to save: firmware timed out"):
+            save.run()
+        _assert_running(guest, ram)
+        guest.pause()
+        assert check_incrementer(ram) == ""
+    assert snapshot.read_bytes() == old  # the old snapshot is untouched
+    assert sorted(os.listdir(snapshot.parent)) == ["good.snap"]  # no partial file
+
+
+def test_cancel_during_a_live_save(tmp_path: Path) -> None:
+    path = tmp_path / "cancelled.snap"
+    with guest_ram(4 * MiB) as ram, SyntheticGuest(ram, "random", dirty_rate=64 * MiB) as guest:
+        save = SnapshotSave(ram, str(path), live=True, config=NEVER_CONVERGES,
+                            pause_guest=guest.pause, resume_guest=guest.resume)
+        save.start()
+        deadline = time.monotonic() + 20
+        while (save.stats() is None or save.stats().round < 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        save.cancel("operator changed their mind")
+        with pytest.raises(CancelledError, match="changed their mind"):
+            save.wait(20)
+        _assert_running(guest, ram)
+    assert os.listdir(tmp_path) == []
+
+
+def test_channel_killed_during_save(tmp_path: Path) -> None:
+    path = tmp_path / "killed.snap"
+    with guest_ram(4 * MiB) as ram, SyntheticGuest(ram, "random", dirty_rate=64 * MiB) as guest:
+        save = SnapshotSave(ram, str(path), live=True, config=NEVER_CONVERGES,
+                            pause_guest=guest.pause, resume_guest=guest.resume)
+        save.start()
+        deadline = time.monotonic() + 20
+        while not save.channel_pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        psutil.Process(save.channel_pids()[0]).kill()
+        with pytest.raises(MigrationError, match="died|exit"):
+            save.wait(20)
+        _assert_running(guest, ram)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_into_a_missing_directory(tmp_path: Path) -> None:
+    with guest_ram(4 * MiB) as ram, pytest.raises(SnapshotError, match="cannot open"):
+        SnapshotSave(ram, str(tmp_path / "no" / "such" / "dir.snap"), live=False).run()
+
+
+def test_restore_failure_leaves_no_ram_behind(snapshot: Path) -> None:
+    """A restore that creates its RAM and fails (a device load raises) frees it."""
+    class Broken(Recorder):
+        def load_config(self, config: bytes) -> None:
+            raise ValueError("no such PCI slot")
+
+    restore = SnapshotRestore(str(snapshot), devices=[Broken(*NIC)])
+    with pytest.raises(DeviceStateError, match="no such PCI slot"):
+        restore.run()
+    assert restore.ram is None  # unlinked (the leak check sees /dev/shm too)
+
+
+def test_save_and_restore_in_threads_at_once(tmp_path: Path) -> None:
+    """Two saves and a restore at once share nothing: separate files, segments, pools."""
+    errors: list[BaseException] = []
+    with guest_ram(4 * MiB, seed=1) as a, guest_ram(4 * MiB, seed=2) as b:
+        SnapshotSave(a, str(tmp_path / "a.snap"), live=False).run()
+
+        def run(job: Callable[[], object]) -> None:
+            try:
+                job()
+            except BaseException as exc:
+                errors.append(exc)
+
+        with GuestRAM.create({"pc.ram": 4 * MiB}) as target:
+            jobs = [lambda: SnapshotSave(b, str(tmp_path / "b.snap"), live=False).run(),
+                    lambda: SnapshotRestore(str(tmp_path / "a.snap"), ram=target).run()]
+            threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert not errors, errors
+            assert same_memory(a, target)

@@ -1,0 +1,193 @@
+"""Snapshots to a file and back: real channel processes, real files, a running guest."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.devices import demo_devices
+from clients.guest import SyntheticGuest, check_incrementer, fill_ram
+from engine import GuestRAM, MigrationConfig
+from engine import snapshot_format as fmt
+from engine.errors import SnapshotError
+from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
+from tests.harness import MiB, guest_ram, same_memory
+
+
+def _images(ram: GuestRAM) -> list[bytes]:
+    return [bytes(block.pages) for block in ram.blocks]
+
+
+def _restore(path: Path, channels: int = 2, **kw: object) -> tuple[GuestRAM, object]:
+    restore = SnapshotRestore(str(path), config=MigrationConfig(channels=channels), **kw)  # type: ignore[arg-type]
+    result = restore.run()
+    assert restore.ram is not None
+    return restore.ram, result
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_live_save_with_a_dirtying_guest_restores_ram_at_pause(tmp_path: Path, channels: int) -> None:
+    path = tmp_path / "guest.snap"
+    config = MigrationConfig(channels=channels, packet_pages=256, compression="none")
+    with guest_ram(24 * MiB, fill="text", blocks=2) as ram:
+        with SyntheticGuest(ram, "incrementer", dirty_rate=24 * MiB) as guest:
+            result = SnapshotSave(ram, str(path), config=config, live=True,
+                                  pause_guest=guest.pause, resume_guest=guest.resume).run()
+            assert guest.paused  # a save leaves the guest paused
+            at_pause = _images(ram)
+        assert result.rounds >= 2 and result.extra["live"] is True
+        assert result.extra["path"] == str(path)
+        restored, restore_result = _restore(path, channels)
+        try:
+            assert _images(restored) == at_pause
+            assert check_incrementer(restored) == ""  # a consistent image: no stale page
+            assert restore_result.pages_sent + restore_result.zero_pages == ram.n_pages
+        finally:
+            restored.close()
+            restored.unlink()
+    info = inspect_snapshot(str(path))
+    assert info.live and info.layout == (("pc.ram", 12 * MiB), ("block1", 12 * MiB))
+    # The file never grows past RAM + metadata: re-dirtied pages overwrote their place.
+    assert info.file_size <= fmt.plan_layout(info.layout).device_area + 64 * 1024
+
+
+def test_stopped_save_skips_zero_pages_and_keeps_devices(tmp_path: Path) -> None:
+    path = tmp_path / "stopped.snap"
+    with GuestRAM.create({"pc.ram": 16 * MiB}) as ram:
+        fill_ram(ram, "text", zero_fraction=0.5, seed=3)
+        sources = demo_devices(3, 700 * 1024 + 5, save_latency_s=0.01)
+        result = SnapshotSave(ram, str(path), live=False, devices=sources,
+                              vmm_config=b'{"machine": "q35"}').run()
+        assert result.rounds == 1 and result.zero_pages > 0
+        assert result.pages_sent + result.zero_pages == ram.n_pages
+        # Zero pages are not written: the page area holds holes there.
+        info = inspect_snapshot(str(path))
+        assert info.metadata.blocks[0].present_pages == result.pages_sent
+        assert info.metadata.vmm_config == b'{"machine": "q35"}'
+        assert [(d.idstr, d.size) for d in info.metadata.devices] == \
+               [(s.idstr, len(s.state) + len(s.save_config())) for s in sources]
+        targets = demo_devices(3, 700 * 1024 + 5, load_latency_s=0.01, with_state=False)
+        restored, restore_result = _restore(path, devices=targets)
+        try:
+            assert same_memory(ram, restored)
+        finally:
+            restored.close()
+            restored.unlink()
+    assert restore_result.extra["devices_verified"] is True  # type: ignore[attr-defined]
+    assert all(t.state == s.state and t.intact() for s, t in zip(sources, targets))
+
+
+def test_a_page_zeroed_between_rounds_restores_as_zero(tmp_path: Path) -> None:
+    """Round 1 writes pages 10..19; the guest zeroes them before the last round:
+    their bits must be cleared, or restore would bring round 1's bytes back."""
+    path = tmp_path / "zeroed.snap"
+    with guest_ram(8 * MiB, fill="random") as ram:
+        block = ram.blocks[0]
+
+        def pause() -> None:  # the guest's last writes before it stops
+            block.array()[10:20] = 0
+            block.dirty.mark(10, 10)
+
+        config = MigrationConfig(max_rounds=1, on_max_rounds="switchover", downtime_limit_ms=0)
+        SnapshotSave(ram, str(path), live=True, config=config, pause_guest=pause).run()
+        restored, _ = _restore(path)
+        try:
+            assert same_memory(ram, restored)
+            assert not restored.blocks[0].array()[10:20].any()
+        finally:
+            restored.close()
+            restored.unlink()
+    info = inspect_snapshot(str(path))
+    assert info.metadata.blocks[0].present_pages == ram.blocks[0].n_pages - 10
+
+
+def test_restore_into_used_ram_zeroes_what_the_snapshot_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.snap"
+    with GuestRAM.create({"pc.ram": 8 * MiB}) as ram:
+        ram.blocks[0].array()[::3] = 7  # a third of the pages hold data, the rest zero
+        SnapshotSave(ram, str(path), live=False).run()
+        with guest_ram(8 * MiB, fill="random", seed=9) as used:
+            SnapshotRestore(str(path), ram=used).run()
+            assert same_memory(ram, used)
+
+
+def test_a_new_save_replaces_the_old_only_when_durable(tmp_path: Path) -> None:
+    path = tmp_path / "twice.snap"
+    with guest_ram(4 * MiB, seed=1) as first, guest_ram(4 * MiB, seed=2) as second:
+        SnapshotSave(first, str(path), live=False).run()
+        old = inspect_snapshot(str(path)).superblock.snapshot_id
+        SnapshotSave(second, str(path), live=False).run()
+        assert inspect_snapshot(str(path)).superblock.snapshot_id != old
+        restored, _ = _restore(path)
+        try:
+            assert same_memory(second, restored)
+        finally:
+            restored.close()
+            restored.unlink()
+    assert os.listdir(tmp_path) == ["twice.snap"]  # no partial file left behind
+
+
+def test_resume_after_save_is_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "cp.snap"
+    with guest_ram(4 * MiB) as ram:
+        with SyntheticGuest(ram, "incrementer", dirty_rate=16 * MiB) as guest:
+            result = SnapshotSave(ram, str(path), live=True, resume_after=True,
+                                  pause_guest=guest.pause, resume_guest=guest.resume).run()
+            assert not guest.paused
+            restored, _ = _restore(path)
+            try:
+                deadline = time.monotonic() + 10
+                while same_memory(ram, restored):  # the guest runs on past the checkpoint
+                    assert time.monotonic() < deadline, "the guest did not run after the save"
+                    time.sleep(0.05)
+                assert check_incrementer(restored) == ""
+            finally:
+                restored.close()
+                restored.unlink()
+    assert result.downtime_ms > 0
+
+
+def test_direct_io_save_and_restore(tmp_path: Path) -> None:
+    path = tmp_path / "direct.snap"
+    with guest_ram(8 * MiB, fill="text") as ram:
+        try:
+            SnapshotSave(ram, str(path), live=False, direct_io=True).run()
+        except SnapshotError as exc:
+            if "does not support O_DIRECT" in str(exc):
+                pytest.skip(str(exc))
+            raise
+        restored, _ = _restore(path, direct_io=True)
+        try:
+            assert same_memory(ram, restored)
+        finally:
+            restored.close()
+            restored.unlink()
+
+
+def test_compression_is_refused_for_a_snapshot(tmp_path: Path) -> None:
+    from engine.errors import ConfigError
+
+    with guest_ram(4 * MiB) as ram, pytest.raises(ConfigError, match="uncompressed"):
+        SnapshotSave(ram, str(tmp_path / "x.snap"), config=MigrationConfig(compression="lz4"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_present_map_matches_what_restore_reads(tmp_path: Path) -> None:
+    """Every page is either in the file (bit set) or zero in the guest."""
+    path = tmp_path / "bits.snap"
+    with GuestRAM.create({"pc.ram": 4 * MiB}) as ram:
+        fill_ram(ram, "text", zero_fraction=0.3, seed=5)
+        SnapshotSave(ram, str(path), live=False).run()
+        info = inspect_snapshot(str(path))
+        block = info.metadata.blocks[0]
+        with open(path, "rb") as raw:
+            raw.seek(block.bitmap_offset)
+            present = fmt.decode_bitmap(raw.read(block.bitmap_length(4096)), 1024)
+        pages = ram.blocks[0].array()
+        nonzero = np.flatnonzero(pages.any(axis=1))
+        assert present.tolist() == nonzero.tolist()
+        del pages
