@@ -31,6 +31,8 @@ import os
 import select
 import socket
 import struct
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Self
@@ -39,8 +41,11 @@ from engine import packet
 from engine.errors import (
     CancelledError,
     LocalProtocolError,
+    MigrationError,
     RemoteProtocolError,
+    SnapshotError,
     TransportClosedError,
+    TransportError,
 )
 from engine.payload import ChannelContext, FilePlanner, payload_entry, payload_handlers
 from engine.pool import current_cancel_token
@@ -70,7 +75,7 @@ class ControlOp(IntEnum):
     RETURN = 11    # a: slot index the main process is done with
     # either way
     QUIT = 12
-    READY = 13     # channel → main: memory attached, serving
+    READY = 13     # channel → main: memory attached, serving; a: its pid
     BYE = 14       # main → recv channel: your ENDED arrived; nothing more will come
 
 
@@ -158,11 +163,14 @@ class ChannelSpec:
 
 @dataclass(frozen=True)
 class ChannelReport:
-    """What a channel process returns when it ends normally."""
+    """What a channel process returns when it ends normally, or was told to stop."""
 
     channel_id: int
     packets: int
     memory: dict[str, int]  # kB from /proc/self/status (VmHWM, RssAnon, ...) and cpu_ms
+    stopped: bool = False   # main said QUIT (or closed its end) before the channel's end
+    error: BaseException | None = None  # run_contained: why the channel failed
+    traceback: str = ""                 # ... and where, formatted in the channel process
 
 
 def _cpu_s() -> float:
@@ -201,22 +209,50 @@ def _wait_readable(*fds: Any) -> list[Any]:
     return ready
 
 
+# Each entry point runs in a pool process and returns a report; it raises on a
+# failure of its own.  Being told to stop is not one: a channel stopped by its
+# main process (QUIT, a closed control socket, or an I/O error because main shut
+# the data socket while tearing down) returns a report with ``stopped`` set, so
+# a pool the VMM keeps across migrations is not broken by a migration that
+# failed elsewhere.
+
+
 def run_send_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
-    """Serve JOB/SYNC/FINISH requests until FINISH; raises on any failure."""
+    """Serve JOB/SYNC/FINISH requests until FINISH."""
     with _SendChannel(spec, ctrl, data) as channel:
-        return channel.serve()
+        return channel.serve_until_stopped()
 
 
 def run_recv_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
     """Read packets into guest RAM until END; waits at each SYNC until released."""
     with _RecvChannel(spec, ctrl, data) as channel:
-        return channel.serve()
+        return channel.serve_until_stopped()
 
 
 def run_file_channel(spec: ChannelSpec, ctrl: socket.socket) -> ChannelReport:
     """Serve JOB/SYNC/FINISH with positional I/O on the snapshot file until FINISH."""
     with _FileChannel(spec, ctrl) as channel:
-        return channel.serve()
+        return channel.serve_until_stopped()
+
+
+def run_contained(target: Callable[..., ChannelReport], spec: ChannelSpec,
+                  ctrl: socket.socket, *data: socket.socket) -> ChannelReport:
+    """Run a channel on a pool shared with other work (the VMM's warm pool).
+
+    A job that raises breaks its pool, and with it every other job there; a
+    channel's failure belongs to its own migration, so it comes back inside the
+    report instead (``multifd.channel_error`` raises it on the main side). A
+    channel process that dies still breaks the pool: its worker is gone.
+    """
+    try:
+        return target(spec, ctrl, *data)
+    except Exception as exc:
+        return ChannelReport(spec.channel_id, 0, {}, error=exc,
+                             traceback="".join(traceback.format_exception(exc)))
+
+
+class _Stopped(Exception):
+    """Main told this channel to stop: unwind, and report instead of failing."""
 
 
 class _Channel:
@@ -230,20 +266,24 @@ class _Channel:
         self.ctrl = ctrl
         self.data = data
         self.token = current_cancel_token()
-        self._stack = contextlib.ExitStack()
-        self._stack.callback(ctrl.close)
-        if data is not None:
-            self.conn = Connection(data)
-            self._stack.callback(self.conn.close)
-        ram = GuestRAM.attach(spec.ram, populate=True)
-        self._stack.callback(ram.close)
-        slots = SlotTable.attach(spec.slots) if spec.slots is not None else None
-        if slots is not None:
-            self._stack.callback(slots.close)
-        self.ctx = ChannelContext(spec, ram, slots)
         self.sequence = 0
         self.epoch = 1
         self._cpu_at_ready = 0.0
+        self._stack = contextlib.ExitStack()
+        try:  # the worker process may serve other jobs after this one: leave nothing open
+            self._stack.callback(ctrl.close)
+            if data is not None:
+                self.conn = Connection(data)
+                self._stack.callback(self.conn.close)
+            ram = GuestRAM.attach(spec.ram, populate=True)
+            self._stack.callback(ram.close)
+            slots = SlotTable.attach(spec.slots) if spec.slots is not None else None
+            if slots is not None:
+                self._stack.callback(slots.close)
+            self.ctx = ChannelContext(spec, ram, slots)
+        except BaseException:
+            self._stack.close()
+            raise
 
     def __enter__(self) -> Self:
         return self
@@ -252,14 +292,41 @@ class _Channel:
         self._stack.close()
 
     def ready(self) -> None:
-        post(self.ctrl, ControlOp.READY)
+        post(self.ctrl, ControlOp.READY, os.getpid())
         self._cpu_at_ready = _cpu_s()
 
-    def report(self, packets: int) -> ChannelReport:
-        return ChannelReport(self.spec.channel_id, packets, _memory_report(self._cpu_at_ready))
+    def report(self, packets: int, stopped: bool = False) -> ChannelReport:
+        return ChannelReport(self.spec.channel_id, packets, _memory_report(self._cpu_at_ready),
+                             stopped)
 
     def cancelled(self, why: str) -> CancelledError:
         return CancelledError(f"channel {self.spec.channel_id} {why}")
+
+    def serve(self) -> ChannelReport:
+        raise NotImplementedError
+
+    def serve_until_stopped(self) -> ChannelReport:
+        """serve(), where being told to stop ends in a report, not an error."""
+        try:
+            return self.serve()
+        except _Stopped:
+            return self.report(self.sequence, stopped=True)
+        except (TransportError, SnapshotError):
+            if self._told_to_stop():  # main shut our socket under us: its teardown
+                return self.report(self.sequence, stopped=True)
+            raise
+
+    def _told_to_stop(self) -> bool:
+        """Has main said QUIT, or closed its end?  (Reads what is waiting; we are ending.)"""
+        while True:
+            try:
+                message = read_control(self.ctrl, wait=False)
+            except BlockingIOError:
+                return False
+            except MigrationError:
+                return True
+            if message is None or message.op is ControlOp.QUIT:
+                return True
 
 
 class _JobChannel(_Channel):
@@ -322,7 +389,7 @@ class _JobChannel(_Channel):
                 ) from None
             message = read_control(self.ctrl)
         if message is None or message.op is ControlOp.QUIT:
-            raise self.cancelled("told to quit")
+            raise _Stopped
         return message
 
 
@@ -451,7 +518,7 @@ class _RecvChannel(_Channel):
             raise self.cancelled(f"cancelled while waiting for {what}")
         message = read_control(self.ctrl)
         if message is None or message.op is ControlOp.QUIT:
-            raise self.cancelled(f"stopped while waiting for {what}")
+            raise _Stopped
         if message.op is ControlOp.RETURN:
             self.deliveries.returned(message.a)
         return message

@@ -66,6 +66,7 @@ class DestinationMigration(Migration):
     `resume_guest` starts the guest once its memory is complete.  If `ram` is
     None the RAM is created (owned by this object) to match the source, and is
     handed to the caller as :attr:`ram` on success.
+    `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
     """
 
     role = "destination"
@@ -87,8 +88,9 @@ class DestinationMigration(Migration):
         devices: Sequence[MigratableDevice] = (),
         device_load: Literal["parallel", "serial"] = "parallel",
         max_device_buffer: int = 64 << 20,
+        pool: WorkerPool | None = None,
     ) -> None:
-        super().__init__(config or MigrationConfig(), secret)
+        super().__init__(config or MigrationConfig(), secret, pool)
         self.ram = ram
         self._owns_ram = False
         self._resume_guest = resume_guest

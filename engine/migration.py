@@ -29,17 +29,18 @@ from typing import Any, Literal
 
 from engine import codecs, packet
 from engine import message as wire
-from engine.channel import ChannelSpec, ControlOp, control_pair, read_control
+from engine.channel import ChannelSpec, ControlOp, control_pair, read_control, run_contained
 from engine.errors import (
     CancelledError,
     ConfigError,
     LocalProtocolError,
     MigrationError,
+    PoolError,
     TransportBrokenError,
     TransportClosedError,
     TransportError,
 )
-from engine.multifd import ChannelLink, root_cause, shutdown_links
+from engine.multifd import ChannelLink, channel_error, root_cause, shutdown_links
 from engine.pool import WorkerPool
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
@@ -96,12 +97,23 @@ class MigrationConfig:
 
 
 class Migration:
-    """Lifecycle and teardown common to both sides.  Subclasses implement :meth:`_run`."""
+    """Lifecycle and teardown common to both sides.  Subclasses implement :meth:`_run`.
+
+    `pool`: a process :class:`~engine.pool.WorkerPool` the VMM keeps warm across
+    operations, so channels start in milliseconds instead of spawning processes.
+    It needs ``config.channels`` free workers (else ConfigError).  The operation
+    runs its channels there and leaves the pool as it found it, failed or not;
+    only a channel process that dies (or one that ignores a stop for
+    ``cancel_grace_s``) breaks the pool, and the next operation given a broken
+    pool raises ConfigError: shut it down and make a new one.  Without `pool`,
+    each operation starts and stops its own channel processes.
+    """
 
     role = "migration"
     networked = True  # has a peer to authenticate (snapshots have none)
 
-    def __init__(self, config: MigrationConfig, secret: bytes = b"") -> None:
+    def __init__(self, config: MigrationConfig, secret: bytes = b"",
+                 pool: WorkerPool | None = None) -> None:
         if self.networked and not secret:
             raise ConfigError("a shared secret is required (both sides must be given the same one)")
         self.config = config.validate()
@@ -109,6 +121,9 @@ class Migration:
         self.migration_id = uuid.uuid4()
         self.latch = FailureLatch()
         self._machine = StateMachine()
+        # The VMM's own process pool, kept warm across migrations, or None: then
+        # each migration starts (and stops) its channel processes itself.
+        self._shared_pool = pool
         self._pool: WorkerPool | None = None
         self._runner: WorkerPool | None = None
         self._run_future: Future | None = None
@@ -190,8 +205,11 @@ class Migration:
         return self.tracker.snapshot() if self.tracker is not None else None
 
     def channel_pids(self) -> tuple[int, ...]:
-        """PIDs of the channel processes (empty before setup or after teardown)."""
-        return self._pool.statistics().worker_pids if self._pool is not None else ()
+        """PIDs of this operation's channel processes, once they are serving
+        (empty before then and after teardown)."""
+        if self._pool is None:
+            return ()
+        return tuple(link.pid for link in self._links if link.pid)
 
     # -- for subclasses ----------------------------------------------------
 
@@ -205,18 +223,24 @@ class Migration:
         self, target: Callable[..., Any], conns: Sequence[Connection | None], spec: ChannelSpec
     ) -> None:
         """Run one channel process per connection (None: a file channel, no socket)
-        on the process pool."""
+        on the process pool: the VMM's shared one, or one of our own."""
         cfg = self.config
-        self._pool = WorkerPool(
-            "process", len(conns), name=f"mfd-{self.role}",
-            start_method=cfg.start_method, cancel_grace=cfg.cancel_grace_s,
-        )
+        if self._shared_pool is not None:
+            self._pool = self._check_shared_pool(self._shared_pool, len(conns))
+        else:
+            self._pool = WorkerPool(
+                "process", len(conns), name=f"mfd-{self.role}",
+                start_method=cfg.start_method, cancel_grace=cfg.cancel_grace_s,
+            )
         for channel_id, conn in enumerate(conns):
             main_end, channel_end = control_pair()
             data = () if conn is None else (conn.sock,)
+            job: tuple[Callable[..., Any], ...] = (target,)
+            if self._pool is self._shared_pool:
+                job = (run_contained, target)  # our failure must not break the VMM's pool
             try:
                 future = self._pool.submit(
-                    target, replace(spec, channel_id=channel_id), channel_end, *data
+                    *job, replace(spec, channel_id=channel_id), channel_end, *data
                 )
             except BaseException:
                 main_end.close()
@@ -226,6 +250,36 @@ class Migration:
             link = ChannelLink(channel_id, main_end, conn, future, root_cause=self._pool_broken_by)
             self._links.append(link)
             future.add_done_callback(self._channel_done)
+
+    @staticmethod
+    def _check_shared_pool(pool: WorkerPool, channels: int) -> WorkerPool:
+        if pool.backend != "process":
+            raise ConfigError("channels are processes: the pool must have the process backend")
+        stats = pool.statistics()
+        if pool.broken is not None:
+            raise ConfigError(f"the pool was broken by an earlier failure ({pool.broken}); "
+                              f"shut it down and create a new one")
+        if stats.max_workers - stats.busy - stats.pending < channels:
+            raise ConfigError(f"the pool has {stats.max_workers - stats.busy - stats.pending} free "
+                              f"workers of {stats.max_workers}; {channels} channels need one each")
+        return pool
+
+    def _release_shared_pool(self, failed: bool) -> None:
+        """Our channel jobs end (they were told to stop, or finished); one that
+        does not within cancel_grace breaks the pool, which stops it."""
+        assert self._pool is not None
+        deadline = time.monotonic() + self.config.cancel_grace_s
+        stuck = 0
+        for link in self._links:
+            try:
+                link.future.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                stuck += 1
+            except Exception:
+                pass
+        if stuck:
+            self._pool.cancel(PoolError(f"{stuck} channel(s) of a {'failed ' if failed else ''}"
+                                        f"{self.role} did not stop within {self.config.cancel_grace_s} s"))
 
     def _track(self, conn: Connection) -> Connection:
         """Remember `conn` so a failure or cancel can wake a read blocked on it."""
@@ -249,7 +303,7 @@ class Migration:
         return self._pool.broken if self._pool is not None else None
 
     def _channel_done(self, future: Future) -> None:
-        error = future.exception()
+        error = channel_error(future)
         if error is not None:
             self.latch.fail(root_cause(error, self._pool_broken_by()))
 
@@ -273,6 +327,7 @@ class Migration:
                     raise link.exit_error()
                 if message.op is not ControlOp.READY:
                     raise LocalProtocolError(f"channel {link.channel_id} sent {message.op.name} first")
+                link.pid = message.a
 
     def _channel_memory(self) -> list[dict[str, int]]:
         """Memory figures (kB) each channel process reported when it ended."""
@@ -329,8 +384,11 @@ class Migration:
                 self._step("hear the peer out", self._await_peer_close)
         if failed and self._links:
             self._step("stop channels", shutdown_links, self._links)
-        if self._pool is not None:
+        if self._pool is self._shared_pool and self._pool is not None:
+            self._step("release the shared pool", self._release_shared_pool, failed)
+        elif self._pool is not None:
             self._step("shut the pool down", self._pool.shutdown, wait=True, cancel=failed)
+        self._pool = None
         for link in self._links:
             self._step("close a channel link", link.close)
         self._links = []

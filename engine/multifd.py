@@ -37,11 +37,12 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
-from engine.channel import ControlMessage, ControlOp, post, read_control
+from engine.channel import ChannelReport, ControlMessage, ControlOp, post, read_control
 from engine.errors import (
     BrokenPoolError,
     CancelledError,
     LocalProtocolError,
+    RemoteTraceback,
     TransportBrokenError,
     TransportClosedError,
 )
@@ -71,6 +72,7 @@ class ChannelLink:
         self.conn = conn          # kept so teardown can shut it down under a blocked process
                                   # (None: a file channel)
         self.future = future
+        self.pid = 0              # the channel process's, once it said READY
         self._root_cause = root_cause  # what broke the pool, if it broke
 
     def post(self, op: ControlOp, a: int = 0, b: int = 0, kind: int = 0) -> None:
@@ -87,7 +89,7 @@ class ChannelLink:
             post(self.ctrl, op, a)
         except TransportClosedError as exc:
             error = self.exit_error()
-            if not (self.future.done() and self.future.exception() is None):
+            if not (self.future.done() and channel_error(self.future) is None):
                 raise error from exc
 
     def exit_error(self) -> BaseException:
@@ -98,7 +100,7 @@ class ChannelLink:
         the exception the job raised.
         """
         try:
-            error = self.future.exception(timeout=_EXIT_CAUSE_WAIT)
+            error = channel_error(self.future, timeout=_EXIT_CAUSE_WAIT)
         except Exception as exc:  # a timeout, or the pool's own cancellation
             error = exc
         if error is None:
@@ -115,6 +117,20 @@ class ChannelLink:
         self.ctrl.close()
         if self.conn is not None:
             self.conn.close()
+
+
+def channel_error(future: Future, timeout: float | None = None) -> BaseException | None:
+    """The failure of a finished channel job: what it raised, or the error a
+    contained channel (``channel.run_contained``) returned in its report."""
+    error = future.exception(timeout=timeout)
+    if error is not None:
+        return error
+    report = future.result()
+    if isinstance(report, ChannelReport) and report.error is not None:
+        if report.traceback and report.error.__cause__ is None:
+            report.error.__cause__ = RemoteTraceback(report.traceback)
+        return report.error
+    return None
 
 
 def root_cause(error: BaseException, pool_broken_by: BaseException | None) -> BaseException:

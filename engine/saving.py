@@ -51,8 +51,9 @@ class SavingMigration(Migration):
         resume_guest: Callable[[], None] | None = None,
         dump_dir: str | None = None,
         devices: Sequence[MigratableDevice] = (),
+        pool: WorkerPool | None = None,
     ) -> None:
-        super().__init__(config, secret)
+        super().__init__(config, secret, pool)
         self.ram = ram
         self.devices = list(devices)
         self.device_reports: list[DeviceReport] = []

@@ -174,6 +174,7 @@ class SnapshotSave(SavingMigration):
     is left paused, unless ``resume_after`` (a checkpoint).  If the save fails
     or is cancelled, the guest is resumed and no file is left at `path` (an
     older snapshot there is untouched).
+    `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
     """
 
     role = "save"
@@ -193,9 +194,10 @@ class SnapshotSave(SavingMigration):
         vmm_config: bytes = b"",
         direct_io: bool = False,
         dump_dir: str | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         super().__init__(ram, _check_config(config or MigrationConfig()), pause_guest=pause_guest,
-                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices)
+                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool)
         if len({device_key(d) for d in self.devices}) != len(self.devices):
             raise ConfigError("two devices share an (idstr, instance_id)")
         self.path = path
@@ -351,6 +353,7 @@ class SnapshotRestore(Migration):
     ``ram_is_zeroed``.  The same devices, by (idstr, instance_id), as were
     saved must be given.  Everything in the file is checked before anything is
     loaded; ``resume_guest`` is called once every page and device is in place.
+    `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
     """
 
     role = "restore"
@@ -368,8 +371,9 @@ class SnapshotRestore(Migration):
         resume_guest: Callable[[], None] | None = None,
         direct_io: bool = False,
         dump_dir: str | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
-        super().__init__(_check_config(config or MigrationConfig()))
+        super().__init__(_check_config(config or MigrationConfig()), pool=pool)
         self.path = path
         self.ram = ram
         self._ram_is_zeroed = ram_is_zeroed or ram is None

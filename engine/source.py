@@ -61,6 +61,7 @@ class SourceMigration(SavingMigration):
     `pause_guest` stops the guest's vCPUs (returns once no more writes happen);
     `resume_guest` restarts them and is called if the migration fails or is
     cancelled after the pause: a failed migration leaves the guest running.
+    `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
     """
 
     role = "source"
@@ -77,9 +78,10 @@ class SourceMigration(SavingMigration):
         resume_guest: Callable[[], None] | None = None,
         dump_dir: str | None = None,
         devices: Sequence[MigratableDevice] = (),
+        pool: WorkerPool | None = None,
     ) -> None:
         super().__init__(ram, config or MigrationConfig(), secret, pause_guest=pause_guest,
-                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices)
+                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool)
         self.to = to
         self._helpers: WorkerPool | None = None
         self._resumed = Signal()

@@ -1,0 +1,157 @@
+"""A VMM's warm process pool, shared by its migrations, saves and restores.
+
+The channel processes are the pool's workers: the same pids serve operation
+after operation, an operation that fails leaves the pool as it found it, and
+a pool that cannot serve (broken, too small, threads) is refused up front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from clients.guest import SyntheticGuest
+from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
+from engine.errors import CancelledError, ConfigError, DeviceStateError, MigrationError
+from engine.pool import WorkerPool
+from engine.snapshot import SnapshotRestore, SnapshotSave
+from tests.faults.test_snapshot_faults import NIC, Recorder
+from tests.harness import SECRET, MiB, address, guest_ram, same_memory
+
+TWO = MigrationConfig(channels=2, packet_pages=64)
+
+
+@contextlib.contextmanager
+def warm_pool(workers: int = 4) -> Iterator[WorkerPool]:
+    pool = WorkerPool("process", workers, name="vmm-pool")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel=True)
+
+
+def _pids(pool: WorkerPool) -> tuple[int, ...]:
+    return tuple(sorted(pool.statistics().worker_pids))
+
+
+def _assert_idle(pool: WorkerPool) -> None:
+    stats = pool.statistics()
+    assert pool.broken is None and stats.busy == 0 and stats.pending == 0, stats
+
+
+def _migrate(src: GuestRAM, dst: GuestRAM, pool: WorkerPool) -> None:
+    """Both sides' channels on the one pool (2 + 2 workers)."""
+    destination = DestinationMigration(address("unix"), secret=SECRET, ram=dst, config=TWO, pool=pool)
+    destination.start()
+    try:
+        SourceMigration(src, destination.address, secret=SECRET, config=TWO, pool=pool).run()
+    finally:
+        destination.wait(20)
+
+
+def test_one_pool_serves_saves_restores_and_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "vm.snap"
+    with warm_pool() as pool, guest_ram(8 * MiB, fill="text") as ram:
+        SnapshotSave(ram, str(path), config=TWO, live=False, pool=pool).run()
+        workers = _pids(pool)
+        assert len(workers) == 2
+        for _ in range(2):
+            restore = SnapshotRestore(str(path), config=TWO, pool=pool)
+            restore.run()
+            assert restore.ram is not None
+            try:
+                assert same_memory(ram, restore.ram)
+                assert _pids(pool) == workers  # no process was started for it
+            finally:
+                restore.ram.close()
+                restore.ram.unlink()
+        with GuestRAM.create({"pc.ram": 8 * MiB}) as dst:
+            _migrate(ram, dst, pool)
+            assert same_memory(ram, dst)
+        assert set(workers) <= set(_pids(pool)) and len(_pids(pool)) == 4
+        _assert_idle(pool)
+
+
+def test_failed_operations_leave_the_pool_usable(tmp_path: Path) -> None:
+    path = tmp_path / "vm.snap"
+    with warm_pool() as pool, guest_ram(8 * MiB) as ram:
+        SnapshotSave(ram, str(path), config=TWO, live=False, devices=[Recorder(*NIC)], pool=pool).run()
+        saved = bytes(ram.blocks[0].pages)
+        workers = _pids(pool)
+
+        # A restore whose device fails after its channels started.
+        class Broken(Recorder):
+            def load_config(self, config: bytes) -> None:
+                raise ValueError("no such PCI slot")
+
+        with pytest.raises(DeviceStateError, match="no such PCI slot"):
+            SnapshotRestore(str(path), config=TWO, devices=[Broken(*NIC)], pool=pool).run()
+        _assert_idle(pool)
+
+        # A migration whose destination goes away mid-precopy: the source's
+        # channels fail on their sockets, and that failure stays in the migration.
+        with GuestRAM.create({"pc.ram": 8 * MiB}) as dst, \
+                SyntheticGuest(ram, "random", dirty_rate=64 * MiB) as guest:
+            never = MigrationConfig(channels=2, packet_pages=16, max_bandwidth=16 * MiB,
+                                    max_rounds=10_000, downtime_limit_ms=0.001)
+            destination = DestinationMigration(address("tcp"), secret=SECRET, ram=dst, config=never)
+            destination.start()
+            source = SourceMigration(ram, destination.address, secret=SECRET, config=never,
+                                     pause_guest=guest.pause, resume_guest=guest.resume, pool=pool)
+            source.start()
+            deadline = time.monotonic() + 20
+            while (source.stats() is None or source.stats().round < 2) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            destination.cancel("the destination host is going down")
+            with pytest.raises(CancelledError):
+                destination.wait(20)
+            with pytest.raises(MigrationError):
+                source.wait(20)
+            assert not guest.paused
+        _assert_idle(pool)
+        assert _pids(pool) == workers
+
+        restore = SnapshotRestore(str(path), config=TWO, devices=[Recorder(*NIC)], pool=pool)
+        restore.run()
+        assert restore.ram is not None
+        try:
+            assert bytes(restore.ram.blocks[0].pages) == saved
+        finally:
+            restore.ram.close()
+            restore.ram.unlink()
+        assert _pids(pool) == workers
+
+
+def test_a_killed_channel_breaks_the_pool_and_the_next_operation_says_so(tmp_path: Path) -> None:
+    never = MigrationConfig(channels=2, packet_pages=16, max_bandwidth=16 * MiB, max_rounds=10_000,
+                            compression="none")
+    with warm_pool() as pool, guest_ram(4 * MiB) as ram, \
+            SyntheticGuest(ram, "random", dirty_rate=64 * MiB) as guest:
+        save = SnapshotSave(ram, str(tmp_path / "a.snap"), config=never, live=True,
+                            pause_guest=guest.pause, resume_guest=guest.resume, pool=pool)
+        save.start()
+        deadline = time.monotonic() + 20
+        while not save.channel_pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        psutil.Process(save.channel_pids()[0]).kill()
+        with pytest.raises(MigrationError, match="died|exit"):
+            save.wait(20)
+        assert not guest.paused
+        assert pool.broken is not None
+        with pytest.raises(ConfigError, match="broken by an earlier failure"):
+            SnapshotSave(ram, str(tmp_path / "b.snap"), config=TWO, live=False, pool=pool).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_pool_that_cannot_serve_is_refused(tmp_path: Path) -> None:
+    with guest_ram(4 * MiB) as ram:
+        with warm_pool(1) as small, pytest.raises(ConfigError, match="1 free workers of 1; 2 channels"):
+            SnapshotSave(ram, str(tmp_path / "a.snap"), config=TWO, live=False, pool=small).run()
+        with WorkerPool("thread", 4) as threads, pytest.raises(ConfigError, match="process backend"):
+            SnapshotSave(ram, str(tmp_path / "a.snap"), config=TWO, live=False, pool=threads).run()
+    assert list(tmp_path.iterdir()) == []
