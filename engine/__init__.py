@@ -3,6 +3,7 @@
 The API a VMM embeds::
 
     from engine import GuestRAM, MigrationConfig, SourceMigration, DestinationMigration
+    from engine import SnapshotSave, SnapshotRestore, inspect_snapshot, WorkerPool
 
 Every error is an :class:`engine.errors.MigrationError`.
 
@@ -23,7 +24,11 @@ _PUBLIC = {
     "MigrationError": "engine.errors",
     "MigrationResult": "engine.stats",
     "MigrationStats": "engine.stats",
+    "SnapshotRestore": "engine.snapshot",
+    "SnapshotSave": "engine.snapshot",
     "SourceMigration": "engine.source",
+    "WorkerPool": "engine.pool",
+    "inspect_snapshot": "engine.snapshot",
 }
 
 __all__ = [
@@ -33,14 +38,20 @@ __all__ = [
     "MigrationError",
     "MigrationResult",
     "MigrationStats",
+    "SnapshotRestore",
+    "SnapshotSave",
     "SourceMigration",
+    "WorkerPool",
+    "inspect_snapshot",
 ]
 
 if TYPE_CHECKING:
     from engine.destination import DestinationMigration
     from engine.errors import MigrationError
     from engine.migration import MigrationConfig
+    from engine.pool import WorkerPool
     from engine.shm import GuestRAM
+    from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
     from engine.source import SourceMigration
     from engine.stats import MigrationResult, MigrationStats
 

@@ -61,3 +61,15 @@ def test_compression_bench(tmp_path: Path) -> None:
     out = tmp_path / "compression.json"
     bench("compression.py", "--ram", "8M", "--repeat", "1", "--json", str(out))
     assert json.loads(out.read_text())["cases"]
+
+
+def test_snapshot_bench(tmp_path: Path) -> None:
+    out = tmp_path / "snapshot.json"
+    bench("snapshot.py", "--ram", "8M", "--channels", "1", "2", "--repeat", "1",
+          "--dir", str(tmp_path), "--json", str(out))
+    report = json.loads(out.read_text())
+    assert [case["channels"] for case in report["cases"]] == [1, 2]
+    for case in report["cases"]:
+        for label in ("cold", "warm"):  # each restore was checked equal to the guest
+            assert case[label]["save_over_write"] > 0 and case[label]["restore_over_read"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["snapshot.json"]  # nothing left behind

@@ -1,0 +1,185 @@
+"""Snapshot save and restore against a plain sequential write and read of the same bytes.
+
+For each channel count N (1, 2, 4 by default) and each repetition, in one run, in
+the same directory (so the same filesystem) and alternating the order:
+
+* **baseline write** — the guest's RAM written to a file sequentially from this
+  process, 8 MiB per call, then fsync: what one writer gets from this disk;
+* **save** — ``SnapshotSave`` of the stopped guest over N file channels, timed
+  from the call to its return: channel start-up, every page, device-free
+  metadata, fsync, rename and directory fsync included;
+* **baseline read** — that file read back sequentially into pre-touched memory;
+* **restore** — ``SnapshotRestore`` of the snapshot into pre-touched guest RAM
+  over N channels, timed from the call to its return (start-up included), and
+  checked equal to the guest afterwards (untimed).
+
+Save and restore run twice each: *cold*, each operation spawning its own channel
+processes, and *warm*, on a process pool kept across operations (``pool=``, as
+a VMM would keep one), which leaves only the transfer and the pre-faulting.
+
+Both reads find the file in the page cache (it was just written), so a read
+is a memory copy and start-up costs show.  The guest is random (no zero page
+to skip), so every byte is written and read.  Prints medians, ratios
+ours / baseline (throughput), and writes every run to JSON.
+
+    python bench/snapshot.py [--ram 1G] [--channels 1 2 4] [--repeat 5] [--dir DIR]
+
+The save and restore columns' GB/s are the cold ones; the ratios are given both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.remote import write_report  # noqa: E402
+from clients.guest import fill_ram  # noqa: E402
+from engine import GuestRAM, MigrationConfig  # noqa: E402
+from engine.cli import parse_size  # noqa: E402
+from engine.pool import WorkerPool  # noqa: E402
+from engine.snapshot import SnapshotRestore, SnapshotSave  # noqa: E402
+
+STEP = 8 << 20
+
+
+def baseline_write(ram: GuestRAM, path: str) -> float:
+    """Seconds to write the RAM sequentially and fsync it."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for block in ram.blocks:
+            for at in range(0, block.size, STEP):
+                view = block.pages[at:at + STEP]
+                while view.nbytes:
+                    view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def baseline_read(ram: GuestRAM, path: str) -> float:
+    """Seconds to read the file sequentially into `ram` (pre-touched)."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for block in ram.blocks:
+            for at in range(0, block.size, STEP):
+                view = block.pages[at:at + STEP]
+                while view.nbytes:
+                    got = os.readv(fd, [view])
+                    if not got:
+                        raise RuntimeError(f"{path} is short")
+                    view = view[got:]
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def save_and_restore(src: GuestRAM, dst: GuestRAM, path: str, channels: int,
+                     pool: WorkerPool | None, label: str) -> dict[str, Any]:
+    """Save `src` to `path` and restore it into `dst`; times keyed ``save_s_<label>``..."""
+    config = MigrationConfig(channels=channels)
+    started = time.perf_counter()
+    saved = SnapshotSave(src, path, config=config, live=False, pool=pool).run()
+    save_s = time.perf_counter() - started
+    started = time.perf_counter()
+    restored = SnapshotRestore(path, ram=dst, config=config, ram_is_zeroed=True, pool=pool).run()
+    restore_s = time.perf_counter() - started
+    if not all(np.array_equal(np.frombuffer(a.pages, np.uint8), np.frombuffer(b.pages, np.uint8))
+               for a, b in zip(src.blocks, dst.blocks, strict=True)):
+        raise RuntimeError(f"the {label} restore over {channels} channel(s) differs from the guest")
+    os.unlink(path)
+    figures = {"save_s": save_s, "restore_s": restore_s,
+               "save_setup_ms": saved.setup_time_ms, "restore_setup_ms": restored.setup_time_ms,
+               "save_transfer_s": saved.transfer_time_s, "restore_transfer_s": restored.transfer_time_s}
+    return {f"{key}_{label}": value for key, value in figures.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ram", type=parse_size, default=parse_size("1G"))
+    parser.add_argument("--channels", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--dir", default=None, help="where the files go (default: a temporary "
+                        "directory under $TMPDIR)")
+    parser.add_argument("--json", default="bench/results/snapshot.json")
+    args = parser.parse_args()
+
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in args.channels}
+    with tempfile.TemporaryDirectory(prefix="mfd-snapbench-", dir=args.dir) as where, \
+            GuestRAM.create({"pc.ram": args.ram}) as src, \
+            GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst, \
+            WorkerPool("process", max(args.channels), name="bench-warm") as warm:
+        fill_ram(src, "random", seed=7)
+        baseline_path, snapshot_path = os.path.join(where, "plain.bin"), os.path.join(where, "vm.snap")
+        # Start the warm pool's workers (and their imports) once, untimed.
+        save_and_restore(src, dst, snapshot_path, max(args.channels), warm, "warm")
+        for rep in range(args.repeat):
+            for n in args.channels:
+                run: dict[str, Any] = {}
+                # Alternate the order so every kind shares the machine's drifts.
+                kinds = ["baseline", "cold", "warm"]
+                for kind in kinds if rep % 2 == 0 else kinds[::-1]:
+                    if kind == "baseline":
+                        run["write_s"] = baseline_write(src, baseline_path)
+                        run["read_s"] = baseline_read(dst, baseline_path)
+                        os.unlink(baseline_path)
+                    else:
+                        pool = warm if kind == "warm" else None
+                        run.update(save_and_restore(src, dst, snapshot_path, n, pool, kind))
+                runs[n].append(run)
+        where_fs = os.statvfs(where)
+
+    gib = args.ram / 2**30
+    report: dict[str, Any] = {"ram_bytes": args.ram, "repeat": args.repeat, "cpus": os.cpu_count(),
+                              "dir_block_size": where_fs.f_bsize, "cases": []}
+    print(f"{gib:.2f} GiB random RAM, stopped save / restore, {args.repeat} runs, medians; "
+          f"GB/s = guest bytes / wall time from the call to its return; ratio = ours / baseline "
+          f"(median of the paired runs); cold = channel processes spawned per operation, "
+          f"warm = a process pool kept across operations")
+    print(f"{'channels':>8} {'write':>6} {'save':>5} {'cold':>5} {'warm':>5}   "
+          f"{'read':>5} {'restore':>7} {'cold':>5} {'warm':>5}   {'restore setup ms':>16}")
+    print(f"{'':>8} {'GB/s':>6} {'GB/s':>5} {'ratio':>5} {'ratio':>5}   "
+          f"{'GB/s':>5} {'GB/s':>7} {'ratio':>5} {'ratio':>5}   {'cold':>7} {'warm':>8}")
+    for n, cases in runs.items():
+        def rate(key: str) -> list[float]:
+            return [args.ram / run[key] / 1e9 for run in cases]  # noqa: B023
+
+        def ratio(ours: str, baseline: str) -> float:
+            return statistics.median(o / b for o, b in zip(rate(ours), rate(baseline)))
+
+        def median(key: str) -> float:
+            return statistics.median(run[key] for run in cases)  # noqa: B023
+
+        case: dict[str, Any] = {"channels": n, "write_gbps": rate("write_s"), "read_gbps": rate("read_s")}
+        for label in ("cold", "warm"):
+            case[label] = {"save_gbps": rate(f"save_s_{label}"), "restore_gbps": rate(f"restore_s_{label}"),
+                           "save_over_write": ratio(f"save_s_{label}", "write_s"),
+                           "restore_over_read": ratio(f"restore_s_{label}", "read_s"),
+                           "restore_setup_ms": median(f"restore_setup_ms_{label}"),
+                           "save_setup_ms": median(f"save_setup_ms_{label}")}
+        case["runs"] = cases
+        cold, warm_ = case["cold"], case["warm"]
+        print(f"{n:>8} {statistics.median(case['write_gbps']):>6.2f} "
+              f"{statistics.median(cold['save_gbps']):>5.2f} {cold['save_over_write']:>5.2f} "
+              f"{warm_['save_over_write']:>5.2f}   {statistics.median(case['read_gbps']):>5.2f} "
+              f"{statistics.median(cold['restore_gbps']):>7.2f} {cold['restore_over_read']:>5.2f} "
+              f"{warm_['restore_over_read']:>5.2f}   {cold['restore_setup_ms']:>7.0f} "
+              f"{warm_['restore_setup_ms']:>8.0f}")
+        report["cases"].append(case)
+    write_report(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
