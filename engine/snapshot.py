@@ -10,7 +10,7 @@ and only the channels' send op differs: positional writes and reads
              live: precopy rounds until what is left fits the downtime limit
                    (a page saved again overwrites its own place)
              pause → final round; devices save at once, chunks appended after the pages
-             every channel done → bitmaps, metadata → fsync → superblock → fsync
+             every channel done → block headers and bitmaps, metadata → fsync → superblock → fsync
              → rename over the target → fsync the directory: only now "saved"
     restore  read and check superblock, metadata and bitmaps — before anything loads
              N file channels read runs of present pages straight into guest RAM,
@@ -112,12 +112,15 @@ def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray]
     size = file.size()
     head = file.read_at(0, min(size, fmt.SUPERBLOCK_SIZE))
     sb = fmt.decode_superblock(head, size)
-    md = fmt.decode_metadata(file.read_at(sb.meta_offset, sb.meta_length), sb)
-    present = [
-        fmt.decode_bitmap(file.read_at(b.bitmap_offset, b.bitmap_length(sb.page_size)),
-                          b.n_pages(sb.page_size), b.present_pages)
-        for b in md.blocks
-    ]
+    blocks, at = [], fmt.SUPERBLOCK_SIZE
+    for index in range(sb.n_blocks):  # each header says where the next one is
+        header = file.read_at(at, fmt.BLOCK_HEADER_SIZE) if at + fmt.BLOCK_HEADER_SIZE <= size else b""
+        blocks.append(fmt.decode_block_header(header, at, index, sb))
+        at = blocks[-1].end
+    md = fmt.decode_metadata(file.read_at(sb.meta_offset, sb.meta_length), sb, blocks)
+    present = [fmt.check_bitmap(b, file.read_at(b.bitmap_offset, b.bitmap_length(sb.page_size)),
+                                sb.page_size)
+               for b in md.blocks]
     return SnapshotInfo(file.path, size, sb, md), present
 
 
@@ -300,16 +303,20 @@ class SnapshotSave(SavingMigration):
         self._write_metadata(done)
 
     def _write_metadata(self, done: Sequence[wire.DeviceDone]) -> None:
-        """Bitmaps and metadata, durable; then the superblock; then publish."""
+        """Block headers, bitmaps and metadata, durable; then the superblock; then publish."""
         file, area, present_map = self._file, self._devices_area, self._present
         assert file is not None and area is not None and present_map is not None
         present = np.frombuffer(bytes(present_map.buf[:self.ram.n_pages]), dtype=np.uint8)
-        blocks, first = [], 0
+        blocks: list[fmt.BlockEntry] = []
+        first = 0
         for entry, block in zip(self.layout.blocks, self.ram.blocks):
             pages = present[first:first + block.n_pages]
             first += block.n_pages
-            file.write_at(entry.bitmap_offset, [fmt.encode_bitmap(pages)])
-            blocks.append(replace(entry, present_pages=int(np.count_nonzero(pages))))
+            bitmap = fmt.encode_bitmap(pages)
+            written = replace(entry, present_pages=int(np.count_nonzero(pages)),
+                              bitmap_digest=hashlib.sha256(bitmap).digest())
+            file.write_at(written.header_offset, [fmt.encode_block_header(len(blocks), written), bitmap])
+            blocks.append(written)
         assert self.tracker is not None
         info = {"engine": "multifd", "live": self.live, "rounds": self.tracker.round,
                 "channels": self.config.channels, "zero_page_detection": self.config.zero_page_detection,

@@ -5,16 +5,18 @@ only implementation.  A snapshot gives every guest page a fixed place, so N
 channel processes write and read pages in parallel with positional I/O, and a
 page saved again in a later round overwrites its own place::
 
-    0           superblock (4 KiB): magic, version, where the metadata is, digests
-    4096        page bitmaps, one per block (1 bit per page: 1 = its bytes are in the file)
-    1 MiB-aligned  page area of block 0 (page p at pages_offset + p * page_size)
-    1 MiB-aligned  page area of block 1 ...
-    after them  device-state chunks, in the order they were saved
-    then        metadata: block table, device table (each chunk's place), info, VMM config
+    0              superblock (4 KiB): magic, version, where the metadata is, digests
+    4096           block 0: header (512 B), then its bitmap (1 bit per page: 1 = its
+                   bytes are in the file), then at the next 1 MiB its page area
+                   (page p at pages_offset + p * page_size)
+    next 4 KiB     block 1: header, bitmap, page area ...
+    next 4 KiB     device-state chunks, in the order they were saved
+    then           metadata: device table (each chunk's place), info, VMM config
 
-The superblock is written last, after everything else is durable, and names the
-metadata by offset, length and SHA-256: a file whose save did not finish has no
-valid superblock.  Every decoder here checks what it reads against the file's
+Each block header carries its own SHA-256 and its bitmap's.  The superblock is
+written last, after everything else is durable, and names the metadata by
+offset, length and SHA-256: a file whose save did not finish has no valid
+superblock.  Every decoder here checks what it reads against the file's
 size and the other regions, so a damaged file is refused with a clear
 :class:`SnapshotFormatError` before anything is loaded.
 """
@@ -37,6 +39,8 @@ from engine.errors import SnapshotFormatError
 MAGIC = b"MFDSNAP\x00"
 VERSION = 1
 SUPERBLOCK_SIZE = 4096
+BLOCK_HEADER_SIZE = 512
+BLOCK_MAGIC = b"MFDBLOCK"
 PAGE_AREA_ALIGN = 1 << 20     # page areas start on 1 MiB: any O_DIRECT block size divides it
 DEVICE_AREA_ALIGN = 4096
 MAX_BLOCKS = 1024
@@ -57,7 +61,10 @@ class SnapshotFlags(IntFlag):
 _SUPER = struct.Struct("<8sIIIIII QQQQ 16s 32s")
 _SUPER_DIGEST_AT = _SUPER.size
 SUPERBLOCK_USED = _SUPER.size + 32
-_BLOCK = struct.Struct("<QQQQ")        # size, bitmap_offset, pages_offset, present_pages
+# magic 8 | index 4 | name_length 1 | name 255 | reserved 4 | size 8 | bitmap_offset 8 |
+# pages_offset 8 | present_pages 8 | bitmap_sha256 32 | header_sha256 32 (of every byte before it)
+_BLOCK = struct.Struct("<8sIB255sIQQQQ32s")
+_BLOCK_DIGEST_AT = _BLOCK.size
 _DEVICE = struct.Struct("<IIQ32s")     # instance_id, n_chunks, size, sha256
 _CHUNK = struct.Struct("<QI")          # offset, length
 _U8 = struct.Struct("<B")
@@ -81,6 +88,16 @@ class BlockEntry:
     bitmap_offset: int
     pages_offset: int
     present_pages: int = 0    # pages whose bytes are in the file (bits set)
+    bitmap_digest: bytes = b""  # SHA-256 of the bitmap, once written
+
+    @property
+    def header_offset(self) -> int:
+        return self.bitmap_offset - BLOCK_HEADER_SIZE
+
+    @property
+    def end(self) -> int:
+        """Where the next block's header goes: the 4 KiB after this page area."""
+        return _round_up(self.pages_offset + self.size, DEVICE_AREA_ALIGN)
 
     def n_pages(self, page_size: int) -> int:
         return self.size // page_size
@@ -128,11 +145,11 @@ class Metadata:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a new snapshot puts each block's bitmap and pages, and its device data."""
+    """Where a new snapshot puts each block's header, bitmap and pages, and its device data."""
 
     page_size: int
     blocks: tuple[BlockEntry, ...]
-    device_area: int          # first byte after the last page area (4 KiB aligned)
+    device_area: int          # the 4 KiB boundary after the last page area
 
 
 # ---------------------------------------------------------------------------
@@ -148,16 +165,13 @@ def plan_layout(blocks: Sequence[tuple[str, int]], page_size: int = 4096) -> Lay
     """Offsets for a snapshot of RAM with `blocks` (name, size)."""
     _check_blocks(blocks, page_size)
     at = SUPERBLOCK_SIZE
-    bitmaps = []
-    for _, size in blocks:
-        bitmaps.append(at)
-        at += bitmap_length(size // page_size)
     entries = []
-    for (name, size), bitmap_at in zip(blocks, bitmaps):
-        at = _round_up(at, PAGE_AREA_ALIGN)
-        entries.append(BlockEntry(name, size, bitmap_at, at))
-        at += size
-    return Layout(page_size, tuple(entries), _round_up(at, DEVICE_AREA_ALIGN))
+    for name, size in blocks:
+        bitmap_at = at + BLOCK_HEADER_SIZE
+        pages_at = _round_up(bitmap_at + bitmap_length(size // page_size), PAGE_AREA_ALIGN)
+        entries.append(BlockEntry(name, size, bitmap_at, pages_at))
+        at = entries[-1].end
+    return Layout(page_size, tuple(entries), at)
 
 
 def _check_blocks(blocks: Sequence[tuple[str, int]], page_size: int) -> None:
@@ -200,9 +214,78 @@ def decode_bitmap(data: bytes, n_pages: int, expected_present: int | None = None
         raise SnapshotFormatError(f"bitmap marks a page past the block's {n_pages} pages")
     pages = np.flatnonzero(bits[:n_pages]).astype(np.int64)
     if expected_present is not None and pages.size != expected_present:
-        raise SnapshotFormatError(f"bitmap marks {pages.size} pages present, the block table "
+        raise SnapshotFormatError(f"bitmap marks {pages.size} pages present, its block header "
                                   f"says {expected_present}")
     return pages
+
+
+def check_bitmap(block: BlockEntry, data: bytes, page_size: int) -> np.ndarray:
+    """The present pages of `block` from its bitmap's bytes, checked against its header."""
+    if hashlib.sha256(data).digest() != block.bitmap_digest:
+        raise SnapshotFormatError(f"the bitmap of block {block.name!r} is damaged (its digest "
+                                  f"does not match)")
+    return decode_bitmap(data, block.n_pages(page_size), block.present_pages)
+
+
+# ---------------------------------------------------------------------------
+# Block headers.
+
+
+def encode_block_header(index: int, block: BlockEntry) -> bytes:
+    """Block `index`'s header, padded to BLOCK_HEADER_SIZE, its own digest included."""
+    name = block.name.encode()
+    if not 1 <= len(name) <= MAX_NAME:
+        raise SnapshotFormatError(f"block name {block.name!r} must be 1..{MAX_NAME} UTF-8 bytes")
+    if len(block.bitmap_digest) != 32:
+        raise SnapshotFormatError(f"block {block.name!r}: no bitmap digest to write")
+    body = _BLOCK.pack(BLOCK_MAGIC, index, len(name), name, 0, block.size, block.bitmap_offset,
+                       block.pages_offset, block.present_pages, block.bitmap_digest)
+    return (body + hashlib.sha256(body).digest()).ljust(BLOCK_HEADER_SIZE, b"\x00")
+
+
+def decode_block_header(data: bytes, at: int, index: int, sb: Superblock) -> BlockEntry:
+    """Check and decode block `index`'s header, read at file offset `at`.
+
+    Checks its digest and that its bitmap follows it and its pages lie, page-aligned,
+    after the bitmap and inside the file; overlaps are :func:`check_regions`' job.
+    """
+    if len(data) != BLOCK_HEADER_SIZE:
+        raise SnapshotFormatError(f"block {index}: header at {at} lies outside the file")
+    body = bytes(data[:_BLOCK.size])
+    (magic, found_index, name_length, name, reserved, size, bitmap_offset, pages_offset, present,
+     bitmap_digest) = _BLOCK.unpack(body)
+    if magic != BLOCK_MAGIC:
+        raise SnapshotFormatError(f"block {index}: no block header at {at} (magic {magic!r})")
+    if hashlib.sha256(body).digest() != bytes(data[_BLOCK_DIGEST_AT:_BLOCK_DIGEST_AT + 32]):
+        raise SnapshotFormatError(f"block {index}: its header is damaged (its digest does not match)")
+    if reserved:
+        raise SnapshotFormatError(f"block {index}: reserved field is {reserved:#x}, not 0")
+    if found_index != index:
+        raise SnapshotFormatError(f"block header at {at} says it is block {found_index}, not {index}")
+    try:
+        text = name[:name_length].decode() if 1 <= name_length <= MAX_NAME else ""
+    except UnicodeDecodeError:
+        text = ""
+    if not text:
+        raise SnapshotFormatError(f"block {index}: its name is empty or not UTF-8")
+    block = BlockEntry(text, size, bitmap_offset, pages_offset, present, bitmap_digest)
+    what = f"block {text!r}"
+    if size <= 0 or size % sb.page_size:
+        raise SnapshotFormatError(f"{what}: size {size} is not a positive number of pages")
+    if bitmap_offset != at + BLOCK_HEADER_SIZE:
+        raise SnapshotFormatError(f"{what}: bitmap at {bitmap_offset}, not right after its header")
+    if pages_offset % sb.page_size:
+        raise SnapshotFormatError(f"{what}: pages at {pages_offset}, not page-aligned")
+    if pages_offset < bitmap_offset + block.bitmap_length(sb.page_size):
+        raise SnapshotFormatError(f"{what}: pages at {pages_offset} overlap its bitmap")
+    if present > block.n_pages(sb.page_size):
+        raise SnapshotFormatError(f"{what}: {present} pages present of {block.n_pages(sb.page_size)}")
+    for start, length, region in ((bitmap_offset, block.bitmap_length(sb.page_size), "bitmap"),
+                                  (pages_offset, size, "pages")):
+        if start + length > sb.file_size:
+            raise SnapshotFormatError(f"the {region} of {what} ({start} +{length}) points outside "
+                                      f"the {sb.file_size}-byte file")
+    return block
 
 
 # ---------------------------------------------------------------------------
@@ -264,10 +347,8 @@ def _name(text: str, what: str) -> bytes:
 
 
 def encode_metadata(md: Metadata) -> bytes:
+    """The metadata's bytes: devices, info, VMM config (the blocks have their own headers)."""
     out = bytearray()
-    for block in md.blocks:
-        out += _name(block.name, "block name")
-        out += _BLOCK.pack(block.size, block.bitmap_offset, block.pages_offset, block.present_pages)
     for device in md.devices:
         out += _name(device.idstr, "device idstr")
         out += _DEVICE.pack(device.instance_id, len(device.chunks), device.size, device.digest)
@@ -308,22 +389,19 @@ class _Reader:
         return text
 
 
-def decode_metadata(data: bytes, sb: Superblock) -> Metadata:
-    """Check and decode the metadata the superblock names.
+def decode_metadata(data: bytes, sb: Superblock, blocks: Sequence[BlockEntry]) -> Metadata:
+    """Check and decode the metadata the superblock names, for the decoded `blocks`.
 
-    Checks its digest, then that every region it describes — bitmaps, page
-    areas, device chunks — lies inside the file, clear of the superblock, the
-    metadata and every other region.
+    Checks its digest, then that every region of the file — block headers,
+    bitmaps, page areas, device chunks — lies inside the file, clear of the
+    superblock, the metadata and every other region.
     """
     if len(data) != sb.meta_length or hashlib.sha256(data).digest() != sb.meta_digest:
         raise SnapshotFormatError("the snapshot's metadata is damaged (its digest does not match)")
-    reader = _Reader(data)
-    blocks = []
-    for _ in range(sb.n_blocks):
-        name = reader.name("block name")
-        size, bitmap_offset, pages_offset, present = reader.unpack(_BLOCK)
-        blocks.append(BlockEntry(name, size, bitmap_offset, pages_offset, present))
+    if len(blocks) != sb.n_blocks:
+        raise SnapshotFormatError(f"{len(blocks)} block headers for {sb.n_blocks} blocks")
     _check_blocks([(b.name, b.size) for b in blocks], sb.page_size)
+    reader = _Reader(data)
     devices = []
     for _ in range(sb.n_devices):
         idstr = reader.name("device idstr")
@@ -370,6 +448,7 @@ def check_regions(md: Metadata, sb: Superblock) -> None:
         if block.pages_offset % sb.page_size:
             raise SnapshotFormatError(f"block {block.name!r}: pages at {block.pages_offset}, "
                                       f"not page-aligned")
+        regions.append((block.header_offset, BLOCK_HEADER_SIZE, f"the header of block {block.name!r}"))
         regions.append((block.bitmap_offset, block.bitmap_length(sb.page_size),
                         f"the bitmap of block {block.name!r}"))
         regions.append((block.pages_offset, block.size, f"the pages of block {block.name!r}"))

@@ -84,12 +84,26 @@ def _rewrite(path: Path, metadata: Callable[[fmt.Metadata], fmt.Metadata]) -> No
     """Change the metadata and sign it again, as a buggy or hostile writer would."""
     data = bytearray(path.read_bytes())
     sb = fmt.decode_superblock(bytes(data[:fmt.SUPERBLOCK_SIZE]), len(data))
-    md = fmt.decode_metadata(bytes(data[sb.meta_offset:sb.meta_offset + sb.meta_length]), sb)
+    md = fmt.decode_metadata(bytes(data[sb.meta_offset:sb.meta_offset + sb.meta_length]), sb,
+                             [_block(path, sb)])
     meta = fmt.encode_metadata(metadata(md))
     data = data[:sb.meta_offset] + meta
     sb = replace(sb, meta_length=len(meta), file_size=len(data), meta_digest=hashlib.sha256(meta).digest())
     data[:fmt.SUPERBLOCK_SIZE] = fmt.encode_superblock(sb)
     path.write_bytes(bytes(data))
+
+
+def _block(path: Path, sb: fmt.Superblock) -> fmt.BlockEntry:
+    """The header of the one block of these snapshots."""
+    with open(path, "rb") as f:
+        f.seek(fmt.SUPERBLOCK_SIZE)
+        return fmt.decode_block_header(f.read(fmt.BLOCK_HEADER_SIZE), fmt.SUPERBLOCK_SIZE, 0, sb)
+
+
+def _rewrite_block(path: Path, **changes: int) -> None:
+    """Change fields of block 0's header and sign it again (a buggy or hostile writer)."""
+    sb = fmt.decode_superblock(path.read_bytes()[:fmt.SUPERBLOCK_SIZE], path.stat().st_size)
+    _patch(path, fmt.SUPERBLOCK_SIZE, fmt.encode_block_header(0, replace(_block(path, sb), **changes)))
 
 
 def _patch(path: Path, offset: int, data: bytes) -> None:
@@ -142,14 +156,34 @@ def test_damaged_metadata(snapshot: Path) -> None:
     _restore_refused(snapshot, SnapshotFormatError, "metadata is damaged")
 
 
+def test_damaged_block_header(snapshot: Path) -> None:
+    _patch(snapshot, fmt.SUPERBLOCK_SIZE + 280, b"\x07")  # bitmap_offset, without re-signing
+    _restore_refused(snapshot, SnapshotFormatError, "block 0: its header is damaged")
+
+
+def test_damaged_bitmap(snapshot: Path) -> None:
+    _patch(snapshot, fmt.SUPERBLOCK_SIZE + fmt.BLOCK_HEADER_SIZE, b"\x00")  # pages 0-7 "absent"
+    _restore_refused(snapshot, SnapshotFormatError, "the bitmap of block 'pc.ram' is damaged")
+
+
 def test_bitmap_outside_the_file(snapshot: Path) -> None:
-    _rewrite(snapshot, lambda md: replace(md, blocks=(replace(md.blocks[0], bitmap_offset=1 << 40),)))
+    # A block of 1 TiB has a 32 MiB bitmap: far past the end of this file.
+    _rewrite_block(snapshot, size=1 << 40, pages_offset=64 * MiB)
     _restore_refused(snapshot, SnapshotFormatError, "bitmap of block 'pc.ram' .* points outside")
 
 
 def test_pages_outside_the_file(snapshot: Path) -> None:
-    _rewrite(snapshot, lambda md: replace(md, blocks=(replace(md.blocks[0], pages_offset=1 << 30),)))
+    _rewrite_block(snapshot, pages_offset=1 << 30)
     _restore_refused(snapshot, SnapshotFormatError, "pages of block 'pc.ram' .* points outside")
+
+
+def test_device_state_over_the_pages(snapshot: Path) -> None:
+    def move(md: fmt.Metadata) -> fmt.Metadata:
+        device = md.devices[0]
+        return replace(md, devices=(replace(device, chunks=((2 * MiB, 5), device.chunks[1])),))
+    _rewrite(snapshot, move)
+    _restore_refused(snapshot, SnapshotFormatError,
+                     "a chunk of device 'nic'/0 overlaps the pages of block 'pc.ram'")
 
 
 def test_device_chunk_outside_the_file(snapshot: Path) -> None:
@@ -160,9 +194,9 @@ def test_device_chunk_outside_the_file(snapshot: Path) -> None:
     _restore_refused(snapshot, SnapshotFormatError, "chunk of device 'nic'/0 .* points outside")
 
 
-def test_bitmap_that_disagrees_with_the_block_table(snapshot: Path) -> None:
-    _rewrite(snapshot, lambda md: replace(md, blocks=(replace(md.blocks[0], present_pages=1),)))
-    _restore_refused(snapshot, SnapshotFormatError, "the block table says 1")
+def test_bitmap_that_disagrees_with_its_block_header(snapshot: Path) -> None:
+    _rewrite_block(snapshot, present_pages=1)
+    _restore_refused(snapshot, SnapshotFormatError, "its block header says 1")
 
 
 @pytest.mark.parametrize("layout", [{"pc.ram": 8 * MiB}, {"pc.ram": 4 * MiB, "vga": MiB},

@@ -1,8 +1,9 @@
 """Property tests of the snapshot format codec.
 
-Any layout and metadata round-trip exactly; and a superblock or metadata with
-any bytes changed decodes to exactly what was written or is refused with
-SnapshotFormatError — never another exception, never a region outside the file.
+Any layout, block header and metadata round-trip exactly; and a superblock,
+block header or metadata with any bytes changed decodes to exactly what was
+written or is refused with SnapshotFormatError — never another exception, never
+a region outside the file.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ block_lists = st.lists(st.tuples(names, st.integers(1, 300).map(lambda pages: pa
 
 
 @st.composite
-def snapshots(draw: st.DrawFn) -> tuple[fmt.Superblock, bytes]:
-    """A consistent superblock and metadata, as a save writes them."""
+def snapshots(draw: st.DrawFn) -> tuple[fmt.Superblock, tuple[fmt.BlockEntry, ...], bytes]:
+    """A consistent superblock, blocks and metadata, as a save writes them."""
     layout = fmt.plan_layout(draw(block_lists))
-    blocks = tuple(replace(b, present_pages=draw(st.integers(0, b.n_pages(4096)))) for b in layout.blocks)
+    blocks = tuple(replace(b, present_pages=draw(st.integers(0, b.n_pages(4096))),
+                           bitmap_digest=draw(st.binary(min_size=32, max_size=32)))
+                   for b in layout.blocks)
     at = layout.device_area
     devices = []
     for index in range(draw(st.integers(0, 3))):
@@ -46,16 +49,22 @@ def snapshots(draw: st.DrawFn) -> tuple[fmt.Superblock, bytes]:
         len(devices), at, len(metadata), at + len(metadata), draw(st.integers(0, 2**63)),
         uuid.UUID(int=draw(st.integers(0, 2**128 - 1))), hashlib.sha256(metadata).digest(),
     )
-    return superblock, metadata
+    return superblock, blocks, metadata
+
+
+Snapshot = tuple[fmt.Superblock, tuple[fmt.BlockEntry, ...], bytes]
 
 
 @settings(max_examples=150, deadline=None)
 @given(snapshots())
-def test_round_trip(snapshot: tuple[fmt.Superblock, bytes]) -> None:
-    superblock, metadata = snapshot
+def test_round_trip(snapshot: Snapshot) -> None:
+    superblock, blocks, metadata = snapshot
     assert fmt.decode_superblock(fmt.encode_superblock(superblock), superblock.file_size) == superblock
-    decoded = fmt.decode_metadata(metadata, superblock)
-    assert fmt.encode_metadata(decoded) == metadata
+    for index, block in enumerate(blocks):
+        header = fmt.encode_block_header(index, block)
+        assert fmt.decode_block_header(header, block.header_offset, index, superblock) == block
+    decoded = fmt.decode_metadata(metadata, superblock, blocks)
+    assert decoded.blocks == blocks and fmt.encode_metadata(decoded) == metadata
 
 
 def _check_inside(md: fmt.Metadata, sb: fmt.Superblock) -> None:
@@ -69,9 +78,8 @@ def _check_inside(md: fmt.Metadata, sb: fmt.Superblock) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(snapshots(), st.data())
-def test_corrupt_superblock_is_refused_or_harmless(snapshot: tuple[fmt.Superblock, bytes],
-                                                    data: st.DataObject) -> None:
-    superblock, _ = snapshot
+def test_corrupt_superblock_is_refused_or_harmless(snapshot: Snapshot, data: st.DataObject) -> None:
+    superblock, _, _ = snapshot
     raw = bytearray(fmt.encode_superblock(superblock))
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, fmt.SUPERBLOCK_USED - 1))] = data.draw(st.integers(0, 255))
@@ -84,11 +92,47 @@ def test_corrupt_superblock_is_refused_or_harmless(snapshot: tuple[fmt.Superbloc
 
 @settings(max_examples=300, deadline=None)
 @given(snapshots(), st.data())
-def test_any_metadata_signed_as_valid_is_checked(snapshot: tuple[fmt.Superblock, bytes],
-                                                 data: st.DataObject) -> None:
+def test_corrupt_block_header_is_refused_or_harmless(snapshot: Snapshot, data: st.DataObject) -> None:
+    superblock, blocks, _ = snapshot
+    index = data.draw(st.integers(0, len(blocks) - 1))
+    block = blocks[index]
+    raw = bytearray(fmt.encode_block_header(index, block))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, 367))] = data.draw(st.integers(0, 255))
+    try:
+        decoded = fmt.decode_block_header(bytes(raw), block.header_offset, index, superblock)
+    except SnapshotFormatError:
+        return
+    assert decoded == block
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), st.data())
+def test_any_block_header_signed_as_valid_is_checked(snapshot: Snapshot, data: st.DataObject) -> None:
+    """A header whose digest matches but whose fields are wrong (a buggy writer)
+    still keeps its bitmap and pages inside the file, or is refused."""
+    superblock, blocks, _ = snapshot
+    index = data.draw(st.integers(0, len(blocks) - 1))
+    block = blocks[index]
+    body = bytearray(fmt.encode_block_header(index, block)[:336])
+    for _ in range(data.draw(st.integers(1, 4))):
+        body[data.draw(st.integers(0, 335))] = data.draw(st.integers(0, 255))
+    raw = bytes(body) + hashlib.sha256(body).digest() + bytes(512 - 368)
+    try:
+        decoded = fmt.decode_block_header(raw, block.header_offset, index, superblock)
+    except SnapshotFormatError:
+        return
+    assert decoded.bitmap_offset == block.header_offset + fmt.BLOCK_HEADER_SIZE
+    assert decoded.pages_offset + decoded.size <= superblock.file_size
+    assert decoded.bitmap_offset + decoded.bitmap_length(4096) <= decoded.pages_offset
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), st.data())
+def test_any_metadata_signed_as_valid_is_checked(snapshot: Snapshot, data: st.DataObject) -> None:
     """Even metadata whose digest matches (a buggy or hostile writer) is checked
     field by field: it decodes into regions inside the file, or is refused."""
-    superblock, metadata = snapshot
+    superblock, blocks, metadata = snapshot
     raw = bytearray(metadata)
     if raw:
         for _ in range(data.draw(st.integers(1, 6))):
@@ -97,7 +141,7 @@ def test_any_metadata_signed_as_valid_is_checked(snapshot: tuple[fmt.Superblock,
     signed = replace(superblock, meta_length=len(raw), meta_digest=hashlib.sha256(raw).digest(),
                      file_size=superblock.meta_offset + len(raw))
     try:
-        decoded = fmt.decode_metadata(bytes(raw), signed)
+        decoded = fmt.decode_metadata(bytes(raw), signed, blocks)
     except SnapshotFormatError:
         return
     _check_inside(decoded, signed)

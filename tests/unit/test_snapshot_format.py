@@ -17,17 +17,20 @@ MiB = 1 << 20
 SNAP_ID = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
 
 
-def test_layout_aligns_page_areas_and_packs_bitmaps() -> None:
+def test_layout_gives_each_block_a_header_a_bitmap_and_an_aligned_page_area() -> None:
     layout = fmt.plan_layout([("pc.ram", 64 * MiB), ("vga", 8 * MiB + 4096)])
     ram, vga = layout.blocks
-    # Bitmaps right after the superblock, one bit per page, whole 64-bit words.
-    assert ram.bitmap_offset == 4096 and ram.bitmap_length(4096) == 16384 // 8
-    assert vga.bitmap_offset == 4096 + 2048 and vga.bitmap_length(4096) == 8 * ((2049 + 63) // 64)
-    # Page areas on 1 MiB, in block order; the device area after the last one.
+    # Block 0 right after the superblock: header, then its bitmap (one bit per
+    # page, whole 64-bit words), then its pages on the next 1 MiB boundary.
+    assert ram.header_offset == 4096 and ram.bitmap_offset == 4096 + 512
+    assert ram.bitmap_length(4096) == 16384 // 8
     assert ram.pages_offset == MiB
-    assert vga.pages_offset == MiB + 64 * MiB
-    assert layout.device_area == vga.pages_offset + 8 * MiB + 4096
-    assert layout.device_area % 4096 == 0
+    # Block 1's header at the end of block 0's pages; its pages on the next 1 MiB.
+    assert vga.header_offset == ram.end == 65 * MiB and vga.bitmap_offset == 65 * MiB + 512
+    assert vga.bitmap_length(4096) == 8 * ((2049 + 63) // 64)
+    assert vga.pages_offset == 66 * MiB
+    # The device area on the 4 KiB after the last page area.
+    assert layout.device_area == vga.end == 66 * MiB + 8 * MiB + 4096
 
 
 @pytest.mark.parametrize("blocks, match", [
@@ -58,14 +61,17 @@ def test_bitmap_refusals() -> None:
         fmt.decode_bitmap(bytes(data[:12]) + b"\xff" + bytes(data[13:]), 100)
     with pytest.raises(SnapshotFormatError, match="bitmap of 8 bytes for 100 pages"):
         fmt.decode_bitmap(bytes(data[:8]), 100)
-    with pytest.raises(SnapshotFormatError, match="100 pages present, the block table says 99"):
+    with pytest.raises(SnapshotFormatError, match="100 pages present, its block header says 99"):
         fmt.decode_bitmap(bytes(data), 100, expected_present=99)
+
+
+BITMAP_DIGEST = hashlib.sha256(b"bitmap").digest()
 
 
 def _snapshot(devices: tuple[fmt.DeviceEntry, ...] = ()) -> tuple[fmt.Superblock, bytes, fmt.Metadata]:
     """A consistent superblock + metadata for a file of 2 blocks and `devices`."""
     layout = fmt.plan_layout([("pc.ram", 4 * MiB), ("rom", 64 * 1024)])
-    blocks = tuple(replace(b, present_pages=3) for b in layout.blocks)
+    blocks = tuple(replace(b, present_pages=3, bitmap_digest=BITMAP_DIGEST) for b in layout.blocks)
     md = fmt.Metadata(blocks, devices, {"live": True}, b"vmm-config")
     meta = fmt.encode_metadata(md)
     meta_offset = layout.device_area + sum(d.size for d in devices)
@@ -91,7 +97,7 @@ def test_metadata_round_trip_with_devices() -> None:
     devices = (fmt.DeviceEntry("gpu", 0, ((start, 1000), (start + 1000, 20)), bytes(range(32))),
                fmt.DeviceEntry("nic", 3, ((start + 1020, 0),), bytes(32)))
     sb, meta, md = _snapshot(devices)
-    decoded = fmt.decode_metadata(meta, sb)
+    decoded = fmt.decode_metadata(meta, sb, md.blocks)
     assert decoded == md
     assert decoded.devices[0].size == 1020 and decoded.vmm_config == b"vmm-config"
 
@@ -128,15 +134,18 @@ def test_metadata_refusals() -> None:
 
     def refuse(metadata: fmt.Metadata | bytes, match: str, **sb_changes: object) -> None:
         raw = metadata if isinstance(metadata, bytes) else fmt.encode_metadata(metadata)
+        blocks = md.blocks if isinstance(metadata, bytes) else metadata.blocks
         header = replace(sb, meta_length=len(raw), meta_digest=hashlib.sha256(raw).digest(),
                          file_size=sb.meta_offset + len(raw))
         header = replace(header, **sb_changes)  # type: ignore[arg-type]
         with pytest.raises(SnapshotFormatError, match=match):
-            fmt.decode_metadata(raw, header)
+            fmt.decode_metadata(raw, header, blocks)
 
     ram, rom = md.blocks
     with pytest.raises(SnapshotFormatError, match="metadata is damaged"):
-        fmt.decode_metadata(meta[:-1] + b"X", sb)
+        fmt.decode_metadata(meta[:-1] + b"X", sb, md.blocks)
+    refuse(replace(md, blocks=(ram,)), "1 block headers for 2 blocks")
+    refuse(replace(md, blocks=(ram, replace(rom, name="pc.ram"))), "two blocks are named")
     refuse(meta[:-3], "ends early")
     refuse(meta + b"??", "unexpected bytes after the metadata")
     refuse(replace(md, blocks=(replace(ram, bitmap_offset=sb.file_size), rom)),
@@ -147,6 +156,8 @@ def test_metadata_refusals() -> None:
            "not page-aligned")
     refuse(replace(md, blocks=(replace(ram, present_pages=10**6), rom)), "pages present of 1024")
     refuse(replace(md, blocks=(replace(ram, pages_offset=0), rom)), "overlaps the header")
+    refuse(replace(md, blocks=(ram, replace(rom, pages_offset=4096))),
+           "the pages of block 'rom' overlaps the header of block 'pc.ram'")
     area = sb.meta_offset - 100
     chunk = fmt.DeviceEntry("gpu", 0, ((area, 100),), bytes(32))
     refuse(replace(md, devices=(chunk, chunk)), "share an", n_devices=2)
@@ -156,3 +167,57 @@ def test_metadata_refusals() -> None:
     refuse(replace(md, devices=(replace(chunk, chunks=((0, 2 * MiB),)),)), "a chunk over", n_devices=1)
     bad_info = fmt.encode_metadata(md).replace(b'{"live": true}', b'["live", 1111]')
     refuse(bad_info, "not a JSON object")
+
+
+def test_block_header_bytes_and_round_trip() -> None:
+    sb, _, md = _snapshot()
+    rom = md.blocks[1]
+    data = fmt.encode_block_header(1, rom)
+    assert len(data) == fmt.BLOCK_HEADER_SIZE and data[368:] == bytes(512 - 368)
+    assert data[:8] == b"MFDBLOCK" and data[8:12] == b"\x01\x00\x00\x00"   # index 1, LE
+    assert data[12] == 3 and data[13:16] == b"rom" and data[16:268] == bytes(252)
+    assert struct.unpack_from("<IQQQQ", data, 268) == (0, rom.size, rom.bitmap_offset,
+                                                       rom.pages_offset, 3)
+    assert data[304:336] == BITMAP_DIGEST
+    assert data[336:368] == hashlib.sha256(data[:336]).digest()
+    assert fmt.decode_block_header(data, rom.header_offset, 1, sb) == rom
+
+
+def test_block_header_refusals() -> None:
+    sb, _, md = _snapshot()
+    ram = md.blocks[0]
+    at = ram.header_offset
+
+    def refuse(data: bytes, match: str, index: int = 0, file_size: int = sb.file_size) -> None:
+        with pytest.raises(SnapshotFormatError, match=match):
+            fmt.decode_block_header(data, at, index, replace(sb, file_size=file_size))
+
+    def signed(block: fmt.BlockEntry, index: int = 0) -> bytes:
+        return fmt.encode_block_header(index, block)
+
+    good = signed(ram)
+    refuse(good[:100], "header at 4096 lies outside the file")
+    refuse(bytes(512), "no block header at 4096")
+    refuse(good[:300] + b"\xff" + good[301:], "its header is damaged")
+    refuse(good, "says it is block 0, not 1", index=1)
+    body = bytearray(good[:336])
+    body[268] = 1  # the reserved field, re-signed
+    refuse(bytes(body) + hashlib.sha256(body).digest() + good[368:], "reserved field is 0x1")
+    refuse(signed(replace(ram, size=4097)), "not a positive number of pages")
+    refuse(signed(replace(ram, bitmap_offset=at + 1024)), "not right after its header")
+    refuse(signed(replace(ram, pages_offset=at + 4096 + 512)), "not page-aligned")
+    refuse(signed(replace(ram, pages_offset=at)), "overlap its bitmap")
+    refuse(signed(replace(ram, present_pages=1025)), "1025 pages present of 1024")
+    refuse(signed(replace(ram, size=1 << 40, pages_offset=64 * MiB)),
+           "the bitmap of block 'pc.ram' .* points outside")
+    refuse(good, "the pages of block 'pc.ram' .* points outside", file_size=2 * MiB)
+    with pytest.raises(SnapshotFormatError, match="no bitmap digest"):
+        fmt.encode_block_header(0, replace(ram, bitmap_digest=b""))
+
+
+def test_bitmap_is_checked_against_its_header() -> None:
+    bitmap = fmt.encode_bitmap(np.array([1, 0, 1] + [0] * 61, dtype=np.uint8))
+    block = fmt.BlockEntry("pc.ram", 64 * 4096, 4608, MiB, 2, hashlib.sha256(bitmap).digest())
+    assert fmt.check_bitmap(block, bitmap, 4096).tolist() == [0, 2]
+    with pytest.raises(SnapshotFormatError, match="bitmap of block 'pc.ram' is damaged"):
+        fmt.check_bitmap(block, b"\x01" + bitmap[1:], 4096)
