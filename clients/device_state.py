@@ -234,6 +234,15 @@ class _Stream:
     def name(self) -> str:
         return f"{self.device.idstr!r}/{self.device.instance_id}"
 
+    def loaded_one(self, data: bytes, busy: float, last: bool) -> None:
+        """Chunk `next` (`data`) was loaded, taking `busy` seconds; `last`: the config."""
+        with self.lock:
+            self.busy += busy
+            self.digest.update(data)
+            self.loaded += 1
+            self.next += 1
+            self.done = last
+
 
 class DeviceLoader:
     """Puts each device's chunks back in order and loads them on `pool`."""
@@ -314,12 +323,7 @@ class DeviceLoader:
                     stream.draining = False
                     stream.idle.notify_all()
                 raise
-            with stream.lock:
-                stream.busy += busy
-                stream.digest.update(data)
-                stream.loaded += 1
-                stream.next += 1
-                stream.done = last
+            stream.loaded_one(data, busy, last)
 
     def _drain_done(self, future: Future) -> None:
         error = future.exception()
@@ -343,13 +347,7 @@ class DeviceLoader:
             for index, data in enumerate(chunks):
                 self.latch.raise_if_failed()
                 last = index == count - 1
-                busy = _load_chunk(stream, index, data, last)
-                with stream.lock:
-                    stream.busy += busy
-                    stream.digest.update(data)
-                    stream.loaded += 1
-                    stream.next += 1
-                    stream.done = last
+                stream.loaded_one(data, _load_chunk(stream, index, data, last), last)
         except BaseException as error:
             self.latch.fail(error)  # before waking wait_loaded(), which would blame the stream
             raise

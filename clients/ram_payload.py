@@ -69,6 +69,17 @@ def zero_runs(words: np.ndarray, items: np.ndarray) -> list[tuple[int, int, bool
                     (~nonzero[starts]).tolist()))
 
 
+def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
+               slot: SendSlot) -> tuple[RamBlock, list[tuple[int, int, bool]]]:
+    """The slot's block, and its page runs split by zero-ness (`words`: per block,
+    for detection; None: every run counts as non-zero)."""
+    block = blocks[slot.a0]
+    items = slot.used_items()
+    if words is not None:
+        return block, zero_runs(words[block.index], items)
+    return block, [(first, count, False) for first, count in items.tolist()]
+
+
 class RamPagesSender:
     """Slot → RAM_PAGES header + payload buffers (views of guest RAM, or frames)."""
 
@@ -84,15 +95,11 @@ class RamPagesSender:
         self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
 
     def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
-        block = self.blocks[slot.a0]
-        items = slot.used_items()
-        if self.words is not None:
-            runs = zero_runs(self.words[block.index], items)
-        else:
-            runs = [(first, count, False) for first, count in items.tolist()]
+        block, runs = _slot_runs(self.blocks, self.words, slot)
         views = [block.page_view(first, count) for first, count, zero in runs if not zero]
         normal = sum(count for _, count, zero in runs if not zero)
         all_pages = sum(count for _, count, _ in runs)
+        frames: Sequence[Buffer]
         if self.compress and normal:
             frames = self._frames(views)
             payload_length = sum(len(frame) for frame in frames)
@@ -143,12 +150,7 @@ class RamPagesFileWriter:
         self.present = [present[bases[i]:bases[i + 1]] for i in range(len(self.blocks))]
 
     def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
-        block = self.blocks[slot.a0]
-        items = slot.used_items()
-        if self.words is not None:
-            runs = zero_runs(self.words[block.index], items)
-        else:
-            runs = [(first, count, False) for first, count in items.tolist()]
+        block, runs = _slot_runs(self.blocks, self.words, slot)
         present, base = self.present[block.index], self.offsets[block.index]
         plan = []
         normal = all_pages = 0

@@ -28,12 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import codecs
 from engine.errors import CancelledError, ConfigError, MigrationError
-from engine.migration import MigrationConfig
+from engine.migration import Migration, MigrationConfig
 from engine.stats import MigrationResult
 
 log = logging.getLogger("multifd.cli")
@@ -335,11 +335,13 @@ def cmd_listen(args: argparse.Namespace) -> int:
             ram.unlink()
 
 
-def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationResult:
+def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Migration]) -> MigrationResult:
+    """Run the synthetic guest and demo devices `args` describe, and the
+    operation ``operation(ram, guest, devices, config)`` builds on them, with
+    progress; SIGTERM cancels it (the guest is resumed, nothing is left)."""
     from clients.devices import demo_devices
     from clients.guest import SyntheticGuest, fill_ram
     from engine.shm import GuestRAM
-    from engine.source import SourceMigration
 
     config = _config(args)
     with GuestRAM.create([("pc.ram", args.ram)]) as ram:
@@ -349,14 +351,21 @@ def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationRe
         try:
             devices = demo_devices(args.devices, args.device_state,
                                    save_latency_s=args.device_save_latency / 1000)
-            source = SourceMigration(
-                ram, to, secret=secret, config=config, pause_guest=guest.pause,
-                resume_guest=guest.resume, dump_dir=args.dump_dir, devices=devices,
-            )
-            source.start()
-            return _wait_with_progress(source, _Progress(sys.stdout.isatty() and not args.json))
+            running = operation(ram, guest, devices, config)
+            signal.signal(signal.SIGTERM, lambda *_: running.cancel("terminated (SIGTERM)"))
+            running.start()
+            return _wait_with_progress(running, _Progress(sys.stdout.isatty() and not args.json))
         finally:
             guest.stop()
+
+
+def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationResult:
+    from engine.source import SourceMigration
+
+    return _run_with_guest(args, lambda ram, guest, devices, config: SourceMigration(
+        ram, to, secret=secret, config=config, pause_guest=guest.pause,
+        resume_guest=guest.resume, dump_dir=args.dump_dir, devices=devices,
+    ))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -398,27 +407,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from clients.devices import demo_devices
-    from clients.guest import SyntheticGuest, fill_ram
-    from engine.shm import GuestRAM
     from engine.snapshot import SnapshotSave
 
-    config = _config(args)
-    with GuestRAM.create([("pc.ram", args.ram)]) as ram:
-        fill_ram(ram, args.fill, args.zero_fraction)
-        guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
-        guest.start()
-        try:
-            devices = demo_devices(args.devices, args.device_state,
-                                   save_latency_s=args.device_save_latency / 1000)
-            save = SnapshotSave(ram, args.file, config=config, live=args.live, pause_guest=guest.pause,
-                                resume_guest=guest.resume, devices=devices, direct_io=args.direct_io,
-                                dump_dir=args.dump_dir)
-            signal.signal(signal.SIGTERM, lambda *_: save.cancel("terminated (SIGTERM)"))
-            save.start()
-            result = _wait_with_progress(save, _Progress(sys.stdout.isatty() and not args.json))
-        finally:
-            guest.stop()
+    result = _run_with_guest(args, lambda ram, guest, devices, config: SnapshotSave(
+        ram, args.file, config=config, live=args.live, pause_guest=guest.pause,
+        resume_guest=guest.resume, devices=devices, direct_io=args.direct_io, dump_dir=args.dump_dir,
+    ))
     _emit(args, result, {} if args.json else {"file": result.extra["path"]})
     return 0
 

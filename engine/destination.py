@@ -29,7 +29,7 @@ from typing import Literal, TypeVar
 from engine import codecs, packet
 from engine import message as wire
 from engine.channel import ChannelSpec, run_recv_channel
-from engine.device import DeviceLoading, DeviceReport, MigratableDevice, device_key
+from engine.device import DeviceLoading, DeviceReport, MigratableDevice, loading_devices
 from engine.errors import (
     ConfigError,
     HandshakeError,
@@ -100,11 +100,7 @@ class DestinationMigration(Migration):
         # RAM created here is zero; RAM handed in is only if the caller says so.
         self.ram_is_zeroed = ram_is_zeroed or ram is None
         self.accept_codecs = accept_codecs  # None: every codec this side has
-        self.devices = {device_key(device): device for device in devices}
-        if len(self.devices) != len(devices):
-            raise ConfigError("two devices share an (idstr, instance_id)")
-        if device_load not in ("parallel", "serial"):
-            raise ConfigError("device_load must be 'parallel' or 'serial'")
+        self.devices = loading_devices(devices, device_load)
         self.device_load = device_load
         self.max_device_buffer = max_device_buffer
         self._device_pool: WorkerPool | None = None

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from engine.errors import ConfigError
+
 if TYPE_CHECKING:
     from engine.channel import ControlMessage
     from engine.message import DeviceDone
@@ -68,6 +70,18 @@ class DeviceReport:
 
 def device_key(device: MigratableDevice) -> tuple[str, int]:
     return (device.idstr, device.instance_id)
+
+
+def loading_devices(devices: Sequence[MigratableDevice], device_load: str
+                    ) -> dict[tuple[str, int], MigratableDevice]:
+    """The devices a loading side was given, by key; ConfigError for a key given
+    twice or a device_load other than "parallel" or "serial"."""
+    keyed = {device_key(device): device for device in devices}
+    if len(keyed) != len(devices):
+        raise ConfigError("two devices share an (idstr, instance_id)")
+    if device_load not in ("parallel", "serial"):
+        raise ConfigError("device_load must be 'parallel' or 'serial'")
+    return keyed
 
 
 class DeviceSaving(Protocol):

@@ -25,7 +25,7 @@ from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.stats import StatsTracker
-from engine.sync import MigrationState
+from engine.sync import MigrationEvent, MigrationState
 
 log = logging.getLogger("multifd.source")
 
@@ -73,13 +73,30 @@ class SavingMigration(Migration):
             raise LocalProtocolError("the multifd core is used before setup")
         return self._core
 
-    def _ram_client(self) -> PrecopyClient:
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def _until_switchover(self, live: bool = True) -> tuple[float, float, PrecopyClient, float]:
+        """Set up, then precopy rounds until converged (none if not `live`).
+
+        Returns the start and setup-done times (perf_counter), the RAM client
+        for the final round, and the expected downtime (s) at switchover.
+        """
+        self._machine.fire(MigrationEvent.START)
+        t_start = time.perf_counter()
+        self._setup()
+        t_setup = time.perf_counter()
+        self._machine.fire(MigrationEvent.SETUP_DONE)
+        self._set_state("active")
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
         client: PrecopyClient = make_client(
             self.ram, self.core, RAM_CLIENT, self.config.packet_pages, self._progress
         )
-        return client
+        expected_s = self._precopy(client) if live else 0.0
+        self._machine.fire(MigrationEvent.SWITCHOVER)
+        self._set_state("switchover")
+        return t_start, t_setup, client, expected_s
 
     def _start_device_pool(self) -> None:
         if self.devices:

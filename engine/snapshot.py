@@ -37,7 +37,7 @@ from engine import message as wire
 from engine import packet
 from engine import snapshot_format as fmt
 from engine.channel import ChannelSpec, FileTarget, run_file_channel
-from engine.device import DeviceLoading, MigratableDevice, device_key
+from engine.device import DeviceLoading, MigratableDevice, device_key, loading_devices
 from engine.errors import ConfigError, LocalProtocolError
 from engine.migration import Migration, MigrationConfig
 from engine.multifd import MultifdSender
@@ -216,16 +216,7 @@ class SnapshotSave(SavingMigration):
         self.published: str | None = None
 
     def _run(self) -> MigrationResult:
-        self._machine.fire(MigrationEvent.START)
-        t_start = time.perf_counter()
-        self._setup()
-        t_setup = time.perf_counter()
-        self._machine.fire(MigrationEvent.SETUP_DONE)
-        self._set_state("active")
-        client = self._ram_client()
-        expected_s = self._precopy(client) if self.live else 0.0
-        self._machine.fire(MigrationEvent.SWITCHOVER)
-        self._set_state("switchover")
+        t_start, t_setup, client, expected_s = self._until_switchover(self.live)
         t_pause = self._pause()
         self._final_round(client)
         t_durable = time.perf_counter()
@@ -384,11 +375,7 @@ class SnapshotRestore(Migration):
         self.path = path
         self.ram = ram
         self._ram_is_zeroed = ram_is_zeroed or ram is None
-        self.devices = {device_key(device): device for device in devices}
-        if len(self.devices) != len(devices):
-            raise ConfigError("two devices share an (idstr, instance_id)")
-        if device_load not in ("parallel", "serial"):
-            raise ConfigError("device_load must be 'parallel' or 'serial'")
+        self.devices = loading_devices(devices, device_load)
         self.device_load = device_load
         self.resume_guest = resume_guest
         self.direct_io = direct_io

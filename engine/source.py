@@ -93,16 +93,7 @@ class SourceMigration(SavingMigration):
     # -- the phases --------------------------------------------------------
 
     def _run(self) -> MigrationResult:
-        self._machine.fire(MigrationEvent.START)
-        t_start = time.perf_counter()
-        self._setup()
-        t_setup = time.perf_counter()
-        self._machine.fire(MigrationEvent.SETUP_DONE)
-        self._set_state("active")
-        client = self._ram_client()
-        expected_downtime_s = self._precopy(client)
-        self._machine.fire(MigrationEvent.SWITCHOVER)
-        self._set_state("switchover")
+        t_start, t_setup, client, expected_downtime_s = self._until_switchover()
         resumed, t_pause, t_switchover_sent, t_complete, verify_ms = self._switchover(client)
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+
+import psutil
 
 from clients.guest import SyntheticGuest, fill_ram
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
+from engine.migration import Migration
 
 SECRET = b"multifd-test-secret"
 MiB = 1 << 20
@@ -58,3 +62,25 @@ def migrate(
 
 def same_memory(a: GuestRAM, b: GuestRAM) -> bool:
     return all(bytes(x.pages) == bytes(y.pages) for x, y in zip(a.blocks, b.blocks, strict=True))
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Poll `condition` until it holds; fail the test with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def in_round(operation: Migration, round_: int = 2) -> None:
+    """Wait until a running operation is in precopy round `round_` or later."""
+    def reached() -> bool:
+        stats = operation.stats()
+        return stats is not None and stats.round >= round_
+    wait_until(reached, f"round {round_}")
+
+
+def kill_a_channel(operation: Migration) -> None:
+    """SIGKILL one channel process of a running operation, once its channels serve."""
+    wait_until(operation.channel_pids, "the channel processes")
+    psutil.Process(operation.channel_pids()[0]).kill()

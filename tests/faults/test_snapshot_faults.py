@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import pytest
 
 from clients.devices import DemoDevice
@@ -30,7 +29,7 @@ from engine.errors import (
     SnapshotFormatError,
 )
 from engine.snapshot import SnapshotRestore, SnapshotSave
-from tests.harness import MiB, guest_ram, same_memory
+from tests.harness import MiB, guest_ram, in_round, kill_a_channel, same_memory
 
 NIC = ("nic", 0)
 # Rounds capped at 16 MiB/s over 4 MiB of RAM a guest dirties at 64 MiB/s: every
@@ -261,9 +260,7 @@ def test_cancel_during_a_live_save(tmp_path: Path) -> None:
         save = SnapshotSave(ram, str(path), live=True, config=NEVER_CONVERGES,
                             pause_guest=guest.pause, resume_guest=guest.resume)
         save.start()
-        deadline = time.monotonic() + 20
-        while (save.stats() is None or save.stats().round < 2) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        in_round(save)
         save.cancel("operator changed their mind")
         with pytest.raises(CancelledError, match="changed their mind"):
             save.wait(20)
@@ -277,10 +274,7 @@ def test_channel_killed_during_save(tmp_path: Path) -> None:
         save = SnapshotSave(ram, str(path), live=True, config=NEVER_CONVERGES,
                             pause_guest=guest.pause, resume_guest=guest.resume)
         save.start()
-        deadline = time.monotonic() + 20
-        while not save.channel_pids() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        psutil.Process(save.channel_pids()[0]).kill()
+        kill_a_channel(save)
         with pytest.raises(MigrationError, match="died|exit"):
             save.wait(20)
         _assert_running(guest, ram)

@@ -8,11 +8,9 @@ a pool that cannot serve (broken, too small, threads) is refused up front.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from clients.guest import SyntheticGuest
@@ -21,7 +19,7 @@ from engine.errors import CancelledError, ConfigError, DeviceStateError, Migrati
 from engine.pool import WorkerPool
 from engine.snapshot import SnapshotRestore, SnapshotSave
 from tests.faults.test_snapshot_faults import NIC, Recorder
-from tests.harness import SECRET, MiB, address, guest_ram, same_memory
+from tests.harness import SECRET, MiB, address, guest_ram, in_round, kill_a_channel, same_memory
 
 TWO = MigrationConfig(channels=2, packet_pages=64)
 
@@ -104,9 +102,7 @@ def test_failed_operations_leave_the_pool_usable(tmp_path: Path) -> None:
             source = SourceMigration(ram, destination.address, secret=SECRET, config=never,
                                      pause_guest=guest.pause, resume_guest=guest.resume, pool=pool)
             source.start()
-            deadline = time.monotonic() + 20
-            while (source.stats() is None or source.stats().round < 2) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            in_round(source)
             destination.cancel("the destination host is going down")
             with pytest.raises(CancelledError):
                 destination.wait(20)
@@ -135,10 +131,7 @@ def test_a_killed_channel_breaks_the_pool_and_the_next_operation_says_so(tmp_pat
         save = SnapshotSave(ram, str(tmp_path / "a.snap"), config=never, live=True,
                             pause_guest=guest.pause, resume_guest=guest.resume, pool=pool)
         save.start()
-        deadline = time.monotonic() + 20
-        while not save.channel_pids() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        psutil.Process(save.channel_pids()[0]).kill()
+        kill_a_channel(save)
         with pytest.raises(MigrationError, match="died|exit"):
             save.wait(20)
         assert not guest.paused
