@@ -518,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CancelledError as exc:
         _fail(args, "cancelled", exc)
         return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (`| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (MigrationError, OSError) as exc:
         _fail(args, "failed", exc)
         return 1
