@@ -154,7 +154,7 @@ class DeviceSaver:
 
 def _pieces(chunk: bytes) -> list[memoryview]:
     view = memoryview(chunk).cast("B")
-    return [view[at:at + CHUNK] for at in range(0, len(view), CHUNK)] or []
+    return [view[at:at + CHUNK] for at in range(0, len(view), CHUNK)]
 
 
 # ---------------------------------------------------------------------------

@@ -281,10 +281,6 @@ class SyntheticGuest:
             self._ctrl = None
         return report
 
-    def pid(self) -> int | None:
-        stats = self._pool.statistics() if self._pool is not None else None
-        return stats.worker_pids[0] if stats and stats.worker_pids else None
-
     def _command(self, command: bytes, timeout: float) -> None:
         if self._ctrl is None:
             raise MigrationError("the guest is not running")

@@ -60,7 +60,6 @@ class RamClient:
         self._on_packet = on_packet
         self._slot_pages = 0          # pages in the slot being filled
         self._packet_limit = packet_pages  # pages per packet in this round
-        self.pages_queued = 0
 
     # -- rounds ------------------------------------------------------------
 
@@ -156,7 +155,6 @@ class RamClient:
 
     def _filled(self, slot: SendSlot, n_pages: int) -> None:
         self._slot_pages += n_pages
-        self.pages_queued += n_pages
         if self._slot_pages >= self._packet_limit:
             self._send()
 

@@ -47,7 +47,7 @@ from engine.errors import (
     TransportClosedError,
     TransportError,
 )
-from engine.payload import ChannelContext, FilePlanner, payload_entry, payload_handlers
+from engine.payload import ChannelContext, FilePlanner, payload_entry
 from engine.pool import current_cancel_token
 from engine.shm import GuestRAM, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
@@ -148,7 +148,6 @@ class ChannelSpec:
     """Everything a channel process needs, by name: no page data, no objects."""
 
     channel_id: int
-    n_channels: int
     ram: RamHandle
     slots: SlotTableHandle | None
     packet_pages: int
@@ -398,7 +397,7 @@ class _SendChannel(_JobChannel):
 
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
         super().__init__(spec, ctrl, data)
-        self.senders = {kind: payload_handlers(kind)[0](self.ctx) for kind in spec.payload_kinds}
+        self.senders = {kind: payload_entry(kind).sender(self.ctx) for kind in spec.payload_kinds}
 
     def _job(self, slot: SendSlot, index: int) -> None:
         try:
@@ -524,7 +523,7 @@ class _RecvChannel(_Channel):
         return message
 
     def serve(self) -> ChannelReport:
-        receivers = {kind: payload_handlers(kind)[1](self.ctx) for kind in self.spec.payload_kinds}
+        receivers = {kind: payload_entry(kind).receiver(self.ctx) for kind in self.spec.payload_kinds}
         self.ready()
         while True:
             header, body = self._next_packet()

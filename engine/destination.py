@@ -183,7 +183,7 @@ class DestinationMigration(Migration):
             else:
                 block.dirty.mark(0, block.n_pages)
         spec = ChannelSpec(
-            channel_id=0, n_channels=config.channel_count, ram=self.ram.handle,
+            channel_id=0, ram=self.ram.handle,
             slots=self._slots.handle, packet_pages=config.packet_pages,
             codec=config.codec, zero_page_detection=config.zero_page_detection,
             delivery_slots=per_channel,

@@ -75,10 +75,10 @@ class ChannelLink:
         self.pid = 0              # the channel process's, once it said READY
         self._root_cause = root_cause  # what broke the pool, if it broke
 
-    def post(self, op: ControlOp, a: int = 0, b: int = 0, kind: int = 0) -> None:
+    def post(self, op: ControlOp, a: int = 0) -> None:
         """Send a control message; if the channel died, raise what killed it."""
         try:
-            post(self.ctrl, op, a, b, kind)
+            post(self.ctrl, op, a)
         except TransportClosedError as exc:
             raise self.exit_error() from exc
 
@@ -258,7 +258,6 @@ class MultifdSender:
         self._next = 0
         self._lock = threading.Lock()
         self.epoch = 1
-        self.packets_queued = 0
         self._queued_in_epoch = 0
         self._limiter = None if max_bandwidth is None else RateLimiter(
             max_bandwidth, lambda: int(slots.totals()[Counter.WIRE_BYTES]), latch
@@ -291,7 +290,6 @@ class MultifdSender:
             )
             self._busy[channel] = True
             self._links[channel].post(ControlOp.JOB, self._channel_slot[channel])
-            self.packets_queued += 1
             self._queued_in_epoch += 1
 
     def sync(self) -> int:
@@ -339,13 +337,6 @@ class MultifdSender:
                 self._handle,
                 "channels to finish",
             )
-
-    def idle(self) -> bool:
-        """True when no channel holds a job (drains pending notifications first)."""
-        with self._lock:
-            for link, message in self._pump.pump(0):
-                self._handle(link, message)
-            return not any(self._busy)
 
     def _wait_idle_channel(self) -> int:
         for link, message in self._pump.pump(0):

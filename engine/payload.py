@@ -161,8 +161,3 @@ def payload_entry(kind: int) -> PayloadEntry:
         return _PAYLOADS[kind]
     except KeyError:
         raise LocalProtocolError(f"no payload handler registered for kind {kind}") from None
-
-
-def payload_handlers(kind: int) -> tuple[SenderFactory, ReceiverFactory]:
-    entry = payload_entry(kind)
-    return entry.sender, entry.receiver

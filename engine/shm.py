@@ -111,8 +111,9 @@ class Segment:
         except OSError as exc:
             raise ConfigError(f"cannot attach shared memory {name!r}: {exc}") from exc
         try:
-            size = os.fstat(fd).st_size
-            if not stat.S_ISREG(os.fstat(fd).st_mode) or size == 0:
+            status = os.fstat(fd)
+            size = status.st_size
+            if not stat.S_ISREG(status.st_mode) or size == 0:
                 raise ConfigError(f"shared memory {name!r} is empty")
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
             mapping = mmap.mmap(fd, size, flags=flags)
@@ -176,10 +177,6 @@ class DirtyMap:
         """Mark the given page indices dirty (call after writing them)."""
         self._map[pages] = 1
 
-    def view(self, first_page: int, n_pages: int) -> np.ndarray:
-        """The entries of a page range, as a writable numpy view."""
-        return self._map[first_page:first_page + n_pages]
-
     def take_pages(self, pages: np.ndarray) -> np.ndarray:
         """Of the given page indices, those marked: return them and clear their marks."""
         marked = pages[self._map[pages].astype(bool)]
@@ -240,8 +237,7 @@ class RamBlock:
         self.n_pages = size // PAGE_SIZE
         self.segment = segment
         self.pages: memoryview = segment.buf[:size]
-        self._dirty_view = np.frombuffer(segment.buf, dtype=np.uint8, count=self.n_pages, offset=size)
-        self.dirty = DirtyMap(self._dirty_view)
+        self.dirty = DirtyMap(np.frombuffer(segment.buf, dtype=np.uint8, count=self.n_pages, offset=size))
 
     def page_view(self, first_page: int, n_pages: int = 1) -> memoryview:
         """A writable view of `n_pages` pages starting at `first_page` (no copy)."""
@@ -257,7 +253,6 @@ class RamBlock:
 
     def _release(self) -> None:
         self.pages.release()
-        del self._dirty_view
         self.dirty = DirtyMap(np.empty(0, dtype=np.uint8))
 
 

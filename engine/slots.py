@@ -118,13 +118,18 @@ class SendSlot:
         self._header["payload_length"] = 0
 
 
+def _slot_stride(max_items: int, payload_capacity: int) -> int:
+    """Bytes from one slot to the next: header, items, payload, aligned."""
+    return _align(_SLOT_HEADER + 8 * max_items + payload_capacity)
+
+
 class SlotTable:
     """The N + M slots and the per-channel counters, in one shared segment."""
 
     def __init__(self, segment: Segment, handle: SlotTableHandle) -> None:
         self.segment = segment
         self.handle = handle
-        slot_stride = _align(_SLOT_HEADER + 8 * handle.max_items + handle.payload_capacity)
+        slot_stride = _slot_stride(handle.max_items, handle.payload_capacity)
         buf = segment.buf
         self._slots = []
         for index in range(handle.n_slots):
@@ -143,8 +148,8 @@ class SlotTable:
 
     @staticmethod
     def _size(n_slots: int, max_items: int, payload_capacity: int, n_channels: int) -> int:
-        slot_stride = _align(_SLOT_HEADER + 8 * max_items + payload_capacity)
-        return _TABLE_HEADER + n_slots * slot_stride + n_channels * N_COUNTERS * 8
+        slots = n_slots * _slot_stride(max_items, payload_capacity)
+        return _TABLE_HEADER + slots + n_channels * N_COUNTERS * 8
 
     @classmethod
     def create(

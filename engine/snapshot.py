@@ -209,7 +209,6 @@ class SnapshotSave(SavingMigration):
         self.vmm_config = bytes(vmm_config)
         self.direct_io = direct_io
         self.layout = fmt.plan_layout(ram.layout, PAGE_SIZE)
-        self.snapshot_id = self.migration_id
         self._file: PositionalFile | None = None
         self._present: Segment | None = None
         self._devices_area: _DeviceArea | None = None
@@ -233,7 +232,7 @@ class SnapshotSave(SavingMigration):
         return MigrationResult(
             status="completed",
             role="save",
-            migration_id=str(self.snapshot_id),
+            migration_id=str(self.migration_id),
             ram_bytes=self.ram.size,
             channels=self.config.channels,
             total_time_s=t_end - t_start,
@@ -262,7 +261,7 @@ class SnapshotSave(SavingMigration):
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name, direct_io=self.direct_io)
         spec = ChannelSpec(
-            channel_id=0, n_channels=cfg.channels, ram=self.ram.handle, slots=self._slots.handle,
+            channel_id=0, ram=self.ram.handle, slots=self._slots.handle,
             packet_pages=cfg.packet_pages, zero_page_detection=cfg.zero_page_detection,
             payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target,
         )
@@ -319,7 +318,7 @@ class SnapshotSave(SavingMigration):
         flags = fmt.SnapshotFlags.LIVE if self.live else fmt.SnapshotFlags(0)
         superblock = fmt.Superblock(
             flags, PAGE_SIZE, len(blocks), len(self.devices), area.end, len(metadata),
-            area.end + len(metadata), time.time_ns(), self.snapshot_id,
+            area.end + len(metadata), time.time_ns(), self.migration_id,
             hashlib.sha256(metadata).digest(),
         )
         file.write_at(0, [fmt.encode_superblock(superblock)])
@@ -380,7 +379,6 @@ class SnapshotRestore(Migration):
         self.resume_guest = resume_guest
         self.direct_io = direct_io
         self.dump_dir = dump_dir
-        self.info: SnapshotInfo | None = None
         self._file: PositionalFile | None = None
         self._created_ram = False
         self._device_pool: WorkerPool | None = None
@@ -445,7 +443,6 @@ class SnapshotRestore(Migration):
         """Open and check the file, then match it to the guest: nothing loads before."""
         self._file = open_file(self.path, "read")
         info, present = _read_snapshot(self._file)
-        self.info = info
         saved = {(d.idstr, d.instance_id) for d in info.metadata.devices}
         for idstr, instance in sorted(saved - set(self.devices)):
             raise ConfigError(f"device {idstr!r}/{instance} is in the snapshot but was not given")
@@ -470,7 +467,7 @@ class SnapshotRestore(Migration):
         self.tracker.slots = self._slots
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             direct_io=self.direct_io)
-        spec = ChannelSpec(channel_id=0, n_channels=cfg.channels, ram=ram.handle,
+        spec = ChannelSpec(channel_id=0, ram=ram.handle,
                            slots=self._slots.handle, packet_pages=cfg.packet_pages,
                            payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target)
         self._start_channels(run_file_channel, [None] * cfg.channels, spec)

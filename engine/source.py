@@ -86,7 +86,6 @@ class SourceMigration(SavingMigration):
         self._helpers: WorkerPool | None = None
         self._resumed = Signal()
         self._pongs: dict[int, float] = {}
-        self._expect_close = False
         self._rtt_s = 0.0
         self._setup_deadline = 0.0
 
@@ -139,7 +138,7 @@ class SourceMigration(SavingMigration):
             raise HandshakeError(f"destination {self.to} answered with an unexpected hello")
         self._send_message(self._config_record())
         ack = self._read_setup_message(wire.ConfigAck)
-        if ack.status != 0:
+        if not ack.accepted:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
 
         # N channel slots + one for the RAM client + one per device save job,
@@ -164,7 +163,7 @@ class SourceMigration(SavingMigration):
                 data.close()
             raise
         spec = ChannelSpec(
-            channel_id=0, n_channels=cfg.channels, ram=self.ram.handle,
+            channel_id=0, ram=self.ram.handle,
             slots=self._slots.handle, packet_pages=cfg.packet_pages,
             codec=cfg.compression, codec_level=cfg.compression_level,
             zero_page_detection=cfg.zero_page_detection,
@@ -219,7 +218,6 @@ class SourceMigration(SavingMigration):
             self._send_message(wire.Digests(DIGEST_CHUNK, tuple(digests)))
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))
-        self._expect_close = True
         resumed = self._resumed.wait(self.latch, timeout=None)
         assert isinstance(resumed, wire.Resumed)
         self.core.wait_finished()
@@ -302,10 +300,10 @@ class SourceMigration(SavingMigration):
                         continue
                     data = conn.recv_some()
                     if not data:
-                        if not self._expect_close or not self._resumed.is_set():
-                            self.latch.fail(TransportClosedError(
-                                f"destination {self.to} closed the main channel"
-                            ))
+                        # RESUMED ends this reader, so a close before it is a failure.
+                        self.latch.fail(TransportClosedError(
+                            f"destination {self.to} closed the main channel"
+                        ))
                         return
                     decoder.receive_data(data)
                 elif isinstance(message, wire.Resumed):

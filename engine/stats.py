@@ -93,7 +93,6 @@ class StatsTracker:
         self.remaining_pages = 0
         self.dirty_rate = 0.0
         self.bandwidth = 0.0
-        self.downtime_limit_s = 0.0
         self._samples: deque[tuple[float, int]] = deque()
         self._frozen: dict[str, int] | None = None
         self._lock = threading.Lock()

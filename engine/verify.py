@@ -36,10 +36,10 @@ def _pieces(ram: GuestRAM, chunk: int) -> list[tuple[int, int, int]]:
     ]
 
 
-def ram_digests(ram: GuestRAM, chunk: int = DIGEST_CHUNK, workers: int | None = None) -> list[bytes]:
+def ram_digests(ram: GuestRAM, chunk: int = DIGEST_CHUNK) -> list[bytes]:
     """SHA-256 of every `chunk`-sized piece of every block, in block order."""
     pieces = _pieces(ram, chunk)
-    workers = workers or min(len(pieces), os.cpu_count() or 1)
+    workers = min(len(pieces), os.cpu_count() or 1)
     with WorkerPool("thread", max(1, workers), name="mfd-hash") as pool:
         futures = [
             pool.submit(_hash, ram.blocks[index].pages[start:end]) for index, start, end in pieces
