@@ -52,8 +52,18 @@ def _nonzero(rows: np.ndarray) -> np.ndarray:
     return np.asarray(np.bitwise_or.reduce(rows, axis=1) != 0)
 
 
+# A slot's page runs as arrays: first page, page count, and whether the run is zero.
+Runs = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def zero_runs(words: np.ndarray, items: np.ndarray) -> list[tuple[int, int, bool]]:
     """Split page runs ``items`` (first, count) into runs of zero / non-zero pages."""
+    firsts, counts, zero = _split_zero_runs(words, items)
+    return list(zip(firsts.tolist(), counts.tolist(), zero.tolist()))
+
+
+def _split_zero_runs(words: np.ndarray, items: np.ndarray) -> Runs:
+    """:func:`zero_runs` as arrays, for callers that work on whole arrays."""
     firsts, counts = items[:, 0].astype(np.int64), items[:, 1].astype(np.int64)
     if len(items) <= _FEW_RUNS:
         pages = np.concatenate([np.arange(f, f + c) for f, c in zip(firsts, counts)])
@@ -65,19 +75,36 @@ def zero_runs(words: np.ndarray, items: np.ndarray) -> list[tuple[int, int, bool
     breaks = np.flatnonzero((np.diff(pages) != 1) | (nonzero[1:] != nonzero[:-1])) + 1
     bounds = np.concatenate(([0], breaks, [pages.size]))
     starts = bounds[:-1]
-    return list(zip(pages[starts].tolist(), np.diff(bounds).tolist(),
-                    (~nonzero[starts]).tolist()))
+    return pages[starts], np.diff(bounds), ~nonzero[starts]
 
 
 def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
-               slot: SendSlot) -> tuple[RamBlock, list[tuple[int, int, bool]]]:
+               slot: SendSlot) -> tuple[RamBlock, Runs]:
     """The slot's block, and its page runs split by zero-ness (`words`: per block,
     for detection; None: every run counts as non-zero)."""
     block = blocks[slot.a0]
     items = slot.used_items()
     if words is not None:
-        return block, zero_runs(words[block.index], items)
-    return block, [(first, count, False) for first, count in items.tolist()]
+        return block, _split_zero_runs(words[block.index], items)
+    counts = items[:, 1].astype(np.int64)
+    return block, (items[:, 0].astype(np.int64), counts, np.zeros(counts.size, dtype=bool))
+
+
+def _data_views(block: RamBlock, runs: Runs) -> tuple[list[memoryview], int]:
+    """Views of the non-zero runs' pages, and how many pages they hold."""
+    firsts, counts, zero = runs
+    data_firsts, data_counts = firsts[~zero], counts[~zero]
+    views = [block.page_view(first, count)
+             for first, count in zip(data_firsts.tolist(), data_counts.tolist())]
+    return views, int(data_counts.sum())
+
+
+def _count_pages(ctx: ChannelContext, normal: int, total: int, payload_bytes: int) -> None:
+    """The channel's counters for one job: pages with data, zero pages, bytes."""
+    ctx.count(Counter.NORMAL_PAGES, normal)
+    ctx.count(Counter.ZERO_PAGES, total - normal)
+    ctx.count(Counter.GUEST_BYTES, total * PAGE_SIZE)
+    ctx.count(Counter.PAYLOAD_BYTES, payload_bytes)
 
 
 class RamPagesSender:
@@ -96,9 +123,7 @@ class RamPagesSender:
 
     def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
         block, runs = _slot_runs(self.blocks, self.words, slot)
-        views = [block.page_view(first, count) for first, count, zero in runs if not zero]
-        normal = sum(count for _, count, zero in runs if not zero)
-        all_pages = sum(count for _, count, _ in runs)
+        views, normal = _data_views(block, runs)
         frames: Sequence[Buffer]
         if self.compress and normal:
             frames = self._frames(views)
@@ -106,12 +131,11 @@ class RamPagesSender:
             codec = self.codec.wire_id
         else:
             frames, payload_length, codec = views, normal * PAGE_SIZE, 0
-        ctx = self.ctx
-        ctx.count(Counter.NORMAL_PAGES, normal)
-        ctx.count(Counter.ZERO_PAGES, all_pages - normal)
-        ctx.count(Counter.GUEST_BYTES, all_pages * PAGE_SIZE)
-        ctx.count(Counter.PAYLOAD_BYTES, payload_length)
-        header = packet.encode_ram_pages(sequence, block.index, codec, epoch, runs, payload_length)
+        firsts, counts, zero = runs
+        _count_pages(self.ctx, normal, int(counts.sum()), payload_length)
+        header = packet.encode_ram_pages(sequence, block.index, codec, epoch,
+                                         list(zip(firsts.tolist(), counts.tolist(), zero.tolist())),
+                                         payload_length)
         return [header, *frames]
 
     def _frames(self, views: list[memoryview]) -> list[Buffer]:
@@ -151,23 +175,15 @@ class RamPagesFileWriter:
 
     def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
         block, runs = _slot_runs(self.blocks, self.words, slot)
-        present, base = self.present[block.index], self.offsets[block.index]
-        plan = []
-        normal = all_pages = 0
-        for first, count, zero in runs:
-            # A page zero now is absent from the file, whatever an earlier round
-            # left at its place: restore leaves it zero.
-            present[first:first + count] = 0 if zero else 1
-            all_pages += count
-            if not zero:
-                plan.append((base + first * PAGE_SIZE, [block.page_view(first, count)]))
-                normal += count
-        ctx = self.ctx
-        ctx.count(Counter.NORMAL_PAGES, normal)
-        ctx.count(Counter.ZERO_PAGES, all_pages - normal)
-        ctx.count(Counter.GUEST_BYTES, all_pages * PAGE_SIZE)
-        ctx.count(Counter.PAYLOAD_BYTES, normal * PAGE_SIZE)
-        return plan
+        firsts, counts, zero = runs
+        # A page zero now is absent from the file, whatever an earlier round
+        # left at its place: restore leaves it zero.
+        self.present[block.index][_pages(firsts, counts)] = np.repeat(~zero, counts)
+        views, normal = _data_views(block, runs)
+        base = self.offsets[block.index]
+        _count_pages(self.ctx, normal, int(counts.sum()), normal * PAGE_SIZE)
+        return [(base + first * PAGE_SIZE, [view])
+                for first, view in zip(firsts[~zero].tolist(), views)]
 
 
 class RamPagesFileReader:
@@ -183,12 +199,11 @@ class RamPagesFileReader:
     def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
         block = self.blocks[slot.a0]
         base = self.offsets[block.index]
-        runs = slot.used_items().tolist()
-        pages = sum(count for _, count in runs)
-        self.ctx.count(Counter.NORMAL_PAGES, pages)
-        self.ctx.count(Counter.GUEST_BYTES, pages * PAGE_SIZE)
-        self.ctx.count(Counter.PAYLOAD_BYTES, pages * PAGE_SIZE)
-        return [(base + first * PAGE_SIZE, [block.page_view(first, count)]) for first, count in runs]
+        items = slot.used_items()
+        pages = int(items[:, 1].sum())
+        _count_pages(self.ctx, pages, pages, pages * PAGE_SIZE)
+        return [(base + first * PAGE_SIZE, [block.page_view(first, count)])
+                for first, count in items.tolist()]
 
 
 class RamPagesReceiver:
@@ -218,12 +233,8 @@ class RamPagesReceiver:
             conn.recv_into_buffers(views)
         else:
             self._receive_frames(conn, views, header.payload_length)
-        _place_marks(block, body)
-        ctx = self.ctx
-        ctx.count(Counter.NORMAL_PAGES, pages.normal_pages)
-        ctx.count(Counter.ZERO_PAGES, pages.n_pages - pages.normal_pages)
-        ctx.count(Counter.GUEST_BYTES, pages.n_pages * PAGE_SIZE)
-        ctx.count(Counter.PAYLOAD_BYTES, header.payload_length)
+        normal, total = _place_marks(block, body)
+        _count_pages(self.ctx, normal, total, header.payload_length)
 
     def _receive_frames(self, conn: Connection, views: list[memoryview], payload_length: int) -> None:
         consumed = 0
@@ -238,7 +249,7 @@ class RamPagesReceiver:
                 continue
             packed = memoryview(self._frame)[:length]
             conn.recv_into_buffers([packed])
-            pages = self.codec.decompress(packed, size)  # exactly `size` bytes, or an error
+            pages = memoryview(self.codec.decompress(packed, size))  # exactly `size` bytes, or an error
             at = 0
             for view in frame:
                 view[:] = pages[at:at + view.nbytes]
@@ -276,17 +287,18 @@ def _pages(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.arange(int(counts.sum())) - offsets + np.repeat(firsts, counts)
 
 
-def _place_marks(block: RamBlock, body: bytes) -> None:
+def _place_marks(block: RamBlock, body: bytes) -> tuple[int, int]:
     """After a packet landed: zero its ZERO pages where they may hold data, and
     mark its other pages as holding data.  One numpy pass over the run table
     (already validated by the codec), not a Python step per run: a zero-heavy
-    packet has hundreds of runs."""
+    packet has hundreds of runs.  Returns the pages with data, and all pages."""
     runs = np.frombuffer(body, dtype=_RUN_DTYPE, offset=_RUNS_AT)
     firsts, counts = runs["first"].astype(np.int64), runs["count"].astype(np.int64)
     zero = (runs["flags"] & packet.RunFlags.ZERO) != 0
     if zero.any():
         stale = block.dirty.take_pages(_pages(firsts[zero], counts[zero]))
         if stale.size:
-            np.frombuffer(block.pages, dtype=np.uint8).reshape(block.n_pages, PAGE_SIZE)[stale] = 0
+            block.array()[stale] = 0
     if not zero.all():
         block.dirty.mark_pages(_pages(firsts[~zero], counts[~zero]))
+    return int(counts[~zero].sum()), int(counts.sum())

@@ -630,7 +630,8 @@ class MessageDecoder(StreamBuffer):
         end = MESSAGE_HEADER_SIZE + body_length
         if len(buffer) < end:
             return self._need_data()
-        body = _Reader(bytes(buffer[MESSAGE_HEADER_SIZE:end]), message_type.name)
+        with memoryview(buffer) as view:  # one copy of the body, not two
+            body = _Reader(view[MESSAGE_HEADER_SIZE:end].tobytes(), message_type.name)
         del buffer[:end]
         self._header = None
         message = _DECODERS[message_type](body)
