@@ -27,7 +27,7 @@ from engine.errors import ConfigError, TransportBrokenError, TransportClosedErro
 
 Buffer = bytes | bytearray | memoryview
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 # Bytes per sendmsg call.  Measured over loopback, one stream from shared memory
@@ -47,20 +47,27 @@ def _flat(buffer: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _batch(views: list[memoryview], start: int) -> list[memoryview]:
-    """The IOVs of the next sendmsg: from views[start], at most SEND_STEP bytes."""
-    batch: list[memoryview] = []
+def flat_views(buffers: Sequence[Buffer]) -> list[memoryview]:
+    """Flat byte views of the non-empty `buffers`, for scatter/gather calls."""
+    views = [_flat(buffer) for buffer in buffers]
+    return [view for view in views if view.nbytes]
+
+
+def batch(views: list[memoryview], start: int, step: int = SEND_STEP) -> list[memoryview]:
+    """The IOVs of the next vectored call: from views[start], at most `step` bytes
+    and IOV_MAX buffers."""
+    iovs: list[memoryview] = []
     size = 0
-    for view in views[start:start + _IOV_MAX]:
-        take = min(view.nbytes, SEND_STEP - size)
-        batch.append(view if take == view.nbytes else view[:take])
+    for view in views[start:start + IOV_MAX]:
+        take = min(view.nbytes, step - size)
+        iovs.append(view if take == view.nbytes else view[:take])
         size += take
-        if size >= SEND_STEP:
+        if size >= step:
             break
-    return batch
+    return iovs
 
 
-def _advance(views: list[memoryview], start: int, done: int) -> int:
+def advance(views: list[memoryview], start: int, done: int) -> int:
     """Account for `done` bytes moved from views[start:]: skip the buffers they
     filled, trim the one they ended in.  Returns the new start."""
     while done and start < len(views):
@@ -107,13 +114,12 @@ class Connection:
 
         Each ``sendmsg`` carries at most :data:`SEND_STEP` bytes (see there).
         """
-        views = [_flat(b) for b in buffers if len(b)]
+        views = flat_views(buffers)
         total = sum(v.nbytes for v in views)
         start = 0
         try:
             while start < len(views):
-                batch = _batch(views, start)
-                start = _advance(views, start, self.sock.sendmsg(batch))
+                start = advance(views, start, self.sock.sendmsg(batch(views, start)))
         except OSError as exc:
             raise _broken(exc, f"send to {self.peer}") from exc
         return total
@@ -134,10 +140,10 @@ class Connection:
         start = 0
         try:
             while start < len(views):
-                got = self.sock.recvmsg_into(views[start:start + _IOV_MAX])[0]
+                got = self.sock.recvmsg_into(views[start:start + IOV_MAX])[0]
                 if got == 0:
                     raise TransportClosedError(f"{self.peer} closed the connection mid-packet")
-                start = _advance(views, start, got)
+                start = advance(views, start, got)
         except OSError as exc:
             raise _broken(exc, f"receive from {self.peer}") from exc
         return total

@@ -27,44 +27,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 from engine.errors import SnapshotError, SnapshotFormatError
-from engine.transport import Buffer
+from engine.transport import Buffer, advance, batch, flat_views
 
 Mode = Literal["create", "write", "read"]
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _STEP = 64 << 20  # bytes per call at most: keeps one call's pinned pages bounded
-
-
-def _views(buffers: Sequence[Buffer]) -> list[memoryview]:
-    views = []
-    for buffer in buffers:
-        view = memoryview(buffer)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if view.nbytes:
-            views.append(view)
-    return views
-
-
-def _batch(views: list[memoryview], start: int) -> list[memoryview]:
-    batch, size = [], 0
-    for view in views[start:start + _IOV_MAX]:
-        batch.append(view)
-        size += view.nbytes
-        if size >= _STEP:
-            break
-    return batch
-
-
-def _advance(views: list[memoryview], start: int, done: int) -> int:
-    while done and start < len(views):
-        if done >= views[start].nbytes:
-            done -= views[start].nbytes
-            start += 1
-        else:
-            views[start] = views[start][done:]
-            done = 0
-    return start
 
 
 class SnapshotFile:
@@ -84,14 +51,14 @@ class SnapshotFile:
 
     def write_at(self, offset: int, buffers: Sequence[Buffer]) -> int:
         """Write every byte of `buffers`, in order, from file offset `offset`."""
-        views = _views(buffers)
+        views = flat_views(buffers)
         total = sum(v.nbytes for v in views)
         start = 0
         try:
             while start < len(views):
-                done = os.pwritev(self.fd, _batch(views, start), offset)
+                done = os.pwritev(self.fd, batch(views, start, _STEP), offset)
                 offset += done
-                start = _advance(views, start, done)
+                start = advance(views, start, done)
         except OSError as exc:
             raise self._error(exc, "write") from exc
         return total
@@ -99,16 +66,16 @@ class SnapshotFile:
     def read_into(self, offset: int, buffers: Sequence[Buffer]) -> int:
         """Fill every buffer from file offset `offset`.  A file that ends first is
         a truncated snapshot (SnapshotFormatError)."""
-        views = _views(buffers)
+        views = flat_views(buffers)
         total = sum(v.nbytes for v in views)
         start = 0
         try:
             while start < len(views):
-                done = os.preadv(self.fd, _batch(views, start), offset)
+                done = os.preadv(self.fd, batch(views, start, _STEP), offset)
                 if done == 0:
                     raise SnapshotFormatError(f"{self.path} ends at {offset}: truncated")
                 offset += done
-                start = _advance(views, start, done)
+                start = advance(views, start, done)
         except OSError as exc:
             raise self._error(exc, "read") from exc
         return total
