@@ -40,7 +40,6 @@ from engine.errors import (
 )
 from engine.migration import Migration, MigrationConfig
 from engine.multifd import MultifdReceiver
-from engine.payload import payload_entry
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
@@ -103,7 +102,6 @@ class DestinationMigration(Migration):
         self.devices = loading_devices(devices, device_load)
         self.device_load = device_load
         self.max_device_buffer = max_device_buffer
-        self._device_pool: WorkerPool | None = None
         self._loader: DeviceLoading | None = None
         self.device_reports: list[DeviceReport] = []
         self._listener = listen(address)
@@ -203,12 +201,8 @@ class DestinationMigration(Migration):
     def _start_device_loader(self, devices: list[MigratableDevice]) -> None:
         """Chunks delivered by the channels go to the device-state client's loader."""
         assert self._receiver is not None and self._slots is not None
-        workers = len(devices) if self.device_load == "parallel" else 1
-        self._device_pool = WorkerPool("thread", workers, name="mfd-dst-devices")
-        make_loader = payload_entry(packet.PacketKind.DEVICE_STATE).sink
-        assert make_loader is not None
-        self._loader = make_loader(devices, self._slots, self._device_pool, self.latch,
-                                   self.max_device_buffer)
+        self._loader = self._device_loader(devices, self.device_load, self._slots,
+                                           self.max_device_buffer)
         self._receiver.on_delivery(packet.PacketKind.DEVICE_STATE, self._loader.on_delivered)
 
     def _check_config(self, config: wire.Config, hello: packet.ChannelHello) -> str:
@@ -408,10 +402,6 @@ class DestinationMigration(Migration):
 
     def _teardown(self) -> None:
         super()._teardown()
-        if self._device_pool is not None:
-            failed = self._machine.state is not MigrationState.COMPLETED
-            self._step("stop the device loads", self._device_pool.shutdown, wait=True, cancel=failed)
-            self._device_pool = None
         self._step("stop listening", self._listener.close)
         failed = self._machine.state is not MigrationState.COMPLETED
         if failed and self._owns_ram and self.ram is not None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from engine import codecs, packet
 from engine import message as wire
 from engine.channel import ChannelSpec, ControlOp, control_pair, read_control, run_contained
+from engine.device import DeviceLoading, MigratableDevice
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -41,6 +42,7 @@ from engine.errors import (
     TransportError,
 )
 from engine.multifd import ChannelLink, channel_error, root_cause, shutdown_links
+from engine.payload import payload_entry
 from engine.pool import WorkerPool
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
@@ -125,6 +127,7 @@ class Migration:
         # each migration starts (and stops) its channel processes itself.
         self._shared_pool = pool
         self._pool: WorkerPool | None = None
+        self._device_pool: WorkerPool | None = None  # threads for device save/load jobs
         self._runner: WorkerPool | None = None
         self._run_future: Future | None = None
         self._links: list[ChannelLink] = []
@@ -250,6 +253,22 @@ class Migration:
             link = ChannelLink(channel_id, main_end, conn, future, root_cause=self._pool_broken_by)
             self._links.append(link)
             future.add_done_callback(self._channel_done)
+
+    def _open_device_pool(self, workers: int) -> WorkerPool:
+        """The thread pool for this operation's device save or load jobs (devices
+        are objects of this process); stopped by teardown."""
+        self._device_pool = WorkerPool("thread", workers, name=f"mfd-{self.role}-devices")
+        return self._device_pool
+
+    def _device_loader(self, devices: Sequence[MigratableDevice], device_load: str,
+                       slots: SlotTable | None, *extra: Any) -> DeviceLoading:
+        """The device-state client's loader for `devices`, on a device pool of one
+        worker per device ("parallel") or one in all ("serial")."""
+        make_loader = payload_entry(packet.PacketKind.DEVICE_STATE).sink
+        assert make_loader is not None
+        pool = self._open_device_pool(len(devices) if device_load == "parallel" else 1)
+        loader: DeviceLoading = make_loader(devices, slots, pool, self.latch, *extra)
+        return loader
 
     @staticmethod
     def _check_shared_pool(pool: WorkerPool, channels: int) -> WorkerPool:
@@ -402,6 +421,10 @@ class Migration:
         if self._conn is not None:
             self._step("close the main channel", self._conn.close)
             self._conn = None
+        if self._device_pool is not None:
+            self._step("stop the device jobs", self._device_pool.shutdown, wait=True,
+                       cancel=self._machine.state is not MigrationState.COMPLETED)
+            self._device_pool = None
 
     @staticmethod
     def _step(what: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:

@@ -25,7 +25,7 @@ from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.stats import StatsTracker
-from engine.sync import MigrationEvent, MigrationState
+from engine.sync import MigrationEvent
 
 log = logging.getLogger("multifd.source")
 
@@ -62,7 +62,6 @@ class SavingMigration(Migration):
         self._pause_guest = pause_guest
         self._resume_guest = resume_guest
         self._paused = False
-        self._device_pool: WorkerPool | None = None
         self._core: MultifdSender | None = None
         self._last_progress = 0.0
 
@@ -100,7 +99,7 @@ class SavingMigration(Migration):
 
     def _start_device_pool(self) -> None:
         if self.devices:
-            self._device_pool = WorkerPool("thread", len(self.devices), name=f"mfd-{self.role}-devices")
+            self._open_device_pool(len(self.devices))
 
     def _pause(self) -> float:
         """Pause the guest; returns when (perf_counter) it was paused."""
@@ -180,9 +179,3 @@ class SavingMigration(Migration):
                 except Exception:
                     log.exception("resuming the guest after a failed %s failed", self.role)
 
-    def _teardown(self) -> None:
-        super()._teardown()
-        if self._device_pool is not None:
-            failed = self._machine.state is not MigrationState.COMPLETED
-            self._step("stop the device save jobs", self._device_pool.shutdown, wait=True, cancel=failed)
-            self._device_pool = None

@@ -381,7 +381,6 @@ class SnapshotRestore(Migration):
         self.dump_dir = dump_dir
         self._file: PositionalFile | None = None
         self._created_ram = False
-        self._device_pool: WorkerPool | None = None
         self._core: MultifdSender | None = None
 
     def _run(self) -> MigrationResult:
@@ -491,12 +490,8 @@ class SnapshotRestore(Migration):
         entries = info.metadata.devices
         if not entries:
             return None, []
-        make_loader = payload_entry(packet.PacketKind.DEVICE_STATE).sink
-        assert make_loader is not None and self._file is not None
-        workers = len(entries) if self.device_load == "parallel" else 1
-        self._device_pool = WorkerPool("thread", workers, name="mfd-restore-devices")
         devices = [self.devices[(e.idstr, e.instance_id)] for e in entries]
-        loader: DeviceLoading = make_loader(devices, None, self._device_pool, self.latch)
+        loader = self._device_loader(devices, self.device_load, None)
         loader.load_saved([self._chunks(entry) for entry in entries], [len(e.chunks) for e in entries])
         expected = [wire.DeviceDone(len(e.chunks), e.size, e.digest) for e in entries]
         return loader, expected
@@ -509,10 +504,6 @@ class SnapshotRestore(Migration):
 
     def _teardown(self) -> None:
         super()._teardown()
-        if self._device_pool is not None:
-            failed = self.result is None
-            self._step("stop the device loads", self._device_pool.shutdown, wait=True, cancel=failed)
-            self._device_pool = None
         if self._file is not None:
             self._step("close the snapshot file", self._file.close)
             self._file = None
