@@ -190,7 +190,6 @@ class DestinationMigration(Migration):
             + ((packet.PacketKind.DEVICE_STATE,) if devices else ()),
         )
         self._start_channels(run_recv_channel, conns, spec)
-        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
         self._listener.close()  # every channel joined: nobody else may connect
         self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s)
         if devices:

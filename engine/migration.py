@@ -226,7 +226,8 @@ class Migration:
         self, target: Callable[..., Any], conns: Sequence[Connection | None], spec: ChannelSpec
     ) -> None:
         """Run one channel process per connection (None: a file channel, no socket)
-        on the process pool: the VMM's shared one, or one of our own."""
+        on the process pool: the VMM's shared one, or one of our own; returns once
+        every channel is serving (READY)."""
         cfg = self.config
         if self._shared_pool is not None:
             self._pool = self._check_shared_pool(self._shared_pool, len(conns))
@@ -253,6 +254,7 @@ class Migration:
             link = ChannelLink(channel_id, main_end, conn, future, root_cause=self._pool_broken_by)
             self._links.append(link)
             future.add_done_callback(self._channel_done)
+        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
 
     def _open_device_pool(self, workers: int) -> WorkerPool:
         """The thread pool for this operation's device save or load jobs (devices

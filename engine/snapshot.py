@@ -254,23 +254,10 @@ class SnapshotSave(SavingMigration):
         if self.direct_io:
             open_file(self._file.path, "write", direct_io=True).close()  # fails here if unsupported
         self._present = Segment.create(self.ram.n_pages)  # fresh: all absent
-        self._slots = SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
-                                       payload_capacity=0, n_channels=cfg.channels)
-        assert self.tracker is not None
-        self.tracker.slots = self._slots
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name, direct_io=self.direct_io)
-        spec = ChannelSpec(
-            channel_id=0, ram=self.ram.handle, slots=self._slots.handle,
-            packet_pages=cfg.packet_pages, zero_page_detection=cfg.zero_page_detection,
-            payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target,
-        )
-        self._start_channels(run_file_channel, [None] * cfg.channels, spec)
-        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
-        self._core = MultifdSender(
-            self._links, self._slots, n_clients=1, latch=self.latch, marker=lambda epoch: None,
-            stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
-        )
+        self._core = _start_file_channels(self, self.ram, target, zero_page_detection=cfg.zero_page_detection,
+                                          max_bandwidth=cfg.max_bandwidth)
         self._start_device_pool()
         self._devices_area = _DeviceArea(self._file, self.layout.device_area, len(self.devices))
 
@@ -456,23 +443,14 @@ class SnapshotRestore(Migration):
         return info, present
 
     def _setup(self, info: SnapshotInfo, present: list[np.ndarray]) -> None:
-        cfg, ram = self.config, self.ram
+        ram = self.ram
         assert ram is not None
         if not self._ram_is_zeroed:
             self._zero_absent(present)
         self.tracker = StatsTracker(ram.size, PAGE_SIZE)
-        self._slots = SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
-                                       payload_capacity=0, n_channels=cfg.channels)
-        self.tracker.slots = self._slots
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             direct_io=self.direct_io)
-        spec = ChannelSpec(channel_id=0, ram=ram.handle,
-                           slots=self._slots.handle, packet_pages=cfg.packet_pages,
-                           payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target)
-        self._start_channels(run_file_channel, [None] * cfg.channels, spec)
-        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
-        self._core = MultifdSender(self._links, self._slots, n_clients=1, latch=self.latch,
-                                   marker=lambda epoch: None, stall_timeout=cfg.stall_timeout_s)
+        self._core = _start_file_channels(self, ram, target)
 
     def _zero_absent(self, present: list[np.ndarray]) -> None:
         """RAM that held something: zero the pages the snapshot does not hold."""
@@ -512,6 +490,25 @@ class SnapshotRestore(Migration):
             self._step("close the RAM", self.ram.close)
             self._step("unlink the RAM", self.ram.unlink)
             self.ram = None
+
+
+def _start_file_channels(operation: Migration, ram: GuestRAM, target: FileTarget, *,
+                         zero_page_detection: bool = False,
+                         max_bandwidth: float | None = None) -> MultifdSender:
+    """A save's or restore's N file channels on `target`, serving; the multifd core
+    that drives them with RAM slots (no payload: a slot only names pages)."""
+    cfg = operation.config
+    slots = operation._slots = SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
+                                                payload_capacity=0, n_channels=cfg.channels)
+    assert operation.tracker is not None
+    operation.tracker.slots = slots
+    spec = ChannelSpec(channel_id=0, ram=ram.handle, slots=slots.handle, packet_pages=cfg.packet_pages,
+                       zero_page_detection=zero_page_detection,
+                       payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target)
+    operation._start_channels(run_file_channel, [None] * cfg.channels, spec)
+    return MultifdSender(operation._links, slots, n_clients=1, latch=operation.latch,
+                         marker=lambda epoch: None, stall_timeout=cfg.stall_timeout_s,
+                         max_bandwidth=max_bandwidth)
 
 
 def _describe(layout: Sequence[tuple[str, int]]) -> str:

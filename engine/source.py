@@ -170,7 +170,6 @@ class SourceMigration(SavingMigration):
             payload_kinds=self._payload_kinds(), devices=self._device_table(),
         )
         self._start_channels(run_send_channel, conns, spec)
-        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
         self._read_setup_message(wire.ChannelsReady)
         self._rtt_s = self._measure_rtt()
