@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from engine import packet
 from engine.errors import (
@@ -80,6 +80,8 @@ class ControlOp(IntEnum):
 
 
 # op (1) | payload kind (1) | reserved (2) | a (4) | b (8)
+T = TypeVar("T")
+
 _CONTROL = struct.Struct(">BBHIQ")
 CONTROL_SIZE = _CONTROL.size
 
@@ -364,6 +366,14 @@ class _JobChannel(_Channel):
     def _job(self, slot: SendSlot, index: int) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def _handler(handlers: dict[int, T], slot: SendSlot) -> T:
+        """The handler of the slot's payload kind, among those this channel serves."""
+        try:
+            return handlers[slot.kind]
+        except KeyError:
+            raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
+
     def _sync(self, epoch: int) -> None:
         raise NotImplementedError
 
@@ -400,10 +410,7 @@ class _SendChannel(_JobChannel):
         self.senders = {kind: payload_entry(kind).sender(self.ctx) for kind in spec.payload_kinds}
 
     def _job(self, slot: SendSlot, index: int) -> None:
-        try:
-            sender = self.senders[slot.kind]
-        except KeyError:
-            raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
+        sender = self._handler(self.senders, slot)
         buffers = sender.prepare(slot, self.sequence, self.epoch)
         if not sender.holds_slot:
             # The buffers no longer need the slot: hand it back now, so the
@@ -446,24 +453,20 @@ class _FileChannel(_JobChannel):
             present = Segment.attach(target.present)
             self._stack.callback(present.close)
             self.ctx.present = present.buf
-        self.writing = target.mode == "write"
+        writing = target.mode == "write"
+        self._move = self.file.write_at if writing else self.file.read_into
         self.planners: dict[int, FilePlanner] = {}
         for kind in spec.payload_kinds:
             entry = payload_entry(kind)
-            factory = entry.file_writer if self.writing else entry.file_reader
+            factory = entry.file_writer if writing else entry.file_reader
             if factory is None:
                 raise LocalProtocolError(f"payload kind {kind} cannot be saved to a file")
             self.planners[kind] = factory(self.ctx)
 
     def _job(self, slot: SendSlot, index: int) -> None:
-        try:
-            planner = self.planners[slot.kind]
-        except KeyError:
-            raise LocalProtocolError(f"slot of unknown payload kind {slot.kind}") from None
-        plan = planner.plan(slot)
+        plan = self._handler(self.planners, slot).plan(slot)
         _hand_back(slot, self.ctrl, index)  # the plan holds views of guest RAM, not the slot
-        move = self.file.write_at if self.writing else self.file.read_into
-        moved = sum(move(offset, views) for offset, views in plan)
+        moved = sum(self._move(offset, views) for offset, views in plan)
         self.ctx.count(Counter.WIRE_BYTES, moved)
 
     def _sync(self, epoch: int) -> None:

@@ -339,23 +339,14 @@ class MultifdSender:
             )
 
     def _wait_idle_channel(self) -> int:
+        """The next idle channel, round-robin (draining pending notifications first)."""
         for link, message in self._pump.pump(0):
             self._handle(link, message)
-        while True:
-            n = len(self._links)
-            for step in range(n):
-                channel = (self._next + step) % n
-                if not self._busy[channel]:
-                    self._next = channel + 1
-                    return channel
-            messages = self._pump.pump(self._pump.stall_timeout)
-            if not messages:
-                self._pump.latch.fail(TransportBrokenError(
-                    f"no multifd channel became idle for {self._pump.stall_timeout:.0f} s"
-                ))
-                self._pump.latch.raise_if_failed()
-            for link, message in messages:
-                self._handle(link, message)
+        self._pump.pump_until(lambda: not all(self._busy), self._handle, "an idle channel")
+        n = len(self._links)
+        channel = next(c % n for c in range(self._next, self._next + n) if not self._busy[c % n])
+        self._next = channel + 1
+        return channel
 
     def _handle(self, link: ChannelLink, message: ControlMessage, expect_epoch: int = 0) -> None:
         channel = link.channel_id
