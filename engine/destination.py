@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from typing import Literal
 
 from engine import codecs, packet
 from engine import message as wire
@@ -53,8 +53,6 @@ log = logging.getLogger("multifd.destination")
 # Slots per channel for handing device chunks to this process (engine/channel.py
 # Deliveries): one being filled while the main process copies the other out.
 DELIVERY_SLOTS = 2
-
-M = TypeVar("M")
 
 
 class DestinationMigration(Migration):
@@ -148,7 +146,7 @@ class DestinationMigration(Migration):
             packet.HelloRole.MAIN_REPLY, hello.migration_id, 0, hello.channel_count, self.secret,
             peer_nonce=hello.nonce,
         ))
-        config = self._read_message(wire.Config, cfg.handshake_timeout_s)
+        config = self._read_message(wire.Config, time.monotonic() + cfg.handshake_timeout_s)
         refusal = self._check_config(config, hello)
         if refusal:
             self._send_message(wire.ConfigAck(1, refusal))
@@ -380,24 +378,6 @@ class DestinationMigration(Migration):
         log.warning("refused a connection from %s: %s", conn.peer, why)
         self.refused.append(why)
         conn.close()
-
-    def _read_message(self, expected: type[M], timeout: float | None = None) -> M:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            message = self._main_decoder.next_message()
-            if message is packet.NEED_DATA:
-                data = self._read_main(deadline)
-                if not data:
-                    raise TransportClosedError("the source closed the main channel")
-                self._main_decoder.receive_data(data)
-                continue
-            if isinstance(message, wire.Abort):
-                raise self._peer_error(message)
-            if not isinstance(message, expected):
-                raise RemoteProtocolError(
-                    f"expected {expected.__name__} from the source, got {type(message).__name__}"
-                )
-            return message
 
     def _teardown(self) -> None:
         super()._teardown()

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from engine import codecs, packet
 from engine import message as wire
@@ -37,6 +37,7 @@ from engine.errors import (
     LocalProtocolError,
     MigrationError,
     PoolError,
+    RemoteProtocolError,
     TransportBrokenError,
     TransportClosedError,
     TransportError,
@@ -50,6 +51,8 @@ from engine.sync import FailureLatch, MigrationEvent, MigrationState, StateMachi
 from engine.transport import Connection
 
 log = logging.getLogger("multifd.migration")
+
+M = TypeVar("M")
 
 
 @dataclass(frozen=True)
@@ -362,6 +365,28 @@ class Migration:
         return reports
 
     peer = "peer"
+
+    def _read_message(self, expected: type[M], deadline: float | None = None) -> M:
+        """The peer's next main-channel message, which must be an `expected`
+        (an ABORT raises the peer's error).  Waits until `deadline` (monotonic)."""
+        while True:
+            message = self._main_decoder.next_message()
+            if message is packet.NEED_DATA:
+                data = self._read_main(deadline)
+                if not data:
+                    raise TransportClosedError(self._main_closed())
+                self._main_decoder.receive_data(data)
+                continue
+            if isinstance(message, wire.Abort):
+                raise self._peer_error(message)
+            if not isinstance(message, expected):
+                raise RemoteProtocolError(
+                    f"expected {expected.__name__} from the {self.peer}, got {type(message).__name__}"
+                )
+            return message
+
+    def _main_closed(self) -> str:
+        return f"the {self.peer} closed the main channel"
 
     def _peer_error(self, abort: wire.Abort) -> MigrationError:
         """The error the peer's ABORT stands for (and remember it as the peer's reason)."""

@@ -24,7 +24,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 from engine import codecs, packet
 from engine import message as wire
@@ -50,9 +49,6 @@ from engine.transport import Connection, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
 
 log = logging.getLogger("multifd.source")
-
-M = TypeVar("M")
-
 
 
 class SourceMigration(SavingMigration):
@@ -85,7 +81,6 @@ class SourceMigration(SavingMigration):
         self.to = to
         self._helpers: WorkerPool | None = None
         self._resumed = Signal()
-        self._pongs: dict[int, float] = {}
         self._rtt_s = 0.0
         self._setup_deadline = 0.0
 
@@ -137,7 +132,7 @@ class SourceMigration(SavingMigration):
         if reply.role is not packet.HelloRole.MAIN_REPLY or reply.migration_id != self.migration_id:
             raise HandshakeError(f"destination {self.to} answered with an unexpected hello")
         self._send_message(self._config_record())
-        ack = self._read_setup_message(wire.ConfigAck)
+        ack = self._read_message(wire.ConfigAck, self._setup_deadline)
         if not ack.accepted:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
 
@@ -171,7 +166,7 @@ class SourceMigration(SavingMigration):
         )
         self._start_channels(run_send_channel, conns, spec)
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
-        self._read_setup_message(wire.ChannelsReady)
+        self._read_message(wire.ChannelsReady, self._setup_deadline)
         self._rtt_s = self._measure_rtt()
         conn.settimeout(None)
         self._core = MultifdSender(
@@ -257,34 +252,16 @@ class SourceMigration(SavingMigration):
             self._main_decoder.receive_data(reply[packet.HELLO_SIZE:])
         return reply[:packet.HELLO_SIZE]
 
-    def _read_setup_message(self, expected: type[M]) -> M:
-        """Read the next main-channel message during setup (before the reader runs)."""
-        decoder = self._main_decoder
-        while True:
-            message = decoder.next_message()
-            if message is packet.NEED_DATA:
-                data = self._read_main(self._setup_deadline)
-                if not data:
-                    raise TransportClosedError(f"destination {self.to} closed the main channel")
-                decoder.receive_data(data)
-                continue
-            if isinstance(message, wire.Pong):
-                self._pongs[message.token] = time.perf_counter()
-            if isinstance(message, wire.Abort):
-                raise self._peer_error(message)
-            if not isinstance(message, expected):
-                raise RemoteProtocolError(
-                    f"expected {expected.__name__} from the destination, got {type(message).__name__}"
-                )
-            return message
+    def _main_closed(self) -> str:
+        return f"destination {self.to} closed the main channel"
 
     def _measure_rtt(self, samples: int = 3) -> float:
         best = float("inf")
         for token in range(1, samples + 1):
             sent = time.perf_counter()
             self._send_message(wire.Ping(token))
-            self._read_setup_message(wire.Pong)
-            best = min(best, self._pongs.get(token, sent) - sent)
+            pong = self._read_message(wire.Pong, self._setup_deadline)
+            best = min(best, (time.perf_counter() if pong.token == token else sent) - sent)
         return best
 
     def _read_return_path(self) -> None:
@@ -300,9 +277,7 @@ class SourceMigration(SavingMigration):
                     data = conn.recv_some()
                     if not data:
                         # RESUMED ends this reader, so a close before it is a failure.
-                        self.latch.fail(TransportClosedError(
-                            f"destination {self.to} closed the main channel"
-                        ))
+                        self.latch.fail(TransportClosedError(self._main_closed()))
                         return
                     decoder.receive_data(data)
                 elif isinstance(message, wire.Resumed):
