@@ -455,15 +455,9 @@ class ProcessBackend:
         pool = self._pool
         idle = [w for w in self._workers.values()
                 if w.job is None and w.sock is not None and not w.stopping]
-        while pool._pending and idle:
-            job = pool._pending.popleft()
-            if not job.future.set_running_or_notify_cancel():
-                pool._claim_locked(job, ok=False)  # cancelled with Future.cancel()
-                job.release()
-                continue
+        while idle and (job := pool._start_next_locked()) is not None:
             worker = idle.pop(0)
             worker.job = job
-            pool._running.add(job)
             worker.out = memoryview(_FRAME.pack(job.id, len(job.payload), len(job.sockets))
                                     + job.payload)
             worker.out_fds, job.sockets, job.payload = job.sockets, [], b""

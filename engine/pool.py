@@ -381,6 +381,18 @@ class WorkerPool:
             self._failed += 1
         return True
 
+    def _start_next_locked(self) -> _Job | None:
+        """The next pending job, now running; None once none is pending.  Jobs
+        cancelled with Future.cancel() on the way are counted and released."""
+        while self._pending:
+            job = self._pending.popleft()
+            if job.future.set_running_or_notify_cancel():
+                self._running.add(job)
+                return job
+            self._claim_locked(job, ok=False)
+            job.release()
+        return None
+
     def _break_locked(self, reason: BaseException, cancelled: bool = False) -> list[_Job] | None:
         """Record the first failure; answer the pending jobs to fail (None if broken already)."""
         if self._broken is not None:
@@ -506,11 +518,9 @@ class _ThreadBackend:
                         pool._cond.wait()
                     if not pool._pending:
                         return
-                    job = pool._pending.popleft()
-                    if not job.future.set_running_or_notify_cancel():
-                        pool._claim_locked(job, ok=False)  # cancelled with Future.cancel()
+                    job = pool._start_next_locked()
+                    if job is None:  # every pending job had been cancelled
                         continue
-                    pool._running.add(job)
                 self._run(job)
                 del job  # drop the arguments and result before waiting for more work
         finally:
