@@ -278,7 +278,6 @@ def _cut(views: list[memoryview], limit: int) -> list[list[memoryview]]:
 
 # A run in the RAM_PAGES header, as numpy reads it (docs/wire-format.md §2.1).
 _RUN_DTYPE = np.dtype([("first", ">u4"), ("count", ">u2"), ("flags", ">u2")])
-_RUNS_AT = 12  # after the fixed part of the RAM_PAGES header
 
 
 def _pages(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -292,7 +291,7 @@ def _place_marks(block: RamBlock, body: bytes) -> tuple[int, int]:
     mark its other pages as holding data.  One numpy pass over the run table
     (already validated by the codec), not a Python step per run: a zero-heavy
     packet has hundreds of runs.  Returns the pages with data, and all pages."""
-    runs = np.frombuffer(body, dtype=_RUN_DTYPE, offset=_RUNS_AT)
+    runs = np.frombuffer(body, dtype=_RUN_DTYPE, offset=packet.RAM_PAGES_RUNS_AT)
     firsts, counts = runs["first"].astype(np.int64), runs["count"].astype(np.int64)
     zero = (runs["flags"] & packet.RunFlags.ZERO) != 0
     if zero.any():

@@ -129,13 +129,15 @@ _EPOCH = struct.Struct(">II")
 
 # The common header and the RAM_PAGES fixed part back to back (28 bytes), so that
 # encode_ram_pages packs its fixed fields in one call: it runs once per packet.
-_RAM_PAGES_PREFIX = struct.Struct(">IBBHII" + "HBBIHH")
+_RAM_PAGES_PREFIX = struct.Struct(_PACKET_HEADER.format + _RAM_PAGES.format[1:])
 
+#: Where a RAM_PAGES header's run table starts (after its fixed fields).
+RAM_PAGES_RUNS_AT: Final = _RAM_PAGES.size
 _RAM_PAGES_MIN_HEADER: Final = _RAM_PAGES.size + _RUN.size
 _RAM_PAGES_MAX_HEADER: Final = _RAM_PAGES.size + _RUN.size * MAX_PACKET_PAGES
 _ROLES: Final = {role.value: role for role in HelloRole}
 _KINDS: Final = {kind.value: kind for kind in PacketKind}
-# Common-header flag bits each kind may carry; version 1 defines none.
+# Common-header flag bits each kind may carry: DEVICE_STATE's END, no other.
 _PACKET_FLAGS: Final = {PacketKind.RAM_PAGES: 0, PacketKind.SYNC: 0, PacketKind.END: 0,
                         PacketKind.DEVICE_STATE: int(DeviceFlags.END)}
 #: The largest chunk of device state one packet carries; longer chunks are split.
@@ -192,13 +194,9 @@ def encode_hello(
     _check_peer_nonce(peer_nonce)
     if (role == HelloRole.MAIN_REPLY) != bool(peer_nonce):
         raise LocalProtocolError("peer_nonce is required for MAIN_REPLY and only for it")
-    if not 1 <= channel_count <= MAX_CHANNELS:
-        raise LocalProtocolError(f"channel_count {channel_count} is outside 1..{MAX_CHANNELS}")
-    if role == HelloRole.CHANNEL:
-        if not 0 <= channel_id < channel_count:
-            raise LocalProtocolError(f"channel_id {channel_id} is outside 0..{channel_count - 1}")
-    elif channel_id != 0:
-        raise LocalProtocolError("a main-channel hello has channel_id 0")
+    problem = _hello_ids_problem(role, channel_id, channel_count)
+    if problem:
+        raise LocalProtocolError(problem)
     if nonce is None:
         nonce = os.urandom(NONCE_SIZE)
     elif len(nonce) != NONCE_SIZE:
@@ -208,6 +206,19 @@ def encode_hello(
         channel_id, channel_count, 0, nonce, bytes(AUTH_SIZE),
     )[:_HELLO_SIGNED]
     return unsigned + _hello_auth(secret, unsigned, peer_nonce)
+
+
+def _hello_ids_problem(role: int, channel_id: int, channel_count: int) -> str | None:
+    """What is wrong with a hello's channel id and count, if anything (the rule
+    both the encoder and the decoder apply)."""
+    if not 1 <= channel_count <= MAX_CHANNELS:
+        return f"hello channel count {channel_count} is outside 1..{MAX_CHANNELS}"
+    if role == HelloRole.CHANNEL:
+        if not 0 <= channel_id < channel_count:
+            return f"hello channel id {channel_id} is outside 0..{channel_count - 1}"
+    elif channel_id != 0:
+        return f"main-channel hello has channel id {channel_id}, not 0"
+    return None
 
 
 def decode_hello(data: Buffer, secret: bytes, peer_nonce: bytes = b"") -> ChannelHello:
@@ -243,13 +254,9 @@ def decode_hello(data: Buffer, secret: bytes, peer_nonce: bytes = b"") -> Channe
     expected = _hello_auth(secret, data[:_HELLO_SIGNED], peer_nonce)
     if not hmac.compare_digest(auth, expected):
         raise HandshakeError("bad hello authenticator (wrong secret or replayed hello)")
-    if not 1 <= channel_count <= MAX_CHANNELS:
-        raise HandshakeError(f"hello channel count {channel_count} is outside 1..{MAX_CHANNELS}")
-    if role == HelloRole.CHANNEL:
-        if channel_id >= channel_count:
-            raise HandshakeError(f"hello channel id {channel_id} is outside 0..{channel_count - 1}")
-    elif channel_id != 0:
-        raise HandshakeError(f"main-channel hello has channel id {channel_id}, not 0")
+    problem = _hello_ids_problem(role, channel_id, channel_count)
+    if problem:
+        raise HandshakeError(problem)
     return ChannelHello(_ROLES[role], uuid.UUID(bytes=migration_id), channel_id,
                         channel_count, nonce)
 
@@ -463,8 +470,7 @@ def encode_device_state(
 def decode_packet_header(data: Buffer) -> PacketHeader:
     """Check and decode the 16-byte common header.
 
-    Raises RemoteProtocolError for a wrong magic, an unknown or reserved kind
-    (DEVICE_STATE is not enabled), flag bits the kind does not define, or a
+    Raises RemoteProtocolError for a wrong magic, an unknown kind, flag bits the kind does not define, or a
     ``header_length`` (and for SYNC/END a ``payload_length``) the kind cannot have.
     Sequence and payload bounds need the channel's state: see :func:`decode_packet`.
     Raises LocalProtocolError if ``data`` is not 16 bytes.
