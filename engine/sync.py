@@ -26,94 +26,25 @@ from enum import Enum, auto
 from engine.errors import CancelledError, LocalProtocolError, MigrationError
 
 
-class FailureLatch:
-    """Records the first failure; its fd becomes readable once anything failed."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._write_fd, False)
-        self._closed = False
-        self._on_fail: list[Callable[[], None]] = []
-
-    def on_fail(self, kick: Callable[[], None]) -> None:
-        """Call `kick` (quick, non-blocking) once the latch fails: it wakes waits
-        that cannot select on the latch, such as a blocking socket read."""
-        self._on_fail.append(kick)
-
-    def fail(self, error: BaseException) -> bool:
-        """Record `error` unless an error is already recorded.  True if it was first."""
-        with self._lock:
-            if self._error is not None:
-                return False
-            self._error = error
-            if not self._closed:
-                os.write(self._write_fd, b"!")
-        for kick in self._on_fail:
-            kick()
-        return True
-
-    def cancel(self, reason: str = "migration cancelled") -> bool:
-        return self.fail(CancelledError(reason))
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
-
-    def raise_if_failed(self) -> None:
-        """Raise the first error (a MigrationError) if anything failed."""
-        error = self._error
-        if error is None:
-            return
-        if isinstance(error, MigrationError):
-            raise error
-        raise MigrationError(f"{type(error).__name__}: {error}") from error
-
-    def fileno(self) -> int:
-        return self._read_fd
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until failed (True) or `timeout` passes (False)."""
-        ready, _, _ = select.select([self._read_fd], [], [], timeout)
-        return bool(ready)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        os.close(self._read_fd)
-        os.close(self._write_fd)
-
-
-def wait_any(fds: list, timeout: float | None, latch: FailureLatch) -> list:
-    """select() on `fds` plus the latch; raises the latch's error if it is set."""
-    latch.raise_if_failed()
-    ready, _, _ = select.select(list(fds) + [latch], [], [], timeout)
-    latch.raise_if_failed()
-    return ready
-
-
 class Signal:
     """A one-shot, selectable event carrying a value (set once, read many)."""
 
     def __init__(self) -> None:
         self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
         self._value: object = None
         self._set = False
         self._lock = threading.Lock()
 
-    def set(self, value: object = None) -> None:
+    def set(self, value: object = None) -> bool:
+        """Set it to `value` unless it is set already.  True if this call set it."""
         with self._lock:
             if self._set:
-                return
+                return False
             self._value, self._set = value, True
-            os.write(self._write_fd, b"!")
+            if self._write_fd >= 0:  # closed: nobody can select on it any more
+                os.write(self._write_fd, b"!")
+        return True
 
     def is_set(self) -> bool:
         return self._set
@@ -138,6 +69,68 @@ class Signal:
             os.close(self._read_fd)
             os.close(self._write_fd)
             self._read_fd = self._write_fd = -1
+
+
+class FailureLatch:
+    """Records the first failure; its fd becomes readable once anything failed."""
+
+    def __init__(self) -> None:
+        self._signal = Signal()
+        self._on_fail: list[Callable[[], None]] = []
+
+    def on_fail(self, kick: Callable[[], None]) -> None:
+        """Call `kick` (quick, non-blocking) once the latch fails: it wakes waits
+        that cannot select on the latch, such as a blocking socket read."""
+        self._on_fail.append(kick)
+
+    def fail(self, error: BaseException) -> bool:
+        """Record `error` unless an error is already recorded.  True if it was first."""
+        if not self._signal.set(error):
+            return False
+        for kick in self._on_fail:
+            kick()
+        return True
+
+    def cancel(self, reason: str = "migration cancelled") -> bool:
+        return self.fail(CancelledError(reason))
+
+    @property
+    def error(self) -> BaseException | None:
+        error = self._signal.value
+        assert error is None or isinstance(error, BaseException)
+        return error
+
+    @property
+    def failed(self) -> bool:
+        return self._signal.is_set()
+
+    def raise_if_failed(self) -> None:
+        """Raise the first error (a MigrationError) if anything failed."""
+        error = self.error
+        if error is None:
+            return
+        if isinstance(error, MigrationError):
+            raise error
+        raise MigrationError(f"{type(error).__name__}: {error}") from error
+
+    def fileno(self) -> int:
+        return self._signal.fileno()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until failed (True) or `timeout` passes (False)."""
+        ready, _, _ = select.select([self], [], [], timeout)
+        return bool(ready)
+
+    def close(self) -> None:
+        self._signal.close()
+
+
+def wait_any(fds: list, timeout: float | None, latch: FailureLatch) -> list:
+    """select() on `fds` plus the latch; raises the latch's error if it is set."""
+    latch.raise_if_failed()
+    ready, _, _ = select.select(list(fds) + [latch], [], [], timeout)
+    latch.raise_if_failed()
+    return ready
 
 
 # ---------------------------------------------------------------------------
