@@ -84,3 +84,26 @@ def kill_a_channel(operation: Migration) -> None:
     """SIGKILL one channel process of a running operation, once its channels serve."""
     wait_until(operation.channel_pids, "the channel processes")
     psutil.Process(operation.channel_pids()[0]).kill()
+
+
+NIC = ("nic", 0)
+
+
+class Recorder:
+    """A device that records every load it is asked to do."""
+
+    def __init__(self, idstr: str, instance_id: int = 0) -> None:
+        self.idstr, self.instance_id = idstr, instance_id
+        self.calls: list[str] = []
+
+    def save_state(self) -> list[bytes]:
+        return [b"state"]
+
+    def save_config(self) -> bytes:
+        return b"config"
+
+    def load_state(self, chunk: bytes) -> None:
+        self.calls.append("state")
+
+    def load_config(self, config: bytes) -> None:
+        self.calls.append("config")

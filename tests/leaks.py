@@ -41,7 +41,8 @@ def _children() -> set[int]:
     return pids
 
 
-def _shm_segments() -> set[str]:
+def shm_segments() -> set[str]:
+    """The names of the shared-memory segments now in /dev/shm (semaphores aside)."""
     return {n for n in os.listdir(_SHM_DIR) if not n.startswith("sem.")}
 
 
@@ -67,7 +68,7 @@ class Snapshot:
 
     @classmethod
     def take(cls) -> Snapshot:
-        return cls(_children(), _shm_segments(), _fds(), _threads())
+        return cls(_children(), shm_segments(), _fds(), _threads())
 
 
 def leftovers(before: Snapshot, timeout: float = 5.0) -> list[str]:

@@ -29,33 +29,12 @@ from engine.errors import (
     SnapshotFormatError,
 )
 from engine.snapshot import SnapshotRestore, SnapshotSave
-from tests.harness import MiB, guest_ram, in_round, kill_a_channel, same_memory
+from tests.harness import NIC, MiB, Recorder, guest_ram, in_round, kill_a_channel, same_memory
 
-NIC = ("nic", 0)
 # Rounds capped at 16 MiB/s over 4 MiB of RAM a guest dirties at 64 MiB/s: every
 # round finds the whole RAM dirty again, so the save runs until stopped.
 NEVER_CONVERGES = MigrationConfig(max_bandwidth=16 * MiB, packet_pages=16, max_rounds=10_000,
                                   downtime_limit_ms=1)
-
-
-class Recorder:
-    """A device that records every load it is asked to do."""
-
-    def __init__(self, idstr: str, instance_id: int = 0) -> None:
-        self.idstr, self.instance_id = idstr, instance_id
-        self.calls: list[str] = []
-
-    def save_state(self) -> list[bytes]:
-        return [b"state"]
-
-    def save_config(self) -> bytes:
-        return b"config"
-
-    def load_state(self, chunk: bytes) -> None:
-        self.calls.append("state")
-
-    def load_config(self, config: bytes) -> None:
-        self.calls.append("config")
 
 
 @pytest.fixture
@@ -299,7 +278,7 @@ def test_restore_failure_leaves_no_ram_behind(snapshot: Path) -> None:
 
 
 def test_save_and_restore_in_threads_at_once(tmp_path: Path) -> None:
-    """Two saves and a restore at once share nothing: separate files, segments, pools."""
+    """A save and a restore at once share nothing: separate files, segments, pools."""
     errors: list[BaseException] = []
     with guest_ram(4 * MiB, seed=1) as a, guest_ram(4 * MiB, seed=2) as b:
         SnapshotSave(a, str(tmp_path / "a.snap"), live=False).run()
@@ -320,3 +299,6 @@ def test_save_and_restore_in_threads_at_once(tmp_path: Path) -> None:
                 thread.join(60)
             assert not errors, errors
             assert same_memory(a, target)
+        with GuestRAM.create({"pc.ram": 4 * MiB}) as target:
+            SnapshotRestore(str(tmp_path / "b.snap"), ram=target).run()  # the other save is whole
+            assert same_memory(b, target)

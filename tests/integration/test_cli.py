@@ -32,7 +32,7 @@ def test_demo_json(transport: str) -> None:
     assert summary["status"] == "completed"
     assert summary["verified"] is True
     assert summary["ram_bytes"] == 16 << 20 and summary["channels"] == 2
-    assert summary["rounds"] >= 2 and summary["pages_sent"] >= 4096
+    assert summary["rounds"] >= 2 and summary["pages_sent"] > 4096  # dirtied pages went again
     assert summary["destination"]["status"] == "completed"
     assert summary["destination"]["verified"] is True
 

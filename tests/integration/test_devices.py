@@ -61,7 +61,9 @@ def test_devices_migrate_with_ram(count: int) -> None:
         assert "devices" not in result.extra
 
 
-def test_chunks_out_of_order_over_many_channels() -> None:
+def test_uneven_chunks_over_many_channels_arrive_intact() -> None:
+    """Chunks of 1 MiB and 7 B in turn over 4 channels; that one overtakes another
+    is up to scheduling (the loader's reordering is tested on it directly)."""
     sources = [Uneven(f"gpu{i}", i, 6 * MiB, seed=10 + i) for i in range(3)]
     targets = [Uneven(f"gpu{i}", i, 6 * MiB, with_state=False) for i in range(3)]
     _, remote = _migrate(sources, targets, channels=4)

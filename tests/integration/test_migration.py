@@ -31,8 +31,8 @@ def test_live_migration_is_exact(channels: int, transport: str, workload: str) -
             guest.stop()
         assert result.status == "completed" and remote.status == "completed"
         assert result.verified is True
-        assert result.rounds >= 2  # the guest dirtied pages during round 1
-        assert result.pages_sent >= src.n_pages
+        assert result.rounds >= 2
+        assert result.pages_sent > src.n_pages  # pages the guest dirtied during round 1 went again
         assert same_memory(src, dst)
         if workload == "incrementer":
             assert check_incrementer(dst) == ""

@@ -595,9 +595,16 @@ def test_shutdown_runs_accepted_jobs_first(kit: Kit) -> None:
 
 def test_shutdown_without_wait_finishes_in_the_background(kit: Kit) -> None:
     pool = kit.pool(max_workers=2)
+    ours, theirs = kit.socketpair()
+    running = pool.submit(rendezvous, theirs)
+    kit.hand_over(theirs)
     futures = [pool.submit(add, i) for i in range(4)]
-    pool.shutdown(wait=False)
+    wait_ready(ours, b"u")
+    pool.shutdown(wait=False)  # returns with a job still blocked (else this deadlocks)
+    assert not running.done()
+    ours.sendall(b"g")
     assert [f.result(GUARD) for f in futures] == list(range(4))
+    running.result(GUARD)
     # The leak check after the test waits for the workers to be gone.
 
 

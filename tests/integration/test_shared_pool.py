@@ -18,8 +18,17 @@ from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigrat
 from engine.errors import CancelledError, ConfigError, DeviceStateError, MigrationError
 from engine.pool import WorkerPool
 from engine.snapshot import SnapshotRestore, SnapshotSave
-from tests.faults.test_snapshot_faults import NIC, Recorder
-from tests.harness import SECRET, MiB, address, guest_ram, in_round, kill_a_channel, same_memory
+from tests.harness import (
+    NIC,
+    SECRET,
+    MiB,
+    Recorder,
+    address,
+    guest_ram,
+    in_round,
+    kill_a_channel,
+    same_memory,
+)
 
 TWO = MigrationConfig(channels=2, packet_pages=64)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,9 @@ from clients.devices import demo_devices
 from clients.guest import SyntheticGuest, check_incrementer, fill_ram
 from engine import GuestRAM, MigrationConfig
 from engine import snapshot_format as fmt
-from engine.errors import SnapshotError
+from engine.errors import CancelledError, SnapshotError
 from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
-from tests.harness import MiB, guest_ram, same_memory
+from tests.harness import MiB, guest_ram, same_memory, wait_until
 
 
 def _images(ram: GuestRAM) -> list[bytes]:
@@ -140,10 +139,8 @@ def test_resume_after_save_is_a_checkpoint(tmp_path: Path) -> None:
             assert not guest.paused
             restored, _ = _restore(path)
             try:
-                deadline = time.monotonic() + 10
-                while same_memory(ram, restored):  # the guest runs on past the checkpoint
-                    assert time.monotonic() < deadline, "the guest did not run after the save"
-                    time.sleep(0.05)
+                # The guest runs on past the checkpoint.
+                wait_until(lambda: not same_memory(ram, restored), "the guest to run after the save", 10)
                 assert check_incrementer(restored) == ""
             finally:
                 restored.close()
@@ -166,6 +163,30 @@ def test_direct_io_save_and_restore(tmp_path: Path) -> None:
         finally:
             restored.close()
             restored.unlink()
+        # The channels themselves hold the file with O_DIRECT (a save that never
+        # converges keeps them open long enough to look).
+        never = MigrationConfig(max_bandwidth=16 * MiB, packet_pages=16, max_rounds=10_000)
+        with SyntheticGuest(ram, "random", dirty_rate=64 * MiB) as guest:
+            save = SnapshotSave(ram, str(tmp_path / "live.snap"), config=never, direct_io=True,
+                                pause_guest=guest.pause, resume_guest=guest.resume)
+            save.start()
+            try:
+                wait_until(save.channel_pids, "the channel processes")
+                assert all(_opened_with_o_direct(pid, ".live.snap.partial") for pid in save.channel_pids())
+            finally:
+                save.cancel("seen enough")
+                with pytest.raises(CancelledError):
+                    save.wait(20)
+
+
+def _opened_with_o_direct(pid: int, name_prefix: str) -> bool:
+    """Whether process `pid` holds a file named `name_prefix`... open with O_DIRECT."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.path.basename(os.readlink(f"/proc/{pid}/fd/{fd}")).startswith(name_prefix):
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(line for line in info if line.startswith("flags:")).split()[1]
+            return bool(int(flags, 8) & os.O_DIRECT)
+    raise AssertionError(f"process {pid} has no file {name_prefix}... open")
 
 
 def test_compression_is_refused_for_a_snapshot(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from engine.message import (
     Digests,
     Message,
     MessageDecoder,
+    MessageType,
     Ping,
     Pong,
     Resumed,
@@ -315,7 +316,7 @@ def test_hello_round_trip(case: tuple[bytes, bytes, tuple]) -> None:
 @given(hellos(), st.integers(0, HELLO_SIZE - 1), st.integers(1, 255))
 def test_hello_any_changed_byte_is_refused(case: tuple, index: int, xor: int) -> None:
     wire, peer_nonce, _ = case
-    corrupted = wire[:index] + bytes([wire[index] ^ xor]) + wire[index + 1:]
+    corrupted = flip(wire, index, xor)
     with pytest.raises(HandshakeError):
         decode_hello(corrupted, SECRET, peer_nonce)
 
@@ -415,7 +416,7 @@ def test_message_decoder_corrupted_stream(data: bytes) -> None:
     message_feedings(data)
 
 
-MESSAGE_PREFIX = st.tuples(st.integers(0, 11), st.integers(0, 40)).map(
+MESSAGE_PREFIX = st.tuples(st.integers(0, max(MessageType) + 1), st.integers(0, 40)).map(
     lambda t: t[0].to_bytes(2, "big") + bytes(2) + t[1].to_bytes(4, "big")
 )
 

@@ -618,6 +618,7 @@ def test_packet_decoder_byte_by_byte() -> None:
         decoder.receive_data(STREAM_BYTES[i:i + 1])
         got += drain(decoder)
     assert [record for record, _ in got] == STREAM_RECORDS
+    assert got == [(record, payload) for record, (_, payload) in zip(STREAM_RECORDS, STREAM)]
 
 
 def test_packet_decoder_end_without_sync() -> None:

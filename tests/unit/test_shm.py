@@ -18,14 +18,9 @@ import pytest
 
 from engine.errors import ConfigError, LocalProtocolError
 from engine.shm import PAGE_SIZE, BlockHandle, GuestRAM, RamHandle, Segment
+from tests.leaks import shm_segments
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
-
-_SHM_DIR = "/dev/shm"
-
-
-def _segments() -> set[str]:
-    return {name for name in os.listdir(_SHM_DIR) if not name.startswith("sem.")}
 
 
 @pytest.fixture
@@ -174,7 +169,7 @@ def test_dirty_map_does_not_overlap_pages(ram: GuestRAM) -> None:
 
 
 def test_create_from_dict_layout_and_properties() -> None:
-    before = _segments()
+    before = shm_segments()
     ram = GuestRAM.create({"main": 8 * PAGE_SIZE, "rom": PAGE_SIZE})
     try:
         assert ram.owner
@@ -190,14 +185,14 @@ def test_create_from_dict_layout_and_properties() -> None:
             BlockHandle("main", 8 * PAGE_SIZE, ram.blocks[0].segment.name),
             BlockHandle("rom", PAGE_SIZE, ram.blocks[1].segment.name),
         )
-        assert _segments() - before == {b.segment.name for b in ram.blocks}
+        assert shm_segments() - before == {b.segment.name for b in ram.blocks}
         assert len(ram.blocks[0].pages) == 8 * PAGE_SIZE
         assert bytes(ram.block("main").page_view(0, 8)) == bytes(8 * PAGE_SIZE)  # zero-filled
         assert ram.block("rom") is ram.blocks[1]
     finally:
         ram.close()
         ram.unlink()
-    assert _segments() == before
+    assert shm_segments() == before
 
 
 def test_create_from_pairs_keeps_order() -> None:
@@ -239,10 +234,10 @@ def test_block_name_of_255_bytes_is_allowed() -> None:
     ],
 )
 def test_invalid_ram_raises_config_error_and_leaves_no_segment(blocks: object) -> None:
-    before = _segments()
+    before = shm_segments()
     with pytest.raises(ConfigError):
         GuestRAM.create(blocks)  # type: ignore[arg-type]
-    assert _segments() == before
+    assert shm_segments() == before
 
 
 def test_unknown_block_raises_config_error(ram: GuestRAM) -> None:
@@ -267,10 +262,10 @@ def test_prealloc_creates_zeroed_writable_ram() -> None:
 
 
 def test_context_manager_closes_and_unlinks_owner() -> None:
-    before = _segments()
+    before = shm_segments()
     with GuestRAM.create({"main": PAGE_SIZE}) as ram:
-        assert len(_segments() - before) == 1
-    assert _segments() == before
+        assert len(shm_segments() - before) == 1
+    assert shm_segments() == before
     ram.close()   # still idempotent afterwards
     ram.unlink()
 
@@ -336,7 +331,7 @@ def test_only_the_owner_may_unlink(ram: GuestRAM) -> None:
 
 
 def test_close_and_unlink_are_idempotent() -> None:
-    before = _segments()
+    before = shm_segments()
     ram = GuestRAM.create({"main": 2 * PAGE_SIZE})
     other = GuestRAM.attach(ram.handle)
     other.close()
@@ -345,7 +340,7 @@ def test_close_and_unlink_are_idempotent() -> None:
     ram.close()
     ram.unlink()
     ram.unlink()
-    assert _segments() == before
+    assert shm_segments() == before
 
 
 def test_attached_ram_survives_owner_unlink_until_closed() -> None:
@@ -400,7 +395,7 @@ def _attach_write_mark(handle: RamHandle, block_name: str, page: int, data: byte
 
 
 def test_child_process_attaches_writes_marks_and_does_not_unlink(ram: GuestRAM) -> None:
-    before = _segments()
+    before = shm_segments()
     ctx = multiprocessing.get_context("spawn")
     child = ctx.Process(target=_attach_write_mark, args=(ram.handle, "main", 41, b"from the child"))
     child.start()
@@ -411,7 +406,7 @@ def test_child_process_attaches_writes_marks_and_does_not_unlink(ram: GuestRAM) 
         child.join()
     child.close()
     assert exitcode == 0
-    assert _segments() == before  # the child's exit removed nothing
+    assert shm_segments() == before  # the child's exit removed nothing
     block = ram.block("main")
     assert bytes(block.page_view(41)[:14]) == b"from the child"
     assert block.dirty.take().tolist() == [41]
@@ -426,13 +421,13 @@ def test_child_process_attaches_writes_marks_and_does_not_unlink(ram: GuestRAM) 
 
 
 def test_segment_create_attach_roundtrip() -> None:
-    before = _segments()
+    before = shm_segments()
     owner = Segment.create(3 * PAGE_SIZE)
     try:
         assert owner.owner
         assert owner.size == 3 * PAGE_SIZE
         assert len(owner.buf) == 3 * PAGE_SIZE
-        assert _segments() - before == {owner.name}
+        assert shm_segments() - before == {owner.name}
         other = Segment.attach(owner.name)
         try:
             assert not other.owner
@@ -448,7 +443,7 @@ def test_segment_create_attach_roundtrip() -> None:
         owner.close()
         owner.unlink()
         owner.unlink()
-    assert _segments() == before
+    assert shm_segments() == before
 
 
 def test_segment_create_with_name_taken_raises_config_error() -> None:
@@ -463,10 +458,10 @@ def test_segment_create_with_name_taken_raises_config_error() -> None:
 
 @pytest.mark.parametrize("size", [0, -1])
 def test_segment_create_invalid_size_raises_config_error(size: int) -> None:
-    before = _segments()
+    before = shm_segments()
     with pytest.raises(ConfigError):
         Segment.create(size)
-    assert _segments() == before
+    assert shm_segments() == before
 
 
 def test_segment_attach_missing_name_raises_config_error() -> None:

@@ -6,7 +6,6 @@ keeps the mapping (and its fd) open, which ``no_leaks`` reports.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -14,16 +13,13 @@ import pytest
 
 from engine.errors import ConfigError, LocalProtocolError
 from engine.slots import KIND_EMPTY, N_COUNTERS, Counter, SlotTable, SlotTableHandle
+from tests.leaks import shm_segments
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 _HEADER_FIELDS = ("kind", "epoch", "n_items", "payload_length", "a0", "a1", "a2", "a3")
-
-
-def _segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}
 
 
 @pytest.fixture
@@ -220,10 +216,10 @@ def test_attach_missing_segment_raises_config_error() -> None:
     ],
 )
 def test_invalid_sizes_raise_config_error(sizes: tuple[int, int, int, int]) -> None:
-    before = _segments()
+    before = shm_segments()
     with pytest.raises(ConfigError):
         SlotTable.create(*sizes)
-    assert _segments() == before
+    assert shm_segments() == before
 
 
 def test_zero_payload_capacity_is_allowed() -> None:
@@ -240,9 +236,9 @@ def test_zero_payload_capacity_is_allowed() -> None:
 
 
 def test_close_and_unlink_leave_nothing() -> None:
-    before = _segments()
+    before = shm_segments()
     owned = SlotTable.create(n_slots=3, max_items=2, payload_capacity=4096, n_channels=2)
-    assert _segments() - before == {owned.segment.name}
+    assert shm_segments() - before == {owned.segment.name}
     other = SlotTable.attach(owned.handle)
     with pytest.raises(LocalProtocolError):
         other.unlink()
@@ -252,6 +248,6 @@ def test_close_and_unlink_leave_nothing() -> None:
     owned.close()
     owned.unlink()
     owned.unlink()
-    assert _segments() == before
+    assert shm_segments() == before
     with pytest.raises(ConfigError):
         SlotTable.attach(owned.handle)
