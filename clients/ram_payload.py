@@ -48,7 +48,7 @@ def _words(block: RamBlock) -> np.ndarray:
 
 def _nonzero(rows: np.ndarray) -> np.ndarray:
     """Per row of 64-bit words: does it hold anything?  (OR-reduce: the fastest
-    test numpy has, ~25 GB/s warm; guest RAM mostly comes from DRAM at ~8.)"""
+    test numpy has, 25-40 GB/s warm; guest RAM mostly comes from DRAM at ~8.6.)"""
     return np.asarray(np.bitwise_or.reduce(rows, axis=1) != 0)
 
 

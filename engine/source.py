@@ -9,8 +9,8 @@
                each round ends with flush + sync (SYNC on every channel, SYNC_MARKER)
                until the remaining dirty bytes at the measured bandwidth fit the
                downtime limit (or max_rounds: switch over or fail, as configured)
-    switchover pause the guest → SWITCHOVER → final round, flush + sync → END on
-               every channel → COMPLETE (→ DIGESTS if verifying) → ← RESUMED
+    switchover pause the guest → SWITCHOVER → final round, flushed (no sync: END is
+               the barrier) → END on every channel → COMPLETE (→ DIGESTS if verifying) → ← RESUMED
     teardown   always; on failure or cancel the guest is resumed, running and intact
 
 A return-path reader (a thread-pool job) reads the destination's messages for
