@@ -204,6 +204,17 @@ class Connection:
         self.close()
 
 
+def bind_and_listen(sock: socket.socket, address: object, uri: str) -> None:
+    """Bind `sock` to `address` and listen; on failure close it and raise
+    TransportBrokenError naming `uri`."""
+    try:
+        sock.bind(address)  # type: ignore[arg-type]
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
+
+
 def connect_socket(
     sock: socket.socket, address: object, timeout: float, abort: Selectable | None, what: str
 ) -> None:

@@ -7,7 +7,14 @@ import socket
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError, TransportBrokenError
-from engine.transport import Connection, Selectable, SocketListener, connect_socket, register_transport
+from engine.transport import (
+    Connection,
+    Selectable,
+    SocketListener,
+    bind_and_listen,
+    connect_socket,
+    register_transport,
+)
 
 
 def _host_port(uri: str) -> tuple[str, int]:
@@ -57,13 +64,8 @@ def listen(uri: str) -> SocketListener:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bind_and_listen(sock, addr, uri)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     return _TcpListener(sock, f"tcp://{shown}:{bound_port}")

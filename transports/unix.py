@@ -6,8 +6,15 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from engine.errors import ConfigError, TransportBrokenError
-from engine.transport import Connection, Selectable, SocketListener, connect_socket, register_transport
+from engine.errors import ConfigError
+from engine.transport import (
+    Connection,
+    Selectable,
+    SocketListener,
+    bind_and_listen,
+    connect_socket,
+    register_transport,
+)
 
 
 def _path(uri: str) -> str:
@@ -32,12 +39,7 @@ def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connec
 def listen(uri: str) -> SocketListener:
     path = _path(uri)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
+    bind_and_listen(sock, path, uri)
     inode = os.stat(path).st_ino
 
     def remove_socket_file() -> None:
