@@ -77,10 +77,12 @@ class DeviceSaver:
         self.pool = pool
         self._emit = emit if emit is not None else self._send
         self._futures: list[Future] = []
+        self._latch: FailureLatch | None = None
         self._finished = threading.Condition()
 
     def start(self, latch: FailureLatch) -> None:
         """Submit one save job per device; a failed job fails the migration at once."""
+        self._latch = latch
         latch.on_fail(self._wake)
         for index, device in enumerate(self.devices):
             future = self.pool.submit(self._save, index, device)
@@ -143,6 +145,10 @@ class DeviceSaver:
 
     def _send(self, device: int, index: int, data: bytes | memoryview, end: bool) -> None:
         assert self.core is not None
+        # A job whose migration failed stops here, before it touches a slot that
+        # teardown is about to free (a job stuck in a device is abandoned).
+        assert self._latch is not None
+        self._latch.raise_if_failed()
         client = self.first_client + device
         slot = self.core.client_slot(client)
         slot.kind = packet.PacketKind.DEVICE_STATE

@@ -25,7 +25,6 @@ only once the guest has finished its current batch and stopped writing.
 
 from __future__ import annotations
 
-import select
 import socket
 import time
 from concurrent.futures import Future
@@ -36,6 +35,7 @@ import numpy as np
 from engine.errors import ConfigError, MigrationError
 from engine.pool import WorkerPool, current_cancel_token
 from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
+from engine.sync import wait_readable
 
 WORKLOADS = ("idle", "random", "incrementer")
 FILLS = ("random", "zero", "text")
@@ -186,7 +186,7 @@ def run_guest(spec: GuestSpec, ctrl: socket.socket) -> GuestReport:
         while True:
             throttled = pages_per_s > 0 or spec.workload == "random"
             timeout = (_TICK_S if throttled else 0.0) if running else None
-            ready, _, _ = select.select([ctrl.fileno(), token.fileno()], [], [], timeout)
+            ready = wait_readable([ctrl.fileno(), token.fileno()], timeout)
             if token.fileno() in ready:
                 break
             if ctrl.fileno() in ready:
@@ -289,7 +289,7 @@ class SyntheticGuest:
 
     def _expect(self, reply: bytes, timeout: float) -> None:
         assert self._ctrl is not None
-        ready, _, _ = select.select([self._ctrl], [], [], timeout)
+        ready = wait_readable([self._ctrl], timeout)
         answer = self._ctrl.recv(1) if ready else b""
         if answer != reply:
             error = self._future.exception(timeout=0) if self._future and self._future.done() else None

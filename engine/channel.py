@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket
 import struct
 import traceback
@@ -51,6 +50,7 @@ from engine.payload import ChannelContext, FilePlanner, payload_entry
 from engine.pool import current_cancel_token
 from engine.shm import GuestRAM, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
+from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
 
 # ---------------------------------------------------------------------------
@@ -205,11 +205,6 @@ def _hand_back(slot: SendSlot, ctrl: socket.socket, index: int) -> None:
     post(ctrl, ControlOp.IDLE, index)
 
 
-def _wait_readable(*fds: Any) -> list[Any]:
-    ready, _, _ = select.select(list(fds), [], [])
-    return ready
-
-
 # Each entry point runs in a pool process and returns a report; it raises on a
 # failure of its own.  Being told to stop is not one: a channel stopped by its
 # main process (QUIT, a closed control socket, or an I/O error because main shut
@@ -358,6 +353,7 @@ class _JobChannel(_Channel):
                 post(self.ctrl, ControlOp.SYNCED, message.a)
             elif message.op is ControlOp.FINISH:
                 self._finish()
+                self.ctx.count(Counter.LAST_WORD, 1)  # END is on the wire: our work is done
                 post(self.ctrl, ControlOp.FINISHED)
                 return self.report(self.sequence)
             else:
@@ -388,7 +384,7 @@ class _JobChannel(_Channel):
             watched: list[Any] = [self.ctrl, self.token]
             if self.data is not None:
                 watched.append(self.data)
-            ready = _wait_readable(*watched)
+            ready = wait_readable(watched, None)
             if self.token in ready:
                 raise self.cancelled("cancelled") from None
             if self.data is not None and self.data in ready:
@@ -515,7 +511,7 @@ class _RecvChannel(_Channel):
 
     def wait_control(self, what: str) -> ControlMessage:
         """Block for the next control message, handling RETURN; QUIT or a cancel raise."""
-        ready = _wait_readable(self.ctrl, self.token)
+        ready = wait_readable([self.ctrl, self.token], None)
         if self.token in ready:
             raise self.cancelled(f"cancelled while waiting for {what}")
         message = read_control(self.ctrl)
@@ -538,6 +534,7 @@ class _RecvChannel(_Channel):
                 self.epoch += 1
             elif header.kind == packet.PacketKind.END:
                 packet.decode_end(header, body, self.sequence, self.epoch)
+                self.ctx.count(Counter.LAST_WORD, 1)  # every page is in place: our work is done
                 post(self.ctrl, ControlOp.ENDED, self.epoch - 1)
                 self._wait_goodbye()
                 return self.report(self.sequence + 1)
@@ -571,7 +568,7 @@ class _RecvChannel(_Channel):
     def _next_packet(self) -> tuple[packet.PacketHeader, bytes]:
         """The next packet's common and kind-specific headers (the payload stays unread)."""
         while True:
-            ready = _wait_readable(self.data, self.ctrl, self.token)
+            ready = wait_readable([self.data, self.ctrl, self.token], None)
             if self.token in ready:
                 raise self.cancelled("cancelled")
             if self.ctrl not in ready:

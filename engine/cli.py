@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import secrets
-import select
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from engine import codecs
 from engine.errors import CancelledError, ConfigError, MigrationError
 from engine.migration import Migration, MigrationConfig
 from engine.stats import MigrationResult
+from engine.sync import wait_readable
 
 log = logging.getLogger("multifd.cli")
 
@@ -489,7 +489,7 @@ def _merge_devices(result: MigrationResult, remote: dict[str, Any]) -> Migration
 
 def _read_listening(process: subprocess.Popen) -> str:
     assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], 30)
+    ready = wait_readable([process.stdout], 30)
     line = process.stdout.readline() if ready else ""
     if not line.startswith("LISTENING "):
         raise MigrationError("the destination process did not start listening")

@@ -11,15 +11,22 @@
     receive    main-channel messages in order: SYNC_MARKER(e) = barrier (every
                channel waits at SYNC(e) until all are there, then all go on)
     complete   SWITCHOVER marks the source's pause; COMPLETE: wait for END on
-               every channel (no channel writes RAM after this), verify digests
-               if asked, dump if asked, resume the guest, send RESUMED
+               every channel (no channel writes RAM after this), every device
+               loaded, digests verified if asked, dump if asked → PREPARED
+    commit     ← COMMIT: from here this side owns the VM (it never frees its RAM
+               again) → resume the guest (unless ``autostart`` is off) → RESUMED.
+               Before COMMIT the guest has never run: any failure, or a source
+               that closes, ends the migration with nothing started.
 
-Downtime is measured here, from SWITCHOVER to "ready to run" plus the resume
-callback; verification and dumps are test instruments and are reported apart.
+Downtime is measured here, from SWITCHOVER to the guest's resume, everything
+included (verification too, when asked for); verification time is also
+reported on its own.  A source that sends nothing for ``stall_timeout_s``, on
+any channel, fails the migration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -32,7 +39,9 @@ from engine.channel import ChannelSpec, run_recv_channel
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice, loading_devices
 from engine.errors import (
     ConfigError,
+    GuestControlError,
     HandshakeError,
+    MigrationError,
     RemoteProtocolError,
     TransportBrokenError,
     TransportClosedError,
@@ -44,7 +53,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker, device_extra
-from engine.sync import MigrationEvent, MigrationState, wait_any
+from engine.sync import MigrationEvent, wait_any
 from engine.transport import Connection, listen
 from engine.verify import compare_digests, dump_ram, ram_digests
 
@@ -64,6 +73,8 @@ class DestinationMigration(Migration):
     None the RAM is created (owned by this object) to match the source, and is
     handed to the caller as :attr:`ram` on success.
     `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
+    `autostart` False: after the commit the guest stays paused and the VMM
+    starts it (QEMU's ``-S`` then ``cont``); the result's ``running`` says which.
     """
 
     role = "destination"
@@ -86,10 +97,10 @@ class DestinationMigration(Migration):
         device_load: Literal["parallel", "serial"] = "parallel",
         max_device_buffer: int = 64 << 20,
         pool: WorkerPool | None = None,
+        autostart: bool = True,
     ) -> None:
         super().__init__(config or MigrationConfig(), secret, pool)
         self.ram = ram
-        self._owns_ram = False
         self._resume_guest = resume_guest
         self.prealloc = prealloc
         self.dump_dir = dump_dir
@@ -107,6 +118,8 @@ class DestinationMigration(Migration):
         self.negotiated: wire.Config | None = None
         self.refused: list[str] = []   # why each refused connection was refused
         self._receiver: MultifdReceiver | None = None
+        self.autostart = autostart
+        self.running = False  # the guest was resumed here (after the commit)
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
@@ -115,8 +128,10 @@ class DestinationMigration(Migration):
     # -- the phases --------------------------------------------------------
 
     def _run(self) -> MigrationResult:
+        self._defer("stop listening", self._listener.close)
         self._machine.fire(MigrationEvent.LISTEN)
-        self._conn, hello = self._accept_main()
+        conn, hello = self._accept_main()
+        self._own_conn(conn)
         t_start = time.perf_counter()
         self._machine.fire(MigrationEvent.START)
         self.migration_id = hello.migration_id
@@ -156,7 +171,7 @@ class DestinationMigration(Migration):
             self.ram = GuestRAM.create(
                 [(b.name, b.size) for b in config.blocks], prealloc=self.prealloc
             )
-            self._owns_ram = True
+            self._defer("free the RAM it created", self._free_created_ram)
         self._send_message(wire.ConfigAck(0, ""))
 
         conns = self._accept_channels(hello)
@@ -164,13 +179,12 @@ class DestinationMigration(Migration):
         # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
         devices = [self.devices[(d.idstr, d.instance_id)] for d in config.devices]
         per_channel = DELIVERY_SLOTS if devices else 0
-        self._slots = SlotTable.create(
+        self.tracker = StatsTracker(self.ram.size, PAGE_SIZE)
+        slots = self._own_slots(SlotTable.create(
             n_slots=max(1, per_channel * config.channel_count), max_items=1,
             payload_capacity=packet.MAX_DEVICE_CHUNK if devices else 0,
             n_channels=config.channel_count,
-        )
-        self.tracker = StatsTracker(self.ram.size, PAGE_SIZE)
-        self.tracker.slots = self._slots
+        ))
         # During an incoming migration the dirty map says which pages may hold
         # data, so a ZERO run only writes pages that need it (clients/ram_payload.py).
         for block in self.ram.blocks:
@@ -180,7 +194,7 @@ class DestinationMigration(Migration):
                 block.dirty.mark(0, block.n_pages)
         spec = ChannelSpec(
             channel_id=0, ram=self.ram.handle,
-            slots=self._slots.handle, packet_pages=config.packet_pages,
+            slots=slots.handle, packet_pages=config.packet_pages,
             codec=config.codec, zero_page_detection=config.zero_page_detection,
             delivery_slots=per_channel,
             devices=tuple((d.idstr, d.instance_id) for d in config.devices),
@@ -190,6 +204,7 @@ class DestinationMigration(Migration):
         self._start_channels(run_recv_channel, conns, spec)
         self._listener.close()  # every channel joined: nobody else may connect
         self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s)
+        self._receiver.watch(conn.fileno(), self._take_main)
         if devices:
             self._start_device_loader(devices)
         self._send_message(wire.ChannelsReady())
@@ -250,33 +265,34 @@ class DestinationMigration(Migration):
 
     def _receive(self, t_start: float, t_setup: float) -> MigrationResult:
         receiver = self._receiver
-        assert receiver is not None and self._conn is not None
+        assert receiver is not None and self._conn is not None and self.tracker is not None
         t_switchover: float | None = None
         devices_done: wire.DevicesDone | None = None
         rounds = 0
+        stall = self.config.stall_timeout_s
+        last_bytes, last_progress = -1, time.monotonic()
         while True:
             message = self._main_decoder.next_message()
             if message is packet.NEED_DATA:
-                ready = wait_any([self._conn, *receiver.fds()], None, self.latch)
-                if any(fd is not self._conn for fd in ready):
-                    receiver.poll()
-                if self._conn in ready:
-                    data = self._conn.recv_some()
-                    if not data:
-                        raise TransportClosedError("the source closed the main channel")
-                    self._main_decoder.receive_data(data)
+                ready = wait_any([self._conn, *receiver.fds()], stall, self.latch)
+                if ready:
+                    receiver.poll()  # channel reports, and the main channel through its watch
+                received = self.tracker.totals()["wire_bytes"]
+                if ready or received != last_bytes:
+                    last_bytes, last_progress = received, time.monotonic()
+                elif time.monotonic() - last_progress >= stall:
+                    raise TransportBrokenError(f"nothing came from the source for {stall:.0f} s, "
+                                               f"on the main channel or any multifd channel")
                 continue
             if isinstance(message, wire.Ping):
                 self._send_message(wire.Pong(message.token))
             elif isinstance(message, wire.SyncMarker):
                 receiver.sync(message.epoch)
                 rounds += 1
-                assert self.tracker is not None
                 self.tracker.round = rounds
             elif isinstance(message, wire.Switchover):
                 t_switchover = time.perf_counter()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
-                assert self.tracker is not None
                 self.tracker.state = "switchover"
             elif isinstance(message, wire.DevicesDone):
                 if t_switchover is None or devices_done is not None:
@@ -293,6 +309,20 @@ class DestinationMigration(Migration):
                 raise self._peer_error(message)
             else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
+
+    def _take_main(self) -> None:
+        """The main channel is readable: buffer what came.  At its end, an ABORT
+        among what is buffered is the source's reason; else it closed on us."""
+        assert self._conn is not None
+        data = self._conn.recv_some()
+        self._main_decoder.receive_data(data)
+        if data:
+            return
+        with contextlib.suppress(TransportClosedError):  # the decoder's word for the end
+            while (message := self._main_decoder.next_message()) is not packet.NEED_DATA:
+                if isinstance(message, wire.Abort):
+                    raise self._peer_error(message)
+        raise TransportClosedError("the source closed the main channel")
 
     def _complete(
         self, message: wire.Complete, t_start: float, t_setup: float, t_switchover: float,
@@ -313,7 +343,7 @@ class DestinationMigration(Migration):
         if message.digests_follow:
             t_hash = time.perf_counter()
             ours = ram_digests(self.ram)
-            theirs = self._read_message(wire.Digests)
+            theirs = self._read_message(wire.Digests, time.monotonic() + self.config.stall_timeout_s)
             detail = compare_digests(self.ram, theirs.digest_chunk, ours, theirs.digests)
             verify_s = time.perf_counter() - t_hash
             if detail:
@@ -321,11 +351,22 @@ class DestinationMigration(Migration):
             verified = 1
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "dest.ram"))
-        t_resume = time.perf_counter()
-        if self._resume_guest is not None:
-            self._resume_guest()
-        downtime_s = (t_ready - t_switchover) + (time.perf_counter() - t_resume)
-        self._send_message(wire.Resumed(int(downtime_s * 1e6), int(verify_s * 1e6), verified, ""))
+        # Everything is in place and the guest has not run: the source may commit.
+        self._send_message(wire.Prepared())
+        self._read_message(wire.Commit, time.monotonic() + self.config.stall_timeout_s)
+        self._commit()  # from here on this side owns the VM, whatever happens
+        self._set_state("committed")
+        resume_error = self._start_guest()
+        downtime_s = time.perf_counter() - t_switchover
+        try:
+            self._send_message(wire.Resumed(int(downtime_s * 1e6), int(verify_s * 1e6), verified,
+                                            str(resume_error or "")[:1000], self.running))
+        except MigrationError as exc:
+            # Committed all the same: the source will report an unknown outcome and
+            # keep its guest paused until its VMM asks us.
+            log.warning("committed, but could not tell the source: %s", exc)
+        if resume_error is not None:
+            raise resume_error
         self._machine.fire(MigrationEvent.COMPLETE)
         t_end = time.perf_counter()
         assert self.tracker is not None and self.negotiated is not None
@@ -344,8 +385,31 @@ class DestinationMigration(Migration):
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
             channel_memory_kib=self._channel_memory(),
-            extra=device_extra(self.device_reports),
+            extra={**device_extra(self.device_reports), "running": self.running,
+                   **({"late_channel_failures": self.late_channel_failures}
+                      if self.late_channel_failures else {})},
         )
+
+    def _start_guest(self) -> GuestControlError | None:
+        """After the commit: resume the guest, unless autostart is off.  A resume
+        that raises is returned, to be raised once the source has been told."""
+        if not self.autostart:
+            return None
+        if self._resume_guest is not None:
+            try:
+                self._resume_guest()
+            except Exception as exc:
+                error = GuestControlError(
+                    f"committed, but resume_guest raised {type(exc).__name__}: {exc}: the guest is "
+                    f"NOT running; its RAM and devices are in place (this side owns them)")
+                error.__cause__ = exc
+                return error
+        self.running = True
+        return None
+
+    def _set_state(self, state: str) -> None:
+        if self.tracker is not None:
+            self.tracker.state = state
 
     # -- helpers -----------------------------------------------------------
 
@@ -379,11 +443,11 @@ class DestinationMigration(Migration):
         self.refused.append(why)
         conn.close()
 
-    def _teardown(self) -> None:
-        super()._teardown()
-        self._step("stop listening", self._listener.close)
-        failed = self._machine.state is not MigrationState.COMPLETED
-        if failed and self._owns_ram and self.ram is not None:
-            self._step("close the RAM it created", self.ram.close)
-            self._step("unlink the RAM it created", self.ram.unlink)
-            self.ram = None
+    def _free_created_ram(self) -> None:
+        """Teardown: the RAM this side created goes, unless the migration committed
+        (then the guest is ours, running or not, and its RAM is the VMM's)."""
+        if self._committed or self.ram is None:
+            return
+        ram, self.ram = self.ram, None
+        ram.close()
+        ram.unlink()

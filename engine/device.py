@@ -9,6 +9,14 @@ device, not the sum.  A device never starts a thread of its own.
 
 Register the same devices, by ``(idstr, instance_id)``, on both sides; a device
 present on one side only is refused before any page moves.
+
+A device may also have a ``cancel()`` method (optional, not part of the
+protocol below so that existing devices keep working): when an operation fails
+or is cancelled while the device's save or load may be running, teardown calls
+it from another thread, and it should make ``save_state``/``load_state`` return
+or raise soon.  Teardown waits ``cancel_grace_s`` at most for the device's jobs;
+a job still inside the device after that is abandoned, never joined, and its
+late chunks are dropped.
 """
 
 from __future__ import annotations

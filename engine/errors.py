@@ -20,6 +20,8 @@ Every error the engine raises derives from :class:`MigrationError`::
     ├── ConfigError                   invalid or mismatched configuration
     ├── ConvergenceError              precopy did not converge in the allowed rounds
     ├── VerificationError             destination memory differs from the source's
+    ├── GuestControlError             pause_guest / resume_guest raised: says where the guest is
+    ├── OutcomeUnknownError           the source sent COMMIT but never heard back: guest paused
     ├── CancelledError                the migration was cancelled
     └── RemoteTraceback               (a cause, never raised) another process's traceback
 
@@ -120,6 +122,24 @@ class VerificationError(MigrationError):
     """The destination's memory does not equal the source's at switchover."""
 
 
+class GuestControlError(MigrationError):
+    """The VMM's ``pause_guest`` or ``resume_guest`` raised.
+
+    The message says what state the guest was left in ("still running" after a
+    failed pause, "NOT running" after a failed resume); the callback's exception
+    is the ``__cause__``.
+    """
+
+
+class OutcomeUnknownError(MigrationError):
+    """Source only: COMMIT was handed to the destination, but its answer never came.
+
+    The destination may or may not own the VM now, so the source guest stays
+    paused (it must never run twice).  Ask the destination whether migration
+    ``migration_id`` committed, then call ``SourceMigration.settle()``.
+    """
+
+
 class CancelledError(MigrationError):
     """The migration (or a pool job) was cancelled."""
 
@@ -138,3 +158,13 @@ class RemoteTraceback(MigrationError):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+
+def remote_error(name: str, message: str) -> MigrationError:
+    """The error a peer reported (an ABORT names the class): an instance of the
+    class of this tree called `name`, or a plain MigrationError for any other name."""
+    found = globals().get(name)
+    if not (isinstance(found, type) and issubclass(found, MigrationError)) or found is RemoteTraceback:
+        found = MigrationError
+    return _rebuild(found, (message,), {})

@@ -72,6 +72,8 @@ class MessageType(enum.IntEnum):
     PONG = 10
     DIGESTS = 11
     DEVICES_DONE = 12
+    PREPARED = 13
+    COMMIT = 14
 
 
 class ConfigFlags(enum.IntFlag):
@@ -123,9 +125,9 @@ _DEVICE_DONE = struct.Struct(">IQ32s")
 #  0 digest_chunk u32 | 4 n_digests u32
 _DIGESTS = struct.Struct(">II")
 
-# RESUMED body, fixed start, 17 bytes (the detail string follows)
-#  0 downtime_us u64 | 8 verify_us u64 | 16 verified u8
-_RESUMED = struct.Struct(">QQB")
+# RESUMED body, fixed start, 18 bytes (the detail string follows)
+#  0 downtime_us u64 | 8 verify_us u64 | 16 verified u8 | 17 running u8
+_RESUMED = struct.Struct(">QQBB")
 
 # Fields and length prefixes inside bodies.
 _U8 = struct.Struct(">B")
@@ -237,21 +239,37 @@ class DevicesDone:
 
 
 @dataclass(frozen=True, slots=True)
+class Prepared:
+    """PREPARED: every page and device is in place (and verified, if asked); the
+    destination guest has not run and waits for COMMIT."""
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """COMMIT: the commit point.  From the moment the source hands it to its
+    socket, the destination owns the VM and the source never resumes its guest."""
+
+
+@dataclass(frozen=True, slots=True)
 class Resumed:
-    """RESUMED: the destination runs; its share of the downtime, verification result."""
+    """RESUMED: the destination committed; downtime (SWITCHOVER → resume), verification
+    result, and whether the guest runs (``running`` 0: held paused for the VMM)."""
 
     downtime_us: int
     verify_us: int
     verified: int
     detail: str = ""
+    running: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Abort:
-    """ABORT, either direction."""
+    """ABORT, either direction; ``error`` names the failure's class in engine.errors,
+    so the other side raises the same type."""
 
     code: int
     message: str = ""
+    error: str = "MigrationError"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +284,7 @@ class Pong:
 
 Message: TypeAlias = (
     Config | ConfigAck | ChannelsReady | SyncMarker | Switchover | Complete | Digests
-    | DevicesDone | Resumed | Abort | Ping | Pong
+    | DevicesDone | Prepared | Commit | Resumed | Abort | Ping | Pong
 )
 
 
@@ -391,14 +409,17 @@ def _encode_devices_done(done: DevicesDone) -> bytes:
 def _encode_resumed(resumed: Resumed) -> bytes:
     if resumed.verified not in _VERIFICATIONS:
         raise LocalProtocolError(f"RESUMED verified {resumed.verified} is not 0, 1 or 2")
-    return (_RESUMED.pack(resumed.downtime_us, resumed.verify_us, resumed.verified)
+    return (_RESUMED.pack(resumed.downtime_us, resumed.verify_us, resumed.verified,
+                          int(resumed.running))
             + _string(resumed.detail, _U16))
 
 
 def _encode_abort(abort: Abort) -> bytes:
     if abort.code not in _ABORT_CODES:
         raise LocalProtocolError(f"unknown ABORT code {abort.code}")
-    return _U16.pack(abort.code) + _string(abort.message, _U16)
+    if not (1 <= len(abort.error) <= _STRING1_MAX and abort.error.isascii()):
+        raise LocalProtocolError("the ABORT error class must be 1..255 ASCII characters")
+    return _U16.pack(abort.code) + _string(abort.error, _U8, "ascii") + _string(abort.message, _U16)
 
 
 _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
@@ -411,6 +432,8 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
     Complete: (MessageType.COMPLETE, _encode_complete),
     Digests: (MessageType.DIGESTS, _encode_digests),
     DevicesDone: (MessageType.DEVICES_DONE, _encode_devices_done),
+    Prepared: (MessageType.PREPARED, lambda _: b""),
+    Commit: (MessageType.COMMIT, lambda _: b""),
     Resumed: (MessageType.RESUMED, _encode_resumed),
     Abort: (MessageType.ABORT, _encode_abort),
     Ping: (MessageType.PING, lambda ping: _U64.pack(ping.token)),
@@ -538,18 +561,23 @@ def _decode_devices_done(body: _Reader) -> DevicesDone:
 
 
 def _decode_resumed(body: _Reader) -> Resumed:
-    downtime_us, verify_us, verified = body.unpack(_RESUMED)
+    downtime_us, verify_us, verified, running = body.unpack(_RESUMED)
     if verified not in _VERIFICATIONS:
         raise RemoteProtocolError(f"RESUMED verified {verified} is not 0, 1 or 2")
+    if running not in (0, 1):
+        raise RemoteProtocolError(f"RESUMED running {running} is not 0 or 1")
     return Resumed(downtime_us, verify_us, Verification(verified),
-                   body.string(_U16, "detail"))
+                   body.string(_U16, "detail"), bool(running))
 
 
 def _decode_abort(body: _Reader) -> Abort:
     code = body.number(_U16)
     if code not in _ABORT_CODES:
         raise RemoteProtocolError(f"unknown ABORT code {code}")
-    return Abort(AbortCode(code), body.string(_U16, "message"))
+    error = body.string(_U8, "error class", "ascii")
+    if not error:
+        raise RemoteProtocolError("ABORT names no error class")
+    return Abort(AbortCode(code), body.string(_U16, "message"), error)
 
 
 _Decoder: TypeAlias = Callable[[_Reader], Message]
@@ -562,6 +590,8 @@ _DECODERS: Final[dict[int, _Decoder]] = {
     MessageType.COMPLETE: _decode_complete,
     MessageType.DIGESTS: _decode_digests,
     MessageType.DEVICES_DONE: _decode_devices_done,
+    MessageType.PREPARED: lambda body: Prepared(),
+    MessageType.COMMIT: lambda body: Commit(),
     MessageType.RESUMED: _decode_resumed,
     MessageType.ABORT: _decode_abort,
     MessageType.PING: lambda body: Ping(body.number(_U64)),
@@ -585,8 +615,10 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.COMPLETE: (_COMPLETE.size, _COMPLETE.size),
     MessageType.DIGESTS: (_DIGESTS.size + DIGEST_SIZE, MAX_MESSAGE_BODY),
     MessageType.DEVICES_DONE: (_U16.size, _U16.size + MAX_DEVICES * _DEVICE_DONE.size),
+    MessageType.PREPARED: (0, 0),
+    MessageType.COMMIT: (0, 0),
     MessageType.RESUMED: (_RESUMED.size + _U16.size, _RESUMED.size + _STRING_FIELD),
-    MessageType.ABORT: (_U16.size + _U16.size, _U16.size + _STRING_FIELD),
+    MessageType.ABORT: (_U16.size + 1 + 1 + _U16.size, _U16.size + _STRING1_FIELD + _STRING_FIELD),
     MessageType.PING: (_U64.size, _U64.size),
     MessageType.PONG: (_U64.size, _U64.size),
 }

@@ -1,29 +1,35 @@
 """Migration orchestration shared by both sides: configuration, lifecycle, teardown.
 
 :class:`SourceMigration` (engine/source.py) and :class:`DestinationMigration`
-(engine/destination.py) derive from :class:`Migration`, which owns the things
-both have and both must tear down in the same careful order::
+(engine/destination.py) derive from :class:`Migration`, which owns what both
+have: the failure latch, the state machine, the commit point, and a teardown
+built while setting up::
 
     failure/cancel ─▶ FailureLatch (first error wins; wakes every wait)
-    teardown       ─▶ ABORT to the peer (best effort) → QUIT + shutdown every
-                      channel socket → pool shutdown (joins only started
-                      workers; terminates stragglers) → close sockets →
-                      unlink what this migration created
+    set-up         ─▶ each step that creates something pushes the step that
+                      releases it on an ExitStack (main channel, slot table,
+                      channel processes, device jobs, ...)
+    teardown       ─▶ the stack unwinds in reverse: device jobs stop before the
+                      slots they write are freed, channels stop (after an ABORT
+                      to the peer) before their sockets close, and so on
 
 A migration runs in the caller's thread (:meth:`Migration.run`) or in the
 background (:meth:`Migration.start`, then :meth:`Migration.wait`);
-:meth:`Migration.cancel` is safe from any thread, at any time.
+:meth:`Migration.cancel` is safe from any thread, at any time before the
+commit point (docs/architecture.md, "Switchover is a commit").
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-import select
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
@@ -36,18 +42,20 @@ from engine.errors import (
     ConfigError,
     LocalProtocolError,
     MigrationError,
+    OutcomeUnknownError,
     PoolError,
     RemoteProtocolError,
     TransportBrokenError,
     TransportClosedError,
     TransportError,
+    remote_error,
 )
 from engine.multifd import ChannelLink, channel_error, root_cause, shutdown_links
 from engine.payload import payload_entry
 from engine.pool import WorkerPool
-from engine.slots import SlotTable
+from engine.slots import Counter, SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
-from engine.sync import FailureLatch, MigrationEvent, MigrationState, StateMachine, wait_any
+from engine.sync import FailureLatch, MigrationEvent, MigrationState, StateMachine, wait_any, wait_readable
 from engine.transport import Connection
 
 log = logging.getLogger("multifd.migration")
@@ -145,6 +153,17 @@ class Migration:
         self.latch.on_fail(self._kick)
         self._peer_reason: BaseException | None = None  # the peer's ABORT, if one came
         self._main_decoder = wire.MessageDecoder()  # what the peer says on the main channel
+        # Teardown, built during set-up: each step that creates something pushes
+        # the step that releases it; teardown unwinds the stack in reverse.
+        self._exits = contextlib.ExitStack()
+        # The commit point: a cancel and the commit take this lock, so a cancel
+        # either lands before the commit (and stops it) or is refused after it.
+        self._commit_lock = threading.Lock()
+        self._committed = False
+        self._abort_sent = False
+        # Channels that failed after their last word (END sent or read): their
+        # work is done, so they do not fail the migration; reported in the result.
+        self.late_channel_failures: list[str] = []
 
     # -- public API --------------------------------------------------------
 
@@ -172,15 +191,21 @@ class Migration:
         """Recover, tear down, settle the state; return the error to report."""
         first = self.latch.error
         assert first is not None
-        self._on_failure(first)  # the source resumes its guest before anything slow
+        error = self._on_failure(first)  # the source resumes its guest before anything slow
         self._teardown()
         # A transport failure seen first is often the echo of the peer's ABORT:
         # report the peer's reason when it arrived while tearing down.
-        error = self._peer_reason if isinstance(first, TransportError) and self._peer_reason else first
-        cancelled = isinstance(error, CancelledError)
-        self._machine.fire(MigrationEvent.CANCEL if cancelled else MigrationEvent.FAIL)
-        if self._machine.state is MigrationState.CANCELLING:
-            self._machine.fire(MigrationEvent.TORN_DOWN)
+        if error is first and isinstance(first, TransportError) and self._peer_reason:
+            error = self._peer_reason
+        if isinstance(error, OutcomeUnknownError):
+            self._machine.fire(MigrationEvent.LOSE_TRACK)
+        elif self._machine.state is MigrationState.COMMITTED:
+            self._machine.fire(MigrationEvent.FAIL)
+        else:
+            cancelled = isinstance(error, CancelledError)
+            self._machine.fire(MigrationEvent.CANCEL if cancelled else MigrationEvent.FAIL)
+            if self._machine.state is MigrationState.CANCELLING:
+                self._machine.fire(MigrationEvent.TORN_DOWN)
         return error
 
     def start(self) -> None:
@@ -203,9 +228,33 @@ class Migration:
     def done(self) -> bool:
         return self._run_future is not None and self._run_future.done()
 
-    def cancel(self, reason: str = "migration cancelled") -> None:
-        """Cancel at any phase; the migration tears down and its run() raises CancelledError."""
-        self.latch.cancel(reason)
+    def cancel(self, reason: str = "migration cancelled") -> bool:
+        """Cancel at any phase before the commit point; run() then raises CancelledError.
+
+        Returns False, and changes nothing, once the migration committed (the
+        destination owns the VM: there is nothing left to cancel) or already failed.
+        """
+        with self._commit_lock:
+            if self._committed:
+                log.info("%s: cancel refused, the migration has committed", self.role)
+                return False
+            return self.latch.cancel(reason)
+
+    @property
+    def committed(self) -> bool:
+        """True once the commit point passed: the destination owns the VM."""
+        return self._committed
+
+    def _commit(self, action: Callable[[], None] | None = None) -> None:
+        """Pass the commit point: run `action` (the source sends COMMIT) and mark
+        the migration committed, unless it failed or was cancelled first (then
+        raise that).  If `action` raises, the migration has not committed."""
+        with self._commit_lock:
+            self.latch.raise_if_failed()
+            if action is not None:
+                action()
+            self._committed = True
+        self._machine.fire(MigrationEvent.COMMIT)
 
     def stats(self) -> MigrationStats | None:
         return self.tracker.snapshot() if self.tracker is not None else None
@@ -222,8 +271,10 @@ class Migration:
     def _run(self) -> MigrationResult:
         raise NotImplementedError
 
-    def _on_failure(self, error: BaseException) -> None:
-        """Side-specific recovery (the source resumes its guest)."""
+    def _on_failure(self, error: BaseException) -> BaseException:
+        """Side-specific recovery (the source resumes its guest); returns the error
+        to report, which may say more than `error` (where the guest is)."""
+        return error
 
     def _start_channels(
         self, target: Callable[..., Any], conns: Sequence[Connection | None], spec: ChannelSpec
@@ -239,6 +290,7 @@ class Migration:
                 "process", len(conns), name=f"mfd-{self.role}",
                 start_method=cfg.start_method, cancel_grace=cfg.cancel_grace_s,
             )
+        self._defer("stop the channels", self._stop_channels)
         for channel_id, conn in enumerate(conns):
             main_end, channel_end = control_pair()
             data = () if conn is None else (conn.sock,)
@@ -251,19 +303,23 @@ class Migration:
                 )
             except BaseException:
                 main_end.close()
+                for unused in conns[channel_id:]:
+                    if unused is not None:
+                        unused.close()
                 raise
             finally:
                 channel_end.close()
             link = ChannelLink(channel_id, main_end, conn, future, root_cause=self._pool_broken_by)
             self._links.append(link)
-            future.add_done_callback(self._channel_done)
+            future.add_done_callback(functools.partial(self._channel_done, link))
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
 
-    def _open_device_pool(self, workers: int) -> WorkerPool:
-        """The thread pool for this operation's device save or load jobs (devices
-        are objects of this process); stopped by teardown."""
-        self._device_pool = WorkerPool("thread", workers, name=f"mfd-{self.role}-devices")
-        return self._device_pool
+    def _open_device_pool(self, devices: Sequence[MigratableDevice], workers: int) -> WorkerPool:
+        """The thread pool for the save or load jobs of `devices` (objects of this
+        process), `workers` threads; stopped by teardown before the slots go."""
+        pool = self._device_pool = WorkerPool("thread", workers, name=f"mfd-{self.role}-devices")
+        self._defer("stop the device jobs", self._stop_device_jobs, pool, devices)
+        return pool
 
     def _device_loader(self, devices: Sequence[MigratableDevice], device_load: str,
                        slots: SlotTable | None, *extra: Any) -> DeviceLoading:
@@ -271,7 +327,7 @@ class Migration:
         worker per device ("parallel") or one in all ("serial")."""
         make_loader = payload_entry(packet.PacketKind.DEVICE_STATE).sink
         assert make_loader is not None
-        pool = self._open_device_pool(len(devices) if device_load == "parallel" else 1)
+        pool = self._open_device_pool(devices, len(devices) if device_load == "parallel" else 1)
         loader: DeviceLoading = make_loader(devices, slots, pool, self.latch, *extra)
         return loader
 
@@ -288,22 +344,13 @@ class Migration:
                               f"workers of {stats.max_workers}; {channels} channels need one each")
         return pool
 
-    def _release_shared_pool(self, failed: bool) -> None:
+    def _release_shared_pool(self, pool: WorkerPool, failed: bool) -> None:
         """Our channel jobs end (they were told to stop, or finished); one that
         does not within cancel_grace breaks the pool, which stops it."""
-        assert self._pool is not None
-        deadline = time.monotonic() + self.config.cancel_grace_s
-        stuck = 0
-        for link in self._links:
-            try:
-                link.future.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                stuck += 1
-            except Exception:
-                pass
+        _, stuck = futures_wait([link.future for link in self._links], self.config.cancel_grace_s)
         if stuck:
-            self._pool.cancel(PoolError(f"{stuck} channel(s) of a {'failed ' if failed else ''}"
-                                        f"{self.role} did not stop within {self.config.cancel_grace_s} s"))
+            pool.cancel(PoolError(f"{len(stuck)} channel(s) of a {'failed ' if failed else ''}"
+                                  f"{self.role} did not stop within {self.config.cancel_grace_s} s"))
 
     def _track(self, conn: Connection) -> Connection:
         """Remember `conn` so a failure or cancel can wake a read blocked on it."""
@@ -326,10 +373,20 @@ class Migration:
     def _pool_broken_by(self) -> BaseException | None:
         return self._pool.broken if self._pool is not None else None
 
-    def _channel_done(self, future: Future) -> None:
+    def _channel_done(self, link: ChannelLink, future: Future) -> None:
+        """A channel job ended.  Its failure fails the migration, unless the channel
+        had already said its last word (END): then its work is done, and the
+        failure is only reported (the pool still knows the worker died)."""
         error = channel_error(future)
-        if error is not None:
-            self.latch.fail(root_cause(error, self._pool_broken_by()))
+        if error is None:
+            return
+        slots = self._slots
+        done = link.finished or (slots is not None and slots.counters[link.channel_id, Counter.LAST_WORD])
+        if done:
+            log.warning("%s: channel %d failed after its last packet: %s", self.role, link.channel_id, error)
+            self.late_channel_failures.append(f"channel {link.channel_id}: {error}")
+            return
+        self.latch.fail(root_cause(error, self._pool_broken_by()))
 
     def _wait_channels_ready(self, timeout: float) -> None:
         """Wait until every channel process attached its memory and is serving."""
@@ -393,7 +450,7 @@ class Migration:
         if abort.code == wire.AbortCode.CANCELLED:
             error: MigrationError = CancelledError(f"{self.peer} cancelled: {abort.message}")
         else:
-            error = MigrationError(f"{self.peer} failed: {abort.message}")
+            error = remote_error(abort.error, f"{self.peer} failed: {abort.message}")
         self._peer_reason = self._peer_reason or error
         return error
 
@@ -416,49 +473,97 @@ class Migration:
             self.tracker.main_bytes += len(data)
 
     def _teardown(self) -> None:
-        """Stop and release everything this migration created.  Idempotent, never raises.
+        """Release everything this operation created, in reverse order of set-up.
+        Idempotent, never raises (each step runs even if an earlier one failed)."""
+        self._exits.close()
 
-        Order: ABORT to the peer → QUIT and shut down every channel socket (wakes
-        a process blocked on it) → pool shutdown (joins started workers, kills
-        stragglers) → close sockets → unlink the slot table.  Each step runs even
-        if an earlier one failed.
-        """
-        failed = self.latch.failed and self._machine.state is not MigrationState.COMPLETED
-        if failed and self._conn is not None:
-            self._step("send ABORT", self._send_abort)
-            if self._links:  # only channel sockets could tell the peer first
-                self._step("hear the peer out", self._await_peer_close)
-        if failed and self._links:
-            self._step("stop channels", shutdown_links, self._links)
-        if self._pool is self._shared_pool and self._pool is not None:
-            self._step("release the shared pool", self._release_shared_pool, failed)
-        elif self._pool is not None:
-            self._step("shut the pool down", self._pool.shutdown, wait=True, cancel=failed)
-        self._pool = None
-        for link in self._links:
-            self._step("close a channel link", link.close)
-        self._links = []
+    def _defer(self, what: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Push a teardown step (`what` names it in a log line if it fails)."""
+        self._exits.callback(self._step, what, action, *args, **kwargs)
+
+    @property
+    def _aborting(self) -> bool:
+        """Tearing down a migration that failed before its commit point."""
+        return self.latch.failed and not self._committed
+
+    def _own_conn(self, conn: Connection) -> Connection:
+        """The main channel: closed at teardown, after an ABORT if the migration failed."""
+        self._conn = conn
+        self._defer("close the main channel", self._close_main)
+        return conn
+
+    def _close_main(self) -> None:
+        if self._conn is None:
+            return
+        if self._aborting:
+            self._send_abort()
+        self._conn.close()
+        self._conn = None
+
+    def _own_slots(self, slots: SlotTable) -> SlotTable:
+        """The slot table: freed at teardown, after the channels and device jobs
+        that write it have stopped (they are set up later, so torn down first)."""
+        self._slots = slots
+        self._defer("unlink the slot table", self._free_slots)
         if self.tracker is not None:
-            self._step("keep final counters", self.tracker.freeze)
+            self.tracker.slots = slots
+            self._defer("keep final counters", self.tracker.freeze)
+        return slots
+
+    def _free_slots(self) -> None:
+        if self.tracker is not None:
             self.tracker.slots = None
         if self._slots is not None:
-            self._step("close the slot table", self._slots.close)
-            self._step("unlink the slot table", self._slots.unlink)
-            self._slots = None
-        if self._conn is not None:
-            self._step("close the main channel", self._conn.close)
-            self._conn = None
-        if self._device_pool is not None:
-            self._step("stop the device jobs", self._device_pool.shutdown, wait=True,
-                       cancel=self._machine.state is not MigrationState.COMPLETED)
-            self._device_pool = None
+            slots, self._slots = self._slots, None
+            slots.close()
+            slots.unlink()
+
+    def _stop_channels(self) -> None:
+        """Teardown of the channel processes: tell the peer why (ABORT) and hear it
+        out, stop every channel, release or shut down the pool, close the links."""
+        aborting = self._aborting
+        if aborting and self._conn is not None:
+            self._send_abort()
+            self._await_peer_close()
+        if aborting:
+            shutdown_links(self._links)
+        pool, self._pool = self._pool, None
+        if pool is not None and pool is self._shared_pool:
+            self._release_shared_pool(pool, self.latch.failed)
+        elif pool is not None:
+            pool.shutdown(wait=True, cancel=self.latch.failed)
+        links, self._links = self._links, []
+        for link in links:
+            link.close()
+
+    def _stop_device_jobs(self, pool: WorkerPool, devices: Sequence[MigratableDevice]) -> None:
+        """Teardown of the device jobs: a failed operation asks each device to stop
+        (its optional ``cancel()``), then waits ``cancel_grace_s`` at most; a job
+        still inside the device's code then is abandoned, never joined."""
+        self._device_pool = None
+        failed = self.latch.failed
+        if failed:
+            for device in devices:
+                cancel = getattr(device, "cancel", None)
+                if callable(cancel):
+                    self._step(f"cancel device {device.idstr!r}", cancel)
+            pool.cancel(self.latch.error)
+        deadline = time.monotonic() + self.config.cancel_grace_s
+        while pool.statistics().busy and time.monotonic() < deadline:
+            self.latch.wait(0.01)  # set once failed: this sleeps without busy-waiting
+        stuck = pool.statistics().busy
+        if stuck:
+            log.warning("%s: %d device job(s) did not stop within %.1f s; abandoned",
+                        self.role, stuck, self.config.cancel_grace_s)
+        pool.shutdown(wait=not stuck)
 
     @staticmethod
     def _step(what: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
         try:
             action(*args, **kwargs)
-        except Exception:  # teardown goes on; the first error is already recorded
-            log.exception("teardown: could not %s", what)
+        except Exception as exc:  # teardown goes on; the first error is already recorded
+            log.warning("teardown: could not %s: %s", what, exc)
+            log.debug("teardown step %r failed", what, exc_info=True)
 
     def _await_peer_close(self, timeout: float = 0.5) -> None:
         """After our ABORT: wait until the peer closes the main channel or aborts too.
@@ -479,7 +584,7 @@ class Migration:
                 return  # closed, or garbage: either way the peer is done talking
             if message is packet.NEED_DATA:
                 remaining = deadline - time.monotonic()
-                ready, _, _ = select.select([self._conn], [], [], max(0.0, remaining))
+                ready = wait_readable([self._conn], max(0.0, remaining))
                 if not ready:
                     return
                 decoder.receive_data(self._conn.recv_some())
@@ -488,11 +593,17 @@ class Migration:
                 return
 
     def _send_abort(self) -> None:
+        """Tell the peer why we stop (once): the error's class and message.  A courtesy
+        with a 1 s bound: the peer may be gone already, and then it learns from the
+        closed connection instead."""
         error = self.latch.error
+        if self._abort_sent or self._conn is None or error is self._peer_reason:
+            return  # sent already, nobody to tell, or the peer's own ABORT: no echo
+        self._abort_sent = True
         code = wire.AbortCode.CANCELLED if isinstance(error, CancelledError) else wire.AbortCode.FAILED
+        name = type(error).__name__ if isinstance(error, MigrationError) else "MigrationError"
         try:
-            assert self._conn is not None
             self._conn.settimeout(1.0)
-            self._conn.send_all(wire.encode_message(wire.Abort(code, str(error)[:1000])))
-        except Exception:
-            pass  # the peer may be gone already; ABORT is a courtesy
+            self._conn.send_all(wire.encode_message(wire.Abort(code, str(error)[:1000], name)))
+        except MigrationError as exc:
+            log.info("%s: could not send ABORT: %s", self.role, exc)

@@ -30,12 +30,13 @@ migration's error.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError as FuturesCancelledError
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 
 from engine.channel import ChannelReport, ControlMessage, ControlOp, post, read_control
 from engine.errors import (
@@ -47,7 +48,7 @@ from engine.errors import (
     TransportClosedError,
 )
 from engine.slots import Counter, SendSlot, SlotTable
-from engine.sync import FailureLatch, SyncBarrier
+from engine.sync import FailureLatch, SyncBarrier, wait_readable
 from engine.transport import Connection
 
 log = logging.getLogger("multifd.core")
@@ -73,6 +74,7 @@ class ChannelLink:
                                   # (None: a file channel)
         self.future = future
         self.pid = 0              # the channel process's, once it said READY
+        self.finished = False     # it said its last word (FINISHED / ENDED): its work is done
         self._root_cause = root_cause  # what broke the pool, if it broke
 
     def post(self, op: ControlOp, a: int = 0) -> None:
@@ -101,8 +103,11 @@ class ChannelLink:
         """
         try:
             error = channel_error(self.future, timeout=_EXIT_CAUSE_WAIT)
-        except Exception as exc:  # a timeout, or the pool's own cancellation
-            error = exc
+        except FuturesTimeoutError:
+            error = TransportBrokenError(f"multifd channel {self.channel_id} stopped answering and "
+                                         f"its process did not end within {_EXIT_CAUSE_WAIT:.0f} s")
+        except FuturesCancelledError:
+            error = CancelledError(f"multifd channel {self.channel_id} was cancelled")
         if error is None:
             error = TransportClosedError(f"multifd channel {self.channel_id} exited unexpectedly")
         return root_cause(error, self._root_cause())
@@ -148,6 +153,10 @@ class _ChannelPump:
         self.latch = latch
         self.stall_timeout = stall_timeout
         self._by_fd = {link.ctrl.fileno(): link for link in links}
+        # Another descriptor every wait also watches (the destination's main
+        # channel), with what to do when it is readable; that counts as progress.
+        self.watch: tuple[int, Callable[[], None]] | None = None
+        self._watched = False
 
     def fds(self) -> list[int]:
         """Control sockets still worth waiting on (channels that have not ended)."""
@@ -155,6 +164,7 @@ class _ChannelPump:
 
     def retire(self, link: ChannelLink) -> None:
         """The channel said its last word; its control socket will close normally."""
+        link.finished = True
         self._by_fd.pop(link.ctrl.fileno(), None)
 
     def pump(self, timeout: float | None) -> list[tuple[ChannelLink, ControlMessage]]:
@@ -165,8 +175,14 @@ class _ChannelPump:
         """
         self.latch.raise_if_failed()
         fds = list(self._by_fd) + [self.latch.fileno()]
-        ready, _, _ = select.select(fds, [], [], timeout)
+        if self.watch is not None:
+            fds.append(self.watch[0])
+        ready = wait_readable(fds, timeout)
         self.latch.raise_if_failed()
+        self._watched = self.watch is not None and self.watch[0] in ready
+        if self._watched:
+            assert self.watch is not None
+            self.watch[1]()
         messages = []
         for fd in ready:
             link = self._by_fd.get(fd)
@@ -187,7 +203,7 @@ class _ChannelPump:
         """Handle messages until `done()`; fail if nothing arrives for stall_timeout."""
         while not done():
             messages = self.pump(self.stall_timeout)
-            if not messages:
+            if not messages and not self._watched:
                 self.latch.fail(TransportBrokenError(
                     f"no progress on any multifd channel for {self.stall_timeout:.0f} s "
                     f"while waiting for {what}"
@@ -378,6 +394,11 @@ class MultifdReceiver:
     def on_delivery(self, kind: int, handler: Callable[[ChannelLink, ControlMessage], None]) -> None:
         """Route DELIVERED messages of payload `kind` to `handler` (a client)."""
         self._deliveries[int(kind)] = handler
+
+    def watch(self, fd: int, readable: Callable[[], None]) -> None:
+        """While waiting on the channels, also call `readable()` whenever `fd` is
+        readable (the main channel: a source that closes or aborts is noticed at once)."""
+        self._pump.watch = (fd, readable)
 
     def sync(self, epoch: int) -> None:
         """Wait until every channel reached SYNC(epoch), then release them all."""

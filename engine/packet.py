@@ -53,7 +53,7 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 
 HELLO_MAGIC: Final = 0x4D464448  # "MFDH"
 PACKET_MAGIC: Final = 0x4D464450  # "MFDP"
-VERSION: Final = 1
+VERSION: Final = 2
 HELLO_SIZE: Final = 80
 NONCE_SIZE: Final = 16
 AUTH_SIZE: Final = 32

@@ -18,7 +18,13 @@ from typing import Any
 
 from engine import packet
 from engine.device import DeviceReport, DeviceSaving, MigratableDevice
-from engine.errors import CancelledError, ConvergenceError, LocalProtocolError
+from engine.errors import (
+    CancelledError,
+    ConvergenceError,
+    GuestControlError,
+    LocalProtocolError,
+    OutcomeUnknownError,
+)
 from engine.migration import Migration, MigrationConfig
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, payload_entry
@@ -99,13 +105,20 @@ class SavingMigration(Migration):
 
     def _start_device_pool(self) -> None:
         if self.devices:
-            self._open_device_pool(len(self.devices))
+            self._open_device_pool(self.devices, len(self.devices))
 
     def _pause(self) -> float:
-        """Pause the guest; returns when (perf_counter) it was paused."""
+        """Pause the guest; returns when (perf_counter) it was paused.
+
+        A pause_guest that raises is a GuestControlError; the failure path then
+        resumes the guest (it may be half paused), so it runs on either way.
+        """
+        self._paused = True  # from here on, a failure resumes the guest
         if self._pause_guest is not None:
-            self._pause_guest()
-        self._paused = True
+            try:
+                self._pause_guest()
+            except Exception as exc:
+                raise GuestControlError(f"pause_guest raised {type(exc).__name__}: {exc}") from exc
         return time.perf_counter()
 
     def _precopy(self, client: PrecopyClient) -> float:
@@ -169,13 +182,35 @@ class SavingMigration(Migration):
         if self.tracker is not None:
             self.tracker.state = state
 
-    def _on_failure(self, error: BaseException) -> None:
+    def _on_failure(self, error: BaseException) -> BaseException:
+        """Before the commit point, or when the destination said it did not commit
+        (its ABORT): resume the guest, so it runs on.  After the commit point
+        without an answer: keep it paused and report OutcomeUnknownError.
+        Returns the error to report (GuestControlError if resuming raised)."""
         self._set_state("cancelled" if isinstance(error, CancelledError) else "failed")
-        if self._paused:
-            self._paused = False
-            if self._resume_guest is not None:
-                try:
-                    self._resume_guest()
-                except Exception:
-                    log.exception("resuming the guest after a failed %s failed", self.role)
+        if not self._paused:
+            return error
+        if self._committed and error is not self._peer_reason:
+            self._set_state("outcome unknown")
+            unknown = OutcomeUnknownError(
+                f"COMMIT was sent but the destination's answer never came ({error}); the guest "
+                f"stays paused here: ask the destination whether migration {self.migration_id} "
+                f"committed, then call settle()")
+            unknown.__cause__ = error
+            return unknown
+        return self._resume_after(error)
 
+    def _resume_after(self, error: BaseException) -> BaseException:
+        """Resume the paused guest after `error`; a resume that raises is reported."""
+        self._paused = False
+        if self._resume_guest is None:
+            return error
+        try:
+            self._resume_guest()
+        except Exception as exc:
+            failed = GuestControlError(
+                f"{error}; then resume_guest raised {type(exc).__name__}: {exc}: the guest is NOT running")
+            failed.__cause__ = exc
+            failed.__context__ = error
+            return failed
+        return error

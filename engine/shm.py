@@ -40,6 +40,10 @@ import numpy as np
 from engine.errors import ConfigError, LocalProtocolError
 
 PAGE_SIZE = 4096
+# Every segment this project creates is named so.  MULTIFD_SEGMENT_TAG, when set
+# (inherited by child processes), is added: a test run sets it to tell its own
+# segments from those of any other run on the machine.
+SEGMENT_PREFIX = "mfd-" + os.environ.get("MULTIFD_SEGMENT_TAG", "")
 _TRACKER_TYPE = "shared_memory"
 
 
@@ -77,7 +81,7 @@ class Segment:
         """
         if size <= 0:
             raise ConfigError(f"segment size must be positive, got {size}")
-        name = name or f"mfd-{secrets.token_hex(8)}"
+        name = name or f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
         path = "/" + name
         try:
             fd = _posixshmem.shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)

@@ -55,6 +55,8 @@ class Counter(IntEnum):
     PAYLOAD_BYTES = 5    # payload bytes after the prepare step (compressed size)
     SYNCS = 6
     DEVICE_BYTES = 7
+    LAST_WORD = 8        # 1 once the channel's work is done: END written (source) or read
+                         # (destination), set just before it tells main so
 
 
 N_COUNTERS = len(Counter)

@@ -251,9 +251,11 @@ class SnapshotSave(SavingMigration):
     def _setup(self) -> None:
         cfg = self.config
         self._file = open_file(self.path, "create")
+        self._defer("remove or close the snapshot file", self._release_file)
         if self.direct_io:
             open_file(self._file.path, "write", direct_io=True).close()  # fails here if unsupported
         self._present = Segment.create(self.ram.n_pages)  # fresh: all absent
+        self._defer("unlink the present map", self._free_present_map)
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name, direct_io=self.direct_io)
         self._core = _start_file_channels(self, self.ram, target, zero_page_detection=cfg.zero_page_detection,
@@ -311,17 +313,20 @@ class SnapshotSave(SavingMigration):
         file.write_at(0, [fmt.encode_superblock(superblock)])
         self.published = file.publish()
 
-    def _teardown(self) -> None:
-        super()._teardown()  # channels stop before the file goes
-        if self._file is not None:
-            if self.published is None:
-                self._step("remove the partial snapshot", self._file.discard)
-            self._step("close the snapshot file", self._file.close)
-            self._file = None
-        if self._present is not None:
-            self._step("close the present map", self._present.close)
-            self._step("unlink the present map", self._present.unlink)
-            self._present = None
+    def _release_file(self) -> None:
+        """Teardown: an unpublished (failed) save leaves no file; an older one stays."""
+        file, self._file = self._file, None
+        if file is None:
+            return
+        if self.published is None:
+            file.discard()
+        file.close()
+
+    def _free_present_map(self) -> None:
+        present, self._present = self._present, None
+        if present is not None:
+            present.close()
+            present.unlink()
 
 
 # ---------------------------------------------------------------------------
@@ -367,7 +372,6 @@ class SnapshotRestore(Migration):
         self.direct_io = direct_io
         self.dump_dir = dump_dir
         self._file: PositionalFile | None = None
-        self._created_ram = False
         self._core: MultifdSender | None = None
 
     def _run(self) -> MigrationResult:
@@ -428,6 +432,7 @@ class SnapshotRestore(Migration):
     def _open(self) -> tuple[SnapshotInfo, list[np.ndarray]]:
         """Open and check the file, then match it to the guest: nothing loads before."""
         self._file = open_file(self.path, "read")
+        self._defer("close the snapshot file", self._close_file)
         info, present = _read_snapshot(self._file)
         saved = {(d.idstr, d.instance_id) for d in info.metadata.devices}
         for idstr, instance in sorted(saved - set(self.devices)):
@@ -436,7 +441,7 @@ class SnapshotRestore(Migration):
             raise ConfigError(f"device {idstr!r}/{instance} is not in the snapshot: it would get no state")
         if self.ram is None:
             self.ram = GuestRAM.create(info.layout)
-            self._created_ram = True
+            self._defer("free the RAM it created", self._free_created_ram)
         elif self.ram.layout != info.layout:
             raise ConfigError(f"the snapshot's RAM {_describe(info.layout)} does not match the "
                               f"guest's {_describe(self.ram.layout)}")
@@ -480,16 +485,17 @@ class SnapshotRestore(Migration):
         for offset, length in entry.chunks:
             yield file.read_at(offset, length)
 
-    def _teardown(self) -> None:
-        super()._teardown()
-        if self._file is not None:
-            self._step("close the snapshot file", self._file.close)
-            self._file = None
-        if self._created_ram and self.result is None and self.ram is not None:
-            # Ours, and nobody will get it: a failed restore leaves no RAM behind.
-            self._step("close the RAM", self.ram.close)
-            self._step("unlink the RAM", self.ram.unlink)
-            self.ram = None
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+    def _free_created_ram(self) -> None:
+        """Teardown: RAM this restore created, and nobody will get (it failed), goes."""
+        if self.result is None and self.ram is not None:
+            ram, self.ram = self.ram, None
+            ram.close()
+            ram.unlink()
 
 
 def _start_file_channels(operation: Migration, ram: GuestRAM, target: FileTarget, *,
@@ -498,10 +504,8 @@ def _start_file_channels(operation: Migration, ram: GuestRAM, target: FileTarget
     """A save's or restore's N file channels on `target`, serving; the multifd core
     that drives them with RAM slots (no payload: a slot only names pages)."""
     cfg = operation.config
-    slots = operation._slots = SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
-                                                payload_capacity=0, n_channels=cfg.channels)
-    assert operation.tracker is not None
-    operation.tracker.slots = slots
+    slots = operation._own_slots(SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
+                                                  payload_capacity=0, n_channels=cfg.channels))
     spec = ChannelSpec(channel_id=0, ram=ram.handle, slots=slots.handle, packet_pages=cfg.packet_pages,
                        zero_page_detection=zero_page_detection,
                        payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target)

@@ -10,8 +10,12 @@
                until the remaining dirty bytes at the measured bandwidth fit the
                downtime limit (or max_rounds: switch over or fail, as configured)
     switchover pause the guest → SWITCHOVER → final round, flushed (no sync: END is
-               the barrier) → END on every channel → COMPLETE (→ DIGESTS if verifying) → ← RESUMED
-    teardown   always; on failure or cancel the guest is resumed, running and intact
+               the barrier) → END on every channel → COMPLETE (→ DIGESTS if verifying)
+    commit     ← PREPARED (the destination has it all, its guest has not run) →
+               COMMIT: from here the destination owns the VM → ← RESUMED
+    teardown   always; a failure before COMMIT (or an ABORT from a destination that
+               did not commit) resumes the guest, running and intact; a failure after
+               COMMIT without an answer keeps it paused: OutcomeUnknownError, settle()
 
 A return-path reader (a thread-pool job) reads the destination's messages for
 the whole migration, so an ABORT or a lost connection wakes the orchestrator
@@ -24,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from engine import codecs, packet
 from engine import message as wire
@@ -31,9 +36,12 @@ from engine.channel import ChannelSpec, run_send_channel
 from engine.device import MigratableDevice, device_key
 from engine.errors import (
     ConfigError,
+    GuestControlError,
     HandshakeError,
     MigrationError,
+    OutcomeUnknownError,
     RemoteProtocolError,
+    TransportBrokenError,
     TransportClosedError,
 )
 from engine.migration import MigrationConfig
@@ -44,7 +52,7 @@ from engine.saving import SavingMigration
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, device_extra
-from engine.sync import MigrationEvent, Signal, wait_any
+from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
 from engine.transport import Connection, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
 
@@ -80,7 +88,9 @@ class SourceMigration(SavingMigration):
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool)
         self.to = to
         self._helpers: WorkerPool | None = None
+        self._prepared = Signal()
         self._resumed = Signal()
+        self._defer("close the return-path signals", self._close_signals)
         self._rtt_s = 0.0
         self._setup_deadline = 0.0
 
@@ -90,6 +100,7 @@ class SourceMigration(SavingMigration):
         t_start, t_setup, client, expected_downtime_s = self._until_switchover()
         resumed, t_pause, t_switchover_sent, t_complete, verify_ms = self._switchover(client)
         t_end = time.perf_counter()
+        self._paused = False  # the guest is the destination's now
         self._machine.fire(MigrationEvent.COMPLETE)
         self._set_state("completed")
         assert self.tracker is not None
@@ -115,12 +126,35 @@ class SourceMigration(SavingMigration):
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
             channel_memory_kib=self._channel_memory(),
-            extra=device_extra(self.device_reports),
+            extra={**device_extra(self.device_reports), "destination_running": resumed.running,
+                   **self._late_failures()},
         )
+
+    def settle(self, destination_runs: bool) -> None:
+        """Settle an OutcomeUnknownError once the VMM has asked the destination.
+
+        `destination_runs` True: the destination committed (it owns the VM); the
+        guest here stays stopped, and the migration counts as completed.  False:
+        the destination did not commit and never will (it failed, or is gone):
+        the guest here resumes.  Raises ConfigError in any other state, and
+        GuestControlError if resume_guest raises.
+        """
+        if self.state is not MigrationState.OUTCOME_UNKNOWN:
+            raise ConfigError(f"settle() is for a migration whose outcome is unknown, not {self.state.name}")
+        if destination_runs:
+            self._paused = False
+            self._machine.fire(MigrationEvent.SETTLE_DESTINATION)
+            self._set_state("completed")
+            return
+        error = self._resume_after(OutcomeUnknownError("settled: the destination did not commit"))
+        self._machine.fire(MigrationEvent.SETTLE_SOURCE)
+        self._set_state("failed")
+        if isinstance(error, GuestControlError):
+            raise error
 
     def _setup(self) -> None:
         cfg = self.config
-        conn = self._conn = connect(self.to, cfg.connect_timeout_s, self.latch)
+        conn = self._own_conn(connect(self.to, cfg.connect_timeout_s, self.latch))
         conn.settimeout(cfg.handshake_timeout_s)  # bounds sends; reads wait on the latch
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
         # Mutual authentication: our hello, then the destination's reply over our nonce.
@@ -138,13 +172,11 @@ class SourceMigration(SavingMigration):
 
         # N channel slots + one for the RAM client + one per device save job,
         # each big enough for a device chunk when there are devices.
-        self._slots = SlotTable.create(
+        slots = self._own_slots(SlotTable.create(
             n_slots=cfg.channels + 1 + len(self.devices), max_items=cfg.packet_pages,
             payload_capacity=packet.MAX_DEVICE_CHUNK if self.devices else 0,
             n_channels=cfg.channels,
-        )
-        assert self.tracker is not None
-        self.tracker.slots = self._slots
+        ))
         conns: list[Connection] = []
         try:
             for channel_id in range(cfg.channels):
@@ -159,7 +191,7 @@ class SourceMigration(SavingMigration):
             raise
         spec = ChannelSpec(
             channel_id=0, ram=self.ram.handle,
-            slots=self._slots.handle, packet_pages=cfg.packet_pages,
+            slots=slots.handle, packet_pages=cfg.packet_pages,
             codec=cfg.compression, codec_level=cfg.compression_level,
             zero_page_detection=cfg.zero_page_detection,
             payload_kinds=self._payload_kinds(), devices=self._device_table(),
@@ -170,18 +202,20 @@ class SourceMigration(SavingMigration):
         self._rtt_s = self._measure_rtt()
         conn.settimeout(None)
         self._core = MultifdSender(
-            self._links, self._slots, n_clients=1 + len(self.devices), latch=self.latch,
+            self._links, slots, n_clients=1 + len(self.devices), latch=self.latch,
             marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
             stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
         )
-        self._helpers = WorkerPool("thread", 2, name="mfd-src-helper")
-        self._helpers.submit(self._read_return_path)
+        self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
+        self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
+        reader = self._helpers.submit(self._read_return_path)
+        reader.add_done_callback(self._reader_done)
         self._start_device_pool()
 
     def _switchover(
         self, client: PrecopyClient
     ) -> tuple[wire.Resumed, float, float, float, float]:
-        """Pause, last round, END, COMPLETE, (DIGESTS), RESUMED.
+        """Pause, last round, END, COMPLETE, (DIGESTS), ← PREPARED, COMMIT, ← RESUMED.
 
         Returns RESUMED and the times of the pause, of SWITCHOVER and of
         COMPLETE being sent, and the source's hashing time in ms.
@@ -201,6 +235,7 @@ class SourceMigration(SavingMigration):
         # No sync for the last round: END, after each channel's last pages, is
         # the barrier the destination waits for before it resumes.
         final_epoch = self.core.finish()
+        self.core.wait_finished()  # every channel wrote END: its work is done
         self._send_message(wire.Complete(final_epoch, self.config.verify))
         t_complete = time.perf_counter()
         verify_ms = 0.0
@@ -212,10 +247,22 @@ class SourceMigration(SavingMigration):
             self._send_message(wire.Digests(DIGEST_CHUNK, tuple(digests)))
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))
-        resumed = self._resumed.wait(self.latch, timeout=None)
+        self._wait_answer(self._prepared, "PREPARED")
+        # The commit point: once COMMIT is in our socket the destination owns the VM.
+        self._commit(lambda: self._send_message(wire.Commit()))
+        self._set_state("committed")
+        resumed = self._wait_answer(self._resumed, "RESUMED")
         assert isinstance(resumed, wire.Resumed)
-        self.core.wait_finished()
         return resumed, t_pause, t_switchover_sent, t_complete, verify_ms
+
+    def _wait_answer(self, answer: Signal, what: str) -> object:
+        """The destination's `what`, within stall_timeout_s (else TransportBrokenError)."""
+        timeout = self.config.stall_timeout_s
+        try:
+            return answer.wait(self.latch, timeout)
+        except TimeoutError:
+            raise TransportBrokenError(
+                f"destination {self.to} sent no {what} within {timeout:.0f} s") from None
 
     # -- helpers -----------------------------------------------------------
 
@@ -265,39 +312,48 @@ class SourceMigration(SavingMigration):
         return best
 
     def _read_return_path(self) -> None:
-        """Thread job: dispatch the destination's messages until the migration ends."""
+        """Thread job: dispatch the destination's messages until RESUMED or failure.
+        Every error it meets fails the migration (see :meth:`_reader_done`)."""
         assert self._conn is not None
         conn, decoder = self._conn, self._main_decoder
-        try:
-            while True:
-                message = decoder.next_message()
-                if message is packet.NEED_DATA:
-                    if not wait_any([conn], None, self.latch):
-                        continue
-                    data = conn.recv_some()
-                    if not data:
-                        # RESUMED ends this reader, so a close before it is a failure.
-                        self.latch.fail(TransportClosedError(self._main_closed()))
-                        return
-                    decoder.receive_data(data)
-                elif isinstance(message, wire.Resumed):
-                    self._resumed.set(message)
-                    return
-                elif isinstance(message, wire.Abort):
-                    self.latch.fail(self._peer_error(message))
-                    return
-                elif isinstance(message, wire.Pong):
+        while True:
+            message = decoder.next_message()
+            if message is packet.NEED_DATA:
+                if not wait_any([conn], None, self.latch):
                     continue
-                else:
-                    raise RemoteProtocolError(
-                        f"unexpected {type(message).__name__} from the destination"
-                    )
-        except MigrationError as exc:
-            self.latch.fail(exc)
+                data = conn.recv_some()
+                if not data:
+                    # RESUMED ends this reader, so a close before it is a failure.
+                    raise TransportClosedError(self._main_closed())
+                decoder.receive_data(data)
+            elif isinstance(message, wire.Prepared):
+                if not self._prepared.set(message):
+                    raise RemoteProtocolError("a second PREPARED from the destination")
+            elif isinstance(message, wire.Resumed):
+                with self._commit_lock:  # COMMIT is sent under it: wait until it is marked
+                    committed = self._committed
+                if not committed:
+                    raise RemoteProtocolError("RESUMED from the destination before COMMIT")
+                self._resumed.set(message)
+                return
+            elif isinstance(message, wire.Abort):
+                raise self._peer_error(message)
+            elif not isinstance(message, wire.Pong):
+                raise RemoteProtocolError(f"unexpected {type(message).__name__} from the destination")
 
-    def _teardown(self) -> None:
-        super()._teardown()
-        if self._helpers is not None:
-            self._step("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
-            self._helpers = None
-        self._step("close the resumed signal", self._resumed.close)
+    def _reader_done(self, reader: Future) -> None:
+        error = reader.exception()
+        if error is None:
+            return
+        if not isinstance(error, MigrationError):
+            wrapped = MigrationError(f"the return-path reader failed: {type(error).__name__}: {error}")
+            wrapped.__cause__ = error
+            error = wrapped
+        self.latch.fail(error)
+
+    def _late_failures(self) -> dict[str, list[str]]:
+        return {"late_channel_failures": self.late_channel_failures} if self.late_channel_failures else {}
+
+    def _close_signals(self) -> None:
+        self._prepared.close()
+        self._resumed.close()

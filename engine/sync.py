@@ -9,6 +9,10 @@ The state machines are tables (h2 style): ``{(state, event): next_state}``.
 Anything not in a table is a :class:`LocalProtocolError` — a bug, never
 silently tolerated.
 
+Every wait on descriptors in the engine goes through :func:`wait_readable`
+(poll, not select: select fails for descriptors above 1023, and a VMM may hold
+thousands).
+
 Destination barrier, per channel (DESIGN.md "Sync")::
 
     RUNNING ──SYNC packet read──▶ AT_BARRIER ──main saw all N──▶ RUNNING (epoch+1)
@@ -17,11 +21,14 @@ Destination barrier, per channel (DESIGN.md "Sync")::
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from enum import Enum, auto
+from typing import Any, Protocol, TypeVar
 
 from engine.errors import CancelledError, LocalProtocolError, MigrationError
 
@@ -118,19 +125,103 @@ class FailureLatch:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until failed (True) or `timeout` passes (False)."""
-        ready, _, _ = select.select([self], [], [], timeout)
-        return bool(ready)
+        return bool(wait_readable([self], timeout))
 
     def close(self) -> None:
         self._signal.close()
 
 
 def wait_any(fds: list, timeout: float | None, latch: FailureLatch) -> list:
-    """select() on `fds` plus the latch; raises the latch's error if it is set."""
+    """:func:`wait_readable` on `fds` plus the latch; raises the latch's error if it is set."""
     latch.raise_if_failed()
-    ready, _, _ = select.select(list(fds) + [latch], [], [], timeout)
+    ready = wait_readable([*fds, latch], timeout)
     latch.raise_if_failed()
     return ready
+
+
+# ---------------------------------------------------------------------------
+# Waiting on descriptors: one poll() loop for the whole engine.
+
+
+class Pollable(Protocol):
+    def fileno(self) -> int: ...
+
+
+# Unbounded: callers mix sockets, tokens and ints, whose join mypy only sees as object.
+_P = TypeVar("_P")
+
+_READABLE = select.POLLIN | select.POLLPRI
+_WRITABLE = select.POLLOUT
+# Reported as ready whatever was asked for, as select() does: the caller's next
+# read or write then sees the EOF or the error instead of waiting forever.
+_TROUBLE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_MAX_POLL_MS = 2**31 - 1  # poll() takes a C int; longer waits go round again
+
+
+def wait_readable(objs: Iterable[_P], timeout: float | None) -> list[_P]:
+    """Wait until any of `objs` (ints or objects with ``fileno()``) is readable.
+
+    Returns those of `objs` that are ready, in their order; ``[]`` once
+    `timeout` seconds passed (None: wait forever; negative: do not wait).
+    Ready means data, EOF, an error (POLLHUP, POLLERR) or a descriptor that is
+    not open (POLLNVAL): the caller's read reports which.  Any descriptor
+    number works, above 1023 too.  Raises LocalProtocolError for a closed
+    object or a negative descriptor: nothing can ever become ready there.
+    """
+    readable, _ = _wait_ready(list(objs), [], timeout)
+    return readable
+
+
+def wait_writable(objs: Iterable[_P], timeout: float | None, abort: Pollable | None = None) -> list[_P]:
+    """Like :func:`wait_readable`, for writing (a connect in progress completes).
+
+    Returns early, with those of `objs` that are writable (maybe none), once
+    `abort` becomes readable.  Errors as for :func:`wait_readable`.
+    """
+    _, writable = _wait_ready([abort] if abort is not None else [], list(objs), timeout)
+    return writable
+
+
+def _wait_ready(
+    reading: list[Any], writing: list[Any], timeout: float | None
+) -> tuple[list[Any], list[Any]]:
+    read_fds = [_descriptor(obj) for obj in reading]
+    write_fds = [_descriptor(obj) for obj in writing]
+    wanted: dict[int, int] = {}
+    for fd in read_fds:
+        wanted[fd] = wanted.get(fd, 0) | _READABLE
+    for fd in write_fds:
+        wanted[fd] = wanted.get(fd, 0) | _WRITABLE
+    poller = select.poll()
+    for fd, mask in wanted.items():
+        poller.register(fd, mask)
+    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+    while True:
+        if deadline is None:
+            ms = None
+        else:  # round up: waking a hair early would only spin
+            ms = min(math.ceil(max(0.0, deadline - time.monotonic()) * 1000), _MAX_POLL_MS)
+        try:
+            events = dict(poller.poll(ms))
+        except InterruptedError:  # Python retries EINTR itself (PEP 475); belt and braces
+            continue
+        if events or deadline is None or time.monotonic() >= deadline:
+            break
+    return (
+        [obj for obj, fd in zip(reading, read_fds) if events.get(fd, 0) & (_READABLE | _TROUBLE)],
+        [obj for obj, fd in zip(writing, write_fds) if events.get(fd, 0) & (_WRITABLE | _TROUBLE)],
+    )
+
+
+def _descriptor(obj: object) -> int:
+    """`obj`'s descriptor; LocalProtocolError if it is closed or not a valid one."""
+    try:
+        fd = obj if isinstance(obj, int) else obj.fileno()  # type: ignore[attr-defined]
+    except (ValueError, OSError) as exc:  # a closed file object
+        raise LocalProtocolError(f"cannot wait on {obj!r}: it is closed") from exc
+    if not 0 <= fd <= 2**31 - 1:
+        raise LocalProtocolError(f"cannot wait on {obj!r}: descriptor {fd} (closed?)")
+    return fd
 
 
 # ---------------------------------------------------------------------------
@@ -143,14 +234,17 @@ class MigrationState(Enum):
     SETUP = auto()         # connecting, handshakes, channel processes starting
     ACTIVE = auto()        # precopy rounds, guest running on the source
     SWITCHOVER = auto()    # source paused: final round, device state, completion
+    COMMITTED = auto()     # COMMIT sent (source) / received (destination): the destination owns the VM
     COMPLETED = auto()
+    OUTCOME_UNKNOWN = auto()  # source: COMMIT sent, no answer; guest paused until settle()
     CANCELLING = auto()
     CANCELLED = auto()
     FAILED = auto()
 
     @property
     def finished(self) -> bool:
-        return self in (MigrationState.COMPLETED, MigrationState.CANCELLED, MigrationState.FAILED)
+        return self in (MigrationState.COMPLETED, MigrationState.CANCELLED, MigrationState.FAILED,
+                        MigrationState.OUTCOME_UNKNOWN)
 
 
 class MigrationEvent(Enum):
@@ -158,9 +252,13 @@ class MigrationEvent(Enum):
     START = auto()
     SETUP_DONE = auto()
     SWITCHOVER = auto()
+    COMMIT = auto()
     COMPLETE = auto()
     CANCEL = auto()
     FAIL = auto()
+    LOSE_TRACK = auto()         # source: the answer to COMMIT never came
+    SETTLE_DESTINATION = auto()  # the VMM says the destination runs the VM
+    SETTLE_SOURCE = auto()       # the VMM says the destination never will: the source resumes
     TORN_DOWN = auto()
 
 
@@ -171,7 +269,13 @@ MIGRATION_TRANSITIONS: dict[tuple[MigrationState, MigrationEvent], MigrationStat
     (_S.LISTENING, _E.START): _S.SETUP,
     (_S.SETUP, _E.SETUP_DONE): _S.ACTIVE,
     (_S.ACTIVE, _E.SWITCHOVER): _S.SWITCHOVER,
-    (_S.SWITCHOVER, _E.COMPLETE): _S.COMPLETED,
+    (_S.SWITCHOVER, _E.COMPLETE): _S.COMPLETED,   # snapshots: no peer to commit to
+    (_S.SWITCHOVER, _E.COMMIT): _S.COMMITTED,
+    (_S.COMMITTED, _E.COMPLETE): _S.COMPLETED,
+    (_S.COMMITTED, _E.LOSE_TRACK): _S.OUTCOME_UNKNOWN,
+    (_S.COMMITTED, _E.FAIL): _S.FAILED,            # destination: committed, but could not resume
+    (_S.OUTCOME_UNKNOWN, _E.SETTLE_DESTINATION): _S.COMPLETED,
+    (_S.OUTCOME_UNKNOWN, _E.SETTLE_SOURCE): _S.FAILED,
     # Cancel: from any running state; harmless once finished or already cancelling.
     (_S.NONE, _E.CANCEL): _S.CANCELLING,
     (_S.LISTENING, _E.CANCEL): _S.CANCELLING,
@@ -182,6 +286,8 @@ MIGRATION_TRANSITIONS: dict[tuple[MigrationState, MigrationEvent], MigrationStat
     (_S.CANCELLED, _E.CANCEL): _S.CANCELLED,
     (_S.FAILED, _E.CANCEL): _S.FAILED,
     (_S.COMPLETED, _E.CANCEL): _S.COMPLETED,
+    (_S.COMMITTED, _E.CANCEL): _S.COMMITTED,       # too late: the destination owns the VM
+    (_S.OUTCOME_UNKNOWN, _E.CANCEL): _S.OUTCOME_UNKNOWN,
     (_S.CANCELLING, _E.TORN_DOWN): _S.CANCELLED,
     # Failure: from any running state, exactly once.
     (_S.NONE, _E.FAIL): _S.FAILED,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-import select
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError, TransportBrokenError, TransportClosedError
+from engine.sync import wait_readable, wait_writable
 
 Buffer = bytes | bytearray | memoryview
 
@@ -177,8 +177,7 @@ class Connection:
 
     def readable(self, timeout: float = 0.0) -> bool:
         """True if a read would not block (data, EOF or an error are waiting)."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        return bool(ready)
+        return bool(wait_readable([self.sock], timeout))
 
     def shutdown_read(self) -> None:
         """Wake a reader blocked on this socket (it sees EOF); writing still works."""
@@ -227,9 +226,8 @@ def connect_socket(
     try:
         error = sock.connect_ex(address)  # type: ignore[arg-type]
         if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-            watch = [abort] if abort is not None else []
-            aborted, writable, _ = select.select(watch, [sock], [], timeout)
-            if aborted:
+            writable = wait_writable([sock], timeout, abort)
+            if abort is not None and wait_readable([abort], 0):
                 raise TransportBrokenError(f"connecting to {what} was aborted")
             if not writable:
                 raise TransportBrokenError(f"cannot connect to {what}: timed out")

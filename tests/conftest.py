@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Before engine.shm is imported: this run's segments (its children's too) carry
+# the run's pid, so the leak check never counts another run's segments.
+os.environ["MULTIFD_SEGMENT_TAG"] = f"t{os.getpid()}-"
+
+import pytest  # noqa: E402
 
 from tests.leaks import Snapshot, leftovers
 

@@ -4,6 +4,11 @@ A test may leave nothing behind: no child process, no thread, no shared-memory
 segment in /dev/shm and no file descriptor (sockets included).  The check waits a
 little for things that are already on their way out (a child being reaped, a
 thread finishing), then fails with what is still there.
+
+The leak check looks only at this project's segments and this run's process tree,
+so other processes on the machine cannot make it fail: segments are the ones named
+with :data:`engine.shm.SEGMENT_PREFIX`, children are this process's descendants,
+fds and threads are this process's own.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 from multiprocessing import resource_tracker
 
 import psutil
+
+from engine.shm import SEGMENT_PREFIX
 
 _SHM_DIR = "/dev/shm"
 
@@ -42,8 +49,13 @@ def _children() -> set[int]:
 
 
 def shm_segments() -> set[str]:
-    """The names of the shared-memory segments now in /dev/shm (semaphores aside)."""
-    return {n for n in os.listdir(_SHM_DIR) if not n.startswith("sem.")}
+    """The names of this project's shared-memory segments now in /dev/shm.
+
+    Only names with the project's prefix: other programs' segments are none of
+    this check's business.  (Another run of this project's tests at the same time
+    uses the same prefix, so it can still show up here.)
+    """
+    return {n for n in os.listdir(_SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
 
 
 def _fds() -> set[int]:

@@ -22,7 +22,7 @@ _HELLO = struct.Struct(">IHBB16sHHI16s")
 
 def raw_hello(role: int = 2, migration: uuid.UUID | None = None, channel_id: int = 0,
               count: int = 2, secret: bytes = SECRET, magic: int = packet.HELLO_MAGIC,
-              version: int = 1) -> bytes:
+              version: int = packet.VERSION) -> bytes:
     """A hello built by hand, so fields the encoder refuses can be sent anyway."""
     body = _HELLO.pack(magic, version, role, 0, (migration or uuid.uuid4()).bytes,
                        channel_id, count, 0, os.urandom(16))

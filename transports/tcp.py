@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import select
 import socket
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError, TransportBrokenError
+from engine.sync import wait_readable
 from engine.transport import (
     Connection,
     Selectable,
@@ -47,7 +47,7 @@ def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connec
         except TransportBrokenError as exc:
             sock.close()
             error = exc
-            if abort is not None and select.select([abort], [], [], 0)[0]:
+            if abort is not None and wait_readable([abort], 0):
                 break  # aborted: do not try the host's other addresses
             continue
         _tune(sock)

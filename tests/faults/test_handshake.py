@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
+from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration, packet
 from engine import message as wire
 from engine.errors import HandshakeError, MigrationError
 from engine.sync import MigrationState
@@ -47,7 +47,7 @@ def _strangers_then_migrate(destination: DestinationMigration, src: GuestRAM, ds
     strangers = {
         "garbage": b"GET / HTTP/1.1\r\n" * 5 + b"\r\n" * 20,
         "wrong magic": raw_hello(role=1, magic=0x12345678),
-        "wrong version": raw_hello(role=1, version=2),
+        "wrong version": raw_hello(role=1, version=packet.VERSION + 1),
         "wrong secret": raw_hello(role=1, secret=b"not the secret"),
         "short then closed": raw_hello(role=1)[:40],
         "channel before main": raw_hello(role=2),

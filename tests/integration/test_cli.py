@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from engine.sync import wait_readable
 
 MULTIFD = [sys.executable, "-m", "engine.cli"]
 REQUIRED = {"status", "ram_bytes", "channels", "total_time_s", "setup_time_ms", "downtime_ms",
@@ -77,7 +78,7 @@ def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert listener.stdout is not None
-        ready, _, _ = select.select([listener.stdout], [], [], 60)
+        ready = wait_readable([listener.stdout], 60)
         line = listener.stdout.readline() if ready else ""
         assert line.startswith("LISTENING tcp://127.0.0.1:"), line
         address = line.split()[1]

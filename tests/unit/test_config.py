@@ -197,6 +197,7 @@ def test_counters_in_the_table_show_up_in_totals_and_snapshot(table: SlotTable) 
         "payload_bytes": 900,
         "syncs": 2,
         "device_bytes": 11,
+        "last_word": 0,
     }
     tracker.state, tracker.round, tracker.remaining_pages = "active", 4, 10
     snap = tracker.snapshot()

@@ -26,6 +26,7 @@ from engine.message import (
     AbortCode,
     BlockSpec,
     ChannelsReady,
+    Commit,
     Complete,
     Config,
     ConfigAck,
@@ -37,6 +38,7 @@ from engine.message import (
     MessageDecoder,
     Ping,
     Pong,
+    Prepared,
     Resumed,
     Switchover,
     SyncMarker,
@@ -85,20 +87,20 @@ REPLY_NONCE = bytes(range(16, 32))
 CHANNEL_NONCE = bytes(range(32, 48))
 
 MAIN_HELLO = h(
-    "4d464448" "0001" "01" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
+    "4d464448" "0002" "01" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
     "000102030405060708090a0b0c0d0e0f"
-    "3893070ff4b805e018fabbab7bb3cb54ece1d4a612bc617d38666a2ab11f04fc"
+    "4c6b2eda68426ebb1633a1292176e23e74d608290c4e856a23d282c890990f34"
 )
 CHANNEL_HELLO = h(
-    "4d464448" "0001" "02" "00" "00112233445566778899aabbccddeeff" "0003" "0004" "00000000"
+    "4d464448" "0002" "02" "00" "00112233445566778899aabbccddeeff" "0003" "0004" "00000000"
     "202122232425262728292a2b2c2d2e2f"
-    "e3d96eac8801a109c52942b18666333e2ab4d9a52cbb49717d61d5f948dad51b"
+    "71dfd6b874a4bbcdc9366c3a45f59102a0e484dc0005a2b0d90997482f1eca5e"
 )
 # role 3: the authenticator also covers the nonce of MAIN_HELLO
 REPLY_HELLO = h(
-    "4d464448" "0001" "03" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
+    "4d464448" "0002" "03" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
     "101112131415161718191a1b1c1d1e1f"
-    "43fc24d25cc2d26ca76bb4abe3e4c257c23f41f0db1309e2206e0f947398188e"
+    "44b298bed14508745ac9d43644dfabfcfb9664c85c8ae8e7c03ec24ae03b093c"
 )
 
 HELLO_VECTORS = [
@@ -133,7 +135,7 @@ def test_hello_default_nonce_is_fresh() -> None:
 def forge_hello(
     *,
     magic: int = 0x4D464448,
-    version: int = 1,
+    version: int = 2,
     role: int = 2,
     flags: int = 0,
     channel_id: int = 0,
@@ -157,7 +159,7 @@ def test_forge_hello_matches_golden() -> None:
         pytest.param(CHANNEL_HELLO[:79], b"", "80 bytes, got 79", id="short"),
         pytest.param(CHANNEL_HELLO + b"\0", b"", "80 bytes, got 81", id="long"),
         pytest.param(forge_hello(magic=0x4D464450), b"", "wrong hello magic", id="magic"),
-        pytest.param(forge_hello(version=2), b"", "unsupported hello version 2", id="version"),
+        pytest.param(forge_hello(version=1), b"", "unsupported hello version 1", id="version"),
         pytest.param(forge_hello(role=0), b"", "unknown hello role 0", id="role-0"),
         pytest.param(forge_hello(role=4), b"", "unknown hello role 4", id="role-4"),
         pytest.param(forge_hello(flags=1), b"", "flags must be 0", id="flags"),
@@ -735,14 +737,19 @@ MESSAGE_VECTORS = [
                  id="devices-done"),
     pytest.param(DevicesDone(()), "000c" "0000" "00000002" "0000", id="devices-done-none"),
     pytest.param(Resumed(1500, 250000, Verification.EQUAL, ""),
-                 "0007" "0000" "00000013" "00000000000005dc" "000000000003d090" "01" "0000",
+                 "0007" "0000" "00000014" "00000000000005dc" "000000000003d090" "01" "01" "0000",
                  id="resumed"),
-    pytest.param(Resumed(7, 0, 2, "ré"),
-                 "0007" "0000" "00000016" "0000000000000007" "0000000000000000" "02"
-                 "0003" "72c3a9", id="resumed-detail"),
+    pytest.param(Resumed(7, 0, 2, "ré", running=False),
+                 "0007" "0000" "00000017" "0000000000000007" "0000000000000000" "02" "00"
+                 "0003" "72c3a9", id="resumed-detail-not-running"),
     pytest.param(Abort(AbortCode.FAILED, "disk full"),
-                 "0008" "0000" "0000000d" "0002" "0009" "6469736b2066756c6c", id="abort"),
-    pytest.param(Abort(1, ""), "0008" "0000" "00000004" "0001" "0000", id="abort-cancelled"),
+                 "0008" "0000" "0000001c" "0002" "0e" "4d6967726174696f6e4572726f72"
+                 "0009" "6469736b2066756c6c", id="abort"),
+    pytest.param(Abort(1, "", "CancelledError"),
+                 "0008" "0000" "00000013" "0001" "0e" "43616e63656c6c65644572726f72" "0000",
+                 id="abort-cancelled"),
+    pytest.param(Prepared(), "000d" "0000" "00000000", id="prepared"),
+    pytest.param(Commit(), "000e" "0000" "00000000", id="commit"),
     pytest.param(Ping(0x0123456789ABCDEF), "0009" "0000" "00000008" "0123456789abcdef",
                  id="ping"),
     pytest.param(Pong(0x0123456789ABCDEF), "000a" "0000" "00000008" "0123456789abcdef",
@@ -822,7 +829,7 @@ def test_config_body_helper_matches_golden() -> None:
     [
         # header
         pytest.param(message(0, b""), "unknown message type 0", id="type-0"),
-        pytest.param(message(13, b""), "unknown message type 13", id="type-13"),
+        pytest.param(message(15, b""), "unknown message type 15", id="type-15"),
         pytest.param(message(12, h("0002") + bytes(44)), "n_devices 2 disagrees", id="devices-done-short"),
         pytest.param(message(12, h("0001") + bytes(44)), "counts no chunk", id="devices-done-zero"),
         pytest.param(message(3, b"", flags=1), "flags must be 0", id="flags"),
@@ -834,13 +841,17 @@ def test_config_body_helper_matches_golden() -> None:
         pytest.param(message(2, h("0000" "0001" "61" "62")), "1 trailing bytes",
                      id="trailing"),
         pytest.param(message(2, h("0000" "0005" "6162")), "truncated", id="truncated"),
-        pytest.param(message(8, h("0002" "0002" "c328")), "not valid utf-8", id="utf-8"),
+        pytest.param(message(8, h("0002" "01" "41" "0002" "c328")), "not valid utf-8", id="utf-8"),
         pytest.param(message(2, h("0000" "0002" "eda080")), "not valid utf-8",
                      id="utf-8-surrogate"),
         # ABORT, RESUMED, COMPLETE, DIGESTS
-        pytest.param(message(8, h("0000" "0000")), "unknown ABORT code 0", id="abort-code-0"),
-        pytest.param(message(8, h("0003" "0000")), "unknown ABORT code 3", id="abort-code-3"),
-        pytest.param(message(7, bytes(16) + h("03" "0000")), "verified 3", id="verified"),
+        pytest.param(message(8, h("0000" "01" "41" "0000")), "unknown ABORT code 0", id="abort-code-0"),
+        pytest.param(message(8, h("0003" "01" "41" "0000")), "unknown ABORT code 3", id="abort-code-3"),
+        pytest.param(message(8, h("0002" "00" "000000")), "ABORT names no error class",
+                     id="abort-no-class"),
+        pytest.param(message(7, h("00" * 16 + "01" "02" "0000")), "RESUMED running 2",
+                     id="resumed-running-2"),
+        pytest.param(message(7, bytes(16) + h("03" "01" "0000")), "verified 3", id="verified"),
         pytest.param(message(6, h("00000001" "00000002")), "unknown COMPLETE flags",
                      id="complete-flags"),
         pytest.param(message(6, h("00000001" "00000000" "00")), "COMPLETE body_length 9",

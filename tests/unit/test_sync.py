@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
+import resource
 import select
+import signal as signals
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +29,8 @@ from engine.sync import (
     StateMachine,
     SyncBarrier,
     wait_any,
+    wait_readable,
+    wait_writable,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -271,6 +278,173 @@ def test_wait_any_is_woken_by_a_failure_during_the_wait(latch: FailureLatch) -> 
 
 
 # ---------------------------------------------------------------------------
+# wait_readable / wait_writable
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def test_wait_readable_answers_the_callers_objects_in_their_order(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    a, b = socket.socketpair()
+    with a, b:
+        assert wait_readable([r, a], 0) == []
+        b.send(b"x")
+        os.write(w, b"x")
+        assert wait_readable([a, r], 5) == [a, r]  # the socket object itself, not its fd
+        assert wait_readable((x for x in [r]), 5) == [r]  # any iterable
+
+
+def test_wait_readable_times_out(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    start = time.monotonic()
+    assert wait_readable([r], 0.1) == []
+    assert 0.1 <= time.monotonic() - start < 2
+    start = time.monotonic()
+    assert wait_readable([r], -1) == []  # negative: a poll, not an error
+    assert time.monotonic() - start < 0.5
+
+
+def test_wait_readable_without_timeout_waits_until_ready(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    thread = _later(0.05, lambda: os.write(w, b"x"))
+    try:
+        assert wait_readable([r], None) == [r]
+    finally:
+        thread.join()
+
+
+def test_eof_hangup_and_a_descriptor_not_open_are_ready(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    os.close(w)
+    assert wait_readable([r], 5) == [r]  # EOF: the read answers b""
+    a, b = socket.socketpair()
+    with a:
+        b.close()
+        assert wait_readable([a], 5) == [a]
+    os.close(r)
+    assert wait_readable([r], 5) == [r]  # POLLNVAL: the caller's read raises EBADF
+
+
+def test_closed_objects_and_negative_fds_raise_a_migration_error() -> None:
+    sock = socket.socket()
+    sock.close()  # fileno() is -1 now
+    with open(os.devnull, "rb") as file:
+        pass  # fileno() raises ValueError now
+    signal = Signal()
+    signal.close()
+    for obj in (sock, file, signal, -1):
+        with pytest.raises(LocalProtocolError, match="cannot wait on"):
+            wait_readable([obj], 0)
+    with pytest.raises(LocalProtocolError):
+        wait_writable([sock], 0)
+
+
+def test_wait_retries_an_interrupted_poll_with_the_remaining_time(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, _ = pipe
+    timeouts: list[int | None] = []
+    real_poll = select.poll
+
+    class InterruptedOnce:
+        def __init__(self) -> None:
+            self.poller = real_poll()
+
+        def register(self, fd: int, mask: int) -> None:
+            self.poller.register(fd, mask)
+
+        def poll(self, ms: int | None) -> list[tuple[int, int]]:
+            timeouts.append(ms)
+            if len(timeouts) == 1:
+                time.sleep(0.1)
+                raise InterruptedError
+            return self.poller.poll(ms)
+
+    monkeypatch.setattr(select, "poll", InterruptedOnce)
+    assert wait_readable([r], 0.3) == []
+    assert len(timeouts) == 2 and timeouts[0] == 300
+    assert timeouts[1] is not None and 150 <= timeouts[1] <= 201
+
+
+def test_a_signal_during_the_wait_does_not_end_it_early(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    caught = []
+    previous = signals.signal(signals.SIGUSR1, lambda *_: caught.append(True))
+    thread = _later(0.05, lambda: os.kill(os.getpid(), signals.SIGUSR1))
+    try:
+        start = time.monotonic()
+        assert wait_readable([r], 0.3) == []
+        assert time.monotonic() - start >= 0.3
+    finally:
+        thread.join()
+        signals.signal(signals.SIGUSR1, previous)
+    assert caught
+
+
+@contextlib.contextmanager
+def _fd_numbered_at_least(fd: int, lowest: int) -> Iterator[int]:
+    """A duplicate of `fd` numbered `lowest` or more (RLIMIT_NOFILE raised meanwhile)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= lowest:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} allows no fd numbered {lowest}")
+    if soft != resource.RLIM_INFINITY and soft <= lowest:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+        try:
+            yield high
+        finally:
+            os.close(high)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_descriptors_above_1023_work(pipe: tuple[int, int], latch: FailureLatch) -> None:
+    r, w = pipe
+    a, b = socket.socketpair()
+    with a, b, _fd_numbered_at_least(r, 2000) as high_r, _fd_numbered_at_least(a.fileno(), 2000) as high_a:
+        assert high_r >= 2000 and high_a >= 2000
+        with pytest.raises(ValueError):
+            select.select([high_r], [], [], 0)  # the bug this helper exists for
+        assert wait_readable([high_r, high_a], 0) == []
+        assert wait_any([high_r], 0, latch) == []
+        os.write(w, b"x")
+        assert wait_readable([high_r, high_a], 5) == [high_r]
+        assert wait_writable([high_a], 5) == [high_a]
+        latch.fail(ConfigError("stop"))
+        with pytest.raises(ConfigError):
+            wait_any([high_r], 5, latch)
+
+
+def test_wait_writable_waits_for_room_and_stops_on_abort(pipe: tuple[int, int]) -> None:
+    abort_r, abort_w = pipe
+    a, b = socket.socketpair()
+    with a, b:
+        assert wait_writable([a], 0) == [a]
+        a.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                a.send(b"x" * 65536)
+        assert wait_writable([a], 0.05) == []
+        os.write(abort_w, b"x")
+        start = time.monotonic()
+        assert wait_writable([a], 5, abort_r) == []  # woken by the abort, not the timeout
+        assert time.monotonic() - start < 2
+        b.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while b.recv(1 << 20):
+                pass
+        assert wait_writable([a], 5) == [a]
+
+
+# ---------------------------------------------------------------------------
 # MigrationState / StateMachine
 
 # A legal path from NONE to each state, so every state is reached through the table.
@@ -280,7 +454,9 @@ _PATHS: dict[MigrationState, tuple[MigrationEvent, ...]] = {
     S.SETUP: (E.START,),
     S.ACTIVE: (E.START, E.SETUP_DONE),
     S.SWITCHOVER: (E.START, E.SETUP_DONE, E.SWITCHOVER),
-    S.COMPLETED: (E.START, E.SETUP_DONE, E.SWITCHOVER, E.COMPLETE),
+    S.COMMITTED: (E.START, E.SETUP_DONE, E.SWITCHOVER, E.COMMIT),
+    S.COMPLETED: (E.START, E.SETUP_DONE, E.SWITCHOVER, E.COMMIT, E.COMPLETE),
+    S.OUTCOME_UNKNOWN: (E.START, E.SETUP_DONE, E.SWITCHOVER, E.COMMIT, E.LOSE_TRACK),
     S.CANCELLING: (E.START, E.CANCEL),
     S.CANCELLED: (E.START, E.CANCEL, E.TORN_DOWN),
     S.FAILED: (E.START, E.FAIL),
@@ -317,7 +493,22 @@ def test_destination_happy_path() -> None:
     assert machine.fire(E.START) is S.SETUP
     assert machine.fire(E.SETUP_DONE) is S.ACTIVE
     assert machine.fire(E.SWITCHOVER) is S.SWITCHOVER
+    assert machine.fire(E.COMMIT) is S.COMMITTED
+    assert not machine.state.finished
     assert machine.fire(E.COMPLETE) is S.COMPLETED
+
+
+def test_after_the_commit_cancel_changes_nothing_and_failure_is_not_a_rollback() -> None:
+    machine = _machine_in(S.COMMITTED)
+    assert machine.fire(E.CANCEL) is S.COMMITTED
+    assert machine.fire(E.LOSE_TRACK) is S.OUTCOME_UNKNOWN
+    assert machine.state.finished  # run() has returned; settle() moves it on
+    assert machine.fire(E.CANCEL) is S.OUTCOME_UNKNOWN
+    assert _machine_in(S.OUTCOME_UNKNOWN).fire(E.SETTLE_DESTINATION) is S.COMPLETED
+    assert _machine_in(S.OUTCOME_UNKNOWN).fire(E.SETTLE_SOURCE) is S.FAILED
+    for event in (E.FAIL, E.COMPLETE, E.START):
+        with pytest.raises(LocalProtocolError):
+            _machine_in(S.OUTCOME_UNKNOWN).fire(event)
 
 
 def test_table_moves_match_fire() -> None:
@@ -348,6 +539,9 @@ def test_refused_moves_include_the_obvious_mistakes() -> None:
     assert (S.ACTIVE, E.COMPLETE) in missing      # no completion without switchover
     assert (S.NONE, E.SETUP_DONE) in missing
     assert (S.SETUP, E.LISTEN) in missing
+    assert (S.ACTIVE, E.COMMIT) in missing        # a commit only after switchover
+    assert (S.COMMITTED, E.TORN_DOWN) in missing  # a committed migration is never rolled back
+    assert (S.SWITCHOVER, E.LOSE_TRACK) in missing  # nothing to lose track of before COMMIT
     assert all(not state.finished or event is not E.START for state, event in MIGRATION_TRANSITIONS)
 
 
@@ -382,7 +576,8 @@ def test_fail_from_every_running_state(state: MigrationState) -> None:
 
 
 def test_finished_states() -> None:
-    assert {s for s in MigrationState if s.finished} == {S.COMPLETED, S.CANCELLED, S.FAILED}
+    assert {s for s in MigrationState if s.finished} == {S.COMPLETED, S.CANCELLED, S.FAILED,
+                                                         S.OUTCOME_UNKNOWN}
 
 
 def test_wait_finished_wakes_on_completion() -> None:
