@@ -180,7 +180,9 @@ class Migration:
             error = self._fail()
             if error is exc:
                 raise
-            raise error from exc
+            if error.__cause__ is None:  # keep a cause the error already names
+                error.__cause__ = exc
+            raise error from error.__cause__
         else:
             self._teardown()
             return self.result
@@ -523,18 +525,18 @@ class Migration:
         out, stop every channel, release or shut down the pool, close the links."""
         aborting = self._aborting
         if aborting and self._conn is not None:
-            self._send_abort()
-            self._await_peer_close()
+            self._step("send ABORT", self._send_abort)
+            self._step("hear the peer out", self._await_peer_close)
         if aborting:
-            shutdown_links(self._links)
+            self._step("tell the channels to quit", shutdown_links, self._links)
         pool, self._pool = self._pool, None
         if pool is not None and pool is self._shared_pool:
-            self._release_shared_pool(pool, self.latch.failed)
+            self._step("release the shared pool", self._release_shared_pool, pool, self.latch.failed)
         elif pool is not None:
-            pool.shutdown(wait=True, cancel=self.latch.failed)
+            self._step("shut the channel pool down", pool.shutdown, wait=True, cancel=self.latch.failed)
         links, self._links = self._links, []
         for link in links:
-            link.close()
+            self._step("close a channel link", link.close)
 
     def _stop_device_jobs(self, pool: WorkerPool, devices: Sequence[MigratableDevice]) -> None:
         """Teardown of the device jobs: a failed operation asks each device to stop

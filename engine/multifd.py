@@ -85,11 +85,14 @@ class ChannelLink:
             raise self.exit_error() from exc
 
     def post_if_running(self, op: ControlOp, a: int = 0) -> None:
-        """Send a message that is moot once the channel ended normally (RETURN of a
-        delivery slot after its END); a channel that failed still raises its error."""
+        """Send a message that is moot once the channel said its last word (BYE, or
+        RETURN of a delivery slot, after its END); a channel that failed before
+        that still raises its error."""
         try:
             post(self.ctrl, op, a)
         except TransportClosedError as exc:
+            if self.finished:
+                return  # its work is done; how it ended is the pool's to report
             error = self.exit_error()
             if not (self.future.done() and channel_error(self.future) is None):
                 raise error from exc
