@@ -84,8 +84,10 @@ def advance(views: list[memoryview], start: int, done: int) -> int:
 def _broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedError:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return TransportBrokenError(f"{what}: timed out")
-    if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN, errno.ENOTCONN):
-        return TransportClosedError(f"{what}: connection closed by peer ({exc.strerror})")
+    if exc.errno in (errno.EPIPE, errno.ECONNRESET):  # the link failed: broken, not closed
+        return TransportBrokenError(f"{what}: connection broken ({exc.strerror})")
+    if exc.errno in (errno.ESHUTDOWN, errno.ENOTCONN):
+        return TransportClosedError(f"{what}: connection closed ({exc.strerror})")
     return TransportBrokenError(f"{what}: {exc.strerror or exc}")
 
 
