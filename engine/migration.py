@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 
 from engine import codecs, packet
 from engine import message as wire
-from engine.channel import ChannelSpec, ControlOp, control_pair, read_control, run_contained
+from engine.channel import ChannelReport, ChannelSpec, ControlOp, control_pair, read_control, run_contained
 from engine.device import DeviceLoading, MigratableDevice
 from engine.errors import (
     CancelledError,
@@ -414,14 +414,13 @@ class Migration:
 
     def _channel_memory(self) -> list[dict[str, int]]:
         """Memory figures (kB) each channel process reported when it ended."""
-        reports = []
-        for link in self._links:
-            # A channel posts its last message just before it returns.
-            try:
-                reports.append(link.future.result(timeout=2.0).memory)
-            except Exception:
-                pass
-        return reports
+        # A channel posts its last message just before it returns; one that died
+        # after it (a late failure, already reported) has no figures to give.
+        futures = [link.future for link in self._links]
+        done, _ = futures_wait(futures, timeout=2.0)
+        return [future.result().memory for future in futures
+                if future in done and future.exception() is None
+                and isinstance(future.result(), ChannelReport)]
 
     peer = "peer"
 
