@@ -482,9 +482,9 @@ class ProcessBackend:
             elif pool._broken is not None:
                 if now < grace_end:
                     deadlines.append(grace_end)
-                else:
-                    logger.warning("pool %r: terminating %s, still running after %ss",
-                                   pool.name, worker.label, pool.cancel_grace)
+                else:  # the escalation planned for a broken pool, whose error its owner has
+                    logger.info("pool %r: terminating %s, still running after %ss",
+                                pool.name, worker.label, pool.cancel_grace)
                     worker.stopping = True
                     worker.close_channel()
                     worker.terminate_at = now

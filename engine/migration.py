@@ -523,7 +523,11 @@ class Migration:
         """Teardown of the channel processes: tell the peer why (ABORT) and hear it
         out, stop every channel, release or shut down the pool, close the links."""
         aborting = self._aborting
-        if aborting and self._conn is not None:
+        if aborting and self._peer_reason is not None:
+            # The peer aborted: nothing more to say, and closing tells it at once
+            # that we heard (it waits for that before it stops its channels).
+            self._step("close the main channel", self._close_main)
+        elif aborting and self._conn is not None:
             self._step("send ABORT", self._send_abort)
             self._step("hear the peer out", self._await_peer_close)
         if aborting:
