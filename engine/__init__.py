@@ -23,7 +23,9 @@ _PUBLIC = {
     "MigrationConfig": "engine.migration",
     "MigrationError": "engine.errors",
     "MigrationResult": "engine.stats",
+    "MigrationState": "engine.sync",
     "MigrationStats": "engine.stats",
+    "OutcomeUnknownError": "engine.errors",
     "SnapshotRestore": "engine.snapshot",
     "SnapshotSave": "engine.snapshot",
     "SourceMigration": "engine.source",
@@ -37,7 +39,9 @@ __all__ = [
     "MigrationConfig",
     "MigrationError",
     "MigrationResult",
+    "MigrationState",
     "MigrationStats",
+    "OutcomeUnknownError",
     "SnapshotRestore",
     "SnapshotSave",
     "SourceMigration",
@@ -47,13 +51,14 @@ __all__ = [
 
 if TYPE_CHECKING:
     from engine.destination import DestinationMigration
-    from engine.errors import MigrationError
+    from engine.errors import MigrationError, OutcomeUnknownError
     from engine.migration import MigrationConfig
     from engine.pool import WorkerPool
     from engine.shm import GuestRAM
     from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
     from engine.source import SourceMigration
     from engine.stats import MigrationResult, MigrationStats
+    from engine.sync import MigrationState
 
 
 def __getattr__(name: str) -> Any:
