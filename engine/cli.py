@@ -10,7 +10,9 @@
 
 This module is the composition root: it wires the engine to the synthetic guest
 of ``clients`` (the engine itself never imports clients).  Errors print one
-line and exit non-zero; ``--json`` prints one JSON object on stdout.
+line and exit non-zero (3: the outcome is unknown, see :func:`main`); ``--json``
+prints one JSON object on stdout.  Log records print one line each, and only
+until the operation fails: after that they are consequences of the error line.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import codecs
-from engine.errors import CancelledError, ConfigError, MigrationError
+from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.migration import Migration, MigrationConfig
 from engine.stats import MigrationResult
 from engine.sync import wait_readable
@@ -41,6 +43,11 @@ log = logging.getLogger("multifd.cli")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 SECRET_ENV = "MULTIFD_SECRET"
+LINE_LIMIT = 300  # characters of an error or log line at the default level
+EXIT_OUTCOME_UNKNOWN = 3
+
+# The operation this command runs, once built: its latch says whether it failed.
+_operation: Migration | None = None
 
 
 def parse_size(text: str) -> int:
@@ -314,13 +321,16 @@ def cmd_listen(args: argparse.Namespace) -> int:
         accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
         devices=devices, device_load=args.device_load,
     )
+    _watch(destination)
     signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
     print(f"LISTENING {destination.address}", flush=True)
     try:
         destination.start()
         result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json))
         ram = destination.ram
-        extra: dict[str, Any] = {}
+        # The answer to a source whose outcome is unknown: did this migration commit?
+        extra: dict[str, Any] = {"committed": destination.committed} if args.json else {
+            "committed": f"{'yes' if destination.committed else 'no'} (migration {result.migration_id})"}
         if args.run_after > 0 and ram is not None:
             guest = SyntheticGuest(ram, workload="incrementer", dirty_rate=0)
             guest.start()
@@ -351,7 +361,7 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Migration
         try:
             devices = demo_devices(args.devices, args.device_state,
                                    save_latency_s=args.device_save_latency / 1000)
-            running = operation(ram, guest, devices, config)
+            running = _watch(operation(ram, guest, devices, config))
             signal.signal(signal.SIGTERM, lambda *_: running.cancel("terminated (SIGTERM)"))
             running.start()
             return _wait_with_progress(running, _Progress(sys.stdout.isatty() and not args.json))
@@ -385,20 +395,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    "--device-load", args.device_load]
         if args.dump_dir:
             command += ["--dump-dir", args.dump_dir]
+        if args.verbose:
+            command.append("--verbose")
         env = dict(os.environ, **{SECRET_ENV: secret.decode()})
-        destination = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
-        try:
-            to = _read_listening(destination)
-            if not args.json:
-                print(f"destination process {destination.pid} listening on {to}")
-            result = _run_source(args, to, secret)
-            remote = json.loads(destination.communicate(timeout=60)[0] or "{}")
-        finally:
-            if destination.poll() is None:
-                destination.terminate()
-                destination.wait(timeout=10)
-            if destination.stdout:
-                destination.stdout.close()
+        # The destination's stderr: live with --verbose; else kept, and shown only
+        # on success (on failure the source's one line says "destination failed: …").
+        with open(os.path.join(tmp, "destination.log"), "w+") as errors:
+            destination = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True,
+                                           stderr=None if args.verbose else errors)
+            try:
+                to = _read_listening(destination, errors)
+                if not args.json:
+                    print(f"destination process {destination.pid} listening on {to}")
+                result = _run_source(args, to, secret)
+                remote = json.loads(destination.communicate(timeout=60)[0] or "{}")
+            finally:
+                if destination.poll() is None:
+                    destination.terminate()
+                    destination.wait(timeout=10)
+                if destination.stdout:
+                    destination.stdout.close()
+            errors.seek(0)
+            sys.stderr.write(errors.read())
     result = _merge_devices(result, remote)
     _emit(args, result, {"destination": remote} if args.json else {
         "dest downtime": f"{remote.get('downtime_ms', 0):.1f} ms (destination's share)",
@@ -429,6 +447,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     restore = SnapshotRestore(args.file, config=MigrationConfig(channels=args.channels),
                               devices=devices, device_load=args.device_load,
                               direct_io=args.direct_io, dump_dir=args.dump_dir)
+    _watch(restore)
     signal.signal(signal.SIGTERM, lambda *_: restore.cancel("terminated (SIGTERM)"))
     try:
         restore.start()
@@ -487,12 +506,18 @@ def _merge_devices(result: MigrationResult, remote: dict[str, Any]) -> Migration
     return dataclasses.replace(result, extra=extra)
 
 
-def _read_listening(process: subprocess.Popen) -> str:
+def _read_listening(process: subprocess.Popen, errors: Any = None) -> str:
+    """The address `listen` printed first; `errors`, its stderr file, says why not."""
     assert process.stdout is not None
     ready = wait_readable([process.stdout], 30)
     line = process.stdout.readline() if ready else ""
     if not line.startswith("LISTENING "):
-        raise MigrationError("the destination process did not start listening")
+        why = ""
+        if errors is not None:
+            errors.seek(0)
+            said = errors.read().strip().splitlines()
+            why = f": {said[-1].removeprefix('multifd: failed: ')}" if said else ""
+        raise MigrationError(f"the destination process did not start listening{why}")
     return line.split(maxsplit=1)[1].strip()
 
 
@@ -506,11 +531,13 @@ def _emit(args: argparse.Namespace, result: MigrationResult, extra: dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command.  Exit status: 0 done, 1 failed (or not verified), 3 the
+    outcome is unknown (COMMIT sent, no answer: the guest stays paused), 130
+    cancelled, 141 our reader went away."""
+    global _operation
+    _operation = None
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="multifd: %(message)s",
-    )
+    _setup_logging(args.verbose)
     handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate,
                 "save": cmd_save, "restore": cmd_restore, "inspect": cmd_inspect}
     try:
@@ -522,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Whoever read our output stopped (`| head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OutcomeUnknownError as exc:
+        _fail(args, "outcome unknown", exc, _outcome_unknown(exc, args.verbose))
+        return EXIT_OUTCOME_UNKNOWN
     except (MigrationError, OSError) as exc:
         _fail(args, "failed", exc)
         return 1
@@ -530,10 +560,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _fail(args: argparse.Namespace, status: str, error: object) -> None:
+def _watch(operation: Migration) -> Any:
+    """Note the operation this command runs (its failure silences the log)."""
+    global _operation
+    _operation = operation
+    return operation
+
+
+def _one_line(text: str, verbose: bool = False, limit: int = LINE_LIMIT) -> str:
+    """`text` on one line, cut to `limit` characters unless `verbose`: an error
+    may quote the peer's data (a CONFIG's blocks) at any length."""
+    text = " ".join(line.strip() for line in text.splitlines())
+    if verbose or len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+class _LogFilter(logging.Filter):
+    """Default level: once the operation failed, its log records (pool workers
+    terminated, teardown steps that could not run) are consequences of the one
+    error line; they are counted, not printed (--verbose prints them)."""
+
+    hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _operation is not None and _operation.latch.failed:
+            _LogFilter.hidden += 1
+            return False
+        return True
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:  # no traceback at the default level
+        return f"multifd: {_one_line(record.getMessage())}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    if verbose:
+        handler.setFormatter(logging.Formatter("multifd: %(message)s"))
+    else:
+        _LogFilter.hidden = 0
+        handler.addFilter(_LogFilter())
+        handler.setFormatter(_OneLineFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler],
+                        force=True)
+
+
+def _outcome_unknown(error: OutcomeUnknownError, verbose: bool) -> str:
+    """The one line for a source that sent COMMIT and heard nothing back."""
+    migration_id = getattr(_operation, "migration_id", None)
+    cause = _one_line(str(error.__cause__ or error), verbose, limit=120)
+    return (f"the destination never answered COMMIT ({cause}); the guest stays paused; the "
+            f"destination's `listen` output says whether migration {migration_id} committed")
+
+
+def _fail(args: argparse.Namespace, status: str, error: object, line: str | None = None) -> None:
+    """Report a failure: the full error in --json output, one line on stderr."""
+    verbose = getattr(args, "verbose", False)
     if getattr(args, "json", False):
-        print(json.dumps({"status": status, "error": str(error)}))
-    print(f"multifd: {status}: {error}", file=sys.stderr)
+        data: dict[str, Any] = {"status": status.replace(" ", "_"), "error": str(error)}
+        if _operation is not None and args.command == "listen":
+            data["committed"] = _operation.committed
+        if _operation is not None and isinstance(error, OutcomeUnknownError):
+            data["migration_id"] = str(_operation.migration_id)
+        print(json.dumps(data))
+    line = line if line is not None else _one_line(str(error), verbose)
+    if _LogFilter.hidden and not verbose:
+        line += f" ({_LogFilter.hidden} more log line(s): --verbose shows them)"
+    print(f"multifd: {status}: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

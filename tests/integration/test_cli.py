@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from engine.destination import DestinationMigration
+from engine.errors import MigrationError
+from engine.shm import GuestRAM
+from engine.source import SourceMigration
 from engine.sync import wait_readable
 
 MULTIFD = [sys.executable, "-m", "engine.cli"]
@@ -69,6 +77,26 @@ def test_demo_human_summary() -> None:
     assert "memory verified  yes" in done.stdout
 
 
+@pytest.fixture
+def listener(request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`multifd listen` (its extra arguments: the test's parametrize "listen_args")
+    and the address it printed; killed if the test left it running."""
+    extra = getattr(request, "param", ())
+    process = subprocess.Popen(
+        [*MULTIFD, "listen", "--address", "tcp://127.0.0.1:0", "--accept-timeout", "30", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline() if wait_readable([process.stdout], 30) else ""
+        assert line.startswith("LISTENING "), line
+        yield process, line.split()[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
 def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32).hex().encode())
@@ -96,6 +124,7 @@ def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
     assert source["status"] == destination["status"] == "completed"
     assert source["verified"] is True and source["channels"] == 3
     assert destination["guest_pages_written_after_resume"] > 0  # the guest ran afterwards
+    assert destination["committed"] is True and destination["migration_id"] == source["migration_id"]
 
 
 def test_errors_are_one_line_without_traceback() -> None:
@@ -167,3 +196,84 @@ def test_restore_of_a_damaged_file_is_one_line(tmp_path: Path) -> None:
         assert done.returncode == 1
         assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
         assert "snapshot is truncated" in done.stderr
+
+
+def _one_error_line(stderr: str, status: str = "failed") -> str:
+    assert "Traceback" not in stderr and "terminating" not in stderr, stderr
+    assert stderr.endswith("\n") and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"multifd: {status}: "), stderr
+    return stderr
+
+
+def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
+    """A destination channel process dies as the channels start, the others are stuck:
+    each side says so in one line (no pool warnings about terminating the stuck
+    workers, no traceback)."""
+    process, address = listener
+    source = subprocess.Popen(
+        [*MULTIFD, "migrate", "--to", address, "--ram", "16M", "--channels", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(workers) < 3 and time.monotonic() < deadline:
+            workers = [c for c in psutil.Process(process.pid).children()
+                       if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.005)
+        assert len(workers) == 3
+        for stuck in workers[1:]:  # they cannot stop in time: the pool terminates them
+            stuck.suspend()
+        workers[0].kill()
+        _, source_err = source.communicate(timeout=30)
+        _, listen_err = process.communicate(timeout=30)
+    finally:
+        if source.poll() is None:
+            source.kill()
+            source.communicate()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    assert source.returncode == process.returncode == 1
+    assert "died with exit code -9" in _one_error_line(source_err)
+    assert "died with exit code -9" in _one_error_line(listen_err)
+
+
+@pytest.mark.parametrize("listener", [("--ram", "1M", "--json")], indirect=True)
+def test_a_long_refusal_is_cut_to_one_readable_line(listener) -> None:
+    """The destination quotes the source's 256-block layout: stderr cuts it, --json keeps it."""
+    process, address = listener
+    with GuestRAM.create([(f"block{i}", 4096) for i in range(256)]) as ram:
+        with pytest.raises(MigrationError, match="RAM layout differs"):
+            SourceMigration(ram, address, secret=b"s3cret").run()
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 1
+    line = _one_error_line(err)
+    assert len(line) < 400 and line.rstrip().endswith("more characters)")
+    error = json.loads(out)["error"]
+    assert "('block255', 4096)" in error and len(error) > 5000
+    assert json.loads(out)["committed"] is False
+
+
+def test_outcome_unknown_is_exit_3_and_names_the_migration() -> None:
+    """COMMIT sent, RESUMED lost: the source says the outcome is unknown, its guest
+    paused, and which migration to look up on the destination."""
+    def resume_then_lose_the_main_channel() -> None:
+        assert destination._conn is not None
+        destination._conn.sock.shutdown(socket.SHUT_RDWR)  # RESUMED cannot go out
+
+    destination = DestinationMigration("tcp://127.0.0.1:0", secret=b"s3cret",
+                                       resume_guest=resume_then_lose_the_main_channel)
+    destination.start()
+    done = run("migrate", "--to", destination.address, "--ram", "4M", "--workload", "idle",
+               "--json", env={"MULTIFD_SECRET": "s3cret"}, timeout=60)
+    result = destination.wait(30)
+    assert destination.ram is not None
+    destination.ram.close()
+    destination.ram.unlink()
+    assert done.returncode == 3, done.stderr
+    assert "the guest stays paused" in _one_error_line(done.stderr, "outcome unknown")
+    assert f"whether migration {result.migration_id} committed" in done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "outcome_unknown"
+    assert summary["migration_id"] == result.migration_id and destination.committed
