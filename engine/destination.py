@@ -2,9 +2,9 @@
 
 ::
 
-    listen     bind now (so .address is known, port 0 included); accept until a
-               hello authenticates as a main channel; strangers are refused and
-               logged, and never join
+    listen     bind now (so .address is known, port 0 included); on every connection
+               send a fresh challenge; accept until a hello answers it as a main
+               channel; strangers are refused and logged, and never join
     setup      reply hello; CONFIG → check it fits (RAM layout, codec) → CONFIG_ACK;
                accept N channel hellos (same migration id and count, ids unique)
                → N channel processes → READY → CHANNELS_READY; stop listening
@@ -118,6 +118,7 @@ class DestinationMigration(Migration):
         self.negotiated: wire.Config | None = None
         self.refused: list[str] = []   # why each refused connection was refused
         self._receiver: MultifdReceiver | None = None
+        self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self.autostart = autostart
         self.running = False  # the guest was resumed here (after the commit)
 
@@ -130,27 +131,25 @@ class DestinationMigration(Migration):
     def _run(self) -> MigrationResult:
         self._defer("stop listening", self._listener.close)
         self._machine.fire(MigrationEvent.LISTEN)
-        conn, hello = self._accept_main()
+        conn, hello, challenge = self._accept_main()
         self._own_conn(conn)
         t_start = time.perf_counter()
         self._machine.fire(MigrationEvent.START)
         self.migration_id = hello.migration_id
+        self._session_key = packet.session_key(self.secret, hello.migration_id, hello.nonce, challenge)
         self._setup(hello)
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
         return self._receive(t_start, t_setup)
 
-    def _accept_main(self) -> tuple[Connection, packet.ChannelHello]:
+    def _accept_main(self) -> tuple[Connection, packet.ChannelHello, bytes]:
+        """The source's main connection, its hello, and the challenge it answered."""
         deadline = None if self.accept_timeout_s is None else time.monotonic() + self.accept_timeout_s
         while True:
             conn = self._accept(deadline, "a source to connect")
-            hello = self._read_hello(conn)
-            if hello is None:
-                continue
-            if hello.role is not packet.HelloRole.MAIN:
-                self._refuse(conn, f"a {hello.role.name} hello before any main channel")
-                continue
-            return conn, hello
+            answered = self._read_hello(conn, self.secret, packet.HelloRole.MAIN)
+            if answered is not None:
+                return conn, *answered
 
     def _setup(self, hello: packet.ChannelHello) -> None:
         cfg = self.config
@@ -159,7 +158,7 @@ class DestinationMigration(Migration):
         conn.settimeout(cfg.handshake_timeout_s)
         conn.send_all(packet.encode_hello(
             packet.HelloRole.MAIN_REPLY, hello.migration_id, 0, hello.channel_count, self.secret,
-            peer_nonce=hello.nonce,
+            hello.nonce,
         ))
         config = self._read_message(wire.Config, time.monotonic() + cfg.handshake_timeout_s)
         refusal = self._check_config(config, hello)
@@ -241,13 +240,14 @@ class DestinationMigration(Migration):
         try:
             while len(joined) < n:
                 conn = self._accept(deadline, f"{n - len(joined)} of {n} multifd channels")
-                hello = self._read_hello(conn)
-                if hello is None:
+                # Authenticated with this migration's session key over a fresh
+                # challenge: a hello of another migration, or a recorded one, fails.
+                answered = self._read_hello(conn, self._session_key, packet.HelloRole.CHANNEL)
+                if answered is None:
                     continue
+                hello, _ = answered
                 problem = ""
-                if hello.role is not packet.HelloRole.CHANNEL:
-                    problem = "a second main channel while a migration is in setup"
-                elif hello.migration_id != main.migration_id:
+                if hello.migration_id != main.migration_id:
                     problem = f"migration id {hello.migration_id} is not {main.migration_id}"
                 elif hello.channel_count != n:
                     problem = f"channel count {hello.channel_count}, expected {n}"
@@ -421,12 +421,17 @@ class DestinationMigration(Migration):
             raise HandshakeError(f"timed out waiting for {what}")
         return self._listener.accept(self.config.handshake_timeout_s)
 
-    def _read_hello(self, conn: Connection) -> packet.ChannelHello | None:
-        """The connection's hello, or None after refusing (and closing) it."""
+    def _read_hello(self, conn: Connection, key: bytes, role: packet.HelloRole
+                    ) -> tuple[packet.ChannelHello, bytes] | None:
+        """Challenge the connection, then read its hello, which must be a `role`
+        hello authenticated with `key` over that challenge.  Returns the hello and
+        the challenge, or None after refusing (and closing) the connection."""
         conn.settimeout(self.config.handshake_timeout_s)
         self._track(conn)
+        challenge = os.urandom(packet.NONCE_SIZE)
         try:
-            hello = packet.decode_hello(conn.recv_exact(packet.HELLO_SIZE), self.secret)
+            conn.send_all(packet.encode_challenge(challenge))
+            hello = packet.decode_hello(conn.recv_exact(packet.HELLO_SIZE), key, challenge, (role,))
         except (HandshakeError, RemoteProtocolError, TransportClosedError, TransportBrokenError) as exc:
             if self.latch.failed:  # woken by a cancel, not by the stranger
                 conn.close()
@@ -436,7 +441,7 @@ class DestinationMigration(Migration):
         finally:
             self._untrack(conn)
         conn.settimeout(None)
-        return hello
+        return hello, challenge
 
     def _refuse(self, conn: Connection, why: str) -> None:
         log.warning("refused a connection from %s: %s", conn.peer, why)

@@ -57,6 +57,8 @@ VERSION: Final = 2
 HELLO_SIZE: Final = 80
 NONCE_SIZE: Final = 16
 AUTH_SIZE: Final = 32
+CHALLENGE_MAGIC: Final = 0x4D464443  # "MFDC"
+CHALLENGE_SIZE: Final = 24
 PACKET_HEADER_SIZE: Final = 16
 MESSAGE_HEADER_SIZE: Final = 8
 PAGE_SIZE: Final = 4096
@@ -104,7 +106,12 @@ NEED_DATA: Final = NeedData.NEED_DATA
 
 # ── fixed layouts ─────────────────────────────────────────────────────────────
 
-# hello, 80 bytes; auth is the HMAC of bytes 0..47 (plus the peer's nonce for role 3)
+# challenge, 24 bytes: what the listener sends first on every connection
+#  0 magic u32 | 4 version u16 | 6 reserved u16 | 8 nonce 16s
+_CHALLENGE = struct.Struct(">IHH16s")
+
+# hello, 80 bytes; auth is the HMAC of bytes 0..47 and the nonce it answers
+# (the listener's challenge; for role 3 the source's hello nonce)
 #  0 magic u32 | 4 version u16 | 6 role u8 | 7 flags u8 | 8 migration_id 16s
 # 24 channel_id u16 | 26 channel_count u16 | 28 reserved u32 | 32 nonce 16s | 48 auth 32s
 _HELLO = struct.Struct(">IHBB16sHHI16s32s")
@@ -162,15 +169,49 @@ class ChannelHello:
     nonce: bytes
 
 
-def _hello_auth(secret: bytes, signed: Buffer, peer_nonce: bytes) -> bytes:
-    mac = hmac.new(secret, signed, hashlib.sha256)
-    mac.update(peer_nonce)
+def encode_challenge(nonce: bytes | None = None) -> bytes:
+    """The 24-byte challenge a listener sends first on every connection: a fresh
+    nonce the connector's hello must answer, so no recorded hello is accepted.
+    ``nonce`` defaults to 16 fresh random bytes (pass one only for test vectors)."""
+    if nonce is None:
+        nonce = os.urandom(NONCE_SIZE)
+    elif len(nonce) != NONCE_SIZE:
+        raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes")
+    return _CHALLENGE.pack(CHALLENGE_MAGIC, VERSION, 0, nonce)
+
+
+def decode_challenge(data: Buffer) -> bytes:
+    """The nonce of a listener's 24-byte challenge.  Raises HandshakeError for a
+    wrong length, magic, version or nonzero reserved bytes."""
+    if len(data) != CHALLENGE_SIZE:
+        raise HandshakeError(f"a challenge is {CHALLENGE_SIZE} bytes, got {len(data)}")
+    magic, version, reserved, nonce = _CHALLENGE.unpack(data)
+    if magic != CHALLENGE_MAGIC:
+        raise HandshakeError(f"wrong challenge magic 0x{magic:08x} (expected 0x{CHALLENGE_MAGIC:08x})")
+    if version != VERSION:
+        raise HandshakeError(f"unsupported challenge version {version} (this side speaks {VERSION})")
+    if reserved:
+        raise HandshakeError(f"challenge reserved bytes must be 0, got 0x{reserved:04x}")
+    return bytes(nonce)
+
+
+def session_key(secret: bytes, migration_id: uuid.UUID, source_nonce: bytes, challenge: bytes) -> bytes:
+    """The key of one migration's session, from its main channel's handshake: the
+    source's hello nonce and the listener's challenge make it fresh, so channel
+    hellos (authenticated with it) belong to this migration and no other."""
+    return hmac.new(secret, b"multifd session " + migration_id.bytes + source_nonce + challenge,
+                    hashlib.sha256).digest()
+
+
+def _hello_auth(key: bytes, signed: Buffer, answers: bytes) -> bytes:
+    mac = hmac.new(key, signed, hashlib.sha256)
+    mac.update(answers)
     return mac.digest()
 
 
-def _check_peer_nonce(peer_nonce: bytes) -> None:
-    if peer_nonce and len(peer_nonce) != NONCE_SIZE:
-        raise LocalProtocolError(f"peer_nonce must be empty or {NONCE_SIZE} bytes")
+def _check_answers(answers: bytes) -> None:
+    if len(answers) != NONCE_SIZE:
+        raise LocalProtocolError(f"the nonce a hello answers must be {NONCE_SIZE} bytes")
 
 
 def encode_hello(
@@ -178,22 +219,22 @@ def encode_hello(
     migration_id: uuid.UUID,
     channel_id: int,
     channel_count: int,
-    secret: bytes,
+    key: bytes,
+    answers: bytes,
     nonce: bytes | None = None,
-    peer_nonce: bytes = b"",
 ) -> bytes:
-    """The 80-byte hello for ``role``, authenticated with ``secret``.
+    """The 80-byte hello for ``role``, authenticated with ``key`` over the nonce it
+    ``answers``: the listener's challenge for MAIN (key: the shared secret) and
+    CHANNEL (key: the :func:`session_key`); the source's hello nonce for
+    MAIN_REPLY (key: the shared secret).
 
     ``nonce`` defaults to 16 fresh random bytes (pass one only for test vectors).
-    ``peer_nonce`` is the nonce of the source's main hello for ``MAIN_REPLY`` and must
-    be empty for the other roles.  Raises LocalProtocolError for an unknown role,
-    a channel id or count out of range, or a nonce of the wrong size.
+    Raises LocalProtocolError for an unknown role, a channel id or count out of
+    range, or a nonce of the wrong size.
     """
     if role not in _ROLES:
         raise LocalProtocolError(f"unknown hello role {role!r}")
-    _check_peer_nonce(peer_nonce)
-    if (role == HelloRole.MAIN_REPLY) != bool(peer_nonce):
-        raise LocalProtocolError("peer_nonce is required for MAIN_REPLY and only for it")
+    _check_answers(answers)
     problem = _hello_ids_problem(role, channel_id, channel_count)
     if problem:
         raise LocalProtocolError(problem)
@@ -205,7 +246,7 @@ def encode_hello(
         HELLO_MAGIC, VERSION, role, 0, migration_id.bytes,
         channel_id, channel_count, 0, nonce, bytes(AUTH_SIZE),
     )[:_HELLO_SIGNED]
-    return unsigned + _hello_auth(secret, unsigned, peer_nonce)
+    return unsigned + _hello_auth(key, unsigned, answers)
 
 
 def _hello_ids_problem(role: int, channel_id: int, channel_count: int) -> str | None:
@@ -221,18 +262,19 @@ def _hello_ids_problem(role: int, channel_id: int, channel_count: int) -> str | 
     return None
 
 
-def decode_hello(data: Buffer, secret: bytes, peer_nonce: bytes = b"") -> ChannelHello:
-    """Check and decode an 80-byte hello.
+def decode_hello(data: Buffer, key: bytes, answers: bytes,
+                 roles: frozenset[HelloRole] | tuple[HelloRole, ...]) -> ChannelHello:
+    """Check and decode an 80-byte hello that must have one of ``roles`` and be
+    authenticated with ``key`` over the nonce it ``answers`` (see :func:`encode_hello`).
 
-    Pass ``peer_nonce`` (the nonce of our own main hello) exactly when the hello
-    must be the destination's ``MAIN_REPLY``; without it only ``MAIN`` and
-    ``CHANNEL`` are accepted, so a hello cannot be reflected back at its sender.
-    Raises HandshakeError naming the first problem: length, magic, version, role,
-    flags, reserved bytes, authenticator, channel count, channel id.  Checks that
-    need the migration (same UUID and count as the main channel, duplicate channel
-    id) are the caller's.
+    The role is checked before the authenticator, so a hello cannot be reflected
+    back at its sender or used in another place of the handshake.  Raises
+    HandshakeError naming the first problem: length, magic, version, role, flags,
+    reserved bytes, authenticator, channel count, channel id.  Checks that need
+    the migration (same UUID and count as the main channel, duplicate channel id)
+    are the caller's.
     """
-    _check_peer_nonce(peer_nonce)
+    _check_answers(answers)
     if len(data) != HELLO_SIZE:
         raise HandshakeError(f"a hello is {HELLO_SIZE} bytes, got {len(data)}")
     (magic, version, role, flags, migration_id, channel_id, channel_count,
@@ -243,22 +285,22 @@ def decode_hello(data: Buffer, secret: bytes, peer_nonce: bytes = b"") -> Channe
         raise HandshakeError(f"unsupported hello version {version} (this side speaks {VERSION})")
     if role not in _ROLES:
         raise HandshakeError(f"unknown hello role {role}")
-    if peer_nonce and role != HelloRole.MAIN_REPLY:
-        raise HandshakeError(f"expected a main-channel reply hello (role 3), got role {role}")
-    if not peer_nonce and role == HelloRole.MAIN_REPLY:
-        raise HandshakeError("unexpected main-channel reply hello (role 3)")
+    if _ROLES[role] not in roles:
+        raise HandshakeError(f"a {_ROLES[role].name} hello where "
+                             f"{' or '.join(r.name for r in roles)} was expected")
     if flags:
         raise HandshakeError(f"hello flags must be 0, got 0x{flags:02x}")
     if reserved:
         raise HandshakeError(f"hello reserved bytes must be 0, got 0x{reserved:08x}")
-    expected = _hello_auth(secret, data[:_HELLO_SIGNED], peer_nonce)
+    expected = _hello_auth(key, data[:_HELLO_SIGNED], answers)
     if not hmac.compare_digest(auth, expected):
-        raise HandshakeError("bad hello authenticator (wrong secret or replayed hello)")
+        raise HandshakeError("bad hello authenticator (wrong secret, another session, "
+                             "or a recorded hello)")
     problem = _hello_ids_problem(role, channel_id, channel_count)
     if problem:
         raise HandshakeError(problem)
     return ChannelHello(_ROLES[role], uuid.UUID(bytes=migration_id), channel_id,
-                        channel_count, nonce)
+                        channel_count, bytes(nonce))
 
 
 # ── packet records ────────────────────────────────────────────────────────────

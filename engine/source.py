@@ -2,8 +2,8 @@
 
 ::
 
-    setup      main channel: hello ⇄ hello, CONFIG → CONFIG_ACK
-               N channel connections (hello each) → N channel processes → READY
+    setup      main channel: ← challenge, hello → ← hello (the session key), CONFIG → CONFIG_ACK
+               N channel connections (← challenge, hello each) → N channel processes → READY
                ← CHANNELS_READY; PING/PONG for the round-trip time
     precopy    round 1 sends every page; round k sends the pages dirtied since;
                each round ends with flush + sync (SYNC on every channel, SYNC_MARKER)
@@ -93,6 +93,7 @@ class SourceMigration(SavingMigration):
         self._defer("close the return-path signals", self._close_signals)
         self._rtt_s = 0.0
         self._setup_deadline = 0.0
+        self._session_key = b""  # from the main channel's handshake; channels authenticate with it
 
     # -- the phases --------------------------------------------------------
 
@@ -157,14 +158,18 @@ class SourceMigration(SavingMigration):
         conn = self._own_conn(connect(self.to, cfg.connect_timeout_s, self.latch))
         conn.settimeout(cfg.handshake_timeout_s)  # bounds sends; reads wait on the latch
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
-        # Mutual authentication: our hello, then the destination's reply over our nonce.
+        # Mutual authentication, fresh on both sides: the destination's challenge,
+        # our hello answering it, its reply answering our hello's nonce.
+        challenge = packet.decode_challenge(self._read_handshake(packet.CHALLENGE_SIZE))
         nonce = os.urandom(packet.NONCE_SIZE)
         conn.send_all(packet.encode_hello(
-            packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, nonce=nonce
+            packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, challenge, nonce
         ))
-        reply = packet.decode_hello(self._read_hello_reply(), self.secret, peer_nonce=nonce)
-        if reply.role is not packet.HelloRole.MAIN_REPLY or reply.migration_id != self.migration_id:
-            raise HandshakeError(f"destination {self.to} answered with an unexpected hello")
+        reply = packet.decode_hello(self._read_handshake(packet.HELLO_SIZE), self.secret, nonce,
+                                    roles=(packet.HelloRole.MAIN_REPLY,))
+        if reply.migration_id != self.migration_id:
+            raise HandshakeError(f"destination {self.to} answered for another migration")
+        self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
         self._send_message(self._config_record())
         ack = self._read_message(wire.ConfigAck, self._setup_deadline)
         if not ack.accepted:
@@ -182,9 +187,18 @@ class SourceMigration(SavingMigration):
             for channel_id in range(cfg.channels):
                 data = connect(self.to, cfg.connect_timeout_s, self.latch)
                 conns.append(data)
+                data.settimeout(cfg.handshake_timeout_s)
+                self._track(data)  # a cancel wakes the read of its challenge
+                try:
+                    channel_challenge = packet.decode_challenge(data.recv_exact(packet.CHALLENGE_SIZE))
+                finally:
+                    self._untrack(data)
+                self.latch.raise_if_failed()
                 data.send_all(packet.encode_hello(
-                    packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels, self.secret
+                    packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
+                    self._session_key, channel_challenge,
                 ))
+                data.settimeout(None)
         except BaseException:
             for data in conns:
                 data.close()
@@ -288,16 +302,18 @@ class SourceMigration(SavingMigration):
             kinds.append(packet.PacketKind.DEVICE_STATE)
         return tuple(kinds)
 
-    def _read_hello_reply(self) -> bytes:
-        reply = b""
-        while len(reply) < packet.HELLO_SIZE:
-            data = self._read_main(self._setup_deadline)
-            if not data:
+    def _read_handshake(self, size: int) -> bytes:
+        """The next `size` bytes of the main channel's handshake (bytes that come
+        after them, an ABORT say, go to the message decoder)."""
+        data = b""
+        while len(data) < size:
+            more = self._read_main(self._setup_deadline)
+            if not more:
                 raise HandshakeError(f"destination {self.to} refused the connection")
-            reply += data
-        if len(reply) > packet.HELLO_SIZE:  # an ABORT right after the reply, say
-            self._main_decoder.receive_data(reply[packet.HELLO_SIZE:])
-        return reply[:packet.HELLO_SIZE]
+            data += more
+        if len(data) > size:
+            self._main_decoder.receive_data(data[size:])
+        return data[:size]
 
     def _main_closed(self) -> str:
         return f"destination {self.to} closed the main channel"

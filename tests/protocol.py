@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import uuid
+from collections.abc import Callable
 
 from engine import DestinationMigration, packet
 from engine import message as wire
@@ -22,11 +23,22 @@ _HELLO = struct.Struct(">IHBB16sHHI16s")
 
 def raw_hello(role: int = 2, migration: uuid.UUID | None = None, channel_id: int = 0,
               count: int = 2, secret: bytes = SECRET, magic: int = packet.HELLO_MAGIC,
-              version: int = packet.VERSION) -> bytes:
-    """A hello built by hand, so fields the encoder refuses can be sent anyway."""
+              version: int = packet.VERSION, answers: bytes = bytes(16)) -> bytes:
+    """A hello built by hand, so fields the encoder refuses can be sent anyway;
+    authenticated with `secret` over the challenge nonce it `answers`."""
     body = _HELLO.pack(magic, version, role, 0, (migration or uuid.uuid4()).bytes,
                        channel_id, count, 0, os.urandom(16))
-    return body + hmac.new(secret, body, hashlib.sha256).digest()
+    return body + hmac.new(secret, body + answers, hashlib.sha256).digest()
+
+
+def read_challenge(sock: socket.socket) -> bytes:
+    """The nonce of the challenge a destination sends first on every connection."""
+    data = b""
+    while len(data) < packet.CHALLENGE_SIZE:
+        chunk = sock.recv(packet.CHALLENGE_SIZE - len(data))
+        assert chunk, "the destination closed the connection before its challenge"
+        data += chunk
+    return packet.decode_challenge(data)
 
 
 def port_of(destination: DestinationMigration) -> tuple[str, int]:
@@ -44,11 +56,14 @@ class HandMadeSource:
         self.migration = uuid.uuid4()
         self.channels = channels
         self.main = socket.create_connection(self.addr, timeout=5)
+        challenge = read_challenge(self.main)
         nonce = os.urandom(16)
-        self.main.sendall(packet.encode_hello(packet.HelloRole.MAIN, self.migration, 0, channels,
-                                              SECRET, nonce=nonce))
+        self.main_hello = packet.encode_hello(packet.HelloRole.MAIN, self.migration, 0, channels,
+                                              SECRET, challenge, nonce)
+        self.main.sendall(self.main_hello)
         reply = self._recv(packet.HELLO_SIZE)
-        assert packet.decode_hello(reply, SECRET, peer_nonce=nonce).role is packet.HelloRole.MAIN_REPLY
+        packet.decode_hello(reply, SECRET, nonce, (packet.HelloRole.MAIN_REPLY,))
+        self.key = packet.session_key(SECRET, self.migration, nonce, challenge)
         self.main.sendall(wire.encode_message(wire.Config(
             4096, packet_pages, channels, True, codec, 0,
             tuple(wire.BlockSpec(n, s) for n, s in ram_layout),
@@ -70,11 +85,22 @@ class HandMadeSource:
             self.decoder.receive_data(self.main.recv(4096))
         return message
 
-    def channel(self, hello: bytes) -> socket.socket:
+    def channel(self, hello: bytes | Callable[[bytes], bytes]) -> socket.socket:
+        """A channel connection: read the destination's challenge, send `hello`
+        (or what `hello(challenge nonce)` builds)."""
         s = socket.create_connection(self.addr, timeout=5)
-        s.sendall(hello)
         self.sockets.append(s)
+        challenge = read_challenge(s)
+        s.sendall(hello(challenge) if callable(hello) else hello)
         return s
+
+    def channel_hello(self, channel_id: int, migration: uuid.UUID | None = None,
+                      count: int | None = None, role: int = 2,
+                      key: bytes | None = None) -> Callable[[bytes], bytes]:
+        """A channel hello of this session answering the challenge it is given."""
+        return lambda challenge: raw_hello(role, migration or self.migration, channel_id,
+                                           self.channels if count is None else count,
+                                           secret=self.key if key is None else key, answers=challenge)
 
     def close(self) -> None:
         for s in [self.main, *self.sockets]:
@@ -84,8 +110,7 @@ class HandMadeSource:
 
     def join_all(self) -> list[socket.socket]:
         """Open every channel with a valid hello; wait for CHANNELS_READY."""
-        channels = [self.channel(raw_hello(migration=self.migration, channel_id=i, count=self.channels))
-                    for i in range(self.channels)]
+        channels = [self.channel(self.channel_hello(i)) for i in range(self.channels)]
         assert self.next_message() == wire.ChannelsReady()
         return channels
 

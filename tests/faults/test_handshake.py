@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 import uuid
@@ -14,12 +15,14 @@ from engine import message as wire
 from engine.errors import HandshakeError, MigrationError
 from engine.sync import MigrationState
 from tests.harness import SECRET, MiB, guest_ram, same_memory
-from tests.protocol import HandMadeSource, port_of, raw_hello
+from tests.protocol import HandMadeSource, port_of, raw_hello, read_challenge
 
 FAST = MigrationConfig(channels=2, packet_pages=64, handshake_timeout_s=1.0)
 def _send_and_wait_closed(addr: tuple[str, int], data: bytes) -> bytes:
-    """Send `data` on a fresh connection; return what comes back before the close."""
+    """Send `data` on a fresh connection, after the destination's challenge; return
+    what comes back before the close."""
     with socket.create_connection(addr, timeout=5) as s:
+        read_challenge(s)
         if data:
             s.sendall(data)
         received = b""
@@ -51,12 +54,16 @@ def _strangers_then_migrate(destination: DestinationMigration, src: GuestRAM, ds
         "wrong secret": raw_hello(role=1, secret=b"not the secret"),
         "short then closed": raw_hello(role=1)[:40],
         "channel before main": raw_hello(role=2),
+        # A valid main hello, recorded: it answers another connection's challenge.
+        "recorded main hello": packet.encode_hello(packet.HelloRole.MAIN, uuid.uuid4(), 0, 2, SECRET,
+                                                   os.urandom(16)),
     }
     for name, data in strangers.items():
         assert _send_and_wait_closed(addr, data) == b"", f"{name}: got an answer"
     # A silent stranger is dropped after the handshake timeout.
     silent = socket.create_connection(addr)
     try:
+        read_challenge(silent)
         time.sleep(FAST.handshake_timeout_s + 0.3)
         assert silent.recv(1) == b""
     finally:
@@ -67,7 +74,7 @@ def _strangers_then_migrate(destination: DestinationMigration, src: GuestRAM, ds
     assert result.status == "completed" and same_memory(src, dst)
     refused = "\n".join(destination.refused)
     assert len(destination.refused) == len(strangers) + 1
-    for needle in ("magic", "version", "authenticat", "timed out", "CHANNEL hello before"):
+    for needle in ("magic", "version", "authenticat", "timed out", "CHANNEL hello where MAIN"):
         assert needle in refused, f"no refusal mentions {needle!r}: {refused}"
 
 
@@ -93,17 +100,21 @@ def test_channel_hellos_that_must_not_join(caplog: pytest.LogCaptureFixture) -> 
         try:
             m = source.migration
             bad = {
-                "other migration": raw_hello(migration=uuid.uuid4(), channel_id=0),
-                "id out of range": raw_hello(migration=m, channel_id=2, count=2),
-                "wrong count": raw_hello(migration=m, channel_id=1, count=3),
-                "second main": raw_hello(role=1, migration=m, channel_id=0),
+                "other migration": source.channel_hello(0, migration=uuid.uuid4()),
+                "another session's key": source.channel_hello(0, key=os.urandom(32)),
+                "id out of range": source.channel_hello(2, count=2),
+                "wrong count": source.channel_hello(1, count=3),
+                "second main": source.channel_hello(0, role=1),
             }
             refused_sockets = [source.channel(hello) for hello in bad.values()]
-            source.channel(raw_hello(migration=m, channel_id=0))
-            duplicate = source.channel(raw_hello(migration=m, channel_id=0))
-            for s in [*refused_sockets, duplicate]:
+            sent: list[bytes] = []
+            source.channel(lambda challenge: sent.append(source.channel_hello(0)(challenge)) or sent[0])
+            replayed = source.channel(sent[0])  # the same bytes, on a new connection
+            duplicate = source.channel(source.channel_hello(0))
+            for s in [*refused_sockets, replayed, duplicate]:
                 assert s.recv(1) == b""  # closed on us: refused
-            source.channel(raw_hello(migration=m, channel_id=1))
+            assert m == source.migration
+            source.channel(source.channel_hello(1))
             assert source.next_message() == wire.ChannelsReady()  # exactly 2 joined
             assert len(destination.channel_pids()) == 2
         finally:
@@ -112,6 +123,6 @@ def test_channel_hellos_that_must_not_join(caplog: pytest.LogCaptureFixture) -> 
             destination.wait(10)
     assert len([r for r in caplog.records if "refused a connection" in r.getMessage()]) >= 5
     refused = "\n".join(destination.refused)
-    for needle in ("migration id", "channel id 2", "channel count 3", "second main",
-                   "duplicate channel id 0"):
+    for needle in ("migration id", "channel id 2", "channel count 3", "MAIN hello where CHANNEL",
+                   "recorded hello", "duplicate channel id 0"):
         assert needle in refused, f"no refusal mentions {needle!r}: {refused}"

@@ -52,6 +52,7 @@ from engine.packet import (
     PacketLimits,
     RamPagesHeader,
     SyncPacket,
+    decode_challenge,
     decode_hello,
     decode_packet,
     decode_packet_header,
@@ -292,22 +293,22 @@ ROLES = st.sampled_from(list(HelloRole))
 
 @st.composite
 def hellos(draw: st.DrawFn) -> tuple[bytes, bytes, tuple]:
-    """(hello, peer_nonce to decode it with, the fields it was made of)."""
+    """(hello, the nonce it answers, the fields it was made of)."""
     role = draw(ROLES)
     count = draw(st.integers(1, 256))
     channel_id = draw(st.integers(0, count - 1)) if role == HelloRole.CHANNEL else 0
     migration_id = uuid.UUID(bytes=draw(st.binary(min_size=16, max_size=16)))
     nonce = draw(st.binary(min_size=16, max_size=16))
-    peer_nonce = draw(st.binary(min_size=16, max_size=16)) if role == 3 else b""
-    wire = encode_hello(role, migration_id, channel_id, count, SECRET, nonce, peer_nonce)
-    return wire, peer_nonce, (role, migration_id, channel_id, count, nonce)
+    answers = draw(st.binary(min_size=16, max_size=16))
+    wire = encode_hello(role, migration_id, channel_id, count, SECRET, answers, nonce)
+    return wire, answers, (role, migration_id, channel_id, count, nonce)
 
 
 @FAST
 @given(hellos())
 def test_hello_round_trip(case: tuple[bytes, bytes, tuple]) -> None:
-    wire, peer_nonce, fields = case
-    hello = decode_hello(wire, SECRET, peer_nonce)
+    wire, answers, fields = case
+    hello = decode_hello(wire, SECRET, answers, tuple(HelloRole))
     assert (hello.role, hello.migration_id, hello.channel_id, hello.channel_count,
             hello.nonce) == fields
 
@@ -315,17 +316,36 @@ def test_hello_round_trip(case: tuple[bytes, bytes, tuple]) -> None:
 @FAST
 @given(hellos(), st.integers(0, HELLO_SIZE - 1), st.integers(1, 255))
 def test_hello_any_changed_byte_is_refused(case: tuple, index: int, xor: int) -> None:
-    wire, peer_nonce, _ = case
+    wire, answers, _ = case
     corrupted = flip(wire, index, xor)
     with pytest.raises(HandshakeError):
-        decode_hello(corrupted, SECRET, peer_nonce)
+        decode_hello(corrupted, SECRET, answers, tuple(HelloRole))
 
 
 @FAST
-@given(st.binary(max_size=100), st.sampled_from([b"", bytes(16)]))
-def test_hello_random_bytes_refused(data: bytes, peer_nonce: bytes) -> None:
+@given(hellos(), st.binary(min_size=16, max_size=16))
+def test_hello_answering_another_challenge_is_refused(case: tuple, other: bytes) -> None:
+    """A recorded hello never answers a fresh challenge."""
+    wire, answers, _ = case
+    if other != answers:
+        with pytest.raises(HandshakeError, match="authenticator"):
+            decode_hello(wire, SECRET, other, tuple(HelloRole))
+
+
+@FAST
+@given(st.binary(max_size=100), st.binary(min_size=16, max_size=16))
+def test_hello_random_bytes_refused(data: bytes, answers: bytes) -> None:
     with pytest.raises(HandshakeError):
-        decode_hello(data, SECRET, peer_nonce)
+        decode_hello(data, SECRET, answers, tuple(HelloRole))
+
+
+@FAST
+@given(st.binary(max_size=40))
+def test_challenge_random_bytes_decode_or_are_refused(data: bytes) -> None:
+    try:
+        assert len(decode_challenge(data)) == 16
+    except HandshakeError:
+        pass
 
 
 # ── messages ──────────────────────────────────────────────────────────────────

@@ -62,6 +62,7 @@ from engine.packet import (
     PageRun,
     RamPagesHeader,
     SyncPacket,
+    decode_challenge,
     decode_device_state,
     decode_end,
     decode_hello,
@@ -69,11 +70,13 @@ from engine.packet import (
     decode_packet_header,
     decode_ram_pages,
     decode_sync,
+    encode_challenge,
     encode_device_state,
     encode_end,
     encode_hello,
     encode_ram_pages,
     encode_sync,
+    session_key,
 )
 
 h = bytes.fromhex
@@ -85,51 +88,80 @@ MIGRATION_ID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
 MAIN_NONCE = bytes(range(16))
 REPLY_NONCE = bytes(range(16, 32))
 CHANNEL_NONCE = bytes(range(32, 48))
+CHALLENGE = bytes(range(48, 64))          # the listener's, on the main connection
+CHANNEL_CHALLENGE = bytes(range(64, 80))  # the listener's, on channel 3's connection
+# The session key, as wire-format §1 defines it (computed here without the codec).
+SESSION = hmac.new(SECRET, b"multifd session " + MIGRATION_ID.bytes + MAIN_NONCE + CHALLENGE,
+                   hashlib.sha256).digest()
 
+CHALLENGE_WIRE = h("4d464443" "0002" "0000" "303132333435363738393a3b3c3d3e3f")
+# role 1: answers CHALLENGE, with the shared secret
 MAIN_HELLO = h(
     "4d464448" "0002" "01" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
     "000102030405060708090a0b0c0d0e0f"
-    "4c6b2eda68426ebb1633a1292176e23e74d608290c4e856a23d282c890990f34"
+    "027aba7b875cca194480de51cefb32fffa6369e668274374fe8810adc670ecb6"
 )
+# role 2: answers CHANNEL_CHALLENGE, with the session key
 CHANNEL_HELLO = h(
     "4d464448" "0002" "02" "00" "00112233445566778899aabbccddeeff" "0003" "0004" "00000000"
     "202122232425262728292a2b2c2d2e2f"
-    "71dfd6b874a4bbcdc9366c3a45f59102a0e484dc0005a2b0d90997482f1eca5e"
+    "b81acf5bb5d6ad52f68c864cf9085e6e7b27e1a41792b9fd5df1217333747aa8"
 )
-# role 3: the authenticator also covers the nonce of MAIN_HELLO
+# role 3: answers the nonce of MAIN_HELLO, with the shared secret
 REPLY_HELLO = h(
     "4d464448" "0002" "03" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
     "101112131415161718191a1b1c1d1e1f"
     "44b298bed14508745ac9d43644dfabfcfb9664c85c8ae8e7c03ec24ae03b093c"
 )
+MAIN, CHANNEL, REPLY = HelloRole.MAIN, HelloRole.CHANNEL, HelloRole.MAIN_REPLY
 
 HELLO_VECTORS = [
-    pytest.param(HelloRole.MAIN, 0, MAIN_NONCE, b"", MAIN_HELLO, id="main"),
-    pytest.param(HelloRole.CHANNEL, 3, CHANNEL_NONCE, b"", CHANNEL_HELLO, id="channel"),
-    pytest.param(HelloRole.MAIN_REPLY, 0, REPLY_NONCE, MAIN_NONCE, REPLY_HELLO, id="reply"),
+    pytest.param(MAIN, 0, MAIN_NONCE, SECRET, CHALLENGE, MAIN_HELLO, id="main"),
+    pytest.param(CHANNEL, 3, CHANNEL_NONCE, SESSION, CHANNEL_CHALLENGE, CHANNEL_HELLO, id="channel"),
+    pytest.param(REPLY, 0, REPLY_NONCE, SECRET, MAIN_NONCE, REPLY_HELLO, id="reply"),
 ]
 
 
-@pytest.mark.parametrize(("role", "channel_id", "nonce", "peer_nonce", "wire"), HELLO_VECTORS)
+@pytest.mark.parametrize(("role", "channel_id", "nonce", "key", "answers", "wire"), HELLO_VECTORS)
 def test_hello_golden(
-    role: HelloRole, channel_id: int, nonce: bytes, peer_nonce: bytes, wire: bytes
+    role: HelloRole, channel_id: int, nonce: bytes, key: bytes, answers: bytes, wire: bytes
 ) -> None:
     assert len(wire) == HELLO_SIZE
     # The vector's authenticator is what the spec says it is.
-    assert wire[48:] == hmac.new(SECRET, wire[:48] + peer_nonce, hashlib.sha256).digest()
-    encoded = encode_hello(role, MIGRATION_ID, channel_id, 4, SECRET, nonce=nonce,
-                           peer_nonce=peer_nonce)
-    assert encoded == wire
-    assert decode_hello(wire, SECRET, peer_nonce=peer_nonce) == ChannelHello(
+    assert wire[48:] == hmac.new(key, wire[:48] + answers, hashlib.sha256).digest()
+    assert encode_hello(role, MIGRATION_ID, channel_id, 4, key, answers, nonce) == wire
+    assert decode_hello(wire, key, answers, (role,)) == ChannelHello(
         role, MIGRATION_ID, channel_id, 4, nonce
     )
 
 
+def test_session_key_and_challenge_golden() -> None:
+    assert session_key(SECRET, MIGRATION_ID, MAIN_NONCE, CHALLENGE) == SESSION
+    assert encode_challenge(CHALLENGE) == CHALLENGE_WIRE
+    assert decode_challenge(CHALLENGE_WIRE) == CHALLENGE
+    assert encode_challenge()[8:] != encode_challenge()[8:]  # fresh by default
+
+
+@pytest.mark.parametrize(
+    ("wire", "match"),
+    [
+        pytest.param(CHALLENGE_WIRE[:23], "24 bytes, got 23", id="short"),
+        pytest.param(h("4d464448") + CHALLENGE_WIRE[4:], "wrong challenge magic", id="magic"),
+        pytest.param(CHALLENGE_WIRE[:4] + h("0001") + CHALLENGE_WIRE[6:], "challenge version 1",
+                     id="version"),
+        pytest.param(CHALLENGE_WIRE[:6] + h("0001") + CHALLENGE_WIRE[8:], "reserved", id="reserved"),
+    ],
+)
+def test_challenge_refused(wire: bytes, match: str) -> None:
+    with pytest.raises(HandshakeError, match=match):
+        decode_challenge(wire)
+
+
 def test_hello_default_nonce_is_fresh() -> None:
-    first = encode_hello(HelloRole.MAIN, MIGRATION_ID, 0, 1, SECRET)
-    second = encode_hello(HelloRole.MAIN, MIGRATION_ID, 0, 1, SECRET)
+    first = encode_hello(MAIN, MIGRATION_ID, 0, 1, SECRET, CHALLENGE)
+    second = encode_hello(MAIN, MIGRATION_ID, 0, 1, SECRET, CHALLENGE)
     assert first[32:48] != second[32:48]
-    assert decode_hello(first, SECRET).nonce == first[32:48]
+    assert decode_hello(first, SECRET, CHALLENGE, (MAIN,)).nonce == first[32:48]
 
 
 def forge_hello(
@@ -141,78 +173,89 @@ def forge_hello(
     channel_id: int = 0,
     channel_count: int = 4,
     reserved: int = 0,
-    peer_nonce: bytes = b"",
+    key: bytes = SESSION,
+    answers: bytes = CHANNEL_CHALLENGE,
 ) -> bytes:
     """A hello with any field values and a valid authenticator."""
     signed = struct.pack(">IHBB16sHHI16s", magic, version, role, flags, MIGRATION_ID.bytes,
                          channel_id, channel_count, reserved, CHANNEL_NONCE)
-    return signed + hmac.new(SECRET, signed + peer_nonce, hashlib.sha256).digest()
+    return signed + hmac.new(key, signed + answers, hashlib.sha256).digest()
 
 
 def test_forge_hello_matches_golden() -> None:
     assert forge_hello(channel_id=3) == CHANNEL_HELLO
 
 
+CHANNEL_CHECK = (SESSION, CHANNEL_CHALLENGE, (CHANNEL,))
+
+
 @pytest.mark.parametrize(
-    ("wire", "peer_nonce", "match"),
+    ("wire", "check", "match"),
     [
-        pytest.param(CHANNEL_HELLO[:79], b"", "80 bytes, got 79", id="short"),
-        pytest.param(CHANNEL_HELLO + b"\0", b"", "80 bytes, got 81", id="long"),
-        pytest.param(forge_hello(magic=0x4D464450), b"", "wrong hello magic", id="magic"),
-        pytest.param(forge_hello(version=1), b"", "unsupported hello version 1", id="version"),
-        pytest.param(forge_hello(role=0), b"", "unknown hello role 0", id="role-0"),
-        pytest.param(forge_hello(role=4), b"", "unknown hello role 4", id="role-4"),
-        pytest.param(forge_hello(flags=1), b"", "flags must be 0", id="flags"),
-        pytest.param(forge_hello(reserved=1), b"", "reserved bytes must be 0", id="reserved"),
-        pytest.param(CHANNEL_HELLO[:79] + b"\0", b"", "bad hello authenticator", id="auth"),
-        pytest.param(CHANNEL_HELLO[:24] + h("0002") + CHANNEL_HELLO[26:], b"",
+        pytest.param(CHANNEL_HELLO[:79], CHANNEL_CHECK, "80 bytes, got 79", id="short"),
+        pytest.param(CHANNEL_HELLO + b"\0", CHANNEL_CHECK, "80 bytes, got 81", id="long"),
+        pytest.param(forge_hello(magic=0x4D464450), CHANNEL_CHECK, "wrong hello magic", id="magic"),
+        pytest.param(forge_hello(version=1), CHANNEL_CHECK, "unsupported hello version 1", id="version"),
+        pytest.param(forge_hello(role=0), CHANNEL_CHECK, "unknown hello role 0", id="role-0"),
+        pytest.param(forge_hello(role=4), CHANNEL_CHECK, "unknown hello role 4", id="role-4"),
+        pytest.param(forge_hello(flags=1), CHANNEL_CHECK, "flags must be 0", id="flags"),
+        pytest.param(forge_hello(reserved=1), CHANNEL_CHECK, "reserved bytes must be 0", id="reserved"),
+        pytest.param(CHANNEL_HELLO[:79] + b"\0", CHANNEL_CHECK, "bad hello authenticator", id="auth"),
+        pytest.param(CHANNEL_HELLO[:24] + h("0002") + CHANNEL_HELLO[26:], CHANNEL_CHECK,
                      "bad hello authenticator", id="tampered-field"),
-        pytest.param(REPLY_HELLO, REPLY_NONCE, "bad hello authenticator", id="reply-nonce"),
-        pytest.param(MAIN_HELLO, MAIN_NONCE, "expected a main-channel reply", id="reflected"),
-        pytest.param(REPLY_HELLO, b"", "unexpected main-channel reply", id="unasked-reply"),
-        pytest.param(forge_hello(channel_count=0), b"", "count 0 is outside 1..256",
+        # Replays: a hello answers one challenge, of one session, and nothing else.
+        pytest.param(CHANNEL_HELLO, (SESSION, CHALLENGE, (CHANNEL,)), "bad hello authenticator",
+                     id="replayed-channel-hello"),
+        pytest.param(MAIN_HELLO, (SECRET, CHANNEL_CHALLENGE, (MAIN,)), "bad hello authenticator",
+                     id="replayed-main-hello"),
+        pytest.param(CHANNEL_HELLO, (SECRET, CHANNEL_CHALLENGE, (CHANNEL,)), "bad hello authenticator",
+                     id="channel-hello-of-another-session"),
+        pytest.param(REPLY_HELLO, (SECRET, REPLY_NONCE, (REPLY,)), "bad hello authenticator",
+                     id="reply-nonce"),
+        pytest.param(MAIN_HELLO, (SECRET, MAIN_NONCE, (REPLY,)), "a MAIN hello where MAIN_REPLY",
+                     id="reflected"),
+        pytest.param(REPLY_HELLO, (SECRET, CHALLENGE, (MAIN,)), "a MAIN_REPLY hello where MAIN",
+                     id="unasked-reply"),
+        pytest.param(forge_hello(channel_count=0), CHANNEL_CHECK, "count 0 is outside 1..256",
                      id="count-0"),
-        pytest.param(forge_hello(channel_count=257), b"", "count 257 is outside 1..256",
+        pytest.param(forge_hello(channel_count=257), CHANNEL_CHECK, "count 257 is outside 1..256",
                      id="count-257"),
-        pytest.param(forge_hello(channel_id=4), b"", "channel id 4 is outside 0..3",
+        pytest.param(forge_hello(channel_id=4), CHANNEL_CHECK, "channel id 4 is outside 0..3",
                      id="channel-id"),
-        pytest.param(forge_hello(role=1, channel_id=1), b"", "channel id 1, not 0",
-                     id="main-channel-id"),
-        pytest.param(forge_hello(role=3, channel_id=1, peer_nonce=MAIN_NONCE), MAIN_NONCE,
-                     "channel id 1, not 0", id="reply-channel-id"),
+        pytest.param(forge_hello(role=1, channel_id=1), (SESSION, CHANNEL_CHALLENGE, (MAIN,)),
+                     "channel id 1, not 0", id="main-channel-id"),
+        pytest.param(forge_hello(role=3, channel_id=1, key=SECRET, answers=MAIN_NONCE),
+                     (SECRET, MAIN_NONCE, (REPLY,)), "channel id 1, not 0", id="reply-channel-id"),
     ],
 )
-def test_hello_refused(wire: bytes, peer_nonce: bytes, match: str) -> None:
+def test_hello_refused(wire: bytes, check: tuple, match: str) -> None:
     with pytest.raises(HandshakeError, match=match):
-        decode_hello(wire, SECRET, peer_nonce=peer_nonce)
+        decode_hello(wire, *check)
 
 
 def test_hello_wrong_secret() -> None:
     with pytest.raises(HandshakeError, match="bad hello authenticator"):
-        decode_hello(MAIN_HELLO, b"another secret")
+        decode_hello(MAIN_HELLO, b"another secret", CHALLENGE, (MAIN,))
 
 
 @pytest.mark.parametrize(
-    ("role", "channel_id", "channel_count", "nonce", "peer_nonce"),
+    ("role", "channel_id", "channel_count", "nonce", "answers"),
     [
-        pytest.param(7, 0, 4, None, b"", id="role"),
-        pytest.param(HelloRole.CHANNEL, 4, 4, None, b"", id="channel-id"),
-        pytest.param(HelloRole.MAIN, 1, 4, None, b"", id="main-channel-id"),
-        pytest.param(HelloRole.MAIN, 0, 0, None, b"", id="count-0"),
-        pytest.param(HelloRole.MAIN, 0, 257, None, b"", id="count-257"),
-        pytest.param(HelloRole.MAIN, 0, 4, b"short", b"", id="nonce"),
-        pytest.param(HelloRole.MAIN_REPLY, 0, 4, None, b"", id="reply-without-peer-nonce"),
-        pytest.param(HelloRole.MAIN, 0, 4, None, MAIN_NONCE, id="peer-nonce-for-main"),
-        pytest.param(HelloRole.MAIN_REPLY, 0, 4, None, b"123", id="peer-nonce-size"),
+        pytest.param(7, 0, 4, None, CHALLENGE, id="role"),
+        pytest.param(CHANNEL, 4, 4, None, CHALLENGE, id="channel-id"),
+        pytest.param(MAIN, 1, 4, None, CHALLENGE, id="main-channel-id"),
+        pytest.param(MAIN, 0, 0, None, CHALLENGE, id="count-0"),
+        pytest.param(MAIN, 0, 257, None, CHALLENGE, id="count-257"),
+        pytest.param(MAIN, 0, 4, b"short", CHALLENGE, id="nonce"),
+        pytest.param(MAIN, 0, 4, None, b"", id="answers-nothing"),
+        pytest.param(REPLY, 0, 4, None, b"123", id="answers-size"),
     ],
 )
 def test_encode_hello_refuses(
-    role: HelloRole, channel_id: int, channel_count: int, nonce: bytes | None,
-    peer_nonce: bytes,
+    role: HelloRole, channel_id: int, channel_count: int, nonce: bytes | None, answers: bytes,
 ) -> None:
     with pytest.raises(LocalProtocolError):
-        encode_hello(role, MIGRATION_ID, channel_id, channel_count, SECRET, nonce=nonce,
-                     peer_nonce=peer_nonce)
+        encode_hello(role, MIGRATION_ID, channel_id, channel_count, SECRET, answers, nonce)
 
 
 # ── packets ───────────────────────────────────────────────────────────────────
