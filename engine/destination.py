@@ -35,12 +35,12 @@ from typing import Literal
 
 from engine import codecs, packet
 from engine import message as wire
+from engine.admission import Admission
 from engine.channel import ChannelSpec, run_recv_channel
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice, loading_devices
 from engine.errors import (
     ConfigError,
     GuestControlError,
-    HandshakeError,
     MigrationError,
     RemoteProtocolError,
     TransportBrokenError,
@@ -115,6 +115,9 @@ class DestinationMigration(Migration):
         self.device_reports: list[DeviceReport] = []
         self._listener = listen(address)
         self.address = self._listener.address
+        # Connections are challenged and read concurrently: a stranger stalls nobody.
+        self._admission = Admission(self._listener, self.config.handshake_timeout_s, self.latch,
+                                    self._refuse)
         self.negotiated: wire.Config | None = None
         self.refused: list[str] = []   # why each refused connection was refused
         self._receiver: MultifdReceiver | None = None
@@ -130,6 +133,7 @@ class DestinationMigration(Migration):
 
     def _run(self) -> MigrationResult:
         self._defer("stop listening", self._listener.close)
+        self._defer("close connections not admitted", self._admission.close)
         self._machine.fire(MigrationEvent.LISTEN)
         conn, hello, challenge = self._accept_main()
         self._own_conn(conn)
@@ -145,11 +149,8 @@ class DestinationMigration(Migration):
     def _accept_main(self) -> tuple[Connection, packet.ChannelHello, bytes]:
         """The source's main connection, its hello, and the challenge it answered."""
         deadline = None if self.accept_timeout_s is None else time.monotonic() + self.accept_timeout_s
-        while True:
-            conn = self._accept(deadline, "a source to connect")
-            answered = self._read_hello(conn, self.secret, packet.HelloRole.MAIN)
-            if answered is not None:
-                return conn, *answered
+        return self._admission.next_hello(self.secret, packet.HelloRole.MAIN, deadline,
+                                          "a source to connect")
 
     def _setup(self, hello: packet.ChannelHello) -> None:
         cfg = self.config
@@ -202,6 +203,7 @@ class DestinationMigration(Migration):
         )
         self._start_channels(run_recv_channel, conns, spec)
         self._listener.close()  # every channel joined: nobody else may connect
+        self._admission.close()
         self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s)
         self._receiver.watch(conn.fileno(), self._take_main)
         if devices:
@@ -239,13 +241,11 @@ class DestinationMigration(Migration):
         deadline = time.monotonic() + self.config.handshake_timeout_s
         try:
             while len(joined) < n:
-                conn = self._accept(deadline, f"{n - len(joined)} of {n} multifd channels")
                 # Authenticated with this migration's session key over a fresh
                 # challenge: a hello of another migration, or a recorded one, fails.
-                answered = self._read_hello(conn, self._session_key, packet.HelloRole.CHANNEL)
-                if answered is None:
-                    continue
-                hello, _ = answered
+                conn, hello, _ = self._admission.next_hello(
+                    self._session_key, packet.HelloRole.CHANNEL, deadline,
+                    f"{n - len(joined)} of {n} multifd channels")
                 problem = ""
                 if hello.migration_id != main.migration_id:
                     problem = f"migration id {hello.migration_id} is not {main.migration_id}"
@@ -412,36 +412,6 @@ class DestinationMigration(Migration):
             self.tracker.state = state
 
     # -- helpers -----------------------------------------------------------
-
-    def _accept(self, deadline: float | None, what: str) -> Connection:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise HandshakeError(f"timed out waiting for {what}")
-        if not wait_any([self._listener], remaining, self.latch):
-            raise HandshakeError(f"timed out waiting for {what}")
-        return self._listener.accept(self.config.handshake_timeout_s)
-
-    def _read_hello(self, conn: Connection, key: bytes, role: packet.HelloRole
-                    ) -> tuple[packet.ChannelHello, bytes] | None:
-        """Challenge the connection, then read its hello, which must be a `role`
-        hello authenticated with `key` over that challenge.  Returns the hello and
-        the challenge, or None after refusing (and closing) the connection."""
-        conn.settimeout(self.config.handshake_timeout_s)
-        self._track(conn)
-        challenge = os.urandom(packet.NONCE_SIZE)
-        try:
-            conn.send_all(packet.encode_challenge(challenge))
-            hello = packet.decode_hello(conn.recv_exact(packet.HELLO_SIZE), key, challenge, (role,))
-        except (HandshakeError, RemoteProtocolError, TransportClosedError, TransportBrokenError) as exc:
-            if self.latch.failed:  # woken by a cancel, not by the stranger
-                conn.close()
-                self.latch.raise_if_failed()
-            self._refuse(conn, str(exc))
-            return None
-        finally:
-            self._untrack(conn)
-        conn.settimeout(None)
-        return hello, challenge
 
     def _refuse(self, conn: Connection, why: str) -> None:
         log.warning("refused a connection from %s: %s", conn.peer, why)
