@@ -56,12 +56,17 @@ class Admission:
         self._on_refuse = on_refuse
         self._pending: list[_Pending] = []  # oldest first
 
-    def next_hello(self, key: bytes, role: packet.HelloRole, deadline: float | None, what: str
+    def next_hello(self, key: bytes, role: packet.HelloRole, deadline: float | None, what: str,
+                   watch: tuple[Connection, Callable[[], None]] | None = None,
                    ) -> tuple[Connection, packet.ChannelHello, bytes]:
         """The next connection whose hello is a `role` hello authenticated with `key`
         over its challenge: (connection, hello, challenge nonce).  Every other
         connection meanwhile is refused.  Raises HandshakeError once `deadline`
-        (monotonic; None: never) passes, and the latch's error on cancel."""
+        (monotonic; None: never) passes, and the latch's error on cancel.
+
+        `watch`: a connection to keep an eye on meanwhile (the main channel, whose
+        peer may give up while its channels are awaited) and what to call when it
+        is readable; that call raises to stop waiting."""
         while True:
             now = time.monotonic()
             self._expire(now)
@@ -69,7 +74,11 @@ class Admission:
                 raise HandshakeError(f"timed out waiting for {what}")
             waits = [p.deadline for p in self._pending] + ([deadline] if deadline is not None else [])
             timeout = max(0.0, min(waits) - now) if waits else None
-            for ready in wait_any([self._listener, *self._pending], timeout, self._latch):
+            watched = [watch[0]] if watch is not None else []
+            for ready in wait_any([self._listener, *self._pending, *watched], timeout, self._latch):
+                if watch is not None and ready is watch[0]:
+                    watch[1]()
+                    continue
                 if ready is self._listener:
                     self._accept()
                     continue

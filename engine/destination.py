@@ -245,7 +245,7 @@ class DestinationMigration(Migration):
                 # challenge: a hello of another migration, or a recorded one, fails.
                 conn, hello, _ = self._admission.next_hello(
                     self._session_key, packet.HelloRole.CHANNEL, deadline,
-                    f"{n - len(joined)} of {n} multifd channels")
+                    f"{n - len(joined)} of {n} multifd channels", watch=(self._conn, self._source_gone))
                 problem = ""
                 if hello.migration_id != main.migration_id:
                     problem = f"migration id {hello.migration_id} is not {main.migration_id}"
@@ -309,6 +309,16 @@ class DestinationMigration(Migration):
                 raise self._peer_error(message)
             else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
+
+    def _source_gone(self) -> None:
+        """The main channel spoke while channels are awaited: the source says
+        nothing there until CHANNELS_READY, so it is an ABORT, its end, or garbage."""
+        self._take_main()
+        message = self._main_decoder.next_message()
+        if isinstance(message, wire.Abort):
+            raise self._peer_error(message)
+        if message is not packet.NEED_DATA:
+            raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source in setup")
 
     def _take_main(self) -> None:
         """The main channel is readable: buffer what came.  At its end, an ABORT
