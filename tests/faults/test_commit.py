@@ -212,6 +212,23 @@ def test_a_destination_cancel_after_prepared_aborts_and_the_source_resumes(src, 
     run.assert_source_runs_alone()
 
 
+def test_a_destination_cancel_racing_complete_leaves_the_source_running(src, guest) -> None:
+    """The destination is cancelled the moment COMPLETE arrives, before it has
+    checked END on every channel: it never says PREPARED, the source resumes."""
+    run = Run(src, guest)
+    complete = run.destination._complete
+
+    def cancelled_on_arrival(*args: Any) -> Any:
+        run.destination.cancel("cancel racing COMPLETE")
+        return complete(*args)
+
+    run.destination._complete = cancelled_on_arrival  # type: ignore[method-assign]
+    source, destination = run.run()
+    assert isinstance(destination, CancelledError)
+    assert isinstance(source, CancelledError) and "cancel racing COMPLETE" in str(source)
+    run.assert_source_runs_alone()
+
+
 def test_a_return_path_reader_that_raises_anything_fails_the_migration(src, guest) -> None:
     """Not only MigrationError: a bug in the reader is the migration's error, at once."""
     run = Run(src, guest)
