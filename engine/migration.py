@@ -380,8 +380,8 @@ class Migration:
         had already said its last word (END): then its work is done, and the
         failure is only reported (the pool still knows the worker died)."""
         error = channel_error(future)
-        if error is None:
-            return
+        if error is None or self.latch.failed:
+            return  # a failed migration's channels end how teardown makes them end
         slots = self._slots
         done = link.finished or (slots is not None and slots.counters[link.channel_id, Counter.LAST_WORD])
         if done:
