@@ -243,6 +243,7 @@ class DestinationMigration(Migration):
             while len(joined) < n:
                 # Authenticated with this migration's session key over a fresh
                 # challenge: a hello of another migration, or a recorded one, fails.
+                assert self._conn is not None
                 conn, hello, _ = self._admission.next_hello(
                     self._session_key, packet.HelloRole.CHANNEL, deadline,
                     f"{n - len(joined)} of {n} multifd channels", watch=(self._conn, self._source_gone))

@@ -1,0 +1,15 @@
+"""A minimal VMM on /dev/kvm, written with the stdlib (ctypes, mmap, signal).
+
+Layers, each importing only those below it::
+
+    machine   KvmMachine: a VM + vCPU + devices + guest program; VcpuDevice (MigratableDevice)
+    firmware  what a BIOS / loader does: boot sector hand-over, 64-bit user-mode entry
+    vcpu      Vcpu: run loop (a WorkerPool job), pause/resume by kick, state save/load
+    vm        Vm: memory slots over a GuestRAM, the manual-protect dirty log
+    devices   port I/O: COM1 (captured output), A20 gate, the port bus
+    state     the saved-state record stream (sans-IO)
+    ioctl     the KVM ABI: numbers, structs, kvm_run offsets, ioctl() -> KvmError
+    guests/   our guest programs (.S sources, committed .bin) and their invariant
+
+Facts about KVM on these machines: ``shared/reference/kvm.md``.
+"""
