@@ -56,7 +56,8 @@ from engine.packet import (
     StreamBuffer,
 )
 
-DIGEST_SIZE: Final = 32  # SHA-256
+DIGEST_SIZE: Final = 32  # SHA-256 of a device's stream (DEVICES_DONE)
+RAM_DIGEST_SIZE: Final = 16  # XXH3-128 of a piece of guest RAM (DIGESTS)
 
 
 class MessageType(enum.IntEnum):
@@ -216,7 +217,7 @@ class Complete:
 
 @dataclass(frozen=True, slots=True)
 class Digests:
-    """DIGESTS: SHA-256 of each ``digest_chunk``-byte piece of each block, in order."""
+    """DIGESTS: XXH3-128 of each ``digest_chunk``-byte piece of each block, in order."""
 
     digest_chunk: int
     digests: tuple[bytes, ...]
@@ -343,8 +344,8 @@ def _digests_problem(digests: Digests) -> str | None:
         return f"digest_chunk {digests.digest_chunk} is outside 1..2**32-1"
     if not digests.digests:
         return "there are no digests"
-    if any(len(digest) != DIGEST_SIZE for digest in digests.digests):
-        return f"a digest is not {DIGEST_SIZE} bytes"
+    if any(len(digest) != RAM_DIGEST_SIZE for digest in digests.digests):
+        return f"a digest is not {RAM_DIGEST_SIZE} bytes"
     return None
 
 
@@ -540,9 +541,9 @@ def _decode_complete(body: _Reader) -> Complete:
 def _decode_digests(body: _Reader) -> Digests:
     digest_chunk, n_digests = body.unpack(_DIGESTS)
     # body_length is capped by the header check, so this caps n_digests before the loop.
-    if n_digests * DIGEST_SIZE != body.remaining:
+    if n_digests * RAM_DIGEST_SIZE != body.remaining:
         raise RemoteProtocolError(f"DIGESTS n_digests {n_digests} disagrees with body_length")
-    digests = Digests(digest_chunk, tuple(body.take(DIGEST_SIZE) for _ in range(n_digests)))
+    digests = Digests(digest_chunk, tuple(body.take(RAM_DIGEST_SIZE) for _ in range(n_digests)))
     problem = _digests_problem(digests)
     if problem is not None:
         raise RemoteProtocolError(f"invalid DIGESTS: {problem}")
@@ -613,7 +614,7 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.SYNC_MARKER: (_U32.size, _U32.size),
     MessageType.SWITCHOVER: (0, 0),
     MessageType.COMPLETE: (_COMPLETE.size, _COMPLETE.size),
-    MessageType.DIGESTS: (_DIGESTS.size + DIGEST_SIZE, MAX_MESSAGE_BODY),
+    MessageType.DIGESTS: (_DIGESTS.size + RAM_DIGEST_SIZE, MAX_MESSAGE_BODY),
     MessageType.DEVICES_DONE: (_U16.size, _U16.size + MAX_DEVICES * _DEVICE_DONE.size),
     MessageType.PREPARED: (0, 0),
     MessageType.COMMIT: (0, 0),

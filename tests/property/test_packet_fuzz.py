@@ -21,6 +21,7 @@ from engine.message import (
     Abort,
     BlockSpec,
     ChannelsReady,
+    Commit,
     Complete,
     Config,
     ConfigAck,
@@ -33,6 +34,7 @@ from engine.message import (
     MessageType,
     Ping,
     Pong,
+    Prepared,
     Resumed,
     Switchover,
     SyncMarker,
@@ -368,7 +370,7 @@ configs = st.builds(
 completes = st.builds(Complete, U32, st.booleans())
 digest_lists = st.builds(
     Digests, st.integers(1, 0xFFFF_FFFF),
-    st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=4).map(tuple),
+    st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=4).map(tuple),
 )
 messages: st.SearchStrategy[Message] = st.one_of(
     configs,
@@ -381,8 +383,12 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(DevicesDone, st.lists(st.builds(DeviceDone, st.integers(1, 0xFFFF_FFFF), U64,
                                               st.binary(min_size=32, max_size=32)),
                                     max_size=3).map(tuple)),
-    st.builds(Resumed, U64, U64, st.integers(0, 2), TEXT),
-    st.builds(Abort, st.integers(1, 2), TEXT),
+    st.builds(Resumed, U64, U64, st.integers(0, 2), TEXT, st.booleans()),
+    st.builds(Abort, st.integers(1, 2), TEXT,
+              st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=1,
+                      max_size=40)),
+    st.just(Prepared()),
+    st.just(Commit()),
     st.builds(Ping, U64),
     st.builds(Pong, U64),
 )

@@ -772,9 +772,9 @@ MESSAGE_VECTORS = [
                  "0006" "0000" "00000008" "00000005" "00000000", id="complete"),
     pytest.param(Complete(5, True),
                  "0006" "0000" "00000008" "00000005" "00000001", id="complete-digests-follow"),
-    pytest.param(Digests(1 << 20, (b"\x11" * 32, b"\x22" * 32)),
-                 "000b" "0000" "00000048" "00100000" "00000002"
-                 + "11" * 32 + "22" * 32, id="digests"),
+    pytest.param(Digests(1 << 20, (b"\x11" * 16, b"\x22" * 16)),
+                 "000b" "0000" "00000028" "00100000" "00000002"
+                 + "11" * 16 + "22" * 16, id="digests"),
     pytest.param(DevicesDone((DeviceDone(3, 1000, b"\x33" * 32),)),
                  "000c" "0000" "0000002e" "0001" "00000003" "00000000000003e8" + "33" * 32,
                  id="devices-done"),
@@ -899,11 +899,11 @@ def test_config_body_helper_matches_golden() -> None:
                      id="complete-flags"),
         pytest.param(message(6, h("00000001" "00000000" "00")), "COMPLETE body_length 9",
                      id="complete-long"),
-        pytest.param(message(11, h("00000400" "00000002") + bytes(32)),
+        pytest.param(message(11, h("00000400" "00000002") + bytes(16)),
                      "n_digests 2 disagrees", id="digests-missing"),
         pytest.param(message(11, h("00000400" "ffffffff") + bytes(32)),
                      "n_digests 4294967295 disagrees", id="digests-huge"),
-        pytest.param(message(11, h("00000000" "00000001") + bytes(32)),
+        pytest.param(message(11, h("00000000" "00000001") + bytes(16)),
                      "digest_chunk 0", id="digest-chunk-0"),
         pytest.param(message(11, h("00000400" "00000000")), "DIGESTS body_length 8",
                      id="no-digests"),
@@ -1021,9 +1021,9 @@ def _config(**changes: object) -> Config:
         pytest.param(ConfigAck(1, "\ud800"), id="ack-surrogate"),
         pytest.param(SyncMarker(-1), id="sync-marker"),
         pytest.param(Complete(-1), id="complete-epoch"),
-        pytest.param(Digests(0, (bytes(32),)), id="digests-chunk-0"),
+        pytest.param(Digests(0, (bytes(16),)), id="digests-chunk-0"),
         pytest.param(Digests(4096, ()), id="digests-none"),
-        pytest.param(Digests(4096, (bytes(31),)), id="digests-digest-size"),
+        pytest.param(Digests(4096, (bytes(15),)), id="digests-digest-size"),
         pytest.param(Resumed(0, 0, 3), id="resumed-verified"),
         pytest.param(Resumed(-1, 0, 0), id="resumed-downtime"),
         pytest.param(Abort(0, "x"), id="abort-code"),
@@ -1037,6 +1037,6 @@ def test_encode_message_refuses(record: Message) -> None:
 
 
 def test_encode_message_refuses_body_over_16MiB() -> None:
-    digests = (bytes(32),) * (MAX_MESSAGE_BODY // 32)  # 12 bytes of fields tip it over
+    digests = (bytes(16),) * (MAX_MESSAGE_BODY // 16)  # 8 bytes of fields tip it over
     with pytest.raises(LocalProtocolError, match="exceeds"):
         encode_message(Digests(4096, digests))
