@@ -16,6 +16,10 @@ the same directory (so the same filesystem) and alternating the order:
 Save and restore run twice each: *cold*, each operation spawning its own channel
 processes, and *warm*, on a process pool kept across operations (``pool=``, as
 a VMM would keep one), which leaves only the transfer and the pre-faulting.
+A third, *unchecked*, run is the warm one with the page checksums off (an
+internal switch, for this comparison only): the "checksums" ratios are
+throughput with them / without them, paired run by run, over the whole call and
+over the transfer alone (the restore's transfer includes checking every page).
 
 Both reads find the file in the page cache (it was just written), so a read
 is a memory copy and start-up costs show.  The guest is random (no zero page
@@ -86,14 +90,18 @@ def baseline_read(ram: GuestRAM, path: str) -> float:
 
 
 def save_and_restore(src: GuestRAM, dst: GuestRAM, path: str, channels: int,
-                     pool: WorkerPool | None, label: str) -> dict[str, Any]:
+                     pool: WorkerPool | None, label: str, checksums: bool = True) -> dict[str, Any]:
     """Save `src` to `path` and restore it into `dst`; times keyed ``save_s_<label>``..."""
     config = MigrationConfig(channels=channels)
     started = time.perf_counter()
-    saved = SnapshotSave(src, path, config=config, live=False, pool=pool).run()
+    save = SnapshotSave(src, path, config=config, live=False, pool=pool)
+    save._page_checksums = checksums
+    saved = save.run()
     save_s = time.perf_counter() - started
     started = time.perf_counter()
-    restored = SnapshotRestore(path, ram=dst, config=config, ram_is_zeroed=True, pool=pool).run()
+    restore = SnapshotRestore(path, ram=dst, config=config, ram_is_zeroed=True, pool=pool)
+    restore._page_checksums = checksums
+    restored = restore.run()
     restore_s = time.perf_counter() - started
     if not all(np.array_equal(np.frombuffer(a.pages, np.uint8), np.frombuffer(b.pages, np.uint8))
                for a, b in zip(src.blocks, dst.blocks, strict=True)):
@@ -128,15 +136,16 @@ def main() -> int:
             for n in args.channels:
                 run: dict[str, Any] = {}
                 # Alternate the order so every kind shares the machine's drifts.
-                kinds = ["baseline", "cold", "warm"]
+                kinds = ["baseline", "cold", "warm", "unchecked"]
                 for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                     if kind == "baseline":
                         run["write_s"] = baseline_write(src, baseline_path)
                         run["read_s"] = baseline_read(dst, baseline_path)
                         os.unlink(baseline_path)
                     else:
-                        pool = warm if kind == "warm" else None
-                        run.update(save_and_restore(src, dst, snapshot_path, n, pool, kind))
+                        pool = None if kind == "cold" else warm
+                        run.update(save_and_restore(src, dst, snapshot_path, n, pool, kind,
+                                                    checksums=kind != "unchecked"))
                 runs[n].append(run)
         where_fs = os.statvfs(where)
 
@@ -148,9 +157,11 @@ def main() -> int:
           f"(median of the paired runs); cold = channel processes spawned per operation, "
           f"warm = a process pool kept across operations")
     print(f"{'channels':>8} {'write':>6} {'save':>5} {'cold':>5} {'warm':>5}   "
-          f"{'read':>5} {'restore':>7} {'cold':>5} {'warm':>5}   {'restore setup ms':>16}")
+          f"{'read':>5} {'restore':>7} {'cold':>5} {'warm':>5}   {'restore setup ms':>16}   "
+          f"{'checksums, with / without (warm)':>33}")
     print(f"{'':>8} {'GB/s':>6} {'GB/s':>5} {'ratio':>5} {'ratio':>5}   "
-          f"{'GB/s':>5} {'GB/s':>7} {'ratio':>5} {'ratio':>5}   {'cold':>7} {'warm':>8}")
+          f"{'GB/s':>5} {'GB/s':>7} {'ratio':>5} {'ratio':>5}   {'cold':>7} {'warm':>8}   "
+          f"{'save':>6} {'xfer':>6} {'restore':>7} {'xfer':>6}")
     for n, cases in runs.items():
         def rate(key: str) -> list[float]:
             return [args.ram / run[key] / 1e9 for run in cases]  # noqa: B023
@@ -161,6 +172,10 @@ def main() -> int:
         def median(key: str) -> float:
             return statistics.median(run[key] for run in cases)  # noqa: B023
 
+        def speedup(without: str, with_: str) -> float:
+            """Throughput with checksums / without: time without / time with, paired."""
+            return statistics.median(run[without] / run[with_] for run in cases)  # noqa: B023
+
         case: dict[str, Any] = {"channels": n, "write_gbps": rate("write_s"), "read_gbps": rate("read_s")}
         for label in ("cold", "warm"):
             case[label] = {"save_gbps": rate(f"save_s_{label}"), "restore_gbps": rate(f"restore_s_{label}"),
@@ -168,14 +183,22 @@ def main() -> int:
                            "restore_over_read": ratio(f"restore_s_{label}", "read_s"),
                            "restore_setup_ms": median(f"restore_setup_ms_{label}"),
                            "save_setup_ms": median(f"save_setup_ms_{label}")}
+        case["checksums"] = {
+            "save": speedup("save_s_unchecked", "save_s_warm"),
+            "save_transfer": speedup("save_transfer_s_unchecked", "save_transfer_s_warm"),
+            "restore": speedup("restore_s_unchecked", "restore_s_warm"),
+            "restore_transfer": speedup("restore_transfer_s_unchecked", "restore_transfer_s_warm"),
+            "unchecked_save_gbps": rate("save_s_unchecked"),
+            "unchecked_restore_gbps": rate("restore_s_unchecked")}
         case["runs"] = cases
-        cold, warm_ = case["cold"], case["warm"]
+        cold, warm_, sums = case["cold"], case["warm"], case["checksums"]
         print(f"{n:>8} {statistics.median(case['write_gbps']):>6.2f} "
               f"{statistics.median(cold['save_gbps']):>5.2f} {cold['save_over_write']:>5.2f} "
               f"{warm_['save_over_write']:>5.2f}   {statistics.median(case['read_gbps']):>5.2f} "
               f"{statistics.median(cold['restore_gbps']):>7.2f} {cold['restore_over_read']:>5.2f} "
               f"{warm_['restore_over_read']:>5.2f}   {cold['restore_setup_ms']:>7.0f} "
-              f"{warm_['restore_setup_ms']:>8.0f}")
+              f"{warm_['restore_setup_ms']:>8.0f}   {sums['save']:>6.2f} {sums['save_transfer']:>6.2f} "
+              f"{sums['restore']:>7.2f} {sums['restore_transfer']:>6.2f}")
         report["cases"].append(case)
     write_report(args.json, report)
     return 0

@@ -155,7 +155,7 @@ class DeviceSaver:
         slot.a0, slot.a1, slot.a2 = device, index, int(end)
         slot.payload[:len(data)] = data
         slot.payload_length = len(data)
-        self.core.send(client)
+        self.core.send(client, len(data))
 
 
 def _pieces(chunk: bytes) -> list[memoryview]:

@@ -21,6 +21,9 @@ Fills (:func:`fill_ram`): ``random`` (incompressible), ``zero``, ``text``
 
 Pause/resume go over a control socket: :meth:`SyntheticGuest.pause` returns
 only once the guest has finished its current batch and stopped writing.
+:meth:`SyntheticGuest.throttle` (auto-converge) scales a rate-limited
+workload's dirty rate to (100 − percent) %; an unthrottled incrementer idles
+after each batch so that it writes only (100 − percent) % of the time.
 """
 
 from __future__ import annotations
@@ -180,12 +183,14 @@ def run_guest(spec: GuestSpec, ctrl: socket.socket) -> GuestReport:
     running = spec.workload != "idle"
     written = batches = 0
     owed = 0.0
+    share = 1.0   # the share of its speed the guest runs at (throttle)
+    hold = 0.0    # unthrottled workload: idle this long before the next batch
     last = time.perf_counter()
     try:
         ctrl.send(b"+")  # started: initial state written
         while True:
             throttled = pages_per_s > 0 or spec.workload == "random"
-            timeout = (_TICK_S if throttled else 0.0) if running else None
+            timeout = (_TICK_S if throttled else hold) if running else None
             ready = wait_readable([ctrl.fileno(), token.fileno()], timeout)
             if token.fileno() in ready:
                 break
@@ -193,14 +198,17 @@ def run_guest(spec: GuestSpec, ctrl: socket.socket) -> GuestReport:
                 command = ctrl.recv(1)
                 if command in (b"", b"S"):
                     break
-                running = command == b"R"
+                if command == b"T":
+                    share, hold = (100 - ctrl.recv(1)[0]) / 100, 0.0
+                else:
+                    running = command == b"R"
+                    last = time.perf_counter()
+                    owed = 0.0
                 ctrl.send(command.lower())  # acknowledge: nothing is written after a pause ack
-                last = time.perf_counter()
-                owed = 0.0
                 continue
             now = time.perf_counter()
             if throttled:
-                owed += (now - last) * pages_per_s
+                owed += (now - last) * pages_per_s * share
                 batch = int(owed)
                 owed -= batch
             else:
@@ -209,6 +217,8 @@ def run_guest(spec: GuestSpec, ctrl: socket.socket) -> GuestReport:
             if batch:
                 written += workload.write(batch)
                 batches += 1
+                if not throttled:
+                    hold = (time.perf_counter() - now) * (1 - share) / share
     finally:
         workload.close()
         ram.close()
@@ -217,7 +227,9 @@ def run_guest(spec: GuestSpec, ctrl: socket.socket) -> GuestReport:
 
 
 class SyntheticGuest:
-    """Run a workload over `ram` in its own process; pause, resume and stop it."""
+    """Run a workload over `ram` in its own process; pause, resume, throttle and stop it."""
+
+    dirty_source = None  # it marks each block's own DirtyMap: the engine's default source
 
     def __init__(
         self,
@@ -258,6 +270,16 @@ class SyntheticGuest:
     def resume(self, timeout: float = 10.0) -> None:
         self._command(b"R", timeout)
         self.paused = False
+
+    def throttle(self, percent: int, timeout: float = 10.0) -> None:
+        """Run at (100 − `percent`) % of its speed from now on (0..99; 0 = full
+        speed): the engine's ``throttle_guest`` for auto-converge."""
+        if not isinstance(percent, int) or not 0 <= percent <= 99:
+            raise ConfigError(f"a throttle is a percentage in 0..99, not {percent!r}")
+        if self._ctrl is None:
+            raise MigrationError("the guest is not running")
+        self._ctrl.send(b"T" + bytes([percent]))
+        self._expect(b"t", timeout)
 
     def stop(self) -> GuestReport | None:
         """End the guest process (idempotent); returns its report if it ran."""

@@ -2,8 +2,11 @@
 
 Source, main process (:class:`RamClient`)::
 
-    round 1 : clear every dirty map, then queue every page (bulk)
-    round k : take() each block's dirty map (snapshot + clear), then queue those pages
+    round 1 : take (and drop) every block's dirty pages, then queue every page (bulk)
+    round k : take each block's dirty pages from the dirty source (get + clear),
+              then queue those pages
+    dirty source: engine/dirty.py — each block's DirtyMap by default, or the
+              VMM's (a KVM machine: its dirty log and its own marks)
     queueing: sorted page indices → runs of contiguous pages → the client's slot
               (one block per slot, ≤ packet_pages pages); a full slot is sent
     flush() : send the partly filled slot (before every sync)
@@ -23,9 +26,10 @@ import numpy as np
 
 from clients.ram_payload import RamPagesFileReader, RamPagesFileWriter, RamPagesReceiver, RamPagesSender
 from engine import packet
+from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.multifd import MultifdSender
 from engine.payload import register_payload
-from engine.shm import GuestRAM, RamBlock
+from engine.shm import PAGE_SIZE, GuestRAM, RamBlock
 from engine.slots import SendSlot
 
 # Below this many pages a packet is not worth splitting further.
@@ -43,7 +47,11 @@ def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class RamClient:
-    """Queues guest pages into the multifd core, one block per packet."""
+    """Queues guest pages into the multifd core, one block per packet.
+
+    `dirty_source` says which pages each round sends (None: each block's own
+    DirtyMap); it is called from this client's thread only.
+    """
 
     def __init__(
         self,
@@ -52,8 +60,10 @@ class RamClient:
         client_id: int,
         packet_pages: int,
         on_packet: Callable[[], None] | None = None,
+        dirty_source: DirtySource | None = None,
     ) -> None:
         self.ram = ram
+        self.dirty: DirtySource = dirty_source if dirty_source is not None else BlockDirtyMaps()
         self.core = core
         self.client_id = client_id
         self.packet_pages = packet_pages
@@ -64,13 +74,13 @@ class RamClient:
     # -- rounds ------------------------------------------------------------
 
     def queue_all(self) -> int:
-        """First round: clear every dirty map, then queue every page of every block.
+        """First round: take (and drop) every block's dirty pages, then queue every page.
 
         Clearing first and reading after is the get-and-clear rule applied to
         the whole map: a write during this round marks its page for the next.
         """
         for block in self.ram.blocks:
-            block.dirty.clear_all()
+            self.dirty.take(block)
         for block in self.ram.blocks:
             self.queue_range(block, 0, block.n_pages)
         return self.ram.n_pages
@@ -82,7 +92,7 @@ class RamClient:
         into packets small enough to reach every channel, instead of riding one
         channel while the others idle.
         """
-        taken = [(block, block.dirty.take()) for block in self.ram.blocks]
+        taken = [(block, self.dirty.take(block)) for block in self.ram.blocks]
         total = sum(int(pages.size) for _, pages in taken)
         self._packet_limit = min(self.packet_pages, max(_MIN_SPLIT, -(-total // self.core.channels)))
         try:
@@ -95,7 +105,7 @@ class RamClient:
 
     def pending_pages(self) -> int:
         """Dirty pages waiting for the next round (a peek)."""
-        return self.ram.dirty_pages()
+        return sum(self.dirty.count(block) for block in self.ram.blocks)
 
     # -- queueing ----------------------------------------------------------
 
@@ -159,7 +169,7 @@ class RamClient:
             self._send()
 
     def _send(self) -> None:
-        self.core.send(self.client_id)
+        self.core.send(self.client_id, self._slot_pages * PAGE_SIZE)
         self._slot_pages = 0
         if self._on_packet is not None:
             self._on_packet()

@@ -21,17 +21,26 @@ Snapshots (file channels) use the same prepare step with another send:
 :class:`RamPagesFileWriter` runs zero-page detection, records in the present
 map which pages the file holds, and places each non-zero run at its fixed
 offset in the file; :class:`RamPagesFileReader` reads runs back to their pages.
+Both cut runs into pieces of at most 1 MiB: the writer checksums a piece's
+pages (into the shared checksum map) right before the piece's ``pwritev``, the
+reader checks them right after its ``preadv``, each while the piece is in cache::
+
+    save     piece of guest RAM ── xxh3-64 per page → page_sums[page] ── pwritev ──▶ file
+    restore  file ── preadv ──▶ piece of guest RAM ── xxh3-64 per page == page_sums[page]?
+                                                      no: SnapshotFormatError (block, page, offset)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
 from engine import codecs, packet
-from engine.errors import RemoteProtocolError
-from engine.payload import ChannelContext
+from engine import snapshot_format as fmt
+from engine.errors import RemoteProtocolError, SnapshotFormatError
+from engine.payload import ChannelContext, FileIO
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.slots import Counter, SendSlot
 from engine.transport import Buffer, Connection
@@ -39,6 +48,7 @@ from engine.transport import Buffer, Connection
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE
 _FEW_RUNS = 32  # up to this many runs, check them slice by slice; beyond, gather
+_PIECE_PAGES = 256  # file I/O: 1 MiB per call, so the checksum and the copy share the cache
 
 
 def _words(block: RamBlock) -> np.ndarray:
@@ -159,35 +169,25 @@ class RamPagesSender:
         return buffers
 
 
+def _per_block(ctx: ChannelContext, shared: memoryview | None, dtype: str) -> list[np.ndarray] | None:
+    """A per-page shared map of all blocks (present map, page checksums), cut per block."""
+    if shared is None:
+        return None
+    whole = np.frombuffer(shared, dtype=dtype)
+    bases = np.cumsum([0] + [b.n_pages for b in ctx.ram.blocks]).tolist()
+    return [whole[bases[i]:bases[i + 1]] for i in range(len(ctx.ram.blocks))]
+
+
+def _pieces(first: int, count: int, limit: int) -> list[tuple[int, int]]:
+    """The run (first, count) cut into consecutive runs of at most `limit` pages."""
+    if count <= limit:
+        return [(first, count)]
+    return [(at, min(limit, first + count - at)) for at in range(first, first + count, limit)]
+
+
 class RamPagesFileWriter:
-    """Snapshot save: slot → zero runs → present map + each non-zero run at its place."""
-
-    def __init__(self, ctx: ChannelContext) -> None:
-        target = ctx.spec.file
-        assert target is not None and ctx.present is not None
-        self.ctx = ctx
-        self.blocks = ctx.ram.blocks
-        self.offsets = target.pages_offsets
-        self.words = [_words(b) for b in self.blocks] if ctx.spec.zero_page_detection else None
-        present = np.frombuffer(ctx.present, dtype=np.uint8)
-        bases = np.cumsum([0] + [b.n_pages for b in self.blocks])
-        self.present = [present[bases[i]:bases[i + 1]] for i in range(len(self.blocks))]
-
-    def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
-        block, runs = _slot_runs(self.blocks, self.words, slot)
-        firsts, counts, zero = runs
-        # A page zero now is absent from the file, whatever an earlier round
-        # left at its place: restore leaves it zero.
-        self.present[block.index][_pages(firsts, counts)] = np.repeat(~zero, counts)
-        views, normal = _data_views(block, runs)
-        base = self.offsets[block.index]
-        _count_pages(self.ctx, normal, int(counts.sum()), normal * PAGE_SIZE)
-        return [(base + first * PAGE_SIZE, [view])
-                for first, view in zip(firsts[~zero].tolist(), views)]
-
-
-class RamPagesFileReader:
-    """Snapshot restore: slot (runs of present pages) → each run read into its pages."""
+    """Snapshot save: slot → zero runs → present map + each non-zero run at its place,
+    its pages' checksums in the checksum map (when the save keeps them)."""
 
     def __init__(self, ctx: ChannelContext) -> None:
         target = ctx.spec.file
@@ -195,15 +195,78 @@ class RamPagesFileReader:
         self.ctx = ctx
         self.blocks = ctx.ram.blocks
         self.offsets = target.pages_offsets
+        self.words = [_words(b) for b in self.blocks] if ctx.spec.zero_page_detection else None
+        present = _per_block(ctx, ctx.present, "u1")
+        assert present is not None
+        self.present = present
+        self.sums = _per_block(ctx, ctx.page_sums, "<u8")
 
-    def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
+    def plan(self, slot: SendSlot) -> list[FileIO]:
+        block, runs = _slot_runs(self.blocks, self.words, slot)
+        firsts, counts, zero = runs
+        # A page zero now is absent from the file, whatever an earlier round
+        # left at its place: restore leaves it zero.  Its checksum is 0.
+        pages, nonzero = _pages(firsts, counts), np.repeat(~zero, counts)
+        self.present[block.index][pages] = nonzero
+        normal = int(counts[~zero].sum())
+        _count_pages(self.ctx, normal, int(counts.sum()), normal * PAGE_SIZE)
+        base, sums = self.offsets[block.index], None
+        if self.sums is not None:
+            sums = self.sums[block.index]
+            if not nonzero.all():
+                sums[pages[~nonzero]] = 0
+        plan = []
+        for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist()):
+            for at, n in _pieces(first, count, _PIECE_PAGES):
+                view = block.page_view(at, n)
+                before = partial(_checksum, view, sums[at:at + n]) if sums is not None else None
+                plan.append(FileIO(base + at * PAGE_SIZE, [view], before=before))
+        return plan
+
+
+def _checksum(view: memoryview, sums: np.ndarray) -> None:
+    """Right before the write, from the bytes about to be written (see
+    docs/snapshot-format.md §8 for why a guest write in between is harmless)."""
+    sums[:] = fmt.page_sums(view, PAGE_SIZE)
+
+
+class RamPagesFileReader:
+    """Snapshot restore: slot (runs of present pages) → each run read into its pages,
+    every page checked against its checksum right after the read."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        target = ctx.spec.file
+        assert target is not None
+        self.ctx = ctx
+        self.blocks = ctx.ram.blocks
+        self.offsets = target.pages_offsets
+        self.sums = _per_block(ctx, ctx.page_sums, "<u8")
+
+    def plan(self, slot: SendSlot) -> list[FileIO]:
         block = self.blocks[slot.a0]
         base = self.offsets[block.index]
         items = slot.used_items()
         pages = int(items[:, 1].sum())
         _count_pages(self.ctx, pages, pages, pages * PAGE_SIZE)
-        return [(base + first * PAGE_SIZE, [block.page_view(first, count)])
-                for first, count in items.tolist()]
+        plan = []
+        for first, count in items.tolist():
+            for at, n in _pieces(first, count, _PIECE_PAGES):
+                view = block.page_view(at, n)
+                after = partial(self._check, block, at, view) if self.sums is not None else None
+                plan.append(FileIO(base + at * PAGE_SIZE, [view], after=after))
+        return plan
+
+    def _check(self, block: RamBlock, first: int, view: memoryview) -> None:
+        """Right after the read: every page of `view` (pages first...) has its checksum."""
+        assert self.sums is not None
+        n_pages = view.nbytes // PAGE_SIZE
+        bad = fmt.damaged_pages(view, self.sums[block.index][first:first + n_pages], PAGE_SIZE)
+        if bad.size:
+            page = first + int(bad[0])
+            offset = self.offsets[block.index] + page * PAGE_SIZE
+            more = f" ({bad.size - 1} more in pages {first}-{first + n_pages - 1})" if bad.size > 1 else ""
+            raise SnapshotFormatError(f"block {block.name!r} page {page} (file offset {offset}) is "
+                                      f"damaged: its checksum does not match{more}")
 
 
 class RamPagesReceiver:

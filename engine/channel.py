@@ -15,8 +15,9 @@ and the socket with no copy in Python::
 A *file* channel (snapshots) serves the same JOB/SYNC/FINISH requests, but its
 send op is positional I/O on its own descriptor of the snapshot file::
 
-    main ── JOB(slot) ──▶ file channel: slot → payload planner → (offset, IOVs)
-         ◀── IDLE(slot) ─     → pwritev (save) or preadv (restore) at those offsets
+    main ── JOB(slot) ──▶ file channel: slot → payload planner → (offset, IOVs, hooks)
+         ◀── IDLE(slot) ─     → per piece: checksum, pwritev (save)
+                                           or preadv, check the checksums (restore)
                               SYNC(e) → nothing to write: SYNCED(e) once earlier jobs are done
 
 Control messages are 16 bytes on a SOCK_SEQPACKET socketpair: a slot index or an
@@ -142,7 +143,8 @@ class FileTarget:
     mode: str                          # "write" (save) or "read" (restore)
     pages_offsets: tuple[int, ...]     # per RAM block: file offset of its page 0
     present: str | None = None         # save: segment of the present map, one byte per page
-    direct_io: bool = False
+    sums: str | None = None            # segment of the page checksums, one uint64 per page
+    direct_io: bool = False            #   (save: filled here; restore: checked here; None: off)
 
 
 @dataclass(frozen=True)
@@ -432,8 +434,10 @@ class _SendChannel(_JobChannel):
 class _FileChannel(_JobChannel):
     """Jobs become positional writes (save) or reads (restore) on the snapshot file.
 
-    A job's planner turns its slot into ``(file offset, views of guest RAM)``
-    pairs; the slot goes back before the I/O, as for RAM packets.  Syncs and
+    A job's planner turns its slot into :class:`FileIO` pieces (file offset, views
+    of guest RAM, hooks); the slot goes back before the I/O, as for RAM packets.
+    Each piece's ``before`` runs right before its write and ``after`` right after
+    its read, while its pages are in cache: the page checksums.  Syncs and
     the finish write nothing: a file has no reader to tell, and a SYNCED
     answered after the earlier jobs' I/O returned is the ordering the
     snapshot needs (a page saved again in the next round lands after this one).
@@ -449,6 +453,10 @@ class _FileChannel(_JobChannel):
             present = Segment.attach(target.present)
             self._stack.callback(present.close)
             self.ctx.present = present.buf
+        if target.sums is not None:
+            sums = Segment.attach(target.sums)
+            self._stack.callback(sums.close)
+            self.ctx.page_sums = sums.buf
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
         self.planners: dict[int, FilePlanner] = {}
@@ -462,7 +470,13 @@ class _FileChannel(_JobChannel):
     def _job(self, slot: SendSlot, index: int) -> None:
         plan = self._handler(self.planners, slot).plan(slot)
         _hand_back(slot, self.ctrl, index)  # the plan holds views of guest RAM, not the slot
-        moved = sum(self._move(offset, views) for offset, views in plan)
+        moved = 0
+        for piece in plan:
+            if piece.before is not None:
+                piece.before()
+            moved += self._move(piece.offset, piece.buffers)
+            if piece.after is not None:
+                piece.after()
         self.ctx.count(Counter.WIRE_BYTES, moved)
 
     def _sync(self, epoch: int) -> None:

@@ -6,10 +6,12 @@
 ``multifd migrate``  the source: migrate a synthetic guest to a listening destination
 ``multifd save``     save a synthetic guest (live or stopped) to a snapshot file
 ``multifd restore``  restore a snapshot file into new guest RAM
-``multifd inspect``  print what a snapshot file holds
+``multifd inspect``  print what a snapshot file holds (a directory: its partial files)
 
 This module is the composition root: it wires the engine to the synthetic guest
-of ``clients`` (the engine itself never imports clients).  Errors print one
+of ``clients``, or with ``--guest kvm`` to a real VM on /dev/kvm
+(clients/kvm), its dirty log and its throttle (the engine itself never
+imports clients).  Errors print one
 line and exit non-zero (3: the outcome is unknown, see :func:`main`); ``--json``
 prints one JSON object on stdout.  Log records print one line each, and only
 until the operation fails: after that they are consequences of the error line.
@@ -18,6 +20,7 @@ until the operation fails: after that they are consequences of the error line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -96,6 +99,20 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="random workload: dirty only this fraction of the pages")
     p.add_argument("--fill", choices=("random", "zero", "text"), default="random")
     p.add_argument("--zero-fraction", type=float, default=0.0)
+    _add_kvm_option(p)
+    p.add_argument("--program", choices=("boot", "user64"), default="boot",
+                   help="kvm: our boot sector (emulated here) or the 64-bit user-mode loop (native)")
+    p.add_argument("--boot-image", help="kvm: run this 512-byte boot sector instead of --program")
+    p.add_argument("--loop-size", type=parse_size, default=None,
+                   help="kvm: the loop walks [1M, 1M + SIZE) (default: up to the end of RAM)")
+
+
+def _add_kvm_option(p: argparse.ArgumentParser, run_after: bool = False) -> None:
+    p.add_argument("--guest", choices=("synthetic", "kvm"), default="synthetic",
+                   help="kvm: a VM on /dev/kvm (RAM >= 128M) instead of the synthetic guest")
+    if run_after:
+        p.add_argument("--run-after", type=float, default=None,
+                       help="kvm: run the guest this many seconds after its resume, then check it (1)")
 
 
 def _add_migration_options(p: argparse.ArgumentParser, wire: bool = True) -> None:
@@ -112,6 +129,8 @@ def _add_migration_options(p: argparse.ArgumentParser, wire: bool = True) -> Non
     p.add_argument("--zero-page-detection", choices=("on", "off"), default="on")
     p.add_argument("--max-bandwidth", type=parse_rate, default=None,
                    help="bytes/s over all channels together, e.g. 125M (default: no cap)")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="throttle the guest (20 %%, +10 %% a round) while rounds stop shrinking")
 
 
 def _add_device_options(p: argparse.ArgumentParser, source: bool = True,
@@ -143,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guest_options(demo)
     _add_migration_options(demo)
     demo.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    demo.add_argument("--run-after", type=float, default=None,
+                      help="kvm: the destination runs its guest this long after resume, then checks it (1)")
     _add_device_options(demo)
     _add_output_options(demo)
 
@@ -151,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--ram", type=parse_size, help="create the RAM up front (default: from the source)")
     listen.add_argument("--secret-file")
     listen.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for a source")
-    listen.add_argument("--run-after", type=float, default=0.0,
-                        help="after resume, run the guest (incrementer) for this many seconds")
+    listen.add_argument("--run-after", type=float, default=None,
+                        help="after resume, run the guest this many seconds (the incrementer: 0; kvm: "
+                        "the VM, then check it: 1)")
+    _add_kvm_option(listen)
     _add_device_options(listen, source=False)
     _add_output_options(listen)
 
@@ -181,11 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--device-load-latency", type=float, default=0.0,
                          help="milliseconds each demo device takes to load, in all (0)")
     restore.add_argument("--device-load", choices=("parallel", "serial"), default="parallel")
+    _add_kvm_option(restore, run_after=True)
     _add_output_options(restore)
 
-    inspect = sub.add_parser("inspect", help="print what a snapshot file holds")
-    inspect.add_argument("file")
+    inspect = sub.add_parser("inspect", help="print what a snapshot file holds, or list the partial "
+                             "files of saves in progress or dead in a directory")
+    inspect.add_argument("file", help="a snapshot, or a directory")
+    inspect.add_argument("--clean", action="store_true",
+                         help="directory: remove the partial files of saves that died")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("--verify", action="store_true", help="also read every page and device "
+                         "stream and check it against its checksum; exit 1 if any is damaged")
     inspect.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -202,6 +231,7 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
         compression_level=getattr(args, "compression_level", None),
         zero_page_detection=args.zero_page_detection == "on",
         max_bandwidth=args.max_bandwidth,
+        auto_converge=args.auto_converge,
     ).validate()
 
 
@@ -315,33 +345,43 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from engine.shm import GuestRAM
 
     secret = _secret(args)
+    if args.guest == "kvm" and not args.ram:
+        raise ConfigError("listen --guest kvm needs --ram: the VM is built before its state arrives")
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
-    devices = demo_devices(args.devices, args.device_state, load_latency_s=args.device_load_latency / 1000,
-                           with_state=False)
-    destination = DestinationMigration(
-        args.address, secret=secret, ram=ram, dump_dir=args.dump_dir,
-        accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
-        devices=devices, device_load=args.device_load,
-    )
-    _watch(destination)
-    signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
-    print(f"LISTENING {destination.address}", flush=True)
+    kvm = None
     try:
+        kvm = _kvm_guest(args, ram) if args.guest == "kvm" and ram is not None else None
+        devices = demo_devices(args.devices, args.device_state,
+                               load_latency_s=args.device_load_latency / 1000, with_state=False)
+        destination = DestinationMigration(
+            args.address, secret=secret, ram=ram, dump_dir=args.dump_dir,
+            accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
+            devices=(kvm.devices if kvm else []) + devices, device_load=args.device_load,
+            resume_guest=kvm.start if kvm else None,
+        )
+        _watch(destination)
+        signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
+        print(f"LISTENING {destination.address}", flush=True)
         destination.start()
         result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json))
         ram = destination.ram
         # The answer to a source whose outcome is unknown: did this migration commit?
         extra: dict[str, Any] = {"committed": destination.committed} if args.json else {
             "committed": f"{'yes' if destination.committed else 'no'} (migration {result.migration_id})"}
-        if args.run_after > 0 and ram is not None:
+        if kvm is not None:
+            extra["guest"] = kvm.after(1.0 if args.run_after is None else args.run_after)
+        elif (args.run_after or 0) > 0 and ram is not None:
             guest = SyntheticGuest(ram, workload="incrementer", dirty_rate=0)
             guest.start()
             time.sleep(args.run_after)
             report = guest.stop()
             extra["guest_pages_written_after_resume"] = report.pages_written if report else 0
-        _emit(args, result, extra)
-        return 0
+        _emit(args, result, extra if args.json or kvm is None else
+              {**extra, "guest": _describe_com1(extra["guest"])})
+        return 0 if kvm is None or extra["guest"]["ok"] else 1
     finally:
+        if kvm is not None:
+            kvm.stop()
         if ram is not None:
             ram.close()
             ram.unlink()
@@ -357,18 +397,53 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Migration
 
     config = _config(args)
     with GuestRAM.create([("pc.ram", args.ram)]) as ram:
-        fill_ram(ram, args.fill, args.zero_fraction)
-        guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
-        guest.start()
+        guest: Any
+        if args.guest == "kvm":
+            guest = _kvm_guest(args, ram)
+        else:
+            fill_ram(ram, args.fill, args.zero_fraction)
+            guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
         try:
-            devices = demo_devices(args.devices, args.device_state,
-                                   save_latency_s=args.device_save_latency / 1000)
+            guest.start()
+            devices = getattr(guest, "devices", []) + demo_devices(
+                args.devices, args.device_state, save_latency_s=args.device_save_latency / 1000)
             running = _watch(operation(ram, guest, devices, config))
+            running.dirty_source, running.throttle_guest = guest.dirty_source, guest.throttle
             signal.signal(signal.SIGTERM, lambda *_: running.cancel("terminated (SIGTERM)"))
             running.start()
-            return _wait_with_progress(running, _Progress(sys.stdout.isatty() and not args.json))
+            result = _wait_with_progress(running, _Progress(sys.stdout.isatty() and not args.json))
+            if args.guest != "kvm":
+                return result
+            return dataclasses.replace(result, extra={**result.extra, "guest": guest.com1()})
         finally:
             guest.stop()
+
+
+def _kvm_guest(args: argparse.Namespace, ram: Any) -> Any:
+    """`args`' KVM machine on `ram`: booted (a source) or incoming (no --program)."""
+    from clients.kvm.guest import KvmGuest
+
+    if not hasattr(args, "program"):
+        return KvmGuest.incoming(ram)
+    if args.boot_image:
+        with open(args.boot_image, "rb") as f:
+            return KvmGuest.boot(ram, "boot-image", boot_image=f.read())
+    start = 1 << 20
+    return KvmGuest.boot(ram, args.program, start=start,
+                         end=start + args.loop_size if args.loop_size else None)
+
+
+def _describe_com1(report: dict[str, Any]) -> str:
+    from clients.kvm.guest import describe_com1
+
+    return describe_com1(report)
+
+
+def _kvm_lines(args: argparse.Namespace, result: MigrationResult,
+               remote: dict[str, Any] | None = None) -> dict[str, str]:
+    from clients.kvm.guest import summary_lines
+
+    return summary_lines(result.extra, (remote or {}).get("guest"), args.auto_converge)
 
 
 def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationResult:
@@ -382,7 +457,7 @@ def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationRe
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     result = _run_source(args, args.to, _secret(args))
-    _emit(args, result)
+    _emit(args, result, _kvm_lines(args, result) if args.guest == "kvm" and not args.json else None)
     return 0
 
 
@@ -397,6 +472,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    "--device-load", args.device_load]
         if args.dump_dir:
             command += ["--dump-dir", args.dump_dir]
+        if args.guest == "kvm":
+            run_after = 1.0 if args.run_after is None else args.run_after
+            command += ["--guest", "kvm", "--run-after", str(run_after)]
         if args.verbose:
             command.append("--verbose")
         env = dict(os.environ, **{SECRET_ENV: secret.decode()})
@@ -422,8 +500,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = _merge_devices(result, remote)
     _emit(args, result, {"destination": remote} if args.json else {
         "dest downtime": f"{remote.get('downtime_ms', 0):.1f} ms (destination's share)",
+        **(_kvm_lines(args, result, remote) if args.guest == "kvm" else {}),
     })
-    return 0 if result.verified is not False else 1
+    guest_ok = args.guest != "kvm" or remote.get("guest", {}).get("ok", False)
+    return 0 if result.verified is not False and guest_ok else 1
 
 
 def cmd_save(args: argparse.Namespace) -> int:
@@ -433,7 +513,8 @@ def cmd_save(args: argparse.Namespace) -> int:
         ram, args.file, config=config, live=args.live, pause_guest=guest.pause,
         resume_guest=guest.resume, devices=devices, direct_io=args.direct_io, dump_dir=args.dump_dir,
     ))
-    _emit(args, result, {} if args.json else {"file": result.extra["path"]})
+    _emit(args, result, {} if args.json else {"file": result.extra["path"],
+                                              **(_kvm_lines(args, result) if args.guest == "kvm" else {})})
     return 0
 
 
@@ -442,36 +523,89 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from engine.snapshot import SnapshotRestore, inspect_snapshot
 
     info = inspect_snapshot(args.file)
+    kvm = restore = None
+    if args.guest == "kvm":  # the VM is built on new RAM before the vCPU's state loads
+        from engine.shm import GuestRAM
+
+        new_ram = GuestRAM.create(info.layout)
+        try:
+            kvm = _kvm_guest(args, new_ram)
+        except BaseException:
+            new_ram.close()
+            new_ram.unlink()
+            raise
     # The demo devices the snapshot holds, empty, to be loaded.
     devices = [DemoDevice(d.idstr, d.instance_id, d.size - d.chunks[-1][1],
                           load_latency_s=args.device_load_latency / 1000, with_state=False)
-               for d in info.metadata.devices]
-    restore = SnapshotRestore(args.file, config=MigrationConfig(channels=args.channels),
-                              devices=devices, device_load=args.device_load,
-                              direct_io=args.direct_io, dump_dir=args.dump_dir)
-    _watch(restore)
-    signal.signal(signal.SIGTERM, lambda *_: restore.cancel("terminated (SIGTERM)"))
+               for d in info.metadata.devices if kvm is None or d.idstr != kvm.machine.device.idstr]
     try:
+        restore = SnapshotRestore(args.file, config=MigrationConfig(channels=args.channels),
+                                  devices=(kvm.devices if kvm else []) + devices,
+                                  device_load=args.device_load, direct_io=args.direct_io,
+                                  dump_dir=args.dump_dir, ram=kvm.machine.ram if kvm else None,
+                                  ram_is_zeroed=kvm is not None, resume_guest=kvm.start if kvm else None)
+        _watch(restore)
+        signal.signal(signal.SIGTERM, lambda *_: restore.cancel("terminated (SIGTERM)"))
         restore.start()
         result = _wait_with_progress(restore, _Progress(sys.stdout.isatty() and not args.json))
+        if kvm is not None:
+            report = kvm.after(1.0 if args.run_after is None else args.run_after)
+            result = dataclasses.replace(result, extra={**result.extra, "guest": report})
     finally:
-        if restore.ram is not None:
-            restore.ram.close()
-            restore.ram.unlink()
+        restored = kvm.machine.ram if kvm is not None else restore.ram if restore is not None else None
+        if kvm is not None:
+            kvm.stop()
+        if restored is not None:
+            restored.close()
+            restored.unlink()
     if devices:  # each demo device also checks its state against its own config part
         verified = bool(result.extra.get("devices_verified")) and all(d.intact() for d in devices)
         result = dataclasses.replace(result, extra={**result.extra, "devices_verified": verified})
-    _emit(args, result, {} if args.json else {"file": args.file})
-    return 0 if result.extra.get("devices_verified", True) is not False else 1
+    _emit(args, result, {} if args.json else {"file": args.file, **(
+        {"guest COM1": _describe_com1(result.extra["guest"])} if kvm is not None else {})})
+    guest_ok = kvm is None or result.extra["guest"]["ok"]
+    return 0 if result.extra.get("devices_verified", True) is not False and guest_ok else 1
+
+
+def cmd_partial_files(args: argparse.Namespace) -> int:
+    """`inspect DIR`: the partial files there, a running save's or a dead one's."""
+    from transports.file import partial_files, remove_partial
+
+    found = partial_files(args.file)
+    removed = {p.path for p in found if args.clean and p.stale}
+    for partial in found:
+        if partial.path in removed:
+            remove_partial(partial)
+    if args.json:
+        print(json.dumps({"directory": args.file, "partial_files": [
+            {**dataclasses.asdict(p), "removed": p.path in removed} for p in found]}))
+        return 0
+    lines = [f"{len(found)} partial file(s) in {args.file}" if found else f"no partial files in {args.file}"]
+    for p in found:
+        state = ("removed" if p.path in removed else "stale: its save died (--clean removes it)"
+                 if p.stale else "a save in progress")
+        lines.append(f"{os.path.basename(p.path)}  {_human(p.size)}  for {os.path.basename(p.target)}, "
+                     f"process {p.pid}: {state}")
+    print("\n".join(lines))
+    return 0
+
+
+DAMAGE_LINES = 20  # inspect --verify: damaged regions listed at most
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from engine.snapshot import inspect_snapshot
 
-    summary = inspect_snapshot(args.file).to_dict()
+    if os.path.isdir(args.file):
+        return cmd_partial_files(args)
+    if args.clean:
+        raise ConfigError("--clean takes a directory (it removes the partial files of dead saves)")
+    info = inspect_snapshot(args.file, verify=args.verify)
+    summary = info.to_dict()
+    damaged = 1 if info.damage else 0
     if args.json:
         print(json.dumps(summary))
-        return 0
+        return damaged
     saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["saved_at_ns"] / 1e9))
     lines = [
         f"snapshot         {summary['path']} ({_human(summary['file_size'])})",
@@ -489,8 +623,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not summary["devices"]:
         lines.append("devices          none")
     lines.append(f"info             {json.dumps(summary['info'], sort_keys=True)}")
+    if info.damage is not None:
+        lines.append(f"verified         {len(info.damage)} damaged region(s)" if info.damage else
+                     "verified         intact: every page and device stream matches its checksum")
+        lines += [f"damaged          {d.describe()}" for d in info.damage[:DAMAGE_LINES]]
+        if len(info.damage) > DAMAGE_LINES:
+            lines.append(f"damaged          … and {len(info.damage) - DAMAGE_LINES} more region(s)")
     print("\n".join(lines))
-    return 0
+    return damaged
 
 
 def _merge_devices(result: MigrationResult, remote: dict[str, Any]) -> MigrationResult:
@@ -514,12 +654,18 @@ def _read_listening(process: subprocess.Popen, errors: Any = None) -> str:
     ready = wait_readable([process.stdout], 30)
     line = process.stdout.readline() if ready else ""
     if not line.startswith("LISTENING "):
+        # Its --json error (on stdout) may come before its stderr line: let it end first.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
         why = ""
-        if errors is not None:
+        with contextlib.suppress(ValueError):
+            said_json = json.loads(line)
+            why = str(said_json.get("error", "")) if isinstance(said_json, dict) else ""
+        if not why and errors is not None:
             errors.seek(0)
             said = errors.read().strip().splitlines()
-            why = f": {said[-1].removeprefix('multifd: failed: ')}" if said else ""
-        raise MigrationError(f"the destination process did not start listening{why}")
+            why = said[-1].removeprefix("multifd: failed: ") if said else ""
+        raise MigrationError(f"the destination process did not start listening{': ' + why if why else ''}")
     return line.split(maxsplit=1)[1].strip()
 
 

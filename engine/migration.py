@@ -82,6 +82,16 @@ class MigrationConfig:
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
     start_method: str = "spawn"             # how channel processes start
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
+    # Auto-converge (QEMU's): when a precopy round leaves more than
+    # throttle_trigger_pct of its pages dirty again for the next one, the source
+    # asks its VMM to throttle the guest (SourceMigration's throttle_guest):
+    # first throttle_initial_pct, then throttle_step_pct more each such round, at
+    # most throttle_max_pct; back to 0 once the guest is paused.
+    auto_converge: bool = False
+    throttle_trigger_pct: int = 50          # QEMU's throttle-trigger-threshold
+    throttle_initial_pct: int = 20
+    throttle_step_pct: int = 10
+    throttle_max_pct: int = 99
 
     def validate(self) -> MigrationConfig:
         """Return self, or raise ConfigError naming the bad field."""
@@ -101,6 +111,14 @@ class MigrationConfig:
         codecs.make_codec(self.compression, self.compression_level)  # raises ConfigError
         if self.max_bandwidth is not None and not self.max_bandwidth > 0:
             raise ConfigError("max_bandwidth must be a positive number of bytes/s, or None")
+        for name in ("throttle_trigger_pct", "throttle_initial_pct", "throttle_step_pct",
+                     "throttle_max_pct"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 99:
+                raise ConfigError(f"{name} must be a whole percentage in 1..99, got {value!r}")
+        if self.throttle_initial_pct > self.throttle_max_pct:
+            raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
+                              f"throttle_max_pct ({self.throttle_max_pct})")
         if self.start_method not in ("spawn", "forkserver", "fork"):
             raise ConfigError(f"start_method must be spawn, forkserver or fork, not {self.start_method!r}")
         return self

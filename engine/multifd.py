@@ -222,11 +222,14 @@ class _ChannelPump:
 
 
 class RateLimiter:
-    """Keeps the bytes all channels wrote under `bytes_per_s` on average.
+    """Keeps all channels together under `bytes_per_s`, from the first byte.
 
-    It counts what was actually written (compressed packets are known only once
-    sent), so at most the packets in flight run ahead of the cap; waiting is on
-    the failure latch, so a cancel still wakes it.
+    Before a packet is handed out, the sender waits until the cap has paid for
+    everything sent so far: the bytes the channels wrote (counted as they write:
+    zero pages and compression count at their real size) plus the guest bytes of
+    the packets handed out and not yet written, this one included (charged in
+    full until written, so the cap holds from the first packet, which used to go
+    uncapped).  Waiting is on the failure latch, so a cancel still wakes it.
     """
 
     def __init__(self, bytes_per_s: float, written: Callable[[], int], latch: FailureLatch) -> None:
@@ -235,14 +238,14 @@ class RateLimiter:
         self._latch = latch
         self._start: tuple[float, int] | None = None
 
-    def wait(self) -> None:
+    def wait(self, unwritten: int) -> None:
+        """Wait until the bytes written since the first call plus `unwritten` fit the cap."""
         now = time.monotonic()
         if self._start is None:
             self._start = (now, self._written())
-            return
         t0, base = self._start
-        ahead = self._written() - base - (now - t0) * self.bytes_per_s
-        if ahead > 0 and self._latch.wait(ahead / self.bytes_per_s):
+        due = t0 + (self._written() - base + unwritten) / self.bytes_per_s
+        if due > now and self._latch.wait(due - now):
             self._latch.raise_if_failed()
 
 
@@ -278,6 +281,7 @@ class MultifdSender:
         self._lock = threading.Lock()
         self.epoch = 1
         self._queued_in_epoch = 0
+        self._unwritten = [0] * n  # guest bytes of the packet each busy channel holds
         self._limiter = None if max_bandwidth is None else RateLimiter(
             max_bandwidth, lambda: int(slots.totals()[Counter.WIRE_BYTES]), latch
         )
@@ -290,11 +294,13 @@ class MultifdSender:
         """The slot client `client` owns now (it changes with every send)."""
         return self._slots[self._client_slot[client]]
 
-    def send(self, client: int) -> None:
+    def send(self, client: int, guest_bytes: int) -> None:
         """Hand the client's filled slot to an idle channel; the client gets an empty one.
 
-        Blocks while every channel is busy (back-pressure).  Raises the
-        migration's first error if anything failed meanwhile.
+        `guest_bytes`: what the packet carries, before zero-page detection and
+        compression (the bandwidth cap charges it).  Blocks while every channel is
+        busy (back-pressure) or the cap says wait.  Raises the migration's first
+        error if anything failed meanwhile.
         """
         with self._lock:
             slot = self._slots[self._client_slot[client]]
@@ -302,12 +308,15 @@ class MultifdSender:
                 raise LocalProtocolError("send() of an empty slot")
             slot.epoch = self.epoch
             if self._limiter is not None:
-                self._limiter.wait()
+                for link, message in self._pump.pump(0):  # packets written meanwhile
+                    self._handle(link, message)
+                self._limiter.wait(sum(self._unwritten) + guest_bytes)
             channel = self._wait_idle_channel()
             self._client_slot[client], self._channel_slot[channel] = (
                 self._channel_slot[channel], self._client_slot[client],
             )
             self._busy[channel] = True
+            self._unwritten[channel] = guest_bytes
             self._links[channel].post(ControlOp.JOB, self._channel_slot[channel])
             self._queued_in_epoch += 1
 
@@ -373,6 +382,7 @@ class MultifdSender:
             if not self._busy[channel] or message.a != self._channel_slot[channel]:
                 raise LocalProtocolError(f"channel {channel} idle with slot {message.a} unexpectedly")
             self._busy[channel] = False
+            self._unwritten[channel] = 0
         elif message.op is ControlOp.SYNCED:
             if message.a != expect_epoch:
                 raise LocalProtocolError(f"channel {channel} synced {message.a}, not {expect_epoch}")

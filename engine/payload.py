@@ -11,7 +11,8 @@ device state, ...) registers, per packet kind:
   slots (for RAM: the dirty rounds);
 * optionally **file writer / reader** factories — run in the channel processes
   of a snapshot save / restore and turn a slot into positioned buffers
-  (``(file offset, views)``) that the file channel writes or reads.
+  (:class:`FileIO`: file offset, views, and what to do just before the write or
+  just after the read) that the file channel writes or reads.
 
 Clients register on import; the built-in ones are imported here by *name* on
 first use, so ``engine`` never imports ``clients`` statically.  A new payload
@@ -23,7 +24,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -52,6 +53,9 @@ class ChannelContext:
         # Snapshot save channels: one byte per page of all blocks, 1 = its bytes
         # are in the file (engine/snapshot.py turns it into the file's bitmaps).
         self.present: memoryview | None = None
+        # Snapshot channels: one uint64 per page of all blocks, its checksum
+        # (snapshot_format.page_sums).  Save: the channels fill it; restore: they check against it.
+        self.page_sums: memoryview | None = None
 
     def count(self, counter: Counter, value: int) -> None:
         self.counters[counter] += value
@@ -83,12 +87,22 @@ class PayloadReceiver(Protocol):
         ...
 
 
+class FileIO(NamedTuple):
+    """One positional write or read of a file channel: `buffers` at `offset`, contiguous
+    in the file.  `before` runs just before the write (save: checksum the pages in
+    the buffers), `after` just after the read (restore: check them); either may raise."""
+
+    offset: int
+    buffers: list[memoryview]
+    before: Callable[[], None] | None = None
+    after: Callable[[], None] | None = None
+
+
 class FilePlanner(Protocol):
     """Snapshot side of a payload kind, in a file channel process."""
 
-    def plan(self, slot: SendSlot) -> list[tuple[int, list[memoryview]]]:
-        """Where the slot's bytes go in (save) or come from (restore) the file:
-        ``(file offset, buffers)`` pairs, each buffer run contiguous in the file."""
+    def plan(self, slot: SendSlot) -> list[FileIO]:
+        """Where the slot's bytes go in (save) or come from (restore) the file, in order."""
         ...
 
 

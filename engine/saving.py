@@ -7,6 +7,14 @@ the downtime limit, save the devices at once on a thread pool, and — should
 anything fail after the pause — resume the guest, so it keeps running.  They
 differ in where the bytes go (sockets to a destination, or a file) and in how
 the end is confirmed (the destination's RESUMED, or a durable file).
+
+Two VMM hooks shape the rounds: a *dirty source* (engine/dirty.py) says which
+pages each round sends (default: each block's DirtyMap), and ``throttle_guest``
+carries auto-converge (``MigrationConfig.auto_converge``)::
+
+    round k ends: next round's pages > trigger % of this round's  ──► not shrinking
+                  → throttle_guest(initial), then +step each such round, ≤ max
+    pause (or failure before it): throttle_guest(0)
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ from typing import Any
 
 from engine import packet
 from engine.device import DeviceReport, DeviceSaving, MigratableDevice
+from engine.dirty import DirtySource
 from engine.errors import (
     CancelledError,
+    ConfigError,
     ConvergenceError,
     GuestControlError,
     LocalProtocolError,
@@ -45,6 +55,10 @@ class SavingMigration(Migration):
     `pause_guest` stops the guest's vCPUs (returns once no more writes happen);
     `resume_guest` restarts them and is called if anything fails after the
     pause: a failed migration or save leaves the guest running.
+    `dirty_source` (engine/dirty.py; None: each block's DirtyMap) gives each
+    round's pages; `throttle_guest(percent)` slows the guest down for
+    auto-converge (percent 0: full speed again).  Both are public attributes a
+    VMM may also set after construction, before :meth:`run`.
     """
 
     def __init__(
@@ -58,9 +72,16 @@ class SavingMigration(Migration):
         dump_dir: str | None = None,
         devices: Sequence[MigratableDevice] = (),
         pool: WorkerPool | None = None,
+        dirty_source: DirtySource | None = None,
+        throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(config, secret, pool)
         self.ram = ram
+        self.dirty_source = dirty_source
+        self.throttle_guest = throttle_guest
+        self.throttle_pct = 0            # the guest's throttle now (auto-converge)
+        self.throttle_at_switchover = 0  # ... when it was paused
+        self.throttle_steps: list[tuple[int, int]] = []  # (round, percent) each time it rose
         self.devices = list(devices)
         self.device_reports: list[DeviceReport] = []
         self.dump_dir = dump_dir
@@ -87,6 +108,8 @@ class SavingMigration(Migration):
         Returns the start and setup-done times (perf_counter), the RAM client
         for the final round, and the expected downtime (s) at switchover.
         """
+        if live and self.config.auto_converge and self.throttle_guest is None:
+            raise ConfigError("auto_converge needs a throttle_guest callback from the VMM")
         self._machine.fire(MigrationEvent.START)
         t_start = time.perf_counter()
         self._setup()
@@ -96,12 +119,21 @@ class SavingMigration(Migration):
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
         client: PrecopyClient = make_client(
-            self.ram, self.core, RAM_CLIENT, self.config.packet_pages, self._progress
+            self.ram, self.core, RAM_CLIENT, self._packet_pages(), self._progress,
+            dirty_source=self.dirty_source,
         )
         expected_s = self._precopy(client) if live else 0.0
         self._machine.fire(MigrationEvent.SWITCHOVER)
         self._set_state("switchover")
         return t_start, t_setup, client, expected_s
+
+    def _packet_pages(self) -> int:
+        """Pages per RAM packet: as configured, but under a bandwidth cap at most
+        ~20 ms of the cap, since the limiter lets whole packets through."""
+        cap = self.config.max_bandwidth
+        if cap is None:
+            return self.config.packet_pages
+        return max(1, min(self.config.packet_pages, int(cap * 0.02) // PAGE_SIZE))
 
     def _start_device_pool(self) -> None:
         if self.devices:
@@ -119,7 +151,44 @@ class SavingMigration(Migration):
                 self._pause_guest()
             except Exception as exc:
                 raise GuestControlError(f"pause_guest raised {type(exc).__name__}: {exc}") from exc
-        return time.perf_counter()
+        t_paused = time.perf_counter()
+        self.throttle_at_switchover = self.throttle_pct
+        self._set_throttle(0)  # whoever runs the guest next runs it at full speed
+        return t_paused
+
+    def _set_throttle(self, percent: int) -> None:
+        """Ask the VMM for `percent` throttle.  GuestControlError if it raises."""
+        if self.throttle_guest is None or percent == self.throttle_pct:
+            return
+        try:
+            self.throttle_guest(percent)
+        except Exception as exc:
+            raise GuestControlError(f"throttle_guest({percent}) raised {type(exc).__name__}: "
+                                    f"{exc}") from exc
+        self.throttle_pct = percent
+
+    def _auto_converge(self, sent: int, pending: int) -> None:
+        """A round sent `sent` pages and left `pending` for the next: if that is
+        not shrinking, throttle the guest one step more (QEMU's auto-converge)."""
+        cfg = self.config
+        if not cfg.auto_converge or pending * 100 <= sent * cfg.throttle_trigger_pct:
+            return
+        if self.throttle_pct >= cfg.throttle_max_pct:
+            return
+        step = cfg.throttle_initial_pct if self.throttle_pct == 0 else \
+            min(self.throttle_pct + cfg.throttle_step_pct, cfg.throttle_max_pct)
+        assert self.tracker is not None
+        log.info("round %d: %d of %d pages dirty again, throttling the guest to %d %%",
+                 self.tracker.round, pending, sent, step)
+        self._set_throttle(step)
+        self.throttle_steps.append((self.tracker.round, step))
+
+    def _throttle_extra(self) -> dict[str, Any]:
+        """The result's auto-converge section."""
+        if self.throttle_guest is None and not self.config.auto_converge:
+            return {}
+        return {"throttle_pct": self.throttle_at_switchover,
+                "throttle_steps": [list(step) for step in self.throttle_steps]}
 
     def _precopy(self, client: PrecopyClient) -> float:
         """Rounds until converged.  Returns the expected downtime (s) at switchover."""
@@ -147,12 +216,14 @@ class SavingMigration(Migration):
                       tracker.round, taken, pending, expected * 1000)
             if expected <= limit_s:
                 return expected
+            self._auto_converge(taken, pending)
             if tracker.round >= cfg.max_rounds:
                 if cfg.on_max_rounds == "fail":
                     raise ConvergenceError(
                         f"not converged after {tracker.round} rounds: {pending * PAGE_SIZE} bytes "
                         f"dirty, expected downtime {expected * 1000:.0f} ms "
                         f"> limit {cfg.downtime_limit_ms:.0f} ms"
+                        + (f", guest throttled to {self.throttle_pct} %" if cfg.auto_converge else "")
                     )
                 log.info("forcing switchover after %d rounds", tracker.round)
                 return expected
@@ -188,6 +259,7 @@ class SavingMigration(Migration):
         without an answer: keep it paused and report OutcomeUnknownError.
         Returns the error to report (GuestControlError if resuming raised)."""
         self._set_state("cancelled" if isinstance(error, CancelledError) else "failed")
+        self._unthrottle_after(error)
         if not self._paused:
             return error
         if self._committed and error is not self._peer_reason:
@@ -199,6 +271,13 @@ class SavingMigration(Migration):
             unknown.__cause__ = error
             return unknown
         return self._resume_after(error)
+
+    def _unthrottle_after(self, error: BaseException) -> None:
+        """After a failure the guest runs on here (or waits, paused): at full speed."""
+        try:
+            self._set_throttle(0)
+        except GuestControlError as failed:
+            log.warning("after %s: %s", error, failed)
 
     def _resume_after(self, error: BaseException) -> BaseException:
         """Resume the paused guest after `error`; a resume that raises is reported."""

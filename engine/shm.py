@@ -17,6 +17,14 @@ unlinks the segment when the attaching process exits; so attaching here goes
 straight to ``shm_open`` + ``mmap`` and never registers.  The owner does
 register, so the tracker cleans up if the owner itself dies.
 
+Space is reserved when a segment is created, never on first touch: /dev/shm
+(tmpfs) allocates a page when it is first written, and a write that finds the
+filesystem full is a SIGBUS that kills the process without a word.  So
+:meth:`Segment.create` checks the free space of /dev/shm and the memory cgroup's
+limit, then reserves the whole segment with ``posix_fallocate``, which fails
+with ENOSPC instead; either way a ConfigError names the size needed and the
+space free, and no segment is left behind.
+
 Dirty tracking (DESIGN.md): the guest writes a page first, then sets its byte.
 :meth:`DirtyMap.take` snapshots the map, clears exactly the entries it saw set,
 and only then may the caller read those pages.  A write that lands after the
@@ -27,6 +35,7 @@ Bytes, not bits, so concurrent writers never read-modify-write each other.
 from __future__ import annotations
 
 import _posixshmem  # the primitive multiprocessing.shared_memory is built on
+import errno
 import mmap
 import os
 import secrets
@@ -45,10 +54,95 @@ PAGE_SIZE = 4096
 # segments from those of any other run on the machine.
 SEGMENT_PREFIX = "mfd-" + os.environ.get("MULTIFD_SEGMENT_TAG", "")
 _TRACKER_TYPE = "shared_memory"
+SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linux)
+_CGROUP_ROOT = "/sys/fs/cgroup"
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _read_stat(path: str) -> dict[str, int]:
+    try:
+        with open(path) as f:
+            return {k: int(v) for k, v in (line.split() for line in f if line.count(" ") == 1)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup_memory_room() -> tuple[int, int] | None:
+    """``(room, limit)``: bytes this process's memory cgroup can still charge, and
+    its limit; None without a limit.  Page cache the kernel can drop counts as room;
+    shared memory cannot be dropped (without swap), so it does not.
+    """
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for hierarchy, controllers, path in lines:
+        v2 = hierarchy == "0" and controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        base = _CGROUP_ROOT if v2 else os.path.join(_CGROUP_ROOT, "memory")
+        names = (("memory.max", "memory.current", "file", "shmem") if v2 else
+                 ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem"))
+        # Our own cgroup, or the root of the mount where a container sees only its own.
+        for directory in (os.path.join(base, path.lstrip("/")), base):
+            limit = _read_int(os.path.join(directory, names[0]))
+            usage = _read_int(os.path.join(directory, names[1]))
+            if limit is None or usage is None:
+                continue
+            if limit >= _NO_LIMIT:
+                return None
+            stat = _read_stat(os.path.join(directory, "memory.stat"))
+            droppable = max(0, stat.get(names[2], 0) - stat.get(names[3], 0))
+            return max(0, limit - usage + droppable), limit
+    return None
+
+
+def _shm_free() -> int | None:
+    try:
+        status = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return status.f_bavail * status.f_frsize
+
+
+def _no_space(what: str, need: int) -> ConfigError:
+    free = _shm_free()
+    have = f"{SHM_DIR} has {_size_text(free)} free" if free is not None else f"{SHM_DIR} is full"
+    return ConfigError(f"not enough shared memory for {what}: need {_size_text(need)}, {have}")
+
+
+def check_space(need: int, what: str) -> None:
+    """Raise ConfigError unless /dev/shm and this process's memory cgroup both
+    have room for `need` more bytes of shared memory (`what` names it in the
+    message).  A check only: :meth:`Segment.create` reserves."""
+    free = _shm_free()
+    if free is not None and need > free:
+        raise _no_space(what, need)
+    room = _cgroup_memory_room()
+    if room is not None and need > room[0]:
+        raise ConfigError(f"not enough memory for {what}: need {_size_text(need)}, the memory "
+                          f"cgroup's limit of {_size_text(room[1])} leaves {_size_text(room[0])}")
 
 
 class Segment:
@@ -69,18 +163,21 @@ class Segment:
         self._unlinked = False
 
     @classmethod
-    def create(cls, size: int, *, name: str | None = None, prealloc: bool = False) -> Segment:
+    def create(cls, size: int, *, name: str | None = None, prealloc: bool = False,
+               what: str = "a shared-memory segment") -> Segment:
         """Create a zero-filled segment of `size` bytes; this process owns it.
 
-        `prealloc` allocates every page now and touches it: ``posix_fallocate``
-        fails cleanly when /dev/shm is full (instead of a SIGBUS on some later
-        write), and on tmpfs it leaves pages unzeroed until first written, so
-        one byte per page is written too.  Then the migration's first write
-        into the segment does not pay for the page fault.
-        Raises ConfigError when the segment cannot be created (name taken, no space).
+        Every page is reserved now (``posix_fallocate``): a full /dev/shm fails
+        here, never as a SIGBUS on some later write.  `prealloc` also touches
+        each page (tmpfs zeroes a reserved page on first touch), so the
+        migration's first write into the segment does not pay for the fault.
+        Raises ConfigError when the segment cannot be created: name taken, or
+        not enough shared memory for `what` (the message says how much is
+        needed and free); nothing is left behind.
         """
         if size <= 0:
             raise ConfigError(f"segment size must be positive, got {size}")
+        check_space(_round_up(size, PAGE_SIZE), what)
         name = name or f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
         path = "/" + name
         try:
@@ -89,13 +186,17 @@ class Segment:
             raise ConfigError(f"cannot create shared memory {name!r}: {exc}") from exc
         try:
             os.ftruncate(fd, size)
-            if prealloc:
-                os.posix_fallocate(fd, 0, size)
+            os.posix_fallocate(fd, 0, size)
             mapping = mmap.mmap(fd, size)
             if prealloc:
                 np.frombuffer(mapping, dtype=np.uint8)[::PAGE_SIZE] = 0
         except OSError as exc:
             _posixshmem.shm_unlink(path)
+            need = _size_text(_round_up(size, PAGE_SIZE))
+            if exc.errno == errno.ENOSPC:  # another process took the space since the check
+                raise _no_space(what, _round_up(size, PAGE_SIZE)) from exc
+            if exc.errno == errno.ENOMEM:  # the memory cgroup could not charge the pages
+                raise ConfigError(f"not enough memory for {what}: need {need}: {exc.strerror}") from exc
             raise ConfigError(f"cannot size shared memory {name!r} to {size} bytes: {exc}") from exc
         finally:
             os.close(fd)  # mmap keeps its own reference to the file
@@ -280,8 +381,11 @@ class GuestRAM:
     ) -> GuestRAM:
         """Create zero-filled RAM blocks ``{name: size}``; sizes are multiples of 4 KiB.
 
-        `prealloc` allocates every page now (the destination should: first touch
-        of fresh memory costs as much as the copy).  Raises ConfigError.
+        Every page is reserved before any block is created: not enough shared
+        memory is a ConfigError ("not enough shared memory for guest RAM: need
+        2.0 GiB, /dev/shm has 1.1 GiB free"), never a SIGBUS later.  `prealloc`
+        also touches every page now (the destination should: first touch of
+        fresh memory costs as much as the copy).  Raises ConfigError.
         """
         items = list(blocks.items() if isinstance(blocks, Mapping) else blocks)
         if not items:
@@ -289,17 +393,20 @@ class GuestRAM:
         names = [name for name, _ in items]
         if len(set(names)) != len(names):
             raise ConfigError(f"RAM block names must be unique: {names}")
+        for name, size in items:
+            if not name or len(name.encode()) > 255:
+                raise ConfigError(f"RAM block name must be 1..255 bytes: {name!r}")
+            if size <= 0 or size % PAGE_SIZE:
+                raise ConfigError(
+                    f"RAM block {name!r} size {size} is not a positive multiple of {PAGE_SIZE}"
+                )
+        # Each block's segment holds its pages and its dirty map (page aligned).
+        sizes = [size + _round_up(size // PAGE_SIZE, PAGE_SIZE) for _, size in items]
+        check_space(sum(sizes), "guest RAM")  # all blocks at once: the message names the total
         created: list[RamBlock] = []
         try:
-            for index, (name, size) in enumerate(items):
-                if not name or len(name.encode()) > 255:
-                    raise ConfigError(f"RAM block name must be 1..255 bytes: {name!r}")
-                if size <= 0 or size % PAGE_SIZE:
-                    raise ConfigError(
-                        f"RAM block {name!r} size {size} is not a positive multiple of {PAGE_SIZE}"
-                    )
-                map_size = _round_up(size // PAGE_SIZE, PAGE_SIZE)
-                segment = Segment.create(size + map_size, prealloc=prealloc)
+            for index, ((name, size), segment_size) in enumerate(zip(items, sizes)):
+                segment = Segment.create(segment_size, prealloc=prealloc, what="guest RAM")
                 created.append(RamBlock(index, name, size, segment))
         except BaseException:
             for block in created:

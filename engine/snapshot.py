@@ -10,18 +10,25 @@ and only the channels' send op differs: positional writes and reads
              live: precopy rounds until what is left fits the downtime limit
                    (a page saved again overwrites its own place)
              pause → final round; devices save at once, chunks appended after the pages
-             every channel done → block headers and bitmaps, metadata → fsync → superblock → fsync
-             → rename over the target → fsync the directory: only now "saved"
-    restore  read and check superblock, metadata and bitmaps — before anything loads
-             N file channels read runs of present pages straight into guest RAM,
-             while every device loads at once on the pool; then resume
+             (each channel checksums a page right before writing it, into a shared map)
+             every channel done → block headers, bitmaps and checksum arrays, metadata
+             → fsync → superblock → fsync → rename over the target → fsync the directory:
+             only now "saved"
+    restore  read and check superblock, metadata, bitmaps and checksum arrays — before
+             anything loads; N file channels read runs of present pages straight into
+             guest RAM and check each page's checksum right after the read, while every
+             device loads at once on the pool; then (every page checked) resume
 
 A save that fails or is cancelled removes its partial file and resumes the
-guest; the target path is untouched until the new snapshot is durable.
+guest; the target path is untouched until the new snapshot is durable.  A
+restore that meets a damaged page fails before the guest runs.
+``inspect_snapshot(path, verify=True)`` scrubs a whole file and names every
+damaged region.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -38,7 +45,8 @@ from engine import packet
 from engine import snapshot_format as fmt
 from engine.channel import ChannelSpec, FileTarget, run_file_channel
 from engine.device import DeviceLoading, MigratableDevice, device_key, loading_devices
-from engine.errors import ConfigError, LocalProtocolError
+from engine.dirty import DirtySource
+from engine.errors import ConfigError, LocalProtocolError, SnapshotFormatError
 from engine.migration import Migration, MigrationConfig
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, payload_entry
@@ -65,13 +73,42 @@ def _check_config(config: MigrationConfig) -> MigrationConfig:
 
 
 @dataclass(frozen=True)
+class Damage:
+    """A damaged region a scrub found: pages of a RAM block or a device-state
+    chunk whose checksums do not match (or a device stream whose SHA-256 does not)."""
+
+    offset: int                 # file offset of its first byte
+    length: int                 # bytes
+    block: str | None = None    # pages: the block, the first page, how many
+    page: int = 0
+    n_pages: int = 0
+    device: str | None = None   # device state: "'idstr'/instance_id", and the chunk
+    chunk: int | None = None    #   (None: every chunk matches, the stream's SHA-256 does not)
+
+    def describe(self) -> str:
+        if self.block is not None:
+            pages = (f"page {self.page}" if self.n_pages == 1
+                     else f"pages {self.page}-{self.page + self.n_pages - 1}")
+            return f"block {self.block!r} {pages}, file offset {self.offset} (+{self.length})"
+        if self.chunk is not None:
+            return f"device {self.device} chunk {self.chunk}, file offset {self.offset} (+{self.length})"
+        return (f"device {self.device} state from file offset {self.offset} ({self.length} bytes): "
+                f"its SHA-256 does not match")
+
+
+@dataclass(frozen=True)
 class SnapshotInfo:
-    """Everything a snapshot's header and metadata say, checked against the file."""
+    """Everything a snapshot's header and metadata say, checked against the file.
+
+    `damage`: after a scrub (``inspect_snapshot(verify=True)``), every damaged
+    region, in file order (empty: the whole file is intact); None without one.
+    """
 
     path: str
     file_size: int
     superblock: fmt.Superblock
     metadata: fmt.Metadata
+    damage: tuple[Damage, ...] | None = None
 
     @property
     def live(self) -> bool:
@@ -83,6 +120,10 @@ class SnapshotInfo:
 
     def to_dict(self) -> dict[str, Any]:
         sb, md = self.superblock, self.metadata
+        checked: dict[str, Any] = {} if self.damage is None else {
+            "verified": not self.damage,
+            "damage": [{**dataclasses.asdict(d), "description": d.describe()} for d in self.damage],
+        }
         return {
             "path": self.path,
             "format_version": sb.version,
@@ -99,15 +140,17 @@ class SnapshotInfo:
                          "chunks": len(d.chunks), "sha256": d.digest.hex()} for d in md.devices],
             "info": md.info,
             "vmm_config_bytes": len(md.vmm_config),
+            **checked,
         }
 
 
-def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray]]:
-    """Check the whole snapshot's structure; returns it and each block's present pages.
+def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray], list[np.ndarray]]:
+    """Check the whole snapshot's structure; returns it, each block's present pages
+    and each block's page checksums (uint64 per page).
 
     Raises SnapshotFormatError (truncated, wrong magic or version, damaged
-    header or metadata, regions outside the file, bad bitmaps) before any page
-    or device state is read.
+    header or metadata, regions outside the file, bad bitmaps or checksum
+    arrays) before any page or device state is read.
     """
     size = file.size()
     head = file.read_at(0, min(size, fmt.SUPERBLOCK_SIZE))
@@ -121,16 +164,70 @@ def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray]
     present = [fmt.check_bitmap(b, file.read_at(b.bitmap_offset, b.bitmap_length(sb.page_size)),
                                 sb.page_size)
                for b in md.blocks]
-    return SnapshotInfo(file.path, size, sb, md), present
+    sums = [fmt.check_sums(b, file.read_at(b.sums_offset(sb.page_size), b.sums_length(sb.page_size)),
+                           pages, sb.page_size)
+            for b, pages in zip(md.blocks, present)]
+    return SnapshotInfo(file.path, size, sb, md), present, sums
 
 
-def inspect_snapshot(path: str) -> SnapshotInfo:
-    """Read and check a snapshot's header, metadata and bitmaps.  Raises SnapshotError."""
+def inspect_snapshot(path: str, *, verify: bool = False) -> SnapshotInfo:
+    """Read and check a snapshot's header, metadata, bitmaps and checksum arrays.
+
+    ``verify=True`` also scrubs the whole file: every present page and every
+    device chunk against its checksum, each device stream against its SHA-256
+    (read sequentially in this process, 4 MiB per read); the result's
+    ``damage`` lists every damaged region.
+    Raises SnapshotError (a damaged structure is refused, not scrubbed).
+    """
     file = open_file(path, "read")
     try:
-        return _read_snapshot(file)[0]
+        info, present, sums = _read_snapshot(file)
+        if verify:
+            info = replace(info, damage=_scrub(file, info, present, sums))
+        return info
     finally:
         file.close()
+
+
+_SCRUB_PAGES = 1024  # 4 MiB per read
+
+
+def _scrub(file: PositionalFile, info: SnapshotInfo, present: Sequence[np.ndarray],
+           sums: Sequence[np.ndarray]) -> tuple[Damage, ...]:
+    """Every damaged region of a structurally sound snapshot, in file order."""
+    page_size = info.superblock.page_size
+    scratch = memoryview(bytearray(_SCRUB_PAGES * page_size))
+    damage: list[Damage] = []
+    for block, pages, block_sums in zip(info.metadata.blocks, present, sums):
+        bad: list[np.ndarray] = []
+        # Runs of consecutive present pages, each read in pieces of _SCRUB_PAGES at most.
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(pages) != 1) + 1))
+        ends = np.concatenate((starts[1:], [pages.size]))
+        for first, count in zip(pages[starts].tolist(), (ends - starts).tolist()):
+            for at in range(first, first + count, _SCRUB_PAGES):
+                n = min(_SCRUB_PAGES, first + count - at)
+                view = scratch[:n * page_size]
+                file.read_into(block.pages_offset + at * page_size, [view])
+                bad.append(at + fmt.damaged_pages(view, block_sums[at:at + n], page_size))
+        damaged = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+        # One region per run of consecutive damaged pages.
+        breaks = np.flatnonzero(np.diff(damaged) != 1) + 1
+        for run in np.split(damaged, breaks) if damaged.size else []:
+            first, n = int(run[0]), int(run.size)
+            damage.append(Damage(block.pages_offset + first * page_size, n * page_size,
+                                 block=block.name, page=first, n_pages=n))
+    for device in info.metadata.devices:
+        digest, name = hashlib.sha256(), f"{device.idstr!r}/{device.instance_id}"
+        bad_chunks = 0
+        for index, ((offset, length), chunk_sum) in enumerate(zip(device.chunks, device.chunk_sums)):
+            data = file.read_at(offset, length)
+            digest.update(data)
+            if fmt.chunk_sum(data) != chunk_sum:
+                bad_chunks += 1
+                damage.append(Damage(offset, length, device=name, chunk=index))
+        if not bad_chunks and digest.digest() != device.digest:  # every chunk intact: the table is not
+            damage.append(Damage(device.chunks[0][0], device.size, device=name))
+    return tuple(sorted(damage, key=lambda d: d.offset))
 
 
 # ---------------------------------------------------------------------------
@@ -144,16 +241,17 @@ class _DeviceArea:
         self._file = file
         self._lock = threading.Lock()
         self.end = start
-        self._chunks: list[dict[int, tuple[int, int]]] = [{} for _ in range(n_devices)]
+        self._chunks: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n_devices)]
 
     def append(self, device: int, index: int, data: bytes | memoryview, end: bool) -> None:
         length = memoryview(data).nbytes
         with self._lock:
             offset = self.end
             self.end += length
+        chunk_sum = fmt.chunk_sum(data)  # from the bytes written: a chunk is immutable
         self._file.write_at(offset, [data])
         with self._lock:
-            self._chunks[device][index] = (offset, length)
+            self._chunks[device][index] = (offset, length, chunk_sum)
 
     def entries(self, devices: Sequence[MigratableDevice],
                 done: Sequence[wire.DeviceDone]) -> tuple[fmt.DeviceEntry, ...]:
@@ -162,8 +260,10 @@ class _DeviceArea:
             if sorted(chunks) != list(range(saved.chunks)):
                 raise LocalProtocolError(f"device {device.idstr!r}: {len(chunks)} chunks in the "
                                          f"file, {saved.chunks} saved")
+            placed = [chunks[i] for i in range(saved.chunks)]
             entries.append(fmt.DeviceEntry(device.idstr, device.instance_id,
-                                           tuple(chunks[i] for i in range(saved.chunks)), saved.digest))
+                                           tuple((offset, length) for offset, length, _ in placed),
+                                           saved.digest, tuple(chunk_sum for _, _, chunk_sum in placed)))
         return tuple(entries)
 
 
@@ -182,6 +282,9 @@ class SnapshotSave(SavingMigration):
 
     role = "save"
     networked = False
+    # Internal, for bench/snapshot.py's "without checksums" column only: a file
+    # saved without them has all-zero checksums and fails a checking restore.
+    _page_checksums = True
 
     def __init__(
         self,
@@ -198,9 +301,12 @@ class SnapshotSave(SavingMigration):
         direct_io: bool = False,
         dump_dir: str | None = None,
         pool: WorkerPool | None = None,
+        dirty_source: DirtySource | None = None,
+        throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(ram, _check_config(config or MigrationConfig()), pause_guest=pause_guest,
-                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool)
+                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
+                         dirty_source=dirty_source, throttle_guest=throttle_guest)
         if len({device_key(d) for d in self.devices}) != len(self.devices):
             raise ConfigError("two devices share an (idstr, instance_id)")
         self.path = path
@@ -211,6 +317,7 @@ class SnapshotSave(SavingMigration):
         self.layout = fmt.plan_layout(ram.layout, PAGE_SIZE)
         self._file: PositionalFile | None = None
         self._present: Segment | None = None
+        self._sums: Segment | None = None
         self._devices_area: _DeviceArea | None = None
         self.published: str | None = None
 
@@ -256,8 +363,15 @@ class SnapshotSave(SavingMigration):
             open_file(self._file.path, "write", direct_io=True).close()  # fails here if unsupported
         self._present = Segment.create(self.ram.n_pages)  # fresh: all absent
         self._defer("unlink the present map", self._free_present_map)
+        if self._page_checksums:
+            # The channels put each page's checksum here as they write the page: a
+            # page written again (a later round) gets its new checksum in place.
+            self._sums = Segment.create(self.ram.n_pages * fmt.PAGE_SUM_SIZE)
+            self._defer("unlink the checksum map", self._free_sums_map)
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
-                            present=self._present.name, direct_io=self.direct_io)
+                            present=self._present.name,
+                            sums=self._sums.name if self._sums is not None else None,
+                            direct_io=self.direct_io)
         self._core = _start_file_channels(self, self.ram, target, zero_page_detection=cfg.zero_page_detection,
                                           max_bandwidth=cfg.max_bandwidth)
         self._start_device_pool()
@@ -282,19 +396,28 @@ class SnapshotSave(SavingMigration):
         self._write_metadata(done)
 
     def _write_metadata(self, done: Sequence[wire.DeviceDone]) -> None:
-        """Block headers, bitmaps and metadata, durable; then the superblock; then publish."""
+        """Block headers, bitmaps, checksum arrays and metadata, durable; then the
+        superblock; then publish.  Every channel is done: the present and checksum
+        maps hold each page's last write."""
         file, area, present_map = self._file, self._devices_area, self._present
         assert file is not None and area is not None and present_map is not None
-        present = np.frombuffer(bytes(present_map.buf[:self.ram.n_pages]), dtype=np.uint8)
+        n_pages = self.ram.n_pages
+        present = np.frombuffer(bytes(present_map.buf[:n_pages]), dtype=np.uint8)
+        all_sums = (np.frombuffer(bytes(self._sums.buf[:n_pages * fmt.PAGE_SUM_SIZE]), dtype="<u8")
+                    if self._sums is not None else np.zeros(n_pages, dtype="<u8"))
         blocks: list[fmt.BlockEntry] = []
         first = 0
         for entry, block in zip(self.layout.blocks, self.ram.blocks):
             pages = present[first:first + block.n_pages]
+            sums = fmt.encode_sums(all_sums[first:first + block.n_pages])
             first += block.n_pages
             bitmap = fmt.encode_bitmap(pages)
             written = replace(entry, present_pages=int(np.count_nonzero(pages)),
-                              bitmap_digest=hashlib.sha256(bitmap).digest())
-            file.write_at(written.header_offset, [fmt.encode_block_header(len(blocks), written), bitmap])
+                              bitmap_digest=hashlib.sha256(bitmap).digest(),
+                              sums_digest=hashlib.sha256(sums).digest())
+            # Header, bitmap and checksums lie back to back.
+            file.write_at(written.header_offset,
+                          [fmt.encode_block_header(len(blocks), written, PAGE_SIZE), bitmap, sums])
             blocks.append(written)
         assert self.tracker is not None
         info = {"engine": "multifd", "live": self.live, "rounds": self.tracker.round,
@@ -328,6 +451,12 @@ class SnapshotSave(SavingMigration):
             present.close()
             present.unlink()
 
+    def _free_sums_map(self) -> None:
+        sums, self._sums = self._sums, None
+        if sums is not None:
+            sums.close()
+            sums.unlink()
+
 
 # ---------------------------------------------------------------------------
 # Restore.
@@ -340,13 +469,16 @@ class SnapshotRestore(Migration):
     (:attr:`ram`, owned by the caller afterwards).  With `ram`, its layout must
     be the snapshot's; pages the snapshot does not hold are zeroed unless
     ``ram_is_zeroed``.  The same devices, by (idstr, instance_id), as were
-    saved must be given.  Everything in the file is checked before anything is
-    loaded; ``resume_guest`` is called once every page and device is in place.
+    saved must be given.  The file's structure is checked before anything is
+    loaded, and every page against its checksum as it lands (a damaged page
+    fails the restore with a SnapshotFormatError naming it); ``resume_guest``
+    is called once every page is checked and every device is in place.
     `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
     """
 
     role = "restore"
     networked = False
+    _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
 
     def __init__(
         self,
@@ -373,12 +505,13 @@ class SnapshotRestore(Migration):
         self.dump_dir = dump_dir
         self._file: PositionalFile | None = None
         self._core: MultifdSender | None = None
+        self._sums: Segment | None = None
 
     def _run(self) -> MigrationResult:
         self._machine.fire(MigrationEvent.START)
         t_start = time.perf_counter()
-        info, present = self._open()
-        self._setup(info, present)
+        info, present, sums = self._open()
+        self._setup(info, present, sums)
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
         assert self.ram is not None and self._core is not None and self.tracker is not None
@@ -393,7 +526,7 @@ class SnapshotRestore(Migration):
                 client.queue_pages(block, pages)
         client.flush()
         self._core.finish()
-        self._core.wait_finished()  # every present page is in guest RAM
+        self._core.wait_finished()  # every present page is in guest RAM, checked
         t_ram = time.perf_counter()
         reports = loader.wait_loaded(expected) if loader is not None else []
         self._machine.fire(MigrationEvent.SWITCHOVER)
@@ -429,11 +562,11 @@ class SnapshotRestore(Migration):
         traffic["guest_throughput_bytes_per_s"] = self.ram.size / max(transfer_s, 1e-9)
         return traffic
 
-    def _open(self) -> tuple[SnapshotInfo, list[np.ndarray]]:
+    def _open(self) -> tuple[SnapshotInfo, list[np.ndarray], list[np.ndarray]]:
         """Open and check the file, then match it to the guest: nothing loads before."""
         self._file = open_file(self.path, "read")
         self._defer("close the snapshot file", self._close_file)
-        info, present = _read_snapshot(self._file)
+        info, present, sums = _read_snapshot(self._file)
         saved = {(d.idstr, d.instance_id) for d in info.metadata.devices}
         for idstr, instance in sorted(saved - set(self.devices)):
             raise ConfigError(f"device {idstr!r}/{instance} is in the snapshot but was not given")
@@ -445,17 +578,30 @@ class SnapshotRestore(Migration):
         elif self.ram.layout != info.layout:
             raise ConfigError(f"the snapshot's RAM {_describe(info.layout)} does not match the "
                               f"guest's {_describe(self.ram.layout)}")
-        return info, present
+        return info, present, sums
 
-    def _setup(self, info: SnapshotInfo, present: list[np.ndarray]) -> None:
+    def _setup(self, info: SnapshotInfo, present: list[np.ndarray], sums: list[np.ndarray]) -> None:
         ram = self.ram
         assert ram is not None
         if not self._ram_is_zeroed:
             self._zero_absent(present)
         self.tracker = StatsTracker(ram.size, PAGE_SIZE)
+        if self._page_checksums:
+            # What each channel checks the pages it reads against (checked against
+            # the block headers already, in _read_snapshot).
+            self._sums = Segment.create(ram.n_pages * fmt.PAGE_SUM_SIZE)
+            self._defer("unlink the checksum map", self._free_sums_map)
+            np.frombuffer(self._sums.buf, dtype="<u8")[:] = np.concatenate(sums)
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
+                            sums=self._sums.name if self._sums is not None else None,
                             direct_io=self.direct_io)
         self._core = _start_file_channels(self, ram, target)
+
+    def _free_sums_map(self) -> None:
+        sums, self._sums = self._sums, None
+        if sums is not None:
+            sums.close()
+            sums.unlink()
 
     def _zero_absent(self, present: list[np.ndarray]) -> None:
         """RAM that held something: zero the pages the snapshot does not hold."""
@@ -480,10 +626,16 @@ class SnapshotRestore(Migration):
         return loader, expected
 
     def _chunks(self, entry: fmt.DeviceEntry) -> Iterator[bytes]:
+        """The device's chunks in order, each checked before the device sees it."""
         file = self._file
         assert file is not None
-        for offset, length in entry.chunks:
-            yield file.read_at(offset, length)
+        for index, ((offset, length), chunk_sum) in enumerate(zip(entry.chunks, entry.chunk_sums)):
+            data = file.read_at(offset, length)
+            if fmt.chunk_sum(data) != chunk_sum:
+                raise SnapshotFormatError(f"device {entry.idstr!r}/{entry.instance_id} chunk {index} "
+                                          f"(file offset {offset}, {length} bytes) is damaged: its "
+                                          f"checksum does not match")
+            yield data
 
     def _close_file(self) -> None:
         file, self._file = self._file, None
@@ -519,4 +671,4 @@ def _describe(layout: Sequence[tuple[str, int]]) -> str:
     return ", ".join(f"{name} ({size} bytes)" for name, size in layout)
 
 
-__all__ = ["SnapshotInfo", "SnapshotRestore", "SnapshotSave", "inspect_snapshot"]
+__all__ = ["Damage", "SnapshotInfo", "SnapshotRestore", "SnapshotSave", "inspect_snapshot"]

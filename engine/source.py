@@ -34,6 +34,7 @@ from engine import codecs, packet
 from engine import message as wire
 from engine.channel import ChannelSpec, run_send_channel
 from engine.device import MigratableDevice, device_key
+from engine.dirty import DirtySource
 from engine.errors import (
     ConfigError,
     GuestControlError,
@@ -66,6 +67,9 @@ class SourceMigration(SavingMigration):
     `resume_guest` restarts them and is called if the migration fails or is
     cancelled after the pause: a failed migration leaves the guest running.
     `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
+    `dirty_source` (engine/dirty.py) gives each round's dirty pages (None: each
+    block's DirtyMap); `throttle_guest(percent)` is the VMM's throttle, used by
+    auto-converge (see :class:`~engine.saving.SavingMigration`).
     """
 
     role = "source"
@@ -83,9 +87,12 @@ class SourceMigration(SavingMigration):
         dump_dir: str | None = None,
         devices: Sequence[MigratableDevice] = (),
         pool: WorkerPool | None = None,
+        dirty_source: DirtySource | None = None,
+        throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(ram, config or MigrationConfig(), secret, pause_guest=pause_guest,
-                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool)
+                         resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
+                         dirty_source=dirty_source, throttle_guest=throttle_guest)
         self.to = to
         self._helpers: WorkerPool | None = None
         self._prepared = Signal()
@@ -128,7 +135,7 @@ class SourceMigration(SavingMigration):
             rtt_ms=self._rtt_s * 1000,
             channel_memory_kib=self._channel_memory(),
             extra={**device_extra(self.device_reports), "destination_running": resumed.running,
-                   **self._late_failures()},
+                   **self._late_failures(), **self._throttle_extra()},
         )
 
     def settle(self, destination_runs: bool) -> None:

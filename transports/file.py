@@ -12,6 +12,14 @@ with ``rename`` once everything is on disk (fsync of the file, then of the
 directory); a failed save removes it.  So the target path only ever names a
 complete snapshot, and an older one there stays intact until the new one is.
 
+A save that dies (SIGKILL, power loss) cannot remove its partial file, so the
+name says whose it is, ``.NAME.partial-PID-RANDOM``, and the save holds an
+exclusive ``flock`` on it while it runs (the kernel drops it however the
+process ends).  A partial file is *stale* when nobody holds its lock and no
+process PID runs here; the next save to the same target removes the stale
+partial files of that target first (each with a warning), and leaves those of a
+save still running.  :func:`partial_files` lists them for ``multifd inspect DIR``.
+
 ``O_DIRECT`` (``direct_io=True``) bypasses the page cache where the filesystem
 supports it; guest pages are page-aligned and the format puts pages at
 page-aligned offsets, which is all it asks.  Where it is not supported the
@@ -21,15 +29,24 @@ open fails with a clear SnapshotError.
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
+import re
 import secrets
+import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from engine.errors import SnapshotError, SnapshotFormatError
 from engine.transport import Buffer, advance, batch, flat_views
 
+log = logging.getLogger("multifd.file")
+
 Mode = Literal["create", "write", "read"]
+# .NAME.partial-PID-RANDOM: the target's name, and the pid of the save writing it.
+_PARTIAL_NAME = re.compile(r"\.(?P<target>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+")
 
 _STEP = 64 << 20  # bytes per call at most: keeps one call's pinned pages bounded
 
@@ -156,6 +173,117 @@ def partial_path(target: str) -> str:
     return os.path.join(head, f".{tail}.partial-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+@dataclass(frozen=True)
+class PartialFile:
+    """A partial file found in a directory: a save in progress, or a dead one's."""
+
+    path: str
+    target: str  # the snapshot it would have been published as
+    pid: int  # the process that saved into it
+    size: int
+    stale: bool  # its save is gone: nothing will ever publish or remove it
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie saves nothing
+    except (OSError, IndexError):
+        return True
+
+
+def _probe(path: str, pid: int) -> tuple[int, bool] | None:
+    """``(size, stale)`` of the partial file at `path`; None if it is gone.
+
+    Stale: nobody holds its lock, and its pid runs nowhere here.  A save takes
+    its lock just after creating the file, and runs meanwhile, so a new file
+    is never stale.  Where locks are not supported the pid alone decides.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return (os.lstat(path).st_size, False)  # not ours to judge (another user's)
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            return None  # only named like one
+        size = status.st_size
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return size, False  # its save holds the lock: in progress
+        except OSError:
+            pass  # no locks on this filesystem
+        return size, not _process_runs(pid)
+    finally:
+        os.close(fd)
+
+
+def partial_files(directory: str, target: str | None = None) -> list[PartialFile]:
+    """The partial files in `directory` (of the target named `target` only, if
+    given), by name.  Raises SnapshotError if the directory cannot be read."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise SnapshotError(f"cannot list {directory}: {exc.strerror}") from exc
+    found = []
+    for name in names:
+        match = _PARTIAL_NAME.fullmatch(name)
+        if match is None or (target is not None and match["target"] != target):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            probed = _probe(path, int(match["pid"]))
+        except OSError:
+            continue
+        if probed is not None:
+            found.append(PartialFile(path, os.path.join(directory, match["target"]), int(match["pid"]),
+                                     *probed))
+    return found
+
+
+def remove_partial(partial: PartialFile) -> None:
+    """Remove a stale partial file.  Raises SnapshotError."""
+    if not partial.stale:
+        raise SnapshotError(f"{partial.path} belongs to a save in progress (process {partial.pid})")
+    try:
+        os.unlink(partial.path)
+    except FileNotFoundError:
+        pass  # another save cleaned it up first
+    except OSError as exc:
+        raise SnapshotError(f"cannot remove {partial.path}: {exc.strerror}") from exc
+
+
+def _clean_partials(target: str) -> None:
+    """Before a save to `target`: remove the stale partial files a dead save left
+    there; leave a running save's.  Never fails the save (it warns)."""
+    head, tail = os.path.split(os.path.abspath(target))
+    try:
+        partials = partial_files(head, tail)
+    except SnapshotError:
+        return  # creating the new partial file will say what is wrong
+    for partial in partials:
+        if not partial.stale:
+            log.warning("another save to %s is in progress (process %d); the one that finishes "
+                        "last replaces the other", target, partial.pid)
+            continue
+        try:
+            remove_partial(partial)
+        except SnapshotError as exc:
+            log.warning("%s", exc)
+            continue
+        log.warning("removed %s (%.1f MiB), left by a save to %s that died (process %d)",
+                    partial.path, partial.size / (1 << 20), target, partial.pid)
+
+
 def open_file(path: str, mode: Mode, direct_io: bool = False) -> SnapshotFile:
     """Open a snapshot file.
 
@@ -171,6 +299,7 @@ def open_file(path: str, mode: Mode, direct_io: bool = False) -> SnapshotFile:
     if mode == "create":
         if os.path.isdir(path):
             raise SnapshotError(f"cannot save to {path}: it is a directory")
+        _clean_partials(path)
         path = partial_path(path)
     try:
         fd = os.open(path, flags, 0o600)  # guest memory: for its owner's eyes only
@@ -181,4 +310,9 @@ def open_file(path: str, mode: Mode, direct_io: bool = False) -> SnapshotFile:
         if exc.errno == errno.ENOENT and mode == "read":
             raise SnapshotError(f"no snapshot at {path}") from exc
         raise SnapshotError(f"cannot open {path}: {exc.strerror}") from exc
+    if mode == "create":
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: "this save is alive"
+        except OSError:
+            pass  # no locks on this filesystem: the pid in the name has to do
     return SnapshotFile(path, fd, partial_of=target if mode == "create" else None)

@@ -7,6 +7,8 @@
       Vcpu 0 ── PortBus: Serial (COM1), A20Gate
       start(pool) ─► pool job: Vcpu.run   device.load_state(chunks) ... load_config(config)
       pause() / resume() / stop()          └─► vCPU + COM1 state set, then start(pool)
+      throttle(percent)
+      take(block) / count(block): dirty source (KVM log ∪ VMM marks)
       device.save_state() ──── chunks ────►
       device.save_config() ─── config ────►
 
@@ -158,6 +160,19 @@ class KvmMachine:
         """Pages of `block` written since the last call, by the guest (KVM's log)
         or by the VMM (the block's DirtyMap); both re-armed before this returns."""
         return np.union1d(self.vm.dirty_pages(block), block.dirty.take())
+
+    # The machine is the engine's dirty source (engine/dirty.py): SourceMigration(...,
+    # dirty_source=machine).  Call from this process; one call at a time.
+    take = dirty_pages
+
+    def count(self, block: RamBlock) -> int:
+        """How many pages of `block` are dirty now, log and VMM marks (a peek)."""
+        return int(np.count_nonzero(self.vm.dirty_bits(block) | block.dirty.snapshot().view(bool)))
+
+    def throttle(self, percent: int) -> None:
+        """Hold the vCPU out of KVM_RUN `percent` % of the time (0..99; 0 = full
+        speed): the engine's ``throttle_guest`` for auto-converge."""
+        self.vcpu.throttle(percent)
 
     def check_invariant(self) -> str:
         """The loop guest's oracle on its range ('' = holds); pause first.

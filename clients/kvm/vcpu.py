@@ -5,6 +5,8 @@ Threads::
     pool thread (the VMM's WorkerPool("thread", 1))      any other thread
     run(): loop                                          pause(): want_pause, immediate_exit = 1,
       ├─ parked?  wait on the condition  ◄────────────── pthread_kill(SIGUSR1), wait "parked"
+      ├─ throttled? after each slice of   ◄───────────── throttle(p): notify
+      │    guest time t, wait t·p/(100-p)
       ├─ KVM_RUN (GIL released) ── EINTR ──► loop        resume(): immediate_exit = 0, notify
       └─ exit: I/O → PortBus, HLT → return "halted",     stop(): want_stop, kick, (caller joins
                SHUTDOWN/FAIL_ENTRY/INTERNAL_ERROR/             the job's future)
@@ -12,6 +14,13 @@ Threads::
 
 ``immediate_exit`` makes a kick that lands before ``KVM_RUN`` starts still
 count; the signal gets a vCPU out of a guest that never exits by itself.
+
+Throttling (auto-converge) is QEMU's: a throttled vCPU runs a slice
+(:data:`THROTTLE_SLICE_S`) of guest time, then is held out of ``KVM_RUN`` for
+``slice × p / (100 − p)``, so it runs (100 − p) % of the time.  While
+throttled, a per-thread timer (clients/kvm/timer.py) kicks the vCPU thread
+every slice, so a guest that never exits is held too.  A pause or a new
+throttle ends a hold at once.
 Before the loop parks or ends it re-enters ``KVM_RUN`` once with
 ``immediate_exit = 1``: KVM then completes the last I/O exit (an IN's value
 lands in RAX, an OUT's RIP moves past the instruction) without running guest
@@ -31,21 +40,24 @@ import os
 import signal
 import struct
 import threading
+import time
 from types import FrameType
 
 from clients.kvm import ioctl as kvm
 from clients.kvm.devices import PortBus
 from clients.kvm.ioctl import GuestStoppedError, KvmError, ioctl
 from clients.kvm.state import encode_msrs, msr_entries
+from clients.kvm.timer import ThreadTimer
 from clients.kvm.vm import Vm
 from engine.errors import CancelledError, ConfigError, DeviceStateError
 from engine.pool import current_cancel_token
 
-__all__ = ["KICK_SIGNAL", "Vcpu", "install_kick_handler"]
+__all__ = ["KICK_SIGNAL", "THROTTLE_SLICE_S", "Vcpu", "install_kick_handler"]
 
 KICK_SIGNAL = signal.SIGUSR1
 _U32 = struct.Struct("<I")
 _PARK_POLL_S = 0.05     # how often a parked loop looks at the pool's cancel token
+THROTTLE_SLICE_S = 0.01  # guest time between two throttle holds (QEMU's 10 ms)
 
 
 def _on_kick(signum: int, frame: FrameType | None) -> None:
@@ -88,7 +100,9 @@ class Vcpu:
         self._parked = False
         self._want_pause = self._want_stop = False
         self._exit_pending = False        # last KVM_RUN returned an exit: complete it first
+        self._throttle = 0                # percent of the time held out of KVM_RUN
         self.exits = 0
+        self.held_s = 0.0                 # time spent held by the throttle, in all
         self.fd, self._run = vm.create_vcpu_fd(index)
         try:
             self._set_cpuid()
@@ -159,6 +173,8 @@ class Vcpu:
                 raise KvmError(f"vCPU {self.index} is running already, or closed")
             self._thread = threading.get_ident()
         token = current_cancel_token()
+        timer: ThreadTimer | None = None  # armed while throttled
+        ran = 0.0                         # guest time since the last throttle hold
         try:
             while True:
                 with self._cond:
@@ -173,7 +189,22 @@ class Vcpu:
                     if self._want_stop:
                         self._complete_pending_locked()
                         return "stopped"
-                if ioctl(self.fd, kvm.KVM_RUN, 0, eintr_ok=True) < 0:
+                    percent = self._throttle
+                    if not percent:
+                        ran = 0.0
+                    elif ran >= THROTTLE_SLICE_S:
+                        self._hold_locked(ran * percent / (100 - percent), percent)
+                        ran = 0.0
+                        continue
+                if bool(percent) != (timer is not None):
+                    if timer is not None:
+                        timer.close()
+                    timer = ThreadTimer(threading.get_native_id(), KICK_SIGNAL, THROTTLE_SLICE_S) \
+                        if percent else None
+                began = time.perf_counter()
+                result = ioctl(self.fd, kvm.KVM_RUN, 0, eintr_ok=True)
+                ran += time.perf_counter() - began
+                if result < 0:
                     continue  # kicked, or immediate_exit: look at the flags
                 self._exit_pending = True
                 self.exits += 1
@@ -182,10 +213,29 @@ class Vcpu:
                         self._complete_pending_locked()
                     return "halted"
         finally:
+            if timer is not None:
+                timer.close()
             with self._cond:
                 self._thread = None
                 self._parked = False
                 self._cond.notify_all()
+
+    def _hold_locked(self, seconds: float, percent: int) -> None:
+        """Stay out of KVM_RUN for `seconds`, or until a pause, a stop or another
+        throttle; the pool's cancel token raises CancelledError."""
+        token = current_cancel_token()
+        began = time.monotonic()
+        deadline = began + seconds
+        try:
+            while self._throttle == percent and not (self._want_pause or self._want_stop):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, _PARK_POLL_S))
+                if token.is_set():
+                    raise CancelledError(f"vCPU {self.index}: the pool was cancelled")
+        finally:
+            self.held_s += time.monotonic() - began
 
     def _complete_pending_locked(self) -> None:
         if not self._exit_pending:
@@ -255,6 +305,7 @@ class Vcpu:
         with self._cond:
             self._want_pause = True
             self._kick_locked()
+            self._cond.notify_all()  # ends a throttle hold
             if self._thread == threading.get_ident():
                 raise KvmError("pause() called from the vCPU's own thread")
             if not self._cond.wait_for(lambda: self._parked or self._thread is None, timeout):
@@ -267,6 +318,20 @@ class Vcpu:
             if not self._want_stop and self._run is not None:
                 self._run[kvm.RUN_IMMEDIATE_EXIT] = 0
             self._cond.notify_all()
+
+    def throttle(self, percent: int) -> None:
+        """Hold the vCPU out of KVM_RUN `percent` % of the time (0: never), from
+        any thread; takes effect within a slice.  ConfigError outside 0..99."""
+        if not isinstance(percent, int) or not 0 <= percent <= 99:
+            raise ConfigError(f"a vCPU throttle is a percentage in 0..99, not {percent!r}")
+        with self._cond:
+            self._throttle = percent
+            self._cond.notify_all()
+
+    @property
+    def throttle_pct(self) -> int:
+        """The throttle now (percent of the time held out of KVM_RUN)."""
+        return self._throttle
 
     def stop(self) -> None:
         """Ask the loop to end (it answers "stopped"); does not wait: join the job."""

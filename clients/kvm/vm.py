@@ -160,6 +160,16 @@ class Vm:
         bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")
         return np.flatnonzero(bits[:block.n_pages])
 
+    def dirty_bits(self, block: RamBlock) -> np.ndarray:
+        """A peek at the log: one bool per page of `block`, True = written since
+        its last :meth:`dirty_pages` (GET_DIRTY_LOG only reads, in manual-protect
+        mode; nothing is re-armed).  Raises KvmError, ConfigError."""
+        slot = self._slot(block)
+        bitmap = np.zeros_like(slot.bitmap)
+        ioctl(self.fd, kvm.KVM_GET_DIRTY_LOG,
+              kvm.kvm_dirty_log(slot=slot.index, dirty_bitmap=bitmap.ctypes.data))
+        return np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:block.n_pages].view(bool)
+
     # ------------------------------------------------------------------- vCPUs
 
     def create_vcpu_fd(self, index: int) -> tuple[int, mmap.mmap]:

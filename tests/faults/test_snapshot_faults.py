@@ -18,7 +18,7 @@ import pytest
 
 from clients.devices import DemoDevice
 from clients.guest import SyntheticGuest, check_incrementer
-from engine import GuestRAM, MigrationConfig
+from engine import GuestRAM, MigrationConfig, MigrationState
 from engine import snapshot_format as fmt
 from engine.errors import (
     CancelledError,
@@ -110,12 +110,16 @@ def test_wrong_magic(snapshot: Path) -> None:
     _restore_refused(snapshot, SnapshotFormatError, "not a multifd snapshot")
 
 
-def test_newer_version(snapshot: Path) -> None:
+@pytest.mark.parametrize("version, match", [
+    (3, r"version 3 is not supported by this multifd \(2\)"),
+    (1, r"snapshot format version 1 is not supported by this multifd \(2\); re-save it"),
+])
+def test_other_version(snapshot: Path, version: int, match: str) -> None:
     header = bytearray(snapshot.read_bytes()[:fmt.SUPERBLOCK_USED])
-    header[8:12] = (2).to_bytes(4, "little")
+    header[8:12] = version.to_bytes(4, "little")
     header[112:144] = hashlib.sha256(bytes(header[:112])).digest()
     _patch(snapshot, 0, bytes(header))
-    _restore_refused(snapshot, SnapshotFormatError, "version 2 is not supported")
+    _restore_refused(snapshot, SnapshotFormatError, match)
 
 
 def test_damaged_header(snapshot: Path) -> None:
@@ -144,9 +148,42 @@ def test_damaged_bitmap(snapshot: Path) -> None:
     _restore_refused(snapshot, SnapshotFormatError, "the bitmap of block 'pc.ram' is damaged")
 
 
+def test_damaged_checksum_array(snapshot: Path) -> None:
+    sb = fmt.decode_superblock(snapshot.read_bytes()[:fmt.SUPERBLOCK_SIZE], snapshot.stat().st_size)
+    block = _block(snapshot, sb)
+    _patch(snapshot, block.sums_offset(4096) + 8 * 5 + 3, b"\x5a")  # page 5's checksum
+    _restore_refused(snapshot, SnapshotFormatError, "the page checksums of block 'pc.ram' are damaged")
+
+
+def test_damaged_page_fails_the_restore_before_the_guest_runs(snapshot: Path) -> None:
+    """A flipped bit in the page area is found by the channel that reads it: the
+    restore fails naming block, page and offset, and never resumes the guest."""
+    sb = fmt.decode_superblock(snapshot.read_bytes()[:fmt.SUPERBLOCK_SIZE], snapshot.stat().st_size)
+    block = _block(snapshot, sb)
+    with open(snapshot, "rb") as f:
+        f.seek(block.bitmap_offset)
+        present = fmt.decode_bitmap(f.read(block.bitmap_length(4096)), 1024)
+        page = int(present[len(present) // 2])
+        offset = block.pages_offset + page * 4096 + 1234
+        f.seek(offset)
+        byte = f.read(1)[0]
+    _patch(snapshot, offset, bytes([byte ^ 0x10]))
+    resumed: list[bool] = []
+    with GuestRAM.create({"pc.ram": 4 * MiB}) as ram:
+        restore = SnapshotRestore(str(snapshot), ram=ram, devices=[Recorder(*NIC)],
+                                  resume_guest=lambda: resumed.append(True))
+        with pytest.raises(SnapshotFormatError,
+                           match=f"block 'pc.ram' page {page} \\(file offset "
+                                 f"{block.pages_offset + page * 4096}\\) is damaged"):
+            restore.run()
+    assert resumed == []
+    assert restore.state is MigrationState.FAILED and restore.result is None
+
+
 def test_bitmap_outside_the_file(snapshot: Path) -> None:
-    # A block of 1 TiB has a 32 MiB bitmap: far past the end of this file.
-    _rewrite_block(snapshot, size=1 << 40, pages_offset=64 * MiB)
+    # A block of 1 TiB has a 32 MiB bitmap: far past the end of this file
+    # (and 2 GiB of page checksums after it, before its pages).
+    _rewrite_block(snapshot, size=1 << 40, pages_offset=3 << 30)
     _restore_refused(snapshot, SnapshotFormatError, "bitmap of block 'pc.ram' .* points outside")
 
 

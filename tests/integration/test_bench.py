@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.compression import migrate_once as compression_run
+from clients.kvm.ioctl import kvm_unavailable_reason
 from engine import MigrationConfig
 from tests.harness import MiB, guest_ram, same_memory
 
@@ -75,3 +76,15 @@ def test_snapshot_bench(tmp_path: Path) -> None:
         for label in ("cold", "warm"):  # each restore was checked equal to the guest
             assert case[label]["save_over_write"] > 0 and case[label]["restore_over_read"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["snapshot.json"]  # nothing left behind
+
+
+@pytest.mark.skipif(kvm_unavailable_reason() is not None, reason="the KVM bench needs /dev/kvm")
+def test_kvm_bench(tmp_path: Path) -> None:
+    out = tmp_path / "kvm.json"
+    bench("kvm.py", "--ram", "128M", "--loop", "8M", "--channels", "2", "--no-capped",
+          "--run-after", "0.2", "--repeat", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    [case] = report["cases"]
+    [run] = case["runs"]
+    assert case["case"] == "2 channels" and run["converged"] and run["guest_ok"]
+    assert run["downtime_ms"] > 0 and 0 < run["vcpu_share"] < 1

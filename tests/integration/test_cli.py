@@ -277,3 +277,35 @@ def test_outcome_unknown_is_exit_3_and_names_the_migration() -> None:
     summary = json.loads(done.stdout)
     assert summary["status"] == "outcome_unknown"
     assert summary["migration_id"] == result.migration_id and destination.committed
+
+
+def test_inspect_verify_reports_each_damaged_region_and_exits_1(tmp_path: Path) -> None:
+    from engine.snapshot import inspect_snapshot
+
+    snap = tmp_path / "vm.snap"
+    assert run("save", str(snap), "--ram", "4M").returncode == 0
+    good = run("inspect", str(snap), "--verify")
+    assert good.returncode == 0, good.stderr
+    assert "intact: every page and device stream matches its checksum" in good.stdout
+    block = inspect_snapshot(str(snap)).metadata.blocks[0]
+    with open(snap, "r+b") as f:
+        for page in [3, *range(100, 150, 2)]:  # 26 separate damaged pages
+            f.seek(block.pages_offset + page * 4096 + 7)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 0x04]))
+    done = run("inspect", str(snap), "--verify")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    damaged = [line for line in done.stdout.splitlines() if line.startswith("damaged ")]
+    assert len(damaged) == 21  # 20 regions, then how many more
+    assert damaged[0].endswith(f"block 'pc.ram' page 3, file offset {block.pages_offset + 3 * 4096} (+4096)")
+    assert damaged[-1].endswith("… and 6 more region(s)")
+    assert "26 damaged region(s)" in done.stdout
+    as_json = run("inspect", str(snap), "--verify", "--json")
+    assert as_json.returncode == 1
+    summary = json.loads(as_json.stdout)
+    assert summary["verified"] is False and len(summary["damage"]) == 26
+    assert summary["damage"][0]["page"] == 3 and summary["damage"][0]["block"] == "pc.ram"
+    restore = run("restore", str(snap))
+    assert restore.returncode == 1 and restore.stderr.count("\n") == 1
+    assert "block 'pc.ram' page" in restore.stderr and "is damaged" in restore.stderr

@@ -12,7 +12,7 @@ from clients.devices import demo_devices
 from clients.guest import SyntheticGuest, check_incrementer, fill_ram
 from engine import GuestRAM, MigrationConfig
 from engine import snapshot_format as fmt
-from engine.errors import CancelledError, SnapshotError
+from engine.errors import CancelledError, SnapshotError, SnapshotFormatError
 from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
 from tests.harness import MiB, guest_ram, same_memory, wait_until
 
@@ -212,3 +212,69 @@ def test_present_map_matches_what_restore_reads(tmp_path: Path) -> None:
         nonzero = np.flatnonzero(pages.any(axis=1))
         assert present.tolist() == nonzero.tolist()
         del pages
+
+
+def test_live_save_of_a_rewriting_guest_checks_every_page_on_restore(tmp_path: Path) -> None:
+    """The guest rewrites pages while channels checksum and write them: each page's
+    last write (the last round is paused) carries its own checksum, so a restore
+    checks every page and finds none damaged — and a changed byte is found."""
+    path = tmp_path / "busy.snap"
+    config = MigrationConfig(channels=2, packet_pages=32, max_rounds=5, on_max_rounds="switchover",
+                             downtime_limit_ms=0)
+    with guest_ram(8 * MiB, fill="text") as ram:
+        with SyntheticGuest(ram, "incrementer", dirty_rate=48 * MiB) as guest:
+            result = SnapshotSave(ram, str(path), config=config, live=True,
+                                  pause_guest=guest.pause, resume_guest=guest.resume).run()
+            at_pause = _images(ram)
+        assert result.rounds >= 3 and result.pages_sent > ram.n_pages  # pages went again
+    info = inspect_snapshot(str(path), verify=True)
+    assert info.damage == () and info.to_dict()["verified"] is True
+    restored, restore_result = _restore(path)
+    try:
+        assert _images(restored) == at_pause and check_incrementer(restored) == ""
+        assert restore_result.pages_sent == info.metadata.blocks[0].present_pages  # each one checked
+    finally:
+        restored.close()
+        restored.unlink()
+    block = info.metadata.blocks[0]
+    with open(path, "r+b") as f:
+        f.seek(block.pages_offset + 77 * 4096 + 9)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x80]))
+    with pytest.raises(SnapshotFormatError, match=f"block 'pc.ram' page 77 \\(file offset "
+                                                  f"{block.pages_offset + 77 * 4096}\\) is damaged"):
+        SnapshotRestore(str(path), config=MigrationConfig(channels=2)).run()
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def test_inspect_verify_names_every_damaged_region(tmp_path: Path) -> None:
+    path = tmp_path / "scrub.snap"
+    with guest_ram(4 * MiB, fill="random", blocks=2) as ram:
+        SnapshotSave(ram, str(path), live=False, devices=demo_devices(2, 300 * 1024)).run()
+    info = inspect_snapshot(str(path), verify=True)
+    assert info.damage == ()
+    assert inspect_snapshot(str(path)).damage is None  # no scrub without verify
+    ram0, ram1 = info.metadata.blocks
+    _flip(path, ram0.pages_offset + 5 * 4096 + 4095)          # the last byte of page 5
+    with open(path, "r+b") as f:                              # a 4 KiB range over pages 9 and 10
+        f.seek(ram1.pages_offset + 9 * 4096 + 2048)
+        f.write(bytes(4096))
+    chunk_at, chunk_length = info.metadata.devices[1].chunks[1]
+    _flip(path, chunk_at + 100)
+    damage = inspect_snapshot(str(path), verify=True).damage
+    assert damage is not None
+    assert [(d.block, d.page, d.n_pages, d.offset) for d in damage if d.block] == [
+        ("pc.ram", 5, 1, ram0.pages_offset + 5 * 4096),
+        ("block1", 9, 2, ram1.pages_offset + 9 * 4096)]
+    assert [(d.device, d.chunk, d.offset, d.length) for d in damage if d.device] == [
+        ("'dev1'/0", 1, chunk_at, chunk_length)]
+    assert "block 'block1' pages 9-10, file offset" in damage[1].describe()
+    assert inspect_snapshot(str(path), verify=True).to_dict()["verified"] is False

@@ -29,7 +29,8 @@ def snapshots(draw: st.DrawFn) -> tuple[fmt.Superblock, tuple[fmt.BlockEntry, ..
     """A consistent superblock, blocks and metadata, as a save writes them."""
     layout = fmt.plan_layout(draw(block_lists))
     blocks = tuple(replace(b, present_pages=draw(st.integers(0, b.n_pages(4096))),
-                           bitmap_digest=draw(st.binary(min_size=32, max_size=32)))
+                           bitmap_digest=draw(st.binary(min_size=32, max_size=32)),
+                           sums_digest=draw(st.binary(min_size=32, max_size=32)))
                    for b in layout.blocks)
     at = layout.device_area
     devices = []
@@ -40,7 +41,8 @@ def snapshots(draw: st.DrawFn) -> tuple[fmt.Superblock, tuple[fmt.BlockEntry, ..
             chunks.append((at, length))
             at += length
         devices.append(fmt.DeviceEntry(f"dev{index}", draw(st.integers(0, 2**32 - 1)), tuple(chunks),
-                                       draw(st.binary(min_size=32, max_size=32))))
+                                       draw(st.binary(min_size=32, max_size=32)),
+                                       tuple(draw(st.integers(0, 2**64 - 1)) for _ in chunks)))
     info = draw(st.dictionaries(st.text(max_size=5), st.integers() | st.booleans(), max_size=3))
     metadata = fmt.encode_metadata(fmt.Metadata(blocks, tuple(devices), info,
                                                 draw(st.binary(max_size=64))))
@@ -72,6 +74,7 @@ def _check_inside(md: fmt.Metadata, sb: fmt.Superblock) -> None:
     for block in md.blocks:
         assert block.pages_offset + block.size <= sb.file_size
         assert block.bitmap_offset + block.bitmap_length(sb.page_size) <= sb.file_size
+        assert block.sums_offset(sb.page_size) + block.sums_length(sb.page_size) <= sb.file_size
     for device in md.devices:
         assert all(offset + length <= sb.file_size for offset, length in device.chunks)
 
@@ -98,7 +101,7 @@ def test_corrupt_block_header_is_refused_or_harmless(snapshot: Snapshot, data: s
     block = blocks[index]
     raw = bytearray(fmt.encode_block_header(index, block))
     for _ in range(data.draw(st.integers(1, 4))):
-        raw[data.draw(st.integers(0, 367))] = data.draw(st.integers(0, 255))
+        raw[data.draw(st.integers(0, 407))] = data.draw(st.integers(0, 255))
     try:
         decoded = fmt.decode_block_header(bytes(raw), block.header_offset, index, superblock)
     except SnapshotFormatError:
@@ -114,17 +117,19 @@ def test_any_block_header_signed_as_valid_is_checked(snapshot: Snapshot, data: s
     superblock, blocks, _ = snapshot
     index = data.draw(st.integers(0, len(blocks) - 1))
     block = blocks[index]
-    body = bytearray(fmt.encode_block_header(index, block)[:336])
+    body = bytearray(fmt.encode_block_header(index, block)[:376])
     for _ in range(data.draw(st.integers(1, 4))):
-        body[data.draw(st.integers(0, 335))] = data.draw(st.integers(0, 255))
-    raw = bytes(body) + hashlib.sha256(body).digest() + bytes(512 - 368)
+        body[data.draw(st.integers(0, 375))] = data.draw(st.integers(0, 255))
+    raw = bytes(body) + hashlib.sha256(body).digest() + bytes(512 - 408)
     try:
         decoded = fmt.decode_block_header(raw, block.header_offset, index, superblock)
     except SnapshotFormatError:
         return
     assert decoded.bitmap_offset == block.header_offset + fmt.BLOCK_HEADER_SIZE
     assert decoded.pages_offset + decoded.size <= superblock.file_size
-    assert decoded.bitmap_offset + decoded.bitmap_length(4096) <= decoded.pages_offset
+    assert decoded.bitmap_offset + decoded.bitmap_length(4096) == decoded.sums_offset(4096)
+    assert decoded.sums_offset(4096) + decoded.sums_length(4096) <= decoded.pages_offset
+    assert decoded.sums_offset(4096) + decoded.sums_length(4096) <= superblock.file_size
 
 
 @settings(max_examples=300, deadline=None)

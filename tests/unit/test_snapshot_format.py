@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import xxhash
 
 from engine import snapshot_format as fmt
 from engine.errors import SnapshotFormatError
@@ -17,20 +18,26 @@ MiB = 1 << 20
 SNAP_ID = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
 
 
-def test_layout_gives_each_block_a_header_a_bitmap_and_an_aligned_page_area() -> None:
-    layout = fmt.plan_layout([("pc.ram", 64 * MiB), ("vga", 8 * MiB + 4096)])
-    ram, vga = layout.blocks
+def test_layout_gives_each_block_a_header_a_bitmap_checksums_and_an_aligned_page_area() -> None:
+    layout = fmt.plan_layout([("pc.ram", 64 * MiB), ("vga", 8 * MiB + 4096), ("big", 512 * MiB)])
+    ram, vga, big = layout.blocks
     # Block 0 right after the superblock: header, then its bitmap (one bit per
-    # page, whole 64-bit words), then its pages on the next 1 MiB boundary.
+    # page, whole 64-bit words), then its checksums (8 bytes per page), then its
+    # pages on the next 1 MiB boundary.
     assert ram.header_offset == 4096 and ram.bitmap_offset == 4096 + 512
     assert ram.bitmap_length(4096) == 16384 // 8
+    assert ram.sums_offset(4096) == 4096 + 512 + 2048 and ram.sums_length(4096) == 16384 * 8
     assert ram.pages_offset == MiB
     # Block 1's header at the end of block 0's pages; its pages on the next 1 MiB.
     assert vga.header_offset == ram.end == 65 * MiB and vga.bitmap_offset == 65 * MiB + 512
     assert vga.bitmap_length(4096) == 8 * ((2049 + 63) // 64)
+    assert vga.sums_offset(4096) == 65 * MiB + 512 + 264 and vga.sums_length(4096) == 2049 * 8
     assert vga.pages_offset == 66 * MiB
+    # 512 MiB: 1 MiB of checksums pushes the page area one more MiB out.
+    assert big.header_offset == vga.end == 66 * MiB + 8 * MiB + 4096
+    assert big.sums_length(4096) == MiB and big.pages_offset == 76 * MiB
     # The device area on the 4 KiB after the last page area.
-    assert layout.device_area == vga.end == 66 * MiB + 8 * MiB + 4096
+    assert layout.device_area == big.end == 76 * MiB + 512 * MiB
 
 
 @pytest.mark.parametrize("blocks, match", [
@@ -66,12 +73,14 @@ def test_bitmap_refusals() -> None:
 
 
 BITMAP_DIGEST = hashlib.sha256(b"bitmap").digest()
+SUMS_DIGEST = hashlib.sha256(b"sums").digest()
 
 
 def _snapshot(devices: tuple[fmt.DeviceEntry, ...] = ()) -> tuple[fmt.Superblock, bytes, fmt.Metadata]:
     """A consistent superblock + metadata for a file of 2 blocks and `devices`."""
     layout = fmt.plan_layout([("pc.ram", 4 * MiB), ("rom", 64 * 1024)])
-    blocks = tuple(replace(b, present_pages=3, bitmap_digest=BITMAP_DIGEST) for b in layout.blocks)
+    blocks = tuple(replace(b, present_pages=3, bitmap_digest=BITMAP_DIGEST, sums_digest=SUMS_DIGEST)
+                   for b in layout.blocks)
     md = fmt.Metadata(blocks, devices, {"live": True}, b"vmm-config")
     meta = fmt.encode_metadata(md)
     meta_offset = layout.device_area + sum(d.size for d in devices)
@@ -85,7 +94,7 @@ def test_superblock_round_trip_and_bytes() -> None:
     sb, _, _ = _snapshot()
     data = fmt.encode_superblock(sb)
     assert len(data) == fmt.SUPERBLOCK_SIZE and data[fmt.SUPERBLOCK_USED:] == bytes(4096 - 144)
-    assert data[:8] == b"MFDSNAP\x00" and data[8:12] == b"\x01\x00\x00\x00"   # version 1, LE
+    assert data[:8] == b"MFDSNAP\x00" and data[8:12] == b"\x02\x00\x00\x00"   # version 2, LE
     assert data[64:80] == SNAP_ID.bytes
     assert data[112:144] == hashlib.sha256(data[:112]).digest()
     assert fmt.decode_superblock(data, sb.file_size) == sb
@@ -94,8 +103,9 @@ def test_superblock_round_trip_and_bytes() -> None:
 def test_metadata_round_trip_with_devices() -> None:
     layout = fmt.plan_layout([("pc.ram", 4 * MiB), ("rom", 64 * 1024)])
     start = layout.device_area
-    devices = (fmt.DeviceEntry("gpu", 0, ((start, 1000), (start + 1000, 20)), bytes(range(32))),
-               fmt.DeviceEntry("nic", 3, ((start + 1020, 0),), bytes(32)))
+    devices = (fmt.DeviceEntry("gpu", 0, ((start, 1000), (start + 1000, 20)), bytes(range(32)),
+                               (5, 2**64 - 1)),
+               fmt.DeviceEntry("nic", 3, ((start + 1020, 0),), bytes(32), (fmt.chunk_sum(b""),)))
     sb, meta, md = _snapshot(devices)
     decoded = fmt.decode_metadata(meta, sb, md.blocks)
     assert decoded == md
@@ -119,7 +129,10 @@ def test_superblock_refusals() -> None:
     _refuse(good[:100], 100, "too short to be a snapshot")
     _refuse(bytes(4096), sb.file_size, "no snapshot header")
     _refuse(b"NOTASNAP" + good[8:], sb.file_size, "not a multifd snapshot")
-    _refuse(_resign(good[:8] + struct.pack("<I", 2) + good[12:]), sb.file_size, "version 2 is not supported")
+    _refuse(_resign(good[:8] + struct.pack("<I", 1) + good[12:]), sb.file_size,
+            r"snapshot format version 1 is not supported by this multifd \(2\); re-save it")
+    _refuse(_resign(good[:8] + struct.pack("<I", 3) + good[12:]), sb.file_size,
+            r"version 3 is not supported by this multifd \(2\)$")
     _refuse(good[:20] + b"\x00" + good[21:], sb.file_size, "header is damaged")
     _refuse(_resign(good[:12] + struct.pack("<I", 6) + good[16:]), sb.file_size, "unknown snapshot flags")
     _refuse(_resign(good[:16] + struct.pack("<I", 8192) + good[20:]), sb.file_size, "page size 8192")
@@ -159,11 +172,13 @@ def test_metadata_refusals() -> None:
     refuse(replace(md, blocks=(ram, replace(rom, pages_offset=4096))),
            "the pages of block 'rom' overlaps the header of block 'pc.ram'")
     area = sb.meta_offset - 100
-    chunk = fmt.DeviceEntry("gpu", 0, ((area, 100),), bytes(32))
+    chunk = fmt.DeviceEntry("gpu", 0, ((area, 100),), bytes(32), (7,))
     refuse(replace(md, devices=(chunk, chunk)), "share an", n_devices=2)
     refuse(replace(md, devices=(replace(chunk, chunks=((sb.meta_offset + 10**6, 100),)),)),
            "chunk of device 'gpu'/0 .* points outside", n_devices=1)
-    refuse(replace(md, devices=(replace(chunk, chunks=()),)), "has no chunks", n_devices=1)
+    refuse(replace(md, devices=(replace(chunk, chunks=(), chunk_sums=()),)), "has no chunks", n_devices=1)
+    with pytest.raises(SnapshotFormatError, match="2 checksums for 1 chunks"):
+        fmt.encode_metadata(replace(md, devices=(replace(chunk, chunk_sums=(1, 2)),)))
     refuse(replace(md, devices=(replace(chunk, chunks=((0, 2 * MiB),)),)), "a chunk over", n_devices=1)
     bad_info = fmt.encode_metadata(md).replace(b'{"live": true}', b'["live", 1111]')
     refuse(bad_info, "not a JSON object")
@@ -173,13 +188,13 @@ def test_block_header_bytes_and_round_trip() -> None:
     sb, _, md = _snapshot()
     rom = md.blocks[1]
     data = fmt.encode_block_header(1, rom)
-    assert len(data) == fmt.BLOCK_HEADER_SIZE and data[368:] == bytes(512 - 368)
+    assert len(data) == fmt.BLOCK_HEADER_SIZE and data[408:] == bytes(512 - 408)
     assert data[:8] == b"MFDBLOCK" and data[8:12] == b"\x01\x00\x00\x00"   # index 1, LE
     assert data[12] == 3 and data[13:16] == b"rom" and data[16:268] == bytes(252)
-    assert struct.unpack_from("<IQQQQ", data, 268) == (0, rom.size, rom.bitmap_offset,
-                                                       rom.pages_offset, 3)
-    assert data[304:336] == BITMAP_DIGEST
-    assert data[336:368] == hashlib.sha256(data[:336]).digest()
+    assert struct.unpack_from("<IQQQQQ", data, 268) == (0, rom.size, rom.bitmap_offset,
+                                                        rom.bitmap_offset + 8, rom.pages_offset, 3)
+    assert data[312:344] == BITMAP_DIGEST and data[344:376] == SUMS_DIGEST
+    assert data[376:408] == hashlib.sha256(data[:376]).digest()
     assert fmt.decode_block_header(data, rom.header_offset, 1, sb) == rom
 
 
@@ -200,19 +215,25 @@ def test_block_header_refusals() -> None:
     refuse(bytes(512), "no block header at 4096")
     refuse(good[:300] + b"\xff" + good[301:], "its header is damaged")
     refuse(good, "says it is block 0, not 1", index=1)
-    body = bytearray(good[:336])
+    body = bytearray(good[:376])
     body[268] = 1  # the reserved field, re-signed
-    refuse(bytes(body) + hashlib.sha256(body).digest() + good[368:], "reserved field is 0x1")
+    refuse(bytes(body) + hashlib.sha256(body).digest() + good[408:], "reserved field is 0x1")
+    body = bytearray(good[:376])
+    body[288] += 8  # sums_offset, re-signed
+    refuse(bytes(body) + hashlib.sha256(body).digest() + good[408:], "checksums at .* not right after")
     refuse(signed(replace(ram, size=4097)), "not a positive number of pages")
     refuse(signed(replace(ram, bitmap_offset=at + 1024)), "not right after its header")
     refuse(signed(replace(ram, pages_offset=at + 4096 + 512)), "not page-aligned")
-    refuse(signed(replace(ram, pages_offset=at)), "overlap its bitmap")
+    refuse(signed(replace(ram, pages_offset=at + 4096)), "overlap its page checksums")
     refuse(signed(replace(ram, present_pages=1025)), "1025 pages present of 1024")
-    refuse(signed(replace(ram, size=1 << 40, pages_offset=64 * MiB)),
+    refuse(signed(replace(ram, size=1 << 40, pages_offset=3 << 30)),
            "the bitmap of block 'pc.ram' .* points outside")
+    refuse(signed(replace(ram, size=1 << 30, pages_offset=4 * MiB)), "the page checksums of block "
+           "'pc.ram' .* points outside", file_size=2 * MiB + 4096)
     refuse(good, "the pages of block 'pc.ram' .* points outside", file_size=2 * MiB)
-    with pytest.raises(SnapshotFormatError, match="no bitmap digest"):
-        fmt.encode_block_header(0, replace(ram, bitmap_digest=b""))
+    for digest in ("bitmap_digest", "sums_digest"):
+        with pytest.raises(SnapshotFormatError, match="no bitmap or checksum digest"):
+            fmt.encode_block_header(0, replace(ram, **{digest: b""}))
 
 
 def test_bitmap_is_checked_against_its_header() -> None:
@@ -221,3 +242,32 @@ def test_bitmap_is_checked_against_its_header() -> None:
     assert fmt.check_bitmap(block, bitmap, 4096).tolist() == [0, 2]
     with pytest.raises(SnapshotFormatError, match="bitmap of block 'pc.ram' is damaged"):
         fmt.check_bitmap(block, b"\x01" + bitmap[1:], 4096)
+
+
+def test_page_checksums_are_xxh3_64_per_page_little_endian() -> None:
+    pages = bytes(range(256)) * 16 + bytes(4096) + b"\xff" * 4096
+    sums = fmt.page_sums(pages)
+    assert sums.dtype == np.uint64 and sums.size == 3
+    assert sums.tolist() == [xxhash.xxh3_64_intdigest(pages[at:at + 4096]) for at in (0, 4096, 8192)]
+    # Each page's checksum is an 8-byte little-endian word at 8 * page.
+    raw = fmt.encode_sums(sums)
+    assert raw[8:16] == xxhash.xxh3_64_intdigest(bytes(4096)).to_bytes(8, "little")
+    damaged = bytearray(pages)
+    damaged[4096 + 17] ^= 0x01
+    damaged[8192:8192 + 100] = bytes(100)
+    assert fmt.damaged_pages(damaged, sums).tolist() == [1, 2]
+    assert fmt.damaged_pages(memoryview(pages), sums).tolist() == []
+
+
+def test_checksum_array_is_checked_against_its_header() -> None:
+    sums = np.array([7, 0, 9] + [0] * 61, dtype=np.uint64)
+    raw = fmt.encode_sums(sums)
+    block = fmt.BlockEntry("pc.ram", 64 * 4096, 4608, MiB, 2, BITMAP_DIGEST, hashlib.sha256(raw).digest())
+    present = np.array([0, 2])
+    assert fmt.check_sums(block, raw, present, 4096).tolist() == sums.tolist()
+    with pytest.raises(SnapshotFormatError, match="page checksums of block 'pc.ram' are damaged"):
+        fmt.check_sums(block, b"\x08" + raw[1:], present, 4096)
+    with pytest.raises(SnapshotFormatError, match="page checksums of block 'pc.ram' are damaged"):
+        fmt.check_sums(block, raw[:-8], present, 4096)
+    with pytest.raises(SnapshotFormatError, match="marks absent has a checksum"):
+        fmt.check_sums(block, raw, np.array([0]), 4096)

@@ -1,0 +1,54 @@
+"""Where the RAM client takes each round's dirty pages from: a dirty source.
+
+::
+
+    DirtySource.take(block)   get-and-clear: the pages written since the last take,
+                              their marks cleared (exactly those), sorted page indices;
+                              only after it returns does the caller read those pages
+    DirtySource.count(block)  a peek: how many are dirty now (nothing cleared)
+
+    BlockDirtyMaps            the default: each block's own DirtyMap (engine/shm.py),
+                              the byte map a synthetic guest marks after each write
+    a VMM's own source        e.g. clients/kvm KvmMachine: the hypervisor's dirty
+                              log merged with the VMM's own marks
+
+Both keep DESIGN.md's order (read the log, clear what was read, then read the
+pages), so no write is lost: one that lands after the clear is marked again and
+taken next round.  A source is called from the thread that runs the migration,
+in the VMM's process (a hypervisor's log is readable only there), one call at a
+time.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from engine.shm import RamBlock
+
+__all__ = ["BlockDirtyMaps", "DirtySource"]
+
+
+@runtime_checkable
+class DirtySource(Protocol):
+    """Dirty pages of guest RAM blocks, taken with the get-and-clear rule."""
+
+    def take(self, block: RamBlock) -> np.ndarray:
+        """The pages of `block` written since the last take (sorted, unique,
+        int64 indices in the block), with exactly their marks cleared."""
+        ...
+
+    def count(self, block: RamBlock) -> int:
+        """How many pages of `block` are dirty now (a peek: nothing is cleared)."""
+        ...
+
+
+class BlockDirtyMaps:
+    """The default source: each block's own byte map (:class:`engine.shm.DirtyMap`)."""
+
+    def take(self, block: RamBlock) -> np.ndarray:
+        return block.dirty.take()
+
+    def count(self, block: RamBlock) -> int:
+        return block.dirty.count()

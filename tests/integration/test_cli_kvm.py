@@ -1,0 +1,55 @@
+"""`multifd ... --guest kvm`: a VM on /dev/kvm through the command line, both sides real processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clients.kvm.ioctl import kvm_unavailable_reason
+from tests.integration.test_cli import run
+
+_UNAVAILABLE = kvm_unavailable_reason()
+pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None,
+                                reason=f"KVM tests need /dev/kvm: {_UNAVAILABLE}")
+
+KVM = ("--guest", "kvm", "--ram", "128M", "--loop-size", "8M")
+
+
+def test_demo_moves_the_boot_sector_guest_and_checks_it() -> None:
+    done = run("demo", *KVM, "--run-after", "0.3", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "completed" and summary["verified"] is True
+    assert summary["guest"]["boot_chars"] == 1                  # the source booted once
+    arrived = summary["destination"]["guest"]
+    assert arrived["ok"] and arrived["ran_on"] and arrived["invariant"] == ""
+    assert arrived["boot_chars"] == 0 and arrived["progress_chars"] >= 1
+    assert [d["idstr"] for d in summary["devices"]] == ["kvm-vcpu0"]
+
+
+def test_demo_summary_shows_both_consoles_and_the_throttle() -> None:
+    done = run("demo", *KVM, "--program", "user64", "--auto-converge", "--run-after", "0.2")
+    assert done.returncode == 0, done.stderr
+    lines = {line.split("  ", 1)[0]: line for line in done.stdout.splitlines()}
+    assert "1 × 'A' boot" in lines["source COM1"]
+    assert "0 × 'A' boot" in lines["dest COM1"] and "invariant: holds" in lines["dest COM1"]
+    assert "ran on: yes" in lines["dest COM1"] and "at the pause" in lines["throttle"]
+
+
+def test_live_save_then_restore_in_a_new_process(tmp_path: Path) -> None:
+    snapshot = str(tmp_path / "kvm.snap")
+    saved = run("save", snapshot, "--live", *KVM, "--program", "user64", "--json")
+    assert saved.returncode == 0, saved.stderr
+    assert json.loads(saved.stdout)["rounds"] >= 2
+    restored = run("restore", snapshot, "--guest", "kvm", "--run-after", "0.2", "--json")
+    assert restored.returncode == 0, restored.stderr
+    report = json.loads(restored.stdout)["guest"]
+    assert report["ok"] and report["boot_chars"] == 0 and report["invariant"] == ""
+
+
+def test_listen_needs_ram_for_a_kvm_guest() -> None:
+    done = run("listen", "--guest", "kvm", "--address", "tcp://127.0.0.1:0",
+               env={"MULTIFD_SECRET": "s"})
+    assert done.returncode == 1 and "needs --ram" in done.stderr

@@ -1,0 +1,77 @@
+"""A `multifd save` killed mid-way: its partial file is reported, then cleaned up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+MULTIFD = [sys.executable, "-m", "engine.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*MULTIFD, *args], capture_output=True, text=True, timeout=120)
+
+
+def partials(directory: Path) -> list[dict]:
+    done = run("inspect", str(directory), "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["partial_files"]
+
+
+def test_a_killed_save_leaves_a_partial_file_the_next_save_removes(tmp_path: Path) -> None:
+    target = tmp_path / "vm.snap"
+    # Live, dirtying faster than it saves, with a downtime limit it never meets:
+    # the save keeps writing rounds until it is killed.
+    save = subprocess.Popen([*MULTIFD, "save", "--ram", "128M", "--live", "--dirty-rate", "1G",
+                             "--max-rounds", "100000", "--downtime-limit", "0.001", str(target)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".vm.snap.partial-") and p.stat().st_size
+                      for p in tmp_path.iterdir()):
+            assert save.poll() is None and time.monotonic() < deadline, "the save never started writing"
+            time.sleep(0.05)
+        [running] = partials(tmp_path)
+        assert running["pid"] == save.pid and not running["stale"]
+        channels = psutil.Process(save.pid).children(recursive=True)
+    finally:
+        save.kill()  # SIGKILL: no teardown runs
+        save.wait()
+    # Its channel processes notice and exit on their own.
+    _, alive = psutil.wait_procs(channels, timeout=30)
+    for process in alive:
+        process.kill()
+    assert not alive, "channel processes outlived their killed save"
+
+    [stale] = partials(tmp_path)
+    assert stale["stale"] and stale["pid"] == save.pid and stale["size"] > 0
+    assert stale["path"] == running["path"] and stale["target"] == str(target)
+    assert not target.exists()
+    listed = run("inspect", str(tmp_path))
+    assert f"process {save.pid}: stale: its save died (--clean removes it)" in listed.stdout
+
+    again = run("save", "--ram", "8M", str(target))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == (f"multifd: removed {stale['path']} ({stale['size'] / (1 << 20):.1f} MiB), "
+                            f"left by a save to {target} that died (process {save.pid})\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["vm.snap"]
+    assert run("inspect", str(target)).returncode == 0  # a complete snapshot
+    assert partials(tmp_path) == []
+
+
+def test_inspect_clean_removes_only_stale_partial_files(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".a.snap.partial-{child.pid}-00000001"
+    stale.write_bytes(b"x" * 4096)
+    done = run("inspect", str(tmp_path), "--clean")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"1 partial file(s) in {tmp_path}",
+                                        f"{stale.name}  4.0 KiB  for a.snap, process {child.pid}: removed"]
+    assert list(tmp_path.iterdir()) == []
+    assert run("inspect", str(tmp_path)).stdout == f"no partial files in {tmp_path}\n"

@@ -1,0 +1,75 @@
+"""Shared memory is reserved when created, and a memory cgroup limit is checked."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine import shm
+from engine.errors import ConfigError
+from engine.shm import PAGE_SIZE, GuestRAM, Segment
+
+MiB = 1 << 20
+
+
+def allocated(segment: Segment) -> int:
+    return os.stat(f"{shm.SHM_DIR}/{segment.name}").st_blocks * 512
+
+
+def test_segment_create_reserves_every_page_before_any_touch() -> None:
+    segment = Segment.create(4 * MiB)
+    try:
+        assert allocated(segment) >= 4 * MiB  # posix_fallocate: no page is left to fault in
+    finally:
+        segment.close()
+        segment.unlink()
+
+
+def test_guest_ram_reserves_every_block() -> None:
+    with GuestRAM.create({"pc.ram": 4 * MiB, "vga": 16 * PAGE_SIZE}) as ram:
+        for block in ram.blocks:
+            assert allocated(block.segment) >= block.size + block.n_pages
+
+
+@pytest.fixture
+def cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake cgroup mount (v1 and v2 files both) for this process's cgroup."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        pytest.skip("no /proc/self/cgroup")
+    if not any(line.startswith("0::") or ":memory:" in line or ",memory" in line for line in lines):
+        pytest.skip("this process is in no memory cgroup")
+    monkeypatch.setattr(shm, "_CGROUP_ROOT", str(tmp_path))
+    (tmp_path / "memory").mkdir()
+    return tmp_path
+
+
+def set_cgroup(root: Path, limit: str, usage: int, cache: int, shmem: int) -> None:
+    (root / "memory.max").write_text(f"{limit}\n")
+    (root / "memory.current").write_text(f"{usage}\n")
+    (root / "memory.stat").write_text(f"anon 1\nfile {cache}\nshmem {shmem}\n")
+    v1 = root / "memory"
+    (v1 / "memory.limit_in_bytes").write_text(f"{limit if limit != 'max' else 2**63 - 4096}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    (v1 / "memory.stat").write_text(f"cache 0\ntotal_cache {cache}\ntotal_shmem {shmem}\n")
+
+
+def test_ram_over_the_memory_cgroup_limit_is_refused_up_front(cgroup: Path) -> None:
+    # 100 MiB limit, 96 MiB used of which 2 MiB page cache (1 MiB of it shared memory,
+    # which cannot be dropped): 5 MiB of room.
+    set_cgroup(cgroup, str(100 * MiB), 96 * MiB, 2 * MiB, 1 * MiB)
+    with pytest.raises(ConfigError) as caught:
+        GuestRAM.create({"pc.ram": 8 * MiB})
+    assert str(caught.value) == ("not enough memory for guest RAM: need 8.0 MiB, the memory "
+                                 "cgroup's limit of 100.0 MiB leaves 5.0 MiB")
+    with GuestRAM.create({"pc.ram": 4 * MiB}):
+        pass
+
+
+def test_no_memory_cgroup_limit_checks_nothing(cgroup: Path) -> None:
+    set_cgroup(cgroup, "max", 96 * MiB, 0, 0)
+    with GuestRAM.create({"pc.ram": 8 * MiB}):
+        pass
