@@ -83,6 +83,8 @@ class Admission:
                     self._accept()
                     continue
                 assert isinstance(ready, _Pending)
+                if ready not in self._pending:
+                    continue  # dropped (closed) while this batch was handled
                 joined = self._read(ready, key, role)
                 if joined is not None:
                     return joined
@@ -147,8 +149,9 @@ class Admission:
             self._drop(entry, f"sent no hello within {self._hello_timeout:.1f} s")
 
     def _drop(self, entry: _Pending, why: str) -> None:
-        self._pending.remove(entry)
-        self._refuse(entry.conn, why)
+        if entry in self._pending:
+            self._pending.remove(entry)
+            self._refuse(entry.conn, why)
 
     def _refuse(self, conn: Connection, why: str) -> None:
         conn.close()

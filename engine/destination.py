@@ -54,7 +54,7 @@ from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker, device_extra
 from engine.sync import MigrationEvent, wait_any
-from engine.transport import Connection, listen
+from engine.transport import Connection, close_all, listen
 from engine.verify import compare_digests, dump_ram, ram_digests
 
 log = logging.getLogger("multifd.destination")
@@ -175,6 +175,7 @@ class DestinationMigration(Migration):
         self._send_message(wire.ConfigAck(0, ""))
 
         conns = self._accept_channels(hello)
+        self._defer("close the channel connections", close_all, conns)
         # Destination slots carry no pages: they deliver device chunks to this
         # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
         devices = [self.devices[(d.idstr, d.instance_id)] for d in config.devices]
@@ -209,7 +210,7 @@ class DestinationMigration(Migration):
         if devices:
             self._start_device_loader(devices)
         self._send_message(wire.ChannelsReady())
-        conn.settimeout(None)
+        conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
 
     def _start_device_loader(self, devices: list[MigratableDevice]) -> None:
         """Chunks delivered by the channels go to the device-state client's loader."""
@@ -397,8 +398,7 @@ class DestinationMigration(Migration):
             verify_time_ms=verify_s * 1000,
             channel_memory_kib=self._channel_memory(),
             extra={**device_extra(self.device_reports), "running": self.running,
-                   **({"late_channel_failures": self.late_channel_failures}
-                      if self.late_channel_failures else {})},
+                   **self._late_failures()},
         )
 
     def _start_guest(self) -> GuestControlError | None:

@@ -161,10 +161,15 @@ class RemoteTraceback(MigrationError):
 
 
 
+# Classes whose meaning is this side's own state (where its guest is, what it
+# committed): the peer's use of them says nothing of ours, so they arrive plain.
+_LOCAL_MEANING = (RemoteTraceback, GuestControlError, OutcomeUnknownError)
+
+
 def remote_error(name: str, message: str) -> MigrationError:
     """The error a peer reported (an ABORT names the class): an instance of the
     class of this tree called `name`, or a plain MigrationError for any other name."""
     found = globals().get(name)
-    if not (isinstance(found, type) and issubclass(found, MigrationError)) or found is RemoteTraceback:
+    if not (isinstance(found, type) and issubclass(found, MigrationError)) or found in _LOCAL_MEANING:
         found = MigrationError
     return _rebuild(found, (message,), {})

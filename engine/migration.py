@@ -266,15 +266,24 @@ class Migration:
         return self._committed
 
     def _commit(self, action: Callable[[], None] | None = None) -> None:
-        """Pass the commit point: run `action` (the source sends COMMIT) and mark
-        the migration committed, unless it failed or was cancelled first (then
-        raise that).  If `action` raises, the migration has not committed."""
+        """Pass the commit point: mark the migration committed and run `action`
+        (the source sends COMMIT), unless it failed or was cancelled first (then
+        raise that).  If `action` raises a TransportError the send failed and the
+        migration has not committed; any other exception leaves it committed."""
         with self._commit_lock:
             self.latch.raise_if_failed()
-            if action is not None:
-                action()
+            # Committed before the send, not after: an exception after the bytes
+            # left (a signal handler's, say) must not make us think we did not.
             self._committed = True
-        self._machine.fire(MigrationEvent.COMMIT)
+            try:
+                if action is not None:
+                    action()
+            except TransportError:
+                self._committed = False  # the send failed in the kernel: no whole COMMIT left
+                raise
+            finally:
+                if self._committed:
+                    self._machine.fire(MigrationEvent.COMMIT)
 
     def stats(self) -> MigrationStats | None:
         return self.tracker.snapshot() if self.tracker is not None else None
@@ -430,6 +439,18 @@ class Migration:
                     raise LocalProtocolError(f"channel {link.channel_id} sent {message.op.name} first")
                 link.pid = message.a
 
+    def _late_failures(self) -> dict[str, list[str]]:
+        """The result's report of channels that failed after their last word.  Read
+        from the jobs themselves too: a death the pool noticed a moment ago may not
+        have reached its callback yet (call after :meth:`_channel_memory`)."""
+        failures = list(self.late_channel_failures)
+        for link in self._links:
+            error = channel_error(link.future) if link.future.done() else None
+            text = f"channel {link.channel_id}: {error}"
+            if error is not None and text not in failures:
+                failures.append(text)
+        return {"late_channel_failures": failures} if failures else {}
+
     def _channel_memory(self) -> list[dict[str, int]]:
         """Memory figures (kB) each channel process reported when it ended."""
         # A channel posts its last message just before it returns; one that died
@@ -564,8 +585,7 @@ class Migration:
         (its optional ``cancel()``), then waits ``cancel_grace_s`` at most; a job
         still inside the device's code then is abandoned, never joined."""
         self._device_pool = None
-        failed = self.latch.failed
-        if failed:
+        if self._aborting:  # after the commit the devices are the destination VMM's
             for device in devices:
                 cancel = getattr(device, "cancel", None)
                 if callable(cancel):
@@ -573,7 +593,7 @@ class Migration:
             pool.cancel(self.latch.error)
         deadline = time.monotonic() + self.config.cancel_grace_s
         while pool.statistics().busy and time.monotonic() < deadline:
-            self.latch.wait(0.01)  # set once failed: this sleeps without busy-waiting
+            time.sleep(0.005)
         stuck = pool.statistics().busy
         if stuck:
             log.warning("%s: %d device job(s) did not stop within %.1f s; abandoned",

@@ -221,6 +221,11 @@ class _ChannelPump:
         self.latch.raise_if_failed()
 
 
+# Under a cap, unused time banks at most this much: after an idle stretch the
+# sender may run ahead of the cap by this many seconds' worth, not by all of it.
+_CAP_CREDIT_S = 0.1
+
+
 class RateLimiter:
     """Keeps all channels together under `bytes_per_s`, from the first byte.
 
@@ -244,7 +249,10 @@ class RateLimiter:
         if self._start is None:
             self._start = (now, self._written())
         t0, base = self._start
-        due = t0 + (self._written() - base + unwritten) / self.bytes_per_s
+        written = self._written()
+        due = t0 + (written - base + unwritten) / self.bytes_per_s
+        if now - due > _CAP_CREDIT_S:  # idle a while: no burst to catch up on it
+            self._start, due = (now - _CAP_CREDIT_S, written), now - _CAP_CREDIT_S
         if due > now and self._latch.wait(due - now):
             self._latch.raise_if_failed()
 

@@ -54,7 +54,7 @@ from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, device_extra
 from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
-from engine.transport import Connection, connect
+from engine.transport import Connection, close_all, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
 
 log = logging.getLogger("multifd.source")
@@ -190,26 +190,23 @@ class SourceMigration(SavingMigration):
             n_channels=cfg.channels,
         ))
         conns: list[Connection] = []
-        try:
-            for channel_id in range(cfg.channels):
-                data = connect(self.to, cfg.connect_timeout_s, self.latch)
-                conns.append(data)
-                data.settimeout(cfg.handshake_timeout_s)
-                self._track(data)  # a cancel wakes the read of its challenge
-                try:
-                    channel_challenge = packet.decode_challenge(data.recv_exact(packet.CHALLENGE_SIZE))
-                finally:
-                    self._untrack(data)
-                self.latch.raise_if_failed()
-                data.send_all(packet.encode_hello(
-                    packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
-                    self._session_key, channel_challenge,
-                ))
-                data.settimeout(None)
-        except BaseException:
-            for data in conns:
-                data.close()
-            raise
+        # Until the channel processes own them (and after: closing twice is harmless).
+        self._defer("close the channel connections", close_all, conns)
+        for channel_id in range(cfg.channels):
+            data = connect(self.to, cfg.connect_timeout_s, self.latch)
+            conns.append(data)
+            data.settimeout(cfg.handshake_timeout_s)
+            self._track(data)  # a cancel wakes the read of its challenge
+            try:
+                channel_challenge = packet.decode_challenge(data.recv_exact(packet.CHALLENGE_SIZE))
+            finally:
+                self._untrack(data)
+            self.latch.raise_if_failed()
+            data.send_all(packet.encode_hello(
+                packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
+                self._session_key, channel_challenge,
+            ))
+            data.settimeout(None)
         spec = ChannelSpec(
             channel_id=0, ram=self.ram.handle,
             slots=slots.handle, packet_pages=cfg.packet_pages,
@@ -221,7 +218,7 @@ class SourceMigration(SavingMigration):
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
         self._read_message(wire.ChannelsReady, self._setup_deadline)
         self._rtt_s = self._measure_rtt()
-        conn.settimeout(None)
+        conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
         self._core = MultifdSender(
             self._links, slots, n_clients=1 + len(self.devices), latch=self.latch,
             marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
@@ -374,9 +371,8 @@ class SourceMigration(SavingMigration):
             error = wrapped
         self.latch.fail(error)
 
-    def _late_failures(self) -> dict[str, list[str]]:
-        return {"late_channel_failures": self.late_channel_failures} if self.late_channel_failures else {}
 
     def _close_signals(self) -> None:
         self._prepared.close()
         self._resumed.close()
+

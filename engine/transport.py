@@ -17,7 +17,7 @@ import errno
 import importlib
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -280,6 +280,12 @@ class SocketListener:
         if self._cleanup is not None:
             self._cleanup()
             self._cleanup = None
+
+
+def close_all(conns: Iterable[Connection]) -> None:
+    """Close every connection (closing one twice is harmless)."""
+    for conn in conns:
+        conn.close()
 
 
 def _describe(sock: socket.socket) -> str:

@@ -150,6 +150,25 @@ def test_resumed_lost_after_the_destination_resumed(src, guest) -> None:
     run.assert_destination_runs_alone()
 
 
+def test_an_exception_after_commit_left_the_socket_is_an_unknown_outcome(src, guest) -> None:
+    """COMMIT's bytes are out, then the send raises anyway (a signal handler's
+    exception, say): the source must count itself committed, never resume."""
+    run = Run(src, guest)
+    send = run.source._send_message
+
+    def commit_then_raise(message: wire.Message) -> None:
+        send(message)
+        if isinstance(message, wire.Commit):
+            raise RuntimeError("a signal handler raised during the send")
+
+    run.source._send_message = commit_then_raise  # type: ignore[method-assign]
+    source, destination = run.run()
+    assert isinstance(source, OutcomeUnknownError)
+    assert destination.status == "completed" and run.destination.committed
+    run.source.settle(destination_runs=True)
+    run.assert_destination_runs_alone()
+
+
 def test_an_unknown_outcome_settled_for_the_source_resumes_it(src, guest) -> None:
     """COMMIT is in the source's socket, but the destination never reads it and the
     answer never comes: the source waits stall_timeout_s, keeps its guest paused,
@@ -168,10 +187,12 @@ def test_an_unknown_outcome_settled_for_the_source_resumes_it(src, guest) -> Non
     with pytest.raises(OutcomeUnknownError):
         run.source.run()
     assert run.guest.paused and run.source.state is MigrationState.OUTCOME_UNKNOWN
-    run.destination.cancel("the destination VMM gives up")
+    # The source's VMM asks the destination, which may still be running: cancel()
+    # answers atomically (True: it had not committed, and now never will).
+    assert run.destination.cancel("the destination VMM gives up") is True
     with pytest.raises(CancelledError):
         run.destination.wait(15)
-    assert not run.destination.committed  # what the source's VMM learns when it asks
+    assert not run.destination.committed
     run.source.settle(destination_runs=False)
     assert run.source.state is MigrationState.FAILED
     run.assert_source_runs_alone()
@@ -298,7 +319,8 @@ def test_a_pause_that_raises_leaves_the_guest_running(src, guest) -> None:
     run.source._pause_guest = pause_fails
     source, destination = run.run()
     assert isinstance(source, GuestControlError) and "vCPU 0 did not stop" in str(source)
-    assert isinstance(destination, GuestControlError)  # the ABORT kept its class
+    # Where the source's guest is says nothing of the destination's: it arrives plain.
+    assert type(destination) is MigrationError and "vCPU 0 did not stop" in str(destination)
     run.assert_source_runs_alone()
 
 
