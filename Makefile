@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test mutants bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Each listed bug, applied to a copy of HEAD, must fail the default suite (docs/mutants.md).
+mutants: $(STAMP)
+	$(BIN)/python tools/mutants.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py

@@ -12,20 +12,21 @@ from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine import message as wire
 from engine.errors import ConfigError, DeviceStateError, MigrationError
-from tests.harness import SECRET, MiB, address, guest_ram
+from tests.harness import SECRET, MiB, address, guest_ram, wait_until
 from tests.protocol import ChannelWriter, HandMadeSource
 
 FAST = MigrationConfig(channels=2, packet_pages=64, handshake_timeout_s=2.0)
 NIC = ("nic", 0)
 
 
-def _hand_made(run: object, max_device_buffer: int = 64 * MiB) -> str:
-    """Drive a destination that has the device NIC with `run(channels, source)`;
-    return the error it fails with."""
+def _hand_made(run: object, max_device_buffer: int = 64 * MiB, nic: DemoDevice | None = None) -> str:
+    """Drive a destination that has the device NIC (`nic`, or a fresh one) with
+    `run(channels, source)`; return the error it fails with."""
+    if nic is None:
+        nic = DemoDevice(*NIC, state_size=0, with_state=False)
     with guest_ram(4 * MiB, fill="zero") as dst:
         destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=FAST,
-                                           devices=[DemoDevice(*NIC, state_size=0, with_state=False)],
-                                           max_device_buffer=max_device_buffer)
+                                           devices=[nic], max_device_buffer=max_device_buffer)
         destination.start()
         source = HandMadeSource(destination, list(dst.layout), channels=2, devices=(NIC,))
         try:
@@ -56,6 +57,23 @@ def test_duplicate_index() -> None:
         ch[0].device_chunk(*NIC, 0, b"first")
         ch[1].device_chunk(*NIC, 0, b"again")
     assert "chunk 0 arrived twice" in _hand_made(run)
+
+
+def test_index_that_was_loaded_already() -> None:
+    """Chunk 0 again after the device loaded it: refused, not parked and dropped.
+
+    (test_duplicate_index's second copy may come while the first still waits in
+    the buffer; here the first has certainly been loaded: chunk 1, loaded after
+    it by the same drain, is in the device's state before the copy is sent.)
+    """
+    nic = DemoDevice(*NIC, state_size=0, with_state=False)
+
+    def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        ch[0].device_chunk(*NIC, 0, b"first")
+        ch[0].device_chunk(*NIC, 1, b"second")
+        wait_until(lambda: bytes(nic.state) == b"firstsecond", "chunks 0 and 1 to be loaded")
+        ch[1].device_chunk(*NIC, 0, b"first")
+    assert "chunk 0 arrived twice" in _hand_made(run, nic=nic)
 
 
 def test_chunk_after_the_end_marker() -> None:
