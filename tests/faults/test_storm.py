@@ -41,6 +41,7 @@ from engine import message as wire
 from engine.errors import CancelledError, MigrationError, OutcomeUnknownError
 from engine.migration import Migration
 from engine.shm import GuestRAM
+from engine.sync import MigrationState
 from tests.harness import SECRET, MiB, address, guest_ram, migrate, same_memory
 
 SEEDS = range(24)
@@ -258,6 +259,12 @@ class Storm:
             timer.start()
         deadline = time.monotonic() + RUN_TIMEOUT_S
         try:
+            source, destination = self.sides["source"], self.sides["destination"]
+            source.thread.join(max(0.0, deadline - time.monotonic()))
+            if not source.thread.is_alive() and destination.migration.state is MigrationState.LISTENING:
+                # The source gave up before its main hello: for the destination that
+                # was a stranger, and it listens on, as it must; its VMM stops it.
+                destination.migration.cancel("the source never came")
             for side in self.sides.values():
                 side.thread.join(max(0.0, deadline - time.monotonic()))
             hung = [name for name, side in self.sides.items() if side.thread.is_alive()]
