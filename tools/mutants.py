@@ -11,9 +11,12 @@ project's virtual environment::
 
     <venv>/bin/python -m pytest -x -q -p no:cacheprovider     (cwd: the copy)
 
-A mutant is *killed* when the suite fails, *survived* when it passes, and
-*timeout* / *error* when the run hit the per-mutant limit or pytest could not
-run the tests (collection error, internal error).  The repository itself is
+A mutant is *killed* when the suite fails and the first failing test fails
+again when run alone on the same copy (a test that then passes failed for a
+reason of its own, such as load: it is deselected and the suite runs again),
+*survived* when the suite passes, and *timeout* / *error* when a run hit the
+per-run limit or pytest could not run the tests (collection error, internal
+error).  The repository itself is
 never modified.  Before the mutants, the unmutated copy must pass (the
 baseline; ``--no-baseline`` skips it), so a kill is the mutant's doing.
 
@@ -316,6 +319,33 @@ def run_suite(python: Path, tree: Path, extra: list[str], timeout: float) -> Out
     return Outcome("error", seconds, f"pytest exit {rc}: {tail[0]}", output)
 
 
+def judge(python: Path, tree: Path, extra: list[str], timeout: float, tries: int = 3) -> Outcome:
+    """Run the suite on a mutated copy.  A kill counts once the failing test
+    fails again when run alone; a test that then passes (it failed for a reason
+    of its own: load, timing) is deselected and the suite runs again, at most
+    `tries` times."""
+    unconfirmed: list[str] = []
+    seconds = 0.0
+    while True:
+        outcome = run_suite(python, tree, [*extra, *(f"--deselect={t}" for t in unconfirmed)], timeout)
+        seconds += outcome.seconds
+        if outcome.status != "killed":
+            break
+        again = run_suite(python, tree, [outcome.detail], timeout)
+        seconds += again.seconds
+        if again.status == "killed":
+            break
+        unconfirmed.append(outcome.detail)
+        if len(unconfirmed) == tries:
+            outcome = Outcome("error", seconds, f"{tries} tests failed once, then passed alone",
+                              outcome.output)
+            break
+    outcome.seconds = seconds
+    if unconfirmed:
+        outcome.detail += f"  (failed once, passed alone: {', '.join(unconfirmed)})"
+    return outcome
+
+
 # ── main ──────────────────────────────────────────────────────────────────────
 
 
@@ -337,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, default=default_venv(),
                         help="virtual environment to test with (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=900.0,
-                        help="seconds per mutant's suite run (default: %(default)s)")
+                        help="seconds per suite run (default: %(default)s)")
     parser.add_argument("--worktree", action="store_true",
                         help="mutate a copy of the working tree (uncommitted files too), not HEAD")
     parser.add_argument("--no-baseline", action="store_true",
@@ -388,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             tree = Path(scratch) / m.name
             shutil.copytree(base, tree)
             apply(tree, m.edits)
-            outcome = run_suite(python, tree, extra, args.timeout)
+            outcome = judge(python, tree, extra, args.timeout)
             shutil.rmtree(tree, ignore_errors=True)
             results.append((m, outcome))
             print(f"{m.name:36} {outcome.status:9} {outcome.seconds:6.0f} s  {outcome.detail}",
