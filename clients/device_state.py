@@ -38,8 +38,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine import message as wire
-from engine import packet
 from engine.channel import ControlMessage, ControlOp
 from engine.device import DeviceReport, MigratableDevice
 from engine.errors import DeviceStateError, LocalProtocolError, MigrationError, RemoteProtocolError
@@ -49,6 +47,8 @@ from engine.pool import WorkerPool
 from engine.slots import Counter, SendSlot, SlotTable
 from engine.sync import FailureLatch
 from engine.transport import Buffer, Connection
+from engine.wire import message as wire
+from engine.wire import packet
 
 CHUNK = packet.MAX_DEVICE_CHUNK
 

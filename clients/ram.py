@@ -25,12 +25,12 @@ from collections.abc import Callable
 import numpy as np
 
 from clients.ram_payload import RamPagesFileReader, RamPagesFileWriter, RamPagesReceiver, RamPagesSender
-from engine import packet
 from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.multifd import MultifdSender
 from engine.payload import register_payload
 from engine.shm import PAGE_SIZE, GuestRAM, RamBlock
 from engine.slots import SendSlot
+from engine.wire import packet
 
 # Below this many pages a packet is not worth splitting further.
 _MIN_SPLIT = 64

@@ -37,13 +37,14 @@ from functools import partial
 
 import numpy as np
 
-from engine import codecs, packet
-from engine import snapshot_format as fmt
+from engine import codecs
 from engine.errors import RemoteProtocolError, SnapshotFormatError
 from engine.payload import ChannelContext, FileIO
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.slots import Counter, SendSlot
 from engine.transport import Buffer, Connection
+from engine.wire import packet
+from engine.wire import snapshot_format as fmt
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE

@@ -1,7 +1,7 @@
 """Admission: who may join a migration, read concurrently so nobody can stall it.
 
 A destination's listener is open to anyone who can reach the port.  Every
-connection it accepts gets a fresh challenge at once (engine/packet.py), then has
+connection it accepts gets a fresh challenge at once (engine/wire/packet.py), then has
 ``hello_timeout`` seconds to answer with a hello; all of them are read at the
 same time, in one poll loop, so a silent, slow or garbage client costs a real
 one a few microseconds of work, never a wait::
@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine import packet
 from engine.errors import HandshakeError, MigrationError, TransportBrokenError
 from engine.sync import FailureLatch, wait_any
 from engine.transport import Connection, Listener
+from engine.wire import packet
 
 MAX_PENDING = 256      # unauthenticated connections held at once, in all
 MAX_PER_PEER = 64      # ... and from one peer address

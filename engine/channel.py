@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Self, TypeVar
 
-from engine import packet
 from engine.errors import (
     CancelledError,
     LocalProtocolError,
@@ -53,6 +52,7 @@ from engine.shm import GuestRAM, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
+from engine.wire import packet
 
 # ---------------------------------------------------------------------------
 # Control messages between a main process and its channel processes.

@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from engine import codecs, packet
-from engine import message as wire
+from engine import codecs
 from engine.admission import Admission
 from engine.channel import ChannelSpec, run_recv_channel
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice, loading_devices
@@ -56,6 +55,8 @@ from engine.stats import MigrationResult, StatsTracker, device_extra
 from engine.sync import MigrationEvent, wait_any
 from engine.transport import Connection, close_all, listen
 from engine.verify import compare_digests, dump_ram, ram_digests
+from engine.wire import message as wire
+from engine.wire import packet
 
 log = logging.getLogger("multifd.destination")
 

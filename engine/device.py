@@ -29,9 +29,9 @@ from engine.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.channel import ControlMessage
-    from engine.message import DeviceDone
     from engine.multifd import ChannelLink
     from engine.sync import FailureLatch
+    from engine.wire.message import DeviceDone
 
 
 @runtime_checkable

@@ -33,8 +33,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
-from engine import codecs, packet
-from engine import message as wire
+from engine import codecs
 from engine.channel import ChannelReport, ChannelSpec, ControlOp, control_pair, read_control, run_contained
 from engine.device import DeviceLoading, MigratableDevice
 from engine.errors import (
@@ -57,6 +56,8 @@ from engine.slots import Counter, SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
 from engine.sync import FailureLatch, MigrationEvent, MigrationState, StateMachine, wait_any, wait_readable
 from engine.transport import Connection
+from engine.wire import message as wire
+from engine.wire import packet
 
 log = logging.getLogger("multifd.migration")
 

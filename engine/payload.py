@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
-from engine import packet
 from engine.errors import LocalProtocolError
 from engine.shm import GuestRAM, RamBlock
 from engine.slots import Counter, SendSlot, SlotTable
 from engine.transport import Buffer, Connection
+from engine.wire import packet
 
 if TYPE_CHECKING:
     from engine.channel import ChannelSpec, Deliveries

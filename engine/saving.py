@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine import packet
 from engine.device import DeviceReport, DeviceSaving, MigratableDevice
 from engine.dirty import DirtySource
 from engine.errors import (
@@ -42,6 +41,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.stats import StatsTracker
 from engine.sync import MigrationEvent
+from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
 

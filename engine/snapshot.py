@@ -1,6 +1,6 @@
 """Snapshots: save a guest to a file and restore it, over N file channels.
 
-The layout (engine/snapshot_format.py, docs/snapshot-format.md) gives every
+The layout (engine/wire/snapshot_format.py, docs/snapshot-format.md) gives every
 guest page a fixed place, so the multifd core drives file channels exactly as
 it drives socket channels — the RAM client's slots, the same rounds and syncs —
 and only the channels' send op differs: positional writes and reads
@@ -40,9 +40,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine import message as wire
-from engine import packet
-from engine import snapshot_format as fmt
 from engine.channel import ChannelSpec, FileTarget, run_file_channel
 from engine.device import DeviceLoading, MigratableDevice, device_key, loading_devices
 from engine.dirty import DirtySource
@@ -58,6 +55,9 @@ from engine.stats import MigrationResult, StatsTracker, device_extra
 from engine.sync import MigrationEvent
 from engine.transport import PositionalFile, open_file
 from engine.verify import dump_ram
+from engine.wire import message as wire
+from engine.wire import packet
+from engine.wire import snapshot_format as fmt
 
 log = logging.getLogger("multifd.snapshot")
 

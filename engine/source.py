@@ -30,8 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-from engine import codecs, packet
-from engine import message as wire
+from engine import codecs
 from engine.channel import ChannelSpec, run_send_channel
 from engine.device import MigratableDevice, device_key
 from engine.dirty import DirtySource
@@ -56,6 +55,8 @@ from engine.stats import MigrationResult, device_extra
 from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
 from engine.transport import Connection, close_all, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
+from engine.wire import message as wire
+from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
 

@@ -14,8 +14,9 @@ import struct
 import uuid
 from collections.abc import Callable
 
-from engine import DestinationMigration, packet
-from engine import message as wire
+from engine import DestinationMigration
+from engine.wire import message as wire
+from engine.wire import packet
 from tests.harness import SECRET
 
 _HELLO = struct.Struct(">IHBB16sHHI16s")

@@ -139,7 +139,7 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "page-run-bound-off-by-one",
         "the RAM_PAGES decoder lets a page run end one page past its block",
-        ("engine/packet.py",
+        ("engine/wire/packet.py",
          "    if ends[-1] > limits.block_pages[block_index]:\n",
          "    if ends[-1] > limits.block_pages[block_index] + 1:  # MUTANT\n"),
     ),
@@ -167,7 +167,7 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "hello-reserved-unchecked",
         "decode_hello accepts nonzero reserved bytes",
-        ("engine/packet.py",
+        ("engine/wire/packet.py",
          "    if reserved:\n"
          '        raise HandshakeError(f"hello reserved bytes must be 0',
          "    if False:  # MUTANT\n"
@@ -176,7 +176,7 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "hello-flags-unchecked",
         "decode_hello accepts nonzero flags",
-        ("engine/packet.py",
+        ("engine/wire/packet.py",
          "    if flags:\n"
          '        raise HandshakeError(f"hello flags must be 0',
          "    if False:  # MUTANT\n"

@@ -5,7 +5,7 @@ fixed offset (``os.pwritev``) and reads it back from there (``os.preadv``), so
 N channel processes, each with its own descriptor on the same file, move guest
 pages straight between shared memory and the file in parallel, with no copy in
 Python.  What goes at which offset is the snapshot format's business
-(engine/snapshot_format.py); this module only moves bytes and makes them durable.
+(engine/wire/snapshot_format.py); this module only moves bytes and makes them durable.
 
 A save writes to a hidden *partial* file next to the target and publishes it
 with ``rename`` once everything is on disk (fsync of the file, then of the

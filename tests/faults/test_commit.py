@@ -21,7 +21,6 @@ import pytest
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine import channel as channel_module
-from engine import message as wire
 from engine.channel import ControlOp
 from engine.errors import (
     CancelledError,
@@ -33,6 +32,7 @@ from engine.errors import (
 from engine.migration import Migration
 from engine.shm import GuestRAM
 from engine.sync import MigrationState
+from engine.wire import message as wire
 from tests.harness import SECRET, MiB, address, guest_ram, same_memory
 
 CONFIG = MigrationConfig(channels=2, packet_pages=64, stall_timeout_s=5.0)

@@ -10,8 +10,8 @@ import pytest
 from clients.devices import DemoDevice
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
-from engine import message as wire
 from engine.errors import ConfigError, DeviceStateError, MigrationError
+from engine.wire import message as wire
 from tests.harness import SECRET, MiB, address, guest_ram, wait_until
 from tests.protocol import ChannelWriter, HandMadeSource
 

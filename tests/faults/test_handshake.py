@@ -10,10 +10,11 @@ import uuid
 
 import pytest
 
-from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration, packet
-from engine import message as wire
+from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
 from engine.errors import HandshakeError, MigrationError
 from engine.sync import MigrationState
+from engine.wire import message as wire
+from engine.wire import packet
 from tests.harness import SECRET, MiB, guest_ram, same_memory
 from tests.protocol import HandMadeSource, port_of, raw_hello, read_challenge
 

@@ -13,8 +13,9 @@ import lz4.block
 import pytest
 import zstandard
 
-from engine import DestinationMigration, MigrationConfig, SourceMigration, codecs, packet
+from engine import DestinationMigration, MigrationConfig, SourceMigration, codecs
 from engine.errors import ConfigError, MigrationError
+from engine.wire import packet
 from tests.harness import SECRET, MiB, guest_ram
 from tests.protocol import HandMadeSource
 

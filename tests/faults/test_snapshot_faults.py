@@ -19,7 +19,6 @@ import pytest
 from clients.devices import DemoDevice
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import GuestRAM, MigrationConfig, MigrationState
-from engine import snapshot_format as fmt
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -29,6 +28,7 @@ from engine.errors import (
     SnapshotFormatError,
 )
 from engine.snapshot import SnapshotRestore, SnapshotSave
+from engine.wire import snapshot_format as fmt
 from tests.harness import NIC, MiB, Recorder, guest_ram, in_round, kill_a_channel, same_memory
 
 # Rounds capped at 16 MiB/s over 4 MiB of RAM a guest dirties at 64 MiB/s: every

@@ -37,11 +37,11 @@ import pytest
 
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
-from engine import message as wire
 from engine.errors import CancelledError, MigrationError, OutcomeUnknownError
 from engine.migration import Migration
 from engine.shm import GuestRAM
 from engine.sync import MigrationState
+from engine.wire import message as wire
 from tests.harness import SECRET, MiB, address, guest_ram, migrate, same_memory
 
 SEEDS = range(24)

@@ -20,10 +20,11 @@ import time
 
 import pytest
 
-from engine import DestinationMigration, MigrationConfig, packet
-from engine import message as wire
+from engine import DestinationMigration, MigrationConfig
 from engine.errors import MigrationError
 from engine.sync import ChannelState, SyncBarrier
+from engine.wire import message as wire
+from engine.wire import packet
 from tests.harness import SECRET, MiB, guest_ram, wait_until
 from tests.protocol import ChannelWriter, HandMadeSource
 

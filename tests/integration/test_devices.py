@@ -145,7 +145,7 @@ def test_reassembly_in_any_order() -> None:
     its chunks in index order, the END chunk last, and the digests check out."""
     import hashlib
 
-    from engine import message as wire
+    from engine.wire import message as wire
 
     rng = random.Random(7)
     devices = [Recorder(f"d{i}") for i in range(3)]

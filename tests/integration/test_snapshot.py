@@ -11,9 +11,9 @@ import pytest
 from clients.devices import demo_devices
 from clients.guest import SyntheticGuest, check_incrementer, fill_ram
 from engine import GuestRAM, MigrationConfig
-from engine import snapshot_format as fmt
 from engine.errors import CancelledError, SnapshotError, SnapshotFormatError
 from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
+from engine.wire import snapshot_format as fmt
 from tests.harness import MiB, guest_ram, same_memory, wait_until
 
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import HandshakeError, RemoteProtocolError, TransportClosedError
-from engine.message import (
+from engine.wire.message import (
     Abort,
     BlockSpec,
     ChannelsReady,
@@ -40,7 +40,7 @@ from engine.message import (
     SyncMarker,
     encode_message,
 )
-from engine.packet import (
+from engine.wire.packet import (
     COMPRESSED_SLACK,
     HELLO_SIZE,
     MAX_DEVICE_CHUNK,

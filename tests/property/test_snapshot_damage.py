@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from clients.devices import DemoDevice, demo_devices
 from clients.guest import fill_ram
 from engine import GuestRAM, MigrationConfig
-from engine import snapshot_format as fmt
 from engine.errors import SnapshotError
 from engine.pool import WorkerPool
 from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
+from engine.wire import snapshot_format as fmt
 
 KiB, MiB = 1 << 10, 1 << 20
 LAYOUT = {"pc.ram": MiB + 512 * KiB, "vga": 256 * KiB}

@@ -16,8 +16,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import snapshot_format as fmt
 from engine.errors import SnapshotFormatError
+from engine.wire import snapshot_format as fmt
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
 block_lists = st.lists(st.tuples(names, st.integers(1, 300).map(lambda pages: pages * 4096)),

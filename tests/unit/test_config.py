@@ -13,10 +13,10 @@ import pytest
 from clients.ram import page_runs
 from engine.errors import ConfigError
 from engine.migration import MigrationConfig
-from engine.packet import MAX_CHANNELS, MAX_PACKET_PAGES
 from engine.shm import PAGE_SIZE
 from engine.slots import Counter, SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
+from engine.wire.packet import MAX_CHANNELS, MAX_PACKET_PAGES
 
 # ---------------------------------------------------------------------------
 # page_runs

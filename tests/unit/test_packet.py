@@ -21,7 +21,7 @@ from engine.errors import (
     RemoteProtocolError,
     TransportClosedError,
 )
-from engine.message import (
+from engine.wire.message import (
     Abort,
     AbortCode,
     BlockSpec,
@@ -46,7 +46,7 @@ from engine.message import (
     encode_message,
     packet_limits,
 )
-from engine.packet import (
+from engine.wire.packet import (
     HELLO_SIZE,
     MAX_MESSAGE_BODY,
     NEED_DATA,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from engine import snapshot_format as fmt
 from engine.errors import SnapshotFormatError
+from engine.wire import snapshot_format as fmt
 
 MiB = 1 << 20
 SNAP_ID = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")

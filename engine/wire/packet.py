@@ -1,7 +1,7 @@
 """The multifd wire codec for hellos and multifd-channel packets, with no I/O.
 
 Byte layout (integers big-endian; docs/wire-format.md is the specification, field
-by field; the main-channel messages live in :mod:`engine.message`)::
+by field; the main-channel messages live in :mod:`engine.wire.message`)::
 
     every connection   hello, 80 bytes
                        magic "MFDH" | version | role | flags | migration_id (16)

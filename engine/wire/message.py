@@ -40,7 +40,7 @@ from engine.errors import (
     RemoteProtocolError,
     TransportClosedError,
 )
-from engine.packet import (
+from engine.wire.packet import (
     MAX_BLOCK_PAGES,
     MAX_BLOCKS,
     MAX_CHANNELS,
