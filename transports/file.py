@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine.errors import SnapshotError, SnapshotFormatError
-from engine.transport import Buffer, advance, batch, flat_views
+from engine.scatter import Buffer, advance, batch, flat_views
 
 log = logging.getLogger("multifd.file")
 
