@@ -2,10 +2,12 @@
 
 A transport module (``transports/tcp.py``, ``transports/unix.py``) turns a URI
 into a connected :class:`Connection` (``connect``) or a :class:`Listener`
-(``listen``).  The engine finds it by URI scheme through :func:`connect` /
-:func:`listen`, which import the module named in :data:`_BUILTIN` on first use,
-so ``engine`` never imports ``transports`` statically.  Third parties add
-schemes with :func:`register_transport`.
+(``listen``); ``transports/file.py`` opens snapshot files.  The engine names no
+transport: a scheme is found in the registry, and a scheme not registered yet is
+looked up among the installed packages' ``multifd.transports`` entry points
+(pyproject.toml lists the built-in ones), whose module registers itself when
+imported.  Third parties add schemes the same way, or call
+:func:`register_transport` directly.
 
 Every socket error is translated to the engine's tree here, in one place:
 EOF → TransportClosedError; reset, refused, timeout → TransportBrokenError.
@@ -14,7 +16,7 @@ EOF → TransportClosedError; reset, refused, timeout → TransportBrokenError.
 from __future__ import annotations
 
 import errno
-import importlib
+import importlib.metadata
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +25,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError, TransportBrokenError, TransportClosedError
-from engine.scatter import IOV_MAX, SEND_STEP, Buffer, advance, batch, flat_views
+from engine.scatter import IOV_MAX, Buffer, advance, batch, flat_views
 from engine.sync import wait_readable, wait_writable
 
 
@@ -258,7 +260,8 @@ class TransportEntry:
 
 
 _REGISTRY: dict[str, TransportEntry] = {}
-_BUILTIN = {"tcp": "transports.tcp", "unix": "transports.unix"}
+_FILES: list[Callable[..., PositionalFile]] = []
+ENTRY_POINTS = "multifd.transports"
 
 
 def register_transport(scheme: str, connect: ConnectFn, listen: Callable[[str], Listener]) -> None:
@@ -266,16 +269,31 @@ def register_transport(scheme: str, connect: ConnectFn, listen: Callable[[str], 
     _REGISTRY[scheme] = TransportEntry(connect, listen)
 
 
+def register_file_transport(open_file: Callable[..., PositionalFile]) -> None:
+    """Install the opener :func:`open_file` uses for snapshot files."""
+    _FILES[:] = [open_file]
+
+
+def _installed(scheme: str) -> bool:
+    """Import the module an installed package declares for `scheme` (it registers
+    itself).  False if no package declares one."""
+    found = importlib.metadata.entry_points(group=ENTRY_POINTS, name=scheme)
+    for entry in found:
+        entry.load()
+    return bool(found)
+
+
 def _entry(uri: str) -> TransportEntry:
     scheme = urlsplit(uri).scheme
     if not scheme:
         raise ConfigError(f"address {uri!r} has no scheme; use e.g. tcp://HOST:PORT or unix:///PATH")
-    if scheme not in _REGISTRY and scheme in _BUILTIN:
-        importlib.import_module(_BUILTIN[scheme])
+    if scheme not in _REGISTRY:
+        _installed(scheme)
     try:
         return _REGISTRY[scheme]
     except KeyError:
-        known = sorted(set(_REGISTRY) | set(_BUILTIN))
+        declared = {e.name for e in importlib.metadata.entry_points(group=ENTRY_POINTS)} - {"file"}
+        known = sorted(set(_REGISTRY) | declared)
         raise ConfigError(f"unknown transport {scheme!r} in {uri!r}; known: {known}") from None
 
 
@@ -293,7 +311,7 @@ def listen(uri: str) -> Listener:
 
 
 # ---------------------------------------------------------------------------
-# Files: positional I/O for snapshots (transports/file.py, found by name too).
+# Files: positional I/O for snapshots (the ``file`` entry point: transports/file.py).
 
 
 class PositionalFile(Protocol):
@@ -314,6 +332,6 @@ class PositionalFile(Protocol):
 def open_file(path: str, mode: str, direct_io: bool = False) -> PositionalFile:
     """Open a snapshot file: ``create`` (a partial file for target `path`),
     ``write`` or ``read``.  Raises SnapshotError."""
-    module = importlib.import_module("transports.file")
-    opened: PositionalFile = module.open_file(path, mode, direct_io)
-    return opened
+    if not _FILES and not _installed("file"):
+        raise ConfigError(f"no file transport is installed to open {path}")
+    return _FILES[0](path, mode, direct_io)

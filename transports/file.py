@@ -41,6 +41,7 @@ from typing import Literal
 
 from engine.errors import SnapshotError, SnapshotFormatError
 from engine.scatter import Buffer, advance, batch, flat_views
+from engine.transport import register_file_transport
 
 log = logging.getLogger("multifd.file")
 
@@ -316,3 +317,6 @@ def open_file(path: str, mode: Mode, direct_io: bool = False) -> SnapshotFile:
         except OSError:
             pass  # no locks on this filesystem: the pid in the name has to do
     return SnapshotFile(path, fd, partial_of=target if mode == "create" else None)
+
+
+register_file_transport(open_file)
