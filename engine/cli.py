@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--ram", type=parse_size, help="create the RAM up front (default: from the source)")
     listen.add_argument("--secret-file")
     listen.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for a source")
+    listen.add_argument("--ready-fd", type=int, default=None,
+                        help="write the LISTENING line to this inherited descriptor (then close it) "
+                        "instead of stdout, or stderr with --json")
     listen.add_argument("--run-after", type=float, default=None,
                         help="after resume, run the guest this many seconds (the incrementer: 0; kvm: "
                         "the VM, then check it: 1)")
@@ -361,7 +364,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         )
         _watch(destination)
         signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
-        print(f"LISTENING {destination.address}", flush=True)
+        _announce(args, f"LISTENING {destination.address}")
         destination.start()
         result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json))
         ram = destination.ram
@@ -480,11 +483,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env = dict(os.environ, **{SECRET_ENV: secret.decode()})
         # The destination's stderr: live with --verbose; else kept, and shown only
         # on success (on failure the source's one line says "destination failed: …").
-        with open(os.path.join(tmp, "destination.log"), "w+") as errors:
-            destination = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True,
-                                           stderr=None if args.verbose else errors)
+        ready_read, ready_write = os.pipe()
+        command += ["--ready-fd", str(ready_write)]
+        with open(os.path.join(tmp, "destination.log"), "w+") as errors, \
+                open(ready_read, closefd=True) as ready:
             try:
-                to = _read_listening(destination, errors)
+                destination = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True,
+                                               stderr=None if args.verbose else errors,
+                                               pass_fds=(ready_write,))
+            finally:
+                os.close(ready_write)  # the destination holds it now: EOF when it exits
+            try:
+                to = _read_listening(destination, ready, errors)
                 if not args.json:
                     print(f"destination process {destination.pid} listening on {to}")
                 result = _run_source(args, to, secret)
@@ -648,18 +658,28 @@ def _merge_devices(result: MigrationResult, remote: dict[str, Any]) -> Migration
     return dataclasses.replace(result, extra=extra)
 
 
-def _read_listening(process: subprocess.Popen, errors: Any = None) -> str:
-    """The address `listen` printed first; `errors`, its stderr file, says why not."""
+def _announce(args: argparse.Namespace, line: str) -> None:
+    """Say where `listen` listens: on stdout; on stderr with --json (whose one
+    document is then alone on stdout); or on the descriptor --ready-fd names."""
+    if args.ready_fd is not None:
+        with open(args.ready_fd, "w", closefd=True) as ready:
+            ready.write(line + "\n")
+    else:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _read_listening(process: subprocess.Popen, ready: Any, errors: Any = None) -> str:
+    """The address `listen` wrote to its ready pipe (`ready`, our end); `errors`,
+    its stderr file, says why not."""
     assert process.stdout is not None
-    ready = wait_readable([process.stdout], 30)
-    line = process.stdout.readline() if ready else ""
+    line = ready.readline() if wait_readable([ready], 30) else ""
     if not line.startswith("LISTENING "):
-        # Its --json error (on stdout) may come before its stderr line: let it end first.
+        # It ended, or will: its --json error is on stdout, its line on stderr.
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
         why = ""
         with contextlib.suppress(ValueError):
-            said_json = json.loads(line)
+            said_json = json.loads(process.stdout.read() if process.poll() is not None else "")
             why = str(said_json.get("error", "")) if isinstance(said_json, dict) else ""
         if not why and errors is not None:
             errors.seek(0)

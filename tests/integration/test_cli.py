@@ -87,8 +87,9 @@ def listener(request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "MULTIFD_SECRET": "s3cret"})
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline() if wait_readable([process.stdout], 30) else ""
+        said = process.stderr if "--json" in extra else process.stdout  # --json: stdout is the document
+        assert said is not None
+        line = said.readline() if wait_readable([said], 30) else ""
         assert line.startswith("LISTENING "), line
         yield process, line.split()[1]
     finally:
@@ -105,9 +106,9 @@ def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
          "--json", "--accept-timeout", "60", "--run-after", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert listener.stdout is not None
-        ready = wait_readable([listener.stdout], 60)
-        line = listener.stdout.readline() if ready else ""
+        assert listener.stderr is not None  # with --json the address is said on stderr
+        ready = wait_readable([listener.stderr], 60)
+        line = listener.stderr.readline() if ready else ""
         assert line.startswith("LISTENING tcp://127.0.0.1:"), line
         address = line.split()[1]
         done = run("migrate", "--to", address, "--secret-file", str(secret), "--ram", "8M",
@@ -116,6 +117,7 @@ def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
         source = json.loads(done.stdout)
         out, err = listener.communicate(timeout=60)
         assert listener.returncode == 0, err
+        assert len(out.splitlines()) == 1  # exactly one JSON document on stdout
         destination = json.loads(out)
     finally:
         if listener.poll() is None:
