@@ -217,7 +217,12 @@ def fill_file(path: str, size: int, seed: int) -> None:
     bits = np.random.SFC64(seed)
     with open(path, "wb") as out:
         for start in range(0, size, 64 << 20):
-            out.write(bits.random_raw(min(64 << 20, size - start) // 8).view(np.uint8))
+            out.write(bits.random_raw(min(64 << 20, size - start) // 8).tobytes())
+
+
+def remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def pages_differing(a_path: str, b_path: str, size: int) -> int:
@@ -286,8 +291,7 @@ def qemu_once(args: argparse.Namespace, src_path: str, where: str, channels: int
                 "ram_duplicate_pages": info.get("ram", {}).get("duplicate"),
                 "pages_differing": differing}
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(dst_path)
+        remove(dst_path)
 
 
 # ---------------------------------------------------------------------------
@@ -483,7 +487,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         where = stack.enter_context(tempfile.TemporaryDirectory(prefix="mfd-bench-qemu-"))
         src_path = f"/dev/shm/{SEGMENT_PREFIX}bench-qemu-{os.getpid()}-src"
-        stack.callback(lambda: os.path.exists(src_path) and os.unlink(src_path))
+        stack.callback(remove, src_path)
         fill_file(src_path, args.ram, SEED)
         src = stack.enter_context(GuestRAM.create({BLOCK: args.ram}))
         fill_ram(src, "random", seed=SEED)
