@@ -7,7 +7,9 @@ every snapshot restore are also checked byte for byte).
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.compression import migrate_once as compression_run
+from bench.qemu import CASES, PAIRS, QEMU
 from clients.kvm.ioctl import kvm_unavailable_reason
 from engine import MigrationConfig
 from tests.harness import MiB, guest_ram, same_memory
@@ -88,3 +91,27 @@ def test_kvm_bench(tmp_path: Path) -> None:
     [run] = case["runs"]
     assert case["case"] == "2 channels" and run["converged"] and run["guest_ok"]
     assert run["downtime_ms"] > 0 and 0 < run["vcpu_share"] < 1
+
+
+def test_qemu_bench_skips_without_qemu(tmp_path: Path) -> None:
+    out = tmp_path / "qemu.json"
+    done = bench("qemu.py", "--qemu", "no-such-qemu", "--json", str(out))
+    assert done.stdout.strip() == "skipped: no-such-qemu is not installed (apt-get install qemu-system-x86)"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(shutil.which(QEMU) is None,
+                    reason=f"the QEMU side-by-side bench needs {QEMU} (apt-get install qemu-system-x86)")
+def test_qemu_bench(tmp_path: Path) -> None:
+    out, png = tmp_path / "qemu.json", tmp_path / "qemu.png"
+    bench("qemu.py", "--ram", "32M", "--rounds", "1", "--channels", "2", "--timeout", "60",
+          "--json", str(out), "--chart", str(png))
+    report = json.loads(out.read_text())
+    assert sorted(run["case"] for run in report["runs"]) == sorted(CASES)
+    for run in report["runs"]:
+        assert run["seconds"] > 0
+        if run["case"].startswith("qemu"):  # QEMU's copy was checked page by page
+            assert run["pages_differing"] <= 32 * MiB // 4096 // 100
+    assert [(r["qemu"], r["ours"]) for r in report["ratios"]] == PAIRS
+    assert all(r["median"] > 0 for r in report["ratios"])
+    assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
