@@ -260,7 +260,8 @@ def qemu_once(args: argparse.Namespace, src_path: str, where: str, channels: int
                 side.execute("migrate-set-capabilities", {"capabilities": caps})
                 side.execute("migrate-set-parameters", params)
             dst.execute("migrate-incoming", {"uri": uri})
-            assert dst.execute("query-status")["status"] == "inmigrate"
+            if (state := dst.execute("query-status")["status"]) != "inmigrate":
+                raise QemuError(f"the destination is {state}, not waiting for a migration")
             wall0 = time.time()
             t0 = time.perf_counter()
             src.execute("migrate", {"uri": uri})
