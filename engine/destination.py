@@ -36,7 +36,7 @@ from typing import Literal
 from engine import codecs
 from engine.admission import Admission
 from engine.channel import ChannelSpec, run_recv_channel
-from engine.device import DeviceLoading, DeviceReport, MigratableDevice, loading_devices
+from engine.device import DeviceLoading, MigratableDevice, loading_devices
 from engine.errors import (
     ConfigError,
     GuestControlError,
@@ -51,7 +51,7 @@ from engine.multifd import MultifdReceiver
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
-from engine.stats import MigrationResult, StatsTracker, device_extra
+from engine.stats import MigrationResult, StatsTracker
 from engine.sync import MigrationEvent, wait_any
 from engine.transport import Connection, close_all, listen
 from engine.verify import compare_digests, dump_ram, ram_digests
@@ -113,7 +113,6 @@ class DestinationMigration(Migration):
         self.device_load = device_load
         self.max_device_buffer = max_device_buffer
         self._loader: DeviceLoading | None = None
-        self.device_reports: list[DeviceReport] = []
         self._listener = listen(address)
         self.address = self._listener.address
         # Connections are challenged and read concurrently: a stranger stalls nobody.
@@ -382,24 +381,15 @@ class DestinationMigration(Migration):
             raise resume_error
         self._machine.fire(MigrationEvent.COMPLETE)
         t_end = time.perf_counter()
-        assert self.tracker is not None and self.negotiated is not None
-        return MigrationResult(
-            status="completed",
-            role="destination",
-            migration_id=str(self.migration_id),
-            ram_bytes=self.ram.size,
-            channels=len(self._links),
-            total_time_s=t_end - t_start,
-            setup_time_ms=(t_setup - t_start) * 1000,
+        assert self.negotiated is not None
+        return self._result(
+            t_start, t_setup, t_ready, t_end,  # moved: every page is in place
             downtime_ms=downtime_s * 1000,
             rounds=rounds,
-            **self.tracker.traffic(t_ready - t_setup),  # until every page is in place
             compression=self.negotiated.codec,
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
-            channel_memory_kib=self._channel_memory(),
-            extra={**device_extra(self.device_reports), "running": self.running,
-                   **self._late_failures()},
+            extra={"running": self.running},
         )
 
     def _start_guest(self) -> GuestControlError | None:

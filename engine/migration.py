@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 
 from engine import codecs
 from engine.channel import ChannelReport, ChannelSpec, ControlOp, control_pair, read_control, run_contained
-from engine.device import DeviceLoading, MigratableDevice
+from engine.device import DeviceLoading, DeviceReport, MigratableDevice
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -52,8 +52,9 @@ from engine.errors import (
 from engine.multifd import ChannelLink, channel_error, root_cause, shutdown_links
 from engine.payload import payload_entry
 from engine.pool import WorkerPool
+from engine.shm import GuestRAM
 from engine.slots import Counter, SlotTable
-from engine.stats import MigrationResult, MigrationStats, StatsTracker
+from engine.stats import MigrationResult, MigrationStats, StatsTracker, device_extra
 from engine.sync import FailureLatch, MigrationEvent, MigrationState, StateMachine, wait_any, wait_readable
 from engine.transport import Connection
 from engine.wire import message as wire
@@ -165,6 +166,8 @@ class Migration:
         self._conn: Connection | None = None
         self.tracker: StatsTracker | None = None
         self.result: MigrationResult | None = None
+        self.ram: GuestRAM | None = None
+        self.device_reports: list[DeviceReport] = []
         # Connections a thread may be blocked reading (handshakes, the main
         # channel): a failure or cancel shuts their read side to wake it.
         self._in_flight: set[Connection] = set()
@@ -439,6 +442,44 @@ class Migration:
                 if message.op is not ControlOp.READY:
                     raise LocalProtocolError(f"channel {link.channel_id} sent {message.op.name} first")
                 link.pid = message.a
+
+    def _result(self, t_start: float, t_setup: float, t_moved: float, t_end: float, *,
+                downtime_ms: float, rounds: int, extra: dict[str, Any] | None = None,
+                **fields: Any) -> MigrationResult:
+        """The operation's :class:`MigrationResult`, built here and only here.
+
+        Times are perf_counter readings: started, set up, everything moved (the
+        transfer's end), done.  What every operation reports (identity, times,
+        traffic, channel memory, devices) comes from the operation itself; the
+        operation passes what only it knows in `fields` (``verified``,
+        ``rtt_ms``, ...) and its own part of ``extra``.
+        """
+        assert self.tracker is not None and self.ram is not None
+        fields.setdefault("verified", None)
+        fields.setdefault("migration_id", str(self.migration_id))
+        return MigrationResult(
+            status="completed",
+            role=self.role,
+            ram_bytes=self.ram.size,
+            channels=len(self._links),
+            total_time_s=t_end - t_start,
+            setup_time_ms=(t_setup - t_start) * 1000,
+            downtime_ms=downtime_ms,
+            rounds=rounds,
+            **self._traffic(t_moved - t_setup),
+            channel_memory_kib=self._channel_memory(),
+            extra={**device_extra(self.device_reports), **(extra or {}), **self._result_extra()},
+            **fields,
+        )
+
+    def _traffic(self, transfer_s: float) -> dict[str, Any]:
+        """The result's fields about what moved in `transfer_s` seconds."""
+        assert self.tracker is not None
+        return self.tracker.traffic(transfer_s)
+
+    def _result_extra(self) -> dict[str, Any]:
+        """What every result of this kind of operation adds to ``extra``, last."""
+        return self._late_failures()
 
     def _late_failures(self) -> dict[str, list[str]]:
         """The result's report of channels that failed after their last word.  Read

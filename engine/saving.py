@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.device import DeviceReport, DeviceSaving, MigratableDevice
+from engine.device import DeviceSaving, MigratableDevice
 from engine.dirty import DirtySource
 from engine.errors import (
     CancelledError,
@@ -61,6 +61,8 @@ class SavingMigration(Migration):
     VMM may also set after construction, before :meth:`run`.
     """
 
+    ram: GuestRAM  # the guest's, given: never None here
+
     def __init__(
         self,
         ram: GuestRAM,
@@ -83,7 +85,6 @@ class SavingMigration(Migration):
         self.throttle_at_switchover = 0  # ... when it was paused
         self.throttle_steps: list[tuple[int, int]] = []  # (round, percent) each time it rose
         self.devices = list(devices)
-        self.device_reports: list[DeviceReport] = []
         self.dump_dir = dump_dir
         self.tracker = StatsTracker(ram.size, PAGE_SIZE)
         self._pause_guest = pause_guest

@@ -51,7 +51,7 @@ from engine.pool import WorkerPool
 from engine.saving import RAM_CLIENT, SavingMigration
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.slots import SlotTable
-from engine.stats import MigrationResult, StatsTracker, device_extra
+from engine.stats import MigrationResult, StatsTracker
 from engine.sync import MigrationEvent
 from engine.transport import PositionalFile, open_file
 from engine.verify import dump_ram
@@ -336,24 +336,18 @@ class SnapshotSave(SavingMigration):
         self._machine.fire(MigrationEvent.COMPLETE)
         self._set_state("completed")
         assert self.tracker is not None
-        return MigrationResult(
-            status="completed",
-            role="save",
-            migration_id=str(self.migration_id),
-            ram_bytes=self.ram.size,
-            channels=self.config.channels,
-            total_time_s=t_end - t_start,
-            setup_time_ms=(t_setup - t_start) * 1000,
+        return self._result(
+            t_start, t_setup, t_durable, t_end,
             # Paused until durable (and resumed, if asked): what a checkpoint costs the guest.
             downtime_ms=((t_end if self.resume_after else t_durable) - t_pause) * 1000,
             rounds=self.tracker.round,
-            **self.tracker.traffic(t_durable - t_setup),
-            verified=None,
             expected_downtime_ms=expected_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
-            channel_memory_kib=self._channel_memory(),
-            extra={"path": self.published, "live": self.live, **device_extra(self.device_reports)},
+            extra={"path": self.published, "live": self.live},
         )
+
+    def _result_extra(self) -> dict[str, Any]:
+        return {}  # file channels: no peer, nothing can fail after its last word
 
     def _setup(self) -> None:
         cfg = self.config
@@ -537,21 +531,17 @@ class SnapshotRestore(Migration):
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)
         self.tracker.state = "completed"
-        return MigrationResult(
-            status="completed",
-            role="restore",
+        self.device_reports = reports
+        return self._result(
+            t_start, t_setup, t_ram, t_end,
             migration_id=str(info.superblock.snapshot_id),
-            ram_bytes=self.ram.size,
-            channels=self.config.channels,
-            total_time_s=t_end - t_start,
-            setup_time_ms=(t_setup - t_start) * 1000,
             downtime_ms=0.0,
             rounds=1,
-            **self._traffic(t_ram - t_setup),
-            verified=None,
-            channel_memory_kib=self._channel_memory(),
-            extra={"path": info.path, "live": info.live, **device_extra(reports)},
+            extra={"path": info.path, "live": info.live},
         )
+
+    def _result_extra(self) -> dict[str, Any]:
+        return {}  # file channels: no peer, nothing can fail after its last word
 
     def _traffic(self, transfer_s: float) -> dict[str, Any]:
         """What moved: the pages read, and the absent ones, zero without any I/O."""

@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 from engine import codecs
 from engine.channel import ChannelSpec, run_send_channel
@@ -51,7 +52,7 @@ from engine.pool import WorkerPool
 from engine.saving import SavingMigration
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
-from engine.stats import MigrationResult, device_extra
+from engine.stats import MigrationResult
 from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
 from engine.transport import Connection, close_all, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
@@ -116,17 +117,10 @@ class SourceMigration(SavingMigration):
         downtime_ms = (
             (t_switchover_sent - t_pause) * 1000 + self._rtt_s * 500 + resumed.downtime_us / 1000
         )
-        return MigrationResult(
-            status="completed",
-            role="source",
-            migration_id=str(self.migration_id),
-            ram_bytes=self.ram.size,
-            channels=self.config.channels,
-            total_time_s=t_end - t_start,
-            setup_time_ms=(t_setup - t_start) * 1000,
+        return self._result(
+            t_start, t_setup, t_complete, t_end,  # moved: every page is on its way
             downtime_ms=downtime_ms,
             rounds=self.tracker.round,
-            **self.tracker.traffic(t_complete - t_setup),  # until every page is on its way
             compression=self.config.compression,
             verified=None if resumed.verified == 0 else resumed.verified == 1,
             verify_detail=resumed.detail,
@@ -134,10 +128,11 @@ class SourceMigration(SavingMigration):
             expected_downtime_ms=expected_downtime_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
-            channel_memory_kib=self._channel_memory(),
-            extra={**device_extra(self.device_reports), "destination_running": resumed.running,
-                   **self._late_failures(), **self._throttle_extra()},
+            extra={"destination_running": resumed.running},
         )
+
+    def _result_extra(self) -> dict[str, Any]:
+        return {**super()._result_extra(), **self._throttle_extra()}
 
     def settle(self, destination_runs: bool) -> None:
         """Settle an OutcomeUnknownError once the VMM has asked the destination.
