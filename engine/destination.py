@@ -26,7 +26,6 @@ any channel, fails the migration.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -43,7 +42,6 @@ from engine.errors import (
     MigrationError,
     RemoteProtocolError,
     TransportBrokenError,
-    TransportClosedError,
     VerificationError,
 )
 from engine.migration import Migration, MigrationConfig
@@ -206,7 +204,7 @@ class DestinationMigration(Migration):
         self._listener.close()  # every channel joined: nobody else may connect
         self._admission.close()
         self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s)
-        self._receiver.watch(conn.fileno(), self._take_main)
+        self._receiver.watch(conn.fileno(), self._main.receive)
         if devices:
             self._start_device_loader(devices)
         self._send_message(wire.ChannelsReady())
@@ -274,8 +272,8 @@ class DestinationMigration(Migration):
         stall = self.config.stall_timeout_s
         last_bytes, last_progress = -1, time.monotonic()
         while True:
-            message = self._main_decoder.next_message()
-            if message is packet.NEED_DATA:
+            message = self._main.poll()  # an ABORT raises the source's error
+            if message is None:
                 ready = wait_any([self._conn, *receiver.fds()], stall, self.latch)
                 if ready:
                     receiver.poll()  # channel reports, and the main channel through its watch
@@ -307,34 +305,16 @@ class DestinationMigration(Migration):
                     raise RemoteProtocolError("COMPLETE without DEVICES_DONE, or DEVICES_DONE "
                                               "without devices")
                 return self._complete(message, t_start, t_setup, t_switchover, rounds, devices_done)
-            elif isinstance(message, wire.Abort):
-                raise self._peer_error(message)
             else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
 
     def _source_gone(self) -> None:
         """The main channel spoke while channels are awaited: the source says
         nothing there until CHANNELS_READY, so it is an ABORT, its end, or garbage."""
-        self._take_main()
-        message = self._main_decoder.next_message()
-        if isinstance(message, wire.Abort):
-            raise self._peer_error(message)
-        if message is not packet.NEED_DATA:
+        self._main.receive()
+        message = self._main.poll()
+        if message is not None:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source in setup")
-
-    def _take_main(self) -> None:
-        """The main channel is readable: buffer what came.  At its end, an ABORT
-        among what is buffered is the source's reason; else it closed on us."""
-        assert self._conn is not None
-        data = self._conn.recv_some()
-        self._main_decoder.receive_data(data)
-        if data:
-            return
-        with contextlib.suppress(TransportClosedError):  # the decoder's word for the end
-            while (message := self._main_decoder.next_message()) is not packet.NEED_DATA:
-                if isinstance(message, wire.Abort):
-                    raise self._peer_error(message)
-        raise TransportClosedError("the source closed the main channel")
 
     def _complete(
         self, message: wire.Complete, t_start: float, t_setup: float, t_switchover: float,

@@ -43,19 +43,17 @@ from engine.errors import (
     MigrationError,
     OutcomeUnknownError,
     PoolError,
-    RemoteProtocolError,
-    TransportBrokenError,
     TransportClosedError,
     TransportError,
-    remote_error,
 )
+from engine.main_channel import MainChannel
 from engine.multifd import ChannelLink, channel_error, root_cause, shutdown_links
 from engine.payload import payload_entry
 from engine.pool import WorkerPool
 from engine.shm import GuestRAM
 from engine.slots import Counter, SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker, device_extra
-from engine.sync import FailureLatch, MigrationEvent, MigrationState, StateMachine, wait_any, wait_readable
+from engine.sync import FailureLatch, MigrationEvent, MigrationState, StateMachine, wait_any
 from engine.transport import Connection
 from engine.wire import message as wire
 from engine.wire import packet
@@ -163,7 +161,6 @@ class Migration:
         self._run_future: Future | None = None
         self._links: list[ChannelLink] = []
         self._slots: SlotTable | None = None
-        self._conn: Connection | None = None
         self.tracker: StatsTracker | None = None
         self.result: MigrationResult | None = None
         self.ram: GuestRAM | None = None
@@ -173,8 +170,8 @@ class Migration:
         self._in_flight: set[Connection] = set()
         self._in_flight_lock = threading.Lock()
         self.latch.on_fail(self._kick)
-        self._peer_reason: BaseException | None = None  # the peer's ABORT, if one came
-        self._main_decoder = wire.MessageDecoder()  # what the peer says on the main channel
+        # The main channel (connected in set-up): the one reader of what the peer says.
+        self._main = MainChannel(self.latch, self.peer, self._main_closed, self._count_main)
         # Teardown, built during set-up: each step that creates something pushes
         # the step that releases it; teardown unwinds the stack in reverse.
         self._exits = contextlib.ExitStack()
@@ -182,7 +179,6 @@ class Migration:
         # either lands before the commit (and stops it) or is refused after it.
         self._commit_lock = threading.Lock()
         self._committed = False
-        self._abort_sent = False
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the migration; reported in the result.
         self.late_channel_failures: list[str] = []
@@ -505,54 +501,32 @@ class Migration:
 
     peer = "peer"
 
+    @property
+    def _conn(self) -> Connection | None:
+        return self._main.conn
+
+    @property
+    def _main_decoder(self) -> wire.MessageDecoder:
+        return self._main.decoder
+
+    @property
+    def _peer_reason(self) -> MigrationError | None:
+        return self._main.peer_reason
+
     def _read_message(self, expected: type[M], deadline: float | None = None) -> M:
         """The peer's next main-channel message, which must be an `expected`
         (an ABORT raises the peer's error).  Waits until `deadline` (monotonic)."""
-        while True:
-            message = self._main_decoder.next_message()
-            if message is packet.NEED_DATA:
-                data = self._read_main(deadline)
-                if not data:
-                    raise TransportClosedError(self._main_closed())
-                self._main_decoder.receive_data(data)
-                continue
-            if isinstance(message, wire.Abort):
-                raise self._peer_error(message)
-            if not isinstance(message, expected):
-                raise RemoteProtocolError(
-                    f"expected {expected.__name__} from the {self.peer}, got {type(message).__name__}"
-                )
-            return message
+        return self._main.read(expected, deadline)
 
     def _main_closed(self) -> str:
         return f"the {self.peer} closed the main channel"
 
-    def _peer_error(self, abort: wire.Abort) -> MigrationError:
-        """The error the peer's ABORT stands for (and remember it as the peer's reason)."""
-        if abort.code == wire.AbortCode.CANCELLED:
-            error: MigrationError = CancelledError(f"{self.peer} cancelled: {abort.message}")
-        else:
-            error = remote_error(abort.error, f"{self.peer} failed: {abort.message}")
-        self._peer_reason = self._peer_reason or error
-        return error
-
-    def _read_main(self, deadline: float | None) -> bytes:
-        """Bytes from the main channel (b"" at EOF), waking on failure or cancel too.
-
-        Raises TransportBrokenError if nothing comes before `deadline` (monotonic).
-        """
-        assert self._conn is not None
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not wait_any([self._conn], remaining, self.latch):
-            raise TransportBrokenError(f"the {self.peer} did not answer on the main channel in time")
-        return self._conn.recv_some()
-
     def _send_message(self, record: wire.Message) -> None:
-        assert self._conn is not None
-        data = wire.encode_message(record)
-        self._conn.send_all(data)
+        self._main.send(record)
+
+    def _count_main(self, sent: int) -> None:
         if self.tracker is not None:
-            self.tracker.main_bytes += len(data)
+            self.tracker.main_bytes += sent
 
     def _teardown(self) -> None:
         """Release everything this operation created, in reverse order of set-up.
@@ -570,7 +544,7 @@ class Migration:
 
     def _own_conn(self, conn: Connection) -> Connection:
         """The main channel: closed at teardown, after an ABORT if the migration failed."""
-        self._conn = conn
+        self._main.attach(conn)
         self._defer("close the main channel", self._close_main)
         return conn
 
@@ -579,8 +553,7 @@ class Migration:
             return
         if self._aborting:
             self._send_abort()
-        self._conn.close()
-        self._conn = None
+        self._main.close()
 
     def _own_slots(self, slots: SlotTable) -> SlotTable:
         """The slot table: freed at teardown, after the channels and device jobs
@@ -657,38 +630,8 @@ class Migration:
         the ABORT rather than from a broken channel.  Bounded: a dead peer costs
         at most `timeout`.
         """
-        if self._peer_reason is not None:
-            return  # the peer aborted first: it is tearing down already
-        assert self._conn is not None
-        deadline = time.monotonic() + timeout
-        decoder = self._main_decoder
-        while True:
-            try:
-                message = decoder.next_message()
-            except MigrationError:
-                return  # closed, or garbage: either way the peer is done talking
-            if message is packet.NEED_DATA:
-                remaining = deadline - time.monotonic()
-                ready = wait_readable([self._conn], max(0.0, remaining))
-                if not ready:
-                    return
-                decoder.receive_data(self._conn.recv_some())
-            elif isinstance(message, wire.Abort):
-                self._peer_error(message)
-                return
+        self._main.await_close(timeout)
 
     def _send_abort(self) -> None:
-        """Tell the peer why we stop (once): the error's class and message.  A courtesy
-        with a 1 s bound: the peer may be gone already, and then it learns from the
-        closed connection instead."""
-        error = self.latch.error
-        if self._abort_sent or self._conn is None or error is self._peer_reason:
-            return  # sent already, nobody to tell, or the peer's own ABORT: no echo
-        self._abort_sent = True
-        code = wire.AbortCode.CANCELLED if isinstance(error, CancelledError) else wire.AbortCode.FAILED
-        name = type(error).__name__ if isinstance(error, MigrationError) else "MigrationError"
-        try:
-            self._conn.settimeout(1.0)
-            self._conn.send_all(wire.encode_message(wire.Abort(code, str(error)[:1000], name)))
-        except MigrationError as exc:
-            log.info("%s: could not send ABORT: %s", self.role, exc)
+        """Tell the peer why we stop (once), if it has not told us first."""
+        self._main.send_abort(self.latch.error)

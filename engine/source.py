@@ -43,7 +43,6 @@ from engine.errors import (
     OutcomeUnknownError,
     RemoteProtocolError,
     TransportBrokenError,
-    TransportClosedError,
 )
 from engine.migration import MigrationConfig
 from engine.multifd import MultifdSender
@@ -53,7 +52,7 @@ from engine.saving import SavingMigration
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult
-from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
+from engine.sync import MigrationEvent, MigrationState, Signal
 from engine.transport import Connection, close_all, connect
 from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
 from engine.wire import message as wire
@@ -307,12 +306,12 @@ class SourceMigration(SavingMigration):
         after them, an ABORT say, go to the message decoder)."""
         data = b""
         while len(data) < size:
-            more = self._read_main(self._setup_deadline)
+            more = self._main.read_raw(self._setup_deadline)
             if not more:
                 raise HandshakeError(f"destination {self.to} refused the connection")
             data += more
         if len(data) > size:
-            self._main_decoder.receive_data(data[size:])
+            self._main.feed(data[size:])
         return data[:size]
 
     def _main_closed(self) -> str:
@@ -330,19 +329,9 @@ class SourceMigration(SavingMigration):
     def _read_return_path(self) -> None:
         """Thread job: dispatch the destination's messages until RESUMED or failure.
         Every error it meets fails the migration (see :meth:`_reader_done`)."""
-        assert self._conn is not None
-        conn, decoder = self._conn, self._main_decoder
         while True:
-            message = decoder.next_message()
-            if message is packet.NEED_DATA:
-                if not wait_any([conn], None, self.latch):
-                    continue
-                data = conn.recv_some()
-                if not data:
-                    # RESUMED ends this reader, so a close before it is a failure.
-                    raise TransportClosedError(self._main_closed())
-                decoder.receive_data(data)
-            elif isinstance(message, wire.Prepared):
+            message = self._main.next()  # an ABORT, or a close before RESUMED, raises
+            if isinstance(message, wire.Prepared):
                 if not self._prepared.set(message):
                     raise RemoteProtocolError("a second PREPARED from the destination")
             elif isinstance(message, wire.Resumed):
@@ -352,8 +341,6 @@ class SourceMigration(SavingMigration):
                     raise RemoteProtocolError("RESUMED from the destination before COMMIT")
                 self._resumed.set(message)
                 return
-            elif isinstance(message, wire.Abort):
-                raise self._peer_error(message)
             elif not isinstance(message, wire.Pong):
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the destination")
 
