@@ -39,7 +39,7 @@ from engine import codecs
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.migration import Migration, MigrationConfig
 from engine.stats import MigrationResult
-from engine.sync import wait_readable
+from engine.sync import MigrationState, wait_readable
 
 log = logging.getLogger("multifd.cli")
 
@@ -711,20 +711,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except CancelledError as exc:
-        _fail(args, "cancelled", exc)
+        _fail(args, MigrationState.CANCELLED, exc)
         return 130
     except BrokenPipeError:
         # Whoever read our output stopped (`| head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OutcomeUnknownError as exc:
-        _fail(args, "outcome unknown", exc, _outcome_unknown(exc, args.verbose))
+        _fail(args, MigrationState.OUTCOME_UNKNOWN, exc, _outcome_unknown(exc, args.verbose))
         return EXIT_OUTCOME_UNKNOWN
     except (MigrationError, OSError) as exc:
-        _fail(args, "failed", exc)
+        _fail(args, MigrationState.FAILED, exc)
         return 1
     except KeyboardInterrupt:
-        _fail(args, "cancelled", "interrupted")
+        _fail(args, MigrationState.CANCELLED, "interrupted")
         return 130
 
 
@@ -783,11 +783,12 @@ def _outcome_unknown(error: OutcomeUnknownError, verbose: bool) -> str:
             f"destination's `listen` output says whether migration {migration_id} committed")
 
 
-def _fail(args: argparse.Namespace, status: str, error: object, line: str | None = None) -> None:
-    """Report a failure: the full error in --json output, one line on stderr."""
+def _fail(args: argparse.Namespace, status: MigrationState, error: object, line: str | None = None) -> None:
+    """Report a failure: the full error in --json output (``status`` is the state's
+    value, "outcome_unknown" say), one line on stderr ("multifd: outcome unknown: ...")."""
     verbose = getattr(args, "verbose", False)
     if getattr(args, "json", False):
-        data: dict[str, Any] = {"status": status.replace(" ", "_"), "error": str(error)}
+        data: dict[str, Any] = {"status": status.value, "error": str(error)}
         if _operation is not None and args.command == "listen":
             data["committed"] = _operation.committed
         if _operation is not None and isinstance(error, OutcomeUnknownError):
@@ -796,7 +797,7 @@ def _fail(args: argparse.Namespace, status: str, error: object, line: str | None
     line = line if line is not None else _one_line(str(error), verbose)
     if _LogFilter.hidden and not verbose:
         line += f" ({_LogFilter.hidden} more log line(s): --verbose shows them)"
-    print(f"multifd: {status}: {line}", file=sys.stderr)
+    print(f"multifd: {status.value.replace('_', ' ')}: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

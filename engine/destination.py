@@ -50,7 +50,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, wait_any
+from engine.sync import MigrationEvent, MigrationState, wait_any
 from engine.transport import Connection, close_all, listen
 from engine.verify import compare_digests, dump_ram, ram_digests
 from engine.wire import message as wire
@@ -293,7 +293,7 @@ class DestinationMigration(Migration):
             elif isinstance(message, wire.Switchover):
                 t_switchover = time.perf_counter()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
-                self.tracker.state = "switchover"
+                self.tracker.state = MigrationState.SWITCHOVER
             elif isinstance(message, wire.DevicesDone):
                 if t_switchover is None or devices_done is not None:
                     raise RemoteProtocolError("DEVICES_DONE out of place")
@@ -347,7 +347,7 @@ class DestinationMigration(Migration):
         self._send_message(wire.Prepared())
         self._read_message(wire.Commit, time.monotonic() + self.config.stall_timeout_s)
         self._commit()  # from here on this side owns the VM, whatever happens
-        self._set_state("committed")
+        self._set_state(MigrationState.COMMITTED)
         resume_error = self._start_guest()
         downtime_s = time.perf_counter() - t_switchover
         try:
@@ -389,9 +389,6 @@ class DestinationMigration(Migration):
         self.running = True
         return None
 
-    def _set_state(self, state: str) -> None:
-        if self.tracker is not None:
-            self.tracker.state = state
 
     # -- helpers -----------------------------------------------------------
 

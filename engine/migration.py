@@ -439,6 +439,11 @@ class Migration:
                     raise LocalProtocolError(f"channel {link.channel_id} sent {message.op.name} first")
                 link.pid = message.a
 
+    def _set_state(self, state: MigrationState) -> None:
+        """What :meth:`stats` reports as the state from now on."""
+        if self.tracker is not None:
+            self.tracker.state = state
+
     def _result(self, t_start: float, t_setup: float, t_moved: float, t_end: float, *,
                 downtime_ms: float, rounds: int, extra: dict[str, Any] | None = None,
                 **fields: Any) -> MigrationResult:
@@ -454,7 +459,7 @@ class Migration:
         fields.setdefault("verified", None)
         fields.setdefault("migration_id", str(self.migration_id))
         return MigrationResult(
-            status="completed",
+            status=MigrationState.COMPLETED,
             role=self.role,
             ram_bytes=self.ram.size,
             channels=len(self._links),

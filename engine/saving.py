@@ -40,7 +40,7 @@ from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.stats import StatsTracker
-from engine.sync import MigrationEvent
+from engine.sync import MigrationEvent, MigrationState
 from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
@@ -116,7 +116,7 @@ class SavingMigration(Migration):
         self._setup()
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
-        self._set_state("active")
+        self._set_state(MigrationState.ACTIVE)
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
         client: PrecopyClient = make_client(
@@ -125,7 +125,7 @@ class SavingMigration(Migration):
         )
         expected_s = self._precopy(client) if live else 0.0
         self._machine.fire(MigrationEvent.SWITCHOVER)
-        self._set_state("switchover")
+        self._set_state(MigrationState.SWITCHOVER)
         return t_start, t_setup, client, expected_s
 
     def _packet_pages(self) -> int:
@@ -250,21 +250,19 @@ class SavingMigration(Migration):
             if self.tracker is not None:
                 self.tracker.snapshot()  # keeps the throughput window fed
 
-    def _set_state(self, state: str) -> None:
-        if self.tracker is not None:
-            self.tracker.state = state
 
     def _on_failure(self, error: BaseException) -> BaseException:
         """Before the commit point, or when the destination said it did not commit
         (its ABORT): resume the guest, so it runs on.  After the commit point
         without an answer: keep it paused and report OutcomeUnknownError.
         Returns the error to report (GuestControlError if resuming raised)."""
-        self._set_state("cancelled" if isinstance(error, CancelledError) else "failed")
+        cancelled = isinstance(error, CancelledError)
+        self._set_state(MigrationState.CANCELLED if cancelled else MigrationState.FAILED)
         self._unthrottle_after(error)
         if not self._paused:
             return error
         if self._committed and error is not self._peer_reason:
-            self._set_state("outcome unknown")
+            self._set_state(MigrationState.OUTCOME_UNKNOWN)
             unknown = OutcomeUnknownError(
                 f"COMMIT was sent but the destination's answer never came ({error}); the guest "
                 f"stays paused here: ask the destination whether migration {self.migration_id} "

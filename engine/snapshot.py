@@ -52,7 +52,7 @@ from engine.saving import RAM_CLIENT, SavingMigration
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent
+from engine.sync import MigrationEvent, MigrationState
 from engine.transport import PositionalFile, open_file
 from engine.verify import dump_ram
 from engine.wire import message as wire
@@ -334,7 +334,7 @@ class SnapshotSave(SavingMigration):
                 self._resume_guest()
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)
-        self._set_state("completed")
+        self._set_state(MigrationState.COMPLETED)
         assert self.tracker is not None
         return self._result(
             t_start, t_setup, t_durable, t_end,
@@ -509,7 +509,7 @@ class SnapshotRestore(Migration):
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
         assert self.ram is not None and self._core is not None and self.tracker is not None
-        self.tracker.state = "active"
+        self.tracker.state = MigrationState.ACTIVE
         loader, expected = self._start_device_loads(info)
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
@@ -530,7 +530,7 @@ class SnapshotRestore(Migration):
             self.resume_guest()
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)
-        self.tracker.state = "completed"
+        self.tracker.state = MigrationState.COMPLETED
         self.device_reports = reports
         return self._result(
             t_start, t_setup, t_ram, t_end,

@@ -111,7 +111,7 @@ class SourceMigration(SavingMigration):
         t_end = time.perf_counter()
         self._paused = False  # the guest is the destination's now
         self._machine.fire(MigrationEvent.COMPLETE)
-        self._set_state("completed")
+        self._set_state(MigrationState.COMPLETED)
         assert self.tracker is not None
         downtime_ms = (
             (t_switchover_sent - t_pause) * 1000 + self._rtt_s * 500 + resumed.downtime_us / 1000
@@ -147,11 +147,11 @@ class SourceMigration(SavingMigration):
         if destination_runs:
             self._paused = False
             self._machine.fire(MigrationEvent.SETTLE_DESTINATION)
-            self._set_state("completed")
+            self._set_state(MigrationState.COMPLETED)
             return
         error = self._resume_after(OutcomeUnknownError("settled: the destination did not commit"))
         self._machine.fire(MigrationEvent.SETTLE_SOURCE)
-        self._set_state("failed")
+        self._set_state(MigrationState.FAILED)
         if isinstance(error, GuestControlError):
             raise error
 
@@ -263,7 +263,7 @@ class SourceMigration(SavingMigration):
         self._wait_answer(self._prepared, "PREPARED")
         # The commit point: once COMMIT is in our socket the destination owns the VM.
         self._commit(lambda: self._send_message(wire.Commit()))
-        self._set_state("committed")
+        self._set_state(MigrationState.COMMITTED)
         resumed = self._wait_answer(self._resumed, "RESUMED")
         assert isinstance(resumed, wire.Resumed)
         return resumed, t_pause, t_switchover_sent, t_complete, verify_ms

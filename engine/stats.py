@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.slots import Counter, SlotTable
+from engine.sync import MigrationState
 
 _WINDOW_S = 0.5  # throughput is measured over the last half second
 
@@ -23,7 +24,7 @@ _WINDOW_S = 0.5  # throughput is measured over the last half second
 class MigrationStats:
     """A live snapshot.  Bytes are bytes; rates are per second."""
 
-    state: str
+    state: MigrationState        # a str: "active", "switchover", ...
     round: int
     elapsed_s: float
     ram_bytes: int
@@ -44,7 +45,7 @@ class MigrationStats:
 class MigrationResult:
     """The summary of a finished migration (both sides fill what they know)."""
 
-    status: str
+    status: MigrationState       # a str: "completed" (a result is only made for a success)
     role: str
     migration_id: str
     ram_bytes: int
@@ -87,7 +88,7 @@ class StatsTracker:
         self.page_size = page_size
         self.slots: SlotTable | None = None
         self.started = time.perf_counter()
-        self.state = "setup"
+        self.state = MigrationState.SETUP
         self.round = 0
         self.main_bytes = 0
         self.remaining_pages = 0

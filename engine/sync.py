@@ -27,7 +27,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterable
-from enum import Enum, auto
+from enum import Enum, StrEnum, auto
 from typing import Any, Protocol, TypeVar
 
 from engine.errors import CancelledError, LocalProtocolError, MigrationError
@@ -228,7 +228,13 @@ def _descriptor(obj: object) -> int:
 # Migration states, one table for both sides.
 
 
-class MigrationState(Enum):
+class MigrationState(StrEnum):
+    """Where an operation (migration, snapshot save or restore) is: the one state
+    the engine reports, in :attr:`Migration.state`, ``MigrationStats.state`` and
+    ``MigrationResult.status``.  A ``str``: each member equals its lower-case
+    name (``MigrationState.OUTCOME_UNKNOWN == "outcome_unknown"``), which is also
+    what JSON output carries."""
+
     NONE = auto()
     LISTENING = auto()     # destination: waiting for the source to connect
     SETUP = auto()         # connecting, handshakes, channel processes starting
