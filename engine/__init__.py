@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 _PUBLIC = {
     "DestinationMigration": "engine.destination",
     "GuestRAM": "engine.shm",
-    "MigrationConfig": "engine.migration",
+    "MigrationConfig": "engine.config",
     "MigrationError": "engine.errors",
     "MigrationResult": "engine.stats",
     "MigrationState": "engine.sync",
     "MigrationStats": "engine.stats",
+    "Operation": "engine.operation",
     "OutcomeUnknownError": "engine.errors",
     "SnapshotRestore": "engine.snapshot",
     "SnapshotSave": "engine.snapshot",
@@ -41,6 +42,7 @@ __all__ = [
     "MigrationResult",
     "MigrationState",
     "MigrationStats",
+    "Operation",
     "OutcomeUnknownError",
     "SnapshotRestore",
     "SnapshotSave",
@@ -50,9 +52,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from engine.config import MigrationConfig
     from engine.destination import DestinationMigration
     from engine.errors import MigrationError, OutcomeUnknownError
-    from engine.migration import MigrationConfig
+    from engine.operation import Operation
     from engine.pool import WorkerPool
     from engine.shm import GuestRAM
     from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot

@@ -36,8 +36,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import codecs
+from engine.config import MigrationConfig
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
-from engine.migration import Migration, MigrationConfig
+from engine.operation import Operation
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
 
@@ -50,7 +51,7 @@ LINE_LIMIT = 300  # characters of an error or log line at the default level
 EXIT_OUTCOME_UNKNOWN = 3
 
 # The operation this command runs, once built: its latch says whether it failed.
-_operation: Migration | None = None
+_operation: Operation | None = None
 
 
 def parse_size(text: str) -> int:
@@ -390,7 +391,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             ram.unlink()
 
 
-def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Migration]) -> MigrationResult:
+def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation]) -> MigrationResult:
     """Run the synthetic guest and demo devices `args` describe, and the
     operation ``operation(ram, guest, devices, config)`` builds on them, with
     progress; SIGTERM cancels it (the guest is resumed, nothing is left)."""
@@ -728,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _watch(operation: Migration) -> Any:
+def _watch(operation: Operation) -> Any:
     """Note the operation this command runs (its failure silences the log)."""
     global _operation
     _operation = operation

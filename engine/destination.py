@@ -35,6 +35,7 @@ from typing import Literal
 from engine import codecs
 from engine.admission import Admission
 from engine.channel import ChannelSpec, run_recv_channel
+from engine.config import MigrationConfig
 from engine.device import DeviceLoading, MigratableDevice, loading_devices
 from engine.errors import (
     ConfigError,
@@ -44,7 +45,7 @@ from engine.errors import (
     TransportBrokenError,
     VerificationError,
 )
-from engine.migration import Migration, MigrationConfig
+from engine.migration import Migration
 from engine.multifd import MultifdReceiver
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.config import MigrationConfig
 from engine.device import DeviceSaving, MigratableDevice
 from engine.dirty import DirtySource
 from engine.errors import (
@@ -34,8 +35,8 @@ from engine.errors import (
     LocalProtocolError,
     OutcomeUnknownError,
 )
-from engine.migration import Migration, MigrationConfig
 from engine.multifd import MultifdSender
+from engine.operation import Operation
 from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
@@ -49,8 +50,13 @@ RAM_CLIENT = 0  # the RAM client's slot; device save job i uses client RAM_CLIEN
 _PROGRESS_EVERY_S = 0.1
 
 
-class SavingMigration(Migration):
-    """A migration whose guest runs here: RAM rounds, device saves, pause and resume.
+class SavingOperation(Operation):
+    """An operation whose guest runs here: RAM rounds, device saves, pause and resume.
+
+    The source of a migration is one (``SourceMigration(SavingOperation,
+    Migration)``: the peer comes from :class:`~engine.migration.Migration`), a
+    snapshot save another (no peer).  Keyword arguments it does not know (the
+    source's ``secret``) go on to the next class of the operation.
 
     `pause_guest` stops the guest's vCPUs (returns once no more writes happen);
     `resume_guest` restarts them and is called if anything fails after the
@@ -67,7 +73,6 @@ class SavingMigration(Migration):
         self,
         ram: GuestRAM,
         config: MigrationConfig,
-        secret: bytes = b"",
         *,
         pause_guest: Callable[[], None] | None = None,
         resume_guest: Callable[[], None] | None = None,
@@ -76,8 +81,9 @@ class SavingMigration(Migration):
         pool: WorkerPool | None = None,
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
+        **more: Any,
     ) -> None:
-        super().__init__(config, secret, pool)
+        super().__init__(config, pool=pool, **more)
         self.ram = ram
         self.dirty_source = dirty_source
         self.throttle_guest = throttle_guest
@@ -292,3 +298,6 @@ class SavingMigration(Migration):
             failed.__context__ = error
             return failed
         return error
+
+
+SavingMigration = SavingOperation  # its name before snapshots stopped being migrations

@@ -41,14 +41,15 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.channel import ChannelSpec, FileTarget, run_file_channel
+from engine.config import MigrationConfig
 from engine.device import DeviceLoading, MigratableDevice, device_key, loading_devices
 from engine.dirty import DirtySource
 from engine.errors import ConfigError, LocalProtocolError, SnapshotFormatError
-from engine.migration import Migration, MigrationConfig
 from engine.multifd import MultifdSender
+from engine.operation import Operation
 from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
-from engine.saving import RAM_CLIENT, SavingMigration
+from engine.saving import RAM_CLIENT, SavingOperation
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
@@ -267,7 +268,7 @@ class _DeviceArea:
         return tuple(entries)
 
 
-class SnapshotSave(SavingMigration):
+class SnapshotSave(SavingOperation):
     """Save `ram` and `devices` to the snapshot file `path`.
 
     ``live=True``: the guest keeps running through precopy rounds until what is
@@ -277,11 +278,10 @@ class SnapshotSave(SavingMigration):
     is left paused, unless ``resume_after`` (a checkpoint).  If the save fails
     or is cancelled, the guest is resumed and no file is left at `path` (an
     older snapshot there is untouched).
-    `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
+    `pool`: the VMM's warm process pool for the channels (:class:`~engine.operation.Operation`).
     """
 
     role = "save"
-    networked = False
     # Internal, for bench/snapshot.py's "without checksums" column only: a file
     # saved without them has all-zero checksums and fails a checking restore.
     _page_checksums = True
@@ -345,9 +345,6 @@ class SnapshotSave(SavingMigration):
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             extra={"path": self.published, "live": self.live},
         )
-
-    def _result_extra(self) -> dict[str, Any]:
-        return {}  # file channels: no peer, nothing can fail after its last word
 
     def _setup(self) -> None:
         cfg = self.config
@@ -456,7 +453,7 @@ class SnapshotSave(SavingMigration):
 # Restore.
 
 
-class SnapshotRestore(Migration):
+class SnapshotRestore(Operation):
     """Restore the snapshot at `path` into guest RAM and `devices`.
 
     Without `ram` the restore creates RAM of the snapshot's layout
@@ -467,11 +464,10 @@ class SnapshotRestore(Migration):
     loaded, and every page against its checksum as it lands (a damaged page
     fails the restore with a SnapshotFormatError naming it); ``resume_guest``
     is called once every page is checked and every device is in place.
-    `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
+    `pool`: the VMM's warm process pool for the channels (:class:`~engine.operation.Operation`).
     """
 
     role = "restore"
-    networked = False
     _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
 
     def __init__(
@@ -539,9 +535,6 @@ class SnapshotRestore(Migration):
             rounds=1,
             extra={"path": info.path, "live": info.live},
         )
-
-    def _result_extra(self) -> dict[str, Any]:
-        return {}  # file channels: no peer, nothing can fail after its last word
 
     def _traffic(self, transfer_s: float) -> dict[str, Any]:
         """What moved: the pages read, and the absent ones, zero without any I/O."""
@@ -640,7 +633,7 @@ class SnapshotRestore(Migration):
             ram.unlink()
 
 
-def _start_file_channels(operation: Migration, ram: GuestRAM, target: FileTarget, *,
+def _start_file_channels(operation: Operation, ram: GuestRAM, target: FileTarget, *,
                          zero_page_detection: bool = False,
                          max_bandwidth: float | None = None) -> MultifdSender:
     """A save's or restore's N file channels on `target`, serving; the multifd core

@@ -33,6 +33,7 @@ from typing import Any
 
 from engine import codecs
 from engine.channel import ChannelSpec, run_send_channel
+from engine.config import MigrationConfig
 from engine.device import MigratableDevice, device_key
 from engine.dirty import DirtySource
 from engine.errors import (
@@ -44,11 +45,11 @@ from engine.errors import (
     RemoteProtocolError,
     TransportBrokenError,
 )
-from engine.migration import MigrationConfig
+from engine.migration import Migration
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient
 from engine.pool import WorkerPool
-from engine.saving import SavingMigration
+from engine.saving import SavingOperation
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult
@@ -61,7 +62,7 @@ from engine.wire import packet
 log = logging.getLogger("multifd.source")
 
 
-class SourceMigration(SavingMigration):
+class SourceMigration(SavingOperation, Migration):
     """Migrate `ram` (owned by the caller's VMM) to the destination at `to`.
 
     `pause_guest` stops the guest's vCPUs (returns once no more writes happen);
@@ -70,7 +71,7 @@ class SourceMigration(SavingMigration):
     `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
     `dirty_source` (engine/dirty.py) gives each round's dirty pages (None: each
     block's DirtyMap); `throttle_guest(percent)` is the VMM's throttle, used by
-    auto-converge (see :class:`~engine.saving.SavingMigration`).
+    auto-converge (see :class:`~engine.saving.SavingOperation`).
     """
 
     role = "source"
@@ -91,7 +92,7 @@ class SourceMigration(SavingMigration):
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(ram, config or MigrationConfig(), secret, pause_guest=pause_guest,
+        super().__init__(ram, config or MigrationConfig(), secret=secret, pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
         self.to = to

@@ -192,7 +192,7 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "cancel-ignores-commit",
         "cancel() after the commit point is not refused",
-        ("engine/migration.py",
+        ("engine/operation.py",
          "            if self._committed:\n"
          '                log.info("%s: cancel refused',
          "            if False:  # MUTANT: self._committed\n"

@@ -1,0 +1,82 @@
+"""Configuration of an operation (migration, snapshot save or restore).
+
+:class:`MigrationConfig` is what the source (or a snapshot) is given.  Part of
+it is *negotiated*: the source proposes it in CONFIG and the destination checks
+it fits (:data:`NEGOTIATED`); the rest is *local*: it shapes only the side that
+holds it (:data:`SOURCE_LOCAL`, :data:`SHARED_LOCAL`).  The destination learns
+the negotiated part from the source and takes only the local fields that apply
+to it (:data:`DESTINATION_FIELDS`); see :meth:`MigrationConfig.for_destination`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from engine import codecs
+from engine.errors import ConfigError
+from engine.wire import packet
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    """What the source proposes; the destination checks it fits (CONFIG / CONFIG_ACK)."""
+
+    channels: int = 2
+    packet_pages: int = 4096                # 16 MiB per packet: see docs/architecture.md
+    downtime_limit_ms: float = 300.0
+    max_rounds: int = 30
+    on_max_rounds: Literal["switchover", "fail"] = "switchover"
+    verify: bool = False                    # hash both memories at switchover and compare
+    compression: str = "none"               # none, lz4, zstd, zlib (engine/codecs.py)
+    compression_level: int | None = None    # None: the codec's default
+    zero_page_detection: bool = True
+    max_bandwidth: float | None = None      # bytes/s over all channels together; None: no cap
+    connect_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
+    start_method: str = "spawn"             # how channel processes start
+    cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
+    # Auto-converge (QEMU's): when a precopy round leaves more than
+    # throttle_trigger_pct of its pages dirty again for the next one, the source
+    # asks its VMM to throttle the guest (SourceMigration's throttle_guest):
+    # first throttle_initial_pct, then throttle_step_pct more each such round, at
+    # most throttle_max_pct; back to 0 once the guest is paused.
+    auto_converge: bool = False
+    throttle_trigger_pct: int = 50          # QEMU's throttle-trigger-threshold
+    throttle_initial_pct: int = 20
+    throttle_step_pct: int = 10
+    throttle_max_pct: int = 99
+
+    def validate(self) -> MigrationConfig:
+        """Return self, or raise ConfigError naming the bad field."""
+        if not 1 <= self.channels <= packet.MAX_CHANNELS:
+            raise ConfigError(f"channels must be 1..{packet.MAX_CHANNELS}, got {self.channels}")
+        if not 1 <= self.packet_pages <= packet.MAX_PACKET_PAGES:
+            raise ConfigError(f"packet_pages must be 1..{packet.MAX_PACKET_PAGES}")
+        if not self.downtime_limit_ms >= 0:  # also refuses NaN
+            raise ConfigError("downtime_limit_ms must be a non-negative number")
+        for name in ("connect_timeout_s", "handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        if self.max_rounds < 1:
+            raise ConfigError("max_rounds must be at least 1")
+        if self.on_max_rounds not in ("switchover", "fail"):
+            raise ConfigError("on_max_rounds must be 'switchover' or 'fail'")
+        codecs.make_codec(self.compression, self.compression_level)  # raises ConfigError
+        if self.max_bandwidth is not None and not self.max_bandwidth > 0:
+            raise ConfigError("max_bandwidth must be a positive number of bytes/s, or None")
+        for name in ("throttle_trigger_pct", "throttle_initial_pct", "throttle_step_pct",
+                     "throttle_max_pct"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 99:
+                raise ConfigError(f"{name} must be a whole percentage in 1..99, got {value!r}")
+        if self.throttle_initial_pct > self.throttle_max_pct:
+            raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
+                              f"throttle_max_pct ({self.throttle_max_pct})")
+        if self.start_method not in ("spawn", "forkserver", "fork"):
+            raise ConfigError(f"start_method must be spawn, forkserver or fork, not {self.start_method!r}")
+        return self
+
+    def with_(self, **changes: Any) -> MigrationConfig:
+        return replace(self, **changes).validate()
