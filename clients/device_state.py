@@ -38,10 +38,9 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine.channel import ControlMessage, ControlOp
 from engine.device import DeviceReport, MigratableDevice
 from engine.errors import DeviceStateError, LocalProtocolError, MigrationError, RemoteProtocolError
-from engine.multifd import ChannelLink, MultifdSender
+from engine.multifd import MultifdSender
 from engine.payload import ChannelContext, register_payload
 from engine.pool import WorkerPool
 from engine.slots import Counter, SendSlot, SlotTable
@@ -267,14 +266,11 @@ class DeviceLoader:
             with stream.lock:
                 stream.idle.notify_all()
 
-    def on_delivered(self, link: ChannelLink, message: ControlMessage) -> None:
-        """A channel delivered a chunk (main thread): copy it out, return the slot, file it."""
-        slot = self.slots[message.a]
-        stream_index, index, end = slot.a0, slot.a1, bool(slot.a2)
+    def on_delivered(self, slot: SendSlot) -> None:
+        """A channel delivered a chunk in `slot` (main thread): copy it out and file
+        it (the core gives the slot back to its channel once this returns)."""
         data = bytes(slot.payload[:slot.payload_length])
-        slot.clear()
-        link.post_if_running(ControlOp.RETURN, message.a)
-        self.accept_chunk(stream_index, index, end, data)
+        self.accept_chunk(slot.a0, slot.a1, bool(slot.a2), data)
 
     def accept_chunk(self, device: int, index: int, end: bool, data: bytes) -> None:
         """File chunk `index` of device `device` (CONFIG order), in whatever order

@@ -204,7 +204,7 @@ class DestinationMigration(Migration):
         self._start_channels(run_recv_channel, conns, spec)
         self._listener.close()  # every channel joined: nobody else may connect
         self._admission.close()
-        self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s)
+        self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s, slots=slots)
         self._receiver.watch(conn.fileno(), self._main.receive)
         if devices:
             self._start_device_loader(devices)

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
-    from engine.channel import ControlMessage
-    from engine.multifd import ChannelLink
+    from engine.slots import SendSlot
     from engine.sync import FailureLatch
     from engine.wire.message import DeviceDone
 
@@ -107,8 +106,9 @@ class DeviceSaving(Protocol):
 class DeviceLoading(Protocol):
     """Destination side of the device-state client (clients/device_state.py)."""
 
-    def on_delivered(self, link: ChannelLink, message: ControlMessage) -> None:
-        """A channel delivered a chunk (main thread)."""
+    def on_delivered(self, slot: SendSlot) -> None:
+        """A channel delivered a chunk in `slot` (main thread): take it out before
+        returning (the core then gives the slot back)."""
         ...
 
     def wait_loaded(self, expected: Sequence[DeviceDone]) -> list[DeviceReport]:

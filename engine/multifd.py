@@ -403,17 +403,21 @@ class MultifdSender:
 
 
 class MultifdReceiver:
-    """Destination side of the core: the sync barrier over N channels."""
+    """Destination side of the core: the sync barrier over N channels, and the
+    payloads channels deliver to this process (in `slots`, the slot table)."""
 
     def __init__(self, links: list[ChannelLink], latch: FailureLatch,
-                 stall_timeout: float | None = 60.0) -> None:
+                 stall_timeout: float | None = 60.0, slots: SlotTable | None = None) -> None:
         self._links = links
         self._pump = _ChannelPump(links, latch, stall_timeout)
         self.barrier = SyncBarrier(len(links))
-        self._deliveries: dict[int, Callable[[ChannelLink, ControlMessage], None]] = {}
+        self._slots = slots
+        self._deliveries: dict[int, Callable[[SendSlot], None]] = {}
 
-    def on_delivery(self, kind: int, handler: Callable[[ChannelLink, ControlMessage], None]) -> None:
-        """Route DELIVERED messages of payload `kind` to `handler` (a client)."""
+    def on_delivery(self, kind: int, handler: Callable[[SendSlot], None]) -> None:
+        """Hand each delivered payload of `kind` to `handler` (a client), as the slot
+        that holds it.  The handler takes what it needs out of the slot before it
+        returns: the core then clears the slot and gives it back to its channel."""
         self._deliveries[int(kind)] = handler
 
     def watch(self, fd: int, readable: Callable[[], None]) -> None:
@@ -449,9 +453,19 @@ class MultifdReceiver:
             self._pump.retire(link)
             link.post_if_running(ControlOp.BYE)  # the channel may now close its end
         elif message.op is ControlOp.DELIVERED and message.kind in self._deliveries:
-            self._deliveries[message.kind](link, message)
+            self._deliver(link, message)
         else:
             raise LocalProtocolError(f"destination got {message.op.name} from channel {link.channel_id}")
+
+
+    def _deliver(self, link: ChannelLink, message: ControlMessage) -> None:
+        """DELIVERED(kind, slot): the client takes the payload, then the slot goes back."""
+        if self._slots is None:
+            raise LocalProtocolError(f"channel {link.channel_id} delivered a payload without a slot table")
+        slot = self._slots[message.a]
+        self._deliveries[message.kind](slot)
+        slot.clear()
+        link.post_if_running(ControlOp.RETURN, message.a)
 
 
 def shutdown_links(links: Iterable[ChannelLink]) -> None:
