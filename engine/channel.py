@@ -156,6 +156,7 @@ class ChannelSpec:
     slots: SlotTableHandle | None
     packet_pages: int
     payload_kinds: tuple[int, ...] = (packet.PacketKind.RAM_PAGES,)
+    payload_modules: tuple[str, ...] = ()         # register the kinds not built in (payload.py)
     codec: str = "none"
     codec_level: int | None = None
     zero_page_detection: bool = False

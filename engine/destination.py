@@ -47,6 +47,7 @@ from engine.errors import (
 )
 from engine.migration import Migration
 from engine.multifd import MultifdReceiver
+from engine.payload import DeliveryConsumer, payload_modules, slot_capacity
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
@@ -75,6 +76,9 @@ class DestinationMigration(Migration):
     `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
     `autostart` False: after the commit the guest stays paused and the VMM
     starts it (QEMU's ``-S`` then ``cont``); the result's ``running`` says which.
+    `payloads`: a :class:`~engine.payload.DeliveryConsumer` per registered payload
+    kind the source sends (its ``payloads``); each gets its kind's payloads as
+    they arrive, and its ``finish()`` once every channel ended, before PREPARED.
     """
 
     role = "destination"
@@ -98,8 +102,10 @@ class DestinationMigration(Migration):
         max_device_buffer: int = 64 << 20,
         pool: WorkerPool | None = None,
         autostart: bool = True,
+        payloads: Sequence[DeliveryConsumer] = (),
     ) -> None:
         super().__init__(config or MigrationConfig(), secret, pool)
+        self.payloads = list(payloads)
         self.ram = ram
         self._resume_guest = resume_guest
         self.prealloc = prealloc
@@ -178,11 +184,15 @@ class DestinationMigration(Migration):
         # Destination slots carry no pages: they deliver device chunks to this
         # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
         devices = [self.devices[(d.idstr, d.instance_id)] for d in config.devices]
-        per_channel = DELIVERY_SLOTS if devices else 0
+        kinds: list[int] = [packet.PacketKind.RAM_PAGES]
+        if devices:
+            kinds.append(packet.PacketKind.DEVICE_STATE)
+        kinds += sorted({consumer.kind for consumer in self.payloads})
+        per_channel = DELIVERY_SLOTS if devices or self.payloads else 0
         self.tracker = StatsTracker(self.ram.size, PAGE_SIZE)
         slots = self._own_slots(SlotTable.create(
             n_slots=max(1, per_channel * config.channel_count), max_items=1,
-            payload_capacity=packet.MAX_DEVICE_CHUNK if devices else 0,
+            payload_capacity=max(packet.MAX_DEVICE_CHUNK if devices else 0, slot_capacity(kinds)),
             n_channels=config.channel_count,
         ))
         # During an incoming migration the dirty map says which pages may hold
@@ -198,8 +208,7 @@ class DestinationMigration(Migration):
             codec=config.codec, zero_page_detection=config.zero_page_detection,
             delivery_slots=per_channel,
             devices=tuple((d.idstr, d.instance_id) for d in config.devices),
-            payload_kinds=(packet.PacketKind.RAM_PAGES,)
-            + ((packet.PacketKind.DEVICE_STATE,) if devices else ()),
+            payload_kinds=tuple(kinds), payload_modules=payload_modules(kinds),
         )
         self._start_channels(run_recv_channel, conns, spec)
         self._listener.close()  # every channel joined: nobody else may connect
@@ -208,6 +217,8 @@ class DestinationMigration(Migration):
         self._receiver.watch(conn.fileno(), self._main.receive)
         if devices:
             self._start_device_loader(devices)
+        for consumer in self.payloads:
+            self._receiver.on_delivery(consumer.kind, consumer.on_delivered)
         self._send_message(wire.ChannelsReady())
         conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
 
@@ -331,6 +342,8 @@ class DestinationMigration(Migration):
         if self._loader is not None and devices_done is not None:
             # Every chunk is delivered (END on every channel): wait for the loads.
             self.device_reports = self._loader.wait_loaded(devices_done.devices)
+        for consumer in self.payloads:
+            consumer.finish()  # every payload is delivered too
         t_ready = time.perf_counter()
         verify_s, verified = 0.0, 0
         if message.digests_follow:

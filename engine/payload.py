@@ -1,5 +1,28 @@
 """Payload kinds: the plug-in point between the multifd core and its clients.
 
+A payload kind plays typed *roles*; each role runs in one place::
+
+    role                 where                          built-in
+    PayloadSender        source channel process         RAM pages, device chunks
+    PayloadReceiver      destination channel process    RAM pages, device chunks
+    FilePlanner          snapshot file channel          RAM pages
+    PrecopyClient        source main: dirty rounds      RAM (clients/ram.py)
+    SwitchoverSaver      source main: once, paused      devices (DeviceSaver), any
+                                                        registered slot kind
+    DeliveryConsumer     destination main: delivered    devices (DeviceLoader), any
+                         payloads                       registered slot kind
+
+and has a per-kind *codec*: its kind header, encoded by the sender and checked
+and decoded by the receiver.  A kind whose packets carry one slot's payload (a
+chunk and three numbers) needs only a :class:`SlotCodec` and
+:func:`register_slot_kind`: the generic :class:`SlotSender` and
+:class:`DeliveryReceiver` run it in the channels, and the orchestrators run
+whatever :class:`SwitchoverSaver` objects a source is given and whatever
+:class:`DeliveryConsumer` objects a destination is given (``payloads=``).  A
+new kind is a new module plus a registration: the core, the codec of the
+built-in kinds and the orchestrators do not change (tests/notes_kind.py is one,
+migrated end to end by tests/integration/test_payload_kind.py).
+
 The core moves slots and never looks inside them.  A *client* (RAM pages,
 device state, ...) registers, per packet kind:
 
@@ -21,8 +44,11 @@ kind is a new client module, not a change to the core.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -36,12 +62,14 @@ from engine.wire import packet
 
 if TYPE_CHECKING:
     from engine.channel import ChannelSpec, Deliveries
+    from engine.sync import FailureLatch
 
 
 class ChannelContext:
     """Per-process state shared by the payload handlers of one channel."""
 
     def __init__(self, spec: ChannelSpec, ram: GuestRAM, slots: SlotTable | None) -> None:
+        import_payload_modules(spec.payload_modules)  # kinds registered outside the engine
         self.spec = spec
         self.ram = ram
         self.slots = slots
@@ -144,6 +172,8 @@ class PayloadEntry:
     sink: ClientFactory | None = None     # destination main process: consumes deliveries
     file_writer: PlannerFactory | None = None  # snapshot save, in the channel processes
     file_reader: PlannerFactory | None = None  # snapshot restore, in the channel processes
+    module: str | None = None             # registers the kind on import (None: built in)
+    codec: SlotCodec | None = None        # a slot kind's codec
 
 
 _PAYLOADS: dict[int, PayloadEntry] = {}
@@ -175,3 +205,180 @@ def payload_entry(kind: int) -> PayloadEntry:
         return _PAYLOADS[kind]
     except KeyError:
         raise LocalProtocolError(f"no payload handler registered for kind {kind}") from None
+
+
+# ---------------------------------------------------------------------------
+# Slot kinds: a payload kind that is a codec plus a registration.
+
+
+class SlotFields(NamedTuple):
+    """What a slot kind's packet carries besides its payload: three numbers a
+    kind gives its own meaning (the device kind: device, chunk index, END)."""
+
+    a0: int
+    a1: int
+    a2: int
+    payload_length: int
+
+
+class SlotCodec(Protocol):
+    """The per-kind codec of a slot kind (sans-IO: bytes in, fields out).
+
+    ``rule`` is what the common packet header decoder checks before the kind
+    header is read (flag bits, kind header and payload bounds).
+    """
+
+    kind: int
+    rule: packet.KindRule
+
+    def encode(self, sequence: int, fields: SlotFields) -> bytes:
+        """The whole packet header: common header and kind header."""
+        ...
+
+    def decode(self, header: packet.PacketHeader, body: bytes, sequence: int) -> SlotFields:
+        """Check and decode the kind header; RemoteProtocolError if it is wrong."""
+        ...
+
+
+class SwitchoverSaver(Protocol):
+    """Source, main process: a payload saved once, with the guest paused, beside
+    the last RAM round (device state is one; see :class:`~engine.device.DeviceSaving`).
+
+    ``save(send)`` runs on a pool thread; it calls ``send(fields, data)`` for each
+    piece, in order (``len(data) == fields.payload_length``, at most the kind's
+    ``rule.max_payload``); the pieces travel over any channel, in any order.
+    """
+
+    kind: int
+
+    def save(self, send: Callable[[SlotFields, bytes], None]) -> None:
+        ...
+
+
+class DeliveryConsumer(Protocol):
+    """Destination, main process: the payloads of its kind, as the channels
+    deliver them (any order), then :meth:`finish` once every channel ended."""
+
+    kind: int
+
+    def on_delivered(self, slot: SendSlot) -> None:
+        """Take the payload out of `slot` (main thread; the slot goes back after)."""
+        ...
+
+    def finish(self) -> None:
+        """Everything sent was delivered: check it is whole (raise if not)."""
+        ...
+
+
+class SlotSender:
+    """A slot kind's sender: the codec's header, then the payload in the slot."""
+
+    holds_slot = True  # the payload is in the slot: keep it until it is sent
+
+    def __init__(self, codec: SlotCodec, ctx: ChannelContext) -> None:
+        self.codec = codec
+        self.ctx = ctx
+
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
+        length = slot.payload_length
+        header = self.codec.encode(sequence, SlotFields(slot.a0, slot.a1, slot.a2, length))
+        return [header, slot.payload[:length]]
+
+
+class DeliveryReceiver:
+    """A slot kind's receiver: the codec checks the kind header, the payload is
+    received straight into a delivery slot for the destination's main process."""
+
+    def __init__(self, codec: SlotCodec, ctx: ChannelContext) -> None:
+        self.codec = codec
+        self.ctx = ctx
+
+    def receive(
+        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
+    ) -> None:
+        fields = self.codec.decode(header, body, sequence)
+        deliveries = self.ctx.deliveries
+        if deliveries is None:
+            raise LocalProtocolError(f"payload kind {self.codec.kind} needs delivery slots")
+        slot = deliveries.take()
+        if fields.payload_length > len(slot.payload):
+            raise LocalProtocolError(f"a delivery slot holds {len(slot.payload)} bytes, payload kind "
+                                     f"{self.codec.kind} sent {fields.payload_length}")
+        conn.recv_into_buffers([slot.payload[:fields.payload_length]])
+        slot.kind = self.codec.kind
+        slot.a0, slot.a1, slot.a2 = fields.a0, fields.a1, fields.a2
+        slot.payload_length = fields.payload_length
+        deliveries.deliver(self.codec.kind, slot)
+
+
+def register_slot_kind(codec: SlotCodec, module: str) -> None:
+    """Register a slot kind: its codec's rule with the packet decoder, and the
+    generic sender and receiver.  `module` is the module that calls this (on
+    import): channel processes import it by name to have the kind too."""
+    packet.register_kind(codec.kind, codec.rule)
+    _PAYLOADS[int(codec.kind)] = PayloadEntry(
+        sender=lambda ctx: SlotSender(codec, ctx),
+        receiver=lambda ctx: DeliveryReceiver(codec, ctx),
+        module=module, codec=codec,
+    )
+
+
+def payload_modules(kinds: Sequence[int]) -> tuple[str, ...]:
+    """The modules channel processes import to have `kinds` (registered ones)."""
+    return tuple(sorted({module for kind in kinds if (module := payload_entry(kind).module)}))
+
+
+def import_payload_modules(modules: Sequence[str]) -> None:
+    """In a channel process: import the modules that register its kinds."""
+    for module in modules:
+        importlib.import_module(module)
+
+
+def slot_capacity(kinds: Sequence[int]) -> int:
+    """The payload bytes a slot needs for every registered slot kind of `kinds`."""
+    return max((entry.codec.rule.max_payload for kind in kinds
+                if (entry := payload_entry(kind)).codec is not None), default=0)
+
+
+class SwitchoverSaves:
+    """Runs a source's switchover savers, each as one pool job on its own client
+    slot of the multifd core (client ``first_client + i``), all at once."""
+
+    def __init__(self, savers: Sequence[SwitchoverSaver], core: Any, first_client: int,
+                 pool: Any, latch: FailureLatch) -> None:
+        self._core = core
+        self._latch = latch
+        self._done = threading.Event()
+        self._futures: list[Future] = []
+        latch.on_fail(self._done.set)
+        for index, saver in enumerate(savers):
+            send = functools.partial(self._send, first_client + index, saver.kind)
+            future = pool.submit(saver.save, send)
+            future.add_done_callback(self._job_done)
+            self._futures.append(future)
+        if not self._futures:
+            self._done.set()
+
+    def _send(self, client: int, kind: int, fields: SlotFields, data: bytes) -> None:
+        self._latch.raise_if_failed()  # a failed migration's job stops before its slot is freed
+        slot = self._core.client_slot(client)
+        if len(data) != fields.payload_length or len(data) > len(slot.payload):
+            raise LocalProtocolError(f"payload kind {kind}: {len(data)} bytes for a piece of "
+                                     f"{fields.payload_length}, slots hold {len(slot.payload)}")
+        slot.kind = kind
+        slot.a0, slot.a1, slot.a2 = fields.a0, fields.a1, fields.a2
+        slot.payload[:len(data)] = data
+        slot.payload_length = len(data)
+        self._core.send(client, len(data))
+
+    def _job_done(self, future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            self._latch.fail(error)
+        if all(f.done() for f in self._futures):
+            self._done.set()
+
+    def wait(self) -> None:
+        """Until every saver returned; raises the migration's error if it failed."""
+        self._done.wait()
+        self._latch.raise_if_failed()

@@ -142,9 +142,10 @@ class SavingOperation(Operation):
             return self.config.packet_pages
         return max(1, min(self.config.packet_pages, int(cap * 0.02) // PAGE_SIZE))
 
-    def _start_device_pool(self) -> None:
-        if self.devices:
-            self._open_device_pool(self.devices, len(self.devices))
+    def _start_device_pool(self, more_jobs: int = 0) -> None:
+        """Threads for the device saves (one per device), and `more_jobs` others."""
+        if self.devices or more_jobs:
+            self._open_device_pool(self.devices, len(self.devices) + more_jobs)
 
     def _pause(self) -> float:
         """Pause the guest; returns when (perf_counter) it was paused.

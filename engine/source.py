@@ -47,9 +47,9 @@ from engine.errors import (
 )
 from engine.migration import Migration
 from engine.multifd import MultifdSender
-from engine.payload import PrecopyClient
+from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
 from engine.pool import WorkerPool
-from engine.saving import SavingOperation
+from engine.saving import RAM_CLIENT, SavingOperation
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult
@@ -72,6 +72,9 @@ class SourceMigration(SavingOperation, Migration):
     `dirty_source` (engine/dirty.py) gives each round's dirty pages (None: each
     block's DirtyMap); `throttle_guest(percent)` is the VMM's throttle, used by
     auto-converge (see :class:`~engine.saving.SavingOperation`).
+    `payloads`: :class:`~engine.payload.SwitchoverSaver` objects of registered
+    payload kinds, saved with the guest paused beside the devices (the
+    destination needs a :class:`~engine.payload.DeliveryConsumer` for each kind).
     """
 
     role = "source"
@@ -91,7 +94,9 @@ class SourceMigration(SavingOperation, Migration):
         pool: WorkerPool | None = None,
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
+        payloads: Sequence[SwitchoverSaver] = (),
     ) -> None:
+        self.payloads = list(payloads)
         super().__init__(ram, config or MigrationConfig(), secret=secret, pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
@@ -180,9 +185,11 @@ class SourceMigration(SavingOperation, Migration):
 
         # N channel slots + one for the RAM client + one per device save job,
         # each big enough for a device chunk when there are devices.
+        # ... and one per switchover payload.
+        kinds = self._payload_kinds()
         slots = self._own_slots(SlotTable.create(
-            n_slots=cfg.channels + 1 + len(self.devices), max_items=cfg.packet_pages,
-            payload_capacity=packet.MAX_DEVICE_CHUNK if self.devices else 0,
+            n_slots=cfg.channels + 1 + len(self.devices) + len(self.payloads), max_items=cfg.packet_pages,
+            payload_capacity=max(packet.MAX_DEVICE_CHUNK if self.devices else 0, slot_capacity(kinds)),
             n_channels=cfg.channels,
         ))
         conns: list[Connection] = []
@@ -208,7 +215,7 @@ class SourceMigration(SavingOperation, Migration):
             slots=slots.handle, packet_pages=cfg.packet_pages,
             codec=cfg.compression, codec_level=cfg.compression_level,
             zero_page_detection=cfg.zero_page_detection,
-            payload_kinds=self._payload_kinds(), devices=self._device_table(),
+            payload_kinds=kinds, payload_modules=payload_modules(kinds), devices=self._device_table(),
         )
         self._start_channels(run_send_channel, conns, spec)
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
@@ -216,7 +223,7 @@ class SourceMigration(SavingOperation, Migration):
         self._rtt_s = self._measure_rtt()
         conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
         self._core = MultifdSender(
-            self._links, slots, n_clients=1 + len(self.devices), latch=self.latch,
+            self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,
             marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
             stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
         )
@@ -224,7 +231,7 @@ class SourceMigration(SavingOperation, Migration):
         self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
         reader = self._helpers.submit(self._read_return_path)
         reader.add_done_callback(self._reader_done)
-        self._start_device_pool()
+        self._start_device_pool(len(self.payloads))
 
     def _switchover(
         self, client: PrecopyClient
@@ -239,12 +246,15 @@ class SourceMigration(SavingOperation, Migration):
         self._send_message(wire.Switchover())
         t_switchover_sent = time.perf_counter()
         saver = self._start_device_saves()
+        others = self._start_payload_saves()
         self.tracker.round += 1
         client.queue_dirty()
         client.flush()
         if saver is not None:
             done, self.device_reports = saver.wait(self.latch)
             self._send_message(wire.DevicesDone(tuple(done)))
+        if others is not None:
+            others.wait()
         self.tracker.remaining_pages = 0
         # No sync for the last round: END, after each channel's last pages, is
         # the barrier the destination waits for before it resumes.
@@ -297,10 +307,20 @@ class SourceMigration(SavingOperation, Migration):
         return tuple(device_key(device) for device in self.devices)
 
     def _payload_kinds(self) -> tuple[int, ...]:
-        kinds = [packet.PacketKind.RAM_PAGES]
+        kinds: list[int] = [packet.PacketKind.RAM_PAGES]
         if self.devices:
             kinds.append(packet.PacketKind.DEVICE_STATE)
+        kinds += sorted({saver.kind for saver in self.payloads})
         return tuple(kinds)
+
+    def _start_payload_saves(self) -> SwitchoverSaves | None:
+        """The switchover payloads save at once on the device pool, each on its own
+        client slot (after the devices' slots)."""
+        if not self.payloads:
+            return None
+        assert self._device_pool is not None
+        return SwitchoverSaves(self.payloads, self.core, RAM_CLIENT + 1 + len(self.devices),
+                               self._device_pool, self.latch)
 
     def _read_handshake(self, size: int) -> bytes:
         """The next `size` bytes of the main channel's handshake (bytes that come

@@ -316,9 +316,12 @@ class PageRun(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class PacketHeader:
-    """A checked common packet header (from :func:`decode_packet_header`)."""
+    """A checked common packet header (from :func:`decode_packet_header`).
 
-    kind: PacketKind
+    ``kind`` is a :class:`PacketKind`, or the number of a kind registered with
+    :func:`register_kind`."""
+
+    kind: PacketKind | int
     flags: int
     header_length: int
     payload_length: int
@@ -506,6 +509,53 @@ def encode_device_state(
         raise LocalProtocolError(f"cannot encode a device chunk: {error}") from error
 
 
+# ── kinds registered from outside ─────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class KindRule:
+    """What the common header decoder checks of a registered kind's packets
+    (before its kind header is read): the flag bits it defines, its kind
+    header's length bounds and its largest payload."""
+
+    name: str
+    flags: int = 0
+    min_header: int = 0
+    max_header: int = 0
+    max_payload: int = 0
+
+    def check(self, flags: int, header_length: int, payload_length: int) -> None:
+        if flags & ~self.flags:
+            raise RemoteProtocolError(f"unknown {self.name} flags 0x{flags:02x}")
+        if not self.min_header <= header_length <= self.max_header:
+            raise RemoteProtocolError(f"{self.name} header_length {header_length} is not "
+                                      f"{self.min_header}..{self.max_header}")
+        if payload_length > self.max_payload:
+            raise RemoteProtocolError(f"{self.name} payload of {payload_length} bytes exceeds "
+                                      f"{self.max_payload}")
+
+
+_REGISTERED: dict[int, KindRule] = {}
+
+
+def register_kind(kind: int, rule: KindRule) -> None:
+    """Let the decoder accept packets of `kind` (a payload kind registered outside
+    this module: engine/payload.py).  LocalProtocolError for a built-in kind's
+    number, or one outside 16..255."""
+    if kind in _KINDS or not 16 <= kind <= 255:
+        raise LocalProtocolError(f"packet kind {kind} cannot be registered (16..255, not built in)")
+    _REGISTERED[kind] = rule
+
+
+def encode_header(kind: int, flags: int, kind_header: bytes, payload_length: int, sequence: int) -> bytes:
+    """The common header followed by `kind_header` (a registered kind's codec uses this)."""
+    try:
+        return _PACKET_HEADER.pack(PACKET_MAGIC, kind, flags, len(kind_header), payload_length,
+                                   sequence) + kind_header
+    except struct.error as error:
+        raise LocalProtocolError(f"cannot encode a packet header of kind {kind}: {error}") from error
+
+
 # ── decoding ──────────────────────────────────────────────────────────────────
 
 
@@ -524,7 +574,11 @@ def decode_packet_header(data: Buffer) -> PacketHeader:
         raise RemoteProtocolError(f"wrong packet magic 0x{magic:08x}")
     kind = _KINDS.get(kind_id)
     if kind is None:
-        raise RemoteProtocolError(f"unknown packet kind {kind_id}")
+        rule = _REGISTERED.get(kind_id)
+        if rule is None:
+            raise RemoteProtocolError(f"unknown packet kind {kind_id}")
+        rule.check(flags, header_length, payload_length)
+        return PacketHeader(kind_id, flags, header_length, payload_length, sequence)
     if flags & ~_PACKET_FLAGS[kind]:
         raise RemoteProtocolError(f"unknown {kind.name} flags 0x{flags:02x}")
     if kind is PacketKind.RAM_PAGES:
@@ -548,7 +602,8 @@ def _check_kind_header(
     header: PacketHeader, body: Buffer, kind: PacketKind, expected_sequence: int
 ) -> None:
     if header.kind is not kind:
-        raise LocalProtocolError(f"a {header.kind.name} header given to the {kind.name} decoder")
+        name = header.kind.name if isinstance(header.kind, PacketKind) else f"kind {header.kind}"
+        raise LocalProtocolError(f"a {name} header given to the {kind.name} decoder")
     if len(body) != header.header_length:
         raise LocalProtocolError(f"kind header is {header.header_length} bytes, got {len(body)}")
     if header.sequence != expected_sequence:
