@@ -56,7 +56,7 @@ def _destination(handle: RamHandle, config: MigrationConfig, run_after: float, p
     try:
         with KvmGuest.incoming(ram) as guest:
             destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=ram,
-                                               config=config, devices=guest.devices,
+                                               config=config.for_destination(), devices=guest.devices,
                                                resume_guest=guest.start)
             pipe.send(destination.address)
             result = destination.run().to_dict()

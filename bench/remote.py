@@ -35,7 +35,7 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
         devices = dict(devices or {})
         device_load = devices.pop("device_load", "parallel")
         loaded = demo_devices(**devices, with_state=False) if devices else []
-        destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config,
+        destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config.for_destination(),
                                            ram_is_zeroed=ram_is_zeroed, devices=loaded,
                                            device_load=device_load)
         pipe.send(destination.address)

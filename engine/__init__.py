@@ -3,6 +3,7 @@
 The API a VMM embeds::
 
     from engine import GuestRAM, MigrationConfig, SourceMigration, DestinationMigration
+    from engine import DestinationConfig, MigrationState
     from engine import SnapshotSave, SnapshotRestore, inspect_snapshot, WorkerPool
 
 Every error is an :class:`engine.errors.MigrationError`.
@@ -18,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _PUBLIC = {
+    "DestinationConfig": "engine.config",
     "DestinationMigration": "engine.destination",
     "GuestRAM": "engine.shm",
     "MigrationConfig": "engine.config",
@@ -35,6 +37,7 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "DestinationConfig",
     "DestinationMigration",
     "GuestRAM",
     "MigrationConfig",
@@ -52,7 +55,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from engine.config import MigrationConfig
+    from engine.config import DestinationConfig, MigrationConfig
     from engine.destination import DestinationMigration
     from engine.errors import MigrationError, OutcomeUnknownError
     from engine.operation import Operation

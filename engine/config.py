@@ -1,26 +1,79 @@
-"""Configuration of an operation (migration, snapshot save or restore).
+"""Configuration of an operation: what is negotiated and what is local.
 
-:class:`MigrationConfig` is what the source (or a snapshot) is given.  Part of
-it is *negotiated*: the source proposes it in CONFIG and the destination checks
-it fits (:data:`NEGOTIATED`); the rest is *local*: it shapes only the side that
-holds it (:data:`SOURCE_LOCAL`, :data:`SHARED_LOCAL`).  The destination learns
-the negotiated part from the source and takes only the local fields that apply
-to it (:data:`DESTINATION_FIELDS`); see :meth:`MigrationConfig.for_destination`.
+:class:`MigrationConfig` is what a source (or a snapshot save or restore) is
+given.  Its fields are of three sorts::
+
+    NEGOTIATED    the source chooses, the destination follows: sent in CONFIG
+                  (channels, packet_pages, compression, compression_level,
+                  zero_page_detection) or in COMPLETE (verify)
+    SOURCE_LOCAL  shape the source's rounds and connections only (downtime limit,
+                  rounds, bandwidth cap, connect timeout, auto-converge)
+    SHARED_LOCAL  each side's own: its handshake and stall timeouts, how its
+                  channel processes start and how long it waits for them to stop
+
+A destination is given a :class:`DestinationConfig`: the SHARED_LOCAL fields,
+nothing else.  A :class:`MigrationConfig` handed to a destination still works
+(the destination takes :meth:`MigrationConfig.for_destination`), but not
+silently: the fields it set that a destination cannot use are named in a
+warning (the source decides them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, Protocol, Self
 
 from engine import codecs
 from engine.errors import ConfigError
 from engine.wire import packet
 
 
+class LocalConfig(Protocol):
+    """What every operation reads of its configuration (engine/operation.py)."""
+
+    @property
+    def handshake_timeout_s(self) -> float: ...
+    @property
+    def stall_timeout_s(self) -> float: ...
+    @property
+    def start_method(self) -> str: ...
+    @property
+    def cancel_grace_s(self) -> float: ...
+
+    def validate(self) -> Self: ...
+
+
+def _check_local(config: LocalConfig) -> None:
+    for name in ("handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{name} must be a positive number of seconds")
+    if config.start_method not in ("spawn", "forkserver", "fork"):
+        raise ConfigError(f"start_method must be spawn, forkserver or fork, not {config.start_method!r}")
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """A destination's own settings; everything else is the source's to choose
+    and arrives in CONFIG (see the module's docstring)."""
+
+    handshake_timeout_s: float = 10.0
+    stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
+    start_method: str = "spawn"             # how channel processes start
+    cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
+
+    def validate(self) -> DestinationConfig:
+        """Return self, or raise ConfigError naming the bad field."""
+        _check_local(self)
+        return self
+
+    def with_(self, **changes: Any) -> DestinationConfig:
+        return replace(self, **changes).validate()
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
-    """What the source proposes; the destination checks it fits (CONFIG / CONFIG_ACK)."""
+    """What the source (or a snapshot) is given; the NEGOTIATED part goes to the
+    destination in CONFIG, which checks it fits (CONFIG_ACK)."""
 
     channels: int = 2
     packet_pages: int = 4096                # 16 MiB per packet: see docs/architecture.md
@@ -56,9 +109,9 @@ class MigrationConfig:
             raise ConfigError(f"packet_pages must be 1..{packet.MAX_PACKET_PAGES}")
         if not self.downtime_limit_ms >= 0:  # also refuses NaN
             raise ConfigError("downtime_limit_ms must be a non-negative number")
-        for name in ("connect_timeout_s", "handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds")
+        if not self.connect_timeout_s > 0:
+            raise ConfigError("connect_timeout_s must be a positive number of seconds")
+        _check_local(self)
         if self.max_rounds < 1:
             raise ConfigError("max_rounds must be at least 1")
         if self.on_max_rounds not in ("switchover", "fail"):
@@ -74,9 +127,23 @@ class MigrationConfig:
         if self.throttle_initial_pct > self.throttle_max_pct:
             raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
                               f"throttle_max_pct ({self.throttle_max_pct})")
-        if self.start_method not in ("spawn", "forkserver", "fork"):
-            raise ConfigError(f"start_method must be spawn, forkserver or fork, not {self.start_method!r}")
         return self
 
     def with_(self, **changes: Any) -> MigrationConfig:
         return replace(self, **changes).validate()
+
+    def for_destination(self) -> DestinationConfig:
+        """The part of this configuration a destination uses."""
+        return DestinationConfig(**{name: getattr(self, name) for name in SHARED_LOCAL})
+
+    def unused_by_destination(self) -> dict[str, Any]:
+        """The fields set (other than their defaults) that a destination does not use."""
+        default = MigrationConfig()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in SHARED_LOCAL and getattr(self, f.name) != getattr(default, f.name)}
+
+
+NEGOTIATED = frozenset({"channels", "packet_pages", "compression", "compression_level",
+                        "zero_page_detection", "verify"})
+SHARED_LOCAL = frozenset(f.name for f in fields(DestinationConfig))
+SOURCE_LOCAL = frozenset(f.name for f in fields(MigrationConfig)) - NEGOTIATED - SHARED_LOCAL

@@ -35,7 +35,7 @@ from typing import Literal
 from engine import codecs
 from engine.admission import Admission
 from engine.channel import ChannelSpec, run_recv_channel
-from engine.config import MigrationConfig
+from engine.config import DestinationConfig, MigrationConfig
 from engine.device import DeviceLoading, MigratableDevice, loading_devices
 from engine.errors import (
     ConfigError,
@@ -60,6 +60,21 @@ from engine.wire import packet
 
 log = logging.getLogger("multifd.destination")
 
+def _destination_config(config: DestinationConfig | MigrationConfig | None) -> DestinationConfig:
+    """A destination's configuration.  Given a source's MigrationConfig (as older
+    callers do), it takes the part that applies and names what it cannot use."""
+    if config is None:
+        return DestinationConfig()
+    if isinstance(config, DestinationConfig):
+        return config
+    unused = config.validate().unused_by_destination()
+    if unused:
+        given = ", ".join(f"{name}={value!r}" for name, value in unused.items())
+        log.warning("destination: %s not used here (the source chooses them; CONFIG tells this "
+                    "side what it chose); pass a DestinationConfig", given)
+    return config.for_destination()
+
+
 # Slots per channel for handing device chunks to this process (engine/channel.py
 # Deliveries): one being filled while the main process copies the other out.
 DELIVERY_SLOTS = 2
@@ -82,6 +97,7 @@ class DestinationMigration(Migration):
     """
 
     role = "destination"
+    config: DestinationConfig
     peer = "source"
 
     def __init__(
@@ -91,7 +107,7 @@ class DestinationMigration(Migration):
         secret: bytes,
         ram: GuestRAM | None = None,
         resume_guest: Callable[[], None] | None = None,
-        config: MigrationConfig | None = None,
+        config: DestinationConfig | MigrationConfig | None = None,
         prealloc: bool = True,
         dump_dir: str | None = None,
         accept_timeout_s: float | None = None,
@@ -104,7 +120,7 @@ class DestinationMigration(Migration):
         autostart: bool = True,
         payloads: Sequence[DeliveryConsumer] = (),
     ) -> None:
-        super().__init__(config or MigrationConfig(), secret, pool)
+        super().__init__(_destination_config(config), secret, pool)
         self.payloads = list(payloads)
         self.ram = ram
         self._resume_guest = resume_guest

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from engine.config import MigrationConfig
+from engine.config import LocalConfig, MigrationConfig
 from engine.errors import ConfigError, MigrationError, TransportError
 from engine.main_channel import MainChannel
 from engine.operation import Operation
@@ -45,7 +45,7 @@ class Migration(Operation):
     role = "migration"
     peer = "peer"
 
-    def __init__(self, config: MigrationConfig, secret: bytes = b"",
+    def __init__(self, config: LocalConfig, secret: bytes = b"",
                  pool: WorkerPool | None = None) -> None:
         if not secret:
             raise ConfigError("a shared secret is required (both sides must be given the same one)")

@@ -46,7 +46,7 @@ from dataclasses import replace
 from typing import Any
 
 from engine.channel import ChannelReport, ChannelSpec, ControlOp, control_pair, read_control, run_contained
-from engine.config import MigrationConfig
+from engine.config import LocalConfig
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice
 from engine.errors import (
     CancelledError,
@@ -85,7 +85,7 @@ class Operation:
 
     role = "operation"
 
-    def __init__(self, config: MigrationConfig, *, pool: WorkerPool | None = None) -> None:
+    def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None) -> None:
         self.config = config.validate()
         self.migration_id = uuid.uuid4()
         self.latch = FailureLatch()

@@ -68,6 +68,7 @@ class SavingOperation(Operation):
     """
 
     ram: GuestRAM  # the guest's, given: never None here
+    config: MigrationConfig
 
     def __init__(
         self,

@@ -363,7 +363,8 @@ class SnapshotSave(SavingOperation):
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
                             direct_io=self.direct_io)
-        self._core = _start_file_channels(self, self.ram, target, zero_page_detection=cfg.zero_page_detection,
+        self._core = _start_file_channels(self, cfg, self.ram, target,
+                                          zero_page_detection=cfg.zero_page_detection,
                                           max_bandwidth=cfg.max_bandwidth)
         self._start_device_pool()
         self._devices_area = _DeviceArea(self._file, self.layout.device_area, len(self.devices))
@@ -468,6 +469,7 @@ class SnapshotRestore(Operation):
     """
 
     role = "restore"
+    config: MigrationConfig
     _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
 
     def __init__(
@@ -578,7 +580,7 @@ class SnapshotRestore(Operation):
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
                             direct_io=self.direct_io)
-        self._core = _start_file_channels(self, ram, target)
+        self._core = _start_file_channels(self, self.config, ram, target)
 
     def _free_sums_map(self) -> None:
         sums, self._sums = self._sums, None
@@ -633,12 +635,11 @@ class SnapshotRestore(Operation):
             ram.unlink()
 
 
-def _start_file_channels(operation: Operation, ram: GuestRAM, target: FileTarget, *,
+def _start_file_channels(operation: Operation, cfg: MigrationConfig, ram: GuestRAM, target: FileTarget, *,
                          zero_page_detection: bool = False,
                          max_bandwidth: float | None = None) -> MultifdSender:
     """A save's or restore's N file channels on `target`, serving; the multifd core
     that drives them with RAM slots (no payload: a slot only names pages)."""
-    cfg = operation.config
     slots = operation._own_slots(SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
                                                   payload_capacity=0, n_channels=cfg.channels))
     spec = ChannelSpec(channel_id=0, ram=ram.handle, slots=slots.handle, packet_pages=cfg.packet_pages,

@@ -4,11 +4,15 @@ tests/integration; this pins what the layering promises.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import pytest
 
 import engine
+from engine.config import NEGOTIATED, SHARED_LOCAL, SOURCE_LOCAL, DestinationConfig, MigrationConfig
+from engine.destination import DestinationMigration
 from engine.errors import ConfigError
 from engine.migration import Migration
 from engine.operation import Operation
@@ -57,3 +61,47 @@ def test_one_state_enum_exported_and_spelled_as_strings() -> None:
     assert tracker.snapshot().state is MigrationState.SETUP
     tracker.state = MigrationState.ACTIVE
     assert tracker.snapshot().state == "active"
+
+
+def test_config_fields_are_negotiated_or_local_each_exactly_once() -> None:
+    names = {f.name for f in dataclasses.fields(MigrationConfig)}
+    assert NEGOTIATED | SOURCE_LOCAL | SHARED_LOCAL == names
+    assert not (NEGOTIATED & SOURCE_LOCAL or NEGOTIATED & SHARED_LOCAL or SOURCE_LOCAL & SHARED_LOCAL)
+    assert SHARED_LOCAL == {f.name for f in dataclasses.fields(DestinationConfig)}
+    # What CONFIG carries is negotiated (its wire record has a field for each but verify,
+    # which COMPLETE carries).
+    assert {"channels", "packet_pages", "compression", "zero_page_detection", "verify"} <= NEGOTIATED
+    config = MigrationConfig(stall_timeout_s=5.0, cancel_grace_s=0.5, start_method="fork", channels=4)
+    assert config.for_destination() == DestinationConfig(stall_timeout_s=5.0, cancel_grace_s=0.5,
+                                                         start_method="fork")
+    with pytest.raises(ConfigError, match="stall_timeout_s"):
+        DestinationConfig(stall_timeout_s=0).validate()
+    with pytest.raises(ConfigError, match="start_method"):
+        DestinationConfig(start_method="vfork").validate()
+
+
+def _destination(config: object) -> DestinationMigration:
+    return DestinationMigration("tcp://127.0.0.1:0", secret=b"k", config=config)  # type: ignore[arg-type]
+
+
+def _close(destination: DestinationMigration) -> None:
+    destination.close()
+    destination.latch.close()
+
+
+def test_a_destination_takes_only_what_applies_and_says_what_it_cannot_use(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="multifd.destination")
+    given = MigrationConfig(channels=4, verify=True, downtime_limit_ms=50, stall_timeout_s=7.0)
+    destination = _destination(given)
+    try:
+        assert destination.config == DestinationConfig(stall_timeout_s=7.0)
+        warned = " ".join(r.getMessage() for r in caplog.records)
+        assert "channels=4" in warned and "verify=True" in warned and "downtime_limit_ms=50" in warned
+        assert "stall_timeout_s" not in warned  # that one it uses
+    finally:
+        _close(destination)
+    caplog.clear()
+    for config in (DestinationConfig(handshake_timeout_s=3.0), MigrationConfig(stall_timeout_s=2.0), None):
+        destination = _destination(config)
+        _close(destination)
+    assert not caplog.records  # nothing it cannot use was given
