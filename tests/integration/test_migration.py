@@ -53,6 +53,29 @@ def test_pages_dirtied_during_the_migration_are_resent() -> None:
         assert same_memory(src, dst)
 
 
+def test_a_slow_channel_never_lands_a_stale_page_last() -> None:
+    """The reorder the destination's sync barrier exists for, from a real source.
+
+    One channel's link is slow (tests/harness.py SlowLink) and the guest keeps
+    rewriting a small hot set, so every round sends the same pages again on
+    whichever channel is idle: a page's older copy is often still on the slow
+    link when its newer copy arrives on the fast one.  Only the barrier (no
+    channel reads past SYNC(e) until every channel reached it) keeps the newer
+    copy last.  Memory must match exactly: without the barrier it does not.
+    """
+    config = MigrationConfig(channels=2, packet_pages=4, downtime_limit_ms=0, max_rounds=6)
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
+        guest = SyntheticGuest(src, "random", dirty_rate=32 * MiB, hot_fraction=1 / 32)
+        guest.start()
+        try:
+            result, remote = migrate(src, dst, config, "tcp", guest, slow_link=True)
+        finally:
+            guest.stop()
+        assert result.status == "completed" and remote.status == "completed"
+        assert result.rounds >= 3  # precopy rounds that each resent the hot set, then the last
+        assert same_memory(src, dst)
+
+
 def test_several_blocks_and_an_idle_guest() -> None:
     config = MigrationConfig(channels=2, packet_pages=128)
     with guest_ram(12 * MiB, blocks=3) as src, guest_ram(12 * MiB, blocks=3, fill="zero") as dst:
