@@ -61,8 +61,10 @@ def _start(target: Callable[..., object], *args: object) -> tuple[Future, thread
 class Pipeline:
     """N send channels wired to N receive channels; a sender and a receiver drive them."""
 
-    def __init__(self, src: GuestRAM, dst: GuestRAM, n: int, zero_pages: bool) -> None:
+    def __init__(self, src: GuestRAM, dst: GuestRAM, n: int, zero_pages: bool,
+                 held: int | None = None) -> None:
         self.src, self.dst, self.n = src, dst, n
+        self.release_held = threading.Event()  # channel `held`'s bytes wait for this
         self.latch_s, self.latch_d = FailureLatch(), FailureLatch()
         self.table_s = SlotTable.create(n + 1, max_items=PACKET_PAGES, payload_capacity=0, n_channels=n)
         self.table_d = SlotTable.create(1, max_items=1, payload_capacity=0, n_channels=n)
@@ -74,6 +76,14 @@ class Pipeline:
             main_d, chan_d = control_pair()
             data_s, data_d = socket.socketpair()
             self.socks += [main_s, main_d]
+            if i == held:  # a relay in between that forwards nothing until released
+                relay_in, relay_out = socket.socketpair()
+                self.socks += [relay_in, relay_out]
+                relay = threading.Thread(target=self._relay, args=(data_d, relay_out),
+                                         name="test-relay")
+                relay.start()
+                self.threads.append(relay)
+                data_d = relay_in
             spec_s = ChannelSpec(i, src.handle, self.table_s.handle, PACKET_PAGES,
                                  zero_page_detection=zero_pages)
             spec_d = ChannelSpec(i, dst.handle, self.table_d.handle, PACKET_PAGES,
@@ -92,6 +102,18 @@ class Pipeline:
                                     stall_timeout=HANG_S)
         self.receiver = MultifdReceiver(links_d, self.latch_d, stall_timeout=HANG_S)
         self.epoch = 0
+
+    def _relay(self, src: socket.socket, dst: socket.socket) -> None:
+        self.release_held.wait()
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
 
     def send_pages(self, pages: list[int]) -> None:
         """Queue these pages of block 0 as the RAM client does: runs, PACKET_PAGES a slot."""
@@ -127,6 +149,7 @@ class Pipeline:
             assert link.future.result(HANG_S).error is None
 
     def close(self) -> None:
+        self.release_held.set()
         shutdown_links(self.links_s + self.links_d)
         for thread in self.threads:
             thread.join(HANG_S)
@@ -140,14 +163,15 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def pipeline(n: int = 2, zero_pages: bool = True, dst_fill: str = "zero") -> Iterator[Pipeline]:
+def pipeline(n: int = 2, zero_pages: bool = True, dst_fill: str = "zero",
+             held: int | None = None) -> Iterator[Pipeline]:
     with GuestRAM.create({"pc.ram": N_PAGES * PAGE_SIZE}) as src, \
             GuestRAM.create({"pc.ram": N_PAGES * PAGE_SIZE}) as dst:
         fill_ram(src, "random", seed=3)
         if dst_fill != "zero":
             fill_ram(dst, dst_fill, seed=4)
             dst.blocks[0].dirty.mark(0, N_PAGES)  # used RAM: every page may hold data
-        made = Pipeline(src, dst, n, zero_pages)
+        made = Pipeline(src, dst, n, zero_pages, held)
         try:
             yield made
         finally:
@@ -199,3 +223,41 @@ def test_a_zero_page_clears_what_used_ram_held() -> None:
         assert int(sent[Counter.ZERO_PAGES]) == N_PAGES // 2  # they went as ZERO runs
         assert int(sent[Counter.NORMAL_PAGES]) == N_PAGES // 2
         assert _same(p.src, p.dst)
+
+
+def test_the_barrier_keeps_a_late_stale_copy_from_landing_last() -> None:
+    """Page P goes in epoch 1 on channel 0, whose bytes are held back, and again in
+    epoch 2 on channel 1.  Channel 1 must stop at SYNC(1) until channel 0 reached it
+    too; without the barrier its new copy lands first and the stale one overwrites it.
+
+    While channel 0 is held the test watches P for a moment: with the barrier P cannot
+    change whatever the timing (the window only makes a missing barrier show)."""
+    P = 9
+    with pipeline(2, held=0) as p:
+        def write_p(value: int) -> None:
+            p.src.blocks[0].page_view(P)[:] = bytes([value]) * PAGE_SIZE
+
+        def landed() -> set[int]:
+            return set(bytes(p.dst.blocks[0].page_view(P)))
+
+        write_p(0xAA)
+        p.send_pages([P])                     # epoch 1, channel 0 (held)
+        barrier = threading.Thread(target=p.receiver.sync, args=(1,), name="test-barrier")
+        barrier.start()
+        assert p.sender.sync() == 1           # SYNC(1) written on both; the marker
+        write_p(0xBB)
+        p.send_pages([P])                     # epoch 2: round-robin puts it on channel 1
+        pause = threading.Event()
+        for _ in range(50):                   # up to ~0.5 s for a broken barrier to show
+            if landed() != {0} or pause.wait(0.01):
+                break
+        early = landed()
+        p.release_held.set()                  # channel 0's stale copy and SYNC(1) arrive
+        barrier.join(HANG_S)
+        assert not barrier.is_alive()
+        assert early == {0}, "channel 1 read epoch 2 before every channel reached SYNC(1)"
+        p.finish()
+        assert landed() == {0xBB}
+        memory = bytes(p.dst.blocks[0].pages)  # and nothing else was written
+        assert memory[:P * PAGE_SIZE] == bytes(P * PAGE_SIZE)
+        assert memory[(P + 1) * PAGE_SIZE:] == bytes(len(memory) - (P + 1) * PAGE_SIZE)
