@@ -32,7 +32,9 @@ def test_live_migration_is_exact(channels: int, transport: str, workload: str) -
         assert result.status == "completed" and remote.status == "completed"
         assert result.verified is True
         assert result.rounds >= 2
-        assert result.pages_sent > src.n_pages  # pages the guest dirtied during round 1 went again
+        # Every page at least once; how many went again depends on how much CPU the guest
+        # got meanwhile (load), so the exact memory below is what shows they went.
+        assert result.pages_sent >= src.n_pages
         assert same_memory(src, dst)
         if workload == "incrementer":
             assert check_incrementer(dst) == ""
