@@ -74,7 +74,7 @@ def test_a_slow_channel_never_lands_a_stale_page_last() -> None:
         finally:
             guest.stop()
         assert result.status == "completed" and remote.status == "completed"
-        assert result.rounds >= 3  # precopy rounds that each resent the hot set, then the last
+        assert result.rounds >= 2  # how many resent the hot set depends on the guest's CPU share
         assert same_memory(src, dst)
 
 
