@@ -10,11 +10,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import psutil
 
 from clients.guest import SyntheticGuest, fill_ram
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
+from engine.dirty import BlockDirtyMaps
 from engine.migration import Migration
+from engine.shm import RamBlock
 from engine.sync import wait_readable
 
 SECRET = b"multifd-test-secret"
@@ -43,12 +46,17 @@ def migrate(
     dst: GuestRAM,
     config: MigrationConfig,
     transport: str = "tcp",
-    guest: SyntheticGuest | None = None,
+    guest: SyntheticGuest | LockstepGuest | None = None,
     slow_link: bool = False,
+    dirty_source: LockstepGuest | None = None,
 ) -> tuple[MigrationResult, MigrationResult]:
     """Migrate src → dst (destination on a background thread); both results.
 
-    `slow_link`: the source connects through a :class:`SlowLink` (tcp only)."""
+    `slow_link`: the source connects through a :class:`SlowLink` (tcp only).
+    `dirty_source`: a :class:`LockstepGuest` beside `guest` (a LockstepGuest
+    given as `guest` is its own dirty source)."""
+    if dirty_source is None and isinstance(guest, LockstepGuest):
+        dirty_source = guest
     destination = DestinationMigration(address(transport), secret=SECRET, ram=dst, config=config)
     destination.start()
     link = SlowLink(destination.address) if slow_link else None
@@ -57,6 +65,7 @@ def migrate(
             src, link.address if link else destination.address, secret=SECRET, config=config,
             pause_guest=guest.pause if guest else None,
             resume_guest=guest.resume if guest else None,
+            dirty_source=dirty_source,
         )
         result = source.run()
     except BaseException:
@@ -183,3 +192,48 @@ class SlowLink:
             thread.join()
         for sock in [*self._socks, self._listener, self._stop_r, self._stop_w]:
             sock.close()
+
+
+class LockstepGuest(BlockDirtyMaps):
+    """A guest that writes `per_look` pages every time the migration looks at its dirty pages.
+
+    Used as the source's dirty source (engine/dirty.py): before each ``count`` (the
+    convergence check) and each ``take`` it writes the next `per_look` pages of a
+    block (a counter in bytes 16..23 of the page, apart from what the synthetic
+    guest's workloads write; the page written, then marked),
+    as a running guest would, until paused.  Unlike a guest process, whose writes
+    depend on the CPU it gets, it has always dirtied pages when the source asks:
+    a migration with a 0 ms downtime limit never converges, whatever the load.
+    """
+
+    def __init__(self, ram: GuestRAM, per_look: int = 8) -> None:
+        self.ram, self.per_look = ram, per_look
+        self.paused = False
+        self.written = 0
+        self._cursor = 0
+
+    def _write(self, block: RamBlock) -> None:
+        if self.paused:
+            return
+        pages = block.array()
+        for _ in range(self.per_look):
+            self.written += 1
+            page = self._cursor % block.n_pages
+            pages[page, 16:24] = np.frombuffer(self.written.to_bytes(8, "little"), dtype=np.uint8)
+            block.dirty.mark(page)
+            self._cursor += 1
+        del pages
+
+    def take(self, block: RamBlock) -> np.ndarray:
+        self._write(block)
+        return super().take(block)
+
+    def count(self, block: RamBlock) -> int:
+        self._write(block)
+        return super().count(block)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False

@@ -18,7 +18,7 @@ from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine.errors import CancelledError, MigrationError
 from engine.sync import MigrationState
-from tests.harness import SECRET, MiB, address, guest_ram, migrate, same_memory
+from tests.harness import SECRET, LockstepGuest, MiB, address, guest_ram, migrate, same_memory
 
 # Never converges (an unthrottled guest and a 0 ms limit), so it stays in precopy.
 # No timeout can end it either: a failure or cancel that surfaces at all surfaced by
@@ -39,6 +39,9 @@ class Pair:
             src, self.destination.address, secret=SECRET, config=config,
             pause_guest=guest.pause if guest else None,
             resume_guest=guest.resume if guest else None,
+            # Pages are dirty whenever the source looks, whatever CPU the guest process
+            # gets: the migration stays in precopy under any load.
+            dirty_source=LockstepGuest(src),
         )
         self.destination.start()
         self.source.start()
