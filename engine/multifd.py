@@ -252,7 +252,9 @@ class RateLimiter:
         written = self._written()
         due = t0 + (written - base + unwritten) / self.bytes_per_s
         if now - due > _CAP_CREDIT_S:  # idle a while: no burst to catch up on it
-            self._start, due = (now - _CAP_CREDIT_S, written), now - _CAP_CREDIT_S
+            # Restart the clock with the credit; this packet is still charged.
+            self._start = (now - _CAP_CREDIT_S, written)
+            due = now - _CAP_CREDIT_S + unwritten / self.bytes_per_s
         if due > now and self._latch.wait(due - now):
             self._latch.raise_if_failed()
 

@@ -18,10 +18,14 @@ from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine.errors import CancelledError, MigrationError
 from engine.sync import MigrationState
-from tests.harness import SECRET, MiB, address, guest_ram, migrate, same_memory
+from tests.harness import SECRET, LockstepGuest, MiB, address, guest_ram, migrate, same_memory
 
 # Never converges (an unthrottled guest and a 0 ms limit), so it stays in precopy.
-ENDLESS = MigrationConfig(channels=2, packet_pages=64, downtime_limit_ms=0, max_rounds=10_000)
+# No timeout can end it either: a failure or cancel that surfaces at all surfaced by
+# its event (a channel's socket closing, the latch), not by a stall timer; the bounded
+# waits below only turn a hang into a failure.
+ENDLESS = MigrationConfig(channels=2, packet_pages=64, downtime_limit_ms=0, max_rounds=10_000,
+                          stall_timeout_s=3600.0)
 
 
 class Pair:
@@ -35,6 +39,9 @@ class Pair:
             src, self.destination.address, secret=SECRET, config=config,
             pause_guest=guest.pause if guest else None,
             resume_guest=guest.resume if guest else None,
+            # Pages are dirty whenever the source looks, whatever CPU the guest process
+            # gets: the migration stays in precopy under any load.
+            dirty_source=LockstepGuest(src),
         )
         self.destination.start()
         self.source.start()
@@ -74,10 +81,9 @@ def test_killing_a_channel_fails_fast_and_leaves_the_guest_running(side: str) ->
             pair = Pair(src, dst, guest)
             pair.wait_precopy()
             victim = (pair.source if side == "source" else pair.destination).channel_pids()[1]
-            killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             source_error, destination_error = pair.outcomes()
-            assert time.monotonic() - killed < 1.0, "the failure took over a second to surface"
+            assert "no progress" not in f"{source_error} {destination_error}"  # not the stall timer
             assert isinstance(source_error, MigrationError)
             assert isinstance(destination_error, MigrationError)
             if side == "source":
@@ -106,17 +112,16 @@ def test_cancel_during_setup_wakes_a_blocked_handshake() -> None:
     try:
         with guest_ram(4 * MiB) as src:
             source = SourceMigration(src, f"tcp://127.0.0.1:{silent.getsockname()[1]}",
-                                     secret=SECRET)
+                                     secret=SECRET,
+                                     config=MigrationConfig(handshake_timeout_s=3600.0))
             source.start()
             peer, _ = silent.accept()
             try:
                 time.sleep(0.1)
                 assert source.state is MigrationState.SETUP
-                cancelled = time.monotonic()
                 source.cancel()
                 with pytest.raises(CancelledError):
-                    source.wait(5)
-                assert time.monotonic() - cancelled < 1.0
+                    source.wait(5)  # the handshake timeout is 3600 s: only the cancel ends it
             finally:
                 peer.close()
     finally:
@@ -140,10 +145,8 @@ def test_cancel_during_precopy(who: str) -> None:
         with SyntheticGuest(src, "incrementer", dirty_rate=0) as guest:
             pair = Pair(src, dst, guest, transport="unix")
             pair.wait_precopy()
-            cancelled = time.monotonic()
             (pair.source if who == "source" else pair.destination).cancel("operator said stop")
             source_error, destination_error = pair.outcomes()
-            assert time.monotonic() - cancelled < 1.0
             assert isinstance(source_error, CancelledError)
             assert isinstance(destination_error, CancelledError)
             assert "operator said stop" in str(source_error) + str(destination_error)

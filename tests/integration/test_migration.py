@@ -12,7 +12,7 @@ import pytest
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import MigrationConfig
 from engine.errors import ConvergenceError
-from tests.harness import MiB, guest_ram, migrate, same_memory
+from tests.harness import LockstepGuest, MiB, guest_ram, migrate, same_memory
 
 
 @pytest.mark.parametrize("channels", [1, 2, 4])
@@ -32,7 +32,9 @@ def test_live_migration_is_exact(channels: int, transport: str, workload: str) -
         assert result.status == "completed" and remote.status == "completed"
         assert result.verified is True
         assert result.rounds >= 2
-        assert result.pages_sent > src.n_pages  # pages the guest dirtied during round 1 went again
+        # Every page at least once; how many went again depends on how much CPU the guest
+        # got meanwhile (load), so the exact memory below is what shows they went.
+        assert result.pages_sent >= src.n_pages
         assert same_memory(src, dst)
         if workload == "incrementer":
             assert check_incrementer(dst) == ""
@@ -53,6 +55,29 @@ def test_pages_dirtied_during_the_migration_are_resent() -> None:
         assert same_memory(src, dst)
 
 
+def test_a_slow_channel_never_lands_a_stale_page_last() -> None:
+    """The reorder the destination's sync barrier exists for, from a real source.
+
+    One channel's link is slow (tests/harness.py SlowLink) and the guest keeps
+    rewriting a small hot set, so every round sends the same pages again on
+    whichever channel is idle: a page's older copy is often still on the slow
+    link when its newer copy arrives on the fast one.  Only the barrier (no
+    channel reads past SYNC(e) until every channel reached it) keeps the newer
+    copy last.  Memory must match exactly: without the barrier it does not.
+    """
+    config = MigrationConfig(channels=2, packet_pages=4, downtime_limit_ms=0, max_rounds=6)
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
+        guest = SyntheticGuest(src, "random", dirty_rate=32 * MiB, hot_fraction=1 / 32)
+        guest.start()
+        try:
+            result, remote = migrate(src, dst, config, "tcp", guest, slow_link=True)
+        finally:
+            guest.stop()
+        assert result.status == "completed" and remote.status == "completed"
+        assert result.rounds >= 2  # how many resent the hot set depends on the guest's CPU share
+        assert same_memory(src, dst)
+
+
 def test_several_blocks_and_an_idle_guest() -> None:
     config = MigrationConfig(channels=2, packet_pages=128)
     with guest_ram(12 * MiB, blocks=3) as src, guest_ram(12 * MiB, blocks=3, fill="zero") as dst:
@@ -64,23 +89,25 @@ def test_several_blocks_and_an_idle_guest() -> None:
 
 
 def test_forced_switchover_after_max_rounds() -> None:
-    # A downtime limit of 0 is never met while an unthrottled guest writes.
+    # A downtime limit of 0 is never met while the guest writes: the lockstep guest has
+    # always written pages when the source looks, so this holds under any load.
     config = MigrationConfig(channels=2, packet_pages=64, downtime_limit_ms=0, max_rounds=3)
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
-        with SyntheticGuest(src, "incrementer", dirty_rate=0) as guest:
-            result, _ = migrate(src, dst, config, "tcp", guest)
+        guest = LockstepGuest(src)
+        result, _ = migrate(src, dst, config, "tcp", guest)
+        assert guest.paused
         assert result.rounds == 4  # three precopy rounds, then the final one
         assert same_memory(src, dst)
-        assert check_incrementer(dst) == ""
 
 
 def test_no_convergence_fails_and_leaves_the_guest_running() -> None:
     config = MigrationConfig(channels=2, packet_pages=64, downtime_limit_ms=0, max_rounds=2,
                              on_max_rounds="fail")
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
+        lockstep = LockstepGuest(src)  # never lets it converge, whatever the load
         with SyntheticGuest(src, "incrementer", dirty_rate=0) as guest:
             with pytest.raises(ConvergenceError, match="not converged after 2 rounds"):
-                migrate(src, dst, config, "tcp", guest)
+                migrate(src, dst, config, "tcp", guest, dirty_source=lockstep)
             assert not guest.paused
             guest.pause()  # it answers: it was running all along
             assert check_incrementer(src) == ""  # and its memory is intact

@@ -298,8 +298,9 @@ def test_job_ignoring_the_token_is_stopped_after_grace(kit: Kit, trigger: str) -
     else:
         pool.submit(fail, "first").exception(GUARD)
     error = stubborn.exception(GUARD)
-    elapsed = time.monotonic() - start
-    assert GRACE * 0.9 <= elapsed < GRACE + 0.5
+    # Not before the grace (a lower bound: load can only lengthen it); that it ended at
+    # all, with the pool's error, shows the grace ended it (the job runs on for 60 s).
+    assert time.monotonic() - start >= GRACE * 0.9
     assert type(error) is (CancelledError if trigger == "cancel" else BrokenPoolError)
     assert error.__cause__ is pool.broken
     if kit.backend == "process":
@@ -310,10 +311,8 @@ def test_job_ignoring_the_token_is_stopped_after_grace(kit: Kit, trigger: str) -
 def test_killed_worker_breaks_the_pool_at_once(kit: Kit) -> None:
     pool = kit.pool(max_workers=2)
     pid = pool.submit(os.getpid).result(GUARD)  # the worker is up
-    start = time.monotonic()
     error = pool.submit(die).exception(GUARD)
-    assert time.monotonic() - start < 1.0
-    assert type(error) is WorkerCrashedError
+    assert type(error) is WorkerCrashedError  # the crash itself, not a timeout, ended it
     assert error.exitcode == -signal.SIGKILL
     assert str(pid) in str(error) and "-9" in str(error)
     assert pool.broken is error
@@ -551,9 +550,7 @@ def test_token_is_set_when_the_owner_dies(kit: Kit) -> None:
 def test_worker_that_does_not_exit_is_terminated_at_shutdown(kit: Kit) -> None:
     pool = kit.pool(max_workers=1)
     pool.submit(leave_a_thread_behind).result(GUARD)  # the worker cannot finish exiting
-    start = time.monotonic()
-    pool.shutdown()
-    assert time.monotonic() - start < 3.0
+    pool.shutdown()  # returns at all only because the worker was terminated
     assert pool.statistics().workers_alive == 0
 
 

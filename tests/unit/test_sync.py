@@ -106,9 +106,7 @@ def test_fileno_readable_exactly_when_failed(latch: FailureLatch) -> None:
 def test_wait_wakes_when_another_thread_fails(latch: FailureLatch) -> None:
     thread = _later(0.05, lambda: latch.fail(MigrationError("late")))
     try:
-        started = time.monotonic()
-        assert latch.wait(5) is True
-        assert time.monotonic() - started < 4
+        assert latch.wait(30) is True  # True: woken by the failure (a timeout answers False)
     finally:
         thread.join()
 
@@ -215,10 +213,8 @@ def test_signal_wait_raises_the_latch_error(signal: Signal, latch: FailureLatch)
 def test_signal_wait_is_woken_by_a_failing_latch(signal: Signal, latch: FailureLatch) -> None:
     thread = _later(0.05, latch.cancel)
     try:
-        started = time.monotonic()
-        with pytest.raises(CancelledError):
-            signal.wait(latch, timeout=5)
-        assert time.monotonic() - started < 4
+        with pytest.raises(CancelledError):  # a timeout would raise TimeoutError
+            signal.wait(latch, timeout=30)
     finally:
         thread.join()
 
@@ -227,6 +223,7 @@ def test_signal_wait_times_out(signal: Signal, latch: FailureLatch) -> None:
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         signal.wait(latch, timeout=0.05)
+    # A lower bound only (not ending early is the feature; load can only lengthen it).
     assert time.monotonic() - started >= 0.04
     assert not signal.is_set()
 
@@ -305,10 +302,9 @@ def test_wait_readable_times_out(pipe: tuple[int, int]) -> None:
     r, _ = pipe
     start = time.monotonic()
     assert wait_readable([r], 0.1) == []
-    assert 0.1 <= time.monotonic() - start < 2
-    start = time.monotonic()
+    # A lower bound only (not ending early is the feature; load can only lengthen it).
+    assert time.monotonic() - start >= 0.1
     assert wait_readable([r], -1) == []  # negative: a poll, not an error
-    assert time.monotonic() - start < 0.5
 
 
 def test_wait_readable_without_timeout_waits_until_ready(pipe: tuple[int, int]) -> None:
@@ -434,9 +430,7 @@ def test_wait_writable_waits_for_room_and_stops_on_abort(pipe: tuple[int, int]) 
                 a.send(b"x" * 65536)
         assert wait_writable([a], 0.05) == []
         os.write(abort_w, b"x")
-        start = time.monotonic()
-        assert wait_writable([a], 5, abort_r) == []  # woken by the abort, not the timeout
-        assert time.monotonic() - start < 2
+        assert wait_writable([a], None, abort_r) == []  # no timeout: only the abort ends it
         b.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             while b.recv(1 << 20):
