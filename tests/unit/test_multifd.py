@@ -40,7 +40,7 @@ from engine.errors import (
     TransportBrokenError,
 )
 from engine.multifd import ChannelLink, MultifdReceiver, MultifdSender, RateLimiter
-from engine.slots import SlotTable
+from engine.slots import KIND_EMPTY, SendSlot, SlotTable
 from engine.sync import FailureLatch, wait_readable
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -474,17 +474,28 @@ def test_receiver_says_bye_to_each_ended_channel_and_waits_for_all() -> None:
 
 
 def test_receiver_routes_deliveries_by_kind() -> None:
-    with core(2) as c:
-        receiver = c.receiver()
-        got: list[tuple[int, int, int]] = []
-        receiver.on_delivery(KIND, lambda link, m: got.append((link.channel_id, m.kind, m.a)))
-        c.channels[1].say(ControlOp.DELIVERED, 5, kind=KIND)
-        c.channels[0].say(ControlOp.DELIVERED, 3, kind=KIND)
+    """DELIVERED(slot, kind) goes to that kind's client as the slot; then the core
+    clears the slot and RETURNs it to the channel that filled it."""
+    with core(2, n_clients=1) as c:
+        assert c.table is not None
+        receiver = MultifdReceiver(c.links, c.latch, stall_timeout=None, slots=c.table)
+        got: list[tuple[int, int]] = []
+
+        def take(slot: SendSlot) -> None:
+            got.append((slot.index, slot.kind))
+
+        receiver.on_delivery(KIND, take)
+        for index, ch in ((1, c.channels[1]), (0, c.channels[0])):
+            c.table[index].kind = KIND
+            ch.say(ControlOp.DELIVERED, index, kind=KIND)
         for ch in c.channels:  # the deliveries come before the barrier on each socket
             ch.say(ControlOp.AT_SYNC, 1)
         receiver.sync(1)
-        assert sorted(got) == [(0, KIND, 3), (1, KIND, 5)]
-        c.channels[0].say(ControlOp.DELIVERED, 4, kind=KIND + 1)  # nobody takes this kind
+        assert sorted(got) == [(0, KIND), (1, KIND)]
+        for index, ch in enumerate(c.channels):
+            ch.expect(ControlOp.RETURN, index)
+            assert c.table[index].kind == KIND_EMPTY
+        c.channels[0].say(ControlOp.DELIVERED, 0, kind=KIND + 1)  # nobody takes this kind
         kind, _ = error_of(receiver.poll)
         assert kind is LocalProtocolError
 
