@@ -20,8 +20,10 @@ Ownership is exclusive and moves with control messages, so no locks are needed.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -34,14 +36,13 @@ _TABLE_HEADER = 64
 _SLOT_HEADER = 64
 _ALIGN = 64
 
-_HEADER_DTYPE = np.dtype(
-    [
-        ("kind", "<u4"), ("epoch", "<u4"), ("n_items", "<u4"), ("payload_length", "<u4"),
-        ("a0", "<u4"), ("a1", "<u4"), ("a2", "<u4"), ("a3", "<u4"),
-        ("reserved", "<u4", (8,)),
-    ]
-)
-assert _HEADER_DTYPE.itemsize == _SLOT_HEADER
+# The slot header, little-endian u32 fields at these byte offsets (the rest of
+# its 64 bytes is reserved).  Read and written with struct on the shared buffer:
+# a numpy 0-d record behind a property costs ~4x as much per field.
+_FIELDS = ("kind", "epoch", "n_items", "payload_length", "a0", "a1", "a2", "a3")
+_U32 = struct.Struct("<I")
+_U32_PAIR = struct.Struct("<II")  # n_items, payload_length: side by side
+assert len(_FIELDS) * _U32.size <= _SLOT_HEADER
 
 
 class Counter(IntEnum):
@@ -77,33 +78,41 @@ class SlotTableHandle:
     n_channels: int
 
 
+def _u32_field(name: str) -> Any:
+    """A property reading / writing the slot header's u32 `name` in shared memory."""
+    offset = _FIELDS.index(name) * _U32.size
+    unpack_from, pack_into = _U32.unpack_from, _U32.pack_into
+
+    def get(slot: SendSlot) -> int:
+        return unpack_from(slot._buf, slot._at + offset)[0]
+
+    def set_(slot: SendSlot, value: int) -> None:
+        pack_into(slot._buf, slot._at + offset, value)
+
+    return property(get, set_, doc=f"slot header field {name} (u32)")
+
+
 class SendSlot:
     """A view of one slot.  Whoever owns the slot index may read and write it."""
 
-    __slots__ = ("index", "_header", "items", "payload")
+    __slots__ = ("index", "_buf", "_at", "items", "payload")
 
-    def __init__(self, index: int, header: np.ndarray, items: np.ndarray, payload: memoryview) -> None:
+    def __init__(self, index: int, buf: memoryview, at: int, items: np.ndarray,
+                 payload: memoryview) -> None:
         self.index = index
-        self._header = header  # a 0-d structured view
+        self._buf = buf         # the table's shared buffer ...
+        self._at = at           # ... and where this slot's header starts in it
         self.items = items      # (max_items, 2) uint32 view
         self.payload = payload  # writable view, payload_capacity bytes
 
-    def _get(self, field: str) -> int:
-        return int(self._header[field])
-
-    def _set(self, field: str, value: int) -> None:
-        self._header[field] = value
-
-    kind = property(lambda self: self._get("kind"), lambda self, v: self._set("kind", v))
-    epoch = property(lambda self: self._get("epoch"), lambda self, v: self._set("epoch", v))
-    n_items = property(lambda self: self._get("n_items"), lambda self, v: self._set("n_items", v))
-    payload_length = property(
-        lambda self: self._get("payload_length"), lambda self, v: self._set("payload_length", v)
-    )
-    a0 = property(lambda self: self._get("a0"), lambda self, v: self._set("a0", v))
-    a1 = property(lambda self: self._get("a1"), lambda self, v: self._set("a1", v))
-    a2 = property(lambda self: self._get("a2"), lambda self, v: self._set("a2", v))
-    a3 = property(lambda self: self._get("a3"), lambda self, v: self._set("a3", v))
+    kind = _u32_field("kind")
+    epoch = _u32_field("epoch")
+    n_items = _u32_field("n_items")
+    payload_length = _u32_field("payload_length")
+    a0 = _u32_field("a0")
+    a1 = _u32_field("a1")
+    a2 = _u32_field("a2")
+    a3 = _u32_field("a3")
 
     @property
     def empty(self) -> bool:
@@ -115,9 +124,8 @@ class SendSlot:
 
     def clear(self) -> None:
         """Mark the slot empty (the payload bytes are left as they are)."""
-        self._header["kind"] = KIND_EMPTY
-        self._header["n_items"] = 0
-        self._header["payload_length"] = 0
+        _U32.pack_into(self._buf, self._at, KIND_EMPTY)
+        _U32_PAIR.pack_into(self._buf, self._at + 8, 0, 0)  # n_items, payload_length
 
 
 def _slot_stride(max_items: int, payload_capacity: int) -> int:
@@ -136,13 +144,12 @@ class SlotTable:
         self._slots = []
         for index in range(handle.n_slots):
             base = _TABLE_HEADER + index * slot_stride
-            header = np.ndarray((), dtype=_HEADER_DTYPE, buffer=buf, offset=base)
             items = np.ndarray(
                 (handle.max_items, 2), dtype="<u4", buffer=buf, offset=base + _SLOT_HEADER
             )
             payload_at = base + _SLOT_HEADER + 8 * handle.max_items
             payload = buf[payload_at:payload_at + handle.payload_capacity]
-            self._slots.append(SendSlot(index, header, items, payload))
+            self._slots.append(SendSlot(index, buf, base, items, payload))
         counters_at = _TABLE_HEADER + handle.n_slots * slot_stride
         self.counters = np.ndarray(
             (handle.n_channels, N_COUNTERS), dtype="<u8", buffer=buf, offset=counters_at
