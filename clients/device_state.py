@@ -8,8 +8,8 @@ Source, at switchover (guest paused)::
         save_config() ──▶ the END chunk; then (chunks, bytes, SHA-256) per device
 
 Channels: DeviceStateSender writes [header, slot payload]; DeviceStateReceiver
-checks the device is in CONFIG and receives the chunk straight into a delivery
-slot for the main process.
+checks the device is in CONFIG and names a delivery slot for the main process,
+which the channel's packet reader fills with the chunk straight from the socket.
 
 Destination, main process::
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -45,7 +45,7 @@ from engine.payload import ChannelContext, register_payload
 from engine.pool import WorkerPool
 from engine.slots import Counter, SendSlot, SlotTable
 from engine.sync import FailureLatch
-from engine.transport import Buffer, Connection
+from engine.transport import Buffer
 from engine.wire import message as wire
 from engine.wire import packet
 
@@ -184,29 +184,27 @@ class DeviceStateSender:
 
 
 class DeviceStateReceiver:
-    """DEVICE_STATE packet → a known device → its chunk into a delivery slot."""
+    """A checked DEVICE_STATE header → a known device → its chunk into a delivery slot."""
 
     def __init__(self, ctx: ChannelContext) -> None:
         self.ctx = ctx
         self.devices = {key: index for index, key in enumerate(ctx.spec.devices)}
 
-    def receive(
-        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
-    ) -> None:
-        chunk = packet.decode_device_state(header, body, sequence)
-        device = self.devices.get((chunk.idstr, chunk.instance_id))
+    def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
+        assert isinstance(record, packet.DeviceChunkHeader)
+        device = self.devices.get((record.idstr, record.instance_id))
         if device is None:
             raise RemoteProtocolError(
-                f"chunk {chunk.index} of unknown device {chunk.idstr!r}/{chunk.instance_id}"
+                f"chunk {record.index} of unknown device {record.idstr!r}/{record.instance_id}"
             )
         deliveries = self.ctx.deliveries
         assert deliveries is not None
         slot = deliveries.take()
-        conn.recv_into_buffers([slot.payload[:chunk.payload_length]])
+        yield [slot.payload[:record.payload_length]]
         slot.kind = packet.PacketKind.DEVICE_STATE
-        slot.a0, slot.a1, slot.a2 = device, chunk.index, int(chunk.end)
-        slot.payload_length = chunk.payload_length
-        self.ctx.count(Counter.DEVICE_BYTES, chunk.payload_length)
+        slot.a0, slot.a1, slot.a2 = device, record.index, int(record.end)
+        slot.payload_length = record.payload_length
+        self.ctx.count(Counter.DEVICE_BYTES, record.payload_length)
         deliveries.deliver(packet.PacketKind.DEVICE_STATE, slot)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from clients.ram_payload import RamPagesFileReader, RamPagesFileWriter, RamPagesReceiver, RamPagesSender
 from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.multifd import MultifdSender
+from engine.pages import pages_to_runs
 from engine.payload import register_payload
 from engine.shm import PAGE_SIZE, GuestRAM, RamBlock
 from engine.slots import SendSlot
@@ -36,14 +37,8 @@ from engine.wire import packet
 _MIN_SPLIT = 64
 
 
-def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split sorted, unique page indices into runs: (first pages, run lengths)."""
-    if pages.size == 0:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    bounds = np.concatenate(([0], breaks, [pages.size]))
-    return pages[bounds[:-1]], np.diff(bounds)
+#: Split sorted, unique page indices into runs (the one conversion: engine/pages.py).
+page_runs = pages_to_runs
 
 
 class RamClient:

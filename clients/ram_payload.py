@@ -8,9 +8,11 @@ Source (:class:`RamPagesSender`), per slot (one block, runs of pages)::
                         compressed from a per-channel scratch copy, or RAW
                         (views of guest RAM) when it would not shrink
 
-Destination (:class:`RamPagesReceiver`): validate the header, then receive the
-non-zero pages straight into guest RAM (RAW) or decompress each frame (bounded
-by its size) and copy it in; make ZERO runs zero where the page may hold data.
+Destination (:class:`RamPagesReceiver`), given a header the channel's packet
+decoder checked: name the non-zero pages' views of guest RAM, which the channel
+fills straight from the socket (RAW), or name each frame's header and then its
+pages (RAW frame) or a scratch buffer to decompress into them; then make ZERO
+runs zero where the page may hold data.  It does no I/O itself.
 
 The destination's dirty map is its "may hold data" map during an incoming
 migration: set where a page was written, cleared where it was zeroed.  The
@@ -32,23 +34,25 @@ reader checks them right after its ``preadv``, each while the piece is in cache:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import numpy as np
 
 from engine import codecs
-from engine.errors import RemoteProtocolError, SnapshotFormatError
+from engine.errors import SnapshotFormatError
+from engine.pages import runs_to_pages, split_runs
 from engine.payload import ChannelContext, FileIO
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.slots import Counter, SendSlot
-from engine.transport import Buffer, Connection
+from engine.transport import Buffer
 from engine.wire import packet
 from engine.wire import snapshot_format as fmt
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE
 _FEW_RUNS = 32  # up to this many runs, check them slice by slice; beyond, gather
+_GATHER_PAGES = 256  # ... 1 MiB of scattered pages at a time, into a reused buffer
 _PIECE_PAGES = 256  # file I/O: 1 MiB per call, so the checksum and the copy share the cache
 
 
@@ -67,36 +71,53 @@ def _nonzero(rows: np.ndarray) -> np.ndarray:
 Runs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+def gather_scratch() -> np.ndarray:
+    """The reused buffer of :func:`_split_zero_runs`: 1 MiB, a page per row of words."""
+    return np.empty((_GATHER_PAGES, _WORDS_PER_PAGE), dtype=np.uint64)
+
+
 def zero_runs(words: np.ndarray, items: np.ndarray) -> list[tuple[int, int, bool]]:
     """Split page runs ``items`` (first, count) into runs of zero / non-zero pages."""
-    firsts, counts, zero = _split_zero_runs(words, items)
+    firsts, counts, zero = _split_zero_runs(words, items, gather_scratch())
     return list(zip(firsts.tolist(), counts.tolist(), zero.tolist()))
 
 
-def _split_zero_runs(words: np.ndarray, items: np.ndarray) -> Runs:
-    """:func:`zero_runs` as arrays, for callers that work on whole arrays."""
+def _split_zero_runs(words: np.ndarray, items: np.ndarray, scratch: np.ndarray) -> Runs:
+    """:func:`zero_runs` as arrays, for callers that work on whole arrays.
+
+    Few runs are tested slice by slice, in place.  Many (scattered pages) are
+    gathered 1 MiB at a time into ``scratch`` (from :func:`gather_scratch`) and
+    tested there: a packet's pages are never all copied at once (up to 16 MiB).
+    """
     firsts, counts = items[:, 0].astype(np.int64), items[:, 1].astype(np.int64)
     if len(items) <= _FEW_RUNS:
         pages = np.concatenate([np.arange(f, f + c) for f, c in zip(firsts, counts)])
         nonzero = np.concatenate([_nonzero(words[f:f + c]) for f, c in zip(firsts, counts)])
     else:
-        pages = _pages(firsts, counts)
-        nonzero = _nonzero(words[pages])
+        pages = runs_to_pages(firsts, counts)
+        nonzero = np.empty(pages.size, dtype=bool)
+        ored = np.empty(_GATHER_PAGES, dtype=np.uint64)
+        for at in range(0, pages.size, _GATHER_PAGES):
+            chunk = pages[at:at + _GATHER_PAGES]
+            rows, row_or = scratch[:chunk.size], ored[:chunk.size]
+            # mode="clip": the pages are the slot's, inside the block; the default
+            # ("raise") would buffer `out`, a second copy.
+            np.take(words, chunk, axis=0, out=rows, mode="clip")
+            np.bitwise_or.reduce(rows, axis=1, out=row_or)
+            np.not_equal(row_or, 0, out=nonzero[at:at + chunk.size])
     # A run ends where pages stop being contiguous or the zero-ness changes.
-    breaks = np.flatnonzero((np.diff(pages) != 1) | (nonzero[1:] != nonzero[:-1])) + 1
-    bounds = np.concatenate(([0], breaks, [pages.size]))
-    starts = bounds[:-1]
-    return pages[starts], np.diff(bounds), ~nonzero[starts]
+    firsts, counts, nonzero = split_runs(pages, nonzero)
+    return firsts, counts, ~nonzero
 
 
 def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
-               slot: SendSlot) -> tuple[RamBlock, Runs]:
+               slot: SendSlot, scratch: np.ndarray) -> tuple[RamBlock, Runs]:
     """The slot's block, and its page runs split by zero-ness (`words`: per block,
-    for detection; None: every run counts as non-zero)."""
+    for detection, with `scratch` from gather_scratch(); None: every run counts as non-zero)."""
     block = blocks[slot.a0]
     items = slot.used_items()
     if words is not None:
-        return block, _split_zero_runs(words[block.index], items)
+        return block, _split_zero_runs(words[block.index], items, scratch)
     counts = items[:, 1].astype(np.int64)
     return block, (items[:, 0].astype(np.int64), counts, np.zeros(counts.size, dtype=bool))
 
@@ -128,12 +149,13 @@ class RamPagesSender:
         self.ctx = ctx
         self.blocks = ctx.ram.blocks
         self.words = [_words(block) for block in self.blocks] if spec.zero_page_detection else None
+        self.gather = gather_scratch() if spec.zero_page_detection else gather_scratch()[:0]
         self.codec = codecs.make_codec(spec.codec, spec.codec_level)
         self.compress = self.codec.wire_id != 0
         self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
 
     def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
-        block, runs = _slot_runs(self.blocks, self.words, slot)
+        block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
         views, normal = _data_views(block, runs)
         frames: Sequence[Buffer]
         if self.compress and normal:
@@ -197,17 +219,18 @@ class RamPagesFileWriter:
         self.blocks = ctx.ram.blocks
         self.offsets = target.pages_offsets
         self.words = [_words(b) for b in self.blocks] if ctx.spec.zero_page_detection else None
+        self.gather = gather_scratch() if ctx.spec.zero_page_detection else gather_scratch()[:0]
         present = _per_block(ctx, ctx.present, "u1")
         assert present is not None
         self.present = present
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
-        block, runs = _slot_runs(self.blocks, self.words, slot)
+        block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
         firsts, counts, zero = runs
         # A page zero now is absent from the file, whatever an earlier round
         # left at its place: restore leaves it zero.  Its checksum is 0.
-        pages, nonzero = _pages(firsts, counts), np.repeat(~zero, counts)
+        pages, nonzero = runs_to_pages(firsts, counts), np.repeat(~zero, counts)
         self.present[block.index][pages] = nonzero
         normal = int(counts[~zero].sum())
         _count_pages(self.ctx, normal, int(counts.sum()), normal * PAGE_SIZE)
@@ -271,57 +294,46 @@ class RamPagesFileReader:
 
 
 class RamPagesReceiver:
-    """RAM_PAGES packet → validated header → pages placed into guest RAM."""
+    """A checked RAM_PAGES header → the views its payload goes into → pages placed."""
 
     def __init__(self, ctx: ChannelContext) -> None:
-        spec = ctx.spec
         self.ctx = ctx
         self.blocks = ctx.ram.blocks
-        self.codec = codecs.make_codec(spec.codec, None)
-        self.limits = packet.PacketLimits(
-            page_size=PAGE_SIZE,
-            packet_pages=spec.packet_pages,
-            block_pages=tuple(b.n_pages for b in self.blocks),
-            codec=self.codec.wire_id,
-            codec_bound=codecs.payload_bound,
-        )
+        self.codec = codecs.make_codec(ctx.spec.codec, None)
         self._frame = bytearray(_FRAME_BYTES) if self.codec.wire_id else bytearray()
+        self._frame_header = memoryview(bytearray(codecs.FRAME_HEADER.size))
 
-    def receive(
-        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
-    ) -> None:
-        pages = packet.decode_ram_pages(header, body, self.limits, sequence, epoch)
-        block = self.blocks[pages.block_index]
-        views = [block.page_view(run.first_page, run.n_pages) for run in pages.runs if not run.zero]
-        if pages.codec == 0:
-            conn.recv_into_buffers(views)
+    def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
+        assert isinstance(record, packet.RamPagesHeader)
+        block = self.blocks[record.block_index]
+        firsts, counts, flags = (np.fromiter(column, dtype=np.int64, count=len(record.runs))
+                                 for column in record.run_columns())
+        zero = (flags & packet.RunFlags.ZERO) != 0
+        views = [block.page_view(first, count)
+                 for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist())]
+        if record.codec == 0:
+            yield views
         else:
-            self._receive_frames(conn, views, header.payload_length)
-        normal, total = _place_marks(block, body)
-        _count_pages(self.ctx, normal, total, header.payload_length)
+            yield from self._frames(views)
+        normal, total = _place_marks(block, firsts, counts, zero)
+        _count_pages(self.ctx, normal, total, record.payload_length)
 
-    def _receive_frames(self, conn: Connection, views: list[memoryview], payload_length: int) -> None:
-        consumed = 0
+    def _frames(self, views: list[memoryview]) -> Iterator[Sequence[memoryview]]:
+        """Frame by frame: its header, then its pages (RAW) or its compressed bytes."""
         for frame in _cut(views, _FRAME_BYTES):
             size = sum(view.nbytes for view in frame)
-            length, raw = codecs.decode_frame_header(conn.recv_exact(codecs.FRAME_HEADER.size), size)
-            consumed += codecs.FRAME_HEADER.size + length
-            if consumed > payload_length:
-                raise RemoteProtocolError("compressed frames overrun payload_length")
+            yield [self._frame_header]
+            length, raw = codecs.decode_frame_header(bytes(self._frame_header), size)
             if raw:
-                conn.recv_into_buffers(frame)
+                yield frame
                 continue
             packed = memoryview(self._frame)[:length]
-            conn.recv_into_buffers([packed])
+            yield [packed]
             pages = memoryview(self.codec.decompress(packed, size))  # exactly `size` bytes, or an error
             at = 0
             for view in frame:
                 view[:] = pages[at:at + view.nbytes]
                 at += view.nbytes
-        if consumed != payload_length:
-            raise RemoteProtocolError(
-                f"compressed frames total {consumed} bytes, payload_length says {payload_length}"
-            )
 
 
 def _cut(views: list[memoryview], limit: int) -> list[list[memoryview]]:
@@ -340,28 +352,16 @@ def _cut(views: list[memoryview], limit: int) -> list[list[memoryview]]:
     return [group for group in groups if group]
 
 
-# A run in the RAM_PAGES header, as numpy reads it (docs/wire-format.md §2.1).
-_RUN_DTYPE = np.dtype([("first", ">u4"), ("count", ">u2"), ("flags", ">u2")])
-
-
-def _pages(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Every page index of the runs (firsts, counts), in order."""
-    offsets = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.arange(int(counts.sum())) - offsets + np.repeat(firsts, counts)
-
-
-def _place_marks(block: RamBlock, body: bytes) -> tuple[int, int]:
+def _place_marks(block: RamBlock, firsts: np.ndarray, counts: np.ndarray,
+                 zero: np.ndarray) -> tuple[int, int]:
     """After a packet landed: zero its ZERO pages where they may hold data, and
-    mark its other pages as holding data.  One numpy pass over the run table
-    (already validated by the codec), not a Python step per run: a zero-heavy
-    packet has hundreds of runs.  Returns the pages with data, and all pages."""
-    runs = np.frombuffer(body, dtype=_RUN_DTYPE, offset=packet.RAM_PAGES_RUNS_AT)
-    firsts, counts = runs["first"].astype(np.int64), runs["count"].astype(np.int64)
-    zero = (runs["flags"] & packet.RunFlags.ZERO) != 0
+    mark its other pages as holding data.  One numpy pass over the runs, not a
+    Python step per run: a zero-heavy packet has hundreds of runs.  Returns the
+    pages with data, and all pages."""
     if zero.any():
-        stale = block.dirty.take_pages(_pages(firsts[zero], counts[zero]))
+        stale = block.dirty.take_pages(runs_to_pages(firsts[zero], counts[zero]))
         if stale.size:
             block.array()[stale] = 0
     if not zero.all():
-        block.dirty.mark_pages(_pages(firsts[~zero], counts[~zero]))
+        block.dirty.mark_pages(runs_to_pages(firsts[~zero], counts[~zero]))
     return int(counts[~zero].sum()), int(counts.sum())

@@ -9,8 +9,9 @@ and the socket with no copy in Python::
                 ◀── IDLE(slot) ─   (before the sendmsg when the IOVs do not point
                                     into the slot, so hand-offs overlap sends)
                                  SYNC(e) → SYNC packet, SYNCED(e)
-    dest main   ◀─ AT_SYNC(e) ── recv channel: header → payload receiver → recvmsg_into RAM
-                ── RELEASE(e) ─▶                 waits at SYNC until released
+    dest main   ◀─ AT_SYNC(e) ── recv channel: PacketReader (PacketDecoder + socket)
+                ── RELEASE(e) ─▶   header event → payload receiver → views → recvmsg_into RAM
+                                   waits at SYNC until released
 
 A *file* channel (snapshots) serves the same JOB/SYNC/FINISH requests, but its
 send op is positional I/O on its own descriptor of the snapshot file::
@@ -32,11 +33,12 @@ import os
 import socket
 import struct
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Self, TypeVar
 
+from engine import codecs
 from engine.errors import (
     CancelledError,
     LocalProtocolError,
@@ -46,7 +48,7 @@ from engine.errors import (
     TransportClosedError,
     TransportError,
 )
-from engine.payload import ChannelContext, FilePlanner, payload_entry
+from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
 from engine.pool import current_cancel_token
 from engine.shm import GuestRAM, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
@@ -516,6 +518,48 @@ class Deliveries:
         self._free.append(index)
 
 
+class PacketReader:
+    """The I/O driver of a destination channel: its socket feeding the sans-IO
+    :class:`~engine.wire.packet.PacketDecoder`, so the fuzzed decoder is the one
+    that runs.
+
+    Headers are read exactly as long as the decoder wants them (16 bytes, then
+    the kind header), so no payload byte is ever buffered: on a header event the
+    payload's consumer names its views and they are filled with ``recvmsg_into``
+    straight from the socket.  Every rule of the stream is the decoder's; the
+    transport's end is this driver's: EOF and short reads are transport errors
+    (TransportClosedError), never fed to the decoder.
+    """
+
+    def __init__(self, conn: Connection, limits: packet.PacketLimits, name: str) -> None:
+        self.conn = conn
+        self.decoder = packet.PacketDecoder(limits)
+        self.name = name
+
+    def next_event(self) -> packet.PacketStart:
+        """The next packet's checked headers (the payload, if any, still unread)."""
+        decoder = self.decoder
+        while (event := decoder.next_event()) is packet.NEED_DATA:
+            data = self.conn.recv_exact_or_eof(decoder.want)
+            if data is None:
+                where = "without END" if decoder.want == packet.PACKET_HEADER_SIZE else "inside a packet"
+                raise TransportClosedError(f"source closed {self.name} {where}")
+            decoder.receive_data(data)
+        return event
+
+    def fill(self, views: Sequence[memoryview]) -> None:
+        """Read the next bytes of the current payload into ``views``, filling them."""
+        rest = self.decoder.payload_into(views)
+        if rest:
+            self.conn.recv_into_buffers(rest)
+
+    def read_payload(self, receiver: PayloadReceiver, record: packet.Packet) -> None:
+        """Run ``receiver`` on ``record``: fill each group of views it yields, in order."""
+        for views in receiver.receive(record):
+            self.fill(views)
+        self.decoder.payload_done()
+
+
 class _RecvChannel(_Channel):
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
         super().__init__(spec, ctrl, data)
@@ -523,6 +567,14 @@ class _RecvChannel(_Channel):
         first = spec.channel_id * per_channel
         self.deliveries = Deliveries(self, range(first, first + per_channel))
         self.ctx.deliveries = self.deliveries
+        limits = packet.PacketLimits(
+            page_size=packet.PAGE_SIZE,
+            packet_pages=spec.packet_pages,
+            block_pages=tuple(block.n_pages for block in self.ctx.ram.blocks),
+            codec=codecs.codec_entry(spec.codec).wire_id,
+            codec_bound=codecs.payload_bound,
+        )
+        self.reader = PacketReader(self.conn, limits, f"multifd channel {spec.channel_id}")
 
     def wait_control(self, what: str) -> ControlMessage:
         """Block for the next control message, handling RETURN; QUIT or a cancel raise."""
@@ -540,26 +592,25 @@ class _RecvChannel(_Channel):
         receivers = {kind: payload_entry(kind).receiver(self.ctx) for kind in self.spec.payload_kinds}
         self.ready()
         while True:
-            header, body = self._next_packet()
-            if header.kind == packet.PacketKind.SYNC:
-                sync = packet.decode_sync(header, body, self.sequence, self.epoch)
+            event = self._next_packet()
+            record = event.packet
+            if isinstance(record, packet.SyncPacket):
                 self.ctx.count(Counter.SYNCS, 1)
-                post(self.ctrl, ControlOp.AT_SYNC, sync.epoch)
-                self._wait_release(sync.epoch)
+                post(self.ctrl, ControlOp.AT_SYNC, record.epoch)
+                self._wait_release(record.epoch)
                 self.epoch += 1
-            elif header.kind == packet.PacketKind.END:
-                packet.decode_end(header, body, self.sequence, self.epoch)
+            elif isinstance(record, packet.EndPacket):
                 self.ctx.count(Counter.LAST_WORD, 1)  # every page is in place: our work is done
-                post(self.ctrl, ControlOp.ENDED, self.epoch - 1)
+                post(self.ctrl, ControlOp.ENDED, record.epoch)
                 self._wait_goodbye()
                 return self.report(self.sequence + 1)
             else:
-                receiver = receivers.get(header.kind)
+                receiver = receivers.get(event.kind)
                 if receiver is None:
                     raise RemoteProtocolError(
-                        f"packet kind {header.kind} is not enabled in this migration"
+                        f"packet kind {event.kind} is not enabled in this migration"
                     )
-                receiver.receive(header, body, self.conn, self.sequence, self.epoch)
+                self.reader.read_payload(receiver, record)
             self.sequence += 1
 
     def _wait_goodbye(self) -> None:
@@ -580,8 +631,8 @@ class _RecvChannel(_Channel):
             if message.op is not ControlOp.RETURN:
                 raise LocalProtocolError(f"recv channel at sync {epoch} got {message.op.name}")
 
-    def _next_packet(self) -> tuple[packet.PacketHeader, bytes]:
-        """The next packet's common and kind-specific headers (the payload stays unread)."""
+    def _next_packet(self) -> packet.PacketStart:
+        """The next packet's checked headers (the payload stays unread)."""
         while True:
             ready = wait_readable([self.data, self.ctrl, self.token], None)
             if self.token in ready:
@@ -592,13 +643,7 @@ class _RecvChannel(_Channel):
             message = self.wait_control("the next packet")
             if message.op is not ControlOp.RETURN:
                 raise LocalProtocolError(f"recv channel got {message.op.name}")
-        raw = self.conn.recv_exact_or_eof(packet.PACKET_HEADER_SIZE)
-        if raw is None:
-            raise TransportClosedError(
-                f"source closed multifd channel {self.spec.channel_id} without END"
-            )
-        header = packet.decode_packet_header(raw)
-        body = self.conn.recv_exact(header.header_length) if header.header_length else b""
-        self.ctx.count(Counter.WIRE_BYTES, len(raw) + len(body) + header.payload_length)
+        event = self.reader.next_event()
+        self.ctx.count(Counter.WIRE_BYTES, event.header_bytes + event.payload_length)
         self.ctx.count(Counter.PACKETS, 1)
-        return header, body
+        return event

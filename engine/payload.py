@@ -28,8 +28,8 @@ device state, ...) registers, per packet kind:
 
 * a **sender** factory — runs in each source channel process and turns a filled
   slot into ``[header, buffers...]`` (the *prepare* op of seed 002);
-* a **receiver** factory — runs in each destination channel process, validates
-  a packet and places its payload;
+* a **receiver** factory — runs in each destination channel process and says
+  where a checked packet's payload goes (views), then places it; it does no I/O;
 * optionally a **client** factory — runs in the source main process and fills
   slots (for RAM: the dirty rounds);
 * optionally **file writer / reader** factories — run in the channel processes
@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -57,7 +57,7 @@ import numpy as np
 from engine.errors import LocalProtocolError
 from engine.shm import GuestRAM, RamBlock
 from engine.slots import Counter, SendSlot, SlotTable
-from engine.transport import Buffer, Connection
+from engine.transport import Buffer
 from engine.wire import packet
 
 if TYPE_CHECKING:
@@ -106,12 +106,20 @@ class PayloadSender(Protocol):
 
 
 class PayloadReceiver(Protocol):
-    """Destination side of a payload kind: validates a packet and places its payload."""
+    """Destination side of a payload kind: places the payload of a checked packet.
 
-    def receive(
-        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
-    ) -> None:
-        """Decode `body` (the kind-specific header), then read the payload from `conn`."""
+    It does no I/O: the channel's packet reader decoded and checked the packet's
+    headers (``record``: its kind's record, such as a RamPagesHeader) and reads
+    the payload for it.  :meth:`receive` is a generator: each value it yields is
+    the next views of guest memory (or of a slot) that the payload's next bytes
+    go into, in payload order; the reader fills them completely, straight from
+    the socket, before the generator resumes (so it may look at what it got,
+    such as a compressed frame's header, before it says where the rest goes).
+    The views of one packet must add up to its ``payload_length``.
+    """
+
+    def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
+        """Yield where the payload of ``record`` goes, piece by piece; finish placing it."""
         ...
 
 
@@ -293,10 +301,9 @@ class DeliveryReceiver:
         self.codec = codec
         self.ctx = ctx
 
-    def receive(
-        self, header: packet.PacketHeader, body: bytes, conn: Connection, sequence: int, epoch: int
-    ) -> None:
-        fields = self.codec.decode(header, body, sequence)
+    def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
+        assert isinstance(record, packet.KindPacket)
+        fields = self.codec.decode(record.header, record.body, record.sequence)
         deliveries = self.ctx.deliveries
         if deliveries is None:
             raise LocalProtocolError(f"payload kind {self.codec.kind} needs delivery slots")
@@ -304,7 +311,7 @@ class DeliveryReceiver:
         if fields.payload_length > len(slot.payload):
             raise LocalProtocolError(f"a delivery slot holds {len(slot.payload)} bytes, payload kind "
                                      f"{self.codec.kind} sent {fields.payload_length}")
-        conn.recv_into_buffers([slot.payload[:fields.payload_length]])
+        yield [slot.payload[:fields.payload_length]]
         slot.kind = self.codec.kind
         slot.a0, slot.a1, slot.a2 = fields.a0, fields.a1, fields.a2
         slot.payload_length = fields.payload_length

@@ -42,12 +42,14 @@ import os
 import struct
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from itertools import repeat
+from dataclasses import dataclass, field
 from operator import add, le, mul
-from typing import Final, Literal, NamedTuple, TypeAlias
+from typing import Final, Literal, TypeAlias
 
 from engine.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
+from engine.wire.runs import RUN_SIZE, Columns, decode_runs, encode_runs, page_runs
+from engine.wire.runs import PageRun as PageRun  # re-exported: the run table's
+from engine.wire.runs import RunFlags as RunFlags  # records live in engine.wire.runs
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -91,10 +93,6 @@ class DeviceFlags(enum.IntFlag):
     END = 1  # the device's last chunk: its config part, loaded after every other
 
 
-class RunFlags(enum.IntFlag):
-    ZERO = 1  # the run's pages are all zero and carry no payload
-
-
 class NeedData(enum.Enum):
     """Type of :data:`NEED_DATA`."""
 
@@ -126,9 +124,7 @@ _PACKET_HEADER = struct.Struct(">IBBHII")
 #  0 block_index u16 | 2 codec u8 | 3 reserved u8 | 4 epoch u32 | 8 n_runs u16 | 10 reserved u16
 _RAM_PAGES = struct.Struct(">HBBIHH")
 
-# one page run, 8 bytes
-#  0 first_page u32 | 4 n_pages u16 | 6 flags u16 (RunFlags)
-_RUN = struct.Struct(">IHH")
+# then n_runs page runs, 8 bytes each: engine.wire.runs (the one run-table codec)
 
 # SYNC and END kind header, 8 bytes
 #  0 epoch u32 | 4 reserved u32
@@ -140,8 +136,8 @@ _RAM_PAGES_PREFIX = struct.Struct(_PACKET_HEADER.format + _RAM_PAGES.format[1:])
 
 #: Where a RAM_PAGES header's run table starts (after its fixed fields).
 RAM_PAGES_RUNS_AT: Final = _RAM_PAGES.size
-_RAM_PAGES_MIN_HEADER: Final = _RAM_PAGES.size + _RUN.size
-_RAM_PAGES_MAX_HEADER: Final = _RAM_PAGES.size + _RUN.size * MAX_PACKET_PAGES
+_RAM_PAGES_MIN_HEADER: Final = _RAM_PAGES.size + RUN_SIZE
+_RAM_PAGES_MAX_HEADER: Final = _RAM_PAGES.size + RUN_SIZE * MAX_PACKET_PAGES
 _ROLES: Final = {role.value: role for role in HelloRole}
 _KINDS: Final = {kind.value: kind for kind in PacketKind}
 # Common-header flag bits each kind may carry: DEVICE_STATE's END, no other.
@@ -306,14 +302,6 @@ def decode_hello(data: Buffer, key: bytes, answers: bytes,
 # ── packet records ────────────────────────────────────────────────────────────
 
 
-class PageRun(NamedTuple):
-    """``n_pages`` pages of a block from ``first_page``; ``zero``: all zero, no payload."""
-
-    first_page: int
-    n_pages: int
-    zero: bool
-
-
 @dataclass(frozen=True, slots=True)
 class PacketHeader:
     """A checked common packet header (from :func:`decode_packet_header`).
@@ -338,6 +326,16 @@ class RamPagesHeader:
     epoch: int
     runs: tuple[PageRun, ...]
     payload_length: int
+    # The same runs as the run table's columns (first pages, counts, flags), as
+    # decoded: what a receiver turns into arrays.  Not part of the record's value.
+    columns: Columns | None = field(default=None, compare=False, repr=False)
+
+    def run_columns(self) -> Columns:
+        """The runs as columns: first pages, page counts, flags (RunFlags)."""
+        if self.columns is not None:
+            return self.columns
+        firsts, counts, zeros = zip(*self.runs)
+        return firsts, counts, tuple(int(RunFlags.ZERO) if zero else 0 for zero in zeros)
 
     @property
     def n_pages(self) -> int:
@@ -382,7 +380,19 @@ class DeviceChunkHeader:
     payload_length: int
 
 
-Packet: TypeAlias = RamPagesHeader | SyncPacket | EndPacket | DeviceChunkHeader
+@dataclass(frozen=True, slots=True)
+class KindPacket:
+    """A packet of a kind registered with :func:`register_kind`: its common header
+    (checked by the kind's :class:`KindRule`) and sequence are checked here, its
+    kind header (``body``) is its own codec's to check and decode."""
+
+    sequence: int
+    header: PacketHeader
+    body: bytes
+    payload_length: int
+
+
+Packet: TypeAlias = RamPagesHeader | SyncPacket | EndPacket | DeviceChunkHeader | KindPacket
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,10 +468,10 @@ def encode_ram_pages(
             raise LocalProtocolError(f"payload_length {payload_length}, expected {raw} for codec 0")
     try:
         prefix = _RAM_PAGES_PREFIX.pack(
-            PACKET_MAGIC, PacketKind.RAM_PAGES, 0, _RAM_PAGES.size + _RUN.size * n_runs,
+            PACKET_MAGIC, PacketKind.RAM_PAGES, 0, _RAM_PAGES.size + RUN_SIZE * n_runs,
             payload_length, sequence, block_index, codec, 0, epoch, n_runs, 0,
         )
-        return prefix + b"".join(map(_RUN.pack, firsts, counts, zero_flags))
+        return prefix + encode_runs(firsts, counts, zero_flags)
     except struct.error as error:
         raise LocalProtocolError(f"RAM_PAGES field out of range: {error}") from error
 
@@ -583,7 +593,7 @@ def decode_packet_header(data: Buffer) -> PacketHeader:
         raise RemoteProtocolError(f"unknown {kind.name} flags 0x{flags:02x}")
     if kind is PacketKind.RAM_PAGES:
         if (not _RAM_PAGES_MIN_HEADER <= header_length <= _RAM_PAGES_MAX_HEADER
-                or (header_length - _RAM_PAGES.size) % _RUN.size):
+                or (header_length - _RAM_PAGES.size) % RUN_SIZE):
             raise RemoteProtocolError(f"RAM_PAGES header_length {header_length} is not 12 + 8 × n_runs")
     elif kind is PacketKind.DEVICE_STATE:
         if not _DEVICE_STATE.size + 1 <= header_length <= _DEVICE_STATE.size + 255:
@@ -598,12 +608,15 @@ def decode_packet_header(data: Buffer) -> PacketHeader:
     return PacketHeader(kind, flags, header_length, payload_length, sequence)
 
 
+def _kind_name(kind: PacketKind | int) -> str:
+    return kind.name if isinstance(kind, PacketKind) else f"kind {kind}"
+
+
 def _check_kind_header(
     header: PacketHeader, body: Buffer, kind: PacketKind, expected_sequence: int
 ) -> None:
     if header.kind is not kind:
-        name = header.kind.name if isinstance(header.kind, PacketKind) else f"kind {header.kind}"
-        raise LocalProtocolError(f"a {name} header given to the {kind.name} decoder")
+        raise LocalProtocolError(f"a {_kind_name(header.kind)} header given to the {kind.name} decoder")
     if len(body) != header.header_length:
         raise LocalProtocolError(f"kind header is {header.header_length} bytes, got {len(body)}")
     if header.sequence != expected_sequence:
@@ -628,7 +641,7 @@ def decode_ram_pages(
     """
     _check_kind_header(header, body, PacketKind.RAM_PAGES, expected_sequence)
     block_index, codec, reserved, epoch, n_runs, reserved2 = _RAM_PAGES.unpack_from(body)
-    if n_runs != (header.header_length - _RAM_PAGES.size) // _RUN.size:
+    if n_runs != (header.header_length - _RAM_PAGES.size) // RUN_SIZE:
         raise RemoteProtocolError(f"n_runs {n_runs} disagrees with header_length {header.header_length}")
     if n_runs > limits.packet_pages:
         raise RemoteProtocolError(f"{n_runs} runs exceed packet_pages {limits.packet_pages}")
@@ -643,7 +656,8 @@ def decode_ram_pages(
     # Checked column-wise with builtins rather than run by run: a packet may
     # carry 4096 runs and this runs for every packet.
     with memoryview(body) as view:
-        firsts, counts, flags = zip(*_RUN.iter_unpack(view[_RAM_PAGES.size:]))
+        columns = decode_runs(view[_RAM_PAGES.size:])
+    firsts, counts, flags = columns
     if min(counts) < 1:
         raise RemoteProtocolError("a page run of 0 pages")
     if max(flags) > RunFlags.ZERO:
@@ -663,9 +677,8 @@ def decode_ram_pages(
             raise RemoteProtocolError(f"payload_length {payload_length}, expected {raw}")
     elif payload_length > limits.max_payload(raw):
         raise RemoteProtocolError(f"compressed payload_length {payload_length} over the bound")
-    # tuple.__new__ builds the PageRuns without the Python-level NamedTuple __new__.
-    runs = tuple(map(tuple.__new__, repeat(PageRun), zip(firsts, counts, map(bool, flags))))
-    return RamPagesHeader(header.sequence, block_index, codec, epoch, runs, payload_length)
+    return RamPagesHeader(header.sequence, block_index, codec, epoch, page_runs(columns),
+                          payload_length, columns)
 
 
 def _decode_epoch(
@@ -743,7 +756,14 @@ def decode_packet(
         return decode_sync(header, body, expected_sequence, current_epoch)
     if header.kind is PacketKind.DEVICE_STATE:
         return decode_device_state(header, body, expected_sequence)
-    return decode_end(header, body, expected_sequence, current_epoch)
+    if header.kind is PacketKind.END:
+        return decode_end(header, body, expected_sequence, current_epoch)
+    # a registered kind: decode_packet_header checked it against its rule
+    if len(body) != header.header_length:
+        raise LocalProtocolError(f"kind header is {header.header_length} bytes, got {len(body)}")
+    if header.sequence != expected_sequence:
+        raise RemoteProtocolError(f"packet sequence {header.sequence}, expected {expected_sequence}")
+    return KindPacket(header.sequence, header, bytes(body), header.payload_length)
 
 
 class StreamBuffer:
@@ -766,18 +786,47 @@ class StreamBuffer:
             self._closed = True
 
 
-class PacketDecoder(StreamBuffer):
-    """Incremental decoder of the packets of one multifd channel (after its hello).
+@dataclass(frozen=True, slots=True)
+class PacketStart:
+    """Event of :meth:`PacketDecoder.next_event`: a packet's headers arrived and
+    were checked; ``payload_length`` bytes of payload follow on the stream.
 
-    Feed bytes with :meth:`receive_data` (``b""`` means the peer closed the
-    connection) and call :meth:`next_packet` until it answers :data:`NEED_DATA`.
+    A packet without payload (SYNC, END, an empty END chunk) is complete with this
+    event.  Otherwise its consumer says which views the payload goes into, in
+    order, with :meth:`PacketDecoder.payload_into` (as many calls as it likes:
+    compressed frames are read header by header), reads what that leaves into
+    them straight from the stream, and ends with :meth:`PacketDecoder.payload_done`.
+    """
+
+    kind: PacketKind | int  # a PacketKind, or a kind registered with register_kind()
+    packet: Packet
+    header_bytes: int     # common header and kind header, as they were on the stream
+    payload_length: int
+
+
+class PacketDecoder(StreamBuffer):
+    """Sans-IO decoder of the packets of one multifd channel (after its hello).
+
     It checks every packet as :func:`decode_packet` does and keeps the channel's
     state: sequences count from 0; the epoch starts at 1; RAM_PAGES must carry the
     current epoch; SYNC must carry the current epoch and moves it to epoch + 1; END
     must carry the last completed epoch (current - 1).  Any byte after END, or the
-    connection closing before END, is a RemoteProtocolError.  Headers are checked
-    as soon as they arrive, before the payload is waited for.  Once it has raised,
-    every later call raises again.
+    stream ending (``receive_data(b"")``) before END, is a RemoteProtocolError.
+    Headers are checked as soon as they arrive, before the payload is waited for.
+    It raises protocol errors only (what the transport did is its driver's to
+    say); once it has raised a RemoteProtocolError, every later call raises again.
+
+    Two ways to drive it:
+
+    * **payload in place** (what channel processes do): feed exactly :attr:`want`
+      bytes while :meth:`next_event` answers NEED_DATA; on :class:`PacketStart`
+      hand the payload's destination views to :meth:`payload_into`, fill the
+      views it answers from the stream (``recv_into``: no copy), then call
+      :meth:`payload_done`.  Bytes fed beyond ``want`` are not lost: they are
+      copied into the views first.
+    * **whole packets**, the h11 way: feed whatever arrives and call
+      :meth:`next_packet` until it answers NEED_DATA; it answers each packet
+      with its payload as bytes.
     """
 
     def __init__(self, limits: PacketLimits) -> None:
@@ -786,7 +835,8 @@ class PacketDecoder(StreamBuffer):
         self._sequence = 0
         self._epoch = 1
         self._header: PacketHeader | None = None
-        self._record: Packet | None = None
+        self._start: PacketStart | None = None     # the packet whose payload is being read
+        self._payload_left = 0                     # ... and its bytes not yet claimed
         self._ended = False
         self._error: RemoteProtocolError | None = None
 
@@ -802,25 +852,44 @@ class PacketDecoder(StreamBuffer):
 
     @property
     def ended(self) -> bool:
-        """True once END has been returned."""
+        """True once END has been answered."""
         return self._ended
 
-    def next_packet(self) -> tuple[Packet, bytes] | Literal[NeedData.NEED_DATA]:
-        """The next whole packet and its payload, or NEED_DATA.
+    @property
+    def want(self) -> int:
+        """How many more bytes the headers in progress need (16 for a new packet):
+        feed this many and no byte of the next payload is buffered here."""
+        if self._header is None:
+            return max(PACKET_HEADER_SIZE - len(self._buffer), 0)
+        return max(PACKET_HEADER_SIZE + self._header.header_length - len(self._buffer), 0)
+
+    @property
+    def payload_left(self) -> int:
+        """Bytes of the current packet's payload not yet claimed by payload_into()."""
+        return self._payload_left
+
+    def _checked(self) -> None:
+        if self._error is not None:
+            raise RemoteProtocolError("the channel already failed") from self._error
+
+    def next_event(self) -> PacketStart | Literal[NeedData.NEED_DATA]:
+        """The next packet's checked headers, or NEED_DATA (feed :attr:`want` bytes).
 
         After END it answers NEED_DATA while no further byte arrives.  Raises
         RemoteProtocolError for an invalid packet, bytes after END, or a stream that
-        ended before END or inside a packet.
+        ended before END or inside a packet; LocalProtocolError if the payload of
+        the previous packet is not done.
         """
-        if self._error is not None:
-            raise RemoteProtocolError("the channel already failed") from self._error
+        self._checked()
+        if self._start is not None:
+            raise LocalProtocolError("next_event() before the payload_done() of the last packet")
         try:
-            return self._next_packet()
+            return self._next_event()
         except RemoteProtocolError as error:
             self._error = error
             raise
 
-    def _next_packet(self) -> tuple[Packet, bytes] | Literal[NeedData.NEED_DATA]:
+    def _next_event(self) -> PacketStart | Literal[NeedData.NEED_DATA]:
         buffer = self._buffer
         if self._ended:
             if buffer:
@@ -832,25 +901,97 @@ class PacketDecoder(StreamBuffer):
             self._header = decode_packet_header(buffer[:PACKET_HEADER_SIZE])
         header = self._header
         body_end = PACKET_HEADER_SIZE + header.header_length
-        if self._record is None:
-            if len(buffer) < body_end:
-                return self._need_data()
-            self._record = decode_packet(header, buffer[PACKET_HEADER_SIZE:body_end],
-                                         self.limits, self._sequence, self._epoch)
-        record = self._record
-        end = body_end + header.payload_length
-        if len(buffer) < end:
+        if len(buffer) < body_end:
             return self._need_data()
-        with memoryview(buffer) as view:
-            payload = view[body_end:end].tobytes()
-        del buffer[:end]
-        self._header = self._record = None
+        record = decode_packet(header, buffer[PACKET_HEADER_SIZE:body_end],
+                               self.limits, self._sequence, self._epoch)
+        del buffer[:body_end]
+        self._header = None
         self._sequence += 1
-        if isinstance(record, SyncPacket):
+        if header.kind is PacketKind.SYNC:
             self._epoch += 1
-        elif isinstance(record, EndPacket):
+        elif header.kind is PacketKind.END:
             self._ended = True
-        return record, payload
+        event = PacketStart(header.kind, record, body_end, header.payload_length)
+        if header.payload_length:
+            self._start, self._payload_left = event, header.payload_length
+        return event
+
+    def payload_into(self, views: Sequence[memoryview]) -> list[memoryview]:
+        """Claim the next ``sum(nbytes)`` bytes of the payload for ``views`` (writable,
+        in order).  Bytes already fed are copied into their front; the answer is
+        what is left of them, for the caller to fill from the stream (in production
+        all of them: nothing of a payload is fed).
+
+        Raises RemoteProtocolError if that reads past the payload (its consumer
+        follows lengths the peer sent, such as compressed frame headers).
+        """
+        self._checked()
+        start = self._start
+        if start is None:
+            raise LocalProtocolError("payload_into() without a payload in progress")
+        wanted = sum(view.nbytes for view in views)
+        if wanted > self._payload_left:
+            self._error = RemoteProtocolError(
+                f"{_kind_name(start.kind)} content would overrun payload_length {start.payload_length} "
+                f"({wanted} more bytes wanted, {self._payload_left} left)")
+            raise self._error
+        self._payload_left -= wanted
+        buffer = self._buffer
+        if not buffer:
+            return list(views)
+        left: list[memoryview] = []
+        for view in views:
+            take = min(len(buffer), view.nbytes)
+            if take:
+                view[:take] = buffer[:take]
+                del buffer[:take]
+            if take < view.nbytes:
+                left.append(view[take:])
+        return left
+
+    def payload_done(self) -> None:
+        """The consumer of the current payload is done (no-op for a packet without one).
+
+        Raises RemoteProtocolError if it took less than the whole payload.
+        """
+        self._checked()
+        start = self._start
+        if start is None:
+            return
+        if self._payload_left:
+            self._error = RemoteProtocolError(
+                f"{_kind_name(start.kind)} payload_length {start.payload_length}, but its content "
+                f"ends after {start.payload_length - self._payload_left} bytes")
+            raise self._error
+        self._start = None
+
+    def next_packet(self) -> tuple[Packet, bytes] | Literal[NeedData.NEED_DATA]:
+        """The next whole packet and its payload, or NEED_DATA.
+
+        After END it answers NEED_DATA while no further byte arrives.  Raises
+        RemoteProtocolError for an invalid packet, bytes after END, or a stream that
+        ended before END or inside a packet.  (The payload in place path, above,
+        with a bytearray as the one view.)
+        """
+        self._checked()
+        start = self._start
+        if start is None:
+            event = self.next_event()
+            if event is NEED_DATA:
+                return NEED_DATA
+            if not event.payload_length:
+                return event.packet, b""
+            start = event
+        if len(self._buffer) < self._payload_left:
+            if self._closed:
+                self._error = RemoteProtocolError("the connection closed inside a packet")
+                raise self._error
+            return NEED_DATA
+        payload = bytearray(start.payload_length)
+        self.payload_into([memoryview(payload)])
+        self.payload_done()
+        return start.packet, bytes(payload)
 
     def _need_data(self) -> Literal[NeedData.NEED_DATA]:
         if self._closed:
