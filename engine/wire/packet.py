@@ -858,7 +858,10 @@ class PacketDecoder(StreamBuffer):
     @property
     def want(self) -> int:
         """How many more bytes the headers in progress need (16 for a new packet):
-        feed this many and no byte of the next payload is buffered here."""
+        feed this many and no byte of the next payload is buffered here.  After END:
+        1 (any byte at all is an error)."""
+        if self._ended:
+            return 1
         if self._header is None:
             return max(PACKET_HEADER_SIZE - len(self._buffer), 0)
         return max(PACKET_HEADER_SIZE + self._header.header_length - len(self._buffer), 0)

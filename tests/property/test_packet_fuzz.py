@@ -2,14 +2,20 @@
 anything but a valid record, NEED_DATA or RemoteProtocolError.
 
 Every decoder is fed both whole and one byte at a time, and the two feedings must
-agree.  Every record a decoder answers is checked against the rules of
-docs/wire-format.md by an oracle written here, and must re-encode to exactly the
+agree.  The packet decoder is also driven the way channel processes drive it
+(:class:`engine.channel.PacketReader`): header bytes fed as many as it wants
+(``want``), each payload claimed with ``payload_into`` for views that are then
+filled from the stream; that must agree too.  Every record a decoder answers is
+checked against the rules of docs/wire-format.md by an oracle written here, and must re-encode to exactly the
 bytes it was decoded from.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
 import uuid
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import pytest
@@ -52,6 +58,7 @@ from engine.wire.packet import (
     Packet,
     PacketDecoder,
     PacketLimits,
+    PacketStart,
     RamPagesHeader,
     SyncPacket,
     decode_challenge,
@@ -215,9 +222,85 @@ def run_packet_decoder(
     return packets, offset, "need-data"
 
 
+class _StreamEnded(Exception):
+    """The stream ran out inside a payload (a channel's reader: TransportClosedError)."""
+
+
+def _cut_views(buffer: bytearray, sizes: Sequence[int]) -> list[list[memoryview]]:
+    """Writable views of all of ``buffer``, cut in the cycle of ``sizes``, in groups of up to 3."""
+    views, at, size = [], 0, itertools.cycle(sizes)
+    with memoryview(buffer) as whole:
+        while at < len(buffer):
+            n = next(size)
+            views.append(whole[at:at + n])
+            at += n
+    return [views[i:i + 3] for i in range(0, len(views), 3)]
+
+
+def run_in_place(data: bytes, feed: Sequence[int], cuts: Sequence[int], eof: bool = True
+                 ) -> tuple[list[tuple[Packet, bytes]], int, str]:
+    """Drive next_event / payload_into / payload_done as a channel's reader does, and
+    answer as :func:`run_packet_decoder`.
+
+    Header bytes are fed ``want`` at a time, plus ``feed`` extra ones in a cycle
+    (0: exactly as production; more: payload bytes reach the decoder's buffer and
+    payload_into must copy them).  Each payload goes into views cut in the cycle
+    of ``cuts``, claimed a group at a time and filled from the stream.
+    """
+    decoder = PacketDecoder(LIMITS)
+    packets: list[tuple[Packet, bytes]] = []
+    offset = at = 0
+    extra = itertools.cycle(feed)
+    closing = eof
+    try:
+        while True:
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                assert decoder.want > 0 or decoder.ended
+                piece = data[at:at + decoder.want + next(extra)]
+                at += len(piece)
+                if piece:
+                    decoder.receive_data(piece)
+                elif not closing or decoder.ended:
+                    return packets, offset, "need-data"
+                else:
+                    closing = False
+                    decoder.receive_data(b"")
+                continue
+            assert isinstance(event, PacketStart)
+            assert decoder.payload_left == event.payload_length
+            payload = bytearray(event.payload_length)
+            for group in _cut_views(payload, cuts):
+                left = decoder.payload_into(group)
+                if not any(feed):  # production: no payload byte was fed, none is copied
+                    assert len(left) == len(group) and all(map(operator.is_, left, group))
+                for view in left:
+                    chunk = data[at:at + view.nbytes]
+                    if len(chunk) < view.nbytes:
+                        raise _StreamEnded
+                    view[:] = chunk
+                    at += view.nbytes
+            decoder.payload_done()
+            record = event.packet
+            wire = check_packet(record, bytes(payload), decoder.sequence - 1,
+                                decoder.epoch - isinstance(record, SyncPacket))
+            assert event.header_bytes + event.payload_length == len(wire)
+            assert data[offset:offset + len(wire)] == wire
+            offset += len(wire)
+            packets.append((record, bytes(payload)))
+    except _StreamEnded:
+        return packets, offset, "error" if eof else "need-data"
+    except RemoteProtocolError:
+        return packets, offset, "error"
+
+
 def both_feedings(data: bytes, eof: bool = True) -> tuple[list[tuple[Packet, bytes]], int, str]:
     whole = run_packet_decoder(data, False, eof)
     assert run_packet_decoder(data, True, eof) == whole
+    # ... and as production reads: exact headers, payloads into views (a few cuttings)
+    assert run_in_place(data, [0], [1 << 20], eof) == whole
+    assert run_in_place(data, [0], [1, 4095, 7], eof) == whole
+    assert run_in_place(data, [3, 0, 50], [5, 2], eof) == whole
     return whole
 
 
@@ -256,6 +339,17 @@ def mutations(data: bytes) -> st.SearchStrategy[bytes]:
 @given(packet_streams.flatmap(lambda stream: mutations(stream[0])))
 def test_packet_decoder_corrupted_stream(data: bytes) -> None:
     both_feedings(data)
+
+
+@FAST
+@given(packet_streams.flatmap(lambda stream: st.one_of(st.just(stream[0]), mutations(stream[0]))),
+       st.lists(st.integers(0, 40), min_size=1, max_size=4),
+       st.lists(st.integers(1, 5000), min_size=1, max_size=4), st.booleans())
+def test_in_place_reading_agrees_with_whole_packets(data: bytes, feed: list[int], cuts: list[int],
+                                                    eof: bool) -> None:
+    """Any feeding and any cutting of the payloads into views: the same packets,
+    the same bytes in the views, the same end."""
+    assert run_in_place(data, feed, cuts, eof) == run_packet_decoder(data, False, eof)
 
 
 PACKET_PREFIX = st.sampled_from([b"MFDP\x01", b"MFDP\x02", b"MFDP\x03", b"MFDP\x04", b"MFD", b""])
