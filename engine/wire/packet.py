@@ -18,17 +18,22 @@ by field; the main-channel messages live in :mod:`engine.wire.message`)::
                        payload, payload_length bytes
                            RAM_PAGES only: the non-zero pages, run after run
 
-A channel is read in one of two ways:
+A channel is read with :class:`PacketDecoder`, the sans-IO decoder that keeps the
+channel's state (sequence, epoch, END), in one of two ways:
 
-* the hot path reads exactly 16 bytes → :func:`decode_packet_header`, exactly
-  ``header_length`` bytes → :func:`decode_packet`, then ``payload_length`` bytes
-  straight into guest memory, tracking ``sequence`` and ``epoch`` itself;
-* :class:`PacketDecoder` buffers whatever arrives (``receive_data``) and answers a
-  whole packet or :data:`NEED_DATA` (``next_packet``), the h11 way.
+* payload in place (destination channels, through ``engine.channel.PacketReader``):
+  feed exactly the header bytes it wants (``want``); on :class:`PacketStart` claim the
+  payload for views (``payload_into``) and fill them straight from the socket;
+* whole packets, the h11 way: feed whatever arrives (``receive_data``) and take
+  each packet with its payload, or :data:`NEED_DATA` (``next_packet``).
 
-Both validate every header field against hard caps and the negotiated
+:func:`decode_packet_header` and :func:`decode_packet` are its steps, usable alone.
+The run table of a RAM_PAGES header is :mod:`engine.wire.runs`.
+
+Every header field is validated against hard caps and the negotiated
 :class:`PacketLimits` before a byte of payload is read.  Bytes from the peer that
-break a rule raise :class:`~engine.errors.RemoteProtocolError`
+break a rule raise :class:`~engine.errors.RemoteProtocolError` (never a transport
+error: the end of the stream is its driver's to report)
 (:class:`~engine.errors.HandshakeError` for hellos); asking to encode something
 invalid raises :class:`~engine.errors.LocalProtocolError`.
 """
