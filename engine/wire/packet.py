@@ -32,10 +32,10 @@ The run table of a RAM_PAGES header is :mod:`engine.wire.runs`.
 
 Every header field is validated against hard caps and the negotiated
 :class:`PacketLimits` before a byte of payload is read.  Bytes from the peer that
-break a rule raise :class:`~engine.errors.RemoteProtocolError` (never a transport
-error: the end of the stream is its driver's to report)
+break a rule raise :class:`~engine.errors.RemoteProtocolError`
 (:class:`~engine.errors.HandshakeError` for hellos); asking to encode something
-invalid raises :class:`~engine.errors.LocalProtocolError`.
+invalid raises :class:`~engine.errors.LocalProtocolError`.  Nothing here raises a
+transport error: the end of a stream is its I/O driver's to report.
 """
 
 from __future__ import annotations
