@@ -340,7 +340,7 @@ class RamPagesHeader:
         if self.columns is not None:
             return self.columns
         firsts, counts, zeros = zip(*self.runs)
-        return firsts, counts, tuple(int(RunFlags.ZERO) if zero else 0 for zero in zeros)
+        return firsts, counts, tuple(map(int, map(bool, zeros)))  # RunFlags.ZERO is 1
 
     @property
     def n_pages(self) -> int:
