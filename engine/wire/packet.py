@@ -935,10 +935,12 @@ class PacketDecoder(StreamBuffer):
         follows lengths the peer sent, such as compressed frame headers).
         """
         self._checked()
+        wanted = sum(view.nbytes for view in views)
+        if not wanted:
+            return []  # (a packet without payload may still be handed its no views)
         start = self._start
         if start is None:
             raise LocalProtocolError("payload_into() without a payload in progress")
-        wanted = sum(view.nbytes for view in views)
         if wanted > self._payload_left:
             self._error = RemoteProtocolError(
                 f"{_kind_name(start.kind)} content would overrun payload_length {start.payload_length} "

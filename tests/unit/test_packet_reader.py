@@ -148,6 +148,19 @@ def test_a_consumer_that_stops_short_is_refused(pair: tuple[socket.socket, Conne
         reader.read_payload(IntoBuffers(extra=-1), event.packet)
 
 
+def test_a_packet_without_payload_takes_no_views(pair: tuple[socket.socket, Connection]) -> None:
+    """All-zero pages: payload_length 0, and a receiver that yields its (no) views."""
+    writer, conn = pair
+    writer.sendall(packet.encode_ram_pages(0, 0, 0, 1, [(0, 8, True)], 0) + packet.encode_end(1, 0))
+    reader = PacketReader(conn, LIMITS, "channel 0")
+    event = reader.next_event()
+    assert event.payload_length == 0
+    receiver = IntoBuffers()
+    reader.read_payload(receiver, event.packet)
+    assert [bytes(buffer) for _, buffer in receiver.got] == [b""]
+    assert isinstance(reader.next_event().packet, packet.EndPacket)
+
+
 def test_the_next_header_waits_for_the_payload(pair: tuple[socket.socket, Connection]) -> None:
     writer, conn = pair
     data, _, _ = _stream()
