@@ -47,6 +47,7 @@ from engine.dirty import DirtySource
 from engine.errors import ConfigError, LocalProtocolError, SnapshotFormatError
 from engine.multifd import MultifdSender
 from engine.operation import Operation
+from engine.pages import pages_to_runs
 from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.saving import RAM_CLIENT, SavingOperation
@@ -202,9 +203,8 @@ def _scrub(file: PositionalFile, info: SnapshotInfo, present: Sequence[np.ndarra
     for block, pages, block_sums in zip(info.metadata.blocks, present, sums):
         bad: list[np.ndarray] = []
         # Runs of consecutive present pages, each read in pieces of _SCRUB_PAGES at most.
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(pages) != 1) + 1))
-        ends = np.concatenate((starts[1:], [pages.size]))
-        for first, count in zip(pages[starts].tolist(), (ends - starts).tolist()):
+        firsts, counts = pages_to_runs(pages)
+        for first, count in zip(firsts.tolist(), counts.tolist()):
             for at in range(first, first + count, _SCRUB_PAGES):
                 n = min(_SCRUB_PAGES, first + count - at)
                 view = scratch[:n * page_size]
@@ -212,9 +212,8 @@ def _scrub(file: PositionalFile, info: SnapshotInfo, present: Sequence[np.ndarra
                 bad.append(at + fmt.damaged_pages(view, block_sums[at:at + n], page_size))
         damaged = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
         # One region per run of consecutive damaged pages.
-        breaks = np.flatnonzero(np.diff(damaged) != 1) + 1
-        for run in np.split(damaged, breaks) if damaged.size else []:
-            first, n = int(run[0]), int(run.size)
+        bad_firsts, bad_counts = pages_to_runs(damaged)
+        for first, n in zip(bad_firsts.tolist(), bad_counts.tolist()):
             damage.append(Damage(block.pages_offset + first * page_size, n * page_size,
                                  block=block.name, page=first, n_pages=n))
     for device in info.metadata.devices:
