@@ -88,9 +88,9 @@ class MainChannel:
         try:
             while self.poll() is not None:
                 pass
-        except (TransportClosedError, RemoteProtocolError):
-            pass  # the end, or the end inside a message: either way, it closed
-        raise TransportClosedError(self._closed())
+        except RemoteProtocolError:
+            pass  # the end inside a message: either way, it closed
+        raise TransportClosedError(self._closed())  # the codec only says it ended
 
     def wait_readable(self, deadline: float | None) -> None:
         """Wait until the connection is readable, or raise: TransportBrokenError

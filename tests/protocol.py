@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 
 from engine import DestinationMigration
+from engine.errors import TransportClosedError
 from engine.wire import message as wire
 from engine.wire import packet
 from tests.harness import SECRET
@@ -83,7 +84,10 @@ class HandMadeSource:
 
     def next_message(self) -> wire.Message:
         while (message := self.decoder.next_message()) is packet.NEED_DATA:
-            self.decoder.receive_data(self.main.recv(4096))
+            data = self.main.recv(4096)
+            if not data:  # the codec says protocol errors only; the end is ours to say
+                raise TransportClosedError("the destination closed the main channel")
+            self.decoder.receive_data(data)
         return message
 
     def channel(self, hello: bytes | Callable[[bytes], bytes]) -> socket.socket:

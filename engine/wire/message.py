@@ -38,7 +38,6 @@ from engine.errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
-    TransportClosedError,
 )
 from engine.wire.packet import (
     MAX_BLOCK_PAGES,
@@ -643,7 +642,9 @@ class MessageDecoder(StreamBuffer):
         """The next whole message, or NEED_DATA.
 
         Raises RemoteProtocolError for an invalid message or a stream that ended
-        inside one, and TransportClosedError once the stream ended between messages.
+        inside one.  A stream that ended between messages is no protocol error:
+        it answers NEED_DATA and :attr:`ended` is True (its driver, which fed the
+        end, reports the closed connection).
         """
         if self._error is not None:
             raise RemoteProtocolError("the main channel already failed") from self._error
@@ -671,11 +672,14 @@ class MessageDecoder(StreamBuffer):
         body.finish()
         return message
 
+    @property
+    def ended(self) -> bool:
+        """The stream ended (``receive_data(b"")``) with no message left in it."""
+        return self._closed and not self._buffer
+
     def _need_data(self) -> Literal[NeedData.NEED_DATA]:
-        if self._closed:
-            if self._buffer:
-                raise RemoteProtocolError("the main channel closed inside a message")
-            raise TransportClosedError("the peer closed the main channel")
+        if self._closed and self._buffer:
+            raise RemoteProtocolError("the main channel closed inside a message")
         return NEED_DATA
 
 
