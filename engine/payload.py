@@ -37,8 +37,10 @@ device state, ...) registers, per packet kind:
   (:class:`FileIO`: file offset, views, and what to do just before the write or
   just after the read) that the file channel writes or reads.
 
-Clients register on import; the built-in ones are imported here by *name* on
-first use, so ``engine`` never imports ``clients`` statically.  A new payload
+Clients register on import.  A kind not registered yet is looked up among the
+installed packages' ``multifd.payloads`` entry points, by the kind's name
+(``ram_pages``, ``device_state``: pyproject.toml declares the built-in clients)
+or number, so the engine names no client.  A new payload
 kind is a new client module, not a change to the core.
 """
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -185,10 +188,15 @@ class PayloadEntry:
 
 
 _PAYLOADS: dict[int, PayloadEntry] = {}
-_BUILTIN = {
-    packet.PacketKind.RAM_PAGES: "clients.ram",
-    packet.PacketKind.DEVICE_STATE: "clients.device_state",
-}
+ENTRY_POINTS = "multifd.payloads"
+
+
+def _entry_point_name(kind: int) -> str:
+    """How pyproject.toml names the client of `kind`: the built-in kinds by name."""
+    try:
+        return packet.PacketKind(kind).name.lower()
+    except ValueError:
+        return str(kind)
 
 
 def register_payload(
@@ -206,9 +214,11 @@ def register_payload(
 
 
 def payload_entry(kind: int) -> PayloadEntry:
-    """The handlers of `kind`, importing its built-in client module on first use."""
-    if kind not in _PAYLOADS and kind in _BUILTIN:
-        importlib.import_module(_BUILTIN[packet.PacketKind(kind)])
+    """The handlers of `kind`, importing the client module an installed package
+    declares for it on first use."""
+    if kind not in _PAYLOADS:
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINTS, name=_entry_point_name(kind)):
+            entry.load()
     try:
         return _PAYLOADS[kind]
     except KeyError:
