@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.errors import SnapshotError, SnapshotFormatError
+from engine.errors import SnapshotError
 from engine.scatter import Buffer, advance, batch, flat_views
 from engine.transport import register_file_transport
 
@@ -82,8 +82,9 @@ class SnapshotFile:
         return total
 
     def read_into(self, offset: int, buffers: Sequence[Buffer]) -> int:
-        """Fill every buffer from file offset `offset`.  A file that ends first is
-        a truncated snapshot (SnapshotFormatError)."""
+        """Fill every buffer from file offset `offset`.  A file that ends first
+        is a SnapshotError (whether that makes the snapshot damaged is for the
+        format's reader to say: it checks the layout against the size first)."""
         views = flat_views(buffers)
         total = sum(v.nbytes for v in views)
         start = 0
@@ -91,7 +92,8 @@ class SnapshotFile:
             while start < len(views):
                 done = os.preadv(self.fd, batch(views, start, _STEP), offset)
                 if done == 0:
-                    raise SnapshotFormatError(f"{self.path} ends at {offset}: truncated")
+                    raise SnapshotError(f"cannot read {self.path}: it ends at {offset}, "
+                                        f"{total} bytes were asked for")
                 offset += done
                 start = advance(views, start, done)
         except OSError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import SnapshotError, SnapshotFormatError
+from engine.errors import SnapshotError
 from transports.file import open_file
 
 
@@ -23,10 +23,11 @@ def test_write_and_read_many_buffers_at_an_offset(tmp_path: Path) -> None:
         file.discard()
 
 
-def test_reading_past_the_end_is_a_truncated_snapshot(tmp_path: Path) -> None:
+def test_reading_past_the_end_is_an_error_not_a_short_read(tmp_path: Path) -> None:
+    """The transport says where the file ended; judging the snapshot is the format's job."""
     path = tmp_path / "short"
     path.write_bytes(b"x" * 100)
-    with open_file(str(path), "read") as file, pytest.raises(SnapshotFormatError, match="truncated"):
+    with open_file(str(path), "read") as file, pytest.raises(SnapshotError, match="ends at 100"):
         file.read_at(50, 51)
 
 
