@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test mutants bench lint clean
+.PHONY: demo test mutants bench bench-micro lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,16 @@ mutants: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 
+# The hot paths per MiB / per packet (pytest-benchmark): a regression shows as a number.
+bench-micro: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pytest bench/test_micro.py --benchmark-only --benchmark-columns=min,median,ops -p no:cacheprovider
+
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	$(BIN)/python -m ruff check engine clients transports tests bench
 	$(BIN)/python -m mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
