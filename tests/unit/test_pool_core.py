@@ -9,14 +9,17 @@ reaches.
 
 from __future__ import annotations
 
+import ast
 import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import engine.pool
 from engine.errors import BrokenPoolError, CancelledError, PoolError
 from engine.pool import CancelToken, WorkerPool
 from engine.pool._core import Job, PoolCore
@@ -290,3 +293,41 @@ def test_thread_job_ignoring_the_token_is_abandoned_and_its_late_result_dropped(
     assert stubborn.exception(0) is error
     stats = pool.statistics()
     assert (stats.completed, stats.failed, stats.busy) == (0, 1, 0)
+
+
+# --------------------------------------------------------------------------- the package's shape
+
+
+def _pool_modules() -> dict[str, ast.Module]:
+    folder = Path(engine.pool.__file__).parent
+    return {f"engine.pool.{p.stem}" if p.stem != "__init__" else "engine.pool":
+            ast.parse(p.read_text(), str(p)) for p in sorted(folder.glob("*.py"))}
+
+
+def test_pool_modules_import_downwards_only_and_never_the_facade() -> None:
+    modules = _pool_modules()
+    imports: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        imports[name] = {m for m in found if m in modules and m != name}
+        if name != "engine.pool":
+            assert "engine.pool" not in imports[name], f"{name} imports the facade"
+    done: set[str] = set()
+    while len(done) < len(imports):  # peel off modules whose imports are all done
+        ready = {m for m, deps in imports.items() if m not in done and deps <= done}
+        assert ready, f"an import cycle among {sorted(set(imports) - done)}"
+        done |= ready
+
+
+def test_no_pool_module_touches_another_objects_private_members() -> None:
+    for name, tree in _pool_modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") \
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                raise AssertionError(f"{name}:{node.lineno}: .{node.attr} of another object")
