@@ -32,6 +32,14 @@ from engine.pool._worker import worker_main
 
 logger = logging.getLogger("multifd.pool")
 
+# One worker start at a time in this process, whatever the pool.  multiprocessing
+# closes the owner's copy of a new child's sentinel pipe (write end) only after
+# fork() returns; a worker forked by another pool in that window inherits that
+# end, and the first worker's death then goes unseen until the second one exits.
+# (The "fork" start method; the same lock serialized starts when it also guarded
+# an environment change.)
+_START_LOCK = threading.Lock()
+
 
 @dataclass(eq=False)
 class _Worker:
@@ -221,7 +229,8 @@ class ProcessBackend:
             process = self._process_class(target=worker_main, daemon=True,
                                           args=(theirs, self._worker_env),
                                           name=f"{core.name}-{index}")
-            process.start()
+            with _START_LOCK:
+                process.start()
         except Exception as exc:
             ours.close()
             error = PoolError(f"pool {core.name!r} could not start worker process {index}")

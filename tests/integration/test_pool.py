@@ -693,3 +693,58 @@ def test_forked_workers_get_the_pool_environment(kit: Kit) -> None:
                     worker_env={"MULTIFD_TEST_WORKER_ENV": "forked"})
     assert pool.submit(getenv, "MULTIFD_TEST_WORKER_ENV").result(GUARD) == "forked"
     assert "MULTIFD_TEST_WORKER_ENV" not in os.environ
+
+
+# --------------------------------------------------------------------------- concurrent starts
+
+
+def pipe_write_ends() -> set[str]:
+    """The pipes this process holds a write end of."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("pipe:"):
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    flags = next(line for line in info if line.startswith("flags:"))
+                if int(flags.split()[1], 8) & os.O_WRONLY:
+                    held.add(link)
+        except (OSError, StopIteration):
+            continue
+    return held
+
+
+def pipe_read_ends() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if fd.isdigit() and os.path.exists(f"/proc/self/fd/{fd}")
+            and os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")} - pipe_write_ends()
+
+
+def test_workers_forked_by_concurrent_pools_hold_no_other_workers_sentinel() -> None:
+    # A worker holds the write end of its own sentinel pipe: the owner sees its death
+    # when that closes.  One forked by another pool in the middle of this start would
+    # hold it too, and this worker's death would go unseen while that one lives.
+    pools = [WorkerPool("process", 2, name=f"forked-{i}", start_method="fork",
+                        cancel_grace=GRACE) for i in range(4)]
+    barrier = threading.Barrier(len(pools))
+    held: list[set[str]] = []
+
+    def start(pool: WorkerPool) -> None:
+        barrier.wait(GUARD)
+        futures = [pool.submit(pipe_write_ends) for _ in range(2)]
+        held.extend(f.result(GUARD) for f in futures)
+
+    def run_all(target: Callable[[WorkerPool], None]) -> None:
+        threads = [threading.Thread(target=target, args=(pool,)) for pool in pools]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    try:
+        run_all(start)
+        sentinels = pipe_read_ends()  # ours: the read ends of the workers' sentinel pipes
+        assert len(held) == 2 * len(pools)
+        assert [len(ends & sentinels) for ends in held] == [1] * len(held)  # each its own
+    finally:  # all at once: a leaked end must not make one pool wait for another
+        run_all(lambda pool: pool.shutdown(wait=True, cancel=True))
