@@ -300,6 +300,7 @@ def test_job_ignoring_the_token_is_stopped_after_grace(kit: Kit, trigger: str) -
     # all, with the pool's error, shows the grace ended it (the job runs on for 60 s).
     assert time.monotonic() - start >= GRACE * 0.9
     assert type(error) is (CancelledError if trigger == "cancel" else BrokenPoolError)
+    assert f"still ran {GRACE}s after the pool broke" in str(error)
     assert error.__cause__ is pool.broken
     if kit.backend == "process":
         eventually(lambda: pool.statistics().workers_alive == 0)
