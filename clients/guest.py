@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import ConfigError, MigrationError
-from engine.pool import WorkerPool, current_cancel_token
+from engine.pool import CancelToken, WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.sync import wait_readable
 
@@ -174,10 +174,10 @@ class _Workload:
         self.arrays.clear()
 
 
-def run_guest(spec: GuestSpec, ctrl: socket.socket) -> GuestReport:
-    """Pool job: run the workload until told to stop.  Control bytes: P, R, S."""
+def run_guest(spec: GuestSpec, ctrl: socket.socket, token: CancelToken) -> GuestReport:
+    """Pool job: run the workload until told to stop, or `token` (its pool's) is set.
+    Control bytes: P, R, S."""
     ram = GuestRAM.attach(spec.ram)
-    token = current_cancel_token()
     workload = _Workload(ram, spec)
     pages_per_s = spec.dirty_rate / PAGE_SIZE
     running = spec.workload != "idle"
@@ -257,7 +257,7 @@ class SyntheticGuest:
         main_end, guest_end = socket.socketpair()
         self._ctrl = main_end
         try:
-            self._future = self._pool.submit(run_guest, self.spec, guest_end)
+            self._future = self._pool.submit(run_guest, self.spec, guest_end, self._pool.token)
         finally:
             guest_end.close()
         self._expect(b"+", timeout)

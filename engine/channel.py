@@ -49,7 +49,7 @@ from engine.errors import (
     TransportError,
 )
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
-from engine.pool import current_cancel_token
+from engine.pool import CancelToken
 from engine.shm import GuestRAM, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
@@ -218,26 +218,29 @@ def _hand_back(slot: SendSlot, ctrl: socket.socket, index: int) -> None:
 # failed elsewhere.
 
 
-def run_send_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
-    """Serve JOB/SYNC/FINISH requests until FINISH."""
-    with _SendChannel(spec, ctrl, data) as channel:
+def run_send_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket, *,
+                     token: CancelToken) -> ChannelReport:
+    """Serve JOB/SYNC/FINISH requests until FINISH (or `token`, the pool's, is set)."""
+    with _SendChannel(spec, ctrl, data, token) as channel:
         return channel.serve_until_stopped()
 
 
-def run_recv_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> ChannelReport:
+def run_recv_channel(spec: ChannelSpec, ctrl: socket.socket, data: socket.socket, *,
+                     token: CancelToken) -> ChannelReport:
     """Read packets into guest RAM until END; waits at each SYNC until released."""
-    with _RecvChannel(spec, ctrl, data) as channel:
+    with _RecvChannel(spec, ctrl, data, token) as channel:
         return channel.serve_until_stopped()
 
 
-def run_file_channel(spec: ChannelSpec, ctrl: socket.socket) -> ChannelReport:
+def run_file_channel(spec: ChannelSpec, ctrl: socket.socket, *,
+                     token: CancelToken) -> ChannelReport:
     """Serve JOB/SYNC/FINISH with positional I/O on the snapshot file until FINISH."""
-    with _FileChannel(spec, ctrl) as channel:
+    with _FileChannel(spec, ctrl, token) as channel:
         return channel.serve_until_stopped()
 
 
 def run_contained(target: Callable[..., ChannelReport], spec: ChannelSpec,
-                  ctrl: socket.socket, *data: socket.socket) -> ChannelReport:
+                  ctrl: socket.socket, *data: socket.socket, token: CancelToken) -> ChannelReport:
     """Run a channel on a pool shared with other work (the VMM's warm pool).
 
     A job that raises breaks its pool, and with it every other job there; a
@@ -246,7 +249,7 @@ def run_contained(target: Callable[..., ChannelReport], spec: ChannelSpec,
     channel process that dies still breaks the pool: its worker is gone.
     """
     try:
-        return target(spec, ctrl, *data)
+        return target(spec, ctrl, *data, token=token)
     except Exception as exc:
         return ChannelReport(spec.channel_id, 0, {}, error=exc,
                              traceback="".join(traceback.format_exception(exc)))
@@ -262,11 +265,12 @@ class _Channel:
     Used as a context manager: whatever happens, everything is released.
     """
 
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket | None) -> None:
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket | None,
+                 token: CancelToken) -> None:
         self.spec = spec
         self.ctrl = ctrl
         self.data = data
-        self.token = current_cancel_token()
+        self.token = token  # the pool's: set when the pool breaks or is cancelled
         self.sequence = 0
         self.epoch = 1
         self._cpu_at_ready = 0.0
@@ -406,8 +410,9 @@ class _JobChannel(_Channel):
 class _SendChannel(_JobChannel):
     """Jobs become packets on the data socket; SYNC and FINISH write SYNC and END."""
 
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
-        super().__init__(spec, ctrl, data)
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket,
+                 token: CancelToken) -> None:
+        super().__init__(spec, ctrl, data, token)
         self.senders = {kind: payload_entry(kind).sender(self.ctx) for kind in spec.payload_kinds}
 
     def _job(self, slot: SendSlot, index: int) -> None:
@@ -446,8 +451,8 @@ class _FileChannel(_JobChannel):
     snapshot needs (a page saved again in the next round lands after this one).
     """
 
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket) -> None:
-        super().__init__(spec, ctrl, None)
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, token: CancelToken) -> None:
+        super().__init__(spec, ctrl, None, token)
         target = spec.file
         assert target is not None
         self.file: PositionalFile = open_file(target.path, target.mode, target.direct_io)
@@ -561,8 +566,9 @@ class PacketReader:
 
 
 class _RecvChannel(_Channel):
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket) -> None:
-        super().__init__(spec, ctrl, data)
+    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket,
+                 token: CancelToken) -> None:
+        super().__init__(spec, ctrl, data, token)
         per_channel = spec.delivery_slots
         first = spec.channel_id * per_channel
         self.deliveries = Deliveries(self, range(first, first + per_channel))

@@ -248,7 +248,8 @@ class Operation:
                 job = (run_contained, target)  # our failure must not break the VMM's pool
             try:
                 future = self._pool.submit(
-                    *job, replace(spec, channel_id=channel_id), channel_end, *data
+                    *job, replace(spec, channel_id=channel_id), channel_end, *data,
+                    token=self._pool.token,
                 )
             except BaseException:
                 main_end.close()

@@ -125,7 +125,7 @@ class KvmMachine:
             raise ConfigError("a KVM vCPU runs on a thread pool: its fds work only in this process")
         if self._future is not None and not self._future.done():
             raise KvmError("this machine's vCPU is running already")
-        self._future = pool.submit(self.vcpu.run)
+        self._future = pool.submit(self.vcpu.run, pool.token)
         return self._future
 
     @property

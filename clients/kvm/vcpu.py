@@ -50,7 +50,7 @@ from clients.kvm.state import encode_msrs, msr_entries
 from clients.kvm.timer import ThreadTimer
 from clients.kvm.vm import Vm
 from engine.errors import CancelledError, ConfigError, DeviceStateError
-from engine.pool import current_cancel_token
+from engine.pool import CancelToken
 
 __all__ = ["KICK_SIGNAL", "THROTTLE_SLICE_S", "Vcpu", "install_kick_handler"]
 
@@ -164,15 +164,14 @@ class Vcpu:
 
     # -------------------------------------------------------------- run loop
 
-    def run(self) -> str:
-        """The run loop (a pool job): answers "stopped" after :meth:`stop`, "halted"
-        when the guest executes HLT.  Raises UnknownPortError, GuestStoppedError,
-        KvmError, or CancelledError once the pool's token is set while parked."""
+    def run(self, token: CancelToken) -> str:
+        """The run loop (a pool job; `token`: the pool's): answers "stopped" after
+        :meth:`stop`, "halted" when the guest executes HLT.  Raises UnknownPortError,
+        GuestStoppedError, KvmError, or CancelledError once `token` is set while parked."""
         with self._cond:
             if self._thread is not None or self.fd < 0:
                 raise KvmError(f"vCPU {self.index} is running already, or closed")
             self._thread = threading.get_ident()
-        token = current_cancel_token()
         timer: ThreadTimer | None = None  # armed while throttled
         ran = 0.0                         # guest time since the last throttle hold
         try:
@@ -193,7 +192,7 @@ class Vcpu:
                     if not percent:
                         ran = 0.0
                     elif ran >= THROTTLE_SLICE_S:
-                        self._hold_locked(ran * percent / (100 - percent), percent)
+                        self._hold_locked(ran * percent / (100 - percent), percent, token)
                         ran = 0.0
                         continue
                 if bool(percent) != (timer is not None):
@@ -220,10 +219,9 @@ class Vcpu:
                 self._parked = False
                 self._cond.notify_all()
 
-    def _hold_locked(self, seconds: float, percent: int) -> None:
+    def _hold_locked(self, seconds: float, percent: int, token: CancelToken) -> None:
         """Stay out of KVM_RUN for `seconds`, or until a pause, a stop or another
-        throttle; the pool's cancel token raises CancelledError."""
-        token = current_cancel_token()
+        throttle; `token` (the pool's) set raises CancelledError."""
         began = time.monotonic()
         deadline = began + seconds
         try:

@@ -38,7 +38,6 @@ from engine.pool import (
     CancelToken,
     PoolStatistics,
     WorkerPool,
-    current_cancel_token,
 )
 
 GRACE = 0.2  # cancel_grace of the pools under test
@@ -72,20 +71,19 @@ def rendezvous(sock: socket.socket) -> int:
     return os.getpid()
 
 
-def wait_for_cancel(ready: socket.socket) -> bool:
+def wait_for_cancel(ready: socket.socket, token: CancelToken) -> bool:
     ready.sendall(b"r")
-    return current_cancel_token().wait(GUARD)
+    return token.wait(GUARD)
 
 
-def cancel_then_raise(ready: socket.socket) -> str:
+def cancel_then_raise(ready: socket.socket, token: CancelToken) -> str:
     ready.sendall(b"r")
-    current_cancel_token().wait(GUARD)
-    current_cancel_token().raise_if_set()
+    token.wait(GUARD)
+    token.raise_if_set()
     return "never cancelled"
 
 
-def select_on_token(ready: socket.socket) -> bool:
-    token = current_cancel_token()
+def select_on_token(ready: socket.socket, token: CancelToken) -> bool:
     ready.sendall(b"r")
     readable, _, _ = select.select([token], [], [], GUARD)
     return readable == [token] and token.is_set()
@@ -107,9 +105,9 @@ def shrug_off_sigint() -> str:
     return "still here"
 
 
-def report_token(sock: socket.socket) -> None:
+def report_token(sock: socket.socket, token: CancelToken) -> None:
     sock.sendall(f"{os.getpid()}\n".encode())
-    sock.sendall(b"s" if current_cancel_token().wait(GUARD) else b"n")
+    sock.sendall(b"s" if token.wait(GUARD) else b"n")
 
 
 def leave_a_thread_behind() -> None:
@@ -263,7 +261,7 @@ def test_job_exception_reaches_its_future(kit: Kit) -> None:
 def test_first_failure_breaks_the_pool(kit: Kit) -> None:
     pool = kit.pool(max_workers=2)
     ours, theirs = kit.socketpair()
-    sibling = pool.submit(wait_for_cancel, theirs)
+    sibling = pool.submit(wait_for_cancel, theirs, pool.token)
     kit.hand_over(theirs)
     wait_ready(ours)
     failing = pool.submit(fail, "first", delay=0.3)
@@ -275,7 +273,7 @@ def test_first_failure_breaks_the_pool(kit: Kit) -> None:
         error = future.exception(GUARD)
         assert type(error) is BrokenPoolError
         assert error.__cause__ is first
-    assert sibling.result(GUARD) is True  # it saw current_cancel_token() set, and ended
+    assert sibling.result(GUARD) is True  # it saw its token set, and ended
     with pytest.raises(BrokenPoolError) as info:
         pool.submit(add, 1)
     assert info.value.__cause__ is first
@@ -302,6 +300,7 @@ def test_job_ignoring_the_token_is_stopped_after_grace(kit: Kit, trigger: str) -
     # all, with the pool's error, shows the grace ended it (the job runs on for 60 s).
     assert time.monotonic() - start >= GRACE * 0.9
     assert type(error) is (CancelledError if trigger == "cancel" else BrokenPoolError)
+    assert f"still ran {GRACE}s after the pool broke" in str(error)
     assert error.__cause__ is pool.broken
     if kit.backend == "process":
         eventually(lambda: pool.statistics().workers_alive == 0)
@@ -344,7 +343,7 @@ def test_workers_ignore_sigint(kit: Kit) -> None:
 def test_cancel_wakes_threads_blocked_in_result(kit: Kit) -> None:
     pool = kit.pool(max_workers=1)
     ours, theirs = kit.socketpair()
-    running = pool.submit(cancel_then_raise, theirs)
+    running = pool.submit(cancel_then_raise, theirs, pool.token)
     kit.hand_over(theirs)
     pending = pool.submit(add, 1)
     wait_ready(ours)
@@ -374,7 +373,7 @@ def test_cancel_wakes_threads_blocked_in_result(kit: Kit) -> None:
 def test_cancel_token_works_in_select_inside_a_job(kit: Kit) -> None:
     pool = kit.pool()
     ours, theirs = kit.socketpair()
-    future = pool.submit(select_on_token, theirs)
+    future = pool.submit(select_on_token, theirs, pool.token)
     kit.hand_over(theirs)
     wait_ready(ours)
     assert not pool.token.is_set()
@@ -387,7 +386,7 @@ def test_with_block_cancels_when_an_exception_propagates(kit: Kit) -> None:
     ours, theirs = kit.socketpair()
     with pytest.raises(RuntimeError):
         with kit.pool() as pool:
-            future = pool.submit(wait_for_cancel, theirs)
+            future = pool.submit(wait_for_cancel, theirs, pool.token)
             kit.hand_over(theirs)
             wait_ready(ours)
             raise RuntimeError("caller failed")
@@ -395,14 +394,35 @@ def test_with_block_cancels_when_an_exception_propagates(kit: Kit) -> None:
     assert isinstance(pool.broken, CancelledError)
 
 
-def test_cancel_token_outside_any_job_is_never_set() -> None:
-    token = current_cancel_token()
-    assert not token.is_set()
-    assert not token.wait(0.01)
-    token.raise_if_set()
-    assert select.select([token], [], [], 0) == ([], [], [])
-    with pytest.raises(PoolError):
+def try_to_set(token: CancelToken) -> str:
+    try:
         token.set()
+    except PoolError as exc:
+        return str(exc)
+    return "set"
+
+
+def count_fds(*unused: Any) -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@process_only
+def test_token_passed_to_a_process_job_is_a_view_closed_after_it(kit: Kit) -> None:
+    pool = kit.pool(max_workers=1)
+    assert "only the process that created" in pool.submit(try_to_set, pool.token).result(GUARD)
+    assert not pool.token.is_set()
+    before = pool.submit(count_fds).result(GUARD)
+    assert pool.submit(count_fds, pool.token).result(GUARD) == before + 1  # its view
+    assert pool.submit(count_fds).result(GUARD) == before  # closed when the job returned
+
+
+def test_token_pickles_only_as_a_job_argument() -> None:
+    token = CancelToken()
+    try:
+        with pytest.raises(TypeError, match="only as an argument"):
+            pickle.dumps(token)
+    finally:
+        token.close()
 
 
 def test_cancel_token_set_close() -> None:
@@ -495,7 +515,7 @@ def test_fork_start_method(kit: Kit) -> None:
     # in them, or setting the token would never reach EOF.
     pool = kit.pool(max_workers=2, start_method="fork")
     ours, theirs = kit.socketpair()
-    future = pool.submit(select_on_token, theirs)
+    future = pool.submit(select_on_token, theirs, pool.token)
     kit.hand_over(theirs)
     wait_ready(ours)
     a, b = kit.socketpair()
@@ -515,7 +535,7 @@ from engine.pool import WorkerPool
 from tests.integration.test_pool import report_token
 sock = socket.socket(fileno=int(sys.argv[1]))
 pool = WorkerPool("process", 1, name="orphaned")
-pool.submit(report_token, sock)
+pool.submit(report_token, sock, pool.token)
 sock.close()
 time.sleep(60)
 """
@@ -636,3 +656,96 @@ def test_statistics(kit: Kit) -> None:
     assert stats.submitted == stats.completed + stats.failed + stats.pending + stats.busy
     with pytest.raises(AttributeError):
         stats.busy = 5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- worker environment
+
+
+def exec_environment() -> dict[str, str]:
+    """The environment this process was exec'd with (not what it set since)."""
+    with open("/proc/self/environ", "rb") as f:
+        entries = [e.decode() for e in f.read().split(b"\0") if e]
+    return dict(e.split("=", 1) for e in entries)
+
+
+def getenv(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+@process_only
+def test_spawned_workers_start_with_the_pool_environment(kit: Kit,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the owner's own setting wins
+    default = kit.pool(max_workers=1)
+    env = default.submit(exec_environment).result(GUARD)  # in place at exec: before any import
+    assert env["OPENBLAS_NUM_THREADS"] == "1" and env["OMP_NUM_THREADS"] == "1"
+    assert env["MKL_NUM_THREADS"] == "3"
+    custom = kit.pool(max_workers=1, worker_env={"MULTIFD_TEST_WORKER_ENV": "per-pool"})
+    env = custom.submit(exec_environment).result(GUARD)
+    assert env["MULTIFD_TEST_WORKER_ENV"] == "per-pool" and "OPENBLAS_NUM_THREADS" not in env
+    assert "OPENBLAS_NUM_THREADS" not in os.environ  # the owner's environment never changed
+    assert "MULTIFD_TEST_WORKER_ENV" not in os.environ
+
+
+@process_only
+def test_forked_workers_get_the_pool_environment(kit: Kit) -> None:
+    pool = kit.pool(max_workers=1, start_method="fork",
+                    worker_env={"MULTIFD_TEST_WORKER_ENV": "forked"})
+    assert pool.submit(getenv, "MULTIFD_TEST_WORKER_ENV").result(GUARD) == "forked"
+    assert "MULTIFD_TEST_WORKER_ENV" not in os.environ
+
+
+# --------------------------------------------------------------------------- concurrent starts
+
+
+def pipe_write_ends() -> set[str]:
+    """The pipes this process holds a write end of."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("pipe:"):
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    flags = next(line for line in info if line.startswith("flags:"))
+                if int(flags.split()[1], 8) & os.O_WRONLY:
+                    held.add(link)
+        except (OSError, StopIteration):
+            continue
+    return held
+
+
+def pipe_read_ends() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if fd.isdigit() and os.path.exists(f"/proc/self/fd/{fd}")
+            and os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")} - pipe_write_ends()
+
+
+def test_workers_forked_by_concurrent_pools_hold_no_other_workers_sentinel() -> None:
+    # A worker holds the write end of its own sentinel pipe: the owner sees its death
+    # when that closes.  One forked by another pool in the middle of this start would
+    # hold it too, and this worker's death would go unseen while that one lives.
+    pools = [WorkerPool("process", 2, name=f"forked-{i}", start_method="fork",
+                        cancel_grace=GRACE) for i in range(4)]
+    barrier = threading.Barrier(len(pools))
+    held: list[set[str]] = []
+
+    def start(pool: WorkerPool) -> None:
+        barrier.wait(GUARD)
+        futures = [pool.submit(pipe_write_ends) for _ in range(2)]
+        held.extend(f.result(GUARD) for f in futures)
+
+    def run_all(target: Callable[[WorkerPool], None]) -> None:
+        threads = [threading.Thread(target=target, args=(pool,)) for pool in pools]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    try:
+        run_all(start)
+        sentinels = pipe_read_ends()  # ours: the read ends of the workers' sentinel pipes
+        assert len(held) == 2 * len(pools)
+        assert [len(ends & sentinels) for ends in held] == [1] * len(held)  # each its own
+    finally:  # all at once: a leaked end must not make one pool wait for another
+        run_all(lambda pool: pool.shutdown(wait=True, cancel=True))

@@ -1,0 +1,166 @@
+"""A generic worker pool: threads or processes, fail-fast, cancellable.
+
+It knows nothing about migration.  It runs callables on lazily started, reused
+workers under one failure rule for both backends, like a trio nursery: the first
+job that raises (or worker process that dies) breaks the pool, which sets its
+cancel token, fails every job not yet started and refuses new ones.
+
+The package::
+
+    __init__.py   WorkerPool, the facade: arguments, submit/cancel/shutdown/statistics
+    _core.py      PoolCore: lock, job table, counters, the claim/finish/break rules
+    _thread.py    ThreadBackend: daemon threads draining the core's FIFO
+    _process.py   ProcessBackend: worker processes and their manager thread
+    _frames.py    the process backend's frames, and how jobs and results pickle
+    _worker.py    the worker process's main loop
+    _spawn.py     worker processes that start with the pool's worker environment
+    _token.py     CancelToken (a leaf)
+
+Each backend gets the core as an argument and uses only its public methods;
+imports go downwards in that list (``_worker`` needs only ``_frames``).
+
+Data flow (process backend; the thread backend is the same FIFO drained by
+threads ``{name}-{i}``, without pickling)::
+
+    submit(fn, *args) ── pickle now, dup sockets ──► pending FIFO (owner process)
+                                                          │
+         manager thread "{name}-manager": poll() on a wake-up pair, worker sockets
+                 │   ▲                      and worker sentinels ◄───────────┐
+    job frame +  │   │ result frame (value, or exception + traceback)        │
+    SCM_RIGHTS   ▼   │                                                       │ death
+         worker process "{name}-{i}": fn(*args) ─────────────────────────────┘
+    Future ◄── set_result / set_exception (by the manager)
+
+    first failure ─► pool.broken, CancelToken set (EOF on a socketpair, seen in every
+                     thread and process), pending futures fail; jobs still running
+                     after cancel_grace are terminated (processes) or abandoned (threads)
+
+A job that watches the cancel token gets it as an argument:
+``pool.submit(fn, ..., pool.token)``; the process backend carries it with the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, TypeVar
+
+from engine.errors import CancelledError, ConfigError
+from engine.pool._core import MAX_MESSAGE_BYTES, Backend, BackendName, PoolCore, PoolStatistics
+from engine.pool._process import ProcessBackend
+from engine.pool._spawn import DEFAULT_WORKER_ENV
+from engine.pool._thread import ThreadBackend
+from engine.pool._token import CancelToken
+
+__all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "PoolStatistics",
+           "WorkerPool"]
+
+T = TypeVar("T")
+
+
+class WorkerPool:
+    """Run callables on up to `max_workers` threads or processes, failing fast.
+
+    Workers start lazily, one per submitted job while fewer than `max_workers` jobs
+    run, and are reused; further jobs wait in a FIFO in this process.  The first
+    job that raises, or worker process that dies, *breaks* the pool (module
+    docstring).  Raises ConfigError for invalid arguments.
+
+    Sockets in a job's arguments: the process backend pickles the job in
+    ``submit()`` and sends a dup of each socket by SCM_RIGHTS, so the caller may
+    close its copy at once; the worker closes the job's copies when the job
+    returns.  The thread backend passes the same objects: keep them open meanwhile.
+    A :class:`CancelToken` among the arguments travels the same way (the worker
+    gets a view of it).  Future callbacks run in a pool thread (a worker, or the
+    manager).
+
+    `worker_env` (process backend): variables each worker process starts with where
+    the owner's environment does not set them (default: :data:`DEFAULT_WORKER_ENV`,
+    one BLAS thread).  The owner's own environment is never changed.
+    """
+
+    def __init__(self, backend: BackendName, max_workers: int, name: str = "pool", *,
+                 cancel_grace: float = 1.0, start_method: str = "spawn",
+                 worker_env: Mapping[str, str] | None = None) -> None:
+        if backend not in ("thread", "process"):
+            raise ConfigError(f"unknown pool backend {backend!r}; use 'thread' or 'process'")
+        if max_workers < 1 or cancel_grace < 0:
+            raise ConfigError(f"need max_workers >= 1 and cancel_grace >= 0, not "
+                              f"{max_workers} and {cancel_grace}")
+        self.backend: BackendName = backend
+        self.max_workers = max_workers
+        self.name = name
+        self.cancel_grace = cancel_grace
+        self._core = PoolCore(name, max_workers, cancel_grace)
+        self._backend: Backend
+        try:
+            if backend == "thread":
+                self._backend = ThreadBackend(self._core)
+            else:
+                env = DEFAULT_WORKER_ENV if worker_env is None else worker_env
+                self._backend = ProcessBackend(self._core, start_method, env)
+        except BaseException:
+            self._core.release()
+            raise
+        self._core.add_break_listener(self._backend.on_broken)
+
+    @property
+    def token(self) -> CancelToken:
+        """The pool's cancel token: pass it to the jobs that watch it."""
+        return self._core.token
+
+    @property
+    def broken(self) -> BaseException | None:
+        """The first failure (or the CancelledError of ``cancel()``), once broken."""
+        return self._core.broken
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)``; answer its future.
+
+        Raises PoolError after shutdown; once broken, BrokenPoolError (CancelledError
+        after ``cancel()``) caused by the first failure; (process backend) PoolError
+        from the pickling error if the job cannot be sent, or is over MAX_MESSAGE_BYTES.
+        """
+        job_id = self._core.reserve_id()
+        future: Future[T] = Future()
+        job = self._backend.make_job(job_id, future, fn, args, kwargs)
+        self._core.enqueue(job, self._backend.on_submit_locked)
+        return future
+
+    def cancel(self, cause: BaseException | None = None) -> None:
+        """Break the pool with CancelledError (from `cause`): set the token, fail pending
+        jobs with CancelledError, stop running ones as a failure does.  Idempotent; a
+        no-op on a broken pool."""
+        reason = CancelledError(f"pool {self.name!r} was cancelled")
+        reason.__cause__ = cause
+        self._core.break_(reason, cancelled=True)
+
+    def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
+        """Refuse new jobs, let accepted ones finish, then stop the workers (idempotent).
+
+        `cancel`: cancel first.  `wait`: block until every started worker is joined
+        and every descriptor closed; else that happens in the background.  Waits for
+        running jobs; a thread job that ignores the token cannot be stopped.
+        """
+        if cancel:
+            self.cancel()
+        release_now = self._core.close(self._backend.background_alive_locked)
+        self._backend.on_shutdown()
+        if wait and self._backend.join():
+            release_now = True  # else the caller is a pool thread: the last one out releases
+        if release_now:
+            self._core.release()
+
+    def statistics(self) -> PoolStatistics:
+        """A consistent snapshot of the pool (also after shutdown)."""
+        backend = self._backend
+        return self._core.statistics(self.backend, lambda: (
+            backend.workers_started, backend.alive_locked(), backend.pids_locked()))
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.shutdown(wait=True, cancel=exc is not None)
