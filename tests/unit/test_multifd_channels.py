@@ -31,6 +31,7 @@ from engine.channel import (
     run_send_channel,
 )
 from engine.multifd import ChannelLink, MultifdReceiver, MultifdSender, shutdown_links
+from engine.pool import CancelToken
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import Counter, SlotTable
 from engine.sync import FailureLatch
@@ -43,13 +44,14 @@ PACKET_PAGES = 16
 N_PAGES = 256  # 1 MiB per side
 
 
-def _start(target: Callable[..., object], *args: object) -> tuple[Future, threading.Thread]:
+def _start(target: Callable[..., object], *args: object,
+           **kwargs: object) -> tuple[Future, threading.Thread]:
     """Run a channel loop on a thread; its outcome lands in a future, as from a pool."""
     future: Future = Future()
 
     def run() -> None:
         try:
-            future.set_result(target(*args))
+            future.set_result(target(*args, **kwargs))
         except BaseException as exc:
             future.set_exception(exc)
 
@@ -66,6 +68,7 @@ class Pipeline:
         self.src, self.dst, self.n = src, dst, n
         self.release_held = threading.Event()  # channel `held`'s bytes wait for this
         self.latch_s, self.latch_d = FailureLatch(), FailureLatch()
+        self.token = CancelToken()  # as a pool hands its jobs; never set here
         self.table_s = SlotTable.create(n + 1, max_items=PACKET_PAGES, payload_capacity=0, n_channels=n)
         self.table_d = SlotTable.create(1, max_items=1, payload_capacity=0, n_channels=n)
         self.threads: list[threading.Thread] = []
@@ -88,8 +91,8 @@ class Pipeline:
                                  zero_page_detection=zero_pages)
             spec_d = ChannelSpec(i, dst.handle, self.table_d.handle, PACKET_PAGES,
                                  zero_page_detection=zero_pages)
-            future_s, thread_s = _start(run_send_channel, spec_s, chan_s, data_s)
-            future_d, thread_d = _start(run_recv_channel, spec_d, chan_d, data_d)
+            future_s, thread_s = _start(run_send_channel, spec_s, chan_s, data_s, token=self.token)
+            future_d, thread_d = _start(run_recv_channel, spec_d, chan_d, data_d, token=self.token)
             self.threads += [thread_s, thread_d]
             links_s.append(ChannelLink(i, main_s, None, future_s))
             links_d.append(ChannelLink(i, main_d, None, future_d))
@@ -157,6 +160,7 @@ class Pipeline:
             sock.close()
         for latch in (self.latch_s, self.latch_d):
             latch.close()
+        self.token.close()
         for table in (self.table_s, self.table_d):
             table.close()
             table.unlink()
