@@ -50,6 +50,7 @@ class KvmGuest:
         self.paused = False
         self.resumed_at: float | None = None   # time.time() of start()
         self._at_start: np.ndarray | None = None
+        self._passes_at_start = 0
 
     @classmethod
     def boot(cls, ram: GuestRAM, program: str = "boot", *, start: int | None = None,
@@ -68,6 +69,7 @@ class KvmGuest:
         """Run the vCPU (the destination's ``resume_guest``: it is downtime, so it
         only samples :data:`SAMPLES` pages of the loop).  KvmError if it runs."""
         self._at_start = self._sample()
+        self._passes_at_start = self.machine.com1.count(guests.PROGRESS_CHAR)
         if self._pool is None:
             raise KvmError("this guest was stopped")
         self.machine.start(self._pool)
@@ -118,7 +120,9 @@ class KvmGuest:
     def after(self, seconds: float) -> dict[str, Any]:
         """Let the started guest run `seconds` more, pause it, and check it.
 
-        Answers ``ran_on`` (its loop's pages changed since :meth:`start`),
+        Answers ``ran_on`` (since :meth:`start` it wrote a progress character —
+        a whole pass — or its loop's pages changed: a multiple of 256 passes
+        leaves every sampled byte as it was),
         ``invariant`` ('' = holds; None for a foreign boot image), ``boot_chars``
         (0 for a guest that continued), ``progress_chars``, ``com1`` and
         ``ok``.  The guest stays paused.
@@ -130,8 +134,9 @@ class KvmGuest:
         invariant = None
         if loop is not None:
             now = self._sample()
-            ran_on = self._at_start is not None and now is not None and \
-                not np.array_equal(self._at_start, now)
+            passed = machine.com1.count(guests.PROGRESS_CHAR) > self._passes_at_start
+            ran_on = passed or (self._at_start is not None and now is not None
+                                and not np.array_equal(self._at_start, now))
             invariant = machine.check_invariant()
         report = self.com1()
         report.update(ran_on=ran_on, invariant=invariant, ran_s=seconds)
