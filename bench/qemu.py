@@ -364,7 +364,8 @@ def _warm_destination(size: int, workers: int, secret: str, timeout: float, pipe
             try:
                 destination = DestinationMigration(
                     "tcp://127.0.0.1:0", secret=secret.encode(), ram=ram, pool=pool,
-                    accept_timeout_s=timeout, config=MigrationConfig(channels=channels, verify=False))
+                    accept_timeout_s=timeout,
+                    config=MigrationConfig(channels=channels, verify=False).for_destination())
                 destination.start()
                 pipe.send(destination.address)
                 pipe.send(destination.wait().to_dict())
