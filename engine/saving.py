@@ -300,6 +300,3 @@ class SavingOperation(Operation):
             failed.__context__ = error
             return failed
         return error
-
-
-SavingMigration = SavingOperation  # its name before snapshots stopped being migrations
