@@ -16,6 +16,7 @@ import psutil
 from clients.guest import SyntheticGuest, fill_ram
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
 from engine.dirty import BlockDirtyMaps
+from engine.errors import MigrationError
 from engine.migration import Migration
 from engine.shm import RamBlock
 from engine.sync import wait_readable
@@ -89,6 +90,18 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 20.0
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def outcomes(*sides: Migration, timeout: float = 20.0) -> list[BaseException | None]:
+    """Wait for each side in turn; its MigrationError, or None if it succeeded."""
+    errors: list[BaseException | None] = []
+    for side in sides:
+        try:
+            side.wait(timeout)
+            errors.append(None)
+        except MigrationError as exc:
+            errors.append(exc)
+    return errors
 
 
 def in_round(operation: Migration, round_: int = 2) -> None:

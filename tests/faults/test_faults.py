@@ -18,7 +18,7 @@ from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine.errors import CancelledError, MigrationError
 from engine.sync import MigrationState
-from tests.harness import SECRET, LockstepGuest, MiB, address, guest_ram, migrate, same_memory
+from tests.harness import SECRET, LockstepGuest, MiB, address, guest_ram, migrate, outcomes, same_memory
 
 # Never converges (an unthrottled guest and a 0 ms limit), so it stays in precopy.
 # No timeout can end it either: a failure or cancel that surfaces at all surfaced by
@@ -58,14 +58,8 @@ class Pair:
         raise AssertionError("the migration never reached precopy")
 
     def outcomes(self, timeout: float = 10.0) -> tuple[BaseException | None, BaseException | None]:
-        errors: list[BaseException | None] = []
-        for side in (self.source, self.destination):
-            try:
-                side.wait(timeout)
-                errors.append(None)
-            except MigrationError as exc:
-                errors.append(exc)
-        return errors[0], errors[1]
+        source, destination = outcomes(self.source, self.destination, timeout=timeout)
+        return source, destination
 
 
 def _assert_guest_running_and_intact(guest: SyntheticGuest, ram) -> None:

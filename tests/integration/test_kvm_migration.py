@@ -34,7 +34,7 @@ from engine.errors import CancelledError, ConvergenceError, MigrationError
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.snapshot import SnapshotRestore, SnapshotSave
 from engine.sync import MigrationState
-from tests.harness import SECRET, MiB, address, same_memory, wait_until
+from tests.harness import SECRET, MiB, address, outcomes, same_memory, wait_until
 
 _UNAVAILABLE = kvm_unavailable_reason()
 pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None,
@@ -100,14 +100,8 @@ class Pair:
         return self.source.wait(timeout), self.destination.wait(10)
 
     def outcomes(self, timeout: float = 20.0) -> tuple[BaseException | None, BaseException | None]:
-        errors: list[BaseException | None] = []
-        for side in (self.source, self.destination):
-            try:
-                side.wait(timeout)
-                errors.append(None)
-            except MigrationError as exc:
-                errors.append(exc)
-        return errors[0], errors[1]
+        source, destination = outcomes(self.source, self.destination, timeout=timeout)
+        return source, destination
 
 
 def assert_moved(result: MigrationResult, destination: KvmGuest, seconds: float = 0.3) -> None:
