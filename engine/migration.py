@@ -106,10 +106,6 @@ class Migration(Operation):
         return self._main.conn
 
     @property
-    def _main_decoder(self) -> wire.MessageDecoder:
-        return self._main.decoder
-
-    @property
     def _peer_reason(self) -> MigrationError | None:
         return self._main.peer_reason
 

@@ -260,7 +260,7 @@ class TransportEntry:
 
 
 _REGISTRY: dict[str, TransportEntry] = {}
-_FILES: list[Callable[..., PositionalFile]] = []
+_FILE_OPENERS: dict[str, Callable[..., PositionalFile]] = {}  # "file": the one there is
 ENTRY_POINTS = "multifd.transports"
 
 
@@ -271,7 +271,7 @@ def register_transport(scheme: str, connect: ConnectFn, listen: Callable[[str], 
 
 def register_file_transport(open_file: Callable[..., PositionalFile]) -> None:
     """Install the opener :func:`open_file` uses for snapshot files."""
-    _FILES[:] = [open_file]
+    _FILE_OPENERS["file"] = open_file
 
 
 def _installed(scheme: str) -> bool:
@@ -332,6 +332,6 @@ class PositionalFile(Protocol):
 def open_file(path: str, mode: str, direct_io: bool = False) -> PositionalFile:
     """Open a snapshot file: ``create`` (a partial file for target `path`),
     ``write`` or ``read``.  Raises SnapshotError."""
-    if not _FILES and not _installed("file"):
+    if "file" not in _FILE_OPENERS and not _installed("file"):
         raise ConfigError(f"no file transport is installed to open {path}")
-    return _FILES[0](path, mode, direct_io)
+    return _FILE_OPENERS["file"](path, mode, direct_io)

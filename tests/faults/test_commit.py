@@ -253,7 +253,7 @@ def test_a_destination_cancel_racing_complete_leaves_the_source_running(src, gue
 def test_a_return_path_reader_that_raises_anything_fails_the_migration(src, guest) -> None:
     """Not only MigrationError: a bug in the reader is the migration's error, at once."""
     run = Run(src, guest)
-    decoder = run.source._main_decoder
+    decoder = run.source._main.decoder
     next_message = decoder.next_message
 
     def broken_after_complete() -> object:
