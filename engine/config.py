@@ -94,12 +94,20 @@ class MigrationConfig:
     # throttle_trigger_pct of its pages dirty again for the next one, the source
     # asks its VMM to throttle the guest (SourceMigration's throttle_guest):
     # first throttle_initial_pct, then throttle_step_pct more each such round, at
-    # most throttle_max_pct; back to 0 once the guest is paused.
+    # most throttle_max_pct; back to 0 once the guest is paused.  That is
+    # throttle_policy "step"; "rate" (engine/converge.py) measures the guest's
+    # dirty rate from peeks at the count dirty_sample_ms (of guest running time),
+    # 2x, 4x, ... after each collect, throttles as soon as that rate says rounds
+    # cannot shrink, and as hard as it takes to reach the downtime limit in
+    # throttle_rounds rounds (stepping while no rate is known).
     auto_converge: bool = False
     throttle_trigger_pct: int = 50          # QEMU's throttle-trigger-threshold
     throttle_initial_pct: int = 20
     throttle_step_pct: int = 10
     throttle_max_pct: int = 99
+    throttle_policy: Literal["rate", "step"] = "rate"
+    throttle_rounds: int = 2
+    dirty_sample_ms: float = 5.0
 
     def validate(self) -> MigrationConfig:
         """Return self, or raise ConfigError naming the bad field."""
@@ -124,6 +132,14 @@ class MigrationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 99:
                 raise ConfigError(f"{name} must be a whole percentage in 1..99, got {value!r}")
+        if self.throttle_policy not in ("rate", "step"):
+            raise ConfigError(f"throttle_policy must be 'rate' or 'step', got {self.throttle_policy!r}")
+        if not isinstance(self.throttle_rounds, int) or isinstance(self.throttle_rounds, bool) \
+                or not 1 <= self.throttle_rounds <= 10:
+            raise ConfigError(f"throttle_rounds must be a whole number in 1..10, "
+                              f"got {self.throttle_rounds!r}")
+        if not 0 < self.dirty_sample_ms <= 1000:  # also refuses NaN
+            raise ConfigError(f"dirty_sample_ms must be in (0, 1000], got {self.dirty_sample_ms!r}")
         if self.throttle_initial_pct > self.throttle_max_pct:
             raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
                               f"throttle_max_pct ({self.throttle_max_pct})")

@@ -10,10 +10,12 @@ the end is confirmed (the destination's RESUMED, or a durable file).
 
 Two VMM hooks shape the rounds: a *dirty source* (engine/dirty.py) says which
 pages each round sends (default: each block's DirtyMap), and ``throttle_guest``
-carries auto-converge (``MigrationConfig.auto_converge``)::
+carries auto-converge (``MigrationConfig.auto_converge``, engine/converge.py)::
 
     round k ends: next round's pages > trigger % of this round's  ──► not shrinking
-                  → throttle_guest(initial), then +step each such round, ≤ max
+                  (policy "rate": or the measured dirty rate says it cannot shrink)
+                  → throttle_guest(p): "step" initial, then +step each such round;
+                    "rate" the p that reaches the downtime limit in throttle_rounds
     pause (or failure before it): throttle_guest(0)
 """
 
@@ -25,8 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine.config import MigrationConfig
+from engine.converge import AutoConverge, DirtyRateMeter
 from engine.device import DeviceSaving, MigratableDevice
-from engine.dirty import DirtySource
+from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -99,6 +102,7 @@ class SavingOperation(Operation):
         self._paused = False
         self._core: MultifdSender | None = None
         self._last_progress = 0.0
+        self._converge: AutoConverge | None = None
 
     @property
     def core(self) -> MultifdSender:
@@ -126,9 +130,18 @@ class SavingOperation(Operation):
         self._set_state(MigrationState.ACTIVE)
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
+        dirty_source: DirtySource | None = self.dirty_source
+        on_packet: Callable[[], None] = self._progress
+        if live and self.config.auto_converge:
+            meter = None
+            if self.config.throttle_policy == "rate":
+                meter = DirtyRateMeter(dirty_source or BlockDirtyMaps(), self.ram.blocks,
+                                       self.config.dirty_sample_ms / 1000)
+                dirty_source, on_packet = meter, self._progress_and_poll
+            self._converge = AutoConverge(self.config, meter)
         client: PrecopyClient = make_client(
-            self.ram, self.core, RAM_CLIENT, self._packet_pages(), self._progress,
-            dirty_source=self.dirty_source,
+            self.ram, self.core, RAM_CLIENT, self._packet_pages(), on_packet,
+            dirty_source=dirty_source,
         )
         expected_s = self._precopy(client) if live else 0.0
         self._machine.fire(MigrationEvent.SWITCHOVER)
@@ -155,6 +168,8 @@ class SavingOperation(Operation):
         resumes the guest (it may be half paused), so it runs on either way.
         """
         self._paused = True  # from here on, a failure resumes the guest
+        if self._converge is not None:
+            self._converge.stop()  # no more dirty-rate peeks: they would be downtime
         if self._pause_guest is not None:
             try:
                 self._pause_guest()
@@ -175,29 +190,33 @@ class SavingOperation(Operation):
             raise GuestControlError(f"throttle_guest({percent}) raised {type(exc).__name__}: "
                                     f"{exc}") from exc
         self.throttle_pct = percent
+        if self._converge is not None:
+            self._converge.throttled(percent)
 
     def _auto_converge(self, sent: int, pending: int) -> None:
         """A round sent `sent` pages and left `pending` for the next: if that is
-        not shrinking, throttle the guest one step more (QEMU's auto-converge)."""
-        cfg = self.config
-        if not cfg.auto_converge or pending * 100 <= sent * cfg.throttle_trigger_pct:
+        not shrinking (enough), throttle the guest (engine/converge.py)."""
+        if self._converge is None:
             return
-        if self.throttle_pct >= cfg.throttle_max_pct:
-            return
-        step = cfg.throttle_initial_pct if self.throttle_pct == 0 else \
-            min(self.throttle_pct + cfg.throttle_step_pct, cfg.throttle_max_pct)
         assert self.tracker is not None
+        wanted = self._converge.after_round(sent, pending, self.tracker.bandwidth)
+        if wanted is None:
+            return
         log.info("round %d: %d of %d pages dirty again, throttling the guest to %d %%",
-                 self.tracker.round, pending, sent, step)
-        self._set_throttle(step)
-        self.throttle_steps.append((self.tracker.round, step))
+                 self.tracker.round, pending, sent, wanted)
+        self._set_throttle(wanted)
+        self.throttle_steps.append((self.tracker.round, wanted))
 
     def _throttle_extra(self) -> dict[str, Any]:
-        """The result's auto-converge section."""
+        """The result's auto-converge section (``guest_dirty_pages_per_s``: the
+        guest's dirty rate per second of running time, the last measured)."""
         if self.throttle_guest is None and not self.config.auto_converge:
             return {}
+        rate = self._converge.rate if self._converge is not None else None
         return {"throttle_pct": self.throttle_at_switchover,
-                "throttle_steps": [list(step) for step in self.throttle_steps]}
+                "throttle_steps": [list(step) for step in self.throttle_steps],
+                "throttle_policy": self.config.throttle_policy,
+                "guest_dirty_pages_per_s": None if rate is None else round(rate)}
 
     def _precopy(self, client: PrecopyClient) -> float:
         """Rounds until converged.  Returns the expected downtime (s) at switchover."""
@@ -250,6 +269,12 @@ class SavingOperation(Operation):
         saver: DeviceSaving = make_saver(self.devices, core, RAM_CLIENT + 1, self._device_pool, **where)
         saver.start(self.latch)
         return saver
+
+    def _progress_and_poll(self) -> None:
+        """After each packet: progress, and the dirty-rate meter's peek when due."""
+        self._progress()
+        if self._converge is not None and self._converge.meter is not None:
+            self._converge.meter.poll()
 
     def _progress(self, force: bool = False) -> None:
         now = time.perf_counter()
