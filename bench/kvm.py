@@ -6,11 +6,14 @@ own that builds its VM on the received RAM, loads the vCPU state (a device on
 the multifd channels) and starts it.  Cases, each ``--repeat`` times:
 
 * ``N channels`` (1, 2, 4): no bandwidth cap, ``--downtime-limit`` ms (10),
-  auto-converge on (it throttles only rounds that stop shrinking; off with
-  ``--no-auto-converge``);
+  auto-converge on (it throttles only rounds that cannot shrink; off with
+  ``--no-auto-converge``), with each ``--policies`` (default: rate; ``rate
+  step`` measures QEMU's steps in the same run, as the baseline);
 * ``capped``: 2 channels under a 1 Gbit/s cap (125e6 bytes/s), 300 ms limit,
-  auto-converge with QEMU's steps (20 %, +10 %), with a faster ramp (50 %,
-  +20 %), and (``--capped-off-rounds`` > 0) off with ``on_max_rounds="fail"``.
+  auto-converge with the throttle chosen from the measured dirty rate (the
+  default policy, engine/converge.py), with QEMU's steps (20 %, +10 %) and a
+  faster ramp (50 %, +20 %) (``--no-capped-steps``: without these two), and
+  (``--capped-off-rounds`` > 0) off with ``on_max_rounds="fail"``.
 
 Downtime is the source's (pause → the destination's resume, the destination's
 share measured there); the vCPU state's share of it is its save time (source,
@@ -114,6 +117,7 @@ def migrate_once(src: GuestRAM, dst: GuestRAM, loop: int, config: MigrationConfi
             "vcpu_share": state_ms / result.downtime_ms if result.downtime_ms else 0.0,
             "pages_sent": result.pages_sent, "throttle_pct": result.extra.get("throttle_pct"),
             "throttle_steps": result.extra.get("throttle_steps"),
+            "guest_dirty_pages_per_s": result.extra.get("guest_dirty_pages_per_s"),
             "guest_ok": remote["guest"]["ok"], "guest": remote["guest"]}
 
 
@@ -132,6 +136,11 @@ def main() -> int:
     parser.add_argument("--capped-off-rounds", type=int, default=8,
                         help="capped, auto-converge off: fail after this many rounds (0: skip)")
     parser.add_argument("--no-capped", action="store_true", help="skip every capped case")
+    parser.add_argument("--no-capped-steps", action="store_true",
+                        help="capped: skip the two cases with QEMU-style steps")
+    parser.add_argument("--no-uncapped", action="store_true", help="skip every uncapped case")
+    parser.add_argument("--policies", nargs="+", choices=("rate", "step"), default=["rate"],
+                        help="uncapped cases: the auto-converge policies to run (rate)")
     parser.add_argument("--no-auto-converge", action="store_true",
                         help="uncapped cases without auto-converge")
     parser.add_argument("--run-after", type=float, default=0.3)
@@ -142,12 +151,16 @@ def main() -> int:
     base = MigrationConfig(channels=2, downtime_limit_ms=args.downtime_limit,
                            auto_converge=not args.no_auto_converge)
     capped = base.with_(max_bandwidth=CAP, downtime_limit_ms=300.0, auto_converge=True)
-    cases: dict[str, MigrationConfig] = {
-        f"{n} channels": base.with_(channels=n) for n in args.channels}
+    cases: dict[str, MigrationConfig] = {} if args.no_uncapped else {
+        f"{n} channels" + (f", {policy}" if len(args.policies) > 1 else ""):
+            base.with_(channels=n, throttle_policy=policy)
+        for n in args.channels for policy in args.policies}
     if not args.no_capped:
-        cases["capped, auto-converge"] = capped
-        cases["capped, auto-converge 50/+20"] = capped.with_(throttle_initial_pct=50,
-                                                             throttle_step_pct=20)
+        cases["capped, auto-converge (rate)"] = capped
+    if not (args.no_capped or args.no_capped_steps):
+        steps = capped.with_(throttle_policy="step")
+        cases["capped, steps 20/+10"] = steps
+        cases["capped, steps 50/+20"] = steps.with_(throttle_initial_pct=50, throttle_step_pct=20)
     if args.capped_off_rounds and not args.no_capped:
         cases["capped, no auto-converge"] = capped.with_(
             auto_converge=False, max_rounds=args.capped_off_rounds, on_max_rounds="fail")
@@ -161,12 +174,15 @@ def main() -> int:
                 last = runs[name][-1]
                 print(f"  {name} run {rep + 1}: {last['total_s']:.2f} s, {last['rounds']} rounds"
                       + (f", downtime {last['downtime_ms']:.1f} ms" if last["converged"] else
-                         ", not converged"), flush=True)
+                         ", not converged")
+                      + (f", throttle {last['throttle_steps']}" if last.get("throttle_steps") else "")
+                      + (f", guest {last['guest_dirty_pages_per_s']} pages/s"
+                         if last.get("guest_dirty_pages_per_s") else ""), flush=True)
 
     print(f"{args.ram >> 20} MiB KVM guest, user64 loop over {args.loop >> 20} MiB, "
           f"{args.repeat} runs, medians")
     print(f"{'case':>30} {'total s':>8} {'rounds':>7} {'downtime ms':>12} {'vCPU ms':>8} "
-          f"{'vCPU share':>11} {'throttle':>9} {'guest ok':>9}")
+          f"{'vCPU share':>11} {'throttle':>9} {'guest ok':>9} {'k pages/s':>10}")
     report: dict[str, Any] = {"ram_bytes": args.ram, "loop_bytes": args.loop, "repeat": args.repeat,
                               "downtime_limit_ms": args.downtime_limit, "cap_bytes_per_s": CAP,
                               "cpus": os.cpu_count(), "cases": []}
@@ -174,15 +190,20 @@ def main() -> int:
         done = [run for run in case_runs if run["converged"]]
         vcpu = [run["vcpu_save_ms"] + run["vcpu_load_ms"] for run in done]
         throttle = [run["throttle_pct"] for run in done if cases[name].auto_converge]
+        rated = [run for run in done if run.get("guest_dirty_pages_per_s") is not None]
         print(f"{name:>30} {_median(case_runs, 'total_s'):>8.2f} {_median(case_runs, 'rounds'):>7.0f} "
               f"{_median(done, 'downtime_ms'):>12.1f} "
               f"{statistics.median(vcpu) if vcpu else float('nan'):>8.2f} "
               f"{_median(done, 'vcpu_share'):>10.1%} "
               f"{(str(int(statistics.median(throttle))) + ' %') if throttle else '-':>9} "
-              f"{str(sum(run['guest_ok'] for run in done)) + '/' + str(len(case_runs)):>9}")
+              f"{str(sum(run['guest_ok'] for run in done)) + '/' + str(len(case_runs)):>9} "
+              f"{_median(rated, 'guest_dirty_pages_per_s') / 1000:>10.0f}")
         report["cases"].append({"case": name, "config": {
             "channels": cases[name].channels, "max_bandwidth": cases[name].max_bandwidth,
-            "auto_converge": cases[name].auto_converge, "downtime_limit_ms": cases[name].downtime_limit_ms},
+            "auto_converge": cases[name].auto_converge, "downtime_limit_ms": cases[name].downtime_limit_ms,
+            "throttle_policy": cases[name].throttle_policy,
+            "throttle_initial_pct": cases[name].throttle_initial_pct,
+            "throttle_step_pct": cases[name].throttle_step_pct},
             "converged": len(done), "total_s_median": _median(case_runs, "total_s"),
             "downtime_ms_median": _median(done, "downtime_ms"), "runs": case_runs})
     write_report(args.json, report)

@@ -131,7 +131,10 @@ def _add_migration_options(p: argparse.ArgumentParser, wire: bool = True) -> Non
     p.add_argument("--max-bandwidth", type=parse_rate, default=None,
                    help="bytes/s over all channels together, e.g. 125M (default: no cap)")
     p.add_argument("--auto-converge", action="store_true",
-                   help="throttle the guest (20 %%, +10 %% a round) while rounds stop shrinking")
+                   help="throttle the guest while rounds cannot shrink (see --throttle-policy)")
+    p.add_argument("--throttle-policy", choices=("rate", "step"), default="rate",
+                   help="auto-converge: 'rate' throttles as the guest's measured dirty rate "
+                        "needs (default), 'step' as QEMU (20 %%, +10 %% a round)")
 
 
 def _add_device_options(p: argparse.ArgumentParser, source: bool = True,
@@ -236,6 +239,7 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
         zero_page_detection=args.zero_page_detection == "on",
         max_bandwidth=args.max_bandwidth,
         auto_converge=args.auto_converge,
+        throttle_policy=args.throttle_policy,
     ).validate()
 
 

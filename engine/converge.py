@@ -159,16 +159,21 @@ class AutoConverge:
     def __init__(self, config: MigrationConfig, meter: DirtyRateMeter | None) -> None:
         self.config = config
         self.meter = meter
-        self.rate: float | None = None      # pages/s of running time, the latest measured
+        self.rate: float | None = None      # pages/s of running time, the fastest measured
         self.current = 0
 
-    def after_round(self, taken: int, pending: int, bandwidth_bytes: float) -> int | None:
-        """A round sent `taken` pages and left `pending`: the new throttle, or None."""
-        cfg = self.config
+    def measure(self, pending: int) -> None:
+        """A round ended with `pending` pages dirty: update :attr:`rate` (every
+        round, the last one too, so the result reports it)."""
         if self.meter is not None:
             rate = self.meter.end_round(pending)
             if rate is not None:  # the fastest seen: what a throttled slice runs at
                 self.rate = max(rate, self.rate or 0.0)
+
+    def after_round(self, taken: int, pending: int, bandwidth_bytes: float) -> int | None:
+        """A round sent `taken` pages and left `pending` (after :meth:`measure`):
+        the new throttle, or None to keep it."""
+        cfg = self.config
         stuck = pending * 100 > taken * cfg.throttle_trigger_pct
         bandwidth = bandwidth_bytes / PAGE_SIZE
         running = 1 - self.current / 100

@@ -239,6 +239,8 @@ class SavingOperation(Operation):
             tracker.remaining_pages = pending
             tracker.dirty_rate = pending * PAGE_SIZE / max(now - t_round, 1e-9)
             expected = tracker.expected_downtime_s()
+            if self._converge is not None:
+                self._converge.measure(pending)
             self._progress(force=True)
             log.debug("round %d: %d pages sent, %d dirty, expected downtime %.1f ms",
                       tracker.round, taken, pending, expected * 1000)

@@ -177,6 +177,8 @@ def summary_lines(extra: dict[str, Any], arrived: dict[str, Any] | None,
     if arrived is not None:
         lines["dest COM1"] = describe_com1(arrived)
     steps = ", ".join(f"{pct} % after round {r}" for r, pct in extra.get("throttle_steps", []))
-    lines["throttle"] = (f"{extra.get('throttle_pct', 0)} % at the pause ({steps or 'never raised'})"
-                         if auto_converge else "off (--auto-converge)")
+    rate = extra.get("guest_dirty_pages_per_s")
+    measured = f"; guest dirtying {rate / 1000:.0f} k pages/s while it runs" if rate else ""
+    lines["throttle"] = (f"{extra.get('throttle_pct', 0)} % at the pause ({steps or 'never raised'}"
+                         f"{measured})" if auto_converge else "off (--auto-converge)")
     return lines

@@ -36,6 +36,7 @@ def test_demo_summary_shows_both_consoles_and_the_throttle() -> None:
     assert "1 × 'A' boot" in lines["source COM1"]
     assert "0 × 'A' boot" in lines["dest COM1"] and "invariant: holds" in lines["dest COM1"]
     assert "ran on: yes" in lines["dest COM1"] and "at the pause" in lines["throttle"]
+    assert "k pages/s while it runs" in lines["throttle"]       # the rate auto-converge measured
 
 
 def test_live_save_then_restore_in_a_new_process(tmp_path: Path) -> None:

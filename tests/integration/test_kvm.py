@@ -192,6 +192,31 @@ def test_dirty_log_sees_guest_writes_not_host_writes_and_clear_rearms(ram: Guest
         assert machine.dirty_pages(block).tolist() == [end // PAGE_SIZE + 1]
 
 
+def test_a_peek_at_the_log_clears_nothing(ram: GuestRAM, pool: WorkerPool) -> None:
+    """Auto-converge's rate meter peeks at the log between collects (GET_DIRTY_LOG
+    only, manual-protect mode): the pages it sees must still be collected."""
+    block = ram.blocks[0]
+    end = START + (4 << 20)
+    loop = set(range(START // PAGE_SIZE, end // PAGE_SIZE))
+    with KvmMachine(ram, "user64", start=START, end=end) as machine:
+        machine.dirty_pages(block)                      # the loader's marks: a clean start
+        machine.start(pool)
+        _wait_until(lambda: _progress(machine) >= 2)
+        machine.dirty_pages(block)                      # a collect while it runs
+        count = _progress(machine)
+        peeks = [machine.count(block)]
+        while _progress(machine) < count + 2:           # a whole pass after the collect
+            peeks.append(machine.count(block))
+        machine.pause()
+        assert peeks == sorted(peeks), "a peek while running cleared pages"
+        bits = machine.vm.dirty_bits(block)
+        assert (machine.vm.dirty_bits(block) == bits).all()   # peeking twice: the same
+        taken = machine.dirty_pages(block)              # the guest is paused: only a peek that
+        assert set(taken.tolist()) == set(np.flatnonzero(bits).tolist())  # cleared loses pages
+        assert loop <= set(taken.tolist()) and peeks[-1] <= taken.size
+        assert machine.count(block) == 0                # the collect did clear
+
+
 def test_user64_runs_natively_and_keeps_its_invariant(ram: GuestRAM) -> None:
     end = RAM
     rates = {}

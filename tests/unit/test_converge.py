@@ -176,6 +176,7 @@ def test_a_sampled_rate_throttles_before_rounds_stop_shrinking(block: RamBlock) 
     meter.take(block)
     _sweep(block, clock, meter, rate=RATE / 20, until=0.3)
     bandwidth = CAP / 20                                # 1024 pages in 0.67 s: never all sent
+    converge.measure(PAGES)
     percent = converge.after_round(4 * PAGES, PAGES, bandwidth * PAGE_SIZE)
     assert percent is not None and converge.rate == pytest.approx(RATE / 20, rel=0.05)
     assert _rounds_to_limit(CONFIG, percent, RATE / 20, bandwidth, PAGES) <= CONFIG.throttle_rounds
@@ -197,6 +198,7 @@ def test_without_a_rate_or_when_rounds_still_grow_it_steps(block: RamBlock) -> N
     low.throttled(50)
     meter.take(block)
     _sweep(block, clock, meter, rate=100, until=0.3)    # a rate that says "no throttle needed"
+    low.measure(PAGES)
     assert low.after_round(PAGES, PAGES, CAP * PAGE_SIZE) == 60   # ... but the round did not shrink
     converge.throttled(99)
     assert converge.after_round(100, 100, CAP * PAGE_SIZE) is None  # at the maximum
@@ -207,3 +209,14 @@ def test_bad_rate_settings_are_config_errors() -> None:
                 {"dirty_sample_ms": 0}, {"dirty_sample_ms": float("nan")}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             MigrationConfig(**bad).validate()  # type: ignore[arg-type]
+
+
+def test_the_rate_kept_is_the_fastest_of_the_rounds(block: RamBlock) -> None:
+    clock = Clock()
+    meter = _meter(block, clock)
+    converge = AutoConverge(CONFIG, meter)
+    for rate in (20_000, 5_000):                        # round 2: it shared its core throughout
+        meter.take(block)
+        _sweep(block, clock, meter, rate=rate, until=0.3)
+        converge.measure(PAGES)
+    assert converge.rate == pytest.approx(20_000, rel=0.05)
