@@ -6,7 +6,7 @@
               (DirtyRateMeter.poll, between packets; nothing is cleared)
     its end   pending peek ─► R = the fastest growth between peeks in the linear part
                               (≤ half the pending count), per second the guest ran
-                              (× 1 / running share); the highest R of all rounds
+                              (÷ the running share); the highest R of all rounds
     policy "rate" (default), with B the bandwidth and D the pending pages:
               trigger   the round left > trigger % of what it sent dirty again, or
                         R·(1 − p) > trigger % of B (the next round cannot shrink enough)
@@ -183,7 +183,7 @@ class AutoConverge:
                 return None
             wanted = choose_throttle(cfg, rate=self.rate, bandwidth=bandwidth, pending=pending,
                                      current=self.current)
-            if stuck and self.current > 0 or wanted == 0:
+            if (stuck and self.current > 0) or wanted == 0:
                 wanted = max(wanted, self._step())  # throttled, and still not shrinking
             log.info("guest dirties %.0f pages/s of running time against %.0f pages/s: "
                      "throttle %d %%", self.rate, bandwidth, wanted)

@@ -5,7 +5,9 @@
     DirtySource.take(block)   get-and-clear: the pages written since the last take,
                               their marks cleared (exactly those), sorted page indices;
                               only after it returns does the caller read those pages
-    DirtySource.count(block)  a peek: how many are dirty now (nothing cleared)
+    DirtySource.count(block)  a peek: how many are dirty now (nothing cleared, nothing
+                              re-armed); auto-converge peeks between collects to
+                              measure the guest's dirty rate (engine/converge.py)
 
     BlockDirtyMaps            the default: each block's own DirtyMap (engine/shm.py),
                               the byte map a synthetic guest marks after each write
