@@ -209,7 +209,7 @@ class SavingOperation(Operation):
 
     def _throttle_extra(self) -> dict[str, Any]:
         """The result's auto-converge section (``guest_dirty_pages_per_s``: the
-        guest's dirty rate per second of running time, the last measured)."""
+        guest's dirty rate per second of running time, the fastest measured)."""
         if self.throttle_guest is None and not self.config.auto_converge:
             return {}
         rate = self._converge.rate if self._converge is not None else None
