@@ -464,6 +464,7 @@ class SnapshotRestore(Operation):
     role = "restore"
     config: MigrationConfig
     _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
+    _check_beside: bool | None = None  # internal: None = when the channels leave a core spare
 
     def __init__(
         self,
@@ -570,9 +571,12 @@ class SnapshotRestore(Operation):
             self._sums = Segment.create(ram.n_pages * fmt.PAGE_SUM_SIZE)
             self._defer("unlink the checksum map", self._free_sums_map)
             np.frombuffer(self._sums.buf, dtype="<u8")[:] = np.concatenate(sums)
+        beside = self._check_beside
+        if beside is None:  # a thread per channel that checks beside its reads needs a core to run on
+            beside = self.config.channels < len(os.sched_getaffinity(0))
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
-                            direct_io=self.direct_io)
+                            direct_io=self.direct_io, check_beside=beside)
         self._core = _start_file_channels(self, self.config, ram, target)
 
     def _free_sums_map(self) -> None:
