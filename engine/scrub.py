@@ -20,6 +20,8 @@ never leave it.  With one channel and no pool the jobs run here, in order
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -42,6 +44,10 @@ class ScrubJob:
 
     runs: tuple[tuple[int, int, int, int], ...]  # (block, file offset of `first`, first, count)
     sums: np.ndarray                             # uint64: the expected words, run after run
+
+
+# A job's answer: (block, damaged page numbers) per run with any, or the error it met.
+JobAnswer = tuple[list[tuple[int, np.ndarray]], BaseException | None]
 
 
 def plan_jobs(pages_offsets: Sequence[int], present: Sequence[np.ndarray],
@@ -99,9 +105,9 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
                 sums: Sequence[np.ndarray], page_size: int, *, channels: int = 1,
                 pool: WorkerPool | None = None) -> list[np.ndarray]:
     """The damaged pages of each block (sorted page numbers), every present page
-    checked, over `channels` worker processes: those of `pool` (a process pool,
-    e.g. the VMM's warm one), else a pool of this scrub's own.  ``channels=1``
-    without a pool: sequentially, in this process.
+    checked, `channels` jobs at a time on worker processes: those of `pool` (a
+    process pool, e.g. the VMM's warm one), else a pool of `channels` of this
+    scrub's own.  ``channels=1`` without a pool: sequentially, in this process.
 
     Raises ConfigError for a bad `channels` or a thread pool; SnapshotError when
     the file cannot be read; a pool's error when a worker fails.
@@ -115,10 +121,10 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
     if pool is None and (channels == 1 or len(jobs) <= 1):
         results = [check_job(path, job, page_size) for job in jobs]
     elif pool is not None:
-        results = _run(pool, path, jobs, page_size)
+        results = _run(pool, path, jobs, page_size, channels)
     else:
         with WorkerPool("process", min(channels, len(jobs)), name="mfd-scrub") as own:
-            results = _run(own, path, jobs, page_size)
+            results = _run(own, path, jobs, page_size, channels)
     for result in results:
         for block, pages in result:
             found[block].append(pages)
@@ -135,22 +141,24 @@ def _contained(path: str, job: ScrubJob, page_size: int) -> JobAnswer:
         return [], exc
 
 
-JobAnswer = tuple[list[tuple[int, np.ndarray]], BaseException | None]
-
-
-def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob],
-         page_size: int) -> list[list[tuple[int, np.ndarray]]]:
-    """Every job on `pool`; their answers in job order (the first failure raised)."""
-    futures: list[Future[JobAnswer]] = [pool.submit(_contained, path, job, page_size) for job in jobs]
-    answers = []
-    for future in futures:
-        damaged, error = future.result()
+def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob], page_size: int,
+         channels: int) -> list[list[tuple[int, np.ndarray]]]:
+    """Every job on `pool`, at most `channels` at a time; their answers in job
+    order (the first failure raised, the jobs not yet sent never sent)."""
+    answers: list[list[tuple[int, np.ndarray]]] = []
+    in_flight: deque[Future[JobAnswer]] = deque()
+    waiting = iter(jobs)
+    while True:
+        for job in itertools.islice(waiting, channels - len(in_flight)):
+            in_flight.append(pool.submit(_contained, path, job, page_size))
+        if not in_flight:
+            return answers
+        damaged, error = in_flight.popleft().result()  # a job is bounded work, or its worker dies
         if error is not None:
-            for other in futures:
-                other.cancel()
+            for future in in_flight:
+                future.result()  # let the jobs sent finish: the pool may be the VMM's
             raise error
         answers.append(damaged)
-    return answers
 
 
 __all__ = ["JOB_PAGES", "ScrubJob", "check_job", "plan_jobs", "scrub_pages"]

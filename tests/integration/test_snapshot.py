@@ -317,6 +317,9 @@ def test_parallel_scrub_over_a_pool_finds_every_damaged_region(tmp_path: Path,
         assert inspect_snapshot(str(path), verify=True, pool=warm).damage == sequential
         stats = warm.statistics()
         assert stats.workers_started == 2 and stats.completed == 15  # 412 + 512 pages, 64 a job
+    with WorkerPool("process", 2, name="scrub-one") as shared:  # one job at a time: one worker
+        assert inspect_snapshot(str(path), verify=True, channels=1, pool=shared).damage == sequential
+        assert shared.statistics().workers_started == 1
 
 
 def _read_structure(path: Path) -> tuple[SnapshotInfo, list[np.ndarray], list[np.ndarray]]:
