@@ -18,7 +18,8 @@ send op is positional I/O on its own descriptor of the snapshot file::
 
     main ── JOB(slot) ──▶ file channel: slot → payload planner → (offset, IOVs, hooks)
          ◀── IDLE(slot) ─     → per piece: checksum, pwritev (save)
-                                           or preadv, check the checksums (restore)
+                                           or preadv, check the checksums (restore;
+                                           with a CPU spare, on a thread beside the reads)
                               SYNC(e) → nothing to write: SYNCED(e) once earlier jobs are done
 
 Control messages are 16 bytes on a SOCK_SEQPACKET socketpair: a slot index or an
