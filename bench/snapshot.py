@@ -20,6 +20,13 @@ A third, *unchecked*, run is the warm one with the page checksums off (an
 internal switch, for this comparison only): the "checksums" ratios are
 throughput with them / without them, paired run by run, over the whole call and
 over the transfer alone (the restore's transfer includes checking every page).
+A fourth, *inline*, is the warm one with each channel checking its pages on its
+own thread between reads (what the engine does when the channels leave no core
+spare; the warm run lets the engine choose: a thread beside the reads when one is).
+
+Scrub: after the warm restore, ``inspect_snapshot(verify=True)`` of the same file
+three ways — sequentially in this process, over N workers of the warm pool, and
+over N processes of its own (their start-up included); GB/s of guest RAM checked.
 
 Both reads find the file in the page cache (it was just written), so a read
 is a memory copy and start-up costs show.  The guest is random (no zero page
@@ -50,7 +57,7 @@ from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.pool import WorkerPool  # noqa: E402
-from engine.snapshot import SnapshotRestore, SnapshotSave  # noqa: E402
+from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot  # noqa: E402
 
 STEP = 8 << 20
 
@@ -90,8 +97,13 @@ def baseline_read(ram: GuestRAM, path: str) -> float:
 
 
 def save_and_restore(src: GuestRAM, dst: GuestRAM, path: str, channels: int,
-                     pool: WorkerPool | None, label: str, checksums: bool = True) -> dict[str, Any]:
-    """Save `src` to `path` and restore it into `dst`; times keyed ``save_s_<label>``..."""
+                     pool: WorkerPool | None, label: str, checksums: bool = True,
+                     check_beside: bool | None = None, scrub: bool = False) -> dict[str, Any]:
+    """Save `src` to `path` and restore it into `dst`; times keyed ``save_s_<label>``...
+
+    `check_beside`: the restore's checks on a thread beside the reads (None: the
+    engine's choice); `scrub`: also time ``inspect --verify`` of the file, in this
+    process and over `channels` processes (of `pool`, and of a pool of its own)."""
     config = MigrationConfig(channels=channels)
     started = time.perf_counter()
     save = SnapshotSave(src, path, config=config, live=False, pool=pool)
@@ -101,15 +113,25 @@ def save_and_restore(src: GuestRAM, dst: GuestRAM, path: str, channels: int,
     started = time.perf_counter()
     restore = SnapshotRestore(path, ram=dst, config=config, ram_is_zeroed=True, pool=pool)
     restore._page_checksums = checksums
+    restore._check_beside = check_beside
     restored = restore.run()
     restore_s = time.perf_counter() - started
     if not all(np.array_equal(np.frombuffer(a.pages, np.uint8), np.frombuffer(b.pages, np.uint8))
                for a, b in zip(src.blocks, dst.blocks, strict=True)):
         raise RuntimeError(f"the {label} restore over {channels} channel(s) differs from the guest")
-    os.unlink(path)
     figures = {"save_s": save_s, "restore_s": restore_s,
                "save_setup_ms": saved.setup_time_ms, "restore_setup_ms": restored.setup_time_ms,
                "save_transfer_s": saved.transfer_time_s, "restore_transfer_s": restored.transfer_time_s}
+    if scrub:
+        ways: list[tuple[str, dict[str, Any]]] = [("scrub_seq_s", {"channels": 1}),
+                                                  ("scrub_warm_s", {"channels": channels, "pool": pool}),
+                                                  ("scrub_cold_s", {"channels": channels})]
+        for key, kwargs in ways:
+            started = time.perf_counter()
+            if inspect_snapshot(path, verify=True, **kwargs).damage:
+                raise RuntimeError(f"the scrub found damage in {path}")
+            figures[key] = time.perf_counter() - started
+    os.unlink(path)
     return {f"{key}_{label}": value for key, value in figures.items()}
 
 
@@ -136,7 +158,7 @@ def main() -> int:
             for n in args.channels:
                 run: dict[str, Any] = {}
                 # Alternate the order so every kind shares the machine's drifts.
-                kinds = ["baseline", "cold", "warm", "unchecked"]
+                kinds = ["baseline", "cold", "warm", "unchecked", "inline"]
                 for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                     if kind == "baseline":
                         run["write_s"] = baseline_write(src, baseline_path)
@@ -145,7 +167,9 @@ def main() -> int:
                     else:
                         pool = None if kind == "cold" else warm
                         run.update(save_and_restore(src, dst, snapshot_path, n, pool, kind,
-                                                    checksums=kind != "unchecked"))
+                                                    checksums=kind != "unchecked",
+                                                    check_beside=False if kind == "inline" else None,
+                                                    scrub=kind == "warm"))
                 runs[n].append(run)
         where_fs = os.statvfs(where)
 
@@ -158,10 +182,10 @@ def main() -> int:
           f"warm = a process pool kept across operations")
     print(f"{'channels':>8} {'write':>6} {'save':>5} {'cold':>5} {'warm':>5}   "
           f"{'read':>5} {'restore':>7} {'cold':>5} {'warm':>5}   {'restore setup ms':>16}   "
-          f"{'checksums, with / without (warm)':>33}")
+          f"{'checksums, with / without (warm)':>33}   {'inline checks':>14}")
     print(f"{'':>8} {'GB/s':>6} {'GB/s':>5} {'ratio':>5} {'ratio':>5}   "
           f"{'GB/s':>5} {'GB/s':>7} {'ratio':>5} {'ratio':>5}   {'cold':>7} {'warm':>8}   "
-          f"{'save':>6} {'xfer':>6} {'restore':>7} {'xfer':>6}")
+          f"{'save':>6} {'xfer':>6} {'restore':>7} {'xfer':>6}   {'restore':>7} {'xfer':>6}")
     for n, cases in runs.items():
         def rate(key: str) -> list[float]:
             return [args.ram / run[key] / 1e9 for run in cases]  # noqa: B023
@@ -188,8 +212,14 @@ def main() -> int:
             "save_transfer": speedup("save_transfer_s_unchecked", "save_transfer_s_warm"),
             "restore": speedup("restore_s_unchecked", "restore_s_warm"),
             "restore_transfer": speedup("restore_transfer_s_unchecked", "restore_transfer_s_warm"),
+            "restore_inline": speedup("restore_s_unchecked", "restore_s_inline"),
+            "restore_transfer_inline": speedup("restore_transfer_s_unchecked", "restore_transfer_s_inline"),
             "unchecked_save_gbps": rate("save_s_unchecked"),
             "unchecked_restore_gbps": rate("restore_s_unchecked")}
+        case["scrub"] = {"sequential_gbps": rate("scrub_seq_s_warm"), "warm_gbps": rate("scrub_warm_s_warm"),
+                         "cold_gbps": rate("scrub_cold_s_warm"),
+                         "warm_over_sequential": speedup("scrub_seq_s_warm", "scrub_warm_s_warm"),
+                         "cold_over_sequential": speedup("scrub_seq_s_warm", "scrub_cold_s_warm")}
         case["runs"] = cases
         cold, warm_, sums = case["cold"], case["warm"], case["checksums"]
         print(f"{n:>8} {statistics.median(case['write_gbps']):>6.2f} "
@@ -198,8 +228,16 @@ def main() -> int:
               f"{statistics.median(cold['restore_gbps']):>7.2f} {cold['restore_over_read']:>5.2f} "
               f"{warm_['restore_over_read']:>5.2f}   {cold['restore_setup_ms']:>7.0f} "
               f"{warm_['restore_setup_ms']:>8.0f}   {sums['save']:>6.2f} {sums['save_transfer']:>6.2f} "
-              f"{sums['restore']:>7.2f} {sums['restore_transfer']:>6.2f}")
+              f"{sums['restore']:>7.2f} {sums['restore_transfer']:>6.2f}   "
+              f"{sums['restore_inline']:>7.2f} {sums['restore_transfer_inline']:>6.2f}")
         report["cases"].append(case)
+    print("scrub (inspect --verify), GB/s of guest RAM: sequential in one process; N channels on the "
+          "warm pool; N on a pool of its own (start-up included); ratios to sequential")
+    for case in report["cases"]:
+        scrub = case["scrub"]
+        speeds = (statistics.median(scrub[key]) for key in ("sequential_gbps", "warm_gbps", "cold_gbps"))
+        print(f"{case['channels']:>8} " + " ".join(f"{speed:>6.2f}" for speed in speeds) + "   "
+              f"{scrub['warm_over_sequential']:>5.2f} {scrub['cold_over_sequential']:>5.2f}")
     write_report(args.json, report)
     return 0
 

@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.add_argument("--verify", action="store_true", help="also read every page and device "
                          "stream and check it against its checksum; exit 1 if any is damaged")
+    inspect.add_argument("--channels", type=int, default=2,
+                         help="--verify: processes that read and check pages in parallel (2; "
+                              "1: sequentially, in this process)")
     inspect.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -615,7 +618,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return cmd_partial_files(args)
     if args.clean:
         raise ConfigError("--clean takes a directory (it removes the partial files of dead saves)")
-    info = inspect_snapshot(args.file, verify=args.verify)
+    info = inspect_snapshot(args.file, verify=args.verify, channels=args.channels)
     summary = info.to_dict()
     damaged = 1 if info.damage else 0
     if args.json:

@@ -22,8 +22,8 @@ and only the channels' send op differs: positional writes and reads
 A save that fails or is cancelled removes its partial file and resumes the
 guest; the target path is untouched until the new snapshot is durable.  A
 restore that meets a damaged page fails before the guest runs.
-``inspect_snapshot(path, verify=True)`` scrubs a whole file and names every
-damaged region.
+``inspect_snapshot(path, verify=True)`` scrubs a whole file, in parallel over
+channels (engine/scrub.py), and names every damaged region.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from engine.pages import pages_to_runs
 from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.saving import RAM_CLIENT, SavingOperation
+from engine.scrub import scrub_pages
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
@@ -172,47 +173,40 @@ def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray]
     return SnapshotInfo(file.path, size, sb, md), present, sums
 
 
-def inspect_snapshot(path: str, *, verify: bool = False) -> SnapshotInfo:
+def inspect_snapshot(path: str, *, verify: bool = False, channels: int = 2,
+                     pool: WorkerPool | None = None) -> SnapshotInfo:
     """Read and check a snapshot's header, metadata, bitmaps and checksum arrays.
 
-    ``verify=True`` also scrubs the whole file: every present page and every
-    device chunk against its checksum, each device stream against its SHA-256
-    (read sequentially in this process, 4 MiB per read); the result's
+    ``verify=True`` also scrubs the whole file: every present page against its
+    checksum, in parallel over `channels` worker processes (engine/scrub.py; those
+    of `pool`, a process pool such as the VMM's warm one, when given; one channel
+    and no pool: sequentially in this process), then every device chunk against
+    its checksum and each device stream against its SHA-256; the result's
     ``damage`` lists every damaged region.
-    Raises SnapshotError (a damaged structure is refused, not scrubbed).
+    Raises SnapshotError (a damaged structure is refused, not scrubbed);
+    ConfigError for a bad `channels` or pool.
     """
     file = open_file(path, "read")
     try:
         info, present, sums = _read_snapshot(file)
         if verify:
-            info = replace(info, damage=_scrub(file, info, present, sums))
+            info = replace(info, damage=_scrub(file, info, present, sums, channels, pool))
         return info
     finally:
         file.close()
 
 
-_SCRUB_PAGES = 1024  # 4 MiB per read
-
-
 def _scrub(file: PositionalFile, info: SnapshotInfo, present: Sequence[np.ndarray],
-           sums: Sequence[np.ndarray]) -> tuple[Damage, ...]:
+           sums: Sequence[np.ndarray], channels: int, pool: WorkerPool | None) -> tuple[Damage, ...]:
     """Every damaged region of a structurally sound snapshot, in file order."""
     page_size = info.superblock.page_size
-    scratch = memoryview(bytearray(_SCRUB_PAGES * page_size))
+    blocks = info.metadata.blocks
+    damaged = scrub_pages(file.path, [b.pages_offset for b in blocks], present, sums, page_size,
+                          channels=channels, pool=pool)
     damage: list[Damage] = []
-    for block, pages, block_sums in zip(info.metadata.blocks, present, sums):
-        bad: list[np.ndarray] = []
-        # Runs of consecutive present pages, each read in pieces of _SCRUB_PAGES at most.
-        firsts, counts = pages_to_runs(pages)
-        for first, count in zip(firsts.tolist(), counts.tolist()):
-            for at in range(first, first + count, _SCRUB_PAGES):
-                n = min(_SCRUB_PAGES, first + count - at)
-                view = scratch[:n * page_size]
-                file.read_into(block.pages_offset + at * page_size, [view])
-                bad.append(at + fmt.damaged_pages(view, block_sums[at:at + n], page_size))
-        damaged = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+    for block, pages in zip(blocks, damaged):
         # One region per run of consecutive damaged pages.
-        bad_firsts, bad_counts = pages_to_runs(damaged)
+        bad_firsts, bad_counts = pages_to_runs(pages)
         for first, n in zip(bad_firsts.tolist(), bad_counts.tolist()):
             damage.append(Damage(block.pages_offset + first * page_size, n * page_size,
                                  block=block.name, page=first, n_pages=n))
@@ -470,6 +464,7 @@ class SnapshotRestore(Operation):
     role = "restore"
     config: MigrationConfig
     _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
+    _check_beside: bool | None = None  # internal: None = when the channels leave a core spare
 
     def __init__(
         self,
@@ -576,9 +571,12 @@ class SnapshotRestore(Operation):
             self._sums = Segment.create(ram.n_pages * fmt.PAGE_SUM_SIZE)
             self._defer("unlink the checksum map", self._free_sums_map)
             np.frombuffer(self._sums.buf, dtype="<u8")[:] = np.concatenate(sums)
+        beside = self._check_beside
+        if beside is None:  # a thread per channel that checks beside its reads needs a core to run on
+            beside = self.config.channels < len(os.sched_getaffinity(0))
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
-                            direct_io=self.direct_io)
+                            direct_io=self.direct_io, check_beside=beside)
         self._core = _start_file_channels(self, self.config, ram, target)
 
     def _free_sums_map(self) -> None:

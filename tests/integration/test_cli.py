@@ -311,3 +311,29 @@ def test_inspect_verify_reports_each_damaged_region_and_exits_1(tmp_path: Path) 
     restore = run("restore", str(snap))
     assert restore.returncode == 1 and restore.stderr.count("\n") == 1
     assert "block 'pc.ram' page" in restore.stderr and "is damaged" in restore.stderr
+
+
+def test_inspect_verify_over_channels_finds_damage_in_every_job(tmp_path: Path) -> None:
+    """20 MiB of pages is two scrub jobs: over 2 channel processes, each job's
+    damaged page is named, as sequentially (--channels 1)."""
+    from engine.snapshot import inspect_snapshot
+
+    snap = tmp_path / "vm.snap"
+    assert run("save", str(snap), "--ram", "20M").returncode == 0
+    block = inspect_snapshot(str(snap)).metadata.blocks[0]
+    with open(snap, "r+b") as f:
+        for page in (10, 4500):  # jobs are 4096 pages
+            f.seek(block.pages_offset + page * 4096 + 99)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 0x10]))
+    outputs = []
+    for channels in ("2", "1"):
+        done = run("inspect", str(snap), "--verify", "--channels", channels)
+        assert done.returncode == 1, done.stderr
+        damaged = [line for line in done.stdout.splitlines() if line.startswith("damaged ")]
+        assert [line.split("page ")[1].split(",")[0] for line in damaged] == ["10", "4500"]
+        outputs.append(damaged)
+    assert outputs[0] == outputs[1]
+    bad = run("inspect", str(snap), "--verify", "--channels", "0")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "at least 1 channel" in bad.stderr

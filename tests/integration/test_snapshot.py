@@ -11,8 +11,11 @@ import pytest
 from clients.devices import demo_devices
 from clients.guest import SyntheticGuest, check_incrementer, fill_ram
 from engine import GuestRAM, MigrationConfig
-from engine.errors import CancelledError, SnapshotError, SnapshotFormatError
-from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
+from engine.errors import CancelledError, ConfigError, SnapshotError, SnapshotFormatError
+from engine.pool import WorkerPool
+from engine.scrub import scrub_pages
+from engine.snapshot import SnapshotInfo, SnapshotRestore, SnapshotSave, _read_snapshot, inspect_snapshot
+from engine.transport import open_file
 from engine.wire import snapshot_format as fmt
 from tests.harness import MiB, guest_ram, same_memory, wait_until
 
@@ -278,3 +281,95 @@ def test_inspect_verify_names_every_damaged_region(tmp_path: Path) -> None:
         ("'dev1'/0", 1, chunk_at, chunk_length)]
     assert "block 'block1' pages 9-10, file offset" in damage[1].describe()
     assert inspect_snapshot(str(path), verify=True).to_dict()["verified"] is False
+
+
+def _scrub_file(tmp_path: Path) -> tuple[Path, fmt.Metadata]:
+    """A 2-block snapshot with a device, some zero pages, and damage in several
+    places: the first page, two pages across a scrub job's edge, the last page,
+    and a device chunk."""
+    path = tmp_path / "scrub-many.snap"
+    with guest_ram(4 * MiB, fill="random", blocks=2) as ram:
+        ram.blocks[0].array()[200:300] = 0  # absent pages: a hole in the runs
+        SnapshotSave(ram, str(path), live=False, devices=demo_devices(1, 100 * 1024)).run()
+    md = inspect_snapshot(str(path)).metadata
+    ram0, ram1 = md.blocks
+    for offset in (ram0.pages_offset + 17, ram0.pages_offset + 63 * 4096 + 4000,
+                   ram0.pages_offset + 64 * 4096, ram1.pages_offset + 511 * 4096 + 4095,
+                   md.devices[0].chunks[0][0] + 5):
+        _flip(path, offset)
+    return path, md
+
+
+def test_parallel_scrub_over_a_pool_finds_every_damaged_region(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs of 64 pages over 2 worker processes find what one process finds."""
+    monkeypatch.setattr("engine.scrub.JOB_PAGES", 64)
+    path, md = _scrub_file(tmp_path)
+    ram0, ram1 = md.blocks
+    expected = [("pc.ram", 0, 1, ram0.pages_offset), ("pc.ram", 63, 2, ram0.pages_offset + 63 * 4096),
+                ("block1", 511, 1, ram1.pages_offset + 511 * 4096)]
+    sequential = inspect_snapshot(str(path), verify=True, channels=1).damage
+    assert sequential is not None
+    assert [(d.block, d.page, d.n_pages, d.offset) for d in sequential if d.block] == expected
+    assert [(d.device, d.chunk) for d in sequential if d.device] == [("'dev0'/0", 0)]
+    assert inspect_snapshot(str(path), verify=True, channels=2).damage == sequential
+    with WorkerPool("process", 2, name="scrub-warm") as warm:
+        assert inspect_snapshot(str(path), verify=True, pool=warm).damage == sequential
+        stats = warm.statistics()
+        assert stats.workers_started == 2 and stats.completed == 15  # 412 + 512 pages, 64 a job
+    with WorkerPool("process", 2, name="scrub-one") as shared:  # one job at a time: one worker
+        assert inspect_snapshot(str(path), verify=True, channels=1, pool=shared).damage == sequential
+        assert shared.statistics().workers_started == 1
+
+
+def _read_structure(path: Path) -> tuple[SnapshotInfo, list[np.ndarray], list[np.ndarray]]:
+    file = open_file(str(path), "read")
+    try:
+        return _read_snapshot(file)
+    finally:
+        file.close()
+
+
+def test_a_scrub_that_cannot_read_fails_clearly_and_leaves_a_shared_pool_working(tmp_path: Path) -> None:
+    path, md = _scrub_file(tmp_path)
+    info = inspect_snapshot(str(path))
+    _, present, sums = _read_structure(path)
+    with WorkerPool("process", 2, name="scrub-shared") as shared:
+        with pytest.raises(SnapshotError):
+            scrub_pages(str(tmp_path / "gone.snap"), [b.pages_offset for b in md.blocks], present, sums,
+                        4096, pool=shared)
+        assert shared.broken is None
+        assert inspect_snapshot(str(path), verify=True, pool=shared).damage == \
+            inspect_snapshot(str(path), verify=True, channels=1).damage
+    with pytest.raises(ConfigError, match="process pool"), \
+            WorkerPool("thread", 1, name="scrub-thread") as threads:
+        inspect_snapshot(str(path), verify=True, pool=threads)
+    with pytest.raises(ConfigError, match="at least 1 channel"):
+        inspect_snapshot(str(path), verify=True, channels=0)
+    assert info.damage is None
+
+
+@pytest.mark.parametrize("beside", [True, False], ids=["check-beside-reads", "check-inline"])
+def test_restore_checks_every_piece_up_to_the_last_page(tmp_path: Path, beside: bool) -> None:
+    """With the checks on a thread beside the reads, a damaged page in the last
+    piece read still fails the restore (FINISH waits for every check), and so
+    does one in the middle; with inline checks the same."""
+    path = tmp_path / "pieces.snap"
+    with guest_ram(8 * MiB, fill="random") as ram:
+        SnapshotSave(ram, str(path), live=False).run()
+    block = inspect_snapshot(str(path)).metadata.blocks[0]
+    for page in (2047, 700):
+        _flip(path, block.pages_offset + page * 4096 + 1234)
+        restore = SnapshotRestore(str(path), config=MigrationConfig(channels=1))
+        restore._check_beside = beside
+        with pytest.raises(SnapshotFormatError, match=f"block 'pc.ram' page {page} \\(file offset "
+                                                      f"{block.pages_offset + page * 4096}\\) is damaged"):
+            restore.run()
+        assert restore.ram is None  # the RAM it created is gone: no guest runs on it
+        _flip(path, block.pages_offset + page * 4096 + 1234)
+    restore = SnapshotRestore(str(path), config=MigrationConfig(channels=1))
+    restore._check_beside = beside
+    restore.run()
+    assert restore.ram is not None
+    restore.ram.close()
+    restore.ram.unlink()

@@ -10,7 +10,7 @@ TYPE_CHECKING:`` are left out, as they never run.  Bottom to top:
                                                        (bitmaps and page checksums)
     io          engine.sync, shm, codecs, transport, pool.*
     core        engine.slots, dirty, converge, stats, verify, channel, multifd, payload,
-                device, admission
+                device, admission, scrub
     operations  engine.operation, migration, saving, source, destination, snapshot
     app         engine (the facade), engine.cli
 
@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "engine.pool")),
     ("core", ("engine.slots", "engine.dirty", "engine.stats", "engine.verify", "engine.channel",
               "engine.multifd", "engine.payload", "engine.device", "engine.admission",
-              "engine.main_channel", "engine.pages", "engine.converge")),
+              "engine.main_channel", "engine.pages", "engine.converge", "engine.scrub")),
     ("operations", ("engine.operation", "engine.migration", "engine.saving", "engine.source",
                     "engine.destination", "engine.snapshot")),
     ("app", ("engine.cli", "engine")),
