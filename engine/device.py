@@ -17,6 +17,19 @@ it from another thread, and it should make ``save_state``/``load_state`` return
 or raise soon.  Teardown waits ``cancel_grace_s`` at most for the device's jobs;
 a job still inside the device after that is abandoned, never joined, and its
 late chunks are dropped.
+
+A device with gigabytes of state may also be *iterative* (:class:`IterativeDevice`,
+optional): while the guest runs, each precopy round asks it for some of its live
+state (:meth:`~IterativeDevice.save_live`) and how much it still has pending
+(:meth:`~IterativeDevice.live_pending`, which counts toward convergence like
+dirty RAM); at switchover ``save_state`` hands out only what remains.  The
+destination sees one ordered stream either way and loads live chunks as they
+arrive.  Both sides must have the device iterative (CONFIG says so; a mismatch
+is refused before any page moves)::
+
+    precopy round k   save_live(max_bytes) ─▶ chunks i..j (LIVE)  ─▶ load_state … (destination, now)
+    switchover        save_state()         ─▶ chunks j+1..n       ─▶ load_state …
+                      save_config()        ─▶ END chunk           ─▶ load_config
 """
 
 from __future__ import annotations
@@ -61,6 +74,35 @@ class MigratableDevice(Protocol):
         ...
 
 
+@runtime_checkable
+class IterativeDevice(MigratableDevice, Protocol):
+    """A device that hands out its state during precopy, round after round
+    (QEMU's VFIO precopy).  Save calls come from pool threads, one at a time."""
+
+    #: True: the source does not pause the guest before the destination has
+    #: loaded this device's initial state (QEMU's ``switchover-ack``).
+    switchover_ack: bool
+
+    def live_pending(self) -> tuple[int, int]:
+        """Source, guest running: (bytes of the initial state not handed out yet,
+        bytes handed out that changed since).  Cheap: called every round."""
+        ...
+
+    def save_live(self, max_bytes: int) -> Iterable[bytes]:
+        """Source, guest running, once per precopy round: ordered chunks of live
+        state, about `max_bytes` at most (the initial state first).  What it
+        hands out here, ``save_state`` need not hand out again unless it changed."""
+        ...
+
+
+def is_iterative(device: MigratableDevice) -> bool:
+    return isinstance(device, IterativeDevice)
+
+
+def wants_switchover_ack(device: MigratableDevice) -> bool:
+    return is_iterative(device) and bool(getattr(device, "switchover_ack", False))
+
+
 @dataclass(frozen=True)
 class DeviceReport:
     """What happened to one device in a migration (each side fills its part)."""
@@ -73,6 +115,7 @@ class DeviceReport:
     load_ms: float = 0.0      # destination: time spent in load_state/load_config
     verified: bool | None = None  # destination: loaded stream hashes as the saved one
     reordered: int = 0            # destination: chunks that overtook an earlier one
+    live_bytes: int = 0           # bytes handed out (source) or loaded (destination) in precopy
 
 
 def device_key(device: MigratableDevice) -> tuple[str, int]:
