@@ -967,7 +967,7 @@ def test_config_body_helper_matches_golden() -> None:
                      id="channel-count-0"),
         pytest.param(message(1, config_body(channel_count=257)), "channel_count 257",
                      id="channel-count-257"),
-        pytest.param(message(1, config_body(flags=2)), "unknown CONFIG flags", id="flags-2"),
+        pytest.param(message(1, config_body(flags=4)), "unknown CONFIG flags", id="flags-4"),
         pytest.param(message(1, config_body(flags=0x80000001)), "unknown CONFIG flags",
                      id="flags-high"),
         pytest.param(message(1, config_body(codec=b"")), "codec name", id="codec-empty"),
