@@ -403,12 +403,12 @@ class DeviceLoader:
         during precopy.  Raises DeviceStateError."""
         stream = self.streams[device]
         with stream.lock:
-            _check_phase(stream, index, live)
-            if index < stream.next or index in stream.pending:
+            if index < max(stream.next, stream.taken) or index in stream.pending:
                 raise DeviceStateError(f"device {stream.name}: chunk {index} arrived twice")
             if stream.end is not None and index > stream.end:
                 raise DeviceStateError(f"device {stream.name}: chunk {index} after its END chunk "
                                        f"{stream.end}")
+            _check_phase(stream, index, live)
             if end:
                 if stream.end is not None:
                     raise DeviceStateError(f"device {stream.name}: a second END chunk ({index})")
