@@ -124,7 +124,8 @@ def test_live_round_without_an_iterative_device() -> None:
 def test_a_device_that_loaded_live_state_is_stopped_by_the_failure() -> None:
     """Many live chunks buffered, each slow to load: a failure (here a chunk of an
     unknown device) stops the loading at once, not after every buffered chunk."""
-    device = IterativeDemoDevice(*GPU, state_size=MiB, load_latency_s=8000.0, with_state=False)  # ~0.5 s a chunk
+    # ~0.5 s to load each 64-byte chunk
+    device = IterativeDemoDevice(*GPU, state_size=MiB, load_latency_s=8000.0, with_state=False)
 
     def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
         for index in range(4):

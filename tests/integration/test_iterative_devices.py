@@ -29,8 +29,8 @@ def _migrate(src_devices: list, dst_devices: list, *, config: MigrationConfig | 
              pause: object = None) -> tuple:
     config = config or MigrationConfig(channels=4, packet_pages=64, verify=True)
     with guest_ram(16 * MiB) as src, guest_ram(16 * MiB, fill="zero") as dst:
-        destination = DestinationMigration(address("tcp"), secret=SECRET, ram=dst, config=config.for_destination(),
-                                           devices=dst_devices)
+        destination = DestinationMigration(address("tcp"), secret=SECRET, ram=dst,
+                                           config=config.for_destination(), devices=dst_devices)
         destination.start()
         with SyntheticGuest(src, "incrementer", dirty_rate=16 * MiB) as guest:
             def pause_guest() -> None:
