@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import xxhash
 
 from engine.errors import ConfigError
 
@@ -90,16 +91,18 @@ class DemoDevice:
 _OFFSET = struct.Struct(">Q")
 
 
-class IterativeDemoDevice(DemoDevice):
+class RegionDemoDevice(DemoDevice):
     """A demo device whose state changes at `dirty_rate` (a fraction of it per
-    second, while it is asked: the device runs no thread) and that sends it
-    during precopy.  Load time stays proportional to bytes: `load_latency_s`
-    per `state_size` bytes loaded, live rounds included."""
+    second, while it is asked: the device runs no thread), sent as regions at
+    their offsets, all at switchover (the iterative one's switchover-only twin).
+    Load time stays proportional to bytes: `load_latency_s` per `state_size`
+    bytes loaded.  Its config part carries a digest of the regions' digests,
+    each taken as the region is handed out, so saving it costs no pass over
+    the whole state in the downtime."""
 
     def __init__(self, idstr: str, instance_id: int = 0, state_size: int = 4 << 20,
                  save_latency_s: float = 0.0, load_latency_s: float = 0.0,
-                 with_state: bool = True, seed: int = 0, dirty_rate: float = 0.0,
-                 switchover_ack: bool = True) -> None:
+                 with_state: bool = True, seed: int = 0, dirty_rate: float = 0.0) -> None:
         super().__init__(idstr, instance_id, state_size, save_latency_s, load_latency_s,
                          with_state, seed)
         if not 0 <= dirty_rate <= 1000:
@@ -107,7 +110,7 @@ class IterativeDemoDevice(DemoDevice):
         if not with_state:
             self.state = bytearray(state_size)  # regions land at their offsets
         self.dirty_rate = dirty_rate
-        self.switchover_ack = switchover_ack
+        self._digests: dict[int, bytes] = {}  # region → its digest when last handed out
         regions = -(-state_size // CHUNK)
         self._unsent = list(range(regions))   # never handed out, in order (reversed: pop())
         self._unsent.reverse()
@@ -138,21 +141,6 @@ class IterativeDemoDevice(DemoDevice):
             if region not in unsent:
                 self._dirty.add(region)
 
-    def live_pending(self) -> tuple[int, int]:
-        self._advance()
-        return (sum(map(self._region_size, self._unsent)),
-                sum(map(self._region_size, self._dirty)))
-
-    def save_live(self, max_bytes: int) -> Iterator[bytes]:
-        self._advance()
-        handed = 0
-        while handed < max_bytes and (self._unsent or self._dirty):
-            region = self._unsent.pop() if self._unsent else min(self._dirty)
-            self._dirty.discard(region)
-            chunk = self._region(region)
-            handed += len(chunk) - _OFFSET.size
-            yield chunk
-
     def save_state(self) -> Iterator[bytes]:
         """What is left, with the guest paused: from here on nothing changes."""
         self._advance()
@@ -166,7 +154,27 @@ class IterativeDemoDevice(DemoDevice):
         at = region * CHUNK
         data = memoryview(self.state)[at:at + CHUNK]
         self._spend(self.save_latency_s, len(data))
+        self._digests[region] = xxhash.xxh3_128_digest(data)
         return _OFFSET.pack(at) + data.tobytes()
+
+    def save_config(self) -> bytes:
+        return json.dumps({"idstr": self.idstr, "size": len(self.state),
+                           "regions_sha256": self._state_digest(self._digests)}).encode()
+
+    def intact(self) -> bool:
+        """The loaded state matches the digest its config part carried."""
+        if self.config is None:
+            return False
+        regions = -(-len(self.state) // CHUNK)
+        ours = {region: xxhash.xxh3_128_digest(memoryview(self.state)[region * CHUNK:(region + 1) * CHUNK])
+                for region in range(regions)}
+        return self.config["regions_sha256"] == self._state_digest(ours)
+
+    def _state_digest(self, digests: dict[int, bytes]) -> str:
+        regions = -(-self.state_size // CHUNK)
+        if sorted(digests) != list(range(regions)):
+            raise ValueError("a region of the state was never handed out")
+        return hashlib.sha256(b"".join(digests[region] for region in range(regions))).hexdigest()
 
     def _region_size(self, region: int) -> int:
         return min(CHUNK, self.state_size - region * CHUNK)
@@ -183,17 +191,50 @@ class IterativeDemoDevice(DemoDevice):
         self.state[at:at + len(data)] = data
 
     def __repr__(self) -> str:
-        return f"<IterativeDemoDevice {self.idstr}/{self.instance_id} {len(self.state)} bytes>"
+        return f"<{type(self).__name__} {self.idstr}/{self.instance_id} {len(self.state)} bytes>"
+
+
+class IterativeDemoDevice(RegionDemoDevice):
+    """A :class:`RegionDemoDevice` that sends its state during precopy
+    (:class:`engine.device.IterativeDevice`): the regions never handed out
+    first, then those that changed since; with `switchover_ack` the source
+    waits for the destination to load the initial state before it pauses."""
+
+    def __init__(self, idstr: str, instance_id: int = 0, state_size: int = 4 << 20,
+                 save_latency_s: float = 0.0, load_latency_s: float = 0.0,
+                 with_state: bool = True, seed: int = 0, dirty_rate: float = 0.0,
+                 switchover_ack: bool = True) -> None:
+        super().__init__(idstr, instance_id, state_size, save_latency_s, load_latency_s,
+                         with_state, seed, dirty_rate)
+        self.switchover_ack = switchover_ack
+
+    def live_pending(self) -> tuple[int, int]:
+        self._advance()
+        return (sum(map(self._region_size, self._unsent)),
+                sum(map(self._region_size, self._dirty)))
+
+    def save_live(self, max_bytes: int) -> Iterator[bytes]:
+        self._advance()
+        handed = 0
+        while handed < max_bytes and (self._unsent or self._dirty):
+            region = self._unsent.pop() if self._unsent else min(self._dirty)
+            self._dirty.discard(region)
+            chunk = self._region(region)
+            handed += len(chunk) - _OFFSET.size
+            yield chunk
 
 
 def demo_devices(count: int, state_size: int, save_latency_s: float = 0.0,
                  load_latency_s: float = 0.0, with_state: bool = True,
-                 iterative: bool = False, dirty_rate: float = 0.0) -> list[DemoDevice]:
+                 iterative: bool = False, dirty_rate: float = 0.0,
+                 regions: bool = False) -> list[DemoDevice]:
     """`count` demo devices named dev0, dev1, …, each with different state;
-    `iterative`: :class:`IterativeDemoDevice` s whose state changes at `dirty_rate`."""
-    if iterative:
-        return [IterativeDemoDevice(f"dev{i}", 0, state_size, save_latency_s, load_latency_s,
-                                    with_state, seed=i, dirty_rate=dirty_rate)
+    `iterative`: :class:`IterativeDemoDevice` s whose state changes at `dirty_rate`;
+    `regions`: their switchover-only twins (:class:`RegionDemoDevice`)."""
+    if iterative or regions:
+        kind = IterativeDemoDevice if iterative else RegionDemoDevice
+        return [kind(f"dev{i}", 0, state_size, save_latency_s, load_latency_s, with_state, seed=i,
+                     dirty_rate=dirty_rate)
                 for i in range(count)]
     return [DemoDevice(f"dev{i}", 0, state_size, save_latency_s, load_latency_s, with_state, seed=i)
             for i in range(count)]
