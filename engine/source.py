@@ -425,15 +425,16 @@ class SourceMigration(SavingOperation, Migration):
 
     def _live_ready(self, final: bool = False) -> bool:
         """The switchover ack, if a device asks for it: a short wait for it each
-        converged round, the whole stall timeout at the last one."""
+        converged round; at a forced switchover (`final`), a wait up to
+        stall_timeout_s after it was asked for, or none if it was not asked yet."""
         live = self._live
         if live is None or not live.wants_ack or live.acked:
             return True
         if not live.ack_asked:
-            if final:
-                raise TransportBrokenError("a device asks for the switchover ack, but its "
-                                           "initial state was not handed out by the last round")
-            return False
+            if final:  # forced: what is left of the initial state goes in the downtime
+                log.warning("switching over after max_rounds before a device handed out its "
+                            "initial state: no switchover ack")
+            return final
         if not final:
             return live.wait_ack(0.05, self._ack_deadline)
         while not live.wait_ack(1.0, self._ack_deadline):
