@@ -88,6 +88,10 @@ class SourceMigration(SavingOperation, Migration):
 
     role = "source"
     peer = "destination"
+    #: Iterative devices: bytes one may have handed out and not yet had loaded
+    #: (a VMM may set it on the object before run(); keep it at most half the
+    #: destination's max_device_buffer).
+    live_window = LIVE_WINDOW
 
     def __init__(
         self,
@@ -245,7 +249,7 @@ class SourceMigration(SavingOperation, Migration):
         reader.add_done_callback(self._reader_done)
         self._start_device_pool(len(self.payloads))
         if any(map(is_iterative, self.devices)):
-            self._live = LiveDevices(self.devices, LIVE_WINDOW, self.latch)
+            self._live = LiveDevices(self.devices, self.live_window, self.latch)
             self._device_saver()
 
     def _switchover(
