@@ -227,9 +227,11 @@ class SavingOperation(Operation):
             self._progress(force=True)
             log.debug("round %d: %d pages sent, %d dirty, expected downtime %.1f ms",
                       tracker.round, taken, pending, expected * 1000)
-            if expected <= limit_s and self._live_ready():
-                return expected
-            self._auto_converge(taken, pending)
+            if expected <= limit_s:
+                if self._live_ready():  # converged; a device may want its switchover ack first
+                    return expected
+            else:
+                self._auto_converge(taken, pending)
             if tracker.round >= cfg.max_rounds:
                 if cfg.on_max_rounds == "fail":
                     raise ConvergenceError(
