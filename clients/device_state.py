@@ -19,7 +19,7 @@ Destination, main process::
 
 Iterative devices (engine/device.py IterativeDevice), while the guest runs::
 
-    each precopy round: DeviceSaver.live_round(allowances): one job per iterative
+    each precopy round: DeviceSaver.start_live(allowances) … wait_live(): a job per iterative
         device with room in its window, save_live(allowance) chunks (flag LIVE),
         numbered on from the last round's; the round's SYNC follows them
     at switchover: save_state() goes on numbering after the live chunks
