@@ -79,7 +79,10 @@ class MigratableDevice(Protocol):
 @runtime_checkable
 class IterativeDevice(MigratableDevice, Protocol):
     """A device that hands out its state during precopy, round after round
-    (QEMU's VFIO precopy).  Save calls come from pool threads, one at a time."""
+    (QEMU's VFIO precopy).  All three members are needed (it is recognised by
+    them).  ``live_pending`` is called from the operation's thread, ``save_live``
+    from a pool job, never both at once.  A device that is done hands out
+    nothing more, reports (0, 0), and its ``save_state`` yields nothing."""
 
     #: True: the source does not pause the guest before the destination has
     #: loaded this device's initial state (QEMU's ``switchover-ack``).
