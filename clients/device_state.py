@@ -106,7 +106,6 @@ class DeviceSaver:
         self._live_jobs = {}
         for index, (device, allowance) in enumerate(zip(self.devices, allowances, strict=True)):
             if allowance > 0 and is_iterative(device):
-                assert isinstance(device, IterativeDevice)
                 future = self.pool.submit(self._save_live, index, device, allowance)
                 future.add_done_callback(lambda f: self._job_done(f, latch))
                 self._live_jobs[index] = future

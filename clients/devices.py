@@ -110,22 +110,27 @@ class RegionDemoDevice(DemoDevice):
         if not with_state:
             self.state = bytearray(state_size)  # regions land at their offsets
         self.dirty_rate = dirty_rate
+        self._rng = np.random.Generator(np.random.PCG64(seed + 1000))
+        self.changed = 0                      # regions changed in all
+        self.live_begin()
+
+    def live_begin(self) -> None:
+        """A new save starts: every region is initial state again, and the state
+        changes again (after a failed or an earlier migration)."""
         self._digests: dict[int, bytes] = {}  # region → its digest when last handed out
-        regions = -(-state_size // CHUNK)
-        self._unsent = list(range(regions))   # never handed out, in order (reversed: pop())
+        self._unsent = list(range(-(-self.state_size // CHUNK)))  # never handed out (pop() order)
         self._unsent.reverse()
         self._dirty: set[int] = set()         # handed out, changed since
-        self._rng = np.random.Generator(np.random.PCG64(seed + 1000))
         self._clock: float | None = None
         self._owed = 0.0                      # regions due to change, not changed yet
-        self.changed = 0                      # regions changed in all
+        self._frozen = False                  # save_state() ran: the guest is paused
 
     # -- the state changing --------------------------------------------------
 
     def _advance(self) -> None:
         """Change the regions that `dirty_rate` says changed since the last call."""
         now = time.perf_counter()
-        if self._clock is None or not self.dirty_rate or not self.state_size:
+        if self._clock is None or not self.dirty_rate or not self.state_size or self._frozen:
             self._clock = now
             return
         self._owed += (now - self._clock) * self.dirty_rate * self.state_size / CHUNK
@@ -144,7 +149,7 @@ class RegionDemoDevice(DemoDevice):
     def save_state(self) -> Iterator[bytes]:
         """What is left, with the guest paused: from here on nothing changes."""
         self._advance()
-        self.dirty_rate = 0.0
+        self._frozen = True
         regions = sorted(set(self._unsent) | self._dirty)
         self._unsent, self._dirty = [], set()
         for region in regions:

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeGuard, runtime_checkable
 
 from engine.errors import ConfigError, RemoteProtocolError, TransportBrokenError
 
@@ -79,7 +79,7 @@ class MigratableDevice(Protocol):
 @runtime_checkable
 class IterativeDevice(MigratableDevice, Protocol):
     """A device that hands out its state during precopy, round after round
-    (QEMU's VFIO precopy).  All three members are needed (it is recognised by
+    (QEMU's VFIO precopy).  All four members are needed (it is recognised by
     them).  ``live_pending`` is called from the operation's thread, ``save_live``
     from a pool job, never both at once.  A device that is done hands out
     nothing more, reports (0, 0), and its ``save_state`` yields nothing."""
@@ -87,6 +87,11 @@ class IterativeDevice(MigratableDevice, Protocol):
     #: True: the source does not pause the guest before the destination has
     #: loaded this device's initial state (QEMU's ``switchover-ack``).
     switchover_ack: bool
+
+    def live_begin(self) -> None:
+        """Source, as a save starts (a migration's setup, a snapshot's): from here
+        every byte is initial state again, whatever an earlier one handed out."""
+        ...
 
     def live_pending(self) -> tuple[int, int]:
         """Source, guest running: (bytes of the initial state not handed out yet,
@@ -100,7 +105,7 @@ class IterativeDevice(MigratableDevice, Protocol):
         ...
 
 
-def is_iterative(device: MigratableDevice) -> bool:
+def is_iterative(device: MigratableDevice) -> TypeGuard[IterativeDevice]:
     return isinstance(device, IterativeDevice)
 
 
@@ -175,8 +180,8 @@ class LiveDevices:
     def poll_pending(self) -> int:
         """Ask every iterative device what it has pending; the bytes in all."""
         for index, device in enumerate(self.devices):
-            if self.iterative[index]:
-                initial, dirty = device.live_pending()  # type: ignore[attr-defined]
+            if is_iterative(device):
+                initial, dirty = device.live_pending()
                 self.initial[index], self.pending[index] = initial, initial + dirty
         return sum(self.pending)
 

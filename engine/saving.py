@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine.config import MigrationConfig
-from engine.device import DeviceSaving, MigratableDevice
+from engine.device import DeviceSaving, MigratableDevice, is_iterative
 from engine.dirty import DirtySource
 from engine.errors import (
     CancelledError,
@@ -121,6 +121,9 @@ class SavingOperation(Operation):
             raise ConfigError("auto_converge needs a throttle_guest callback from the VMM")
         self._machine.fire(MigrationEvent.START)
         t_start = time.perf_counter()
+        for device in self.devices:
+            if is_iterative(device):
+                device.live_begin()  # every byte is initial state again
         self._setup()
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
