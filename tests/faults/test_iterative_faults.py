@@ -4,12 +4,14 @@ teardown (the leak check), driven by a hand-made source."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 import pytest
 
 from clients.devices import DemoDevice, IterativeDemoDevice
-from engine import DestinationMigration, MigrationConfig
-from engine.errors import MigrationError
+from clients.guest import SyntheticGuest, check_incrementer
+from engine import DestinationMigration, MigrationConfig, SourceMigration
+from engine.errors import DeviceStateError, MigrationError
 from engine.wire import message as wire
 from tests.harness import SECRET, MiB, guest_ram, wait_until
 from tests.protocol import ChannelWriter, HandMadeSource
@@ -134,3 +136,32 @@ def test_a_device_that_loaded_live_state_is_stopped_by_the_failure() -> None:
         ch[0].device_chunk("ghost", 0, 0, b"boo")
     assert "unknown device 'ghost'/0" in _hand_made(run, device=device)
     assert device.state[2 * (256 << 10)] == device.state[3 * (256 << 10)] == 0  # never loaded
+
+
+class Broken(IterativeDemoDevice):
+    """Its firmware fails in the live phase."""
+
+    def save_live(self, max_bytes: int) -> Iterator[bytes]:
+        yield from list(super().save_live(256 << 10))
+        raise OSError("firmware timeout")
+
+
+def test_a_live_save_that_raises_fails_the_migration_and_the_guest_runs() -> None:
+    """A live job's failure reaches the operation: a clear DeviceStateError on the
+    source (and, through ABORT, the destination); the guest was never paused."""
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst, \
+            SyntheticGuest(src, "incrementer", dirty_rate=4 * MiB) as guest:
+        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=FAST,
+                                           devices=[IterativeDemoDevice(*GPU, MiB, with_state=False)])
+        destination.start()
+        source = SourceMigration(src, destination.address, secret=SECRET,
+                                 config=MigrationConfig(channels=2, handshake_timeout_s=2.0),
+                                 devices=[Broken(*GPU, MiB)], pause_guest=guest.pause,
+                                 resume_guest=guest.resume)
+        with pytest.raises(DeviceStateError, match="'gpu'/0 failed to save live state: firmware timeout"):
+            source.run()
+        with pytest.raises(DeviceStateError, match="firmware timeout"):
+            destination.wait(10)
+        assert not guest.paused
+        guest.pause()
+        assert check_incrementer(src) == ""
