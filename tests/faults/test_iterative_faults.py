@@ -68,6 +68,7 @@ def test_a_switchover_chunk_before_a_live_chunk() -> None:
     assert "switchover chunk 3 out of order, before live-phase chunk 5" in _hand_made(run)
 
 
+@pytest.mark.heavy  # the END check predates live chunks (test_device_faults)
 def test_a_live_chunk_after_the_end_chunk() -> None:
     def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
         ch[0].device_chunk(*GPU, 1, b'{"size": 0}', end=True)
@@ -123,6 +124,7 @@ def test_live_round_without_an_iterative_device() -> None:
     assert "LIVE_ROUND without an iterative device" in _hand_made(run, iterative=False)
 
 
+@pytest.mark.heavy  # test_cancel_during_the_live_phase's leak check catches it too
 def test_a_device_that_loaded_live_state_is_stopped_by_the_failure() -> None:
     """Many live chunks buffered, each slow to load: a failure (here a chunk of an
     unknown device) stops the loading at once, not after every buffered chunk."""
