@@ -26,18 +26,19 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
                          devices: dict[str, Any] | None) -> None:
     """The destination VMM.
 
-    ``devices``, when given, holds :func:`clients.devices.demo_devices` arguments
-    and ``device_load``: the destination builds its empty devices here and reports
+    ``devices``, when given, holds :func:`clients.devices.demo_devices` arguments,
+    ``device_load`` and ``max_device_buffer``: the destination builds its empty devices here and reports
     how many loaded intact.
     """
     ram = GuestRAM.attach(handle)
     try:
         devices = dict(devices or {})
         device_load = devices.pop("device_load", "parallel")
+        max_device_buffer = devices.pop("max_device_buffer", 64 << 20)
         loaded = demo_devices(**devices, with_state=False) if devices else []
         destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config.for_destination(),
                                            ram_is_zeroed=ram_is_zeroed, devices=loaded,
-                                           device_load=device_load)
+                                           device_load=device_load, max_device_buffer=max_device_buffer)
         pipe.send(destination.address)
         result = destination.run().to_dict()
         result["devices_intact"] = sum(device.intact() for device in loaded)

@@ -17,6 +17,16 @@ Destination, main process::
         next index is there, a *drain* job for that device (at most one in flight
         per device) loads every consecutive chunk it finds, the END chunk last
 
+Iterative devices (engine/device.py IterativeDevice), while the guest runs::
+
+    each precopy round: DeviceSaver.start_live(allowances) … wait_live(): a job per iterative
+        device with room in its window, save_live(allowance) chunks (flag LIVE),
+        numbered on from the last round's; the round's SYNC follows them
+    at switchover: save_state() goes on numbering after the live chunks
+    destination: live chunks load as they come (the same drain jobs); each
+        LIVE_ROUND (chunks so far per device) is checked against what arrived
+        before the round's sync, and answered with DEVICES_LOADED once loaded
+
 Snapshots: the same saver hands chunks to the snapshot file instead (``emit``),
 and :meth:`DeviceLoader.load_saved` loads streams that come in order from it,
 one pool job per device, with the same checks.
@@ -38,7 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine.device import DeviceReport, MigratableDevice
+from engine.device import DeviceReport, IterativeDevice, MigratableDevice, is_iterative
 from engine.errors import DeviceStateError, LocalProtocolError, MigrationError, RemoteProtocolError
 from engine.multifd import MultifdSender
 from engine.payload import ChannelContext, register_payload
@@ -78,11 +88,75 @@ class DeviceSaver:
         self._futures: list[Future] = []
         self._latch: FailureLatch | None = None
         self._finished = threading.Condition()
+        # Each device's stream so far: the live rounds' chunks come first, and
+        # the switchover's save goes on from there (one index space, one digest).
+        count = len(self.devices)
+        self.chunks = [0] * count           # chunks handed to the core so far
+        self.sizes = [0] * count            # ... their bytes
+        self.live_bytes = [0] * count       # ... of which in live rounds
+        self._digests = [hashlib.sha256() for _ in range(count)]
+        self._busy = [0.0] * count          # seconds inside the device's save calls
+        self._live_jobs: dict[int, Future] = {}
+
+    def start_live(self, latch: FailureLatch, allowances: Sequence[int]) -> None:
+        """One precopy round of the iterative devices: a job per device whose
+        allowance (bytes) is positive calls its save_live(allowance), all at once
+        (beside the RAM round).  A failed job fails the latch."""
+        self._attach(latch)
+        self._live_jobs = {}
+        for index, (device, allowance) in enumerate(zip(self.devices, allowances, strict=True)):
+            if allowance > 0 and is_iterative(device):
+                future = self.pool.submit(self._save_live, index, device, allowance)
+                future.add_done_callback(lambda f: self._job_done(f, latch))
+                self._live_jobs[index] = future
+
+    def wait_live(self, latch: FailureLatch) -> list[int]:
+        """Once the round's live jobs are done: the bytes each device handed out."""
+        jobs, self._live_jobs = self._live_jobs, {}
+        with self._finished:
+            while not all(future.done() for future in jobs.values()):
+                latch.raise_if_failed()
+                self._finished.wait()
+        latch.raise_if_failed()
+        sent = [0] * len(self.devices)
+        for index, future in jobs.items():
+            sent[index] = future.result()
+        return sent
+
+    def _attach(self, latch: FailureLatch) -> None:
+        if self._latch is None:
+            self._latch = latch
+            latch.on_fail(self._wake)  # a failure wakes the waits
+
+    def _save_live(self, index: int, device: IterativeDevice, allowance: int) -> int:
+        """Pool job: one round of a device's live state.  Returns its bytes."""
+        sent = 0
+        try:
+            started = time.perf_counter()
+            for chunk in device.save_live(allowance):
+                self._busy[index] += time.perf_counter() - started
+                for piece in _pieces(chunk):
+                    self._send(index, self.chunks[index], piece, False, live=True)
+                    self._count(index, piece)
+                    sent += len(piece)
+                started = time.perf_counter()
+            self._busy[index] += time.perf_counter() - started
+        except MigrationError:
+            raise
+        except Exception as exc:
+            raise DeviceStateError(f"device {device.idstr!r}/{device.instance_id} failed to save "
+                                   f"live state: {exc}") from exc
+        self.live_bytes[index] += sent
+        return sent
+
+    def _count(self, index: int, piece: bytes | memoryview) -> None:
+        self._digests[index].update(piece)
+        self.sizes[index] += len(piece)
+        self.chunks[index] += 1
 
     def start(self, latch: FailureLatch) -> None:
         """Submit one save job per device; a failed job fails the migration at once."""
-        self._latch = latch
-        latch.on_fail(self._wake)
+        self._attach(latch)
         for index, device in enumerate(self.devices):
             future = self.pool.submit(self._save, index, device)
             future.add_done_callback(lambda f: self._job_done(f, latch))
@@ -108,8 +182,7 @@ class DeviceSaver:
             self._finished.notify_all()
 
     def _save(self, index: int, device: MigratableDevice) -> tuple[wire.DeviceDone, DeviceReport]:
-        digest = hashlib.sha256()
-        size = chunks = 0
+        digest = self._digests[index]
         busy = 0.0
         try:
             started = time.perf_counter()
@@ -120,10 +193,8 @@ class DeviceSaver:
                 if chunk is None:
                     break
                 for piece in _pieces(chunk):
-                    self._emit(index, chunks, piece, False)
-                    digest.update(piece)
-                    size += len(piece)
-                    chunks += 1
+                    self._emit(index, self.chunks[index], piece, False)
+                    self._count(index, piece)
                 started = time.perf_counter()
             started = time.perf_counter()
             config = bytes(device.save_config())
@@ -135,14 +206,16 @@ class DeviceSaver:
                                    f"{exc}") from exc
         if len(config) > CHUNK:
             raise DeviceStateError(f"device {device.idstr!r}: config part over {CHUNK} bytes")
-        self._emit(index, chunks, config, True)
-        digest.update(config)
-        size += len(config)
-        chunks += 1
-        report = DeviceReport(device.idstr, device.instance_id, size, chunks, save_ms=busy * 1000)
+        self._emit(index, self.chunks[index], config, True)
+        self._count(index, config)
+        size, chunks = self.sizes[index], self.chunks[index]
+        report = DeviceReport(device.idstr, device.instance_id, size, chunks,
+                              save_ms=(busy + self._busy[index]) * 1000,
+                              live_bytes=self.live_bytes[index])
         return wire.DeviceDone(chunks, size, digest.digest()), report
 
-    def _send(self, device: int, index: int, data: bytes | memoryview, end: bool) -> None:
+    def _send(self, device: int, index: int, data: bytes | memoryview, end: bool,
+              live: bool = False) -> None:
         assert self.core is not None
         # A job whose migration failed stops here, before it touches a slot that
         # teardown is about to free (a job stuck in a device is abandoned).
@@ -151,10 +224,14 @@ class DeviceSaver:
         client = self.first_client + device
         slot = self.core.client_slot(client)
         slot.kind = packet.PacketKind.DEVICE_STATE
-        slot.a0, slot.a1, slot.a2 = device, index, int(end)
+        slot.a0, slot.a1, slot.a2 = device, index, int(end) | (_LIVE if live else 0)
         slot.payload[:len(data)] = data
         slot.payload_length = len(data)
         self.core.send(client, len(data))
+
+
+# A device slot's a2: bit 0 END, bit 1 LIVE (the packet's DeviceFlags).
+_END, _LIVE = int(packet.DeviceFlags.END), int(packet.DeviceFlags.LIVE)
 
 
 def _pieces(chunk: bytes) -> list[memoryview]:
@@ -178,7 +255,8 @@ class DeviceStateSender:
     def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
         idstr, instance = self.devices[slot.a0]
         length = slot.payload_length
-        header = packet.encode_device_state(sequence, idstr, instance, slot.a1, bool(slot.a2), length)
+        header = packet.encode_device_state(sequence, idstr, instance, slot.a1, bool(slot.a2 & _END),
+                                            length, live=bool(slot.a2 & _LIVE))
         self.ctx.count(Counter.DEVICE_BYTES, length)
         return [header, slot.payload[:length]]
 
@@ -202,7 +280,7 @@ class DeviceStateReceiver:
         slot = deliveries.take()
         yield [slot.payload[:record.payload_length]]
         slot.kind = packet.PacketKind.DEVICE_STATE
-        slot.a0, slot.a1, slot.a2 = device, record.index, int(record.end)
+        slot.a0, slot.a1, slot.a2 = device, record.index, int(record.end) | (_LIVE if record.live else 0)
         slot.payload_length = record.payload_length
         self.ctx.count(Counter.DEVICE_BYTES, record.payload_length)
         deliveries.deliver(packet.PacketKind.DEVICE_STATE, slot)
@@ -226,6 +304,13 @@ class _Stream:
     draining: bool = False
     done: bool = False
     busy: float = 0.0           # seconds inside load_state / load_config
+    size: int = 0               # bytes loaded
+    iterative: bool = False     # CONFIG says it sends live chunks
+    last_live: int = -1         # the highest live-phase chunk index seen
+    first_switchover: int | None = None  # the lowest chunk index seen sent at switchover
+    live_target: int = 0        # chunks the last LIVE_ROUND counted
+    live_bytes: int = 0         # bytes of live-phase chunks received
+    taken: int = 0              # chunks below this index left `pending` for loading
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     lock: threading.Lock = field(default_factory=threading.Lock)
     idle: threading.Condition = field(init=False)
@@ -241,6 +326,7 @@ class _Stream:
         """Chunk `next` (`data`) was loaded, taking `busy` seconds; `last`: the config."""
         with self.lock:
             self.busy += busy
+            self.size += len(data)
             self.digest.update(data)
             self.loaded += 1
             self.next += 1
@@ -257,7 +343,47 @@ class DeviceLoader:
         self.pool = pool
         self.latch = latch
         self.max_buffered = max_buffered
+        self._on_progress: Callable[[], None] | None = None
         latch.on_fail(self._wake_all)  # a failure wakes wait_loaded()
+
+    def expect_live(self, iterative: Sequence[bool], on_progress: Callable[[], None]) -> None:
+        """Which devices CONFIG says are iterative (they may send live chunks);
+        `on_progress` is called (from pool threads) after each chunk loaded."""
+        for stream, flag in zip(self.streams, iterative, strict=True):
+            stream.iterative = flag
+        self._on_progress = on_progress
+
+    def check_live_round(self, chunks: Sequence[int]) -> None:
+        """A LIVE_ROUND, after its round's sync: every device's live chunks below
+        its count must have arrived (they were sent before the SYNC every channel
+        passed).  Raises DeviceStateError / RemoteProtocolError."""
+        if len(chunks) != len(self.streams):
+            raise RemoteProtocolError(f"LIVE_ROUND lists {len(chunks)} devices, CONFIG {len(self.streams)}")
+        for stream, count in zip(self.streams, chunks):
+            with stream.lock:
+                if count and not stream.iterative:
+                    raise DeviceStateError(f"device {stream.name}: LIVE_ROUND counts {count} live "
+                                           f"chunks, but the device is not iterative")
+                if count < stream.live_target:
+                    raise RemoteProtocolError(f"device {stream.name}: LIVE_ROUND counts {count} "
+                                              f"chunks, fewer than before ({stream.live_target})")
+                missing = next((k for k in range(stream.taken, count) if k not in stream.pending), None)
+                if missing is not None:
+                    raise DeviceStateError(f"device {stream.name}: live-phase chunk {missing} did not "
+                                           f"arrive before its round's sync")
+                stream.live_target = count
+
+    def live_caught_up(self) -> bool:
+        """Every device has loaded the chunks the last LIVE_ROUND counted."""
+        return all(stream.loaded >= stream.live_target for stream in self.streams)
+
+    def live_loaded(self) -> tuple[wire.DeviceLoaded, ...]:
+        """What DEVICES_LOADED says: per device, chunks and bytes loaded, load time."""
+        loaded = []
+        for stream in self.streams:
+            with stream.lock:
+                loaded.append(wire.DeviceLoaded(stream.loaded, stream.size, int(stream.busy * 1e6)))
+        return tuple(loaded)
 
     def _wake_all(self) -> None:
         for stream in self.streams:
@@ -268,18 +394,20 @@ class DeviceLoader:
         """A channel delivered a chunk in `slot` (main thread): copy it out and file
         it (the core gives the slot back to its channel once this returns)."""
         data = bytes(slot.payload[:slot.payload_length])
-        self.accept_chunk(slot.a0, slot.a1, bool(slot.a2), data)
+        self.accept_chunk(slot.a0, slot.a1, bool(slot.a2 & _END), data, bool(slot.a2 & _LIVE))
 
-    def accept_chunk(self, device: int, index: int, end: bool, data: bytes) -> None:
+    def accept_chunk(self, device: int, index: int, end: bool, data: bytes, live: bool = False) -> None:
         """File chunk `index` of device `device` (CONFIG order), in whatever order
-        chunks come; start loading when the next one is there.  Raises DeviceStateError."""
+        chunks come; start loading when the next one is there.  `live`: sent
+        during precopy.  Raises DeviceStateError."""
         stream = self.streams[device]
         with stream.lock:
-            if index < stream.next or index in stream.pending:
+            if index < max(stream.next, stream.taken) or index in stream.pending:
                 raise DeviceStateError(f"device {stream.name}: chunk {index} arrived twice")
             if stream.end is not None and index > stream.end:
                 raise DeviceStateError(f"device {stream.name}: chunk {index} after its END chunk "
                                        f"{stream.end}")
+            _check_phase(stream, index, live)
             if end:
                 if stream.end is not None:
                     raise DeviceStateError(f"device {stream.name}: a second END chunk ({index})")
@@ -290,6 +418,8 @@ class DeviceLoader:
                 stream.end = index
             stream.pending[index] = data
             stream.buffered += len(data)
+            if live:
+                stream.live_bytes += len(data)
             if index > stream.next + len(stream.pending) - 1:
                 stream.reordered += 1  # a later chunk overtook an earlier one
             if stream.buffered > self.max_buffered:
@@ -305,16 +435,20 @@ class DeviceLoader:
         """Pool job: load every consecutive chunk there is, then stop (others may follow)."""
         while True:
             with stream.lock:
-                if stream.next not in stream.pending:
+                # A failed or cancelled migration loads nothing more (a live phase
+                # may have buffered many chunks: teardown must not wait for them).
+                if stream.next not in stream.pending or self.latch.failed:
                     stream.draining = False
                     stream.idle.notify_all()
                     return
                 index = stream.next
                 data = stream.pending.pop(index)
+                stream.taken = index + 1
                 stream.buffered -= len(data)
                 last = index == stream.end
             try:
                 busy = _load_chunk(stream, index, data, last)
+                stream.loaded_one(data, busy, last)
             except DeviceStateError as error:
                 # Fail first, then wake wait_loaded(): woken before, it would
                 # blame a missing chunk instead of this load.
@@ -323,7 +457,8 @@ class DeviceLoader:
                     stream.draining = False
                     stream.idle.notify_all()
                 raise
-            stream.loaded_one(data, busy, last)
+            if self._on_progress is not None:
+                self._on_progress()
 
     def _drain_done(self, future: Future) -> None:
         error = future.exception()
@@ -379,8 +514,28 @@ class DeviceLoader:
                                            f"the saved one")
                 reports.append(DeviceReport(stream.device.idstr, stream.device.instance_id,
                                             done.size, done.chunks, load_ms=stream.busy * 1000,
-                                            verified=verified, reordered=stream.reordered))
+                                            verified=verified, reordered=stream.reordered,
+                                            live_bytes=stream.live_bytes))
         return reports
+
+
+def _check_phase(stream: _Stream, index: int, live: bool) -> None:
+    """Live-phase chunks come before every switchover chunk, for iterative
+    devices only (`stream`'s lock held).  Raises DeviceStateError."""
+    if live:
+        if not stream.iterative:
+            raise DeviceStateError(f"device {stream.name}: live-phase chunk {index}, but the device "
+                                   f"is not iterative here")
+        if stream.first_switchover is not None and index > stream.first_switchover:
+            raise DeviceStateError(f"device {stream.name}: live-phase chunk {index} out of order, "
+                                   f"after switchover chunk {stream.first_switchover}")
+        stream.last_live = max(stream.last_live, index)
+        return
+    if index < stream.last_live:
+        raise DeviceStateError(f"device {stream.name}: switchover chunk {index} out of order, "
+                               f"before live-phase chunk {stream.last_live}")
+    if stream.first_switchover is None or index < stream.first_switchover:
+        stream.first_switchover = index
 
 
 def _load_chunk(stream: _Stream, index: int, data: bytes, last: bool) -> float:

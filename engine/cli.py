@@ -138,10 +138,18 @@ def _add_migration_options(p: argparse.ArgumentParser, wire: bool = True) -> Non
 
 
 def _add_device_options(p: argparse.ArgumentParser, source: bool = True,
-                        destination: bool = True) -> None:
+                        destination: bool = True, iterative: bool = True) -> None:
     p.add_argument("--devices", type=int, default=0, help="demo devices to migrate (0)")
     p.add_argument("--device-state", type=parse_size, default=parse_size("4M"),
                    help="state size of each demo device (4M)")
+    if iterative:  # issue 16: both sides must say it
+        p.add_argument("--device-iterative", action="store_true",
+                       help="demo devices send their state during precopy, and the source waits "
+                       "for the destination to load it before it pauses (both sides must say it)")
+    if iterative and source:
+        p.add_argument("--device-dirty-rate", type=float, default=0.0,
+                       help="with --device-iterative: %% of each device's state that changes per "
+                       "second while the guest runs (0)")
     if source:
         p.add_argument("--device-save-latency", type=float, default=0.0,
                        help="milliseconds each device takes to save, in all (0)")
@@ -201,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--direct-io", action="store_true", help="write pages with O_DIRECT")
     _add_guest_options(save)
     _add_migration_options(save, wire=False)
-    _add_device_options(save, destination=False)
+    _add_device_options(save, destination=False, iterative=False)
     _add_output_options(save)
 
     restore = sub.add_parser("restore", help="restore a snapshot file into new guest RAM")
@@ -288,6 +296,7 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
         lines.append(
             f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
             f"{device['chunks']} chunks, "
+            + (f"{_human(device['live_bytes'])} of them in precopy, " if device.get("live_bytes") else "")
             + (saved if to_file else loaded if from_file else f"{saved}, {loaded}")
         )
     for key, value in (extra or {}).items():
@@ -363,7 +372,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     try:
         kvm = _kvm_guest(args, ram) if args.guest == "kvm" and ram is not None else None
         devices = demo_devices(args.devices, args.device_state,
-                               load_latency_s=args.device_load_latency / 1000, with_state=False)
+                               load_latency_s=args.device_load_latency / 1000, with_state=False,
+                               iterative=args.device_iterative)
         destination = DestinationMigration(
             args.address, secret=secret, ram=ram, dump_dir=args.dump_dir,
             accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
@@ -407,6 +417,7 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation
     from engine.shm import GuestRAM
 
     config = _config(args)
+    _check_device_args(args)
     with GuestRAM.create([("pc.ram", args.ram)]) as ram:
         guest: Any
         if args.guest == "kvm":
@@ -417,7 +428,9 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation
         try:
             guest.start()
             devices = getattr(guest, "devices", []) + demo_devices(
-                args.devices, args.device_state, save_latency_s=args.device_save_latency / 1000)
+                args.devices, args.device_state, save_latency_s=args.device_save_latency / 1000,
+                iterative=getattr(args, "device_iterative", False),
+                dirty_rate=getattr(args, "device_dirty_rate", 0.0) / 100)
             running = _watch(operation(ram, guest, devices, config))
             running.dirty_source, running.throttle_guest = guest.dirty_source, guest.throttle
             signal.signal(signal.SIGTERM, lambda *_: running.cancel("terminated (SIGTERM)"))
@@ -472,7 +485,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device_args(args: argparse.Namespace) -> None:
+    """ConfigError for demo-device options that do not go together."""
+    if getattr(args, "device_dirty_rate", 0.0) and not getattr(args, "device_iterative", False):
+        raise ConfigError("--device-dirty-rate needs --device-iterative (a plain demo "
+                          "device's state does not change while the guest runs)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    _check_device_args(args)  # before the destination process starts
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
         address = f"unix://{tmp}/migration.sock" if args.transport == "unix" else "tcp://127.0.0.1:0"
@@ -481,6 +502,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    "--devices", str(args.devices), "--device-state", str(args.device_state),
                    "--device-load-latency", str(args.device_load_latency),
                    "--device-load", args.device_load]
+        if args.device_iterative:
+            command.append("--device-iterative")
         if args.dump_dir:
             command += ["--dump-dir", args.dump_dir]
         if args.guest == "kvm":

@@ -9,7 +9,10 @@
                accept N channel hellos (same migration id and count, ids unique)
                → N channel processes → READY → CHANNELS_READY; stop listening
     receive    main-channel messages in order: SYNC_MARKER(e) = barrier (every
-               channel waits at SYNC(e) until all are there, then all go on)
+               channel waits at SYNC(e) until all are there, then all go on);
+               iterative devices' live chunks load as they come; LIVE_ROUND is
+               checked (every live chunk it counts arrived before the sync) and
+               answered with DEVICES_LOADED once loaded (SWITCHOVER_ACK if asked)
     complete   SWITCHOVER marks the source's pause; COMPLETE: wait for END on
                every channel (no channel writes RAM after this), every device
                loaded, digests verified if asked, dump if asked → PREPARED
@@ -36,7 +39,7 @@ from engine import codecs
 from engine.admission import Admission
 from engine.channel import ChannelSpec, run_recv_channel
 from engine.config import DestinationConfig, MigrationConfig
-from engine.device import DeviceLoading, MigratableDevice, loading_devices
+from engine.device import DeviceLoading, MigratableDevice, is_iterative, loading_devices
 from engine.errors import (
     ConfigError,
     GuestControlError,
@@ -52,7 +55,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, MigrationState, wait_any
+from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
 from engine.transport import Connection, close_all, listen
 from engine.verify import compare_digests, dump_ram, ram_digests
 from engine.wire import message as wire
@@ -145,6 +148,11 @@ class DestinationMigration(Migration):
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self.autostart = autostart
         self.running = False  # the guest was resumed here (after the commit)
+        # Iterative devices (issue 16): a LIVE_ROUND waits for its answer until
+        # the loads catch up; a load job sets the wake signal after each chunk.
+        self._live_wake: Signal | None = None
+        self._live_due = False
+        self._ack_due = False
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
@@ -244,6 +252,12 @@ class DestinationMigration(Migration):
         self._loader = self._device_loader(devices, self.device_load, self._slots,
                                            self.max_device_buffer)
         self._receiver.on_delivery(packet.PacketKind.DEVICE_STATE, self._loader.on_delivered)
+        assert self.negotiated is not None
+        iterative = [spec.iterative for spec in self.negotiated.devices]
+        if any(iterative):
+            self._live_wake = Signal()
+            self._defer("close the live-loading signal", self._close_live_wake)
+        self._loader.expect_live(iterative, self._live_progress)
 
     def _check_config(self, config: wire.Config, hello: packet.ChannelHello) -> str:
         if config.channel_count != hello.channel_count:
@@ -257,6 +271,10 @@ class DestinationMigration(Migration):
             return f"device {idstr!r}/{instance} is on the source only"
         for idstr, instance in sorted(set(self.devices) - theirs):
             return f"device {idstr!r}/{instance} is on the destination only: it would get no state"
+        for spec in config.devices:
+            if spec.iterative and not is_iterative(self.devices[(spec.idstr, spec.instance_id)]):
+                return (f"device {spec.idstr!r}/{spec.instance_id} is iterative on the source but "
+                        f"not on this destination: it cannot load live state")
         layout = tuple((b.name, b.size) for b in config.blocks)
         if self.ram is not None and layout != self.ram.layout:
             return f"RAM layout differs: source {list(layout)}, destination {list(self.ram.layout)}"
@@ -300,9 +318,13 @@ class DestinationMigration(Migration):
         stall = self.config.stall_timeout_s
         last_bytes, last_progress = -1, time.monotonic()
         while True:
+            self._answer_live()
             message = self._main.poll()  # an ABORT raises the source's error
             if message is None:
-                ready = wait_any([self._conn, *receiver.fds()], stall, self.latch)
+                wake = [self._live_wake] if self._live_due and self._live_wake is not None else []
+                ready = wait_any([self._conn, *receiver.fds(), *wake], stall, self.latch)
+                if wake and wake[0] in ready:
+                    self._rearm_live_wake()
                 if ready:
                     receiver.poll()  # channel reports, and the main channel through its watch
                 received = self.tracker.totals()["wire_bytes"]
@@ -318,6 +340,8 @@ class DestinationMigration(Migration):
                 receiver.sync(message.epoch)
                 rounds += 1
                 self.tracker.round = rounds
+            elif isinstance(message, wire.LiveRound):
+                self._on_live_round(message, t_switchover is not None)
             elif isinstance(message, wire.Switchover):
                 t_switchover = time.perf_counter()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
@@ -335,6 +359,49 @@ class DestinationMigration(Migration):
                 return self._complete(message, t_start, t_setup, t_switchover, rounds, devices_done)
             else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
+
+    # -- iterative devices in precopy (issue 16) ----------------------------
+
+    def _on_live_round(self, message: wire.LiveRound, switched_over: bool) -> None:
+        """LIVE_ROUND, right after its round's SYNC_MARKER (so every chunk it counts
+        was delivered): check it; tell how far the loads are, and answer again
+        once they catch up."""
+        if switched_over or self._loader is None or self._live_wake is None:
+            raise RemoteProtocolError("LIVE_ROUND " + ("after SWITCHOVER" if switched_over
+                                                       else "without an iterative device"))
+        self._loader.check_live_round(message.chunks)
+        self._live_due = True
+        self._ack_due = self._ack_due or message.ack_wanted
+        if not self._loader.live_caught_up():
+            # How far the loads got, now: the source's estimate needs the load
+            # rate before they catch up (the answer proper follows then).
+            self._send_message(wire.DevicesLoaded(self._loader.live_loaded()))
+
+    def _answer_live(self) -> None:
+        """DEVICES_LOADED (with SWITCHOVER_ACK if one is due), once every device
+        loaded what the last LIVE_ROUND counted."""
+        if not self._live_due or self._loader is None or not self._loader.live_caught_up():
+            return
+        self._send_message(wire.DevicesLoaded(self._loader.live_loaded(), self._ack_due))
+        self._live_due = self._ack_due = False
+
+    def _live_progress(self) -> None:
+        """A device loaded a chunk (a pool thread): wake the main loop."""
+        wake = self._live_wake
+        if wake is not None:
+            wake.set()
+
+    def _rearm_live_wake(self) -> None:
+        """The main loop saw the wake: a fresh signal for the next one (a job that
+        sets the old one after this has already made its progress visible)."""
+        old, self._live_wake = self._live_wake, Signal()
+        if old is not None:
+            old.close()
+
+    def _close_live_wake(self) -> None:
+        wake, self._live_wake = self._live_wake, None
+        if wake is not None:
+            wake.close()
 
     def _source_gone(self) -> None:
         """The main channel spoke while channels are awaited: the source says

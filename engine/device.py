@@ -17,20 +17,35 @@ it from another thread, and it should make ``save_state``/``load_state`` return
 or raise soon.  Teardown waits ``cancel_grace_s`` at most for the device's jobs;
 a job still inside the device after that is abandoned, never joined, and its
 late chunks are dropped.
+
+A device with gigabytes of state may also be *iterative* (:class:`IterativeDevice`,
+optional): while the guest runs, each precopy round asks it for some of its live
+state (:meth:`~IterativeDevice.save_live`) and how much it still has pending
+(:meth:`~IterativeDevice.live_pending`, which counts toward convergence like
+dirty RAM); at switchover ``save_state`` hands out only what remains.  The
+destination sees one ordered stream either way and loads live chunks as they
+arrive.  Both sides must have the device iterative (CONFIG says so; a mismatch
+is refused before any page moves)::
+
+    precopy round k   save_live(max_bytes) ─▶ chunks i..j (LIVE)  ─▶ load_state … (destination, now)
+    switchover        save_state()         ─▶ chunks j+1..n       ─▶ load_state …
+                      save_config()        ─▶ END chunk           ─▶ load_config
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeGuard, runtime_checkable
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, RemoteProtocolError, TransportBrokenError
 
 if TYPE_CHECKING:
     from engine.slots import SendSlot
     from engine.sync import FailureLatch
-    from engine.wire.message import DeviceDone
+    from engine.wire.message import DeviceDone, DeviceLoaded, DevicesLoaded
 
 
 @runtime_checkable
@@ -61,6 +76,43 @@ class MigratableDevice(Protocol):
         ...
 
 
+@runtime_checkable
+class IterativeDevice(MigratableDevice, Protocol):
+    """A device that hands out its state during precopy, round after round
+    (QEMU's VFIO precopy).  All four members are needed (it is recognised by
+    them).  ``live_pending`` is called from the operation's thread, ``save_live``
+    from a pool job, never both at once.  A device that is done hands out
+    nothing more, reports (0, 0), and its ``save_state`` yields nothing."""
+
+    #: True: the source does not pause the guest before the destination has
+    #: loaded this device's initial state (QEMU's ``switchover-ack``).
+    switchover_ack: bool
+
+    def live_begin(self) -> None:
+        """Source, as a save starts (a migration's setup, a snapshot's): from here
+        every byte is initial state again, whatever an earlier one handed out."""
+        ...
+
+    def live_pending(self) -> tuple[int, int]:
+        """Source, guest running: (bytes of the initial state not handed out yet,
+        bytes handed out that changed since).  Cheap: called every round."""
+        ...
+
+    def save_live(self, max_bytes: int) -> Iterable[bytes]:
+        """Source, guest running, once per precopy round: ordered chunks of live
+        state, about `max_bytes` at most (the initial state first).  What it
+        hands out here, ``save_state`` need not hand out again unless it changed."""
+        ...
+
+
+def is_iterative(device: MigratableDevice) -> TypeGuard[IterativeDevice]:
+    return isinstance(device, IterativeDevice)
+
+
+def wants_switchover_ack(device: MigratableDevice) -> bool:
+    return is_iterative(device) and bool(getattr(device, "switchover_ack", False))
+
+
 @dataclass(frozen=True)
 class DeviceReport:
     """What happened to one device in a migration (each side fills its part)."""
@@ -69,10 +121,11 @@ class DeviceReport:
     instance_id: int
     bytes: int
     chunks: int
-    save_ms: float = 0.0      # source: time spent in save_state/save_config
+    save_ms: float = 0.0      # source: time spent in save_live/save_state/save_config
     load_ms: float = 0.0      # destination: time spent in load_state/load_config
     verified: bool | None = None  # destination: loaded stream hashes as the saved one
     reordered: int = 0            # destination: chunks that overtook an earlier one
+    live_bytes: int = 0           # bytes handed out (source) or loaded (destination) in precopy
 
 
 def device_key(device: MigratableDevice) -> tuple[str, int]:
@@ -91,6 +144,136 @@ def loading_devices(devices: Sequence[MigratableDevice], device_load: str
     return keyed
 
 
+class LiveDevices:
+    """Source: the iterative devices' precopy, as the source's rounds see it.
+
+    Per device: bytes handed out in live rounds, what the destination last said
+    it loaded (DEVICES_LOADED, read on the return path's thread), what the device
+    still has pending; and the switchover ack.  A device may have at most
+    `window` bytes handed out and not yet loaded (the destination buffers what
+    it has not loaded; its default limit is twice this)::
+
+        allowance = window - (handed out - loaded)    (0 if nothing is pending)
+        device's downtime = (pending + handed out - loaded) × load seconds per byte
+    """
+
+    def __init__(self, devices: Sequence[MigratableDevice], window: int, latch: FailureLatch) -> None:
+        self.iterative = [is_iterative(device) for device in devices]
+        self.asks_ack = [wants_switchover_ack(device) for device in devices]
+        self.devices = list(devices)
+        self.window = window
+        self.latch = latch
+        count = len(self.devices)
+        self.sent = [0] * count
+        self.initial = [0] * count          # initial-state bytes not handed out yet
+        self.pending = [0] * count          # ... plus bytes that changed since handed out
+        self.loaded: tuple[DeviceLoaded, ...] = ()
+        self.ack_asked = False
+        self.acked = False
+        self._changed = threading.Condition()
+        latch.on_fail(self._wake)
+
+    @property
+    def wants_ack(self) -> bool:
+        return any(self.asks_ack)
+
+    def poll_pending(self) -> int:
+        """Ask every iterative device what it has pending; the bytes in all."""
+        for index, device in enumerate(self.devices):
+            if is_iterative(device):
+                initial, dirty = device.live_pending()
+                self.initial[index], self.pending[index] = initial, initial + dirty
+        return sum(self.pending)
+
+    def allowances(self) -> list[int]:
+        """Bytes each device may hand out this round."""
+        self.poll_pending()
+        with self._changed:
+            loaded = [entry.size for entry in self.loaded] or [0] * len(self.devices)
+        return [max(0, self.window - (sent - done)) if pending else 0
+                for sent, done, pending in zip(self.sent, loaded, self.pending)]
+
+    def handed_out(self, sent: Sequence[int]) -> None:
+        self.sent = [before + more for before, more in zip(self.sent, sent)]
+
+    def blocked(self) -> bool:
+        """A device has state pending but its window is full: wait for loading."""
+        return any(pending and allowance <= 0 for pending, allowance
+                   in zip(self.pending, self.allowances()))
+
+    def ask_ack_now(self) -> bool:
+        """True once (the round to send LIVE_ROUND ACK_WANTED in): every device that
+        asks for the switchover ack has handed out its initial state."""
+        if self.ack_asked or not self.wants_ack:
+            return False
+        if any(ask and initial for ask, initial in zip(self.asks_ack, self.initial)):
+            return False
+        self.ack_asked = True
+        return True
+
+    def remaining(self) -> tuple[int, float]:
+        """Bytes still to move at switchover (pending, none of it sent yet), and the
+        seconds the slowest device would take to load what it has not loaded
+        (pending and in flight), at its load rate measured on the destination."""
+        with self._changed:
+            loaded = list(self.loaded)
+        load_s = 0.0
+        for index, entry in enumerate(loaded):
+            if not self.iterative[index] or not entry.size:
+                continue
+            left = self.pending[index] + self.sent[index] - entry.size
+            load_s = max(load_s, left * entry.load_us / 1e6 / entry.size)
+        return sum(self.pending), load_s
+
+    def on_loaded(self, message: DevicesLoaded) -> None:
+        """DEVICES_LOADED from the destination (return path thread)."""
+        if len(message.devices) != len(self.devices):
+            raise RemoteProtocolError(f"DEVICES_LOADED lists {len(message.devices)} devices, "
+                                      f"CONFIG {len(self.devices)}")
+        with self._changed:
+            if message.switchover_ack and not self.ack_asked:
+                raise RemoteProtocolError("a SWITCHOVER_ACK nobody asked for")
+            self.loaded = message.devices
+            self.acked = self.acked or message.switchover_ack
+            self._changed.notify_all()
+
+    def wait_loaded(self, chunks: Sequence[int], timeout: float) -> None:
+        """Wait until the destination loaded `chunks` per device.  Raises the latch's
+        error, or TransportBrokenError after `timeout` seconds."""
+        self._wait(lambda: bool(self.loaded) and all(
+            entry.chunks >= count for entry, count in zip(self.loaded, chunks)),
+            timeout, "no DEVICES_LOADED for the last live round")
+
+    def wait_ack(self, timeout: float, deadline: float | None = None) -> bool:
+        """Wait `timeout` seconds at most for the switchover ack: True once it came.
+        TransportBrokenError once `deadline` (monotonic) has passed without it."""
+        try:
+            self._wait(lambda: self.acked, timeout, "")
+        except TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TransportBrokenError("the destination sent no SWITCHOVER_ACK in time: a "
+                                           "device's initial state did not load") from None
+            return False
+        return True
+
+    def _wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not done():
+                self.latch.raise_if_failed()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if not what:
+                        raise TimeoutError
+                    raise TransportBrokenError(f"the destination sent {what} within {timeout:.0f} s")
+                self._changed.wait(remaining)
+        self.latch.raise_if_failed()
+
+    def _wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
 class DeviceSaving(Protocol):
     """Source side of the device-state client (clients/device_state.py)."""
 
@@ -100,6 +283,17 @@ class DeviceSaving(Protocol):
 
     def wait(self, latch: FailureLatch) -> tuple[list[DeviceDone], list[DeviceReport]]:
         """When every device is saved: what DEVICES_DONE says, and reports."""
+        ...
+
+    chunks: list[int]  # per device: chunks handed out so far (live rounds included)
+
+    def start_live(self, latch: FailureLatch, allowances: Sequence[int]) -> None:
+        """Guest running: one round of every iterative device with a positive
+        allowance (bytes), at once, beside the RAM round."""
+        ...
+
+    def wait_live(self, latch: FailureLatch) -> list[int]:
+        """When the round's live jobs are done: the bytes each device handed out."""
         ...
 
 
@@ -113,6 +307,22 @@ class DeviceLoading(Protocol):
 
     def wait_loaded(self, expected: Sequence[DeviceDone]) -> list[DeviceReport]:
         """Once every chunk was delivered: wait for the loads, check them."""
+        ...
+
+    def expect_live(self, iterative: Sequence[bool], on_progress: Callable[[], None]) -> None:
+        """CONFIG's iterative flag per device; `on_progress()` after each chunk loaded."""
+        ...
+
+    def check_live_round(self, chunks: Sequence[int]) -> None:
+        """A LIVE_ROUND after its round's sync: raises for a live chunk that is missing."""
+        ...
+
+    def live_caught_up(self) -> bool:
+        """Every device loaded what the last LIVE_ROUND counted."""
+        ...
+
+    def live_loaded(self) -> tuple[DeviceLoaded, ...]:
+        """DEVICES_LOADED's entries: per device, chunks and bytes loaded, load time."""
         ...
 
     def load_saved(self, streams: Sequence[Iterable[bytes]], counts: Sequence[int]) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from engine.config import MigrationConfig
 from engine.converge import AutoConverge, DirtyRateMeter
-from engine.device import DeviceSaving, MigratableDevice
+from engine.device import DeviceSaving, MigratableDevice, is_iterative
 from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.errors import (
     CancelledError,
@@ -101,6 +101,7 @@ class SavingOperation(Operation):
         self._resume_guest = resume_guest
         self._paused = False
         self._core: MultifdSender | None = None
+        self._saver: DeviceSaving | None = None
         self._last_progress = 0.0
         self._converge: AutoConverge | None = None
 
@@ -124,6 +125,9 @@ class SavingOperation(Operation):
             raise ConfigError("auto_converge needs a throttle_guest callback from the VMM")
         self._machine.fire(MigrationEvent.START)
         t_start = time.perf_counter()
+        for device in self.devices:
+            if is_iterative(device):
+                device.live_begin()  # every byte is initial state again
         self._setup()
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
@@ -229,9 +233,12 @@ class SavingOperation(Operation):
         while True:
             tracker.round += 1
             t_round = time.perf_counter()
+            self._live_start()
             taken = client.queue_all() if tracker.round == 1 else client.queue_dirty()
             client.flush()
+            self._live_wait()  # the devices' live chunks go before the round's SYNC
             self.core.sync()
+            tracker.device_pending_bytes, tracker.device_load_s = self._live_report()
             now = time.perf_counter()
             sent = tracker.totals()["wire_bytes"] - wire_at_start
             tracker.bandwidth = sent / max(now - t_precopy, 1e-9)
@@ -245,8 +252,10 @@ class SavingOperation(Operation):
             log.debug("round %d: %d pages sent, %d dirty, expected downtime %.1f ms",
                       tracker.round, taken, pending, expected * 1000)
             if expected <= limit_s:
-                return expected
-            self._auto_converge(taken, pending)
+                if self._live_ready():  # converged; a device may want its switchover ack first
+                    return expected
+            else:
+                self._auto_converge(taken, pending)
             if tracker.round >= cfg.max_rounds:
                 if cfg.on_max_rounds == "fail":
                     raise ConvergenceError(
@@ -256,7 +265,31 @@ class SavingOperation(Operation):
                         + (f", guest throttled to {self.throttle_pct} %" if cfg.auto_converge else "")
                     )
                 log.info("forcing switchover after %d rounds", tracker.round)
+                self._live_ready(final=True)
                 return expected
+            self._live_pace()
+
+    # Iterative devices in precopy (issue 16): the source of a migration
+    # overrides these; a snapshot saves every device at switchover.
+
+    def _live_start(self) -> None:
+        """Start this round's live device jobs (beside the RAM round)."""
+
+    def _live_wait(self) -> None:
+        """Wait for this round's live device jobs (before the round's sync)."""
+
+    def _live_report(self) -> tuple[int, float]:
+        """After the round's sync: tell the peer, and return the devices' pending
+        bytes and the seconds their loading would add to the downtime."""
+        return 0, 0.0
+
+    def _live_ready(self, final: bool = False) -> bool:
+        """May the guest be paused now (the switchover ack, if a device asks)?
+        `final`: the last round: wait for the ack (bounded) instead of asking."""
+        return True
+
+    def _live_pace(self) -> None:
+        """Between rounds: wait for the peer's loading when a device's window is full."""
 
     def _start_device_saves(self, **where: Any) -> DeviceSaving | None:
         """Every device saves at once, on the device pool, beside the last RAM round.
@@ -265,10 +298,7 @@ class SavingOperation(Operation):
         """
         if not self.devices:
             return None
-        make_saver = payload_entry(packet.PacketKind.DEVICE_STATE).client
-        assert make_saver is not None and self._device_pool is not None
-        core = self._core if "emit" not in where else None
-        saver: DeviceSaving = make_saver(self.devices, core, RAM_CLIENT + 1, self._device_pool, **where)
+        saver = self._device_saver(**where)
         saver.start(self.latch)
         return saver
 
@@ -277,6 +307,16 @@ class SavingOperation(Operation):
         self._progress()
         if self._converge is not None and self._converge.meter is not None:
             self._converge.meter.poll()
+
+    def _device_saver(self, **where: Any) -> DeviceSaving:
+        """The device-state client's saver (one per operation: iterative devices'
+        live rounds and the switchover's saves number one stream per device)."""
+        if self._saver is None:
+            make_saver = payload_entry(packet.PacketKind.DEVICE_STATE).client
+            assert make_saver is not None and self._device_pool is not None
+            core = self._core if "emit" not in where else None
+            self._saver = make_saver(self.devices, core, RAM_CLIENT + 1, self._device_pool, **where)
+        return self._saver
 
     def _progress(self, force: bool = False) -> None:
         now = time.perf_counter()

@@ -6,9 +6,14 @@
                N channel connections (← challenge, hello each) → N channel processes → READY
                ← CHANNELS_READY; PING/PONG for the round-trip time
     precopy    round 1 sends every page; round k sends the pages dirtied since;
-               each round ends with flush + sync (SYNC on every channel, SYNC_MARKER)
-               until the remaining dirty bytes at the measured bandwidth fit the
-               downtime limit (or max_rounds: switch over or fail, as configured)
+               iterative devices hand out live chunks beside it (at most a window
+               ahead of what the destination loaded);
+               each round ends with flush + sync (SYNC on every channel, SYNC_MARKER),
+               then LIVE_ROUND (live chunks so far) → ← DEVICES_LOADED once loaded;
+               until the remaining dirty bytes and devices' pending state at the
+               measured bandwidth, plus the devices' load time left, fit the
+               downtime limit and a device that asked has its SWITCHOVER_ACK
+               (or max_rounds: switch over or fail, as configured)
     switchover pause the guest → SWITCHOVER → final round, flushed (no sync: END is
                the barrier) → END on every channel → COMPLETE (→ DIGESTS if verifying)
     commit     ← PREPARED (the destination has it all, its guest has not run) →
@@ -34,7 +39,7 @@ from typing import Any
 from engine import codecs
 from engine.channel import ChannelSpec, run_send_channel
 from engine.config import MigrationConfig
-from engine.device import MigratableDevice, device_key
+from engine.device import LiveDevices, MigratableDevice, device_key, is_iterative, wants_switchover_ack
 from engine.dirty import DirtySource
 from engine.errors import (
     ConfigError,
@@ -61,6 +66,10 @@ from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
 
+#: Bytes an iterative device may have handed out in live rounds and not yet had
+#: loaded on the destination (half the destination's default max_device_buffer).
+LIVE_WINDOW = 32 << 20
+
 
 class SourceMigration(SavingOperation, Migration):
     """Migrate `ram` (owned by the caller's VMM) to the destination at `to`.
@@ -79,6 +88,10 @@ class SourceMigration(SavingOperation, Migration):
 
     role = "source"
     peer = "destination"
+    #: Iterative devices: bytes one may have handed out and not yet had loaded
+    #: (a VMM may set it on the object before run(); keep it at most half the
+    #: destination's max_device_buffer).
+    live_window = LIVE_WINDOW
 
     def __init__(
         self,
@@ -108,6 +121,9 @@ class SourceMigration(SavingOperation, Migration):
         self._rtt_s = 0.0
         self._setup_deadline = 0.0
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
+        self._live: LiveDevices | None = None  # iterative devices' precopy (issue 16)
+        self._live_counts: tuple[int, ...] = ()  # the last LIVE_ROUND's
+        self._ack_deadline: float | None = None
 
     # -- the phases --------------------------------------------------------
 
@@ -232,6 +248,9 @@ class SourceMigration(SavingOperation, Migration):
         reader = self._helpers.submit(self._read_return_path)
         reader.add_done_callback(self._reader_done)
         self._start_device_pool(len(self.payloads))
+        if any(map(is_iterative, self.devices)):
+            self._live = LiveDevices(self.devices, self.live_window, self.latch)
+            self._device_saver()
 
     def _switchover(
         self, client: PrecopyClient
@@ -300,7 +319,8 @@ class SourceMigration(SavingOperation, Migration):
             codec=cfg.compression,
             codec_level=codecs.make_codec(cfg.compression, cfg.compression_level).level,
             blocks=tuple(wire.BlockSpec(name, size) for name, size in self.ram.layout),
-            devices=tuple(wire.DeviceSpec(idstr, instance) for idstr, instance in self._device_table()),
+            devices=tuple(wire.DeviceSpec(device.idstr, device.instance_id, is_iterative(device),
+                                          wants_switchover_ack(device)) for device in self.devices),
         )
 
     def _device_table(self) -> tuple[tuple[str, int], ...]:
@@ -362,6 +382,10 @@ class SourceMigration(SavingOperation, Migration):
                     raise RemoteProtocolError("RESUMED from the destination before COMMIT")
                 self._resumed.set(message)
                 return
+            elif isinstance(message, wire.DevicesLoaded):
+                if self._live is None:
+                    raise RemoteProtocolError("DEVICES_LOADED, but no device is iterative")
+                self._live.on_loaded(message)
             elif not isinstance(message, wire.Pong):
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the destination")
 
@@ -375,6 +399,59 @@ class SourceMigration(SavingOperation, Migration):
             error = wrapped
         self.latch.fail(error)
 
+
+    # -- iterative devices in precopy (issue 16) ----------------------------
+
+    def _live_start(self) -> None:
+        if self._live is not None:
+            assert self._saver is not None
+            self._saver.start_live(self.latch, self._live.allowances())
+
+    def _live_wait(self) -> None:
+        if self._live is not None:
+            assert self._saver is not None
+            self._live.handed_out(self._saver.wait_live(self.latch))
+
+    def _live_report(self) -> tuple[int, float]:
+        """LIVE_ROUND: live chunks so far per device (ACK_WANTED once every device
+        that asks for the switchover ack has handed out its initial state)."""
+        live = self._live
+        if live is None:
+            return 0, 0.0
+        assert self._saver is not None
+        live.poll_pending()
+        ask = live.ask_ack_now()
+        if ask:
+            self._ack_deadline = time.monotonic() + self.config.stall_timeout_s
+        self._live_counts = tuple(self._saver.chunks)
+        self._send_message(wire.LiveRound(self._live_counts, ask))
+        return live.remaining()
+
+    def _live_ready(self, final: bool = False) -> bool:
+        """The switchover ack, if a device asks for it: a short wait for it each
+        converged round; at a forced switchover (`final`), a wait up to
+        stall_timeout_s after it was asked for, or none if it was not asked yet."""
+        live = self._live
+        if live is None or not live.wants_ack or live.acked:
+            return True
+        if not live.ack_asked:
+            if final:  # forced: what is left of the initial state goes in the downtime
+                log.warning("switching over after max_rounds before a device handed out its "
+                            "initial state: no switchover ack")
+            return final
+        if not final:
+            return live.wait_ack(0.05, self._ack_deadline)
+        while not live.wait_ack(1.0, self._ack_deadline):
+            pass  # raises at the deadline
+        return True
+
+    def _live_pace(self) -> None:
+        """A device whose window is full waits for the destination to load the
+        round's chunks (else the rounds would spin and the destination's buffer
+        overflow); bounded by stall_timeout_s."""
+        live = self._live
+        if live is not None and live.blocked():
+            live.wait_loaded(self._live_counts, self.config.stall_timeout_s)
 
     def _close_signals(self) -> None:
         self._prepared.close()

@@ -34,7 +34,7 @@ class MigrationStats:
     guest_bytes_sent: int        # guest memory covered by the packets sent so far
     throughput_bytes_per_s: float
     dirty_rate_bytes_per_s: float
-    remaining_bytes: int         # dirty bytes waiting for the next round
+    remaining_bytes: int         # dirty bytes (and iterative devices' pending state) for the next round
     expected_downtime_ms: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +92,8 @@ class StatsTracker:
         self.round = 0
         self.main_bytes = 0
         self.remaining_pages = 0
+        self.device_pending_bytes = 0  # iterative devices' state not sent yet
+        self.device_load_s = 0.0       # ... and the slowest one's loading time left
         self.dirty_rate = 0.0
         self.bandwidth = 0.0
         self._samples: deque[tuple[float, int]] = deque()
@@ -131,9 +133,12 @@ class StatsTracker:
         self._frozen = self.totals()
 
     def expected_downtime_s(self) -> float:
+        """Dirty RAM and devices' pending state at the measured bandwidth, plus the
+        devices' loading time left (as the destination measured it)."""
         if self.bandwidth <= 0:
-            return 0.0
-        return self.remaining_pages * self.page_size / self.bandwidth
+            return self.device_load_s
+        moving = self.remaining_pages * self.page_size + self.device_pending_bytes
+        return moving / self.bandwidth + self.device_load_s
 
     def snapshot(self) -> MigrationStats:
         now = time.perf_counter()
@@ -156,7 +161,7 @@ class StatsTracker:
             guest_bytes_sent=totals["guest_bytes"],
             throughput_bytes_per_s=throughput,
             dirty_rate_bytes_per_s=self.dirty_rate,
-            remaining_bytes=self.remaining_pages * self.page_size,
+            remaining_bytes=self.remaining_pages * self.page_size + self.device_pending_bytes,
             expected_downtime_ms=self.expected_downtime_s() * 1000,
         )
 

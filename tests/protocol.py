@@ -53,7 +53,7 @@ class HandMadeSource:
 
     def __init__(self, destination: DestinationMigration, ram_layout: list[tuple[str, int]],
                  channels: int = 2, codec: str = "none", packet_pages: int = 64,
-                 devices: tuple[tuple[str, int], ...] = ()) -> None:
+                 devices: tuple[tuple[str, int] | wire.DeviceSpec, ...] = ()) -> None:
         self.addr = port_of(destination)
         self.migration = uuid.uuid4()
         self.channels = channels
@@ -69,7 +69,7 @@ class HandMadeSource:
         self.main.sendall(wire.encode_message(wire.Config(
             4096, packet_pages, channels, True, codec, 0,
             tuple(wire.BlockSpec(n, s) for n, s in ram_layout),
-            tuple(wire.DeviceSpec(idstr, instance) for idstr, instance in devices))))
+            tuple(d if isinstance(d, wire.DeviceSpec) else wire.DeviceSpec(*d) for d in devices))))
         self.decoder = wire.MessageDecoder()
         assert self.next_message() == wire.ConfigAck(0, "")
         self.sockets: list[socket.socket] = []
@@ -130,9 +130,14 @@ class ChannelWriter:
         self.sock = sock
         self.sequence = 0
 
-    def device_chunk(self, idstr: str, instance: int, index: int, data: bytes, end: bool = False) -> None:
+    def device_chunk(self, idstr: str, instance: int, index: int, data: bytes, end: bool = False,
+                     live: bool = False) -> None:
         self.sock.sendall(packet.encode_device_state(self.sequence, idstr, instance, index, end,
-                                                     len(data)) + data)
+                                                     len(data), live=live) + data)
+        self.sequence += 1
+
+    def sync(self, epoch: int) -> None:
+        self.sock.sendall(packet.encode_sync(self.sequence, epoch))
         self.sequence += 1
 
     def end(self, epoch: int = 0) -> None:

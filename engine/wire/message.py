@@ -9,6 +9,7 @@ Byte layout (integers big-endian; docs/wire-format.md §3 is the specification):
                     | flags u32 | codec string1 | codec_level i16
                     | n_blocks × (name string1 | size u64)
                     | n_devices u16 | n_devices × (idstr string1 | instance_id u32)
+                    | [flags bit 1 DEVICE_FLAGS: n_devices × device flags u8]
     CONFIG_ACK      status u16 | reason string
     CHANNELS_READY  (empty)
     SYNC_MARKER     epoch u32
@@ -19,6 +20,9 @@ Byte layout (integers big-endian; docs/wire-format.md §3 is the specification):
     RESUMED         downtime_us u64 | verify_us u64 | verified u8 | detail string
     ABORT           code u16 | message string
     PING, PONG      token u64
+    LIVE_ROUND      flags u32 (bit 0: ACK_WANTED) | n_devices u16 | n × chunks u32
+    DEVICES_LOADED  flags u32 (bit 0: SWITCHOVER_ACK) | n_devices u16
+                    | n × (chunks u32 | bytes u64 | load_us u64)
 
 :func:`encode_message` turns a record into bytes; :class:`MessageDecoder` turns
 received bytes into records, checking every length, count and field (CONFIG in
@@ -74,10 +78,26 @@ class MessageType(enum.IntEnum):
     DEVICES_DONE = 12
     PREPARED = 13
     COMMIT = 14
+    LIVE_ROUND = 15
+    DEVICES_LOADED = 16
 
 
 class ConfigFlags(enum.IntFlag):
     ZERO_PAGE_DETECTION = 1
+    DEVICE_FLAGS = 2  # a flags byte per device follows the device list
+
+
+class DeviceSpecFlags(enum.IntFlag):
+    ITERATIVE = 1       # the device sends live state during precopy (issue 16)
+    SWITCHOVER_ACK = 2  # the source waits for the destination to load its initial state
+
+
+class LiveRoundFlags(enum.IntFlag):
+    ACK_WANTED = 1  # answer with SWITCHOVER_ACK once these chunks are loaded
+
+
+class LoadedFlags(enum.IntFlag):
+    SWITCHOVER_ACK = 1  # the initial state of every device that asked is loaded
 
 
 class AbortCode(enum.IntEnum):
@@ -98,7 +118,10 @@ class Verification(enum.IntEnum):
 
 
 # A plain int: ~ of an IntFlag keeps only the defined bits, which would hide unknown ones.
-_CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION)
+_CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION | ConfigFlags.DEVICE_FLAGS)
+_DEVICE_SPEC_FLAGS: Final = int(DeviceSpecFlags.ITERATIVE | DeviceSpecFlags.SWITCHOVER_ACK)
+_LIVE_ROUND_FLAGS: Final = int(LiveRoundFlags.ACK_WANTED)
+_LOADED_FLAGS: Final = int(LoadedFlags.SWITCHOVER_ACK)
 _COMPLETE_FLAGS: Final = int(CompleteFlags.DIGESTS_FOLLOW)
 _VERIFICATIONS: Final = frozenset(Verification)
 _ABORT_CODES: Final = frozenset(AbortCode)
@@ -120,6 +143,14 @@ _COMPLETE = struct.Struct(">II")
 # one device in DEVICES_DONE, 44 bytes
 #  0 chunks u32 | 4 bytes u64 | 12 sha256 32s
 _DEVICE_DONE = struct.Struct(">IQ32s")
+
+# one device in DEVICES_LOADED, 20 bytes
+#  0 chunks u32 | 4 bytes u64 | 12 load_us u64
+_DEVICE_LOADED = struct.Struct(">IQQ")
+
+# LIVE_ROUND and DEVICES_LOADED body, fixed start, 6 bytes (one entry per device follows)
+#  0 flags u32 | 4 n_devices u16
+_DEVICE_LIST = struct.Struct(">IH")
 
 # DIGESTS body, fixed start, 8 bytes (n_digests × 32 bytes follow)
 #  0 digest_chunk u32 | 4 n_digests u32
@@ -152,10 +183,19 @@ class BlockSpec:
 
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
-    """A device whose state migrates; ``(idstr, instance_id)`` is unique."""
+    """A device whose state migrates; ``(idstr, instance_id)`` is unique.
+    ``iterative``: it sends live state during precopy; ``switchover_ack``: the
+    source waits, before it pauses, until its initial state is loaded."""
 
     idstr: str
     instance_id: int
+    iterative: bool = False
+    switchover_ack: bool = False
+
+    @property
+    def flags(self) -> int:
+        return ((DeviceSpecFlags.ITERATIVE if self.iterative else 0)
+                | (DeviceSpecFlags.SWITCHOVER_ACK if self.switchover_ack else 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +279,37 @@ class DevicesDone:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveRound:
+    """LIVE_ROUND: a precopy round's sync is done; ``chunks`` per CONFIG device:
+    how many chunks its live state has had so far (all sent before the round's
+    SYNC).  ``ack_wanted``: every device that asked for a switchover ack has
+    handed out its initial state; answer SWITCHOVER_ACK once it is loaded."""
+
+    chunks: tuple[int, ...]
+    ack_wanted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLoaded:
+    """How far one device's loading got on the destination: chunks and bytes
+    loaded, and the microseconds its load_state calls took."""
+
+    chunks: int
+    size: int
+    load_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesLoaded:
+    """DEVICES_LOADED (destination → source): every device loaded the chunks the
+    last LIVE_ROUND counted; one entry per CONFIG device.  ``switchover_ack``:
+    this answers a LIVE_ROUND that wanted the ack (QEMU's switchover-ack)."""
+
+    devices: tuple[DeviceLoaded, ...]
+    switchover_ack: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
     """PREPARED: every page and device is in place (and verified, if asked); the
     destination guest has not run and waits for COMMIT."""
@@ -284,7 +355,7 @@ class Pong:
 
 Message: TypeAlias = (
     Config | ConfigAck | ChannelsReady | SyncMarker | Switchover | Complete | Digests
-    | DevicesDone | Prepared | Commit | Resumed | Abort | Ping | Pong
+    | DevicesDone | Prepared | Commit | Resumed | Abort | Ping | Pong | LiveRound | DevicesLoaded
 )
 
 
@@ -332,7 +403,7 @@ def _config_problem(config: Config) -> str | None:
             return f"device idstr {device.idstr!r} is longer than 255 UTF-8 bytes"
         if not 0 <= device.instance_id <= 0xFFFF_FFFF:
             return f"device {device.idstr!r} instance_id does not fit 32 bits"
-    if len(set(config.devices)) != len(config.devices):
+    if len({(d.idstr, d.instance_id) for d in config.devices}) != len(config.devices):
         return "(idstr, instance_id) pairs of devices are not unique"
     return None
 
@@ -369,6 +440,9 @@ def _encode_config(config: Config) -> bytes:
     if problem is not None:
         raise LocalProtocolError(f"invalid CONFIG: {problem}")
     flags = ConfigFlags.ZERO_PAGE_DETECTION if config.zero_page_detection else 0
+    device_flags = [device.flags for device in config.devices]
+    if any(device_flags):  # only then: a CONFIG without iterative devices reads as before
+        flags |= ConfigFlags.DEVICE_FLAGS
     parts = [
         _CONFIG.pack(config.page_size, config.packet_pages, config.channel_count,
                      len(config.blocks), flags),
@@ -380,6 +454,8 @@ def _encode_config(config: Config) -> bytes:
     parts.append(_U16.pack(len(config.devices)))
     for device in config.devices:
         parts += (_string(device.idstr, _U8), _U32.pack(device.instance_id))
+    if flags & ConfigFlags.DEVICE_FLAGS:
+        parts.append(bytes(device_flags))
     return b"".join(parts)
 
 
@@ -404,6 +480,21 @@ def _encode_devices_done(done: DevicesDone) -> bytes:
             raise LocalProtocolError("a device stream has at least its END chunk and a 32-byte digest")
     return _U16.pack(len(done.devices)) + b"".join(
         _DEVICE_DONE.pack(d.chunks, d.size, d.digest) for d in done.devices)
+
+
+def _encode_live_round(live: LiveRound) -> bytes:
+    if len(live.chunks) > MAX_DEVICES:
+        raise LocalProtocolError(f"{len(live.chunks)} devices exceed {MAX_DEVICES}")
+    flags = LiveRoundFlags.ACK_WANTED if live.ack_wanted else 0
+    return _DEVICE_LIST.pack(flags, len(live.chunks)) + b"".join(map(_U32.pack, live.chunks))
+
+
+def _encode_devices_loaded(loaded: DevicesLoaded) -> bytes:
+    if len(loaded.devices) > MAX_DEVICES:
+        raise LocalProtocolError(f"{len(loaded.devices)} devices exceed {MAX_DEVICES}")
+    flags = LoadedFlags.SWITCHOVER_ACK if loaded.switchover_ack else 0
+    return _DEVICE_LIST.pack(flags, len(loaded.devices)) + b"".join(
+        _DEVICE_LOADED.pack(d.chunks, d.size, d.load_us) for d in loaded.devices)
 
 
 def _encode_resumed(resumed: Resumed) -> bytes:
@@ -438,6 +529,8 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
     Abort: (MessageType.ABORT, _encode_abort),
     Ping: (MessageType.PING, lambda ping: _U64.pack(ping.token)),
     Pong: (MessageType.PONG, lambda pong: _U64.pack(pong.token)),
+    LiveRound: (MessageType.LIVE_ROUND, _encode_live_round),
+    DevicesLoaded: (MessageType.DEVICES_LOADED, _encode_devices_loaded),
 }
 
 
@@ -522,8 +615,15 @@ def _decode_config(body: _Reader) -> Config:
         raise RemoteProtocolError(f"CONFIG n_devices {n_devices} exceeds {MAX_DEVICES}")
     devices = tuple(DeviceSpec(body.string(_U8, "device idstr"), body.number(_U32))
                     for _ in range(n_devices))
-    config = Config(page_size, packet_pages, channel_count, bool(flags), codec, codec_level,
-                    blocks, devices)
+    if flags & ConfigFlags.DEVICE_FLAGS:
+        device_flags = body.take(n_devices)
+        if any(flag & ~_DEVICE_SPEC_FLAGS for flag in device_flags):
+            raise RemoteProtocolError("unknown CONFIG device flags")
+        devices = tuple(DeviceSpec(d.idstr, d.instance_id, bool(f & DeviceSpecFlags.ITERATIVE),
+                                   bool(f & DeviceSpecFlags.SWITCHOVER_ACK))
+                        for d, f in zip(devices, device_flags))
+    config = Config(page_size, packet_pages, channel_count,
+                    bool(flags & ConfigFlags.ZERO_PAGE_DETECTION), codec, codec_level, blocks, devices)
     problem = _config_problem(config)
     if problem is not None:
         raise RemoteProtocolError(f"invalid CONFIG: {problem}")
@@ -558,6 +658,28 @@ def _decode_devices_done(body: _Reader) -> DevicesDone:
     if any(device.chunks < 1 for device in devices):
         raise RemoteProtocolError("a DEVICES_DONE entry counts no chunk (not even END)")
     return DevicesDone(devices)
+
+
+def _device_list(body: _Reader, entry: struct.Struct, known: int, what: str) -> tuple[int, int]:
+    """The flags and device count of a LIVE_ROUND or DEVICES_LOADED body."""
+    flags, n_devices = body.unpack(_DEVICE_LIST)
+    if flags & ~known:
+        raise RemoteProtocolError(f"unknown {what} flags 0x{flags:08x}")
+    if n_devices > MAX_DEVICES or n_devices * entry.size != body.remaining:
+        raise RemoteProtocolError(f"{what} n_devices {n_devices} disagrees with body_length")
+    return flags, n_devices
+
+
+def _decode_live_round(body: _Reader) -> LiveRound:
+    flags, n_devices = _device_list(body, _U32, _LIVE_ROUND_FLAGS, "LIVE_ROUND")
+    return LiveRound(tuple(body.number(_U32) for _ in range(n_devices)),
+                     bool(flags & LiveRoundFlags.ACK_WANTED))
+
+
+def _decode_devices_loaded(body: _Reader) -> DevicesLoaded:
+    flags, n_devices = _device_list(body, _DEVICE_LOADED, _LOADED_FLAGS, "DEVICES_LOADED")
+    return DevicesLoaded(tuple(DeviceLoaded(*body.unpack(_DEVICE_LOADED)) for _ in range(n_devices)),
+                         bool(flags & LoadedFlags.SWITCHOVER_ACK))
 
 
 def _decode_resumed(body: _Reader) -> Resumed:
@@ -596,6 +718,8 @@ _DECODERS: Final[dict[int, _Decoder]] = {
     MessageType.ABORT: _decode_abort,
     MessageType.PING: lambda body: Ping(body.number(_U64)),
     MessageType.PONG: lambda body: Pong(body.number(_U64)),
+    MessageType.LIVE_ROUND: _decode_live_round,
+    MessageType.DEVICES_LOADED: _decode_devices_loaded,
 }
 
 _STRING1_FIELD: Final = 1 + _STRING1_MAX
@@ -606,7 +730,7 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.CONFIG: (
         _CONFIG.size + 1 + 1 + _I16.size + (1 + 1 + _U64.size) + _U16.size,
         _CONFIG.size + _STRING1_FIELD + _I16.size + MAX_BLOCKS * (_STRING1_FIELD + _U64.size)
-        + _U16.size + MAX_DEVICES * (_STRING1_FIELD + _U32.size),
+        + _U16.size + MAX_DEVICES * (_STRING1_FIELD + _U32.size + 1),
     ),
     MessageType.CONFIG_ACK: (_U16.size + _U16.size, _U16.size + _STRING_FIELD),
     MessageType.CHANNELS_READY: (0, 0),
@@ -621,6 +745,8 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.ABORT: (_U16.size + 1 + 1 + _U16.size, _U16.size + _STRING1_FIELD + _STRING_FIELD),
     MessageType.PING: (_U64.size, _U64.size),
     MessageType.PONG: (_U64.size, _U64.size),
+    MessageType.LIVE_ROUND: (_DEVICE_LIST.size, _DEVICE_LIST.size + MAX_DEVICES * _U32.size),
+    MessageType.DEVICES_LOADED: (_DEVICE_LIST.size, _DEVICE_LIST.size + MAX_DEVICES * _DEVICE_LOADED.size),
 }
 
 class MessageDecoder(StreamBuffer):

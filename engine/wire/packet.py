@@ -96,6 +96,7 @@ class PacketKind(enum.IntEnum):
 
 class DeviceFlags(enum.IntFlag):
     END = 1  # the device's last chunk: its config part, loaded after every other
+    LIVE = 2  # sent during precopy (an iterative device's live state); never with END
 
 
 class NeedData(enum.Enum):
@@ -145,9 +146,9 @@ _RAM_PAGES_MIN_HEADER: Final = _RAM_PAGES.size + RUN_SIZE
 _RAM_PAGES_MAX_HEADER: Final = _RAM_PAGES.size + RUN_SIZE * MAX_PACKET_PAGES
 _ROLES: Final = {role.value: role for role in HelloRole}
 _KINDS: Final = {kind.value: kind for kind in PacketKind}
-# Common-header flag bits each kind may carry: DEVICE_STATE's END, no other.
+# Common-header flag bits each kind may carry: DEVICE_STATE's END and LIVE, no other.
 _PACKET_FLAGS: Final = {PacketKind.RAM_PAGES: 0, PacketKind.SYNC: 0, PacketKind.END: 0,
-                        PacketKind.DEVICE_STATE: int(DeviceFlags.END)}
+                        PacketKind.DEVICE_STATE: int(DeviceFlags.END | DeviceFlags.LIVE)}
 #: The largest chunk of device state one packet carries; longer chunks are split.
 MAX_DEVICE_CHUNK: Final = 1 << 20
 
@@ -374,7 +375,8 @@ class DeviceChunkHeader:
     """One chunk of a device's state stream: chunk ``index`` of (idstr, instance_id).
 
     Chunks 0, 1, … carry the state in order; the one with ``end`` set is the
-    device's config part and comes last.
+    device's config part and comes last.  ``live``: sent during precopy (an
+    iterative device), before every chunk sent at switchover.
     """
 
     sequence: int
@@ -383,6 +385,7 @@ class DeviceChunkHeader:
     index: int
     end: bool
     payload_length: int
+    live: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,12 +503,14 @@ def encode_end(sequence: int, epoch: int) -> bytes:
 
 
 def encode_device_state(
-    sequence: int, idstr: str, instance_id: int, index: int, end: bool, payload_length: int
+    sequence: int, idstr: str, instance_id: int, index: int, end: bool, payload_length: int,
+    live: bool = False,
 ) -> bytes:
     """The header of one device-state chunk (the caller sends the chunk after it).
 
     Raises LocalProtocolError for an idstr that is not 1..255 UTF-8 bytes, numbers
-    out of range, a chunk over MAX_DEVICE_CHUNK, or an empty chunk without END.
+    out of range, a chunk over MAX_DEVICE_CHUNK, an empty chunk without END, or a
+    chunk both LIVE and END.
     """
     try:
         name = idstr.encode("utf-8")
@@ -515,10 +520,12 @@ def encode_device_state(
         raise LocalProtocolError(f"device idstr {idstr!r} is not 1..255 bytes")
     if not 0 <= payload_length <= MAX_DEVICE_CHUNK or (payload_length == 0 and not end):
         raise LocalProtocolError(f"device chunk of {payload_length} bytes (END {end})")
+    if live and end:
+        raise LocalProtocolError("a live-phase device chunk cannot be the END chunk")
+    flags = (DeviceFlags.END if end else 0) | (DeviceFlags.LIVE if live else 0)
     try:
         kind_header = _DEVICE_STATE.pack(instance_id, index, 0, 0, len(name)) + name
-        return _PACKET_HEADER.pack(PACKET_MAGIC, PacketKind.DEVICE_STATE,
-                                   DeviceFlags.END if end else 0, len(kind_header),
+        return _PACKET_HEADER.pack(PACKET_MAGIC, PacketKind.DEVICE_STATE, flags, len(kind_header),
                                    payload_length, sequence) + kind_header
     except struct.error as error:
         raise LocalProtocolError(f"cannot encode a device chunk: {error}") from error
@@ -737,9 +744,14 @@ def decode_device_state(
     except UnicodeDecodeError as error:
         raise RemoteProtocolError("device idstr is not valid UTF-8") from error
     end = bool(header.flags & DeviceFlags.END)
+    live = bool(header.flags & DeviceFlags.LIVE)
     if header.payload_length == 0 and not end:
         raise RemoteProtocolError(f"empty chunk {index} of device {idstr!r} is not its END chunk")
-    return DeviceChunkHeader(header.sequence, idstr, instance_id, index, end, header.payload_length)
+    if live and end:
+        raise RemoteProtocolError(f"chunk {index} of device {idstr!r} is both LIVE and END: the END "
+                                  f"chunk is sent at switchover")
+    return DeviceChunkHeader(header.sequence, idstr, instance_id, index, end, header.payload_length,
+                             live)
 
 
 def decode_packet(

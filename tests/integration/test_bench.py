@@ -55,6 +55,18 @@ def test_devices_bench(tmp_path: Path) -> None:
         assert len(loads) == case["devices"] and all(d["verified"] for d in loads)
 
 
+@pytest.mark.heavy  # three migrations with devices, each in a process of its own
+def test_iterative_devices_bench(tmp_path: Path) -> None:
+    out = tmp_path / "devices-iterative.json"
+    bench("devices.py", "--iterative", "--ram", "8M", "--count", "2", "--state-size", "2M",
+          "--load-ms", "50", "--repeat", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    cases = {case["case"]: case["runs"][0] for case in report["cases"]}
+    assert set(cases) == {"switchover-only", "iterative"}
+    assert cases["switchover-only"]["live_bytes"] == 0
+    assert cases["iterative"]["live_bytes"] >= 2 * (2 << 20)  # every device's state went live
+
+
 def test_compression_bench_case() -> None:
     with guest_ram(8 * MiB, fill="text") as src, guest_ram(8 * MiB, fill="zero") as dst:
         run = compression_run(src, dst, MigrationConfig(channels=2, compression="zstd"))

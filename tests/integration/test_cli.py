@@ -129,6 +129,26 @@ def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
     assert destination["committed"] is True and destination["migration_id"] == source["migration_id"]
 
 
+@pytest.mark.heavy  # a demo with devices runs by default (test_demo_with_devices_reports_each_device)
+def test_demo_with_iterative_devices() -> None:
+    """--device-iterative: the devices' state goes in precopy, changing as it goes
+    (--device-dirty-rate), and arrives verified."""
+    done = run("demo", "--ram", "8M", "--devices", "2", "--device-state", "2M", "--device-iterative",
+               "--device-dirty-rate", "50", "--device-load-latency", "100", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["devices_verified"] is True
+    for device in summary["devices"]:
+        assert device["verified"] is True and device["live_bytes"] >= 2 << 20
+
+
+def test_device_dirty_rate_needs_iterative_devices() -> None:
+    refused = run("demo", "--ram", "8M", "--devices", "1", "--device-dirty-rate", "2")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == ("multifd: failed: --device-dirty-rate needs --device-iterative "
+                                      "(a plain demo device's state does not change while the guest runs)")
+
+
 def test_errors_are_one_line_without_traceback() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

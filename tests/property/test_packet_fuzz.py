@@ -32,9 +32,12 @@ from engine.wire.message import (
     Config,
     ConfigAck,
     DeviceDone,
+    DeviceLoaded,
     DevicesDone,
+    DevicesLoaded,
     DeviceSpec,
     Digests,
+    LiveRound,
     Message,
     MessageDecoder,
     MessageType,
@@ -459,7 +462,8 @@ configs = st.builds(
     codec_level=st.integers(-0x8000, 0x7FFF),
     blocks=st.lists(st.builds(BlockSpec, NAMES, st.integers(1, 1 << 32).map(lambda p: p * 4096)),
                     min_size=1, max_size=4, unique_by=lambda b: b.name).map(tuple),
-    devices=st.lists(st.builds(DeviceSpec, TEXT, U32), max_size=4, unique=True).map(tuple),
+    devices=st.lists(st.builds(DeviceSpec, TEXT, U32, st.booleans(), st.booleans()), max_size=4,
+                     unique_by=lambda d: (d.idstr, d.instance_id)).map(tuple),
 )
 completes = st.builds(Complete, U32, st.booleans())
 digest_lists = st.builds(
@@ -485,6 +489,9 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.just(Commit()),
     st.builds(Ping, U64),
     st.builds(Pong, U64),
+    st.builds(LiveRound, st.lists(U32, max_size=4).map(tuple), st.booleans()),
+    st.builds(DevicesLoaded, st.lists(st.builds(DeviceLoaded, U32, U64, U64), max_size=3).map(tuple),
+              st.booleans()),
 )
 
 

@@ -30,9 +30,12 @@ from engine.wire.message import (
     Config,
     ConfigAck,
     DeviceDone,
+    DeviceLoaded,
     DevicesDone,
+    DevicesLoaded,
     DeviceSpec,
     Digests,
+    LiveRound,
     Message,
     MessageDecoder,
     Ping,
@@ -381,6 +384,40 @@ def test_device_state_encoder_refuses(args: tuple, match: str) -> None:
         encode_device_state(0, *args)
 
 
+def test_live_device_chunk_golden() -> None:
+    """A live-phase chunk (issue 16) is DEVICE_CHUNK with flag LIVE (2)."""
+    live = DEVICE_CHUNK[:5] + b"\x02" + DEVICE_CHUNK[6:]
+    assert encode_device_state(5, "nic", 2, 7, False, 1000, live=True) == live
+    header = decode_packet_header(live[:16])
+    assert decode_device_state(header, live[16:], 5) == DeviceChunkHeader(5, "nic", 2, 7, False, 1000, True)
+    both = DEVICE_CHUNK[:5] + b"\x03" + DEVICE_CHUNK[6:]
+    with pytest.raises(RemoteProtocolError, match="both LIVE and END"):
+        decode_device_state(decode_packet_header(both[:16]), both[16:], 5)
+    with pytest.raises(LocalProtocolError, match="live-phase"):
+        encode_device_state(5, "nic", 2, 7, True, 10, live=True)
+
+
+@pytest.mark.parametrize(("body_hex", "match"), [
+    ("000f" "0000" "00000006" "00000002" "0000", "unknown LIVE_ROUND flags"),
+    ("000f" "0000" "0000000a" "00000000" "0002" "00000001", "disagrees with body_length"),
+    ("0010" "0000" "00000006" "00000004" "0000", "unknown DEVICES_LOADED flags"),
+])
+def test_live_messages_refused(body_hex: str, match: str) -> None:
+    decoder = MessageDecoder()
+    decoder.receive_data(h(body_hex))
+    with pytest.raises(RemoteProtocolError, match=match):
+        decoder.next_message()
+
+
+def test_config_device_flags_refused() -> None:
+    wire = bytearray(encode_message(ITERATIVE_CONFIG))
+    wire[-1] = 4  # no such device flag
+    decoder = MessageDecoder()
+    decoder.receive_data(bytes(wire))
+    with pytest.raises(RemoteProtocolError, match="unknown CONFIG device flags"):
+        decoder.next_message()
+
+
 def test_device_chunks_in_the_stream_decoder() -> None:
     decoder = PacketDecoder(LIMITS)
     decoder.receive_data(encode_device_state(0, "nic", 2, 7, False, 3) + b"abc"
@@ -406,7 +443,7 @@ def common_header(kind: int = 1, flags: int = 0, header_length: int = 20,
                      id="device-idstr-too-long"),
         pytest.param(common_header(kind=3, header_length=15, payload_length=(1 << 20) + 1),
                      "exceeds 1048576", id="device-chunk-too-big"),
-        pytest.param(common_header(kind=3, header_length=15, flags=2), "unknown DEVICE_STATE flags",
+        pytest.param(common_header(kind=3, header_length=15, flags=4), "unknown DEVICE_STATE flags",
                      id="device-flags"),
         pytest.param(common_header(kind=0), "unknown packet kind 0", id="kind-0"),
         pytest.param(common_header(kind=5), "unknown packet kind 5", id="kind-5"),
@@ -754,6 +791,10 @@ CONFIG_BODY = h(
     "0a" "76697274696f2d6e6574" "00000001"         # "virtio-net", 1
 )
 MINIMAL_CONFIG = Config(4096, 1, 1, False, "none", 0, (BlockSpec("é", 4096),))
+# Issue 16: a flags byte per device follows the list when CONFIG flag bit 1 is set
+# ("gpu" iterative and asking for the switchover ack, "nic" not iterative).
+ITERATIVE_CONFIG = Config(4096, 1, 1, False, "none", 0, (BlockSpec("é", 4096),),
+                          (DeviceSpec("gpu", 0, True, True), DeviceSpec("nic", 1)))
 
 MESSAGE_VECTORS = [
     pytest.param(CONFIG, "0001" "0000" "00000050" + CONFIG_BODY.hex(), id="config"),
@@ -796,6 +837,15 @@ MESSAGE_VECTORS = [
                  id="ping"),
     pytest.param(Pong(0x0123456789ABCDEF), "000a" "0000" "00000008" "0123456789abcdef",
                  id="pong"),
+    pytest.param(ITERATIVE_CONFIG, "0001" "0000" "00000036" "00001000" "00000001" "0001" "0001"
+                 "00000002" "04" "6e6f6e65" "0000" "02" "c3a9" "0000000000001000"
+                 "0002" "03" "677075" "00000000" "03" "6e6963" "00000001" "03" "00",
+                 id="config-iterative-devices"),
+    pytest.param(LiveRound((3, 0), True), "000f" "0000" "0000000e" "00000001" "0002"
+                 "00000003" "00000000", id="live-round"),
+    pytest.param(DevicesLoaded((DeviceLoaded(3, 1000, 250),), True),
+                 "0010" "0000" "0000001a" "00000001" "0001"
+                 "00000003" "00000000000003e8" "00000000000000fa", id="devices-loaded-ack"),
 ]
 
 
@@ -871,7 +921,7 @@ def test_config_body_helper_matches_golden() -> None:
     [
         # header
         pytest.param(message(0, b""), "unknown message type 0", id="type-0"),
-        pytest.param(message(15, b""), "unknown message type 15", id="type-15"),
+        pytest.param(message(17, b""), "unknown message type 17", id="type-17"),
         pytest.param(message(12, h("0002") + bytes(44)), "n_devices 2 disagrees", id="devices-done-short"),
         pytest.param(message(12, h("0001") + bytes(44)), "counts no chunk", id="devices-done-zero"),
         pytest.param(message(3, b"", flags=1), "flags must be 0", id="flags"),
@@ -917,7 +967,7 @@ def test_config_body_helper_matches_golden() -> None:
                      id="channel-count-0"),
         pytest.param(message(1, config_body(channel_count=257)), "channel_count 257",
                      id="channel-count-257"),
-        pytest.param(message(1, config_body(flags=2)), "unknown CONFIG flags", id="flags-2"),
+        pytest.param(message(1, config_body(flags=4)), "unknown CONFIG flags", id="flags-4"),
         pytest.param(message(1, config_body(flags=0x80000001)), "unknown CONFIG flags",
                      id="flags-high"),
         pytest.param(message(1, config_body(codec=b"")), "codec name", id="codec-empty"),
