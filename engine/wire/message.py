@@ -74,10 +74,12 @@ class MessageType(enum.IntEnum):
     DEVICES_DONE = 12
     PREPARED = 13
     COMMIT = 14
+    RAM_HANDOVER = 15
 
 
 class ConfigFlags(enum.IntFlag):
     ZERO_PAGE_DETECTION = 1
+    LOCAL = 2  # same-host mode: the RAM is handed over (RAM_HANDOVER), no page is sent
 
 
 class AbortCode(enum.IntEnum):
@@ -98,7 +100,7 @@ class Verification(enum.IntEnum):
 
 
 # A plain int: ~ of an IntFlag keeps only the defined bits, which would hide unknown ones.
-_CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION)
+_CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION | ConfigFlags.LOCAL)
 _COMPLETE_FLAGS: Final = int(CompleteFlags.DIGESTS_FOLLOW)
 _VERIFICATIONS: Final = frozenset(Verification)
 _ABORT_CODES: Final = frozenset(AbortCode)
@@ -170,6 +172,7 @@ class Config:
     codec_level: int
     blocks: tuple[BlockSpec, ...]
     devices: tuple[DeviceSpec, ...] = ()
+    local: bool = False  # same-host mode (flag LOCAL): RAM_HANDOVER instead of pages
 
     @property
     def block_pages(self) -> tuple[int, ...]:
@@ -251,6 +254,16 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class RamHandover:
+    """RAM_HANDOVER (local mode): the guest is paused and its RAM comes with this
+    message as one open descriptor per CONFIG block (SCM_RIGHTS, in block order);
+    ``segments`` are the names the source knows them by (the destination unlinks
+    by name once it owns them, and only while the name still is that file)."""
+
+    segments: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Resumed:
     """RESUMED: the destination committed; downtime (SWITCHOVER → resume), verification
     result, and whether the guest runs (``running`` 0: held paused for the VMM)."""
@@ -284,7 +297,7 @@ class Pong:
 
 Message: TypeAlias = (
     Config | ConfigAck | ChannelsReady | SyncMarker | Switchover | Complete | Digests
-    | DevicesDone | Prepared | Commit | Resumed | Abort | Ping | Pong
+    | DevicesDone | Prepared | Commit | Resumed | Abort | Ping | Pong | RamHandover
 )
 
 
@@ -368,7 +381,8 @@ def _encode_config(config: Config) -> bytes:
     problem = _config_problem(config)
     if problem is not None:
         raise LocalProtocolError(f"invalid CONFIG: {problem}")
-    flags = ConfigFlags.ZERO_PAGE_DETECTION if config.zero_page_detection else 0
+    flags = (ConfigFlags.ZERO_PAGE_DETECTION if config.zero_page_detection else 0) \
+        | (ConfigFlags.LOCAL if config.local else 0)
     parts = [
         _CONFIG.pack(config.page_size, config.packet_pages, config.channel_count,
                      len(config.blocks), flags),
@@ -406,6 +420,16 @@ def _encode_devices_done(done: DevicesDone) -> bytes:
         _DEVICE_DONE.pack(d.chunks, d.size, d.digest) for d in done.devices)
 
 
+def _encode_ram_handover(handover: RamHandover) -> bytes:
+    if not 1 <= len(handover.segments) <= MAX_BLOCKS:
+        raise LocalProtocolError(f"RAM_HANDOVER names {len(handover.segments)} segments, "
+                                 f"not 1..{MAX_BLOCKS}")
+    if not all(1 <= _utf8_length(name) <= _STRING1_MAX for name in handover.segments):
+        raise LocalProtocolError("a RAM_HANDOVER segment name must be 1..255 UTF-8 bytes")
+    return _U16.pack(len(handover.segments)) + b"".join(
+        _string(name, _U8) for name in handover.segments)
+
+
 def _encode_resumed(resumed: Resumed) -> bytes:
     if resumed.verified not in _VERIFICATIONS:
         raise LocalProtocolError(f"RESUMED verified {resumed.verified} is not 0, 1 or 2")
@@ -438,6 +462,7 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
     Abort: (MessageType.ABORT, _encode_abort),
     Ping: (MessageType.PING, lambda ping: _U64.pack(ping.token)),
     Pong: (MessageType.PONG, lambda pong: _U64.pack(pong.token)),
+    RamHandover: (MessageType.RAM_HANDOVER, _encode_ram_handover),
 }
 
 
@@ -522,8 +547,9 @@ def _decode_config(body: _Reader) -> Config:
         raise RemoteProtocolError(f"CONFIG n_devices {n_devices} exceeds {MAX_DEVICES}")
     devices = tuple(DeviceSpec(body.string(_U8, "device idstr"), body.number(_U32))
                     for _ in range(n_devices))
-    config = Config(page_size, packet_pages, channel_count, bool(flags), codec, codec_level,
-                    blocks, devices)
+    config = Config(page_size, packet_pages, channel_count,
+                    bool(flags & ConfigFlags.ZERO_PAGE_DETECTION), codec, codec_level,
+                    blocks, devices, bool(flags & ConfigFlags.LOCAL))
     problem = _config_problem(config)
     if problem is not None:
         raise RemoteProtocolError(f"invalid CONFIG: {problem}")
@@ -558,6 +584,16 @@ def _decode_devices_done(body: _Reader) -> DevicesDone:
     if any(device.chunks < 1 for device in devices):
         raise RemoteProtocolError("a DEVICES_DONE entry counts no chunk (not even END)")
     return DevicesDone(devices)
+
+
+def _decode_ram_handover(body: _Reader) -> RamHandover:
+    n_segments = body.number(_U16)
+    if not 1 <= n_segments <= MAX_BLOCKS:
+        raise RemoteProtocolError(f"RAM_HANDOVER n_segments {n_segments} is outside 1..{MAX_BLOCKS}")
+    names = tuple(body.string(_U8, "segment name") for _ in range(n_segments))
+    if not all(names):
+        raise RemoteProtocolError("RAM_HANDOVER names an empty segment")
+    return RamHandover(names)
 
 
 def _decode_resumed(body: _Reader) -> Resumed:
@@ -596,6 +632,7 @@ _DECODERS: Final[dict[int, _Decoder]] = {
     MessageType.ABORT: _decode_abort,
     MessageType.PING: lambda body: Ping(body.number(_U64)),
     MessageType.PONG: lambda body: Pong(body.number(_U64)),
+    MessageType.RAM_HANDOVER: _decode_ram_handover,
 }
 
 _STRING1_FIELD: Final = 1 + _STRING1_MAX
@@ -621,6 +658,7 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.ABORT: (_U16.size + 1 + 1 + _U16.size, _U16.size + _STRING1_FIELD + _STRING_FIELD),
     MessageType.PING: (_U64.size, _U64.size),
     MessageType.PONG: (_U64.size, _U64.size),
+    MessageType.RAM_HANDOVER: (_U16.size + 1 + 1, _U16.size + MAX_BLOCKS * _STRING1_FIELD),
 }
 
 class MessageDecoder(StreamBuffer):
