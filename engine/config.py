@@ -5,7 +5,7 @@ given.  Its fields are of three sorts::
 
     NEGOTIATED    the source chooses, the destination follows: sent in CONFIG
                   (channels, packet_pages, compression, compression_level,
-                  zero_page_detection) or in COMPLETE (verify)
+                  zero_page_detection, local) or in COMPLETE (verify)
     SOURCE_LOCAL  shape the source's rounds and connections only (downtime limit,
                   rounds, bandwidth cap, connect timeout, auto-converge)
     SHARED_LOCAL  each side's own: its handshake and stall timeouts, how its
@@ -100,6 +100,9 @@ class MigrationConfig:
     throttle_initial_pct: int = 20
     throttle_step_pct: int = 10
     throttle_max_pct: int = 99
+    # Same-host mode (docs/architecture.md, "Local mode"): over unix:// only, the
+    # paused guest's RAM is handed to the destination as descriptors; no page is sent.
+    local: bool = False
 
     def validate(self) -> MigrationConfig:
         """Return self, or raise ConfigError naming the bad field."""
@@ -124,6 +127,8 @@ class MigrationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 99:
                 raise ConfigError(f"{name} must be a whole percentage in 1..99, got {value!r}")
+        if not isinstance(self.local, bool):
+            raise ConfigError(f"local must be True or False, got {self.local!r}")
         if self.throttle_initial_pct > self.throttle_max_pct:
             raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
                               f"throttle_max_pct ({self.throttle_max_pct})")
@@ -144,6 +149,6 @@ class MigrationConfig:
 
 
 NEGOTIATED = frozenset({"channels", "packet_pages", "compression", "compression_level",
-                        "zero_page_detection", "verify"})
+                        "zero_page_detection", "verify", "local"})
 SHARED_LOCAL = frozenset(f.name for f in fields(DestinationConfig))
 SOURCE_LOCAL = frozenset(f.name for f in fields(MigrationConfig)) - NEGOTIATED - SHARED_LOCAL

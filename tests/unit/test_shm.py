@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
-import time
 import os
+import time
 from multiprocessing import resource_tracker
 
 import numpy as np
