@@ -358,12 +358,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from engine.shm import GuestRAM
 
     secret = _secret(args)
-    if args.guest == "kvm" and not args.ram:
-        raise ConfigError("listen --guest kvm needs --ram: the VM is built before its state arrives")
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = None
     try:
-        kvm = _kvm_guest(args, ram) if args.guest == "kvm" and ram is not None else None
+        # Without --ram the VM takes its memory when it exists: created from the
+        # source's CONFIG, or the source's own pages (--local).
+        kvm = _kvm_guest(args, ram) if args.guest == "kvm" else None
         devices = demo_devices(args.devices, args.device_state,
                                load_latency_s=args.device_load_latency / 1000, with_state=False)
         destination = DestinationMigration(
@@ -371,6 +371,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
             devices=(kvm.devices if kvm else []) + devices, device_load=args.device_load,
             resume_guest=kvm.start if kvm else None, accept_local=not args.refuse_local,
+            on_ram=kvm.take_ram if kvm is not None and ram is None else None,
         )
         _watch(destination)
         signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))

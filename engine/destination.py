@@ -99,14 +99,15 @@ class DestinationMigration(Migration):
     `payloads`: a :class:`~engine.payload.DeliveryConsumer` per registered payload
     kind the source sends (its ``payloads``); each gets its kind's payloads as
     they arrive, and its ``finish()`` once every channel ended, before PREPARED.
-    `accept_local` False refuses a same-host migration (the source's
-    ``config.local``) in CONFIG_ACK; so does a destination given its own `ram`
-    or listening on anything but unix://.  In local mode the source's RAM
-    arrives after its guest paused and `on_ram(ram)` is called with it (the VMM
-    builds its VM on those pages: KVM memory slots, say) before any device
-    loads finish; before the commit it is not this side's to keep (a failure
-    unmaps it and the VMM must drop its uses), after it :attr:`ram` is owned
-    here like RAM created here.
+    `on_ram(ram)` is called once the RAM this side did not get from its VMM
+    exists, before the guest resumes: created here from CONFIG (at setup), or
+    handed over (local mode) — the VMM builds its VM on those pages (KVM memory
+    slots, say).  `accept_local` False refuses a same-host migration (the
+    source's ``config.local``) in CONFIG_ACK; so does a destination given its
+    own `ram` or listening on anything but unix://.  In local mode the source's
+    RAM arrives after its guest paused; before the commit it is not this side's
+    to keep (a failure unmaps it, and the VMM must drop its uses), after it
+    :attr:`ram` is owned here like RAM created here.
     """
 
     role = "destination"
@@ -212,6 +213,7 @@ class DestinationMigration(Migration):
                 [(b.name, b.size) for b in config.blocks], prealloc=self.prealloc
             )
             self._defer("free the RAM it created", self._free_created_ram)
+            self._ram_arrived(self.ram)
         self._send_message(wire.ConfigAck(0, ""))
 
         conns = self._accept_channels(hello)
@@ -286,9 +288,14 @@ class DestinationMigration(Migration):
             for fd in fds:
                 os.close(fd)  # the segments keep their own
         self._defer("unmap the RAM handed over", self._release_handed_over_ram)
+        self._ram_arrived(self.ram)
+
+    def _ram_arrived(self, ram: GuestRAM) -> None:
+        """Tell the VMM (``on_ram``) about the RAM it did not give: created here, or
+        handed over.  A hook that raises fails the migration (GuestControlError)."""
         if self._on_ram is not None:
             try:
-                self._on_ram(self.ram)
+                self._on_ram(ram)
             except Exception as exc:
                 raise GuestControlError(f"on_ram raised {type(exc).__name__}: {exc}") from exc
 

@@ -346,3 +346,18 @@ def test_the_work_does_not_grow_with_ram_size(sizes: tuple[int, int]) -> None:
             destination.migration.ram.close()
             destination.migration.ram.unlink()
     assert wire_bytes[0] == wire_bytes[1]
+
+
+def test_on_ram_also_gets_ram_created_from_config() -> None:
+    """Not local: the RAM the destination creates from CONFIG goes to on_ram at setup
+    (so a VMM builds its VM the same way in both modes)."""
+    with guest_ram(4 * MiB) as ram:
+        destination = Destination(config=LOCAL.with_(local=False))
+        result = SourceMigration(ram, destination.migration.address, secret=SECRET,
+                                 config=LOCAL.with_(local=False)).run()
+        destination.migration.wait(15)
+        dst = destination.migration.ram
+        assert result.pages_sent > 0 and "local" not in result.extra
+        assert dst is not None and destination.given == [dst] and dst.owner and ram.owner
+        dst.close()
+        dst.unlink()
