@@ -6,7 +6,8 @@ process (A) creates the RAM, migrates it locally to a VMM process of its own
 migration (A → B and B → A alike).  No page is copied, so the source's RAM is
 the only copy: a 16 GiB guest needs 16 GiB of /dev/shm once, not twice.  Each
 side keeps a warm channel pool (``pool=``), as a VMM that upgrades itself
-would, so the figures are the migration's own and not process start-up.  The
+would, so the figures are the migration's own and not process start-up (one
+hand-over each way first, not counted, starts the pools' workers).  The
 guest is idle (no vCPU process: pause and resume are instant); with devices,
 each of the ``--devices`` demo devices loads in ``--load-ms`` on the
 destination, and the devices' share of the downtime is the median with
@@ -147,6 +148,11 @@ def measure(size: int, repeat: int, config: MigrationConfig, devices: dict[str, 
         print(f"  {size >> 20} MiB guest created and touched in {time.perf_counter() - t0:.1f} s")
         a_has_it = True
         count = 0
+        for _ in range(2):  # warm-up, there and back: each pool starts its workers on first use
+            address = f"unix://{where}/m{count}.sock"
+            count += 1
+            hand_over(a, ours, a_has_it, address, devices)
+            a_has_it = not a_has_it
         for rep in range(repeat):
             # Alternate the order so both cases share the machine's drifts.
             cases = ["none", "devices"] if rep % 2 == 0 else ["devices", "none"]
