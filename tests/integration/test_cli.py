@@ -328,6 +328,7 @@ def test_demo_local_hands_the_ram_over_and_sends_no_page() -> None:
     assert summary["destination"]["local"] is True and summary["destination"]["committed"] is True
 
 
+@pytest.mark.heavy  # the refusal itself is in the default suite (tests/integration/test_local.py)
 def test_a_listener_that_refuses_local_mode_is_one_clear_line(tmp_path: Path) -> None:
     path = f"unix://{tmp_path}/m.sock"
     listener = subprocess.Popen([*MULTIFD, "listen", "--address", path, "--refuse-local",

@@ -49,6 +49,7 @@ def test_live_save_then_restore_in_a_new_process(tmp_path: Path) -> None:
     assert report["ok"] and report["boot_chars"] == 0 and report["invariant"] == ""
 
 
+@pytest.mark.heavy  # a KVM guest's local move is in the default suite (test_kvm_migration.py)
 def test_demo_local_runs_the_vm_on_the_pages_handed_over() -> None:
     """--local: the listener is given no --ram; its VM takes the source's own pages
     as its memory slots, and only the vCPU state travels."""
