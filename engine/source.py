@@ -104,9 +104,13 @@ class SourceMigration(SavingOperation, Migration):
         payloads: Sequence[SwitchoverSaver] = (),
     ) -> None:
         self.payloads = list(payloads)
-        if config is not None and config.local and urlsplit(to).scheme != "unix":
-            raise ConfigError(f"local mode hands the RAM over a unix socket on this host: "
-                              f"use a unix:///PATH address, not {to!r}")
+        if config is not None and config.local:
+            if urlsplit(to).scheme != "unix":
+                raise ConfigError(f"local mode hands the RAM over a unix socket on this host: "
+                                  f"use a unix:///PATH address, not {to!r}")
+            if not ram.owner:  # its owner would unlink it under the destination
+                raise ConfigError("local mode hands the RAM's ownership over: this process must own "
+                                  "it (created or adopted here, not attached)")
         super().__init__(ram, config or MigrationConfig(), secret=secret, pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)

@@ -313,12 +313,18 @@ def test_a_destination_with_ram_of_its_own_refuses_local_mode() -> None:
         assert ram.owner and own.owner
 
 
-def test_local_mode_needs_a_unix_address_and_a_peer(tmp_path) -> None:
+def test_local_mode_needs_a_unix_address_a_peer_and_the_owner(tmp_path) -> None:
     with guest_ram(4 * MiB) as ram:
         with pytest.raises(ConfigError, match="unix:///PATH"):
             SourceMigration(ram, "tcp://127.0.0.1:4444", secret=SECRET, config=LOCAL)
         with pytest.raises(ConfigError, match="a snapshot writes the pages to a file"):
             SnapshotSave(ram, str(tmp_path / "vm.snap"), config=LOCAL)
+        attached = GuestRAM.attach(ram.handle)  # a vCPU process's view: not the owner's to give
+        try:
+            with pytest.raises(ConfigError, match="this process must own it"):
+                SourceMigration(attached, "unix:///tmp/x.sock", secret=SECRET, config=LOCAL)
+        finally:
+            attached.close()
 
 
 @pytest.mark.parametrize("sizes", [pytest.param((4 * MiB, 64 * MiB), id="4M-64M"),
