@@ -23,7 +23,13 @@ import pytest
 
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
-from engine.errors import CancelledError, ConfigError, GuestControlError, MigrationError
+from engine.errors import (
+    CancelledError,
+    ConfigError,
+    GuestControlError,
+    MigrationError,
+    OutcomeUnknownError,
+)
 from engine.shm import PAGE_SIZE
 from engine.snapshot import SnapshotSave
 from engine.sync import MigrationState
@@ -195,6 +201,31 @@ def _own_tracker() -> None:
     if tracker._fd is not None:
         os.close(tracker._fd)
     tracker._fd = tracker._pid = None
+
+
+def test_an_unknown_outcome_leaves_the_ram_to_settle() -> None:
+    """COMMIT is sent but never answered: the source gave its RAM up with it and
+    keeps its guest paused; nobody owns the RAM until settle() says who does."""
+    with running_guest() as (ram, guest):
+        destination = Destination()
+        side = destination.migration
+        read_message = side._read_message
+
+        def stuck_before_commit(expected: type, deadline: float | None = None) -> Any:
+            if expected is wire.Commit:
+                side.latch.wait(30)  # hangs until its VMM cancels it
+                side.latch.raise_if_failed()
+            return read_message(expected, deadline)
+
+        side._read_message = stuck_before_commit  # type: ignore[method-assign]
+        source = source_for(ram, guest, side.address, config=LOCAL.with_(stall_timeout_s=1.0))
+        with pytest.raises(OutcomeUnknownError):
+            source.run()
+        assert guest.paused and not ram.owner  # given up with COMMIT; not adopted over there
+        assert side.cancel("the destination VMM gives up") is True  # it had not committed
+        assert isinstance(destination.outcome(), CancelledError)
+        source.settle(destination_runs=False)  # so the guest, and its RAM, stay here
+        assert_source_runs_on(ram, guest, destination)
 
 
 def _destination_process(path: str, ready: Any) -> None:
