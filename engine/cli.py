@@ -123,6 +123,9 @@ def _add_migration_options(p: argparse.ArgumentParser, wire: bool = True) -> Non
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--on-max-rounds", choices=("switchover", "fail"), default="switchover")
     if wire:  # a snapshot keeps pages at fixed places, uncompressed, and hashes nothing
+        p.add_argument("--local", action="store_true",
+                       help="same-host upgrade: hand the guest's RAM itself to the destination over "
+                       "unix:// (no page is copied); only device state travels")
         p.add_argument("--no-verify", action="store_true", help="skip hashing both memories")
         p.add_argument("--compression", choices=codecs.available(), default="none")
         p.add_argument("--compression-level", type=int, default=None,
@@ -181,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     listen = sub.add_parser("listen", help="destination: receive one migration")
     listen.add_argument("--address", default="tcp://0.0.0.0:4444", help="tcp://HOST:PORT or unix:///PATH")
-    listen.add_argument("--ram", type=parse_size, help="create the RAM up front (default: from the source)")
+    listen.add_argument("--ram", type=parse_size, help="create the RAM up front (default: from the source, "
+                        "or the source's own RAM when it migrates with --local)")
+    listen.add_argument("--refuse-local", action="store_true",
+                        help="refuse a same-host migration that hands over the source's RAM (--local)")
     listen.add_argument("--secret-file")
     listen.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for a source")
     listen.add_argument("--ready-fd", type=int, default=None,
@@ -251,6 +257,7 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
         max_bandwidth=args.max_bandwidth,
         auto_converge=args.auto_converge,
         throttle_policy=args.throttle_policy,
+        local=getattr(args, "local", False),
     ).validate()
 
 
@@ -277,6 +284,8 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
         f"{'bytes ' + moved if to_file or from_file else 'bytes on wire':<16} "
         f"{_human(result.bytes_on_wire)} for {_human(result.guest_bytes)} of guest memory",
     ]
+    if result.extra.get("local"):
+        lines.append("local mode       the guest's RAM was handed over on this host: no page copied")
     if not (to_file or from_file):
         lines.append(f"compression      {result.compression}"
                      + (f", {_human(result.payload_bytes)} of payload, ratio {result.compression_ratio:.2f}"
@@ -365,12 +374,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from engine.shm import GuestRAM
 
     secret = _secret(args)
-    if args.guest == "kvm" and not args.ram:
-        raise ConfigError("listen --guest kvm needs --ram: the VM is built before its state arrives")
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = None
     try:
-        kvm = _kvm_guest(args, ram) if args.guest == "kvm" and ram is not None else None
+        # Without --ram the VM takes its memory when it exists: created from the
+        # source's CONFIG, or the source's own pages (--local).
+        kvm = _kvm_guest(args, ram) if args.guest == "kvm" else None
         devices = demo_devices(args.devices, args.device_state,
                                load_latency_s=args.device_load_latency / 1000, with_state=False,
                                iterative=args.device_iterative)
@@ -378,7 +387,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
             args.address, secret=secret, ram=ram, dump_dir=args.dump_dir,
             accept_timeout_s=args.accept_timeout, ram_is_zeroed=True,  # created just now
             devices=(kvm.devices if kvm else []) + devices, device_load=args.device_load,
-            resume_guest=kvm.start if kvm else None,
+            resume_guest=kvm.start if kvm else None, accept_local=not args.refuse_local,
+            on_ram=kvm.take_ram if kvm is not None and ram is None else None,
         )
         _watch(destination)
         signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
@@ -496,9 +506,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_device_args(args)  # before the destination process starts
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
-        address = f"unix://{tmp}/migration.sock" if args.transport == "unix" else "tcp://127.0.0.1:0"
+        # --local: over a unix socket, to a destination that takes the source's RAM.
+        unix = args.transport == "unix" or args.local
+        address = f"unix://{tmp}/migration.sock" if unix else "tcp://127.0.0.1:0"
         command = [sys.executable, "-m", "engine.cli", "listen", "--address", address,
-                   "--ram", str(args.ram), "--json", "--accept-timeout", "60",
+                   *(() if args.local else ("--ram", str(args.ram))), "--json", "--accept-timeout", "60",
                    "--devices", str(args.devices), "--device-state", str(args.device_state),
                    "--device-load-latency", str(args.device_load_latency),
                    "--device-load", args.device_load]

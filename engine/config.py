@@ -5,7 +5,7 @@ given.  Its fields are of three sorts::
 
     NEGOTIATED    the source chooses, the destination follows: sent in CONFIG
                   (channels, packet_pages, compression, compression_level,
-                  zero_page_detection) or in COMPLETE (verify)
+                  zero_page_detection, local) or in COMPLETE (verify)
     SOURCE_LOCAL  shape the source's rounds and connections only (downtime limit,
                   rounds, bandwidth cap, connect timeout, auto-converge)
     SHARED_LOCAL  each side's own: its handshake and stall timeouts, how its
@@ -108,6 +108,9 @@ class MigrationConfig:
     throttle_policy: Literal["rate", "step"] = "rate"
     throttle_rounds: int = 2
     dirty_sample_ms: float = 5.0
+    # Same-host mode (docs/architecture.md, "Local mode"): over unix:// only, the
+    # paused guest's RAM is handed to the destination as descriptors; no page is sent.
+    local: bool = False
 
     def validate(self) -> MigrationConfig:
         """Return self, or raise ConfigError naming the bad field."""
@@ -140,6 +143,8 @@ class MigrationConfig:
                               f"got {self.throttle_rounds!r}")
         if not 0 < self.dirty_sample_ms <= 1000:  # also refuses NaN
             raise ConfigError(f"dirty_sample_ms must be in (0, 1000], got {self.dirty_sample_ms!r}")
+        if not isinstance(self.local, bool):
+            raise ConfigError(f"local must be True or False, got {self.local!r}")
         if self.throttle_initial_pct > self.throttle_max_pct:
             raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
                               f"throttle_max_pct ({self.throttle_max_pct})")
@@ -160,6 +165,6 @@ class MigrationConfig:
 
 
 NEGOTIATED = frozenset({"channels", "packet_pages", "compression", "compression_level",
-                        "zero_page_detection", "verify"})
+                        "zero_page_detection", "verify", "local"})
 SHARED_LOCAL = frozenset(f.name for f in fields(DestinationConfig))
 SOURCE_LOCAL = frozenset(f.name for f in fields(MigrationConfig)) - NEGOTIATED - SHARED_LOCAL

@@ -20,6 +20,11 @@
                again) → resume the guest (unless ``autostart`` is off) → RESUMED.
                Before COMMIT the guest has never run: any failure, or a source
                that closes, ends the migration with nothing started.
+    local      (CONFIG flag LOCAL; unix:// only, unless refused) no RAM is created
+               and the channels map none; after SWITCHOVER, RAM_HANDOVER brings the
+               source's RAM as descriptors: mapped here (``on_ram`` tells the VMM),
+               not owned; COMMIT adopts it (this side unlinks it from then on);
+               a failure before COMMIT only unmaps it
 
 Downtime is measured here, from SWITCHOVER to the guest's resume, everything
 included (verification too, when asked for); verification time is also
@@ -52,7 +57,7 @@ from engine.migration import Migration
 from engine.multifd import MultifdReceiver
 from engine.payload import DeliveryConsumer, payload_modules, slot_capacity
 from engine.pool import WorkerPool
-from engine.shm import PAGE_SIZE, GuestRAM
+from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
 from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
@@ -97,6 +102,15 @@ class DestinationMigration(Migration):
     `payloads`: a :class:`~engine.payload.DeliveryConsumer` per registered payload
     kind the source sends (its ``payloads``); each gets its kind's payloads as
     they arrive, and its ``finish()`` once every channel ended, before PREPARED.
+    `on_ram(ram)` is called once the RAM this side did not get from its VMM
+    exists, before the guest resumes: created here from CONFIG (at setup), or
+    handed over (local mode) — the VMM builds its VM on those pages (KVM memory
+    slots, say).  `accept_local` False refuses a same-host migration (the
+    source's ``config.local``) in CONFIG_ACK; so does a destination given its
+    own `ram` or listening on anything but unix://.  In local mode the source's
+    RAM arrives after its guest paused; before the commit it is not this side's
+    to keep (a failure unmaps it, and the VMM must drop its uses), after it
+    :attr:`ram` is owned here like RAM created here.
     """
 
     role = "destination"
@@ -122,6 +136,8 @@ class DestinationMigration(Migration):
         pool: WorkerPool | None = None,
         autostart: bool = True,
         payloads: Sequence[DeliveryConsumer] = (),
+        accept_local: bool = True,
+        on_ram: Callable[[GuestRAM], None] | None = None,
     ) -> None:
         super().__init__(_destination_config(config), secret, pool)
         self.payloads = list(payloads)
@@ -137,6 +153,8 @@ class DestinationMigration(Migration):
         self.device_load = device_load
         self.max_device_buffer = max_device_buffer
         self._loader: DeviceLoading | None = None
+        self.accept_local = accept_local
+        self._on_ram = on_ram
         self._listener = listen(address)
         self.address = self._listener.address
         # Connections are challenged and read concurrently: a stranger stalls nobody.
@@ -196,11 +214,14 @@ class DestinationMigration(Migration):
             self._send_message(wire.ConfigAck(1, refusal))
             raise ConfigError(f"refused the source's configuration: {refusal}")
         self.negotiated = config
-        if self.ram is None:
+        if config.local:
+            self._main.accept_fds(len(config.blocks))  # RAM_HANDOVER's, one per block
+        elif self.ram is None:
             self.ram = GuestRAM.create(
                 [(b.name, b.size) for b in config.blocks], prealloc=self.prealloc
             )
             self._defer("free the RAM it created", self._free_created_ram)
+            self._ram_arrived(self.ram)
         self._send_message(wire.ConfigAck(0, ""))
 
         conns = self._accept_channels(hello)
@@ -213,7 +234,7 @@ class DestinationMigration(Migration):
             kinds.append(packet.PacketKind.DEVICE_STATE)
         kinds += sorted({consumer.kind for consumer in self.payloads})
         per_channel = DELIVERY_SLOTS if devices or self.payloads else 0
-        self.tracker = StatsTracker(self.ram.size, PAGE_SIZE)
+        self.tracker = StatsTracker(sum(block.size for block in config.blocks), PAGE_SIZE)
         slots = self._own_slots(SlotTable.create(
             n_slots=max(1, per_channel * config.channel_count), max_items=1,
             payload_capacity=max(packet.MAX_DEVICE_CHUNK if devices else 0, slot_capacity(kinds)),
@@ -221,13 +242,15 @@ class DestinationMigration(Migration):
         ))
         # During an incoming migration the dirty map says which pages may hold
         # data, so a ZERO run only writes pages that need it (clients/ram_payload.py).
-        for block in self.ram.blocks:
+        # (Local mode: no RAM here yet, and the source's is not ours to touch.)
+        for block in self.ram.blocks if self.ram is not None else ():
             if self.ram_is_zeroed:
                 block.dirty.clear_all()
             else:
                 block.dirty.mark(0, block.n_pages)
         spec = ChannelSpec(
-            channel_id=0, ram=self.ram.handle,
+            # Local mode: no page comes, so the channels map no RAM (and refuse pages).
+            channel_id=0, ram=RamHandle(()) if self.ram is None else self.ram.handle,
             slots=slots.handle, packet_pages=config.packet_pages,
             codec=config.codec, zero_page_detection=config.zero_page_detection,
             delivery_slots=per_channel,
@@ -259,7 +282,54 @@ class DestinationMigration(Migration):
             self._defer("close the live-loading signal", self._close_live_wake)
         self._loader.expect_live(iterative, self._live_progress)
 
+    @property
+    def _local(self) -> bool:
+        return self.negotiated is not None and self.negotiated.local
+
+    def _take_ram(self, handover: wire.RamHandover) -> None:
+        """RAM_HANDOVER: map the source's RAM from the descriptors that came with
+        it; the source still owns it (teardown before COMMIT only unmaps it)."""
+        assert self.negotiated is not None
+        fds = self._main.take_fds()
+        try:
+            blocks = self.negotiated.blocks
+            if len(fds) != len(blocks) or len(handover.segments) != len(blocks):
+                raise RemoteProtocolError(
+                    f"RAM_HANDOVER brought {len(fds)} descriptors and {len(handover.segments)} "
+                    f"segment names for {len(blocks)} RAM blocks")
+            self.ram = GuestRAM.from_fds([(b.name, b.size) for b in blocks], handover.segments, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)  # the segments keep their own
+        self._defer("unmap the RAM handed over", self._release_handed_over_ram)
+        self._ram_arrived(self.ram)
+
+    def _ram_arrived(self, ram: GuestRAM) -> None:
+        """Tell the VMM (``on_ram``) about the RAM it did not give: created here, or
+        handed over.  A hook that raises fails the migration (GuestControlError)."""
+        if self._on_ram is not None:
+            try:
+                self._on_ram(ram)
+            except Exception as exc:
+                raise GuestControlError(f"on_ram raised {type(exc).__name__}: {exc}") from exc
+
+    def _release_handed_over_ram(self) -> None:
+        """Teardown: the source's RAM is unmapped here unless the migration
+        committed (then it is ours, and the VMM's to unlink)."""
+        if self._committed or self.ram is None:
+            return
+        ram, self.ram = self.ram, None
+        ram.close()
+
     def _check_config(self, config: wire.Config, hello: packet.ChannelHello) -> str:
+        if config.local:
+            if not self.accept_local:
+                return "local mode (the RAM handed over on this host) is not accepted by this destination"
+            if not self.address.startswith("unix://"):
+                return f"local mode needs a unix:// listener on this host, not {self.address}"
+            if self.ram is not None:
+                return ("local mode hands over the source's RAM, but this destination was given "
+                        "RAM of its own")
         if config.channel_count != hello.channel_count:
             return f"CONFIG says {config.channel_count} channels, the hello said {hello.channel_count}"
         if config.codec not in codecs.available():
@@ -314,6 +384,7 @@ class DestinationMigration(Migration):
         assert receiver is not None and self._conn is not None and self.tracker is not None
         t_switchover: float | None = None
         devices_done: wire.DevicesDone | None = None
+        handed_over = False
         rounds = 0
         stall = self.config.stall_timeout_s
         last_bytes, last_progress = -1, time.monotonic()
@@ -346,6 +417,11 @@ class DestinationMigration(Migration):
                 t_switchover = time.perf_counter()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
                 self.tracker.state = MigrationState.SWITCHOVER
+            elif isinstance(message, wire.RamHandover):
+                if t_switchover is None or handed_over or not self._local:
+                    raise RemoteProtocolError("RAM_HANDOVER out of place")
+                self._take_ram(message)
+                handed_over = True
             elif isinstance(message, wire.DevicesDone):
                 if t_switchover is None or devices_done is not None:
                     raise RemoteProtocolError("DEVICES_DONE out of place")
@@ -356,6 +432,8 @@ class DestinationMigration(Migration):
                 if (devices_done is None) != (self._loader is None):
                     raise RemoteProtocolError("COMPLETE without DEVICES_DONE, or DEVICES_DONE "
                                               "without devices")
+                if self._local and not handed_over:
+                    raise RemoteProtocolError("COMPLETE in local mode without RAM_HANDOVER")
                 return self._complete(message, t_start, t_setup, t_switchover, rounds, devices_done)
             else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
@@ -444,6 +522,8 @@ class DestinationMigration(Migration):
         self._send_message(wire.Prepared())
         self._read_message(wire.Commit, time.monotonic() + self.config.stall_timeout_s)
         self._commit()  # from here on this side owns the VM, whatever happens
+        if self._local:
+            self.ram.adopt()  # the source gave it up before it sent COMMIT
         self._set_state(MigrationState.COMMITTED)
         resume_error = self._start_guest()
         downtime_s = time.perf_counter() - t_switchover
@@ -466,7 +546,7 @@ class DestinationMigration(Migration):
             compression=self.negotiated.codec,
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
-            extra={"running": self.running},
+            extra={"running": self.running, **({"local": True} if self._local else {})},
         )
 
     def _start_guest(self) -> GuestControlError | None:

@@ -20,6 +20,7 @@ The bytes are decoded by the sans-IO :class:`engine.wire.message.MessageDecoder`
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -56,6 +57,10 @@ class MainChannel:
         self.decoder = wire.MessageDecoder()
         self.peer_reason: MigrationError | None = None  # the peer's ABORT, if one came
         self._abort_sent = False
+        # Local mode (destination): descriptors that may come with the bytes
+        # (SCM_RIGHTS), at most _max_fds in all, kept until taken.
+        self._max_fds = 0
+        self._fds: list[int] = []
 
     def attach(self, conn: Connection) -> Connection:
         self.conn = conn
@@ -76,11 +81,30 @@ class MainChannel:
             raise self.peer_error(message)
         return message
 
+    def accept_fds(self, max_fds: int) -> None:
+        """From now on keep the descriptors the peer sends with its bytes, at most
+        `max_fds` in all (more is a RemoteProtocolError).  Without this call any
+        descriptor sent is dropped by the kernel, unseen."""
+        self._max_fds = max_fds
+
+    def take_fds(self) -> list[int]:
+        """The descriptors received so far (the caller closes them)."""
+        fds, self._fds = self._fds, []
+        return fds
+
     def receive(self) -> None:
         """The connection is readable: take what came.  At its end, an ABORT among
         what is buffered is the peer's reason; else the peer closed on us."""
         assert self.conn is not None
-        data = self.conn.recv_some()
+        if self._max_fds:
+            data, fds = self.conn.recv_some_with_fds(self._max_fds)
+            self._fds += fds
+            if len(self._fds) > self._max_fds:
+                self._close_fds()
+                raise RemoteProtocolError(f"the {self.peer} sent more descriptors than the "
+                                          f"{self._max_fds} it announced")
+        else:
+            data = self.conn.recv_some()
         if data:
             self.decoder.receive_data(data)
             return
@@ -172,7 +196,12 @@ class MainChannel:
         except MigrationError as exc:
             log.info("could not send ABORT to the %s: %s", self.peer, exc)
 
+    def _close_fds(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
+
     def close(self) -> None:
+        self._close_fds()  # descriptors nobody took
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()

@@ -115,11 +115,17 @@ class SavingOperation(Operation):
     def _setup(self) -> None:
         raise NotImplementedError
 
-    def _until_switchover(self, live: bool = True) -> tuple[float, float, PrecopyClient, float]:
-        """Set up, then precopy rounds until converged (none if not `live`).
+    def _sends_pages(self) -> bool:
+        """Whether guest RAM travels as pages (a same-host migration hands it over)."""
+        return True
+
+    def _until_switchover(self, live: bool = True) -> tuple[float, float, PrecopyClient | None, float]:
+        """Set up, then precopy rounds until converged (none if not `live`, nor
+        when no page is sent).
 
         Returns the start and setup-done times (perf_counter), the RAM client
-        for the final round, and the expected downtime (s) at switchover.
+        for the final round (None when no page is sent), and the expected
+        downtime (s) at switchover.
         """
         if live and self.config.auto_converge and self.throttle_guest is None:
             raise ConfigError("auto_converge needs a throttle_guest callback from the VMM")
@@ -132,6 +138,10 @@ class SavingOperation(Operation):
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
         self._set_state(MigrationState.ACTIVE)
+        if not self._sends_pages():
+            self._machine.fire(MigrationEvent.SWITCHOVER)
+            self._set_state(MigrationState.SWITCHOVER)
+            return t_start, t_setup, None, 0.0
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
         dirty_source: DirtySource | None = self.dirty_source

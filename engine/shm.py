@@ -17,6 +17,19 @@ unlinks the segment when the attaching process exits; so attaching here goes
 straight to ``shm_open`` + ``mmap`` and never registers.  The owner does
 register, so the tracker cleans up if the owner itself dies.
 
+Ownership can move (same-host migration, docs/architecture.md "Local
+mode")::
+
+    source:      create (owner, registered) ── disown() at the commit: never unlinks,
+                                               unregistered (its exit removes nothing)
+    destination: from_fds (mapped from the descriptors the source sent, not
+                 registered, never unlinks) ── adopt() at the commit: owner, registered
+
+Registration is counted per process, so one process that both disowns and
+adopts a segment (a test, or a VMM migrating to itself) leaves it registered
+exactly once whatever the order, and the tracker is never told to forget a
+name it was not given.
+
 Space is reserved when a segment is created, never on first touch: /dev/shm
 (tmpfs) allocates a page when it is first written, and a write that finds the
 filesystem full is a SIGBUS that kills the process without a word.  So
@@ -40,6 +53,7 @@ import mmap
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
@@ -57,6 +71,31 @@ _TRACKER_TYPE = "shared_memory"
 SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linux)
 _CGROUP_ROOT = "/sys/fs/cgroup"
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
+
+
+# Names this process registered with its resource tracker, and how many of this
+# process's segments hold each (see the module's docstring).
+_registered: dict[str, int] = {}
+_registered_lock = threading.Lock()
+
+
+def _register(path: str) -> None:
+    with _registered_lock:
+        _registered[path] = _registered.get(path, 0) + 1
+        if _registered[path] == 1:
+            resource_tracker.register(path, _TRACKER_TYPE)
+
+
+def _unregister(path: str) -> None:
+    with _registered_lock:
+        count = _registered.get(path, 0)
+        if count == 0:
+            return
+        if count == 1:
+            del _registered[path]
+            resource_tracker.unregister(path, _TRACKER_TYPE)
+        else:
+            _registered[path] = count - 1
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -154,13 +193,20 @@ class Segment:
     released before :meth:`close`, or the mapping stays until they are collected.
     """
 
-    def __init__(self, name: str, size: int, mapping: mmap.mmap, owner: bool) -> None:
+    def __init__(self, name: str, size: int, mapping: mmap.mmap, owner: bool,
+                 inode: tuple[int, int] | None = None, fd: int = -1) -> None:
         self.name = name
         self.size = size
         self.owner = owner
         self._mmap: mmap.mmap | None = mapping
         self.buf: memoryview = memoryview(mapping)
         self._unlinked = False
+        # (st_dev, st_ino) of a segment mapped from a descriptor: unlink removes
+        # the name only while it still names this very file.
+        self.inode = inode
+        # Kept open by a segment this process created or was handed: what it
+        # passes on to another process in a same-host migration (fileno()).
+        self._fd = fd
 
     @classmethod
     def create(cls, size: int, *, name: str | None = None, prealloc: bool = False,
@@ -190,18 +236,19 @@ class Segment:
             mapping = mmap.mmap(fd, size)
             if prealloc:
                 np.frombuffer(mapping, dtype=np.uint8)[::PAGE_SIZE] = 0
-        except OSError as exc:
+        except BaseException as exc:
+            os.close(fd)
             _posixshmem.shm_unlink(path)
+            if not isinstance(exc, OSError):
+                raise
             need = _size_text(_round_up(size, PAGE_SIZE))
             if exc.errno == errno.ENOSPC:  # another process took the space since the check
                 raise _no_space(what, _round_up(size, PAGE_SIZE)) from exc
             if exc.errno == errno.ENOMEM:  # the memory cgroup could not charge the pages
                 raise ConfigError(f"not enough memory for {what}: need {need}: {exc.strerror}") from exc
             raise ConfigError(f"cannot size shared memory {name!r} to {size} bytes: {exc}") from exc
-        finally:
-            os.close(fd)  # mmap keeps its own reference to the file
-        resource_tracker.register(path, _TRACKER_TYPE)
-        return cls(name, size, mapping, owner=True)
+        _register(path)
+        return cls(name, size, mapping, owner=True, fd=fd)
 
     @classmethod
     def attach(cls, name: str, populate: bool = False) -> Segment:
@@ -226,6 +273,59 @@ class Segment:
             os.close(fd)
         return cls(name, size, mapping, owner=False)
 
+    @classmethod
+    def from_fd(cls, fd: int, name: str, min_size: int) -> Segment:
+        """Map the shared-memory file open on `fd` (a descriptor another process
+        sent), known to that process as `name`; not registered, not owned.
+
+        The descriptor is the segment, whatever the name now points at: nothing
+        can race on the name.  Raises ConfigError unless `fd` is a regular file of
+        the shared-memory filesystem (this host's, this namespace's) of at least
+        `min_size` bytes.  The caller still closes `fd` (the mapping keeps its
+        own reference).
+        """
+        try:
+            status = os.fstat(fd)
+            shm_dev = os.stat(SHM_DIR).st_dev
+        except OSError as exc:
+            raise ConfigError(f"cannot inspect the descriptor of shared memory {name!r}: {exc}") from exc
+        if not stat.S_ISREG(status.st_mode) or status.st_dev != shm_dev:
+            raise ConfigError(f"the descriptor sent for {name!r} is not a shared-memory segment "
+                              f"of this host's {SHM_DIR}")
+        if status.st_size < min_size:
+            raise ConfigError(f"shared memory {name!r} has {status.st_size} bytes, {min_size} expected")
+        try:
+            mapping = mmap.mmap(fd, status.st_size, flags=mmap.MAP_SHARED)
+        except OSError as exc:
+            raise ConfigError(f"cannot map shared memory {name!r}: {exc}") from exc
+        return cls(name, status.st_size, mapping, owner=False, inode=(status.st_dev, status.st_ino),
+                   fd=os.dup(fd))
+
+    def fileno(self) -> int:
+        """The open descriptor of a segment this process created or was handed
+        (LocalProtocolError for one attached by name, or closed)."""
+        if self._fd < 0:
+            raise LocalProtocolError(f"shared memory {self.name!r} has no descriptor open here")
+        return self._fd
+
+    def adopt(self) -> None:
+        """Become the owner: unlink is ours to do, and the resource tracker
+        removes the segment should this process die first.  Idempotent."""
+        if self.owner:
+            return
+        self.owner = True
+        self._unlinked = False
+        _register("/" + self.name)
+
+    def disown(self) -> None:
+        """Stop being the owner (another process owns it now): never unlink, and
+        take the segment off this process's resource tracker, so exiting removes
+        nothing.  Idempotent."""
+        if not self.owner:
+            return
+        self.owner = False
+        _unregister("/" + self.name)
+
     def close(self) -> None:
         """Unmap now, or when the last view still in use is released.  Idempotent.
 
@@ -233,6 +333,9 @@ class Segment:
         closing must not mask that job's error.  Dropping our references lets
         the mapping go with the last view.
         """
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
         if self._mmap is None:
             return
         mapping, self._mmap = self._mmap, None
@@ -251,10 +354,15 @@ class Segment:
         self._unlinked = True
         path = "/" + self.name
         try:
-            _posixshmem.shm_unlink(path)
+            if self.inode is None or self._names_this_file():
+                _posixshmem.shm_unlink(path)
         except FileNotFoundError:
             pass
-        resource_tracker.unregister(path, _TRACKER_TYPE)
+        _unregister(path)
+
+    def _names_this_file(self) -> bool:
+        status = os.stat(os.path.join(SHM_DIR, self.name))
+        return (status.st_dev, status.st_ino) == self.inode
 
     def __repr__(self) -> str:
         role = "owner" if self.owner else "attached"
@@ -438,6 +546,46 @@ class GuestRAM:
             raise
         return cls(attached, owner=False)
 
+    @classmethod
+    def from_fds(cls, layout: Iterable[tuple[str, int]], segments: Iterable[str],
+                 fds: Iterable[int]) -> GuestRAM:
+        """Map RAM handed over by another process as open descriptors (same-host
+        migration): block ``(name, size)`` i lives in the segment open on fd i,
+        which the sender calls ``segments[i]``.  Neither owned nor registered
+        until :meth:`adopt`.  The caller closes the descriptors.  Raises ConfigError
+        (counts differ, a descriptor that is not a big enough segment).
+        """
+        blocks, names, descriptors = list(layout), list(segments), list(fds)
+        if not len(blocks) == len(names) == len(descriptors):
+            raise ConfigError(f"{len(descriptors)} descriptors and {len(names)} segment names "
+                              f"for {len(blocks)} RAM blocks")
+        mapped: list[RamBlock] = []
+        try:
+            for index, ((name, size), segment_name, fd) in enumerate(zip(blocks, names, descriptors)):
+                segment = Segment.from_fd(fd, segment_name, size + size // PAGE_SIZE)
+                mapped.append(RamBlock(index, name, size, segment))
+        except BaseException:
+            for block in mapped:
+                block._release()
+                block.segment.close()
+            raise
+        return cls(mapped, owner=False)
+
+    def adopt(self) -> None:
+        """Take ownership of RAM another process created (and gave up with :meth:`disown`):
+        from now on this process unlinks it.  Idempotent."""
+        for block in self.blocks:
+            block.segment.adopt()
+        self.owner = True
+
+    def disown(self) -> None:
+        """Give up ownership (another process has adopted the RAM): :meth:`unlink`
+        and the context manager's exit no longer remove it, nor does this
+        process's exit.  Idempotent."""
+        self.owner = False
+        for block in self.blocks:
+            block.segment.disown()
+
     @property
     def handle(self) -> RamHandle:
         return RamHandle(tuple(BlockHandle(b.name, b.size, b.segment.name) for b in self.blocks))
@@ -476,6 +624,8 @@ class GuestRAM:
 
     def unlink(self) -> None:
         """Remove every block's segment (owner only; idempotent)."""
+        if not self.owner:
+            raise LocalProtocolError("only the owner may unlink guest RAM (this process does not own it)")
         for block in self.blocks:
             block.segment.unlink()
 

@@ -68,6 +68,9 @@ def _check_config(config: MigrationConfig) -> MigrationConfig:
     if config.compression != "none":
         raise ConfigError("a snapshot keeps every page at a fixed place, uncompressed: "
                           "compression is for the wire (use compression='none')")
+    if config.local:
+        raise ConfigError("local mode hands guest RAM to a destination process on this host; "
+                          "a snapshot writes the pages to a file (use local=False)")
     return config
 
 
@@ -316,6 +319,7 @@ class SnapshotSave(SavingOperation):
 
     def _run(self) -> MigrationResult:
         t_start, t_setup, client, expected_s = self._until_switchover(self.live)
+        assert client is not None  # a snapshot writes every page
         t_pause = self._pause()
         self._final_round(client)
         t_durable = time.perf_counter()

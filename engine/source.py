@@ -18,6 +18,11 @@
                the barrier) → END on every channel → COMPLETE (→ DIGESTS if verifying)
     commit     ← PREPARED (the destination has it all, its guest has not run) →
                COMMIT: from here the destination owns the VM → ← RESUMED
+    local      (``config.local``, unix:// only) no rounds: pause → SWITCHOVER →
+               RAM_HANDOVER with the RAM's descriptors (SCM_RIGHTS) → devices → END
+               → COMPLETE → ← PREPARED → disown the RAM, COMMIT → ← RESUMED; a
+               COMMIT that cannot be sent, or a destination that did not commit,
+               gives the RAM back to this side with its guest
     teardown   always; a failure before COMMIT (or an ABORT from a destination that
                did not commit) resumes the guest, running and intact; a failure after
                COMMIT without an answer keeps it paused: OutcomeUnknownError, settle()
@@ -35,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
+from urllib.parse import urlsplit
 
 from engine import codecs
 from engine.channel import ChannelSpec, run_send_channel
@@ -49,13 +55,14 @@ from engine.errors import (
     OutcomeUnknownError,
     RemoteProtocolError,
     TransportBrokenError,
+    TransportError,
 )
 from engine.migration import Migration
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
 from engine.pool import WorkerPool
 from engine.saving import RAM_CLIENT, SavingOperation
-from engine.shm import PAGE_SIZE, GuestRAM
+from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult
 from engine.sync import MigrationEvent, MigrationState, Signal
@@ -110,6 +117,13 @@ class SourceMigration(SavingOperation, Migration):
         payloads: Sequence[SwitchoverSaver] = (),
     ) -> None:
         self.payloads = list(payloads)
+        if config is not None and config.local:
+            if urlsplit(to).scheme != "unix":
+                raise ConfigError(f"local mode hands the RAM over a unix socket on this host: "
+                                  f"use a unix:///PATH address, not {to!r}")
+            if not ram.owner:  # its owner would unlink it under the destination
+                raise ConfigError("local mode hands the RAM's ownership over: this process must own "
+                                  "it (created or adopted here, not attached)")
         super().__init__(ram, config or MigrationConfig(), secret=secret, pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
@@ -149,11 +163,14 @@ class SourceMigration(SavingOperation, Migration):
             expected_downtime_ms=expected_downtime_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
-            extra={"destination_running": resumed.running},
+            extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {})},
         )
 
     def _result_extra(self) -> dict[str, Any]:
         return {**super()._result_extra(), **self._throttle_extra()}
+
+    def _sends_pages(self) -> bool:
+        return not self.config.local
 
     def settle(self, destination_runs: bool) -> None:
         """Settle an OutcomeUnknownError once the VMM has asked the destination.
@@ -227,7 +244,8 @@ class SourceMigration(SavingOperation, Migration):
             ))
             data.settimeout(None)
         spec = ChannelSpec(
-            channel_id=0, ram=self.ram.handle,
+            # Local mode: the channels carry device state only, so they map no RAM.
+            channel_id=0, ram=RamHandle(()) if cfg.local else self.ram.handle,
             slots=slots.handle, packet_pages=cfg.packet_pages,
             codec=cfg.compression, codec_level=cfg.compression_level,
             zero_page_detection=cfg.zero_page_detection,
@@ -253,7 +271,7 @@ class SourceMigration(SavingOperation, Migration):
             self._device_saver()
 
     def _switchover(
-        self, client: PrecopyClient
+        self, client: PrecopyClient | None
     ) -> tuple[wire.Resumed, float, float, float, float]:
         """Pause, last round, END, COMPLETE, (DIGESTS), ← PREPARED, COMMIT, ← RESUMED.
 
@@ -264,11 +282,14 @@ class SourceMigration(SavingOperation, Migration):
         t_pause = self._pause()
         self._send_message(wire.Switchover())
         t_switchover_sent = time.perf_counter()
+        if client is None:  # local mode: the RAM itself, not its pages
+            self._hand_over_ram()
         saver = self._start_device_saves()
         others = self._start_payload_saves()
-        self.tracker.round += 1
-        client.queue_dirty()
-        client.flush()
+        if client is not None:
+            self.tracker.round += 1
+            client.queue_dirty()
+            client.flush()
         if saver is not None:
             done, self.device_reports = saver.wait(self.latch)
             self._send_message(wire.DevicesDone(tuple(done)))
@@ -292,11 +313,42 @@ class SourceMigration(SavingOperation, Migration):
             dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))
         self._wait_answer(self._prepared, "PREPARED")
         # The commit point: once COMMIT is in our socket the destination owns the VM.
-        self._commit(lambda: self._send_message(wire.Commit()))
+        self._commit(self._send_commit)
         self._set_state(MigrationState.COMMITTED)
         resumed = self._wait_answer(self._resumed, "RESUMED")
         assert isinstance(resumed, wire.Resumed)
         return resumed, t_pause, t_switchover_sent, t_complete, verify_ms
+
+    def _hand_over_ram(self) -> None:
+        """Local mode, guest paused: the RAM's descriptors, one per block in CONFIG
+        order, go with RAM_HANDOVER over the main channel (SCM_RIGHTS).  This side
+        still owns the RAM until COMMIT."""
+        assert self._conn is not None
+        segments = [block.segment for block in self.ram.blocks]
+        data = wire.encode_message(wire.RamHandover(tuple(segment.name for segment in segments)))
+        self._conn.send_with_fds(data, [segment.fileno() for segment in segments])
+        self._count_main(len(data))
+
+    def _send_commit(self) -> None:
+        """COMMIT.  In local mode the RAM is given up first, so that the
+        destination, which adopts it on reading COMMIT, is its only owner from
+        then on (one resource tracker shared by both processes sees the
+        unregister before the register); if the send fails, it is taken back."""
+        if self.config.local:
+            self.ram.disown()
+        try:
+            self._send_message(wire.Commit())
+        except TransportError:
+            if self.config.local:
+                self.ram.adopt()  # not committed: the RAM and its guest stay here
+            raise
+
+    def _resume_after(self, error: BaseException) -> BaseException:
+        # Local mode: a guest that resumes here takes its RAM back (it was given
+        # up with COMMIT, and the destination did not commit after all).
+        if self.config.local and not self.ram.owner:
+            self.ram.adopt()
+        return super()._resume_after(error)
 
     def _wait_answer(self, answer: Signal, what: str) -> object:
         """The destination's `what`, within stall_timeout_s (else TransportBrokenError)."""
@@ -321,6 +373,7 @@ class SourceMigration(SavingOperation, Migration):
             blocks=tuple(wire.BlockSpec(name, size) for name, size in self.ram.layout),
             devices=tuple(wire.DeviceSpec(device.idstr, device.instance_id, is_iterative(device),
                                           wants_switchover_ack(device)) for device in self.devices),
+            local=cfg.local,
         )
 
     def _device_table(self) -> tuple[tuple[str, int], ...]:

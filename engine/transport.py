@@ -125,6 +125,33 @@ class Connection:
         except OSError as exc:
             raise _broken(exc, f"receive from {self.peer}") from exc
 
+    def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Write all of `data`, its first byte carrying `fds` (SCM_RIGHTS: the
+        receiver gets its own descriptors of the same open files).  Unix sockets
+        only; the descriptors stay open here."""
+        if self.sock.family != socket.AF_UNIX:
+            raise ConfigError(f"descriptors can only be passed over a unix socket, not to {self.peer}")
+        try:
+            sent = socket.send_fds(self.sock, [data], list(fds))
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        except OSError as exc:
+            raise _broken(exc, f"send to {self.peer}") from exc
+
+    def recv_some_with_fds(self, max_fds: int, max_bytes: int = 65536) -> tuple[bytes, list[int]]:
+        """:meth:`recv_some`, also taking the descriptors that came with those bytes
+        (at most `max_fds`; the caller owns and closes them).  More descriptors
+        than that is a TransportBrokenError (the kernel closed the excess)."""
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.sock, max_bytes, max(1, max_fds))
+        except OSError as exc:
+            raise _broken(exc, f"receive from {self.peer}") from exc
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise TransportBrokenError(f"{self.peer} sent more than {max_fds} descriptors")
+        return data, list(fds)
+
     def readable(self, timeout: float = 0.0) -> bool:
         """True if a read would not block (data, EOF or an error are waiting)."""
         return bool(wait_readable([self.sock], timeout))

@@ -59,9 +59,15 @@ class KvmGuest:
         return cls(KvmMachine(ram, program, start=start, end=end, boot_image=boot_image))
 
     @classmethod
-    def incoming(cls, ram: GuestRAM) -> KvmGuest:
-        """A machine on received RAM; :meth:`start` once its state is loaded."""
+    def incoming(cls, ram: GuestRAM | None = None) -> KvmGuest:
+        """A machine on received RAM; :meth:`start` once its state is loaded.
+        `ram` None: the RAM is handed over later (:meth:`take_ram`, local mode)."""
         return cls(KvmMachine.incoming(ram))
+
+    def take_ram(self, ram: GuestRAM) -> None:
+        """The destination's ``on_ram`` in a same-host migration: the handed-over
+        pages become this incoming machine's memory slots."""
+        self.machine.take_ram(ram)
 
     # ------------------------------------------------------------- control
 

@@ -55,9 +55,10 @@ class KvmMachine:
     program or range), KvmError.  Close it before the RAM.
     """
 
-    def __init__(self, ram: GuestRAM, program: str | None = "boot", *, start: int | None = None,
+    def __init__(self, ram: GuestRAM | None, program: str | None = "boot", *, start: int | None = None,
                  end: int | None = None, boot_image: bytes | None = None) -> None:
-        self.ram = ram
+        if ram is None and program is not None:
+            raise ConfigError("a machine that runs a program needs its RAM now")
         self.program = program
         self.loop_range: tuple[int, int] | None = None
         self.com1 = Serial()
@@ -78,9 +79,21 @@ class KvmMachine:
         self.device = VcpuDevice(self)
 
     @classmethod
-    def incoming(cls, ram: GuestRAM) -> KvmMachine:
-        """A machine on received RAM, waiting for its state (through :attr:`device`)."""
+    def incoming(cls, ram: GuestRAM | None = None) -> KvmMachine:
+        """A machine on received RAM, waiting for its state (through :attr:`device`).
+        `ram` None: the RAM comes later, handed over (:meth:`take_ram`)."""
         return cls(ram, None)
+
+    @property
+    def ram(self) -> GuestRAM:
+        """The guest's RAM (ConfigError before an incoming machine has it)."""
+        return self.vm.ram
+
+    def take_ram(self, ram: GuestRAM) -> None:
+        """An incoming machine built without RAM takes `ram` as its memory slots:
+        the destination's ``on_ram`` in a same-host migration (the source's own
+        pages, handed over), before its state loads or it starts.  ConfigError, KvmError."""
+        self.vm.add_ram(ram)
 
     @classmethod
     def restore(cls, ram: GuestRAM, state: bytes) -> KvmMachine:

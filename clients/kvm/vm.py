@@ -60,20 +60,27 @@ class _Slot:
         return ctypes.addressof(self.export)
 
 
+def _check_size(ram: GuestRAM) -> None:
+    if ram.size < MIN_RAM:
+        raise ConfigError(f"a KVM guest needs at least {MIN_RAM >> 20} MiB of RAM, "
+                          f"not {ram.size >> 20} MiB")
+
+
 class Vm:
     """A KVM VM over every block of `ram` (guest physical 0 upwards).
 
+    `ram` None builds a VM without memory yet, for RAM that arrives later
+    (:meth:`add_ram`: a same-host migration hands the source's pages over).
     Raises ConfigError when /dev/kvm is missing or inaccessible, or the RAM is
     smaller than :data:`MIN_RAM`; KvmError when KVM refuses a step.  Close it
     (or use it as a context manager) before closing the RAM.  Not thread-safe
     except :meth:`dirty_pages`, which may run while the vCPU runs.
     """
 
-    def __init__(self, ram: GuestRAM, *, kvm_path: str = "/dev/kvm") -> None:
-        if ram.size < MIN_RAM:
-            raise ConfigError(f"a KVM guest needs at least {MIN_RAM >> 20} MiB of RAM, "
-                              f"not {ram.size >> 20} MiB")
-        self.ram = ram
+    def __init__(self, ram: GuestRAM | None, *, kvm_path: str = "/dev/kvm") -> None:
+        if ram is not None:
+            _check_size(ram)
+        self._ram: GuestRAM | None = None
         self._slots: list[_Slot] = []
         self._by_block: dict[int, _Slot] = {}
         self.kvm_fd = -1
@@ -91,11 +98,30 @@ class Vm:
             enable = kvm.kvm_enable_cap(cap=kvm.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
             enable.args[0] = kvm.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
             ioctl(self.fd, kvm.KVM_ENABLE_CAP, enable)
-            address = 0
-            for block in ram.blocks:
-                self._add_slot(block, address)
-                address += block.size
+            if ram is not None:
+                self.add_ram(ram)
             undo.pop_all()
+
+    @property
+    def ram(self) -> GuestRAM:
+        """The guest's RAM (ConfigError for a VM whose memory has not arrived)."""
+        if self._ram is None:
+            raise ConfigError("this VM has no memory yet: it waits for add_ram()")
+        return self._ram
+
+    def add_ram(self, ram: GuestRAM) -> None:
+        """Make every block of `ram` a memory slot, guest physical 0 upwards: at
+        construction, or once for a VM built without memory (the pages another
+        VMM handed over, in a same-host migration).  Raises ConfigError (memory
+        there already, RAM too small), KvmError."""
+        if self._ram is not None:
+            raise ConfigError("this VM has its memory already")
+        _check_size(ram)
+        self._ram = ram
+        address = 0
+        for block in ram.blocks:
+            self._add_slot(block, address)
+            address += block.size
 
     def _add_slot(self, block: RamBlock, guest_phys_addr: int) -> None:
         slot = _Slot(len(self._slots), block, guest_phys_addr)

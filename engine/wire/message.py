@@ -80,11 +80,13 @@ class MessageType(enum.IntEnum):
     COMMIT = 14
     LIVE_ROUND = 15
     DEVICES_LOADED = 16
+    RAM_HANDOVER = 17
 
 
 class ConfigFlags(enum.IntFlag):
     ZERO_PAGE_DETECTION = 1
     DEVICE_FLAGS = 2  # a flags byte per device follows the device list
+    LOCAL = 4  # same-host mode: the RAM is handed over (RAM_HANDOVER), no page is sent
 
 
 class DeviceSpecFlags(enum.IntFlag):
@@ -118,7 +120,8 @@ class Verification(enum.IntEnum):
 
 
 # A plain int: ~ of an IntFlag keeps only the defined bits, which would hide unknown ones.
-_CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION | ConfigFlags.DEVICE_FLAGS)
+_CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION | ConfigFlags.DEVICE_FLAGS
+                           | ConfigFlags.LOCAL)
 _DEVICE_SPEC_FLAGS: Final = int(DeviceSpecFlags.ITERATIVE | DeviceSpecFlags.SWITCHOVER_ACK)
 _LIVE_ROUND_FLAGS: Final = int(LiveRoundFlags.ACK_WANTED)
 _LOADED_FLAGS: Final = int(LoadedFlags.SWITCHOVER_ACK)
@@ -210,6 +213,7 @@ class Config:
     codec_level: int
     blocks: tuple[BlockSpec, ...]
     devices: tuple[DeviceSpec, ...] = ()
+    local: bool = False  # same-host mode (flag LOCAL): RAM_HANDOVER instead of pages
 
     @property
     def block_pages(self) -> tuple[int, ...]:
@@ -322,6 +326,16 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class RamHandover:
+    """RAM_HANDOVER (local mode): the guest is paused and its RAM comes with this
+    message as one open descriptor per CONFIG block (SCM_RIGHTS, in block order);
+    ``segments`` are the names the source knows them by (the destination unlinks
+    by name once it owns them, and only while the name still is that file)."""
+
+    segments: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Resumed:
     """RESUMED: the destination committed; downtime (SWITCHOVER → resume), verification
     result, and whether the guest runs (``running`` 0: held paused for the VMM)."""
@@ -356,6 +370,7 @@ class Pong:
 Message: TypeAlias = (
     Config | ConfigAck | ChannelsReady | SyncMarker | Switchover | Complete | Digests
     | DevicesDone | Prepared | Commit | Resumed | Abort | Ping | Pong | LiveRound | DevicesLoaded
+    | RamHandover
 )
 
 
@@ -439,7 +454,8 @@ def _encode_config(config: Config) -> bytes:
     problem = _config_problem(config)
     if problem is not None:
         raise LocalProtocolError(f"invalid CONFIG: {problem}")
-    flags = ConfigFlags.ZERO_PAGE_DETECTION if config.zero_page_detection else 0
+    flags = (ConfigFlags.ZERO_PAGE_DETECTION if config.zero_page_detection else 0) \
+        | (ConfigFlags.LOCAL if config.local else 0)
     device_flags = [device.flags for device in config.devices]
     if any(device_flags):  # only then: a CONFIG without iterative devices reads as before
         flags |= ConfigFlags.DEVICE_FLAGS
@@ -497,6 +513,16 @@ def _encode_devices_loaded(loaded: DevicesLoaded) -> bytes:
         _DEVICE_LOADED.pack(d.chunks, d.size, d.load_us) for d in loaded.devices)
 
 
+def _encode_ram_handover(handover: RamHandover) -> bytes:
+    if not 1 <= len(handover.segments) <= MAX_BLOCKS:
+        raise LocalProtocolError(f"RAM_HANDOVER names {len(handover.segments)} segments, "
+                                 f"not 1..{MAX_BLOCKS}")
+    if not all(1 <= _utf8_length(name) <= _STRING1_MAX for name in handover.segments):
+        raise LocalProtocolError("a RAM_HANDOVER segment name must be 1..255 UTF-8 bytes")
+    return _U16.pack(len(handover.segments)) + b"".join(
+        _string(name, _U8) for name in handover.segments)
+
+
 def _encode_resumed(resumed: Resumed) -> bytes:
     if resumed.verified not in _VERIFICATIONS:
         raise LocalProtocolError(f"RESUMED verified {resumed.verified} is not 0, 1 or 2")
@@ -531,6 +557,7 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
     Pong: (MessageType.PONG, lambda pong: _U64.pack(pong.token)),
     LiveRound: (MessageType.LIVE_ROUND, _encode_live_round),
     DevicesLoaded: (MessageType.DEVICES_LOADED, _encode_devices_loaded),
+    RamHandover: (MessageType.RAM_HANDOVER, _encode_ram_handover),
 }
 
 
@@ -623,7 +650,8 @@ def _decode_config(body: _Reader) -> Config:
                                    bool(f & DeviceSpecFlags.SWITCHOVER_ACK))
                         for d, f in zip(devices, device_flags))
     config = Config(page_size, packet_pages, channel_count,
-                    bool(flags & ConfigFlags.ZERO_PAGE_DETECTION), codec, codec_level, blocks, devices)
+                    bool(flags & ConfigFlags.ZERO_PAGE_DETECTION), codec, codec_level,
+                    blocks, devices, bool(flags & ConfigFlags.LOCAL))
     problem = _config_problem(config)
     if problem is not None:
         raise RemoteProtocolError(f"invalid CONFIG: {problem}")
@@ -682,6 +710,16 @@ def _decode_devices_loaded(body: _Reader) -> DevicesLoaded:
                          bool(flags & LoadedFlags.SWITCHOVER_ACK))
 
 
+def _decode_ram_handover(body: _Reader) -> RamHandover:
+    n_segments = body.number(_U16)
+    if not 1 <= n_segments <= MAX_BLOCKS:
+        raise RemoteProtocolError(f"RAM_HANDOVER n_segments {n_segments} is outside 1..{MAX_BLOCKS}")
+    names = tuple(body.string(_U8, "segment name") for _ in range(n_segments))
+    if not all(names):
+        raise RemoteProtocolError("RAM_HANDOVER names an empty segment")
+    return RamHandover(names)
+
+
 def _decode_resumed(body: _Reader) -> Resumed:
     downtime_us, verify_us, verified, running = body.unpack(_RESUMED)
     if verified not in _VERIFICATIONS:
@@ -720,6 +758,7 @@ _DECODERS: Final[dict[int, _Decoder]] = {
     MessageType.PONG: lambda body: Pong(body.number(_U64)),
     MessageType.LIVE_ROUND: _decode_live_round,
     MessageType.DEVICES_LOADED: _decode_devices_loaded,
+    MessageType.RAM_HANDOVER: _decode_ram_handover,
 }
 
 _STRING1_FIELD: Final = 1 + _STRING1_MAX
@@ -747,6 +786,7 @@ _BODY_SIZES: Final[dict[int, tuple[int, int]]] = {
     MessageType.PONG: (_U64.size, _U64.size),
     MessageType.LIVE_ROUND: (_DEVICE_LIST.size, _DEVICE_LIST.size + MAX_DEVICES * _U32.size),
     MessageType.DEVICES_LOADED: (_DEVICE_LIST.size, _DEVICE_LIST.size + MAX_DEVICES * _DEVICE_LOADED.size),
+    MessageType.RAM_HANDOVER: (_U16.size + 1 + 1, _U16.size + MAX_BLOCKS * _STRING1_FIELD),
 }
 
 class MessageDecoder(StreamBuffer):

@@ -426,8 +426,9 @@ class PacketLimits:
             raise LocalProtocolError(f"page_size must be {PAGE_SIZE}")
         if not 1 <= self.packet_pages <= MAX_PACKET_PAGES:
             raise LocalProtocolError(f"packet_pages must be 1..{MAX_PACKET_PAGES}")
-        if not 1 <= len(self.block_pages) <= MAX_BLOCKS:
-            raise LocalProtocolError(f"there must be 1..{MAX_BLOCKS} blocks")
+        # No block at all: a channel that takes no pages (local mode hands the RAM over).
+        if not 0 <= len(self.block_pages) <= MAX_BLOCKS:
+            raise LocalProtocolError(f"there must be 0..{MAX_BLOCKS} blocks")
         if not all(1 <= pages <= MAX_BLOCK_PAGES for pages in self.block_pages):
             raise LocalProtocolError(f"a block must have 1..{MAX_BLOCK_PAGES} pages")
         if not 0 <= self.codec <= 0xFF:

@@ -129,3 +129,14 @@ def test_qemu_bench(tmp_path: Path) -> None:
     assert [(r["qemu"], r["ours"]) for r in report["ratios"]] == PAIRS
     assert all(r["median"] > 0 for r in report["ratios"])
     assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_local_bench(tmp_path: Path) -> None:
+    out = tmp_path / "local.json"
+    bench("local.py", "--sizes", "8M", "--repeat", "1", "--devices", "1", "--load-ms", "1",
+          "--margin", "0", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert [case["ram_bytes"] for case in report["cases"]] == [8 * MiB]
+    for case in report["cases"]:
+        assert len(case["runs"]["none"]) == len(case["runs"]["devices"]) == 2  # there and back
+        assert case["none"]["pages_sent"] == case["devices"]["pages_sent"] == 0

@@ -357,3 +357,41 @@ def test_inspect_verify_over_channels_finds_damage_in_every_job(tmp_path: Path) 
     assert outputs[0] == outputs[1]
     bad = run("inspect", str(snap), "--verify", "--channels", "0")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "at least 1 channel" in bad.stderr
+
+
+# -- same-host upgrade (--local) ------------------------------------------------
+
+
+def test_demo_local_hands_the_ram_over_and_sends_no_page() -> None:
+    done = run("demo", "--local", "--ram", "16M", "--workload", "incrementer", "--dirty-rate", "16M",
+               "--devices", "1", "--device-state", "64K", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "completed" and summary["local"] is True
+    assert summary["pages_sent"] == 0 and summary["rounds"] == 0
+    assert summary["verified"] is True  # the destination hashed the pages it mapped
+    assert summary["devices_verified"] is True  # the device state went over the channels
+    assert summary["destination"]["local"] is True and summary["destination"]["committed"] is True
+
+
+@pytest.mark.heavy  # the refusal itself is in the default suite (tests/integration/test_local.py)
+def test_a_listener_that_refuses_local_mode_is_one_clear_line(tmp_path: Path) -> None:
+    path = f"unix://{tmp_path}/m.sock"
+    listener = subprocess.Popen([*MULTIFD, "listen", "--address", path, "--refuse-local",
+                                 "--accept-timeout", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    try:
+        assert listener.stdout is not None
+        line = listener.stdout.readline() if wait_readable([listener.stdout], 30) else ""
+        assert line.startswith("LISTENING "), line
+        done = run("migrate", "--local", "--to", path, "--ram", "4M", "--workload", "incrementer",
+                   env={"MULTIFD_SECRET": "s3cret"})
+        listener.communicate(timeout=30)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.communicate()
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert "refused the configuration: local mode" in done.stderr and "not accepted" in done.stderr

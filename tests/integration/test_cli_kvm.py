@@ -50,7 +50,15 @@ def test_live_save_then_restore_in_a_new_process(tmp_path: Path) -> None:
     assert report["ok"] and report["boot_chars"] == 0 and report["invariant"] == ""
 
 
-def test_listen_needs_ram_for_a_kvm_guest() -> None:
-    done = run("listen", "--guest", "kvm", "--address", "tcp://127.0.0.1:0",
-               env={"MULTIFD_SECRET": "s"})
-    assert done.returncode == 1 and "needs --ram" in done.stderr
+@pytest.mark.heavy  # a KVM guest's local move is in the default suite (test_kvm_migration.py)
+def test_demo_local_runs_the_vm_on_the_pages_handed_over() -> None:
+    """--local: the listener is given no --ram; its VM takes the source's own pages
+    as its memory slots, and only the vCPU state travels."""
+    done = run("demo", "--local", *KVM, "--run-after", "0.3", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "completed" and summary["local"] is True
+    assert summary["pages_sent"] == 0 and summary["verified"] is True
+    arrived = summary["destination"]["guest"]
+    assert arrived["ok"] and arrived["ran_on"] and arrived["invariant"] == ""
+    assert arrived["boot_chars"] == 0 and arrived["progress_chars"] >= 1

@@ -339,3 +339,37 @@ def test_throttle_holds_the_vcpu_out_of_kvm_run_for_its_share() -> None:
         assert guest.machine.check_invariant() == ""
         assert rates[90] < rates[0] / 3, rates
         print(f"\npasses/s by throttle: {rates}")
+
+
+# ------------------------------------------------------------- same host
+
+def test_a_running_guest_moves_locally_onto_the_same_pages() -> None:
+    """Local mode: the destination VM registers the source's own pages as its memory
+    slots (on_ram); only the vCPU state travels, and the guest runs on there."""
+    with GuestRAM.create({"pc.ram": RAM}) as src, \
+            KvmGuest.boot(src, "user64", start=START, end=START + LOOP["user64"]) as source, \
+            KvmGuest.incoming() as destination:
+        source.start()
+        wait_until(lambda: source.com1()["progress_chars"] >= 1, "the guest's first pass")
+        config = MigrationConfig(channels=1, local=True, verify=True)
+        incoming = DestinationMigration(address("unix"), secret=SECRET, config=config.for_destination(),
+                                        devices=destination.devices, resume_guest=destination.start,
+                                        on_ram=destination.take_ram)
+        incoming.start()
+        outgoing = SourceMigration(src, incoming.address, secret=SECRET, config=config,
+                                   pause_guest=source.pause, resume_guest=source.resume,
+                                   dirty_source=source.dirty_source, devices=source.devices)
+        result, arrived = outgoing.run(), incoming.wait(20)
+        ram = incoming.ram
+        assert ram is not None and destination.machine.ram is ram and ram.owner and not src.owner
+        try:
+            assert result.pages_sent == 0 and result.rounds == 0 and arrived.extra["local"]
+            assert source.paused and result.extra["destination_running"]
+            frozen = source.com1()["progress_chars"]
+            assert_moved(result, destination)   # ran on, invariant holds, did not boot again
+            assert source.com1()["progress_chars"] == frozen
+        finally:
+            destination.stop()  # the VM lets go of the pages before they close
+            source.stop()
+            ram.close()
+            ram.unlink()

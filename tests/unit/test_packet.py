@@ -41,6 +41,7 @@ from engine.wire.message import (
     Ping,
     Pong,
     Prepared,
+    RamHandover,
     Resumed,
     Switchover,
     SyncMarker,
@@ -505,6 +506,9 @@ SMALL = PacketLimits(4096, packet_pages=4, block_pages=(8,), codec=0)
         pytest.param(ram_pages_body(epoch=2), 4096, LIMITS, "epoch 2 in epoch 1", id="epoch"),
         pytest.param(ram_pages_body(block_index=2), 4096, LIMITS, "block index 2",
                      id="block-index"),
+        # Local mode's channels take no page at all: limits without a block.
+        pytest.param(ram_pages_body(block_index=0), 4096, PacketLimits(4096, 64, ()), "block index 0",
+                     id="no-block-local-mode"),
         pytest.param(ram_pages_body(codec=3), 4096, LIMITS, "codec 3 was not negotiated",
                      id="codec"),
         pytest.param(ram_pages_body(codec=9), 4096, SMALL, "codec 9 was not negotiated",
@@ -639,7 +643,6 @@ def test_encode_sync_end_refuse(sequence: int, epoch: int) -> None:
         {"page_size": 8192},
         {"packet_pages": 0},
         {"packet_pages": 4097},
-        {"block_pages": ()},
         {"block_pages": (0,)},
         {"block_pages": (1,) * 257},
         {"codec": 256},
@@ -795,6 +798,7 @@ MINIMAL_CONFIG = Config(4096, 1, 1, False, "none", 0, (BlockSpec("é", 4096),))
 # ("gpu" iterative and asking for the switchover ack, "nic" not iterative).
 ITERATIVE_CONFIG = Config(4096, 1, 1, False, "none", 0, (BlockSpec("é", 4096),),
                           (DeviceSpec("gpu", 0, True, True), DeviceSpec("nic", 1)))
+LOCAL_CONFIG = Config(4096, 1, 1, True, "none", 0, (BlockSpec("a", 4096),), local=True)
 
 MESSAGE_VECTORS = [
     pytest.param(CONFIG, "0001" "0000" "00000050" + CONFIG_BODY.hex(), id="config"),
@@ -802,6 +806,13 @@ MESSAGE_VECTORS = [
                  "0001" "0000" "00000024" "00001000" "00000001" "0001" "0001" "00000000"
                  "04" "6e6f6e65" "0000" "02" "c3a9" "0000000000001000" "0000",
                  id="config-minimal"),
+    pytest.param(LOCAL_CONFIG,
+                 "0001" "0000" "00000023" "00001000" "00000001" "0001" "0001" "00000005"
+                 "04" "6e6f6e65" "0000" "01" "61" "0000000000001000" "0000",
+                 id="config-local"),
+    pytest.param(RamHandover(("mfd-ab", "é")),
+                 "0011" "0000" "0000000c" "0002" "06" "6d66642d6162" "02" "c3a9",
+                 id="ram-handover"),
     pytest.param(ConfigAck(0, ""), "0002" "0000" "00000004" "0000" "0000", id="config-ack"),
     pytest.param(ConfigAck(1, "no"), "0002" "0000" "00000006" "0001" "0002" "6e6f",
                  id="config-ack-refused"),
@@ -921,7 +932,7 @@ def test_config_body_helper_matches_golden() -> None:
     [
         # header
         pytest.param(message(0, b""), "unknown message type 0", id="type-0"),
-        pytest.param(message(17, b""), "unknown message type 17", id="type-17"),
+        pytest.param(message(18, b""), "unknown message type 18", id="type-18"),
         pytest.param(message(12, h("0002") + bytes(44)), "n_devices 2 disagrees", id="devices-done-short"),
         pytest.param(message(12, h("0001") + bytes(44)), "counts no chunk", id="devices-done-zero"),
         pytest.param(message(3, b"", flags=1), "flags must be 0", id="flags"),
@@ -967,7 +978,7 @@ def test_config_body_helper_matches_golden() -> None:
                      id="channel-count-0"),
         pytest.param(message(1, config_body(channel_count=257)), "channel_count 257",
                      id="channel-count-257"),
-        pytest.param(message(1, config_body(flags=4)), "unknown CONFIG flags", id="flags-4"),
+        pytest.param(message(1, config_body(flags=8)), "unknown CONFIG flags", id="flags-8"),
         pytest.param(message(1, config_body(flags=0x80000001)), "unknown CONFIG flags",
                      id="flags-high"),
         pytest.param(message(1, config_body(codec=b"")), "codec name", id="codec-empty"),
@@ -996,6 +1007,12 @@ def test_config_body_helper_matches_golden() -> None:
         pytest.param(message(1, config_body(n_devices=2)), "truncated", id="missing-device"),
         pytest.param(message(1, config_body() + b"\0"), "1 trailing bytes",
                      id="config-trailing"),
+        # RAM_HANDOVER
+        pytest.param(message(17, h("0000" "0000")), "n_segments 0", id="handover-none"),
+        pytest.param(message(17, h("0101") + bytes(257)), "n_segments 257", id="handover-too-many"),
+        pytest.param(message(17, h("0002" "01" "61")), "truncated", id="handover-missing-name"),
+        pytest.param(message(17, h("0002" "00" "01" "61")), "empty segment", id="handover-empty-name"),
+        pytest.param(message(17, h("0001" "01" "ff")), "not valid utf-8", id="handover-utf-8"),
     ],
 )
 def test_message_refused(wire: bytes, match: str) -> None:

@@ -10,7 +10,9 @@ contract asks.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import time
 from multiprocessing import resource_tracker
 
 import numpy as np
@@ -467,3 +469,171 @@ def test_segment_create_invalid_size_raises_config_error(size: int) -> None:
 def test_segment_attach_missing_name_raises_config_error() -> None:
     with pytest.raises(ConfigError):
         Segment.attach("mfd-test-no-such-segment")
+
+
+# ---------------------------------------------------------------------------
+# Ownership that moves: descriptors, adopt and disown (same-host migration)
+
+
+def _private_tracker() -> None:
+    """In a spawned child: forget the parent's resource tracker, so this process
+    gets its own (started on first use) and behaves like an independent VMM."""
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is not None:
+        os.close(tracker._fd)
+    tracker._fd = None
+    tracker._pid = None
+
+
+def _run_child(target: object, *args: object) -> int | None:
+    child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    child.start()
+    child.join(30)
+    exitcode = child.exitcode
+    if exitcode is None:
+        child.kill()
+        child.join()
+    child.close()
+    return exitcode
+
+
+def test_ram_from_descriptors_maps_the_same_pages_and_owns_nothing(ram: GuestRAM) -> None:
+    before = shm_segments()
+    fds = [block.segment.fileno() for block in ram.blocks]
+    other = GuestRAM.from_fds(ram.layout, [b.segment.name for b in ram.blocks], fds)
+    try:
+        assert not other.owner and other.layout == ram.layout
+        ram.block("main").page_view(7)[:5] = b"guest"
+        assert bytes(other.block("main").page_view(7)[:5]) == b"guest"
+        other.block("vga").dirty.mark(2)
+        assert ram.block("vga").dirty.take().tolist() == [2]
+        with pytest.raises(LocalProtocolError):
+            other.unlink()
+    finally:
+        other.close()
+    assert shm_segments() == before  # closing the mapped copy removed nothing
+    assert bytes(ram.block("main").page_view(7)[:5]) == b"guest"
+
+
+def test_from_descriptors_refuses_what_is_not_a_big_enough_segment(ram: GuestRAM, tmp_path) -> None:
+    fds = [block.segment.fileno() for block in ram.blocks]
+    with pytest.raises(ConfigError, match="2 descriptors and 1 segment names for 2 RAM blocks"):
+        GuestRAM.from_fds(ram.layout, ["a"], fds)
+    with pytest.raises(ConfigError, match="bytes,"):  # the layout says more than the segment holds
+        GuestRAM.from_fds([("main", 128 * PAGE_SIZE), ("vga", 4 * PAGE_SIZE)], ["a", "b"], fds)
+    with open(tmp_path / "not-shm", "wb+") as f:  # a regular file, but not of /dev/shm
+        f.truncate(1 << 20)
+        with pytest.raises(ConfigError, match="not a shared-memory segment"):
+            GuestRAM.from_fds([("main", PAGE_SIZE)], ["x"], [f.fileno()])
+
+
+def test_disowned_ram_is_never_unlinked_by_its_former_owner() -> None:
+    before = shm_segments()
+    source = GuestRAM.create({"main": 8 * PAGE_SIZE})
+    destination = GuestRAM.from_fds(source.layout, [source.blocks[0].segment.name],
+                                    [source.blocks[0].segment.fileno()])
+    source.disown()
+    destination.adopt()
+    with source:  # the context manager's exit only closes a RAM it does not own
+        pass
+    with pytest.raises(LocalProtocolError):
+        source.unlink()
+    assert shm_segments() - before == {destination.blocks[0].segment.name}
+    destination.close()
+    destination.unlink()
+    assert shm_segments() == before
+
+
+def test_adopter_unlinks_only_the_file_it_was_handed() -> None:
+    before = shm_segments()
+    source = GuestRAM.create({"main": 8 * PAGE_SIZE})
+    segment = source.blocks[0].segment
+    destination = GuestRAM.from_fds(source.layout, [segment.name], [segment.fileno()])
+    source.close()
+    source.unlink()
+    # Someone else creates a segment under the same name: it is not ours to remove.
+    impostor = Segment.create(PAGE_SIZE, name=segment.name)
+    try:
+        destination.adopt()
+        destination.close()
+        destination.unlink()
+        assert impostor.name in shm_segments()
+    finally:
+        impostor.close()
+        impostor.unlink()
+    assert shm_segments() == before
+
+
+def _create_disown_exit(names: multiprocessing.connection.Connection) -> None:
+    _private_tracker()
+    ram = GuestRAM.create({"main": 4 * PAGE_SIZE})
+    ram.block("main").page_view(1)[:4] = b"kept"
+    names.send(ram.handle)
+    ram.disown()
+    ram.close()  # exit: its tracker must not unlink what it no longer owns
+
+
+def test_a_process_that_disowned_its_ram_exits_without_removing_it() -> None:
+    before = shm_segments()
+    parent, child = multiprocessing.Pipe()
+    assert _run_child(_create_disown_exit, child) == 0
+    handle = parent.recv()
+    parent.close()
+    child.close()
+    ram = GuestRAM.attach(handle)  # still there after the creator exited
+    try:
+        assert bytes(ram.block("main").page_view(1)[:4]) == b"kept"
+    finally:
+        ram.adopt()  # ours now, to clean up
+        ram.close()
+        ram.unlink()
+    assert shm_segments() == before
+
+
+def _adopt_and_die(sock: object, order: str) -> None:
+    """Take the RAM sent over `sock` and own it; exit without unlinking (a crash):
+    this process's tracker must remove it.  `order` "twice" first adopts a
+    second mapping of the same segments and disowns it, in the given order."""
+    import socket
+    _private_tracker()
+    assert isinstance(sock, socket.socket)
+    _, fds, _, _ = socket.recv_fds(sock, 1024, 8)
+    layout = [("main", 4 * PAGE_SIZE)]
+    names = sock.recv(1024).decode().split(",")
+    ram = GuestRAM.from_fds(layout, names, fds)
+    if order == "adopt-then-disown":
+        second = GuestRAM.from_fds(layout, names, fds)
+        ram.adopt()
+        second.adopt()
+        second.disown()
+    elif order == "disown-then-adopt":
+        second = GuestRAM.from_fds(layout, names, fds)
+        second.adopt()
+        second.disown()
+        ram.adopt()
+    else:
+        ram.adopt()
+    os._exit(0)  # no cleanup at all: the tracker is what removes it
+
+
+@pytest.mark.parametrize("order", ["once", "adopt-then-disown", "disown-then-adopt"])
+def test_the_adopter_s_resource_tracker_removes_the_ram_when_it_dies(order: str) -> None:
+    import socket
+    before = shm_segments()
+    ram = GuestRAM.create({"main": 4 * PAGE_SIZE})
+    name = ram.blocks[0].segment.name
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        socket.send_fds(ours, [b"x"], [ram.blocks[0].segment.fileno()])
+        ours.sendall(name.encode())
+        ram.disown()  # as a source does at COMMIT
+        assert _run_child(_adopt_and_die, theirs, order) == 0
+        deadline = time.monotonic() + 10
+        while name in shm_segments() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the tracker notices its process ended, then unlinks
+        assert name not in shm_segments()
+    finally:
+        ours.close()
+        theirs.close()
+        ram.close()
+    assert shm_segments() == before
