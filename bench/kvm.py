@@ -15,6 +15,11 @@ the multifd channels) and starts it.  Cases, each ``--repeat`` times:
   faster ramp (50 %, +20 %) (``--no-capped-steps``: without these two), and
   (``--capped-off-rounds`` > 0) off with ``on_max_rounds="fail"``.
 
+``--warm``: both VMMs keep their channel processes in a pool across migrations
+(engine/operation.py's shared pool), the destination one process for all runs,
+after one untimed migration: setup then spawns nothing, so on a loaded host the
+totals measure the migration rather than process start-up.
+
 Downtime is the source's (pause → the destination's resume, the destination's
 share measured there); the vCPU state's share of it is its save time (source,
 guest paused) plus its load time (destination), over the downtime.  After
@@ -31,6 +36,7 @@ run converges within 10 s with auto-converge.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -46,6 +52,7 @@ from clients.kvm.guest import KvmGuest  # noqa: E402
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.errors import ConvergenceError  # noqa: E402
+from engine.pool import WorkerPool  # noqa: E402
 from engine.shm import RamHandle  # noqa: E402
 
 SECRET = b"bench-kvm"
@@ -53,35 +60,72 @@ START = 1 << 20
 CAP = 125e6  # 1 Gbit/s
 
 
-def _destination(handle: RamHandle, config: MigrationConfig, run_after: float, pipe: Connection) -> None:
-    """The destination VMM: a VM on the received RAM, started at resume, checked after."""
+def _destination(handle: RamHandle, workers: int, pipe: Connection) -> None:
+    """The destination VMM: for each (config, run_after) received, a VM on the
+    received RAM, started at resume, checked after.  `workers` 0: one migration,
+    channels spawned for it; else a warm pool of that many, migrations until None."""
     ram = GuestRAM.attach(handle)
     try:
-        with KvmGuest.incoming(ram) as guest:
-            destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=ram,
-                                               config=config.for_destination(), devices=guest.devices,
-                                               resume_guest=guest.start)
-            pipe.send(destination.address)
-            result = destination.run().to_dict()
-            result["guest"] = guest.after(run_after)
-            pipe.send(result)
-    except BaseException as exc:
-        pipe.send({"error": repr(exc)})
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(WorkerPool("process", workers, name="bench-kvm-dst")) \
+                if workers else None
+            while (job := pipe.recv()) is not None:
+                config, run_after = job
+                try:
+                    with KvmGuest.incoming(ram) as guest:
+                        destination = DestinationMigration(
+                            "tcp://127.0.0.1:0", secret=SECRET, ram=ram, pool=pool,
+                            config=config.for_destination(), devices=guest.devices,
+                            resume_guest=guest.start)
+                        pipe.send(destination.address)
+                        result = destination.run().to_dict()
+                        result["guest"] = guest.after(run_after)
+                        pipe.send(result)
+                except Exception as exc:
+                    pipe.send({"error": repr(exc)})
+                if not workers:
+                    break
     finally:
         ram.close()
         pipe.close()
 
 
+class WarmVmms:
+    """Warm VMMs (``--warm``): a process pool for the source's channels and a
+    destination process with its own, both kept across migrations, as a VMM
+    keeps them; setup then spawns nothing."""
+
+    def __init__(self, dst: GuestRAM, workers: int) -> None:
+        self.pool = WorkerPool("process", workers, name="bench-kvm-src")
+        self.pipe, theirs = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_destination, args=(dst.handle, workers, theirs))
+        self.process.start()
+        theirs.close()
+
+    def close(self) -> None:
+        self.pipe.send(None)
+        self.process.join(60)
+        self.pipe.close()
+        self.pool.shutdown(wait=True)
+
+
 def migrate_once(src: GuestRAM, dst: GuestRAM, loop: int, config: MigrationConfig,
-                 run_after: float) -> dict[str, Any]:
-    """Boot a fresh guest on `src`, let it run, migrate it into a destination process."""
+                 run_after: float, warm: WarmVmms | None = None) -> dict[str, Any]:
+    """Boot a fresh guest on `src`, let it run, migrate it into a destination process
+    (a new one, or `warm`'s)."""
     for block in src.blocks:  # a fresh guest: its loop starts from equal first bytes
         block.pages[:] = bytes(block.size)
-    ours, theirs = multiprocessing.Pipe()
-    process = multiprocessing.get_context("spawn").Process(
-        target=_destination, args=(dst.handle, config, run_after, theirs))
-    process.start()
-    theirs.close()
+    process: multiprocessing.process.BaseProcess | None = None
+    if warm is None:
+        ours, theirs = multiprocessing.Pipe()
+        process = multiprocessing.get_context("spawn").Process(
+            target=_destination, args=(dst.handle, 0, theirs))
+        process.start()
+        theirs.close()
+    else:
+        ours = warm.pipe
+    ours.send((config, run_after))
     try:
         with KvmGuest.boot(src, "user64", start=START, end=START + loop) as guest:
             guest.start()
@@ -90,6 +134,7 @@ def migrate_once(src: GuestRAM, dst: GuestRAM, loop: int, config: MigrationConfi
             if isinstance(address, dict):
                 raise RuntimeError(f"destination failed: {address['error']}")
             source = SourceMigration(src, address, secret=SECRET, config=config,
+                                     pool=warm.pool if warm is not None else None,
                                      pause_guest=guest.pause, resume_guest=guest.resume,
                                      throttle_guest=guest.throttle, dirty_source=guest.dirty_source,
                                      devices=guest.devices)
@@ -97,13 +142,15 @@ def migrate_once(src: GuestRAM, dst: GuestRAM, loop: int, config: MigrationConfi
             try:
                 result = source.run()
             except ConvergenceError as exc:
+                ours.recv()  # the destination's answer: the migration failed there too
                 return {"converged": False, "total_s": time.perf_counter() - began,
                         "rounds": source.tracker.round if source.tracker else 0,
                         "throttle_steps": source.throttle_steps, "error": str(exc)}
             remote = ours.recv()
     finally:
-        process.join(60)
-        ours.close()
+        if process is not None:
+            process.join(60)
+            ours.close()
     if "error" in remote:
         raise RuntimeError(f"destination failed: {remote['error']}")
     vcpu = result.extra["devices"][0]
@@ -144,6 +191,9 @@ def main() -> int:
                         help="uncapped cases: the auto-converge policies to run (rate)")
     parser.add_argument("--no-auto-converge", action="store_true",
                         help="uncapped cases without auto-converge")
+    parser.add_argument("--warm", action="store_true",
+                        help="warm VMMs: channel pools kept across migrations on both sides "
+                             "(after one untimed migration), so setup spawns nothing")
     parser.add_argument("--run-after", type=float, default=0.3)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", default="bench/results/kvm.json")
@@ -167,11 +217,17 @@ def main() -> int:
             auto_converge=False, max_rounds=args.capped_off_rounds, on_max_rounds="fail")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
     with GuestRAM.create({"pc.ram": args.ram}) as src, \
-            GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst:
+            GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst, \
+            contextlib.ExitStack() as stack:
+        warm = None
+        if args.warm:
+            warm = WarmVmms(dst, max(config.channels for config in cases.values()))
+            stack.callback(warm.close)
+            migrate_once(src, dst, args.loop, base, args.run_after, warm)  # imports, untimed
         for rep in range(args.repeat):
             names = list(cases) if rep % 2 == 0 else list(cases)[::-1]  # share the drifts
             for name in names:
-                runs[name].append(migrate_once(src, dst, args.loop, cases[name], args.run_after))
+                runs[name].append(migrate_once(src, dst, args.loop, cases[name], args.run_after, warm))
                 last = runs[name][-1]
                 print(f"  {name} run {rep + 1}: {last['total_s']:.2f} s, {last['rounds']} rounds"
                       + (f", downtime {last['downtime_ms']:.1f} ms" if last["converged"] else
@@ -181,10 +237,11 @@ def main() -> int:
                          if last.get("guest_dirty_pages_per_s") else ""), flush=True)
 
     print(f"{args.ram >> 20} MiB KVM guest, user64 loop over {args.loop >> 20} MiB, "
-          f"{args.repeat} runs, medians")
+          f"{args.repeat} runs, medians" + (", warm VMMs" if args.warm else ""))
     print(f"{'case':>30} {'total s':>8} {'- setup':>8} {'rounds':>7} {'downtime ms':>12} {'vCPU ms':>8} "
           f"{'vCPU share':>11} {'throttle':>9} {'guest ok':>9} {'k pages/s':>10}")
     report: dict[str, Any] = {"ram_bytes": args.ram, "loop_bytes": args.loop, "repeat": args.repeat,
+                              "warm": args.warm,
                               "downtime_limit_ms": args.downtime_limit, "cap_bytes_per_s": CAP,
                               "cpus": os.cpu_count(), "cases": []}
     for name, case_runs in runs.items():
