@@ -20,6 +20,7 @@ never leave it.  With one channel and no pool the jobs run here, in order
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -155,8 +156,9 @@ def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob], page_size: int,
             return answers
         damaged, error = in_flight.popleft().result()  # a job is bounded work, or its worker dies
         if error is not None:
-            for future in in_flight:
-                future.result()  # let the jobs sent finish: the pool may be the VMM's
+            for future in in_flight:  # let the jobs sent finish: the pool may be the VMM's
+                with contextlib.suppress(Exception):  # the first error is the one to tell
+                    future.result()
             raise error
         answers.append(damaged)
 

@@ -198,6 +198,22 @@ MUTANTS: tuple[Mutant, ...] = (
          "            if False:  # MUTANT: self._committed\n"
          '                log.info("%s: cancel refused'),
     ),
+    mutant(
+        "restore-finish-skips-pending-checks",
+        "a restore channel checking beside its reads answers FINISH with checks in flight",
+        ("engine/channel.py",
+         "    def _finish(self) -> None:\n"
+         "        if self._checker is not None:\n",
+         "    def _finish(self) -> None:\n"
+         "        if False:  # MUTANT: self._checker is not None\n"),
+    ),
+    mutant(
+        "scrub-drops-last-job",
+        "the parallel scrub's plan leaves out the last, partly filled job",
+        ("engine/scrub.py",
+         "    if runs:\n        jobs.append(",
+         "    if False:  # MUTANT: runs\n        jobs.append("),
+    ),
 )
 
 

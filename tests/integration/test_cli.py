@@ -335,7 +335,7 @@ def test_inspect_verify_reports_each_damaged_region_and_exits_1(tmp_path: Path) 
 
 def test_inspect_verify_over_channels_finds_damage_in_every_job(tmp_path: Path) -> None:
     """20 MiB of pages is two scrub jobs: over 2 channel processes, each job's
-    damaged page is named, as sequentially (--channels 1)."""
+    damaged page is named (the API test compares parallel with sequential)."""
     from engine.snapshot import inspect_snapshot
 
     snap = tmp_path / "vm.snap"
@@ -347,14 +347,10 @@ def test_inspect_verify_over_channels_finds_damage_in_every_job(tmp_path: Path) 
             byte = f.read(1)[0]
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte ^ 0x10]))
-    outputs = []
-    for channels in ("2", "1"):
-        done = run("inspect", str(snap), "--verify", "--channels", channels)
-        assert done.returncode == 1, done.stderr
-        damaged = [line for line in done.stdout.splitlines() if line.startswith("damaged ")]
-        assert [line.split("page ")[1].split(",")[0] for line in damaged] == ["10", "4500"]
-        outputs.append(damaged)
-    assert outputs[0] == outputs[1]
+    done = run("inspect", str(snap), "--verify", "--channels", "2")
+    assert done.returncode == 1, done.stderr
+    damaged = [line for line in done.stdout.splitlines() if line.startswith("damaged ")]
+    assert [line.split("page ")[1].split(",")[0] for line in damaged] == ["10", "4500"]
     bad = run("inspect", str(snap), "--verify", "--channels", "0")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "at least 1 channel" in bad.stderr
 
