@@ -260,6 +260,9 @@ class Operation:
             finally:
                 channel_end.close()
             link = ChannelLink(channel_id, main_end, conn, future, root_cause=self._pool_broken_by)
+            # A channel that dies after its last word must not break the pool: that
+            # would cancel siblings still at work, and fail a complete migration.
+            self._pool.spare(future, functools.partial(self._said_last_word, link))
             self._links.append(link)
             future.add_done_callback(functools.partial(self._channel_done, link))
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
@@ -308,17 +311,22 @@ class Operation:
     def _channel_done(self, link: ChannelLink, future: Future) -> None:
         """A channel job ended.  Its failure fails the migration, unless the channel
         had already said its last word (END): then its work is done, and the
-        failure is only reported (the pool still knows the worker died)."""
+        failure is only reported (the pool spared it: its siblings go on)."""
         error = channel_error(future)
         if error is None or self.latch.failed:
             return  # a failed migration's channels end how teardown makes them end
-        slots = self._slots
-        done = link.finished or (slots is not None and slots.counters[link.channel_id, Counter.LAST_WORD])
-        if done:
+        if self._said_last_word(link):
             log.warning("%s: channel %d failed after its last packet: %s", self.role, link.channel_id, error)
             self.late_channel_failures.append(f"channel {link.channel_id}: {error}")
             return
         self.latch.fail(root_cause(error, self._pool_broken_by()))
+
+    def _said_last_word(self, link: ChannelLink) -> bool:
+        """Whether the channel's work is done: main read its last word, or the
+        channel counted it (in the slot table, before it says it)."""
+        slots = self._slots
+        return link.finished or (slots is not None
+                                 and bool(slots.counters[link.channel_id, Counter.LAST_WORD]))
 
     def _wait_channels_ready(self, timeout: float) -> None:
         """Wait until every channel process attached its memory and is serving."""

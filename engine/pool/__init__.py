@@ -3,7 +3,8 @@
 It knows nothing about migration.  It runs callables on lazily started, reused
 workers under one failure rule for both backends, like a trio nursery: the first
 job that raises (or worker process that dies) breaks the pool, which sets its
-cancel token, fails every job not yet started and refuses new ones.
+cancel token, fails every job not yet started and refuses new ones — unless its
+owner said the job's work was done (``spare``): then only its future fails.
 
 The package::
 
@@ -127,6 +128,14 @@ class WorkerPool:
         job = self._backend.make_job(job_id, future, fn, args, kwargs)
         self._core.enqueue(job, self._backend.on_submit_locked)
         return future
+
+    def spare(self, future: Future[Any], done: Callable[[], bool]) -> bool:
+        """Once ``done()`` answers True, a failure of `future`'s job (its worker dying
+        included) still fails the future but no longer breaks the pool: its work was
+        done, and its siblings go on (a job that handed over its last result by
+        other means, then died).  ``done()`` runs on the pool thread that sees the failure.  Call it
+        right after ``submit()``; False if the job has already ended."""
+        return self._core.spare(future, done)
 
     def cancel(self, cause: BaseException | None = None) -> None:
         """Break the pool with CancelledError (from `cause`): set the token, fail pending

@@ -71,6 +71,9 @@ class Job:
     payload: bytes = b""
     sockets: list[socket.socket] = field(default_factory=list)
     settled: bool = False  # under the core's lock: whoever flips it sets the future
+    # Once it answers True, the job's work is done: its failure (a worker dying
+    # included) fails its future but breaks nothing (WorkerPool.spare).
+    spared: Callable[[], bool] | None = None
 
     def release(self) -> None:
         """Close the sockets the job still owns."""
@@ -239,13 +242,25 @@ class PoolCore:
         if pending is not None:
             self._after_break(pending)
 
+    def spare(self, future: Future[Any], done: Callable[[], bool]) -> bool:
+        """Let the queued or running job of `future` fail without breaking the pool
+        once `done()` holds (WorkerPool.spare).  False if no such job is left."""
+        with self.lock:
+            for job in (*self._pending, *self._running):
+                if job.future is future and not job.settled:
+                    job.spared = done
+                    return True
+        return False
+
     def finish(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
         """A job ended: settle its future (unless settled already); an error breaks the
-        pool first, so whoever sees the error finds the pool broken and the token set."""
+        pool first, so whoever sees the error finds the pool broken and the token set
+        (unless the job's owner says its work was done: ``spare``)."""
+        breaks = error is not None and not (job.spared is not None and job.spared())
         with self.lock:
             self._running.discard(job)
             claimed = self.claim_locked(job, ok=error is None)
-            pending = self._break_locked(error) if error is not None else None
+            pending = self._break_locked(error) if breaks else None
             self.cond.notify_all()
         if pending is not None:
             self._after_break(pending)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -138,3 +140,41 @@ def test_crash_fails_the_future_breaks_the_pool_and_leaves_nothing(case: str) ->
     assert (stats.workers_alive, stats.busy, stats.pending) == (0, 0, 0)
     assert (stats.completed, stats.failed) == (1, 2)
     assert _gone(pid)
+
+
+def work_until_told(sock: Any, token: Any) -> str:
+    """A sibling at work: it ends with "told" when a byte comes, "cancelled" if the token is set."""
+    select.select([sock, token], [], [], GUARD)
+    if token.is_set():
+        return "cancelled"
+    return "told" if sock.recv(1) else "closed"
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_a_spared_job_that_dies_after_its_work_breaks_nothing(done: bool) -> None:
+    """A job whose owner says its work is done (``spare``) may die: its future fails with
+    the crash, but the pool is not broken and a sibling at work goes on (a multifd channel
+    that dies after its last word).  Not done yet: the crash breaks the pool as always."""
+    pool = WorkerPool("process", 2, name="spared", cancel_grace=0.2)
+    ours, theirs = socket.socketpair()
+    try:
+        sibling = pool.submit(work_until_told, theirs, pool.token)
+        theirs.close()
+        crashing = pool.submit(kill_myself)
+        assert pool.spare(crashing, lambda: done)
+        error = crashing.exception(GUARD)
+        check_crash(-signal.SIGKILL, "SIGKILL")(error)
+        if done:
+            assert pool.broken is None and not pool.token.is_set()
+            ours.send(b"!")
+            assert sibling.result(GUARD) == "told"  # it finished its own work
+            assert pool.submit(os.getpid).result(GUARD) > 0  # and the pool takes more
+        else:
+            assert pool.broken is error and pool.token.is_set()
+            assert sibling.result(GUARD) == "cancelled"
+        assert pool.spare(crashing, lambda: True) is False  # it has ended
+    finally:
+        ours.close()
+        pool.shutdown(wait=True)
+    stats = pool.statistics()
+    assert (stats.workers_alive, stats.busy, stats.pending) == (0, 0, 0)
