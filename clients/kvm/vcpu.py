@@ -102,7 +102,11 @@ class Vcpu:
         self._exit_pending = False        # last KVM_RUN returned an exit: complete it first
         self._throttle = 0                # percent of the time held out of KVM_RUN
         self.exits = 0
+        # The throttle's own accounting (its mechanism, not a wall-clock share):
+        # each hold is counted, and lasts at least run_s's share since the last one.
+        self.holds = 0                    # throttle holds begun, in all
         self.held_s = 0.0                 # time spent held by the throttle, in all
+        self.run_s = 0.0                  # time spent inside KVM_RUN, in all
         self.fd, self._run = vm.create_vcpu_fd(index)
         try:
             self._set_cpuid()
@@ -202,7 +206,9 @@ class Vcpu:
                         if percent else None
                 began = time.perf_counter()
                 result = ioctl(self.fd, kvm.KVM_RUN, 0, eintr_ok=True)
-                ran += time.perf_counter() - began
+                slice_s = time.perf_counter() - began
+                ran += slice_s
+                self.run_s += slice_s
                 if result < 0:
                     continue  # kicked, or immediate_exit: look at the flags
                 self._exit_pending = True
@@ -224,6 +230,7 @@ class Vcpu:
         throttle; `token` (the pool's) set raises CancelledError."""
         began = time.monotonic()
         deadline = began + seconds
+        self.holds += 1
         try:
             while self._throttle == percent and not (self._want_pause or self._want_stop):
                 left = deadline - time.monotonic()

@@ -107,6 +107,16 @@ def test_kvm_bench(tmp_path: Path) -> None:
     assert run["downtime_ms"] > 0 and 0 < run["vcpu_share"] < 1
 
 
+@pytest.mark.skipif(kvm_unavailable_reason() is not None, reason="the KVM bench needs /dev/kvm")
+def test_kvm_throttle_bench(tmp_path: Path) -> None:
+    out = tmp_path / "kvm_throttle.json"
+    bench("kvm_throttle.py", "--loop", "8M", "--window", "0.2", "--repeat", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert [case["percent"] for case in report["cases"]] == [0, 50, 90]
+    assert report["invariant"] == "" and len(report["runs"]) == 3
+    assert report["runs"][0]["holds"] == 0  # unthrottled: never held
+
+
 def test_qemu_bench_skips_without_qemu(tmp_path: Path) -> None:
     out = tmp_path / "qemu.json"
     done = bench("qemu.py", "--qemu", "no-such-qemu", "--json", str(out))
