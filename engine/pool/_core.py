@@ -260,7 +260,7 @@ class PoolCore:
         with self.lock:
             self._running.discard(job)
             claimed = self.claim_locked(job, ok=error is None)
-            pending = self._break_locked(error) if breaks else None
+            pending = self._break_locked(error) if error is not None and breaks else None
             self.cond.notify_all()
         if pending is not None:
             self._after_break(pending)
