@@ -262,7 +262,7 @@ class Operation:
             link = ChannelLink(channel_id, main_end, conn, future, root_cause=self._pool_broken_by)
             # A channel that dies after its last word must not break the pool: that
             # would cancel siblings still at work, and fail a complete migration.
-            self._pool.spare(future, functools.partial(self._said_last_word, link))
+            self._pool.spare(future, functools.partial(self._spared, link))
             self._links.append(link)
             future.add_done_callback(functools.partial(self._channel_done, link))
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
@@ -320,6 +320,12 @@ class Operation:
             self.late_channel_failures.append(f"channel {link.channel_id}: {error}")
             return
         self.latch.fail(root_cause(error, self._pool_broken_by()))
+
+    def _spared(self, link: ChannelLink) -> bool:
+        """Whether the channel's failure may leave the pool unbroken (the pool asks,
+        on its thread): its work is done, in a migration that has not failed (a
+        failed one's teardown stops every channel, and may free the slot table)."""
+        return not self.latch.failed and self._said_last_word(link)
 
     def _said_last_word(self, link: ChannelLink) -> bool:
         """Whether the channel's work is done: main read its last word, or the
