@@ -356,9 +356,9 @@ class SourceMigration(SavingOperation, Migration):
             if not more:
                 self._abort_in_handshake(data)
                 raise HandshakeError(
-                    f"destination {self.to} closed the connection in the handshake (another "
-                    f"wire version, a wrong secret, or TLS or integrity settings it does not "
-                    f"accept: its log says which)")
+                    f"destination {self.to} refused the connection (another wire version, a "
+                    f"wrong secret, or TLS or integrity settings it does not accept: its log "
+                    f"says which)")
             data += more
         return data
 
