@@ -9,8 +9,10 @@ leaving the source guest's RAM as it was and the destination uncommitted.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -25,10 +27,11 @@ from engine.errors import (
     TlsError,
 )
 from engine.link import TlsConfig
-from engine.sync import MigrationState
+from engine.sync import MigrationState, wait_readable
 from engine.wire import packet
 from tests.certs import Pki, make_pki
 from tests.harness import SECRET, MiB, SlowLink, guest_ram, outcomes, same_memory
+from tests.integration.test_cli import MULTIFD, _one_error_line
 
 CONFIG = MigrationConfig(channels=2, packet_pages=256, verify=True, handshake_timeout_s=5.0)
 
@@ -214,3 +217,31 @@ def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str) -> None:
 def test_tls_config_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="certificate file"):
         TlsConfig(str(tmp_path / "none.pem"), str(tmp_path / "none.key"), str(tmp_path / "ca.pem")).validate()
+
+
+def test_cli_tls_refusal_is_one_line_on_both_sides(pki: Pki) -> None:
+    """`multifd listen` / `multifd migrate` over tls:// where the source expects
+    another name: each side exits 1 with one line that says TLS, no traceback."""
+    env = {**os.environ, "MULTIFD_SECRET": "s3cret"}
+    listen = subprocess.Popen(
+        [*MULTIFD, "listen", "--address", "tls://127.0.0.1:0", "--accept-timeout", "30",
+         "--tls-cert", str(pki.dir / "dest.pem"), "--tls-key", str(pki.dir / "dest.key"),
+         "--tls-ca", str(pki.dir / "ca.pem")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert listen.stdout is not None
+        line = listen.stdout.readline() if wait_readable([listen.stdout], 30) else ""
+        assert line.startswith("LISTENING tls://127.0.0.1:"), line
+        source = subprocess.run(
+            [*MULTIFD, "migrate", "--to", line.split()[1], "--ram", "4M", "--channels", "2",
+             "--tls-cert", str(pki.dir / "source.pem"), "--tls-key", str(pki.dir / "source.key"),
+             "--tls-ca", str(pki.dir / "ca.pem"), "--tls-peer-name", "elsewhere.test"],
+            capture_output=True, text=True, env=env, timeout=60)
+        _, listen_err = listen.communicate(timeout=30)
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+            listen.communicate()
+    assert source.returncode == listen.returncode == 1
+    assert "TLS: the destination's certificate was refused: Hostname mismatch" in _one_error_line(source.stderr)
+    assert "TLS: the source refused the handshake" in _one_error_line(listen_err)
