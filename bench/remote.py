@@ -16,6 +16,7 @@ from typing import Any
 from clients.devices import demo_devices
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
 from engine.device import MigratableDevice
+from engine.link import TlsConfig
 from engine.shm import RamHandle
 
 SECRET = b"bench"
@@ -23,7 +24,7 @@ SECRET = b"bench"
 
 def _destination_process(handle: RamHandle, address: str, config: MigrationConfig,
                          pipe: Connection, ram_is_zeroed: bool,
-                         devices: dict[str, Any] | None) -> None:
+                         devices: dict[str, Any] | None, tls: TlsConfig | None = None) -> None:
     """The destination VMM.
 
     ``devices``, when given, holds :func:`clients.devices.demo_devices` arguments
@@ -37,7 +38,7 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
         loaded = demo_devices(**devices, with_state=False) if devices else []
         destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config.for_destination(),
                                            ram_is_zeroed=ram_is_zeroed, devices=loaded,
-                                           device_load=device_load)
+                                           device_load=device_load, tls=tls)
         pipe.send(destination.address)
         result = destination.run().to_dict()
         result["devices_intact"] = sum(device.intact() for device in loaded)
@@ -52,23 +53,28 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
 def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport: str = "tcp",
             ram_is_zeroed: bool = False, source_devices: list[MigratableDevice] | None = None,
             destination_devices: dict[str, Any] | None = None,
+            tls: tuple[TlsConfig, TlsConfig] | None = None,
             ) -> tuple[MigrationResult, dict[str, Any], float]:
     """Migrate `src` into `dst` (held by a destination process).
 
+    `tls`: the source's and the destination's TLS files (TLS 1.3 on every channel).
     Returns the source's result, the destination's result as a dict, and the CPU
     seconds this (the source's main) process spent.  Raises if the destination failed.
     """
     address = "tcp://127.0.0.1:0" if transport == "tcp" else f"unix:///tmp/mfd-bench-{os.getpid()}.sock"
+    if tls is not None:
+        address = address.replace("tcp://", "tls://")
     ours, theirs = multiprocessing.Pipe()
     process = multiprocessing.get_context("spawn").Process(
         target=_destination_process,
-        args=(dst.handle, address, config, theirs, ram_is_zeroed, destination_devices))
+        args=(dst.handle, address, config, theirs, ram_is_zeroed, destination_devices,
+              tls[1] if tls else None))
     process.start()
     theirs.close()
     try:
         times = os.times()
         result = SourceMigration(src, ours.recv(), secret=SECRET, config=config,
-                                 devices=source_devices or ()).run()
+                                 devices=source_devices or (), tls=tls[0] if tls else None).run()
         main_cpu_s = sum(os.times()[:2]) - sum(times[:2])
         remote = ours.recv()
     finally:

@@ -12,8 +12,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from engine.link import TlsConfig
 
 
@@ -52,9 +50,14 @@ class Pki:
                          str(self.dir / f"{ca}.pem"), peer_name)
 
 
+class NoOpenssl(RuntimeError):
+    """The openssl command is not installed (tests skip, the benchmark says so)."""
+
+
 def make_pki(where: Path) -> Pki:
+    """Fresh keys and certificates under `where` (also bench/secure.py's).  Raises NoOpenssl."""
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed: no test certificates")
+        raise NoOpenssl("the openssl command is not installed: no test certificates")
     where.mkdir(parents=True, exist_ok=True)
     _ca("ca", where)
     _ca("other-ca", where)

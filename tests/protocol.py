@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from engine import DestinationMigration
 from engine.errors import TransportClosedError
-from engine.wire import message as wire
 from engine.link import RecordConnection
+from engine.wire import message as wire
 from engine.wire import packet, record
 from tests.harness import SECRET
 
