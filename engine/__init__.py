@@ -59,8 +59,8 @@ __all__ = [
 if TYPE_CHECKING:
     from engine.config import DestinationConfig, MigrationConfig
     from engine.destination import DestinationMigration
-    from engine.link import TlsConfig
     from engine.errors import MigrationError, OutcomeUnknownError
+    from engine.link import TlsConfig
     from engine.operation import Operation
     from engine.pool import WorkerPool
     from engine.shm import GuestRAM
