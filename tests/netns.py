@@ -88,12 +88,31 @@ def two_hosts(rate: str | None = None, burst: str = "512kb", latency: str = "50m
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
-def enter(host: str) -> None:
-    """Move the calling thread (and the processes it starts) into namespace `host`."""
+def _setns(path: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{host}", os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {host}")
+            raise OSError(ctypes.get_errno(), f"setns into {path}")
     finally:
         os.close(fd)
+
+
+def enter(host: str) -> None:
+    """Move the calling thread (and the processes it starts) into namespace `host`."""
+    _setns(f"/run/netns/{host}")
+
+
+@contextlib.contextmanager
+def inside(host: str) -> Iterator[None]:
+    """The calling thread in namespace `host` for the block, then back where it was.
+    (Sockets it opens meanwhile stay in `host`, wherever they are used.)"""
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        enter(host)
+        try:
+            yield
+        finally:
+            _setns(f"/proc/self/fd/{back}")
+    finally:
+        os.close(back)
