@@ -190,8 +190,13 @@ class FlipLink(SlowLink):
 FLIP_AT = 3 * MiB + 12345
 
 
-@pytest.mark.parametrize("mode", ["mac", "tls", "none"])
-def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "number", "offset"), [
+    pytest.param("mac", 1, FLIP_AT, id="mac"),
+    pytest.param("mac", 0, packet.HELLO_SIZE + 20, id="mac-main-channel"),  # inside CONFIG
+    pytest.param("tls", 1, FLIP_AT, id="tls"),
+    pytest.param("none", 1, FLIP_AT, id="none"),
+])
+def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str, number: int, offset: int) -> None:
     """MAC and TLS: the migration fails before PREPARED, nothing committed, the
     source's RAM untouched.  Bare ("none"): it goes through, and only the
     digest check catches it: what the modes exist for."""
@@ -199,7 +204,8 @@ def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str) -> None:
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
         before = src.blocks[0].array().tobytes()
         src_error, dst_error, destination = pair(
-            pki if mode == "tls" else None, src, dst, config=config, via=FlipLink, offset=FLIP_AT)
+            pki if mode == "tls" else None, src, dst, config=config, via=FlipLink, number=number,
+            offset=offset)
         assert src.blocks[0].array().tobytes() == before
         assert not destination.committed
         if mode == "mac":
