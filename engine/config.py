@@ -9,7 +9,9 @@ given.  Its fields are of three sorts::
     SOURCE_LOCAL  shape the source's rounds and connections only (downtime limit,
                   rounds, bandwidth cap, connect timeout, auto-converge)
     SHARED_LOCAL  each side's own: its handshake and stall timeouts, how its
-                  channel processes start and how long it waits for them to stop
+                  channel processes start and how long it waits for them to stop,
+                  and what protects a link without TLS (``integrity``: the source
+                  says what it sends in its hello, the destination what it accepts)
 
 A destination is given a :class:`DestinationConfig`: the SHARED_LOCAL fields,
 nothing else.  A :class:`MigrationConfig` handed to a destination still works
