@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine.config import DestinationConfig
 from engine.errors import (
@@ -48,6 +49,7 @@ def pair(pki: Pki | None, src_ram, dst_ram, *, source: str = "source", dest: str
          source_ca: str = "ca", dest_ca: str = "ca", peer_name: str | None = None,
          dest_peer_name: str | None = None, config: MigrationConfig = CONFIG,
          dest_config: DestinationConfig | None = None, via: type[SlowLink] | None = None,
+         guest: SyntheticGuest | None = None,
          **via_args) -> tuple[BaseException | None, BaseException | None, DestinationMigration]:
     """Run a migration src_ram → dst_ram (TLS when `pki` is given); both outcomes."""
     src_tls = pki.config(source, source_ca, peer_name) if pki else None
@@ -59,7 +61,9 @@ def pair(pki: Pki | None, src_ram, dst_ram, *, source: str = "source", dest: str
     relay = via(destination.address.replace("tls://", "tcp://"), **via_args) if via else None
     try:
         to = relay.address.replace("tcp://", f"{scheme}://") if relay else destination.address
-        source = SourceMigration(src_ram, to, secret=SECRET, config=config, tls=src_tls)
+        source = SourceMigration(src_ram, to, secret=SECRET, config=config, tls=src_tls,
+                                 pause_guest=guest.pause if guest else None,
+                                 resume_guest=guest.resume if guest else None)
         source.start()
         src_error, dst_error = outcomes(source, destination)
     finally:
@@ -73,10 +77,19 @@ def pair(pki: Pki | None, src_ram, dst_ram, *, source: str = "source", dest: str
 
 @pytest.mark.parametrize("channels", [pytest.param(1, marks=pytest.mark.heavy), 2])
 def test_tls_migration_is_exact(pki: Pki, channels: int) -> None:
+    """A live guest: rounds, syncs and small packets cross TLS on every channel."""
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
-        src_error, dst_error, destination = pair(pki, src, dst, config=CONFIG.with_(channels=channels),
-                                                 dest_peer_name="source.test")
+        guest = SyntheticGuest(src, "incrementer", dirty_rate=16 * MiB)
+        guest.start()
+        try:
+            src_error, dst_error, destination = pair(
+                pki, src, dst, config=CONFIG.with_(channels=channels, packet_pages=64),
+                dest_peer_name="source.test", guest=guest)
+        finally:
+            guest.stop()
         assert (src_error, dst_error) == (None, None)
+        assert destination.result is not None and destination.result.rounds >= 1  # a sync crossed TLS
+        assert check_incrementer(dst) == ""
         assert destination.state is MigrationState.COMPLETED
         assert same_memory(src, dst)
 
