@@ -64,6 +64,24 @@ from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
 
+def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
+    """What protects a migration to `to` after the hellos.  Raises ConfigError."""
+    parts = urlsplit(to)
+    if parts.scheme == "tls" and tls is None:
+        raise ConfigError(f"{to} asks for TLS: give the certificate, key and CA files "
+                          f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
+    if tls is None:
+        return LinkSecurity(config.integrity, peer="destination",
+                            handshake_timeout_s=config.handshake_timeout_s)
+    tls.validate()
+    peer_name = tls.peer_name or parts.hostname
+    if not peer_name:
+        raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
+                          f"certificate against; give its name (peer_name, --tls-peer-name)")
+    return LinkSecurity("tls", tls=tls, peer_name=peer_name, peer="destination",
+                        handshake_timeout_s=config.handshake_timeout_s)
+
+
 # The hello's flags for each protection mode (docs/wire-format.md §1).
 _FLAGS = {"tls": packet.HelloFlags.TLS, "mac": packet.HelloFlags.MAC, "none": packet.HelloFlags(0)}
 
@@ -104,12 +122,14 @@ class SourceMigration(SavingOperation, Migration):
         tls: TlsConfig | None = None,
     ) -> None:
         self.payloads = list(payloads)
-        super().__init__(ram, config or MigrationConfig(), secret=secret, pause_guest=pause_guest,
+        config = config or MigrationConfig()
+        # What protects every byte after the hellos (checked before anything is made).
+        self._link = _link_security(to, tls, config)
+        super().__init__(ram, config, secret=secret, pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
         self.to = to
         self.tls = tls
-        self._link = self._link_security(to, tls)  # what protects every byte after the hellos
         self._helpers: WorkerPool | None = None
         self._prepared = Signal()
         self._resumed = Signal()
@@ -378,18 +398,6 @@ class SourceMigration(SavingOperation, Migration):
                 raise
             # not an ABORT either: the caller's error stands
 
-    def _link_security(self, to: str, tls: TlsConfig | None) -> LinkSecurity:
-        """What protects this migration's connections after their hellos."""
-        parts = urlsplit(to)
-        if parts.scheme == "tls" and tls is None:
-            raise ConfigError(f"{to} asks for TLS: give the certificate, key and CA files "
-                              f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
-        if tls is None:
-            return LinkSecurity(self.config.integrity, peer="destination",
-                                handshake_timeout_s=self.config.handshake_timeout_s)
-        tls.validate()
-        return LinkSecurity("tls", tls=tls, peer_name=tls.peer_name or parts.hostname,
-                            peer="destination", handshake_timeout_s=self.config.handshake_timeout_s)
 
     def _measure_rtt(self, samples: int = 3) -> float:
         best = float("inf")

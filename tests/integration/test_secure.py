@@ -232,9 +232,19 @@ def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str, number: int, off
         assert type(src_error) is type(dst_error) or "destination" in str(src_error)
 
 
-def test_tls_config_names_a_missing_file(tmp_path: Path) -> None:
+def test_tls_settings_that_cannot_work_are_refused_up_front(pki: Pki, tmp_path: Path) -> None:
+    """Before anything is made (the leak check holds): a missing file, tls:// without
+    files, TLS over unix:// without a name to check."""
+    missing = TlsConfig(str(tmp_path / "none.pem"), str(tmp_path / "none.key"), str(tmp_path / "ca.pem"))
+    with guest_ram(1 * MiB) as src:
+        with pytest.raises(ConfigError, match="certificate file"):
+            SourceMigration(src, "tcp://127.0.0.1:1", secret=SECRET, tls=missing)
+        with pytest.raises(ConfigError, match="asks for TLS: give the certificate"):
+            SourceMigration(src, "tls://127.0.0.1:1", secret=SECRET)
+        with pytest.raises(ConfigError, match="no host name to check"):
+            SourceMigration(src, "unix:///tmp/x.sock", secret=SECRET, tls=pki.config("source"))
     with pytest.raises(ConfigError, match="certificate file"):
-        TlsConfig(str(tmp_path / "none.pem"), str(tmp_path / "none.key"), str(tmp_path / "ca.pem")).validate()
+        DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, tls=missing)
 
 
 def test_cli_tls_refusal_is_one_line_on_both_sides(pki: Pki) -> None:
