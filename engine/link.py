@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from engine.errors import (
     ConfigError,
@@ -43,6 +42,9 @@ from engine.scatter import Buffer, advance, batch, flat_views
 from engine.sync import Pollable, wait_readable, wait_writable
 from engine.transport import Connection, broken
 from engine.wire import record
+
+if TYPE_CHECKING:
+    import ssl  # imported where TLS is used: a channel process without TLS need not load it
 
 # ---------------------------------------------------------------------------
 # What a side is given, and what a channel process is handed.
@@ -75,6 +77,7 @@ class TlsConfig:
     def context(self, server_side: bool) -> ssl.SSLContext:
         """A TLS 1.3-only context that sends this side's certificate and requires
         the peer's.  Raises ConfigError for files that do not load."""
+        import ssl
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -319,6 +322,7 @@ _GATHER = 64 << 10
 
 def tls_error(exc: ssl.SSLError, peer: str) -> TlsError:
     """One line for a TLS failure: which side refused what."""
+    import ssl
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or exc.reason or str(exc)
         return TlsError(f"TLS: the {peer}'s certificate was refused: {why}")
@@ -340,6 +344,7 @@ def _names(cert: dict) -> list[str]:
 
 
 def _tls_handshake(conn: Connection, link: LinkSecurity, abort: Pollable | None) -> TlsConnection:
+    import ssl
     assert link.tls is not None
     ctx = link.tls.context(link.server_side)
     # A client checks the server's name in the handshake (OpenSSL: a mismatch is a
@@ -389,6 +394,7 @@ class TlsConnection(Connection):
         self._role = role
 
     def _failed(self, exc: OSError, what: str) -> MigrationError:
+        import ssl
         if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
             return tls_error(exc, self._role)
         if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
