@@ -17,7 +17,12 @@ destination's is; medians over --repeat runs):
   by a veth pair whose rate the kernel sets (``tc qdisc ... tbf``, 1 and 10
   Gbit/s; tests/netns.py; needs root).
 
+The links run bare (``--integrity none``), so the codecs' costs are not mixed
+with the MAC records' (bench/secure.py measures those); ``--integrity mac`` for
+the default.
+
     python bench/compression.py [--ram 512M] [--channels 2] [--repeat 3] [--netns]
+                                [--integrity none|mac]
 """
 
 from __future__ import annotations
@@ -76,14 +81,16 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", default="bench/results/compression.json")
+    parser.add_argument("--integrity", choices=("none", "mac"), default="none")
     parser.add_argument("--netns", action="store_true",
                         help="also the link cases over a veth pair between two network namespaces")
     args = parser.parse_args()
     if args.netns and unavailable():
         parser.error(f"--netns: {unavailable()}")
 
-    base = MigrationConfig(channels=args.channels)
+    base = MigrationConfig(channels=args.channels, integrity=args.integrity)
     report: dict[str, Any] = {"ram_bytes": args.ram, "channels": args.channels,
+                              "integrity": args.integrity,
                               "repeat": args.repeat, "cpus": os.cpu_count(), "cases": []}
 
     def line(label: str, fill: str, m: dict[str, Any]) -> None:
