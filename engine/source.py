@@ -64,6 +64,7 @@ from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
 
+
 def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
     """What protects a migration to `to` after the hellos.  Raises ConfigError."""
     parts = urlsplit(to)
