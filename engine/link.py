@@ -28,7 +28,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from engine.errors import (
@@ -108,7 +108,7 @@ class LinkSecurity:
     server_side: bool = False          # the destination's end
     tls: TlsConfig | None = None
     peer_name: str | None = None       # required name in the peer's certificate (None: any)
-    session_key: bytes = b""           # MAC: the migration's; record keys derive from it
+    session_key: bytes = field(default=b"", repr=False)  # MAC: record keys derive from it
     handshake_timeout_s: float = 10.0
     peer: str = "peer"                 # "source" or "destination", for errors
 
