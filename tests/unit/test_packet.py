@@ -149,6 +149,9 @@ def test_session_key_and_challenge_golden() -> None:
         pytest.param(h("4d464448") + CHALLENGE_WIRE[4:], "wrong challenge magic", id="magic"),
         pytest.param(CHALLENGE_WIRE[:4] + h("0001") + CHALLENGE_WIRE[6:], "challenge version 1",
                      id="version"),
+        # a version-2 listener's challenge: a version-3 source stops there
+        pytest.param(CHALLENGE_WIRE[:4] + h("0002") + CHALLENGE_WIRE[6:],
+                     r"unsupported challenge version 2 \(this side speaks 3\)", id="version-2"),
         pytest.param(CHALLENGE_WIRE[:6] + h("0001") + CHALLENGE_WIRE[8:], "reserved", id="reserved"),
     ],
 )
