@@ -50,6 +50,7 @@ from engine.errors import (
     TransportClosedError,
     TransportError,
 )
+from engine.link import LinkSecurity, secure
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
 from engine.pool import CancelToken, WorkerPool
 from engine.shm import GuestRAM, RamHandle, Segment
@@ -168,6 +169,7 @@ class ChannelSpec:
     delivery_slots: int = 0                       # destination: slots per channel (Deliveries)
     devices: tuple[tuple[str, int], ...] = ()     # CONFIG's device table: (idstr, instance_id)
     file: FileTarget | None = None                # file channels: the snapshot file
+    link: LinkSecurity | None = None              # what protects the data socket (engine/link.py)
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,10 @@ class _Channel:
         try:  # the worker process may serve other jobs after this one: leave nothing open
             self._stack.callback(ctrl.close)
             if data is not None:
-                self.conn = Connection(data)
+                self._stack.callback(data.close)  # (a TLS wrap takes its descriptor over)
+                # The seam for what protects the channel's bytes: MAC records, or a
+                # TLS handshake here, in the process that carries them (engine/link.py).
+                self.conn = secure(Connection(data), spec.link, spec.channel_id, token)
                 self._stack.callback(self.conn.close)
             ram = GuestRAM.attach(spec.ram, populate=True)
             self._stack.callback(ram.close)
@@ -395,11 +400,11 @@ class _JobChannel(_Channel):
         except BlockingIOError:
             watched: list[Any] = [self.ctrl, self.token]
             if self.data is not None:
-                watched.append(self.data)
+                watched.append(self.conn)
             ready = wait_readable(watched, None)
             if self.token in ready:
                 raise self.cancelled("cancelled") from None
-            if self.data is not None and self.data in ready:
+            if self.data is not None and self.conn in ready:
                 # The destination never writes on a channel: readable means closed or reset.
                 raise TransportClosedError(
                     f"destination closed multifd channel {self.spec.channel_id}"
@@ -716,7 +721,12 @@ class _RecvChannel(_Channel):
     def _next_packet(self) -> packet.PacketStart:
         """The next packet's checked headers (the payload stays unread)."""
         while True:
-            ready = wait_readable([self.data, self.ctrl, self.token], None)
+            # Bytes TLS already decrypted are invisible to poll: then only look.
+            data_waiting = self.conn.pending() > 0
+            watched: list[Any] = [self.ctrl, self.token]
+            if not data_waiting:
+                watched.append(self.conn)
+            ready = wait_readable(watched, 0 if data_waiting else None)
             if self.token in ready:
                 raise self.cancelled("cancelled")
             if self.ctrl not in ready:

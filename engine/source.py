@@ -39,6 +39,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,6 +58,7 @@ from engine.errors import (
     TransportBrokenError,
     TransportError,
 )
+from engine.link import LinkSecurity, TlsConfig
 from engine.migration import Migration
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
@@ -76,6 +78,28 @@ log = logging.getLogger("multifd.source")
 #: Bytes an iterative device may have handed out in live rounds and not yet had
 #: loaded on the destination (half the destination's default max_device_buffer).
 LIVE_WINDOW = 32 << 20
+
+
+def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
+    """What protects a migration to `to` after the hellos.  Raises ConfigError."""
+    parts = urlsplit(to)
+    if parts.scheme == "tls" and tls is None:
+        raise ConfigError(f"{to} asks for TLS: give the certificate, key and CA files "
+                          f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
+    if tls is None:
+        return LinkSecurity(config.integrity, peer="destination",
+                            handshake_timeout_s=config.handshake_timeout_s)
+    tls.validate()
+    peer_name = tls.peer_name or parts.hostname
+    if not peer_name:
+        raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
+                          f"certificate against; give its name (peer_name, --tls-peer-name)")
+    return LinkSecurity("tls", tls=tls, peer_name=peer_name, peer="destination",
+                        handshake_timeout_s=config.handshake_timeout_s)
+
+
+# The hello's flags for each protection mode (docs/wire-format.md §1).
+_FLAGS = {"tls": packet.HelloFlags.TLS, "mac": packet.HelloFlags.MAC, "none": packet.HelloFlags(0)}
 
 
 class SourceMigration(SavingOperation, Migration):
@@ -115,19 +139,24 @@ class SourceMigration(SavingOperation, Migration):
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
         payloads: Sequence[SwitchoverSaver] = (),
+        tls: TlsConfig | None = None,
     ) -> None:
         self.payloads = list(payloads)
-        if config is not None and config.local:
+        config = config or MigrationConfig()
+        if config.local:
             if urlsplit(to).scheme != "unix":
                 raise ConfigError(f"local mode hands the RAM over a unix socket on this host: "
                                   f"use a unix:///PATH address, not {to!r}")
             if not ram.owner:  # its owner would unlink it under the destination
                 raise ConfigError("local mode hands the RAM's ownership over: this process must own "
                                   "it (created or adopted here, not attached)")
-        super().__init__(ram, config or MigrationConfig(), secret=secret, pause_guest=pause_guest,
+        # What protects every byte after the hellos (checked before anything is made).
+        self._link = _link_security(to, tls, config)
+        super().__init__(ram, config, secret=secret, pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
         self.to = to
+        self.tls = tls
         self._helpers: WorkerPool | None = None
         self._prepared = Signal()
         self._resumed = Signal()
@@ -203,14 +232,28 @@ class SourceMigration(SavingOperation, Migration):
         # our hello answering it, its reply answering our hello's nonce.
         challenge = packet.decode_challenge(self._read_handshake(packet.CHALLENGE_SIZE))
         nonce = os.urandom(packet.NONCE_SIZE)
+        flags = _FLAGS[self._link.mode]
         conn.send_all(packet.encode_hello(
-            packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, challenge, nonce
+            packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, challenge, nonce,
+            flags,
         ))
-        reply = packet.decode_hello(self._read_handshake(packet.HELLO_SIZE), self.secret, nonce,
-                                    roles=(packet.HelloRole.MAIN_REPLY,))
+        self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
+        self._link = replace(self._link, session_key=self._session_key)
+        if self._link.mode == "tls":  # the reply and everything after it inside TLS
+            conn = self._secure_main(conn, self._link)
+        answer = self._read_handshake(packet.HELLO_SIZE)
+        try:
+            reply = packet.decode_hello(answer, self.secret, nonce, roles=(packet.HelloRole.MAIN_REPLY,))
+        except HandshakeError:
+            self._abort_in_handshake(answer)
+            raise
         if reply.migration_id != self.migration_id:
             raise HandshakeError(f"destination {self.to} answered for another migration")
-        self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
+        if reply.flags != flags:
+            raise HandshakeError(f"destination {self.to} answered with protection "
+                                 f"{reply.flags!r}, not {flags!r}")
+        if self._link.mode == "mac":  # every byte from here in MAC records
+            conn = self._secure_main(conn, self._link)
         self._send_message(self._config_record())
         ack = self._read_message(wire.ConfigAck, self._setup_deadline)
         if not ack.accepted:
@@ -240,7 +283,7 @@ class SourceMigration(SavingOperation, Migration):
             self.latch.raise_if_failed()
             data.send_all(packet.encode_hello(
                 packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
-                self._session_key, channel_challenge,
+                self._session_key, channel_challenge, flags=flags,
             ))
             data.settimeout(None)
         spec = ChannelSpec(
@@ -250,6 +293,7 @@ class SourceMigration(SavingOperation, Migration):
             codec=cfg.compression, codec_level=cfg.compression_level,
             zero_page_detection=cfg.zero_page_detection,
             payload_kinds=kinds, payload_modules=payload_modules(kinds), devices=self._device_table(),
+            link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
         )
         self._start_channels(run_send_channel, conns, spec)
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
@@ -400,16 +444,33 @@ class SourceMigration(SavingOperation, Migration):
         after them, an ABORT say, go to the message decoder)."""
         data = b""
         while len(data) < size:
-            more = self._main.read_raw(self._setup_deadline)
+            # No byte past the handshake: what follows may be TLS or MAC records.
+            more = self._main.read_raw(self._setup_deadline, size - len(data))
             if not more:
-                raise HandshakeError(f"destination {self.to} refused the connection")
+                self._abort_in_handshake(data)
+                raise HandshakeError(
+                    f"destination {self.to} refused the connection (another wire version, a "
+                    f"wrong secret, or TLS or integrity settings it does not accept: its log "
+                    f"says which)")
             data += more
-        if len(data) > size:
-            self._main.feed(data[size:])
-        return data[:size]
+        return data
 
     def _main_closed(self) -> str:
         return f"destination {self.to} closed the main channel"
+
+    def _abort_in_handshake(self, data: bytes) -> None:
+        """What came instead of a hello may be the destination's ABORT (it refused
+        this source's settings, protection say): raise its error if so."""
+        if not data or data.startswith(packet.HELLO_MAGIC.to_bytes(4, "big")):
+            return
+        self._main.feed(data)
+        try:
+            self._main.next(self._setup_deadline)  # an ABORT raises the destination's error
+        except MigrationError:
+            if self._peer_reason is not None:
+                raise
+            # not an ABORT either: the caller's error stands
+
 
     def _measure_rtt(self, samples: int = 3) -> float:
         best = float("inf")

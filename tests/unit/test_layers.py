@@ -34,7 +34,7 @@ PACKAGES = ("engine", "clients", "transports")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("engine.errors", "engine.scatter")),
     ("wire", ("engine.wire",)),
-    ("io", ("engine.sync", "engine.shm", "engine.codecs", "engine.config", "engine.transport",
+    ("io", ("engine.sync", "engine.shm", "engine.codecs", "engine.config", "engine.transport", "engine.link",
             "engine.pool")),
     ("core", ("engine.slots", "engine.dirty", "engine.stats", "engine.verify", "engine.channel",
               "engine.multifd", "engine.payload", "engine.device", "engine.admission",
