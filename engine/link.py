@@ -24,6 +24,7 @@ its MAC is :class:`~engine.errors.IntegrityError`.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import time
@@ -189,6 +190,48 @@ class RecordConnection(Connection):
         self._left = 0          # data bytes of the current incoming record not yet read
         self._tag = record.start_tag(recv_key, 0, 1)
         self._stage = bytearray(record.MAX_RECORD)
+        self._fd_room = 0       # descriptors a receive may take now (recv_some_with_fds)
+        self._fds: list[int] = []
+
+    # -- descriptors (local mode: the RAM handover over a unix socket) ------
+
+    def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """`data` as one record whose first byte carries `fds` (SCM_RIGHTS)."""
+        if self.sock.family != socket.AF_UNIX:
+            raise ConfigError(f"descriptors can only be passed over a unix socket, not to {self.peer}")
+        try:
+            self._send_record([memoryview(data)], fds)
+        except OSError as exc:
+            raise broken(exc, f"send to {self.peer}") from exc
+
+    def recv_some_with_fds(self, max_fds: int, max_bytes: int = 65536) -> tuple[bytes, list[int]]:
+        """:meth:`recv_some`, also taking the descriptors that came with those bytes
+        (at most `max_fds`; the caller owns and closes them)."""
+        self._fd_room = max(1, max_fds)
+        try:
+            data = self.recv_some(max_bytes)
+        finally:
+            self._fd_room = 0
+            fds, self._fds = self._fds, []
+        return data, fds
+
+    def _recv_into(self, iovs: Sequence[memoryview]) -> int:
+        """recvmsg_into, keeping descriptors that ride along while a caller wants them
+        (without room for them the kernel would discard them)."""
+        if not self._fd_room:
+            return self.sock.recvmsg_into(iovs)[0]
+        got, ancdata, flags, _ = self.sock.recvmsg_into(iovs, socket.CMSG_SPACE(4 * self._fd_room))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self._fds += fds
+        if flags & socket.MSG_CTRUNC:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+            raise TransportBrokenError(f"{self.peer} sent more than {self._fd_room} descriptors")
+        return got
 
     # -- sending -----------------------------------------------------------
 
@@ -216,7 +259,7 @@ class RecordConnection(Connection):
             start = advance(views, start, sum(v.nbytes for v in chunk))
             self._send_record(chunk)
 
-    def _send_record(self, chunk: Sequence[memoryview]) -> None:
+    def _send_record(self, chunk: Sequence[memoryview], fds: Sequence[int] = ()) -> None:
         stage = memoryview(self._stage)
         length = sum(view.nbytes for view in chunk)
         tag = record.start_tag(self._send_key, self._send_seq, length)
@@ -231,6 +274,9 @@ class RecordConnection(Connection):
         self._send_seq += 1
         out = [memoryview(record.encode_header(length)), data, memoryview(tag.digest())]
         start = 0
+        if fds:  # they ride on the header's first byte
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            start = advance(out, start, self.sock.sendmsg(out, rights))
         while start < len(out):
             start = advance(out, start, self.sock.sendmsg(out[start:]))
 
@@ -273,7 +319,7 @@ class RecordConnection(Connection):
             if not self._left:
                 self._open_record(eof_ok=False)
             iovs = batch(views, start, min(self._left, _RECV_STEP))
-            got = self.sock.recvmsg_into(iovs)[0]
+            got = self._recv_into(iovs)
             if got == 0:
                 raise TransportClosedError(f"{self.peer} closed the connection inside a record")
             left = got
@@ -293,7 +339,7 @@ class RecordConnection(Connection):
         view = memoryview(buf)
         got = 0
         while got < n:
-            more = self.sock.recv_into(view[got:], n - got)
+            more = self._recv_into([view[got:]])
             if more == 0:
                 if got == 0 and eof_ok:
                     return None
