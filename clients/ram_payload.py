@@ -116,6 +116,9 @@ def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
     for detection, with `scratch` from gather_scratch(); None: every run counts as non-zero)."""
     block = blocks[slot.a0]
     items = slot.used_items()
+    if len(items):  # map the slot's span before the zero scan reads it (a channel's RAM
+        first = int(items[:, 0].min())  # is attached with populate="read")
+        block.prepare_pages(first, int((items[:, 0] + items[:, 1]).max()) - first)
     if words is not None:
         return block, _split_zero_runs(words[block.index], items, scratch)
     counts = items[:, 1].astype(np.int64)
