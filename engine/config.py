@@ -58,7 +58,7 @@ class DestinationConfig:
 
     handshake_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
-    start_method: str = "spawn"             # how channel processes start
+    start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
 
     def validate(self) -> DestinationConfig:
@@ -88,7 +88,7 @@ class MigrationConfig:
     connect_timeout_s: float = 10.0
     handshake_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
-    start_method: str = "spawn"             # how channel processes start
+    start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
     # Auto-converge (QEMU's): when a precopy round leaves more than
     # throttle_trigger_pct of its pages dirty again for the next one, the source

@@ -56,6 +56,7 @@ from engine.pool._core import MAX_MESSAGE_BYTES, Backend, BackendName, PoolCore,
 from engine.pool._forkserver import (
     ForkServer,
     fork_server,
+    fork_server_fds,
     fork_server_pids,
     import_preload,
     stop_fork_servers,
@@ -66,7 +67,7 @@ from engine.pool._thread import ThreadBackend
 from engine.pool._token import CancelToken
 
 __all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "ForkServer", "PoolStatistics",
-           "WorkerPool", "fork_server", "fork_server_pids", "stop_fork_servers", "warm_up"]
+           "WorkerPool", "fork_server", "fork_server_fds", "fork_server_pids", "stop_fork_servers", "warm_up"]
 
 T = TypeVar("T")
 

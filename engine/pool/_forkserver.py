@@ -74,20 +74,12 @@ def serve(listener_fd: int, alive_r: int, ready_w: int, preload: list[str],
     """The server process's main: import the owner's ``__main__`` as its children would
     (`main`: spawn's preparation data about it), import (and call) the preloads, say so
     on `ready_w`, then serve forks."""
-    sys.path[:] = main.get("sys_path", sys.path)
     # Once here, not in every child: a child finds it imported and skips it.
     # (multiprocessing's forkserver asks for "main_path", a key spawn no longer writes.)
-    current = process.current_process()
-    current._inheriting = True  # type: ignore[attr-defined]
     try:
-        if "init_main_from_name" in main:
-            spawn._fixup_main_from_name(main["init_main_from_name"])  # type: ignore[attr-defined]
-        elif "init_main_from_path" in main:
-            spawn._fixup_main_from_path(main["init_main_from_path"])  # type: ignore[attr-defined]
+        spawn.prepare(main)
     except Exception:  # a child that needs it fails with its own error
         pass
-    finally:
-        del current._inheriting  # type: ignore[attr-defined]
     for entry in preload:
         try:
             import_preload([entry])
@@ -116,6 +108,10 @@ class ForkServer:
         """The server's pid while it runs."""
         return self._server.pid if self._server is not None else None
 
+    def held_fds(self) -> tuple[int, ...]:
+        """The descriptors this process holds for the server while it runs."""
+        return tuple(fd for fd in (self._alive_w, self._ready_r) if fd is not None)
+
     def start(self) -> None:
         """Start the server if it is not running (returns at once: it imports in the
         background; the first fork waits for it).  Raises PoolError if it cannot start."""
@@ -143,8 +139,7 @@ class ForkServer:
                        f"serve({listener.fileno()}, {alive_r}, {ready_w}, {list(self.preload)!r}, "
                        f"{main!r})")
             self._server = subprocess.Popen(
-                [spawn.get_executable(), *util._args_from_interpreter_flags(),  # type: ignore[attr-defined]
-                 "-c", command],
+                [spawn.get_executable(), "-c", command],
                 pass_fds=(listener.fileno(), alive_r, ready_w), env=child_environment(self.worker_env),
                 restore_signals=False, stdin=subprocess.DEVNULL)
         except OSError as exc:
@@ -235,7 +230,7 @@ class _ServerPopen(popen_forkserver.Popen):
         super().__init__(process_obj)
 
     def _launch(self, process_obj: process.BaseProcess) -> None:  # CPython 3.11's, our server
-        prep_data = spawn.get_preparation_data(process_obj._name)  # type: ignore[attr-defined]
+        prep_data = spawn.get_preparation_data(process_obj.name)
         buf = io.BytesIO()
         set_spawning_popen(self)
         try:
@@ -283,6 +278,12 @@ def fork_server_pids() -> set[int]:
     """The pids of this process's running fork servers (for leak checks)."""
     with _SERVERS_LOCK:
         return {pid for server in _SERVERS.values() if (pid := server.pid) is not None}
+
+
+def fork_server_fds() -> set[int]:
+    """The descriptors this process holds for its running fork servers (for leak checks)."""
+    with _SERVERS_LOCK:
+        return {fd for server in _SERVERS.values() for fd in server.held_fds()}
 
 
 def server_process_factory(server: ForkServer) -> Callable[..., process.BaseProcess]:
