@@ -33,9 +33,9 @@ import importlib
 import io
 import os
 import select
+import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import (
@@ -74,6 +74,7 @@ def serve(listener_fd: int, alive_r: int, ready_w: int, preload: list[str],
     """The server process's main: import the owner's ``__main__`` as its children would
     (`main`: spawn's preparation data about it), import (and call) the preloads, say so
     on `ready_w`, then serve forks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner handles Ctrl-C, and stops us
     # Once here, not in every child: a child finds it imported and skips it.
     # (multiprocessing's forkserver asks for "main_path", a key spawn no longer writes.)
     try:
