@@ -52,9 +52,10 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
 def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport: str = "tcp",
             ram_is_zeroed: bool = False, source_devices: list[MigratableDevice] | None = None,
             destination_devices: dict[str, Any] | None = None,
-            ) -> tuple[MigrationResult, dict[str, Any], float]:
+            guest: Any = None) -> tuple[MigrationResult, dict[str, Any], float]:
     """Migrate `src` into `dst` (held by a destination process).
 
+    `guest`: a running guest on `src` (its ``pause``/``resume`` are the VMM's).
     Returns the source's result, the destination's result as a dict, and the CPU
     seconds this (the source's main) process spent.  Raises if the destination failed.
     """
@@ -68,7 +69,9 @@ def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport:
     try:
         times = os.times()
         result = SourceMigration(src, ours.recv(), secret=SECRET, config=config,
-                                 devices=source_devices or ()).run()
+                                 devices=source_devices or (),
+                                 pause_guest=guest.pause if guest else None,
+                                 resume_guest=guest.resume if guest else None).run()
         main_cpu_s = sum(os.times()[:2]) - sum(times[:2])
         remote = ours.recv()
     finally:
