@@ -63,6 +63,9 @@ _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 #: that a channel maps little beyond what it moves.
 POPULATE_CHUNK = 2 << 20
 _CHUNK_PAGES = POPULATE_CHUNK // PAGE_SIZE
+#: Runs shorter than this fault their pages in as they are used: mapping a whole
+#: piece for a few scattered pages (a late round's) would map ~512 for each.
+POPULATE_MIN_PAGES = 64
 #: False (faults as pages are used), True (everything at attach, MAP_POPULATE),
 #: "read" or "write" (piece by piece on first use: RamBlock.prepare_pages).
 Populate = bool | Literal["read", "write"]
@@ -382,13 +385,39 @@ class RamBlock:
         start = first_page * PAGE_SIZE
         return self.pages[start:start + n_pages * PAGE_SIZE]
 
+    def prepare_pages_of_runs(self, firsts: np.ndarray, counts: np.ndarray) -> None:
+        """:meth:`prepare_pages` for many runs of pages at once (arrays of first pages
+        and counts): only the pieces the runs lie in, whatever the span between them."""
+        done = self._populated
+        if done is None:
+            return
+        long = counts >= POPULATE_MIN_PAGES
+        firsts, counts = firsts[long], counts[long]
+        if not len(firsts):
+            return
+        n = len(done)
+        starts = np.minimum(firsts // _CHUNK_PAGES, n - 1)
+        ends = np.minimum((firsts + np.maximum(counts, 1) - 1) // _CHUNK_PAGES, n - 1)
+        # Each run covers pieces [start, end]: count the runs over each piece.
+        covered = np.cumsum(np.bincount(starts, minlength=n + 1)
+                            - np.bincount(ends + 1, minlength=n + 1))[:n] > 0
+        needed = np.flatnonzero(covered & (np.frombuffer(done, dtype=np.uint8) == 0))
+        if not needed.size:
+            return
+        breaks = np.flatnonzero(np.diff(needed) != 1)
+        for first, last in zip(needed[np.r_[0, breaks + 1]].tolist(), needed[np.r_[breaks, -1]].tolist()):
+            self.prepare_pages(first * _CHUNK_PAGES, (last - first + 1) * _CHUNK_PAGES)
+            if self._populated is None:
+                return
+
     def prepare_pages(self, first_page: int, n_pages: int) -> None:
         """Attached with populate "read" or "write": build this process's page tables
         for the POPULATE_CHUNK pieces holding these pages that it has not used yet,
         in one call each (so a process maps what it touches, not the whole block,
-        and never takes a fault per page).  Otherwise nothing."""
+        and a long run never takes a fault per page).  Fewer than
+        POPULATE_MIN_PAGES pages fault in as used.  Otherwise nothing."""
         done = self._populated
-        if done is None or n_pages <= 0:
+        if done is None or n_pages < POPULATE_MIN_PAGES:
             return
         first = first_page // _CHUNK_PAGES
         last = min((first_page + n_pages - 1) // _CHUNK_PAGES, len(done) - 1)
@@ -402,6 +431,8 @@ class RamBlock:
                 end += 1
             start = chunk * POPULATE_CHUNK
             length = min((end + 1) * POPULATE_CHUNK, self.size) - start
+            if length <= 0:
+                break
             if not self.segment.populate(start, length, self._populate_write):
                 self._populated = None  # the kernel cannot: let pages fault in
                 return
