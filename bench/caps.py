@@ -40,7 +40,8 @@ def one_run(size: int, cap: int, args: argparse.Namespace) -> dict[str, Any]:
     config = MigrationConfig(channels=args.channels, max_bandwidth=float(cap),
                              downtime_limit_ms=args.limit, max_rounds=args.max_rounds,
                              on_max_rounds="switchover")
-    with GuestRAM.create({"pc.ram": size}) as src, GuestRAM.create({"pc.ram": size}, prealloc=True) as dst:
+    with GuestRAM.create({"pc.ram": size}) as src, \
+            GuestRAM.create({"pc.ram": size}, prealloc=True) as dst:
         fill_ram(src, "random", seed=3)
         with SyntheticGuest(src, "random", args.dirty_rate) as guest:
             result, remote, _ = migrate(src, dst, config, ram_is_zeroed=True, guest=guest)
@@ -56,8 +57,9 @@ def one_run(size: int, cap: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in ("64M", "256M", "1G")])
-    parser.add_argument("--caps", type=parse_size, nargs="+", default=[parse_size(s) for s in ("64M", "256M", "1G")])
+    grid = [parse_size(s) for s in ("64M", "256M", "1G")]
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=grid)
+    parser.add_argument("--caps", type=parse_size, nargs="+", default=grid)
     parser.add_argument("--limit", type=float, default=300.0, help="downtime limit, ms (300)")
     parser.add_argument("--dirty-rate", type=parse_size, default=parse_size("4M"), help="bytes/s (4M)")
     parser.add_argument("--max-rounds", type=int, default=30)
@@ -72,9 +74,9 @@ def main() -> int:
         for size in sizes:
             for cap in caps:
                 runs.append(one_run(size, cap, args))
-    print(f"downtime under a cap: limit {args.limit:.0f} ms (held: ≤ {args.limit * SLACK:.0f} ms, or "
-          f"switched over after max_rounds as configured), guest dirtying {args.dirty_rate / 2**20:.0f} MiB/s, "
-          f"{args.channels} channels, {args.repeat} runs, medians")
+    print(f"downtime under a cap: limit {args.limit:.0f} ms (held: ≤ {args.limit * SLACK:.0f} ms, "
+          f"or switched over after max_rounds as configured), guest dirtying "
+          f"{args.dirty_rate / 2**20:.0f} MiB/s, {args.channels} channels, {args.repeat} runs, medians")
     print(f"{'size':>6} {'cap':>6} {'downtime ms':>11} {'expected ms':>11} {'rounds':>6} "
           f"{'wire MB/s':>9} {'held':>5}")
     for size in args.sizes:

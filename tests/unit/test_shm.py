@@ -10,7 +10,6 @@ contract asks.
 from __future__ import annotations
 
 import ctypes
-
 import multiprocessing
 import os
 from multiprocessing import resource_tracker
