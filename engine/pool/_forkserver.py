@@ -56,6 +56,7 @@ from engine.pool._spawn import DEFAULT_WORKER_ENV, child_environment
 
 _Key = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]  # (preload, worker_env's items)
 _SERVERS: dict[_Key, ForkServer] = {}
+FORK_TIMEOUT_S = 120.0  # a fork request waits this long at most (the server may be importing)
 _SERVERS_LOCK = threading.Lock()
 
 
@@ -86,7 +87,10 @@ def serve(listener_fd: int, alive_r: int, ready_w: int, preload: list[str],
             import_preload([entry])
         except Exception:  # a worker that needs it fails with its own error, in its job
             pass
-    os.write(ready_w, b"\1")
+    try:
+        os.write(ready_w, b"\1")
+    except BrokenPipeError:
+        pass  # the owner stopped us meanwhile: forkserver.main sees it and returns
     os.close(ready_w)
     forkserver.main(listener_fd, alive_r, [])
 
@@ -200,7 +204,12 @@ class ForkServer:
             server = self._server
             if server is None:
                 return
+            # Still importing: it has forked nothing yet, so nothing needs it; do not
+            # wait for its imports (a command that failed at once exits at once).
+            starting = self._ready_r is not None and not select.select([self._ready_r], [], [], 0)[0]
             self._forget_locked()
+            if starting:
+                server.kill()
             try:
                 server.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -245,6 +254,9 @@ class _ServerPopen(popen_forkserver.Popen):
                                        (parent_w, self.sentinel))
         with open(w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
+        # A deadlock guard only: a server stuck in its imports must not hang the pool.
+        if not select.select([self.sentinel], [], [], FORK_TIMEOUT_S)[0]:
+            raise PoolError(f"the fork server forked no worker within {FORK_TIMEOUT_S:.0f} s")
         self.pid = forkserver.read_signed(self.sentinel)
 
 
