@@ -495,9 +495,9 @@ class _FileChannel(_JobChannel):
     """
 
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, token: CancelToken) -> None:
+        super().__init__(spec, ctrl, None, token)
         target = spec.file
         assert target is not None
-        super().__init__(spec, ctrl, None, token)
         self.file: PositionalFile = open_file(target.path, target.mode, target.direct_io)
         self._stack.callback(self.file.close)
         if target.present is not None:

@@ -53,11 +53,20 @@ from typing import Any, cast
 
 from engine.errors import PoolError
 from engine.pool._spawn import DEFAULT_WORKER_ENV, child_environment
+from engine.pool._token import poll_millis
 
 _Key = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]  # (preload, worker_env's items)
 _SERVERS: dict[_Key, ForkServer] = {}
 FORK_TIMEOUT_S = 120.0  # a fork request waits this long at most (the server may be importing)
 _SERVERS_LOCK = threading.Lock()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Is `fd` readable (or at EOF) within `timeout` s?  poll(), not select(): a VMM may
+    hold descriptors numbered above select()'s 1023."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(poll_millis(timeout)))
 
 
 def import_preload(preload: Sequence[str]) -> None:
@@ -165,7 +174,7 @@ class ForkServer:
             ready_r = self._ready_r
             if ready_r is None:
                 return
-            if not select.select([ready_r], [], [], timeout)[0]:
+            if not _readable(ready_r, timeout):
                 raise PoolError(f"the fork server did not start within {timeout:.0f} s")
             answer = os.read(ready_r, 1)
             os.close(ready_r)
@@ -206,7 +215,7 @@ class ForkServer:
                 return
             # Still importing: it has forked nothing yet, so nothing needs it; do not
             # wait for its imports (a command that failed at once exits at once).
-            starting = self._ready_r is not None and not select.select([self._ready_r], [], [], 0)[0]
+            starting = self._ready_r is not None and not _readable(self._ready_r, 0)
             self._forget_locked()
             if starting:
                 server.kill()
@@ -255,7 +264,7 @@ class _ServerPopen(popen_forkserver.Popen):
         with open(w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
         # A deadlock guard only: a server stuck in its imports must not hang the pool.
-        if not select.select([self.sentinel], [], [], FORK_TIMEOUT_S)[0]:
+        if not _readable(self.sentinel, FORK_TIMEOUT_S):
             raise PoolError(f"the fork server forked no worker within {FORK_TIMEOUT_S:.0f} s")
         self.pid = forkserver.read_signed(self.sentinel)
 
