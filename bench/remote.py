@@ -61,12 +61,13 @@ def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport:
             ram_is_zeroed: bool = False, source_devices: list[MigratableDevice] | None = None,
             destination_devices: dict[str, Any] | None = None,
             tls: tuple[TlsConfig, TlsConfig] | None = None, hosts: Hosts | None = None,
-            ) -> tuple[MigrationResult, dict[str, Any], float]:
+            guest: Any = None) -> tuple[MigrationResult, dict[str, Any], float]:
     """Migrate `src` into `dst` (held by a destination process).
 
     `tls`: the source's and the destination's TLS files (TLS 1.3 on every channel).
     `hosts`: two network namespaces (tests/netns.py): the destination listens in
     one, the source connects from the other, over their veth pair.
+    `guest`: a running guest on `src` (its ``pause``/``resume`` are the VMM's).
     Returns the source's result, the destination's result as a dict, and the CPU
     seconds this (the source's main) process spent.  Raises if the destination failed.
     """
@@ -88,7 +89,9 @@ def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport:
         # Connections are made by this thread: in the source namespace when asked.
         with inside(hosts.source) if hosts else contextlib.nullcontext():
             result = SourceMigration(src, to, secret=SECRET, config=config,
-                                     devices=source_devices or (), tls=tls[0] if tls else None).run()
+                                     devices=source_devices or (), tls=tls[0] if tls else None,
+                                     pause_guest=guest.pause if guest else None,
+                                     resume_guest=guest.resume if guest else None).run()
         main_cpu_s = sum(os.times()[:2]) - sum(times[:2])
         remote = ours.recv()
     finally:

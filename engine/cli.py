@@ -36,10 +36,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import codecs
+from engine.channel import channel_fork_server
 from engine.config import DestinationConfig, MigrationConfig
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.link import TlsConfig
 from engine.operation import Operation
+from engine.pool import stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
 
@@ -421,6 +423,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
         )
         _watch(destination)
         signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
+        # Ready before a source connects: RAM created and touched (--ram), and the fork
+        # server its channels fork from has imported their modules.
+        channel_fork_server().wait_ready()
         _announce(args, f"LISTENING {destination.address}")
         destination.start()
         result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json))
@@ -782,6 +787,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate,
                 "save": cmd_save, "restore": cmd_restore, "inspect": cmd_inspect}
     try:
+        if args.command != "inspect":
+            # Channel processes fork from it in milliseconds; it imports their modules
+            # while this process builds the guest (stopped below, or at exit).
+            channel_fork_server().start()
         return handlers[args.command](args)
     except CancelledError as exc:
         _fail(args, MigrationState.CANCELLED, exc)
@@ -799,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(args, MigrationState.CANCELLED, "interrupted")
         return 130
+    finally:
+        stop_fork_servers()
 
 
 def _watch(operation: Operation) -> Any:

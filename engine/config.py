@@ -63,7 +63,7 @@ class DestinationConfig:
 
     handshake_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
-    start_method: str = "spawn"             # how channel processes start
+    start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
     # Without TLS, every byte after the hellos travels in MAC records; "none" also
     # accepts a source that sends without them (a trusted link; docs/wire-format.md §1.1).
@@ -96,7 +96,7 @@ class MigrationConfig:
     connect_timeout_s: float = 10.0
     handshake_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
-    start_method: str = "spawn"             # how channel processes start
+    start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
     # Without TLS: "mac" sends every byte after the hellos in MAC records (the
     # default); "none" sends the bare stream, which a destination takes only when

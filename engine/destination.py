@@ -241,8 +241,10 @@ class DestinationMigration(Migration):
             self._defer("free the RAM it created", self._free_created_ram)
             self._ram_arrived(self.ram)
         self._send_message(wire.ConfigAck(0, ""))
+        self._mark("main_channel")
 
         conns = self._accept_channels(hello)
+        self._mark("channel_handshakes")
         self._defer("close the channel connections", close_all, conns)
         # Destination slots carry no pages: they deliver device chunks to this
         # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
@@ -276,7 +278,9 @@ class DestinationMigration(Migration):
             payload_kinds=tuple(kinds), payload_modules=payload_modules(kinds),
             link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
         )
+        self._mark("slots")
         self._start_channels(run_recv_channel, conns, spec)
+        self._mark("channel_processes")
         self._listener.close()  # every channel joined: nobody else may connect
         self._admission.close()
         self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s, slots=slots)

@@ -258,6 +258,7 @@ class SourceMigration(SavingOperation, Migration):
         ack = self._read_message(wire.ConfigAck, self._setup_deadline)
         if not ack.accepted:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
+        self._mark("main_channel")
 
         # N channel slots + one for the RAM client + one per device save job,
         # each big enough for a device chunk when there are devices.
@@ -286,6 +287,7 @@ class SourceMigration(SavingOperation, Migration):
                 self._session_key, channel_challenge, flags=flags,
             ))
             data.settimeout(None)
+        self._mark("channel_handshakes")
         spec = ChannelSpec(
             # Local mode: the channels carry device state only, so they map no RAM.
             channel_id=0, ram=RamHandle(()) if cfg.local else self.ram.handle,
@@ -296,9 +298,12 @@ class SourceMigration(SavingOperation, Migration):
             link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
         )
         self._start_channels(run_send_channel, conns, spec)
+        self._mark("channel_processes")
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
         self._read_message(wire.ChannelsReady, self._setup_deadline)
+        self._mark("destination_channels")
         self._rtt_s = self._measure_rtt()
+        self._mark("rtt")
         conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
         self._core = MultifdSender(
             self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,

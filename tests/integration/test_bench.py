@@ -67,6 +67,25 @@ def test_iterative_devices_bench(tmp_path: Path) -> None:
     assert cases["iterative"]["live_bytes"] >= 2 * (2 << 20)  # every device's state went live
 
 
+def test_setup_bench(tmp_path: Path) -> None:
+    out = tmp_path / "setup.json"
+    bench("setup.py", "--ram", "8M", "--repeat", "1", "--json", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["case"] for run in runs] == ["spawn", "forkserver", "warm"]
+    for run in runs:  # every step measured, the first packet after the set-up
+        assert list(run["steps_ms"]) == ["main_channel", "channel_handshakes", "channel_processes",
+                                         "destination_channels", "rtt"]
+        assert run["first_packet_ms"] >= run["setup_ms"] > 0
+
+
+def test_caps_bench(tmp_path: Path) -> None:
+    out = tmp_path / "caps.json"
+    bench("caps.py", "--sizes", "8M", "--caps", "64M", "1G", "--repeat", "1", "--json", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["size"], run["cap"]) for run in runs] == [(8 << 20, 64 << 20), (8 << 20, 1 << 30)]
+    assert all(run["downtime_ms"] > 0 and run["rounds"] >= 2 for run in runs)
+
+
 def test_compression_bench_case() -> None:
     with guest_ram(8 * MiB, fill="text") as src, guest_ram(8 * MiB, fill="zero") as dst:
         run = compression_run(src, dst, MigrationConfig(channels=2, compression="zstd"))
