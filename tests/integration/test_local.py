@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from clients.devices import DemoDevice, IterativeDemoDevice
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
 from engine.errors import (
@@ -134,6 +135,69 @@ def test_local_migration_hands_over_the_same_pages_and_copies_none() -> None:
     dst.close()
     dst.unlink()
     assert not names & shm_segments()
+
+
+class Loading(IterativeDemoDevice):
+    """Destination: counts the bytes of its stream it has loaded (as the reports count them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loaded = 0
+
+    def load_state(self, chunk: bytes) -> None:
+        super().load_state(chunk)
+        self.loaded += len(chunk)
+
+
+@pytest.mark.parametrize("ack", [True, False], ids=["switchover-ack", "no-ack"])
+def test_an_iterative_device_sends_its_state_in_live_rounds_though_the_ram_needs_none(ack: bool) -> None:
+    """Local mode with an iterative device (its state changing as it goes) and a
+    plain one: the rounds carry the iterative device's state, not one page; the
+    guest is paused only once the destination has loaded all the live state handed
+    out (with the switchover ack: at least the whole initial state), since a round
+    with nothing but device state waits for its loading; everything lands byte
+    for byte, mostly before the pause."""
+    state = 3 * MiB + 12345  # not a whole number of regions
+    with running_guest() as (ram, guest):
+        gpu = IterativeDemoDevice("gpu", 0, state, seed=3, dirty_rate=1.0, switchover_ack=ack)
+        plain = DemoDevice("nic", 0, MiB, seed=4)
+        gpu_there = Loading("gpu", 0, state, load_latency_s=0.3, with_state=False, switchover_ack=ack)
+        plain_there = DemoDevice("nic", 0, MiB, with_state=False)
+        destination = Destination(devices=[gpu_there, plain_there])
+        at_pause: list[int] = []
+        source = source_for(ram, guest, destination.migration.address, devices=[gpu, plain])
+        pause = source._pause_guest
+        assert pause is not None
+
+        def pause_guest() -> None:
+            at_pause.append(gpu_there.loaded)
+            pause()
+        source._pause_guest = pause_guest
+        source.live_window = MiB  # several rounds, each waiting for the loading
+        result = source.run()
+        landed = destination.migration.wait(15)
+        dst = destination.migration.ram
+        assert dst is not None and not ram.owner and dst.owner
+        try:  # the destination owns the RAM now: it goes whatever the checks find
+            assert result.extra["local"] and landed.extra["local"]
+            assert result.pages_sent == landed.pages_sent == 0 and result.zero_pages == 0
+            assert result.rounds >= 3 and landed.rounds == result.rounds  # 3 MiB, a 1 MiB window
+            assert gpu_there.state == gpu.state and gpu_there.intact()
+            assert plain_there.state == plain.state and landed.extra["devices_verified"]
+            sent = {d["idstr"]: d for d in result.extra["devices"]}
+            loaded = {d["idstr"]: d for d in landed.extra["devices"]}
+            # The whole initial state went while the guest ran, loaded then; at the
+            # pause only what changed since.
+            assert sent["gpu"]["live_bytes"] >= (state if ack else state - MiB)
+            assert at_pause == [sent["gpu"]["live_bytes"]]  # and all of it loaded while it ran
+            assert loaded["gpu"]["live_bytes"] == sent["gpu"]["live_bytes"]
+            assert sent["gpu"]["bytes"] - sent["gpu"]["live_bytes"] < sent["gpu"]["live_bytes"]
+            assert sent["nic"]["live_bytes"] == 0 and sent["nic"]["bytes"] >= MiB
+            assert check_incrementer(dst) == ""
+        finally:
+            guest.stop()
+            dst.close()
+            dst.unlink()
 
 
 @pytest.mark.parametrize("where", [
