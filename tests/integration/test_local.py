@@ -35,7 +35,7 @@ from engine.shm import PAGE_SIZE
 from engine.snapshot import SnapshotSave
 from engine.sync import MigrationState
 from engine.wire import message as wire
-from tests.harness import SECRET, MiB, Recorder, address, guest_ram
+from tests.harness import SECRET, MiB, Recorder, address, guest_ram, wait_until
 from tests.leaks import shm_segments
 
 LOCAL = MigrationConfig(channels=1, local=True, stall_timeout_s=5.0)
@@ -202,6 +202,28 @@ def test_an_iterative_device_sends_its_state_in_live_rounds_though_the_ram_needs
             guest.stop()
             dst.close()
             dst.unlink()
+
+
+def test_a_cancel_while_the_live_rounds_wait_for_loading_leaves_the_source_owning_and_running() -> None:
+    """The source cancels while a local round waits for the destination to load an
+    iterative device's live chunks (slowly): the cancel ends the wait at once (not
+    its stall timeout, nor the loading, both longer than the test waits); no RAM
+    was handed over, the source owns its RAM and its guest runs on, the
+    destination has nothing."""
+    with running_guest() as (ram, guest):
+        gpu = IterativeDemoDevice("gpu", 0, 4 * MiB, seed=5, switchover_ack=False)
+        there = Loading("gpu", 0, 4 * MiB, load_latency_s=20.0, with_state=False, switchover_ack=False)
+        destination = Destination(devices=[there], config=LOCAL.with_(cancel_grace_s=0.2))
+        source = source_for(ram, guest, destination.migration.address, devices=[gpu],
+                            config=LOCAL.with_(stall_timeout_s=30.0))
+        source.start()
+        wait_until(lambda: any(source._live_counts), "the first round's LIVE_ROUND")
+        assert source.state is MigrationState.ACTIVE  # in the rounds, not paused
+        assert source.cancel("the operator changed their mind")
+        with pytest.raises(CancelledError, match="changed their mind"):
+            source.wait(15)
+        assert isinstance(destination.outcome(), MigrationError)
+        assert_source_runs_on(ram, guest, destination)
 
 
 @pytest.mark.parametrize("where", [
