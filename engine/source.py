@@ -18,7 +18,9 @@
                the barrier) → END on every channel → COMPLETE (→ DIGESTS if verifying)
     commit     ← PREPARED (the destination has it all, its guest has not run) →
                COMMIT: from here the destination owns the VM → ← RESUMED
-    local      (``config.local``, unix:// only) no rounds: pause → SWITCHOVER →
+    local      (``config.local``, unix:// only) no page and no RAM round: the
+               rounds (only if a device is iterative) carry live device chunks,
+               LIVE_ROUND and the ack as above; then pause → SWITCHOVER →
                RAM_HANDOVER with the RAM's descriptors (SCM_RIGHTS) → devices → END
                → COMPLETE → ← PREPARED → disown the RAM, COMMIT → ← RESUMED; a
                COMMIT that cannot be sent, or a destination that did not commit,
@@ -531,9 +533,15 @@ class SourceMigration(SavingOperation, Migration):
             assert self._saver is not None
             self._live.handed_out(self._saver.wait_live(self.latch))
 
-    def _live_report(self) -> tuple[int, float]:
+    def _live_report(self, wait_loaded: bool = False) -> tuple[int, float]:
         """LIVE_ROUND: live chunks so far per device (ACK_WANTED once every device
-        that asks for the switchover ack has handed out its initial state)."""
+        that asks for the switchover ack has handed out its initial state).
+
+        `wait_loaded` (local mode: no RAM round beside the devices' chunks): then
+        wait, up to stall_timeout_s, for the destination to load them, so the
+        estimate never counts bytes still in flight at a load rate not measured
+        yet (round 1 would "converge" at once, and their loading would be
+        downtime); the pending bytes are asked again after the wait."""
         live = self._live
         if live is None:
             return 0, 0.0
@@ -544,6 +552,9 @@ class SourceMigration(SavingOperation, Migration):
             self._ack_deadline = time.monotonic() + self.config.stall_timeout_s
         self._live_counts = tuple(self._saver.chunks)
         self._send_message(wire.LiveRound(self._live_counts, ask))
+        if wait_loaded:
+            live.wait_loaded(self._live_counts, self.config.stall_timeout_s)
+            live.poll_pending()
         return live.remaining()
 
     def _live_ready(self, final: bool = False) -> bool:

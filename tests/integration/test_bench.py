@@ -159,3 +159,17 @@ def test_local_bench(tmp_path: Path) -> None:
     for case in report["cases"]:
         assert len(case["runs"]["none"]) == len(case["runs"]["devices"]) == 2  # there and back
         assert case["none"]["pages_sent"] == case["devices"]["pages_sent"] == 0
+
+
+@pytest.mark.heavy  # eight local hand-overs, two VMM processes
+def test_local_iterative_bench(tmp_path: Path) -> None:
+    out = tmp_path / "local-iterative.json"
+    bench("local.py", "--iterative", "--sizes", "8M", "--state-size", "2M", "--load-ms", "50",
+          "--repeat", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    cases = {case["case"]: case for case in report["cases"]}
+    assert set(cases) == {"switchover-only", "iterative"}
+    for case in cases.values():
+        assert len(case["runs"]) == 2 and case["pages_sent"] == 0  # there and back, no page
+    assert cases["switchover-only"]["live_bytes"] == 0 and cases["switchover-only"]["rounds"] == 0
+    assert cases["iterative"]["live_bytes"] >= 2 << 20  # the whole state went in rounds
