@@ -43,8 +43,11 @@ def test_key_and_tag_are_what_the_specification_says() -> None:
     assert key(3, record.Direction.TO_DESTINATION) == hmac.new(SESSION, label, hashlib.sha256).digest()
     k = key(3, record.Direction.TO_DESTINATION)
     assert record.TAG_SIZE == 16
-    # a small record (tagged in one call) and a large one (streamed), fed in pieces
-    for sequence, data in ((5, b"MFDP"), (1 << 40, bytes(range(256)) * 1024)):
+    # small records (gathered, tagged in one call) and large ones (streamed), fed in
+    # pieces, on either side of the size where the receiver switches
+    sizes = (4, 32 << 10, (32 << 10) + 1, 256 << 10)
+    for sequence, size in zip((5, 1, 2, 1 << 40), sizes):
+        data = (bytes(range(256)) * (size // 256 + 1))[:size]
         tag = record.start_tag(record.RecordKey(k), sequence, len(data))
         for at in range(0, len(data), 10000):
             tag.update(memoryview(data)[at:at + 10000])
@@ -53,11 +56,14 @@ def test_key_and_tag_are_what_the_specification_says() -> None:
         assert one_call == gmac(k, sequence, data)
     # a fixed vector, so a change in the primitives' use would show too
     assert gmac(k, 5, b"MFDP").hex() == GOLDEN_TAG
+    assert record.start_tag(record.RecordKey(k), 5, 4).digest() != bytes.fromhex(GOLDEN_TAG)  # no data fed
     # every connection and direction has its own key
     keys = {key(c, d) for c in (0, 1, record.MAIN_CONNECTION) for d in record.Direction}
     assert len(keys) == 6
     with pytest.raises(LocalProtocolError):
         record.record_key(SESSION, 1 << 16, record.Direction.TO_SOURCE)
+    with pytest.raises(LocalProtocolError, match="32 bytes"):
+        record.RecordKey(bytes(16))  # AES-128 would run, and be a different tag
 
 
 def test_header_lengths() -> None:
