@@ -266,6 +266,8 @@ class RecordConnection(Connection):
         for view in chunk:  # one copy: what is tagged is what is sent
             stage[at:at + view.nbytes] = view
             at += view.nbytes
+        # One call over the whole copy: it beat copying and feeding a streaming GCM
+        # context 128 KiB at a time (85 against 151 µs per MiB, medians, loaded 2-core VM).
         tag = self._send_key.tag(self._send_seq, stage[:at])
         self._send_seq += 1
         out = [memoryview(header), stage[record.PREFIX_SIZE:at], memoryview(tag)]
