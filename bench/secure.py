@@ -5,7 +5,7 @@ an idle guest of random RAM migrates to a destination process of its own
 (bench/remote.py) three ways, in an order that rotates every repetition:
 
 * **bare** — ``integrity="none"``: the bytes after the hellos unprotected;
-* **mac** — the default: every byte after the hellos in HMAC-SHA256 records
+* **mac** — the default: every byte after the hellos in AES-256-GMAC records
   (docs/wire-format.md §1.1), the sender tagging a copy of what it sends;
 * **tls** — TLS 1.3 with mutual x509 on the main and every multifd channel
   (certificates made for the run by ``openssl``; the channel processes run the

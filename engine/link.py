@@ -159,9 +159,6 @@ def check_peer_name(conn: Connection, link: LinkSecurity) -> None:
 # MAC records.
 
 
-# Copy and tag a record's data in pieces this size, each tagged while it is in
-# the CPU's cache (the record itself is up to 1 MiB).
-_TAG_STEP = 128 << 10
 # Receive at most this much per call, so the tag reads what the kernel just wrote
 # while it is still in the CPU's cache (one stream over a socket pair, medians of 4:
 # 1 MiB 0.37, 256 KiB 0.39, 64 KiB 0.40 GB/s; a loaded 2-core VM, so within noise).
@@ -183,13 +180,14 @@ class RecordConnection(Connection):
 
     def __init__(self, sock: socket.socket, peer: str, send_key: bytes, recv_key: bytes) -> None:
         super().__init__(sock, peer)
-        self._send_key = send_key
-        self._recv_key = recv_key
+        self._send_key = record.RecordKey(send_key)
+        self._recv_key = record.RecordKey(recv_key)
         self._send_seq = 0
         self._recv_seq = 0
         self._left = 0          # data bytes of the current incoming record not yet read
-        self._tag = record.start_tag(recv_key, 0, 1)
-        self._stage = bytearray(record.MAX_RECORD)
+        self._tag = record.start_tag(self._recv_key, 0, 1)
+        # sequence ‖ length, then the data: what the tag covers, in one buffer
+        self._stage = bytearray(record.PREFIX_SIZE + record.MAX_RECORD)
         self._fd_room = 0       # descriptors a receive may take now (recv_some_with_fds)
         self._fds: list[int] = []
 
@@ -262,17 +260,17 @@ class RecordConnection(Connection):
     def _send_record(self, chunk: Sequence[memoryview], fds: Sequence[int] = ()) -> None:
         stage = memoryview(self._stage)
         length = sum(view.nbytes for view in chunk)
-        tag = record.start_tag(self._send_key, self._send_seq, length)
-        at = 0
+        header = record.encode_header(length)
+        stage[:record.PREFIX_SIZE] = record.encode_prefix(self._send_seq, length)
+        at = record.PREFIX_SIZE
         for view in chunk:  # one copy: what is tagged is what is sent
-            for start in range(0, view.nbytes, _TAG_STEP):
-                piece = view[start:start + _TAG_STEP]
-                stage[at:at + piece.nbytes] = piece
-                tag.update(stage[at:at + piece.nbytes])  # while the copy is in cache
-                at += piece.nbytes
-        data = stage[:length]
+            stage[at:at + view.nbytes] = view
+            at += view.nbytes
+        # One call over the whole copy: it beat copying and feeding a streaming GCM
+        # context 128 KiB at a time (85 against 151 µs per MiB, medians, loaded 2-core VM).
+        tag = self._send_key.tag(self._send_seq, stage[:at])
         self._send_seq += 1
-        out = [memoryview(record.encode_header(length)), data, memoryview(tag.digest())]
+        out = [memoryview(header), stage[record.PREFIX_SIZE:at], memoryview(tag)]
         start = 0
         if fds:  # they ride on the header's first byte
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]

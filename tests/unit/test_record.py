@@ -12,30 +12,58 @@ import struct
 import threading
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from engine.errors import IntegrityError, LocalProtocolError, TransportClosedError
 from engine.link import RecordConnection
 from engine.wire import record
 
 SESSION = bytes(range(32))
+# `printf "\0\0\0\0\0\0\0\5\0\0\0\4MFDP" | openssl mac -cipher AES-256-GCM -macopt hexkey:<key> -macopt
+# hexiv:000000000000000000000005 GMAC`, key = key(3, TO_DESTINATION)
+GOLDEN_TAG = "4efff5cab3cddc3646651f139aa310a0"
 
 
 def key(connection: int, direction: record.Direction) -> bytes:
     return record.record_key(SESSION, connection, direction)
 
 
+def gmac(key: bytes, sequence: int, data: bytes) -> bytes:
+    """AES-256-GMAC as the specification says, from the `cryptography` primitives
+    (not the codec): GCM, nonce 0 u32 ‖ sequence u64, no plaintext, the associated
+    data sequence u64 ‖ length u32 ‖ data."""
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(bytes(4) + sequence.to_bytes(8, "big"))).encryptor()
+    encryptor.authenticate_additional_data(sequence.to_bytes(8, "big") + len(data).to_bytes(4, "big") + data)
+    encryptor.finalize()
+    return encryptor.tag
+
+
 def test_key_and_tag_are_what_the_specification_says() -> None:
     label = b"multifd record " + (3).to_bytes(2, "big") + b"\x01"
     assert key(3, record.Direction.TO_DESTINATION) == hmac.new(SESSION, label, hashlib.sha256).digest()
     k = key(3, record.Direction.TO_DESTINATION)
-    tag = record.start_tag(k, 5, 4)
-    tag.update(b"MFDP")
-    assert tag.digest() == hmac.new(k, struct.pack(">QI", 5, 4) + b"MFDP", hashlib.sha256).digest()
+    assert record.TAG_SIZE == 16
+    # small records (gathered, tagged in one call) and large ones (streamed), fed in
+    # pieces, on either side of the size where the receiver switches
+    sizes = (4, 32 << 10, (32 << 10) + 1, 256 << 10)
+    for sequence, size in zip((5, 1, 2, 1 << 40), sizes):
+        data = (bytes(range(256)) * (size // 256 + 1))[:size]
+        tag = record.start_tag(record.RecordKey(k), sequence, len(data))
+        for at in range(0, len(data), 10000):
+            tag.update(memoryview(data)[at:at + 10000])
+        assert tag.digest() == gmac(k, sequence, data)
+        one_call = record.RecordKey(k).tag(sequence, record.encode_prefix(sequence, len(data)) + data)
+        assert one_call == gmac(k, sequence, data)
+    # a fixed vector, so a change in the primitives' use would show too
+    assert gmac(k, 5, b"MFDP").hex() == GOLDEN_TAG
+    assert record.start_tag(record.RecordKey(k), 5, 4).digest() != bytes.fromhex(GOLDEN_TAG)  # no data fed
     # every connection and direction has its own key
     keys = {key(c, d) for c in (0, 1, record.MAIN_CONNECTION) for d in record.Direction}
     assert len(keys) == 6
     with pytest.raises(LocalProtocolError):
         record.record_key(SESSION, 1 << 16, record.Direction.TO_SOURCE)
+    with pytest.raises(LocalProtocolError, match="32 bytes"):
+        record.RecordKey(bytes(16))  # AES-128 would run, and be a different tag
 
 
 def test_header_lengths() -> None:
