@@ -427,6 +427,17 @@ def test_config_device_flags_refused() -> None:
         decoder.next_message()
 
 
+def test_config_device_flags_without_a_flag_set_refused() -> None:
+    """One encoding per CONFIG: DEVICE_FLAGS only when some device has a flag
+    (found by the corrupted-stream fuzz: decoded, it re-encoded one byte shorter)."""
+    wire = bytearray(encode_message(ITERATIVE_CONFIG))
+    wire[-2] = 0  # "gpu" loses its flags; "nic" had none
+    decoder = MessageDecoder()
+    decoder.receive_data(bytes(wire))
+    with pytest.raises(RemoteProtocolError, match="DEVICE_FLAGS with no device flag set"):
+        decoder.next_message()
+
+
 def test_device_chunks_in_the_stream_decoder() -> None:
     decoder = PacketDecoder(LIMITS)
     decoder.receive_data(encode_device_state(0, "nic", 2, 7, False, 3) + b"abc"
