@@ -20,6 +20,16 @@ flat in RAM size; with devices, downtime grows by the slowest device's load.
 
 A size that would leave less than ``--margin`` of the machine's available
 memory is skipped, and the report says so.
+
+``--iterative`` (issue 15's precopy for iterative devices): a small guest with
+one device of ``--state-size`` (256 MiB) whose state changes ``--dirty-rate``
+% per second and loads in ``--load-ms`` per ``--state-size`` on the
+destination, sent all at switchover (RegionDemoDevice) or during precopy
+rounds that carry no page (IterativeDemoDevice, with the switchover ack);
+downtime of each, and of a hand-over without the device, in the same run.
+
+    python bench/local.py --iterative [--state-size 256M] [--load-ms 1000]
+                          [--dirty-rate 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -56,9 +66,11 @@ class Vmm:
 
     def receive(self, address: str, devices: dict[str, Any], told: Any) -> dict[str, Any]:
         """Take the guest over `address` (`told(address)` once listening)."""
-        loading = demo_devices(**devices, with_state=False) if devices["count"] else []
+        spec = {key: value for key, value in devices.items() if key != "max_device_buffer"}
+        loading = demo_devices(**spec, with_state=False) if devices["count"] else []
         destination = DestinationMigration(address, secret=SECRET, config=self.config.for_destination(),
-                                           devices=loading, pool=self.pool)
+                                           devices=loading, pool=self.pool,
+                                           max_device_buffer=devices.get("max_device_buffer", 64 << 20))
         told(destination.address)
         result = destination.run().to_dict()
         if sum(device.intact() for device in loading) != len(loading):
@@ -73,7 +85,8 @@ class Vmm:
     def send(self, to: str, devices: dict[str, Any]) -> dict[str, Any]:
         """Hand the guest to the VMM listening on `to`; our RAM is theirs afterwards."""
         assert self.ram is not None
-        saving = demo_devices(devices["count"], devices["state_size"]) if devices["count"] else []
+        kind = {key: devices[key] for key in ("iterative", "regions", "dirty_rate") if key in devices}
+        saving = demo_devices(devices["count"], devices["state_size"], **kind) if devices["count"] else []
         result = SourceMigration(self.ram, to, secret=SECRET, config=self.config, devices=saving,
                                  pool=self.pool).run().to_dict()
         ram, self.ram = self.ram, None
@@ -175,21 +188,129 @@ def median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
+ITERATIVE_CASES = ("none", "switchover-only", "iterative")
+
+
+def measure_iterative(size: int, repeat: int, config: MigrationConfig, device: dict[str, Any],
+                      where: str) -> dict[str, list[dict[str, Any]]]:
+    """`repeat` hand-overs each way per case of ITERATIVE_CASES (order alternating
+    per repeat), with `device` the iterative device's demo_devices spec."""
+    cases = {
+        "none": {**device, "count": 0},
+        # switchover-only: the whole state arrives faster than it loads
+        "switchover-only": {**device, "regions": True, "max_device_buffer": 2 * device["state_size"]},
+        "iterative": {**device, "iterative": True},
+    }
+    a = Vmm(config)
+    ours, theirs = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=_vmm_process, args=(config, theirs))
+    process.start()
+    theirs.close()
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in ITERATIVE_CASES}
+    try:
+        a.ram = GuestRAM.create({"pc.ram": size}, prealloc=True)
+        a_has_it = True
+        count = 0
+        for _ in range(2):  # warm-up, there and back
+            hand_over(a, ours, a_has_it, f"unix://{where}/m{count}.sock", cases["none"])
+            count += 1
+            a_has_it = not a_has_it
+        for rep in range(repeat):
+            for case in ITERATIVE_CASES if rep % 2 == 0 else ITERATIVE_CASES[::-1]:
+                for _ in range(2):  # A → B, then B → A
+                    run = hand_over(a, ours, a_has_it, f"unix://{where}/m{count}.sock", cases[case])
+                    count += 1
+                    a_has_it = not a_has_it
+                    reports = run.get("devices", [])
+                    run["live_bytes"] = sum(d["live_bytes"] for d in reports)
+                    run["device_bytes"] = sum(d["bytes"] for d in reports)
+                    runs[case].append(run)
+                    print(f"  {case:>15}: downtime {run['downtime_ms']:.1f} ms, total "
+                          f"{run['total_time_s'] * 1000:.0f} ms, {run['rounds']} rounds, "
+                          f"{run['live_bytes'] >> 20} of {run['device_bytes'] >> 20} MiB live", flush=True)
+    finally:
+        ours.send(None)
+        process.join(60)
+        ours.close()
+        a.close()
+    return runs
+
+
+def main_iterative(args: argparse.Namespace) -> int:
+    """Local mode with one iterative device: downtime with precopy rounds vs all at switchover."""
+    size = args.sizes[0] if args.sizes_given else parse_size("64M")
+    config = MigrationConfig(channels=args.channels, local=True, max_rounds=60)
+    device = {"count": 1, "state_size": args.state_size, "dirty_rate": args.dirty_rate / 100,
+              "load_latency_s": args.load_ms / 1000}
+    print(f"local migration, {size >> 20} MiB idle guest, one device of {args.state_size >> 20} MiB "
+          f"changing {args.dirty_rate:g} %/s, loading {args.load_ms:.0f} ms per "
+          f"{args.state_size >> 20} MiB; {args.repeat} hand-overs each way per case; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="mfd-bench-local-") as where:
+        runs = measure_iterative(size, args.repeat, config, device, where)
+    bare = median(runs["none"], "downtime_ms")
+    report: dict[str, Any] = {
+        "ram_bytes": size, "channels": args.channels, "state_size": args.state_size,
+        "dirty_rate_pct_per_s": args.dirty_rate, "load_ms_per_state": args.load_ms,
+        "repeat": args.repeat, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+        "downtime_without_devices_ms": bare, "cases": []}
+    print(f"downtime without the device: {bare:.1f} ms (median)")
+    print(f"{'case':>15} {'downtime ms':>12} {'device ms':>10} {'total ms':>9} {'rounds':>7} "
+          f"{'live MiB':>9} {'at pause MiB':>13}")
+    shares = {}
+    for case in ("switchover-only", "iterative"):
+        share = median(runs[case], "downtime_ms") - bare
+        shares[case] = share
+        at_pause = statistics.median(run["device_bytes"] - run["live_bytes"] for run in runs[case])
+        row = {"case": case, "downtime_ms": median(runs[case], "downtime_ms"), "device_share_ms": share,
+               "total_ms": median(runs[case], "total_time_s") * 1000,
+               "rounds": median(runs[case], "rounds"), "live_bytes": median(runs[case], "live_bytes"),
+               "bytes_at_pause": at_pause, "pages_sent": max(run["pages_sent"] for run in runs[case]),
+               "runs": runs[case]}
+        report["cases"].append(row)
+        print(f"{case:>15} {row['downtime_ms']:>12.1f} {share:>10.1f} {row['total_ms']:>9.0f} "
+              f"{row['rounds']:>7.0f} {row['live_bytes'] / (1 << 20):>9.1f} {at_pause / (1 << 20):>13.1f}")
+    ratio = (median(runs["iterative"], "downtime_ms") / median(runs["switchover-only"], "downtime_ms"))
+    report["downtime_ratio"] = ratio
+    print(f"downtime, iterative / switchover-only: {ratio:.3f}")
+    write_report(args.json or "bench/results/local-iterative.json", report)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=parse_size, nargs="+",
-                        default=[parse_size(s) for s in ("1G", "8G", "16G")])
-    parser.add_argument("--repeat", type=int, default=5, help="hand-overs each way, per case")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=None,
+                        help="RAM sizes (1G 8G 16G; --iterative: one size, 64M)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="hand-overs each way, per case (5; --iterative: 3)")
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--devices", type=int, default=4,
                         help="demo devices in the with-devices case (0: none)")
-    parser.add_argument("--state-size", type=parse_size, default=parse_size("256K"))
-    parser.add_argument("--load-ms", type=float, default=20.0,
-                        help="each device's load time on the destination")
+    parser.add_argument("--state-size", type=parse_size, default=None,
+                        help="each device's state (256K; --iterative: 256M)")
+    parser.add_argument("--load-ms", type=float, default=None,
+                        help="each device's load time on the destination (20; --iterative: "
+                             "1000 per --state-size)")
     parser.add_argument("--margin", type=parse_size, default=parse_size("3G"),
                         help="memory a size must leave available to run (others use this machine too)")
-    parser.add_argument("--json", default="bench/results/local.json")
+    parser.add_argument("--json", default=None,
+                        help="bench/results/local.json (--iterative: local-iterative.json)")
+    parser.add_argument("--iterative", action="store_true",
+                        help="one iterative device: precopy rounds vs switchover-only")
+    parser.add_argument("--dirty-rate", type=float, default=2.0,
+                        help="--iterative: %% of the device's state changing per second (2)")
     args = parser.parse_args()
+    args.sizes_given = args.sizes is not None
+    if args.iterative:
+        args.repeat = args.repeat or 3
+        args.state_size = parse_size("256M") if args.state_size is None else args.state_size
+        args.load_ms = 1000.0 if args.load_ms is None else args.load_ms
+        return main_iterative(args)
+    args.repeat = args.repeat or 5
+    args.sizes = args.sizes or [parse_size(s) for s in ("1G", "8G", "16G")]
+    args.state_size = parse_size("256K") if args.state_size is None else args.state_size
+    args.load_ms = 20.0 if args.load_ms is None else args.load_ms
+    args.json = args.json or "bench/results/local.json"
 
     config = MigrationConfig(channels=args.channels, local=True)
     devices = {"count": args.devices, "state_size": args.state_size, "load_latency_s": args.load_ms / 1000}

@@ -7,6 +7,7 @@ zeroed outside the timing) and sends its result back over a pipe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -16,20 +17,25 @@ from typing import Any
 from clients.devices import demo_devices
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
 from engine.device import MigratableDevice
+from engine.link import TlsConfig
 from engine.shm import RamHandle
+from tests.netns import Hosts, enter, inside
 
 SECRET = b"bench"
 
 
 def _destination_process(handle: RamHandle, address: str, config: MigrationConfig,
                          pipe: Connection, ram_is_zeroed: bool,
-                         devices: dict[str, Any] | None) -> None:
+                         devices: dict[str, Any] | None, tls: TlsConfig | None = None,
+                         netns: str | None = None) -> None:
     """The destination VMM.
 
     ``devices``, when given, holds :func:`clients.devices.demo_devices` arguments,
     ``device_load`` and ``max_device_buffer``: the destination builds its empty devices here and reports
     how many loaded intact.
     """
+    if netns is not None:
+        enter(netns)  # the destination host; its channel processes are born there too
     ram = GuestRAM.attach(handle)
     try:
         devices = dict(devices or {})
@@ -38,7 +44,8 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
         loaded = demo_devices(**devices, with_state=False) if devices else []
         destination = DestinationMigration(address, secret=SECRET, ram=ram, config=config.for_destination(),
                                            ram_is_zeroed=ram_is_zeroed, devices=loaded,
-                                           device_load=device_load, max_device_buffer=max_device_buffer)
+                                           device_load=device_load, max_device_buffer=max_device_buffer,
+                                           tls=tls)
         pipe.send(destination.address)
         result = destination.run().to_dict()
         result["devices_intact"] = sum(device.intact() for device in loaded)
@@ -53,23 +60,38 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
 def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport: str = "tcp",
             ram_is_zeroed: bool = False, source_devices: list[MigratableDevice] | None = None,
             destination_devices: dict[str, Any] | None = None,
-            ) -> tuple[MigrationResult, dict[str, Any], float]:
+            tls: tuple[TlsConfig, TlsConfig] | None = None, hosts: Hosts | None = None,
+            guest: Any = None) -> tuple[MigrationResult, dict[str, Any], float]:
     """Migrate `src` into `dst` (held by a destination process).
 
+    `tls`: the source's and the destination's TLS files (TLS 1.3 on every channel).
+    `hosts`: two network namespaces (tests/netns.py): the destination listens in
+    one, the source connects from the other, over their veth pair.
+    `guest`: a running guest on `src` (its ``pause``/``resume`` are the VMM's).
     Returns the source's result, the destination's result as a dict, and the CPU
     seconds this (the source's main) process spent.  Raises if the destination failed.
     """
     address = "tcp://127.0.0.1:0" if transport == "tcp" else f"unix:///tmp/mfd-bench-{os.getpid()}.sock"
+    if hosts is not None:
+        address = f"tcp://{hosts.destination_ip}:0"
+    if tls is not None:
+        address = address.replace("tcp://", "tls://")
     ours, theirs = multiprocessing.Pipe()
     process = multiprocessing.get_context("spawn").Process(
         target=_destination_process,
-        args=(dst.handle, address, config, theirs, ram_is_zeroed, destination_devices))
+        args=(dst.handle, address, config, theirs, ram_is_zeroed, destination_devices,
+              tls[1] if tls else None, hosts.destination if hosts else None))
     process.start()
     theirs.close()
     try:
         times = os.times()
-        result = SourceMigration(src, ours.recv(), secret=SECRET, config=config,
-                                 devices=source_devices or ()).run()
+        to = ours.recv()
+        # Connections are made by this thread: in the source namespace when asked.
+        with inside(hosts.source) if hosts else contextlib.nullcontext():
+            result = SourceMigration(src, to, secret=SECRET, config=config,
+                                     devices=source_devices or (), tls=tls[0] if tls else None,
+                                     pause_guest=guest.pause if guest else None,
+                                     resume_guest=guest.resume if guest else None).run()
         main_cpu_s = sum(os.times()[:2]) - sum(times[:2])
         remote = ours.recv()
     finally:

@@ -14,7 +14,11 @@ multifd / baseline, and writes everything to JSON.  Timing: the migration's
 transfer time is its total time minus setup (process start-up and handshakes,
 reported apart); the baseline starts once its processes are up.
 
-    python bench/throughput.py [--ram 1G] [--channels 1 2 4] [--repeat 5]
+The migration runs bare (``--integrity none``: the raw sockets are bare too, so
+this is the engine against the kernel); ``--integrity mac`` measures the
+default, MAC records (bench/secure.py compares bare, MAC and TLS in one run).
+
+    python bench/throughput.py [--ram 1G] [--channels 1 2 4] [--repeat 5] [--integrity none|mac]
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--packet-pages", type=int, default=MigrationConfig.packet_pages)
     parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    parser.add_argument("--integrity", choices=("none", "mac"), default="none")
     parser.add_argument("--json", default="bench/results/throughput.json")
     args = parser.parse_args()
 
@@ -64,7 +69,8 @@ def main() -> int:
         fill_ram(src, "random", seed=7)
         for rep in range(args.repeat):
             for n in args.channels:
-                config = MigrationConfig(channels=n, packet_pages=args.packet_pages)
+                config = MigrationConfig(channels=n, packet_pages=args.packet_pages,
+                                         integrity=args.integrity)
                 # Alternate the order so both sides share the machine's drifts.
                 order = ("baseline", "multifd") if rep % 2 == 0 else ("multifd", "baseline")
                 for kind in order:
@@ -74,8 +80,9 @@ def main() -> int:
                         cases[n]["multifd"].append(migrate_once(src, dst, config, args.transport))
             time.sleep(0.2)
 
-    report = {"ram_bytes": args.ram, "repeat": args.repeat, "packet_pages": args.packet_pages,
-              "transport": args.transport, "cpus": os.cpu_count(), "cases": []}
+    report = {"ram_bytes": args.ram, "integrity": args.integrity, "repeat": args.repeat,
+              "packet_pages": args.packet_pages, "transport": args.transport,
+              "cpus": os.cpu_count(), "cases": []}
     print(f"{args.ram / 2**30:.2f} GiB random RAM, idle guest, {args.transport}, "
           f"{args.repeat} runs, medians (min-max)")
     print(f"{'channels':>8} {'baseline GB/s':>16} {'multifd GB/s':>16} {'ratio':>6} "

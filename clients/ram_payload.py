@@ -116,6 +116,10 @@ def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
     for detection, with `scratch` from gather_scratch(); None: every run counts as non-zero)."""
     block = blocks[slot.a0]
     items = slot.used_items()
+    # Map the pieces the slot's pages lie in before the zero scan reads them (a
+    # channel's RAM is attached with populate="read"): not the span between them,
+    # which for a final round's scattered pages is most of the block.
+    block.prepare_pages_of_runs(items[:, 0].astype(np.int64), items[:, 1].astype(np.int64))
     if words is not None:
         return block, _split_zero_runs(words[block.index], items, scratch)
     counts = items[:, 1].astype(np.int64)

@@ -3,7 +3,7 @@
 The API a VMM embeds::
 
     from engine import GuestRAM, MigrationConfig, SourceMigration, DestinationMigration
-    from engine import DestinationConfig, MigrationState
+    from engine import DestinationConfig, MigrationState, TlsConfig
     from engine import SnapshotSave, SnapshotRestore, inspect_snapshot, WorkerPool
 
 Every error is an :class:`engine.errors.MigrationError`.
@@ -32,6 +32,7 @@ _PUBLIC = {
     "SnapshotRestore": "engine.snapshot",
     "SnapshotSave": "engine.snapshot",
     "SourceMigration": "engine.source",
+    "TlsConfig": "engine.link",
     "WorkerPool": "engine.pool",
     "inspect_snapshot": "engine.snapshot",
 }
@@ -50,6 +51,7 @@ __all__ = [
     "SnapshotRestore",
     "SnapshotSave",
     "SourceMigration",
+    "TlsConfig",
     "WorkerPool",
     "inspect_snapshot",
 ]
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from engine.config import DestinationConfig, MigrationConfig
     from engine.destination import DestinationMigration
     from engine.errors import MigrationError, OutcomeUnknownError
+    from engine.link import TlsConfig
     from engine.operation import Operation
     from engine.pool import WorkerPool
     from engine.shm import GuestRAM

@@ -34,6 +34,7 @@ import os
 import queue
 import socket
 import struct
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,9 +51,10 @@ from engine.errors import (
     TransportClosedError,
     TransportError,
 )
+from engine.link import LinkSecurity, secure
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
-from engine.pool import CancelToken, WorkerPool
-from engine.shm import GuestRAM, RamHandle, Segment
+from engine.pool import CancelToken, ForkServer, WorkerPool, fork_server
+from engine.shm import GuestRAM, Populate, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
@@ -168,6 +170,7 @@ class ChannelSpec:
     delivery_slots: int = 0                       # destination: slots per channel (Deliveries)
     devices: tuple[tuple[str, int], ...] = ()     # CONFIG's device table: (idstr, instance_id)
     file: FileTarget | None = None                # file channels: the snapshot file
+    link: LinkSecurity | None = None              # what protects the data socket (engine/link.py)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,9 @@ class ChannelReport:
     stopped: bool = False   # main said QUIT (or closed its end) before the channel's end
     error: BaseException | None = None  # run_contained: why the channel failed
     traceback: str = ""                 # ... and where, formatted in the channel process
+    attach_ms: float = 0.0              # mapping guest RAM and the slot table at start
+    first_packet_at: float | None = None  # perf_counter (CLOCK_MONOTONIC, the same in every
+                                          # process) when its first packet's I/O began
 
 
 def _cpu_s() -> float:
@@ -201,6 +207,31 @@ def _memory_report(cpu_at_ready: float) -> dict[str, int]:
     except OSError:
         pass
     return report
+
+
+# ---------------------------------------------------------------------------
+# What a channel process imports, ahead of its first job.
+
+
+def preload_payloads() -> None:
+    """Import the handlers of the built-in payload kinds (found through entry points,
+    which costs a scan of the installed packages): in a fork server, once for every
+    channel forked from it, instead of in each channel's first job."""
+    for kind in (packet.PacketKind.RAM_PAGES, packet.PacketKind.DEVICE_STATE):
+        with contextlib.suppress(LocalProtocolError):  # not installed: its job will say
+            payload_entry(kind)
+
+
+#: The pool's `preload` for channel processes (engine/pool/_forkserver.py).
+CHANNEL_PRELOAD = (f"{__name__}:preload_payloads",)
+
+
+def channel_fork_server() -> ForkServer:
+    """This process's fork server for channel processes (the one operations with
+    ``start_method="forkserver"`` fork their channels from).  ``start()`` it early (a
+    VMM at start-up, a command as it begins) and its start is off every migration's
+    clock; ``stop()`` it, or :func:`engine.pool.stop_fork_servers`, at exit."""
+    return fork_server(CHANNEL_PRELOAD)
 
 
 # ---------------------------------------------------------------------------
@@ -268,6 +299,11 @@ class _Channel:
     Used as a context manager: whatever happens, everything is released.
     """
 
+    # How it maps guest RAM: piece by piece as it first moves pages there, read
+    # populate for writers too (a shared tmpfs page maps writable on a read fault;
+    # write populate costs 2-3x here).
+    populate: Populate = "read"
+
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket | None,
                  token: CancelToken) -> None:
         self.spec = spec
@@ -277,17 +313,26 @@ class _Channel:
         self.sequence = 0
         self.epoch = 1
         self._cpu_at_ready = 0.0
+        self.first_packet_at: float | None = None
+        self.attach_ms = 0.0
         self._stack = contextlib.ExitStack()
         try:  # the worker process may serve other jobs after this one: leave nothing open
             self._stack.callback(ctrl.close)
             if data is not None:
-                self.conn = Connection(data)
+                self._stack.callback(data.close)  # (a TLS wrap takes its descriptor over)
+                # The seam for what protects the channel's bytes: MAC records, or a
+                # TLS handshake here, in the process that carries them (engine/link.py).
+                self.conn = secure(Connection(data), spec.link, spec.channel_id, token)
                 self._stack.callback(self.conn.close)
-            ram = GuestRAM.attach(spec.ram, populate=True)
+            t_attach = time.perf_counter()
+            # Page tables for the pages this channel moves, 2 MiB at a time as it
+            # first touches them: not all of guest RAM in every channel at start.
+            ram = GuestRAM.attach(spec.ram, populate=self.populate)
             self._stack.callback(ram.close)
             slots = SlotTable.attach(spec.slots) if spec.slots is not None else None
             if slots is not None:
                 self._stack.callback(slots.close)
+            self.attach_ms = (time.perf_counter() - t_attach) * 1000
             self.ctx = ChannelContext(spec, ram, slots)
         except BaseException:
             self._stack.close()
@@ -305,7 +350,8 @@ class _Channel:
 
     def report(self, packets: int, stopped: bool = False) -> ChannelReport:
         return ChannelReport(self.spec.channel_id, packets, _memory_report(self._cpu_at_ready),
-                             stopped)
+                             stopped, attach_ms=self.attach_ms,
+                             first_packet_at=self.first_packet_at)
 
     def cancelled(self, why: str) -> CancelledError:
         return CancelledError(f"channel {self.spec.channel_id} {why}")
@@ -395,11 +441,11 @@ class _JobChannel(_Channel):
         except BlockingIOError:
             watched: list[Any] = [self.ctrl, self.token]
             if self.data is not None:
-                watched.append(self.data)
+                watched.append(self.conn)
             ready = wait_readable(watched, None)
             if self.token in ready:
                 raise self.cancelled("cancelled") from None
-            if self.data is not None and self.data in ready:
+            if self.data is not None and self.conn in ready:
                 # The destination never writes on a channel: readable means closed or reset.
                 raise TransportClosedError(
                     f"destination closed multifd channel {self.spec.channel_id}"
@@ -425,6 +471,8 @@ class _SendChannel(_JobChannel):
             # The buffers no longer need the slot: hand it back now, so the
             # main process refills it while this packet is being sent.
             _hand_back(slot, self.ctrl, index)
+        if self.first_packet_at is None:
+            self.first_packet_at = time.perf_counter()
         self.ctx.count(Counter.WIRE_BYTES, self.conn.send_buffers(buffers))
         del buffers
         if sender.holds_slot:
@@ -487,6 +535,8 @@ class _FileChannel(_JobChannel):
     def _job(self, slot: SendSlot, index: int) -> None:
         plan = self._handler(self.planners, slot).plan(slot)
         _hand_back(slot, self.ctrl, index)  # the plan holds views of guest RAM, not the slot
+        if self.first_packet_at is None:
+            self.first_packet_at = time.perf_counter()
         moved = 0
         for piece in plan:
             if piece.before is not None:
@@ -716,7 +766,12 @@ class _RecvChannel(_Channel):
     def _next_packet(self) -> packet.PacketStart:
         """The next packet's checked headers (the payload stays unread)."""
         while True:
-            ready = wait_readable([self.data, self.ctrl, self.token], None)
+            # Bytes TLS already decrypted are invisible to poll: then only look.
+            data_waiting = self.conn.pending() > 0
+            watched: list[Any] = [self.ctrl, self.token]
+            if not data_waiting:
+                watched.append(self.conn)
+            ready = wait_readable(watched, 0 if data_waiting else None)
             if self.token in ready:
                 raise self.cancelled("cancelled")
             if self.ctrl not in ready:

@@ -36,9 +36,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import codecs
-from engine.config import MigrationConfig
+from engine.channel import channel_fork_server
+from engine.config import DestinationConfig, MigrationConfig
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
+from engine.link import TlsConfig
 from engine.operation import Operation
+from engine.pool import stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
 
@@ -163,6 +166,28 @@ def _add_device_options(p: argparse.ArgumentParser, source: bool = True,
                        help="destination: load devices at once, or one after another")
 
 
+def _add_security_options(p: argparse.ArgumentParser) -> None:
+    """TLS 1.3 with mutual x509 (README, "Security"), or what protects a bare link."""
+    p.add_argument("--tls-cert", help="TLS: this side's certificate (PEM); with --tls-key and --tls-ca")
+    p.add_argument("--tls-key", help="TLS: this side's private key (PEM)")
+    p.add_argument("--tls-ca", help="TLS: the CA certificate(s) the peer's certificate must chain to")
+    p.add_argument("--tls-peer-name", default=None,
+                   help="TLS: the name the peer's certificate must carry (source: default the "
+                   "host in --to; destination: default any the CA signed)")
+    p.add_argument("--integrity", choices=("mac", "none"), default="mac",
+                   help="without TLS: MAC records after the hellos (mac, the default), or the bare "
+                   "stream on a trusted link (none; the destination must say none too)")
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if not any(files):
+        return None
+    if not all(files):
+        raise ConfigError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_peer_name)
+
+
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dump-dir", help="write the RAM images (source.ram / dest.ram) here")
@@ -183,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(demo)
 
     listen = sub.add_parser("listen", help="destination: receive one migration")
-    listen.add_argument("--address", default="tcp://0.0.0.0:4444", help="tcp://HOST:PORT or unix:///PATH")
+    listen.add_argument("--address", default="tcp://0.0.0.0:4444",
+                        help="tcp://HOST:PORT, tls://HOST:PORT (with the --tls-* files) or unix:///PATH")
     listen.add_argument("--ram", type=parse_size, help="create the RAM up front (default: from the source, "
                         "or the source's own RAM when it migrates with --local)")
     listen.add_argument("--refuse-local", action="store_true",
@@ -197,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after resume, run the guest this many seconds (the incrementer: 0; kvm: "
                         "the VM, then check it: 1)")
     _add_kvm_option(listen)
+    _add_security_options(listen)
     _add_device_options(listen, source=False)
     _add_output_options(listen)
 
     migrate = sub.add_parser("migrate", help="source: migrate a synthetic guest to a listener")
-    migrate.add_argument("--to", required=True, help="tcp://HOST:PORT or unix:///PATH")
+    migrate.add_argument("--to", required=True,
+                         help="tcp://HOST:PORT, tls://HOST:PORT (with the --tls-* files) or unix:///PATH")
     migrate.add_argument("--secret-file")
+    _add_security_options(migrate)
     _add_guest_options(migrate)
     _add_migration_options(migrate)
     _add_device_options(migrate, destination=False)
@@ -258,6 +287,7 @@ def _config(args: argparse.Namespace) -> MigrationConfig:
         auto_converge=args.auto_converge,
         throttle_policy=args.throttle_policy,
         local=getattr(args, "local", False),
+        integrity=getattr(args, "integrity", "mac"),
     ).validate()
 
 
@@ -389,9 +419,13 @@ def cmd_listen(args: argparse.Namespace) -> int:
             devices=(kvm.devices if kvm else []) + devices, device_load=args.device_load,
             resume_guest=kvm.start if kvm else None, accept_local=not args.refuse_local,
             on_ram=kvm.take_ram if kvm is not None and ram is None else None,
+            config=DestinationConfig(integrity=args.integrity), tls=_tls(args),
         )
         _watch(destination)
         signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
+        # Ready before a source connects: RAM created and touched (--ram), and the fork
+        # server its channels fork from has imported their modules.
+        channel_fork_server().wait_ready()
         _announce(args, f"LISTENING {destination.address}")
         destination.start()
         result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json))
@@ -486,6 +520,7 @@ def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationRe
     return _run_with_guest(args, lambda ram, guest, devices, config: SourceMigration(
         ram, to, secret=secret, config=config, pause_guest=guest.pause,
         resume_guest=guest.resume, dump_dir=args.dump_dir, devices=devices,
+        tls=_tls(args) if hasattr(args, "tls_cert") else None,
     ))
 
 
@@ -752,6 +787,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate,
                 "save": cmd_save, "restore": cmd_restore, "inspect": cmd_inspect}
     try:
+        if args.command != "inspect":
+            # Channel processes fork from it in milliseconds; it imports their modules
+            # while this process builds the guest (stopped below, or at exit).
+            channel_fork_server().start()
         return handlers[args.command](args)
     except CancelledError as exc:
         _fail(args, MigrationState.CANCELLED, exc)
@@ -769,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(args, MigrationState.CANCELLED, "interrupted")
         return 130
+    finally:
+        stop_fork_servers()
 
 
 def _watch(operation: Operation) -> Any:

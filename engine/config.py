@@ -9,7 +9,9 @@ given.  Its fields are of three sorts::
     SOURCE_LOCAL  shape the source's rounds and connections only (downtime limit,
                   rounds, bandwidth cap, connect timeout, auto-converge)
     SHARED_LOCAL  each side's own: its handshake and stall timeouts, how its
-                  channel processes start and how long it waits for them to stop
+                  channel processes start and how long it waits for them to stop,
+                  and what protects a link without TLS (``integrity``: the source
+                  says what it sends in its hello, the destination what it accepts)
 
 A destination is given a :class:`DestinationConfig`: the SHARED_LOCAL fields,
 nothing else.  A :class:`MigrationConfig` handed to a destination still works
@@ -44,6 +46,9 @@ class LocalConfig(Protocol):
 
 
 def _check_local(config: LocalConfig) -> None:
+    integrity = getattr(config, "integrity", "mac")  # what LocalConfig does not promise
+    if integrity not in ("mac", "none"):
+        raise ConfigError(f"integrity must be 'mac' or 'none', not {integrity!r}")
     for name in ("handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
@@ -58,8 +63,11 @@ class DestinationConfig:
 
     handshake_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
-    start_method: str = "spawn"             # how channel processes start
+    start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
+    # Without TLS, every byte after the hellos travels in MAC records; "none" also
+    # accepts a source that sends without them (a trusted link; docs/wire-format.md §1.1).
+    integrity: Literal["mac", "none"] = "mac"
 
     def validate(self) -> DestinationConfig:
         """Return self, or raise ConfigError naming the bad field."""
@@ -88,8 +96,12 @@ class MigrationConfig:
     connect_timeout_s: float = 10.0
     handshake_timeout_s: float = 10.0
     stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
-    start_method: str = "spawn"             # how channel processes start
+    start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
+    # Without TLS: "mac" sends every byte after the hellos in MAC records (the
+    # default); "none" sends the bare stream, which a destination takes only when
+    # its own integrity is "none" (a trusted link).  With TLS, TLS protects them.
+    integrity: Literal["mac", "none"] = "mac"
     # Auto-converge (QEMU's): when a precopy round leaves more than
     # throttle_trigger_pct of its pages dirty again for the next one, the source
     # asks its VMM to throttle the guest (SourceMigration's throttle_guest):

@@ -38,7 +38,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Literal
+from urllib.parse import urlsplit
 
 from engine import codecs
 from engine.admission import Admission
@@ -53,6 +55,7 @@ from engine.errors import (
     TransportBrokenError,
     VerificationError,
 )
+from engine.link import LinkSecurity, TlsConfig
 from engine.migration import Migration
 from engine.multifd import MultifdReceiver
 from engine.payload import DeliveryConsumer, payload_modules, slot_capacity
@@ -138,8 +141,17 @@ class DestinationMigration(Migration):
         payloads: Sequence[DeliveryConsumer] = (),
         accept_local: bool = True,
         on_ram: Callable[[GuestRAM], None] | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
+        if urlsplit(address).scheme == "tls" and tls is None:
+            raise ConfigError(f"{address} asks for TLS: give the certificate, key and CA files "
+                              f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
+        self.tls = tls.validate() if tls is not None else None
         super().__init__(_destination_config(config), secret, pool)
+        self._link = LinkSecurity(
+            "tls" if tls is not None else self.config.integrity, server_side=True, tls=tls,
+            peer_name=tls.peer_name if tls is not None else None, peer="source",
+            handshake_timeout_s=self.config.handshake_timeout_s)
         self.payloads = list(payloads)
         self.ram = ram
         self._resume_guest = resume_guest
@@ -188,6 +200,10 @@ class DestinationMigration(Migration):
         self._machine.fire(MigrationEvent.START)
         self.migration_id = hello.migration_id
         self._session_key = packet.session_key(self.secret, hello.migration_id, hello.nonce, challenge)
+        self._link = replace(self._link, session_key=self._session_key)
+        self._check_protection(hello)
+        if self._link.mode == "tls":  # the reply and everything after it inside TLS
+            conn = self._secure_main(conn, self._link)
         self._setup(hello)
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
@@ -206,8 +222,10 @@ class DestinationMigration(Migration):
         conn.settimeout(cfg.handshake_timeout_s)
         conn.send_all(packet.encode_hello(
             packet.HelloRole.MAIN_REPLY, hello.migration_id, 0, hello.channel_count, self.secret,
-            hello.nonce,
+            hello.nonce, flags=hello.flags,
         ))
+        if self._link.mode == "mac":  # every byte from here in MAC records
+            conn = self._secure_main(conn, self._link)
         config = self._read_message(wire.Config, time.monotonic() + cfg.handshake_timeout_s)
         refusal = self._check_config(config, hello)
         if refusal:
@@ -223,8 +241,10 @@ class DestinationMigration(Migration):
             self._defer("free the RAM it created", self._free_created_ram)
             self._ram_arrived(self.ram)
         self._send_message(wire.ConfigAck(0, ""))
+        self._mark("main_channel")
 
         conns = self._accept_channels(hello)
+        self._mark("channel_handshakes")
         self._defer("close the channel connections", close_all, conns)
         # Destination slots carry no pages: they deliver device chunks to this
         # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
@@ -256,8 +276,11 @@ class DestinationMigration(Migration):
             delivery_slots=per_channel,
             devices=tuple((d.idstr, d.instance_id) for d in config.devices),
             payload_kinds=tuple(kinds), payload_modules=payload_modules(kinds),
+            link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
         )
+        self._mark("slots")
         self._start_channels(run_recv_channel, conns, spec)
+        self._mark("channel_processes")
         self._listener.close()  # every channel joined: nobody else may connect
         self._admission.close()
         self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s, slots=slots)
@@ -369,6 +392,8 @@ class DestinationMigration(Migration):
                     problem = f"channel count {hello.channel_count}, expected {n}"
                 elif hello.channel_id in joined:
                     problem = f"duplicate channel id {hello.channel_id}"
+                elif hello.flags != main.flags:
+                    problem = f"channel protection {hello.flags!r}, the main channel's is {main.flags!r}"
                 if problem:
                     self._refuse(conn, problem)
                     continue
@@ -480,6 +505,19 @@ class DestinationMigration(Migration):
         wake, self._live_wake = self._live_wake, None
         if wake is not None:
             wake.close()
+
+    def _check_protection(self, hello: packet.ChannelHello) -> None:
+        """The source's hello must promise the protection this side requires."""
+        flags, mode = hello.flags, self._link.mode
+        if mode == "tls" and flags != packet.HelloFlags.TLS:
+            raise ConfigError("the source does not use TLS, and this destination requires it "
+                              "(give the source the TLS files too)")
+        if mode != "tls" and flags == packet.HelloFlags.TLS:
+            raise ConfigError("the source asks for TLS, and this destination has no TLS files "
+                              "(give it --tls-cert, --tls-key, --tls-ca)")
+        if mode == "mac" and flags != packet.HelloFlags.MAC:
+            raise ConfigError("the source sends without integrity protection (integrity 'none'); "
+                              "this destination requires MAC records or TLS")
 
     def _source_gone(self) -> None:
         """The main channel spoke while channels are awaited: the source says

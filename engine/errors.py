@@ -6,7 +6,9 @@ Every error the engine raises derives from :class:`MigrationError`::
     ├── ProtocolError
     │   ├── LocalProtocolError        we were about to break the protocol (a bug)
     │   └── RemoteProtocolError       the peer sent something invalid
-    │       └── HandshakeError        a hello that must not join a migration
+    │       ├── HandshakeError        a hello that must not join a migration
+    │       │   └── TlsError          a TLS handshake or record failed (certificates)
+    │       └── IntegrityError        a record's MAC did not match: bytes changed in flight
     ├── TransportError
     │   ├── TransportClosedError      the peer closed the connection
     │   └── TransportBrokenError      reset, timeout, refused: the link failed
@@ -64,6 +66,16 @@ class RemoteProtocolError(ProtocolError):
 
 class HandshakeError(RemoteProtocolError):
     """A connection's hello was refused (magic, version, auth, UUID, channel id)."""
+
+
+class IntegrityError(RemoteProtocolError):
+    """Bytes after the handshake failed their check: a record's MAC did not match
+    (a bit changed in flight, or bytes were inserted, dropped or reordered)."""
+
+
+class TlsError(HandshakeError):
+    """A TLS handshake or TLS record failed: a certificate refused on either side
+    (expired, unknown CA, wrong name, none sent), or a record that does not decrypt."""
 
 
 class TransportError(MigrationError):

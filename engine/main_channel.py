@@ -124,16 +124,19 @@ class MainChannel:
         if not wait_any([self.conn], remaining, self.latch):
             raise TransportBrokenError(f"the {self.peer} did not answer on the main channel in time")
 
-    def read_raw(self, deadline: float | None) -> bytes:
-        """Bytes off the connection (b"" at its end), for a handshake before any message."""
+    def read_raw(self, deadline: float | None, max_bytes: int = 65536) -> bytes:
+        """At most `max_bytes` off the connection (b"" at its end), for a handshake
+        before any message."""
         assert self.conn is not None
-        self.wait_readable(deadline)
-        return self.conn.recv_some()
+        if not self.conn.pending():
+            self.wait_readable(deadline)
+        return self.conn.recv_some(max_bytes)
 
     def next(self, deadline: float | None = None) -> wire.Message:
         """The peer's next message, waiting until `deadline` (monotonic) at most."""
         while (message := self.poll()) is None:
-            self.wait_readable(deadline)
+            if not self.conn or not self.conn.pending():
+                self.wait_readable(deadline)
             self.receive()
         return message
 

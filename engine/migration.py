@@ -24,12 +24,14 @@ from typing import Any, TypeVar
 
 from engine.config import LocalConfig, MigrationConfig
 from engine.errors import ConfigError, MigrationError, TransportError
+from engine.link import LinkSecurity, check_peer_name, secure
 from engine.main_channel import MainChannel
 from engine.operation import Operation
 from engine.pool import WorkerPool
 from engine.sync import MigrationEvent
 from engine.transport import Connection
 from engine.wire import message as wire
+from engine.wire import record
 
 log = logging.getLogger("multifd.migration")
 
@@ -129,6 +131,19 @@ class Migration(Operation):
         self._main.attach(conn)
         self._defer("close the main channel", self._close_main)
         return conn
+
+    def _secure_main(self, conn: Connection, link: LinkSecurity) -> Connection:
+        """The main channel, protected as `link` says from here on (MAC records, or
+        TLS after its handshake here).  If that fails there is no main channel left
+        to say anything on: the connection is closed."""
+        try:
+            secured = self._main.attach(secure(conn, link, record.MAIN_CONNECTION, self.latch,
+                                               check_peer=False))
+        except BaseException:
+            self._main.close()
+            raise
+        check_peer_name(secured, link)  # on failure, the ABORT tells the peer why (over TLS)
+        return secured
 
     def _close_main(self) -> None:
         if self._conn is None:

@@ -45,7 +45,16 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import replace
 from typing import Any
 
-from engine.channel import ChannelReport, ChannelSpec, ControlOp, control_pair, read_control, run_contained
+from engine.channel import (
+    CHANNEL_PRELOAD,
+    ChannelReport,
+    ChannelSpec,
+    ControlOp,
+    control_pair,
+    preload_payloads,
+    read_control,
+    run_contained,
+)
 from engine.config import LocalConfig
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice
 from engine.errors import (
@@ -87,6 +96,9 @@ class Operation:
 
     def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None) -> None:
         self.config = config.validate()
+        # The payload handlers are found through entry points (a scan of the installed
+        # packages, ~50 ms): now, once per process, not while a peer waits in set-up.
+        preload_payloads()
         self.migration_id = uuid.uuid4()
         self.latch = FailureLatch()
         self._machine = StateMachine()
@@ -114,6 +126,8 @@ class Operation:
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the operation; a migration reports them.
         self.late_channel_failures: list[str] = []
+        # Set-up milestones (perf_counter), in order: the result reports the steps.
+        self._setup_marks: list[tuple[str, float]] = []
 
     # -- public API --------------------------------------------------------
 
@@ -238,6 +252,7 @@ class Operation:
             self._pool = WorkerPool(
                 "process", len(conns), name=f"mfd-{self.role}",
                 start_method=cfg.start_method, cancel_grace=cfg.cancel_grace_s,
+                preload=CHANNEL_PRELOAD,
             )
         self._defer("stop the channels", self._stop_channels)
         for channel_id, conn in enumerate(conns):
@@ -356,6 +371,27 @@ class Operation:
                     raise LocalProtocolError(f"channel {link.channel_id} sent {message.op.name} first")
                 link.pid = message.a
 
+    def _mark(self, step: str) -> None:
+        """Set-up step `step` ends now (the result's ``setup_steps_ms``)."""
+        self._setup_marks.append((step, time.perf_counter()))
+
+    def _setup_figures(self, t_start: float) -> dict[str, Any]:
+        """The result's set-up breakdown: each marked step's ms, the channels' own
+        mapping of guest RAM (slowest channel), and request → first packet on the
+        wire or file (the earliest channel; clocks are CLOCK_MONOTONIC, shared)."""
+        steps, before = {}, t_start
+        for step, at in self._setup_marks:
+            steps[step] = round((at - before) * 1000, 3)
+            before = at
+        reports = self._channel_reports()
+        figures: dict[str, Any] = {"setup_steps_ms": steps}
+        if reports:
+            figures["channel_attach_ms"] = round(max(r.attach_ms for r in reports), 3)
+        firsts = [r.first_packet_at for r in reports if r.first_packet_at is not None]
+        if firsts:
+            figures["first_packet_ms"] = round((min(firsts) - t_start) * 1000, 3)
+        return figures
+
     def _set_state(self, state: MigrationState) -> None:
         """What :meth:`stats` reports as the state from now on."""
         if self.tracker is not None:
@@ -386,7 +422,8 @@ class Operation:
             rounds=rounds,
             **self._traffic(t_moved - t_setup),
             channel_memory_kib=self._channel_memory(),
-            extra={**device_extra(self.device_reports), **(extra or {}), **self._result_extra()},
+            extra={**device_extra(self.device_reports), **self._setup_figures(t_start),
+                   **(extra or {}), **self._result_extra()},
             **fields,
         )
 
@@ -413,11 +450,15 @@ class Operation:
 
     def _channel_memory(self) -> list[dict[str, int]]:
         """Memory figures (kB) each channel process reported when it ended."""
+        return [report.memory for report in self._channel_reports()]
+
+    def _channel_reports(self) -> list[ChannelReport]:
+        """The reports of the channels that ended normally (waits 2 s at most)."""
         # A channel posts its last message just before it returns; one that died
-        # after it (a late failure, already reported) has no figures to give.
+        # after it (a late failure, already reported) has no report to give.
         futures = [link.future for link in self._links]
         done, _ = futures_wait(futures, timeout=2.0)
-        return [future.result().memory for future in futures
+        return [future.result() for future in futures
                 if future in done and future.exception() is None
                 and isinstance(future.result(), ChannelReport)]
 

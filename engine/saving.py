@@ -120,8 +120,9 @@ class SavingOperation(Operation):
         return True
 
     def _until_switchover(self, live: bool = True) -> tuple[float, float, PrecopyClient | None, float]:
-        """Set up, then precopy rounds until converged (none if not `live`, nor
-        when no page is sent).
+        """Set up, then precopy rounds until converged (none if not `live`).
+        When no page is sent (the RAM is shared), the rounds carry the iterative
+        devices' live state only, and run only if there is such a device.
 
         Returns the start and setup-done times (perf_counter), the RAM client
         for the final round (None when no page is sent), and the expected
@@ -139,9 +140,13 @@ class SavingOperation(Operation):
         self._machine.fire(MigrationEvent.SETUP_DONE)
         self._set_state(MigrationState.ACTIVE)
         if not self._sends_pages():
+            # No RAM round, no dirty map: the RAM is shared.  Iterative devices
+            # still hand out their state while the guest runs.
+            iterative = any(map(is_iterative, self.devices))
+            expected_s = self._precopy(None) if live and iterative else 0.0
             self._machine.fire(MigrationEvent.SWITCHOVER)
             self._set_state(MigrationState.SWITCHOVER)
-            return t_start, t_setup, None, 0.0
+            return t_start, t_setup, None, expected_s
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
         dirty_source: DirtySource | None = self.dirty_source
@@ -232,8 +237,12 @@ class SavingOperation(Operation):
                 "throttle_policy": self.config.throttle_policy,
                 "guest_dirty_pages_per_s": None if rate is None else round(rate)}
 
-    def _precopy(self, client: PrecopyClient) -> float:
-        """Rounds until converged.  Returns the expected downtime (s) at switchover."""
+    def _precopy(self, client: PrecopyClient | None) -> float:
+        """Rounds until converged.  Returns the expected downtime (s) at switchover.
+
+        `client` None: no page is sent (the RAM is shared); each round is the
+        iterative devices' live chunks only, converging on their pending bytes
+        and load time."""
         assert self.tracker is not None
         cfg, tracker = self.config, self.tracker
         limit_s = cfg.downtime_limit_ms / 1000
@@ -244,15 +253,17 @@ class SavingOperation(Operation):
             tracker.round += 1
             t_round = time.perf_counter()
             self._live_start()
-            taken = client.queue_all() if tracker.round == 1 else client.queue_dirty()
-            client.flush()
+            if client is not None:
+                taken = client.queue_all() if tracker.round == 1 else client.queue_dirty()
+                client.flush()
             self._live_wait()  # the devices' live chunks go before the round's SYNC
             self.core.sync()
-            tracker.device_pending_bytes, tracker.device_load_s = self._live_report()
+            tracker.device_pending_bytes, tracker.device_load_s = self._live_report(
+                wait_loaded=client is None)
             now = time.perf_counter()
             sent = tracker.totals()["wire_bytes"] - wire_at_start
             tracker.bandwidth = sent / max(now - t_precopy, 1e-9)
-            pending = client.pending_pages()
+            pending = client.pending_pages() if client is not None else 0
             tracker.remaining_pages = pending
             tracker.dirty_rate = pending * PAGE_SIZE / max(now - t_round, 1e-9)
             expected = tracker.expected_downtime_s()
@@ -270,7 +281,8 @@ class SavingOperation(Operation):
                 if cfg.on_max_rounds == "fail":
                     raise ConvergenceError(
                         f"not converged after {tracker.round} rounds: {pending * PAGE_SIZE} bytes "
-                        f"dirty, expected downtime {expected * 1000:.0f} ms "
+                        f"dirty, {tracker.device_pending_bytes} of device state pending, "
+                        f"expected downtime {expected * 1000:.0f} ms "
                         f"> limit {cfg.downtime_limit_ms:.0f} ms"
                         + (f", guest throttled to {self.throttle_pct} %" if cfg.auto_converge else "")
                     )
@@ -288,9 +300,11 @@ class SavingOperation(Operation):
     def _live_wait(self) -> None:
         """Wait for this round's live device jobs (before the round's sync)."""
 
-    def _live_report(self) -> tuple[int, float]:
+    def _live_report(self, wait_loaded: bool = False) -> tuple[int, float]:
         """After the round's sync: tell the peer, and return the devices' pending
-        bytes and the seconds their loading would add to the downtime."""
+        bytes and the seconds their loading would add to the downtime.
+        `wait_loaded` (no RAM round: the device state is all the round moved):
+        first wait for the peer to load what the round handed out."""
         return 0, 0.0
 
     def _live_ready(self, final: bool = False) -> bool:

@@ -18,7 +18,9 @@
                the barrier) → END on every channel → COMPLETE (→ DIGESTS if verifying)
     commit     ← PREPARED (the destination has it all, its guest has not run) →
                COMMIT: from here the destination owns the VM → ← RESUMED
-    local      (``config.local``, unix:// only) no rounds: pause → SWITCHOVER →
+    local      (``config.local``, unix:// only) no page and no RAM round: the
+               rounds (only if a device is iterative) carry live device chunks,
+               LIVE_ROUND and the ack as above; then pause → SWITCHOVER →
                RAM_HANDOVER with the RAM's descriptors (SCM_RIGHTS) → devices → END
                → COMPLETE → ← PREPARED → disown the RAM, COMMIT → ← RESUMED; a
                COMMIT that cannot be sent, or a destination that did not commit,
@@ -39,6 +41,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,6 +60,7 @@ from engine.errors import (
     TransportBrokenError,
     TransportError,
 )
+from engine.link import LinkSecurity, TlsConfig
 from engine.migration import Migration
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
@@ -76,6 +80,28 @@ log = logging.getLogger("multifd.source")
 #: Bytes an iterative device may have handed out in live rounds and not yet had
 #: loaded on the destination (half the destination's default max_device_buffer).
 LIVE_WINDOW = 32 << 20
+
+
+def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
+    """What protects a migration to `to` after the hellos.  Raises ConfigError."""
+    parts = urlsplit(to)
+    if parts.scheme == "tls" and tls is None:
+        raise ConfigError(f"{to} asks for TLS: give the certificate, key and CA files "
+                          f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
+    if tls is None:
+        return LinkSecurity(config.integrity, peer="destination",
+                            handshake_timeout_s=config.handshake_timeout_s)
+    tls.validate()
+    peer_name = tls.peer_name or parts.hostname
+    if not peer_name:
+        raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
+                          f"certificate against; give its name (peer_name, --tls-peer-name)")
+    return LinkSecurity("tls", tls=tls, peer_name=peer_name, peer="destination",
+                        handshake_timeout_s=config.handshake_timeout_s)
+
+
+# The hello's flags for each protection mode (docs/wire-format.md §1).
+_FLAGS = {"tls": packet.HelloFlags.TLS, "mac": packet.HelloFlags.MAC, "none": packet.HelloFlags(0)}
 
 
 class SourceMigration(SavingOperation, Migration):
@@ -115,19 +141,24 @@ class SourceMigration(SavingOperation, Migration):
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
         payloads: Sequence[SwitchoverSaver] = (),
+        tls: TlsConfig | None = None,
     ) -> None:
         self.payloads = list(payloads)
-        if config is not None and config.local:
+        config = config or MigrationConfig()
+        if config.local:
             if urlsplit(to).scheme != "unix":
                 raise ConfigError(f"local mode hands the RAM over a unix socket on this host: "
                                   f"use a unix:///PATH address, not {to!r}")
             if not ram.owner:  # its owner would unlink it under the destination
                 raise ConfigError("local mode hands the RAM's ownership over: this process must own "
                                   "it (created or adopted here, not attached)")
-        super().__init__(ram, config or MigrationConfig(), secret=secret, pause_guest=pause_guest,
+        # What protects every byte after the hellos (checked before anything is made).
+        self._link = _link_security(to, tls, config)
+        super().__init__(ram, config, secret=secret, pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
         self.to = to
+        self.tls = tls
         self._helpers: WorkerPool | None = None
         self._prepared = Signal()
         self._resumed = Signal()
@@ -203,18 +234,33 @@ class SourceMigration(SavingOperation, Migration):
         # our hello answering it, its reply answering our hello's nonce.
         challenge = packet.decode_challenge(self._read_handshake(packet.CHALLENGE_SIZE))
         nonce = os.urandom(packet.NONCE_SIZE)
+        flags = _FLAGS[self._link.mode]
         conn.send_all(packet.encode_hello(
-            packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, challenge, nonce
+            packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, challenge, nonce,
+            flags,
         ))
-        reply = packet.decode_hello(self._read_handshake(packet.HELLO_SIZE), self.secret, nonce,
-                                    roles=(packet.HelloRole.MAIN_REPLY,))
+        self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
+        self._link = replace(self._link, session_key=self._session_key)
+        if self._link.mode == "tls":  # the reply and everything after it inside TLS
+            conn = self._secure_main(conn, self._link)
+        answer = self._read_handshake(packet.HELLO_SIZE)
+        try:
+            reply = packet.decode_hello(answer, self.secret, nonce, roles=(packet.HelloRole.MAIN_REPLY,))
+        except HandshakeError:
+            self._abort_in_handshake(answer)
+            raise
         if reply.migration_id != self.migration_id:
             raise HandshakeError(f"destination {self.to} answered for another migration")
-        self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
+        if reply.flags != flags:
+            raise HandshakeError(f"destination {self.to} answered with protection "
+                                 f"{reply.flags!r}, not {flags!r}")
+        if self._link.mode == "mac":  # every byte from here in MAC records
+            conn = self._secure_main(conn, self._link)
         self._send_message(self._config_record())
         ack = self._read_message(wire.ConfigAck, self._setup_deadline)
         if not ack.accepted:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
+        self._mark("main_channel")
 
         # N channel slots + one for the RAM client + one per device save job,
         # each big enough for a device chunk when there are devices.
@@ -240,9 +286,10 @@ class SourceMigration(SavingOperation, Migration):
             self.latch.raise_if_failed()
             data.send_all(packet.encode_hello(
                 packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
-                self._session_key, channel_challenge,
+                self._session_key, channel_challenge, flags=flags,
             ))
             data.settimeout(None)
+        self._mark("channel_handshakes")
         spec = ChannelSpec(
             # Local mode: the channels carry device state only, so they map no RAM.
             channel_id=0, ram=RamHandle(()) if cfg.local else self.ram.handle,
@@ -250,11 +297,15 @@ class SourceMigration(SavingOperation, Migration):
             codec=cfg.compression, codec_level=cfg.compression_level,
             zero_page_detection=cfg.zero_page_detection,
             payload_kinds=kinds, payload_modules=payload_modules(kinds), devices=self._device_table(),
+            link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
         )
         self._start_channels(run_send_channel, conns, spec)
+        self._mark("channel_processes")
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
         self._read_message(wire.ChannelsReady, self._setup_deadline)
+        self._mark("destination_channels")
         self._rtt_s = self._measure_rtt()
+        self._mark("rtt")
         conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
         self._core = MultifdSender(
             self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,
@@ -400,16 +451,33 @@ class SourceMigration(SavingOperation, Migration):
         after them, an ABORT say, go to the message decoder)."""
         data = b""
         while len(data) < size:
-            more = self._main.read_raw(self._setup_deadline)
+            # No byte past the handshake: what follows may be TLS or MAC records.
+            more = self._main.read_raw(self._setup_deadline, size - len(data))
             if not more:
-                raise HandshakeError(f"destination {self.to} refused the connection")
+                self._abort_in_handshake(data)
+                raise HandshakeError(
+                    f"destination {self.to} refused the connection (another wire version, a "
+                    f"wrong secret, or TLS or integrity settings it does not accept: its log "
+                    f"says which)")
             data += more
-        if len(data) > size:
-            self._main.feed(data[size:])
-        return data[:size]
+        return data
 
     def _main_closed(self) -> str:
         return f"destination {self.to} closed the main channel"
+
+    def _abort_in_handshake(self, data: bytes) -> None:
+        """What came instead of a hello may be the destination's ABORT (it refused
+        this source's settings, protection say): raise its error if so."""
+        if not data or data.startswith(packet.HELLO_MAGIC.to_bytes(4, "big")):
+            return
+        self._main.feed(data)
+        try:
+            self._main.next(self._setup_deadline)  # an ABORT raises the destination's error
+        except MigrationError:
+            if self._peer_reason is not None:
+                raise
+            # not an ABORT either: the caller's error stands
+
 
     def _measure_rtt(self, samples: int = 3) -> float:
         best = float("inf")
@@ -465,9 +533,15 @@ class SourceMigration(SavingOperation, Migration):
             assert self._saver is not None
             self._live.handed_out(self._saver.wait_live(self.latch))
 
-    def _live_report(self) -> tuple[int, float]:
+    def _live_report(self, wait_loaded: bool = False) -> tuple[int, float]:
         """LIVE_ROUND: live chunks so far per device (ACK_WANTED once every device
-        that asks for the switchover ack has handed out its initial state)."""
+        that asks for the switchover ack has handed out its initial state).
+
+        `wait_loaded` (local mode: no RAM round beside the devices' chunks): then
+        wait, up to stall_timeout_s, for the destination to load them, so the
+        estimate never counts bytes still in flight at a load rate not measured
+        yet (round 1 would "converge" at once, and their loading would be
+        downtime); the pending bytes are asked again after the wait."""
         live = self._live
         if live is None:
             return 0, 0.0
@@ -478,6 +552,9 @@ class SourceMigration(SavingOperation, Migration):
             self._ack_deadline = time.monotonic() + self.config.stall_timeout_s
         self._live_counts = tuple(self._saver.chunks)
         self._send_message(wire.LiveRound(self._live_counts, ask))
+        if wait_loaded:
+            live.wait_loaded(self._live_counts, self.config.stall_timeout_s)
+            live.poll_pending()
         return live.remaining()
 
     def _live_ready(self, final: bool = False) -> bool:

@@ -39,6 +39,9 @@ def _broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedEr
     return TransportBrokenError(f"{what}: {exc.strerror or exc}")
 
 
+broken = _broken  # for Connection subclasses elsewhere (engine/link.py): the same translation
+
+
 class Connection:
     """A connected, reliable byte stream over a socket.
 
@@ -151,6 +154,10 @@ class Connection:
                 os.close(fd)
             raise TransportBrokenError(f"{self.peer} sent more than {max_fds} descriptors")
         return data, list(fds)
+    def pending(self) -> int:
+        """Bytes received and held in this process (a poll on the socket cannot see
+        them): 0 here; a TLS connection may hold decrypted bytes."""
+        return 0
 
     def readable(self, timeout: float = 0.0) -> bool:
         """True if a read would not block (data, EOF or an error are waiting)."""

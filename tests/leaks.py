@@ -21,6 +21,7 @@ from multiprocessing import resource_tracker
 
 import psutil
 
+from engine.pool import fork_server_fds, fork_server_pids
 from engine.shm import SEGMENT_PREFIX
 
 _SHM_DIR = "/dev/shm"
@@ -45,7 +46,9 @@ def _children() -> set[int]:
             continue
         pids.add(child.pid)
     pids.discard(tracker_pid)  # type: ignore[arg-type]
-    return pids
+    # This process's fork servers are process-wide helpers too (stopped at exit; their
+    # own tests check that): the workers they fork are our descendants, and counted.
+    return pids - fork_server_pids()
 
 
 def shm_segments() -> set[str]:
@@ -64,7 +67,7 @@ def _fds() -> set[int]:
     for name in os.listdir("/proc/self/fd"):
         fds.add(int(name))
     fds.discard(tracker_fd)  # type: ignore[arg-type]
-    return fds
+    return fds - fork_server_fds()  # the fork servers' (see _children)
 
 
 def _threads() -> set[int]:

@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 from engine import DestinationMigration
 from engine.errors import TransportClosedError
+from engine.link import RecordConnection
 from engine.wire import message as wire
-from engine.wire import packet
+from engine.wire import packet, record
 from tests.harness import SECRET
 
 _HELLO = struct.Struct(">IHBB16sHHI16s")
@@ -25,10 +26,11 @@ _HELLO = struct.Struct(">IHBB16sHHI16s")
 
 def raw_hello(role: int = 2, migration: uuid.UUID | None = None, channel_id: int = 0,
               count: int = 2, secret: bytes = SECRET, magic: int = packet.HELLO_MAGIC,
-              version: int = packet.VERSION, answers: bytes = bytes(16)) -> bytes:
+              version: int = packet.VERSION, answers: bytes = bytes(16),
+              flags: int = packet.HelloFlags.MAC) -> bytes:
     """A hello built by hand, so fields the encoder refuses can be sent anyway;
     authenticated with `secret` over the challenge nonce it `answers`."""
-    body = _HELLO.pack(magic, version, role, 0, (migration or uuid.uuid4()).bytes,
+    body = _HELLO.pack(magic, version, role, flags, (migration or uuid.uuid4()).bytes,
                        channel_id, count, 0, os.urandom(16))
     return body + hmac.new(secret, body + answers, hashlib.sha256).digest()
 
@@ -48,8 +50,31 @@ def port_of(destination: DestinationMigration) -> tuple[str, int]:
     return host, int(port)
 
 
+class MacSocket:
+    """A hand-made connection after its hello: what is sent goes in MAC records (as
+    a real source's bytes do); ``recv`` stays raw (a destination never writes on a
+    channel: it only closes)."""
+
+    def __init__(self, sock: socket.socket, session_key: bytes, connection: int) -> None:
+        self.sock = sock
+        self.conn = RecordConnection(
+            sock, "destination",
+            record.record_key(session_key, connection, record.Direction.TO_DESTINATION),
+            record.record_key(session_key, connection, record.Direction.TO_SOURCE))
+
+    def sendall(self, data: bytes) -> None:
+        self.conn.send_all(data)
+
+    def recv(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class HandMadeSource:
-    """Drives a real destination through the main-channel handshake with the codec."""
+    """Drives a real destination through the main-channel handshake with the codec
+    (MAC records after the hellos, as every real source without TLS)."""
 
     def __init__(self, destination: DestinationMigration, ram_layout: list[tuple[str, int]],
                  channels: int = 2, codec: str = "none", packet_pages: int = 64,
@@ -61,12 +86,13 @@ class HandMadeSource:
         challenge = read_challenge(self.main)
         nonce = os.urandom(16)
         self.main_hello = packet.encode_hello(packet.HelloRole.MAIN, self.migration, 0, channels,
-                                              SECRET, challenge, nonce)
+                                              SECRET, challenge, nonce, packet.HelloFlags.MAC)
         self.main.sendall(self.main_hello)
         reply = self._recv(packet.HELLO_SIZE)
         packet.decode_hello(reply, SECRET, nonce, (packet.HelloRole.MAIN_REPLY,))
         self.key = packet.session_key(SECRET, self.migration, nonce, challenge)
-        self.main.sendall(wire.encode_message(wire.Config(
+        self.main_conn = MacSocket(self.main, self.key, record.MAIN_CONNECTION).conn
+        self.main_conn.send_all(wire.encode_message(wire.Config(
             4096, packet_pages, channels, True, codec, 0,
             tuple(wire.BlockSpec(n, s) for n, s in ram_layout),
             tuple(d if isinstance(d, wire.DeviceSpec) else wire.DeviceSpec(*d) for d in devices))))
@@ -84,20 +110,20 @@ class HandMadeSource:
 
     def next_message(self) -> wire.Message:
         while (message := self.decoder.next_message()) is packet.NEED_DATA:
-            data = self.main.recv(4096)
+            data = self.main_conn.recv_some()
             if not data:  # the codec says protocol errors only; the end is ours to say
                 raise TransportClosedError("the destination closed the main channel")
             self.decoder.receive_data(data)
         return message
 
-    def channel(self, hello: bytes | Callable[[bytes], bytes]) -> socket.socket:
+    def channel(self, hello: bytes | Callable[[bytes], bytes], channel_id: int = 0) -> MacSocket:
         """A channel connection: read the destination's challenge, send `hello`
-        (or what `hello(challenge nonce)` builds)."""
+        (or what `hello(challenge nonce)` builds); then MAC records of `channel_id`."""
         s = socket.create_connection(self.addr, timeout=5)
         self.sockets.append(s)
         challenge = read_challenge(s)
         s.sendall(hello(challenge) if callable(hello) else hello)
-        return s
+        return MacSocket(s, self.key, channel_id)
 
     def channel_hello(self, channel_id: int, migration: uuid.UUID | None = None,
                       count: int | None = None, role: int = 2,
@@ -115,18 +141,18 @@ class HandMadeSource:
 
     def join_all(self) -> list[socket.socket]:
         """Open every channel with a valid hello; wait for CHANNELS_READY."""
-        channels = [self.channel(self.channel_hello(i)) for i in range(self.channels)]
+        channels = [self.channel(self.channel_hello(i), i) for i in range(self.channels)]
         assert self.next_message() == wire.ChannelsReady()
         return channels
 
     def send(self, message: wire.Message) -> None:
-        self.main.sendall(wire.encode_message(message))
+        self.main_conn.send_all(wire.encode_message(message))
 
 
 class ChannelWriter:
     """Packets on one hand-made channel, with their sequence numbers kept."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: MacSocket) -> None:
         self.sock = sock
         self.sequence = 0
 

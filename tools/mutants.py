@@ -175,12 +175,40 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     mutant(
         "hello-flags-unchecked",
-        "decode_hello accepts nonzero flags",
+        "decode_hello accepts unknown hello flags (or both TLS and MAC)",
         ("engine/wire/packet.py",
-         "    if flags:\n"
-         '        raise HandshakeError(f"hello flags must be 0',
+         "    if flags not in _HELLO_FLAGS:\n"
+         '        raise HandshakeError(f"hello flags 0x',
          "    if False:  # MUTANT\n"
-         '        raise HandshakeError(f"hello flags must be 0'),
+         '        raise HandshakeError(f"hello flags 0x'),
+    ),
+    mutant(
+        "record-tag-unchecked",
+        "a MAC record whose tag does not match is accepted",
+        ("engine/wire/record.py",
+         "    if not hmac.compare_digest(tag.digest(), bytes(received)):",
+         "    if False:  # MUTANT"),
+    ),
+    mutant(
+        "bare-source-accepted",
+        "a destination that requires MAC records accepts a source that sends none",
+        ("engine/destination.py",
+         "        if mode == \"mac\" and flags != packet.HelloFlags.MAC:",
+         "        if False:  # MUTANT"),
+    ),
+    mutant(
+        "tls-client-certificate-optional",
+        "a TLS destination does not require the source's certificate",
+        ("engine/link.py",
+         "        ctx.verify_mode = ssl.CERT_REQUIRED\n",
+         "        ctx.verify_mode = ssl.CERT_OPTIONAL if server_side else ssl.CERT_REQUIRED  # MUTANT\n"),
+    ),
+    mutant(
+        "tls-source-name-unchecked",
+        "a TLS destination given the source's name does not check it",
+        ("engine/link.py",
+         "    if not (isinstance(conn, TlsConnection) and link.server_side and link.peer_name):",
+         "    if True:  # MUTANT"),
     ),
     mutant(
         "resume-after-unanswered-commit",

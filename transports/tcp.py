@@ -1,4 +1,8 @@
-"""``tcp://HOST:PORT`` — TCP sockets (port 0 when listening picks a free port)."""
+"""``tcp://HOST:PORT`` — TCP sockets (port 0 when listening picks a free port).
+
+``tls://HOST:PORT`` is the same TCP transport: the engine runs TLS 1.3 on each
+connection after its hello (engine/link.py), and requires TLS files for it.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def _host_port(uri: str) -> tuple[str, int]:
     except ValueError as exc:
         raise ConfigError(f"bad port in {uri!r}") from exc
     if parts.hostname is None or port is None:
-        raise ConfigError(f"expected tcp://HOST:PORT, got {uri!r}")
+        raise ConfigError(f"expected tcp://HOST:PORT or tls://HOST:PORT, got {uri!r}")
     return parts.hostname, port
 
 
@@ -68,7 +72,7 @@ def listen(uri: str) -> SocketListener:
     bind_and_listen(sock, addr, uri)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return _TcpListener(sock, f"tcp://{shown}:{bound_port}")
+    return _TcpListener(sock, f"{urlsplit(uri).scheme}://{shown}:{bound_port}")
 
 
 class _TcpListener(SocketListener):
@@ -79,3 +83,5 @@ class _TcpListener(SocketListener):
 
 
 register_transport("tcp", connect, listen)
+# tls://HOST:PORT is TCP too; the engine adds TLS 1.3 after each hello (engine/link.py)
+register_transport("tls", connect, listen)

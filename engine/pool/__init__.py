@@ -15,6 +15,7 @@ The package::
     _frames.py    the process backend's frames, and how jobs and results pickle
     _worker.py    the worker process's main loop
     _spawn.py     worker processes that start with the pool's worker environment
+    _forkserver.py  a fork server per process: workers forked from a warm interpreter
     _token.py     CancelToken (a leaf)
 
 Each backend gets the core as an argument and uses only its public methods;
@@ -42,20 +43,32 @@ A job that watches the cancel token gets it as an argument:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from types import TracebackType
 from typing import Any, TypeVar
 
-from engine.errors import CancelledError, ConfigError
+from engine.errors import CancelledError, ConfigError, PoolError
 from engine.pool._core import MAX_MESSAGE_BYTES, Backend, BackendName, PoolCore, PoolStatistics
+from engine.pool._forkserver import (
+    ForkServer,
+    fork_server,
+    fork_server_fds,
+    fork_server_pids,
+    import_preload,
+    stop_fork_servers,
+)
 from engine.pool._process import ProcessBackend
 from engine.pool._spawn import DEFAULT_WORKER_ENV
 from engine.pool._thread import ThreadBackend
 from engine.pool._token import CancelToken
 
-__all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "PoolStatistics",
-           "WorkerPool"]
+__all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "ForkServer", "PoolStatistics",
+           "WorkerPool", "fork_server", "fork_server_fds", "fork_server_pids", "stop_fork_servers", "warm_up"]
 
 T = TypeVar("T")
 
@@ -79,11 +92,17 @@ class WorkerPool:
     `worker_env` (process backend): variables each worker process starts with where
     the owner's environment does not set them (default: :data:`DEFAULT_WORKER_ENV`,
     one BLAS thread).  The owner's own environment is never changed.
+
+    `start_method` (process backend): "spawn" (a fresh interpreter per worker),
+    "forkserver" (forked in milliseconds from this process's fork server for
+    `preload` and `worker_env`, :func:`fork_server`, started now) or "fork".
+    `preload`: modules (``"module"`` or ``"module:function"``, called) the workers
+    will need: the fork server imports them once; :func:`warm_up` in every worker.
     """
 
     def __init__(self, backend: BackendName, max_workers: int, name: str = "pool", *,
                  cancel_grace: float = 1.0, start_method: str = "spawn",
-                 worker_env: Mapping[str, str] | None = None) -> None:
+                 worker_env: Mapping[str, str] | None = None, preload: Sequence[str] = ()) -> None:
         if backend not in ("thread", "process"):
             raise ConfigError(f"unknown pool backend {backend!r}; use 'thread' or 'process'")
         if max_workers < 1 or cancel_grace < 0:
@@ -93,6 +112,7 @@ class WorkerPool:
         self.max_workers = max_workers
         self.name = name
         self.cancel_grace = cancel_grace
+        self.preload = tuple(preload)
         self._core = PoolCore(name, max_workers, cancel_grace)
         self._backend: Backend
         try:
@@ -100,7 +120,7 @@ class WorkerPool:
                 self._backend = ThreadBackend(self._core)
             else:
                 env = DEFAULT_WORKER_ENV if worker_env is None else worker_env
-                self._backend = ProcessBackend(self._core, start_method, env)
+                self._backend = ProcessBackend(self._core, start_method, env, self.preload)
         except BaseException:
             self._core.release()
             raise
@@ -173,3 +193,47 @@ class WorkerPool:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.shutdown(wait=True, cancel=exc is not None)
+
+
+def _hold_until_all(sock: socket.socket, preload: Sequence[str]) -> int:
+    """A warm-up job: import `preload`, say so on `sock`, hold the worker until EOF."""
+    import_preload(preload)
+    sock.sendall(b"\1")
+    while sock.recv(64):
+        pass
+    return os.getpid()
+
+
+def warm_up(pool: WorkerPool, timeout: float = 60.0) -> list[int]:
+    """Start every worker of `pool` now, each importing the pool's `preload`, and
+    return once all of them have (their pids; thread workers: this process's).
+
+    Every worker runs one warm-up job at the same time, so each gets one.  Call it
+    on an idle pool, before the jobs that should find it warm.  Raises PoolError
+    if a worker fails (the pool is then broken) or `timeout` passes first.
+    """
+    ours, theirs = socket.socketpair()
+    futures: list[Future[int]] = []
+    try:
+        futures = [pool.submit(_hold_until_all, theirs, pool.preload)
+                   for _ in range(pool.max_workers)]
+        deadline = time.monotonic() + timeout
+        ours.settimeout(0.05)
+        ready = 0
+        while ready < len(futures):
+            if pool.broken is not None:
+                raise PoolError(f"pool {pool.name!r} broke while warming up") from pool.broken
+            if time.monotonic() > deadline:
+                raise PoolError(f"pool {pool.name!r}: {len(futures) - ready} worker(s) not "
+                                f"up within {timeout:.0f} s")
+            try:
+                ready += len(ours.recv(len(futures)))
+            except TimeoutError:
+                continue
+    finally:
+        ours.close()  # EOF: the warm-up jobs return
+        try:
+            futures_wait(futures, timeout)
+        finally:
+            theirs.close()  # a thread worker's job held this very socket
+    return [future.result(0) for future in futures]

@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from engine.errors import PoolError, RemoteTraceback, WorkerCrashedError
 from engine.pool._core import Job, PoolCore, settle
+from engine.pool._forkserver import fork_server, server_process_factory
 from engine.pool._frames import FRAME, FrameReader, encode_job
 from engine.pool._spawn import process_factory
 from engine.pool._token import close_in_forked_child, poll_millis
@@ -78,8 +79,15 @@ class ProcessBackend:
     escalation deadlines (terminate, kill) of workers that do not stop.
     """
 
-    def __init__(self, core: PoolCore, start_method: str, worker_env: Mapping[str, str]) -> None:
-        self._process_class = process_factory(start_method, worker_env)  # ConfigError
+    def __init__(self, core: PoolCore, start_method: str, worker_env: Mapping[str, str],
+                 preload: Sequence[str] = ()) -> None:
+        self._process_class: Callable[..., BaseProcess]
+        if start_method == "forkserver":  # ours, with an owner (engine/pool/_forkserver.py)
+            server = fork_server(preload, worker_env)
+            server.start()  # it imports while the pool waits for its first job
+            self._process_class = server_process_factory(server)
+        else:
+            self._process_class = process_factory(start_method, worker_env)  # ConfigError
         self._worker_env = dict(worker_env)
         self._core = core
         self.workers_started = 0

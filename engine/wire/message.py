@@ -646,6 +646,8 @@ def _decode_config(body: _Reader) -> Config:
         device_flags = body.take(n_devices)
         if any(flag & ~_DEVICE_SPEC_FLAGS for flag in device_flags):
             raise RemoteProtocolError("unknown CONFIG device flags")
+        if not any(device_flags):  # one encoding per CONFIG: the flag only with a flag set
+            raise RemoteProtocolError("CONFIG flag DEVICE_FLAGS with no device flag set")
         devices = tuple(DeviceSpec(d.idstr, d.instance_id, bool(f & DeviceSpecFlags.ITERATIVE),
                                    bool(f & DeviceSpecFlags.SWITCHOVER_ACK))
                         for d, f in zip(devices, device_flags))

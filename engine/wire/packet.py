@@ -3,9 +3,11 @@
 Byte layout (integers big-endian; docs/wire-format.md is the specification, field
 by field; the main-channel messages live in :mod:`engine.wire.message`)::
 
-    every connection   hello, 80 bytes
+    every connection   challenge (listener → connector), 24 bytes, then hello, 80 bytes
                        magic "MFDH" | version | role | flags | migration_id (16)
                        | channel_id | channel_count | reserved | nonce (16) | auth (32)
+                       then, as the hello's flags say: TLS 1.3, MAC records
+                       (engine/wire/record.py), or the bare stream
 
     multifd channel    hello, then packets until END, each:
                        common header, 16 bytes
@@ -60,7 +62,7 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 
 HELLO_MAGIC: Final = 0x4D464448  # "MFDH"
 PACKET_MAGIC: Final = 0x4D464450  # "MFDP"
-VERSION: Final = 2
+VERSION: Final = 3
 HELLO_SIZE: Final = 80
 NONCE_SIZE: Final = 16
 AUTH_SIZE: Final = 32
@@ -85,6 +87,18 @@ class HelloRole(enum.IntEnum):
     MAIN = 1  # main channel, source → destination
     CHANNEL = 2  # multifd channel
     MAIN_REPLY = 3  # destination's reply on the main channel
+
+
+class HelloFlags(enum.IntFlag):
+    """What protects the bytes after the hello on this connection (at most one bit;
+    none: nothing, which a destination accepts only when told to)."""
+
+    TLS = 1  # a TLS 1.3 handshake follows the hello; everything after it is TLS
+    MAC = 2  # every byte after the hellos travels in MAC records (engine/wire/record.py)
+
+
+_HELLO_FLAGS: Final = (0, int(HelloFlags.TLS), int(HelloFlags.MAC))
+NO_PROTECTION: Final = HelloFlags(0)
 
 
 class PacketKind(enum.IntEnum):
@@ -169,6 +183,7 @@ class ChannelHello:
     channel_id: int
     channel_count: int
     nonce: bytes
+    flags: HelloFlags = NO_PROTECTION
 
 
 def encode_challenge(nonce: bytes | None = None) -> bytes:
@@ -224,11 +239,13 @@ def encode_hello(
     key: bytes,
     answers: bytes,
     nonce: bytes | None = None,
+    flags: HelloFlags = NO_PROTECTION,
 ) -> bytes:
     """The 80-byte hello for ``role``, authenticated with ``key`` over the nonce it
     ``answers``: the listener's challenge for MAIN (key: the shared secret) and
     CHANNEL (key: the :func:`session_key`); the source's hello nonce for
-    MAIN_REPLY (key: the shared secret).
+    MAIN_REPLY (key: the shared secret).  ``flags`` says what protects the bytes
+    after it (:class:`HelloFlags`); the reply echoes the main hello's.
 
     ``nonce`` defaults to 16 fresh random bytes (pass one only for test vectors).
     Raises LocalProtocolError for an unknown role, a channel id or count out of
@@ -240,12 +257,14 @@ def encode_hello(
     problem = _hello_ids_problem(role, channel_id, channel_count)
     if problem:
         raise LocalProtocolError(problem)
+    if int(flags) not in _HELLO_FLAGS:
+        raise LocalProtocolError(f"hello flags {int(flags):#x}: at most one of TLS, MAC")
     if nonce is None:
         nonce = os.urandom(NONCE_SIZE)
     elif len(nonce) != NONCE_SIZE:
         raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes")
     unsigned = _HELLO.pack(
-        HELLO_MAGIC, VERSION, role, 0, migration_id.bytes,
+        HELLO_MAGIC, VERSION, role, int(flags), migration_id.bytes,
         channel_id, channel_count, 0, nonce, bytes(AUTH_SIZE),
     )[:_HELLO_SIGNED]
     return unsigned + _hello_auth(key, unsigned, answers)
@@ -290,8 +309,8 @@ def decode_hello(data: Buffer, key: bytes, answers: bytes,
     if _ROLES[role] not in roles:
         raise HandshakeError(f"a {_ROLES[role].name} hello where "
                              f"{' or '.join(r.name for r in roles)} was expected")
-    if flags:
-        raise HandshakeError(f"hello flags must be 0, got 0x{flags:02x}")
+    if flags not in _HELLO_FLAGS:
+        raise HandshakeError(f"hello flags 0x{flags:02x}: unknown bits, or both TLS and MAC")
     if reserved:
         raise HandshakeError(f"hello reserved bytes must be 0, got 0x{reserved:08x}")
     expected = _hello_auth(key, data[:_HELLO_SIGNED], answers)
@@ -302,7 +321,7 @@ def decode_hello(data: Buffer, key: bytes, answers: bytes,
     if problem:
         raise HandshakeError(problem)
     return ChannelHello(_ROLES[role], uuid.UUID(bytes=migration_id), channel_id,
-                        channel_count, bytes(nonce))
+                        channel_count, bytes(nonce), HelloFlags(flags))
 
 
 # ── packet records ────────────────────────────────────────────────────────────

@@ -52,7 +52,7 @@ def _barrier(destination: DestinationMigration) -> SyncBarrier:
 
 def _join(source: HandMadeSource) -> list[ChannelWriter]:
     """Open every channel with a hello from the codec; wait for CHANNELS_READY."""
-    socks = [source.channel(source.channel_hello(i)) for i in range(source.channels)]
+    socks = [source.channel(source.channel_hello(i), i) for i in range(source.channels)]
     assert source.next_message() == wire.ChannelsReady()
     return [ChannelWriter(s) for s in socks]
 

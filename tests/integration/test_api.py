@@ -50,4 +50,15 @@ def test_the_readme_example_with_live_stats() -> None:
         assert final.bytes_on_wire == result.bytes_on_wire
         assert result.pages_sent >= ram.n_pages
         assert result.downtime_ms > 0 and result.setup_time_ms > 0
+        # The set-up breakdown: each step the source marks, in order, within the set-up;
+        # the first packet went out after it (orders, not timings).
+        steps = result.extra["setup_steps_ms"]
+        assert list(steps) == ["main_channel", "channel_handshakes", "channel_processes",
+                               "destination_channels", "rtt"]
+        assert all(ms >= 0 for ms in steps.values())
+        assert sum(steps.values()) <= result.setup_time_ms + 0.01
+        assert result.setup_time_ms <= result.extra["first_packet_ms"] <= result.total_time_s * 1000
+        assert list(remote.extra["setup_steps_ms"]) == ["main_channel", "channel_handshakes",
+                                                        "slots", "channel_processes"]
+        assert result.extra["channel_attach_ms"] >= 0
         assert 0 < result.rtt_ms < 100

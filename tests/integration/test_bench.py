@@ -67,6 +67,25 @@ def test_iterative_devices_bench(tmp_path: Path) -> None:
     assert cases["iterative"]["live_bytes"] >= 2 * (2 << 20)  # every device's state went live
 
 
+def test_setup_bench(tmp_path: Path) -> None:
+    out = tmp_path / "setup.json"
+    bench("setup.py", "--ram", "8M", "--repeat", "1", "--json", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["case"] for run in runs] == ["spawn", "forkserver", "warm"]
+    for run in runs:  # every step measured, the first packet after the set-up
+        assert list(run["steps_ms"]) == ["main_channel", "channel_handshakes", "channel_processes",
+                                         "destination_channels", "rtt"]
+        assert run["first_packet_ms"] >= run["setup_ms"] > 0
+
+
+def test_caps_bench(tmp_path: Path) -> None:
+    out = tmp_path / "caps.json"
+    bench("caps.py", "--sizes", "8M", "--caps", "64M", "1G", "--repeat", "1", "--json", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["size"], run["cap"]) for run in runs] == [(8 << 20, 64 << 20), (8 << 20, 1 << 30)]
+    assert all(run["downtime_ms"] > 0 and run["rounds"] >= 2 for run in runs)
+
+
 def test_compression_bench_case() -> None:
     with guest_ram(8 * MiB, fill="text") as src, guest_ram(8 * MiB, fill="zero") as dst:
         run = compression_run(src, dst, MigrationConfig(channels=2, compression="zstd"))
@@ -150,3 +169,17 @@ def test_local_bench(tmp_path: Path) -> None:
     for case in report["cases"]:
         assert len(case["runs"]["none"]) == len(case["runs"]["devices"]) == 2  # there and back
         assert case["none"]["pages_sent"] == case["devices"]["pages_sent"] == 0
+
+
+@pytest.mark.heavy  # eight local hand-overs, two VMM processes
+def test_local_iterative_bench(tmp_path: Path) -> None:
+    out = tmp_path / "local-iterative.json"
+    bench("local.py", "--iterative", "--sizes", "8M", "--state-size", "2M", "--load-ms", "50",
+          "--repeat", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    cases = {case["case"]: case for case in report["cases"]}
+    assert set(cases) == {"switchover-only", "iterative"}
+    for case in cases.values():
+        assert len(case["runs"]) == 2 and case["pages_sent"] == 0  # there and back, no page
+    assert cases["switchover-only"]["live_bytes"] == 0 and cases["switchover-only"]["rounds"] == 0
+    assert cases["iterative"]["live_bytes"] >= 2 << 20  # the whole state went in rounds

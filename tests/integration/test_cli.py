@@ -227,6 +227,19 @@ def _one_error_line(stderr: str, status: str = "failed") -> str:
     return stderr
 
 
+def _channel_processes(pid: int) -> list[psutil.Process]:
+    """The channel processes of the command `pid`: forked by its fork server (or spawned)."""
+    found = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):  # gone, or a zombie, meanwhile
+            command = " ".join(child.cmdline())
+            if "engine.pool._forkserver" in command:
+                found += child.children()
+            elif "spawn_main" in command:
+                found.append(child)
+    return found
+
+
 def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
     """A destination channel process dies as the channels start, the others are stuck:
     each side says so in one line (no pool warnings about terminating the stuck
@@ -240,8 +253,7 @@ def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
     try:
         deadline = time.monotonic() + 20
         while len(workers) < 3 and time.monotonic() < deadline:
-            workers = [c for c in psutil.Process(process.pid).children()
-                       if "spawn_main" in " ".join(c.cmdline())]
+            workers = _channel_processes(process.pid)
             time.sleep(0.005)
         assert len(workers) == 3
         for stuck in workers[1:]:  # they cannot stop in time: the pool terminates them

@@ -5,7 +5,8 @@ numbered above that.  Here the test process holds 4000 extra fds before the
 migration starts, so every socket the engine opens on either side (both run in
 this process: listener, main connection, channel and control sockets, the
 guest's control socket) is numbered above 1023.  The channel processes are
-spawned, so theirs are small; their waits use the same helper, which
+forked from the fork server (spawned with its own few descriptors only; its
+waits in this process use poll() too), so theirs are small; their waits use the same helper, which
 tests/unit/test_sync.py checks with a descriptor numbered above 2000.  (The
 "fork" start method would carry the 4000 fds into them, but forking this
 multi-threaded process can deadlock, and Python 3.12 warns about it.)

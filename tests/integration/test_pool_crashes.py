@@ -117,10 +117,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_crash_fails_the_future_breaks_the_pool_and_leaves_nothing(case: str) -> None:
+def test_crash_fails_the_future_breaks_the_pool_and_leaves_nothing(case: str, start_method: str) -> None:
     job, args, check = CASES[case]
-    pool = WorkerPool("process", 1, name=f"crash-{case}", cancel_grace=0.2)
+    pool = WorkerPool("process", 1, name=f"crash-{case}", cancel_grace=0.2, start_method=start_method)
     try:
         pid = pool.submit(os.getpid).result(GUARD)  # the worker is up
         crashing = pool.submit(job, *args)

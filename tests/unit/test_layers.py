@@ -6,8 +6,9 @@ so a contract holds for code that runs late too; imports under ``if
 TYPE_CHECKING:`` are left out, as they never run.  Bottom to top:
 
     base        engine.errors, engine.scatter          standard library only
-    wire        engine.wire.*                          + engine.errors, numpy and xxhash
-                                                       (bitmaps and page checksums)
+    wire        engine.wire.*                          + engine.errors, numpy, xxhash and
+                                                       cryptography (bitmaps, page checksums,
+                                                       record tags)
     io          engine.sync, shm, codecs, transport, pool.*
     core        engine.slots, dirty, converge, stats, verify, channel, multifd, payload,
                 device, admission, scrub
@@ -34,7 +35,7 @@ PACKAGES = ("engine", "clients", "transports")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("engine.errors", "engine.scatter")),
     ("wire", ("engine.wire",)),
-    ("io", ("engine.sync", "engine.shm", "engine.codecs", "engine.config", "engine.transport",
+    ("io", ("engine.sync", "engine.shm", "engine.codecs", "engine.config", "engine.transport", "engine.link",
             "engine.pool")),
     ("core", ("engine.slots", "engine.dirty", "engine.stats", "engine.verify", "engine.channel",
               "engine.multifd", "engine.payload", "engine.device", "engine.admission",
@@ -147,14 +148,14 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
 
 def test_base_and_wire_depend_on_nothing_above() -> None:
     """The base uses the standard library only; the wire (sans-IO codecs) adds
-    the errors and two computation libraries, never I/O or engine state."""
+    the errors and three computation libraries, never I/O or engine state."""
     stdlib = sys.stdlib_module_names | {"__future__"}
     wrong = []
     for module, imported in GRAPH.items():
         if _under(module, ("engine.errors", "engine.scatter")):
             allowed: tuple[str, ...] = ()
         elif _under(module, ("engine.wire",)):
-            allowed = ("engine.errors", "engine.wire", "numpy", "xxhash")
+            allowed = ("engine.errors", "engine.wire", "numpy", "xxhash", "cryptography")
         else:
             continue
         wrong += [f"{module} imports {target}" for target in imported

@@ -56,6 +56,7 @@ from engine.wire.packet import (
     ChannelHello,
     DeviceChunkHeader,
     EndPacket,
+    HelloFlags,
     HelloRole,
     Packet,
     PacketDecoder,
@@ -97,24 +98,24 @@ CHANNEL_CHALLENGE = bytes(range(64, 80))  # the listener's, on channel 3's conne
 SESSION = hmac.new(SECRET, b"multifd session " + MIGRATION_ID.bytes + MAIN_NONCE + CHALLENGE,
                    hashlib.sha256).digest()
 
-CHALLENGE_WIRE = h("4d464443" "0002" "0000" "303132333435363738393a3b3c3d3e3f")
-# role 1: answers CHALLENGE, with the shared secret
+CHALLENGE_WIRE = h("4d464443" "0003" "0000" "303132333435363738393a3b3c3d3e3f")
+# role 1: answers CHALLENGE, with the shared secret; flags 0x02: MAC records follow
 MAIN_HELLO = h(
-    "4d464448" "0002" "01" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
+    "4d464448" "0003" "01" "02" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
     "000102030405060708090a0b0c0d0e0f"
-    "027aba7b875cca194480de51cefb32fffa6369e668274374fe8810adc670ecb6"
+    "7936f993a8f5feb76e334812077a59030affb70f47435fc802323d7828e776db"
 )
 # role 2: answers CHANNEL_CHALLENGE, with the session key
 CHANNEL_HELLO = h(
-    "4d464448" "0002" "02" "00" "00112233445566778899aabbccddeeff" "0003" "0004" "00000000"
+    "4d464448" "0003" "02" "02" "00112233445566778899aabbccddeeff" "0003" "0004" "00000000"
     "202122232425262728292a2b2c2d2e2f"
-    "b81acf5bb5d6ad52f68c864cf9085e6e7b27e1a41792b9fd5df1217333747aa8"
+    "de1cdbd3d26f154bed612343fe320c80346c00ffb9e6e7fb1f034b2828c4890f"
 )
 # role 3: answers the nonce of MAIN_HELLO, with the shared secret
 REPLY_HELLO = h(
-    "4d464448" "0002" "03" "00" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
+    "4d464448" "0003" "03" "02" "00112233445566778899aabbccddeeff" "0000" "0004" "00000000"
     "101112131415161718191a1b1c1d1e1f"
-    "44b298bed14508745ac9d43644dfabfcfb9664c85c8ae8e7c03ec24ae03b093c"
+    "95d32cd35bf2e3a298e618da4fb417f3e4e1be16b5230d317d9e2356e9a918ae"
 )
 MAIN, CHANNEL, REPLY = HelloRole.MAIN, HelloRole.CHANNEL, HelloRole.MAIN_REPLY
 
@@ -132,9 +133,9 @@ def test_hello_golden(
     assert len(wire) == HELLO_SIZE
     # The vector's authenticator is what the spec says it is.
     assert wire[48:] == hmac.new(key, wire[:48] + answers, hashlib.sha256).digest()
-    assert encode_hello(role, MIGRATION_ID, channel_id, 4, key, answers, nonce) == wire
+    assert encode_hello(role, MIGRATION_ID, channel_id, 4, key, answers, nonce, HelloFlags.MAC) == wire
     assert decode_hello(wire, key, answers, (role,)) == ChannelHello(
-        role, MIGRATION_ID, channel_id, 4, nonce
+        role, MIGRATION_ID, channel_id, 4, nonce, HelloFlags.MAC
     )
 
 
@@ -152,6 +153,9 @@ def test_session_key_and_challenge_golden() -> None:
         pytest.param(h("4d464448") + CHALLENGE_WIRE[4:], "wrong challenge magic", id="magic"),
         pytest.param(CHALLENGE_WIRE[:4] + h("0001") + CHALLENGE_WIRE[6:], "challenge version 1",
                      id="version"),
+        # a version-2 listener's challenge: a version-3 source stops there
+        pytest.param(CHALLENGE_WIRE[:4] + h("0002") + CHALLENGE_WIRE[6:],
+                     r"unsupported challenge version 2 \(this side speaks 3\)", id="version-2"),
         pytest.param(CHALLENGE_WIRE[:6] + h("0001") + CHALLENGE_WIRE[8:], "reserved", id="reserved"),
     ],
 )
@@ -170,9 +174,9 @@ def test_hello_default_nonce_is_fresh() -> None:
 def forge_hello(
     *,
     magic: int = 0x4D464448,
-    version: int = 2,
+    version: int = 3,
     role: int = 2,
-    flags: int = 0,
+    flags: int = 2,
     channel_id: int = 0,
     channel_count: int = 4,
     reserved: int = 0,
@@ -199,9 +203,13 @@ CHANNEL_CHECK = (SESSION, CHANNEL_CHALLENGE, (CHANNEL,))
         pytest.param(CHANNEL_HELLO + b"\0", CHANNEL_CHECK, "80 bytes, got 81", id="long"),
         pytest.param(forge_hello(magic=0x4D464450), CHANNEL_CHECK, "wrong hello magic", id="magic"),
         pytest.param(forge_hello(version=1), CHANNEL_CHECK, "unsupported hello version 1", id="version"),
+        # A version-2 peer (no protection after the hello) is refused at its first hello.
+        pytest.param(forge_hello(version=2, flags=0), CHANNEL_CHECK,
+                     r"unsupported hello version 2 \(this side speaks 3\)", id="version-2"),
         pytest.param(forge_hello(role=0), CHANNEL_CHECK, "unknown hello role 0", id="role-0"),
         pytest.param(forge_hello(role=4), CHANNEL_CHECK, "unknown hello role 4", id="role-4"),
-        pytest.param(forge_hello(flags=1), CHANNEL_CHECK, "flags must be 0", id="flags"),
+        pytest.param(forge_hello(flags=3), CHANNEL_CHECK, "both TLS and MAC", id="flags-tls-and-mac"),
+        pytest.param(forge_hello(flags=4), CHANNEL_CHECK, "unknown bits", id="flags-unknown"),
         pytest.param(forge_hello(reserved=1), CHANNEL_CHECK, "reserved bytes must be 0", id="reserved"),
         pytest.param(CHANNEL_HELLO[:79] + b"\0", CHANNEL_CHECK, "bad hello authenticator", id="auth"),
         pytest.param(CHANNEL_HELLO[:24] + h("0002") + CHANNEL_HELLO[26:], CHANNEL_CHECK,
@@ -416,6 +424,17 @@ def test_config_device_flags_refused() -> None:
     decoder = MessageDecoder()
     decoder.receive_data(bytes(wire))
     with pytest.raises(RemoteProtocolError, match="unknown CONFIG device flags"):
+        decoder.next_message()
+
+
+def test_config_device_flags_without_a_flag_set_refused() -> None:
+    """One encoding per CONFIG: DEVICE_FLAGS only when some device has a flag
+    (found by the corrupted-stream fuzz: decoded, it re-encoded one byte shorter)."""
+    wire = bytearray(encode_message(ITERATIVE_CONFIG))
+    wire[-2] = 0  # "gpu" loses its flags; "nic" had none
+    decoder = MessageDecoder()
+    decoder.receive_data(bytes(wire))
+    with pytest.raises(RemoteProtocolError, match="DEVICE_FLAGS with no device flag set"):
         decoder.next_message()
 
 

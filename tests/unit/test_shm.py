@@ -9,6 +9,7 @@ contract asks.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -316,6 +317,73 @@ def test_attach_with_populate(ram: GuestRAM) -> None:
         assert bytes(other.block("main").page_view(63)[:3]) == b"end"
     finally:
         other.close()
+
+
+def _rss_kib(block) -> int:
+    """This process's resident kB in `block`'s mapping (page tables built), from smaps."""
+    anchor = ctypes.c_char.from_buffer(block.segment.buf)
+    address = ctypes.addressof(anchor)
+    del anchor
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and len(line.split()) >= 5:
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("mapping not found")
+
+
+def test_populate_on_first_use_maps_only_the_chunks_touched() -> None:
+    """populate="read": a view maps the 2 MiB pieces it lies in, once, and no more;
+    the block's last piece is cut at its end.  (A read fault also maps up to 64 KiB
+    of cached neighbours, the kernel's fault-around: the slack allowed.)"""
+
+    def mapped(kib: int) -> bool:
+        return kib <= _rss_kib(block) <= kib + 64
+
+    size = 5 << 20  # 2 MiB pieces: [0, 2), [2, 4), [4, 5) MiB
+    with GuestRAM.create({"big": size}, prealloc=True) as owner:
+        other = GuestRAM.attach(owner.handle, populate="read")
+        try:
+            block = other.block("big")
+            assert _rss_kib(block) == 0
+            block.page_view(600, 64)  # pages 600.. are in piece 1
+            assert mapped(2048)
+            block.page_view(601, 100)
+            assert mapped(2048)  # already mapped: nothing more
+            block.prepare_pages(1200, 80)  # piece 2 (1 MiB, the block's end)
+            assert mapped(3072)
+            block.prepare_pages(0, 63)  # a short run: its pages fault in as used
+            assert mapped(3072)
+            block.prepare_pages(0, 64)
+            assert mapped(5120)
+        finally:
+            other.close()
+
+
+def test_populating_runs_maps_their_pieces_not_the_span_between() -> None:
+    """A slot's runs map the pieces holding them, not the span between; a short run
+    (a late round's scattered pages) maps nothing ahead: its pages fault in."""
+    with GuestRAM.create({"big": 9 << 20}, prealloc=True) as owner:  # pieces 0..4, the last 1 MiB
+        other = GuestRAM.attach(owner.handle, populate="read")
+        try:
+            block = other.block("big")
+
+            def mapped(kib: int) -> bool:
+                return kib <= _rss_kib(block) <= kib + 256  # the kernel's fault-around
+            block.prepare_pages_of_runs(np.array([10, 5, 1900]), np.array([64, 1, 64]))
+            assert mapped(4096)  # pieces 0 and 3, not 1 and 2
+            block.prepare_pages_of_runs(np.array([1100, 2300]), np.array([1, 4]))
+            assert mapped(4096)  # short runs: nothing ahead
+            block.prepare_pages_of_runs(np.array([2240]), np.array([64]))
+            assert mapped(5120)  # the block's last 64 pages: its piece is 1 MiB
+            block.prepare_pages_of_runs(np.array([500]), np.array([600]))
+            assert mapped(9216)  # a run over pieces 0..2 maps 1 and 2 too
+        finally:
+            other.close()
 
 
 def test_only_the_owner_may_unlink(ram: GuestRAM) -> None:

@@ -1,0 +1,136 @@
+"""What protection costs: the same migration bare, in MAC records, and over TLS 1.3.
+
+For each channel count N (1, 2, 4 by default) and each repetition, in one run,
+an idle guest of random RAM migrates to a destination process of its own
+(bench/remote.py) three ways, in an order that rotates every repetition:
+
+* **bare** — ``integrity="none"``: the bytes after the hellos unprotected;
+* **mac** — the default: every byte after the hellos in AES-256-GMAC records
+  (docs/wire-format.md §1.1), the sender tagging a copy of what it sends;
+* **tls** — TLS 1.3 with mutual x509 on the main and every multifd channel
+  (certificates made for the run by ``openssl``; the channel processes run the
+  handshakes).
+
+Prints the medians of the transfer rate (total time minus setup) and of setup,
+with each mode's ratio to bare in the same run, and whether kernel TLS could be
+switched on here (a probe: SSL_OP_ENABLE_KTLS set by value, then
+``getsockopt(SOL_TLS, TLS_TX)`` on the socket); writes everything to JSON.
+
+    python bench/secure.py [--ram 512M] [--channels 1 2 4] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.remote import migrate, write_report  # noqa: E402
+from clients.guest import fill_ram  # noqa: E402
+from engine import GuestRAM, MigrationConfig  # noqa: E402
+from engine.cli import parse_size  # noqa: E402
+from tests.certs import Pki, make_pki  # noqa: E402
+
+MODES = ("bare", "mac", "tls")
+SOL_TLS, TLS_TX = 282, 1
+SSL_OP_ENABLE_KTLS = 1 << 3  # OpenSSL 3's value; Python 3.11's ssl does not name it
+
+
+def ktls_probe(pki: Pki) -> str:
+    """Whether OpenSSL hands a TLS 1.3 socket's records to the kernel here."""
+    ulps = Path("/proc/sys/net/ipv4/tcp_available_ulp")
+    available = ulps.read_text().split() if ulps.exists() else []
+    server = pki.config("dest").context(True)
+    client = pki.config("source", peer_name="localhost").context(False)
+    for ctx in (server, client):
+        ctx.options |= SSL_OP_ENABLE_KTLS  # type: ignore[assignment]
+    listener = socket.create_server(("127.0.0.1", 0))
+    said: dict[str, str] = {}
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with client.wrap_socket(socket.create_connection(listener.getsockname()),
+                                server_hostname="localhost") as tls:
+            try:
+                tls.getsockopt(SOL_TLS, TLS_TX, 64)
+                said["tx"] = "on"
+            except OSError as exc:
+                said["tx"] = f"off ({exc.strerror})"
+            tls.sendall(b"x")
+    finally:
+        thread.join()
+        listener.close()
+    return (f"kernel TLS: {said['tx']}; tcp_available_ulp: {' '.join(available) or 'none'} "
+            f"({'tls' if 'tls' in available else 'no tls module'}); Python's ssl.OP_ENABLE_KTLS: "
+            f"{'yes' if hasattr(__import__('ssl'), 'OP_ENABLE_KTLS') else 'no (set by value)'}")
+
+
+def migrate_once(src: GuestRAM, dst: GuestRAM, n: int, mode: str, pki: Pki) -> dict[str, Any]:
+    config = MigrationConfig(channels=n, integrity="none" if mode == "bare" else "mac")
+    tls = (pki.config("source", peer_name="localhost"), pki.config("dest", peer_name="source.test"))
+    result, remote, main_cpu_s = migrate(src, dst, config, tls=tls if mode == "tls" else None)
+    transfer_s = result.total_time_s - result.setup_time_ms / 1000
+    return {"transfer_s": transfer_s, "setup_ms": result.setup_time_ms,
+            "gb_per_s": src.size / transfer_s / 1e9, "bytes_on_wire": result.bytes_on_wire,
+            "source_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in result.channel_memory_kib),
+            "destination_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in remote["channel_memory_kib"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ram", type=parse_size, default=parse_size("512M"))
+    parser.add_argument("--channels", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", default="bench/results/secure.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="mfd-bench-pki-") as where:
+        pki = make_pki(Path(where))
+        ktls = ktls_probe(pki)
+        runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {m: [] for m in MODES} for n in args.channels}
+        with GuestRAM.create({"pc.ram": args.ram}) as src, \
+                GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst:
+            fill_ram(src, "random", seed=7)
+            for rep in range(args.repeat):
+                for n in args.channels:
+                    order = MODES[rep % 3:] + MODES[:rep % 3]  # each mode first in turn
+                    for mode in order:
+                        runs[n][mode].append(migrate_once(src, dst, n, mode, pki))
+
+    print(f"{args.ram / 2**30:.2f} GiB random RAM, idle guest, tcp loopback, {args.repeat} runs, "
+          f"medians; ratio: to bare in the same run")
+    print(ktls)
+    report: dict[str, Any] = {"ram_bytes": args.ram, "repeat": args.repeat, "cpus": os.cpu_count(),
+                              "ktls": ktls, "cases": []}
+    for n in args.channels:
+        bare = statistics.median(r["gb_per_s"] for r in runs[n]["bare"])
+        for mode in MODES:
+            rates = [r["gb_per_s"] for r in runs[n][mode]]
+            rate = statistics.median(rates)
+            setup = statistics.median(r["setup_ms"] for r in runs[n][mode])
+            cpu = statistics.median(r["source_channel_cpu_ms"] + r["destination_channel_cpu_ms"]
+                                    for r in runs[n][mode])
+            print(f"  {n} ch  {mode:4}  {rate:5.2f} GB/s ({min(rates):.2f}-{max(rates):.2f})  "
+                  f"x{rate / bare:4.2f}  setup {setup:5.0f} ms  channel CPU {cpu:5.0f} ms")
+            report["cases"].append({"channels": n, "mode": mode, "gb_per_s": rate,
+                                    "ratio_to_bare": rate / bare, "setup_ms": setup, "runs": runs[n][mode]})
+    write_report(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

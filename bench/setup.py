@@ -1,0 +1,154 @@
+"""Set-up of a migration, step by step: from the request to the first page on the wire.
+
+For each way of starting channels and each repetition, in one run and alternating
+the order, an idle guest of random RAM migrates from this process to a destination
+VMM in a process of its own (started, with its RAM touched, before the clock runs):
+
+* **spawn** — each side's operation spawns its channel processes (a fresh
+  interpreter each, importing the engine);
+* **forkserver** — each side's operation forks its channel processes from the
+  process's fork server (``engine.pool.fork_server``), whose interpreter already
+  imported the channel modules; the server was started before the run, as the CLI
+  starts it when a command begins;
+* **warm** — both sides run their channels on a process pool started (and its
+  channel modules imported, ``engine.pool.warm_up``) before the migration, as a VMM
+  keeps one and ``listen`` starts one before a source connects.
+
+Printed per case (medians): the request → first page on the wire (the earliest
+channel's first ``sendmsg``, CLOCK_MONOTONIC in every process), the set-up steps
+the source marks (main channel handshake, channel handshakes, channel processes up
+and serving, the destination's channels ready, one PING/PONG), each channel's
+mapping of guest RAM, and the whole migration.  JSON of every run goes to
+``bench/results/setup.json``.
+
+    python bench/setup.py [--ram 1G] [--channels 2] [--repeat 5] [--cases spawn forkserver warm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.remote import SECRET, write_report  # noqa: E402
+from clients.guest import fill_ram  # noqa: E402
+from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
+from engine.channel import CHANNEL_PRELOAD, channel_fork_server  # noqa: E402
+from engine.cli import parse_size  # noqa: E402
+from engine.pool import WorkerPool, warm_up  # noqa: E402
+from engine.shm import RamHandle  # noqa: E402
+
+CASES = ("spawn", "forkserver", "warm")
+
+
+def _start_method(case: str) -> str:
+    return "spawn" if case == "spawn" else "forkserver"
+
+
+def _destination(handle: RamHandle, case: str, channels: int, pipe: Connection) -> None:
+    """The destination VMM: its RAM attached and touched, its pool warm (case
+    "warm"), all before it tells the source where it listens."""
+    ram = GuestRAM.attach(handle, populate=True)
+    config = MigrationConfig(channels=channels, start_method=_start_method(case)).for_destination()
+    pool = WorkerPool("process", channels, name="dst-warm",
+                                                preload=CHANNEL_PRELOAD) if case == "warm" else None
+    try:
+        if pool is not None:
+            warm_up(pool)
+        elif case == "forkserver":
+            channel_fork_server().wait_ready()
+        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=ram, config=config,
+                                           ram_is_zeroed=False, pool=pool)
+        pipe.send(destination.address)
+        pipe.send(destination.run().to_dict())
+    except BaseException as exc:
+        pipe.send({"error": repr(exc)})
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        ram.close()
+        pipe.close()
+
+
+def one_run(src: GuestRAM, dst: GuestRAM, case: str, channels: int,
+            pool: WorkerPool | None) -> dict[str, Any]:
+    ours, theirs = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_destination, args=(dst.handle, case, channels, theirs))
+    process.start()
+    theirs.close()
+    try:
+        address = ours.recv()
+        if isinstance(address, dict):
+            raise RuntimeError(f"destination failed: {address['error']}")
+        config = MigrationConfig(channels=channels, start_method=_start_method(case))
+        started = time.perf_counter()
+        result = SourceMigration(src, address, secret=SECRET, config=config, pool=pool).run()
+        total_s = time.perf_counter() - started
+        remote = ours.recv()
+    finally:
+        process.join(60)
+        ours.close()
+    if "error" in remote:
+        raise RuntimeError(f"destination failed: {remote['error']}")
+    extra = result.extra
+    return {"case": case, "total_s": total_s, "setup_ms": result.setup_time_ms,
+            "first_packet_ms": extra["first_packet_ms"], "steps_ms": extra["setup_steps_ms"],
+            "channel_attach_ms": extra["channel_attach_ms"],
+            "destination_setup_ms": remote["setup_time_ms"],
+            "destination_steps_ms": remote["setup_steps_ms"],
+            "destination_attach_ms": remote.get("channel_attach_ms")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ram", type=parse_size, default=parse_size("1G"))
+    parser.add_argument("--channels", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--json", default="bench/results/setup.json")
+    args = parser.parse_args()
+    runs: list[dict[str, Any]] = []
+    with GuestRAM.create({"pc.ram": args.ram}) as src, \
+            GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst, \
+            WorkerPool("process", args.channels, name="src-warm",
+                       preload=CHANNEL_PRELOAD) as warm:
+        fill_ram(src, "random", seed=7)
+        if "forkserver" in args.cases:
+            channel_fork_server().wait_ready()  # as the CLI starts it when a command begins
+        if "warm" in args.cases:
+            warm_up(warm)
+        for rep in range(args.repeat):
+            for case in args.cases if rep % 2 == 0 else args.cases[::-1]:
+                runs.append(one_run(src, dst, case, args.channels, warm if case == "warm" else None))
+    print(f"{args.ram / 2**30:.2f} GiB random RAM, {args.channels} channels, {args.repeat} runs, "
+          f"medians (ms); steps as the source marks them; attach = a channel mapping guest RAM")
+    steps = list(runs[0]["steps_ms"])
+    header = ["case", "first packet", *steps, "src attach", "dst attach", "dst setup", "total s"]
+    print(" | ".join(header))
+    for case in args.cases:
+        cases = [run for run in runs if run["case"] == case]
+
+        def median(get: Any) -> float:
+            return statistics.median(get(run) for run in cases)  # noqa: B023
+        row = [case, f"{median(lambda r: r['first_packet_ms']):.1f}"]
+        row += [f"{median(lambda r, s=s: r['steps_ms'][s]):.1f}" for s in steps]
+        row += [f"{median(lambda r: r['channel_attach_ms']):.1f}",
+                f"{median(lambda r: r['destination_attach_ms'] or 0.0):.1f}",
+                f"{median(lambda r: r['destination_setup_ms']):.1f}",
+                f"{median(lambda r: r['total_s']):.2f}"]
+        print(" | ".join(row))
+    write_report(args.json, {"ram_bytes": args.ram, "channels": args.channels,
+                             "repeat": args.repeat, "cpus": os.cpu_count(), "runs": runs})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
