@@ -492,19 +492,6 @@ class TlsConnection(Connection):
             raise self._failed(exc, f"receive from {self.peer}") from exc
         return total
 
-    def recv_exact_or_eof(self, n: int) -> bytes | None:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        try:
-            got = self.sock.recv_into(view, n)
-        except OSError as exc:
-            raise self._failed(exc, f"receive from {self.peer}") from exc
-        if got == 0:
-            return None
-        if got < n:
-            self.recv_into_buffers([view[got:]])
-        return bytes(buf)
-
     def recv_some(self, max_bytes: int = 65536) -> bytes:
         """What is available (up to `max_bytes`), decrypted bytes TLS holds included
         (a poll on the socket cannot see those; :meth:`pending` says what is left):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from engine.errors import ConfigError, TransportBrokenError, TransportClosedError
+from engine.errors import ConfigError, MigrationError, TransportBrokenError, TransportClosedError
 from engine.scatter import IOV_MAX, Buffer, advance, batch, flat_views
 from engine.sync import wait_readable, wait_writable
 
@@ -107,6 +107,10 @@ class Connection:
         self.recv_into_buffers([memoryview(buf)])
         return bytes(buf)
 
+    def _failed(self, exc: OSError, what: str) -> MigrationError:
+        """The error a failed socket call becomes (a TLS connection says more)."""
+        return _broken(exc, what)
+
     def recv_exact_or_eof(self, n: int) -> bytes | None:
         """Read exactly `n` bytes, or return None on EOF before the first byte."""
         buf = bytearray(n)
@@ -114,7 +118,7 @@ class Connection:
         try:
             got = self.sock.recv_into(view, n)
         except OSError as exc:
-            raise _broken(exc, f"receive from {self.peer}") from exc
+            raise self._failed(exc, f"receive from {self.peer}") from exc
         if got == 0:
             return None
         if got < n:
