@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 
 from engine import DestinationMigration
-from engine.errors import TransportClosedError
+from engine.errors import MigrationError, TransportClosedError
 from engine.link import RecordConnection
 from engine.wire import message as wire
 from engine.wire import packet, record
@@ -169,3 +169,19 @@ class ChannelWriter:
     def end(self, epoch: int = 0) -> None:
         self.sock.sendall(packet.encode_end(self.sequence, epoch))
         self.sequence += 1
+
+
+def destination_failure(destination: DestinationMigration, source: HandMadeSource,
+                        run: Callable[[list[ChannelWriter], HandMadeSource], object]) -> str:
+    """Join `source`'s channels, drive them with `run(channels, source)`, and return
+    the error the destination fails with (the source is closed either way)."""
+    import pytest
+
+    try:
+        channels = [ChannelWriter(s) for s in source.join_all()]
+        run(channels, source)
+        with pytest.raises(MigrationError) as failure:
+            destination.wait(10)
+    finally:
+        source.close()
+    return str(failure.value)

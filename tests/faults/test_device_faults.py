@@ -13,7 +13,7 @@ from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine.errors import ConfigError, DeviceStateError, MigrationError
 from engine.wire import message as wire
 from tests.harness import SECRET, MiB, address, guest_ram, wait_until
-from tests.protocol import ChannelWriter, HandMadeSource
+from tests.protocol import ChannelWriter, HandMadeSource, destination_failure
 
 FAST = MigrationConfig(channels=2, packet_pages=64, handshake_timeout_s=2.0)
 NIC = ("nic", 0)
@@ -29,14 +29,7 @@ def _hand_made(run: object, max_device_buffer: int = 64 * MiB, nic: DemoDevice |
                                            devices=[nic], max_device_buffer=max_device_buffer)
         destination.start()
         source = HandMadeSource(destination, list(dst.layout), channels=2, devices=(NIC,))
-        try:
-            channels = [ChannelWriter(s) for s in source.join_all()]
-            run(channels, source)  # type: ignore[operator]
-            with pytest.raises(MigrationError) as failure:
-                destination.wait(10)
-        finally:
-            source.close()
-        return str(failure.value)
+        return destination_failure(destination, source, run)  # type: ignore[arg-type]
 
 
 def _finish(channels: list[ChannelWriter], source: HandMadeSource, done: wire.DeviceDone) -> None:

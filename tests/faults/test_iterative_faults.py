@@ -11,10 +11,10 @@ import pytest
 from clients.devices import DemoDevice, IterativeDemoDevice
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
-from engine.errors import DeviceStateError, MigrationError
+from engine.errors import DeviceStateError
 from engine.wire import message as wire
 from tests.harness import SECRET, MiB, guest_ram, wait_until
-from tests.protocol import ChannelWriter, HandMadeSource
+from tests.protocol import ChannelWriter, HandMadeSource, destination_failure
 
 FAST = MigrationConfig(channels=2, packet_pages=64, handshake_timeout_s=2.0).for_destination()
 GPU = ("gpu", 0)
@@ -37,14 +37,7 @@ def _hand_made(run: object, *, iterative: bool = True, device: DemoDevice | None
         destination.start()
         source = HandMadeSource(destination, list(dst.layout), channels=2,
                                 devices=(wire.DeviceSpec(*GPU, iterative=iterative),))
-        try:
-            channels = [ChannelWriter(s) for s in source.join_all()]
-            run(channels, source)  # type: ignore[operator]
-            with pytest.raises(MigrationError) as failure:
-                destination.wait(10)
-        finally:
-            source.close()
-        return str(failure.value)
+        return destination_failure(destination, source, run)  # type: ignore[arg-type]
 
 
 def test_a_live_chunk_for_a_device_that_is_not_iterative() -> None:
