@@ -54,7 +54,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from typing import Literal
@@ -558,6 +558,22 @@ class RamBlock:
         self.dirty = DirtyMap(np.empty(0, dtype=np.uint8))
 
 
+def _all_or_none(blocks: Iterator[RamBlock], unlink: bool) -> list[RamBlock]:
+    """Every block `blocks` makes, or none: if one fails, those made already are
+    unmapped (and their segments unlinked if `unlink`: this process created them)."""
+    made: list[RamBlock] = []
+    try:
+        made.extend(blocks)
+    except BaseException:
+        for block in made:
+            block._release()
+            block.segment.close()
+            if unlink:
+                block.segment.unlink()
+        raise
+    return made
+
+
 class GuestRAM:
     """A VM's guest memory: named blocks in shared memory, each with a dirty map.
 
@@ -600,18 +616,10 @@ class GuestRAM:
         # Each block's segment holds its pages and its dirty map (page aligned).
         sizes = [size + _round_up(size // PAGE_SIZE, PAGE_SIZE) for _, size in items]
         check_space(sum(sizes), "guest RAM")  # all blocks at once: the message names the total
-        created: list[RamBlock] = []
-        try:
-            for index, ((name, size), segment_size) in enumerate(zip(items, sizes)):
-                segment = Segment.create(segment_size, prealloc=prealloc, what="guest RAM")
-                created.append(RamBlock(index, name, size, segment))
-        except BaseException:
-            for block in created:
-                block._release()
-                block.segment.close()
-                block.segment.unlink()
-            raise
-        return cls(created, owner=True)
+        return cls(_all_or_none(
+            (RamBlock(index, name, size, Segment.create(segment_size, prealloc=prealloc, what="guest RAM"))
+             for index, ((name, size), segment_size) in enumerate(zip(items, sizes))),
+            unlink=True), owner=True)
 
     @classmethod
     def attach(cls, handle: RamHandle, populate: Populate = False) -> GuestRAM:
@@ -624,20 +632,15 @@ class GuestRAM:
         channel processes do, each mapping the pages it moves, for reading (send,
         save) or writing (receive, restore).
         """
-        attached: list[RamBlock] = []
-        try:
+        def blocks() -> Iterator[RamBlock]:
             for index, spec in enumerate(handle.blocks):
                 segment = Segment.attach(spec.segment, populate is True)
                 if segment.size < spec.size + spec.size // PAGE_SIZE:
                     segment.close()
                     raise ConfigError(f"shared memory for block {spec.name!r} is too small")
-                attached.append(RamBlock(index, spec.name, spec.size, segment, populate))
-        except BaseException:
-            for block in attached:
-                block._release()
-                block.segment.close()
-            raise
-        return cls(attached, owner=False)
+                yield RamBlock(index, spec.name, spec.size, segment, populate)
+
+        return cls(_all_or_none(blocks(), unlink=False), owner=False)
 
     @classmethod
     def from_fds(cls, layout: Iterable[tuple[str, int]], segments: Iterable[str],
@@ -652,17 +655,10 @@ class GuestRAM:
         if not len(blocks) == len(names) == len(descriptors):
             raise ConfigError(f"{len(descriptors)} descriptors and {len(names)} segment names "
                               f"for {len(blocks)} RAM blocks")
-        mapped: list[RamBlock] = []
-        try:
-            for index, ((name, size), segment_name, fd) in enumerate(zip(blocks, names, descriptors)):
-                segment = Segment.from_fd(fd, segment_name, size + size // PAGE_SIZE)
-                mapped.append(RamBlock(index, name, size, segment))
-        except BaseException:
-            for block in mapped:
-                block._release()
-                block.segment.close()
-            raise
-        return cls(mapped, owner=False)
+        return cls(_all_or_none(
+            (RamBlock(index, name, size, Segment.from_fd(fd, segment_name, size + size // PAGE_SIZE))
+             for index, ((name, size), segment_name, fd) in enumerate(zip(blocks, names, descriptors))),
+            unlink=False), owner=False)
 
     def adopt(self) -> None:
         """Take ownership of RAM another process created (and gave up with :meth:`disown`):
