@@ -466,16 +466,7 @@ def _attach_write_mark(handle: RamHandle, block_name: str, page: int, data: byte
 
 def test_child_process_attaches_writes_marks_and_does_not_unlink(ram: GuestRAM) -> None:
     before = shm_segments()
-    ctx = multiprocessing.get_context("spawn")
-    child = ctx.Process(target=_attach_write_mark, args=(ram.handle, "main", 41, b"from the child"))
-    child.start()
-    child.join(30)
-    exitcode = child.exitcode
-    if exitcode is None:
-        child.kill()
-        child.join()
-    child.close()
-    assert exitcode == 0
+    assert _run_child(_attach_write_mark, ram.handle, "main", 41, b"from the child") == 0
     assert shm_segments() == before  # the child's exit removed nothing
     block = ram.block("main")
     assert bytes(block.page_view(41)[:14]) == b"from the child"
