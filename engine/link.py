@@ -200,7 +200,7 @@ class RecordConnection(Connection):
         try:
             self._send_record([memoryview(data)], fds)
         except OSError as exc:
-            raise broken(exc, f"send to {self.peer}") from exc
+            raise self._failed(exc, f"send to {self.peer}") from exc
 
     def recv_some_with_fds(self, max_fds: int, max_bytes: int = 65536) -> tuple[bytes, list[int]]:
         """:meth:`recv_some`, also taking the descriptors that came with those bytes
@@ -241,14 +241,14 @@ class RecordConnection(Connection):
                 self._send_record([views[0]])
                 self._send_views(views[1:])
         except OSError as exc:
-            raise broken(exc, f"send to {self.peer}") from exc
+            raise self._failed(exc, f"send to {self.peer}") from exc
         return total
 
     def send_all(self, data: Buffer) -> None:
         try:
             self._send_views(flat_views([data]))
         except OSError as exc:
-            raise broken(exc, f"send to {self.peer}") from exc
+            raise self._failed(exc, f"send to {self.peer}") from exc
 
     def _send_views(self, views: list[memoryview]) -> None:
         start = 0
@@ -286,7 +286,7 @@ class RecordConnection(Connection):
         try:
             self._fill(views)
         except OSError as exc:
-            raise broken(exc, f"receive from {self.peer}") from exc
+            raise self._failed(exc, f"receive from {self.peer}") from exc
         return total
 
     def recv_exact_or_eof(self, n: int) -> bytes | None:
@@ -296,7 +296,7 @@ class RecordConnection(Connection):
             buf = bytearray(n)
             self._fill([memoryview(buf)])
         except OSError as exc:
-            raise broken(exc, f"receive from {self.peer}") from exc
+            raise self._failed(exc, f"receive from {self.peer}") from exc
         return bytes(buf)
 
     def recv_some(self, max_bytes: int = 65536) -> bytes:
@@ -308,7 +308,7 @@ class RecordConnection(Connection):
             buf = bytearray(self._left)
             self._fill([memoryview(buf)])
         except OSError as exc:
-            raise broken(exc, f"receive from {self.peer}") from exc
+            raise self._failed(exc, f"receive from {self.peer}") from exc
         return bytes(buf)
 
     def _fill(self, views: list[memoryview]) -> None:
@@ -470,12 +470,6 @@ class TlsConnection(Connection):
         except OSError as exc:
             raise self._failed(exc, f"send to {self.peer}") from exc
         return total
-
-    def send_all(self, data: Buffer) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise self._failed(exc, f"send to {self.peer}") from exc
 
     def recv_into_buffers(self, buffers: Sequence[memoryview]) -> int:
         total = 0

@@ -29,7 +29,8 @@ from engine.scatter import IOV_MAX, Buffer, advance, batch, flat_views
 from engine.sync import wait_readable, wait_writable
 
 
-def _broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedError:
+def broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedError:
+    """The one-line error a failed socket call becomes (`what`: "send to PEER", ...)."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return TransportBrokenError(f"{what}: timed out")
     if exc.errno in (errno.EPIPE, errno.ECONNRESET):  # the link failed: broken, not closed
@@ -37,9 +38,6 @@ def _broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedEr
     if exc.errno in (errno.ESHUTDOWN, errno.ENOTCONN):
         return TransportClosedError(f"{what}: connection closed ({exc.strerror})")
     return TransportBrokenError(f"{what}: {exc.strerror or exc}")
-
-
-broken = _broken  # for Connection subclasses elsewhere (engine/link.py): the same translation
 
 
 class Connection:
@@ -74,14 +72,14 @@ class Connection:
             while start < len(views):
                 start = advance(views, start, self.sock.sendmsg(batch(views, start)))
         except OSError as exc:
-            raise _broken(exc, f"send to {self.peer}") from exc
+            raise self._failed(exc, f"send to {self.peer}") from exc
         return total
 
     def send_all(self, data: Buffer) -> None:
         try:
             self.sock.sendall(data)
         except OSError as exc:
-            raise _broken(exc, f"send to {self.peer}") from exc
+            raise self._failed(exc, f"send to {self.peer}") from exc
 
     def recv_into_buffers(self, buffers: Sequence[memoryview]) -> int:
         """Fill every buffer completely, in order.  Returns the byte count.
@@ -98,7 +96,7 @@ class Connection:
                     raise TransportClosedError(f"{self.peer} closed the connection mid-packet")
                 start = advance(views, start, got)
         except OSError as exc:
-            raise _broken(exc, f"receive from {self.peer}") from exc
+            raise self._failed(exc, f"receive from {self.peer}") from exc
         return total
 
     def recv_exact(self, n: int) -> bytes:
@@ -108,8 +106,9 @@ class Connection:
         return bytes(buf)
 
     def _failed(self, exc: OSError, what: str) -> MigrationError:
-        """The error a failed socket call becomes (a TLS connection says more)."""
-        return _broken(exc, what)
+        """The error a failed socket call becomes: every method here raises it, so a
+        subclass (TLS, which says more) overrides only this."""
+        return broken(exc, what)
 
     def recv_exact_or_eof(self, n: int) -> bytes | None:
         """Read exactly `n` bytes, or return None on EOF before the first byte."""
@@ -130,7 +129,7 @@ class Connection:
         try:
             return self.sock.recv(max_bytes)
         except OSError as exc:
-            raise _broken(exc, f"receive from {self.peer}") from exc
+            raise self._failed(exc, f"receive from {self.peer}") from exc
 
     def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
         """Write all of `data`, its first byte carrying `fds` (SCM_RIGHTS: the
@@ -143,7 +142,7 @@ class Connection:
             if sent < len(data):
                 self.sock.sendall(data[sent:])
         except OSError as exc:
-            raise _broken(exc, f"send to {self.peer}") from exc
+            raise self._failed(exc, f"send to {self.peer}") from exc
 
     def recv_some_with_fds(self, max_fds: int, max_bytes: int = 65536) -> tuple[bytes, list[int]]:
         """:meth:`recv_some`, also taking the descriptors that came with those bytes
@@ -152,7 +151,7 @@ class Connection:
         try:
             data, fds, flags, _ = socket.recv_fds(self.sock, max_bytes, max(1, max_fds))
         except OSError as exc:
-            raise _broken(exc, f"receive from {self.peer}") from exc
+            raise self._failed(exc, f"receive from {self.peer}") from exc
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
@@ -257,7 +256,7 @@ class SocketListener:
         try:
             conn, _ = self.sock.accept()
         except OSError as exc:
-            raise _broken(exc, f"accept on {self.address}") from exc
+            raise broken(exc, f"accept on {self.address}") from exc
         conn.settimeout(None)
         return Connection(conn)
 
