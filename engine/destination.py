@@ -507,8 +507,11 @@ class DestinationMigration(Migration):
             wake.close()
 
     def _check_protection(self, hello: packet.ChannelHello) -> None:
-        """The source's hello must promise the protection this side requires."""
+        """The source's hello must promise the protection this side requires; a
+        side that allows bare links speaks MAC records with a source that sends them."""
         flags, mode = hello.flags, self._link.mode
+        if mode == "none" and flags == packet.HelloFlags.MAC:
+            self._link = replace(self._link, mode="mac")  # the reply echoes the flag: both switch
         if mode == "tls" and flags != packet.HelloFlags.TLS:
             raise ConfigError("the source does not use TLS, and this destination requires it "
                               "(give the source the TLS files too)")

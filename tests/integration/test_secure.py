@@ -106,6 +106,17 @@ def test_a_bare_source_needs_the_destinations_consent() -> None:
         assert not dst.blocks[0].array().any()
 
 
+def test_a_destination_that_allows_bare_links_still_speaks_mac_records_with_a_mac_source() -> None:
+    """integrity 'none' on the destination allows a bare source; a source in MAC
+    records (the default) gets MAC records back, on every channel."""
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
+        src_error, dst_error, destination = pair(
+            None, src, dst, dest_config=DestinationConfig(integrity="none"))
+        assert (src_error, dst_error) == (None, None)
+        assert destination.state is MigrationState.COMPLETED
+        assert same_memory(src, dst)
+
+
 def test_tls_and_bare_sides_refuse_each_other(pki: Pki) -> None:
     with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
         destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst,
