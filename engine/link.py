@@ -185,7 +185,7 @@ class RecordConnection(Connection):
         self._send_seq = 0
         self._recv_seq = 0
         self._left = 0          # data bytes of the current incoming record not yet read
-        self._tag = record.start_tag(self._recv_key, 0, 1)
+        self._tag: record.RunningTag | None = None  # the incoming record's, once it opens
         # sequence ‖ length, then the data: what the tag covers, in one buffer
         self._stage = bytearray(record.PREFIX_SIZE + record.MAX_RECORD)
         self._fd_room = 0       # descriptors a receive may take now (recv_some_with_fds)

@@ -124,7 +124,7 @@ class RunningTag:
 
     def digest(self) -> bytes:
         if self._aead is not None:
-            return self._aead.encrypt(self._nonce, b"", bytes(self._gathered))
+            return self._aead.encrypt(self._nonce, b"", self._gathered)
         assert self._context is not None
         self._context.finalize()
         return bytes(self._context.tag)
@@ -146,10 +146,6 @@ class RecordKey:
         """The tag of record `sequence`, given what it covers in one buffer:
         :func:`encode_prefix` followed by the record's data."""
         return self.aead.encrypt(_NONCE.pack(sequence), b"", tagged)
-
-    def start(self, sequence: int, length: int) -> RunningTag:
-        """The running tag of record `sequence` of `length` bytes."""
-        return RunningTag(self, sequence, length)
 
 
 def start_tag(key: RecordKey, sequence: int, length: int) -> RunningTag:
