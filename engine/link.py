@@ -320,10 +320,11 @@ class RecordConnection(Connection):
             got = self._recv_into(iovs)
             if got == 0:
                 raise TransportClosedError(f"{self.peer} closed the connection inside a record")
-            left = got
+            left, tag = got, self._tag
+            assert tag is not None  # a record is open
             for iov in iovs:
                 take = min(left, iov.nbytes)
-                self._tag.update(iov[:take])
+                tag.update(iov[:take])
                 left -= take
                 if not left:
                     break
@@ -355,7 +356,7 @@ class RecordConnection(Connection):
 
     def _close_record(self) -> None:
         received = self._raw_exact(record.TAG_SIZE, eof_ok=False)
-        assert received is not None
+        assert received is not None and self._tag is not None
         record.check_tag(self._tag, received, f"data from {self.peer}")
         self._recv_seq += 1
 
