@@ -375,7 +375,7 @@ class Operation:
         """Set-up step `step` ends now (the result's ``setup_steps_ms``)."""
         self._setup_marks.append((step, time.perf_counter()))
 
-    def _setup_figures(self, t_start: float) -> dict[str, Any]:
+    def _setup_figures(self, t_start: float, reports: list[ChannelReport]) -> dict[str, Any]:
         """The result's set-up breakdown: each marked step's ms, the channels' own
         mapping of guest RAM (slowest channel), and request → first packet on the
         wire or file (the earliest channel; clocks are CLOCK_MONOTONIC, shared)."""
@@ -383,7 +383,6 @@ class Operation:
         for step, at in self._setup_marks:
             steps[step] = round((at - before) * 1000, 3)
             before = at
-        reports = self._channel_reports()
         figures: dict[str, Any] = {"setup_steps_ms": steps}
         if reports:
             figures["channel_attach_ms"] = round(max(r.attach_ms for r in reports), 3)
@@ -409,6 +408,7 @@ class Operation:
         ``rtt_ms``, ...) and its own part of ``extra``.
         """
         assert self.tracker is not None and self.ram is not None
+        reports = self._channel_reports()
         fields.setdefault("verified", None)
         fields.setdefault("migration_id", str(self.migration_id))
         return MigrationResult(
@@ -421,8 +421,8 @@ class Operation:
             downtime_ms=downtime_ms,
             rounds=rounds,
             **self._traffic(t_moved - t_setup),
-            channel_memory_kib=self._channel_memory(),
-            extra={**device_extra(self.device_reports), **self._setup_figures(t_start),
+            channel_memory_kib=[report.memory for report in reports],
+            extra={**device_extra(self.device_reports), **self._setup_figures(t_start, reports),
                    **(extra or {}), **self._result_extra()},
             **fields,
         )
@@ -439,7 +439,7 @@ class Operation:
     def _late_failures(self) -> dict[str, list[str]]:
         """The result's report of channels that failed after their last word.  Read
         from the jobs themselves too: a death the pool noticed a moment ago may not
-        have reached its callback yet (call after :meth:`_channel_memory`)."""
+        have reached its callback yet (call after :meth:`_channel_reports`)."""
         failures = list(self.late_channel_failures)
         for link in self._links:
             error = channel_error(link.future) if link.future.done() else None
@@ -447,10 +447,6 @@ class Operation:
             if error is not None and text not in failures:
                 failures.append(text)
         return {"late_channel_failures": failures} if failures else {}
-
-    def _channel_memory(self) -> list[dict[str, int]]:
-        """Memory figures (kB) each channel process reported when it ended."""
-        return [report.memory for report in self._channel_reports()]
 
     def _channel_reports(self) -> list[ChannelReport]:
         """The reports of the channels that ended normally (waits 2 s at most)."""
