@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.channel import CHANNEL_PRELOAD
 from engine.errors import ConfigError
 from engine.pages import pages_to_runs
 from engine.pool import WorkerPool
@@ -124,7 +125,10 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
     elif pool is not None:
         results = _run(pool, path, jobs, page_size, channels)
     else:
-        with WorkerPool("process", min(channels, len(jobs)), name="mfd-scrub") as own:
+        # Forked from the process's channel fork server (started by the CLI, or now):
+        # a spawned interpreter per worker cost more than the scrub saved.
+        with WorkerPool("process", min(channels, len(jobs)), name="mfd-scrub",
+                        start_method="forkserver", preload=CHANNEL_PRELOAD) as own:
             results = _run(own, path, jobs, page_size, channels)
     for result in results:
         for block, pages in result:
