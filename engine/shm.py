@@ -225,7 +225,7 @@ class Segment:
 
     @classmethod
     def create(cls, size: int, *, name: str | None = None, prealloc: bool = False,
-               what: str = "a shared-memory segment") -> Segment:
+               what: str = "a shared-memory segment", keep_fd: bool = False) -> Segment:
         """Create a zero-filled segment of `size` bytes; this process owns it.
 
         Every page is reserved now (``posix_fallocate``): a full /dev/shm fails
@@ -234,7 +234,8 @@ class Segment:
         migration's first write into the segment does not pay for the fault.
         Raises ConfigError when the segment cannot be created: name taken, or
         not enough shared memory for `what` (the message says how much is
-        needed and free); nothing is left behind.
+        needed and free); nothing is left behind.  `keep_fd`: keep the descriptor
+        open for :meth:`fileno` (guest RAM, which local mode hands over).
         """
         if size <= 0:
             raise ConfigError(f"segment size must be positive, got {size}")
@@ -263,6 +264,9 @@ class Segment:
                 raise ConfigError(f"not enough memory for {what}: need {need}: {exc.strerror}") from exc
             raise ConfigError(f"cannot size shared memory {name!r} to {size} bytes: {exc}") from exc
         _register(path)
+        if not keep_fd:
+            os.close(fd)
+            fd = -1
         return cls(name, size, mapping, owner=True, fd=fd)
 
     @classmethod
@@ -616,10 +620,14 @@ class GuestRAM:
         # Each block's segment holds its pages and its dirty map (page aligned).
         sizes = [size + _round_up(size // PAGE_SIZE, PAGE_SIZE) for _, size in items]
         check_space(sum(sizes), "guest RAM")  # all blocks at once: the message names the total
-        return cls(_all_or_none(
-            (RamBlock(index, name, size, Segment.create(segment_size, prealloc=prealloc, what="guest RAM"))
-             for index, ((name, size), segment_size) in enumerate(zip(items, sizes))),
-            unlink=True), owner=True)
+
+        def made() -> Iterator[RamBlock]:
+            for index, ((name, size), segment_size) in enumerate(zip(items, sizes)):
+                segment = Segment.create(segment_size, prealloc=prealloc, what="guest RAM",
+                                         keep_fd=True)  # local mode hands the descriptor over
+                yield RamBlock(index, name, size, segment)
+
+        return cls(_all_or_none(made(), unlink=True), owner=True)
 
     @classmethod
     def attach(cls, handle: RamHandle, populate: Populate = False) -> GuestRAM:
