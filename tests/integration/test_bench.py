@@ -183,3 +183,13 @@ def test_local_iterative_bench(tmp_path: Path) -> None:
         assert len(case["runs"]) == 2 and case["pages_sent"] == 0  # there and back, no page
     assert cases["switchover-only"]["live_bytes"] == 0 and cases["switchover-only"]["rounds"] == 0
     assert cases["iterative"]["live_bytes"] >= 2 << 20  # the whole state went in rounds
+
+
+def test_secure_bench(tmp_path: Path) -> None:
+    """bare, MAC records and TLS 1.3 side by side (certificates made by the script)."""
+    out = tmp_path / "secure.json"
+    bench("secure.py", "--ram", "8M", "--channels", "1", "--repeat", "1", "--json", str(out))
+    cases = json.loads(out.read_text())["cases"]
+    assert {case["mode"] for case in cases} == {"bare", "mac", "tls"}
+    bare = next(case for case in cases if case["mode"] == "bare")
+    assert bare["ratio_to_bare"] == 1.0 and all(case["gb_per_s"] > 0 for case in cases)
