@@ -310,8 +310,8 @@ class RamPagesReceiver:
     def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
         assert isinstance(record, packet.RamPagesHeader)
         block = self.blocks[record.block_index]
-        firsts, counts, flags = (np.fromiter(column, dtype=np.int64, count=len(record.runs))
-                                 for column in record.run_columns())
+        firsts, counts, flags = (np.fromiter(column, dtype=np.int64, count=len(column))
+                                 for column in record.columns)
         zero = (flags & packet.RunFlags.ZERO) != 0
         views = [block.page_view(first, count)
                  for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist())]

@@ -49,7 +49,7 @@ import os
 import struct
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import add, le, mul
 from typing import Final, Literal, TypeAlias
 
@@ -343,34 +343,33 @@ class PacketHeader:
 
 @dataclass(frozen=True, slots=True)
 class RamPagesHeader:
-    """A RAM_PAGES packet without its payload (``payload_length`` bytes follow)."""
+    """A RAM_PAGES packet without its payload (``payload_length`` bytes follow).
+
+    The run table is kept as decoded, in columns (first pages, page counts,
+    flags): what a receiver turns into arrays; :attr:`runs` makes PageRun
+    records of it only when asked (a packet may carry 4096 runs)."""
 
     sequence: int
     block_index: int
     codec: int
     epoch: int
-    runs: tuple[PageRun, ...]
+    columns: Columns
     payload_length: int
-    # The same runs as the run table's columns (first pages, counts, flags), as
-    # decoded: what a receiver turns into arrays.  Not part of the record's value.
-    columns: Columns | None = field(default=None, compare=False, repr=False)
 
-    def run_columns(self) -> Columns:
-        """The runs as columns: first pages, page counts, flags (RunFlags)."""
-        if self.columns is not None:
-            return self.columns
-        firsts, counts, zeros = zip(*self.runs)
-        return firsts, counts, tuple(map(int, map(bool, zeros)))  # RunFlags.ZERO is 1
+    @property
+    def runs(self) -> tuple[PageRun, ...]:
+        return page_runs(self.columns)
 
     @property
     def n_pages(self) -> int:
         """Pages in all runs."""
-        return sum(run.n_pages for run in self.runs)
+        return sum(self.columns[1])
 
     @property
     def normal_pages(self) -> int:
         """Pages that travel in the payload (those of non-ZERO runs)."""
-        return sum(run.n_pages for run in self.runs if not run.zero)
+        _, counts, flags = self.columns
+        return sum(count for count, flag in zip(counts, flags) if not flag & RunFlags.ZERO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -709,8 +708,7 @@ def decode_ram_pages(
             raise RemoteProtocolError(f"payload_length {payload_length}, expected {raw}")
     elif payload_length > limits.max_payload(raw):
         raise RemoteProtocolError(f"compressed payload_length {payload_length} over the bound")
-    return RamPagesHeader(header.sequence, block_index, codec, epoch, page_runs(columns),
-                          payload_length, columns)
+    return RamPagesHeader(header.sequence, block_index, codec, epoch, columns, payload_length)
 
 
 def _decode_epoch(

@@ -82,6 +82,7 @@ from engine.wire.packet import (
     encode_sync,
     session_key,
 )
+from engine.wire.runs import run_columns
 
 h = bytes.fromhex
 
@@ -284,7 +285,7 @@ RAM_PAGES_RAW = h(
 )
 RAM_PAGES_RAW_RECORD = RamPagesHeader(
     sequence=7, block_index=1, codec=0, epoch=3,
-    runs=(PageRun(16, 2, False), PageRun(20, 1, True), PageRun(100, 3, False)),
+    columns=run_columns((PageRun(16, 2, False), PageRun(20, 1, True), PageRun(100, 3, False))),
     payload_length=20480,
 )
 # RAM_PAGES, sequence 0, block 0, codec 9, epoch 1, one run of 4096 pages, 1234 bytes
@@ -293,7 +294,7 @@ RAM_PAGES_COMPRESSED = h(
     "0000" "09" "00" "00000001" "0001" "0000"
     "00000000" "1000" "0000"
 )
-RAM_PAGES_COMPRESSED_RECORD = RamPagesHeader(0, 0, 9, 1, (PageRun(0, 4096, False),), 1234)
+RAM_PAGES_COMPRESSED_RECORD = RamPagesHeader(0, 0, 9, 1, run_columns((PageRun(0, 4096, False),)), 1234)
 SYNC = h("4d464450" "02" "00" "0008" "00000000" "00000008" "00000003" "00000000")
 END = h("4d464450" "04" "00" "0008" "00000000" "00000009" "00000003" "00000000")
 
@@ -686,10 +687,10 @@ STREAM = [
     (encode_end(5, 2), b""),
 ]
 STREAM_RECORDS = [
-    RamPagesHeader(0, 0, 0, 1, (PageRun(0, 1, False), PageRun(1, 3, True)), 4096),
-    RamPagesHeader(1, 1, 9, 1, (PageRun(0, 4, False),), 5),
+    RamPagesHeader(0, 0, 0, 1, run_columns((PageRun(0, 1, False), PageRun(1, 3, True))), 4096),
+    RamPagesHeader(1, 1, 9, 1, run_columns((PageRun(0, 4, False),)), 5),
     SyncPacket(2, 1),
-    RamPagesHeader(3, 0, 0, 2, (PageRun(15, 1, True),), 0),
+    RamPagesHeader(3, 0, 0, 2, run_columns((PageRun(15, 1, True),)), 0),
     SyncPacket(4, 2),
     EndPacket(5, 2),
 ]
