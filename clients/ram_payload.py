@@ -111,7 +111,7 @@ def _split_zero_runs(words: np.ndarray, items: np.ndarray, scratch: np.ndarray) 
 
 
 def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
-               slot: SendSlot, scratch: np.ndarray) -> tuple[RamBlock, Runs]:
+               slot: SendSlot, scratch: np.ndarray | None) -> tuple[RamBlock, Runs]:
     """The slot's block, and its page runs split by zero-ness (`words`: per block,
     for detection, with `scratch` from gather_scratch(); None: every run counts as non-zero)."""
     block = blocks[slot.a0]
@@ -121,6 +121,7 @@ def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
     # which for a final round's scattered pages is most of the block.
     block.prepare_pages_of_runs(items[:, 0].astype(np.int64), items[:, 1].astype(np.int64))
     if words is not None:
+        assert scratch is not None
         return block, _split_zero_runs(words[block.index], items, scratch)
     counts = items[:, 1].astype(np.int64)
     return block, (items[:, 0].astype(np.int64), counts, np.zeros(counts.size, dtype=bool))
@@ -153,7 +154,7 @@ class RamPagesSender:
         self.ctx = ctx
         self.blocks = ctx.ram.blocks
         self.words = [_words(block) for block in self.blocks] if spec.zero_page_detection else None
-        self.gather = gather_scratch() if spec.zero_page_detection else gather_scratch()[:0]
+        self.gather = gather_scratch() if spec.zero_page_detection else None
         self.codec = codecs.make_codec(spec.codec, spec.codec_level)
         self.compress = self.codec.wire_id != 0
         self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
@@ -223,7 +224,7 @@ class RamPagesFileWriter:
         self.blocks = ctx.ram.blocks
         self.offsets = target.pages_offsets
         self.words = [_words(b) for b in self.blocks] if ctx.spec.zero_page_detection else None
-        self.gather = gather_scratch() if ctx.spec.zero_page_detection else gather_scratch()[:0]
+        self.gather = gather_scratch() if ctx.spec.zero_page_detection else None
         present = _per_block(ctx, ctx.present, "u1")
         assert present is not None
         self.present = present
