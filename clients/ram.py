@@ -37,10 +37,6 @@ from engine.wire import packet
 _MIN_SPLIT = 64
 
 
-#: Split sorted, unique page indices into runs (the one conversion: engine/pages.py).
-page_runs = pages_to_runs
-
-
 class RamClient:
     """Queues guest pages into the multifd core, one block per packet.
 
@@ -119,7 +115,7 @@ class RamClient:
         while done < pages.size:
             slot = self._slot_for(block)
             take = min(self._packet_limit - self._slot_pages, pages.size - done)
-            firsts, counts = page_runs(pages[done:done + take])
+            firsts, counts = pages_to_runs(pages[done:done + take])
             n = slot.n_items
             if n and int(slot.items[n - 1, 0] + slot.items[n - 1, 1]) == int(firsts[0]):
                 slot.items[n - 1, 1] += counts[0]        # continues the slot's last run

@@ -41,14 +41,15 @@ class LocalConfig(Protocol):
     def start_method(self) -> str: ...
     @property
     def cancel_grace_s(self) -> float: ...
+    @property
+    def integrity(self) -> Literal["mac", "none"]: ...
 
     def validate(self) -> Self: ...
 
 
 def _check_local(config: LocalConfig) -> None:
-    integrity = getattr(config, "integrity", "mac")  # what LocalConfig does not promise
-    if integrity not in ("mac", "none"):
-        raise ConfigError(f"integrity must be 'mac' or 'none', not {integrity!r}")
+    if config.integrity not in ("mac", "none"):
+        raise ConfigError(f"integrity must be 'mac' or 'none', not {config.integrity!r}")
     for name in ("handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be a positive number of seconds")

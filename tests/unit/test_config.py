@@ -1,5 +1,5 @@
 """Configuration, statistics and page runs: MigrationConfig (engine/migration.py),
-StatsTracker / MigrationResult (engine/stats.py) and page_runs (clients/ram.py)."""
+StatsTracker / MigrationResult (engine/stats.py) and pages_to_runs (engine/pages.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from clients.ram import page_runs
 from engine.errors import ConfigError
 from engine.migration import MigrationConfig
+from engine.pages import pages_to_runs
 from engine.shm import PAGE_SIZE
 from engine.slots import Counter, SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
 from engine.wire.packet import MAX_CHANNELS, MAX_PACKET_PAGES
 
 # ---------------------------------------------------------------------------
-# page_runs
+# pages_to_runs
 
 
 def _reference_runs(pages: list[int]) -> tuple[list[int], list[int]]:
@@ -35,13 +35,13 @@ def _reference_runs(pages: list[int]) -> tuple[list[int], list[int]]:
 
 
 def _runs(pages: list[int]) -> tuple[list[int], list[int]]:
-    firsts, lengths = page_runs(np.array(pages, dtype=np.int64))
+    firsts, lengths = pages_to_runs(np.array(pages, dtype=np.int64))
     assert firsts.shape == lengths.shape
     return firsts.tolist(), lengths.tolist()
 
 
 def test_page_runs_empty() -> None:
-    firsts, lengths = page_runs(np.empty(0, dtype=np.int64))
+    firsts, lengths = pages_to_runs(np.empty(0, dtype=np.int64))
     assert firsts.size == 0 and lengths.size == 0
     assert np.issubdtype(firsts.dtype, np.integer) and np.issubdtype(lengths.dtype, np.integer)
 
@@ -65,14 +65,14 @@ def test_page_runs_of_take_output() -> None:
     """The dtype DirtyMap.take() returns (np.flatnonzero: intp) works as is."""
     dirty = np.zeros(64, dtype=np.uint8)
     dirty[[3, 4, 5, 9, 63]] = 1
-    firsts, lengths = page_runs(np.flatnonzero(dirty))
+    firsts, lengths = pages_to_runs(np.flatnonzero(dirty))
     assert firsts.tolist() == [3, 9, 63]
     assert lengths.tolist() == [3, 1, 1]
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint32, np.uint64])
 def test_page_runs_unsigned_and_signed_dtypes(dtype: type) -> None:
-    firsts, lengths = page_runs(np.array([2, 3, 7, 8, 9], dtype=dtype))
+    firsts, lengths = pages_to_runs(np.array([2, 3, 7, 8, 9], dtype=dtype))
     assert firsts.tolist() == [2, 7]
     assert lengths.tolist() == [2, 3]
 
@@ -83,7 +83,7 @@ def test_page_runs_random_sets_match_reference(seed: int) -> None:
     n_pages = int(rng.integers(1, 50_000))
     density = float(rng.uniform(0.01, 0.99))
     pages = np.flatnonzero(rng.random(n_pages) < density)
-    firsts, lengths = page_runs(pages)
+    firsts, lengths = pages_to_runs(pages)
     assert (firsts.tolist(), lengths.tolist()) == _reference_runs(pages.tolist())
     assert int(lengths.sum()) == pages.size
     assert (lengths >= 1).all()
