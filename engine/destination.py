@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Literal
-from urllib.parse import urlsplit
 
 from engine import codecs
 from engine.admission import Admission
@@ -55,7 +54,7 @@ from engine.errors import (
     TransportBrokenError,
     VerificationError,
 )
-from engine.link import LinkSecurity, TlsConfig
+from engine.link import LinkSecurity, TlsConfig, require_tls_files
 from engine.migration import Migration
 from engine.multifd import MultifdReceiver
 from engine.payload import DeliveryConsumer, payload_modules, slot_capacity
@@ -143,9 +142,7 @@ class DestinationMigration(Migration):
         on_ram: Callable[[GuestRAM], None] | None = None,
         tls: TlsConfig | None = None,
     ) -> None:
-        if urlsplit(address).scheme == "tls" and tls is None:
-            raise ConfigError(f"{address} asks for TLS: give the certificate, key and CA files "
-                              f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
+        require_tls_files(address, tls)
         self.tls = tls.validate() if tls is not None else None
         super().__init__(_destination_config(config), secret, pool)
         self._link = LinkSecurity(

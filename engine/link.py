@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from engine.errors import (
     ConfigError,
@@ -42,7 +43,7 @@ from engine.errors import (
 from engine.scatter import Buffer, advance, batch, flat_views
 from engine.sync import Pollable, wait_readable, wait_writable
 from engine.transport import Connection, broken
-from engine.wire import record
+from engine.wire import packet, record
 
 if TYPE_CHECKING:
     import ssl  # imported where TLS is used: a channel process without TLS need not load it
@@ -112,6 +113,21 @@ class LinkSecurity:
     session_key: bytes = field(default=b"", repr=False)  # MAC: record keys derive from it
     handshake_timeout_s: float = 10.0
     peer: str = "peer"                 # "source" or "destination", for errors
+
+    @property
+    def hello_flags(self) -> packet.HelloFlags:
+        """What the hellos promise for this mode (docs/wire-format.md §1)."""
+        return _HELLO_FLAGS[self.mode]
+
+
+_HELLO_FLAGS = {"tls": packet.HelloFlags.TLS, "mac": packet.HelloFlags.MAC, "none": packet.HelloFlags(0)}
+
+
+def require_tls_files(address: str, tls: TlsConfig | None) -> None:
+    """A ``tls://`` address needs the TLS files.  Raises ConfigError."""
+    if urlsplit(address).scheme == "tls" and tls is None:
+        raise ConfigError(f"{address} asks for TLS: give the certificate, key and CA files "
+                          f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
 
 
 def secure(conn: Connection, link: LinkSecurity | None, connection: int,

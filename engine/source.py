@@ -60,7 +60,7 @@ from engine.errors import (
     TransportBrokenError,
     TransportError,
 )
-from engine.link import LinkSecurity, TlsConfig
+from engine.link import LinkSecurity, TlsConfig, require_tls_files
 from engine.migration import Migration
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
@@ -84,10 +84,8 @@ LIVE_WINDOW = 32 << 20
 
 def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
     """What protects a migration to `to` after the hellos.  Raises ConfigError."""
+    require_tls_files(to, tls)
     parts = urlsplit(to)
-    if parts.scheme == "tls" and tls is None:
-        raise ConfigError(f"{to} asks for TLS: give the certificate, key and CA files "
-                          f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
     if tls is None:
         return LinkSecurity(config.integrity, peer="destination",
                             handshake_timeout_s=config.handshake_timeout_s)
@@ -98,10 +96,6 @@ def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> L
                           f"certificate against; give its name (peer_name, --tls-peer-name)")
     return LinkSecurity("tls", tls=tls, peer_name=peer_name, peer="destination",
                         handshake_timeout_s=config.handshake_timeout_s)
-
-
-# The hello's flags for each protection mode (docs/wire-format.md §1).
-_FLAGS = {"tls": packet.HelloFlags.TLS, "mac": packet.HelloFlags.MAC, "none": packet.HelloFlags(0)}
 
 
 class SourceMigration(SavingOperation, Migration):
@@ -234,7 +228,7 @@ class SourceMigration(SavingOperation, Migration):
         # our hello answering it, its reply answering our hello's nonce.
         challenge = packet.decode_challenge(self._read_handshake(packet.CHALLENGE_SIZE))
         nonce = os.urandom(packet.NONCE_SIZE)
-        flags = _FLAGS[self._link.mode]
+        flags = self._link.hello_flags
         conn.send_all(packet.encode_hello(
             packet.HelloRole.MAIN, self.migration_id, 0, cfg.channels, self.secret, challenge, nonce,
             flags,
