@@ -250,3 +250,15 @@ class LockstepGuest(BlockDirtyMaps):
 
     def resume(self) -> None:
         self.paused = False
+
+
+def after_sending(side: Migration, kind: type, then: Callable[[], object]) -> None:
+    """Make `side` call `then()` right after it sent a main-channel message of `kind`."""
+    send = side._send_message
+
+    def send_then(message: object) -> None:
+        send(message)  # type: ignore[arg-type]
+        if isinstance(message, kind):
+            then()
+
+    side._send_message = send_then  # type: ignore[method-assign]

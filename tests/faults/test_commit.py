@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,11 +28,10 @@ from engine.errors import (
     MigrationError,
     OutcomeUnknownError,
 )
-from engine.migration import Migration
 from engine.shm import GuestRAM
 from engine.sync import MigrationState
 from engine.wire import message as wire
-from tests.harness import SECRET, MiB, address, guest_ram, same_memory
+from tests.harness import SECRET, MiB, address, after_sending, guest_ram, same_memory
 
 CONFIG = MigrationConfig(channels=2, packet_pages=64, stall_timeout_s=5.0)
 
@@ -48,16 +46,6 @@ class DestinationGuest:
         self.running = True
 
 
-def _after_sending(side: Migration, kind: type, then: Callable[[], Any]) -> None:
-    """Make `side` call `then()` right after it sent a main-channel message of `kind`."""
-    send = side._send_message
-
-    def send_then(message: wire.Message) -> None:
-        send(message)
-        if isinstance(message, kind):
-            then()
-
-    side._send_message = send_then  # type: ignore[method-assign]
 
 
 class Run:
@@ -201,7 +189,7 @@ def test_an_unknown_outcome_settled_for_the_source_resumes_it(src, guest) -> Non
 @pytest.mark.parametrize("when", [wire.Complete, wire.Digests])
 def test_a_source_cancel_racing_complete_leaves_the_source_running(src, guest, when) -> None:
     run = Run(src, guest, config=CONFIG.with_(verify=True))
-    _after_sending(run.source, when, lambda: run.source.cancel("cancel racing COMPLETE"))
+    after_sending(run.source, when, lambda: run.source.cancel("cancel racing COMPLETE"))
     source, destination = run.run()
     assert isinstance(source, CancelledError)
     assert isinstance(destination, CancelledError)  # the ABORT kept its class
@@ -213,7 +201,7 @@ def test_a_source_cancel_after_commit_is_refused(src, guest) -> None:
     refused: list[bool] = []
     # From another thread, as a VMM would; it lands once COMMIT is in the socket.
     canceller = threading.Thread(target=lambda: refused.append(run.source.cancel("too late")))
-    _after_sending(run.source, wire.Commit, canceller.start)
+    after_sending(run.source, wire.Commit, canceller.start)
     source, destination = run.run()
     canceller.join(10)
     assert refused == [False]
@@ -226,7 +214,7 @@ def test_a_destination_cancel_after_prepared_aborts_and_the_source_resumes(src, 
     ABORT, which means "not committed", so the source resumes even if it had
     already sent COMMIT."""
     run = Run(src, guest)
-    _after_sending(run.destination, wire.Prepared, lambda: run.destination.cancel("VMM said stop"))
+    after_sending(run.destination, wire.Prepared, lambda: run.destination.cancel("VMM said stop"))
     source, destination = run.run()
     assert isinstance(destination, CancelledError)
     assert isinstance(source, CancelledError) and "VMM said stop" in str(source)
@@ -302,7 +290,7 @@ def test_a_source_resume_that_raises_is_reported(src, guest) -> None:
         raise OSError("could not re-arm the vCPU timers")
 
     run.source._resume_guest = resume_fails
-    _after_sending(run.source, wire.Complete, lambda: run.source.cancel("cancelled"))
+    after_sending(run.source, wire.Complete, lambda: run.source.cancel("cancelled"))
     source, _ = run.run()
     assert isinstance(source, GuestControlError)
     assert "cancelled" in str(source) and "NOT running" in str(source)
@@ -365,7 +353,7 @@ def test_a_source_that_goes_silent_after_setup_is_noticed(src, guest) -> None:
             os.kill(pid, signal.SIGSTOP)  # alive, connected, silent
         run.source.latch.wait(30)  # and the source's own thread says nothing more
 
-    _after_sending(run.source, wire.SyncMarker, go_silent)
+    after_sending(run.source, wire.SyncMarker, go_silent)
     run.destination.start()
     run.source.start()
     try:

@@ -42,7 +42,7 @@ from engine.migration import Migration
 from engine.shm import GuestRAM
 from engine.sync import MigrationState
 from engine.wire import message as wire
-from tests.harness import SECRET, MiB, address, guest_ram, migrate, same_memory
+from tests.harness import SECRET, MiB, address, after_sending, guest_ram, migrate, same_memory
 
 SEEDS = range(12)
 HEAVY_SEEDS = [*range(12, 24), *range(1000, 1150)]
@@ -391,14 +391,7 @@ def test_a_source_that_fails_in_setup_is_noticed_at_once() -> None:
         destination = DestinationMigration(address("tcp"), secret=SECRET, config=config)
         source = SourceMigration(src, destination.address, secret=SECRET, config=config)
         sides = {"source": Side(source), "destination": Side(destination)}
-        send = source._send_message
-
-        def send_then_cancel(message: wire.Message) -> None:
-            send(message)
-            if isinstance(message, wire.Config):
-                source.cancel("cancelled in setup")
-
-        source._send_message = send_then_cancel  # type: ignore[method-assign]
+        after_sending(source, wire.Config, lambda: source.cancel("cancelled in setup"))
         started = time.monotonic()
         for side in sides.values():
             side.thread.start()

@@ -35,7 +35,7 @@ from engine.shm import PAGE_SIZE
 from engine.snapshot import SnapshotSave
 from engine.sync import MigrationState
 from engine.wire import message as wire
-from tests.harness import SECRET, MiB, Recorder, address, guest_ram, wait_until
+from tests.harness import SECRET, MiB, Recorder, address, after_sending, guest_ram, wait_until
 from tests.leaks import shm_segments
 
 LOCAL = MigrationConfig(channels=1, local=True, stall_timeout_s=5.0)
@@ -249,21 +249,9 @@ def test_every_failure_before_the_commit_leaves_the_source_owning_and_running(wh
                 side.cancel("the destination VMM gives up")
             side._take_ram = take_then_cancel  # type: ignore[method-assign]
         elif where == "after PREPARED":  # its ABORT answers COMMIT: "not committed"
-            send = side._send_message
-
-            def prepared_then_cancel(message: wire.Message) -> None:
-                send(message)
-                if isinstance(message, wire.Prepared):
-                    side.cancel("the destination VMM gives up")
-            side._send_message = prepared_then_cancel  # type: ignore[method-assign]
+            after_sending(side, wire.Prepared, lambda: side.cancel("the destination VMM gives up"))
         elif where == "source cancel":
-            send = source._send_message
-
-            def complete_then_cancel(message: wire.Message) -> None:
-                send(message)
-                if isinstance(message, wire.Complete):
-                    source.cancel("the source VMM gives up")
-            source._send_message = complete_then_cancel  # type: ignore[method-assign]
+            after_sending(source, wire.Complete, lambda: source.cancel("the source VMM gives up"))
         outcome, landed = run_source(source), destination.outcome()
         assert isinstance(outcome, MigrationError) and isinstance(landed, MigrationError)
         if where == "on_ram":
