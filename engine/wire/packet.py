@@ -648,6 +648,11 @@ def _check_kind_header(
 ) -> None:
     if header.kind is not kind:
         raise LocalProtocolError(f"a {_kind_name(header.kind)} header given to the {kind.name} decoder")
+    _check_body(header, body, expected_sequence)
+
+
+def _check_body(header: PacketHeader, body: Buffer, expected_sequence: int) -> None:
+    """What every kind's header is checked for: its length, and its place in the stream."""
     if len(body) != header.header_length:
         raise LocalProtocolError(f"kind header is {header.header_length} bytes, got {len(body)}")
     if header.sequence != expected_sequence:
@@ -794,10 +799,7 @@ def decode_packet(
     if header.kind is PacketKind.END:
         return decode_end(header, body, expected_sequence, current_epoch)
     # a registered kind: decode_packet_header checked it against its rule
-    if len(body) != header.header_length:
-        raise LocalProtocolError(f"kind header is {header.header_length} bytes, got {len(body)}")
-    if header.sequence != expected_sequence:
-        raise RemoteProtocolError(f"packet sequence {header.sequence}, expected {expected_sequence}")
+    _check_body(header, body, expected_sequence)
     return KindPacket(header.sequence, header, bytes(body), header.payload_length)
 
 
