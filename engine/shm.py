@@ -71,9 +71,8 @@ SEGMENT_PREFIX = "mfd-" + os.environ.get("MULTIFD_SEGMENT_TAG", "")
 _TRACKER_TYPE = "shared_memory"
 # madvise(2) since Linux 5.14; Python 3.11's mmap does not name them.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 #: How much of a block a channel maps at once when it first touches it (populate
-#: "read"/"write"): large enough that one call replaces many faults, small enough
+#: "read"): large enough that one call replaces many faults, small enough
 #: that a channel maps little beyond what it moves.
 POPULATE_CHUNK = 2 << 20
 _CHUNK_PAGES = POPULATE_CHUNK // PAGE_SIZE
@@ -81,8 +80,9 @@ _CHUNK_PAGES = POPULATE_CHUNK // PAGE_SIZE
 #: piece for a few scattered pages (a late round's) would map ~512 for each.
 POPULATE_MIN_PAGES = 64
 #: False (faults as pages are used), True (everything at attach, MAP_POPULATE),
-#: "read" or "write" (piece by piece on first use: RamBlock.prepare_pages).
-Populate = bool | Literal["read", "write"]
+#: "read" (piece by piece on first use: RamBlock.prepare_pages; a shared tmpfs
+#: page maps writable on a read fault, so writers use it too).
+Populate = bool | Literal["read"]
 SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linux)
 _CGROUP_ROOT = "/sys/fs/cgroup"
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
@@ -344,16 +344,15 @@ class Segment:
             return
         self.owner = False
         _unregister("/" + self.name)
-    def populate(self, start: int, length: int, write: bool) -> bool:
+    def populate(self, start: int, length: int) -> bool:
         """Build this process's page tables for [start, start + length) now, in one
-        call (MADV_POPULATE_READ / _WRITE, Linux 5.14), instead of one fault per page
-        later.  `write` also makes the pages writable here (a writer's mapping); a
-        reader's must not: writing would allocate the holes of a sparse segment.
+        call (MADV_POPULATE_READ, Linux 5.14), instead of one fault per page later
+        (a read populate: writing would allocate the holes of a sparse segment).
         Answers False where the kernel cannot (the pages then fault in as used)."""
         if self._mmap is None:
             return False
         try:
-            self._mmap.madvise(_MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ, start, length)
+            self._mmap.madvise(_MADV_POPULATE_READ, start, length)
         except OSError:
             return False
         return True
@@ -484,10 +483,9 @@ class RamBlock:
         self.segment = segment
         self.pages: memoryview = segment.buf[:size]
         self.dirty = DirtyMap(np.frombuffer(segment.buf, dtype=np.uint8, count=self.n_pages, offset=size))
-        # "read"/"write": page tables are built POPULATE_CHUNK at a time, on first use.
-        self._populate_write = populate == "write"
+        # "read": page tables are built POPULATE_CHUNK at a time, on first use.
         self._populated: bytearray | None = None
-        if populate in ("read", "write"):
+        if populate == "read":
             self._populated = bytearray(-(-self.n_pages // _CHUNK_PAGES))
 
     def page_view(self, first_page: int, n_pages: int = 1) -> memoryview:
@@ -522,7 +520,7 @@ class RamBlock:
                 return
 
     def prepare_pages(self, first_page: int, n_pages: int) -> None:
-        """Attached with populate "read" or "write": build this process's page tables
+        """Attached with populate "read": build this process's page tables
         for the POPULATE_CHUNK pieces holding these pages that it has not used yet,
         in one call each (so a process maps what it touches, not the whole block,
         and a long run never takes a fault per page).  Fewer than
@@ -544,7 +542,7 @@ class RamBlock:
             length = min((end + 1) * POPULATE_CHUNK, self.size) - start
             if length <= 0:
                 break
-            if not self.segment.populate(start, length, self._populate_write):
+            if not self.segment.populate(start, length):
                 self._populated = None  # the kernel cannot: let pages fault in
                 return
             done[chunk:end + 1] = b"\1" * (end + 1 - chunk)
@@ -634,8 +632,8 @@ class GuestRAM:
         """Attach RAM created by another process.  Raises ConfigError.
 
         `populate` builds this process's page tables ahead of the page faults they
-        would otherwise cost: True for all of the RAM now (MAP_POPULATE); "read" or
-        "write" for each POPULATE_CHUNK piece when this process first takes a view
+        would otherwise cost: True for all of the RAM now (MAP_POPULATE); "read"
+        for each POPULATE_CHUNK piece when this process first takes a view
         of it (:meth:`RamBlock.page_view`, :meth:`RamBlock.prepare_pages`): what
         channel processes do, each mapping the pages it moves, for reading (send,
         save) or writing (receive, restore).
