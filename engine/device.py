@@ -186,8 +186,7 @@ class LiveDevices:
         return sum(self.pending)
 
     def allowances(self) -> list[int]:
-        """Bytes each device may hand out this round."""
-        self.poll_pending()
+        """Bytes each device may hand out this round (as of the last :meth:`poll_pending`)."""
         with self._changed:
             loaded = [entry.size for entry in self.loaded] or [0] * len(self.devices)
         return [max(0, self.window - (sent - done)) if pending else 0
@@ -197,7 +196,7 @@ class LiveDevices:
         self.sent = [before + more for before, more in zip(self.sent, sent)]
 
     def blocked(self) -> bool:
-        """A device has state pending but its window is full: wait for loading."""
+        """A device has state pending (as last polled) but its window is full: wait for loading."""
         return any(pending and allowance <= 0 for pending, allowance
                    in zip(self.pending, self.allowances()))
 

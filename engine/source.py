@@ -520,6 +520,7 @@ class SourceMigration(SavingOperation, Migration):
     def _live_start(self) -> None:
         if self._live is not None:
             assert self._saver is not None
+            self._live.poll_pending()  # once a round here, once after its chunks (_live_report)
             self._saver.start_live(self.latch, self._live.allowances())
 
     def _live_wait(self) -> None:

@@ -27,6 +27,7 @@ def latch() -> Iterator[FailureLatch]:
 def test_window_estimate_and_ack(latch: FailureLatch) -> None:
     gpu = IterativeDemoDevice("gpu", 0, MiB, switchover_ack=True)
     live = LiveDevices([gpu, DemoDevice("nic", 0, KiB)], window=512 * KiB, latch=latch)
+    live.poll_pending()
     assert live.allowances() == [512 * KiB, 0]  # the plain device never sends live
     sent = sum(len(chunk) for chunk in gpu.save_live(512 * KiB))
     live.handed_out([sent, 0])
@@ -35,6 +36,7 @@ def test_window_estimate_and_ack(latch: FailureLatch) -> None:
     # The destination loaded it all, in 0.5 s: the window opens again, and the
     # rest (512 KiB pending, nothing in flight) would load in 0.5 s too.
     live.on_loaded(DevicesLoaded((DeviceLoaded(2, sent, 500_000), DeviceLoaded(0, 0, 0))))
+    live.poll_pending()
     assert live.allowances() == [512 * KiB, 0] and not live.blocked()
     pending, load_s = live.remaining()
     assert pending == 512 * KiB and load_s == pytest.approx(0.5 * 512 * KiB / sent)
