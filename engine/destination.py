@@ -417,7 +417,7 @@ class DestinationMigration(Migration):
                 wake = [self._live_wake] if self._live_due and self._live_wake is not None else []
                 ready = wait_any([self._conn, *receiver.fds(), *wake], stall, self.latch)
                 if wake and wake[0] in ready:
-                    self._rearm_live_wake()
+                    wake[0].clear()  # seen: the next load's set() wakes the loop again
                 if ready:
                     receiver.poll()  # channel reports, and the main channel through its watch
                 received = self.tracker.totals()["wire_bytes"]
@@ -490,13 +490,6 @@ class DestinationMigration(Migration):
         wake = self._live_wake
         if wake is not None:
             wake.set()
-
-    def _rearm_live_wake(self) -> None:
-        """The main loop saw the wake: a fresh signal for the next one (a job that
-        sets the old one after this has already made its progress visible)."""
-        old, self._live_wake = self._live_wake, Signal()
-        if old is not None:
-            old.close()
 
     def _close_live_wake(self) -> None:
         wake, self._live_wake = self._live_wake, None

@@ -56,6 +56,14 @@ class Signal:
     def is_set(self) -> bool:
         return self._set
 
+    def clear(self) -> None:
+        """Unset it (its byte drained), so that it can be set again: a wake-up that
+        repeats.  A set() after this one is seen by the next wait."""
+        with self._lock:
+            if self._set and self._read_fd >= 0:
+                os.read(self._read_fd, 1)
+            self._value, self._set = None, False
+
     @property
     def value(self) -> object:
         return self._value

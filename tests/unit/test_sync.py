@@ -188,6 +188,16 @@ def test_signal_is_set_once(signal: Signal, latch: FailureLatch) -> None:
     assert signal.wait(latch) == "first"
 
 
+def test_a_cleared_signal_is_unreadable_until_set_again(signal: Signal, latch: FailureLatch) -> None:
+    signal.set("first")
+    signal.clear()
+    assert not signal.is_set() and signal.value is None and not _readable(signal)
+    signal.clear()  # clearing an unset signal changes nothing
+    assert not _readable(signal)
+    signal.set("again")
+    assert _readable(signal) and signal.wait(latch, timeout=0) == "again"
+
+
 def test_signal_set_without_value(signal: Signal, latch: FailureLatch) -> None:
     signal.set()
     assert signal.is_set()
