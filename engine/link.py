@@ -450,7 +450,9 @@ def _tls_handshake(conn: Connection, link: LinkSecurity, abort: Pollable | None)
 
 class TlsConnection(Connection):
     """A TLS 1.3 stream.  Pages go from guest RAM to ``sendall`` and from
-    ``recv_into`` to guest RAM as memoryviews: the only copies are TLS's own."""
+    ``recv_into`` to guest RAM as memoryviews: beside TLS's own copies, only
+    buffers under 64 KiB (packet headers, short runs) are gathered into one
+    write first (each write is a TLS record and a system call)."""
 
     sock: ssl.SSLSocket
 
