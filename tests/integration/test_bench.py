@@ -189,7 +189,9 @@ def test_secure_bench(tmp_path: Path) -> None:
     """bare, MAC records and TLS 1.3 side by side (certificates made by the script)."""
     out = tmp_path / "secure.json"
     bench("secure.py", "--ram", "8M", "--channels", "1", "--repeat", "1", "--json", str(out))
-    cases = json.loads(out.read_text())["cases"]
+    report = json.loads(out.read_text())
+    assert report["tls_suite"].endswith("(TLSv1.3)")  # what the migration's contexts negotiate
+    cases = report["cases"]
     assert {case["mode"] for case in cases} == {"bare", "mac", "tls"}
     bare = next(case for case in cases if case["mode"] == "bare")
     assert bare["ratio_to_bare"] == 1.0 and all(case["gb_per_s"] > 0 for case in cases)
