@@ -54,7 +54,7 @@ from engine.errors import (
     TransportBrokenError,
     VerificationError,
 )
-from engine.link import LinkSecurity, TlsConfig, require_tls_files
+from engine.link import LinkSecurity, TlsConfig, destination_peer_name, require_tls_files
 from engine.migration import Migration
 from engine.multifd import MultifdReceiver
 from engine.payload import DeliveryConsumer, payload_modules, slot_capacity
@@ -144,10 +144,11 @@ class DestinationMigration(Migration):
     ) -> None:
         require_tls_files(address, tls)
         self.tls = tls.validate() if tls is not None else None
+        peer_name = destination_peer_name(tls) if tls is not None else None
         super().__init__(_destination_config(config), secret, pool)
         self._link = LinkSecurity(
             "tls" if tls is not None else self.config.integrity, server_side=True, tls=tls,
-            peer_name=tls.peer_name if tls is not None else None, peer="source",
+            peer_name=peer_name, peer="source",
             handshake_timeout_s=self.config.handshake_timeout_s)
         self.payloads = list(payloads)
         self.ram = ram

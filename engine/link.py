@@ -59,14 +59,16 @@ class TlsConfig:
 
     `peer_name`: the name (DNS or IP subjectAltName, else the common name) the
     peer's certificate must carry.  On the source it defaults to the host of the
-    destination's address; on the destination None accepts any certificate the
-    CA signed (give the source's name to check it).
+    destination's address.  The destination must be told which source it admits:
+    its name here, or `any_peer=True` to accept any certificate the CA signed
+    (:func:`destination_peer_name` refuses a destination given neither).
     """
 
     cert: str
     key: str
     ca: str
     peer_name: str | None = None
+    any_peer: bool = False  # destination only: no name check, the CA's signature is enough
 
     def validate(self) -> TlsConfig:
         """Return self, or raise ConfigError naming the file that cannot be used."""
@@ -128,6 +130,20 @@ def require_tls_files(address: str, tls: TlsConfig | None) -> None:
     if urlsplit(address).scheme == "tls" and tls is None:
         raise ConfigError(f"{address} asks for TLS: give the certificate, key and CA files "
                           f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
+
+
+def destination_peer_name(tls: TlsConfig) -> str | None:
+    """The name a destination requires in its source's certificate (None: any the
+    CA signed, when `any_peer` says so).  Raises ConfigError when neither is given:
+    a CA may sign certificates for more hosts than the ones allowed to migrate here."""
+    if tls.peer_name and tls.any_peer:
+        raise ConfigError("TLS on the destination: give either the source's certificate name "
+                          "(peer_name, --tls-peer-name) or any_peer (--tls-any-peer), not both")
+    if not tls.peer_name and not tls.any_peer:
+        raise ConfigError("TLS on the destination: name the source whose certificate it admits "
+                          "(TlsConfig(peer_name=NAME), --tls-peer-name NAME), or accept any "
+                          "certificate the CA signed (TlsConfig(any_peer=True), --tls-any-peer)")
+    return tls.peer_name
 
 
 def secure(conn: Connection, link: LinkSecurity | None, connection: int,

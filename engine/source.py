@@ -90,6 +90,9 @@ def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> L
         return LinkSecurity(config.integrity, peer="destination",
                             handshake_timeout_s=config.handshake_timeout_s)
     tls.validate()
+    if tls.any_peer:
+        raise ConfigError("TLS: any_peer (--tls-any-peer) is for the destination; a source always "
+                          "checks the destination's certificate name (peer_name to expect another)")
     peer_name = tls.peer_name or parts.hostname
     if not peer_name:
         raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "

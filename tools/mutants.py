@@ -211,6 +211,13 @@ MUTANTS: tuple[Mutant, ...] = (
          "    if True:  # MUTANT"),
     ),
     mutant(
+        "tls-destination-admits-any-source",
+        "a TLS destination told no source name admits any certificate its CA signed",
+        ("engine/link.py",
+         "    if not tls.peer_name and not tls.any_peer:",
+         "    if False:  # MUTANT"),
+    ),
+    mutant(
         "resume-after-unanswered-commit",
         "after COMMIT without an answer the source resumes its guest (it could run twice)",
         ("engine/saving.py",

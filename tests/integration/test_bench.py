@@ -185,11 +185,25 @@ def test_local_iterative_bench(tmp_path: Path) -> None:
     assert cases["iterative"]["live_bytes"] >= 2 << 20  # the whole state went in rounds
 
 
+def test_tls_link_bench(tmp_path: Path) -> None:
+    """One link bare and in TLS; the AES-128 mode really negotiates that suite (its
+    OPENSSL_CONF reached the two processes), the default one does not."""
+    out = tmp_path / "tls_link.json"
+    bench("tls_link.py", "--size", "4M", "--packet", "1M", "--repeat", "1", "--json", str(out))
+    cases = {case["mode"]: case for case in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {"bare", "tls", "tls-aes128"}
+    assert cases["bare"]["suite"] is None and cases["tls"]["suite"] == "TLS_AES_256_GCM_SHA384"
+    assert cases["tls-aes128"]["suite"] == "TLS_AES_128_GCM_SHA256"
+    assert all(case["gb_per_s"] > 0 and case["recv_cpu_s_per_gib"] > 0 for case in cases.values())
+
+
 def test_secure_bench(tmp_path: Path) -> None:
     """bare, MAC records and TLS 1.3 side by side (certificates made by the script)."""
     out = tmp_path / "secure.json"
     bench("secure.py", "--ram", "8M", "--channels", "1", "--repeat", "1", "--json", str(out))
-    cases = json.loads(out.read_text())["cases"]
+    report = json.loads(out.read_text())
+    assert report["tls_suite"].endswith("(TLSv1.3)")  # what the migration's contexts negotiate
+    cases = report["cases"]
     assert {case["mode"] for case in cases} == {"bare", "mac", "tls"}
     bare = next(case for case in cases if case["mode"] == "bare")
     assert bare["ratio_to_bare"] == 1.0 and all(case["gb_per_s"] > 0 for case in cases)
