@@ -4,7 +4,9 @@
 
     setup      main channel: ← challenge, hello → ← hello (the session key), CONFIG → CONFIG_ACK
                N channel connections (← challenge, hello each) → N channel processes → READY
-               ← CHANNELS_READY; PING/PONG for the round-trip time
+               and precopy starts: ← CHANNELS_READY is read by the return-path reader,
+               and waited for only before the first main-channel message (the
+               destination reads none before it); PING/PONG during precopy (RTT)
     precopy    round 1 sends every page; round k sends the pages dirtied since;
                iterative devices hand out live chunks beside it (at most a window
                ahead of what the destination loaded);
@@ -81,6 +83,9 @@ log = logging.getLogger("multifd.source")
 #: loaded on the destination (half the destination's default max_device_buffer).
 LIVE_WINDOW = 32 << 20
 
+#: PING/PONG round trips measured in precopy, one after the other; the RTT is the best.
+RTT_SAMPLES = 3
+
 
 def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
     """What protects a migration to `to` after the hellos.  Raises ConfigError."""
@@ -156,8 +161,13 @@ class SourceMigration(SavingOperation, Migration):
         self._helpers: WorkerPool | None = None
         self._prepared = Signal()
         self._resumed = Signal()
+        self._channels_joined = Signal()  # the destination's CHANNELS_READY came
         self._defer("close the return-path signals", self._close_signals)
         self._rtt_s = 0.0
+        # PING token → when it was sent (the orchestrator sends, the return path
+        # reads the PONG); RTT_SAMPLES of them, one at a time, during precopy.
+        self._pings: dict[int, float] = {}
+        self._pong_due = False
         self._setup_deadline = 0.0
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self._live: LiveDevices | None = None  # iterative devices' precopy (issue 16)
@@ -295,11 +305,10 @@ class SourceMigration(SavingOperation, Migration):
         )
         self._start_channels(run_send_channel, conns, spec)
         self._mark("channel_processes")
+        # Our channels serve: pages may go.  The destination's channels may still be
+        # starting (their sockets buffer what comes); its CHANNELS_READY is read by
+        # the return path, and waited for before our first main-channel message.
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
-        self._read_message(wire.ChannelsReady, self._setup_deadline)
-        self._mark("destination_channels")
-        self._rtt_s = self._measure_rtt()
-        self._mark("rtt")
         conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
         self._core = MultifdSender(
             self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,
@@ -324,6 +333,9 @@ class SourceMigration(SavingOperation, Migration):
         COMPLETE being sent, and the source's hashing time in ms.
         """
         assert self.tracker is not None
+        # A migration too short for a PING in precopy sends one now: its PONG comes
+        # before PREPARED, so the result has its RTT.
+        self._ping_if_due(force=not self._pings)
         t_pause = self._pause()
         self._send_message(wire.Switchover())
         t_switchover_sent = time.perf_counter()
@@ -473,18 +485,50 @@ class SourceMigration(SavingOperation, Migration):
             # not an ABORT either: the caller's error stands
 
 
-    def _measure_rtt(self, samples: int = 3) -> float:
-        best = float("inf")
-        for token in range(1, samples + 1):
-            sent = time.perf_counter()
+    def _send_message(self, record: wire.Message) -> None:
+        """After set-up, the destination reads nothing on the main channel before
+        its channels joined (it takes anything there for an ABORT or garbage):
+        the first message waits for its CHANNELS_READY (until the set-up deadline)."""
+        if self._core is not None and not self._channels_joined.is_set():
+            try:
+                self._channels_joined.wait(self.latch, max(0.0, self._setup_deadline - time.monotonic()))
+            except TimeoutError:
+                raise HandshakeError(f"the destination's {self.config.channels} channels did not "
+                                     f"join within {self.config.handshake_timeout_s:.0f} s") from None
+        super()._send_message(record)
+
+    def _progress(self, force: bool = False) -> None:
+        super()._progress(force)
+        self._ping_if_due()
+
+    def _ping_if_due(self, force: bool = False) -> None:
+        """Orchestrator: the next PING for the round-trip time, once the destination's
+        channels joined and no PONG is due (`force`: send the first one now)."""
+        if self._pong_due or len(self._pings) >= RTT_SAMPLES:
+            return
+        if force or self._channels_joined.is_set():
+            token = len(self._pings) + 1
+            self._pong_due = True
+            self._pings[token] = time.perf_counter()
             self._send_message(wire.Ping(token))
-            pong = self._read_message(wire.Pong, self._setup_deadline)
-            best = min(best, (time.perf_counter() if pong.token == token else sent) - sent)
-        return best
+
+    def _on_pong(self, pong: wire.Pong) -> None:
+        """Return path: a PONG's round trip (the best so far is the RTT)."""
+        sent = self._pings.get(pong.token)
+        if sent is None or not self._pong_due:
+            raise RemoteProtocolError(f"PONG {pong.token} from the destination, for no PING")
+        rtt = time.perf_counter() - sent
+        self._rtt_s = rtt if len(self._pings) == 1 else min(self._rtt_s, rtt)
+        self._pong_due = False
 
     def _read_return_path(self) -> None:
         """Thread job: dispatch the destination's messages until RESUMED or failure.
         Every error it meets fails the migration (see :meth:`_reader_done`)."""
+        message = self._main.next()  # an ABORT, or a close, raises
+        if not isinstance(message, wire.ChannelsReady):
+            raise RemoteProtocolError(f"{type(message).__name__} from the destination before "
+                                      f"CHANNELS_READY")
+        self._channels_joined.set()
         while True:
             message = self._main.next()  # an ABORT, or a close before RESUMED, raises
             if isinstance(message, wire.Prepared):
@@ -501,7 +545,9 @@ class SourceMigration(SavingOperation, Migration):
                 if self._live is None:
                     raise RemoteProtocolError("DEVICES_LOADED, but no device is iterative")
                 self._live.on_loaded(message)
-            elif not isinstance(message, wire.Pong):
+            elif isinstance(message, wire.Pong):
+                self._on_pong(message)
+            else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the destination")
 
     def _reader_done(self, reader: Future) -> None:
@@ -581,4 +627,5 @@ class SourceMigration(SavingOperation, Migration):
     def _close_signals(self) -> None:
         self._prepared.close()
         self._resumed.close()
+        self._channels_joined.close()
 
