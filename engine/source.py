@@ -83,6 +83,10 @@ log = logging.getLogger("multifd.source")
 #: loaded on the destination (half the destination's default max_device_buffer).
 LIVE_WINDOW = 32 << 20
 
+#: Channel connections opened at once, before their hellos (engine/admission.py
+#: holds up to MAX_PER_PEER unauthenticated connections from one peer).
+HELLO_BATCH = 16
+
 #: PING/PONG round trips measured in precopy, one after the other; the RTT is the best.
 RTT_SAMPLES = 3
 
@@ -245,6 +249,16 @@ class SourceMigration(SavingOperation, Migration):
         ))
         self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
         self._link = replace(self._link, session_key=self._session_key)
+        # While the destination checks our hello: the slot table.
+        # N channel slots + one for the RAM client + one per device save job,
+        # each big enough for a device chunk when there are devices.
+        # ... and one per switchover payload.
+        kinds = self._payload_kinds()
+        slots = self._own_slots(SlotTable.create(
+            n_slots=cfg.channels + 1 + len(self.devices) + len(self.payloads), max_items=cfg.packet_pages,
+            payload_capacity=max(packet.MAX_DEVICE_CHUNK if self.devices else 0, slot_capacity(kinds)),
+            n_channels=cfg.channels,
+        ))
         if self._link.mode == "tls":  # the reply and everything after it inside TLS
             conn = self._secure_main(conn, self._link)
         answer = self._read_handshake(packet.HELLO_SIZE)
@@ -265,34 +279,35 @@ class SourceMigration(SavingOperation, Migration):
         if not ack.accepted:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
         self._mark("main_channel")
+        # From here the main thread reads nothing on the main channel: the return
+        # path does (CHANNELS_READY first), its thread started while channels join.
+        self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
+        self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
+        reader = self._helpers.submit(self._read_return_path)
+        reader.add_done_callback(self._reader_done)
 
-        # N channel slots + one for the RAM client + one per device save job,
-        # each big enough for a device chunk when there are devices.
-        # ... and one per switchover payload.
-        kinds = self._payload_kinds()
-        slots = self._own_slots(SlotTable.create(
-            n_slots=cfg.channels + 1 + len(self.devices) + len(self.payloads), max_items=cfg.packet_pages,
-            payload_capacity=max(packet.MAX_DEVICE_CHUNK if self.devices else 0, slot_capacity(kinds)),
-            n_channels=cfg.channels,
-        ))
         conns: list[Connection] = []
         # Until the channel processes own them (and after: closing twice is harmless).
         self._defer("close the channel connections", close_all, conns)
-        for channel_id in range(cfg.channels):
-            data = connect(self.to, cfg.connect_timeout_s, self.latch)
-            conns.append(data)
-            data.settimeout(cfg.handshake_timeout_s)
-            self._track(data)  # a cancel wakes the read of its challenge
-            try:
-                channel_challenge = packet.decode_challenge(data.recv_exact(packet.CHALLENGE_SIZE))
-            finally:
-                self._untrack(data)
-            self.latch.raise_if_failed()
-            data.send_all(packet.encode_hello(
-                packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
-                self._session_key, channel_challenge, flags=flags,
-            ))
-            data.settimeout(None)
+        # Connected a batch at a time, so the destination's admission challenges a
+        # batch at once: a round trip per batch, not per channel (a batch stays well
+        # under what admission holds from one peer before it evicts the oldest).
+        for first in range(0, cfg.channels, HELLO_BATCH):
+            batch = range(first, min(cfg.channels, first + HELLO_BATCH))
+            self._connect_channels(conns, batch.stop)
+            for channel_id in batch:
+                data = conns[channel_id]
+                self._track(data)  # a cancel wakes the read of its challenge
+                try:
+                    channel_challenge = packet.decode_challenge(data.recv_exact(packet.CHALLENGE_SIZE))
+                finally:
+                    self._untrack(data)
+                self.latch.raise_if_failed()
+                data.send_all(packet.encode_hello(
+                    packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
+                    self._session_key, channel_challenge, flags=flags,
+                ))
+                data.settimeout(None)
         self._mark("channel_handshakes")
         spec = ChannelSpec(
             # Local mode: the channels carry device state only, so they map no RAM.
@@ -315,14 +330,16 @@ class SourceMigration(SavingOperation, Migration):
             marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
             stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
         )
-        self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
-        self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
-        reader = self._helpers.submit(self._read_return_path)
-        reader.add_done_callback(self._reader_done)
         self._start_device_pool(len(self.payloads))
         if any(map(is_iterative, self.devices)):
             self._live = LiveDevices(self.devices, self.live_window, self.latch)
             self._device_saver()
+
+    def _connect_channels(self, conns: list[Connection], up_to: int) -> None:
+        """Connect channel connections until there are `up_to` (hellos not sent)."""
+        while len(conns) < up_to:
+            conns.append(connect(self.to, self.config.connect_timeout_s, self.latch))
+            conns[-1].settimeout(self.config.handshake_timeout_s)
 
     def _switchover(
         self, client: PrecopyClient | None

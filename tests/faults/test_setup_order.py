@@ -1,7 +1,9 @@
 """What a source does before the destination's CHANNELS_READY (engine/source.py set-up).
 
 A hand-made destination (real sockets, bytes from the codec) takes the source
-through the handshakes and admits its channels, then holds CHANNELS_READY back:
+through the handshakes and admits its channels — challenging them only once
+all of them connected: a source opens its channel connections together, not
+one handshake after the other — then holds CHANNELS_READY back:
 pages must flow already (the source does not wait for the destination's channel
 processes), and nothing may come on the main channel before it (a real
 destination reads nothing there while its channels join) — the source gives up
@@ -24,6 +26,7 @@ from engine.wire import packet, record
 from tests.harness import SECRET, MiB, guest_ram
 
 HANG_S = 20.0  # a safety limit: only a hang reaches it
+ACCEPT_S = 5.0  # for a connection that comes at once, or (the bug) never
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -46,15 +49,20 @@ class _HeldDestination:
         self.main: socket.socket | None = None
         self.main_conn: RecordConnection | None = None
 
-    def _accept(self) -> tuple[socket.socket, bytes]:
+    def _accept(self) -> socket.socket:
         conn, _ = self.listener.accept()
         conn.settimeout(HANG_S)
+        return conn
+
+    @staticmethod
+    def _challenge(conn: socket.socket) -> bytes:
         nonce = os.urandom(packet.NONCE_SIZE)
         conn.sendall(packet.encode_challenge(nonce))
-        return conn, nonce
+        return nonce
 
     def handshake(self) -> None:
-        self.main, challenge = self._accept()
+        self.main = self._accept()
+        challenge = self._challenge(self.main)
         hello = packet.decode_hello(_recv_exact(self.main, packet.HELLO_SIZE), SECRET, challenge,
                                     (packet.HelloRole.MAIN,))
         self.main.sendall(packet.encode_hello(packet.HelloRole.MAIN_REPLY, hello.migration_id, 0,
@@ -66,9 +74,11 @@ class _HeldDestination:
         decoder = wire.MessageDecoder()
         assert isinstance(self.next_message(decoder), wire.Config)
         self.main_conn.send_all(wire.encode_message(wire.ConfigAck(0, "")))
+        self.listener.settimeout(ACCEPT_S)  # a source that waits for a challenge first never connects
         for _ in range(hello.channel_count):
-            conn, nonce = self._accept()
-            self.channels.append(conn)
+            self.channels.append(self._accept())
+        for conn in self.channels:
+            nonce = self._challenge(conn)
             packet.decode_hello(_recv_exact(conn, packet.HELLO_SIZE), key, nonce,
                                 (packet.HelloRole.CHANNEL,))
         self.decoder = decoder
@@ -88,7 +98,7 @@ class _HeldDestination:
             sock.close()
 
 
-def test_pages_flow_before_channels_ready_and_the_main_channel_waits_for_it() -> None:
+def test_channels_connect_together_pages_flow_before_channels_ready_and_main_waits_for_it() -> None:
     held = _HeldDestination()
     config = MigrationConfig(channels=2, handshake_timeout_s=1.0)
     try:
