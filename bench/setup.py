@@ -17,8 +17,11 @@ VMM in a process of its own (started, with its RAM touched, before the clock run
 Printed per case (medians): the request → first page on the wire (the earliest
 channel's first ``sendmsg``, CLOCK_MONOTONIC in every process), the set-up steps
 the source marks (main channel handshake, channel handshakes, channel processes up
-and serving, the destination's channels ready, one PING/PONG), each channel's
-mapping of guest RAM, and the whole migration.  JSON of every run goes to
+and serving: then precopy starts), each channel's mapping of guest RAM, and the
+whole migration.  Then a timeline of both sides, ms after the source's request:
+each side's steps as they end and its channel processes' own steps (``started``:
+the job runs in its process, ``attached``, ``ready``, ``first_job``), from the
+results' ``setup_started_at`` and ``channel_steps_ms``.  JSON of every run goes to
 ``bench/results/setup.json``.
 
     python bench/setup.py [--ram 1G] [--channels 2] [--repeat 5] [--cases spawn forkserver warm]
