@@ -44,7 +44,7 @@ class _HeldDestination:
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(HANG_S)
-        self.address = "tcp://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
         self.channels: list[socket.socket] = []
         self.main: socket.socket | None = None
         self.main_conn: RecordConnection | None = None
