@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 
 from clients.ram import FIRST_PACKET_PAGES, RamClient
+from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.channel import ControlOp, control_pair, post, read_control
 from engine.multifd import ChannelLink, MultifdSender
-from engine.shm import GuestRAM
+from engine.shm import GuestRAM, RamBlock
 from engine.slots import SlotTable
 from engine.sync import FailureLatch, wait_readable
 
@@ -25,7 +27,7 @@ HANG_S = 20.0  # a safety limit: only a hang reaches it
 PACKET_PAGES = 2048
 
 
-def _packets(ram: GuestRAM, rounds: list[str]) -> list[list[int]]:
+def _packets(ram: GuestRAM, rounds: list[str], dirty_source: DirtySource | None = None) -> list[list[int]]:
     """Run the client's `rounds` ("all": round 1, "dirty": a later round) on one
     channel; answer the pages of each packet, per round."""
     main, channel = control_pair()
@@ -53,7 +55,7 @@ def _packets(ram: GuestRAM, rounds: list[str]) -> list[list[int]]:
     try:
         core = MultifdSender([ChannelLink(0, main, None, Future())], table, 1, latch, lambda e: None,
                              stall_timeout=HANG_S)
-        client = RamClient(ram, core, 0, PACKET_PAGES)
+        client = RamClient(ram, core, 0, PACKET_PAGES, dirty_source=dirty_source)
         for kind in rounds:
             sizes.append([])
             if kind == "all":
@@ -85,3 +87,29 @@ def test_round_one_starts_with_small_packets_doubling_to_the_packet_size() -> No
     assert sum(first) == n_pages
     # A later round of every page is cut as before: full packets (one channel), no ramp.
     assert later == [PACKET_PAGES] * 4
+
+
+class _CountingSource(BlockDirtyMaps):
+    """A VMM's dirty source (here: the block maps, counting its takes)."""
+
+    def __init__(self) -> None:
+        self.takes = 0
+
+    def take(self, block: RamBlock) -> np.ndarray:
+        self.takes += 1
+        return super().take(block)
+
+
+@pytest.mark.parametrize("source", ["default", "vmm"])
+def test_round_one_clears_every_mark_before_reading_and_a_vmm_source_is_taken(source: str) -> None:
+    """Round 1 sends every page: the marks made before it are cleared before any
+    page is read (the default maps are cleared; a VMM's source is taken, since its
+    take may do more than clear, say reset a hypervisor's log)."""
+    counting = _CountingSource() if source == "vmm" else None
+    with GuestRAM.create({"pc.ram": 2 * PACKET_PAGES * 4096, "vga.ram": PACKET_PAGES * 4096}) as ram:
+        for block in ram.blocks:
+            block.dirty.mark(0, block.n_pages)
+        _packets(ram, ["all"], dirty_source=counting)
+        assert all(block.dirty.count() == 0 for block in ram.blocks)
+    if counting is not None:
+        assert counting.takes == 2  # once per block
