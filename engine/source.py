@@ -350,9 +350,6 @@ class SourceMigration(SavingOperation, Migration):
         COMPLETE being sent, and the source's hashing time in ms.
         """
         assert self.tracker is not None
-        # A migration too short for a PING in precopy sends one now: its PONG comes
-        # before PREPARED, so the result has its RTT.
-        self._ping_if_due(force=not self._pings)
         t_pause = self._pause()
         self._send_message(wire.Switchover())
         t_switchover_sent = time.perf_counter()
@@ -505,13 +502,17 @@ class SourceMigration(SavingOperation, Migration):
     def _send_message(self, record: wire.Message) -> None:
         """After set-up, the destination reads nothing on the main channel before
         its channels joined (it takes anything there for an ABORT or garbage):
-        the first message waits for its CHANNELS_READY (until the set-up deadline)."""
+        the first message waits for its CHANNELS_READY (until the set-up deadline),
+        and a PING goes first, which the destination answers at once (before a
+        SYNC_MARKER, whose barrier could hold the answer back)."""
         if self._core is not None and not self._channels_joined.is_set():
             try:
                 self._channels_joined.wait(self.latch, max(0.0, self._setup_deadline - time.monotonic()))
             except TimeoutError:
                 raise HandshakeError(f"the destination's {self.config.channels} channels did not "
                                      f"join within {self.config.handshake_timeout_s:.0f} s") from None
+        if self._core is not None and not self._pings:
+            self._ping_if_due(force=True)  # (its own send finds a PING counted: no recursion)
         super()._send_message(record)
 
     def _progress(self, force: bool = False) -> None:
@@ -520,7 +521,9 @@ class SourceMigration(SavingOperation, Migration):
 
     def _ping_if_due(self, force: bool = False) -> None:
         """Orchestrator: the next PING for the round-trip time, once the destination's
-        channels joined and no PONG is due (`force`: send the first one now)."""
+        channels joined and no PONG is due (`force`: the first one, now).  The
+        first one goes before any other main-channel message after set-up, so
+        every result has an RTT (its PONG comes before PREPARED)."""
         if self._pong_due or len(self._pings) >= RTT_SAMPLES:
             return
         if force or self._channels_joined.is_set():

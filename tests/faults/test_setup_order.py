@@ -18,7 +18,7 @@ import socket
 import pytest
 
 from engine import MigrationConfig, SourceMigration
-from engine.errors import HandshakeError
+from engine.errors import HandshakeError, MigrationError
 from engine.link import RecordConnection
 from engine.sync import wait_readable
 from engine.wire import message as wire
@@ -120,6 +120,36 @@ def test_channels_connect_together_pages_flow_before_channels_ready_and_main_wai
                 while (message := held.next_message(held.decoder)) is not None:
                     said.append(type(message).__name__)
                 assert said == ["Abort"]
+            finally:
+                if not source.done():
+                    source.cancel()
+                    with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
+                        source.wait(HANG_S)
+    finally:
+        held.close()
+
+
+def test_the_first_main_channel_message_after_channels_ready_is_a_ping() -> None:
+    """Once the destination's channels joined, the source's first word there is a
+    PING (answered at once, before a SYNC_MARKER's barrier could hold its PONG back:
+    the result's RTT); the destination then gives up, and the source with it."""
+    held = _HeldDestination()
+    try:
+        with guest_ram(1 * MiB) as src:
+            source = SourceMigration(src, held.address, secret=SECRET,
+                                     config=MigrationConfig(channels=2, handshake_timeout_s=5.0))
+            source.start()
+            try:
+                held.handshake()
+                assert wait_readable(held.channels, HANG_S), "no page came"
+                assert held.main_conn is not None
+                held.main_conn.send_all(wire.encode_message(wire.ChannelsReady()))
+                first = held.next_message(held.decoder)
+                assert isinstance(first, wire.Ping), first
+                held.main_conn.send_all(wire.encode_message(
+                    wire.Abort(wire.AbortCode.FAILED, "the test stops here", "MigrationError")))
+                with pytest.raises(MigrationError, match="the test stops here"):
+                    source.wait(HANG_S)
             finally:
                 if not source.done():
                     source.cancel()

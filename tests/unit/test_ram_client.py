@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from clients.ram import FIRST_PACKET_PAGES, RamClient
-from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.channel import ControlOp, control_pair, post, read_control
+from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.multifd import ChannelLink, MultifdSender
 from engine.shm import GuestRAM, RamBlock
 from engine.slots import SlotTable
