@@ -51,7 +51,7 @@ from engine.errors import (
     TransportClosedError,
     TransportError,
 )
-from engine.link import LinkSecurity, secure
+from engine.link import LinkSecurity, secure, warm_up_records
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
 from engine.pool import CancelToken, ForkServer, WorkerPool, fork_server
 from engine.shm import GuestRAM, Populate, RamHandle, Segment
@@ -186,6 +186,10 @@ class ChannelReport:
     attach_ms: float = 0.0              # mapping guest RAM and the slot table at start
     first_packet_at: float | None = None  # perf_counter (CLOCK_MONOTONIC, the same in every
                                           # process) when its first packet's I/O began
+    # Its start-up, step by step: (step, perf_counter when it ended), in order:
+    # "started" (the job runs in its process), "attached" (socket secured, memory
+    # mapped), "ready" (READY posted), "first_job" (the first JOB read: source).
+    marks: tuple[tuple[str, float], ...] = ()
 
 
 def _cpu_s() -> float:
@@ -222,8 +226,16 @@ def preload_payloads() -> None:
             payload_entry(kind)
 
 
+def preload_channel() -> None:
+    """What a channel process (or an operation's main process) does once, ahead of
+    its first migration: import the payload handlers, and ready the MAC records
+    (engine/link.py warm_up_records: OpenSSL's AES-GCM, a staging buffer)."""
+    preload_payloads()
+    warm_up_records()
+
+
 #: The pool's `preload` for channel processes (engine/pool/_forkserver.py).
-CHANNEL_PRELOAD = (f"{__name__}:preload_payloads",)
+CHANNEL_PRELOAD = (f"{__name__}:preload_channel",)
 
 
 def channel_fork_server() -> ForkServer:
@@ -306,6 +318,7 @@ class _Channel:
 
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket | None,
                  token: CancelToken) -> None:
+        self.marks: list[tuple[str, float]] = [("started", time.perf_counter())]
         self.spec = spec
         self.ctrl = ctrl
         self.data = data
@@ -333,6 +346,7 @@ class _Channel:
             if slots is not None:
                 self._stack.callback(slots.close)
             self.attach_ms = (time.perf_counter() - t_attach) * 1000
+            self.mark("attached")
             self.ctx = ChannelContext(spec, ram, slots)
         except BaseException:
             self._stack.close()
@@ -344,14 +358,19 @@ class _Channel:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    def mark(self, step: str) -> None:
+        """Start-up step `step` ends now (the report's ``marks``)."""
+        self.marks.append((step, time.perf_counter()))
+
     def ready(self) -> None:
+        self.mark("ready")
         post(self.ctrl, ControlOp.READY, os.getpid())
         self._cpu_at_ready = _cpu_s()
 
     def report(self, packets: int, stopped: bool = False) -> ChannelReport:
         return ChannelReport(self.spec.channel_id, packets, _memory_report(self._cpu_at_ready),
                              stopped, attach_ms=self.attach_ms,
-                             first_packet_at=self.first_packet_at)
+                             first_packet_at=self.first_packet_at, marks=tuple(self.marks))
 
     def cancelled(self, why: str) -> CancelledError:
         return CancelledError(f"channel {self.spec.channel_id} {why}")
@@ -396,6 +415,8 @@ class _JobChannel(_Channel):
         while True:
             message = self._next_request()
             if message.op is ControlOp.JOB:
+                if not self.sequence:
+                    self.mark("first_job")
                 slot = slots[message.a]
                 if slot.epoch != self.epoch:
                     raise LocalProtocolError(f"slot for epoch {slot.epoch} queued in epoch {self.epoch}")
