@@ -87,6 +87,9 @@ class ChannelContext:
         # Snapshot channels: one uint64 per page of all blocks, its checksum
         # (snapshot_format.page_sums).  Save: the channels fill it; restore: they check against it.
         self.page_sums: memoryview | None = None
+        # Migrations with tracked verification: an XXH3-128 per piece of spec.piece_pages
+        # pages of all blocks (engine/verify.py); the channel that moves a piece hashes it.
+        self.piece_digests: memoryview | None = None
 
     def count(self, counter: Counter, value: int) -> None:
         self.counters[counter] += value
