@@ -193,7 +193,11 @@ class SourceMigration(SavingOperation, Migration):
             expected_downtime_ms=expected_downtime_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
-            extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {})},
+            extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {}),
+                   # "tracked": pieces hashed as they moved, only digests compared in the
+                   # downtime; "after pause": both memories hashed whole in it
+                   **({"verification": "tracked" if self._digests is not None else "after pause"}
+                      if self.config.verify else {})},
         )
 
     def _result_extra(self) -> dict[str, Any]:
