@@ -30,6 +30,15 @@ reader checks them right after its ``preadv``, each while the piece is in cache:
     save     piece of guest RAM ── xxh3-64 per page → page_sums[page] ── pwritev ──▶ file
     restore  file ── preadv ──▶ piece of guest RAM ── xxh3-64 per page == page_sums[page]?
                                                       no: SnapshotFormatError (block, page, offset)
+
+Tracked verification (migrations with ``verify``, engine/verify.py): the sender
+sends a packet in parts of ≤ 1 MiB cut at piece boundaries and hashes each part's
+pieces from guest RAM right before the part goes; the receiver reads the same
+parts and hashes each right after it landed (a piece with ZERO runs once they
+are placed)::
+
+    source       runs ── parts ── XXH3-128 per piece → digest map ── send part ──▶
+    destination  ──▶ recv part into guest RAM ── XXH3-128 per piece → digest map
 """
 
 from __future__ import annotations
@@ -389,9 +398,10 @@ class RamPagesReceiver:
 
 
 class PieceHasher:
-    """Tracked verification in a channel process (engine/verify.py): after a packet
-    moved, the XXH3-128 of every piece its runs touch, from guest RAM, into the
-    shared digest map."""
+    """Tracked verification in a channel process (engine/verify.py): the XXH3-128 of
+    the pieces a packet touches, from guest RAM, into the shared digest map (the
+    sender right before a part's pages are sent, the receiver right after they
+    landed: the part is in cache for both)."""
 
     def __init__(self, ctx: ChannelContext) -> None:
         assert ctx.piece_digests is not None and ctx.spec.piece_pages > 0

@@ -102,6 +102,11 @@ class PayloadSender(Protocol):
     slot itself.  If not (RAM pages: the slot only describes pages, the buffers
     are views of guest RAM), the channel hands the slot back before it sends, so
     the next hand-off overlaps this send.
+
+    Optionally, ``parts(buffers)`` cuts the buffers of the last :meth:`prepare`
+    into ``(buffers, before)`` parts that the channel sends in order, calling
+    ``before()`` (if not None) right before each part (RAM pages: tracked
+    verification hashes the part's pieces then, in cache for the copy).
     """
 
     holds_slot: bool
