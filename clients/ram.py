@@ -60,14 +60,21 @@ class RamClient:
         packet_pages: int,
         on_packet: Callable[[], None] | None = None,
         dirty_source: DirtySource | None = None,
+        piece_pages: int = 1,
     ) -> None:
         self.ram = ram
         self.dirty: DirtySource = dirty_source if dirty_source is not None else BlockDirtyMaps()
         self.core = core
         self.client_id = client_id
+        # (A piece fits CONFIG's packet size; a packet cut smaller for a cap may grow to it.)
+        packet_pages = max(packet_pages, piece_pages)
         self.packet_pages = packet_pages
         self._on_packet = on_packet
         self._slot_pages = 0          # pages in the slot being filled
+        # Tracked verification (engine/verify.py): the pages of one piece that go in
+        # one round go in one packet, so one channel hashes the piece after them.
+        # A power of two ≤ packet_pages; 1: no constraint.
+        self.piece_pages = piece_pages
         self._packet_limit = packet_pages  # pages per packet in this round
         self._ramp = False            # round 1: the packet limit doubles per packet
 
@@ -105,7 +112,8 @@ class RamClient:
         """
         taken = [(block, self.dirty.take(block)) for block in self.ram.blocks]
         total = sum(int(pages.size) for _, pages in taken)
-        self._packet_limit = min(self.packet_pages, max(_MIN_SPLIT, -(-total // self.core.channels)))
+        self._packet_limit = min(self.packet_pages, max(_MIN_SPLIT, self.piece_pages,
+                                                        -(-total // self.core.channels)))
         try:
             for block, pages in taken:
                 if pages.size:
@@ -123,18 +131,33 @@ class RamClient:
     def queue_range(self, block: RamBlock, first_page: int, n_pages: int) -> None:
         """Queue the contiguous pages [first_page, first_page + n_pages) of `block`."""
         end = first_page + n_pages
+        piece = self.piece_pages
         while first_page < end:
             slot = self._slot_for(block)
             take = min(self._packet_limit - self._slot_pages, end - first_page)
+            cut = first_page + take
+            if cut < end and cut % piece:  # not inside a piece: back to its start
+                take = cut - cut % piece - first_page
+                if take <= 0:  # the piece does not fit what is left of this slot
+                    self._send()
+                    continue
             self._append_run(slot, first_page, take)
             first_page += take
 
     def queue_pages(self, block: RamBlock, pages: np.ndarray) -> None:
         """Queue sorted, unique page indices of `block`."""
         done = 0
+        piece = self.piece_pages
         while done < pages.size:
             slot = self._slot_for(block)
             take = min(self._packet_limit - self._slot_pages, pages.size - done)
+            if piece > 1 and done + take < pages.size:
+                # Not inside a piece: back to the first of this slot's pages in it.
+                start = int(pages[done + take]) - int(pages[done + take]) % piece
+                take = int(np.searchsorted(pages[done:done + take], start))
+                if take == 0:  # the piece does not fit what is left of this slot
+                    self._send()
+                    continue
             firsts, counts = pages_to_runs(pages[done:done + take])
             n = slot.n_items
             if n and int(slot.items[n - 1, 0] + slot.items[n - 1, 1]) == int(firsts[0]):

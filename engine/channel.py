@@ -171,6 +171,8 @@ class ChannelSpec:
     devices: tuple[tuple[str, int], ...] = ()     # CONFIG's device table: (idstr, instance_id)
     file: FileTarget | None = None                # file channels: the snapshot file
     link: LinkSecurity | None = None              # what protects the data socket (engine/link.py)
+    digest_map: str | None = None                 # tracked verification: the digest map's
+    piece_pages: int = 0                          #   segment, pages per piece (engine/verify.py)
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,10 @@ class _Channel:
             self.attach_ms = (time.perf_counter() - t_attach) * 1000
             self.mark("attached")
             self.ctx = ChannelContext(spec, ram, slots)
+            if spec.digest_map is not None:  # each piece's hash, after it moved (engine/verify.py)
+                digests = Segment.attach(spec.digest_map)
+                self._stack.callback(digests.close)
+                self.ctx.piece_digests = digests.buf
         except BaseException:
             self._stack.close()
             raise
@@ -494,7 +500,14 @@ class _SendChannel(_JobChannel):
             _hand_back(slot, self.ctrl, index)
         if self.first_packet_at is None:
             self.first_packet_at = time.perf_counter()
-        self.ctx.count(Counter.WIRE_BYTES, self.conn.send_buffers(buffers))
+        # A sender may cut its buffers into parts, each with work to do right
+        # before it goes (RAM pages: tracked verification's hashing).
+        split = getattr(sender, "parts", None)
+        for part, before in split(buffers) if split is not None else [(buffers, None)]:
+            if before is not None:
+                before()
+            if part:
+                self.ctx.count(Counter.WIRE_BYTES, self.conn.send_buffers(part))
         del buffers
         if sender.holds_slot:
             _hand_back(slot, self.ctrl, index)

@@ -87,6 +87,9 @@ class ChannelContext:
         # Snapshot channels: one uint64 per page of all blocks, its checksum
         # (snapshot_format.page_sums).  Save: the channels fill it; restore: they check against it.
         self.page_sums: memoryview | None = None
+        # Migrations with tracked verification: an XXH3-128 per piece of spec.piece_pages
+        # pages of all blocks (engine/verify.py); the channel that moves a piece hashes it.
+        self.piece_digests: memoryview | None = None
 
     def count(self, counter: Counter, value: int) -> None:
         self.counters[counter] += value
@@ -99,6 +102,11 @@ class PayloadSender(Protocol):
     slot itself.  If not (RAM pages: the slot only describes pages, the buffers
     are views of guest RAM), the channel hands the slot back before it sends, so
     the next hand-off overlaps this send.
+
+    Optionally, ``parts(buffers)`` cuts the buffers of the last :meth:`prepare`
+    into ``(buffers, before)`` parts that the channel sends in order, calling
+    ``before()`` (if not None) right before each part (RAM pages: tracked
+    verification hashes the part's pieces then, in cache for the copy).
     """
 
     holds_slot: bool

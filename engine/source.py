@@ -73,7 +73,7 @@ from engine.slots import SlotTable
 from engine.stats import MigrationResult
 from engine.sync import MigrationEvent, MigrationState, Signal
 from engine.transport import Connection, close_all, connect
-from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
+from engine.verify import DIGEST_CHUNK, PieceDigests, dump_ram, ram_digests, tracked_piece_pages
 from engine.wire import message as wire
 from engine.wire import packet
 
@@ -180,6 +180,11 @@ class SourceMigration(SavingOperation, Migration):
         self._live: LiveDevices | None = None  # iterative devices' precopy (issue 16)
         self._live_counts: tuple[int, ...] = ()  # the last LIVE_ROUND's
         self._ack_deadline: float | None = None
+        # Verification: tracked (each page hashed by the channel that sent it) unless
+        # the RAM is handed over; the digests sent in DIGESTS, once they are.
+        self._tracks_pages = config.verify and not config.local
+        self._digests: PieceDigests | None = None
+        self.ram_digests: tuple[bytes, ...] | None = None
 
     # -- the phases --------------------------------------------------------
 
@@ -205,7 +210,11 @@ class SourceMigration(SavingOperation, Migration):
             expected_downtime_ms=expected_downtime_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
-            extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {})},
+            extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {}),
+                   # "tracked": pieces hashed as they moved, only digests compared in the
+                   # downtime; "after pause": both memories hashed whole in it
+                   **({"verification": "tracked" if self._digests is not None else "after pause"}
+                      if self.config.verify else {})},
         )
 
     def _result_extra(self) -> dict[str, Any]:
@@ -312,6 +321,9 @@ class SourceMigration(SavingOperation, Migration):
                 ))
                 data.settimeout(None)
         self._mark("channel_handshakes")
+        if self._tracks_pages:  # verification hashes each piece as it leaves (engine/verify.py)
+            self._digests = PieceDigests(self.ram, tracked_piece_pages(cfg.packet_pages))
+            self._defer("unlink the digest map", self._digests.close)
         spec = ChannelSpec(
             # Local mode: the channels carry device state only, so they map no RAM.
             channel_id=0, ram=RamHandle(()) if cfg.local else self.ram.handle,
@@ -320,6 +332,8 @@ class SourceMigration(SavingOperation, Migration):
             zero_page_detection=cfg.zero_page_detection,
             payload_kinds=kinds, payload_modules=payload_modules(kinds), devices=self._device_table(),
             link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
+            digest_map=self._digests.name if self._digests is not None else None,
+            piece_pages=self._digests.piece_pages if self._digests is not None else 0,
         )
         self._start_channels(run_send_channel, conns, spec)
         self._mark("channel_processes")
@@ -377,12 +391,18 @@ class SourceMigration(SavingOperation, Migration):
         self._send_message(wire.Complete(final_epoch, self.config.verify))
         t_complete = time.perf_counter()
         verify_ms = 0.0
-        if self.config.verify:
+        if self._digests is not None:
+            # Every piece was hashed as it left, the final round's with the guest paused.
+            t_hash = time.perf_counter()
+            self.ram_digests = tuple(self._digests.digests())
+            verify_ms = (time.perf_counter() - t_hash) * 1000
+            self._send_message(wire.Digests(self._digests.chunk, self.ram_digests))
+        elif self.config.verify:
             # Hash while the destination hashes its copy; the guest stays paused.
             t_hash = time.perf_counter()
-            digests = ram_digests(self.ram, DIGEST_CHUNK)
+            self.ram_digests = tuple(ram_digests(self.ram, DIGEST_CHUNK))
             verify_ms = (time.perf_counter() - t_hash) * 1000
-            self._send_message(wire.Digests(DIGEST_CHUNK, tuple(digests)))
+            self._send_message(wire.Digests(DIGEST_CHUNK, self.ram_digests))
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))
         self._wait_answer(self._prepared, "PREPARED")
@@ -435,6 +455,9 @@ class SourceMigration(SavingOperation, Migration):
 
     # -- helpers -----------------------------------------------------------
 
+    def _piece_pages(self) -> int:
+        return self._digests.piece_pages if self._digests is not None else 1
+
     def _config_record(self) -> wire.Config:
         cfg = self.config
         return wire.Config(
@@ -448,6 +471,7 @@ class SourceMigration(SavingOperation, Migration):
             devices=tuple(wire.DeviceSpec(device.idstr, device.instance_id, is_iterative(device),
                                           wants_switchover_ack(device)) for device in self.devices),
             local=cfg.local,
+            page_sums=self._tracks_pages,
         )
 
     def _device_table(self) -> tuple[tuple[str, int], ...]:

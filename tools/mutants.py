@@ -249,6 +249,35 @@ MUTANTS: tuple[Mutant, ...] = (
          "    if runs:\n        jobs.append(",
          "    if False:  # MUTANT: runs\n        jobs.append("),
     ),
+    mutant(
+        "tracked-digest-hashed-once",
+        "tracked verification hashes a piece the first time it moves and never again "
+        "(both sides: their digests still agree, on memory that has changed since)",
+        ("clients/ram_payload.py",
+         "            at = index * piece\n"
+         "            digest = xxhash.xxh3_128_digest(",
+         "            at = index * piece\n"
+         "            if any(self.map[(base + index) * size:(base + index + 1) * size]):\n"
+         "                continue  # MUTANT: hashed once\n"
+         "            digest = xxhash.xxh3_128_digest("),
+    ),
+    mutant(
+        "tracked-zero-pieces-hashed-early",
+        "the receiver hashes pieces with ZERO runs before it has zeroed their stale pages",
+        ("clients/ram_payload.py",
+         "            normal, total = _place_marks(block, firsts, counts, zero)\n"
+         "            hasher.hash_pieces(block, later)\n",
+         "            hasher.hash_pieces(block, later)  # MUTANT: before the ZERO runs land\n"
+         "            normal, total = _place_marks(block, firsts, counts, zero)\n"),
+    ),
+    mutant(
+        "piece-split-across-packets",
+        "the RAM client cuts scattered pages into packets without regard to pieces, so two "
+        "channels may hash one piece in one round",
+        ("clients/ram.py",
+         "            if piece > 1 and done + take < pages.size:\n",
+         "            if False:  # MUTANT: piece > 1 and done + take < pages.size\n"),
+    ),
 )
 
 
