@@ -166,6 +166,14 @@ MUTANTS: tuple[Mutant, ...] = (
          "            if index < max(stream.next, stream.taken):  # MUTANT: ... or index in pending\n"),
     ),
     mutant(
+        "device-loading-chunk-accepted",
+        "a chunk index the device is loading (taken out of the buffer, not yet loaded) is "
+        "accepted again and parked where nothing loads it",
+        ("clients/device_state.py",
+         "            if index < max(stream.next, stream.taken) or index in stream.pending:\n",
+         "            if index < stream.next or index in stream.pending:  # MUTANT: taken ignored\n"),
+    ),
+    mutant(
         "hello-reserved-unchecked",
         "decode_hello accepts nonzero reserved bytes",
         ("engine/wire/packet.py",
