@@ -102,11 +102,11 @@ MUTANTS: tuple[Mutant, ...] = (
         "final-round-skipped",
         "the source's switchover does not queue the pages dirtied since the last round",
         ("engine/source.py",
-         "        self.tracker.round += 1\n"
-         "        client.queue_dirty()\n"
-         "        client.flush()\n",
-         "        self.tracker.round += 1\n"
-         "        client.flush()  # MUTANT: no queue_dirty()\n"),
+         "            self.tracker.round += 1\n"
+         "            client.queue_dirty()\n"
+         "            client.flush()\n",
+         "            self.tracker.round += 1\n"
+         "            client.flush()  # MUTANT: no queue_dirty()\n"),
     ),
     mutant(
         "snapshot-restore-keeps-stale-pages",
@@ -145,24 +145,33 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     mutant(
         "device-chunk-index-unchecked",
-        "the device loader accepts a chunk index it already has (or already loaded)",
+        "the device loader accepts a chunk index it already has (or already loaded, or is loading)",
         ("clients/device_state.py",
-         "            if index < stream.next or index in stream.pending:\n",
-         "            if False:  # MUTANT: index < stream.next or index in stream.pending\n"),
+         "            if index < max(stream.next, stream.taken) or index in stream.pending:\n",
+         "            if False:  # MUTANT: the duplicate check\n"),
     ),
     mutant(
         "device-loaded-chunk-accepted",
-        "half of the check above: a chunk index the device already loaded is accepted again",
+        "half of the check above: a chunk index the device already loaded (or took out of the "
+        "buffer to load) is accepted again",
         ("clients/device_state.py",
-         "            if index < stream.next or index in stream.pending:\n",
-         "            if index in stream.pending:  # MUTANT: index < stream.next or ...\n"),
+         "            if index < max(stream.next, stream.taken) or index in stream.pending:\n",
+         "            if index in stream.pending:  # MUTANT: index < max(next, taken) or ...\n"),
     ),
     mutant(
         "device-pending-chunk-accepted",
         "the other half: a chunk index still waiting in the buffer is accepted again",
         ("clients/device_state.py",
-         "            if index < stream.next or index in stream.pending:\n",
-         "            if index < stream.next:  # MUTANT: ... or index in stream.pending\n"),
+         "            if index < max(stream.next, stream.taken) or index in stream.pending:\n",
+         "            if index < max(stream.next, stream.taken):  # MUTANT: ... or index in pending\n"),
+    ),
+    mutant(
+        "device-loading-chunk-accepted",
+        "a chunk index the device is loading (taken out of the buffer, not yet loaded) is "
+        "accepted again and parked where nothing loads it",
+        ("clients/device_state.py",
+         "            if index < max(stream.next, stream.taken) or index in stream.pending:\n",
+         "            if index < stream.next or index in stream.pending:  # MUTANT: taken ignored\n"),
     ),
     mutant(
         "hello-reserved-unchecked",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -67,6 +68,56 @@ def test_index_that_was_loaded_already() -> None:
         wait_until(lambda: bytes(nic.state) == b"firstsecond", "chunks 0 and 1 to be loaded")
         ch[1].device_chunk(*NIC, 0, b"first")
     assert "chunk 0 arrived twice" in _hand_made(run, nic=nic)
+
+
+def test_index_still_waiting_in_the_buffer() -> None:
+    """Chunk 1 twice before chunk 0: the second copy is refused, not written over the first.
+
+    (test_duplicate_index's first copy of chunk 0 is usually taken out of the
+    buffer for loading before its second copy comes; chunk 1 cannot be loaded
+    without chunk 0, so here both copies meet in the buffer, whichever comes first.)
+    """
+    def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+        ch[0].device_chunk(*NIC, 1, b"second")
+        ch[1].device_chunk(*NIC, 1, b"again")
+    assert "chunk 1 arrived twice" in _hand_made(run)
+
+
+class HeldLoad(DemoDevice):
+    """Its load_state waits to be released: the chunk it loads stays being loaded."""
+
+    def __init__(self) -> None:
+        super().__init__(*NIC, state_size=0, with_state=False)
+        self.loading = threading.Event()
+        self.release = threading.Event()
+
+    def load_state(self, chunk: bytes) -> None:
+        self.loading.set()
+        self.release.wait(20)  # the test releases it; this is the way out if it does not
+        super().load_state(chunk)
+
+
+def test_index_being_loaded() -> None:
+    """Chunk 0 again while the device is still loading it (out of the buffer, not
+    yet loaded): refused, not parked in the buffer where nothing loads it."""
+    nic = HeldLoad()
+    with guest_ram(4 * MiB, fill="zero") as dst:
+        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=FAST,
+                                           devices=[nic])
+        destination.start()
+        source = HandMadeSource(destination, list(dst.layout), channels=2, devices=(NIC,))
+
+        def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
+            try:
+                ch[0].device_chunk(*NIC, 0, b"first")
+                assert nic.loading.wait(10), "chunk 0 was never loaded"
+                ch[1].device_chunk(*NIC, 0, b"first")
+                wait_until(lambda: destination.latch.failed, "the second copy to be refused", timeout=10)
+            finally:
+                nic.release.set()
+        error = destination_failure(destination, source, run)
+    assert "chunk 0 arrived twice" in error
+    assert bytes(nic.state) == b"first"  # the held load finished; no second copy was loaded
 
 
 def test_chunk_after_the_end_marker() -> None:
