@@ -109,12 +109,25 @@ class RamClient:
             self._append_run(slot, first_page, take)
             first_page += take
 
-    def queue_pages(self, block: RamBlock, pages: np.ndarray) -> None:
-        """Queue sorted, unique page indices of `block`."""
+    def queue_pages(self, block: RamBlock, pages: np.ndarray, align: int = 0) -> None:
+        """Queue sorted, unique page indices of `block`.
+
+        `align` (pages): a slot that fills ends on a multiple of `align`, so pages
+        of one aligned group go in one slot (a snapshot restore's chunks: one
+        channel reads, and checks, a chunk whole); a group larger than a slot is cut.
+        """
         done = 0
         while done < pages.size:
             slot = self._slot_for(block)
             take = min(self._packet_limit - self._slot_pages, pages.size - done)
+            if align and done + take < pages.size:
+                groups = pages[done:done + take + 1] // align
+                ends = np.flatnonzero(groups[1:] != groups[:-1])  # last page of a group
+                if ends.size:
+                    take = int(ends[-1]) + 1
+                elif self._slot_pages:
+                    self._send()  # the group starts a slot of its own
+                    continue
             firsts, counts = pages_to_runs(pages[done:done + take])
             n = slot.n_items
             if n and int(slot.items[n - 1, 0] + slot.items[n - 1, 1]) == int(firsts[0]):

@@ -150,6 +150,7 @@ class FileTarget:
     pages_offsets: tuple[int, ...]     # per RAM block: file offset of its page 0
     present: str | None = None         # save: segment of the present map, one byte per page
     sums: str | None = None            # segment of the page checksums, one uint64 per page
+    chunk_sums: str | None = None      # segment of the chunk checksums (ChannelContext.chunk_sums)
     direct_io: bool = False            #   (save: filled here; restore: checked here; None: off)
     check_beside: bool = False         # restore: check each piece on a thread beside the next read
 
@@ -516,6 +517,10 @@ class _FileChannel(_JobChannel):
             sums = Segment.attach(target.sums)
             self._stack.callback(sums.close)
             self.ctx.page_sums = sums.buf
+        if target.chunk_sums is not None:
+            chunk_sums = Segment.attach(target.chunk_sums)
+            self._stack.callback(chunk_sums.close)
+            self.ctx.chunk_sums = chunk_sums.buf
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
         # Restore with a core to spare: each piece's page check runs on a thread of

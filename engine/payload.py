@@ -87,6 +87,10 @@ class ChannelContext:
         # Snapshot channels: one uint64 per page of all blocks, its checksum
         # (snapshot_format.page_sums).  Save: the channels fill it; restore: they check against it.
         self.page_sums: memoryview | None = None
+        # Snapshot channels: one uint64 per 1 MiB chunk of guest RAM, all blocks'
+        # chunks in order (snapshot_format.CHUNK_PAGES), its checksum; restore: then
+        # one uint64 per chunk, its present pages.  Save: filled; restore: checked.
+        self.chunk_sums: memoryview | None = None
 
     def count(self, counter: Counter, value: int) -> None:
         self.counters[counter] += value
@@ -129,7 +133,9 @@ class PayloadReceiver(Protocol):
 class FileIO(NamedTuple):
     """One positional write or read of a file channel: `buffers` at `offset`, contiguous
     in the file.  `before` runs just before the write (save: checksum the pages in
-    the buffers), `after` just after the read (restore: check them); either may raise."""
+    the buffers), `after` just after the write or read (save: checksum the chunks
+    the slot wrote; restore: check the pages); either may raise.  A piece with no
+    buffers is only its hooks."""
 
     offset: int
     buffers: list[memoryview]
@@ -156,8 +162,9 @@ class PrecopyClient(Protocol):
         """Later rounds: queue what changed since it was last queued."""
         ...
 
-    def queue_pages(self, block: RamBlock, pages: np.ndarray) -> None:
-        """Queue these sorted, unique pages of `block` (a snapshot restore's)."""
+    def queue_pages(self, block: RamBlock, pages: np.ndarray, align: int = 0) -> None:
+        """Queue these sorted, unique pages of `block` (a snapshot restore's); a
+        slot that fills ends on a multiple of `align` pages (0: anywhere)."""
         ...
 
     def flush(self) -> None:

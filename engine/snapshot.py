@@ -10,14 +10,16 @@ and only the channels' send op differs: positional writes and reads
              live: precopy rounds until what is left fits the downtime limit
                    (a page saved again overwrites its own place)
              pause → final round; devices save at once, chunks appended after the pages
-             (each channel checksums a page right before writing it, into a shared map)
+             (each channel checksums a page right before writing it, into a shared map,
+             and each 1 MiB chunk of RAM it touched after writing its pages, into another)
              every channel done → block headers, bitmaps and checksum arrays, metadata
              → fsync → superblock → fsync → rename over the target → fsync the directory:
              only now "saved"
     restore  read and check superblock, metadata, bitmaps and checksum arrays — before
              anything loads; N file channels read runs of present pages straight into
-             guest RAM and check each page's checksum right after the read, while every
-             device loads at once on the pool; then (every page checked) resume
+             guest RAM and check each chunk's checksum (a sparse chunk's: each page's)
+             right after its pages are read, while every device loads at once on the
+             pool; then (every page checked) resume
 
 A save that fails or is cancelled removes its partial file and resumes the
 guest; the target path is untouched until the new snapshot is durable.  A
@@ -150,9 +152,12 @@ class SnapshotInfo:
         }
 
 
-def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray], list[np.ndarray]]:
+_Sums = tuple[np.ndarray, np.ndarray]  # a block's page checksums and chunk checksums
+
+
+def _read_snapshot(file: PositionalFile) -> tuple[SnapshotInfo, list[np.ndarray], list[_Sums]]:
     """Check the whole snapshot's structure; returns it, each block's present pages
-    and each block's page checksums (uint64 per page).
+    and each block's page and chunk checksums (uint64 per page, per chunk).
 
     Raises SnapshotFormatError (truncated, wrong magic or version, damaged
     header or metadata, regions outside the file, bad bitmaps or checksum
@@ -193,7 +198,8 @@ def inspect_snapshot(path: str, *, verify: bool = False, channels: int = 2,
     try:
         info, present, sums = _read_snapshot(file)
         if verify:
-            info = replace(info, damage=_scrub(file, info, present, sums, channels, pool))
+            info = replace(info, damage=_scrub(file, info, present, [page for page, _ in sums],
+                                               channels, pool))
         return info
     finally:
         file.close()
@@ -314,6 +320,7 @@ class SnapshotSave(SavingOperation):
         self._file: PositionalFile | None = None
         self._present: Segment | None = None
         self._sums: Segment | None = None
+        self._chunk_sums: Segment | None = None
         self._devices_area: _DeviceArea | None = None
         self.published: str | None = None
 
@@ -356,9 +363,13 @@ class SnapshotSave(SavingOperation):
             # page written again (a later round) gets its new checksum in place.
             self._sums = Segment.create(self.ram.n_pages * fmt.PAGE_SUM_SIZE)
             self._defer("unlink the checksum map", self._free_sums_map)
+            # ... and each chunk's, recomputed by every channel that writes its pages.
+            self._chunk_sums = Segment.create(_total_chunks(self.ram) * fmt.PAGE_SUM_SIZE)
+            self._defer("unlink the chunk checksum map", self._free_chunk_sums_map)
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
+                            chunk_sums=self._chunk_sums.name if self._chunk_sums is not None else None,
                             direct_io=self.direct_io)
         self._core = _start_file_channels(self, cfg, self.ram, target,
                                           zero_page_detection=cfg.zero_page_detection,
@@ -394,12 +405,19 @@ class SnapshotSave(SavingOperation):
         present = np.frombuffer(bytes(present_map.buf[:n_pages]), dtype=np.uint8)
         all_sums = (np.frombuffer(bytes(self._sums.buf[:n_pages * fmt.PAGE_SUM_SIZE]), dtype="<u8")
                     if self._sums is not None else np.zeros(n_pages, dtype="<u8"))
+        n_chunks = _total_chunks(self.ram)
+        all_chunk_sums = (
+            np.frombuffer(bytes(self._chunk_sums.buf[:n_chunks * fmt.PAGE_SUM_SIZE]), dtype="<u8")
+            if self._chunk_sums is not None else np.zeros(n_chunks, dtype="<u8"))
         blocks: list[fmt.BlockEntry] = []
-        first = 0
+        first = first_chunk = 0
         for entry, block in zip(self.layout.blocks, self.ram.blocks):
             pages = present[first:first + block.n_pages]
-            sums = fmt.encode_sums(all_sums[first:first + block.n_pages])
+            block_chunks = fmt.n_chunks(block.n_pages)
+            sums = fmt.encode_sums(all_sums[first:first + block.n_pages],
+                                   all_chunk_sums[first_chunk:first_chunk + block_chunks])
             first += block.n_pages
+            first_chunk += block_chunks
             bitmap = fmt.encode_bitmap(pages)
             written = replace(entry, present_pages=int(np.count_nonzero(pages)),
                               bitmap_digest=hashlib.sha256(bitmap).digest(),
@@ -445,6 +463,17 @@ class SnapshotSave(SavingOperation):
         if sums is not None:
             sums.close()
             sums.unlink()
+
+    def _free_chunk_sums_map(self) -> None:
+        chunk_sums, self._chunk_sums = self._chunk_sums, None
+        if chunk_sums is not None:
+            chunk_sums.close()
+            chunk_sums.unlink()
+
+
+def _total_chunks(ram: GuestRAM) -> int:
+    """Chunks (snapshot_format.CHUNK_PAGES pages) of all blocks: the chunk maps' length."""
+    return sum(fmt.n_chunks(block.n_pages) for block in ram.blocks)
 
 
 # ---------------------------------------------------------------------------
@@ -496,6 +525,7 @@ class SnapshotRestore(Operation):
         self._file: PositionalFile | None = None
         self._core: MultifdSender | None = None
         self._sums: Segment | None = None
+        self._chunk_sums: Segment | None = None
 
     def _run(self) -> MigrationResult:
         self._machine.fire(MigrationEvent.START)
@@ -512,8 +542,8 @@ class SnapshotRestore(Operation):
         client: PrecopyClient = make_client(self.ram, self._core, RAM_CLIENT, self.config.packet_pages)
         self.tracker.round = 1
         for block, pages in zip(self.ram.blocks, present):
-            if pages.size:
-                client.queue_pages(block, pages)
+            if pages.size:  # a slot ends on a chunk boundary: a chunk is read (and checked) whole
+                client.queue_pages(block, pages, align=fmt.CHUNK_PAGES)
         client.flush()
         self._core.finish()
         self._core.wait_finished()  # every present page is in guest RAM, checked
@@ -545,7 +575,7 @@ class SnapshotRestore(Operation):
         traffic["guest_throughput_bytes_per_s"] = self.ram.size / max(transfer_s, 1e-9)
         return traffic
 
-    def _open(self) -> tuple[SnapshotInfo, list[np.ndarray], list[np.ndarray]]:
+    def _open(self) -> tuple[SnapshotInfo, list[np.ndarray], list[_Sums]]:
         """Open and check the file, then match it to the guest: nothing loads before."""
         self._file = open_file(self.path, "read")
         self._defer("close the snapshot file", self._close_file)
@@ -563,7 +593,7 @@ class SnapshotRestore(Operation):
                               f"guest's {_describe(self.ram.layout)}")
         return info, present, sums
 
-    def _setup(self, info: SnapshotInfo, present: list[np.ndarray], sums: list[np.ndarray]) -> None:
+    def _setup(self, info: SnapshotInfo, present: list[np.ndarray], sums: list[_Sums]) -> None:
         ram = self.ram
         assert ram is not None
         if not self._ram_is_zeroed:
@@ -574,12 +604,24 @@ class SnapshotRestore(Operation):
             # the block headers already, in _read_snapshot).
             self._sums = Segment.create(ram.n_pages * fmt.PAGE_SUM_SIZE)
             self._defer("unlink the checksum map", self._free_sums_map)
-            np.frombuffer(self._sums.buf, dtype="<u8")[:] = np.concatenate(sums)
+            np.frombuffer(self._sums.buf, dtype="<u8", count=ram.n_pages)[:] = np.concatenate(
+                [page for page, _ in sums])
+            # Each chunk's checksum, then its present pages (a channel holding them
+            # all checks the chunk by its word: ChannelContext.chunk_sums).
+            n_chunks = _total_chunks(ram)
+            self._chunk_sums = Segment.create(2 * n_chunks * fmt.PAGE_SUM_SIZE)
+            self._defer("unlink the chunk checksum map", self._free_chunk_sums_map)
+            chunk_map = np.frombuffer(self._chunk_sums.buf, dtype="<u8", count=2 * n_chunks)
+            chunk_map[:n_chunks] = np.concatenate([chunk for _, chunk in sums])
+            chunk_map[n_chunks:] = np.concatenate([
+                np.bincount(pages // fmt.CHUNK_PAGES, minlength=fmt.n_chunks(block.n_pages))
+                for block, pages in zip(ram.blocks, present)])
         beside = self._check_beside
         if beside is None:  # a thread per channel that checks beside its reads needs a core to run on
             beside = self.config.channels < len(os.sched_getaffinity(0))
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
+                            chunk_sums=self._chunk_sums.name if self._chunk_sums is not None else None,
                             direct_io=self.direct_io, check_beside=beside)
         self._core = _start_file_channels(self, self.config, ram, target)
 
@@ -588,6 +630,12 @@ class SnapshotRestore(Operation):
         if sums is not None:
             sums.close()
             sums.unlink()
+
+    def _free_chunk_sums_map(self) -> None:
+        chunk_sums, self._chunk_sums = self._chunk_sums, None
+        if chunk_sums is not None:
+            chunk_sums.close()
+            chunk_sums.unlink()
 
     def _zero_absent(self, present: list[np.ndarray]) -> None:
         """RAM that held something: zero the pages the snapshot does not hold."""
