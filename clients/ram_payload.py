@@ -26,13 +26,13 @@ offset in the file; :class:`RamPagesFileReader` reads runs back to their pages.
 Both cut runs into pieces at every 1 MiB chunk boundary (a piece lies in one
 chunk): the writer checksums a piece's pages (into the shared checksum map) right
 before the piece's ``pwritev``, and each chunk the slot touched (zero pages
-included) from guest RAM once its last piece is written; the reader checks a
-chunk whose present pages the slot holds all (and that holds at least half its
-pages) by its one word once its last piece is read, other pages page by page,
-each while the bytes are in cache::
+included) from guest RAM right after its last piece's page checksums; the
+reader checks a chunk whose present pages the slot holds all (and that holds at
+least half its pages) by its one word once its last piece is read, other pages
+page by page, each while the bytes are in cache::
 
     save     piece of guest RAM ── xxh3-64 per page → page_sums[page] ── pwritev ──▶ file
-             (chunk's last piece) ── xxh3-64 of the chunk's RAM → chunk_sums[chunk]
+             (its chunk's last piece: then xxh3-64 of the chunk's RAM → chunk_sums[chunk])
     restore  file ── preadv ──▶ piece of guest RAM ┬ (chunk's last piece) xxh3-64 of the
                                                    │  chunk's RAM == chunk_sums[chunk]?
                                                    └ (else) xxh3-64 per page == page_sums[page]?
@@ -295,22 +295,29 @@ class RamPagesFileWriter:
 
     def _plan_chunk_sums(self, block: RamBlock, plan: list[FileIO], pages: np.ndarray) -> None:
         """Every chunk the slot touched, zero pages included, is hashed from guest RAM
-        after its last piece is written (still in cache); one with no piece written
-        (only zero pages) after the slot's last write."""
+        right before its last piece is written, just after that piece's page
+        checksums (its bytes in cache); a chunk with no piece to write (only zero
+        pages) after the slot's last write."""
         assert self.chunk_sums is not None
         words = self.chunk_sums[block.index]
         touched = np.unique(pages // fmt.CHUNK_PAGES).tolist()
         last_piece = {(piece.offset - self.offsets[block.index]) // PAGE_SIZE // fmt.CHUNK_PAGES: i
                       for i, piece in enumerate(plan)}
-        hashed_after: dict[int, list[int]] = {}
+        hashed_at: dict[int, list[int]] = {}
         for chunk in touched:
-            hashed_after.setdefault(last_piece.get(chunk, len(plan)), []).append(chunk)
-        for i, chunks in sorted(hashed_after.items()):
-            after = partial(_chunk_checksums, block, chunks, words)
+            hashed_at.setdefault(last_piece.get(chunk, len(plan)), []).append(chunk)
+        for i, chunks in sorted(hashed_at.items()):
+            hash_chunks = partial(_chunk_checksums, block, chunks, words)
             if i == len(plan):
-                plan.append(FileIO(0, [], after=after))
+                plan.append(FileIO(0, [], before=hash_chunks))
             else:
-                plan[i] = plan[i]._replace(after=after)
+                plan[i] = plan[i]._replace(before=partial(_in_turn, plan[i].before, hash_chunks))
+
+
+def _in_turn(*steps: Callable[[], None] | None) -> None:
+    for step in steps:
+        if step is not None:
+            step()
 
 
 def _checksum(view: memoryview, sums: np.ndarray) -> None:
@@ -320,8 +327,9 @@ def _checksum(view: memoryview, sums: np.ndarray) -> None:
 
 
 def _chunk_checksums(block: RamBlock, chunks: Sequence[int], words: np.ndarray) -> None:
-    """After the chunks' pages of this round are written: each chunk's word, from
-    guest RAM as it is now (docs/snapshot-format.md §8: why this is the last word)."""
+    """Each chunk's word, from guest RAM as it is now, in the round that writes (or
+    finds zero) some of its pages (docs/snapshot-format.md §8: why the last round's
+    is right)."""
     for chunk in chunks:
         words[chunk] = fmt.chunk_sum(_chunk_view(block, chunk))
 
