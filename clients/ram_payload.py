@@ -26,10 +26,11 @@ offset in the file; :class:`RamPagesFileReader` reads runs back to their pages.
 Both cut runs into pieces at every 1 MiB chunk boundary (a piece lies in one
 chunk): the writer checksums a piece's pages (into the shared checksum map) right
 before the piece's ``pwritev``, and each chunk the slot touched (zero pages
-included) from guest RAM right after its last piece's page checksums; the
-reader checks a chunk whose present pages the slot holds all (and that holds at
-least half its pages) by its one word once its last piece is read, other pages
-page by page, each while the bytes are in cache::
+included; at least a quarter of it, else its word becomes 0, "none") from guest
+RAM right after its last piece's page checksums; the reader checks a chunk whose
+present pages the slot holds all (and that holds at least half its pages, and
+has a word) by its one word once its last piece is read, other pages page by
+page, each while the bytes are in cache::
 
     save     piece of guest RAM ── xxh3-64 per page → page_sums[page] ── pwritev ──▶ file
              (its chunk's last piece: then xxh3-64 of the chunk's RAM → chunk_sums[chunk])
@@ -67,6 +68,11 @@ _PIECE_PAGES = fmt.CHUNK_PAGES  # file I/O: ≤ 1 MiB per call, one chunk, so ch
 # Restore: a chunk with at least this many present pages is checked by its chunk
 # word (one hash of its 1 MiB), a sparser one page by page (a hash per page read).
 CHUNK_CHECK_MIN_PAGES = fmt.CHUNK_PAGES // 2
+# Save: a slot that touches at least this many pages of a chunk hashes the chunk
+# (1 MiB hashed for at least 256 KiB moved); one that touches fewer clears its
+# word to 0, "check my pages by their page words" (a live round's few scattered
+# dirty pages would otherwise cost a MiB of hashing each, in the downtime too).
+CHUNK_HASH_MIN_PAGES = fmt.CHUNK_PAGES // 4
 
 
 def _words(block: RamBlock) -> np.ndarray:
@@ -294,20 +300,23 @@ class RamPagesFileWriter:
         return plan
 
     def _plan_chunk_sums(self, block: RamBlock, plan: list[FileIO], pages: np.ndarray) -> None:
-        """Every chunk the slot touched, zero pages included, is hashed from guest RAM
+        """Every chunk the slot touched, zero pages included, gets a new word: with
+        at least CHUNK_HASH_MIN_PAGES pages touched, its hash from guest RAM, made
         right before its last piece is written, just after that piece's page
-        checksums (its bytes in cache); a chunk with no piece to write (only zero
-        pages) after the slot's last write."""
+        checksums (its bytes in cache; a chunk with no piece to write, only zero
+        pages, after the slot's last write); with fewer, 0 (no chunk word) now."""
         assert self.chunk_sums is not None
         words = self.chunk_sums[block.index]
-        touched = np.unique(pages // fmt.CHUNK_PAGES).tolist()
+        chunks, counts = np.unique(pages // fmt.CHUNK_PAGES, return_counts=True)
+        words[chunks[counts < CHUNK_HASH_MIN_PAGES]] = 0
+        touched = chunks[counts >= CHUNK_HASH_MIN_PAGES].tolist()
         last_piece = {(piece.offset - self.offsets[block.index]) // PAGE_SIZE // fmt.CHUNK_PAGES: i
                       for i, piece in enumerate(plan)}
         hashed_at: dict[int, list[int]] = {}
         for chunk in touched:
             hashed_at.setdefault(last_piece.get(chunk, len(plan)), []).append(chunk)
-        for i, chunks in sorted(hashed_at.items()):
-            hash_chunks = partial(_chunk_checksums, block, chunks, words)
+        for i, at_piece in sorted(hashed_at.items()):
+            hash_chunks = partial(_chunk_checksums, block, at_piece, words)
             if i == len(plan):
                 plan.append(FileIO(0, [], before=hash_chunks))
             else:
@@ -336,7 +345,8 @@ def _chunk_checksums(block: RamBlock, chunks: Sequence[int], words: np.ndarray) 
 
 class RamPagesFileReader:
     """Snapshot restore: slot (runs of present pages) → each run read into its pages,
-    every page checked against its checksum right after the read."""
+    every page checked right after the read: a dense chunk's by its chunk word
+    after its last piece, other pages by their page words."""
 
     def __init__(self, ctx: ChannelContext) -> None:
         target = ctx.spec.file
@@ -359,8 +369,8 @@ class RamPagesFileReader:
         if self.sums is None:
             return [FileIO(base + at * PAGE_SIZE, [view]) for (at, _), view in zip(pieces, views)]
         # Chunks whose every present page is in this slot, dense enough to be worth
-        # one hash of the whole chunk: checked by their chunk word after their last
-        # piece; every other piece page by page after its read.
+        # one hash of the whole chunk, with a chunk word (not 0): checked by it after
+        # their last piece; every other piece page by page after its read.
         by_chunk: dict[int, list[int]] = {}
         for i, (at, _) in enumerate(pieces):
             by_chunk.setdefault(at // fmt.CHUNK_PAGES, []).append(i)
@@ -368,7 +378,8 @@ class RamPagesFileReader:
         for chunk, indices in by_chunk.items():
             held = sum(pieces[i][1] for i in indices)
             whole = self.chunk_present is not None and held == int(self.chunk_present[block.index][chunk])
-            if self.chunk_sums is not None and whole and held >= CHUNK_CHECK_MIN_PAGES:
+            hashed = self.chunk_sums is not None and int(self.chunk_sums[block.index][chunk]) != 0
+            if whole and hashed and held >= CHUNK_CHECK_MIN_PAGES:
                 afters[indices[-1]] = partial(self._check_chunk, block, chunk,
                                               [(pieces[i][0], views[i]) for i in indices])
             else:

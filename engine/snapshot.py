@@ -486,9 +486,11 @@ class SnapshotRestore(Operation):
     Without `ram` the restore creates RAM of the snapshot's layout
     (:attr:`ram`, owned by the caller afterwards).  With `ram`, its layout must
     be the snapshot's; pages the snapshot does not hold are zeroed unless
-    ``ram_is_zeroed``.  The same devices, by (idstr, instance_id), as were
-    saved must be given.  The file's structure is checked before anything is
-    loaded, and every page against its checksum as it lands (a damaged page
+    ``ram_is_zeroed`` (then they must be zero: a chunk checksum covers them, and
+    a chunk that does not match fails the restore).  The same devices, by
+    (idstr, instance_id), as were saved must be given.  The file's structure is
+    checked before anything is loaded, and every page against its checksum (a
+    dense chunk's pages against the chunk's) as it lands (a damaged page
     fails the restore with a SnapshotFormatError naming it); ``resume_guest``
     is called once every page is checked and every device is in place.
     `pool`: the VMM's warm process pool for the channels (:class:`~engine.operation.Operation`).
