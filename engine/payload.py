@@ -133,9 +133,9 @@ class PayloadReceiver(Protocol):
 class FileIO(NamedTuple):
     """One positional write or read of a file channel: `buffers` at `offset`, contiguous
     in the file.  `before` runs just before the write (save: checksum the pages in
-    the buffers), `after` just after the write or read (save: checksum the chunks
-    the slot wrote; restore: check the pages); either may raise.  A piece with no
-    buffers is only its hooks."""
+    the buffers, and the chunks whose last piece this is), `after` just after the
+    read (restore: check the pages, or the chunk they end); either may raise.  A
+    piece with no buffers is only its hooks."""
 
     offset: int
     buffers: list[memoryview]

@@ -11,7 +11,7 @@ and only the channels' send op differs: positional writes and reads
                    (a page saved again overwrites its own place)
              pause → final round; devices save at once, chunks appended after the pages
              (each channel checksums a page right before writing it, into a shared map,
-             and each 1 MiB chunk of RAM it touched after writing its pages, into another)
+             and each 1 MiB chunk of RAM its slot touched, into another: §8 of the doc)
              every channel done → block headers, bitmaps and checksum arrays, metadata
              → fsync → superblock → fsync → rename over the target → fsync the directory:
              only now "saved"
