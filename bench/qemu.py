@@ -350,6 +350,7 @@ def cli_once(args: argparse.Namespace, channels: int) -> dict[str, Any]:
     return {"seconds": source["total_time_s"], "process_wall_s": wall,
             "listen_done_s": said["at"] - t0, "setup_ms": source["setup_time_ms"],
             "downtime_ms": source["downtime_ms"], "verify_ms": source["verify_time_ms"],
+            "verification": source.get("verification"),
             "transfer_s": source["transfer_time_s"], "bytes_on_wire": source["bytes_on_wire"],
             "destination_total_s": destination["total_time_s"]}
 

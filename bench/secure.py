@@ -12,9 +12,11 @@ an idle guest of random RAM migrates to a destination process of its own
   handshakes).
 
 Prints the medians of the transfer rate (total time minus setup) and of setup,
-with each mode's ratio to bare in the same run, and whether kernel TLS could be
+with each mode's ratio to bare in the same run and each side's channel CPU per
+GiB, the TLS cipher suite the contexts negotiate, and whether kernel TLS could be
 switched on here (a probe: SSL_OP_ENABLE_KTLS set by value, then
-``getsockopt(SOL_TLS, TLS_TX)`` on the socket); writes everything to JSON.
+``getsockopt(SOL_TLS, TLS_TX)`` on the socket; where it is off, what the kernel's
+build configuration says); writes everything to JSON.
 
     python bench/secure.py [--ram 512M] [--channels 1 2 4] [--repeat 3]
 """
@@ -44,10 +46,32 @@ SOL_TLS, TLS_TX = 282, 1
 SSL_OP_ENABLE_KTLS = 1 << 3  # OpenSSL 3's value; Python 3.11's ssl does not name it
 
 
-def ktls_probe(pki: Pki) -> str:
-    """Whether OpenSSL hands a TLS 1.3 socket's records to the kernel here."""
+def kernel_tls_support() -> str:
+    """Why the kernel can or cannot take TLS records here: its ``tls`` upper-layer
+    protocol, else what its build configuration says (/proc/config.gz)."""
     ulps = Path("/proc/sys/net/ipv4/tcp_available_ulp")
     available = ulps.read_text().split() if ulps.exists() else []
+    if "tls" in available:
+        return "tls ULP loaded"
+    said = f"tcp_available_ulp: {' '.join(available) or 'none'}"
+    config = Path("/proc/config.gz")
+    if config.exists():
+        import gzip
+        lines = gzip.decompress(config.read_bytes()).decode(errors="replace").splitlines()
+        options = {line.split("=")[0]: line.split("=")[1] for line in lines if line.startswith("CONFIG_")}
+        tls = options.get("CONFIG_TLS", "not set")
+        modules = options.get("CONFIG_MODULES", "not set")
+        said += f"; kernel CONFIG_TLS={tls}, CONFIG_MODULES={modules}"
+        if tls == "not set":
+            said += " (this kernel cannot do TLS: no module to load)"
+        elif tls == "m":
+            said += " (a module: `modprobe tls` would add it)"
+    return said
+
+
+def ktls_probe(pki: Pki) -> tuple[str, str]:
+    """Whether OpenSSL hands a TLS 1.3 socket's records to the kernel here, and
+    the cipher suite the sides' contexts (the migration's) negotiate."""
     server = pki.config("dest").context(True)
     client = pki.config("source", peer_name="localhost").context(False)
     for ctx in (server, client):
@@ -70,13 +94,15 @@ def ktls_probe(pki: Pki) -> str:
                 said["tx"] = "on"
             except OSError as exc:
                 said["tx"] = f"off ({exc.strerror})"
+            cipher = tls.cipher()
+            said["suite"] = f"{cipher[0]} ({cipher[1]})" if cipher else "none"
             tls.sendall(b"x")
     finally:
         thread.join()
         listener.close()
-    return (f"kernel TLS: {said['tx']}; tcp_available_ulp: {' '.join(available) or 'none'} "
-            f"({'tls' if 'tls' in available else 'no tls module'}); Python's ssl.OP_ENABLE_KTLS: "
-            f"{'yes' if hasattr(__import__('ssl'), 'OP_ENABLE_KTLS') else 'no (set by value)'}")
+    return (f"kernel TLS: {said['tx']}; {kernel_tls_support()}; Python's ssl.OP_ENABLE_KTLS: "
+            f"{'yes' if hasattr(__import__('ssl'), 'OP_ENABLE_KTLS') else 'no (set by value)'}",
+            said["suite"])
 
 
 def migrate_once(src: GuestRAM, dst: GuestRAM, n: int, mode: str, pki: Pki) -> dict[str, Any]:
@@ -100,7 +126,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="mfd-bench-pki-") as where:
         pki = make_pki(Path(where))
-        ktls = ktls_probe(pki)
+        ktls, suite = ktls_probe(pki)
         runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {m: [] for m in MODES} for n in args.channels}
         with GuestRAM.create({"pc.ram": args.ram}) as src, \
                 GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst:
@@ -114,8 +140,9 @@ def main() -> int:
     print(f"{args.ram / 2**30:.2f} GiB random RAM, idle guest, tcp loopback, {args.repeat} runs, "
           f"medians; ratio: to bare in the same run")
     print(ktls)
+    print(f"TLS cipher suite negotiated: {suite}")
     report: dict[str, Any] = {"ram_bytes": args.ram, "repeat": args.repeat, "cpus": os.cpu_count(),
-                              "ktls": ktls, "cases": []}
+                              "ktls": ktls, "tls_suite": suite, "cases": []}
     for n in args.channels:
         bare = statistics.median(r["gb_per_s"] for r in runs[n]["bare"])
         for mode in MODES:
@@ -124,8 +151,12 @@ def main() -> int:
             setup = statistics.median(r["setup_ms"] for r in runs[n][mode])
             cpu = statistics.median(r["source_channel_cpu_ms"] + r["destination_channel_cpu_ms"]
                                     for r in runs[n][mode])
+            per_gib = 2**30 / args.ram / 1000  # channel CPU ms per run -> CPU-s per GiB
+            src_cpu = statistics.median(r["source_channel_cpu_ms"] for r in runs[n][mode]) * per_gib
+            dst_cpu = statistics.median(r["destination_channel_cpu_ms"] for r in runs[n][mode]) * per_gib
             print(f"  {n} ch  {mode:4}  {rate:5.2f} GB/s ({min(rates):.2f}-{max(rates):.2f})  "
-                  f"x{rate / bare:4.2f}  setup {setup:5.0f} ms  channel CPU {cpu:5.0f} ms")
+                  f"x{rate / bare:4.2f}  setup {setup:5.0f} ms  channel CPU {cpu:5.0f} ms "
+                  f"(CPU-s/GiB source {src_cpu:4.2f}, destination {dst_cpu:4.2f})")
             report["cases"].append({"channels": n, "mode": mode, "gb_per_s": rate,
                                     "ratio_to_bare": rate / bare, "setup_ms": setup, "runs": runs[n][mode]})
     write_report(args.json, report)

@@ -17,8 +17,11 @@ VMM in a process of its own (started, with its RAM touched, before the clock run
 Printed per case (medians): the request → first page on the wire (the earliest
 channel's first ``sendmsg``, CLOCK_MONOTONIC in every process), the set-up steps
 the source marks (main channel handshake, channel handshakes, channel processes up
-and serving, the destination's channels ready, one PING/PONG), each channel's
-mapping of guest RAM, and the whole migration.  JSON of every run goes to
+and serving: then precopy starts), each channel's mapping of guest RAM, and the
+whole migration.  Then a timeline of both sides, ms after the source's request:
+each side's steps as they end and its channel processes' own steps (``started``:
+the job runs in its process, ``attached``, ``ready``, ``first_job``), from the
+results' ``setup_started_at`` and ``channel_steps_ms``.  JSON of every run goes to
 ``bench/results/setup.json``.
 
     python bench/setup.py [--ram 1G] [--channels 2] [--repeat 5] [--cases spawn forkserver warm]
@@ -100,11 +103,37 @@ def one_run(src: GuestRAM, dst: GuestRAM, case: str, channels: int,
         raise RuntimeError(f"destination failed: {remote['error']}")
     extra = result.extra
     return {"case": case, "total_s": total_s, "setup_ms": result.setup_time_ms,
+            "timeline_ms": timeline(extra, remote),
             "first_packet_ms": extra["first_packet_ms"], "steps_ms": extra["setup_steps_ms"],
             "channel_attach_ms": extra["channel_attach_ms"],
             "destination_setup_ms": remote["setup_time_ms"],
             "destination_steps_ms": remote["setup_steps_ms"],
             "destination_attach_ms": remote.get("channel_attach_ms")}
+
+
+def _side_events(side: str, extra: dict[str, Any], shift_ms: float) -> dict[str, float]:
+    """One side's set-up on the request's timeline: its main process's steps (as
+    they end), and its channels' own steps (the last channel to reach each, but
+    the first one to get a job)."""
+    events, at = {f"{side} request seen": shift_ms}, shift_ms
+    for step, ms in extra["setup_steps_ms"].items():
+        at += ms
+        events[f"{side} {step}"] = at
+    channels = extra.get("channel_steps_ms") or []
+    for step in channels[0] if channels else ():
+        pick = min if step == "first_job" else max
+        events[f"{side} ch {step}"] = shift_ms + pick(ch[step] for ch in channels if step in ch)
+    return events
+
+
+def timeline(source: dict[str, Any], destination: dict[str, Any]) -> dict[str, float]:
+    """Every step of both sides in ms after the source's request (both clocks are
+    CLOCK_MONOTONIC on this host), in the order they happened."""
+    shift = (destination["setup_started_at"] - source["setup_started_at"]) * 1000
+    events = {**_side_events("src", source, 0.0), **_side_events("dst", destination, shift)}
+    events.pop("src request seen")
+    events["src first packet"] = source["first_packet_ms"]
+    return dict(sorted(events.items(), key=lambda item: item[1]))
 
 
 def main() -> int:
@@ -145,6 +174,15 @@ def main() -> int:
                 f"{median(lambda r: r['destination_setup_ms']):.1f}",
                 f"{median(lambda r: r['total_s']):.2f}"]
         print(" | ".join(row))
+    print("timeline: each step's end, ms after the request (medians; ch = the channel "
+          "processes: the last one to reach a step, the first to get a job)")
+    table = {event: [statistics.median(run["timeline_ms"][event] for run in runs
+                                       if run["case"] == case and event in run["timeline_ms"])
+                     for case in args.cases]
+             for event in runs[-1]["timeline_ms"]}
+    print(" | ".join(["step", *args.cases]))
+    for event, cells in sorted(table.items(), key=lambda item: item[1][-1]):
+        print(" | ".join([event, *(f"{cell:.1f}" for cell in cells)]))
     write_report(args.json, {"ram_bytes": args.ram, "channels": args.channels,
                              "repeat": args.repeat, "cpus": os.cpu_count(), "runs": runs})
     return 0

@@ -2,7 +2,9 @@
 
 Source, main process (:class:`RamClient`)::
 
-    round 1 : take (and drop) every block's dirty pages, then queue every page (bulk)
+    round 1 : take (and drop) every block's dirty pages, then queue every page (bulk),
+              its first packets small and growing (1 MiB, 2 MiB, ... packet_pages), so
+              the first pages are on the wire before a whole 16 MiB is prepared
     round k : take each block's dirty pages from the dirty source (get + clear),
               then queue those pages
     dirty source: engine/dirty.py — each block's DirtyMap by default, or the
@@ -35,6 +37,12 @@ from engine.wire import packet
 
 # Below this many pages a packet is not worth splitting further.
 _MIN_SPLIT = 64
+# Round 1's first packet (1 MiB); each next one is twice as big, up to packet_pages.
+# A channel's first packet also maps its pages and reads them all for the zero
+# scan before the first byte leaves (~2-3 ms for 16 MiB here): the ramp puts the
+# first pages on the wire sooner and gives every channel work sooner, for a few
+# packets more per migration.
+FIRST_PACKET_PAGES = 256
 
 
 class RamClient:
@@ -52,15 +60,23 @@ class RamClient:
         packet_pages: int,
         on_packet: Callable[[], None] | None = None,
         dirty_source: DirtySource | None = None,
+        piece_pages: int = 1,
     ) -> None:
         self.ram = ram
         self.dirty: DirtySource = dirty_source if dirty_source is not None else BlockDirtyMaps()
         self.core = core
         self.client_id = client_id
+        # (A piece fits CONFIG's packet size; a packet cut smaller for a cap may grow to it.)
+        packet_pages = max(packet_pages, piece_pages)
         self.packet_pages = packet_pages
         self._on_packet = on_packet
         self._slot_pages = 0          # pages in the slot being filled
+        # Tracked verification (engine/verify.py): the pages of one piece that go in
+        # one round go in one packet, so one channel hashes the piece after them.
+        # A power of two ≤ packet_pages; 1: no constraint.
+        self.piece_pages = piece_pages
         self._packet_limit = packet_pages  # pages per packet in this round
+        self._ramp = False            # round 1: the packet limit doubles per packet
 
     # -- rounds ------------------------------------------------------------
 
@@ -69,11 +85,22 @@ class RamClient:
 
         Clearing first and reading after is the get-and-clear rule applied to
         the whole map: a write during this round marks its page for the next.
+        The default source's maps are simply cleared: the pages a take would list
+        are dropped anyway, and listing them costs ~1.5 ms per GiB of dirty guest
+        before the first packet (a VMM's source is taken: its take may do more).
         """
         for block in self.ram.blocks:
-            self.dirty.take(block)
-        for block in self.ram.blocks:
-            self.queue_range(block, 0, block.n_pages)
+            if type(self.dirty) is BlockDirtyMaps:
+                block.dirty.clear_all()
+            else:
+                self.dirty.take(block)
+        self._ramp = True
+        self._packet_limit = min(self.packet_pages, FIRST_PACKET_PAGES)
+        try:
+            for block in self.ram.blocks:
+                self.queue_range(block, 0, block.n_pages)
+        finally:
+            self._ramp, self._packet_limit = False, self.packet_pages
         return self.ram.n_pages
 
     def queue_dirty(self) -> int:
@@ -85,7 +112,8 @@ class RamClient:
         """
         taken = [(block, self.dirty.take(block)) for block in self.ram.blocks]
         total = sum(int(pages.size) for _, pages in taken)
-        self._packet_limit = min(self.packet_pages, max(_MIN_SPLIT, -(-total // self.core.channels)))
+        self._packet_limit = min(self.packet_pages, max(_MIN_SPLIT, self.piece_pages,
+                                                        -(-total // self.core.channels)))
         try:
             for block, pages in taken:
                 if pages.size:
@@ -103,30 +131,32 @@ class RamClient:
     def queue_range(self, block: RamBlock, first_page: int, n_pages: int) -> None:
         """Queue the contiguous pages [first_page, first_page + n_pages) of `block`."""
         end = first_page + n_pages
+        piece = self.piece_pages
         while first_page < end:
             slot = self._slot_for(block)
             take = min(self._packet_limit - self._slot_pages, end - first_page)
+            cut = first_page + take
+            if cut < end and cut % piece:  # not inside a piece: back to its start
+                take = cut - cut % piece - first_page
+                if take <= 0:  # the piece does not fit what is left of this slot
+                    self._send()
+                    continue
             self._append_run(slot, first_page, take)
             first_page += take
 
-    def queue_pages(self, block: RamBlock, pages: np.ndarray, align: int = 0) -> None:
-        """Queue sorted, unique page indices of `block`.
-
-        `align` (pages): a slot that fills ends on a multiple of `align`, so pages
-        of one aligned group go in one slot (a snapshot restore's chunks: one
-        channel reads, and checks, a chunk whole); a group larger than a slot is cut.
-        """
+    def queue_pages(self, block: RamBlock, pages: np.ndarray) -> None:
+        """Queue sorted, unique page indices of `block`."""
         done = 0
+        piece = self.piece_pages
         while done < pages.size:
             slot = self._slot_for(block)
             take = min(self._packet_limit - self._slot_pages, pages.size - done)
-            if align and done + take < pages.size:
-                groups = pages[done:done + take + 1] // align
-                ends = np.flatnonzero(groups[1:] != groups[:-1])  # last page of a group
-                if ends.size:
-                    take = int(ends[-1]) + 1
-                elif self._slot_pages:
-                    self._send()  # the group starts a slot of its own
+            if piece > 1 and done + take < pages.size:
+                # Not inside a piece: back to the first of this slot's pages in it.
+                start = int(pages[done + take]) - int(pages[done + take]) % piece
+                take = int(np.searchsorted(pages[done:done + take], start))
+                if take == 0:  # the piece does not fit what is left of this slot
+                    self._send()
                     continue
             firsts, counts = pages_to_runs(pages[done:done + take])
             n = slot.n_items
@@ -175,6 +205,8 @@ class RamClient:
     def _send(self) -> None:
         self.core.send(self.client_id, self._slot_pages * PAGE_SIZE)
         self._slot_pages = 0
+        if self._ramp:
+            self._packet_limit = min(self.packet_pages, self._packet_limit * 2)
         if self._on_packet is not None:
             self._on_packet()
 

@@ -41,6 +41,15 @@ page, each while the bytes are in cache::
 
 Why a chunk word recomputed by whichever channel wrote the chunk's pages last
 is right in a live save: docs/snapshot-format.md §8.
+
+Tracked verification (migrations with ``verify``, engine/verify.py): the sender
+sends a packet in parts of ≤ 1 MiB cut at piece boundaries and hashes each part's
+pieces from guest RAM right before the part goes; the receiver reads the same
+parts and hashes each right after it landed (a piece with ZERO runs once they
+are placed)::
+
+    source       runs ── parts ── XXH3-128 per piece → digest map ── send part ──▶
+    destination  ──▶ recv part into guest RAM ── XXH3-128 per piece → digest map
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import numpy as np
+import xxhash
 
 from engine import codecs
 from engine.errors import SnapshotFormatError
@@ -57,6 +67,7 @@ from engine.payload import ChannelContext, FileIO
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.slots import Counter, SendSlot
 from engine.transport import Buffer
+from engine.verify import TRACKED_DIGEST_SIZE
 from engine.wire import packet
 from engine.wire import snapshot_format as fmt
 
@@ -177,6 +188,8 @@ class RamPagesSender:
         self.codec = codecs.make_codec(spec.codec, spec.codec_level)
         self.compress = self.codec.wire_id != 0
         self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
+        self.hasher = PieceHasher.of(ctx)
+        self._parts: list[tuple[list[Buffer], Callable[[], None] | None]] = []
 
     def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
         block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
@@ -193,7 +206,32 @@ class RamPagesSender:
         header = packet.encode_ram_pages(sequence, block.index, codec, epoch,
                                          list(zip(firsts.tolist(), counts.tolist(), zero.tolist())),
                                          payload_length)
+        if self.hasher is not None:  # the slot goes back before the send: plan the hashing now
+            self._parts = self._hashed_parts(block, runs, header, frames, codec)
         return [header, *frames]
+
+    def parts(self, buffers: Sequence[Buffer]) -> list[tuple[list[Buffer], Callable[[], None] | None]]:
+        """The buffers of the last :meth:`prepare`, in parts, each with what to do
+        right before it is sent: tracked verification hashes each piece from guest
+        RAM before its pages go (in cache for the copy).  A page the guest writes
+        after that is dirty again, sent and hashed again in a later round; the
+        final round's guest is paused."""
+        parts, self._parts = self._parts, []
+        return parts or [(list(buffers), None)]
+
+    def _hashed_parts(self, block: RamBlock, runs: Runs, header: bytes, frames: Sequence[Buffer],
+                      codec: int) -> list[tuple[list[Buffer], Callable[[], None] | None]]:
+        hasher = self.hasher
+        assert hasher is not None
+        firsts, counts, zero = runs
+        if codec:  # compressed frames do not follow the pieces: hash them all first
+            return [([header, *frames], partial(hasher.hash_runs, block, firsts, counts))]
+        parts: list[tuple[list[Buffer], Callable[[], None] | None]] = []
+        for segments, pieces in _piece_parts(firsts, counts, zero, hasher.piece, _PIECE_PAGES):
+            views: list[Buffer] = [header] if not parts else []
+            views += _segment_views(block, segments)
+            parts.append((views, partial(hasher.hash_pieces, block, pieces)))
+        return parts
 
     def _frames(self, views: list[memoryview]) -> list[Buffer]:
         """The pages of `views` as frames: header, then compressed bytes or RAW views."""
@@ -427,6 +465,7 @@ class RamPagesReceiver:
         self.codec = codecs.make_codec(ctx.spec.codec, None)
         self._frame = bytearray(_FRAME_BYTES) if self.codec.wire_id else bytearray()
         self._frame_header = memoryview(bytearray(codecs.FRAME_HEADER.size))
+        self.hasher = PieceHasher.of(ctx)
 
     def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
         assert isinstance(record, packet.RamPagesHeader)
@@ -434,13 +473,30 @@ class RamPagesReceiver:
         firsts, counts, flags = (np.fromiter(column, dtype=np.int64, count=len(column))
                                  for column in record.columns)
         zero = (flags & packet.RunFlags.ZERO) != 0
-        views = [block.page_view(first, count)
-                 for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist())]
-        if record.codec == 0:
-            yield views
+        hasher = self.hasher
+        if record.codec == 0 and hasher is not None:
+            # Tracked verification: a piece is hashed from RAM right after its
+            # pages landed, in cache; one with ZERO runs once they are placed.
+            later: list[int] = []
+            for segments, pieces in _piece_parts(firsts, counts, zero, hasher.piece, _PIECE_PAGES):
+                views = _segment_views(block, segments)
+                if views:
+                    yield views
+                zeroed = {first // hasher.piece for first, _, z in segments if z}
+                hasher.hash_pieces(block, [p for p in pieces if p not in zeroed])
+                later += sorted(zeroed)
+            normal, total = _place_marks(block, firsts, counts, zero)
+            hasher.hash_pieces(block, later)
         else:
-            yield from self._frames(views)
-        normal, total = _place_marks(block, firsts, counts, zero)
+            views = [block.page_view(first, count)
+                     for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist())]
+            if record.codec == 0:
+                yield views
+            else:
+                yield from self._frames(views)
+            normal, total = _place_marks(block, firsts, counts, zero)
+            if hasher is not None:  # compressed: every piece the packet touched, once in place
+                hasher.hash_runs(block, firsts, counts)
         _count_pages(self.ctx, normal, total, record.payload_length)
 
     def _frames(self, views: list[memoryview]) -> Iterator[Sequence[memoryview]]:
@@ -459,6 +515,84 @@ class RamPagesReceiver:
             for view in frame:
                 view[:] = pages[at:at + view.nbytes]
                 at += view.nbytes
+
+
+class PieceHasher:
+    """Tracked verification in a channel process (engine/verify.py): the XXH3-128 of
+    the pieces a packet touches, from guest RAM, into the shared digest map (the
+    sender right before a part's pages are sent, the receiver right after they
+    landed: the part is in cache for both)."""
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        assert ctx.piece_digests is not None and ctx.spec.piece_pages > 0
+        self.map = ctx.piece_digests
+        self.piece = ctx.spec.piece_pages
+        bases = np.cumsum([0] + [-(-b.n_pages // self.piece) for b in ctx.ram.blocks])
+        self.bases = bases.tolist()
+
+    @classmethod
+    def of(cls, ctx: ChannelContext) -> PieceHasher | None:
+        """The channel's hasher, or None where the migration tracks no digests."""
+        return cls(ctx) if ctx.piece_digests is not None else None
+
+    def hash_runs(self, block: RamBlock, firsts: np.ndarray, counts: np.ndarray) -> None:
+        if not firsts.size:
+            return
+        piece = self.piece
+        first_pieces = firsts // piece
+        pieces = np.unique(runs_to_pages(first_pieces, (firsts + counts - 1) // piece - first_pieces + 1))
+        self.hash_pieces(block, pieces.tolist())
+
+    def hash_pieces(self, block: RamBlock, pieces: Sequence[int]) -> None:
+        piece, size, base = self.piece, TRACKED_DIGEST_SIZE, self.bases[block.index]
+        for index in pieces:
+            at = index * piece
+            digest = xxhash.xxh3_128_digest(block.page_view(at, min(piece, block.n_pages - at)))
+            self.map[(base + index) * size:(base + index + 1) * size] = digest
+
+
+Segment = tuple[int, int, bool]  # first page, pages, zero
+
+
+def _piece_parts(firsts: np.ndarray, counts: np.ndarray, zero: np.ndarray, piece: int,
+                 group_pages: int) -> list[tuple[list[Segment], list[int]]]:
+    """Runs cut at every `piece` boundary, then grouped (a group ends at a piece
+    boundary once it holds `group_pages`): each group's segments and the pieces
+    they touch.  Every piece is in one group."""
+    parts: list[tuple[list[Segment], list[int]]] = []
+    segments: list[Segment] = []
+    pieces: list[int] = []
+    pages = 0
+    for first, count, is_zero in zip(firsts.tolist(), counts.tolist(), zero.tolist()):
+        end = first + count
+        while first < end:
+            index = first // piece
+            stop = min(end, (index + 1) * piece)
+            if pieces and pieces[-1] != index:
+                if pages >= group_pages:
+                    parts.append((segments, pieces))
+                    segments, pieces, pages = [], [], 0
+            if not pieces or pieces[-1] != index:
+                pieces.append(index)
+            segments.append((first, stop - first, is_zero))
+            pages += stop - first
+            first = stop
+    if segments:
+        parts.append((segments, pieces))
+    return parts
+
+
+def _segment_views(block: RamBlock, segments: list[Segment]) -> list[memoryview]:
+    """Views of the non-zero segments' pages, adjacent ones joined."""
+    spans: list[list[int]] = []
+    for first, count, is_zero in segments:
+        if is_zero:
+            continue
+        if spans and spans[-1][0] + spans[-1][1] == first:
+            spans[-1][1] += count
+        else:
+            spans.append([first, count])
+    return [block.page_view(first, count) for first, count in spans]
 
 
 def _cut(views: list[memoryview], limit: int) -> list[list[memoryview]]:

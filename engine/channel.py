@@ -51,7 +51,7 @@ from engine.errors import (
     TransportClosedError,
     TransportError,
 )
-from engine.link import LinkSecurity, secure
+from engine.link import LinkSecurity, secure, warm_up_records
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
 from engine.pool import CancelToken, ForkServer, WorkerPool, fork_server
 from engine.shm import GuestRAM, Populate, RamHandle, Segment
@@ -172,6 +172,8 @@ class ChannelSpec:
     devices: tuple[tuple[str, int], ...] = ()     # CONFIG's device table: (idstr, instance_id)
     file: FileTarget | None = None                # file channels: the snapshot file
     link: LinkSecurity | None = None              # what protects the data socket (engine/link.py)
+    digest_map: str | None = None                 # tracked verification: the digest map's
+    piece_pages: int = 0                          #   segment, pages per piece (engine/verify.py)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,10 @@ class ChannelReport:
     attach_ms: float = 0.0              # mapping guest RAM and the slot table at start
     first_packet_at: float | None = None  # perf_counter (CLOCK_MONOTONIC, the same in every
                                           # process) when its first packet's I/O began
+    # Its start-up, step by step: (step, perf_counter when it ended), in order:
+    # "started" (the job runs in its process), "attached" (socket secured, memory
+    # mapped), "ready" (READY posted), "first_job" (the first JOB read: source).
+    marks: tuple[tuple[str, float], ...] = ()
 
 
 def _cpu_s() -> float:
@@ -223,8 +229,16 @@ def preload_payloads() -> None:
             payload_entry(kind)
 
 
+def preload_channel() -> None:
+    """What a channel process (or an operation's main process) does once, ahead of
+    its first migration: import the payload handlers, and ready the MAC records
+    (engine/link.py warm_up_records: OpenSSL's AES-GCM, a staging buffer)."""
+    preload_payloads()
+    warm_up_records()
+
+
 #: The pool's `preload` for channel processes (engine/pool/_forkserver.py).
-CHANNEL_PRELOAD = (f"{__name__}:preload_payloads",)
+CHANNEL_PRELOAD = (f"{__name__}:preload_channel",)
 
 
 def channel_fork_server() -> ForkServer:
@@ -307,6 +321,7 @@ class _Channel:
 
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket | None,
                  token: CancelToken) -> None:
+        self.marks: list[tuple[str, float]] = [("started", time.perf_counter())]
         self.spec = spec
         self.ctrl = ctrl
         self.data = data
@@ -334,7 +349,12 @@ class _Channel:
             if slots is not None:
                 self._stack.callback(slots.close)
             self.attach_ms = (time.perf_counter() - t_attach) * 1000
+            self.mark("attached")
             self.ctx = ChannelContext(spec, ram, slots)
+            if spec.digest_map is not None:  # each piece's hash, after it moved (engine/verify.py)
+                digests = Segment.attach(spec.digest_map)
+                self._stack.callback(digests.close)
+                self.ctx.piece_digests = digests.buf
         except BaseException:
             self._stack.close()
             raise
@@ -345,14 +365,19 @@ class _Channel:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    def mark(self, step: str) -> None:
+        """Start-up step `step` ends now (the report's ``marks``)."""
+        self.marks.append((step, time.perf_counter()))
+
     def ready(self) -> None:
+        self.mark("ready")
         post(self.ctrl, ControlOp.READY, os.getpid())
         self._cpu_at_ready = _cpu_s()
 
     def report(self, packets: int, stopped: bool = False) -> ChannelReport:
         return ChannelReport(self.spec.channel_id, packets, _memory_report(self._cpu_at_ready),
                              stopped, attach_ms=self.attach_ms,
-                             first_packet_at=self.first_packet_at)
+                             first_packet_at=self.first_packet_at, marks=tuple(self.marks))
 
     def cancelled(self, why: str) -> CancelledError:
         return CancelledError(f"channel {self.spec.channel_id} {why}")
@@ -397,6 +422,8 @@ class _JobChannel(_Channel):
         while True:
             message = self._next_request()
             if message.op is ControlOp.JOB:
+                if not self.sequence:
+                    self.mark("first_job")
                 slot = slots[message.a]
                 if slot.epoch != self.epoch:
                     raise LocalProtocolError(f"slot for epoch {slot.epoch} queued in epoch {self.epoch}")
@@ -474,7 +501,14 @@ class _SendChannel(_JobChannel):
             _hand_back(slot, self.ctrl, index)
         if self.first_packet_at is None:
             self.first_packet_at = time.perf_counter()
-        self.ctx.count(Counter.WIRE_BYTES, self.conn.send_buffers(buffers))
+        # A sender may cut its buffers into parts, each with work to do right
+        # before it goes (RAM pages: tracked verification's hashing).
+        split = getattr(sender, "parts", None)
+        for part, before in split(buffers) if split is not None else [(buffers, None)]:
+            if before is not None:
+                before()
+            if part:
+                self.ctx.count(Counter.WIRE_BYTES, self.conn.send_buffers(part))
         del buffers
         if sender.holds_slot:
             _hand_back(slot, self.ctrl, index)

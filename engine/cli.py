@@ -173,7 +173,10 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="TLS: the CA certificate(s) the peer's certificate must chain to")
     p.add_argument("--tls-peer-name", default=None,
                    help="TLS: the name the peer's certificate must carry (source: default the "
-                   "host in --to; destination: default any the CA signed)")
+                   "host in --to; destination: this or --tls-any-peer is required)")
+    p.add_argument("--tls-any-peer", action="store_true",
+                   help="TLS, destination: admit a source with any certificate the CA signed "
+                   "(no name check)")
     p.add_argument("--integrity", choices=("mac", "none"), default="mac",
                    help="without TLS: MAC records after the hellos (mac, the default), or the bare "
                    "stream on a trusted link (none; the destination must say none too)")
@@ -185,7 +188,7 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
         return None
     if not all(files):
         raise ConfigError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
-    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_peer_name)
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_peer_name, args.tls_any_peer)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -325,8 +328,11 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
                     if not (to_file or from_file) else ""))
     if not (to_file or from_file):
         lines.append(f"memory verified  {verified}"
-                     + (f" ({result.verify_time_ms:.1f} ms of the downtime: the guest stays paused "
-                        f"while both sides hash)" if result.verified else "")
+                     + ((f" ({result.verify_time_ms:.1f} ms of the downtime: pages hashed as they "
+                         f"moved, the digests compared after the pause)"
+                         if result.extra.get("verification") == "tracked" else
+                         f" ({result.verify_time_ms:.1f} ms of the downtime: the guest stays paused "
+                         f"while both sides hash)") if result.verified else "")
                      + (f" — {result.verify_detail}" if result.verify_detail else ""))
     for device in result.extra.get("devices", []):
         checked = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]

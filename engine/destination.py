@@ -54,7 +54,7 @@ from engine.errors import (
     TransportBrokenError,
     VerificationError,
 )
-from engine.link import LinkSecurity, TlsConfig, require_tls_files
+from engine.link import LinkSecurity, TlsConfig, destination_peer_name, require_tls_files
 from engine.migration import Migration
 from engine.multifd import MultifdReceiver
 from engine.payload import DeliveryConsumer, payload_modules, slot_capacity
@@ -64,7 +64,14 @@ from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
 from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
 from engine.transport import Connection, close_all, listen
-from engine.verify import compare_digests, dump_ram, ram_digests
+from engine.verify import (
+    DIGEST_CHUNK,
+    PieceDigests,
+    compare_digests,
+    dump_ram,
+    ram_digests,
+    tracked_piece_pages,
+)
 from engine.wire import message as wire
 from engine.wire import packet
 
@@ -144,10 +151,11 @@ class DestinationMigration(Migration):
     ) -> None:
         require_tls_files(address, tls)
         self.tls = tls.validate() if tls is not None else None
+        peer_name = destination_peer_name(tls) if tls is not None else None
         super().__init__(_destination_config(config), secret, pool)
         self._link = LinkSecurity(
             "tls" if tls is not None else self.config.integrity, server_side=True, tls=tls,
-            peer_name=tls.peer_name if tls is not None else None, peer="source",
+            peer_name=peer_name, peer="source",
             handshake_timeout_s=self.config.handshake_timeout_s)
         self.payloads = list(payloads)
         self.ram = ram
@@ -180,6 +188,8 @@ class DestinationMigration(Migration):
         self._live_wake: Signal | None = None
         self._live_due = False
         self._ack_due = False
+        self._digests: PieceDigests | None = None  # tracked verification: CONFIG's PAGE_SUMS
+        self.ram_digests: tuple[bytes, ...] | None = None  # ours, as compared with DIGESTS
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
@@ -265,6 +275,9 @@ class DestinationMigration(Migration):
                 block.dirty.clear_all()
             else:
                 block.dirty.mark(0, block.n_pages)
+        if config.page_sums and self.ram is not None:  # tracked verification (engine/verify.py)
+            self._digests = PieceDigests(self.ram, tracked_piece_pages(config.packet_pages))
+            self._defer("unlink the digest map", self._digests.close)
         spec = ChannelSpec(
             # Local mode: no page comes, so the channels map no RAM (and refuse pages).
             channel_id=0, ram=RamHandle(()) if self.ram is None else self.ram.handle,
@@ -274,6 +287,8 @@ class DestinationMigration(Migration):
             devices=tuple((d.idstr, d.instance_id) for d in config.devices),
             payload_kinds=tuple(kinds), payload_modules=payload_modules(kinds),
             link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
+            digest_map=self._digests.name if self._digests is not None else None,
+            piece_pages=self._digests.piece_pages if self._digests is not None else 0,
         )
         self._mark("slots")
         self._start_channels(run_recv_channel, conns, spec)
@@ -540,9 +555,16 @@ class DestinationMigration(Migration):
         verify_s, verified = 0.0, 0
         if message.digests_follow:
             t_hash = time.perf_counter()
-            ours = ram_digests(self.ram)
+            if self._digests is not None:  # each piece was hashed as it landed
+                ours, chunk = self._digests.digests(), self._digests.chunk
+            else:
+                ours, chunk = ram_digests(self.ram), DIGEST_CHUNK
+            self.ram_digests = tuple(ours)
             theirs = self._read_message(wire.Digests, time.monotonic() + self.config.stall_timeout_s)
-            detail = compare_digests(self.ram, theirs.digest_chunk, ours, theirs.digests)
+            if theirs.digest_chunk != chunk:
+                raise RemoteProtocolError(f"DIGESTS of {theirs.digest_chunk}-byte pieces, "
+                                          f"expected {chunk}")
+            detail = compare_digests(self.ram, chunk, ours, theirs.digests)
             verify_s = time.perf_counter() - t_hash
             if detail:
                 raise VerificationError(f"destination memory differs from the source: {detail}")

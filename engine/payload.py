@@ -91,6 +91,9 @@ class ChannelContext:
         # chunks in order (snapshot_format.CHUNK_PAGES), its checksum; restore: then
         # one uint64 per chunk, its present pages.  Save: filled; restore: checked.
         self.chunk_sums: memoryview | None = None
+        # Migrations with tracked verification: an XXH3-128 per piece of spec.piece_pages
+        # pages of all blocks (engine/verify.py); the channel that moves a piece hashes it.
+        self.piece_digests: memoryview | None = None
 
     def count(self, counter: Counter, value: int) -> None:
         self.counters[counter] += value
@@ -103,6 +106,11 @@ class PayloadSender(Protocol):
     slot itself.  If not (RAM pages: the slot only describes pages, the buffers
     are views of guest RAM), the channel hands the slot back before it sends, so
     the next hand-off overlaps this send.
+
+    Optionally, ``parts(buffers)`` cuts the buffers of the last :meth:`prepare`
+    into ``(buffers, before)`` parts that the channel sends in order, calling
+    ``before()`` (if not None) right before each part (RAM pages: tracked
+    verification hashes the part's pieces then, in cache for the copy).
     """
 
     holds_slot: bool
@@ -162,9 +170,8 @@ class PrecopyClient(Protocol):
         """Later rounds: queue what changed since it was last queued."""
         ...
 
-    def queue_pages(self, block: RamBlock, pages: np.ndarray, align: int = 0) -> None:
-        """Queue these sorted, unique pages of `block` (a snapshot restore's); a
-        slot that fills ends on a multiple of `align` pages (0: anywhere)."""
+    def queue_pages(self, block: RamBlock, pages: np.ndarray) -> None:
+        """Queue these sorted, unique pages of `block` (a snapshot restore's)."""
         ...
 
     def flush(self) -> None:

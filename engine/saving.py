@@ -160,12 +160,17 @@ class SavingOperation(Operation):
             self._converge = AutoConverge(self.config, meter)
         client: PrecopyClient = make_client(
             self.ram, self.core, RAM_CLIENT, self._packet_pages(), on_packet,
-            dirty_source=dirty_source,
+            dirty_source=dirty_source, piece_pages=self._piece_pages(),
         )
         expected_s = self._precopy(client) if live else 0.0
         self._machine.fire(MigrationEvent.SWITCHOVER)
         self._set_state(MigrationState.SWITCHOVER)
         return t_start, t_setup, client, expected_s
+
+    def _piece_pages(self) -> int:
+        """Pages the RAM client keeps together in a round (tracked verification's
+        pieces, engine/verify.py); 1: no constraint."""
+        return 1
 
     def _packet_pages(self) -> int:
         """Pages per RAM packet: as configured, but under a bandwidth cap at most

@@ -545,11 +545,15 @@ class SnapshotRestore(Operation):
         loader, expected = self._start_device_loads(info)
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
-        client: PrecopyClient = make_client(self.ram, self._core, RAM_CLIENT, self.config.packet_pages)
+        # A slot ends on a chunk boundary (pieces of CHUNK_PAGES), so one channel reads
+        # and checks a chunk whole; unless a chunk does not fit a slot (small packets).
+        chunk_pages = fmt.CHUNK_PAGES if self.config.packet_pages >= fmt.CHUNK_PAGES else 1
+        client: PrecopyClient = make_client(self.ram, self._core, RAM_CLIENT, self.config.packet_pages,
+                                            piece_pages=chunk_pages)
         self.tracker.round = 1
         for block, pages in zip(self.ram.blocks, present):
-            if pages.size:  # a slot ends on a chunk boundary: a chunk is read (and checked) whole
-                client.queue_pages(block, pages, align=fmt.CHUNK_PAGES)
+            if pages.size:
+                client.queue_pages(block, pages)
         client.flush()
         self._core.finish()
         self._core.wait_finished()  # every present page is in guest RAM, checked

@@ -4,7 +4,9 @@
 
     setup      main channel: ← challenge, hello → ← hello (the session key), CONFIG → CONFIG_ACK
                N channel connections (← challenge, hello each) → N channel processes → READY
-               ← CHANNELS_READY; PING/PONG for the round-trip time
+               and precopy starts: ← CHANNELS_READY is read by the return-path reader,
+               and waited for only before the first main-channel message (the
+               destination reads none before it); PING/PONG during precopy (RTT)
     precopy    round 1 sends every page; round k sends the pages dirtied since;
                iterative devices hand out live chunks beside it (at most a window
                ahead of what the destination loaded);
@@ -71,7 +73,7 @@ from engine.slots import SlotTable
 from engine.stats import MigrationResult
 from engine.sync import MigrationEvent, MigrationState, Signal
 from engine.transport import Connection, close_all, connect
-from engine.verify import DIGEST_CHUNK, dump_ram, ram_digests
+from engine.verify import DIGEST_CHUNK, PieceDigests, dump_ram, ram_digests, tracked_piece_pages
 from engine.wire import message as wire
 from engine.wire import packet
 
@@ -80,6 +82,13 @@ log = logging.getLogger("multifd.source")
 #: Bytes an iterative device may have handed out in live rounds and not yet had
 #: loaded on the destination (half the destination's default max_device_buffer).
 LIVE_WINDOW = 32 << 20
+
+#: Channel connections opened at once, before their hellos (engine/admission.py
+#: holds up to MAX_PER_PEER unauthenticated connections from one peer).
+HELLO_BATCH = 16
+
+#: PING/PONG round trips measured in precopy, one after the other; the RTT is the best.
+RTT_SAMPLES = 3
 
 
 def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
@@ -90,6 +99,9 @@ def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> L
         return LinkSecurity(config.integrity, peer="destination",
                             handshake_timeout_s=config.handshake_timeout_s)
     tls.validate()
+    if tls.any_peer:
+        raise ConfigError("TLS: any_peer (--tls-any-peer) is for the destination; a source always "
+                          "checks the destination's certificate name (peer_name to expect another)")
     peer_name = tls.peer_name or parts.hostname
     if not peer_name:
         raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
@@ -156,13 +168,23 @@ class SourceMigration(SavingOperation, Migration):
         self._helpers: WorkerPool | None = None
         self._prepared = Signal()
         self._resumed = Signal()
+        self._channels_joined = Signal()  # the destination's CHANNELS_READY came
         self._defer("close the return-path signals", self._close_signals)
         self._rtt_s = 0.0
+        # PING token → when it was sent (the orchestrator sends, the return path
+        # reads the PONG); RTT_SAMPLES of them, one at a time, during precopy.
+        self._pings: dict[int, float] = {}
+        self._pong_due = False
         self._setup_deadline = 0.0
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self._live: LiveDevices | None = None  # iterative devices' precopy (issue 16)
         self._live_counts: tuple[int, ...] = ()  # the last LIVE_ROUND's
         self._ack_deadline: float | None = None
+        # Verification: tracked (each page hashed by the channel that sent it) unless
+        # the RAM is handed over; the digests sent in DIGESTS, once they are.
+        self._tracks_pages = config.verify and not config.local
+        self._digests: PieceDigests | None = None
+        self.ram_digests: tuple[bytes, ...] | None = None
 
     # -- the phases --------------------------------------------------------
 
@@ -188,7 +210,11 @@ class SourceMigration(SavingOperation, Migration):
             expected_downtime_ms=expected_downtime_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
-            extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {})},
+            extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {}),
+                   # "tracked": pieces hashed as they moved, only digests compared in the
+                   # downtime; "after pause": both memories hashed whole in it
+                   **({"verification": "tracked" if self._digests is not None else "after pause"}
+                      if self.config.verify else {})},
         )
 
     def _result_extra(self) -> dict[str, Any]:
@@ -235,6 +261,16 @@ class SourceMigration(SavingOperation, Migration):
         ))
         self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
         self._link = replace(self._link, session_key=self._session_key)
+        # While the destination checks our hello: the slot table.
+        # N channel slots + one for the RAM client + one per device save job,
+        # each big enough for a device chunk when there are devices.
+        # ... and one per switchover payload.
+        kinds = self._payload_kinds()
+        slots = self._own_slots(SlotTable.create(
+            n_slots=cfg.channels + 1 + len(self.devices) + len(self.payloads), max_items=cfg.packet_pages,
+            payload_capacity=max(packet.MAX_DEVICE_CHUNK if self.devices else 0, slot_capacity(kinds)),
+            n_channels=cfg.channels,
+        ))
         if self._link.mode == "tls":  # the reply and everything after it inside TLS
             conn = self._secure_main(conn, self._link)
         answer = self._read_handshake(packet.HELLO_SIZE)
@@ -255,35 +291,39 @@ class SourceMigration(SavingOperation, Migration):
         if not ack.accepted:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
         self._mark("main_channel")
+        # From here the main thread reads nothing on the main channel: the return
+        # path does (CHANNELS_READY first), its thread started while channels join.
+        self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
+        self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
+        reader = self._helpers.submit(self._read_return_path)
+        reader.add_done_callback(self._reader_done)
 
-        # N channel slots + one for the RAM client + one per device save job,
-        # each big enough for a device chunk when there are devices.
-        # ... and one per switchover payload.
-        kinds = self._payload_kinds()
-        slots = self._own_slots(SlotTable.create(
-            n_slots=cfg.channels + 1 + len(self.devices) + len(self.payloads), max_items=cfg.packet_pages,
-            payload_capacity=max(packet.MAX_DEVICE_CHUNK if self.devices else 0, slot_capacity(kinds)),
-            n_channels=cfg.channels,
-        ))
         conns: list[Connection] = []
         # Until the channel processes own them (and after: closing twice is harmless).
         self._defer("close the channel connections", close_all, conns)
-        for channel_id in range(cfg.channels):
-            data = connect(self.to, cfg.connect_timeout_s, self.latch)
-            conns.append(data)
-            data.settimeout(cfg.handshake_timeout_s)
-            self._track(data)  # a cancel wakes the read of its challenge
-            try:
-                channel_challenge = packet.decode_challenge(data.recv_exact(packet.CHALLENGE_SIZE))
-            finally:
-                self._untrack(data)
-            self.latch.raise_if_failed()
-            data.send_all(packet.encode_hello(
-                packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
-                self._session_key, channel_challenge, flags=flags,
-            ))
-            data.settimeout(None)
+        # Connected a batch at a time, so the destination's admission challenges a
+        # batch at once: a round trip per batch, not per channel (a batch stays well
+        # under what admission holds from one peer before it evicts the oldest).
+        for first in range(0, cfg.channels, HELLO_BATCH):
+            batch = range(first, min(cfg.channels, first + HELLO_BATCH))
+            self._connect_channels(conns, batch.stop)
+            for channel_id in batch:
+                data = conns[channel_id]
+                self._track(data)  # a cancel wakes the read of its challenge
+                try:
+                    channel_challenge = packet.decode_challenge(data.recv_exact(packet.CHALLENGE_SIZE))
+                finally:
+                    self._untrack(data)
+                self.latch.raise_if_failed()
+                data.send_all(packet.encode_hello(
+                    packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
+                    self._session_key, channel_challenge, flags=flags,
+                ))
+                data.settimeout(None)
         self._mark("channel_handshakes")
+        if self._tracks_pages:  # verification hashes each piece as it leaves (engine/verify.py)
+            self._digests = PieceDigests(self.ram, tracked_piece_pages(cfg.packet_pages))
+            self._defer("unlink the digest map", self._digests.close)
         spec = ChannelSpec(
             # Local mode: the channels carry device state only, so they map no RAM.
             channel_id=0, ram=RamHandle(()) if cfg.local else self.ram.handle,
@@ -292,28 +332,31 @@ class SourceMigration(SavingOperation, Migration):
             zero_page_detection=cfg.zero_page_detection,
             payload_kinds=kinds, payload_modules=payload_modules(kinds), devices=self._device_table(),
             link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
+            digest_map=self._digests.name if self._digests is not None else None,
+            piece_pages=self._digests.piece_pages if self._digests is not None else 0,
         )
         self._start_channels(run_send_channel, conns, spec)
         self._mark("channel_processes")
+        # Our channels serve: pages may go.  The destination's channels may still be
+        # starting (their sockets buffer what comes); its CHANNELS_READY is read by
+        # the return path, and waited for before our first main-channel message.
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
-        self._read_message(wire.ChannelsReady, self._setup_deadline)
-        self._mark("destination_channels")
-        self._rtt_s = self._measure_rtt()
-        self._mark("rtt")
         conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
         self._core = MultifdSender(
             self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,
             marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
             stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
         )
-        self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
-        self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
-        reader = self._helpers.submit(self._read_return_path)
-        reader.add_done_callback(self._reader_done)
         self._start_device_pool(len(self.payloads))
         if any(map(is_iterative, self.devices)):
             self._live = LiveDevices(self.devices, self.live_window, self.latch)
             self._device_saver()
+
+    def _connect_channels(self, conns: list[Connection], up_to: int) -> None:
+        """Connect channel connections until there are `up_to` (hellos not sent)."""
+        while len(conns) < up_to:
+            conns.append(connect(self.to, self.config.connect_timeout_s, self.latch))
+            conns[-1].settimeout(self.config.handshake_timeout_s)
 
     def _switchover(
         self, client: PrecopyClient | None
@@ -348,12 +391,18 @@ class SourceMigration(SavingOperation, Migration):
         self._send_message(wire.Complete(final_epoch, self.config.verify))
         t_complete = time.perf_counter()
         verify_ms = 0.0
-        if self.config.verify:
+        if self._digests is not None:
+            # Every piece was hashed as it left, the final round's with the guest paused.
+            t_hash = time.perf_counter()
+            self.ram_digests = tuple(self._digests.digests())
+            verify_ms = (time.perf_counter() - t_hash) * 1000
+            self._send_message(wire.Digests(self._digests.chunk, self.ram_digests))
+        elif self.config.verify:
             # Hash while the destination hashes its copy; the guest stays paused.
             t_hash = time.perf_counter()
-            digests = ram_digests(self.ram, DIGEST_CHUNK)
+            self.ram_digests = tuple(ram_digests(self.ram, DIGEST_CHUNK))
             verify_ms = (time.perf_counter() - t_hash) * 1000
-            self._send_message(wire.Digests(DIGEST_CHUNK, tuple(digests)))
+            self._send_message(wire.Digests(DIGEST_CHUNK, self.ram_digests))
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))
         self._wait_answer(self._prepared, "PREPARED")
@@ -406,6 +455,9 @@ class SourceMigration(SavingOperation, Migration):
 
     # -- helpers -----------------------------------------------------------
 
+    def _piece_pages(self) -> int:
+        return self._digests.piece_pages if self._digests is not None else 1
+
     def _config_record(self) -> wire.Config:
         cfg = self.config
         return wire.Config(
@@ -419,6 +471,7 @@ class SourceMigration(SavingOperation, Migration):
             devices=tuple(wire.DeviceSpec(device.idstr, device.instance_id, is_iterative(device),
                                           wants_switchover_ack(device)) for device in self.devices),
             local=cfg.local,
+            page_sums=self._tracks_pages,
         )
 
     def _device_table(self) -> tuple[tuple[str, int], ...]:
@@ -473,18 +526,56 @@ class SourceMigration(SavingOperation, Migration):
             # not an ABORT either: the caller's error stands
 
 
-    def _measure_rtt(self, samples: int = 3) -> float:
-        best = float("inf")
-        for token in range(1, samples + 1):
-            sent = time.perf_counter()
+    def _send_message(self, record: wire.Message) -> None:
+        """After set-up, the destination reads nothing on the main channel before
+        its channels joined (it takes anything there for an ABORT or garbage):
+        the first message waits for its CHANNELS_READY (until the set-up deadline),
+        and a PING goes first, which the destination answers at once (before a
+        SYNC_MARKER, whose barrier could hold the answer back)."""
+        if self._core is not None and not self._channels_joined.is_set():
+            try:
+                self._channels_joined.wait(self.latch, max(0.0, self._setup_deadline - time.monotonic()))
+            except TimeoutError:
+                raise HandshakeError(f"the destination's {self.config.channels} channels did not "
+                                     f"join within {self.config.handshake_timeout_s:.0f} s") from None
+        if self._core is not None and not self._pings:
+            self._ping_if_due(force=True)  # (its own send finds a PING counted: no recursion)
+        super()._send_message(record)
+
+    def _progress(self, force: bool = False) -> None:
+        super()._progress(force)
+        self._ping_if_due()
+
+    def _ping_if_due(self, force: bool = False) -> None:
+        """Orchestrator: the next PING for the round-trip time, once the destination's
+        channels joined and no PONG is due (`force`: the first one, now).  The
+        first one goes before any other main-channel message after set-up, so
+        every result has an RTT (its PONG comes before PREPARED)."""
+        if self._pong_due or len(self._pings) >= RTT_SAMPLES:
+            return
+        if force or self._channels_joined.is_set():
+            token = len(self._pings) + 1
+            self._pong_due = True
+            self._pings[token] = time.perf_counter()
             self._send_message(wire.Ping(token))
-            pong = self._read_message(wire.Pong, self._setup_deadline)
-            best = min(best, (time.perf_counter() if pong.token == token else sent) - sent)
-        return best
+
+    def _on_pong(self, pong: wire.Pong) -> None:
+        """Return path: a PONG's round trip (the best so far is the RTT)."""
+        sent = self._pings.get(pong.token)
+        if sent is None or not self._pong_due:
+            raise RemoteProtocolError(f"PONG {pong.token} from the destination, for no PING")
+        rtt = time.perf_counter() - sent
+        self._rtt_s = rtt if len(self._pings) == 1 else min(self._rtt_s, rtt)
+        self._pong_due = False
 
     def _read_return_path(self) -> None:
         """Thread job: dispatch the destination's messages until RESUMED or failure.
         Every error it meets fails the migration (see :meth:`_reader_done`)."""
+        message = self._main.next()  # an ABORT, or a close, raises
+        if not isinstance(message, wire.ChannelsReady):
+            raise RemoteProtocolError(f"{type(message).__name__} from the destination before "
+                                      f"CHANNELS_READY")
+        self._channels_joined.set()
         while True:
             message = self._main.next()  # an ABORT, or a close before RESUMED, raises
             if isinstance(message, wire.Prepared):
@@ -501,7 +592,9 @@ class SourceMigration(SavingOperation, Migration):
                 if self._live is None:
                     raise RemoteProtocolError("DEVICES_LOADED, but no device is iterative")
                 self._live.on_loaded(message)
-            elif not isinstance(message, wire.Pong):
+            elif isinstance(message, wire.Pong):
+                self._on_pong(message)
+            else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the destination")
 
     def _reader_done(self, reader: Future) -> None:
@@ -581,4 +674,5 @@ class SourceMigration(SavingOperation, Migration):
     def _close_signals(self) -> None:
         self._prepared.close()
         self._resumed.close()
+        self._channels_joined.close()
 

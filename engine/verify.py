@@ -7,6 +7,25 @@ enough to leave on, although the guest stays paused while both sides hash.  The
 pieces are hashed in parallel on a thread pool (xxhash releases the GIL on large
 buffers), and a mismatch names the block and byte range that differ, not just
 "different".
+
+Tracked verification (a migration with ``verify`` on, CONFIG flag PAGE_SUMS)
+takes the hashing out of the downtime.  Guest RAM is cut into *pieces* of
+:func:`tracked_piece_pages` pages; each side keeps one XXH3-128 per piece in a
+shared *digest map* (:class:`PieceDigests`), written by the channel processes
+while the pages move::
+
+    source channel       after a RAM packet is sent: every piece it touched, hashed from RAM
+    destination channel  after a RAM packet is placed: the same
+    at COMPLETE (every channel ended): the maps are the DIGESTS, compared piece by piece
+
+The source's RAM client puts the pages of one piece that go in one round into
+one packet, and rounds are fenced by the sync barrier, so one channel at a time
+hashes a piece, in round order, after every page of it that moved in that round
+landed.  A page the guest writes again is dirty again, sent again, and its piece
+hashed again; the final round runs with the guest paused, so each piece's last
+digest is of the memory the destination runs with.  Both sides hash guest RAM,
+not the wire: a page damaged on its way lands in the destination's RAM and is
+hashed there.
 """
 
 from __future__ import annotations
@@ -17,9 +36,13 @@ from collections.abc import Sequence
 import xxhash
 
 from engine.pool import WorkerPool
-from engine.shm import GuestRAM
+from engine.shm import PAGE_SIZE, GuestRAM, Segment
 
 DIGEST_CHUNK = 64 << 20
+# Tracked verification: pieces of at most this many pages (256 KiB): a late
+# round's scattered page costs its piece's hash; 2 GiB make a DIGESTS of 128 KiB.
+TRACKED_PIECE_PAGES = 64
+TRACKED_DIGEST_SIZE = 16  # XXH3-128
 _HASH_STEP = 4 << 20
 
 
@@ -55,6 +78,9 @@ def compare_digests(
     ram: GuestRAM, chunk: int, ours: Sequence[bytes], theirs: Sequence[bytes]
 ) -> str:
     """'' if equal, else a sentence naming where the memories differ."""
+    if len(ours) == len(theirs) == sum(-(-block.size // chunk) for block in ram.blocks) \
+            and list(ours) == list(theirs):
+        return ""  # the usual answer, without a record per piece (it is downtime)
     pieces = _pieces(ram, chunk)
     if len(theirs) != len(pieces):
         return f"expected {len(pieces)} digests, got {len(theirs)}"
@@ -66,6 +92,59 @@ def compare_digests(
     )
     more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
     return f"memory differs in {len(differing)} of {len(pieces)} pieces: {shown}{more}"
+
+
+def tracked_piece_pages(packet_pages: int) -> int:
+    """Pages per piece of tracked verification for a migration of `packet_pages`-page
+    packets (CONFIG's): a power of two, at most TRACKED_PIECE_PAGES, so a piece fits
+    a packet.  Both sides derive it from CONFIG."""
+    pages = 1
+    while pages * 2 <= min(TRACKED_PIECE_PAGES, packet_pages):
+        pages *= 2
+    return pages
+
+
+def _n_pieces(ram: GuestRAM, piece_pages: int) -> list[int]:
+    return [-(-block.n_pages // piece_pages) for block in ram.blocks]
+
+
+class PieceDigests:
+    """The digest map of tracked verification: an XXH3-128 per piece of every block,
+    blocks in order, in a segment this process owns; channel processes attach it by
+    ``name`` and write it (clients/ram_payload.py ``PieceHasher``)."""
+
+    def __init__(self, ram: GuestRAM, piece_pages: int) -> None:
+        self.piece_pages = piece_pages
+        self.n_pieces = sum(_n_pieces(ram, piece_pages))
+        self._segment: Segment | None = Segment.create(
+            self.n_pieces * TRACKED_DIGEST_SIZE, what="the digest map of verification")
+        self.name = self._segment.name
+
+    @property
+    def chunk(self) -> int:
+        """Bytes per piece: DIGESTS' ``digest_chunk``."""
+        return self.piece_pages * PAGE_SIZE
+
+    def digests(self) -> list[bytes]:
+        """Every piece's digest, in order.  Call once every channel has ended."""
+        assert self._segment is not None
+        data = bytes(self._segment.buf[:self.n_pieces * TRACKED_DIGEST_SIZE])
+        return [data[at:at + TRACKED_DIGEST_SIZE] for at in range(0, len(data), TRACKED_DIGEST_SIZE)]
+
+    def close(self) -> None:
+        """Unmap and unlink (after the channels that write it have stopped); idempotent."""
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            segment.close()
+            segment.unlink()
+
+
+def ram_piece_digests(ram: GuestRAM, piece_pages: int) -> list[bytes]:
+    """What :meth:`PieceDigests.digests` holds once a migration is done, computed
+    from `ram` as it is now: for checks and tests."""
+    chunk = piece_pages * PAGE_SIZE
+    return [xxhash.xxh3_128_digest(block.pages[at:at + chunk])
+            for block in ram.blocks for at in range(0, block.size, chunk)]
 
 
 def dump_ram(ram: GuestRAM, path: str) -> int:

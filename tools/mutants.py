@@ -211,6 +211,13 @@ MUTANTS: tuple[Mutant, ...] = (
          "    if True:  # MUTANT"),
     ),
     mutant(
+        "tls-destination-admits-any-source",
+        "a TLS destination told no source name admits any certificate its CA signed",
+        ("engine/link.py",
+         "    if not tls.peer_name and not tls.any_peer:",
+         "    if False:  # MUTANT"),
+    ),
+    mutant(
         "resume-after-unanswered-commit",
         "after COMMIT without an answer the source resumes its guest (it could run twice)",
         ("engine/saving.py",
@@ -270,8 +277,37 @@ MUTANTS: tuple[Mutant, ...] = (
         "restore-slots-split-chunks",
         "a restore's slots may end inside a chunk (so its chunk checksum goes unused)",
         ("engine/snapshot.py",
-         "                client.queue_pages(block, pages, align=fmt.CHUNK_PAGES)\n",
-         "                client.queue_pages(block, pages)  # MUTANT: align=fmt.CHUNK_PAGES\n"),
+         "                                            piece_pages=chunk_pages)\n",
+         "                                            piece_pages=1)  # MUTANT: chunk_pages\n"),
+    ),
+    mutant(
+        "tracked-digest-hashed-once",
+        "tracked verification hashes a piece the first time it moves and never again "
+        "(both sides: their digests still agree, on memory that has changed since)",
+        ("clients/ram_payload.py",
+         "            at = index * piece\n"
+         "            digest = xxhash.xxh3_128_digest(",
+         "            at = index * piece\n"
+         "            if any(self.map[(base + index) * size:(base + index + 1) * size]):\n"
+         "                continue  # MUTANT: hashed once\n"
+         "            digest = xxhash.xxh3_128_digest("),
+    ),
+    mutant(
+        "tracked-zero-pieces-hashed-early",
+        "the receiver hashes pieces with ZERO runs before it has zeroed their stale pages",
+        ("clients/ram_payload.py",
+         "            normal, total = _place_marks(block, firsts, counts, zero)\n"
+         "            hasher.hash_pieces(block, later)\n",
+         "            hasher.hash_pieces(block, later)  # MUTANT: before the ZERO runs land\n"
+         "            normal, total = _place_marks(block, firsts, counts, zero)\n"),
+    ),
+    mutant(
+        "piece-split-across-packets",
+        "the RAM client cuts scattered pages into packets without regard to pieces, so two "
+        "channels may hash one piece in one round",
+        ("clients/ram.py",
+         "            if piece > 1 and done + take < pages.size:\n",
+         "            if False:  # MUTANT: piece > 1 and done + take < pages.size\n"),
     ),
 )
 

@@ -15,7 +15,7 @@ Byte layout (integers big-endian; docs/wire-format.md §3 is the specification):
     SYNC_MARKER     epoch u32
     SWITCHOVER      (empty)
     COMPLETE        final_epoch u32 | flags u32 (bit 0: DIGESTS follows)
-    DIGESTS         digest_chunk u32 | n_digests u32 | n × 32-byte SHA-256
+    DIGESTS         digest_chunk u32 | n_digests u32 | n × 16-byte XXH3-128
     DEVICES_DONE    n_devices u16 | n × (chunks u32 | bytes u64 | SHA-256 of the stream 32)
     RESUMED         downtime_us u64 | verify_us u64 | verified u8 | detail string
     ABORT           code u16 | message string
@@ -87,6 +87,7 @@ class ConfigFlags(enum.IntFlag):
     ZERO_PAGE_DETECTION = 1
     DEVICE_FLAGS = 2  # a flags byte per device follows the device list
     LOCAL = 4  # same-host mode: the RAM is handed over (RAM_HANDOVER), no page is sent
+    PAGE_SUMS = 8  # tracked verification: both sides hash each page as it moves (DIGESTS)
 
 
 class DeviceSpecFlags(enum.IntFlag):
@@ -121,7 +122,7 @@ class Verification(enum.IntEnum):
 
 # A plain int: ~ of an IntFlag keeps only the defined bits, which would hide unknown ones.
 _CONFIG_FLAGS: Final = int(ConfigFlags.ZERO_PAGE_DETECTION | ConfigFlags.DEVICE_FLAGS
-                           | ConfigFlags.LOCAL)
+                           | ConfigFlags.LOCAL | ConfigFlags.PAGE_SUMS)
 _DEVICE_SPEC_FLAGS: Final = int(DeviceSpecFlags.ITERATIVE | DeviceSpecFlags.SWITCHOVER_ACK)
 _LIVE_ROUND_FLAGS: Final = int(LiveRoundFlags.ACK_WANTED)
 _LOADED_FLAGS: Final = int(LoadedFlags.SWITCHOVER_ACK)
@@ -214,6 +215,7 @@ class Config:
     blocks: tuple[BlockSpec, ...]
     devices: tuple[DeviceSpec, ...] = ()
     local: bool = False  # same-host mode (flag LOCAL): RAM_HANDOVER instead of pages
+    page_sums: bool = False  # flag PAGE_SUMS: DIGESTS hash the pages' words (wire-format §3.3)
 
     @property
     def block_pages(self) -> tuple[int, ...]:
@@ -400,6 +402,8 @@ def _config_problem(config: Config) -> str | None:
         return "the codec name must be 1..255 ASCII characters"
     if not -0x8000 <= config.codec_level <= 0x7FFF:
         return f"codec_level {config.codec_level} does not fit 16 bits"
+    if config.local and config.page_sums:
+        return "PAGE_SUMS with LOCAL: a handed-over RAM moves no page to hash"
     if not 1 <= len(config.blocks) <= MAX_BLOCKS:
         return f"{len(config.blocks)} blocks, not 1..{MAX_BLOCKS}"
     for block in config.blocks:
@@ -455,7 +459,8 @@ def _encode_config(config: Config) -> bytes:
     if problem is not None:
         raise LocalProtocolError(f"invalid CONFIG: {problem}")
     flags = (ConfigFlags.ZERO_PAGE_DETECTION if config.zero_page_detection else 0) \
-        | (ConfigFlags.LOCAL if config.local else 0)
+        | (ConfigFlags.LOCAL if config.local else 0) \
+        | (ConfigFlags.PAGE_SUMS if config.page_sums else 0)
     device_flags = [device.flags for device in config.devices]
     if any(device_flags):  # only then: a CONFIG without iterative devices reads as before
         flags |= ConfigFlags.DEVICE_FLAGS
@@ -653,7 +658,8 @@ def _decode_config(body: _Reader) -> Config:
                         for d, f in zip(devices, device_flags))
     config = Config(page_size, packet_pages, channel_count,
                     bool(flags & ConfigFlags.ZERO_PAGE_DETECTION), codec, codec_level,
-                    blocks, devices, bool(flags & ConfigFlags.LOCAL))
+                    blocks, devices, bool(flags & ConfigFlags.LOCAL),
+                    bool(flags & ConfigFlags.PAGE_SUMS))
     problem = _config_problem(config)
     if problem is not None:
         raise RemoteProtocolError(f"invalid CONFIG: {problem}")

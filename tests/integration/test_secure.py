@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def pair(pki: Pki | None, src_ram, dst_ram, *, source: str = "source", dest: str = "dest",
          source_ca: str = "ca", dest_ca: str = "ca", peer_name: str | None = None,
-         dest_peer_name: str | None = None, config: MigrationConfig = CONFIG,
+         dest_peer_name: str | None = "source.test", dest_any_peer: bool = False,
+         config: MigrationConfig = CONFIG,
          dest_config: DestinationConfig | None = None, via: type[SlowLink] | None = None,
          guest: SyntheticGuest | None = None,
          **via_args) -> tuple[BaseException | None, BaseException | None, DestinationMigration]:
     """Run a migration src_ram → dst_ram (TLS when `pki` is given); both outcomes."""
     src_tls = pki.config(source, source_ca, peer_name) if pki else None
-    dst_tls = pki.config(dest, dest_ca, dest_peer_name) if pki else None
+    dst_tls = replace(pki.config(dest, dest_ca, dest_peer_name), any_peer=dest_any_peer) if pki else None
     scheme = "tls" if pki else "tcp"
     destination = DestinationMigration(f"{scheme}://127.0.0.1:0", secret=SECRET, ram=dst_ram,
                                        config=dest_config or config.for_destination(), tls=dst_tls)
@@ -75,16 +77,20 @@ def pair(pki: Pki | None, src_ram, dst_ram, *, source: str = "source", dest: str
     return src_error, dst_error, destination
 
 
-@pytest.mark.parametrize("channels", [pytest.param(1, marks=pytest.mark.heavy), 2])
-def test_tls_migration_is_exact(pki: Pki, channels: int) -> None:
-    """A live guest: rounds, syncs and small packets cross TLS on every channel."""
+@pytest.mark.parametrize(("channels", "admits"), [
+    pytest.param(1, "source.test", marks=pytest.mark.heavy), (2, "source.test"), (2, "any")])
+def test_tls_migration_is_exact(pki: Pki, channels: int, admits: str) -> None:
+    """A live guest: rounds, syncs and small packets cross TLS on every channel.
+    The destination admits the source by its certificate's name, or (`any_peer`)
+    any certificate the CA signed."""
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
         guest = SyntheticGuest(src, "incrementer", dirty_rate=16 * MiB)
         guest.start()
         try:
             src_error, dst_error, destination = pair(
                 pki, src, dst, config=CONFIG.with_(channels=channels, packet_pages=64),
-                dest_peer_name="source.test", guest=guest)
+                dest_peer_name=None if admits == "any" else admits, dest_any_peer=admits == "any",
+                guest=guest)
         finally:
             guest.stop()
         assert (src_error, dst_error) == (None, None)
@@ -162,10 +168,12 @@ def test_tls_refusals_are_one_line_on_both_sides(pki: Pki, setup: dict, dst_says
 
 
 def test_a_client_without_a_certificate_is_refused(pki: Pki) -> None:
-    """A peer that knows the secret but has no certificate: the destination says so."""
+    """A peer that knows the secret but has no certificate: the destination says so,
+    even one that admits any certificate its CA signed."""
     with guest_ram(4 * MiB, fill="zero") as dst:
         destination = DestinationMigration("tls://127.0.0.1:0", secret=SECRET, ram=dst,
-                                           config=CONFIG.for_destination(), tls=pki.config("dest"))
+                                           config=CONFIG.for_destination(),
+                                           tls=replace(pki.config("dest"), any_peer=True))
         destination.start()
         port = int(destination.address.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -245,7 +253,8 @@ def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str, number: int, off
 
 def test_tls_settings_that_cannot_work_are_refused_up_front(pki: Pki, tmp_path: Path) -> None:
     """Before anything is made (the leak check holds): a missing file, tls:// without
-    files, TLS over unix:// without a name to check."""
+    files, TLS over unix:// without a name to check, a destination told neither
+    which source to admit nor to admit any, any_peer on a source."""
     missing = TlsConfig(str(tmp_path / "none.pem"), str(tmp_path / "none.key"), str(tmp_path / "ca.pem"))
     with guest_ram(1 * MiB) as src:
         with pytest.raises(ConfigError, match="certificate file"):
@@ -254,18 +263,32 @@ def test_tls_settings_that_cannot_work_are_refused_up_front(pki: Pki, tmp_path: 
             SourceMigration(src, "tls://127.0.0.1:1", secret=SECRET)
         with pytest.raises(ConfigError, match="no host name to check"):
             SourceMigration(src, "unix:///tmp/x.sock", secret=SECRET, tls=pki.config("source"))
+        with pytest.raises(ConfigError, match="any_peer .--tls-any-peer. is for the destination"):
+            SourceMigration(src, "tls://127.0.0.1:1", secret=SECRET,
+                            tls=replace(pki.config("source"), any_peer=True))
     with pytest.raises(ConfigError, match="certificate file"):
         DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, tls=missing)
+    with pytest.raises(ConfigError, match=r"name the source whose certificate it admits .* --tls-any-peer"):
+        DestinationMigration("tls://127.0.0.1:0", secret=SECRET, tls=pki.config("dest"))
+    with pytest.raises(ConfigError, match="not both"):
+        DestinationMigration("tls://127.0.0.1:0", secret=SECRET,
+                             tls=replace(pki.config("dest", peer_name="source.test"), any_peer=True))
 
 
 def test_cli_tls_refusal_is_one_line_on_both_sides(pki: Pki) -> None:
     """`multifd listen` / `multifd migrate` over tls:// where the source expects
-    another name: each side exits 1 with one line that says TLS, no traceback."""
+    another name: each side exits 1 with one line that says TLS, no traceback.
+    A `listen` told neither which source to admit nor --tls-any-peer: one line."""
     env = {**os.environ, "MULTIFD_SECRET": "s3cret"}
+    files = ["--tls-cert", str(pki.dir / "dest.pem"), "--tls-key", str(pki.dir / "dest.key"),
+             "--tls-ca", str(pki.dir / "ca.pem")]
+    unnamed = subprocess.run([*MULTIFD, "listen", "--address", "tls://127.0.0.1:0", *files],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert unnamed.returncode == 1 and unnamed.stdout == ""
+    assert "--tls-peer-name NAME), or accept any" in _one_error_line(unnamed.stderr)
     listen = subprocess.Popen(
         [*MULTIFD, "listen", "--address", "tls://127.0.0.1:0", "--accept-timeout", "30",
-         "--tls-cert", str(pki.dir / "dest.pem"), "--tls-key", str(pki.dir / "dest.key"),
-         "--tls-ca", str(pki.dir / "ca.pem")],
+         *files, "--tls-any-peer"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert listen.stdout is not None

@@ -819,6 +819,8 @@ MINIMAL_CONFIG = Config(4096, 1, 1, False, "none", 0, (BlockSpec("é", 4096),))
 ITERATIVE_CONFIG = Config(4096, 1, 1, False, "none", 0, (BlockSpec("é", 4096),),
                           (DeviceSpec("gpu", 0, True, True), DeviceSpec("nic", 1)))
 LOCAL_CONFIG = Config(4096, 1, 1, True, "none", 0, (BlockSpec("a", 4096),), local=True)
+# Issue 12: tracked verification (flag bit 3, PAGE_SUMS).
+TRACKED_CONFIG = Config(4096, 1, 1, True, "none", 0, (BlockSpec("a", 4096),), page_sums=True)
 
 MESSAGE_VECTORS = [
     pytest.param(CONFIG, "0001" "0000" "00000050" + CONFIG_BODY.hex(), id="config"),
@@ -830,6 +832,10 @@ MESSAGE_VECTORS = [
                  "0001" "0000" "00000023" "00001000" "00000001" "0001" "0001" "00000005"
                  "04" "6e6f6e65" "0000" "01" "61" "0000000000001000" "0000",
                  id="config-local"),
+    pytest.param(TRACKED_CONFIG,
+                 "0001" "0000" "00000023" "00001000" "00000001" "0001" "0001" "00000009"
+                 "04" "6e6f6e65" "0000" "01" "61" "0000000000001000" "0000",
+                 id="config-page-sums"),
     pytest.param(RamHandover(("mfd-ab", "é")),
                  "0011" "0000" "0000000c" "0002" "06" "6d66642d6162" "02" "c3a9",
                  id="ram-handover"),
@@ -998,7 +1004,9 @@ def test_config_body_helper_matches_golden() -> None:
                      id="channel-count-0"),
         pytest.param(message(1, config_body(channel_count=257)), "channel_count 257",
                      id="channel-count-257"),
-        pytest.param(message(1, config_body(flags=8)), "unknown CONFIG flags", id="flags-8"),
+        pytest.param(message(1, config_body(flags=16)), "unknown CONFIG flags", id="flags-16"),
+        pytest.param(message(1, config_body(flags=4 | 8)), "PAGE_SUMS with LOCAL",
+                     id="page-sums-local"),
         pytest.param(message(1, config_body(flags=0x80000001)), "unknown CONFIG flags",
                      id="flags-high"),
         pytest.param(message(1, config_body(codec=b"")), "codec name", id="codec-empty"),

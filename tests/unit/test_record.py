@@ -14,7 +14,7 @@ import threading
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from engine.errors import IntegrityError, LocalProtocolError, TransportClosedError
+from engine.errors import IntegrityError, LocalProtocolError, TransportClosedError, TransportError
 from engine.link import RecordConnection
 from engine.wire import record
 
@@ -153,3 +153,38 @@ def test_a_changed_stream_fails_its_tag(change: str) -> None:
     finally:
         for sock in (a, b, c, d):
             sock.close()
+
+
+# -- the staging buffer, kept for the process's next connection (engine/link.py) --
+
+
+def test_a_closed_connection_hands_its_staging_buffer_to_the_next_one() -> None:
+    import engine.link as link
+
+    out, back = key(1, record.Direction.TO_DESTINATION), key(1, record.Direction.TO_SOURCE)
+    link.warm_up_records()  # as a channel process's preload does: one buffer ready
+    with link._spare_lock:
+        ready = list(link._spare_stages)
+    assert ready
+    a, b = socket.socketpair()
+    first = RecordConnection(a, "dst", out, back)
+    assert any(first._stage is stage for stage in ready)  # the warm-up's buffer, not a new one
+    used = first._stage
+    first.send_all(b"one")
+    first.close()
+    c, d = socket.socketpair()
+    second = RecordConnection(c, "dst", out, back)
+    receiver = RecordConnection(d, "src", back, out)
+    try:
+        assert id(second._stage) == id(used)  # the closed connection's buffer serves again
+        second.send_all(b"again")  # ... and tags right: a fresh stream from sequence 0
+        assert receiver.recv_exact_or_eof(5) == b"again"
+        # The closed one no longer holds it: a send there fails as a closed socket's
+        # would, and writes nothing into a buffer that is another connection's now.
+        with pytest.raises(TransportError):
+            first.send_all(b"late")
+        assert bytes(used[record.PREFIX_SIZE:record.PREFIX_SIZE + 5]) == b"again"
+    finally:
+        second.close()
+        receiver.close()
+        b.close()
