@@ -23,13 +23,24 @@ Snapshots (file channels) use the same prepare step with another send:
 :class:`RamPagesFileWriter` runs zero-page detection, records in the present
 map which pages the file holds, and places each non-zero run at its fixed
 offset in the file; :class:`RamPagesFileReader` reads runs back to their pages.
-Both cut runs into pieces of at most 1 MiB: the writer checksums a piece's
-pages (into the shared checksum map) right before the piece's ``pwritev``, the
-reader checks them right after its ``preadv``, each while the piece is in cache::
+Both cut runs into pieces at every 1 MiB chunk boundary (a piece lies in one
+chunk): the writer checksums a piece's pages (into the shared checksum map) right
+before the piece's ``pwritev``, and each chunk the slot touched (zero pages
+included; at least a quarter of it, else its word becomes 0, "none") from guest
+RAM right after its last piece's page checksums; the reader checks a chunk whose
+present pages the slot holds all (and that holds at least half its pages, and
+has a word) by its one word once its last piece is read, other pages page by
+page, each while the bytes are in cache::
 
     save     piece of guest RAM ── xxh3-64 per page → page_sums[page] ── pwritev ──▶ file
-    restore  file ── preadv ──▶ piece of guest RAM ── xxh3-64 per page == page_sums[page]?
-                                                      no: SnapshotFormatError (block, page, offset)
+             (its chunk's last piece: then xxh3-64 of the chunk's RAM → chunk_sums[chunk])
+    restore  file ── preadv ──▶ piece of guest RAM ┬ (chunk's last piece) xxh3-64 of the
+                                                   │  chunk's RAM == chunk_sums[chunk]?
+                                                   └ (else) xxh3-64 per page == page_sums[page]?
+             no: SnapshotFormatError (block, page, offset: the page words name it)
+
+Why a chunk word recomputed by whichever channel wrote the chunk's pages last
+is right in a live save: docs/snapshot-format.md §8.
 
 Tracked verification (migrations with ``verify``, engine/verify.py): the sender
 sends a packet in parts of ≤ 1 MiB cut at piece boundaries and hashes each part's
@@ -64,7 +75,15 @@ _WORDS_PER_PAGE = PAGE_SIZE // 8
 _FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE
 _FEW_RUNS = 32  # up to this many runs, check them slice by slice; beyond, gather
 _GATHER_PAGES = 256  # ... 1 MiB of scattered pages at a time, into a reused buffer
-_PIECE_PAGES = 256  # file I/O: 1 MiB per call, so the checksum and the copy share the cache
+_PIECE_PAGES = fmt.CHUNK_PAGES  # file I/O: ≤ 1 MiB per call, one chunk, so checksum and copy share the cache
+# Restore: a chunk with at least this many present pages is checked by its chunk
+# word (one hash of its 1 MiB), a sparser one page by page (a hash per page read).
+CHUNK_CHECK_MIN_PAGES = fmt.CHUNK_PAGES // 2
+# Save: a slot that touches at least this many pages of a chunk hashes the chunk
+# (1 MiB hashed for at least 256 KiB moved); one that touches fewer clears its
+# word to 0, "check my pages by their page words" (a live round's few scattered
+# dirty pages would otherwise cost a MiB of hashing each, in the downtime too).
+CHUNK_HASH_MIN_PAGES = fmt.CHUNK_PAGES // 4
 
 
 def _words(block: RamBlock) -> np.ndarray:
@@ -245,10 +264,35 @@ def _per_block(ctx: ChannelContext, shared: memoryview | None, dtype: str) -> li
 
 
 def _pieces(first: int, count: int, limit: int) -> list[tuple[int, int]]:
-    """The run (first, count) cut into consecutive runs of at most `limit` pages."""
-    if count <= limit:
+    """The run (first, count) cut at every multiple of `limit` pages (a chunk boundary)."""
+    end = first + count
+    cut = (first // limit + 1) * limit
+    if cut >= end:
         return [(first, count)]
-    return [(at, min(limit, first + count - at)) for at in range(first, first + count, limit)]
+    return [(at, min(cut if at == first else at + limit, end) - at)
+            for at in [first, *range(cut, end, limit)]]
+
+
+def _per_block_chunks(ctx: ChannelContext, part: int = 0) -> list[np.ndarray] | None:
+    """The chunk map (ChannelContext.chunk_sums) cut per block: its `part`-th array
+    of one uint64 per chunk of all blocks (0: the checksums; restore's 1: present pages)."""
+    if ctx.chunk_sums is None:
+        return None
+    n_chunks = [fmt.n_chunks(b.n_pages) for b in ctx.ram.blocks]
+    total = sum(n_chunks)
+    whole = np.frombuffer(ctx.chunk_sums, dtype="<u8", count=total, offset=part * total * 8)
+    bases = np.cumsum([0] + n_chunks).tolist()
+    return [whole[bases[i]:bases[i + 1]] for i in range(len(n_chunks))]
+
+
+def _chunk_range(block: RamBlock, chunk: int) -> tuple[int, int]:
+    """The first page of `chunk` of `block` and its pages (the last chunk may be short)."""
+    first = chunk * fmt.CHUNK_PAGES
+    return first, min(fmt.CHUNK_PAGES, block.n_pages - first)
+
+
+def _chunk_view(block: RamBlock, chunk: int) -> memoryview:
+    return block.page_view(*_chunk_range(block, chunk))
 
 
 class RamPagesFileWriter:
@@ -267,6 +311,7 @@ class RamPagesFileWriter:
         assert present is not None
         self.present = present
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
+        self.chunk_sums = _per_block_chunks(ctx)
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
         block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
@@ -288,7 +333,38 @@ class RamPagesFileWriter:
                 view = block.page_view(at, n)
                 before = partial(_checksum, view, sums[at:at + n]) if sums is not None else None
                 plan.append(FileIO(base + at * PAGE_SIZE, [view], before=before))
+        if self.chunk_sums is not None:
+            self._plan_chunk_sums(block, plan, pages)
         return plan
+
+    def _plan_chunk_sums(self, block: RamBlock, plan: list[FileIO], pages: np.ndarray) -> None:
+        """Every chunk the slot touched, zero pages included, gets a new word: with
+        at least CHUNK_HASH_MIN_PAGES pages touched, its hash from guest RAM, made
+        right before its last piece is written, just after that piece's page
+        checksums (its bytes in cache; a chunk with no piece to write, only zero
+        pages, after the slot's last write); with fewer, 0 (no chunk word) now."""
+        assert self.chunk_sums is not None
+        words = self.chunk_sums[block.index]
+        chunks, counts = np.unique(pages // fmt.CHUNK_PAGES, return_counts=True)
+        words[chunks[counts < CHUNK_HASH_MIN_PAGES]] = 0
+        touched = chunks[counts >= CHUNK_HASH_MIN_PAGES].tolist()
+        last_piece = {(piece.offset - self.offsets[block.index]) // PAGE_SIZE // fmt.CHUNK_PAGES: i
+                      for i, piece in enumerate(plan)}
+        hashed_at: dict[int, list[int]] = {}
+        for chunk in touched:
+            hashed_at.setdefault(last_piece.get(chunk, len(plan)), []).append(chunk)
+        for i, at_piece in sorted(hashed_at.items()):
+            hash_chunks = partial(_chunk_checksums, block, at_piece, words)
+            if i == len(plan):
+                plan.append(FileIO(0, [], before=hash_chunks))
+            else:
+                plan[i] = plan[i]._replace(before=partial(_in_turn, plan[i].before, hash_chunks))
+
+
+def _in_turn(*steps: Callable[[], None] | None) -> None:
+    for step in steps:
+        if step is not None:
+            step()
 
 
 def _checksum(view: memoryview, sums: np.ndarray) -> None:
@@ -297,9 +373,18 @@ def _checksum(view: memoryview, sums: np.ndarray) -> None:
     sums[:] = fmt.page_sums(view, PAGE_SIZE)
 
 
+def _chunk_checksums(block: RamBlock, chunks: Sequence[int], words: np.ndarray) -> None:
+    """Each chunk's word, from guest RAM as it is now, in the round that writes (or
+    finds zero) some of its pages (docs/snapshot-format.md §8: why the last round's
+    is right)."""
+    for chunk in chunks:
+        words[chunk] = fmt.chunk_sum(_chunk_view(block, chunk))
+
+
 class RamPagesFileReader:
     """Snapshot restore: slot (runs of present pages) → each run read into its pages,
-    every page checked against its checksum right after the read."""
+    every page checked right after the read: a dense chunk's by its chunk word
+    after its last piece, other pages by their page words."""
 
     def __init__(self, ctx: ChannelContext) -> None:
         target = ctx.spec.file
@@ -308,6 +393,8 @@ class RamPagesFileReader:
         self.blocks = ctx.ram.blocks
         self.offsets = target.pages_offsets
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
+        self.chunk_sums = _per_block_chunks(ctx)
+        self.chunk_present = _per_block_chunks(ctx, part=1)
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
         block = self.blocks[slot.a0]
@@ -315,13 +402,46 @@ class RamPagesFileReader:
         items = slot.used_items()
         pages = int(items[:, 1].sum())
         _count_pages(self.ctx, pages, pages, pages * PAGE_SIZE)
-        plan = []
-        for first, count in items.tolist():
-            for at, n in _pieces(first, count, _PIECE_PAGES):
-                view = block.page_view(at, n)
-                after = partial(self._check, block, at, view) if self.sums is not None else None
-                plan.append(FileIO(base + at * PAGE_SIZE, [view], after=after))
-        return plan
+        pieces = [piece for first, count in items.tolist() for piece in _pieces(first, count, _PIECE_PAGES)]
+        views = [block.page_view(at, n) for at, n in pieces]
+        if self.sums is None:
+            return [FileIO(base + at * PAGE_SIZE, [view]) for (at, _), view in zip(pieces, views)]
+        # Chunks whose every present page is in this slot, dense enough to be worth
+        # one hash of the whole chunk, with a chunk word (not 0): checked by it after
+        # their last piece; every other piece page by page after its read.
+        by_chunk: dict[int, list[int]] = {}
+        for i, (at, _) in enumerate(pieces):
+            by_chunk.setdefault(at // fmt.CHUNK_PAGES, []).append(i)
+        afters: list[Callable[[], None] | None] = [None] * len(pieces)
+        for chunk, indices in by_chunk.items():
+            held = sum(pieces[i][1] for i in indices)
+            whole = self.chunk_present is not None and held == int(self.chunk_present[block.index][chunk])
+            hashed = self.chunk_sums is not None and int(self.chunk_sums[block.index][chunk]) != 0
+            if whole and hashed and held >= CHUNK_CHECK_MIN_PAGES:
+                afters[indices[-1]] = partial(self._check_chunk, block, chunk,
+                                              [(pieces[i][0], views[i]) for i in indices])
+            else:
+                for i in indices:
+                    afters[i] = partial(self._check, block, pieces[i][0], views[i])
+        return [FileIO(base + at * PAGE_SIZE, [view], after=after)
+                for (at, _), view, after in zip(pieces, views, afters)]
+
+    def _check_chunk(self, block: RamBlock, chunk: int, pieces: list[tuple[int, memoryview]]) -> None:
+        """After the chunk's last piece is read: its RAM (pages read, and zero where the
+        snapshot holds no page) against its chunk word.  A mismatch is told by the
+        page words: the damaged page, or (every page intact) RAM that is not zero
+        where it should be."""
+        assert self.chunk_sums is not None
+        if fmt.chunk_sum(_chunk_view(block, chunk)) == int(self.chunk_sums[block.index][chunk]):
+            return
+        for first, view in pieces:
+            self._check(block, first, view)
+        first, n_pages = _chunk_range(block, chunk)
+        offset = self.offsets[block.index] + first * PAGE_SIZE
+        raise SnapshotFormatError(f"block {block.name!r} pages {first}-{first + n_pages - 1} (file offset "
+                                  f"{offset}) do not match their chunk checksum, though every page "
+                                  f"read matches its own: the chunk checksums are damaged, or the RAM "
+                                  f"is not zero where the snapshot holds no page (ram_is_zeroed?)")
 
     def _check(self, block: RamBlock, first: int, view: memoryview) -> None:
         """Right after the read: every page of `view` (pages first...) has its checksum."""

@@ -19,7 +19,7 @@ send op is positional I/O on its own descriptor of the snapshot file::
     main ── JOB(slot) ──▶ file channel: slot → payload planner → (offset, IOVs, hooks)
          ◀── IDLE(slot) ─     → per piece: checksum, pwritev (save)
                                            or preadv, check the checksums (restore;
-                                           with a CPU spare, on a thread beside the reads)
+                                           or, if asked, on a thread beside the reads)
                               SYNC(e) → nothing to write: SYNCED(e) once earlier jobs are done
 
 Control messages are 16 bytes on a SOCK_SEQPACKET socketpair: a slot index or an
@@ -150,6 +150,7 @@ class FileTarget:
     pages_offsets: tuple[int, ...]     # per RAM block: file offset of its page 0
     present: str | None = None         # save: segment of the present map, one byte per page
     sums: str | None = None            # segment of the page checksums, one uint64 per page
+    chunk_sums: str | None = None      # segment of the chunk checksums (ChannelContext.chunk_sums)
     direct_io: bool = False            #   (save: filled here; restore: checked here; None: off)
     check_beside: bool = False         # restore: check each piece on a thread beside the next read
 
@@ -550,9 +551,13 @@ class _FileChannel(_JobChannel):
             sums = Segment.attach(target.sums)
             self._stack.callback(sums.close)
             self.ctx.page_sums = sums.buf
+        if target.chunk_sums is not None:
+            chunk_sums = Segment.attach(target.chunk_sums)
+            self._stack.callback(chunk_sums.close)
+            self.ctx.chunk_sums = chunk_sums.buf
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
-        # Restore with a core to spare: each piece's page check runs on a thread of
+        # Restore, if asked (check_beside): each piece's check runs on a thread of
         # the channel's own while the next piece is read (_PieceChecker).
         self._checker: _PieceChecker | None = None
         if not writing and target.sums is not None and target.check_beside:

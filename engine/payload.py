@@ -87,6 +87,10 @@ class ChannelContext:
         # Snapshot channels: one uint64 per page of all blocks, its checksum
         # (snapshot_format.page_sums).  Save: the channels fill it; restore: they check against it.
         self.page_sums: memoryview | None = None
+        # Snapshot channels: one uint64 per 1 MiB chunk of guest RAM, all blocks'
+        # chunks in order (snapshot_format.CHUNK_PAGES), its checksum; restore: then
+        # one uint64 per chunk, its present pages.  Save: filled; restore: checked.
+        self.chunk_sums: memoryview | None = None
         # Migrations with tracked verification: an XXH3-128 per piece of spec.piece_pages
         # pages of all blocks (engine/verify.py); the channel that moves a piece hashes it.
         self.piece_digests: memoryview | None = None
@@ -137,7 +141,9 @@ class PayloadReceiver(Protocol):
 class FileIO(NamedTuple):
     """One positional write or read of a file channel: `buffers` at `offset`, contiguous
     in the file.  `before` runs just before the write (save: checksum the pages in
-    the buffers), `after` just after the read (restore: check them); either may raise."""
+    the buffers, and the chunks whose last piece this is), `after` just after the
+    read (restore: check the pages, or the chunk they end); either may raise.  A
+    piece with no buffers is only its hooks."""
 
     offset: int
     buffers: list[memoryview]

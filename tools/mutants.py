@@ -259,6 +259,37 @@ MUTANTS: tuple[Mutant, ...] = (
          "    if False:  # MUTANT: runs\n        jobs.append("),
     ),
     mutant(
+        "snapshot-chunk-rehash-skipped",
+        "a live save's later rounds keep a chunk's first checksum instead of hashing it again",
+        ("clients/ram_payload.py",
+         "    for chunk in chunks:\n"
+         "        words[chunk] = fmt.chunk_sum(_chunk_view(block, chunk))\n",
+         "    for chunk in chunks:\n"
+         "        if words[chunk] == 0:  # MUTANT: hashed once, never again\n"
+         "            words[chunk] = fmt.chunk_sum(_chunk_view(block, chunk))\n"),
+    ),
+    mutant(
+        "snapshot-chunk-word-kept",
+        "a slot that touches few pages of a chunk leaves its old checksum instead of clearing it",
+        ("clients/ram_payload.py",
+         "        words[chunks[counts < CHUNK_HASH_MIN_PAGES]] = 0\n",
+         "        pass  # MUTANT: words[chunks[counts < CHUNK_HASH_MIN_PAGES]] = 0\n"),
+    ),
+    mutant(
+        "restore-chunk-check-passes",
+        "a restore channel takes any chunk it checks by its chunk checksum as intact",
+        ("clients/ram_payload.py",
+         "        if fmt.chunk_sum(_chunk_view(block, chunk)) == int(self.chunk_sums[block.index][chunk]):\n",
+         "        if True:  # MUTANT: the chunk's hash is not compared\n"),
+    ),
+    mutant(
+        "restore-slots-split-chunks",
+        "a restore's slots may end inside a chunk (so its chunk checksum goes unused)",
+        ("engine/snapshot.py",
+         "                                            piece_pages=chunk_pages)\n",
+         "                                            piece_pages=1)  # MUTANT: chunk_pages\n"),
+    ),
+    mutant(
         "tracked-digest-hashed-once",
         "tracked verification hashes a piece the first time it moves and never again "
         "(both sides: their digests still agree, on memory that has changed since)",

@@ -7,8 +7,9 @@ page saved again in a later round overwrites its own place::
 
     0              superblock (4 KiB): magic, version, where the metadata is, digests
     4096           block 0: header (512 B), then its bitmap (1 bit per page: 1 = its
-                   bytes are in the file), then its page checksums (8 B per page:
-                   xxh3-64 of the page), then at the next 1 MiB its page area
+                   bytes are in the file), then its checksums (8 B per page: xxh3-64
+                   of the page; then 8 B per 1 MiB chunk of the block: xxh3-64 of the
+                   chunk's RAM, absent pages as zeros), then at the next 1 MiB its page area
                    (page p at pages_offset + p * page_size)
     next 4 KiB     block 1: header, bitmap, checksums, page area ...
     next 4 KiB     device-state chunks, in the order they were saved
@@ -16,7 +17,9 @@ page saved again in a later round overwrites its own place::
 
 Each block header carries its own SHA-256, its bitmap's and its checksum
 array's; every present page is covered by its own checksum (:func:`page_sums`),
-computed and checked by the channel that moves the page.  The superblock is
+and every 1 MiB chunk of guest RAM by one more (:func:`chunk_sum`): a save's
+channels compute both, a restore checks a chunk's pages by its one word (and names
+a damaged page by the page words), or page by page where a chunk is sparse.  The superblock is
 written last, after everything else is durable, and names the metadata by
 offset, length and SHA-256: a file whose save did not finish has no valid
 superblock.  Every decoder here checks what it reads against the file's
@@ -41,8 +44,9 @@ import xxhash
 from engine.errors import SnapshotFormatError
 
 MAGIC = b"MFDSNAP\x00"
-VERSION = 2
-PAGE_SUM_SIZE = 8             # one xxh3-64 per page, little-endian
+VERSION = 3
+PAGE_SUM_SIZE = 8             # one xxh3-64 per page, and one per chunk, little-endian
+CHUNK_PAGES = 256             # pages per chunk checksum: 1 MiB of 4 KiB pages
 SUPERBLOCK_SIZE = 4096
 BLOCK_HEADER_SIZE = 512
 BLOCK_MAGIC = b"MFDBLOCK"
@@ -116,8 +120,12 @@ class BlockEntry:
         """The page checksums: right after the bitmap."""
         return self.bitmap_offset + self.bitmap_length(page_size)
 
+    def n_chunks(self, page_size: int) -> int:
+        return n_chunks(self.n_pages(page_size))
+
     def sums_length(self, page_size: int) -> int:
-        return self.n_pages(page_size) * PAGE_SUM_SIZE
+        """The checksum array: a word per page, then a word per chunk."""
+        return (self.n_pages(page_size) + self.n_chunks(page_size)) * PAGE_SUM_SIZE
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,11 @@ def bitmap_length(n_pages: int) -> int:
     return _round_up(n_pages, 64) // 8
 
 
+def n_chunks(n_pages: int) -> int:
+    """Chunks of a block of `n_pages`: CHUNK_PAGES each, the last one may be shorter."""
+    return -(-n_pages // CHUNK_PAGES)
+
+
 def plan_layout(blocks: Sequence[tuple[str, int]], page_size: int = 4096) -> Layout:
     """Offsets for a snapshot of RAM with `blocks` (name, size)."""
     _check_blocks(blocks, page_size)
@@ -184,7 +197,8 @@ def plan_layout(blocks: Sequence[tuple[str, int]], page_size: int = 4096) -> Lay
     for name, size in blocks:
         bitmap_at = at + BLOCK_HEADER_SIZE
         sums_at = bitmap_at + bitmap_length(size // page_size)
-        pages_at = _round_up(sums_at + size // page_size * PAGE_SUM_SIZE, PAGE_AREA_ALIGN)
+        n_pages = size // page_size
+        pages_at = _round_up(sums_at + (n_pages + n_chunks(n_pages)) * PAGE_SUM_SIZE, PAGE_AREA_ALIGN)
         entries.append(BlockEntry(name, size, bitmap_at, pages_at))
         at = entries[-1].end
     return Layout(page_size, tuple(entries), at)
@@ -261,7 +275,8 @@ def page_sums(pages: memoryview | bytes | bytearray, page_size: int = 4096) -> n
 
 
 def chunk_sum(data: bytes | memoryview) -> int:
-    """The checksum of a device-state chunk: xxh3-64, seed 0."""
+    """The checksum of a device-state chunk, or of a RAM chunk (CHUNK_PAGES pages of
+    guest RAM as restored, absent pages as zeros): xxh3-64, seed 0."""
     return xxhash.xxh3_64_intdigest(data)
 
 
@@ -271,13 +286,16 @@ def damaged_pages(pages: memoryview | bytes | bytearray, expected: np.ndarray,
     return np.flatnonzero(page_sums(pages, page_size) != expected)
 
 
-def encode_sums(sums: np.ndarray) -> bytes:
-    """A block's checksum array (one uint64 per page) as its bytes: little-endian words."""
-    return np.asarray(sums, dtype="<u8").tobytes()
+def encode_sums(sums: np.ndarray, chunk_sums: np.ndarray) -> bytes:
+    """A block's checksum array as its bytes: its page words (one uint64 per page),
+    then its chunk words (one per chunk), little-endian."""
+    return np.asarray(sums, dtype="<u8").tobytes() + np.asarray(chunk_sums, dtype="<u8").tobytes()
 
 
-def check_sums(block: BlockEntry, data: bytes, present: np.ndarray, page_size: int) -> np.ndarray:
-    """The page checksums of `block` (uint64, one per page) from their bytes, checked.
+def check_sums(block: BlockEntry, data: bytes, present: np.ndarray,
+               page_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The page checksums of `block` (uint64, one per page) and its chunk checksums
+    (one per chunk) from the array's bytes, checked.
 
     Raises SnapshotFormatError when the bytes do not match the header's digest,
     or when an absent page (`present`: the bitmap's pages) has a checksum other
@@ -286,12 +304,14 @@ def check_sums(block: BlockEntry, data: bytes, present: np.ndarray, page_size: i
     if len(data) != block.sums_length(page_size) or hashlib.sha256(data).digest() != block.sums_digest:
         raise SnapshotFormatError(f"the page checksums of block {block.name!r} are damaged (their "
                                   f"digest does not match)")
-    sums = np.frombuffer(data, dtype="<u8").astype(np.uint64)
+    words = np.frombuffer(data, dtype="<u8").astype(np.uint64)
+    n_pages = block.n_pages(page_size)
+    sums, chunk_sums = words[:n_pages], words[n_pages:]
     absent = np.ones(sums.size, dtype=bool)
     absent[present] = False
     if sums[absent].any():
         raise SnapshotFormatError(f"block {block.name!r}: a page the bitmap marks absent has a checksum")
-    return sums
+    return sums, chunk_sums
 
 
 # ---------------------------------------------------------------------------

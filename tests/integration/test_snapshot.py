@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -105,6 +106,11 @@ def test_a_page_zeroed_between_rounds_restores_as_zero(tmp_path: Path) -> None:
             restored.unlink()
     info = inspect_snapshot(str(path))
     assert info.metadata.blocks[0].present_pages == ram.blocks[0].n_pages - 10
+    # The last round touched 10 pages of chunk 0: too few to hash it, so its word
+    # went to 0 (its pages are checked by their own words); round 1 hashed the others.
+    _, _, sums = _read_structure(path)
+    chunk_words = sums[0][1]
+    assert chunk_words[0] == 0 and chunk_words[1:].all() and chunk_words.size == 8
 
 
 def test_restore_into_used_ram_zeroes_what_the_snapshot_lacks(tmp_path: Path) -> None:
@@ -322,7 +328,7 @@ def test_parallel_scrub_over_a_pool_finds_every_damaged_region(tmp_path: Path,
         assert shared.statistics().workers_started == 1
 
 
-def _read_structure(path: Path) -> tuple[SnapshotInfo, list[np.ndarray], list[np.ndarray]]:
+def _read_structure(path: Path) -> tuple[SnapshotInfo, list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     file = open_file(str(path), "read")
     try:
         return _read_snapshot(file)
@@ -333,7 +339,8 @@ def _read_structure(path: Path) -> tuple[SnapshotInfo, list[np.ndarray], list[np
 def test_a_scrub_that_cannot_read_fails_clearly_and_leaves_a_shared_pool_working(tmp_path: Path) -> None:
     path, md = _scrub_file(tmp_path)
     info = inspect_snapshot(str(path))
-    _, present, sums = _read_structure(path)
+    _, present, both = _read_structure(path)
+    sums = [page for page, _ in both]
     with WorkerPool("process", 2, name="scrub-shared") as shared:
         with pytest.raises(SnapshotError):
             scrub_pages(str(tmp_path / "gone.snap"), [b.pages_offset for b in md.blocks], present, sums,
@@ -365,3 +372,83 @@ def test_restore_checks_every_piece_up_to_the_last_page(tmp_path: Path, beside: 
                                                   f"{block.pages_offset + 2047 * 4096}\\) is damaged"):
         restore.run()
     assert restore.ram is None  # the RAM it created is gone: no guest runs on it
+
+
+def _resign_chunk_word(path: Path, block: fmt.BlockEntry, chunk: int, word: int) -> None:
+    """Write `word` as `chunk`'s checksum and re-sign the checksum array and the
+    block header, as a save that got the chunk's word wrong would have."""
+    n_pages = block.n_pages(4096)
+    with open(path, "r+b") as f:
+        f.seek(block.sums_offset(4096))
+        sums = bytearray(f.read(block.sums_length(4096)))
+        sums[8 * (n_pages + chunk):8 * (n_pages + chunk + 1)] = word.to_bytes(8, "little")
+        f.seek(block.sums_offset(4096))
+        f.write(sums)
+        f.seek(block.header_offset)
+        header = bytearray(f.read(fmt.BLOCK_HEADER_SIZE))
+        header[344:376] = hashlib.sha256(sums).digest()
+        header[376:408] = hashlib.sha256(bytes(header[:376])).digest()
+        f.seek(block.header_offset)
+        f.write(header)
+
+
+@pytest.mark.parametrize("packet_pages", [4096, 300], ids=["slot-16MiB", "slot-300-pages"])
+def test_restore_checks_a_whole_chunk_by_its_chunk_checksum(tmp_path: Path, packet_pages: int) -> None:
+    """A dense chunk is checked by its one chunk word, even when a slot is not a
+    whole number of chunks (the restore's slots end on chunk boundaries): a wrong
+    chunk word over intact pages is refused, naming the chunk's pages."""
+    path = tmp_path / "chunks.snap"
+    with guest_ram(8 * MiB, fill="random") as ram:
+        SnapshotSave(ram, str(path), live=False).run()
+    block = inspect_snapshot(str(path)).metadata.blocks[0]
+    assert inspect_snapshot(str(path), verify=True).damage == ()
+    _resign_chunk_word(path, block, 3, 12345)
+    assert inspect_snapshot(str(path), verify=True).damage == ()  # every page matches its own word
+    restore = SnapshotRestore(str(path), config=MigrationConfig(channels=2, packet_pages=packet_pages))
+    with pytest.raises(SnapshotFormatError, match=f"block 'pc.ram' pages 768-1023 \\(file offset "
+                                                  f"{block.pages_offset + 768 * 4096}\\) do not match "
+                                                  f"their chunk checksum"):
+        restore.run()
+    assert restore.ram is None
+
+
+def test_restore_into_ram_said_zeroed_that_is_not_is_refused(tmp_path: Path) -> None:
+    """A chunk's word covers its absent pages as zeros: RAM handed over as zeroed
+    (``ram_is_zeroed``) that holds data where the snapshot has no page fails the
+    restore instead of running a guest on stray bytes."""
+    path = tmp_path / "holes.snap"
+    with GuestRAM.create({"pc.ram": 4 * MiB}) as ram:
+        fill_ram(ram, "random", seed=4)
+        ram.blocks[0].array()[300] = 0  # chunk 1 (pages 256-511) lacks page 300
+        SnapshotSave(ram, str(path), live=False).run()
+        with guest_ram(4 * MiB, fill="random", seed=11) as used:
+            with pytest.raises(SnapshotFormatError, match=r"pages 256-511 .* not zero where the snapshot "
+                                                          r"holds no page \(ram_is_zeroed\?\)"):
+                SnapshotRestore(str(path), ram=used, ram_is_zeroed=True).run()
+            SnapshotRestore(str(path), ram=used).run()  # zeroed by the restore: intact
+            assert same_memory(ram, used)
+
+
+def test_a_chunk_split_over_two_channels_in_the_last_round_gets_its_final_word(tmp_path: Path) -> None:
+    """The guest rewrites all of chunk 1 before the pause: the last round cuts it
+    into two slots (two channels), each hashes the chunk from guest RAM after the
+    round's take, so the word is the final contents' whichever lands last."""
+    path = tmp_path / "split.snap"
+    with guest_ram(4 * MiB, fill="random") as ram:
+        block = ram.blocks[0]
+
+        def pause() -> None:
+            block.array()[256:512] ^= 0xFF
+            block.dirty.mark(256, 256)
+
+        config = MigrationConfig(channels=2, packet_pages=128, max_rounds=1, on_max_rounds="switchover",
+                                 downtime_limit_ms=0)
+        SnapshotSave(ram, str(path), live=True, config=config, pause_guest=pause).run()
+        _, _, sums = _read_structure(path)
+        assert sums[0][1][1] == fmt.chunk_sum(block.pages[256 * 4096:512 * 4096])
+        restored, _ = _restore(path)
+        try:
+            assert same_memory(ram, restored)
+        finally:
+            restored.close()
+            restored.unlink()

@@ -3,7 +3,8 @@
 One small snapshot (two RAM blocks with zero pages, two devices) is saved once;
 each example damages a copy of it — a flipped bit, a zeroed 4 KiB range, or a
 truncation — somewhere in one of its regions (superblock, a block header,
-bitmap, checksum array or page area, a device chunk, the metadata) and
+bitmap, checksum array — its chunk words drawn on their own too — or page area,
+a device chunk, the metadata) and
 restores it with real channel processes.  Every outcome is a SnapshotError
 (the file is refused, by its structure's digests or a page's checksum) or a
 restore identical to the saved guest, RAM and devices: never a silently
@@ -63,6 +64,9 @@ def _regions(path: Path) -> dict[str, list[tuple[int, int]]]:
         regions.setdefault("block header", []).append((block.header_offset, fmt.BLOCK_HEADER_SIZE))
         regions.setdefault("bitmap", []).append((block.bitmap_offset, block.bitmap_length(4096)))
         regions.setdefault("checksums", []).append((block.sums_offset(4096), block.sums_length(4096)))
+        page_words = block.n_pages(4096) * fmt.PAGE_SUM_SIZE  # then the chunk words
+        regions.setdefault("chunk checksums", []).append((block.sums_offset(4096) + page_words,
+                                                          block.sums_length(4096) - page_words))
         regions.setdefault("page area", []).append((block.pages_offset, block.size))  # holes too
         bitmap = raw[block.bitmap_offset:block.bitmap_offset + block.bitmap_length(4096)]
         present = fmt.decode_bitmap(bitmap, block.n_pages(4096)).tolist()
@@ -89,8 +93,8 @@ def pool() -> Iterator[WorkerPool]:
 
 
 DAMAGES = ("bit flip", "zeroed 4 KiB", "truncated")
-REGIONS = ("superblock", "block header", "bitmap", "checksums", "page area", "present page",
-           "device chunk", "metadata", "anywhere")
+REGIONS = ("superblock", "block header", "bitmap", "checksums", "chunk checksums", "page area",
+           "present page", "device chunk", "metadata", "anywhere")
 
 
 def _damaged(saved: Saved, kind: str, which: int, offset: int, damage: str, bit: int) -> bytes:

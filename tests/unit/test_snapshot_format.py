@@ -22,20 +22,23 @@ def test_layout_gives_each_block_a_header_a_bitmap_checksums_and_an_aligned_page
     layout = fmt.plan_layout([("pc.ram", 64 * MiB), ("vga", 8 * MiB + 4096), ("big", 512 * MiB)])
     ram, vga, big = layout.blocks
     # Block 0 right after the superblock: header, then its bitmap (one bit per
-    # page, whole 64-bit words), then its checksums (8 bytes per page), then its
-    # pages on the next 1 MiB boundary.
+    # page, whole 64-bit words), then its checksums (8 bytes per page, then 8 per
+    # 1 MiB chunk), then its pages on the next 1 MiB boundary.
     assert ram.header_offset == 4096 and ram.bitmap_offset == 4096 + 512
     assert ram.bitmap_length(4096) == 16384 // 8
-    assert ram.sums_offset(4096) == 4096 + 512 + 2048 and ram.sums_length(4096) == 16384 * 8
+    assert ram.n_chunks(4096) == 64
+    assert ram.sums_offset(4096) == 4096 + 512 + 2048 and ram.sums_length(4096) == (16384 + 64) * 8
     assert ram.pages_offset == MiB
     # Block 1's header at the end of block 0's pages; its pages on the next 1 MiB.
     assert vga.header_offset == ram.end == 65 * MiB and vga.bitmap_offset == 65 * MiB + 512
     assert vga.bitmap_length(4096) == 8 * ((2049 + 63) // 64)
-    assert vga.sums_offset(4096) == 65 * MiB + 512 + 264 and vga.sums_length(4096) == 2049 * 8
+    # 8 MiB + 1 page: 9 chunks, the last of one page.
+    assert vga.n_chunks(4096) == 9
+    assert vga.sums_offset(4096) == 65 * MiB + 512 + 264 and vga.sums_length(4096) == (2049 + 9) * 8
     assert vga.pages_offset == 66 * MiB
-    # 512 MiB: 1 MiB of checksums pushes the page area one more MiB out.
+    # 512 MiB: 1 MiB (and 4 KiB) of checksums pushes the page area one more MiB out.
     assert big.header_offset == vga.end == 66 * MiB + 8 * MiB + 4096
-    assert big.sums_length(4096) == MiB and big.pages_offset == 76 * MiB
+    assert big.sums_length(4096) == MiB + 4096 and big.pages_offset == 76 * MiB
     # The device area on the 4 KiB after the last page area.
     assert layout.device_area == big.end == 76 * MiB + 512 * MiB
 
@@ -94,7 +97,7 @@ def test_superblock_round_trip_and_bytes() -> None:
     sb, _, _ = _snapshot()
     data = fmt.encode_superblock(sb)
     assert len(data) == fmt.SUPERBLOCK_SIZE and data[fmt.SUPERBLOCK_USED:] == bytes(4096 - 144)
-    assert data[:8] == b"MFDSNAP\x00" and data[8:12] == b"\x02\x00\x00\x00"   # version 2, LE
+    assert data[:8] == b"MFDSNAP\x00" and data[8:12] == b"\x03\x00\x00\x00"   # version 3, LE
     assert data[64:80] == SNAP_ID.bytes
     assert data[112:144] == hashlib.sha256(data[:112]).digest()
     assert fmt.decode_superblock(data, sb.file_size) == sb
@@ -129,10 +132,11 @@ def test_superblock_refusals() -> None:
     _refuse(good[:100], 100, "too short to be a snapshot")
     _refuse(bytes(4096), sb.file_size, "no snapshot header")
     _refuse(b"NOTASNAP" + good[8:], sb.file_size, "not a multifd snapshot")
-    _refuse(_resign(good[:8] + struct.pack("<I", 1) + good[12:]), sb.file_size,
-            r"snapshot format version 1 is not supported by this multifd \(2\); re-save it")
-    _refuse(_resign(good[:8] + struct.pack("<I", 3) + good[12:]), sb.file_size,
-            r"version 3 is not supported by this multifd \(2\)$")
+    for older in (1, 2):  # 2: page checksums but no chunk checksums
+        _refuse(_resign(good[:8] + struct.pack("<I", older) + good[12:]), sb.file_size,
+                rf"snapshot format version {older} is not supported by this multifd \(3\); re-save it")
+    _refuse(_resign(good[:8] + struct.pack("<I", 4) + good[12:]), sb.file_size,
+            r"version 4 is not supported by this multifd \(3\)$")
     _refuse(good[:20] + b"\x00" + good[21:], sb.file_size, "header is damaged")
     _refuse(_resign(good[:12] + struct.pack("<I", 6) + good[16:]), sb.file_size, "unknown snapshot flags")
     _refuse(_resign(good[:16] + struct.pack("<I", 8192) + good[20:]), sb.file_size, "page size 8192")
@@ -249,9 +253,11 @@ def test_page_checksums_are_xxh3_64_per_page_little_endian() -> None:
     sums = fmt.page_sums(pages)
     assert sums.dtype == np.uint64 and sums.size == 3
     assert sums.tolist() == [xxhash.xxh3_64_intdigest(pages[at:at + 4096]) for at in (0, 4096, 8192)]
-    # Each page's checksum is an 8-byte little-endian word at 8 * page.
-    raw = fmt.encode_sums(sums)
+    # Each page's checksum is an 8-byte little-endian word at 8 * page; the chunk
+    # words follow the page words.
+    raw = fmt.encode_sums(sums, np.array([fmt.chunk_sum(pages)], dtype=np.uint64))
     assert raw[8:16] == xxhash.xxh3_64_intdigest(bytes(4096)).to_bytes(8, "little")
+    assert raw[24:32] == xxhash.xxh3_64_intdigest(pages).to_bytes(8, "little") and len(raw) == 32
     damaged = bytearray(pages)
     damaged[4096 + 17] ^= 0x01
     damaged[8192:8192 + 100] = bytes(100)
@@ -261,10 +267,11 @@ def test_page_checksums_are_xxh3_64_per_page_little_endian() -> None:
 
 def test_checksum_array_is_checked_against_its_header() -> None:
     sums = np.array([7, 0, 9] + [0] * 61, dtype=np.uint64)
-    raw = fmt.encode_sums(sums)
+    raw = fmt.encode_sums(sums, np.array([2**64 - 5], dtype=np.uint64))
     block = fmt.BlockEntry("pc.ram", 64 * 4096, 4608, MiB, 2, BITMAP_DIGEST, hashlib.sha256(raw).digest())
     present = np.array([0, 2])
-    assert fmt.check_sums(block, raw, present, 4096).tolist() == sums.tolist()
+    pages, chunks = fmt.check_sums(block, raw, present, 4096)
+    assert pages.tolist() == sums.tolist() and chunks.tolist() == [2**64 - 5]
     with pytest.raises(SnapshotFormatError, match="page checksums of block 'pc.ram' are damaged"):
         fmt.check_sums(block, b"\x08" + raw[1:], present, 4096)
     with pytest.raises(SnapshotFormatError, match="page checksums of block 'pc.ram' are damaged"):
