@@ -86,6 +86,8 @@ def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport:
     try:
         times = os.times()
         to = ours.recv()
+        if isinstance(to, dict):  # it failed before it listened
+            raise RuntimeError(f"the destination failed: {to['error']}")
         # Connections are made by this thread: in the source namespace when asked.
         with inside(hosts.source) if hosts else contextlib.nullcontext():
             result = SourceMigration(src, to, secret=SECRET, config=config,
