@@ -50,6 +50,7 @@ from engine.channel import (
     ChannelReport,
     ChannelSpec,
     ControlOp,
+    channel_fork_server,
     control_pair,
     preload_channel,
     read_control,
@@ -100,6 +101,10 @@ class Operation:
         # packages, ~50 ms), and OpenSSL sets AES-GCM up on first use (~5 ms): now,
         # once per process, not while a peer waits in set-up.
         preload_channel()
+        if pool is None and self.config.start_method == "forkserver":
+            # The fork server imports the channel modules (~0.3 s) while the operation
+            # is set up and its peer connects, not after its first page is on the wire.
+            channel_fork_server().start()
         self.migration_id = uuid.uuid4()
         self.latch = FailureLatch()
         self._machine = StateMachine()
