@@ -243,9 +243,10 @@ CHANNEL_PRELOAD = (f"{__name__}:preload_channel",)
 
 def channel_fork_server() -> ForkServer:
     """This process's fork server for channel processes (the one operations with
-    ``start_method="forkserver"`` fork their channels from).  ``start()`` it early (a
-    VMM at start-up, a command as it begins) and its start is off every migration's
-    clock; ``stop()`` it, or :func:`engine.pool.stop_fork_servers`, at exit."""
+    ``start_method="forkserver"`` fork their channels from).  An operation made
+    without a shared pool starts it; ``start()`` it earlier (a VMM at start-up, a
+    command as it begins) and its start is off every migration's clock; ``stop()``
+    it, or :func:`engine.pool.stop_fork_servers`, at exit."""
     return fork_server(CHANNEL_PRELOAD)
 
 
