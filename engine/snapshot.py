@@ -499,11 +499,6 @@ class SnapshotRestore(Operation):
     role = "restore"
     config: MigrationConfig
     _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
-    # Internal, for bench/snapshot.py: each channel checks on a thread beside its
-    # reads.  Off: with one hash per chunk, handing each piece to a thread cost
-    # more than the check it moved off the reads (restore 0.74x of unchecked beside,
-    # 0.89x inline, 1 channel on 2 CPUs, medians of 7).
-    _check_beside = False
 
     def __init__(
         self,
@@ -629,7 +624,7 @@ class SnapshotRestore(Operation):
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
                             chunk_sums=self._chunk_sums.name if self._chunk_sums is not None else None,
-                            direct_io=self.direct_io, check_beside=self._check_beside)
+                            direct_io=self.direct_io)
         self._core = _start_file_channels(self, self.config, ram, target)
 
     def _free_sums_map(self) -> None:

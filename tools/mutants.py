@@ -243,15 +243,6 @@ MUTANTS: tuple[Mutant, ...] = (
          '                log.info("%s: cancel refused'),
     ),
     mutant(
-        "restore-finish-skips-pending-checks",
-        "a restore channel checking beside its reads answers FINISH with checks in flight",
-        ("engine/channel.py",
-         "    def _finish(self) -> None:\n"
-         "        if self._checker is not None:\n",
-         "    def _finish(self) -> None:\n"
-         "        if False:  # MUTANT: self._checker is not None\n"),
-    ),
-    mutant(
         "scrub-drops-last-job",
         "the parallel scrub's plan leaves out the last, partly filled job",
         ("engine/scrub.py",

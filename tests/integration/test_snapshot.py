@@ -356,18 +356,15 @@ def test_a_scrub_that_cannot_read_fails_clearly_and_leaves_a_shared_pool_working
     assert info.damage is None
 
 
-@pytest.mark.parametrize("beside", [True, False], ids=["check-beside-reads", "check-inline"])
-def test_restore_checks_every_piece_up_to_the_last_page(tmp_path: Path, beside: bool) -> None:
-    """With the checks on a thread beside the reads, a damaged page in the last
-    piece read still fails the restore (FINISH waits for every check); with
-    inline checks the same.  (A page mid-file: the rewriting-guest test.)"""
+def test_restore_checks_every_piece_up_to_the_last_page(tmp_path: Path) -> None:
+    """A damaged page in the last piece read fails the restore: the last chunk is
+    checked before FINISH is answered.  (A page mid-file: the rewriting-guest test.)"""
     path = tmp_path / "pieces.snap"
     with guest_ram(8 * MiB, fill="random") as ram:
         SnapshotSave(ram, str(path), live=False).run()
     block = inspect_snapshot(str(path)).metadata.blocks[0]
     _flip(path, block.pages_offset + 2047 * 4096 + 1234)
     restore = SnapshotRestore(str(path), config=MigrationConfig(channels=1))
-    restore._check_beside = beside
     with pytest.raises(SnapshotFormatError, match=f"block 'pc.ram' page 2047 \\(file offset "
                                                   f"{block.pages_offset + 2047 * 4096}\\) is damaged"):
         restore.run()
