@@ -356,16 +356,14 @@ class SnapshotSave(SavingOperation):
         self._defer("remove or close the snapshot file", self._release_file)
         if self.direct_io:
             open_file(self._file.path, "write", direct_io=True).close()  # fails here if unsupported
-        self._present = Segment.create(self.ram.n_pages)  # fresh: all absent
-        self._defer("unlink the present map", self._free_present_map)
+        self._present = _shared_map(self, self.ram.n_pages, "the present map")  # fresh: all absent
         if self._page_checksums:
             # The channels put each page's checksum here as they write the page: a
             # page written again (a later round) gets its new checksum in place.
-            self._sums = Segment.create(self.ram.n_pages * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the checksum map", self._free_sums_map)
+            self._sums = _shared_map(self, self.ram.n_pages * fmt.PAGE_SUM_SIZE, "the checksum map")
             # ... and each chunk's, recomputed by every channel that writes its pages.
-            self._chunk_sums = Segment.create(_total_chunks(self.ram) * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the chunk checksum map", self._free_chunk_sums_map)
+            self._chunk_sums = _shared_map(self, _total_chunks(self.ram) * fmt.PAGE_SUM_SIZE,
+                                           "the chunk checksum map")
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
@@ -452,23 +450,18 @@ class SnapshotSave(SavingOperation):
             file.discard()
         file.close()
 
-    def _free_present_map(self) -> None:
-        present, self._present = self._present, None
-        if present is not None:
-            present.close()
-            present.unlink()
 
-    def _free_sums_map(self) -> None:
-        sums, self._sums = self._sums, None
-        if sums is not None:
-            sums.close()
-            sums.unlink()
+def _shared_map(operation: Operation, size: int, what: str) -> Segment:
+    """A zero-filled shared segment of `size` bytes that the operation's channels
+    attach by name (`what` names it in errors), closed and unlinked at teardown."""
+    segment = Segment.create(size, what=what)
+    operation._defer(f"unlink {what}", _free_segment, segment)
+    return segment
 
-    def _free_chunk_sums_map(self) -> None:
-        chunk_sums, self._chunk_sums = self._chunk_sums, None
-        if chunk_sums is not None:
-            chunk_sums.close()
-            chunk_sums.unlink()
+
+def _free_segment(segment: Segment) -> None:
+    segment.close()
+    segment.unlink()
 
 
 def _total_chunks(ram: GuestRAM) -> int:
@@ -607,15 +600,13 @@ class SnapshotRestore(Operation):
         if self._page_checksums:
             # What each channel checks the pages it reads against (checked against
             # the block headers already, in _read_snapshot).
-            self._sums = Segment.create(ram.n_pages * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the checksum map", self._free_sums_map)
+            self._sums = _shared_map(self, ram.n_pages * fmt.PAGE_SUM_SIZE, "the checksum map")
             np.frombuffer(self._sums.buf, dtype="<u8", count=ram.n_pages)[:] = np.concatenate(
                 [page for page, _ in sums])
             # Each chunk's checksum, then its present pages (a channel holding them
             # all checks the chunk by its word: ChannelContext.chunk_sums).
             n_chunks = _total_chunks(ram)
-            self._chunk_sums = Segment.create(2 * n_chunks * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the chunk checksum map", self._free_chunk_sums_map)
+            self._chunk_sums = _shared_map(self, 2 * n_chunks * fmt.PAGE_SUM_SIZE, "the chunk checksum map")
             chunk_map = np.frombuffer(self._chunk_sums.buf, dtype="<u8", count=2 * n_chunks)
             chunk_map[:n_chunks] = np.concatenate([chunk for _, chunk in sums])
             chunk_map[n_chunks:] = np.concatenate([
@@ -626,18 +617,6 @@ class SnapshotRestore(Operation):
                             chunk_sums=self._chunk_sums.name if self._chunk_sums is not None else None,
                             direct_io=self.direct_io)
         self._core = _start_file_channels(self, self.config, ram, target)
-
-    def _free_sums_map(self) -> None:
-        sums, self._sums = self._sums, None
-        if sums is not None:
-            sums.close()
-            sums.unlink()
-
-    def _free_chunk_sums_map(self) -> None:
-        chunk_sums, self._chunk_sums = self._chunk_sums, None
-        if chunk_sums is not None:
-            chunk_sums.close()
-            chunk_sums.unlink()
 
     def _zero_absent(self, present: list[np.ndarray]) -> None:
         """RAM that held something: zero the pages the snapshot does not hold."""
