@@ -375,6 +375,12 @@ class SnapshotSave(SavingOperation):
         self._start_device_pool()
         self._devices_area = _DeviceArea(self._file, self.layout.device_area, len(self.devices))
 
+    def _piece_pages(self) -> int:
+        """A slot holds whole chunks: one channel writes a chunk's pages in a round
+        and hashes the chunk once, after them (docs/snapshot-format.md §8); unless a
+        chunk does not fit a packet (packet_pages, or a cap's, under CHUNK_PAGES)."""
+        return fmt.CHUNK_PAGES if self._packet_pages() >= fmt.CHUNK_PAGES else 1
+
     def _final_round(self, client: PrecopyClient) -> None:
         """Guest paused: the last pages and every device, then make the file durable."""
         assert self.tracker is not None and self._devices_area is not None

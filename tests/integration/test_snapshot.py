@@ -449,3 +449,16 @@ def test_a_chunk_split_over_two_channels_in_the_last_round_gets_its_final_word(t
         finally:
             restored.close()
             restored.unlink()
+
+
+def test_a_save_keeps_each_chunk_in_one_slot_so_every_dense_chunk_gets_its_word(tmp_path: Path) -> None:
+    """Slots of 500 pages are no whole number of chunks: the save still ends each
+    slot on a chunk boundary, so no dense chunk is cut into a large part (hashed)
+    and a small fringe (its word set to 0, "check page by page") that, landing
+    last on the one channel, would leave the chunk without its word."""
+    path = tmp_path / "slots.snap"
+    with guest_ram(4 * MiB, fill="random") as ram:
+        SnapshotSave(ram, str(path), live=False, config=MigrationConfig(channels=1, packet_pages=500)).run()
+        _, _, sums = _read_structure(path)
+        pages = ram.blocks[0].pages
+        assert sums[0][1].tolist() == [fmt.chunk_sum(pages[c * MiB:(c + 1) * MiB]) for c in range(4)]
