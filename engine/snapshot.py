@@ -82,8 +82,10 @@ def _check_config(config: MigrationConfig) -> MigrationConfig:
 
 @dataclass(frozen=True)
 class Damage:
-    """A damaged region a scrub found: pages of a RAM block or a device-state
-    chunk whose checksums do not match (or a device stream whose SHA-256 does not)."""
+    """A damaged region a scrub found: pages of a RAM block whose checksums do not
+    match, a chunk of RAM whose chunk checksum does not (its pages' do), or a
+    device-state chunk whose checksum does not (or a device stream whose SHA-256
+    does not)."""
 
     offset: int                 # file offset of its first byte
     length: int                 # bytes
@@ -91,9 +93,14 @@ class Damage:
     page: int = 0
     n_pages: int = 0
     device: str | None = None   # device state: "'idstr'/instance_id", and the chunk
-    chunk: int | None = None    #   (None: every chunk matches, the stream's SHA-256 does not)
+    chunk: int | None = None    #   (None: every chunk matches, the stream's SHA-256 does not);
+                                # RAM (with `block`): the chunk whose word does not match
 
     def describe(self) -> str:
+        if self.block is not None and self.chunk is not None:
+            return (f"block {self.block!r} chunk {self.chunk} (pages {self.page}-"
+                    f"{self.page + self.n_pages - 1}), file offset {self.offset} (+{self.length}): "
+                    f"its chunk checksum does not match, though every page matches its own")
         if self.block is not None:
             pages = (f"page {self.page}" if self.n_pages == 1
                      else f"pages {self.page}-{self.page + self.n_pages - 1}")
@@ -185,10 +192,12 @@ def inspect_snapshot(path: str, *, verify: bool = False, channels: int = 2,
                      pool: WorkerPool | None = None) -> SnapshotInfo:
     """Read and check a snapshot's header, metadata, bitmaps and checksum arrays.
 
-    ``verify=True`` also scrubs the whole file: every present page against its
-    checksum, in parallel over `channels` worker processes (engine/scrub.py; those
-    of `pool`, a process pool such as the VMM's warm one, when given; one channel
-    and no pool: sequentially in this process), then every device chunk against
+    ``verify=True`` also scrubs the whole file: every chunk of RAM that has a
+    chunk word against it, every other present page (and those of a chunk that
+    does not match) against its page word, in parallel over `channels` worker
+    processes (engine/scrub.py; those of `pool`, a process pool such as the
+    VMM's warm one, when given; one channel and no pool: sequentially in this
+    process), then every device chunk against
     its checksum and each device stream against its SHA-256; the result's
     ``damage`` lists every damaged region.
     Raises SnapshotError (a damaged structure is refused, not scrubbed);
@@ -198,27 +207,32 @@ def inspect_snapshot(path: str, *, verify: bool = False, channels: int = 2,
     try:
         info, present, sums = _read_snapshot(file)
         if verify:
-            info = replace(info, damage=_scrub(file, info, present, [page for page, _ in sums],
-                                               channels, pool))
+            info = replace(info, damage=_scrub(file, info, present, sums, channels, pool))
         return info
     finally:
         file.close()
 
 
 def _scrub(file: PositionalFile, info: SnapshotInfo, present: Sequence[np.ndarray],
-           sums: Sequence[np.ndarray], channels: int, pool: WorkerPool | None) -> tuple[Damage, ...]:
+           sums: Sequence[_Sums], channels: int, pool: WorkerPool | None) -> tuple[Damage, ...]:
     """Every damaged region of a structurally sound snapshot, in file order."""
     page_size = info.superblock.page_size
     blocks = info.metadata.blocks
     damaged = scrub_pages(file.path, [b.pages_offset for b in blocks], present, sums, page_size,
                           channels=channels, pool=pool)
     damage: list[Damage] = []
-    for block, pages in zip(blocks, damaged):
+    for block, (pages, chunks) in zip(blocks, damaged):
         # One region per run of consecutive damaged pages.
         bad_firsts, bad_counts = pages_to_runs(pages)
         for first, n in zip(bad_firsts.tolist(), bad_counts.tolist()):
             damage.append(Damage(block.pages_offset + first * page_size, n * page_size,
                                  block=block.name, page=first, n_pages=n))
+        # One per chunk whose word does not match, though every page matches its own.
+        for chunk in chunks.tolist():
+            first = chunk * fmt.CHUNK_PAGES
+            n = min(fmt.CHUNK_PAGES, block.n_pages(page_size) - first)
+            damage.append(Damage(block.pages_offset + first * page_size, n * page_size,
+                                 block=block.name, page=first, n_pages=n, chunk=chunk))
     for device in info.metadata.devices:
         digest, name = hashlib.sha256(), f"{device.idstr!r}/{device.instance_id}"
         bad_chunks = 0
@@ -485,8 +499,11 @@ class SnapshotRestore(Operation):
     Without `ram` the restore creates RAM of the snapshot's layout
     (:attr:`ram`, owned by the caller afterwards).  With `ram`, its layout must
     be the snapshot's; pages the snapshot does not hold are zeroed unless
-    ``ram_is_zeroed`` (then they must be zero: a chunk checksum covers them, and
-    a chunk that does not match fails the restore).  The same devices, by
+    ``ram_is_zeroed``: then they must be zero, the caller's promise, checked only
+    in part — a chunk checked by its chunk word (all its present pages in one
+    slot, at least 128, and a word) covers its absent pages, and one that does
+    not match fails the restore; stray bytes in a sparser chunk, a chunk without
+    a word or a chunk with no present page are never read, and stay.  The same devices, by
     (idstr, instance_id), as were saved must be given.  The file's structure is
     checked before anything is loaded, and every page against its checksum (a
     dense chunk's pages against the chunk's) as it lands (a damaged page

@@ -246,8 +246,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "scrub-drops-last-job",
         "the parallel scrub's plan leaves out the last, partly filled job",
         ("engine/scrub.py",
-         "    if runs:\n        jobs.append(",
-         "    if False:  # MUTANT: runs\n        jobs.append("),
+         "    if chunks:\n        jobs.append(",
+         "    if False:  # MUTANT: chunks\n        jobs.append("),
     ),
     mutant(
         "snapshot-chunk-rehash-skipped",
