@@ -243,6 +243,20 @@ MUTANTS: tuple[Mutant, ...] = (
          '                log.info("%s: cancel refused'),
     ),
     mutant(
+        "scrub-chunk-word-unchecked",
+        "the scrub never reports a chunk whose word does not match over intact pages",
+        ("engine/scrub.py",
+         "            elif word:\n                bad_chunks.append(",
+         "            elif False:  # MUTANT: word\n                bad_chunks.append("),
+    ),
+    mutant(
+        "save-slots-split-chunks",
+        "a save's slots may end inside a chunk (a dense chunk hashed twice, or left without a word)",
+        ("engine/snapshot.py",
+         "        return fmt.CHUNK_PAGES if self._packet_pages() >= fmt.CHUNK_PAGES else 1\n",
+         "        return 1  # MUTANT: whole chunks per slot\n"),
+    ),
+    mutant(
         "scrub-drops-last-job",
         "the parallel scrub's plan leaves out the last, partly filled job",
         ("engine/scrub.py",
