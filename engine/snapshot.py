@@ -197,9 +197,9 @@ def inspect_snapshot(path: str, *, verify: bool = False, channels: int = 2,
     does not match) against its page word, in parallel over `channels` worker
     processes (engine/scrub.py; those of `pool`, a process pool such as the
     VMM's warm one, when given; one channel and no pool: sequentially in this
-    process), then every device chunk against
-    its checksum and each device stream against its SHA-256; the result's
-    ``damage`` lists every damaged region.
+    process), then every device chunk against its checksum and each device
+    stream against its SHA-256; the result's ``damage`` lists every damaged
+    region (a file the restore would refuse is never reported intact).
     Raises SnapshotError (a damaged structure is refused, not scrubbed);
     ConfigError for a bad `channels` or pool.
     """
