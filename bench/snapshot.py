@@ -20,9 +20,6 @@ A third, *unchecked*, run is the warm one with the page checksums off (an
 internal switch, for this comparison only): the "checksums" ratios are
 throughput with them / without them, paired run by run, over the whole call and
 over the transfer alone (the restore's transfer includes checking every page).
-A fourth, *beside*, is the warm one with each channel checking its pages on a
-thread of its own beside its reads (an internal switch; the engine checks on the
-channel's thread, between reads, since the check is one hash per 1 MiB chunk).
 
 Scrub: after the warm restore, ``inspect_snapshot(verify=True)`` of the same file
 three ways — sequentially in this process, over N workers of the warm pool, and
@@ -98,11 +95,10 @@ def baseline_read(ram: GuestRAM, path: str) -> float:
 
 def save_and_restore(src: GuestRAM, dst: GuestRAM, path: str, channels: int,
                      pool: WorkerPool | None, label: str, checksums: bool = True,
-                     check_beside: bool = False, scrub: bool = False) -> dict[str, Any]:
+                     scrub: bool = False) -> dict[str, Any]:
     """Save `src` to `path` and restore it into `dst`; times keyed ``save_s_<label>``...
 
-    `check_beside`: the restore's checks on a thread beside the reads; `scrub`: also
-    time ``inspect --verify`` of the file, in this process and over `channels`
+    `scrub`: also time ``inspect --verify`` of the file, in this process and over `channels`
     processes (of `pool`, and of a pool of its own)."""
     config = MigrationConfig(channels=channels)
     started = time.perf_counter()
@@ -113,7 +109,6 @@ def save_and_restore(src: GuestRAM, dst: GuestRAM, path: str, channels: int,
     started = time.perf_counter()
     restore = SnapshotRestore(path, ram=dst, config=config, ram_is_zeroed=True, pool=pool)
     restore._page_checksums = checksums
-    restore._check_beside = check_beside
     restored = restore.run()
     restore_s = time.perf_counter() - started
     if not all(np.array_equal(np.frombuffer(a.pages, np.uint8), np.frombuffer(b.pages, np.uint8))
@@ -158,7 +153,7 @@ def main() -> int:
             for n in args.channels:
                 run: dict[str, Any] = {}
                 # Alternate the order so every kind shares the machine's drifts.
-                kinds = ["baseline", "cold", "warm", "unchecked", "beside"]
+                kinds = ["baseline", "cold", "warm", "unchecked"]
                 for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                     if kind == "baseline":
                         run["write_s"] = baseline_write(src, baseline_path)
@@ -168,7 +163,6 @@ def main() -> int:
                         pool = None if kind == "cold" else warm
                         run.update(save_and_restore(src, dst, snapshot_path, n, pool, kind,
                                                     checksums=kind != "unchecked",
-                                                    check_beside=kind == "beside",
                                                     scrub=kind == "warm"))
                 runs[n].append(run)
         where_fs = os.statvfs(where)
@@ -182,10 +176,10 @@ def main() -> int:
           f"warm = a process pool kept across operations")
     print(f"{'channels':>8} {'write':>6} {'save':>5} {'cold':>5} {'warm':>5}   "
           f"{'read':>5} {'restore':>7} {'cold':>5} {'warm':>5}   {'restore setup ms':>16}   "
-          f"{'checksums, with / without (warm)':>33}   {'checks beside':>14}")
+          f"{'checksums, with / without (warm)':>33}")
     print(f"{'':>8} {'GB/s':>6} {'GB/s':>5} {'ratio':>5} {'ratio':>5}   "
           f"{'GB/s':>5} {'GB/s':>7} {'ratio':>5} {'ratio':>5}   {'cold':>7} {'warm':>8}   "
-          f"{'save':>6} {'xfer':>6} {'restore':>7} {'xfer':>6}   {'restore':>7} {'xfer':>6}")
+          f"{'save':>6} {'xfer':>6} {'restore':>7} {'xfer':>6}")
     for n, cases in runs.items():
         def rate(key: str) -> list[float]:
             return [args.ram / run[key] / 1e9 for run in cases]  # noqa: B023
@@ -212,8 +206,6 @@ def main() -> int:
             "save_transfer": speedup("save_transfer_s_unchecked", "save_transfer_s_warm"),
             "restore": speedup("restore_s_unchecked", "restore_s_warm"),
             "restore_transfer": speedup("restore_transfer_s_unchecked", "restore_transfer_s_warm"),
-            "restore_beside": speedup("restore_s_unchecked", "restore_s_beside"),
-            "restore_transfer_beside": speedup("restore_transfer_s_unchecked", "restore_transfer_s_beside"),
             "unchecked_save_gbps": rate("save_s_unchecked"),
             "unchecked_restore_gbps": rate("restore_s_unchecked")}
         case["scrub"] = {"sequential_gbps": rate("scrub_seq_s_warm"), "warm_gbps": rate("scrub_warm_s_warm"),
@@ -228,8 +220,7 @@ def main() -> int:
               f"{statistics.median(cold['restore_gbps']):>7.2f} {cold['restore_over_read']:>5.2f} "
               f"{warm_['restore_over_read']:>5.2f}   {cold['restore_setup_ms']:>7.0f} "
               f"{warm_['restore_setup_ms']:>8.0f}   {sums['save']:>6.2f} {sums['save_transfer']:>6.2f} "
-              f"{sums['restore']:>7.2f} {sums['restore_transfer']:>6.2f}   "
-              f"{sums['restore_beside']:>7.2f} {sums['restore_transfer_beside']:>6.2f}")
+              f"{sums['restore']:>7.2f} {sums['restore_transfer']:>6.2f}")
         report["cases"].append(case)
     print("scrub (inspect --verify), GB/s of guest RAM: sequential in one process; N channels on the "
           "warm pool; N on a pool of its own (start-up included); ratios to sequential")

@@ -18,8 +18,7 @@ send op is positional I/O on its own descriptor of the snapshot file::
 
     main ── JOB(slot) ──▶ file channel: slot → payload planner → (offset, IOVs, hooks)
          ◀── IDLE(slot) ─     → per piece: checksum, pwritev (save)
-                                           or preadv, check the checksums (restore;
-                                           or, if asked, on a thread beside the reads)
+                                           or preadv, check the checksums (restore)
                               SYNC(e) → nothing to write: SYNCED(e) once earlier jobs are done
 
 Control messages are 16 bytes on a SOCK_SEQPACKET socketpair: a slot index or an
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import socket
 import struct
 import time
@@ -53,7 +51,7 @@ from engine.errors import (
 )
 from engine.link import LinkSecurity, secure, warm_up_records
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
-from engine.pool import CancelToken, ForkServer, WorkerPool, fork_server
+from engine.pool import CancelToken, ForkServer, fork_server
 from engine.shm import GuestRAM, Populate, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
@@ -152,7 +150,6 @@ class FileTarget:
     sums: str | None = None            # segment of the page checksums, one uint64 per page
     chunk_sums: str | None = None      # segment of the chunk checksums (ChannelContext.chunk_sums)
     direct_io: bool = False            #   (save: filled here; restore: checked here; None: off)
-    check_beside: bool = False         # restore: check each piece on a thread beside the next read
 
 
 @dataclass(frozen=True)
@@ -558,12 +555,6 @@ class _FileChannel(_JobChannel):
             self.ctx.chunk_sums = chunk_sums.buf
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
-        # Restore, if asked (check_beside): each piece's check runs on a thread of
-        # the channel's own while the next piece is read (_PieceChecker).
-        self._checker: _PieceChecker | None = None
-        if not writing and target.sums is not None and target.check_beside:
-            self._checker = _PieceChecker(f"mfd-check-{spec.channel_id}")
-            self._stack.callback(self._checker.close)
         self.planners: dict[int, FilePlanner] = {}
         for kind in spec.payload_kinds:
             entry = payload_entry(kind)
@@ -582,82 +573,15 @@ class _FileChannel(_JobChannel):
             if piece.before is not None:
                 piece.before()
             moved += self._move(piece.offset, piece.buffers)
-            if piece.after is None:
-                continue
-            if self._checker is not None:
-                self._checker.check(piece.after)
-            else:
+            if piece.after is not None:
                 piece.after()
         self.ctx.count(Counter.WIRE_BYTES, moved)
 
     def _sync(self, epoch: int) -> None:
-        if self._checker is not None:
-            self._checker.wait_idle()
+        pass  # a job's checks run within the job: a SYNC is read only after them
 
     def _finish(self) -> None:
-        if self._checker is not None:
-            self._checker.wait_idle()
-
-
-class _PieceChecker:
-    """Runs a restore's page checks behind its reads, on one thread of a pool of
-    the channel's own, beside the reads (``preadv`` releases the GIL)::
-
-        channel thread   read k ─ hand k ─ read k+1 ─ hand k+1 ─ read k+2 ...
-        checker thread             check k ──────────── check k+1 ...
-
-    At most `depth` checks are in flight (4 MiB of pieces: still in the shared
-    cache when hashed; and a checker that falls behind, the machine being busy,
-    stalls the reads only then).  Only the checks (closures over views of guest
-    RAM) cross the queue, never page bytes.  A check's error is raised by a later
-    hand-off or by :meth:`wait_idle`, which a job's SYNC and FINISH call: no sync
-    or finish is answered before every page read so far is checked.
-    """
-
-    def __init__(self, name: str, depth: int = 4) -> None:
-        self._todo: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._depth = depth
-        self._in_flight = 0
-        self._pool = WorkerPool("thread", 1, name=name)
-        self._pool.submit(self._serve)
-
-    def _serve(self) -> None:
-        while (check := self._todo.get()) is not None:
-            try:
-                check()
-            except BaseException as exc:  # noqa: BLE001 - it is the channel's, raised there
-                self._done.put(exc)
-            else:
-                self._done.put(None)
-
-    def check(self, check: Callable[[], None]) -> None:
-        """Hand `check` over; first, with `depth` in flight, wait for the oldest."""
-        self._collect(wait=self._in_flight >= self._depth)
-        self._todo.put(check)
-        self._in_flight += 1
-
-    def wait_idle(self) -> None:
-        """Wait for every check in flight; raise the first error."""
-        while self._in_flight:
-            self._collect(wait=True)
-
-    def _collect(self, wait: bool) -> None:
-        """Take the answers that are in (at least one with `wait`); raise an error."""
-        while self._in_flight:
-            try:
-                # A check is bounded work on memory already read: it always answers.
-                error = self._done.get(block=wait)
-            except queue.Empty:
-                return
-            self._in_flight -= 1
-            wait = False
-            if error is not None:
-                raise error
-
-    def close(self) -> None:
-        self._todo.put(None)
-        self._pool.shutdown(wait=True)
+        pass  # likewise: every page read so far is checked
 
 
 class Deliveries:

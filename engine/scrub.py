@@ -1,21 +1,30 @@
-"""Scrub: every present page of a snapshot against its checksum, over N channels.
+"""Scrub: every chunk of a snapshot against its chunk word, or its present pages
+against their page words, over N channels.
 
 ``inspect_snapshot(path, verify=True)`` (engine/snapshot.py) checks the file's
 structure, then hands the pages here::
 
-    present pages (per block) ── runs ── cut into jobs of ≤ JOB_PAGES pages
-        │                                 (block, file offset, first page, count) + expected words
+    each block's chunks (1 MiB of RAM) that hold a present page or have a word
+        ── cut into jobs of whole chunks, ≤ JOB_PAGES pages of work each
+        │   (block, file offset, first page, pages, chunk word) + runs + expected page words
         ▼
     pool: N worker processes (the channels)       one job each, in any order:
-        open the file; preadv ≤ 4 MiB into a scratch buffer of its own;
-        xxh3-64 of each page == its word?  → the damaged page numbers
+        open the file; per chunk: preadv each run of present pages to its place in
+        a 1 MiB scratch buffer of its own (absent pages zero);
+        a chunk word (not 0): xxh3-64 of the chunk == its word?  yes: every page intact
+        else (no word, or a mismatch): xxh3-64 of each page == its word?
+            → the damaged page numbers; none, yet the chunk word does not match:
+              the damaged chunk
         ▼
-    main: damaged pages per block (each job's, merged)
+    main: damaged pages and chunks per block (each job's, merged)
 
-Only offsets, page numbers and checksum words go to a job, and only damaged
-page numbers come back: page bytes are read by the job that checks them and
-never leave it.  With one channel and no pool the jobs run here, in order
-(the sequential scrub).
+This is the restore's check (clients/ram_payload.py: one hash per chunk, page
+words to name a damaged page), applied to every chunk with a word, sparse ones
+too: a file the restore would refuse is never reported intact.  Only offsets,
+page numbers and checksum words go to a job, and only damaged page and chunk
+numbers come back: page bytes are read by the job that checks them and never
+leave it.  With one channel and no pool the jobs run here, in order (the
+sequential scrub).
 """
 
 from __future__ import annotations
@@ -31,85 +40,126 @@ import numpy as np
 
 from engine.channel import CHANNEL_PRELOAD
 from engine.errors import ConfigError
-from engine.pages import pages_to_runs
 from engine.pool import WorkerPool
 from engine.transport import open_file
 from engine.wire import snapshot_format as fmt
 
 JOB_PAGES = 4096   # 16 MiB of pages per job: many jobs per channel, so channels finish together
-READ_PAGES = 1024  # 4 MiB per preadv
 
 
 @dataclass(frozen=True)
 class ScrubJob:
-    """Runs of present pages to check, and what each page's checksum must be."""
+    """Whole chunks to check: where each lies, its word, its runs of present pages
+    and what each of those pages' checksum must be."""
 
-    runs: tuple[tuple[int, int, int, int], ...]  # (block, file offset of `first`, first, count)
-    sums: np.ndarray                             # uint64: the expected words, run after run
+    chunks: tuple[tuple[int, int, int, int, int, int], ...]  # (block, file offset of its first page,
+                                                             #  first page, pages, chunk word or 0, runs)
+    runs: np.ndarray  # int64 (n, 2): (first page, count) of each chunk's runs, chunk after chunk
+    sums: np.ndarray  # uint64: the expected page words, run after run
 
 
-# A job's answer: (block, damaged page numbers) per run with any, or the error it met.
-JobAnswer = tuple[list[tuple[int, np.ndarray]], BaseException | None]
+# What a job finds: (block, damaged page numbers) per chunk with any, and
+# (block, chunk) for each chunk whose word does not match though every page does.
+Found = tuple[list[tuple[int, np.ndarray]], list[tuple[int, int]]]
+# A job's answer: what it found, or the error it met.
+JobAnswer = tuple[Found, BaseException | None]
 
 
 def plan_jobs(pages_offsets: Sequence[int], present: Sequence[np.ndarray],
-              sums: Sequence[np.ndarray], page_size: int,
+              sums: Sequence[tuple[np.ndarray, np.ndarray]], page_size: int,
               job_pages: int = JOB_PAGES) -> list[ScrubJob]:
-    """Every present page of every block, in file order, in jobs of at most `job_pages`."""
+    """Every chunk of every block that holds a present page or has a word, in file
+    order, in jobs of whole chunks worth at most about `job_pages` pages of work
+    (a chunk checked by its word counts all its pages: they are hashed)."""
     jobs: list[ScrubJob] = []
-    runs: list[tuple[int, int, int, int]] = []
+    chunks: list[tuple[int, int, int, int, int, int]] = []
+    runs: list[np.ndarray] = []
     words: list[np.ndarray] = []
     held = 0
-    for index, (base, pages, block_sums) in enumerate(zip(pages_offsets, present, sums)):
-        firsts, counts = pages_to_runs(pages)
-        for first, count in zip(firsts.tolist(), counts.tolist()):
-            while count:
-                n = min(count, job_pages - held)
-                runs.append((index, base + first * page_size, first, n))
-                words.append(block_sums[first:first + n])
-                held += n
-                first += n
-                count -= n
-                if held == job_pages:
-                    jobs.append(ScrubJob(tuple(runs), np.concatenate(words)))
-                    runs, words, held = [], [], 0
-    if runs:
-        jobs.append(ScrubJob(tuple(runs), np.concatenate(words)))
+    for index, (base, pages, (page_words, chunk_words)) in enumerate(zip(pages_offsets, present, sums)):
+        n_pages = page_words.size
+        # Runs of present pages, cut at every chunk boundary.
+        starts = np.flatnonzero(np.concatenate(
+            ([True], (np.diff(pages) != 1) | (pages[1:] % fmt.CHUNK_PAGES == 0)))) if pages.size else pages
+        firsts = pages[starts]
+        counts = np.diff(np.append(starts, pages.size))
+        per_chunk = np.bincount(firsts // fmt.CHUNK_PAGES, minlength=chunk_words.size)
+        pages_per_chunk = np.bincount(pages // fmt.CHUNK_PAGES, minlength=chunk_words.size)
+        run_at = np.concatenate(([0], np.cumsum(per_chunk)))
+        word_at = np.concatenate(([0], np.cumsum(pages_per_chunk)))
+        block_runs = np.stack([firsts, counts], axis=1).astype(np.int64)
+        for chunk in np.flatnonzero((pages_per_chunk > 0) | (chunk_words != 0)).tolist():
+            first = chunk * fmt.CHUNK_PAGES
+            word = int(chunk_words[chunk])
+            chunks.append((index, base + first * page_size, first, min(fmt.CHUNK_PAGES, n_pages - first),
+                           word, int(per_chunk[chunk])))
+            runs.append(block_runs[run_at[chunk]:run_at[chunk + 1]])
+            words.append(page_words[pages[word_at[chunk]:word_at[chunk + 1]]])
+            held += fmt.CHUNK_PAGES if word else int(pages_per_chunk[chunk])
+            if held >= job_pages:
+                jobs.append(_job(chunks, runs, words))
+                chunks, runs, words, held = [], [], [], 0
+    if chunks:
+        jobs.append(_job(chunks, runs, words))
     return jobs
 
 
-def check_job(path: str, job: ScrubJob, page_size: int) -> list[tuple[int, np.ndarray]]:
-    """Read and check one job's pages; answer (block, damaged page numbers) per run
-    that has any.  Raises SnapshotError when the file cannot be read."""
+def _job(chunks: list[tuple[int, int, int, int, int, int]], runs: list[np.ndarray],
+         words: list[np.ndarray]) -> ScrubJob:
+    return ScrubJob(tuple(chunks), np.concatenate(runs), np.concatenate(words).astype("<u8"))
+
+
+def check_job(path: str, job: ScrubJob, page_size: int) -> Found:
+    """Read and check one job's chunks; answer (block, damaged page numbers) per
+    chunk that has any, and (block, chunk) per chunk that has none but does not
+    match its word.  Raises SnapshotError when the file cannot be read."""
     file = open_file(path, "read")
     try:
-        scratch = memoryview(bytearray(min(READ_PAGES, len(job.sums)) * page_size))
+        scratch = bytearray(fmt.CHUNK_PAGES * page_size)
+        zeros = np.frombuffer(scratch, dtype=np.uint8)
+        buffer = memoryview(scratch)
         damaged: list[tuple[int, np.ndarray]] = []
-        at_word = 0
-        for block, offset, first, count in job.runs:
-            bad: list[np.ndarray] = []
-            for done in range(0, count, READ_PAGES):
-                n = min(READ_PAGES, count - done)
-                view = scratch[:n * page_size]
-                file.read_into(offset + done * page_size, [view])
-                expected = job.sums[at_word + done:at_word + done + n]
-                bad.append(first + done + fmt.damaged_pages(view, expected, page_size))
-            at_word += count
-            pages = np.concatenate(bad)
+        bad_chunks: list[tuple[int, int]] = []
+        at_run = at_word = 0
+        for block, offset, first, n_pages, word, n_runs in job.chunks:
+            runs = job.runs[at_run:at_run + n_runs].tolist()
+            at_run += n_runs
+            held = sum(count for _, count in runs)
+            chunk = buffer[:n_pages * page_size]
+            if word and held < n_pages:
+                zeros[:n_pages * page_size] = 0  # absent pages hash as zeros, as restored
+            for at, count in runs:
+                start = (at - first) * page_size
+                file.read_into(offset + start, [chunk[start:start + count * page_size]])
+            expected = job.sums[at_word:at_word + held]
+            at_word += held
+            if word and fmt.chunk_sum(chunk) == word:
+                continue  # one hash for the whole chunk: every page intact
+            bad, done = [], 0
+            for at, count in runs:
+                start = (at - first) * page_size
+                bad.append(at + fmt.damaged_pages(chunk[start:start + count * page_size],
+                                                  expected[done:done + count], page_size))
+                done += count
+            pages = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
             if pages.size:
                 damaged.append((block, pages))
-        return damaged
+            elif word:
+                bad_chunks.append((block, first // fmt.CHUNK_PAGES))
+        return damaged, bad_chunks
     finally:
         file.close()
 
 
 def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.ndarray],
-                sums: Sequence[np.ndarray], page_size: int, *, channels: int = 1,
-                pool: WorkerPool | None = None) -> list[np.ndarray]:
-    """The damaged pages of each block (sorted page numbers), every present page
-    checked, `channels` jobs at a time on worker processes: those of `pool` (a
-    process pool, e.g. the VMM's warm one), else a pool of `channels` of this
-    scrub's own.  ``channels=1`` without a pool: sequentially, in this process.
+                sums: Sequence[tuple[np.ndarray, np.ndarray]], page_size: int, *, channels: int = 1,
+                pool: WorkerPool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per block, its damaged pages and the chunks whose word does not match though
+    every page does (sorted numbers); every present page and chunk word checked,
+    `channels` jobs at a time on worker processes: those of `pool` (a process
+    pool, e.g. the VMM's warm one), else a pool of `channels` of this scrub's own.
+    ``channels=1`` without a pool: sequentially, in this process.  `sums`: each
+    block's page words and chunk words.
 
     Raises ConfigError for a bad `channels` or a thread pool; SnapshotError when
     the file cannot be read; a pool's error when a worker fails.
@@ -119,7 +169,6 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
     if pool is not None and pool.backend != "process":
         raise ConfigError("a scrub runs on a process pool: page checks hold the GIL")
     jobs = plan_jobs(pages_offsets, present, sums, page_size, JOB_PAGES)
-    found: list[list[np.ndarray]] = [[] for _ in present]
     if pool is None and (channels == 1 or len(jobs) <= 1):
         results = [check_job(path, job, page_size) for job in jobs]
     elif pool is not None:
@@ -130,11 +179,16 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
         with WorkerPool("process", min(channels, len(jobs)), name="mfd-scrub",
                         start_method="forkserver", preload=CHANNEL_PRELOAD) as own:
             results = _run(own, path, jobs, page_size, channels)
-    for result in results:
-        for block, pages in result:
+    found: list[list[np.ndarray]] = [[] for _ in present]
+    found_chunks: list[list[int]] = [[] for _ in present]
+    for damaged, bad_chunks in results:
+        for block, pages in damaged:
             found[block].append(pages)
-    return [np.unique(np.concatenate(pages)) if pages else np.zeros(0, dtype=np.int64)
-            for pages in found]
+        for block, chunk in bad_chunks:
+            found_chunks[block].append(chunk)
+    return [(np.unique(np.concatenate(pages)) if pages else np.zeros(0, dtype=np.int64),
+             np.unique(np.asarray(chunks, dtype=np.int64)))
+            for pages, chunks in zip(found, found_chunks)]
 
 
 def _contained(path: str, job: ScrubJob, page_size: int) -> JobAnswer:
@@ -143,14 +197,14 @@ def _contained(path: str, job: ScrubJob, page_size: int) -> JobAnswer:
     try:
         return check_job(path, job, page_size), None
     except Exception as exc:
-        return [], exc
+        return ([], []), exc
 
 
 def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob], page_size: int,
-         channels: int) -> list[list[tuple[int, np.ndarray]]]:
+         channels: int) -> list[Found]:
     """Every job on `pool`, at most `channels` at a time; their answers in job
     order (the first failure raised, the jobs not yet sent never sent)."""
-    answers: list[list[tuple[int, np.ndarray]]] = []
+    answers: list[Found] = []
     in_flight: deque[Future[JobAnswer]] = deque()
     waiting = iter(jobs)
     while True:
@@ -158,13 +212,13 @@ def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob], page_size: int,
             in_flight.append(pool.submit(_contained, path, job, page_size))
         if not in_flight:
             return answers
-        damaged, error = in_flight.popleft().result()  # a job is bounded work, or its worker dies
+        found, error = in_flight.popleft().result()  # a job is bounded work, or its worker dies
         if error is not None:
             for future in in_flight:  # let the jobs sent finish: the pool may be the VMM's
                 with contextlib.suppress(Exception):  # the first error is the one to tell
                     future.result()
             raise error
-        answers.append(damaged)
+        answers.append(found)
 
 
 __all__ = ["JOB_PAGES", "ScrubJob", "check_job", "plan_jobs", "scrub_pages"]

@@ -82,8 +82,10 @@ def _check_config(config: MigrationConfig) -> MigrationConfig:
 
 @dataclass(frozen=True)
 class Damage:
-    """A damaged region a scrub found: pages of a RAM block or a device-state
-    chunk whose checksums do not match (or a device stream whose SHA-256 does not)."""
+    """A damaged region a scrub found: pages of a RAM block whose checksums do not
+    match, a chunk of RAM whose chunk checksum does not (its pages' do), or a
+    device-state chunk whose checksum does not (or a device stream whose SHA-256
+    does not)."""
 
     offset: int                 # file offset of its first byte
     length: int                 # bytes
@@ -91,9 +93,14 @@ class Damage:
     page: int = 0
     n_pages: int = 0
     device: str | None = None   # device state: "'idstr'/instance_id", and the chunk
-    chunk: int | None = None    #   (None: every chunk matches, the stream's SHA-256 does not)
+    chunk: int | None = None    #   (None: every chunk matches, the stream's SHA-256 does not);
+                                # RAM (with `block`): the chunk whose word does not match
 
     def describe(self) -> str:
+        if self.block is not None and self.chunk is not None:
+            return (f"block {self.block!r} chunk {self.chunk} (pages {self.page}-"
+                    f"{self.page + self.n_pages - 1}), file offset {self.offset} (+{self.length}): "
+                    f"its chunk checksum does not match, though every page matches its own")
         if self.block is not None:
             pages = (f"page {self.page}" if self.n_pages == 1
                      else f"pages {self.page}-{self.page + self.n_pages - 1}")
@@ -185,12 +192,14 @@ def inspect_snapshot(path: str, *, verify: bool = False, channels: int = 2,
                      pool: WorkerPool | None = None) -> SnapshotInfo:
     """Read and check a snapshot's header, metadata, bitmaps and checksum arrays.
 
-    ``verify=True`` also scrubs the whole file: every present page against its
-    checksum, in parallel over `channels` worker processes (engine/scrub.py; those
-    of `pool`, a process pool such as the VMM's warm one, when given; one channel
-    and no pool: sequentially in this process), then every device chunk against
-    its checksum and each device stream against its SHA-256; the result's
-    ``damage`` lists every damaged region.
+    ``verify=True`` also scrubs the whole file: every chunk of RAM that has a
+    chunk word against it, every other present page (and those of a chunk that
+    does not match) against its page word, in parallel over `channels` worker
+    processes (engine/scrub.py; those of `pool`, a process pool such as the
+    VMM's warm one, when given; one channel and no pool: sequentially in this
+    process), then every device chunk against its checksum and each device
+    stream against its SHA-256; the result's ``damage`` lists every damaged
+    region (a file the restore would refuse is never reported intact).
     Raises SnapshotError (a damaged structure is refused, not scrubbed);
     ConfigError for a bad `channels` or pool.
     """
@@ -198,27 +207,32 @@ def inspect_snapshot(path: str, *, verify: bool = False, channels: int = 2,
     try:
         info, present, sums = _read_snapshot(file)
         if verify:
-            info = replace(info, damage=_scrub(file, info, present, [page for page, _ in sums],
-                                               channels, pool))
+            info = replace(info, damage=_scrub(file, info, present, sums, channels, pool))
         return info
     finally:
         file.close()
 
 
 def _scrub(file: PositionalFile, info: SnapshotInfo, present: Sequence[np.ndarray],
-           sums: Sequence[np.ndarray], channels: int, pool: WorkerPool | None) -> tuple[Damage, ...]:
+           sums: Sequence[_Sums], channels: int, pool: WorkerPool | None) -> tuple[Damage, ...]:
     """Every damaged region of a structurally sound snapshot, in file order."""
     page_size = info.superblock.page_size
     blocks = info.metadata.blocks
     damaged = scrub_pages(file.path, [b.pages_offset for b in blocks], present, sums, page_size,
                           channels=channels, pool=pool)
     damage: list[Damage] = []
-    for block, pages in zip(blocks, damaged):
+    for block, (pages, chunks) in zip(blocks, damaged):
         # One region per run of consecutive damaged pages.
         bad_firsts, bad_counts = pages_to_runs(pages)
         for first, n in zip(bad_firsts.tolist(), bad_counts.tolist()):
             damage.append(Damage(block.pages_offset + first * page_size, n * page_size,
                                  block=block.name, page=first, n_pages=n))
+        # One per chunk whose word does not match, though every page matches its own.
+        for chunk in chunks.tolist():
+            first = chunk * fmt.CHUNK_PAGES
+            n = min(fmt.CHUNK_PAGES, block.n_pages(page_size) - first)
+            damage.append(Damage(block.pages_offset + first * page_size, n * page_size,
+                                 block=block.name, page=first, n_pages=n, chunk=chunk))
     for device in info.metadata.devices:
         digest, name = hashlib.sha256(), f"{device.idstr!r}/{device.instance_id}"
         bad_chunks = 0
@@ -356,16 +370,14 @@ class SnapshotSave(SavingOperation):
         self._defer("remove or close the snapshot file", self._release_file)
         if self.direct_io:
             open_file(self._file.path, "write", direct_io=True).close()  # fails here if unsupported
-        self._present = Segment.create(self.ram.n_pages)  # fresh: all absent
-        self._defer("unlink the present map", self._free_present_map)
+        self._present = _shared_map(self, self.ram.n_pages, "the present map")  # fresh: all absent
         if self._page_checksums:
             # The channels put each page's checksum here as they write the page: a
             # page written again (a later round) gets its new checksum in place.
-            self._sums = Segment.create(self.ram.n_pages * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the checksum map", self._free_sums_map)
+            self._sums = _shared_map(self, self.ram.n_pages * fmt.PAGE_SUM_SIZE, "the checksum map")
             # ... and each chunk's, recomputed by every channel that writes its pages.
-            self._chunk_sums = Segment.create(_total_chunks(self.ram) * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the chunk checksum map", self._free_chunk_sums_map)
+            self._chunk_sums = _shared_map(self, _total_chunks(self.ram) * fmt.PAGE_SUM_SIZE,
+                                           "the chunk checksum map")
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
@@ -376,6 +388,12 @@ class SnapshotSave(SavingOperation):
                                           max_bandwidth=cfg.max_bandwidth)
         self._start_device_pool()
         self._devices_area = _DeviceArea(self._file, self.layout.device_area, len(self.devices))
+
+    def _piece_pages(self) -> int:
+        """A slot holds whole chunks: one channel writes a chunk's pages in a round
+        and hashes the chunk once, after them (docs/snapshot-format.md §8); unless a
+        chunk does not fit a packet (packet_pages, or a cap's, under CHUNK_PAGES)."""
+        return fmt.CHUNK_PAGES if self._packet_pages() >= fmt.CHUNK_PAGES else 1
 
     def _final_round(self, client: PrecopyClient) -> None:
         """Guest paused: the last pages and every device, then make the file durable."""
@@ -452,23 +470,18 @@ class SnapshotSave(SavingOperation):
             file.discard()
         file.close()
 
-    def _free_present_map(self) -> None:
-        present, self._present = self._present, None
-        if present is not None:
-            present.close()
-            present.unlink()
 
-    def _free_sums_map(self) -> None:
-        sums, self._sums = self._sums, None
-        if sums is not None:
-            sums.close()
-            sums.unlink()
+def _shared_map(operation: Operation, size: int, what: str) -> Segment:
+    """A zero-filled shared segment of `size` bytes that the operation's channels
+    attach by name (`what` names it in errors), closed and unlinked at teardown."""
+    segment = Segment.create(size, what=what)
+    operation._defer(f"unlink {what}", _free_segment, segment)
+    return segment
 
-    def _free_chunk_sums_map(self) -> None:
-        chunk_sums, self._chunk_sums = self._chunk_sums, None
-        if chunk_sums is not None:
-            chunk_sums.close()
-            chunk_sums.unlink()
+
+def _free_segment(segment: Segment) -> None:
+    segment.close()
+    segment.unlink()
 
 
 def _total_chunks(ram: GuestRAM) -> int:
@@ -486,8 +499,11 @@ class SnapshotRestore(Operation):
     Without `ram` the restore creates RAM of the snapshot's layout
     (:attr:`ram`, owned by the caller afterwards).  With `ram`, its layout must
     be the snapshot's; pages the snapshot does not hold are zeroed unless
-    ``ram_is_zeroed`` (then they must be zero: a chunk checksum covers them, and
-    a chunk that does not match fails the restore).  The same devices, by
+    ``ram_is_zeroed``: then they must be zero, the caller's promise, checked only
+    in part — a chunk checked by its chunk word (all its present pages in one
+    slot, at least 128, and a word) covers its absent pages, and one that does
+    not match fails the restore; stray bytes in a sparser chunk, a chunk without
+    a word or a chunk with no present page are never read, and stay.  The same devices, by
     (idstr, instance_id), as were saved must be given.  The file's structure is
     checked before anything is loaded, and every page against its checksum (a
     dense chunk's pages against the chunk's) as it lands (a damaged page
@@ -499,11 +515,6 @@ class SnapshotRestore(Operation):
     role = "restore"
     config: MigrationConfig
     _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
-    # Internal, for bench/snapshot.py: each channel checks on a thread beside its
-    # reads.  Off: with one hash per chunk, handing each piece to a thread cost
-    # more than the check it moved off the reads (restore 0.74x of unchecked beside,
-    # 0.89x inline, 1 channel on 2 CPUs, medians of 7).
-    _check_beside = False
 
     def __init__(
         self,
@@ -612,15 +623,13 @@ class SnapshotRestore(Operation):
         if self._page_checksums:
             # What each channel checks the pages it reads against (checked against
             # the block headers already, in _read_snapshot).
-            self._sums = Segment.create(ram.n_pages * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the checksum map", self._free_sums_map)
+            self._sums = _shared_map(self, ram.n_pages * fmt.PAGE_SUM_SIZE, "the checksum map")
             np.frombuffer(self._sums.buf, dtype="<u8", count=ram.n_pages)[:] = np.concatenate(
                 [page for page, _ in sums])
             # Each chunk's checksum, then its present pages (a channel holding them
             # all checks the chunk by its word: ChannelContext.chunk_sums).
             n_chunks = _total_chunks(ram)
-            self._chunk_sums = Segment.create(2 * n_chunks * fmt.PAGE_SUM_SIZE)
-            self._defer("unlink the chunk checksum map", self._free_chunk_sums_map)
+            self._chunk_sums = _shared_map(self, 2 * n_chunks * fmt.PAGE_SUM_SIZE, "the chunk checksum map")
             chunk_map = np.frombuffer(self._chunk_sums.buf, dtype="<u8", count=2 * n_chunks)
             chunk_map[:n_chunks] = np.concatenate([chunk for _, chunk in sums])
             chunk_map[n_chunks:] = np.concatenate([
@@ -629,20 +638,8 @@ class SnapshotRestore(Operation):
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
                             chunk_sums=self._chunk_sums.name if self._chunk_sums is not None else None,
-                            direct_io=self.direct_io, check_beside=self._check_beside)
+                            direct_io=self.direct_io)
         self._core = _start_file_channels(self, self.config, ram, target)
-
-    def _free_sums_map(self) -> None:
-        sums, self._sums = self._sums, None
-        if sums is not None:
-            sums.close()
-            sums.unlink()
-
-    def _free_chunk_sums_map(self) -> None:
-        chunk_sums, self._chunk_sums = self._chunk_sums, None
-        if chunk_sums is not None:
-            chunk_sums.close()
-            chunk_sums.unlink()
 
     def _zero_absent(self, present: list[np.ndarray]) -> None:
         """RAM that held something: zero the pages the snapshot does not hold."""

@@ -243,20 +243,25 @@ MUTANTS: tuple[Mutant, ...] = (
          '                log.info("%s: cancel refused'),
     ),
     mutant(
-        "restore-finish-skips-pending-checks",
-        "a restore channel checking beside its reads answers FINISH with checks in flight",
-        ("engine/channel.py",
-         "    def _finish(self) -> None:\n"
-         "        if self._checker is not None:\n",
-         "    def _finish(self) -> None:\n"
-         "        if False:  # MUTANT: self._checker is not None\n"),
+        "scrub-chunk-word-unchecked",
+        "the scrub never reports a chunk whose word does not match over intact pages",
+        ("engine/scrub.py",
+         "            elif word:\n                bad_chunks.append(",
+         "            elif False:  # MUTANT: word\n                bad_chunks.append("),
+    ),
+    mutant(
+        "save-slots-split-chunks",
+        "a save's slots may end inside a chunk (a dense chunk hashed twice, or left without a word)",
+        ("engine/snapshot.py",
+         "        return fmt.CHUNK_PAGES if self._packet_pages() >= fmt.CHUNK_PAGES else 1\n",
+         "        return 1  # MUTANT: whole chunks per slot\n"),
     ),
     mutant(
         "scrub-drops-last-job",
         "the parallel scrub's plan leaves out the last, partly filled job",
         ("engine/scrub.py",
-         "    if runs:\n        jobs.append(",
-         "    if False:  # MUTANT: runs\n        jobs.append("),
+         "    if chunks:\n        jobs.append(",
+         "    if False:  # MUTANT: chunks\n        jobs.append("),
     ),
     mutant(
         "snapshot-chunk-rehash-skipped",

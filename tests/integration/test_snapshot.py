@@ -15,7 +15,14 @@ from engine import GuestRAM, MigrationConfig
 from engine.errors import CancelledError, ConfigError, SnapshotError, SnapshotFormatError
 from engine.pool import WorkerPool
 from engine.scrub import scrub_pages
-from engine.snapshot import SnapshotInfo, SnapshotRestore, SnapshotSave, _read_snapshot, inspect_snapshot
+from engine.snapshot import (
+    Damage,
+    SnapshotInfo,
+    SnapshotRestore,
+    SnapshotSave,
+    _read_snapshot,
+    inspect_snapshot,
+)
 from engine.transport import open_file
 from engine.wire import snapshot_format as fmt
 from tests.harness import MiB, guest_ram, same_memory, wait_until
@@ -291,16 +298,16 @@ def test_inspect_verify_names_every_damaged_region(tmp_path: Path) -> None:
 
 def _scrub_file(tmp_path: Path) -> tuple[Path, fmt.Metadata]:
     """A 2-block snapshot with a device, some zero pages, and damage in several
-    places: the first page, two pages across a scrub job's edge, the last page,
-    and a device chunk."""
+    places: the first page, two pages across a chunk's edge (a scrub job's, with
+    jobs of one chunk), the last page, and a device chunk."""
     path = tmp_path / "scrub-many.snap"
     with guest_ram(4 * MiB, fill="random", blocks=2) as ram:
         ram.blocks[0].array()[200:300] = 0  # absent pages: a hole in the runs
         SnapshotSave(ram, str(path), live=False, devices=demo_devices(1, 100 * 1024)).run()
     md = inspect_snapshot(str(path)).metadata
     ram0, ram1 = md.blocks
-    for offset in (ram0.pages_offset + 17, ram0.pages_offset + 63 * 4096 + 4000,
-                   ram0.pages_offset + 64 * 4096, ram1.pages_offset + 511 * 4096 + 4095,
+    for offset in (ram0.pages_offset + 17, ram1.pages_offset + 255 * 4096 + 4000,
+                   ram1.pages_offset + 256 * 4096, ram1.pages_offset + 511 * 4096 + 4095,
                    md.devices[0].chunks[0][0] + 5):
         _flip(path, offset)
     return path, md
@@ -308,11 +315,11 @@ def _scrub_file(tmp_path: Path) -> tuple[Path, fmt.Metadata]:
 
 def test_parallel_scrub_over_a_pool_finds_every_damaged_region(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Jobs of 64 pages over 2 worker processes find what one process finds."""
-    monkeypatch.setattr("engine.scrub.JOB_PAGES", 64)
+    """Jobs of one chunk over 2 worker processes find what one process finds."""
+    monkeypatch.setattr("engine.scrub.JOB_PAGES", 64)  # under a chunk: each job holds one
     path, md = _scrub_file(tmp_path)
     ram0, ram1 = md.blocks
-    expected = [("pc.ram", 0, 1, ram0.pages_offset), ("pc.ram", 63, 2, ram0.pages_offset + 63 * 4096),
+    expected = [("pc.ram", 0, 1, ram0.pages_offset), ("block1", 255, 2, ram1.pages_offset + 255 * 4096),
                 ("block1", 511, 1, ram1.pages_offset + 511 * 4096)]
     sequential = inspect_snapshot(str(path), verify=True, channels=1).damage
     assert sequential is not None
@@ -322,7 +329,7 @@ def test_parallel_scrub_over_a_pool_finds_every_damaged_region(tmp_path: Path,
     with WorkerPool("process", 2, name="scrub-warm") as warm:
         assert inspect_snapshot(str(path), verify=True, pool=warm).damage == sequential
         stats = warm.statistics()
-        assert stats.workers_started == 2 and stats.completed == 15  # 412 + 512 pages, 64 a job
+        assert stats.workers_started == 2 and stats.completed == 4  # 2 + 2 chunks, one a job
     with WorkerPool("process", 2, name="scrub-one") as shared:  # one job at a time: one worker
         assert inspect_snapshot(str(path), verify=True, channels=1, pool=shared).damage == sequential
         assert shared.statistics().workers_started == 1
@@ -339,8 +346,7 @@ def _read_structure(path: Path) -> tuple[SnapshotInfo, list[np.ndarray], list[tu
 def test_a_scrub_that_cannot_read_fails_clearly_and_leaves_a_shared_pool_working(tmp_path: Path) -> None:
     path, md = _scrub_file(tmp_path)
     info = inspect_snapshot(str(path))
-    _, present, both = _read_structure(path)
-    sums = [page for page, _ in both]
+    _, present, sums = _read_structure(path)
     with WorkerPool("process", 2, name="scrub-shared") as shared:
         with pytest.raises(SnapshotError):
             scrub_pages(str(tmp_path / "gone.snap"), [b.pages_offset for b in md.blocks], present, sums,
@@ -356,18 +362,15 @@ def test_a_scrub_that_cannot_read_fails_clearly_and_leaves_a_shared_pool_working
     assert info.damage is None
 
 
-@pytest.mark.parametrize("beside", [True, False], ids=["check-beside-reads", "check-inline"])
-def test_restore_checks_every_piece_up_to_the_last_page(tmp_path: Path, beside: bool) -> None:
-    """With the checks on a thread beside the reads, a damaged page in the last
-    piece read still fails the restore (FINISH waits for every check); with
-    inline checks the same.  (A page mid-file: the rewriting-guest test.)"""
+def test_restore_checks_every_piece_up_to_the_last_page(tmp_path: Path) -> None:
+    """A damaged page in the last piece read fails the restore: the last chunk is
+    checked before FINISH is answered.  (A page mid-file: the rewriting-guest test.)"""
     path = tmp_path / "pieces.snap"
     with guest_ram(8 * MiB, fill="random") as ram:
         SnapshotSave(ram, str(path), live=False).run()
     block = inspect_snapshot(str(path)).metadata.blocks[0]
     _flip(path, block.pages_offset + 2047 * 4096 + 1234)
     restore = SnapshotRestore(str(path), config=MigrationConfig(channels=1))
-    restore._check_beside = beside
     with pytest.raises(SnapshotFormatError, match=f"block 'pc.ram' page 2047 \\(file offset "
                                                   f"{block.pages_offset + 2047 * 4096}\\) is damaged"):
         restore.run()
@@ -403,7 +406,9 @@ def test_restore_checks_a_whole_chunk_by_its_chunk_checksum(tmp_path: Path, pack
     block = inspect_snapshot(str(path)).metadata.blocks[0]
     assert inspect_snapshot(str(path), verify=True).damage == ()
     _resign_chunk_word(path, block, 3, 12345)
-    assert inspect_snapshot(str(path), verify=True).damage == ()  # every page matches its own word
+    # Every page matches its own word; the scrub still reports the chunk the restore refuses.
+    assert inspect_snapshot(str(path), verify=True).damage == (
+        Damage(block.pages_offset + 768 * 4096, 256 * 4096, block="pc.ram", page=768, n_pages=256, chunk=3),)
     restore = SnapshotRestore(str(path), config=MigrationConfig(channels=2, packet_pages=packet_pages))
     with pytest.raises(SnapshotFormatError, match=f"block 'pc.ram' pages 768-1023 \\(file offset "
                                                   f"{block.pages_offset + 768 * 4096}\\) do not match "
@@ -415,7 +420,9 @@ def test_restore_checks_a_whole_chunk_by_its_chunk_checksum(tmp_path: Path, pack
 def test_restore_into_ram_said_zeroed_that_is_not_is_refused(tmp_path: Path) -> None:
     """A chunk's word covers its absent pages as zeros: RAM handed over as zeroed
     (``ram_is_zeroed``) that holds data where the snapshot has no page fails the
-    restore instead of running a guest on stray bytes."""
+    restore in a chunk checked by its word (chunk 1: 255 of 256 pages present).
+    Only there: stray bytes in a sparser chunk, one without a word or one with no
+    present page are never read (``ram_is_zeroed`` is the caller's promise)."""
     path = tmp_path / "holes.snap"
     with GuestRAM.create({"pc.ram": 4 * MiB}) as ram:
         fill_ram(ram, "random", seed=4)
@@ -447,6 +454,46 @@ def test_a_chunk_split_over_two_channels_in_the_last_round_gets_its_final_word(t
         _, _, sums = _read_structure(path)
         assert sums[0][1][1] == fmt.chunk_sum(block.pages[256 * 4096:512 * 4096])
         restored, _ = _restore(path)
+        try:
+            assert same_memory(ram, restored)
+        finally:
+            restored.close()
+            restored.unlink()
+
+
+def test_a_save_keeps_each_chunk_in_one_slot_so_every_dense_chunk_gets_its_word(tmp_path: Path) -> None:
+    """Slots of 500 pages are no whole number of chunks: the save still ends each
+    slot on a chunk boundary, so no dense chunk is cut into a large part (hashed)
+    and a small fringe (its word set to 0, "check page by page") that, landing
+    last on the one channel, would leave the chunk without its word."""
+    path = tmp_path / "slots.snap"
+    with guest_ram(4 * MiB, fill="random") as ram:
+        SnapshotSave(ram, str(path), live=False, config=MigrationConfig(channels=1, packet_pages=500)).run()
+        _, _, sums = _read_structure(path)
+        pages = ram.blocks[0].pages
+        assert sums[0][1].tolist() == [fmt.chunk_sum(pages[c * MiB:(c + 1) * MiB]) for c in range(4)]
+
+
+def test_the_scrub_checks_every_chunk_word_sparse_chunks_too(tmp_path: Path) -> None:
+    """A chunk word covers its absent pages as zeros: the scrub hashes every chunk
+    that has a word, its present pages read into place and the rest zero, so a
+    chunk with holes passes, and a wrong word over intact pages is the chunk's
+    damage — in a chunk the restore checks page by page (96 of 256 pages present)
+    as in a dense one."""
+    path = tmp_path / "sparse.snap"
+    with guest_ram(4 * MiB, fill="random") as ram:
+        pages = ram.blocks[0].array()
+        pages[200:300] = 0   # chunks 0 and 1 lack some pages
+        pages[600:760] = 0   # chunk 2 keeps 96 pages
+        del pages
+        SnapshotSave(ram, str(path), live=False).run()
+        block = inspect_snapshot(str(path)).metadata.blocks[0]
+        assert inspect_snapshot(str(path), verify=True).damage == ()
+        _resign_chunk_word(path, block, 2, 12345)
+        assert inspect_snapshot(str(path), verify=True).damage == (
+            Damage(block.pages_offset + 512 * 4096, 256 * 4096, block="pc.ram", page=512, n_pages=256,
+                   chunk=2),)
+        restored, _ = _restore(path)  # the restore checks chunk 2's pages by their own words
         try:
             assert same_memory(ram, restored)
         finally:

@@ -114,17 +114,15 @@ def _damaged(saved: Saved, kind: str, which: int, offset: int, damage: str, bit:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(REGIONS), which=st.integers(0, 2**32 - 1), offset=st.integers(0, 2**32 - 1),
-       damage=st.sampled_from(DAMAGES), bit=st.integers(0, 7), beside=st.booleans())
+       damage=st.sampled_from(DAMAGES), bit=st.integers(0, 7))
 def test_damage_is_refused_or_harmless(saved: Saved, pool: WorkerPool, tmp_path: Path, kind: str,
-                                       which: int, offset: int, damage: str, bit: int,
-                                       beside: bool) -> None:
+                                       which: int, offset: int, damage: str, bit: int) -> None:
     raw = _damaged(saved, kind, which, offset, damage, bit)
     what = f"{damage} in {kind}"
     path = tmp_path / "damaged.snap"
     path.write_bytes(raw)
     targets = [DemoDevice(f"dev{i}", 0, DEVICE_STATE, with_state=False) for i in range(2)]
     restore = SnapshotRestore(str(path), config=MigrationConfig(channels=2), devices=targets, pool=pool)
-    restore._check_beside = beside  # pages checked between reads, or on a thread beside them
     try:
         restore.run()
     except SnapshotError as exc:
