@@ -205,23 +205,30 @@ _RECV_STEP = 256 << 10
 _STAGE_SIZE = record.PREFIX_SIZE + record.MAX_RECORD
 _spare_stages: list[bytearray] = []
 _spare_lock = threading.Lock()
-_spare_pid = 0  # whose they are: a forked child's are its parent's, shared copy-on-write
 _SPARE_STAGES_MAX = 2
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no spares (its parent's are shared copy-on-write:
+    writing one costs the page faults a fresh buffer does) and a fresh lock (the
+    parent's may have been held by another thread at the fork, for ever here)."""
+    global _spare_lock
+    _spare_lock = threading.Lock()
+    _spare_stages.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _take_stage() -> bytearray:
     with _spare_lock:
-        if _spare_pid == os.getpid() and _spare_stages:
+        if _spare_stages:
             return _spare_stages.pop()
     return bytearray(_STAGE_SIZE)
 
 
 def _give_stage(stage: bytearray) -> None:
-    global _spare_pid
     with _spare_lock:
-        if _spare_pid != os.getpid():
-            _spare_stages.clear()
-            _spare_pid = os.getpid()
         if len(_spare_stages) < _SPARE_STAGES_MAX:
             _spare_stages.append(stage)
 
@@ -230,12 +237,15 @@ def warm_up_records() -> None:
     """Ready this process for MAC records before a migration needs them: OpenSSL
     sets AES-GCM up on its first use (~5 ms here), and a connection's staging
     buffer costs its page faults.  Idempotent; a pool's preload and every
-    operation call it ahead of set-up."""
+    operation call it ahead of set-up.  In a fork server (engine/pool) only the
+    AES-GCM set-up reaches the children: each forked child drops the spare
+    buffers it inherits (see :func:`_after_fork_in_child`) and readies its own
+    when its pool's warm-up runs the preload again, or on its first connection."""
     key = record.RecordKey(bytes(32))
     key.tag(0, bytes(record.PREFIX_SIZE + 1))
     record.start_tag(key, 0, record.MAX_RECORD).digest()  # a large record's streaming context
     with _spare_lock:
-        ready = _spare_pid == os.getpid() and bool(_spare_stages)
+        ready = bool(_spare_stages)
     if not ready:
         _give_stage(bytearray(_STAGE_SIZE))
 
