@@ -63,7 +63,8 @@ class TlsConfig:
     peer's certificate must carry.  On the source it defaults to the host of the
     destination's address.  The destination must be told which source it admits:
     its name here, or `any_peer=True` to accept any certificate the CA signed
-    (:func:`destination_peer_name` refuses a destination given neither).
+    (:func:`destination_peer_name` refuses a destination given neither; the
+    source's rule, :func:`source_peer_name`, is next to it).
     """
 
     cert: str
@@ -73,7 +74,11 @@ class TlsConfig:
     any_peer: bool = False  # destination only: no name check, the CA's signature is enough
 
     def validate(self) -> TlsConfig:
-        """Return self, or raise ConfigError naming the file that cannot be used."""
+        """Return self, or raise ConfigError: a file that cannot be used, or both a
+        peer name and any_peer (on either side)."""
+        if self.peer_name and self.any_peer:
+            raise ConfigError("TLS: give either the peer's certificate name (peer_name, "
+                              "--tls-peer-name) or any_peer (--tls-any-peer), not both")
         for what, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
             if not path or not os.access(path, os.R_OK):
                 raise ConfigError(f"TLS {what} file {path!r} cannot be read")
@@ -134,13 +139,28 @@ def require_tls_files(address: str, tls: TlsConfig | None) -> None:
                           f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
 
 
+# Which name each side requires in its peer's certificate (`tls` validated first:
+# never both a name and any_peer).
+
+
+def source_peer_name(to: str, tls: TlsConfig) -> str:
+    """The name a source requires in its destination's certificate: `peer_name`,
+    else the host of `to`.  Raises ConfigError for any_peer (a source always
+    checks), or when there is no name at all (a unix:// address)."""
+    if tls.any_peer:
+        raise ConfigError("TLS: any_peer (--tls-any-peer) is for the destination; a source always "
+                          "checks the destination's certificate name (peer_name to expect another)")
+    peer_name = tls.peer_name or urlsplit(to).hostname
+    if not peer_name:
+        raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
+                          f"certificate against; give its name (peer_name, --tls-peer-name)")
+    return peer_name
+
+
 def destination_peer_name(tls: TlsConfig) -> str | None:
     """The name a destination requires in its source's certificate (None: any the
     CA signed, when `any_peer` says so).  Raises ConfigError when neither is given:
     a CA may sign certificates for more hosts than the ones allowed to migrate here."""
-    if tls.peer_name and tls.any_peer:
-        raise ConfigError("TLS on the destination: give either the source's certificate name "
-                          "(peer_name, --tls-peer-name) or any_peer (--tls-any-peer), not both")
     if not tls.peer_name and not tls.any_peer:
         raise ConfigError("TLS on the destination: name the source whose certificate it admits "
                           "(TlsConfig(peer_name=NAME), --tls-peer-name NAME), or accept any "

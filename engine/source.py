@@ -62,7 +62,7 @@ from engine.errors import (
     TransportBrokenError,
     TransportError,
 )
-from engine.link import LinkSecurity, TlsConfig, require_tls_files
+from engine.link import LinkSecurity, TlsConfig, require_tls_files, source_peer_name
 from engine.migration import Migration
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
@@ -94,18 +94,10 @@ RTT_SAMPLES = 3
 def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
     """What protects a migration to `to` after the hellos.  Raises ConfigError."""
     require_tls_files(to, tls)
-    parts = urlsplit(to)
     if tls is None:
         return LinkSecurity(config.integrity, peer="destination",
                             handshake_timeout_s=config.handshake_timeout_s)
-    tls.validate()
-    if tls.any_peer:
-        raise ConfigError("TLS: any_peer (--tls-any-peer) is for the destination; a source always "
-                          "checks the destination's certificate name (peer_name to expect another)")
-    peer_name = tls.peer_name or parts.hostname
-    if not peer_name:
-        raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
-                          f"certificate against; give its name (peer_name, --tls-peer-name)")
+    peer_name = source_peer_name(to, tls.validate())
     return LinkSecurity("tls", tls=tls, peer_name=peer_name, peer="destination",
                         handshake_timeout_s=config.handshake_timeout_s)
 
