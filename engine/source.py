@@ -525,24 +525,23 @@ class SourceMigration(SavingOperation, Migration):
         its channels joined (it takes anything there for an ABORT or garbage):
         the first message waits for its CHANNELS_READY (the return path reads it
         within the set-up deadline, or fails the migration through the latch),
-        and a PING goes first, which the destination answers at once (before a
-        SYNC_MARKER, whose barrier could hold the answer back)."""
+        and a PING goes first, which the destination answers at once; so does
+        one before each round's SYNC_MARKER (see :meth:`_ping_if_due`)."""
         if self._core is not None and not self._channels_joined.is_set():
             self._channels_joined.wait(self.latch)
-        if self._core is not None and not self._pings:
+        if self._core is not None and (not self._pings or isinstance(record, wire.SyncMarker)):
             self._ping_if_due()  # (its own send finds a PING counted: no recursion)
         super()._send_message(record)
-
-    def _progress(self, force: bool = False) -> None:
-        super()._progress(force)
-        if force:  # a round boundary: a PING mid-round would queue behind the round's pages
-            self._ping_if_due()
 
     def _ping_if_due(self) -> None:
         """Orchestrator: the next PING for the round-trip time, if no PONG is due.
         The first one goes before any other main-channel message after set-up
         (once the destination's channels joined), so every result has an RTT
-        (its PONG comes before PREPARED); the others at round boundaries."""
+        (its PONG comes before PREPARED).  The others go at round boundaries,
+        each just before the round's SYNC_MARKER: not among the round's pages
+        (it would wait behind them on the link, and so would its PONG), and not
+        after the marker (the destination answers it only once its barrier let
+        every channel's round in)."""
         if self._pong_due or len(self._pings) >= RTT_SAMPLES:
             return
         if self._channels_joined.is_set():
