@@ -1,7 +1,8 @@
 """Where TLS's CPU goes: one link alone, no migration around it.
 
-A sender process writes shared memory to a receiver process that reads it into
-shared memory (both mapped and faulted in first, as channels do), over tcp
+A sender process writes guest RAM (engine/shm.py, random pages) to a receiver
+process that reads it into fresh guest RAM (both attached with their page tables
+built first, as channels map RAM), over tcp
 loopback, through the engine's own link code (``engine.link.secure``: the
 connections a multifd channel uses), in packets of ``--packet`` bytes, each a
 64-byte header and one view of memory (``send_buffers`` / ``recv_into_buffers``).
@@ -13,6 +14,9 @@ Modes, rotating each repetition:
   ``OPENSSL_CONF`` whose ``Ciphersuites`` line offers only TLS_AES_128_GCM_SHA256
   (only those two processes see it).
 
+After each transfer (off the clock) each side hashes its memory, and the run
+fails if the receiver's differs from the sender's.
+
 Prints the medians of each side's CPU seconds per GiB (``time.process_time``
 around the transfer) and of the rate, each mode's CPU against bare in the same
 run, and the suite each TLS mode negotiated; writes every run to JSON.
@@ -23,6 +27,7 @@ run, and the suite each TLS mode negotiated; writes every run to JSON.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing
 import os
 import socket
@@ -30,15 +35,16 @@ import statistics
 import sys
 import tempfile
 import time
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.remote import write_report  # noqa: E402
+from clients.guest import fill_ram  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.link import LinkSecurity, TlsConfig, secure  # noqa: E402
+from engine.shm import GuestRAM, RamHandle  # noqa: E402
 from engine.transport import Connection  # noqa: E402
 from tests.certs import Pki, make_pki  # noqa: E402
 
@@ -51,17 +57,15 @@ system_default = tls
 [tls]
 Ciphersuites = TLS_AES_128_GCM_SHA256
 """
-MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23  # Linux 5.14; as channels map RAM
 HEADER = bytes(64)
 
 
-def _side(receiver: bool, sock: socket.socket, tls: TlsConfig | None, shm_name: str,
+def _side(receiver: bool, sock: socket.socket, tls: TlsConfig | None, handle: RamHandle,
           size: int, step: int, out: Any) -> None:
-    """One end: secure the socket as a channel would, then move `size` bytes."""
-    shm = shared_memory.SharedMemory(shm_name)
-    view = memoryview(shm.buf)
-    try:
-        shm._mmap.madvise(MADV_POPULATE_WRITE if receiver else MADV_POPULATE_READ)  # type: ignore[attr-defined]
+    """One end: secure the socket as a channel would, move `size` bytes, then (off
+    the clock) hash its memory."""
+    with GuestRAM.attach(handle, populate=True) as ram:
+        view = ram.blocks[0].pages
         conn = Connection(sock)
         if tls is not None:
             link = LinkSecurity("tls", server_side=receiver, tls=tls,
@@ -81,16 +85,16 @@ def _side(receiver: bool, sock: socket.socket, tls: TlsConfig | None, shm_name: 
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         cipher = conn.sock.cipher() if tls is not None else None  # type: ignore[attr-defined]
         conn.close()
-        out.send({"cpu_s": cpu, "wall_s": wall, "suite": cipher[0] if cipher else None})
-    finally:
+        digest = hashlib.sha256(view[:size]).hexdigest()
         del view
-        shm.close()
-        out.close()
+    out.send({"cpu_s": cpu, "wall_s": wall, "suite": cipher[0] if cipher else None, "sha256": digest})
+    out.close()
 
 
-def transfer(pki: Pki, mode: str, src: str, dst: str, size: int, step: int,
+def transfer(pki: Pki, mode: str, src: RamHandle, dst: RamHandle, size: int, step: int,
              conf: str) -> dict[str, Any]:
-    """One transfer src -> dst in `mode`; both sides' figures."""
+    """One transfer src -> dst (fresh: nothing of an earlier transfer in it) in
+    `mode`; both sides' figures.  Raises RuntimeError if dst's memory is not src's."""
     ctx = multiprocessing.get_context("spawn")  # fresh processes: OPENSSL_CONF is read at start
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
@@ -132,6 +136,8 @@ def transfer(pki: Pki, mode: str, src: str, dst: str, size: int, step: int,
     if None in results:
         raise RuntimeError(f"a {mode} side did not report (see its traceback above)")
     receive, send = results
+    if receive["sha256"] != send["sha256"]:
+        raise RuntimeError(f"{mode}: the receiver's memory differs from the sender's")
     gib = size / 2**30
     return {"gb_per_s": size / max(receive["wall_s"], send["wall_s"]) / 1e9,
             "send_cpu_s_per_gib": send["cpu_s"] / gib, "recv_cpu_s_per_gib": receive["cpu_s"] / gib,
@@ -148,26 +154,17 @@ def main() -> int:
     step = min(args.packet, args.size)
     size = args.size - args.size % step
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    src = shared_memory.SharedMemory(create=True, size=size)
-    dst = shared_memory.SharedMemory(create=True, size=size)
-    try:
-        block = os.urandom(1 << 20)
-        for offset in range(0, size, len(block)):
-            src.buf[offset:offset + len(block)] = block[:size - offset]
-        with tempfile.TemporaryDirectory(prefix="mfd-bench-pki-") as where:
-            pki = make_pki(Path(where))
-            conf = Path(where) / "aes128.cnf"
-            conf.write_text(AES128_CONF)
-            for rep in range(args.repeat):
-                for mode in MODES[rep % 3:] + MODES[:rep % 3]:
-                    runs[mode].append(transfer(pki, mode, src.name, dst.name, size, step, str(conf)))
-        if bytes(src.buf[:step]) != bytes(dst.buf[:step]):
-            raise RuntimeError("the receiver's memory differs from the sender's")
-    finally:
-        src.close()
-        src.unlink()
-        dst.close()
-        dst.unlink()
+    with GuestRAM.create({"pc.ram": size}) as src, \
+            tempfile.TemporaryDirectory(prefix="mfd-bench-pki-") as where:
+        fill_ram(src, "random", seed=7)
+        pki = make_pki(Path(where))
+        conf = Path(where) / "aes128.cnf"
+        conf.write_text(AES128_CONF)
+        for rep in range(args.repeat):
+            for mode in MODES[rep % 3:] + MODES[:rep % 3]:
+                with GuestRAM.create({"pc.ram": size}, prealloc=True) as dst:  # all zero
+                    runs[mode].append(transfer(pki, mode, src.handle, dst.handle, size, step,
+                                               str(conf)))
 
     print(f"{size / 2**30:.2f} GiB over one tcp loopback link, {step >> 20} MiB packets, "
           f"{args.repeat} runs, medians; CPU: each side's process, seconds per GiB")

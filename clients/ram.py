@@ -85,15 +85,14 @@ class RamClient:
 
         Clearing first and reading after is the get-and-clear rule applied to
         the whole map: a write during this round marks its page for the next.
-        The default source's maps are simply cleared: the pages a take would list
-        are dropped anyway, and listing them costs ~1.5 ms per GiB of dirty guest
-        before the first packet (a VMM's source is taken: its take may do more).
+        A source with a ``drop`` (the default maps, and the dirty-rate meter
+        around them) drops: the pages a take would list are dropped anyway, and
+        listing them costs ~1.5 ms per GiB of dirty guest before the first packet.
+        A VMM's source without one is taken (its take may do more than clear).
         """
+        drop = getattr(self.dirty, "drop", self.dirty.take)
         for block in self.ram.blocks:
-            if type(self.dirty) is BlockDirtyMaps:
-                block.dirty.clear_all()
-            else:
-                self.dirty.take(block)
+            drop(block)
         self._ramp = True
         self._packet_limit = min(self.packet_pages, FIRST_PACKET_PAGES)
         try:

@@ -229,7 +229,8 @@ def preload_payloads() -> None:
 def preload_channel() -> None:
     """What a channel process (or an operation's main process) does once, ahead of
     its first migration: import the payload handlers, and ready the MAC records
-    (engine/link.py warm_up_records: OpenSSL's AES-GCM, a staging buffer)."""
+    (engine/link.py warm_up_records: OpenSSL's AES-GCM, a staging buffer; in a fork
+    server only the first reaches the forked channels, which drop inherited buffers)."""
     preload_payloads()
     warm_up_records()
 

@@ -166,17 +166,19 @@ def _add_device_options(p: argparse.ArgumentParser, source: bool = True,
                        help="destination: load devices at once, or one after another")
 
 
-def _add_security_options(p: argparse.ArgumentParser) -> None:
-    """TLS 1.3 with mutual x509 (README, "Security"), or what protects a bare link."""
+def _add_security_options(p: argparse.ArgumentParser, destination: bool = False) -> None:
+    """TLS 1.3 with mutual x509 (README, "Security"), or what protects a bare link
+    (`destination`: `listen`'s, with --tls-any-peer, which a source cannot use)."""
     p.add_argument("--tls-cert", help="TLS: this side's certificate (PEM); with --tls-key and --tls-ca")
     p.add_argument("--tls-key", help="TLS: this side's private key (PEM)")
     p.add_argument("--tls-ca", help="TLS: the CA certificate(s) the peer's certificate must chain to")
     p.add_argument("--tls-peer-name", default=None,
-                   help="TLS: the name the peer's certificate must carry (source: default the "
-                   "host in --to; destination: this or --tls-any-peer is required)")
-    p.add_argument("--tls-any-peer", action="store_true",
-                   help="TLS, destination: admit a source with any certificate the CA signed "
-                   "(no name check)")
+                   help="TLS: the name the source's certificate must carry (this or --tls-any-peer "
+                   "is required)" if destination else "TLS: the name the destination's certificate "
+                   "must carry (default: the host in --to)")
+    if destination:
+        p.add_argument("--tls-any-peer", action="store_true",
+                       help="TLS: admit a source with any certificate the CA signed (no name check)")
     p.add_argument("--integrity", choices=("mac", "none"), default="mac",
                    help="without TLS: MAC records after the hellos (mac, the default), or the bare "
                    "stream on a trusted link (none; the destination must say none too)")
@@ -184,11 +186,15 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:
     files = (args.tls_cert, args.tls_key, args.tls_ca)
+    any_peer = getattr(args, "tls_any_peer", False)  # listen only
     if not any(files):
+        named = "--tls-peer-name" if args.tls_peer_name else "--tls-any-peer" if any_peer else None
+        if named:  # a name check without TLS would silently be no check at all
+            raise ConfigError(f"{named} is for TLS: give --tls-cert, --tls-key and --tls-ca too")
         return None
     if not all(files):
         raise ConfigError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
-    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_peer_name, args.tls_any_peer)
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_peer_name, any_peer)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -226,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after resume, run the guest this many seconds (the incrementer: 0; kvm: "
                         "the VM, then check it: 1)")
     _add_kvm_option(listen)
-    _add_security_options(listen)
+    _add_security_options(listen, destination=True)
     _add_device_options(listen, source=False)
     _add_output_options(listen)
 

@@ -79,10 +79,19 @@ class DirtyRateMeter:
 
     def take(self, block: RamBlock) -> np.ndarray:
         pages = self._source.take(block)
+        self._start_window()
+        return pages
+
+    def drop(self, block: RamBlock) -> None:
+        """A take whose pages nobody reads (round 1): the source's own ``drop``
+        if it has one; the window starts as with a take."""
+        getattr(self._source, "drop", self._source.take)(block)
+        self._start_window()
+
+    def _start_window(self) -> None:
         self._collected = self._clock()     # the last block's take starts the window
         self._next_s = self._min_running_s() / self.share
         self.samples = []
-        return pages
 
     def count(self, block: RamBlock) -> int:
         return self._source.count(block)

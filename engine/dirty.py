@@ -47,10 +47,18 @@ class DirtySource(Protocol):
 
 
 class BlockDirtyMaps:
-    """The default source: each block's own byte map (:class:`engine.shm.DirtyMap`)."""
+    """The default source: each block's own byte map (:class:`engine.shm.DirtyMap`).
+
+    Besides the interface, :meth:`drop`: what a take does, without listing the
+    pages (round 1 sends them all anyway).  A source without ``drop`` is taken.
+    """
 
     def take(self, block: RamBlock) -> np.ndarray:
         return block.dirty.take()
+
+    def drop(self, block: RamBlock) -> None:
+        """Clear every mark of `block` (a take whose pages nobody reads)."""
+        block.dirty.clear_all()
 
     def count(self, block: RamBlock) -> int:
         return block.dirty.count()

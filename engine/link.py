@@ -63,7 +63,8 @@ class TlsConfig:
     peer's certificate must carry.  On the source it defaults to the host of the
     destination's address.  The destination must be told which source it admits:
     its name here, or `any_peer=True` to accept any certificate the CA signed
-    (:func:`destination_peer_name` refuses a destination given neither).
+    (:func:`destination_peer_name` refuses a destination given neither; the
+    source's rule, :func:`source_peer_name`, is next to it).
     """
 
     cert: str
@@ -73,7 +74,11 @@ class TlsConfig:
     any_peer: bool = False  # destination only: no name check, the CA's signature is enough
 
     def validate(self) -> TlsConfig:
-        """Return self, or raise ConfigError naming the file that cannot be used."""
+        """Return self, or raise ConfigError: a file that cannot be used, or both a
+        peer name and any_peer (on either side)."""
+        if self.peer_name and self.any_peer:
+            raise ConfigError("TLS: give either the peer's certificate name (peer_name, "
+                              "--tls-peer-name) or any_peer (--tls-any-peer), not both")
         for what, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
             if not path or not os.access(path, os.R_OK):
                 raise ConfigError(f"TLS {what} file {path!r} cannot be read")
@@ -134,13 +139,28 @@ def require_tls_files(address: str, tls: TlsConfig | None) -> None:
                           f"(tls=TlsConfig(...); the CLI's --tls-cert, --tls-key, --tls-ca)")
 
 
+# Which name each side requires in its peer's certificate (`tls` validated first:
+# never both a name and any_peer).
+
+
+def source_peer_name(to: str, tls: TlsConfig) -> str:
+    """The name a source requires in its destination's certificate: `peer_name`,
+    else the host of `to`.  Raises ConfigError for any_peer (a source always
+    checks), or when there is no name at all (a unix:// address)."""
+    if tls.any_peer:
+        raise ConfigError("TLS: any_peer (--tls-any-peer) is for the destination; a source always "
+                          "checks the destination's certificate name (peer_name to expect another)")
+    peer_name = tls.peer_name or urlsplit(to).hostname
+    if not peer_name:
+        raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
+                          f"certificate against; give its name (peer_name, --tls-peer-name)")
+    return peer_name
+
+
 def destination_peer_name(tls: TlsConfig) -> str | None:
     """The name a destination requires in its source's certificate (None: any the
     CA signed, when `any_peer` says so).  Raises ConfigError when neither is given:
     a CA may sign certificates for more hosts than the ones allowed to migrate here."""
-    if tls.peer_name and tls.any_peer:
-        raise ConfigError("TLS on the destination: give either the source's certificate name "
-                          "(peer_name, --tls-peer-name) or any_peer (--tls-any-peer), not both")
     if not tls.peer_name and not tls.any_peer:
         raise ConfigError("TLS on the destination: name the source whose certificate it admits "
                           "(TlsConfig(peer_name=NAME), --tls-peer-name NAME), or accept any "
@@ -205,23 +225,30 @@ _RECV_STEP = 256 << 10
 _STAGE_SIZE = record.PREFIX_SIZE + record.MAX_RECORD
 _spare_stages: list[bytearray] = []
 _spare_lock = threading.Lock()
-_spare_pid = 0  # whose they are: a forked child's are its parent's, shared copy-on-write
 _SPARE_STAGES_MAX = 2
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no spares (its parent's are shared copy-on-write:
+    writing one costs the page faults a fresh buffer does) and a fresh lock (the
+    parent's may have been held by another thread at the fork, for ever here)."""
+    global _spare_lock
+    _spare_lock = threading.Lock()
+    _spare_stages.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _take_stage() -> bytearray:
     with _spare_lock:
-        if _spare_pid == os.getpid() and _spare_stages:
+        if _spare_stages:
             return _spare_stages.pop()
     return bytearray(_STAGE_SIZE)
 
 
 def _give_stage(stage: bytearray) -> None:
-    global _spare_pid
     with _spare_lock:
-        if _spare_pid != os.getpid():
-            _spare_stages.clear()
-            _spare_pid = os.getpid()
         if len(_spare_stages) < _SPARE_STAGES_MAX:
             _spare_stages.append(stage)
 
@@ -230,12 +257,15 @@ def warm_up_records() -> None:
     """Ready this process for MAC records before a migration needs them: OpenSSL
     sets AES-GCM up on its first use (~5 ms here), and a connection's staging
     buffer costs its page faults.  Idempotent; a pool's preload and every
-    operation call it ahead of set-up."""
+    operation call it ahead of set-up.  In a fork server (engine/pool) only the
+    AES-GCM set-up reaches the children: each forked child drops the spare
+    buffers it inherits (see :func:`_after_fork_in_child`) and readies its own
+    when its pool's warm-up runs the preload again, or on its first connection."""
     key = record.RecordKey(bytes(32))
     key.tag(0, bytes(record.PREFIX_SIZE + 1))
     record.start_tag(key, 0, record.MAX_RECORD).digest()  # a large record's streaming context
     with _spare_lock:
-        ready = _spare_pid == os.getpid() and bool(_spare_stages)
+        ready = bool(_spare_stages)
     if not ready:
         _give_stage(bytearray(_STAGE_SIZE))
 

@@ -62,7 +62,7 @@ from engine.errors import (
     TransportBrokenError,
     TransportError,
 )
-from engine.link import LinkSecurity, TlsConfig, require_tls_files
+from engine.link import LinkSecurity, TlsConfig, require_tls_files, source_peer_name
 from engine.migration import Migration
 from engine.multifd import MultifdSender
 from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
@@ -94,18 +94,10 @@ RTT_SAMPLES = 3
 def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
     """What protects a migration to `to` after the hellos.  Raises ConfigError."""
     require_tls_files(to, tls)
-    parts = urlsplit(to)
     if tls is None:
         return LinkSecurity(config.integrity, peer="destination",
                             handshake_timeout_s=config.handshake_timeout_s)
-    tls.validate()
-    if tls.any_peer:
-        raise ConfigError("TLS: any_peer (--tls-any-peer) is for the destination; a source always "
-                          "checks the destination's certificate name (peer_name to expect another)")
-    peer_name = tls.peer_name or parts.hostname
-    if not peer_name:
-        raise ConfigError(f"TLS to {to}: there is no host name to check the destination's "
-                          f"certificate against; give its name (peer_name, --tls-peer-name)")
+    peer_name = source_peer_name(to, tls.validate())
     return LinkSecurity("tls", tls=tls, peer_name=peer_name, peer="destination",
                         handshake_timeout_s=config.handshake_timeout_s)
 
@@ -292,11 +284,7 @@ class SourceMigration(SavingOperation, Migration):
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
         self._mark("main_channel")
         # From here the main thread reads nothing on the main channel: the return
-        # path does (CHANNELS_READY first), its thread started while channels join.
-        self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
-        self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
-        reader = self._helpers.submit(self._read_return_path)
-        reader.add_done_callback(self._reader_done)
+        # path does (CHANNELS_READY first), its thread started once our channels serve.
 
         conns: list[Connection] = []
         # Until the channel processes own them (and after: closing twice is harmless).
@@ -339,8 +327,14 @@ class SourceMigration(SavingOperation, Migration):
         self._mark("channel_processes")
         # Our channels serve: pages may go.  The destination's channels may still be
         # starting (their sockets buffer what comes); its CHANNELS_READY is read by
-        # the return path, and waited for before our first main-channel message.
+        # the return path within the set-up deadline (else the migration fails,
+        # whether or not round 1 still fits in the sockets), and waited for before
+        # our first main-channel message.
         self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
+        self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
+        self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
+        reader = self._helpers.submit(self._read_return_path)
+        reader.add_done_callback(self._reader_done)
         conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
         self._core = MultifdSender(
             self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,
@@ -529,31 +523,28 @@ class SourceMigration(SavingOperation, Migration):
     def _send_message(self, record: wire.Message) -> None:
         """After set-up, the destination reads nothing on the main channel before
         its channels joined (it takes anything there for an ABORT or garbage):
-        the first message waits for its CHANNELS_READY (until the set-up deadline),
-        and a PING goes first, which the destination answers at once (before a
-        SYNC_MARKER, whose barrier could hold the answer back)."""
+        the first message waits for its CHANNELS_READY (the return path reads it
+        within the set-up deadline, or fails the migration through the latch),
+        and a PING goes first, which the destination answers at once; so does
+        one before each round's SYNC_MARKER (see :meth:`_ping_if_due`)."""
         if self._core is not None and not self._channels_joined.is_set():
-            try:
-                self._channels_joined.wait(self.latch, max(0.0, self._setup_deadline - time.monotonic()))
-            except TimeoutError:
-                raise HandshakeError(f"the destination's {self.config.channels} channels did not "
-                                     f"join within {self.config.handshake_timeout_s:.0f} s") from None
-        if self._core is not None and not self._pings:
-            self._ping_if_due(force=True)  # (its own send finds a PING counted: no recursion)
+            self._channels_joined.wait(self.latch)
+        if self._core is not None and (not self._pings or isinstance(record, wire.SyncMarker)):
+            self._ping_if_due()  # (its own send finds a PING counted: no recursion)
         super()._send_message(record)
 
-    def _progress(self, force: bool = False) -> None:
-        super()._progress(force)
-        self._ping_if_due()
-
-    def _ping_if_due(self, force: bool = False) -> None:
-        """Orchestrator: the next PING for the round-trip time, once the destination's
-        channels joined and no PONG is due (`force`: the first one, now).  The
-        first one goes before any other main-channel message after set-up, so
-        every result has an RTT (its PONG comes before PREPARED)."""
+    def _ping_if_due(self) -> None:
+        """Orchestrator: the next PING for the round-trip time, if no PONG is due.
+        The first one goes before any other main-channel message after set-up
+        (once the destination's channels joined), so every result has an RTT
+        (its PONG comes before PREPARED).  The others go at round boundaries,
+        each just before the round's SYNC_MARKER: not among the round's pages
+        (it would wait behind them on the link, and so would its PONG), and not
+        after the marker (the destination answers it only once its barrier let
+        every channel's round in)."""
         if self._pong_due or len(self._pings) >= RTT_SAMPLES:
             return
-        if force or self._channels_joined.is_set():
+        if self._channels_joined.is_set():
             token = len(self._pings) + 1
             self._pong_due = True
             self._pings[token] = time.perf_counter()
@@ -571,10 +562,13 @@ class SourceMigration(SavingOperation, Migration):
     def _read_return_path(self) -> None:
         """Thread job: dispatch the destination's messages until RESUMED or failure.
         Every error it meets fails the migration (see :meth:`_reader_done`)."""
-        message = self._main.next()  # an ABORT, or a close, raises
-        if not isinstance(message, wire.ChannelsReady):
-            raise RemoteProtocolError(f"{type(message).__name__} from the destination before "
-                                      f"CHANNELS_READY")
+        try:  # an ABORT, or a close, raises
+            self._main.read(wire.ChannelsReady, self._setup_deadline)
+        except TransportBrokenError:
+            if time.monotonic() < self._setup_deadline:
+                raise  # not the deadline: the connection broke
+            raise HandshakeError(f"the destination's {self.config.channels} channels did not "
+                                 f"join within {self.config.handshake_timeout_s:g} s") from None
         self._channels_joined.set()
         while True:
             message = self._main.next()  # an ABORT, or a close before RESUMED, raises

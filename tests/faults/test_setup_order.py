@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 
@@ -100,9 +101,12 @@ class _HeldDestination:
 
 def test_channels_connect_together_pages_flow_before_channels_ready_and_main_waits_for_it() -> None:
     held = _HeldDestination()
-    config = MigrationConfig(channels=2, handshake_timeout_s=1.0)
+    # Round 1 (64 MiB of random pages) does not fit in the channels' socket buffers:
+    # the channels block in their sends, and the handshake timeout must still end
+    # the wait for CHANNELS_READY — not the stall timeout, which is past HANG_S.
+    config = MigrationConfig(channels=2, handshake_timeout_s=1.0, stall_timeout_s=3 * HANG_S)
     try:
-        with guest_ram(1 * MiB) as src:
+        with guest_ram(64 * MiB) as src:
             source = SourceMigration(src, held.address, secret=SECRET, config=config)
             source.start()
             try:
@@ -111,9 +115,9 @@ def test_channels_connect_together_pages_flow_before_channels_ready_and_main_wai
                 ready = wait_readable(held.channels, HANG_S)
                 assert ready, "no page came before CHANNELS_READY"
                 assert ready[0].recv(65536)
-                # Round 1 ends, but its SYNC_MARKER must wait for CHANNELS_READY: the source
-                # fails after its handshake timeout, and the main channel carried nothing but
-                # its ABORT.
+                # Round 1 cannot end (nothing reads the channels), and CHANNELS_READY does not
+                # come: the source fails after its handshake timeout, and the main channel
+                # carried nothing but its ABORT.
                 with pytest.raises(HandshakeError, match="channels did not join"):
                     source.wait(HANG_S)
                 said = []
@@ -156,4 +160,60 @@ def test_the_first_main_channel_message_after_channels_ready_is_a_ping() -> None
                     with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
                         source.wait(HANG_S)
     finally:
+        held.close()
+
+
+def _drain(channels: list[socket.socket], stop: threading.Event) -> None:
+    """Read and drop what the source's channels send, until `stop` or they close."""
+    open_ = list(channels)
+    while open_ and not stop.is_set():
+        for conn in wait_readable(open_, 0.1):
+            try:
+                data = conn.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                open_.remove(conn)
+
+
+def test_pings_wait_for_a_round_boundary_not_the_pages_of_round_one() -> None:
+    """A PING sent among round 1's pages would queue behind them (its PONG too):
+    the RTT, and the downtime reported from it, would grow with the link's load.
+    The destination's channels join at once and each PING is answered at once,
+    yet until round 1's SYNC_MARKER the source says nothing but the one PING that
+    goes before it."""
+    held = _HeldDestination()
+    stop = threading.Event()
+    drainer: threading.Thread | None = None
+    try:
+        with guest_ram(64 * MiB) as src:
+            source = SourceMigration(src, held.address, secret=SECRET,
+                                     config=MigrationConfig(channels=2, handshake_timeout_s=5.0))
+            source.start()
+            try:
+                held.handshake()
+                drainer = threading.Thread(target=_drain, args=(held.channels, stop))
+                drainer.start()
+                assert held.main_conn is not None
+                held.main_conn.send_all(wire.encode_message(wire.ChannelsReady()))
+                said = []
+                while not isinstance(message := held.next_message(held.decoder), wire.SyncMarker):
+                    assert message is not None, f"the source closed the main channel after {said}"
+                    said.append(type(message).__name__)
+                    if isinstance(message, wire.Ping):
+                        held.main_conn.send_all(wire.encode_message(wire.Pong(message.token)))
+                assert said == ["Ping"]
+                held.main_conn.send_all(wire.encode_message(
+                    wire.Abort(wire.AbortCode.FAILED, "the test stops here", "MigrationError")))
+                with pytest.raises(MigrationError, match="the test stops here"):
+                    source.wait(HANG_S)
+            finally:
+                if not source.done():
+                    source.cancel()
+                    with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
+                        source.wait(HANG_S)
+    finally:
+        stop.set()
+        if drainer is not None:
+            drainer.join(HANG_S)
         held.close()

@@ -192,7 +192,9 @@ def test_local_iterative_bench(tmp_path: Path) -> None:
 
 def test_tls_link_bench(tmp_path: Path) -> None:
     """One link bare and in TLS; the AES-128 mode really negotiates that suite (its
-    OPENSSL_CONF reached the two processes), the default one does not."""
+    OPENSSL_CONF reached the two processes), the default one does not; every
+    transfer filled the receiver's fresh memory with the sender's (the script
+    fails otherwise)."""
     out = tmp_path / "tls_link.json"
     bench("tls_link.py", "--size", "4M", "--packet", "1M", "--repeat", "1", "--json", str(out))
     cases = {case["mode"]: case for case in json.loads(out.read_text())["cases"]}

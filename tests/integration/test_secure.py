@@ -254,7 +254,8 @@ def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str, number: int, off
 def test_tls_settings_that_cannot_work_are_refused_up_front(pki: Pki, tmp_path: Path) -> None:
     """Before anything is made (the leak check holds): a missing file, tls:// without
     files, TLS over unix:// without a name to check, a destination told neither
-    which source to admit nor to admit any, any_peer on a source."""
+    which source to admit nor to admit any, any_peer on a source, a name and any_peer
+    together (on either side: the same message)."""
     missing = TlsConfig(str(tmp_path / "none.pem"), str(tmp_path / "none.key"), str(tmp_path / "ca.pem"))
     with guest_ram(1 * MiB) as src:
         with pytest.raises(ConfigError, match="certificate file"):
@@ -270,9 +271,32 @@ def test_tls_settings_that_cannot_work_are_refused_up_front(pki: Pki, tmp_path: 
         DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, tls=missing)
     with pytest.raises(ConfigError, match=r"name the source whose certificate it admits .* --tls-any-peer"):
         DestinationMigration("tls://127.0.0.1:0", secret=SECRET, tls=pki.config("dest"))
-    with pytest.raises(ConfigError, match="not both"):
+        with pytest.raises(ConfigError, match=r"TLS: give either .* not both"):
+            SourceMigration(src, "tls://127.0.0.1:1", secret=SECRET,
+                            tls=replace(pki.config("source", peer_name="dest.test"), any_peer=True))
+    with pytest.raises(ConfigError, match=r"TLS: give either .* not both"):
         DestinationMigration("tls://127.0.0.1:0", secret=SECRET,
                              tls=replace(pki.config("dest", peer_name="source.test"), any_peer=True))
+
+
+def test_cli_name_flags_need_tls_and_any_peer_is_listen_only(pki: Pki) -> None:
+    """A certificate-name flag without the TLS files would be no check at all: one
+    line, not a silent plain link.  --tls-any-peer is not offered on `migrate`."""
+    env = {**os.environ, "MULTIFD_SECRET": "s3cret"}
+    for flags in (["--tls-peer-name", "source.test"], ["--tls-any-peer"]):
+        listen = subprocess.run([*MULTIFD, "listen", "--address", "tcp://127.0.0.1:0",
+                                 "--accept-timeout", "2", *flags],  # (the bug: it listens)
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert listen.returncode == 1 and listen.stdout == ""
+        assert f"{flags[0]} is for TLS: give --tls-cert" in _one_error_line(listen.stderr)
+    source = subprocess.run([*MULTIFD, "migrate", "--to", "tcp://127.0.0.1:1", "--ram", "4M",
+                             "--tls-peer-name", "dest.test"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert source.returncode == 1
+    assert "--tls-peer-name is for TLS: give --tls-cert" in _one_error_line(source.stderr)
+    offered = subprocess.run([*MULTIFD, "migrate", "--help"], capture_output=True, text=True, timeout=60)
+    assert offered.returncode == 0 and "--tls-peer-name" in offered.stdout
+    assert "--tls-any-peer" not in offered.stdout
 
 
 def test_cli_tls_refusal_is_one_line_on_both_sides(pki: Pki) -> None:

@@ -7,6 +7,7 @@ read the slot's page runs, so it sees every packet the client made, in order.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import Future
 
@@ -15,6 +16,7 @@ import pytest
 
 from clients.ram import FIRST_PACKET_PAGES, RamClient
 from engine.channel import ControlOp, control_pair, post, read_control
+from engine.converge import DirtyRateMeter
 from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.multifd import ChannelLink, MultifdSender
 from engine.shm import GuestRAM, RamBlock
@@ -89,27 +91,53 @@ def test_round_one_starts_with_small_packets_doubling_to_the_packet_size() -> No
     assert later == [PACKET_PAGES] * 4
 
 
-class _CountingSource(BlockDirtyMaps):
-    """A VMM's dirty source (here: the block maps, counting its takes)."""
+class _VmmSource:
+    """A VMM's dirty source (no ``drop``; here over the block maps), counting its takes."""
 
     def __init__(self) -> None:
         self.takes = 0
 
     def take(self, block: RamBlock) -> np.ndarray:
         self.takes += 1
+        return block.dirty.take()
+
+    def count(self, block: RamBlock) -> int:
+        return block.dirty.count()
+
+
+class _CountedMaps(BlockDirtyMaps):
+    """The default maps, counting their takes and drops."""
+
+    def __init__(self) -> None:
+        self.takes = self.drops = 0
+
+    def take(self, block: RamBlock) -> np.ndarray:
+        self.takes += 1
         return super().take(block)
 
+    def drop(self, block: RamBlock) -> None:
+        self.drops += 1
+        super().drop(block)
 
-@pytest.mark.parametrize("source", ["default", "vmm"])
+
+@pytest.mark.parametrize("source", ["default", "vmm", "metered default", "metered vmm"])
 def test_round_one_clears_every_mark_before_reading_and_a_vmm_source_is_taken(source: str) -> None:
     """Round 1 sends every page: the marks made before it are cleared before any
-    page is read (the default maps are cleared; a VMM's source is taken, since its
-    take may do more than clear, say reset a hypervisor's log)."""
-    counting = _CountingSource() if source == "vmm" else None
+    page is read.  The default maps are dropped (no list of pages), also behind
+    auto-converge's dirty-rate meter; a VMM's source is taken, since its take may
+    do more than clear (say reset a hypervisor's log).  The meter's window starts."""
+    inner: _VmmSource | _CountedMaps = _VmmSource() if source.endswith("vmm") else _CountedMaps()
     with GuestRAM.create({"pc.ram": 2 * PACKET_PAGES * 4096, "vga.ram": PACKET_PAGES * 4096}) as ram:
+        ticks = itertools.count(0.0, 1.0)  # each reading a second later: a window is long enough
+        meter = (DirtyRateMeter(inner, ram.blocks, first_peek_s=0.5, clock=lambda: next(ticks))
+                 if "metered" in source else None)
         for block in ram.blocks:
             block.dirty.mark(0, block.n_pages)
-        _packets(ram, ["all"], dirty_source=counting)
+        _packets(ram, ["all"], dirty_source=meter if meter is not None else inner)
         assert all(block.dirty.count() == 0 for block in ram.blocks)
-    if counting is not None:
-        assert counting.takes == 2  # once per block
+    if isinstance(inner, _VmmSource):
+        assert inner.takes == 2  # once per block
+    else:
+        assert (inner.takes, inner.drops) == (0, 2)
+    if meter is not None:
+        assert meter.end_round(0) is not None  # the drop started the rate's window

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import signal
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -188,3 +191,44 @@ def test_a_closed_connection_hands_its_staging_buffer_to_the_next_one() -> None:
         second.close()
         receiver.close()
         b.close()
+
+
+def test_a_child_forked_while_a_thread_holds_the_buffer_pool_starts_with_its_own() -> None:
+    """A fork copies the pool's lock as it is: held by another thread, it would stay
+    held in the child for ever.  The child gets a fresh lock and no spares (its
+    parent's are shared copy-on-write), and takes and gives buffers as usual."""
+    import engine.link as link
+
+    link.warm_up_records()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with link._spare_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: any failure or hang shows in its exit status
+            try:
+                inherited = len(link._spare_stages)
+                stage = link._take_stage()
+                link._give_stage(stage)
+                os._exit(0 if inherited == 0 and len(stage) == link._STAGE_SIZE
+                         and link._take_stage() is stage else 1)
+            except BaseException:
+                os._exit(2)
+    finally:
+        release.set()
+        holder.join()
+    deadline = time.monotonic() + 10
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if status[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the buffer pool's lock")
+    assert os.waitstatus_to_exitcode(status[1]) == 0
