@@ -7,6 +7,7 @@ process, thread, /dev/shm segment or fd may outlive it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -207,7 +208,10 @@ def test_source_process_side_dies_mid_precopy() -> None:
             pair.source._conn.shutdown()
             source_error, destination_error = pair.outcomes()
             assert isinstance(destination_error, MigrationError)
-            assert "the source closed the main channel" in str(destination_error)
+            # Which of its connections it sees close first is a race: the source, failing
+            # too, closes its channels while the main channel's EOF is on its way.
+            assert re.search(r"source closed (the main channel|multifd channel \d+ without END)",
+                             str(destination_error)), destination_error
             assert isinstance(source_error, MigrationError)
 
 
