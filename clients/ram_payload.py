@@ -67,9 +67,9 @@ from engine.payload import ChannelContext, FileIO
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.slots import Counter, SendSlot
 from engine.transport import Buffer
-from engine.verify import TRACKED_DIGEST_SIZE
 from engine.wire import packet
 from engine.wire import snapshot_format as fmt
+from engine.wire.message import RAM_DIGEST_SIZE
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE
@@ -544,7 +544,7 @@ class PieceHasher:
         self.hash_pieces(block, pieces.tolist())
 
     def hash_pieces(self, block: RamBlock, pieces: Sequence[int]) -> None:
-        piece, size, base = self.piece, TRACKED_DIGEST_SIZE, self.bases[block.index]
+        piece, size, base = self.piece, RAM_DIGEST_SIZE, self.bases[block.index]
         for index in pieces:
             at = index * piece
             digest = xxhash.xxh3_128_digest(block.page_view(at, min(piece, block.n_pages - at)))
