@@ -36,6 +36,7 @@ import numpy as np
 import xxhash
 
 from engine.errors import VerificationError
+from engine.pages import n_regions
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.wire.message import MAX_DIGESTS_BYTES as wire_max_digests_bytes
@@ -112,7 +113,7 @@ def tracked_piece_pages(packet_pages: int) -> int:
 
 def n_pieces(ram: GuestRAM, piece_pages: int) -> int:
     """Pieces of `piece_pages` pages of all blocks (a block's last one may be shorter)."""
-    return sum(-(-block.n_pages // piece_pages) for block in ram.blocks)
+    return sum(n_regions(block.n_pages, piece_pages) for block in ram.blocks)
 
 
 def tracked_fits(ram: GuestRAM, piece_pages: int) -> bool:
@@ -124,7 +125,7 @@ def tracked_fits(ram: GuestRAM, piece_pages: int) -> bool:
 class PieceDigests:
     """The digest map of tracked verification: an XXH3-128 per piece of every block,
     blocks in order, in a segment this process owns; channel processes attach it by
-    ``name`` and write it (clients/ram_payload.py ``PieceHasher``)."""
+    ``name`` and write it (a ``RegionMap`` of engine/pages.py, in clients/ram_payload.py)."""
 
     def __init__(self, ram: GuestRAM, piece_pages: int) -> None:
         self.piece_pages = piece_pages
