@@ -146,3 +146,18 @@ def test_a_piece_never_hashed_is_an_error_not_a_pass() -> None:
                 digests.digests()
         finally:
             digests.close()
+
+
+def test_digests_that_differ_name_the_pieces() -> None:
+    """The destination compares the two byte strings whole; where they differ it
+    names the pieces (block and byte range), and a count that disagrees."""
+    with guest_ram(1 * MiB) as ram:
+        chunk = 64 * PAGE_SIZE
+        ours = verify.ram_digests(ram, chunk)
+        assert verify.compare_digests(ram, chunk, ours, bytes(ours)) == ""
+        theirs = bytearray(ours)
+        theirs[2 * RAM_DIGEST_SIZE] ^= 1
+        assert verify.compare_digests(ram, chunk, ours, bytes(theirs)) == \
+            "memory differs in 1 of 4 pieces: pc.ram[0x80000:0xc0000]"
+        assert verify.compare_digests(ram, chunk, ours, ours[:-RAM_DIGEST_SIZE]) == \
+            "expected 4 digests, got 3"
