@@ -27,7 +27,8 @@ Both cut runs into pieces at every 1 MiB chunk boundary (a piece lies in one
 chunk): the writer checksums a piece's pages (into the shared checksum map) right
 before the piece's ``pwritev``, and each chunk the slot touched (zero pages
 included; at least a quarter of it, else its word becomes 0, "none") from guest
-RAM right after its last piece's page checksums; the reader checks a chunk whose
+RAM right after its last piece's page checksums (a chunk the slot found all
+zero: the constant word of zeros, nothing read); the reader checks a chunk whose
 present pages the slot holds all (and that holds at least half its pages, and
 has a word) by its one word once its last piece is read, other pages page by
 page, each while the bytes are in cache::
@@ -43,10 +44,11 @@ Why a chunk word recomputed by whichever channel wrote the chunk's pages last
 is right in a live save: docs/snapshot-format.md §8.
 
 Tracked verification (migrations with ``verify``, engine/verify.py): the sender
-sends a packet in parts of ≤ 1 MiB cut at piece boundaries and hashes each part's
+sends a packet in parts of about 1 MiB (_PART_PAGES) cut at piece boundaries and hashes each part's
 pieces from guest RAM right before the part goes; the receiver reads the same
-parts and hashes each right after it landed (a piece with ZERO runs once they
-are placed)::
+parts and hashes each right after it landed and its ZERO runs are placed.  Both
+maps (digests per piece, chunk checksums per chunk) are a ``RegionMap``
+(engine/pages.py)::
 
     source       runs ── parts ── XXH3-128 per piece → digest map ── send part ──▶
     destination  ──▶ recv part into guest RAM ── XXH3-128 per piece → digest map
@@ -62,20 +64,24 @@ import xxhash
 
 from engine import codecs
 from engine.errors import SnapshotFormatError
-from engine.pages import runs_to_pages, split_runs
+from engine.pages import RegionMap, cut_runs, runs_to_pages, split_runs
 from engine.payload import ChannelContext, FileIO
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.slots import Counter, SendSlot
 from engine.transport import Buffer
-from engine.verify import TRACKED_DIGEST_SIZE
 from engine.wire import packet
 from engine.wire import snapshot_format as fmt
+from engine.wire.message import RAM_DIGEST_SIZE
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE
 _FEW_RUNS = 32  # up to this many runs, check them slice by slice; beyond, gather
 _GATHER_PAGES = 256  # ... 1 MiB of scattered pages at a time, into a reused buffer
-_PIECE_PAGES = fmt.CHUNK_PAGES  # file I/O: ≤ 1 MiB per call, one chunk, so checksum and copy share the cache
+_FILE_PIECE_PAGES = fmt.CHUNK_PAGES  # file I/O: ≤ 1 MiB a call, one chunk: checksum and copy share the cache
+# Tracked verification: a packet is sent (and received) in parts of about this
+# many pages, cut at piece boundaries, each part's pieces hashed right before it
+# goes (right after it landed): ~1 MiB, so the hash and the copy share the cache.
+_PART_PAGES = 256
 # Restore: a chunk with at least this many present pages is checked by its chunk
 # word (one hash of its 1 MiB), a sparser one page by page (a hash per page read).
 CHUNK_CHECK_MIN_PAGES = fmt.CHUNK_PAGES // 2
@@ -99,6 +105,8 @@ def _nonzero(rows: np.ndarray) -> np.ndarray:
 
 # A slot's page runs as arrays: first page, page count, and whether the run is zero.
 Runs = tuple[np.ndarray, np.ndarray, np.ndarray]
+# A part of a packet: its buffers, and what to do right before they are sent.
+Part = tuple[list[Buffer], Callable[[], None] | None]
 
 
 def gather_scratch() -> np.ndarray:
@@ -188,11 +196,35 @@ class RamPagesSender:
         self.codec = codecs.make_codec(spec.codec, spec.codec_level)
         self.compress = self.codec.wire_id != 0
         self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
-        self.hasher = PieceHasher.of(ctx)
-        self._parts: list[tuple[list[Buffer], Callable[[], None] | None]] = []
+        self.digests = _digest_map(ctx)
 
     def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
         block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
+        return self._packet(block, runs, sequence, epoch)
+
+    def prepare_parts(self, slot: SendSlot, sequence: int, epoch: int) -> list[Part]:
+        """:meth:`prepare`, in parts, each with what to do right before it is sent:
+        tracked verification hashes each piece from guest RAM before its pages go
+        (in cache for the copy).  A page the guest writes after that is dirty
+        again, sent and hashed again in a later round; the final round's guest is
+        paused."""
+        block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
+        digests = self.digests
+        firsts, counts, zero = runs
+        if digests is None or (self.compress and not zero.all()):
+            # Compressed frames do not follow the pieces: hash them all first.
+            before = partial(_store_runs, digests, block, firsts, counts) if digests is not None else None
+            return [(list(self._packet(block, runs, sequence, epoch)), before)]
+        parts: list[Part] = [
+            (list[Buffer](_segment_views(block, *segments)), partial(digests.store, block, pieces))
+            for segments, pieces in _piece_parts(firsts, counts, zero, digests.region_pages, _PART_PAGES)
+        ]
+        normal = int(counts[~zero].sum())
+        parts[0][0].insert(0, self._header(block, runs, sequence, epoch, normal, 0, normal * PAGE_SIZE))
+        return parts
+
+    def _packet(self, block: RamBlock, runs: Runs, sequence: int, epoch: int) -> list[Buffer]:
+        """Header, then the pages with data: views of guest RAM, or frames."""
         views, normal = _data_views(block, runs)
         frames: Sequence[Buffer]
         if self.compress and normal:
@@ -201,37 +233,16 @@ class RamPagesSender:
             codec = self.codec.wire_id
         else:
             frames, payload_length, codec = views, normal * PAGE_SIZE, 0
+        return [self._header(block, runs, sequence, epoch, normal, codec, payload_length), *frames]
+
+    def _header(self, block: RamBlock, runs: Runs, sequence: int, epoch: int, normal: int,
+                codec: int, payload_length: int) -> bytes:
+        """The RAM_PAGES header (and the channel's page counters)."""
         firsts, counts, zero = runs
         _count_pages(self.ctx, normal, int(counts.sum()), payload_length)
-        header = packet.encode_ram_pages(sequence, block.index, codec, epoch,
-                                         list(zip(firsts.tolist(), counts.tolist(), zero.tolist())),
-                                         payload_length)
-        if self.hasher is not None:  # the slot goes back before the send: plan the hashing now
-            self._parts = self._hashed_parts(block, runs, header, frames, codec)
-        return [header, *frames]
-
-    def parts(self, buffers: Sequence[Buffer]) -> list[tuple[list[Buffer], Callable[[], None] | None]]:
-        """The buffers of the last :meth:`prepare`, in parts, each with what to do
-        right before it is sent: tracked verification hashes each piece from guest
-        RAM before its pages go (in cache for the copy).  A page the guest writes
-        after that is dirty again, sent and hashed again in a later round; the
-        final round's guest is paused."""
-        parts, self._parts = self._parts, []
-        return parts or [(list(buffers), None)]
-
-    def _hashed_parts(self, block: RamBlock, runs: Runs, header: bytes, frames: Sequence[Buffer],
-                      codec: int) -> list[tuple[list[Buffer], Callable[[], None] | None]]:
-        hasher = self.hasher
-        assert hasher is not None
-        firsts, counts, zero = runs
-        if codec:  # compressed frames do not follow the pieces: hash them all first
-            return [([header, *frames], partial(hasher.hash_runs, block, firsts, counts))]
-        parts: list[tuple[list[Buffer], Callable[[], None] | None]] = []
-        for segments, pieces in _piece_parts(firsts, counts, zero, hasher.piece, _PIECE_PAGES):
-            views: list[Buffer] = [header] if not parts else []
-            views += _segment_views(block, segments)
-            parts.append((views, partial(hasher.hash_pieces, block, pieces)))
-        return parts
+        return packet.encode_ram_pages(sequence, block.index, codec, epoch,
+                                       list(zip(firsts.tolist(), counts.tolist(), zero.tolist())),
+                                       payload_length)
 
     def _frames(self, views: list[memoryview]) -> list[Buffer]:
         """The pages of `views` as frames: header, then compressed bytes or RAW views."""
@@ -263,36 +274,27 @@ def _per_block(ctx: ChannelContext, shared: memoryview | None, dtype: str) -> li
     return [whole[bases[i]:bases[i + 1]] for i in range(len(ctx.ram.blocks))]
 
 
-def _pieces(first: int, count: int, limit: int) -> list[tuple[int, int]]:
-    """The run (first, count) cut at every multiple of `limit` pages (a chunk boundary)."""
-    end = first + count
-    cut = (first // limit + 1) * limit
-    if cut >= end:
-        return [(first, count)]
-    return [(at, min(cut if at == first else at + limit, end) - at)
-            for at in [first, *range(cut, end, limit)]]
-
-
-def _per_block_chunks(ctx: ChannelContext, part: int = 0) -> list[np.ndarray] | None:
-    """The chunk map (ChannelContext.chunk_sums) cut per block: its `part`-th array
-    of one uint64 per chunk of all blocks (0: the checksums; restore's 1: present pages)."""
+def _chunk_map(ctx: ChannelContext, part: int = 0) -> RegionMap | None:
+    """The chunk map (ChannelContext.chunk_sums): its `part`-th array of one uint64
+    per chunk of all blocks (0: the checksums; restore's 1: present pages)."""
     if ctx.chunk_sums is None:
         return None
-    n_chunks = [fmt.n_chunks(b.n_pages) for b in ctx.ram.blocks]
-    total = sum(n_chunks)
-    whole = np.frombuffer(ctx.chunk_sums, dtype="<u8", count=total, offset=part * total * 8)
-    bases = np.cumsum([0] + n_chunks).tolist()
-    return [whole[bases[i]:bases[i + 1]] for i in range(len(n_chunks))]
+    return RegionMap(ctx.ram.blocks, fmt.CHUNK_PAGES, ctx.chunk_sums, "<u8", fmt.chunk_sum, part)
 
 
-def _chunk_range(block: RamBlock, chunk: int) -> tuple[int, int]:
-    """The first page of `chunk` of `block` and its pages (the last chunk may be short)."""
-    first = chunk * fmt.CHUNK_PAGES
-    return first, min(fmt.CHUNK_PAGES, block.n_pages - first)
+def _digest_map(ctx: ChannelContext) -> RegionMap | None:
+    """Tracked verification's digest map (engine/verify.py), or None where the
+    migration tracks no digests: an XXH3-128 per piece of spec.piece_pages pages."""
+    if ctx.piece_digests is None:
+        return None
+    assert ctx.spec.piece_pages > 0
+    return RegionMap(ctx.ram.blocks, ctx.spec.piece_pages, ctx.piece_digests,
+                     f"S{RAM_DIGEST_SIZE}", xxhash.xxh3_128_digest)
 
 
-def _chunk_view(block: RamBlock, chunk: int) -> memoryview:
-    return block.page_view(*_chunk_range(block, chunk))
+def _store_runs(digests: RegionMap, block: RamBlock, firsts: np.ndarray, counts: np.ndarray) -> None:
+    """Hash every piece the runs touch (a compressed packet's: all at once)."""
+    digests.store(block, digests.regions_of_runs(firsts, counts)[0].tolist())
 
 
 class RamPagesFileWriter:
@@ -311,7 +313,11 @@ class RamPagesFileWriter:
         assert present is not None
         self.present = present
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
-        self.chunk_sums = _per_block_chunks(ctx)
+        self.chunks = _chunk_map(ctx)
+        # The word of a chunk of n pages all found zero: xxh3-64 of n zero pages
+        # (a whole chunk, or a block's shorter last one), never hashed from RAM.
+        self.zero_words = {n: fmt.chunk_sum(bytes(n * PAGE_SIZE)) for n in
+                           {fmt.CHUNK_PAGES, *(b.n_pages % fmt.CHUNK_PAGES for b in self.blocks)} if n}
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
         block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
@@ -327,58 +333,66 @@ class RamPagesFileWriter:
             sums = self.sums[block.index]
             if not nonzero.all():
                 sums[pages[~nonzero]] = 0
+        hashed_last = self._plan_chunk_words(block, runs) if self.chunks is not None else set()
         plan = []
-        for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist()):
-            for at, n in _pieces(first, count, _PIECE_PAGES):
-                view = block.page_view(at, n)
-                before = partial(_checksum, view, sums[at:at + n]) if sums is not None else None
-                plan.append(FileIO(base + at * PAGE_SIZE, [view], before=before))
-        if self.chunk_sums is not None:
-            self._plan_chunk_sums(block, plan, pages)
+        starts, lengths, _ = cut_runs(firsts[~zero], counts[~zero], _FILE_PIECE_PAGES)
+        at_chunks = (starts // fmt.CHUNK_PAGES).tolist()
+        for i, (at, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            chunk = at_chunks[i]
+            # A chunk's pieces are consecutive: its last is where the next is in another chunk.
+            last = chunk in hashed_last and (i + 1 == len(at_chunks) or at_chunks[i + 1] != chunk)
+            view = block.page_view(at, n)
+            before = None
+            if sums is not None or last:
+                before = partial(_before_write, view, sums[at:at + n] if sums is not None else None,
+                                 self.chunks if last else None, block, chunk)
+            plan.append(FileIO(base + at * PAGE_SIZE, [view], before=before))
         return plan
 
-    def _plan_chunk_sums(self, block: RamBlock, plan: list[FileIO], pages: np.ndarray) -> None:
+    def _plan_chunk_words(self, block: RamBlock, runs: Runs) -> set[int]:
         """Every chunk the slot touched, zero pages included, gets a new word: with
-        at least CHUNK_HASH_MIN_PAGES pages touched, its hash from guest RAM, made
-        right before its last piece is written, just after that piece's page
-        checksums (its bytes in cache; a chunk with no piece to write, only zero
-        pages, after the slot's last write); with fewer, 0 (no chunk word) now."""
-        assert self.chunk_sums is not None
-        words = self.chunk_sums[block.index]
-        chunks, counts = np.unique(pages // fmt.CHUNK_PAGES, return_counts=True)
-        words[chunks[counts < CHUNK_HASH_MIN_PAGES]] = 0
-        touched = chunks[counts >= CHUNK_HASH_MIN_PAGES].tolist()
-        last_piece = {(piece.offset - self.offsets[block.index]) // PAGE_SIZE // fmt.CHUNK_PAGES: i
-                      for i, piece in enumerate(plan)}
-        hashed_at: dict[int, list[int]] = {}
-        for chunk in touched:
-            hashed_at.setdefault(last_piece.get(chunk, len(plan)), []).append(chunk)
-        for i, at_piece in sorted(hashed_at.items()):
-            hash_chunks = partial(_chunk_checksums, block, at_piece, words)
-            if i == len(plan):
-                plan.append(FileIO(0, [], before=hash_chunks))
-            else:
-                plan[i] = plan[i]._replace(before=partial(_in_turn, plan[i].before, hash_chunks))
+        fewer than CHUNK_HASH_MIN_PAGES pages touched, 0 (no chunk word); with every
+        page touched and found zero, the constant word of zeros; else its hash from
+        guest RAM: now if the slot writes none of its pages, else right before its
+        last piece is written, just after that piece's page checksums (its bytes in
+        cache).  Returns the chunks hashed at their last piece."""
+        chunks = self.chunks
+        assert chunks is not None
+        words = chunks.of_block(block)
+        firsts, counts, zero = runs
+        touched, n_touched = chunks.regions_of_runs(firsts, counts)
+        words[touched[n_touched < CHUNK_HASH_MIN_PAGES]] = 0
+        dense = n_touched >= CHUNK_HASH_MIN_PAGES
+        n_pages = np.minimum(fmt.CHUNK_PAGES, block.n_pages - touched * fmt.CHUNK_PAGES)
+        n_zero = np.zeros(touched.size, dtype=np.int64)
+        if zero.any():
+            zero_chunks, zero_pages = chunks.regions_of_runs(firsts[zero], counts[zero])
+            n_zero[np.searchsorted(touched, zero_chunks)] = zero_pages
+        all_zero = dense & (n_zero == n_pages)
+        for chunk, n in zip(touched[all_zero].tolist(), n_pages[all_zero].tolist()):
+            words[chunk] = self.zero_words[n]
+        hashed = dense & ~all_zero
+        written = dense & (n_zero < n_touched)  # some of its pages have a piece to write
+        chunks.store(block, touched[hashed & ~written].tolist())
+        return set(touched[hashed & written].tolist())
 
 
-def _in_turn(*steps: Callable[[], None] | None) -> None:
-    for step in steps:
-        if step is not None:
-            step()
+def _before_write(view: memoryview, sums: np.ndarray | None, chunks: RegionMap | None,
+                  block: RamBlock, chunk: int) -> None:
+    """Right before a piece is written: its pages' checksums, then (its chunk's last
+    piece) the chunk's word, from guest RAM as it is now, in the round that writes
+    (or finds zero) some of its pages (docs/snapshot-format.md §8: why the last
+    round's is right)."""
+    if sums is not None:
+        _checksum(view, sums)
+    if chunks is not None:
+        chunks.store(block, (chunk,))
 
 
 def _checksum(view: memoryview, sums: np.ndarray) -> None:
     """Right before the write, from the bytes about to be written (see
     docs/snapshot-format.md §8 for why a guest write in between is harmless)."""
     sums[:] = fmt.page_sums(view, PAGE_SIZE)
-
-
-def _chunk_checksums(block: RamBlock, chunks: Sequence[int], words: np.ndarray) -> None:
-    """Each chunk's word, from guest RAM as it is now, in the round that writes (or
-    finds zero) some of its pages (docs/snapshot-format.md §8: why the last round's
-    is right)."""
-    for chunk in chunks:
-        words[chunk] = fmt.chunk_sum(_chunk_view(block, chunk))
 
 
 class RamPagesFileReader:
@@ -393,8 +407,8 @@ class RamPagesFileReader:
         self.blocks = ctx.ram.blocks
         self.offsets = target.pages_offsets
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
-        self.chunk_sums = _per_block_chunks(ctx)
-        self.chunk_present = _per_block_chunks(ctx, part=1)
+        self.chunks = _chunk_map(ctx)
+        self.chunk_present = _chunk_map(ctx, part=1)
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
         block = self.blocks[slot.a0]
@@ -402,21 +416,23 @@ class RamPagesFileReader:
         items = slot.used_items()
         pages = int(items[:, 1].sum())
         _count_pages(self.ctx, pages, pages, pages * PAGE_SIZE)
-        pieces = [piece for first, count in items.tolist() for piece in _pieces(first, count, _PIECE_PAGES)]
+        starts, lengths, _ = cut_runs(items[:, 0], items[:, 1], _FILE_PIECE_PAGES)
+        pieces = list(zip(starts.tolist(), lengths.tolist()))
         views = [block.page_view(at, n) for at, n in pieces]
         if self.sums is None:
             return [FileIO(base + at * PAGE_SIZE, [view]) for (at, _), view in zip(pieces, views)]
         # Chunks whose every present page is in this slot, dense enough to be worth
         # one hash of the whole chunk, with a chunk word (not 0): checked by it after
         # their last piece; every other piece page by page after its read.
+        chunks, present = self.chunks, self.chunk_present
         by_chunk: dict[int, list[int]] = {}
         for i, (at, _) in enumerate(pieces):
             by_chunk.setdefault(at // fmt.CHUNK_PAGES, []).append(i)
         afters: list[Callable[[], None] | None] = [None] * len(pieces)
         for chunk, indices in by_chunk.items():
             held = sum(pieces[i][1] for i in indices)
-            whole = self.chunk_present is not None and held == int(self.chunk_present[block.index][chunk])
-            hashed = self.chunk_sums is not None and int(self.chunk_sums[block.index][chunk]) != 0
+            whole = present is not None and held == int(present.of_block(block)[chunk])
+            hashed = chunks is not None and int(chunks.of_block(block)[chunk]) != 0
             if whole and hashed and held >= CHUNK_CHECK_MIN_PAGES:
                 afters[indices[-1]] = partial(self._check_chunk, block, chunk,
                                               [(pieces[i][0], views[i]) for i in indices])
@@ -431,12 +447,13 @@ class RamPagesFileReader:
         snapshot holds no page) against its chunk word.  A mismatch is told by the
         page words: the damaged page, or (every page intact) RAM that is not zero
         where it should be."""
-        assert self.chunk_sums is not None
-        if fmt.chunk_sum(_chunk_view(block, chunk)) == int(self.chunk_sums[block.index][chunk]):
+        chunks = self.chunks
+        assert chunks is not None
+        if chunks.hash_fn(chunks.view(block, chunk)) == int(chunks.of_block(block)[chunk]):
             return
         for first, view in pieces:
             self._check(block, first, view)
-        first, n_pages = _chunk_range(block, chunk)
+        first, n_pages = chunks.span(block, chunk)
         offset = self.offsets[block.index] + first * PAGE_SIZE
         raise SnapshotFormatError(f"block {block.name!r} pages {first}-{first + n_pages - 1} (file offset "
                                   f"{offset}) do not match their chunk checksum, though every page "
@@ -465,7 +482,7 @@ class RamPagesReceiver:
         self.codec = codecs.make_codec(ctx.spec.codec, None)
         self._frame = bytearray(_FRAME_BYTES) if self.codec.wire_id else bytearray()
         self._frame_header = memoryview(bytearray(codecs.FRAME_HEADER.size))
-        self.hasher = PieceHasher.of(ctx)
+        self.digests = _digest_map(ctx)
 
     def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
         assert isinstance(record, packet.RamPagesHeader)
@@ -473,20 +490,18 @@ class RamPagesReceiver:
         firsts, counts, flags = (np.fromiter(column, dtype=np.int64, count=len(column))
                                  for column in record.columns)
         zero = (flags & packet.RunFlags.ZERO) != 0
-        hasher = self.hasher
-        if record.codec == 0 and hasher is not None:
-            # Tracked verification: a piece is hashed from RAM right after its
-            # pages landed, in cache; one with ZERO runs once they are placed.
-            later: list[int] = []
-            for segments, pieces in _piece_parts(firsts, counts, zero, hasher.piece, _PIECE_PAGES):
-                views = _segment_views(block, segments)
+        digests = self.digests
+        if record.codec == 0 and digests is not None:
+            # Tracked verification: part by part, its pages land, its ZERO runs
+            # are placed, then its pieces are hashed from RAM (in cache).
+            normal = total = 0
+            for segments, pieces in _piece_parts(firsts, counts, zero, digests.region_pages, _PART_PAGES):
+                views = _segment_views(block, *segments)
                 if views:
                     yield views
-                zeroed = {first // hasher.piece for first, _, z in segments if z}
-                hasher.hash_pieces(block, [p for p in pieces if p not in zeroed])
-                later += sorted(zeroed)
-            normal, total = _place_marks(block, firsts, counts, zero)
-            hasher.hash_pieces(block, later)
+                part_normal, part_total = _place_marks(block, *segments)
+                normal, total = normal + part_normal, total + part_total
+                digests.store(block, pieces)
         else:
             views = [block.page_view(first, count)
                      for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist())]
@@ -495,8 +510,8 @@ class RamPagesReceiver:
             else:
                 yield from self._frames(views)
             normal, total = _place_marks(block, firsts, counts, zero)
-            if hasher is not None:  # compressed: every piece the packet touched, once in place
-                hasher.hash_runs(block, firsts, counts)
+            if digests is not None:  # compressed: every piece the packet touched, once in place
+                _store_runs(digests, block, firsts, counts)
         _count_pages(self.ctx, normal, total, record.payload_length)
 
     def _frames(self, views: list[memoryview]) -> Iterator[Sequence[memoryview]]:
@@ -517,82 +532,38 @@ class RamPagesReceiver:
                 at += view.nbytes
 
 
-class PieceHasher:
-    """Tracked verification in a channel process (engine/verify.py): the XXH3-128 of
-    the pieces a packet touches, from guest RAM, into the shared digest map (the
-    sender right before a part's pages are sent, the receiver right after they
-    landed: the part is in cache for both)."""
-
-    def __init__(self, ctx: ChannelContext) -> None:
-        assert ctx.piece_digests is not None and ctx.spec.piece_pages > 0
-        self.map = ctx.piece_digests
-        self.piece = ctx.spec.piece_pages
-        bases = np.cumsum([0] + [-(-b.n_pages // self.piece) for b in ctx.ram.blocks])
-        self.bases = bases.tolist()
-
-    @classmethod
-    def of(cls, ctx: ChannelContext) -> PieceHasher | None:
-        """The channel's hasher, or None where the migration tracks no digests."""
-        return cls(ctx) if ctx.piece_digests is not None else None
-
-    def hash_runs(self, block: RamBlock, firsts: np.ndarray, counts: np.ndarray) -> None:
-        if not firsts.size:
-            return
-        piece = self.piece
-        first_pieces = firsts // piece
-        pieces = np.unique(runs_to_pages(first_pieces, (firsts + counts - 1) // piece - first_pieces + 1))
-        self.hash_pieces(block, pieces.tolist())
-
-    def hash_pieces(self, block: RamBlock, pieces: Sequence[int]) -> None:
-        piece, size, base = self.piece, TRACKED_DIGEST_SIZE, self.bases[block.index]
-        for index in pieces:
-            at = index * piece
-            digest = xxhash.xxh3_128_digest(block.page_view(at, min(piece, block.n_pages - at)))
-            self.map[(base + index) * size:(base + index + 1) * size] = digest
-
-
-Segment = tuple[int, int, bool]  # first page, pages, zero
-
-
 def _piece_parts(firsts: np.ndarray, counts: np.ndarray, zero: np.ndarray, piece: int,
-                 group_pages: int) -> list[tuple[list[Segment], list[int]]]:
+                 group_pages: int) -> list[tuple[Runs, list[int]]]:
     """Runs cut at every `piece` boundary, then grouped (a group ends at a piece
-    boundary once it holds `group_pages`): each group's segments and the pieces
-    they touch.  Every piece is in one group."""
-    parts: list[tuple[list[Segment], list[int]]] = []
-    segments: list[Segment] = []
-    pieces: list[int] = []
-    pages = 0
-    for first, count, is_zero in zip(firsts.tolist(), counts.tolist(), zero.tolist()):
-        end = first + count
-        while first < end:
-            index = first // piece
-            stop = min(end, (index + 1) * piece)
-            if pieces and pieces[-1] != index:
-                if pages >= group_pages:
-                    parts.append((segments, pieces))
-                    segments, pieces, pages = [], [], 0
-            if not pieces or pieces[-1] != index:
-                pieces.append(index)
-            segments.append((first, stop - first, is_zero))
-            pages += stop - first
-            first = stop
-    if segments:
-        parts.append((segments, pieces))
+    boundary once it holds `group_pages`): each group's runs (first, count, zero)
+    and the pieces they touch.  Every piece is in one group (the runs ascend)."""
+    starts, lengths, source = cut_runs(firsts, counts, piece)
+    if not starts.size:
+        return []
+    pieces, zeros = starts // piece, zero[source]
+    # Segment indices where a piece begins, and the pages before each segment.
+    bounds = [*(np.flatnonzero(np.diff(pieces) != 0) + 1).tolist(), int(starts.size)]
+    before = np.concatenate(([0], np.cumsum(lengths))).tolist()
+    parts: list[tuple[Runs, list[int]]] = []
+    begin = 0
+    for end in bounds:
+        if before[end] - before[begin] >= group_pages or end == starts.size:
+            part = slice(begin, end)
+            parts.append(((starts[part], lengths[part], zeros[part]),
+                          np.unique(pieces[part]).tolist()))
+            begin = end
     return parts
 
 
-def _segment_views(block: RamBlock, segments: list[Segment]) -> list[memoryview]:
-    """Views of the non-zero segments' pages, adjacent ones joined."""
-    spans: list[list[int]] = []
-    for first, count, is_zero in segments:
-        if is_zero:
-            continue
-        if spans and spans[-1][0] + spans[-1][1] == first:
-            spans[-1][1] += count
-        else:
-            spans.append([first, count])
-    return [block.page_view(first, count) for first, count in spans]
+def _segment_views(block: RamBlock, firsts: np.ndarray, counts: np.ndarray,
+                   zero: np.ndarray) -> list[memoryview]:
+    """Views of the non-zero runs' pages, adjacent ones joined."""
+    firsts, counts = firsts[~zero], counts[~zero]
+    if not firsts.size:
+        return []
+    starts = np.concatenate(([0], np.flatnonzero(firsts[1:] != firsts[:-1] + counts[:-1]) + 1))
+    return [block.page_view(first, count)
+            for first, count in zip(firsts[starts].tolist(), np.add.reduceat(counts, starts).tolist())]
 
 
 def _cut(views: list[memoryview], limit: int) -> list[list[memoryview]]:

@@ -493,22 +493,23 @@ class _SendChannel(_JobChannel):
 
     def _job(self, slot: SendSlot, index: int) -> None:
         sender = self._handler(self.senders, slot)
-        buffers = sender.prepare(slot, self.sequence, self.epoch)
+        # A sender may cut its packet into parts, each with work to do right
+        # before it goes (RAM pages: tracked verification's hashing).
+        prepare_parts = getattr(sender, "prepare_parts", None)
+        parts = (prepare_parts(slot, self.sequence, self.epoch) if prepare_parts is not None
+                 else [(sender.prepare(slot, self.sequence, self.epoch), None)])
         if not sender.holds_slot:
             # The buffers no longer need the slot: hand it back now, so the
             # main process refills it while this packet is being sent.
             _hand_back(slot, self.ctrl, index)
         if self.first_packet_at is None:
             self.first_packet_at = time.perf_counter()
-        # A sender may cut its buffers into parts, each with work to do right
-        # before it goes (RAM pages: tracked verification's hashing).
-        split = getattr(sender, "parts", None)
-        for part, before in split(buffers) if split is not None else [(buffers, None)]:
+        for part, before in parts:
             if before is not None:
                 before()
             if part:
                 self.ctx.count(Counter.WIRE_BYTES, self.conn.send_buffers(part))
-        del buffers
+        del parts
         if sender.holds_slot:
             _hand_back(slot, self.ctrl, index)
 

@@ -189,7 +189,7 @@ class DestinationMigration(Migration):
         self._live_due = False
         self._ack_due = False
         self._digests: PieceDigests | None = None  # tracked verification: CONFIG's PAGE_SUMS
-        self.ram_digests: tuple[bytes, ...] | None = None  # ours, as compared with DIGESTS
+        self.ram_digests: bytes | None = None  # ours, as compared with DIGESTS, joined
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
@@ -559,7 +559,7 @@ class DestinationMigration(Migration):
                 ours, chunk = self._digests.digests(), self._digests.chunk
             else:
                 ours, chunk = ram_digests(self.ram), DIGEST_CHUNK
-            self.ram_digests = tuple(ours)
+            self.ram_digests = ours
             theirs = self._read_message(wire.Digests, time.monotonic() + self.config.stall_timeout_s)
             if theirs.digest_chunk != chunk:
                 raise RemoteProtocolError(f"DIGESTS of {theirs.digest_chunk}-byte pieces, "

@@ -107,10 +107,11 @@ class PayloadSender(Protocol):
     are views of guest RAM), the channel hands the slot back before it sends, so
     the next hand-off overlaps this send.
 
-    Optionally, ``parts(buffers)`` cuts the buffers of the last :meth:`prepare`
-    into ``(buffers, before)`` parts that the channel sends in order, calling
-    ``before()`` (if not None) right before each part (RAM pages: tracked
-    verification hashes the part's pieces then, in cache for the copy).
+    Optionally, ``prepare_parts(slot, sequence, epoch)`` is :meth:`prepare` cut
+    into ``(buffers, before)`` parts (header in the first); the channel calls it
+    instead when present and sends the parts in order, calling ``before()`` (if
+    not None) right before each part (RAM pages: tracked verification hashes the
+    part's pieces then, in cache for the copy).
     """
 
     holds_slot: bool

@@ -73,7 +73,14 @@ from engine.slots import SlotTable
 from engine.stats import MigrationResult
 from engine.sync import MigrationEvent, MigrationState, Signal
 from engine.transport import Connection, close_all, connect
-from engine.verify import DIGEST_CHUNK, PieceDigests, dump_ram, ram_digests, tracked_piece_pages
+from engine.verify import (
+    DIGEST_CHUNK,
+    PieceDigests,
+    dump_ram,
+    ram_digests,
+    tracked_fits,
+    tracked_piece_pages,
+)
 from engine.wire import message as wire
 from engine.wire import packet
 
@@ -173,10 +180,12 @@ class SourceMigration(SavingOperation, Migration):
         self._live_counts: tuple[int, ...] = ()  # the last LIVE_ROUND's
         self._ack_deadline: float | None = None
         # Verification: tracked (each page hashed by the channel that sent it) unless
-        # the RAM is handed over; the digests sent in DIGESTS, once they are.
-        self._tracks_pages = config.verify and not config.local
+        # the RAM is handed over, or its digests would not fit one DIGESTS (then
+        # hashed after the pause); the digests sent in DIGESTS, once they are.
+        self._tracks_pages = config.verify and not config.local \
+            and tracked_fits(ram, tracked_piece_pages(config.packet_pages))
         self._digests: PieceDigests | None = None
-        self.ram_digests: tuple[bytes, ...] | None = None
+        self.ram_digests: bytes | None = None  # as sent in DIGESTS, joined
 
     # -- the phases --------------------------------------------------------
 
@@ -388,13 +397,13 @@ class SourceMigration(SavingOperation, Migration):
         if self._digests is not None:
             # Every piece was hashed as it left, the final round's with the guest paused.
             t_hash = time.perf_counter()
-            self.ram_digests = tuple(self._digests.digests())
+            self.ram_digests = self._digests.digests()
             verify_ms = (time.perf_counter() - t_hash) * 1000
             self._send_message(wire.Digests(self._digests.chunk, self.ram_digests))
         elif self.config.verify:
             # Hash while the destination hashes its copy; the guest stays paused.
             t_hash = time.perf_counter()
-            self.ram_digests = tuple(ram_digests(self.ram, DIGEST_CHUNK))
+            self.ram_digests = ram_digests(self.ram, DIGEST_CHUNK)
             verify_ms = (time.perf_counter() - t_hash) * 1000
             self._send_message(wire.Digests(DIGEST_CHUNK, self.ram_digests))
         if self.dump_dir:

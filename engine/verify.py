@@ -31,18 +31,25 @@ hashed there.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
+import numpy as np
 import xxhash
 
+from engine.errors import VerificationError
+from engine.pages import n_regions
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
+from engine.wire.message import MAX_DIGESTS_BYTES as wire_max_digests_bytes
+from engine.wire.message import RAM_DIGEST_SIZE
 
 DIGEST_CHUNK = 64 << 20
 # Tracked verification: pieces of at most this many pages (256 KiB): a late
 # round's scattered page costs its piece's hash; 2 GiB make a DIGESTS of 128 KiB.
 TRACKED_PIECE_PAGES = 64
-TRACKED_DIGEST_SIZE = 16  # XXH3-128
+# DIGESTS' digests, at most: a migration whose digest map is larger is verified
+# after the pause (docs/wire-format.md §3.3).  1M digests: 256 GiB of RAM at the
+# default packets, 4 GiB at packet_pages=1.  Read at the call, so a test can lower it.
+MAX_DIGESTS_BYTES = wire_max_digests_bytes
 _HASH_STEP = 4 << 20
 
 
@@ -63,28 +70,28 @@ def _pieces(ram: GuestRAM, chunk: int) -> list[tuple[int, int, int]]:
     ]
 
 
-def ram_digests(ram: GuestRAM, chunk: int = DIGEST_CHUNK) -> list[bytes]:
-    """XXH3-128 of every `chunk`-sized piece of every block, in block order."""
+def ram_digests(ram: GuestRAM, chunk: int = DIGEST_CHUNK) -> bytes:
+    """XXH3-128 of every `chunk`-sized piece of every block, in block order, joined."""
     pieces = _pieces(ram, chunk)
     workers = min(len(pieces), os.cpu_count() or 1)
     with WorkerPool("thread", max(1, workers), name="mfd-hash") as pool:
         futures = [
             pool.submit(_hash, ram.blocks[index].pages[start:end]) for index, start, end in pieces
         ]
-        return [future.result() for future in futures]
+        return b"".join(future.result() for future in futures)
 
 
-def compare_digests(
-    ram: GuestRAM, chunk: int, ours: Sequence[bytes], theirs: Sequence[bytes]
-) -> str:
-    """'' if equal, else a sentence naming where the memories differ."""
-    if len(ours) == len(theirs) == sum(-(-block.size // chunk) for block in ram.blocks) \
-            and list(ours) == list(theirs):
-        return ""  # the usual answer, without a record per piece (it is downtime)
+def compare_digests(ram: GuestRAM, chunk: int, ours: bytes, theirs: bytes) -> str:
+    """'' if equal, else a sentence naming where the memories differ.  `ours` and
+    `theirs`: the digests of every piece, joined (DIGESTS' body)."""
+    if ours == theirs:
+        return ""  # the usual answer: one compare, no record per piece (it is downtime)
     pieces = _pieces(ram, chunk)
-    if len(theirs) != len(pieces):
-        return f"expected {len(pieces)} digests, got {len(theirs)}"
-    differing = [p for p, a, b in zip(pieces, ours, theirs) if a != b]
+    if len(theirs) != len(pieces) * RAM_DIGEST_SIZE:
+        return f"expected {len(pieces)} digests, got {len(theirs) // RAM_DIGEST_SIZE}"
+    size = RAM_DIGEST_SIZE
+    differing = [p for i, p in enumerate(pieces)
+                 if ours[i * size:(i + 1) * size] != theirs[i * size:(i + 1) * size]]
     if not differing:
         return ""
     shown = ", ".join(
@@ -104,20 +111,27 @@ def tracked_piece_pages(packet_pages: int) -> int:
     return pages
 
 
-def _n_pieces(ram: GuestRAM, piece_pages: int) -> list[int]:
-    return [-(-block.n_pages // piece_pages) for block in ram.blocks]
+def n_pieces(ram: GuestRAM, piece_pages: int) -> int:
+    """Pieces of `piece_pages` pages of all blocks (a block's last one may be shorter)."""
+    return sum(n_regions(block.n_pages, piece_pages) for block in ram.blocks)
+
+
+def tracked_fits(ram: GuestRAM, piece_pages: int) -> bool:
+    """Whether a digest map of `ram` in pieces of `piece_pages` fits one DIGESTS
+    (MAX_DIGESTS_BYTES): else the migration verifies after the pause."""
+    return n_pieces(ram, piece_pages) * RAM_DIGEST_SIZE <= MAX_DIGESTS_BYTES
 
 
 class PieceDigests:
     """The digest map of tracked verification: an XXH3-128 per piece of every block,
     blocks in order, in a segment this process owns; channel processes attach it by
-    ``name`` and write it (clients/ram_payload.py ``PieceHasher``)."""
+    ``name`` and write it (a ``RegionMap`` of engine/pages.py, in clients/ram_payload.py)."""
 
     def __init__(self, ram: GuestRAM, piece_pages: int) -> None:
         self.piece_pages = piece_pages
-        self.n_pieces = sum(_n_pieces(ram, piece_pages))
+        self.n_pieces = n_pieces(ram, piece_pages)
         self._segment: Segment | None = Segment.create(
-            self.n_pieces * TRACKED_DIGEST_SIZE, what="the digest map of verification")
+            self.n_pieces * RAM_DIGEST_SIZE, what="the digest map of verification")
         self.name = self._segment.name
 
     @property
@@ -125,11 +139,20 @@ class PieceDigests:
         """Bytes per piece: DIGESTS' ``digest_chunk``."""
         return self.piece_pages * PAGE_SIZE
 
-    def digests(self) -> list[bytes]:
-        """Every piece's digest, in order.  Call once every channel has ended."""
+    def digests(self) -> bytes:
+        """Every piece's digest, in order, joined (DIGESTS' body).  Call once every
+        channel has ended.  The map starts as zeros and no XXH3-128 of real data is
+        all zero: an entry still zero is a piece no channel hashed, which would pass
+        on both sides unchecked, so it raises VerificationError."""
         assert self._segment is not None
-        data = bytes(self._segment.buf[:self.n_pieces * TRACKED_DIGEST_SIZE])
-        return [data[at:at + TRACKED_DIGEST_SIZE] for at in range(0, len(data), TRACKED_DIGEST_SIZE)]
+        data = bytes(self._segment.buf[:self.n_pieces * RAM_DIGEST_SIZE])
+        halves = np.frombuffer(data, dtype=np.uint64).reshape(self.n_pieces, 2)
+        unhashed = np.flatnonzero((halves[:, 0] == 0) & (halves[:, 1] == 0))
+        if unhashed.size:
+            more = f" and {unhashed.size - 1} more" if unhashed.size > 1 else ""
+            raise VerificationError(f"piece {int(unhashed[0])}{more} of the digest map never "
+                                    f"hashed: tracked verification missed its pages")
+        return data
 
     def close(self) -> None:
         """Unmap and unlink (after the channels that write it have stopped); idempotent."""
@@ -137,14 +160,6 @@ class PieceDigests:
         if segment is not None:
             segment.close()
             segment.unlink()
-
-
-def ram_piece_digests(ram: GuestRAM, piece_pages: int) -> list[bytes]:
-    """What :meth:`PieceDigests.digests` holds once a migration is done, computed
-    from `ram` as it is now: for checks and tests."""
-    chunk = piece_pages * PAGE_SIZE
-    return [xxhash.xxh3_128_digest(block.pages[at:at + chunk])
-            for block in ram.blocks for at in range(0, block.size, chunk)]
 
 
 def dump_ram(ram: GuestRAM, path: str) -> int:

@@ -266,25 +266,26 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "snapshot-chunk-rehash-skipped",
         "a live save's later rounds keep a chunk's first checksum instead of hashing it again",
-        ("clients/ram_payload.py",
-         "    for chunk in chunks:\n"
-         "        words[chunk] = fmt.chunk_sum(_chunk_view(block, chunk))\n",
-         "    for chunk in chunks:\n"
-         "        if words[chunk] == 0:  # MUTANT: hashed once, never again\n"
-         "            words[chunk] = fmt.chunk_sum(_chunk_view(block, chunk))\n"),
+        ("engine/pages.py",
+         "        for region in regions:\n"
+         "            words[region] = hash_fn(self.view(block, region))\n",
+         "        for region in regions:\n"
+         "            if words.dtype.itemsize == 8 and words[region] != 0:  # MUTANT: a chunk hashed once\n"
+         "                continue\n"
+         "            words[region] = hash_fn(self.view(block, region))\n"),
     ),
     mutant(
         "snapshot-chunk-word-kept",
         "a slot that touches few pages of a chunk leaves its old checksum instead of clearing it",
         ("clients/ram_payload.py",
-         "        words[chunks[counts < CHUNK_HASH_MIN_PAGES]] = 0\n",
-         "        pass  # MUTANT: words[chunks[counts < CHUNK_HASH_MIN_PAGES]] = 0\n"),
+         "        words[touched[n_touched < CHUNK_HASH_MIN_PAGES]] = 0\n",
+         "        pass  # MUTANT: words[touched[n_touched < CHUNK_HASH_MIN_PAGES]] = 0\n"),
     ),
     mutant(
         "restore-chunk-check-passes",
         "a restore channel takes any chunk it checks by its chunk checksum as intact",
         ("clients/ram_payload.py",
-         "        if fmt.chunk_sum(_chunk_view(block, chunk)) == int(self.chunk_sums[block.index][chunk]):\n",
+         "        if chunks.hash_fn(chunks.view(block, chunk)) == int(chunks.of_block(block)[chunk]):\n",
          "        if True:  # MUTANT: the chunk's hash is not compared\n"),
     ),
     mutant(
@@ -298,22 +299,39 @@ MUTANTS: tuple[Mutant, ...] = (
         "tracked-digest-hashed-once",
         "tracked verification hashes a piece the first time it moves and never again "
         "(both sides: their digests still agree, on memory that has changed since)",
-        ("clients/ram_payload.py",
-         "            at = index * piece\n"
-         "            digest = xxhash.xxh3_128_digest(",
-         "            at = index * piece\n"
-         "            if any(self.map[(base + index) * size:(base + index + 1) * size]):\n"
-         "                continue  # MUTANT: hashed once\n"
-         "            digest = xxhash.xxh3_128_digest("),
+        ("engine/pages.py",
+         "        for region in regions:\n"
+         "            words[region] = hash_fn(self.view(block, region))\n",
+         "        for region in regions:\n"
+         "            if words.dtype.itemsize == 16 and words[region]:  # MUTANT: a piece hashed once\n"
+         "                continue\n"
+         "            words[region] = hash_fn(self.view(block, region))\n"),
     ),
     mutant(
         "tracked-zero-pieces-hashed-early",
         "the receiver hashes pieces with ZERO runs before it has zeroed their stale pages",
         ("clients/ram_payload.py",
-         "            normal, total = _place_marks(block, firsts, counts, zero)\n"
-         "            hasher.hash_pieces(block, later)\n",
-         "            hasher.hash_pieces(block, later)  # MUTANT: before the ZERO runs land\n"
-         "            normal, total = _place_marks(block, firsts, counts, zero)\n"),
+         "                part_normal, part_total = _place_marks(block, *segments)\n"
+         "                normal, total = normal + part_normal, total + part_total\n"
+         "                digests.store(block, pieces)\n",
+         "                digests.store(block, pieces)  # MUTANT: before the ZERO runs land\n"
+         "                part_normal, part_total = _place_marks(block, *segments)\n"
+         "                normal, total = normal + part_normal, total + part_total\n"),
+    ),
+    mutant(
+        "tracked-piece-dropped",
+        "a compressed packet's sender and receiver leave its first piece unhashed (both digest "
+        "maps still zero there, equal)",
+        ("clients/ram_payload.py",
+         "    digests.store(block, digests.regions_of_runs(firsts, counts)[0].tolist())\n",
+         "    digests.store(block, digests.regions_of_runs(firsts, counts)[0].tolist()[1:])  # MUTANT\n"),
+    ),
+    mutant(
+        "snapshot-zero-chunk-word-wrong",
+        "a chunk a slot found all zero gets a word that is not the hash of its zeros",
+        ("clients/ram_payload.py",
+         "            words[chunk] = self.zero_words[n]\n",
+         "            words[chunk] = self.zero_words[n] ^ 1  # MUTANT\n"),
     ),
     mutant(
         "piece-split-across-packets",

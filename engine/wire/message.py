@@ -159,6 +159,8 @@ _DEVICE_LIST = struct.Struct(">IH")
 # DIGESTS body, fixed start, 8 bytes (n_digests × 32 bytes follow)
 #  0 digest_chunk u32 | 4 n_digests u32
 _DIGESTS = struct.Struct(">II")
+# The most digest bytes one DIGESTS carries (§3.3): MAX_MESSAGE_BODY less its header.
+MAX_DIGESTS_BYTES: Final = (MAX_MESSAGE_BODY - _DIGESTS.size) // RAM_DIGEST_SIZE * RAM_DIGEST_SIZE
 
 # RESUMED body, fixed start, 18 bytes (the detail string follows)
 #  0 downtime_us u64 | 8 verify_us u64 | 16 verified u8 | 17 running u8
@@ -262,10 +264,12 @@ class Complete:
 
 @dataclass(frozen=True, slots=True)
 class Digests:
-    """DIGESTS: XXH3-128 of each ``digest_chunk``-byte piece of each block, in order."""
+    """DIGESTS: XXH3-128 of each ``digest_chunk``-byte piece of each block, in order,
+    joined: one ``bytes`` of RAM_DIGEST_SIZE per piece (compared whole; split per
+    piece only to name where two differ)."""
 
     digest_chunk: int
-    digests: tuple[bytes, ...]
+    digests: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,8 +437,8 @@ def _digests_problem(digests: Digests) -> str | None:
         return f"digest_chunk {digests.digest_chunk} is outside 1..2**32-1"
     if not digests.digests:
         return "there are no digests"
-    if any(len(digest) != RAM_DIGEST_SIZE for digest in digests.digests):
-        return f"a digest is not {RAM_DIGEST_SIZE} bytes"
+    if len(digests.digests) % RAM_DIGEST_SIZE:
+        return f"the digests are not a whole number of {RAM_DIGEST_SIZE}-byte digests"
     return None
 
 
@@ -489,8 +493,8 @@ def _encode_digests(digests: Digests) -> bytes:
     problem = _digests_problem(digests)
     if problem is not None:
         raise LocalProtocolError(f"invalid DIGESTS: {problem}")
-    return (_DIGESTS.pack(digests.digest_chunk, len(digests.digests))
-            + b"".join(digests.digests))
+    return (_DIGESTS.pack(digests.digest_chunk, len(digests.digests) // RAM_DIGEST_SIZE)
+            + digests.digests)
 
 
 def _encode_devices_done(done: DevicesDone) -> bytes:
@@ -678,7 +682,7 @@ def _decode_digests(body: _Reader) -> Digests:
     # body_length is capped by the header check, so this caps n_digests before the loop.
     if n_digests * RAM_DIGEST_SIZE != body.remaining:
         raise RemoteProtocolError(f"DIGESTS n_digests {n_digests} disagrees with body_length")
-    digests = Digests(digest_chunk, tuple(body.take(RAM_DIGEST_SIZE) for _ in range(n_digests)))
+    digests = Digests(digest_chunk, body.take(n_digests * RAM_DIGEST_SIZE))
     problem = _digests_problem(digests)
     if problem is not None:
         raise RemoteProtocolError(f"invalid DIGESTS: {problem}")

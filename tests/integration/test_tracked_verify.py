@@ -14,18 +14,29 @@ import contextlib
 import pytest
 
 from clients.guest import SyntheticGuest, fill_ram
-from engine import DestinationMigration, MigrationConfig, SourceMigration
-from engine.verify import ram_piece_digests, tracked_piece_pages
+from engine import DestinationMigration, MigrationConfig, SourceMigration, verify
+from engine.errors import VerificationError
+from engine.shm import PAGE_SIZE, GuestRAM, Segment
+from engine.verify import tracked_piece_pages
+from engine.wire.message import RAM_DIGEST_SIZE
 from tests.harness import SECRET, LockstepGuest, MiB, guest_ram, same_memory
 
 
-@pytest.mark.parametrize("packet_pages,channels", [(64, 2), (24, 3)])
-def test_digests_compared_are_those_of_the_memory_at_the_end(packet_pages: int, channels: int) -> None:
+def _fresh(ram: GuestRAM, piece_pages: int) -> bytes:
+    """What the digest map holds once a migration is done, from `ram` as it is now."""
+    return verify.ram_digests(ram, piece_pages * PAGE_SIZE)
+
+
+@pytest.mark.parametrize("packet_pages,channels,compression",
+                         [(64, 2, "none"), (24, 3, "none"), (64, 2, "zstd")])
+def test_digests_compared_are_those_of_the_memory_at_the_end(packet_pages: int, channels: int,
+                                                             compression: str) -> None:
     """Pages written again in every round (the lockstep guest: 8 per look, and a
     guest process writing at random): both sides' digests equal fresh digests of
-    both memories, piece for piece."""
+    both memories, piece for piece (compressed packets: each side hashes its
+    pieces from RAM, the sender before compressing, the receiver once placed)."""
     config = MigrationConfig(channels=channels, packet_pages=packet_pages, verify=True,
-                             downtime_limit_ms=0, max_rounds=4)
+                             downtime_limit_ms=0, max_rounds=4, compression=compression)
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
         lockstep = LockstepGuest(src)
         with SyntheticGuest(src, "random", dirty_rate=16 * MiB) as guest:
@@ -44,15 +55,17 @@ def test_digests_compared_are_those_of_the_memory_at_the_end(packet_pages: int, 
             remote = destination.wait(10)
             assert guest.paused  # the source's memory is final
             piece = tracked_piece_pages(packet_pages)
-            fresh = ram_piece_digests(src, piece)
+            fresh = _fresh(src, piece)
         assert result.verified is True and remote.verified is True
         assert result.rounds == 5 and result.pages_sent > src.n_pages  # pages went again
         assert same_memory(src, dst)
         assert source.ram_digests is not None and destination.ram_digests is not None
-        stale = [i for i, (a, b) in enumerate(zip(source.ram_digests, fresh)) if a != b]
+        size = RAM_DIGEST_SIZE
+        stale = [i for i in range(len(fresh) // size)
+                 if source.ram_digests[i * size:(i + 1) * size] != fresh[i * size:(i + 1) * size]]
         assert not stale, f"source digests of {len(stale)} pieces are not of its memory: {stale[:5]}"
-        assert destination.ram_digests == tuple(ram_piece_digests(dst, piece))
-        assert len(fresh) == src.n_pages // piece
+        assert destination.ram_digests == _fresh(dst, piece)
+        assert len(fresh) == src.n_pages // piece * size
 
 
 def test_zero_pages_over_stale_destination_memory_are_hashed_once_placed() -> None:
@@ -77,4 +90,74 @@ def test_zero_pages_over_stale_destination_memory_are_hashed_once_placed() -> No
         assert result.zero_pages > 0
         assert same_memory(src, dst)
         piece = tracked_piece_pages(256)
-        assert destination.ram_digests == tuple(ram_piece_digests(dst, piece)) == source.ram_digests
+        assert destination.ram_digests == _fresh(dst, piece) == source.ram_digests
+
+
+def _migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig) -> tuple[SourceMigration, object,
+                                                                              DestinationMigration]:
+    destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=config)
+    destination.start()
+    try:
+        source = SourceMigration(src, destination.address, secret=SECRET, config=config)
+        result = source.run()
+    except BaseException:
+        destination.cancel("the source failed")
+        with contextlib.suppress(Exception):
+            destination.wait(10)
+        raise
+    destination.wait(10)
+    return source, result, destination
+
+
+def test_digest_map_over_one_digests_is_verified_after_the_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A digest map larger than one DIGESTS may carry (1M digests: 256 GiB of RAM
+    at default packets; here the limit is lowered below an 8 MiB RAM's 128
+    pieces) is not tracked: the migration hashes after the pause and verifies,
+    instead of failing at DIGESTS with the guest paused."""
+    piece = tracked_piece_pages(64)
+    monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", (8 * MiB // (piece * PAGE_SIZE) - 1) * RAM_DIGEST_SIZE)
+    config = MigrationConfig(channels=2, packet_pages=64, verify=True)
+    with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
+        source, result, destination = _migrate(src, dst, config)
+        assert result.verified is True
+        assert result.extra["verification"] == "after pause"
+        assert source.ram_digests == destination.ram_digests == verify.ram_digests(src)
+        # One digest more than the limit: the same RAM at the limit is tracked.
+        monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", 8 * MiB // (piece * PAGE_SIZE) * RAM_DIGEST_SIZE)
+        source, result, destination = _migrate(src, dst, config)
+        assert result.verified is True and result.extra["verification"] == "tracked"
+        assert source.ram_digests == destination.ram_digests == _fresh(dst, piece)
+
+
+def test_a_piece_never_hashed_is_an_error_not_a_pass() -> None:
+    """Both digest maps start as zeros: a piece neither side hashed would compare
+    equal.  The map refuses to hand out a digest it never got."""
+    with guest_ram(1 * MiB) as ram:
+        digests = verify.PieceDigests(ram, 64)
+        try:
+            shared = Segment.attach(digests.name)  # as a channel process writes it
+            try:
+                for index in range(digests.n_pieces):
+                    if index != 2:
+                        shared.buf[index * RAM_DIGEST_SIZE] = 1
+            finally:
+                shared.close()
+            with pytest.raises(VerificationError, match="piece 2 of the digest map never hashed"):
+                digests.digests()
+        finally:
+            digests.close()
+
+
+def test_digests_that_differ_name_the_pieces() -> None:
+    """The destination compares the two byte strings whole; where they differ it
+    names the pieces (block and byte range), and a count that disagrees."""
+    with guest_ram(1 * MiB) as ram:
+        chunk = 64 * PAGE_SIZE
+        ours = verify.ram_digests(ram, chunk)
+        assert verify.compare_digests(ram, chunk, ours, bytes(ours)) == ""
+        theirs = bytearray(ours)
+        theirs[2 * RAM_DIGEST_SIZE] ^= 1
+        assert verify.compare_digests(ram, chunk, ours, bytes(theirs)) == \
+            "memory differs in 1 of 4 pieces: pc.ram[0x80000:0xc0000]"
+        assert verify.compare_digests(ram, chunk, ours, ours[:-RAM_DIGEST_SIZE]) == \
+            "expected 4 digests, got 3"

@@ -468,7 +468,7 @@ configs = st.builds(
 completes = st.builds(Complete, U32, st.booleans())
 digest_lists = st.builds(
     Digests, st.integers(1, 0xFFFF_FFFF),
-    st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=4).map(tuple),
+    st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=4).map(b"".join),
 )
 messages: st.SearchStrategy[Message] = st.one_of(
     configs,

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.ram_payload import gather_scratch, zero_runs
+from clients.ram_payload import _piece_parts, gather_scratch, zero_runs
 from engine.errors import LocalProtocolError
-from engine.pages import pages_to_runs, runs_to_pages, split_runs
+from engine.pages import cut_runs, pages_to_runs, runs_to_pages, split_runs
 from engine.wire import runs as wire_runs
 
 FAST = settings(max_examples=200, deadline=None)
@@ -62,6 +62,38 @@ def test_records_and_columns_agree(cols: tuple[list[int], list[int], list[int]])
 
 
 # ── pages ↔ runs ──────────────────────────────────────────────────────────────
+
+
+@FAST
+@given(page_sets, st.sampled_from([1, 3, 64, 256]))
+def test_runs_cut_at_region_boundaries_keep_every_page(pages: np.ndarray, region: int) -> None:
+    """cut_runs (RegionMap's regions, a file channel's pieces): the same pages, in
+    order, each piece inside one region, each naming the run it came from."""
+    firsts, counts = pages_to_runs(pages)
+    starts, lengths, source = cut_runs(firsts, counts, region)
+    assert np.array_equal(runs_to_pages(starts, lengths), pages)
+    assert np.array_equal(starts // region, (starts + lengths - 1) // region)
+    assert np.all((starts >= firsts[source]) & (starts + lengths <= (firsts + counts)[source]))
+
+
+@FAST
+@given(page_sets, st.integers(1, 6), st.sampled_from([1, 4, 64]), st.sampled_from([1, 100, 256]))
+def test_piece_parts_hold_every_page_and_each_piece_once(pages: np.ndarray, seed: int, piece: int,
+                                                         group: int) -> None:
+    """Tracked verification's parts: every page once, in order, zero flags kept; a
+    part ends at a piece boundary (each piece in one part, so it is hashed once,
+    after all its pages), once it holds `group` pages."""
+    zero = np.random.default_rng(seed).random(pages.size) < 0.5
+    firsts, counts, zeros = split_runs(pages, zero)
+    parts = _piece_parts(firsts, counts, zeros, piece, group)
+    if not pages.size:
+        assert parts == []
+        return
+    assert np.array_equal(np.concatenate([runs_to_pages(f, c) for (f, c, _), _ in parts]), pages)
+    assert np.array_equal(np.concatenate([np.repeat(z, c) for (_, c, z), _ in parts]), zero)
+    pieces = [p for _, ps in parts for p in ps]
+    assert pieces == sorted(set(pieces)) == sorted(set((pages // piece).tolist()))
+    assert all(int(c.sum()) >= group for (_, c, _), _ in parts[:-1])
 
 
 @FAST
