@@ -15,8 +15,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from clients.devices import demo_devices
-from engine.channel import channel_fork_server
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
+from engine.channel import channel_fork_server
 from engine.device import MigratableDevice
 from engine.link import TlsConfig
 from engine.shm import RamHandle
