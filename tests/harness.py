@@ -56,6 +56,20 @@ def migrate(
     `slow_link`: the source connects through a :class:`SlowLink` (tcp only).
     `dirty_source`: a :class:`LockstepGuest` beside `guest` (a LockstepGuest
     given as `guest` is its own dirty source)."""
+    _, result, _, remote = migrate_pair(src, dst, config, transport, guest, slow_link, dirty_source)
+    return result, remote
+
+
+def migrate_pair(
+    src: GuestRAM,
+    dst: GuestRAM,
+    config: MigrationConfig,
+    transport: str = "tcp",
+    guest: SyntheticGuest | LockstepGuest | None = None,
+    slow_link: bool = False,
+    dirty_source: LockstepGuest | None = None,
+) -> tuple[SourceMigration, MigrationResult, DestinationMigration, MigrationResult]:
+    """:func:`migrate`, also giving both operations (for what they hold afterwards)."""
     if dirty_source is None and isinstance(guest, LockstepGuest):
         dirty_source = guest
     destination = DestinationMigration(address(transport), secret=SECRET, ram=dst, config=config)
@@ -77,7 +91,7 @@ def migrate(
     finally:
         if link is not None:
             link.close()
-    return result, destination.wait(10)
+    return source, result, destination, destination.wait(10)
 
 
 def same_memory(a: GuestRAM, b: GuestRAM) -> bool:

@@ -94,9 +94,25 @@ class _HeldDestination:
             decoder.receive_data(data)
         return message
 
+    def abort(self, source: SourceMigration) -> None:
+        """Stop the test's migration as a destination does: ABORT on the main channel."""
+        assert self.main_conn is not None
+        self.main_conn.send_all(wire.encode_message(
+            wire.Abort(wire.AbortCode.FAILED, "the test stops here", "MigrationError")))
+        with pytest.raises(MigrationError, match="the test stops here"):
+            source.wait(HANG_S)
+
     def close(self) -> None:
         for sock in [self.listener, *self.channels, *([self.main] if self.main else [])]:
             sock.close()
+
+
+def _end(source: SourceMigration) -> None:
+    """Leave nothing running, whatever the test's assertions did."""
+    if not source.done():
+        source.cancel()
+        with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
+            source.wait(HANG_S)
 
 
 def test_channels_connect_together_pages_flow_before_channels_ready_and_main_waits_for_it() -> None:
@@ -125,10 +141,7 @@ def test_channels_connect_together_pages_flow_before_channels_ready_and_main_wai
                     said.append(type(message).__name__)
                 assert said == ["Abort"]
             finally:
-                if not source.done():
-                    source.cancel()
-                    with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
-                        source.wait(HANG_S)
+                _end(source)
     finally:
         held.close()
 
@@ -150,15 +163,9 @@ def test_the_first_main_channel_message_after_channels_ready_is_a_ping() -> None
                 held.main_conn.send_all(wire.encode_message(wire.ChannelsReady()))
                 first = held.next_message(held.decoder)
                 assert isinstance(first, wire.Ping), first
-                held.main_conn.send_all(wire.encode_message(
-                    wire.Abort(wire.AbortCode.FAILED, "the test stops here", "MigrationError")))
-                with pytest.raises(MigrationError, match="the test stops here"):
-                    source.wait(HANG_S)
+                held.abort(source)
             finally:
-                if not source.done():
-                    source.cancel()
-                    with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
-                        source.wait(HANG_S)
+                _end(source)
     finally:
         held.close()
 
@@ -203,15 +210,9 @@ def test_pings_wait_for_a_round_boundary_not_the_pages_of_round_one() -> None:
                     if isinstance(message, wire.Ping):
                         held.main_conn.send_all(wire.encode_message(wire.Pong(message.token)))
                 assert said == ["Ping"]
-                held.main_conn.send_all(wire.encode_message(
-                    wire.Abort(wire.AbortCode.FAILED, "the test stops here", "MigrationError")))
-                with pytest.raises(MigrationError, match="the test stops here"):
-                    source.wait(HANG_S)
+                held.abort(source)
             finally:
-                if not source.done():
-                    source.cancel()
-                    with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
-                        source.wait(HANG_S)
+                _end(source)
     finally:
         stop.set()
         if drainer is not None:

@@ -9,17 +9,15 @@ compare equal, so the digests are checked against the memory itself.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 from clients.guest import SyntheticGuest, fill_ram
-from engine import DestinationMigration, MigrationConfig, SourceMigration, verify
+from engine import MigrationConfig, verify
 from engine.errors import VerificationError
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.verify import tracked_piece_pages
 from engine.wire.message import RAM_DIGEST_SIZE
-from tests.harness import SECRET, LockstepGuest, MiB, guest_ram, same_memory
+from tests.harness import LockstepGuest, MiB, guest_ram, migrate_pair, same_memory
 
 
 def _fresh(ram: GuestRAM, piece_pages: int) -> bytes:
@@ -40,19 +38,8 @@ def test_digests_compared_are_those_of_the_memory_at_the_end(packet_pages: int, 
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
         lockstep = LockstepGuest(src)
         with SyntheticGuest(src, "random", dirty_rate=16 * MiB) as guest:
-            destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=config)
-            destination.start()
-            try:
-                source = SourceMigration(src, destination.address, secret=SECRET, config=config,
-                                         pause_guest=guest.pause, resume_guest=guest.resume,
-                                         dirty_source=lockstep)
-                result = source.run()
-            except BaseException:
-                destination.cancel("the source failed")
-                with contextlib.suppress(Exception):
-                    destination.wait(10)
-                raise
-            remote = destination.wait(10)
+            source, result, destination, remote = migrate_pair(src, dst, config, guest=guest,
+                                                               dirty_source=lockstep)
             assert guest.paused  # the source's memory is final
             piece = tracked_piece_pages(packet_pages)
             fresh = _fresh(src, piece)
@@ -75,38 +62,13 @@ def test_zero_pages_over_stale_destination_memory_are_hashed_once_placed() -> No
     config = MigrationConfig(channels=2, packet_pages=256, verify=True)
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, seed=2) as dst:
         fill_ram(src, "random", zero_fraction=0.5, seed=3)
-        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=config)
-        destination.start()
-        try:
-            source = SourceMigration(src, destination.address, secret=SECRET, config=config)
-            result = source.run()
-        except BaseException:
-            destination.cancel("the source failed")
-            with contextlib.suppress(Exception):
-                destination.wait(10)
-            raise
-        remote = destination.wait(10)
+        source, result, destination, remote = migrate_pair(src, dst, config)
         assert result.verified is True and remote.verified is True
         assert result.zero_pages > 0
         assert same_memory(src, dst)
         piece = tracked_piece_pages(256)
         assert destination.ram_digests == _fresh(dst, piece) == source.ram_digests
 
-
-def _migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig) -> tuple[SourceMigration, object,
-                                                                              DestinationMigration]:
-    destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=config)
-    destination.start()
-    try:
-        source = SourceMigration(src, destination.address, secret=SECRET, config=config)
-        result = source.run()
-    except BaseException:
-        destination.cancel("the source failed")
-        with contextlib.suppress(Exception):
-            destination.wait(10)
-        raise
-    destination.wait(10)
-    return source, result, destination
 
 
 def test_digest_map_over_one_digests_is_verified_after_the_pause(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,13 +80,13 @@ def test_digest_map_over_one_digests_is_verified_after_the_pause(monkeypatch: py
     monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", (8 * MiB // (piece * PAGE_SIZE) - 1) * RAM_DIGEST_SIZE)
     config = MigrationConfig(channels=2, packet_pages=64, verify=True)
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
-        source, result, destination = _migrate(src, dst, config)
+        source, result, destination, _ = migrate_pair(src, dst, config)
         assert result.verified is True
         assert result.extra["verification"] == "after pause"
         assert source.ram_digests == destination.ram_digests == verify.ram_digests(src)
         # One digest more than the limit: the same RAM at the limit is tracked.
         monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", 8 * MiB // (piece * PAGE_SIZE) * RAM_DIGEST_SIZE)
-        source, result, destination = _migrate(src, dst, config)
+        source, result, destination, _ = migrate_pair(src, dst, config)
         assert result.verified is True and result.extra["verification"] == "tracked"
         assert source.ram_digests == destination.ram_digests == _fresh(dst, piece)
 
