@@ -39,6 +39,16 @@ def _restore(path: Path, channels: int = 2, **kw: object) -> tuple[GuestRAM, obj
     return restore.ram, result
 
 
+def _restores_to(path: Path, ram: GuestRAM, **kw: object) -> None:
+    """Restore `path` into RAM of its own: it holds exactly `ram`'s bytes."""
+    restored, _ = _restore(path, **kw)  # type: ignore[arg-type]
+    try:
+        assert same_memory(ram, restored)
+    finally:
+        restored.close()
+        restored.unlink()
+
+
 @pytest.mark.parametrize("channels", [1, 2, 4])
 def test_live_save_with_a_dirtying_guest_restores_ram_at_pause(tmp_path: Path, channels: int) -> None:
     path = tmp_path / "guest.snap"
@@ -137,12 +147,7 @@ def test_a_new_save_replaces_the_old_only_when_durable(tmp_path: Path) -> None:
         old = inspect_snapshot(str(path)).superblock.snapshot_id
         SnapshotSave(second, str(path), live=False).run()
         assert inspect_snapshot(str(path)).superblock.snapshot_id != old
-        restored, _ = _restore(path)
-        try:
-            assert same_memory(second, restored)
-        finally:
-            restored.close()
-            restored.unlink()
+        _restores_to(path, second)
     assert os.listdir(tmp_path) == ["twice.snap"]  # no partial file left behind
 
 
@@ -173,12 +178,7 @@ def test_direct_io_save_and_restore(tmp_path: Path) -> None:
             if "does not support O_DIRECT" in str(exc):
                 pytest.skip(str(exc))
             raise
-        restored, _ = _restore(path, direct_io=True)
-        try:
-            assert same_memory(ram, restored)
-        finally:
-            restored.close()
-            restored.unlink()
+        _restores_to(path, ram, direct_io=True)
         # The channels themselves hold the file with O_DIRECT (a save that never
         # converges keeps them open long enough to look).
         never = MigrationConfig(max_bandwidth=16 * MiB, packet_pages=16, max_rounds=10_000)
@@ -453,12 +453,7 @@ def test_a_chunk_split_over_two_channels_in_the_last_round_gets_its_final_word(t
         SnapshotSave(ram, str(path), live=True, config=config, pause_guest=pause).run()
         _, _, sums = _read_structure(path)
         assert sums[0][1][1] == fmt.chunk_sum(block.pages[256 * 4096:512 * 4096])
-        restored, _ = _restore(path)
-        try:
-            assert same_memory(ram, restored)
-        finally:
-            restored.close()
-            restored.unlink()
+        _restores_to(path, ram)
 
 
 def test_a_save_keeps_each_chunk_in_one_slot_so_every_dense_chunk_gets_its_word(tmp_path: Path) -> None:
@@ -493,12 +488,7 @@ def test_the_scrub_checks_every_chunk_word_sparse_chunks_too(tmp_path: Path) -> 
         assert inspect_snapshot(str(path), verify=True).damage == (
             Damage(block.pages_offset + 512 * 4096, 256 * 4096, block="pc.ram", page=512, n_pages=256,
                    chunk=2),)
-        restored, _ = _restore(path)  # the restore checks chunk 2's pages by their own words
-        try:
-            assert same_memory(ram, restored)
-        finally:
-            restored.close()
-            restored.unlink()
+        _restores_to(path, ram)  # the restore checks chunk 2's pages by their own words
 
 
 @pytest.mark.parametrize("packet_pages", [4096, 128], ids=["slot-16MiB", "slot-half-chunk"])
@@ -523,9 +513,4 @@ def test_an_all_zero_chunk_gets_the_word_of_zeros(tmp_path: Path, packet_pages: 
                                         for at in range(5)]
         assert chunk_words[1] == fmt.chunk_sum(bytes(MiB))
         assert chunk_words[4] == fmt.chunk_sum(bytes(100 * 4096))
-        restored, _ = _restore(path)
-        try:
-            assert same_memory(ram, restored)
-        finally:
-            restored.close()
-            restored.unlink()
+        _restores_to(path, ram)
