@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import psutil
@@ -42,21 +43,9 @@ def address(transport: str) -> str:
     return "tcp://127.0.0.1:0"
 
 
-def migrate(
-    src: GuestRAM,
-    dst: GuestRAM,
-    config: MigrationConfig,
-    transport: str = "tcp",
-    guest: SyntheticGuest | LockstepGuest | None = None,
-    slow_link: bool = False,
-    dirty_source: LockstepGuest | None = None,
-) -> tuple[MigrationResult, MigrationResult]:
-    """Migrate src → dst (destination on a background thread); both results.
-
-    `slow_link`: the source connects through a :class:`SlowLink` (tcp only).
-    `dirty_source`: a :class:`LockstepGuest` beside `guest` (a LockstepGuest
-    given as `guest` is its own dirty source)."""
-    _, result, _, remote = migrate_pair(src, dst, config, transport, guest, slow_link, dirty_source)
+def migrate(*args: Any, **kwargs: Any) -> tuple[MigrationResult, MigrationResult]:
+    """:func:`migrate_pair`'s two results."""
+    _, result, _, remote = migrate_pair(*args, **kwargs)
     return result, remote
 
 
@@ -69,7 +58,12 @@ def migrate_pair(
     slow_link: bool = False,
     dirty_source: LockstepGuest | None = None,
 ) -> tuple[SourceMigration, MigrationResult, DestinationMigration, MigrationResult]:
-    """:func:`migrate`, also giving both operations (for what they hold afterwards)."""
+    """Migrate src → dst (destination on a background thread): both operations (for
+    what they hold afterwards) and both results.
+
+    `slow_link`: the source connects through a :class:`SlowLink` (tcp only).
+    `dirty_source`: a :class:`LockstepGuest` beside `guest` (a LockstepGuest
+    given as `guest` is its own dirty source)."""
     if dirty_source is None and isinstance(guest, LockstepGuest):
         dirty_source = guest
     destination = DestinationMigration(address(transport), secret=SECRET, ram=dst, config=config)

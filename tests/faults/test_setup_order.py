@@ -12,9 +12,11 @@ after its handshake timeout instead, with a clear error, and tears down.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -107,12 +109,21 @@ class _HeldDestination:
             sock.close()
 
 
-def _end(source: SourceMigration) -> None:
-    """Leave nothing running, whatever the test's assertions did."""
-    if not source.done():
-        source.cancel()
-        with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
-            source.wait(HANG_S)
+@contextlib.contextmanager
+def _source_to(held: _HeldDestination, ram_mib: int, config: MigrationConfig) -> Iterator[SourceMigration]:
+    """A source migrating `ram_mib` MiB into `held`, its handshake answered; nothing
+    of it is left running afterwards, whatever the test's assertions did."""
+    with guest_ram(ram_mib * MiB) as src:
+        source = SourceMigration(src, held.address, secret=SECRET, config=config)
+        source.start()
+        try:
+            held.handshake()
+            yield source
+        finally:
+            if not source.done():
+                source.cancel()
+                with pytest.raises(Exception):  # noqa: B017 - any end; nothing may be left
+                    source.wait(HANG_S)
 
 
 def test_channels_connect_together_pages_flow_before_channels_ready_and_main_waits_for_it() -> None:
@@ -122,26 +133,20 @@ def test_channels_connect_together_pages_flow_before_channels_ready_and_main_wai
     # the wait for CHANNELS_READY — not the stall timeout, which is past HANG_S.
     config = MigrationConfig(channels=2, handshake_timeout_s=1.0, stall_timeout_s=3 * HANG_S)
     try:
-        with guest_ram(64 * MiB) as src:
-            source = SourceMigration(src, held.address, secret=SECRET, config=config)
-            source.start()
-            try:
-                held.handshake()
-                # The destination's channel processes "still start": the source's pages come anyway.
-                ready = wait_readable(held.channels, HANG_S)
-                assert ready, "no page came before CHANNELS_READY"
-                assert ready[0].recv(65536)
-                # Round 1 cannot end (nothing reads the channels), and CHANNELS_READY does not
-                # come: the source fails after its handshake timeout, and the main channel
-                # carried nothing but its ABORT.
-                with pytest.raises(HandshakeError, match="channels did not join"):
-                    source.wait(HANG_S)
-                said = []
-                while (message := held.next_message(held.decoder)) is not None:
-                    said.append(type(message).__name__)
-                assert said == ["Abort"]
-            finally:
-                _end(source)
+        with _source_to(held, 64, config) as source:
+            # The destination's channel processes "still start": the source's pages come anyway.
+            ready = wait_readable(held.channels, HANG_S)
+            assert ready, "no page came before CHANNELS_READY"
+            assert ready[0].recv(65536)
+            # Round 1 cannot end (nothing reads the channels), and CHANNELS_READY does not
+            # come: the source fails after its handshake timeout, and the main channel
+            # carried nothing but its ABORT.
+            with pytest.raises(HandshakeError, match="channels did not join"):
+                source.wait(HANG_S)
+            said = []
+            while (message := held.next_message(held.decoder)) is not None:
+                said.append(type(message).__name__)
+            assert said == ["Abort"]
     finally:
         held.close()
 
@@ -152,20 +157,13 @@ def test_the_first_main_channel_message_after_channels_ready_is_a_ping() -> None
     the result's RTT); the destination then gives up, and the source with it."""
     held = _HeldDestination()
     try:
-        with guest_ram(1 * MiB) as src:
-            source = SourceMigration(src, held.address, secret=SECRET,
-                                     config=MigrationConfig(channels=2, handshake_timeout_s=5.0))
-            source.start()
-            try:
-                held.handshake()
-                assert wait_readable(held.channels, HANG_S), "no page came"
-                assert held.main_conn is not None
-                held.main_conn.send_all(wire.encode_message(wire.ChannelsReady()))
-                first = held.next_message(held.decoder)
-                assert isinstance(first, wire.Ping), first
-                held.abort(source)
-            finally:
-                _end(source)
+        with _source_to(held, 1, MigrationConfig(channels=2, handshake_timeout_s=5.0)) as source:
+            assert wait_readable(held.channels, HANG_S), "no page came"
+            assert held.main_conn is not None
+            held.main_conn.send_all(wire.encode_message(wire.ChannelsReady()))
+            first = held.next_message(held.decoder)
+            assert isinstance(first, wire.Ping), first
+            held.abort(source)
     finally:
         held.close()
 
@@ -193,26 +191,19 @@ def test_pings_wait_for_a_round_boundary_not_the_pages_of_round_one() -> None:
     stop = threading.Event()
     drainer: threading.Thread | None = None
     try:
-        with guest_ram(64 * MiB) as src:
-            source = SourceMigration(src, held.address, secret=SECRET,
-                                     config=MigrationConfig(channels=2, handshake_timeout_s=5.0))
-            source.start()
-            try:
-                held.handshake()
-                drainer = threading.Thread(target=_drain, args=(held.channels, stop))
-                drainer.start()
-                assert held.main_conn is not None
-                held.main_conn.send_all(wire.encode_message(wire.ChannelsReady()))
-                said = []
-                while not isinstance(message := held.next_message(held.decoder), wire.SyncMarker):
-                    assert message is not None, f"the source closed the main channel after {said}"
-                    said.append(type(message).__name__)
-                    if isinstance(message, wire.Ping):
-                        held.main_conn.send_all(wire.encode_message(wire.Pong(message.token)))
-                assert said == ["Ping"]
-                held.abort(source)
-            finally:
-                _end(source)
+        with _source_to(held, 64, MigrationConfig(channels=2, handshake_timeout_s=5.0)) as source:
+            drainer = threading.Thread(target=_drain, args=(held.channels, stop))
+            drainer.start()
+            assert held.main_conn is not None
+            held.main_conn.send_all(wire.encode_message(wire.ChannelsReady()))
+            said = []
+            while not isinstance(message := held.next_message(held.decoder), wire.SyncMarker):
+                assert message is not None, f"the source closed the main channel after {said}"
+                said.append(type(message).__name__)
+                if isinstance(message, wire.Ping):
+                    held.main_conn.send_all(wire.encode_message(wire.Pong(message.token)))
+            assert said == ["Ping"]
+            held.abort(source)
     finally:
         stop.set()
         if drainer is not None:
