@@ -11,8 +11,9 @@ import contextlib
 import json
 import multiprocessing
 import os
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 from clients.devices import demo_devices
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
@@ -22,6 +23,7 @@ from engine.link import TlsConfig
 from engine.shm import RamHandle
 from tests.netns import Hosts, enter, inside
 
+T = TypeVar("T")
 SECRET = b"bench"
 
 
@@ -81,32 +83,44 @@ def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport:
         address = f"tcp://{hosts.destination_ip}:0"
     if tls is not None:
         address = address.replace("tcp://", "tls://")
-    ours, theirs = multiprocessing.Pipe()
-    process = multiprocessing.get_context("spawn").Process(
-        target=_destination_process,
-        args=(dst.handle, address, config, theirs, ram_is_zeroed, destination_devices,
-              tls[1] if tls else None, hosts.destination if hosts else None))
-    process.start()
-    theirs.close()
-    try:
+    def source(to: str) -> tuple[MigrationResult, float]:
         times = os.times()
-        to = ours.recv()
-        if isinstance(to, dict):  # it failed before it listened
-            raise RuntimeError(f"the destination failed: {to['error']}")
         # Connections are made by this thread: in the source namespace when asked.
         with inside(hosts.source) if hosts else contextlib.nullcontext():
             result = SourceMigration(src, to, secret=SECRET, config=config,
                                      devices=source_devices or (), tls=tls[0] if tls else None,
                                      pause_guest=guest.pause if guest else None,
                                      resume_guest=guest.resume if guest else None).run()
-        main_cpu_s = sum(os.times()[:2]) - sum(times[:2])
+        return result, sum(os.times()[:2]) - sum(times[:2])
+
+    (result, main_cpu_s), remote = against_destination(
+        _destination_process, (dst.handle, address, config), source,
+        ram_is_zeroed, destination_devices, tls[1] if tls else None, hosts.destination if hosts else None)
+    return result, remote, main_cpu_s
+
+
+def against_destination(target: Callable[..., None], args: tuple[Any, ...],
+                        source: Callable[[str], T], *more: Any) -> tuple[T, dict[str, Any]]:
+    """Run `target(*args, pipe, *more)` as the destination VMM in a spawned process
+    (it sends its address, then its result as a dict, or ``{"error": ...}``) and
+    `source(address)` here; returns what `source` returned and the destination's
+    result.  Raises if the destination failed, before it listened or after."""
+    ours, theirs = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=target, args=(*args, theirs, *more))
+    process.start()
+    theirs.close()
+    try:
+        to = ours.recv()
+        if isinstance(to, dict):  # it failed before it listened
+            raise RuntimeError(f"the destination failed: {to['error']}")
+        done = source(to)
         remote = ours.recv()
     finally:
         process.join(60)
         ours.close()
     if "error" in remote:
-        raise RuntimeError(f"destination failed: {remote['error']}")
-    return result, remote, main_cpu_s
+        raise RuntimeError(f"the destination failed: {remote['error']}")
+    return done, remote
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:

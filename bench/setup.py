@@ -30,7 +30,6 @@ results' ``setup_started_at`` and ``channel_steps_ms``.  JSON of every run goes 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import sys
@@ -40,9 +39,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import SECRET, write_report  # noqa: E402
+from bench.remote import SECRET, against_destination, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
-from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
+from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration  # noqa: E402
 from engine.channel import CHANNEL_PRELOAD, channel_fork_server  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.pool import WorkerPool, warm_up  # noqa: E402
@@ -82,25 +81,13 @@ def _destination(handle: RamHandle, case: str, channels: int, pipe: Connection) 
 
 def one_run(src: GuestRAM, dst: GuestRAM, case: str, channels: int,
             pool: WorkerPool | None) -> dict[str, Any]:
-    ours, theirs = multiprocessing.Pipe()
-    process = multiprocessing.get_context("spawn").Process(
-        target=_destination, args=(dst.handle, case, channels, theirs))
-    process.start()
-    theirs.close()
-    try:
-        address = ours.recv()
-        if isinstance(address, dict):
-            raise RuntimeError(f"destination failed: {address['error']}")
+    def source(address: str) -> tuple[MigrationResult, float]:
         config = MigrationConfig(channels=channels, start_method=_start_method(case))
         started = time.perf_counter()
         result = SourceMigration(src, address, secret=SECRET, config=config, pool=pool).run()
-        total_s = time.perf_counter() - started
-        remote = ours.recv()
-    finally:
-        process.join(60)
-        ours.close()
-    if "error" in remote:
-        raise RuntimeError(f"destination failed: {remote['error']}")
+        return result, time.perf_counter() - started
+
+    (result, total_s), remote = against_destination(_destination, (dst.handle, case, channels), source)
     extra = result.extra
     return {"case": case, "total_s": total_s, "setup_ms": result.setup_time_ms,
             "timeline_ms": timeline(extra, remote),
