@@ -306,6 +306,24 @@ def test_an_unknown_outcome_leaves_the_ram_to_settle() -> None:
         assert_source_runs_on(ram, guest, destination)
 
 
+@contextlib.contextmanager
+def _vmm_process(target: Callable[[str, Any], None], to: str) -> Iterator[tuple[Any, Any]]:
+    """`target(to, pipe)` as a VMM process of its own (spawned): the process and our
+    end of its pipe; afterwards it is gone (killed if it still runs), both ends closed."""
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=target, args=(to, child))
+    process.start()
+    try:
+        yield process, parent
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()
+        process.close()
+        parent.close()
+        child.close()
+
+
 def _destination_process(path: str, ready: Any) -> None:
     """A destination VMM of its own (spawned): it dies (SIGKILL) once it has the RAM."""
     _own_tracker()
@@ -320,23 +338,12 @@ def _destination_process(path: str, ready: Any) -> None:
 def test_a_destination_that_dies_after_the_handover_leaves_the_source_owning_and_running() -> None:
     with running_guest() as (ram, guest):
         names = {block.segment.name for block in ram.blocks}
-        parent, child = multiprocessing.Pipe()
-        process = multiprocessing.get_context("spawn").Process(
-            target=_destination_process, args=(address("unix"), child))
-        process.start()
-        try:
+        with _vmm_process(_destination_process, address("unix")) as (process, parent):
             assert parent.poll(30)
             source = source_for(ram, guest, parent.recv())
             outcome = run_source(source)
             process.join(15)
             assert process.exitcode == -signal.SIGKILL  # it died holding the RAM's descriptors
-        finally:
-            if process.is_alive():
-                process.kill()
-                process.join()
-            process.close()
-            parent.close()
-            child.close()
         assert isinstance(outcome, MigrationError) and not source.committed
         # The dead destination's tracker removes what it created (its slot table),
         # and nothing of the RAM it was handed.
@@ -362,23 +369,12 @@ def _source_process(to: str, done: Any) -> None:
 
 def test_after_the_commit_the_source_process_exits_without_removing_the_ram() -> None:
     destination = Destination()
-    parent, child = multiprocessing.Pipe()
-    process = multiprocessing.get_context("spawn").Process(
-        target=_source_process, args=(destination.migration.address, child))
-    process.start()
-    try:
+    with _vmm_process(_source_process, destination.migration.address) as (process, parent):
         landed = destination.migration.wait(30)
         assert parent.poll(30)
         local, source_owns, names = parent.recv()
         process.join(15)
         assert process.exitcode == 0
-    finally:
-        if process.is_alive():
-            process.kill()
-            process.join()
-        process.close()
-        parent.close()
-        child.close()
     dst = destination.migration.ram
     assert dst is not None
     try:
