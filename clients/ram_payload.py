@@ -533,10 +533,18 @@ class RamPagesReceiver:
 
 
 def _piece_parts(firsts: np.ndarray, counts: np.ndarray, zero: np.ndarray, piece: int,
-                 group_pages: int) -> list[tuple[Runs, list[int]]]:
+                 group_pages: int) -> list[tuple[Runs, Sequence[int]]]:
     """Runs cut at every `piece` boundary, then grouped (a group ends at a piece
     boundary once it holds `group_pages`): each group's runs (first, count, zero)
     and the pieces they touch.  Every piece is in one group (the runs ascend)."""
+    if firsts.size == 1:  # one run (RAM without zero pages): arithmetic, no array work per part
+        return _one_run_parts(int(firsts[0]), int(counts[0]), bool(zero[0]), piece, group_pages)
+    return _runs_parts(firsts, counts, zero, piece, group_pages)
+
+
+def _runs_parts(firsts: np.ndarray, counts: np.ndarray, zero: np.ndarray, piece: int,
+                group_pages: int) -> list[tuple[Runs, Sequence[int]]]:
+    """:func:`_piece_parts` of any runs."""
     starts, lengths, source = cut_runs(firsts, counts, piece)
     if not starts.size:
         return []
@@ -544,7 +552,7 @@ def _piece_parts(firsts: np.ndarray, counts: np.ndarray, zero: np.ndarray, piece
     # Segment indices where a piece begins, and the pages before each segment.
     bounds = [*(np.flatnonzero(np.diff(pieces) != 0) + 1).tolist(), int(starts.size)]
     before = np.concatenate(([0], np.cumsum(lengths))).tolist()
-    parts: list[tuple[Runs, list[int]]] = []
+    parts: list[tuple[Runs, Sequence[int]]] = []
     begin = 0
     for end in bounds:
         if before[end] - before[begin] >= group_pages or end == starts.size:
@@ -555,9 +563,25 @@ def _piece_parts(firsts: np.ndarray, counts: np.ndarray, zero: np.ndarray, piece
     return parts
 
 
+def _one_run_parts(first: int, count: int, zero: bool, piece: int,
+                   group_pages: int) -> list[tuple[Runs, Sequence[int]]]:
+    """:func:`_piece_parts` of one run: each part ends at the first piece boundary
+    `group_pages` or more past its start (or at the run's end)."""
+    parts: list[tuple[Runs, Sequence[int]]] = []
+    at, end = first, first + count
+    while at < end:
+        stop = min(end, -(-(at + group_pages) // piece) * piece)
+        parts.append(((np.array([at]), np.array([stop - at]), np.array([zero])),
+                      range(at // piece, (stop - 1) // piece + 1)))
+        at = stop
+    return parts
+
+
 def _segment_views(block: RamBlock, firsts: np.ndarray, counts: np.ndarray,
                    zero: np.ndarray) -> list[memoryview]:
     """Views of the non-zero runs' pages, adjacent ones joined."""
+    if firsts.size == 1:
+        return [] if zero[0] else [block.page_view(int(firsts[0]), int(counts[0]))]
     firsts, counts = firsts[~zero], counts[~zero]
     if not firsts.size:
         return []
@@ -588,6 +612,10 @@ def _place_marks(block: RamBlock, firsts: np.ndarray, counts: np.ndarray,
     mark its other pages as holding data.  One numpy pass over the runs, not a
     Python step per run: a zero-heavy packet has hundreds of runs.  Returns the
     pages with data, and all pages."""
+    if firsts.size == 1 and not zero[0]:  # one run with data: mark a slice
+        count = int(counts[0])
+        block.dirty.mark(int(firsts[0]), count)
+        return count, count
     if zero.any():
         stale = block.dirty.take_pages(runs_to_pages(firsts[zero], counts[zero]))
         if stale.size:

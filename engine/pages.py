@@ -123,6 +123,15 @@ class RegionMap:
     def store(self, block: RamBlock, regions: Sequence[int]) -> None:
         """Hash each of the block's `regions` from guest RAM as it is now, into its word."""
         words, hash_fn = self.of_block(block), self.hash_fn
+        if isinstance(regions, range) and regions.step == 1 and len(regions) > 1:
+            # Consecutive regions: one view, sliced (a block's last region may be shorter).
+            first = regions.start * self.region_pages
+            n_pages = min(regions.stop * self.region_pages, block.n_pages) - first
+            whole = block.page_view(first, n_pages)
+            size = whole.nbytes // n_pages * self.region_pages
+            words[regions.start:regions.stop] = [hash_fn(whole[at:at + size])
+                                                 for at in range(0, whole.nbytes, size)]
+            return
         for region in regions:
             words[region] = hash_fn(self.view(block, region))
 

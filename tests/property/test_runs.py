@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.ram_payload import _piece_parts, gather_scratch, zero_runs
+from clients.ram_payload import _one_run_parts, _piece_parts, _runs_parts, gather_scratch, zero_runs
 from engine.errors import LocalProtocolError
 from engine.pages import cut_runs, pages_to_runs, runs_to_pages, split_runs
 from engine.wire import runs as wire_runs
@@ -94,6 +94,22 @@ def test_piece_parts_hold_every_page_and_each_piece_once(pages: np.ndarray, seed
     pieces = [p for _, ps in parts for p in ps]
     assert pieces == sorted(set(pieces)) == sorted(set((pages // piece).tolist()))
     assert all(int(c.sum()) >= group for (_, c, _), _ in parts[:-1])
+
+
+@FAST
+@given(st.integers(0, 5000), st.integers(1, 3000), st.booleans(), st.sampled_from([1, 4, 64]),
+       st.sampled_from([1, 100, 256]))
+def test_one_run_parts_are_the_general_parts(first: int, count: int, zero: bool, piece: int,
+                                             group: int) -> None:
+    """A packet of one run (RAM without zero pages) takes the arithmetic path: the
+    same parts, pages and pieces as the array path over the same run."""
+    one = _one_run_parts(first, count, zero, piece, group)
+    general = _runs_parts(np.array([first]), np.array([count]), np.array([zero]), piece, group)
+    assert len(one) == len(general)
+    for ((f1, c1, z1), p1), ((f2, c2, z2), p2) in zip(one, general):
+        assert np.array_equal(runs_to_pages(f1, c1), runs_to_pages(f2, c2))
+        assert set(z1.tolist()) == set(z2.tolist()) == {zero}
+        assert list(p1) == list(p2)
 
 
 @FAST

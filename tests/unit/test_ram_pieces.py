@@ -8,10 +8,15 @@ multifd sender: it keeps each packet's runs as the channel would read them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
+import xxhash
 
 from clients.ram import RamClient
+from engine.pages import RegionMap
 from engine.shm import GuestRAM
 from engine.slots import SlotTable
 
@@ -76,3 +81,23 @@ def test_one_round_never_splits_a_piece(piece: int, packet_pages: int) -> None:
                         f"{seen[(block_index, index)]} and {at}")
         everything = {(b, int(p)) for b, runs in rounds[0] for p in _pages(runs)}
         assert len(everything) == ram.n_pages  # round 1: every page, once
+
+
+@pytest.mark.parametrize("dtype,hash_fn", [("S16", xxhash.xxh3_128_digest),
+                                           ("<u8", xxhash.xxh3_64_intdigest)])
+def test_a_range_of_regions_hashes_as_region_by_region(dtype: str,
+                                                       hash_fn: Callable[[memoryview], Any]) -> None:
+    """RegionMap.store of consecutive regions (one view, sliced) gives each region
+    the word it gets alone, the block's shorter last region included."""
+    with GuestRAM.create({"a": 200 * 4096, "b": 64 * 4096}) as ram:
+        rng = np.random.default_rng(3)
+        for block in ram.blocks:
+            block.array()[:] = rng.integers(0, 256, size=(block.n_pages, 4096), dtype=np.uint8)
+        one_by_one = RegionMap(ram.blocks, 64, None, dtype, hash_fn)
+        ranged = RegionMap(ram.blocks, 64, None, dtype, hash_fn)
+        block = ram.blocks[0]  # 200 pages: regions of 64, 64, 64 and 8
+        one_by_one.store(block, [1, 2, 3])
+        ranged.store(block, range(1, 4))
+        assert np.array_equal(one_by_one.words, ranged.words)
+        assert ranged.of_block(block)[3] == hash_fn(block.page_view(192, 8))
+        assert ranged.of_block(block)[0] == np.zeros(1, dtype=dtype)[0]  # untouched
