@@ -156,11 +156,14 @@ def test_runs_to_pages_matches_a_reference(gaps_and_counts: list[tuple[int, int]
 def test_zero_runs_match_a_page_by_page_reference(n_pages: int, seed: int, zero_share: float,
                                                   density: float) -> None:
     """Few runs (tested in place) and many (gathered 1 MiB at a time: more than
-    256 pages crosses a gather chunk), against the content of each page."""
+    256 pages crosses a gather chunk), against the content of each page; pages
+    whose first and last words are zero but not the rest among them."""
     rng = np.random.default_rng(seed)
     words = np.repeat(rng.integers(1, 2**63, size=(n_pages, 1), dtype=np.uint64), 512, axis=1)
     words[rng.random(n_pages) < zero_share] = 0
     words[rng.integers(0, n_pages, size=n_pages // 7 + 1), rng.integers(0, 512)] = 0  # partly zero rows
+    ends_zero = rng.integers(0, n_pages, size=int(rng.integers(0, n_pages // 5 + 2)))  # data between the ends
+    words[ends_zero, 0] = words[ends_zero, -1] = 0
     pages = np.flatnonzero(rng.random(n_pages) < density)
     if pages.size == 0:
         pages = np.array([0])
