@@ -434,6 +434,7 @@ class RamPagesFileReader:
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
         self.chunks = _chunk_map(ctx)
         self.chunk_present = _chunk_map(ctx, part=1)
+        self._chunk_lists: dict[int, tuple[list[int], list[int]]] = {}
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
         block = self.blocks[slot.a0]
@@ -448,37 +449,52 @@ class RamPagesFileReader:
             return [FileIO(base + at * PAGE_SIZE, [view]) for (at, _), view in zip(pieces, views)]
         # Chunks whose every present page is in this slot, dense enough to be worth
         # one hash of the whole chunk, with a chunk word (not 0): checked by it after
-        # their last piece; every other piece page by page after its read.
-        chunks, present = self.chunks, self.chunk_present
-        by_chunk: dict[int, list[int]] = {}
-        for i, (at, _) in enumerate(pieces):
-            by_chunk.setdefault(at // fmt.CHUNK_PAGES, []).append(i)
+        # their last piece; every other piece page by page after its read.  A piece
+        # lies in one chunk and a chunk's pieces are consecutive.
+        words, present = self._chunk_words(block)
         afters: list[Callable[[], None] | None] = [None] * len(pieces)
-        for chunk, indices in by_chunk.items():
-            held = sum(pieces[i][1] for i in indices)
-            whole = present is not None and held == int(present.of_block(block)[chunk])
-            hashed = chunks is not None and int(chunks.of_block(block)[chunk]) != 0
-            if whole and hashed and held >= CHUNK_CHECK_MIN_PAGES:
-                afters[indices[-1]] = partial(self._check_chunk, block, chunk,
-                                              [(pieces[i][0], views[i]) for i in indices])
+        i = 0
+        while i < len(pieces):
+            chunk = pieces[i][0] // fmt.CHUNK_PAGES
+            held, j = pieces[i][1], i + 1
+            while j < len(pieces) and pieces[j][0] // fmt.CHUNK_PAGES == chunk:
+                held, j = held + pieces[j][1], j + 1
+            if held == present[chunk] and words[chunk] != 0 and held >= CHUNK_CHECK_MIN_PAGES:
+                afters[j - 1] = partial(self._check_chunk, block, chunk, words[chunk],
+                                        [(pieces[k][0], views[k]) for k in range(i, j)])
             else:
-                for i in indices:
-                    afters[i] = partial(self._check, block, pieces[i][0], views[i])
+                for k in range(i, j):
+                    afters[k] = partial(self._check, block, pieces[k][0], views[k])
+            i = j
         return [FileIO(base + at * PAGE_SIZE, [view], after=after)
                 for (at, _), view, after in zip(pieces, views, afters)]
 
-    def _check_chunk(self, block: RamBlock, chunk: int, pieces: list[tuple[int, memoryview]]) -> None:
+    def _chunk_words(self, block: RamBlock) -> tuple[list[int], list[int]]:
+        """The block's chunk words and present-page counts, as lists (read once: the
+        maps do not change during a restore)."""
+        cached = self._chunk_lists.get(block.index)
+        if cached is None:
+            words = self.chunks.of_block(block).tolist() if self.chunks is not None else []
+            present = self.chunk_present.of_block(block).tolist() if self.chunk_present is not None else []
+            n = fmt.n_chunks(block.n_pages)
+            cached = self._chunk_lists[block.index] = (words or [0] * n, present or [-1] * n)
+        return cached
+
+    def _check_chunk(self, block: RamBlock, chunk: int, word: int,
+                     pieces: list[tuple[int, memoryview]]) -> None:
         """After the chunk's last piece is read: its RAM (pages read, and zero where the
         snapshot holds no page) against its chunk word.  A mismatch is told by the
         page words: the damaged page, or (every page intact) RAM that is not zero
         where it should be."""
         chunks = self.chunks
         assert chunks is not None
-        if chunks.hash_fn(chunks.view(block, chunk)) == int(chunks.of_block(block)[chunk]):
-            return
-        for first, view in pieces:
-            self._check(block, first, view)
         first, n_pages = chunks.span(block, chunk)
+        # One piece over the whole chunk (a full snapshot's): hash the view in hand.
+        whole = len(pieces) == 1 and pieces[0][0] == first and pieces[0][1].nbytes == n_pages * PAGE_SIZE
+        if chunks.hash_fn(pieces[0][1] if whole else chunks.view(block, chunk)) == word:
+            return
+        for at, view in pieces:
+            self._check(block, at, view)
         offset = self.offsets[block.index] + first * PAGE_SIZE
         raise SnapshotFormatError(f"block {block.name!r} pages {first}-{first + n_pages - 1} (file offset "
                                   f"{offset}) do not match their chunk checksum, though every page "

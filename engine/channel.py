@@ -57,6 +57,7 @@ from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
 from engine.wire import packet
+from engine.wire.snapshot_format import PAGE_SUM_SIZE
 
 # ---------------------------------------------------------------------------
 # Control messages between a main process and its channel processes.
@@ -147,9 +148,11 @@ class FileTarget:
     mode: str                          # "write" (save) or "read" (restore)
     pages_offsets: tuple[int, ...]     # per RAM block: file offset of its page 0
     present: str | None = None         # save: segment of the present map, one byte per page
-    sums: str | None = None            # segment of the page checksums, one uint64 per page
-    chunk_sums: str | None = None      # segment of the chunk checksums (ChannelContext.chunk_sums)
-    direct_io: bool = False            #   (save: filled here; restore: checked here; None: off)
+    # segment of the checksums (None: off): a uint64 per page of all blocks, then a
+    # uint64 per chunk (ChannelContext.page_sums, .chunk_sums); save: filled here,
+    # restore: checked here
+    sums: str | None = None
+    direct_io: bool = False
 
 
 @dataclass(frozen=True)
@@ -550,11 +553,8 @@ class _FileChannel(_JobChannel):
         if target.sums is not None:
             sums = Segment.attach(target.sums)
             self._stack.callback(sums.close)
-            self.ctx.page_sums = sums.buf
-        if target.chunk_sums is not None:
-            chunk_sums = Segment.attach(target.chunk_sums)
-            self._stack.callback(chunk_sums.close)
-            self.ctx.chunk_sums = chunk_sums.buf
+            page_words = self.ctx.ram.n_pages * PAGE_SUM_SIZE
+            self.ctx.page_sums, self.ctx.chunk_sums = sums.buf[:page_words], sums.buf[page_words:]
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
         self.planners: dict[int, FilePlanner] = {}

@@ -334,7 +334,6 @@ class SnapshotSave(SavingOperation):
         self._file: PositionalFile | None = None
         self._present: Segment | None = None
         self._sums: Segment | None = None
-        self._chunk_sums: Segment | None = None
         self._devices_area: _DeviceArea | None = None
         self.published: str | None = None
 
@@ -373,15 +372,13 @@ class SnapshotSave(SavingOperation):
         self._present = _shared_map(self, self.ram.n_pages, "the present map")  # fresh: all absent
         if self._page_checksums:
             # The channels put each page's checksum here as they write the page: a
-            # page written again (a later round) gets its new checksum in place.
-            self._sums = _shared_map(self, self.ram.n_pages * fmt.PAGE_SUM_SIZE, "the checksum map")
-            # ... and each chunk's, recomputed by every channel that writes its pages.
-            self._chunk_sums = _shared_map(self, _total_chunks(self.ram) * fmt.PAGE_SUM_SIZE,
-                                           "the chunk checksum map")
+            # page written again (a later round) gets its new checksum in place; then
+            # each chunk's, recomputed by every channel that writes its pages.
+            self._sums = _shared_map(self, (self.ram.n_pages + _total_chunks(self.ram)) * fmt.PAGE_SUM_SIZE,
+                                     "the checksum map")
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
-                            chunk_sums=self._chunk_sums.name if self._chunk_sums is not None else None,
                             direct_io=self.direct_io)
         self._core = _start_file_channels(self, cfg, self.ram, target,
                                           zero_page_detection=cfg.zero_page_detection,
@@ -421,12 +418,10 @@ class SnapshotSave(SavingOperation):
         assert file is not None and area is not None and present_map is not None
         n_pages = self.ram.n_pages
         present = np.frombuffer(bytes(present_map.buf[:n_pages]), dtype=np.uint8)
-        all_sums = (np.frombuffer(bytes(self._sums.buf[:n_pages * fmt.PAGE_SUM_SIZE]), dtype="<u8")
-                    if self._sums is not None else np.zeros(n_pages, dtype="<u8"))
         n_chunks = _total_chunks(self.ram)
-        all_chunk_sums = (
-            np.frombuffer(bytes(self._chunk_sums.buf[:n_chunks * fmt.PAGE_SUM_SIZE]), dtype="<u8")
-            if self._chunk_sums is not None else np.zeros(n_chunks, dtype="<u8"))
+        words = (np.frombuffer(bytes(self._sums.buf[:(n_pages + n_chunks) * fmt.PAGE_SUM_SIZE]), dtype="<u8")
+                 if self._sums is not None else np.zeros(n_pages + n_chunks, dtype="<u8"))
+        all_sums, all_chunk_sums = words[:n_pages], words[n_pages:]
         blocks: list[fmt.BlockEntry] = []
         first = first_chunk = 0
         for entry, block in zip(self.layout.blocks, self.ram.blocks):
@@ -542,7 +537,6 @@ class SnapshotRestore(Operation):
         self._file: PositionalFile | None = None
         self._core: MultifdSender | None = None
         self._sums: Segment | None = None
-        self._chunk_sums: Segment | None = None
 
     def _run(self) -> MigrationResult:
         self._machine.fire(MigrationEvent.START)
@@ -622,22 +616,24 @@ class SnapshotRestore(Operation):
         self.tracker = StatsTracker(ram.size, PAGE_SIZE)
         if self._page_checksums:
             # What each channel checks the pages it reads against (checked against
-            # the block headers already, in _read_snapshot).
-            self._sums = _shared_map(self, ram.n_pages * fmt.PAGE_SUM_SIZE, "the checksum map")
-            np.frombuffer(self._sums.buf, dtype="<u8", count=ram.n_pages)[:] = np.concatenate(
-                [page for page, _ in sums])
-            # Each chunk's checksum, then its present pages (a channel holding them
-            # all checks the chunk by its word: ChannelContext.chunk_sums).
+            # the block headers already, in _read_snapshot), in one map: each page's
+            # checksum, each chunk's, then each chunk's present pages (a channel
+            # holding them all checks the chunk by its word: ChannelContext.chunk_sums).
             n_chunks = _total_chunks(ram)
-            self._chunk_sums = _shared_map(self, 2 * n_chunks * fmt.PAGE_SUM_SIZE, "the chunk checksum map")
-            chunk_map = np.frombuffer(self._chunk_sums.buf, dtype="<u8", count=2 * n_chunks)
-            chunk_map[:n_chunks] = np.concatenate([chunk for _, chunk in sums])
-            chunk_map[n_chunks:] = np.concatenate([
-                np.bincount(pages // fmt.CHUNK_PAGES, minlength=fmt.n_chunks(block.n_pages))
-                for block, pages in zip(ram.blocks, present)])
+            self._sums = _shared_map(self, (ram.n_pages + 2 * n_chunks) * fmt.PAGE_SUM_SIZE,
+                                     "the checksum map")
+            words = np.frombuffer(self._sums.buf, dtype="<u8", count=ram.n_pages + 2 * n_chunks)
+            page_at, chunk_at = 0, ram.n_pages
+            for block, pages, (page_sums, chunk_sums) in zip(ram.blocks, present, sums):
+                block_chunks = fmt.n_chunks(block.n_pages)
+                words[page_at:page_at + block.n_pages] = page_sums
+                words[chunk_at:chunk_at + block_chunks] = chunk_sums
+                # present pages per chunk: the pages are sorted, so where each chunk starts
+                bounds = np.searchsorted(pages, np.arange(block_chunks + 1) * fmt.CHUNK_PAGES)
+                words[chunk_at + n_chunks:chunk_at + n_chunks + block_chunks] = np.diff(bounds)
+                page_at, chunk_at = page_at + block.n_pages, chunk_at + block_chunks
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
-                            chunk_sums=self._chunk_sums.name if self._chunk_sums is not None else None,
                             direct_io=self.direct_io)
         self._core = _start_file_channels(self, self.config, ram, target)
 
