@@ -20,8 +20,9 @@ random guest RAM (nothing zero, nothing compressible) over TCP on 127.0.0.1:
   are spawned by each migration, verification at its default (on);
 * ``ours-warm`` — the API, with a process pool kept warm on both sides
   (``pool=``, as a VMM keeps one: its workers started by an untimed migration
-  first), the destination a process of its own with preallocated RAM, no
-  verification.
+  first, each keeping its side's guest RAM mapped, ``keep_ram_mapped``, as a VMM's
+  pool does from VM start), the destination a process of its own with
+  preallocated RAM, no verification.
 
 What each clock includes (the ``seconds`` of a run, the ones compared):
 
@@ -85,6 +86,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.remote import write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
+from engine.channel import keep_ram_mapped  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.pool import WorkerPool  # noqa: E402
 from engine.shm import SEGMENT_PREFIX  # noqa: E402
@@ -359,7 +361,8 @@ def _warm_destination(size: int, workers: int, secret: str, timeout: float, pipe
     """The destination VMM of the warm case: preallocated RAM and a pool kept across
     migrations.  Serves one migration per channel count received; None stops it."""
     with GuestRAM.create({BLOCK: size}, prealloc=True) as ram, \
-            WorkerPool("process", workers, name="bench-qemu-dst") as pool:
+            WorkerPool("process", workers, name="bench-qemu-dst") as pool, \
+            keep_ram_mapped(pool, ram):
         pipe.send("ready")
         while (channels := pipe.recv()) is not None:
             try:
@@ -497,6 +500,7 @@ def main() -> int:
         src = stack.enter_context(GuestRAM.create({BLOCK: args.ram}))
         fill_ram(src, "random", seed=SEED)
         pool = stack.enter_context(WorkerPool("process", max(args.channels), name="bench-qemu-src"))
+        stack.enter_context(keep_ram_mapped(pool, src))
         ours, theirs = multiprocessing.Pipe()
         process = multiprocessing.get_context("spawn").Process(
             target=_warm_destination, args=(args.ram, max(args.channels), SECRET, args.timeout, theirs))

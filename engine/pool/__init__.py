@@ -68,7 +68,8 @@ from engine.pool._thread import ThreadBackend
 from engine.pool._token import CancelToken
 
 __all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "ForkServer", "PoolStatistics",
-           "WorkerPool", "fork_server", "fork_server_fds", "fork_server_pids", "stop_fork_servers", "warm_up"]
+           "WorkerPool", "fork_server", "fork_server_fds", "fork_server_pids", "on_every_worker",
+           "stop_fork_servers", "warm_up"]
 
 T = TypeVar("T")
 
@@ -136,6 +137,11 @@ class WorkerPool:
         """The first failure (or the CancelledError of ``cancel()``), once broken."""
         return self._core.broken
 
+    @property
+    def closed(self) -> bool:
+        """Shut down: it takes no more jobs."""
+        return self._core.closed
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Queue ``fn(*args, **kwargs)``; answer its future.
 
@@ -195,45 +201,53 @@ class WorkerPool:
         self.shutdown(wait=True, cancel=exc is not None)
 
 
-def _hold_until_all(sock: socket.socket, preload: Sequence[str]) -> int:
-    """A warm-up job: import `preload`, say so on `sock`, hold the worker until EOF."""
-    import_preload(preload)
+def _hold_until_all(sock: socket.socket, fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
+    """A job of :func:`on_every_worker`: run `fn`, say so on `sock`, hold the worker until EOF."""
+    fn(*args)
     sock.sendall(b"\1")
     while sock.recv(64):
         pass
     return os.getpid()
 
 
-def warm_up(pool: WorkerPool, timeout: float = 60.0) -> list[int]:
-    """Start every worker of `pool` now, each importing the pool's `preload`, and
-    return once all of them have (their pids; thread workers: this process's).
+def on_every_worker(pool: WorkerPool, fn: Callable[..., Any], *args: Any, timeout: float = 60.0,
+                    what: str = "running a job on every worker") -> list[int]:
+    """Run `fn(*args)` once in every worker of `pool` (starting those not started yet),
+    and return once all of them have (their pids; thread workers: this process's).
 
-    Every worker runs one warm-up job at the same time, so each gets one.  Call it
-    on an idle pool, before the jobs that should find it warm.  Raises PoolError
-    if a worker fails (the pool is then broken) or `timeout` passes first.
+    Every worker runs one such job at the same time, so each gets one: call it on an
+    idle pool.  Raises PoolError if one fails (the pool is then broken) or `timeout`
+    passes first; `what` names the step in that error.
     """
     ours, theirs = socket.socketpair()
     futures: list[Future[int]] = []
     try:
-        futures = [pool.submit(_hold_until_all, theirs, pool.preload)
-                   for _ in range(pool.max_workers)]
+        futures = [pool.submit(_hold_until_all, theirs, fn, args) for _ in range(pool.max_workers)]
         deadline = time.monotonic() + timeout
         ours.settimeout(0.05)
         ready = 0
         while ready < len(futures):
             if pool.broken is not None:
-                raise PoolError(f"pool {pool.name!r} broke while warming up") from pool.broken
+                raise PoolError(f"pool {pool.name!r} broke while {what}") from pool.broken
             if time.monotonic() > deadline:
                 raise PoolError(f"pool {pool.name!r}: {len(futures) - ready} worker(s) not "
-                                f"up within {timeout:.0f} s")
+                                f"done {what} within {timeout:.0f} s")
             try:
                 ready += len(ours.recv(len(futures)))
             except TimeoutError:
                 continue
     finally:
-        ours.close()  # EOF: the warm-up jobs return
+        ours.close()  # EOF: the jobs return
         try:
             futures_wait(futures, timeout)
         finally:
             theirs.close()  # a thread worker's job held this very socket
     return [future.result(0) for future in futures]
+
+
+def warm_up(pool: WorkerPool, timeout: float = 60.0) -> list[int]:
+    """Start every worker of `pool` now, each importing the pool's `preload`, and
+    return once all of them have (their pids; thread workers: this process's).
+    Call it on an idle pool, before the jobs that should find it warm.  Raises
+    PoolError (:func:`on_every_worker`)."""
+    return on_every_worker(pool, import_preload, pool.preload, timeout=timeout, what="warming up")

@@ -15,6 +15,7 @@ import pytest
 
 from clients.guest import SyntheticGuest
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
+from engine.channel import keep_ram_mapped
 from engine.errors import CancelledError, ConfigError, DeviceStateError, MigrationError
 from engine.pool import WorkerPool
 from engine.snapshot import SnapshotRestore, SnapshotSave
@@ -51,12 +52,12 @@ def _assert_idle(pool: WorkerPool) -> None:
     assert pool.broken is None and stats.busy == 0 and stats.pending == 0, stats
 
 
-def _migrate(src: GuestRAM, dst: GuestRAM, pool: WorkerPool) -> None:
+def _migrate(src: GuestRAM, dst: GuestRAM, pool: WorkerPool, config: MigrationConfig = TWO) -> None:
     """Both sides' channels on the one pool (2 + 2 workers)."""
-    destination = DestinationMigration(address("unix"), secret=SECRET, ram=dst, config=TWO, pool=pool)
+    destination = DestinationMigration(address("unix"), secret=SECRET, ram=dst, config=config, pool=pool)
     destination.start()
     try:
-        SourceMigration(src, destination.address, secret=SECRET, config=TWO, pool=pool).run()
+        SourceMigration(src, destination.address, secret=SECRET, config=config, pool=pool).run()
     finally:
         destination.wait(20)
 
@@ -157,3 +158,47 @@ def test_a_pool_that_cannot_serve_is_refused(tmp_path: Path) -> None:
         with WorkerPool("thread", 4) as threads, pytest.raises(ConfigError, match="process backend"):
             SnapshotSave(ram, str(tmp_path / "a.snap"), config=TWO, live=False, pool=threads).run()
     assert list(tmp_path.iterdir()) == []
+
+
+def _maps(pid: int, ram: GuestRAM) -> bool:
+    """Whether process `pid` maps the segment of `ram`'s (one) block."""
+    return f"/{ram.blocks[0].segment.name}" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def _minor_faults(pids: tuple[int, ...]) -> int:
+    """Minor page faults of `pids` so far (field 10 of /proc/PID/stat)."""
+    return sum(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7]) for pid in pids)
+
+
+def test_kept_ram_is_mapped_in_every_worker_and_its_channels_build_no_page_tables() -> None:
+    """keep_ram_mapped: every worker maps the RAM for the block, and gives it up at
+    its end; the channels of a migration inside use those mappings, where a channel
+    that maps the RAM itself faults its page tables in (~one fault per 10 pages)."""
+    size, config = 64 * MiB, MigrationConfig(channels=2, packet_pages=1024)
+    with warm_pool() as pool, guest_ram(size, fill="random") as src, \
+            GuestRAM.create({"pc.ram": size}) as dst:
+
+        def faults_of_a_migration() -> int:
+            before = _minor_faults(workers)
+            _migrate(src, dst, pool, config)
+            assert same_memory(src, dst)
+            assert _pids(pool) == workers
+            return _minor_faults(workers) - before
+
+        _migrate(src, dst, pool, config)  # every worker started, its buffers made
+        workers = _pids(pool)
+        assert len(workers) == 4
+        mapping_itself = faults_of_a_migration()
+        with keep_ram_mapped(pool, src), keep_ram_mapped(pool, dst):
+            assert all(_maps(pid, src) and _maps(pid, dst) for pid in workers)
+            kept = faults_of_a_migration()
+        assert not any(_maps(pid, src) or _maps(pid, dst) for pid in workers)
+        _assert_idle(pool)
+    pages_moved = 2 * size // 4096  # read on one side, written on the other
+    assert kept + pages_moved // 32 < mapping_itself, (kept, mapping_itself)
+
+
+def test_keep_ram_mapped_needs_a_process_pool() -> None:
+    with WorkerPool("thread", 2, name="threads") as pool, guest_ram(MiB) as ram:
+        with pytest.raises(ConfigError, match="process backend"), keep_ram_mapped(pool, ram):
+            pass
