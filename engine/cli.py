@@ -36,12 +36,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import codecs
-from engine.channel import channel_fork_server
+from engine.channel import CHANNEL_PRELOAD, channel_fork_server, keep_ram_mapped
 from engine.config import DestinationConfig, MigrationConfig
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.link import TlsConfig
 from engine.operation import Operation
-from engine.pool import stop_fork_servers
+from engine.pool import WorkerPool, stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
 
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tcp://HOST:PORT, tls://HOST:PORT (with the --tls-* files) or unix:///PATH")
     listen.add_argument("--ram", type=parse_size, help="create the RAM up front (default: from the source, "
                         "or the source's own RAM when it migrates with --local)")
+    listen.add_argument("--channels", type=int, default=2,
+                        help="with --ram: channel processes started now, each with the RAM mapped "
+                        "(a source asking for more gets processes started for its migration)")
     listen.add_argument("--refuse-local", action="store_true",
                         help="refuse a same-host migration that hands over the source's RAM (--local)")
     listen.add_argument("--secret-file")
@@ -416,9 +419,20 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from engine.shm import GuestRAM
 
     secret = _secret(args)
+    if args.channels < 1:
+        raise ConfigError(f"--channels must be at least 1, not {args.channels}")
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = None
+    stack = contextlib.ExitStack()
     try:
+        pool = None
+        if ram is not None:
+            # The channels, started now with the RAM mapped and its page tables built:
+            # a migration's channels then begin with both in hand.
+            pool = WorkerPool("process", args.channels, name="mfd-listen", start_method="forkserver",
+                              preload=CHANNEL_PRELOAD)
+            stack.callback(pool.shutdown, wait=True, cancel=True)
+            stack.enter_context(keep_ram_mapped(pool, ram))
         # Without --ram the VM takes its memory when it exists: created from the
         # source's CONFIG, or the source's own pages (--local).
         kvm = _kvm_guest(args, ram) if args.guest == "kvm" else None
@@ -432,6 +446,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             resume_guest=kvm.start if kvm else None, accept_local=not args.refuse_local,
             on_ram=kvm.take_ram if kvm is not None and ram is None else None,
             config=DestinationConfig(integrity=args.integrity), tls=_tls(args),
+            pool=pool, own_pool_if_short=True,
         )
         _watch(destination)
         signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
@@ -457,11 +472,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
               {**extra, "guest": _describe_com1(extra["guest"])})
         return 0 if kvm is None or extra["guest"]["ok"] else 1
     finally:
-        if kvm is not None:
-            kvm.stop()
-        if ram is not None:
-            ram.close()
-            ram.unlink()
+        try:
+            stack.close()  # the channels give the RAM up, then stop
+        finally:
+            if kvm is not None:
+                kvm.stop()
+            if ram is not None:
+                ram.close()
+                ram.unlink()
 
 
 def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation]) -> MigrationResult:

@@ -105,7 +105,9 @@ class DestinationMigration(Migration):
     `resume_guest` starts the guest once its memory is complete.  If `ram` is
     None the RAM is created (owned by this object) to match the source, and is
     handed to the caller as :attr:`ram` on success.
-    `pool`: the VMM's warm process pool for the channels (:class:`Migration`).
+    `pool`: the VMM's warm process pool for the channels (:class:`Migration`);
+    `own_pool_if_short`: a source asking for more channels than `pool` has free
+    workers gets channel processes started for its migration instead of a refusal.
     `autostart` False: after the commit the guest stays paused and the VMM
     starts it (QEMU's ``-S`` then ``cont``); the result's ``running`` says which.
     `payloads`: a :class:`~engine.payload.DeliveryConsumer` per registered payload
@@ -143,6 +145,7 @@ class DestinationMigration(Migration):
         device_load: Literal["parallel", "serial"] = "parallel",
         max_device_buffer: int = 64 << 20,
         pool: WorkerPool | None = None,
+        own_pool_if_short: bool = False,
         autostart: bool = True,
         payloads: Sequence[DeliveryConsumer] = (),
         accept_local: bool = True,
@@ -152,7 +155,7 @@ class DestinationMigration(Migration):
         require_tls_files(address, tls)
         self.tls = tls.validate() if tls is not None else None
         peer_name = destination_peer_name(tls) if tls is not None else None
-        super().__init__(_destination_config(config), secret, pool)
+        super().__init__(_destination_config(config), secret, pool, own_pool_if_short)
         self._link = LinkSecurity(
             "tls" if tls is not None else self.config.integrity, server_side=True, tls=tls,
             peer_name=peer_name, peer="source",

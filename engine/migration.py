@@ -48,10 +48,10 @@ class Migration(Operation):
     peer = "peer"
 
     def __init__(self, config: LocalConfig, secret: bytes = b"",
-                 pool: WorkerPool | None = None) -> None:
+                 pool: WorkerPool | None = None, own_pool_if_short: bool = False) -> None:
         if not secret:
             raise ConfigError("a shared secret is required (both sides must be given the same one)")
-        super().__init__(config, pool=pool)
+        super().__init__(config, pool=pool, own_pool_if_short=own_pool_if_short)
         self.secret = bytes(secret)
         # Connections a thread may be blocked reading (handshakes, the main
         # channel): a failure or cancel shuts their read side to wake it.

@@ -90,18 +90,21 @@ class Operation:
     only a channel process that dies (or one that ignores a stop for
     ``cancel_grace_s``) breaks the pool, and the next operation given a broken
     pool raises ConfigError: shut it down and make a new one.  Without `pool`,
-    each operation starts and stops its own channel processes.
+    each operation starts and stops its own channel processes; so does one whose
+    `pool` has too few free workers when `own_pool_if_short` is set (a listener
+    whose pool is sized for the usual source, say).
     """
 
     role = "operation"
 
-    def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None) -> None:
+    def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None,
+                 own_pool_if_short: bool = False) -> None:
         self.config = config.validate()
         # The payload handlers are found through entry points (a scan of the installed
         # packages, ~50 ms), and OpenSSL sets AES-GCM up on first use (~5 ms): now,
         # once per process, not while a peer waits in set-up.
         preload_channel()
-        if pool is None and self.config.start_method == "forkserver":
+        if (pool is None or own_pool_if_short) and self.config.start_method == "forkserver":
             # The fork server imports the channel modules (~0.3 s) while the operation
             # is set up and its peer connects, not after its first page is on the wire.
             channel_fork_server().start()
@@ -111,6 +114,7 @@ class Operation:
         # The VMM's own process pool, kept warm across operations, or None: then
         # each operation starts (and stops) its channel processes itself.
         self._shared_pool = pool
+        self._own_pool_if_short = own_pool_if_short
         self._pool: WorkerPool | None = None
         self._device_pool: WorkerPool | None = None  # threads for device save/load jobs
         self._runner: WorkerPool | None = None
@@ -252,7 +256,8 @@ class Operation:
         on the process pool: the VMM's shared one, or one of our own; returns once
         every channel is serving (READY)."""
         cfg = self.config
-        if self._shared_pool is not None:
+        if self._shared_pool is not None and not (self._own_pool_if_short
+                                                  and _free_workers(self._shared_pool) < len(conns)):
             self._pool = self._check_shared_pool(self._shared_pool, len(conns))
         else:
             self._pool = WorkerPool(
@@ -309,13 +314,12 @@ class Operation:
     def _check_shared_pool(pool: WorkerPool, channels: int) -> WorkerPool:
         if pool.backend != "process":
             raise ConfigError("channels are processes: the pool must have the process backend")
-        stats = pool.statistics()
         if pool.broken is not None:
             raise ConfigError(f"the pool was broken by an earlier failure ({pool.broken}); "
                               f"shut it down and create a new one")
-        if stats.max_workers - stats.busy - stats.pending < channels:
-            raise ConfigError(f"the pool has {stats.max_workers - stats.busy - stats.pending} free "
-                              f"workers of {stats.max_workers}; {channels} channels need one each")
+        if _free_workers(pool) < channels:
+            raise ConfigError(f"the pool has {_free_workers(pool)} free workers of {pool.max_workers}; "
+                              f"{channels} channels need one each")
         return pool
 
     def _release_shared_pool(self, pool: WorkerPool, failed: bool) -> None:
@@ -541,3 +545,9 @@ class Operation:
         except Exception as exc:  # teardown goes on; the first error is already recorded
             log.warning("teardown: could not %s: %s", what, exc)
             log.debug("teardown step %r failed", what, exc_info=True)
+
+
+def _free_workers(pool: WorkerPool) -> int:
+    """Workers of `pool` neither busy nor claimed by a queued job."""
+    stats = pool.statistics()
+    return stats.max_workers - stats.busy - stats.pending

@@ -17,7 +17,7 @@ import pytest
 
 from engine.destination import DestinationMigration
 from engine.errors import MigrationError
-from engine.shm import GuestRAM
+from engine.shm import SEGMENT_PREFIX, GuestRAM
 from engine.source import SourceMigration
 from engine.sync import wait_readable
 
@@ -271,6 +271,34 @@ def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
     assert source.returncode == process.returncode == 1
     assert "died with exit code -9" in _one_error_line(source_err)
     assert "died with exit code -9" in _one_error_line(listen_err)
+
+
+@pytest.mark.parametrize("listener", [("--ram", "8M", "--channels", "1", "--json")], indirect=True)
+def test_listen_with_ram_has_its_channels_mapping_it_before_a_source_comes(listener) -> None:
+    """listen --ram --channels N: N channel processes are up with the RAM mapped
+    before any source connects; a source asking for more channels still migrates
+    (its channels start for it)."""
+    process, address = listener
+
+    def maps_guest_ram(pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return f"/dev/shm/{SEGMENT_PREFIX}" in Path(f"/proc/{pid}/maps").read_text()
+        return False
+
+    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    assert sum(map(maps_guest_ram, family)) == 2  # listen itself, and its one channel process
+    done = run("migrate", "--to", address, "--ram", "8M", "--channels", "3", "--json",
+               env={"MULTIFD_SECRET": "s3cret"})
+    assert done.returncode == 0, done.stderr
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert json.loads(out)["status"] == json.loads(done.stdout)["status"] == "completed"
+
+
+def test_listen_needs_a_channel() -> None:
+    done = run("listen", "--ram", "1M", "--channels", "0", env={"MULTIFD_SECRET": "s3cret"})
+    assert done.returncode == 1
+    assert done.stderr.strip() == "multifd: failed: --channels must be at least 1, not 0"
 
 
 @pytest.mark.parametrize("listener", [("--ram", "1M", "--json")], indirect=True)
