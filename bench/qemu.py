@@ -14,10 +14,12 @@ random guest RAM (nothing zero, nothing compressible) over TCP on 127.0.0.1:
   ``prealloc=on``: its RAM is allocated and touched when it starts;
 * ``qemu-sparse`` — the same with the destination's RAM file sparse: every page
   is faulted in during the migration;
-* ``ours-cold`` — ``multifd listen --ram SIZE`` and ``multifd migrate --ram SIZE
-  --channels N --workload idle --fill random --json``, two processes as a user
-  types them; the destination's RAM is preallocated (``listen --ram``), channels
-  are spawned by each migration, verification at its default (on);
+* ``ours-cold`` — ``multifd listen --ram SIZE --channels N`` and ``multifd migrate
+  --ram SIZE --channels N --workload idle --fill random --json``, two processes as a
+  user types them; the destination's RAM is preallocated and its N channel
+  processes started with it (``listen`` is ready before the source connects, as
+  QEMU's ``-incoming`` is), the source's channels are forked by the migration,
+  verification and MAC records at their defaults (on);
 * ``ours-warm`` — the API, with a process pool kept warm on both sides
   (``pool=``, as a VMM keeps one: its workers started by an untimed migration
   first, each keeping its side's guest RAM mapped, ``keep_ram_mapped``, as a VMM's
@@ -312,8 +314,8 @@ def cli_once(args: argparse.Namespace, channels: int) -> dict[str, Any]:
     size = str(args.ram)
     ready_read, ready_write = os.pipe()
     listen = subprocess.Popen(
-        [*multifd_command(), "listen", "--address", "tcp://127.0.0.1:0", "--ram", size, "--json",
-         "--ready-fd", str(ready_write)],
+        [*multifd_command(), "listen", "--address", "tcp://127.0.0.1:0", "--ram", size,
+         "--channels", str(channels), "--json", "--ready-fd", str(ready_write)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, pass_fds=(ready_write,))
     os.close(ready_write)
     try:
