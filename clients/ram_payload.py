@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from itertools import groupby
 
 import numpy as np
 import xxhash
@@ -102,19 +103,19 @@ def _words(block: RamBlock) -> np.ndarray:
     return np.frombuffer(block.pages, dtype=np.uint64).reshape(block.n_pages, _WORDS_PER_PAGE)
 
 
-def _maybe_zero(rows: np.ndarray) -> np.ndarray:
-    """Per row of 64-bit words: are its first and last words zero?  A row where
+def _maybe_zero(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Per page, given its first and last 64-bit words: are both zero?  A page where
     either is not holds data, known from one or two cache lines of its 64: only
     the others need reading whole (QEMU's buffer_is_zero looks at a page's ends
     first too).  Dense RAM then costs its zero scan ~6 instead of ~45 ms per GiB."""
-    return np.asarray((rows[:, 0] | rows[:, -1]) == 0)
+    return np.asarray((first | last) == 0)
 
 
 def _nonzero(rows: np.ndarray) -> np.ndarray:
     """Per row of 64-bit words: does it hold anything?  Rows :func:`_maybe_zero`
     leaves open are OR-reduced whole (the fastest test numpy has, 25-40 GB/s warm;
     guest RAM mostly comes from DRAM at ~8.6)."""
-    open_rows = _maybe_zero(rows)
+    open_rows = _maybe_zero(rows[:, 0], rows[:, -1])
     n_open = int(np.count_nonzero(open_rows))
     if n_open * _GATHER_SHARE > len(rows):  # zero-rich RAM: reduce in place, no gather
         return np.asarray(np.bitwise_or.reduce(rows, axis=1) != 0)
@@ -156,7 +157,7 @@ def _split_zero_runs(words: np.ndarray, items: np.ndarray, scratch: np.ndarray) 
     else:
         pages = runs_to_pages(firsts, counts)
         # Only the pages whose ends are zero are gathered and read whole.
-        nonzero = (words[pages, 0] | words[pages, -1]) != 0
+        nonzero = ~_maybe_zero(words[pages, 0], words[pages, -1])
         open_at = np.flatnonzero(~nonzero)
         ored = np.empty(_GATHER_PAGES, dtype=np.uint64)
         for at in range(0, open_at.size, _GATHER_PAGES):
@@ -433,8 +434,11 @@ class RamPagesFileReader:
         self.offsets = target.pages_offsets
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
         self.chunks = _chunk_map(ctx)
-        self.chunk_present = _chunk_map(ctx, part=1)
-        self._chunk_lists: dict[int, tuple[list[int], list[int]]] = {}
+        # Per block, each chunk's word and present pages, as lists: read once (the
+        # restore filled the maps before the channels started), then per chunk.
+        present = _chunk_map(ctx, part=1)
+        self.chunk_words = [self.chunks.of_block(b).tolist() if self.chunks else [] for b in self.blocks]
+        self.chunk_present = [present.of_block(b).tolist() if present else [] for b in self.blocks]
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
         block = self.blocks[slot.a0]
@@ -451,34 +455,19 @@ class RamPagesFileReader:
         # one hash of the whole chunk, with a chunk word (not 0): checked by it after
         # their last piece; every other piece page by page after its read.  A piece
         # lies in one chunk and a chunk's pieces are consecutive.
-        words, present = self._chunk_words(block)
+        words, present = self.chunk_words[block.index], self.chunk_present[block.index]
         afters: list[Callable[[], None] | None] = [None] * len(pieces)
-        i = 0
-        while i < len(pieces):
-            chunk = pieces[i][0] // fmt.CHUNK_PAGES
-            held, j = pieces[i][1], i + 1
-            while j < len(pieces) and pieces[j][0] // fmt.CHUNK_PAGES == chunk:
-                held, j = held + pieces[j][1], j + 1
-            if held == present[chunk] and words[chunk] != 0 and held >= CHUNK_CHECK_MIN_PAGES:
-                afters[j - 1] = partial(self._check_chunk, block, chunk, words[chunk],
-                                        [(pieces[k][0], views[k]) for k in range(i, j)])
+        for chunk, group in groupby(range(len(pieces)), key=lambda i: pieces[i][0] // fmt.CHUNK_PAGES):
+            indices = list(group)
+            held = sum(pieces[i][1] for i in indices)
+            if words and words[chunk] and held == present[chunk] and held >= CHUNK_CHECK_MIN_PAGES:
+                afters[indices[-1]] = partial(self._check_chunk, block, chunk, words[chunk],
+                                              [(pieces[i][0], views[i]) for i in indices])
             else:
-                for k in range(i, j):
-                    afters[k] = partial(self._check, block, pieces[k][0], views[k])
-            i = j
+                for i in indices:
+                    afters[i] = partial(self._check, block, pieces[i][0], views[i])
         return [FileIO(base + at * PAGE_SIZE, [view], after=after)
                 for (at, _), view, after in zip(pieces, views, afters)]
-
-    def _chunk_words(self, block: RamBlock) -> tuple[list[int], list[int]]:
-        """The block's chunk words and present-page counts, as lists (read once: the
-        maps do not change during a restore)."""
-        cached = self._chunk_lists.get(block.index)
-        if cached is None:
-            words = self.chunks.of_block(block).tolist() if self.chunks is not None else []
-            present = self.chunk_present.of_block(block).tolist() if self.chunk_present is not None else []
-            n = fmt.n_chunks(block.n_pages)
-            cached = self._chunk_lists[block.index] = (words or [0] * n, present or [-1] * n)
-        return cached
 
     def _check_chunk(self, block: RamBlock, chunk: int, word: int,
                      pieces: list[tuple[int, memoryview]]) -> None:
@@ -488,13 +477,11 @@ class RamPagesFileReader:
         where it should be."""
         chunks = self.chunks
         assert chunks is not None
-        first, n_pages = chunks.span(block, chunk)
-        # One piece over the whole chunk (a full snapshot's): hash the view in hand.
-        whole = len(pieces) == 1 and pieces[0][0] == first and pieces[0][1].nbytes == n_pages * PAGE_SIZE
-        if chunks.hash_fn(pieces[0][1] if whole else chunks.view(block, chunk)) == word:
+        if chunks.hash_fn(chunks.view(block, chunk)) == word:
             return
         for at, view in pieces:
             self._check(block, at, view)
+        first, n_pages = chunks.span(block, chunk)
         offset = self.offsets[block.index] + first * PAGE_SIZE
         raise SnapshotFormatError(f"block {block.name!r} pages {first}-{first + n_pages - 1} (file offset "
                                   f"{offset}) do not match their chunk checksum, though every page "

@@ -276,23 +276,27 @@ def _forget(handle: RamHandle) -> None:
 
 
 @contextlib.contextmanager
-def keep_ram_mapped(pool: WorkerPool, ram: GuestRAM, timeout: float = 60.0) -> Iterator[None]:
+def keep_ram_mapped(pool: WorkerPool, ram: GuestRAM, timeout: float | None = None) -> Iterator[None]:
     """Every worker of `pool` maps `ram` now, page tables and all, and keeps it mapped
     until the block ends: the channels of every operation on `pool` for this RAM then
     start with it in hand, instead of mapping it and building its page tables again as
     they first move pages (~0.3 µs a page, a quarter of a loopback channel's CPU here).
 
-    For a VMM's warm pool and its VM's RAM, e.g. from VM start to VM end.  Enter and
-    leave it with the pool idle (each worker runs one job for it).  End the block
-    before freeing the RAM: a worker's mapping keeps its memory in use until then (or
-    until the pool shuts down).  Raises ConfigError for a thread pool, PoolError as
-    :func:`engine.pool.on_every_worker`.
+    For a VMM's warm pool and its VM's preallocated RAM, e.g. from VM start to VM end.
+    Each worker holds page tables for all of the RAM (~2 MiB per GiB with 4 KiB pages),
+    and mapping it allocates any page of the RAM not allocated yet.  Enter and leave
+    it with the pool idle (each worker runs one job for it); `timeout` (default: 60 s
+    and 1 s per GiB) bounds each.  End the block before freeing the RAM: a worker's
+    mapping keeps its memory in use until then (or until the pool shuts down).  Raises
+    ConfigError for a thread pool, PoolError as :func:`engine.pool.on_every_worker`.
     """
     if pool.backend != "process":
         raise ConfigError("keep_ram_mapped: channels are processes, the pool must have the "
                           "process backend")
-    on_every_worker(pool, _keep, ram.handle, timeout=timeout, what="mapping guest RAM")
-    try:
+    if timeout is None:
+        timeout = 60.0 + ram.size / 2**30
+    try:  # workers that mapped it before a failure unmap it too
+        on_every_worker(pool, _keep, ram.handle, timeout=timeout, what="mapping guest RAM")
         yield
     finally:
         # A broken or shut-down pool's workers go, and their mappings with them.

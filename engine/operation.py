@@ -317,8 +317,9 @@ class Operation:
         if pool.broken is not None:
             raise ConfigError(f"the pool was broken by an earlier failure ({pool.broken}); "
                               f"shut it down and create a new one")
-        if _free_workers(pool) < channels:
-            raise ConfigError(f"the pool has {_free_workers(pool)} free workers of {pool.max_workers}; "
+        free = _free_workers(pool)
+        if free < channels:
+            raise ConfigError(f"the pool has {free} free workers of {pool.max_workers}; "
                               f"{channels} channels need one each")
         return pool
 

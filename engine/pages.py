@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.shm import PAGE_SIZE
+
 if TYPE_CHECKING:
     from engine.shm import RamBlock
 
@@ -126,9 +128,8 @@ class RegionMap:
         if isinstance(regions, range) and regions.step == 1 and len(regions) > 1:
             # Consecutive regions: one view, sliced (a block's last region may be shorter).
             first = regions.start * self.region_pages
-            n_pages = min(regions.stop * self.region_pages, block.n_pages) - first
-            whole = block.page_view(first, n_pages)
-            size = whole.nbytes // n_pages * self.region_pages
+            whole = block.page_view(first, min(regions.stop * self.region_pages, block.n_pages) - first)
+            size = self.region_pages * PAGE_SIZE
             words[regions.start:regions.stop] = [hash_fn(whole[at:at + size])
                                                  for at in range(0, whole.nbytes, size)]
             return

@@ -273,26 +273,40 @@ def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
     assert "died with exit code -9" in _one_error_line(listen_err)
 
 
-@pytest.mark.parametrize("listener", [("--ram", "8M", "--channels", "1", "--json")], indirect=True)
-def test_listen_with_ram_has_its_channels_mapping_it_before_a_source_comes(listener) -> None:
+def _family(pid: int) -> set[int]:
+    return {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+
+
+def _maps_guest_ram(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return f"/dev/shm/{SEGMENT_PREFIX}" in Path(f"/proc/{pid}/maps").read_text()
+    return False
+
+
+@pytest.mark.parametrize("listener", [("--ram", "32M", "--channels", "2", "--json")], indirect=True)
+@pytest.mark.parametrize("channels", [2, 3])
+def test_listen_with_ram_has_its_channels_mapping_it_before_a_source_comes(listener, channels: int) -> None:
     """listen --ram --channels N: N channel processes are up with the RAM mapped
-    before any source connects; a source asking for more channels still migrates
-    (its channels start for it)."""
+    before any source connects, and serve a source with N channels (no process is
+    started for it); a source asking for more still migrates, on channel processes
+    started for its migration."""
     process, address = listener
-
-    def maps_guest_ram(pid: int) -> bool:
-        with contextlib.suppress(OSError):
-            return f"/dev/shm/{SEGMENT_PREFIX}" in Path(f"/proc/{pid}/maps").read_text()
-        return False
-
-    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-    assert sum(map(maps_guest_ram, family)) == 2  # listen itself, and its one channel process
-    done = run("migrate", "--to", address, "--ram", "8M", "--channels", "3", "--json",
-               env={"MULTIFD_SECRET": "s3cret"})
-    assert done.returncode == 0, done.stderr
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 0, err
-    assert json.loads(out)["status"] == json.loads(done.stdout)["status"] == "completed"
+    family = _family(process.pid)
+    assert sum(map(_maps_guest_ram, family)) == 3  # listen itself, and its two channel processes
+    source = subprocess.Popen([*MULTIFD, "migrate", "--to", address, "--ram", "32M", "--channels",
+                               str(channels), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    started: set[int] = set()
+    while source.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            started |= _family(process.pid) - family
+        time.sleep(0.002)
+    out, err = source.communicate()
+    assert source.returncode == 0, err
+    listened, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert json.loads(listened)["status"] == json.loads(out)["status"] == "completed"
+    assert (not started) if channels == 2 else len(started) >= channels, started
 
 
 def test_listen_needs_a_channel() -> None:
