@@ -356,7 +356,13 @@ def cli_once(args: argparse.Namespace, channels: int) -> dict[str, Any]:
             "downtime_ms": source["downtime_ms"], "verify_ms": source["verify_time_ms"],
             "verification": source.get("verification"),
             "transfer_s": source["transfer_time_s"], "bytes_on_wire": source["bytes_on_wire"],
-            "destination_total_s": destination["total_time_s"]}
+            "destination_total_s": destination["total_time_s"], **channel_cpu(source, destination)}
+
+
+def channel_cpu(source: dict[str, Any], destination: dict[str, Any]) -> dict[str, int]:
+    """Each side's channel processes' CPU (ms, from their READY to their report)."""
+    return {f"{side}_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in result["channel_memory_kib"])
+            for side, result in (("source", source), ("destination", destination))}
 
 
 def _warm_destination(size: int, workers: int, secret: str, timeout: float, pipe: Connection) -> None:
@@ -407,7 +413,8 @@ def warm_once(src: GuestRAM, pool: WorkerPool, destination: Connection, channels
         raise RuntimeError(f"warm destination failed: {remote['error']}")
     return {"seconds": result.total_time_s, "call_s": call, "setup_ms": result.setup_time_ms,
             "downtime_ms": result.downtime_ms, "transfer_s": result.transfer_time_s,
-            "bytes_on_wire": result.bytes_on_wire, "destination_total_s": remote["total_time_s"]}
+            "bytes_on_wire": result.bytes_on_wire, "destination_total_s": remote["total_time_s"],
+            **channel_cpu(result.to_dict(), remote)}
 
 
 # ---------------------------------------------------------------------------
@@ -425,7 +432,17 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str,
             secs = [r["seconds"] for r in runs if r["channels"] == n and r["case"] == case]
             summary["cases"].append({"channels": n, "case": case, "median_s": statistics.median(secs),
                                      "min_s": min(secs), "max_s": max(secs)})
-            print(f"{n} ch  {case:<14} {statistics.median(secs):7.3f} s ({min(secs):.3f}-{max(secs):.3f})")
+            cpu = ""
+            if case.startswith("ours"):  # where the two cores went
+                mine = [r for r in runs if r["channels"] == n and r["case"] == case]
+
+                def per_gib(side: str) -> float:
+                    return statistics.median(r[f"{side}_channel_cpu_ms"] for r in mine) / (args.ram / 2**30)  # noqa: B023
+
+                cpu = (f"  channel CPU per GiB: source {per_gib('source'):.0f} ms, "
+                       f"destination {per_gib('destination'):.0f} ms")
+            secs_text = f"{statistics.median(secs):7.3f} s ({min(secs):.3f}-{max(secs):.3f})"
+            print(f"{n} ch  {case:<14} {secs_text}{cpu}")
         for qemu_case, ours in PAIRS:
             per_round = []
             for k in range(args.rounds):
