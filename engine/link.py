@@ -214,9 +214,11 @@ def check_peer_name(conn: Connection, link: LinkSecurity) -> None:
 
 
 # Receive at most this much per call, so the tag reads what the kernel just wrote
-# while it is still in the CPU's cache (one stream over a socket pair, medians of 4:
-# 1 MiB 0.37, 256 KiB 0.39, 64 KiB 0.40 GB/s; a loaded 2-core VM, so within noise).
-_RECV_STEP = 256 << 10
+# while much of it is still in the CPU's cache.  The receiving thread's CPU per GiB
+# of 1 MiB records over a socket pair (2-vCPU VM, quiet): 1 MiB 236-238 ms, 256 KiB
+# 262-265, 128 KiB 278 (bare: 165-173): fewer calls and tag updates beat a warmer
+# cache at these sizes (throughput alone could not tell them apart here).
+_RECV_STEP = 1 << 20
 
 
 # Staging buffers of MAC records this process is done with, for its next
