@@ -285,7 +285,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "restore-chunk-check-passes",
         "a restore channel takes any chunk it checks by its chunk checksum as intact",
         ("clients/ram_payload.py",
-         "        if chunks.hash_fn(chunks.view(block, chunk)) == int(chunks.of_block(block)[chunk]):\n",
+         "        if chunks.hash_fn(chunks.view(block, chunk)) == word:\n",
          "        if True:  # MUTANT: the chunk's hash is not compared\n"),
     ),
     mutant(
