@@ -295,13 +295,20 @@ def keep_ram_mapped(pool: WorkerPool, ram: GuestRAM, timeout: float | None = Non
                           "process backend")
     if timeout is None:
         timeout = 60.0 + ram.size / 2**30
-    try:  # workers that mapped it before a failure unmap it too
-        on_every_worker(pool, _keep, ram.handle, timeout=timeout, what="mapping guest RAM")
-        yield
-    finally:
+
+    def unmap() -> None:
         # A broken or shut-down pool's workers go, and their mappings with them.
         if pool.broken is None and not pool.closed:
             on_every_worker(pool, _forget, ram.handle, timeout=timeout, what="unmapping guest RAM")
+
+    try:  # workers that mapped it before a failure unmap it too
+        on_every_worker(pool, _keep, ram.handle, timeout=timeout, what="mapping guest RAM")
+        yield
+    except BaseException:
+        with contextlib.suppress(MigrationError):  # the error in flight says more
+            unmap()
+        raise
+    unmap()
 
 
 # ---------------------------------------------------------------------------

@@ -198,6 +198,17 @@ def test_kept_ram_is_mapped_in_every_worker_and_its_channels_build_no_page_table
     assert kept + pages_moved // 32 < mapping_itself, (kept, mapping_itself)
 
 
+def test_kept_ram_is_released_when_the_block_fails() -> None:
+    """The block's own error comes out, and the workers have unmapped the RAM."""
+    with warm_pool(2) as pool, guest_ram(4 * MiB) as ram:
+        with pytest.raises(RuntimeError, match="the VM stopped"), keep_ram_mapped(pool, ram):
+            workers = _pids(pool)
+            assert all(_maps(pid, ram) for pid in workers)
+            raise RuntimeError("the VM stopped")
+        assert not any(_maps(pid, ram) for pid in workers)
+        _assert_idle(pool)
+
+
 def test_keep_ram_mapped_needs_a_process_pool() -> None:
     with WorkerPool("thread", 2, name="threads") as pool, guest_ram(MiB) as ram:
         with pytest.raises(ConfigError, match="process backend"), keep_ram_mapped(pool, ram):
