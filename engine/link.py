@@ -213,14 +213,6 @@ def check_peer_name(conn: Connection, link: LinkSecurity) -> None:
 # MAC records.
 
 
-# Receive at most this much per call, so the tag reads what the kernel just wrote
-# while much of it is still in the CPU's cache.  The receiving thread's CPU per GiB
-# of 1 MiB records over a socket pair (2-vCPU VM, quiet): 1 MiB 236-238 ms, 256 KiB
-# 262-265, 128 KiB 278 (bare: 165-173): fewer calls and tag updates beat a warmer
-# cache at these sizes (throughput alone could not tell them apart here).
-_RECV_STEP = 1 << 20
-
-
 # Staging buffers of MAC records this process is done with, for its next
 # connections: a fresh 1 MiB buffer costs its page faults (~0.5 ms) in set-up; a
 # warm channel process reuses the last migration's (warm_up_records() readies one).
@@ -441,7 +433,10 @@ class RecordConnection(Connection):
         while start < len(views):
             if not self._left:
                 self._open_record(eof_ok=False)
-            iovs = batch(views, start, min(self._left, _RECV_STEP))
+            # The rest of the record in one call: the receiving thread's CPU per GiB of
+            # 1 MiB records over a socket pair (2-vCPU VM, quiet) was 236-238 ms so,
+            # 262-265 in 256 KiB calls, 278 in 128 KiB (bare: 165-173).
+            iovs = batch(views, start, self._left)
             got = self._recv_into(iovs)
             if got == 0:
                 raise TransportClosedError(f"{self.peer} closed the connection inside a record")

@@ -97,10 +97,6 @@ class RegionMap:
                                     offset=part * self.total * np.dtype(dtype).itemsize)
                       if buf is not None else np.zeros(self.total, dtype=dtype))
 
-    def base(self, block: RamBlock) -> int:
-        """The index of the block's first region in the map."""
-        return int(self.bases[block.index])
-
     def of_block(self, block: RamBlock) -> np.ndarray:
         """The block's words (a view: writable where the map is)."""
         return self.words[self.bases[block.index]:self.bases[block.index + 1]]

@@ -34,7 +34,7 @@ from engine.errors import CancelledError, LocalProtocolError, MigrationError
 
 
 class Signal:
-    """A one-shot, selectable event carrying a value (set once, read many)."""
+    """A selectable event carrying a value: set once, read many; :meth:`clear` re-arms it."""
 
     def __init__(self) -> None:
         self._read_fd, self._write_fd = os.pipe()

@@ -14,9 +14,10 @@ takes the hashing out of the downtime.  Guest RAM is cut into *pieces* of
 shared *digest map* (:class:`PieceDigests`), written by the channel processes
 while the pages move::
 
-    source channel       after a RAM packet is sent: every piece it touched, hashed from RAM
-    destination channel  after a RAM packet is placed: the same
-    at COMPLETE (every channel ended): the maps are the DIGESTS, compared piece by piece
+    source channel       right before each ~1 MiB part of a RAM packet is sent: its pieces, from RAM
+    destination channel  right after each part landed and its zero runs are placed: the same
+    at COMPLETE (every channel ended): the maps are the DIGESTS, compared whole (a
+                         mismatch is named piece by piece)
 
 The source's RAM client puts the pages of one piece that go in one round into
 one packet, and rounds are fenced by the sync barrier, so one channel at a time
@@ -105,10 +106,7 @@ def tracked_piece_pages(packet_pages: int) -> int:
     """Pages per piece of tracked verification for a migration of `packet_pages`-page
     packets (CONFIG's): a power of two, at most TRACKED_PIECE_PAGES, so a piece fits
     a packet.  Both sides derive it from CONFIG."""
-    pages = 1
-    while pages * 2 <= min(TRACKED_PIECE_PAGES, packet_pages):
-        pages *= 2
-    return pages
+    return 1 << (min(TRACKED_PIECE_PAGES, packet_pages).bit_length() - 1)
 
 
 def n_pieces(ram: GuestRAM, piece_pages: int) -> int:

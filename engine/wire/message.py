@@ -156,7 +156,7 @@ _DEVICE_LOADED = struct.Struct(">IQQ")
 #  0 flags u32 | 4 n_devices u16
 _DEVICE_LIST = struct.Struct(">IH")
 
-# DIGESTS body, fixed start, 8 bytes (n_digests × 32 bytes follow)
+# DIGESTS body, fixed start, 8 bytes (n_digests × RAM_DIGEST_SIZE (16) bytes follow)
 #  0 digest_chunk u32 | 4 n_digests u32
 _DIGESTS = struct.Struct(">II")
 # The most digest bytes one DIGESTS carries (§3.3): MAX_MESSAGE_BODY less its header.

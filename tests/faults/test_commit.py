@@ -46,8 +46,6 @@ class DestinationGuest:
         self.running = True
 
 
-
-
 class Run:
     """A source (with a running incrementer guest) and a destination that creates its RAM."""
 
