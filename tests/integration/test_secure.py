@@ -267,13 +267,13 @@ def test_tls_settings_that_cannot_work_are_refused_up_front(pki: Pki, tmp_path: 
         with pytest.raises(ConfigError, match="any_peer .--tls-any-peer. is for the destination"):
             SourceMigration(src, "tls://127.0.0.1:1", secret=SECRET,
                             tls=replace(pki.config("source"), any_peer=True))
+        with pytest.raises(ConfigError, match=r"TLS: give either .* not both"):
+            SourceMigration(src, "tls://127.0.0.1:1", secret=SECRET,
+                            tls=replace(pki.config("source", peer_name="dest.test"), any_peer=True))
     with pytest.raises(ConfigError, match="certificate file"):
         DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, tls=missing)
     with pytest.raises(ConfigError, match=r"name the source whose certificate it admits .* --tls-any-peer"):
         DestinationMigration("tls://127.0.0.1:0", secret=SECRET, tls=pki.config("dest"))
-        with pytest.raises(ConfigError, match=r"TLS: give either .* not both"):
-            SourceMigration(src, "tls://127.0.0.1:1", secret=SECRET,
-                            tls=replace(pki.config("source", peer_name="dest.test"), any_peer=True))
     with pytest.raises(ConfigError, match=r"TLS: give either .* not both"):
         DestinationMigration("tls://127.0.0.1:0", secret=SECRET,
                              tls=replace(pki.config("dest", peer_name="source.test"), any_peer=True))
