@@ -244,6 +244,14 @@ def preload_channel() -> None:
 CHANNEL_PRELOAD = (f"{__name__}:preload_channel",)
 
 
+def channel_pool(workers: int, name: str, start_method: str = "forkserver",
+                 cancel_grace: float = 1.0) -> WorkerPool:
+    """A process pool whose workers are channel processes: forked from this process's
+    channel fork server by default, each importing the channel modules first."""
+    return WorkerPool("process", workers, name=name, start_method=start_method,
+                      cancel_grace=cancel_grace, preload=CHANNEL_PRELOAD)
+
+
 def channel_fork_server() -> ForkServer:
     """This process's fork server for channel processes (the one operations with
     ``start_method="forkserver"`` fork their channels from).  An operation made

@@ -36,12 +36,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine import codecs
-from engine.channel import CHANNEL_PRELOAD, channel_fork_server, keep_ram_mapped
+from engine.channel import channel_fork_server, channel_pool, keep_ram_mapped
 from engine.config import DestinationConfig, MigrationConfig
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.link import TlsConfig
 from engine.operation import Operation
-from engine.pool import WorkerPool, stop_fork_servers
+from engine.pool import stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
 
@@ -419,6 +419,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from engine.shm import GuestRAM
 
     secret = _secret(args)
+    config = DestinationConfig(integrity=args.integrity)
     if args.channels < 1:
         raise ConfigError(f"--channels must be at least 1, not {args.channels}")
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
@@ -429,8 +430,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         if ram is not None:
             # The channels, started now with the RAM mapped and its page tables built:
             # a migration's channels then begin with both in hand.
-            pool = WorkerPool("process", args.channels, name="mfd-listen", start_method="forkserver",
-                              preload=CHANNEL_PRELOAD)
+            pool = channel_pool(args.channels, "mfd-listen", config.start_method, config.cancel_grace_s)
             stack.callback(pool.shutdown, wait=True, cancel=True)
             stack.enter_context(keep_ram_mapped(pool, ram))
         # Without --ram the VM takes its memory when it exists: created from the
@@ -445,7 +445,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             devices=(kvm.devices if kvm else []) + devices, device_load=args.device_load,
             resume_guest=kvm.start if kvm else None, accept_local=not args.refuse_local,
             on_ram=kvm.take_ram if kvm is not None and ram is None else None,
-            config=DestinationConfig(integrity=args.integrity), tls=_tls(args),
+            config=config, tls=_tls(args),
             pool=pool, own_pool_if_short=True,
         )
         _watch(destination)

@@ -46,11 +46,11 @@ from dataclasses import replace
 from typing import Any
 
 from engine.channel import (
-    CHANNEL_PRELOAD,
     ChannelReport,
     ChannelSpec,
     ControlOp,
     channel_fork_server,
+    channel_pool,
     control_pair,
     preload_channel,
     read_control,
@@ -256,15 +256,13 @@ class Operation:
         on the process pool: the VMM's shared one, or one of our own; returns once
         every channel is serving (READY)."""
         cfg = self.config
-        if self._shared_pool is not None and not (self._own_pool_if_short
-                                                  and _free_workers(self._shared_pool) < len(conns)):
-            self._pool = self._check_shared_pool(self._shared_pool, len(conns))
+        shared = self._shared_pool
+        if shared is not None and self._own_pool_if_short and _free_workers(shared) < len(conns):
+            shared = None  # too few free warm workers: this operation starts its own
+        if shared is not None:
+            self._pool = self._check_shared_pool(shared, len(conns))
         else:
-            self._pool = WorkerPool(
-                "process", len(conns), name=f"mfd-{self.role}",
-                start_method=cfg.start_method, cancel_grace=cfg.cancel_grace_s,
-                preload=CHANNEL_PRELOAD,
-            )
+            self._pool = channel_pool(len(conns), f"mfd-{self.role}", cfg.start_method, cfg.cancel_grace_s)
         self._defer("stop the channels", self._stop_channels)
         for channel_id, conn in enumerate(conns):
             main_end, channel_end = control_pair()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.channel import CHANNEL_PRELOAD
+from engine.channel import channel_pool
 from engine.errors import ConfigError
 from engine.pool import WorkerPool
 from engine.transport import open_file
@@ -176,8 +176,7 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
     else:
         # Forked from the process's channel fork server (started by the CLI, or now):
         # a spawned interpreter per worker cost more than the scrub saved.
-        with WorkerPool("process", min(channels, len(jobs)), name="mfd-scrub",
-                        start_method="forkserver", preload=CHANNEL_PRELOAD) as own:
+        with channel_pool(min(channels, len(jobs)), "mfd-scrub") as own:
             results = _run(own, path, jobs, page_size, channels)
     found: list[list[np.ndarray]] = [[] for _ in present]
     found_chunks: list[list[int]] = [[] for _ in present]
