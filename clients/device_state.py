@@ -51,11 +51,10 @@ from dataclasses import dataclass, field
 from engine.device import DeviceReport, IterativeDevice, MigratableDevice, is_iterative
 from engine.errors import DeviceStateError, LocalProtocolError, MigrationError, RemoteProtocolError
 from engine.multifd import MultifdSender
-from engine.payload import ChannelContext, register_payload
+from engine.payload import ChannelContext, Part, register_payload
 from engine.pool import WorkerPool
 from engine.slots import Counter, SendSlot, SlotTable
 from engine.sync import FailureLatch
-from engine.transport import Buffer
 from engine.wire import message as wire
 from engine.wire import packet
 
@@ -252,13 +251,13 @@ class DeviceStateSender:
         self.ctx = ctx
         self.devices = ctx.spec.devices
 
-    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Part]:
         idstr, instance = self.devices[slot.a0]
         length = slot.payload_length
         header = packet.encode_device_state(sequence, idstr, instance, slot.a1, bool(slot.a2 & _END),
                                             length, live=bool(slot.a2 & _LIVE))
         self.ctx.count(Counter.DEVICE_BYTES, length)
-        return [header, slot.payload[:length]]
+        return [([header, slot.payload[:length]], None)]
 
 
 class DeviceStateReceiver:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from clients.ram_payload import RamPagesFileReader, RamPagesFileWriter, RamPagesReceiver, RamPagesSender
-from engine.dirty import BlockDirtyMaps, DirtySource
+from engine.dirty import BlockDirtyMaps, DirtySource, drop_marks
 from engine.multifd import MultifdSender
 from engine.pages import pages_to_runs
 from engine.payload import register_payload
@@ -90,9 +90,8 @@ class RamClient:
         listing them costs ~1.5 ms per GiB of dirty guest before the first packet.
         A VMM's source without one is taken (its take may do more than clear).
         """
-        drop = getattr(self.dirty, "drop", self.dirty.take)
         for block in self.ram.blocks:
-            drop(block)
+            drop_marks(self.dirty, block)
         self._ramp = True
         self._packet_limit = min(self.packet_pages, FIRST_PACKET_PAGES)
         try:

@@ -66,7 +66,7 @@ import xxhash
 from engine import codecs
 from engine.errors import SnapshotFormatError
 from engine.pages import RegionMap, cut_runs, runs_to_pages, split_runs
-from engine.payload import ChannelContext, FileIO
+from engine.payload import ChannelContext, FileIO, Part
 from engine.shm import PAGE_SIZE, RamBlock
 from engine.slots import Counter, SendSlot
 from engine.transport import Buffer
@@ -127,8 +127,6 @@ def _nonzero(rows: np.ndarray) -> np.ndarray:
 
 # A slot's page runs as arrays: first page, page count, and whether the run is zero.
 Runs = tuple[np.ndarray, np.ndarray, np.ndarray]
-# A part of a packet: its buffers, and what to do right before they are sent.
-Part = tuple[list[Buffer], Callable[[], None] | None]
 
 
 def gather_scratch() -> np.ndarray:
@@ -192,12 +190,9 @@ def _slot_runs(blocks: Sequence[RamBlock], words: Sequence[np.ndarray] | None,
 
 
 def _data_views(block: RamBlock, runs: Runs) -> tuple[list[memoryview], int]:
-    """Views of the non-zero runs' pages, and how many pages they hold."""
+    """Views of the non-zero runs' pages (:func:`_segment_views`), and how many pages they hold."""
     firsts, counts, zero = runs
-    data_firsts, data_counts = firsts[~zero], counts[~zero]
-    views = [block.page_view(first, count)
-             for first, count in zip(data_firsts.tolist(), data_counts.tolist())]
-    return views, int(data_counts.sum())
+    return _segment_views(block, firsts, counts, zero), int(counts[~zero].sum())
 
 
 def _count_pages(ctx: ChannelContext, normal: int, total: int, payload_bytes: int) -> None:
@@ -224,12 +219,8 @@ class RamPagesSender:
         self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
         self.digests = _digest_map(ctx)
 
-    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
-        block, runs = _slot_runs(self.blocks, self.words, slot, self.gather)
-        return self._packet(block, runs, sequence, epoch)
-
-    def prepare_parts(self, slot: SendSlot, sequence: int, epoch: int) -> list[Part]:
-        """:meth:`prepare`, in parts, each with what to do right before it is sent:
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> list[Part]:
+        """The packet, in parts, each with what to do right before it is sent:
         tracked verification hashes each piece from guest RAM before its pages go
         (in cache for the copy).  A page the guest writes after that is dirty
         again, sent and hashed again in a later round; the final round's guest is
@@ -242,11 +233,12 @@ class RamPagesSender:
             before = partial(_store_runs, digests, block, firsts, counts) if digests is not None else None
             return [(list(self._packet(block, runs, sequence, epoch)), before)]
         parts: list[Part] = [
-            (list[Buffer](_segment_views(block, *segments)), partial(digests.store, block, pieces))
+            (_segment_views(block, *segments), partial(digests.store, block, pieces))
             for segments, pieces in _piece_parts(firsts, counts, zero, digests.region_pages, _PART_PAGES)
         ]
         normal = int(counts[~zero].sum())
-        parts[0][0].insert(0, self._header(block, runs, sequence, epoch, normal, 0, normal * PAGE_SIZE))
+        header = self._header(block, runs, sequence, epoch, normal, 0, normal * PAGE_SIZE)
+        parts[0] = ([header, *parts[0][0]], parts[0][1])
         return parts
 
     def _packet(self, block: RamBlock, runs: Runs, sequence: int, epoch: int) -> list[Buffer]:

@@ -566,11 +566,9 @@ class _SendChannel(_JobChannel):
 
     def _job(self, slot: SendSlot, index: int) -> None:
         sender = self._handler(self.senders, slot)
-        # A sender may cut its packet into parts, each with work to do right
-        # before it goes (RAM pages: tracked verification's hashing).
-        prepare_parts = getattr(sender, "prepare_parts", None)
-        parts = (prepare_parts(slot, self.sequence, self.epoch) if prepare_parts is not None
-                 else [(sender.prepare(slot, self.sequence, self.epoch), None)])
+        # Parts, each with work to do right before it goes (RAM pages: tracked
+        # verification's hashing); most kinds send one.
+        parts = sender.prepare(slot, self.sequence, self.epoch)
         if not sender.holds_slot:
             # The buffers no longer need the slot: hand it back now, so the
             # main process refills it while this packet is being sent.

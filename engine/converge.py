@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from engine.config import MigrationConfig
-from engine.dirty import DirtySource
+from engine.dirty import DirtySource, drop_marks
 from engine.shm import PAGE_SIZE, RamBlock
 
 __all__ = ["AutoConverge", "DirtyRateMeter", "choose_throttle"]
@@ -85,7 +85,7 @@ class DirtyRateMeter:
     def drop(self, block: RamBlock) -> None:
         """A take whose pages nobody reads (round 1): the source's own ``drop``
         if it has one; the window starts as with a take."""
-        getattr(self._source, "drop", self._source.take)(block)
+        drop_marks(self._source, block)
         self._start_window()
 
     def _start_window(self) -> None:

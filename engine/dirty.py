@@ -29,7 +29,7 @@ import numpy as np
 
 from engine.shm import RamBlock
 
-__all__ = ["BlockDirtyMaps", "DirtySource"]
+__all__ = ["BlockDirtyMaps", "DirtySource", "drop_marks"]
 
 
 @runtime_checkable
@@ -44,6 +44,16 @@ class DirtySource(Protocol):
     def count(self, block: RamBlock) -> int:
         """How many pages of `block` are dirty now (a peek: nothing is cleared)."""
         ...
+
+
+def drop_marks(source: DirtySource, block: RamBlock) -> None:
+    """Clear `block`'s marks in `source` when nobody reads the pages (round 1): its
+    own ``drop`` where it has one (no page list made), else a take."""
+    own = getattr(source, "drop", None)
+    if own is not None:
+        own(block)
+    else:
+        source.take(block)
 
 
 class BlockDirtyMaps:

@@ -99,6 +99,10 @@ class ChannelContext:
         self.counters[counter] += value
 
 
+# A part of a packet: its buffers, and what to do right before they are sent (or None).
+Part = tuple[Sequence[Buffer], Callable[[], None] | None]
+
+
 class PayloadSender(Protocol):
     """Source side of a payload kind: turns a filled slot into the buffers to send.
 
@@ -106,18 +110,16 @@ class PayloadSender(Protocol):
     slot itself.  If not (RAM pages: the slot only describes pages, the buffers
     are views of guest RAM), the channel hands the slot back before it sends, so
     the next hand-off overlaps this send.
-
-    Optionally, ``prepare_parts(slot, sequence, epoch)`` is :meth:`prepare` cut
-    into ``(buffers, before)`` parts (header in the first); the channel calls it
-    instead when present and sends the parts in order, calling ``before()`` (if
-    not None) right before each part (RAM pages: tracked verification hashes the
-    part's pieces then, in cache for the copy).
     """
 
     holds_slot: bool
 
-    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
-        """Header bytes first, then payload buffers (views of shared memory)."""
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Part]:
+        """The packet as parts, header bytes first, then payload buffers (views of
+        shared memory); the channel sends them in order, calling a part's
+        ``before()`` (if not None) right before it (RAM pages: tracked verification
+        hashes the part's pieces then, in cache for the copy).  Most kinds send one
+        part: ``[(buffers, None)]``."""
         ...
 
 
@@ -312,10 +314,10 @@ class SlotSender:
         self.codec = codec
         self.ctx = ctx
 
-    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Buffer]:
+    def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> Sequence[Part]:
         length = slot.payload_length
         header = self.codec.encode(sequence, SlotFields(slot.a0, slot.a1, slot.a2, length))
-        return [header, slot.payload[:length]]
+        return [([header, slot.payload[:length]], None)]
 
 
 class DeliveryReceiver:
