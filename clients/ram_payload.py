@@ -312,7 +312,7 @@ def _digest_map(ctx: ChannelContext) -> RegionMap | None:
 
 def _store_runs(digests: RegionMap, block: RamBlock, firsts: np.ndarray, counts: np.ndarray) -> None:
     """Hash every piece the runs touch (a compressed packet's: all at once)."""
-    digests.store(block, digests.regions_of_runs(firsts, counts)[0].tolist())
+    digests.store(block, digests.regions_touched(firsts, counts).tolist())
 
 
 class RamPagesFileWriter:

@@ -110,6 +110,10 @@ class RegionMap:
         """The region's pages of guest RAM."""
         return block.page_view(*self.span(block, region))
 
+    def regions_touched(self, firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The regions that runs of pages touch, ascending."""
+        return np.unique(cut_runs(firsts, counts, self.region_pages)[0] // self.region_pages)
+
     def regions_of_runs(self, firsts: np.ndarray,
                         counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The regions that runs of pages touch, ascending, and how many of their

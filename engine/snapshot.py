@@ -387,10 +387,7 @@ class SnapshotSave(SavingOperation):
         self._devices_area = _DeviceArea(self._file, self.layout.device_area, len(self.devices))
 
     def _piece_pages(self) -> int:
-        """A slot holds whole chunks: one channel writes a chunk's pages in a round
-        and hashes the chunk once, after them (docs/snapshot-format.md §8); unless a
-        chunk does not fit a packet (packet_pages, or a cap's, under CHUNK_PAGES)."""
-        return fmt.CHUNK_PAGES if self._packet_pages() >= fmt.CHUNK_PAGES else 1
+        return _chunk_piece_pages(self._packet_pages())  # packet_pages, or a cap's
 
     def _final_round(self, client: PrecopyClient) -> None:
         """Guest paused: the last pages and every device, then make the file durable."""
@@ -479,6 +476,14 @@ def _free_segment(segment: Segment) -> None:
     segment.unlink()
 
 
+def _chunk_piece_pages(packet_pages: int) -> int:
+    """The RAM client's piece for a snapshot's slots: a slot holds whole chunks, so
+    one channel writes a chunk's pages in a round and hashes the chunk once after
+    them (save, docs/snapshot-format.md §8), or reads and checks it whole (restore);
+    unless a chunk does not fit a packet of `packet_pages`."""
+    return fmt.CHUNK_PAGES if packet_pages >= fmt.CHUNK_PAGES else 1
+
+
 def _total_chunks(ram: GuestRAM) -> int:
     """Chunks (snapshot_format.CHUNK_PAGES pages) of all blocks: the chunk maps' length."""
     return sum(fmt.n_chunks(block.n_pages) for block in ram.blocks)
@@ -550,11 +555,8 @@ class SnapshotRestore(Operation):
         loader, expected = self._start_device_loads(info)
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
-        # A slot ends on a chunk boundary (pieces of CHUNK_PAGES), so one channel reads
-        # and checks a chunk whole; unless a chunk does not fit a slot (small packets).
-        chunk_pages = fmt.CHUNK_PAGES if self.config.packet_pages >= fmt.CHUNK_PAGES else 1
         client: PrecopyClient = make_client(self.ram, self._core, RAM_CLIENT, self.config.packet_pages,
-                                            piece_pages=chunk_pages)
+                                            piece_pages=_chunk_piece_pages(self.config.packet_pages))
         self.tracker.round = 1
         for block, pages in zip(self.ram.blocks, present):
             if pages.size:
