@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import migrate, write_report  # noqa: E402
+from bench.remote import channel_cpu, migrate, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
@@ -56,14 +56,15 @@ def migrate_once(src: GuestRAM, dst: GuestRAM, config: MigrationConfig,
         block.array()[:] = 0
     result, remote, main_cpu = migrate(src, dst, config, ram_is_zeroed=True, hosts=hosts)
     gib = result.guest_bytes / 2**30
+    cpu = channel_cpu(result.to_dict(), remote)
     return {
         "guest_gbps": result.guest_throughput_bytes_per_s / 1e9,
         "wire_mib": result.bytes_on_wire / 2**20,
         "ratio": result.compression_ratio,
         "zero_pages": result.zero_pages,
         "transfer_s": result.transfer_time_s,
-        "src_cpu_s_per_gib": sum(m["cpu_ms"] for m in result.channel_memory_kib) / 1000 / gib,
-        "dst_cpu_s_per_gib": sum(m["cpu_ms"] for m in remote["channel_memory_kib"]) / 1000 / gib,
+        "src_cpu_s_per_gib": cpu["source_channel_cpu_ms"] / 1000 / gib,
+        "dst_cpu_s_per_gib": cpu["destination_channel_cpu_ms"] / 1000 / gib,
         "src_main_cpu_s": main_cpu,
     }
 

@@ -85,7 +85,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import write_report  # noqa: E402
+from bench.remote import channel_cpu, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
 from engine.channel import keep_ram_mapped  # noqa: E402
@@ -359,12 +359,6 @@ def cli_once(args: argparse.Namespace, channels: int) -> dict[str, Any]:
             "destination_total_s": destination["total_time_s"], **channel_cpu(source, destination)}
 
 
-def channel_cpu(source: dict[str, Any], destination: dict[str, Any]) -> dict[str, int]:
-    """Each side's channel processes' CPU (ms, from their READY to their report)."""
-    return {f"{side}_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in result["channel_memory_kib"])
-            for side, result in (("source", source), ("destination", destination))}
-
-
 def _warm_destination(size: int, workers: int, secret: str, timeout: float, pipe: Connection) -> None:
     """The destination VMM of the warm case: preallocated RAM and a pool kept across
     migrations.  Serves one migration per channel count received; None stops it."""
@@ -435,12 +429,10 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str,
             cpu = ""
             if case.startswith("ours"):  # where the two cores went
                 mine = [r for r in runs if r["channels"] == n and r["case"] == case]
-
-                def per_gib(side: str) -> float:
-                    return statistics.median(r[f"{side}_channel_cpu_ms"] for r in mine) / (args.ram / 2**30)  # noqa: B023
-
-                cpu = (f"  channel CPU per GiB: source {per_gib('source'):.0f} ms, "
-                       f"destination {per_gib('destination'):.0f} ms")
+                gib = args.ram / 2**30
+                src_ms, dst_ms = (statistics.median(r[f"{side}_channel_cpu_ms"] for r in mine) / gib
+                                  for side in ("source", "destination"))
+                cpu = f"  channel CPU per GiB: source {src_ms:.0f} ms, destination {dst_ms:.0f} ms"
             secs_text = f"{statistics.median(secs):7.3f} s ({min(secs):.3f}-{max(secs):.3f})"
             print(f"{n} ch  {case:<14} {secs_text}{cpu}")
         for qemu_case, ours in PAIRS:

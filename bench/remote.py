@@ -123,6 +123,13 @@ def against_destination(target: Callable[..., None], args: tuple[Any, ...],
     return done, remote
 
 
+def channel_cpu(source: dict[str, Any], destination: dict[str, Any]) -> dict[str, int]:
+    """Each side's channel processes' CPU, ms (their reports' ``cpu_ms``, READY to report),
+    from the two results as dicts (``MigrationResult.to_dict()``, or a destination's)."""
+    return {f"{side}_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in result["channel_memory_kib"])
+            for side, result in (("source", source), ("destination", destination))}
+
+
 def write_report(path: str, report: dict[str, Any]) -> None:
     """Every run of a benchmark, as JSON, for whoever checks its figures."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import migrate, write_report  # noqa: E402
+from bench.remote import channel_cpu, migrate, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
@@ -112,8 +112,7 @@ def migrate_once(src: GuestRAM, dst: GuestRAM, n: int, mode: str, pki: Pki) -> d
     transfer_s = result.total_time_s - result.setup_time_ms / 1000
     return {"transfer_s": transfer_s, "setup_ms": result.setup_time_ms,
             "gb_per_s": src.size / transfer_s / 1e9, "bytes_on_wire": result.bytes_on_wire,
-            "source_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in result.channel_memory_kib),
-            "destination_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in remote["channel_memory_kib"])}
+            **channel_cpu(result.to_dict(), remote)}
 
 
 def main() -> int:
@@ -158,7 +157,9 @@ def main() -> int:
                   f"x{rate / bare:4.2f}  setup {setup:5.0f} ms  channel CPU {cpu:5.0f} ms "
                   f"(CPU-s/GiB source {src_cpu:4.2f}, destination {dst_cpu:4.2f})")
             report["cases"].append({"channels": n, "mode": mode, "gb_per_s": rate,
-                                    "ratio_to_bare": rate / bare, "setup_ms": setup, "runs": runs[n][mode]})
+                                    "ratio_to_bare": rate / bare, "setup_ms": setup,
+                                    "src_cpu_s_per_gib": src_cpu, "dst_cpu_s_per_gib": dst_cpu,
+                                    "runs": runs[n][mode]})
     write_report(args.json, report)
     return 0
 
