@@ -116,12 +116,15 @@ class MainChannel:
             pass  # the end inside a message: either way, it closed
         raise TransportClosedError(self._closed())  # the codec only says it ended
 
-    def wait_readable(self, deadline: float | None) -> None:
-        """Wait until the connection is readable, or raise: TransportBrokenError
-        at `deadline` (monotonic; None: no deadline), the latch's error on failure."""
+    def wait_readable(self, deadline: float | None, late: Callable[[], MigrationError] | None = None) -> None:
+        """Wait until the connection is readable, or raise: at `deadline` (monotonic;
+        None: no deadline) `late()`, or a TransportBrokenError without it; the latch's
+        error on failure."""
         assert self.conn is not None
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not wait_any([self.conn], remaining, self.latch):
+            if late is not None:
+                raise late()
             raise TransportBrokenError(f"the {self.peer} did not answer on the main channel in time")
 
     def read_raw(self, deadline: float | None, max_bytes: int = 65536) -> bytes:
@@ -132,17 +135,20 @@ class MainChannel:
             self.wait_readable(deadline)
         return self.conn.recv_some(max_bytes)
 
-    def next(self, deadline: float | None = None) -> wire.Message:
-        """The peer's next message, waiting until `deadline` (monotonic) at most."""
+    def next(self, deadline: float | None = None,
+             late: Callable[[], MigrationError] | None = None) -> wire.Message:
+        """The peer's next message, waiting until `deadline` (monotonic) at most
+        (then raising `late()`, if given: :meth:`wait_readable`)."""
         while (message := self.poll()) is None:
             if not self.conn or not self.conn.pending():
-                self.wait_readable(deadline)
+                self.wait_readable(deadline, late)
             self.receive()
         return message
 
-    def read(self, expected: type[M], deadline: float | None = None) -> M:
+    def read(self, expected: type[M], deadline: float | None = None,
+             late: Callable[[], MigrationError] | None = None) -> M:
         """The peer's next message, which must be an `expected`."""
-        message = self.next(deadline)
+        message = self.next(deadline, late)
         if not isinstance(message, expected):
             raise RemoteProtocolError(
                 f"expected {expected.__name__} from the {self.peer}, got {type(message).__name__}"

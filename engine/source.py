@@ -169,11 +169,12 @@ class SourceMigration(SavingOperation, Migration):
         self._resumed = Signal()
         self._channels_joined = Signal()  # the destination's CHANNELS_READY came
         self._defer("close the return-path signals", self._close_signals)
-        self._rtt_s = 0.0
-        # PING token → when it was sent (the orchestrator sends, the return path
-        # reads the PONG); RTT_SAMPLES of them, one at a time, during precopy.
-        self._pings: dict[int, float] = {}
-        self._pong_due = False
+        self._rtt_s = 0.0  # the best PING's round trip (0 until a PONG came)
+        # When the PING whose PONG is due went (None: none is due), and how many
+        # went: RTT_SAMPLES, one at a time, during precopy (the orchestrator
+        # sends, the return path reads the PONG).
+        self._ping_sent_at: float | None = None
+        self._pings_sent = 0
         self._setup_deadline = 0.0
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self._live: LiveDevices | None = None  # iterative devices' precopy (issue 16)
@@ -394,18 +395,15 @@ class SourceMigration(SavingOperation, Migration):
         self._send_message(wire.Complete(final_epoch, self.config.verify))
         t_complete = time.perf_counter()
         verify_ms = 0.0
-        if self._digests is not None:
-            # Every piece was hashed as it left, the final round's with the guest paused.
+        if self.config.verify:
             t_hash = time.perf_counter()
-            self.ram_digests = self._digests.digests()
+            if self._digests is not None:
+                # Every piece was hashed as it left, the final round's with the guest paused.
+                self.ram_digests, chunk = self._digests.digests(), self._digests.chunk
+            else:  # hash while the destination hashes its copy; the guest stays paused
+                self.ram_digests, chunk = ram_digests(self.ram, DIGEST_CHUNK), DIGEST_CHUNK
             verify_ms = (time.perf_counter() - t_hash) * 1000
-            self._send_message(wire.Digests(self._digests.chunk, self.ram_digests))
-        elif self.config.verify:
-            # Hash while the destination hashes its copy; the guest stays paused.
-            t_hash = time.perf_counter()
-            self.ram_digests = ram_digests(self.ram, DIGEST_CHUNK)
-            verify_ms = (time.perf_counter() - t_hash) * 1000
-            self._send_message(wire.Digests(DIGEST_CHUNK, self.ram_digests))
+            self._send_message(wire.Digests(chunk, self.ram_digests))
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))
         self._wait_answer(self._prepared, "PREPARED")
@@ -538,8 +536,8 @@ class SourceMigration(SavingOperation, Migration):
         one before each round's SYNC_MARKER (see :meth:`_ping_if_due`)."""
         if self._core is not None and not self._channels_joined.is_set():
             self._channels_joined.wait(self.latch)
-        if self._core is not None and (not self._pings or isinstance(record, wire.SyncMarker)):
-            self._ping_if_due()  # (its own send finds a PING counted: no recursion)
+        if self._core is not None and (not self._pings_sent or isinstance(record, wire.SyncMarker)):
+            self._ping_if_due()
         super()._send_message(record)
 
     def _ping_if_due(self) -> None:
@@ -551,33 +549,28 @@ class SourceMigration(SavingOperation, Migration):
         (it would wait behind them on the link, and so would its PONG), and not
         after the marker (the destination answers it only once its barrier let
         every channel's round in)."""
-        if self._pong_due or len(self._pings) >= RTT_SAMPLES:
+        if self._ping_sent_at is not None or self._pings_sent >= RTT_SAMPLES:
             return
-        if self._channels_joined.is_set():
-            token = len(self._pings) + 1
-            self._pong_due = True
-            self._pings[token] = time.perf_counter()
-            self._send_message(wire.Ping(token))
+        self._pings_sent += 1
+        self._ping_sent_at = time.perf_counter()
+        super()._send_message(wire.Ping(self._pings_sent))
 
     def _on_pong(self, pong: wire.Pong) -> None:
         """Return path: a PONG's round trip (the best so far is the RTT)."""
-        sent = self._pings.get(pong.token)
-        if sent is None or not self._pong_due:
+        sent = self._ping_sent_at
+        if sent is None or pong.token != self._pings_sent:
             raise RemoteProtocolError(f"PONG {pong.token} from the destination, for no PING")
         rtt = time.perf_counter() - sent
-        self._rtt_s = rtt if len(self._pings) == 1 else min(self._rtt_s, rtt)
-        self._pong_due = False
+        self._rtt_s = rtt if self._pings_sent == 1 else min(self._rtt_s, rtt)
+        self._ping_sent_at = None
 
     def _read_return_path(self) -> None:
         """Thread job: dispatch the destination's messages until RESUMED or failure.
         Every error it meets fails the migration (see :meth:`_reader_done`)."""
-        try:  # an ABORT, or a close, raises
-            self._main.read(wire.ChannelsReady, self._setup_deadline)
-        except TransportBrokenError:
-            if time.monotonic() < self._setup_deadline:
-                raise  # not the deadline: the connection broke
-            raise HandshakeError(f"the destination's {self.config.channels} channels did not "
-                                 f"join within {self.config.handshake_timeout_s:g} s") from None
+        # An ABORT, or a close, raises.
+        self._main.read(wire.ChannelsReady, self._setup_deadline, late=lambda: HandshakeError(
+            f"the destination's {self.config.channels} channels did not join within "
+            f"{self.config.handshake_timeout_s:g} s"))
         self._channels_joined.set()
         while True:
             message = self._main.next()  # an ABORT, or a close before RESUMED, raises
