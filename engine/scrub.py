@@ -40,6 +40,7 @@ import numpy as np
 
 from engine.channel import channel_pool
 from engine.errors import ConfigError
+from engine.pages import cut_runs, pages_to_runs
 from engine.pool import WorkerPool
 from engine.transport import open_file
 from engine.wire import snapshot_format as fmt
@@ -78,11 +79,7 @@ def plan_jobs(pages_offsets: Sequence[int], present: Sequence[np.ndarray],
     held = 0
     for index, (base, pages, (page_words, chunk_words)) in enumerate(zip(pages_offsets, present, sums)):
         n_pages = page_words.size
-        # Runs of present pages, cut at every chunk boundary.
-        starts = np.flatnonzero(np.concatenate(
-            ([True], (np.diff(pages) != 1) | (pages[1:] % fmt.CHUNK_PAGES == 0)))) if pages.size else pages
-        firsts = pages[starts]
-        counts = np.diff(np.append(starts, pages.size))
+        firsts, counts, _ = cut_runs(*pages_to_runs(pages), fmt.CHUNK_PAGES)  # runs of present pages
         per_chunk = np.bincount(firsts // fmt.CHUNK_PAGES, minlength=chunk_words.size)
         pages_per_chunk = np.bincount(pages // fmt.CHUNK_PAGES, minlength=chunk_words.size)
         run_at = np.concatenate(([0], np.cumsum(per_chunk)))
@@ -106,7 +103,7 @@ def plan_jobs(pages_offsets: Sequence[int], present: Sequence[np.ndarray],
 
 def _job(chunks: list[tuple[int, int, int, int, int, int]], runs: list[np.ndarray],
          words: list[np.ndarray]) -> ScrubJob:
-    return ScrubJob(tuple(chunks), np.concatenate(runs), np.concatenate(words).astype("<u8"))
+    return ScrubJob(tuple(chunks), np.concatenate(runs), np.concatenate(words))  # words: uint64 already
 
 
 def check_job(path: str, job: ScrubJob, page_size: int) -> Found:
