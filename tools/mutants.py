@@ -253,7 +253,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "save-slots-split-chunks",
         "a save's slots may end inside a chunk (a dense chunk hashed twice, or left without a word)",
         ("engine/snapshot.py",
-         "        return fmt.CHUNK_PAGES if self._packet_pages() >= fmt.CHUNK_PAGES else 1\n",
+         "        return _chunk_piece_pages(self._packet_pages())  # packet_pages, or a cap's\n",
          "        return 1  # MUTANT: whole chunks per slot\n"),
     ),
     mutant(
@@ -292,8 +292,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "restore-slots-split-chunks",
         "a restore's slots may end inside a chunk (so its chunk checksum goes unused)",
         ("engine/snapshot.py",
-         "                                            piece_pages=chunk_pages)\n",
-         "                                            piece_pages=1)  # MUTANT: chunk_pages\n"),
+         "                                            "
+         "piece_pages=_chunk_piece_pages(self.config.packet_pages))\n",
+         "                                            piece_pages=1)  # MUTANT: whole chunks per slot\n"),
     ),
     mutant(
         "tracked-digest-hashed-once",
@@ -323,8 +324,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "a compressed packet's sender and receiver leave its first piece unhashed (both digest "
         "maps still zero there, equal)",
         ("clients/ram_payload.py",
-         "    digests.store(block, digests.regions_of_runs(firsts, counts)[0].tolist())\n",
-         "    digests.store(block, digests.regions_of_runs(firsts, counts)[0].tolist()[1:])  # MUTANT\n"),
+         "    digests.store(block, digests.regions_touched(firsts, counts).tolist())\n",
+         "    digests.store(block, digests.regions_touched(firsts, counts).tolist()[1:])  # MUTANT\n"),
     ),
     mutant(
         "snapshot-zero-chunk-word-wrong",
