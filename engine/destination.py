@@ -602,7 +602,10 @@ class DestinationMigration(Migration):
             compression=self.negotiated.codec,
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
-            extra={"running": self.running, **({"local": True} if self._local else {})},
+            extra={"running": self.running, **({"local": True} if self._local else {}),
+                   # as the source reports it (engine/source.py)
+                   **({"verification": "tracked" if self._digests is not None else "after pause"}
+                      if message.digests_follow else {})},
         )
 
     def _start_guest(self) -> GuestControlError | None:

@@ -80,14 +80,15 @@ def test_digest_map_over_one_digests_is_verified_after_the_pause(monkeypatch: py
     monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", (8 * MiB // (piece * PAGE_SIZE) - 1) * RAM_DIGEST_SIZE)
     config = MigrationConfig(channels=2, packet_pages=64, verify=True)
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
-        source, result, destination, _ = migrate_pair(src, dst, config)
+        source, result, destination, remote = migrate_pair(src, dst, config)
         assert result.verified is True
-        assert result.extra["verification"] == "after pause"
+        assert result.extra["verification"] == remote.extra["verification"] == "after pause"
         assert source.ram_digests == destination.ram_digests == verify.ram_digests(src)
         # One digest more than the limit: the same RAM at the limit is tracked.
         monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", 8 * MiB // (piece * PAGE_SIZE) * RAM_DIGEST_SIZE)
-        source, result, destination, _ = migrate_pair(src, dst, config)
-        assert result.verified is True and result.extra["verification"] == "tracked"
+        source, result, destination, remote = migrate_pair(src, dst, config)
+        assert result.verified is True
+        assert result.extra["verification"] == remote.extra["verification"] == "tracked"
         assert source.ram_digests == destination.ram_digests == _fresh(dst, piece)
 
 
