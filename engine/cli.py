@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from engine import codecs
 from engine.channel import channel_fork_server, channel_pool, keep_ram_mapped
@@ -897,6 +897,13 @@ def _outcome_unknown(error: OutcomeUnknownError, verbose: bool) -> str:
             f"destination's `listen` output says whether migration {migration_id} committed")
 
 
+def _names_migration(operation: Operation | None, error: object) -> TypeGuard[Operation]:
+    """Whether a failure's report names the migration: a source whose COMMIT went
+    unanswered, and a destination a source reached (its id is the source's)."""
+    return operation is not None and (isinstance(error, OutcomeUnknownError)
+                                      or getattr(operation, "source_known", False))
+
+
 def _fail(args: argparse.Namespace, status: MigrationState, error: object, line: str | None = None) -> None:
     """Report a failure: the full error in --json output (``status`` is the state's
     value, "outcome_unknown" say), one line on stderr ("multifd: outcome unknown: ...")."""
@@ -905,10 +912,14 @@ def _fail(args: argparse.Namespace, status: MigrationState, error: object, line:
         data: dict[str, Any] = {"status": status.value, "error": str(error)}
         if _operation is not None and args.command == "listen":
             data["committed"] = _operation.committed
-        if _operation is not None and isinstance(error, OutcomeUnknownError):
+        if _names_migration(_operation, error):
             data["migration_id"] = str(_operation.migration_id)
         print(json.dumps(data))
     line = line if line is not None else _one_line(str(error), verbose)
+    if args.command == "listen" and _names_migration(_operation, error):
+        # the line a source's "outcome unknown" points its user to
+        line += (f" (migration {_operation.migration_id}: committed "
+                 f"{'yes' if _operation.committed else 'no'})")
     if _LogFilter.hidden and not verbose:
         line += f" ({_LogFilter.hidden} more log line(s): --verbose shows them)"
     print(f"multifd: {status.value.replace('_', ' ')}: {line}", file=sys.stderr)

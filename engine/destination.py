@@ -186,6 +186,7 @@ class DestinationMigration(Migration):
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self.autostart = autostart
         self.running = False  # the guest was resumed here (after the commit)
+        self.source_known = False  # a source's main hello was accepted: migration_id is its
         # Iterative devices (issue 16): a LIVE_ROUND waits for its answer until
         # the loads catch up; a load job sets the wake signal after each chunk.
         self._live_wake: Signal | None = None
@@ -208,7 +209,7 @@ class DestinationMigration(Migration):
         self._own_conn(conn)
         t_start = time.perf_counter()
         self._machine.fire(MigrationEvent.START)
-        self.migration_id = hello.migration_id
+        self.migration_id, self.source_known = hello.migration_id, True
         self._session_key = packet.session_key(self.secret, hello.migration_id, hello.nonce, challenge)
         self._link = replace(self._link, session_key=self._session_key)
         self._check_protection(hello)

@@ -317,18 +317,22 @@ def test_listen_needs_a_channel() -> None:
 
 @pytest.mark.parametrize("listener", [("--ram", "1M", "--json")], indirect=True)
 def test_a_long_refusal_is_cut_to_one_readable_line(listener) -> None:
-    """The destination quotes the source's 256-block layout: stderr cuts it, --json keeps it."""
+    """The destination quotes the source's 256-block layout: stderr cuts it, --json keeps it.
+    Both name the source's migration and say it did not commit."""
     process, address = listener
     with GuestRAM.create([(f"block{i}", 4096) for i in range(256)]) as ram:
+        source = SourceMigration(ram, address, secret=b"s3cret")
         with pytest.raises(MigrationError, match="RAM layout differs"):
-            SourceMigration(ram, address, secret=b"s3cret").run()
+            source.run()
     out, err = process.communicate(timeout=30)
     assert process.returncode == 1
     line = _one_error_line(err)
-    assert len(line) < 400 and line.rstrip().endswith("more characters)")
+    assert len(line) < 450 and "more characters)" in line
+    assert line.rstrip().endswith(f"(migration {source.migration_id}: committed no)")
     error = json.loads(out)["error"]
     assert "('block255', 4096)" in error and len(error) > 5000
     assert json.loads(out)["committed"] is False
+    assert json.loads(out)["migration_id"] == str(source.migration_id)
 
 
 def test_outcome_unknown_is_exit_3_and_names_the_migration() -> None:
