@@ -199,7 +199,8 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--dump-dir", help="write the RAM images (source.ram / dest.ram) here")
+    p.add_argument("--dump-dir", help="write the RAM images (source.ram / dest.ram) here; written "
+                                      "while the guest is stopped, they lengthen its pause")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
