@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeGuard
+from typing import Any, NoReturn, TypeGuard
 
 from engine import codecs
 from engine.channel import channel_fork_server, channel_pool, keep_ram_mapped
@@ -204,8 +204,16 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit 1, as every other error (argparse's own
+    prints the whole usage and exits 2).  Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"multifd: failed: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multifd", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="multifd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="live-migrate a synthetic guest between two local processes")

@@ -315,6 +315,13 @@ def test_listen_needs_a_channel() -> None:
     assert done.stderr.strip() == "multifd: failed: --channels must be at least 1, not 0"
 
 
+def test_a_usage_error_is_one_line_and_exit_1() -> None:
+    done = run("migrate", "--channels", "two")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("multifd: failed: argument --channels: invalid int value: 'two' "
+                           "(`multifd migrate --help` lists the options)\n")
+
+
 @pytest.mark.parametrize("listener", [("--ram", "1M", "--json")], indirect=True)
 def test_a_long_refusal_is_cut_to_one_readable_line(listener) -> None:
     """The destination quotes the source's 256-block layout: stderr cuts it, --json keeps it.
