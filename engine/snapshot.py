@@ -320,11 +320,12 @@ class SnapshotSave(SavingOperation):
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
+        problem = fmt.devices_problem([device_key(d) for d in devices])
+        if problem:  # before anything starts (the operation's fork server)
+            raise ConfigError(problem)
         super().__init__(ram, _check_config(config or MigrationConfig()), pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
-        if len({device_key(d) for d in self.devices}) != len(self.devices):
-            raise ConfigError("two devices share an (idstr, instance_id)")
         self.path = path
         self.live = live
         self.resume_after = resume_after

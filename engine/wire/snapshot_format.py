@@ -439,6 +439,25 @@ def _name(text: str, what: str) -> bytes:
     return _U8.pack(len(raw)) + raw
 
 
+def devices_problem(keys: Sequence[tuple[str, int]]) -> str | None:
+    """Why devices of these (idstr, instance_id) keys cannot be saved (None: they
+    can): a save checks before it writes, so the file it publishes can be read."""
+    if len(keys) > MAX_DEVICES:
+        return f"{len(keys)} devices: a snapshot holds at most {MAX_DEVICES}"
+    for idstr, instance_id in keys:
+        try:
+            length = len(idstr.encode())
+        except UnicodeEncodeError:
+            length = -1
+        if not 1 <= length <= MAX_NAME:
+            return f"device idstr {idstr!r} must be 1..{MAX_NAME} UTF-8 bytes"
+        if not 0 <= instance_id <= 0xFFFF_FFFF:
+            return f"device {idstr!r} instance_id {instance_id} does not fit 32 bits"
+    if len(set(keys)) != len(keys):
+        return "two devices share an (idstr, instance_id)"
+    return None
+
+
 def encode_metadata(md: Metadata) -> bytes:
     """The metadata's bytes: devices, info, VMM config (the blocks have their own headers)."""
     out = bytearray()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.devices import demo_devices
+from clients.devices import DemoDevice, demo_devices
 from clients.guest import SyntheticGuest, check_incrementer, fill_ram
 from engine import GuestRAM, MigrationConfig
 from engine.errors import CancelledError, ConfigError, SnapshotError, SnapshotFormatError
@@ -211,6 +211,25 @@ def test_compression_is_refused_for_a_snapshot(tmp_path: Path) -> None:
     with guest_ram(4 * MiB) as ram, pytest.raises(ConfigError, match="uncompressed"):
         SnapshotSave(ram, str(tmp_path / "x.snap"), config=MigrationConfig(compression="lz4"))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("devices, problem", [
+    pytest.param(demo_devices(1025, 16), "holds at most 1024", id="1025-devices"),
+    pytest.param([DemoDevice("dev", 1 << 32, 16)], "does not fit 32 bits", id="instance-id-2**32"),
+    pytest.param([DemoDevice("dev", -1, 16)], "does not fit 32 bits", id="negative-instance-id"),
+    pytest.param([DemoDevice("a\udcff", 0, 16)], "1..255 UTF-8 bytes", id="idstr-not-utf8"),
+    pytest.param([DemoDevice("", 0, 16)], "1..255 UTF-8 bytes", id="empty-idstr"),
+])
+def test_devices_a_file_cannot_hold_are_refused_before_anything_is_written(
+        tmp_path: Path, devices: list[DemoDevice], problem: str) -> None:
+    """A save checks what a reader would refuse before it pauses or writes
+    anything, so a good snapshot at the path is never replaced by a file that
+    cannot be restored."""
+    path = tmp_path / "vm.snap"
+    path.write_bytes(b"the good snapshot")
+    with guest_ram(1 * MiB) as ram, pytest.raises(ConfigError, match=problem):
+        SnapshotSave(ram, str(path), devices=devices)
+    assert [p.name for p in tmp_path.iterdir()] == ["vm.snap"] and path.read_bytes() == b"the good snapshot"
 
 
 def test_present_map_matches_what_restore_reads(tmp_path: Path) -> None:

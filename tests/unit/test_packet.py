@@ -1112,6 +1112,7 @@ def _config(**changes: object) -> Config:
         pytest.param(_config(devices=(DeviceSpec("x", 0),) * 2), id="config-devices"),
         pytest.param(_config(devices=(DeviceSpec("x", -1),)), id="config-instance"),
         pytest.param(_config(devices=(DeviceSpec("x" * 256, 0),)), id="config-idstr"),
+        pytest.param(_config(devices=(DeviceSpec("\udc80", 0),)), id="config-idstr-surrogate"),
         pytest.param(_config(devices=tuple(DeviceSpec("d", i) for i in range(1025))),
                      id="config-too-many-devices"),
         pytest.param(ConfigAck(70000, ""), id="ack-status"),
