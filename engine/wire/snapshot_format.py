@@ -400,7 +400,7 @@ def decode_superblock(data: bytes, file_size: int) -> Superblock:
         raise SnapshotFormatError(f"file of {file_size} bytes is too short to be a snapshot "
                                   f"(truncated, or not one)")
     body = bytes(data[:_SUPER.size])
-    (magic, version, flags, page_size, n_blocks, n_devices, _, meta_offset, meta_length,
+    (magic, version, flags, page_size, n_blocks, n_devices, reserved, meta_offset, meta_length,
      size, saved_at_ns, snapshot_id, meta_digest) = _SUPER.unpack(body)
     if magic != MAGIC:
         if magic == b"\x00" * 8:
@@ -415,6 +415,8 @@ def decode_superblock(data: bytes, file_size: int) -> Superblock:
         raise SnapshotFormatError("the snapshot header is damaged (its digest does not match)")
     if flags & ~int(SnapshotFlags.LIVE):
         raise SnapshotFormatError(f"unknown snapshot flags {flags:#x}")
+    if reserved:  # §9: refused, so a later version may give it a meaning
+        raise SnapshotFormatError(f"the snapshot header's reserved field is {reserved:#x}, not 0")
     if page_size not in PAGE_SIZES:
         raise SnapshotFormatError(f"page size {page_size} is not supported")
     if size != file_size:

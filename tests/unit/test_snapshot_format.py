@@ -139,6 +139,7 @@ def test_superblock_refusals() -> None:
             r"version 4 is not supported by this multifd \(3\)$")
     _refuse(good[:20] + b"\x00" + good[21:], sb.file_size, "header is damaged")
     _refuse(_resign(good[:12] + struct.pack("<I", 6) + good[16:]), sb.file_size, "unknown snapshot flags")
+    _refuse(_resign(good[:28] + struct.pack("<I", 7) + good[32:]), sb.file_size, "reserved field is 0x7")
     _refuse(_resign(good[:16] + struct.pack("<I", 8192) + good[20:]), sb.file_size, "page size 8192")
     _refuse(good, sb.file_size - 1, "truncated")
     _refuse(good, sb.file_size + 1, "longer than it was written")
