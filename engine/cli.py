@@ -724,6 +724,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from engine.snapshot import inspect_snapshot
 
     if os.path.isdir(args.file):
+        if args.verify:
+            raise ConfigError("--verify takes a snapshot file (a directory lists its partial files)")
         return cmd_partial_files(args)
     if args.clean:
         raise ConfigError("--clean takes a directory (it removes the partial files of dead saves)")

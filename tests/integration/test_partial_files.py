@@ -75,3 +75,11 @@ def test_inspect_clean_removes_only_stale_partial_files(tmp_path: Path) -> None:
                                         f"{stale.name}  4.0 KiB  for a.snap, process {child.pid}: removed"]
     assert list(tmp_path.iterdir()) == []
     assert run("inspect", str(tmp_path)).stdout == f"no partial files in {tmp_path}\n"
+
+
+def test_verify_of_a_directory_is_refused(tmp_path: Path) -> None:
+    """A directory lists partial files; --verify there would verify nothing."""
+    done = run("inspect", str(tmp_path), "--verify")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("multifd: failed: --verify takes a snapshot file "
+                           "(a directory lists its partial files)\n")
