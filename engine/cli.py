@@ -401,6 +401,14 @@ class _Progress:
             self._live.stop()
 
 
+def _cancel_on_signals(operation: Any) -> None:
+    """SIGTERM, and SIGHUP (the terminal went away), cancel the operation as Ctrl-C
+    does: it tears down, and the command exits 130 with one line."""
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        name = signal.Signals(number).name
+        signal.signal(number, lambda *_, name=name: operation.cancel(f"terminated ({name})"))
+
+
 def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
     """Wait for a started migration; Ctrl-C cancels it (and still waits for teardown)."""
     try:
@@ -458,7 +466,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             pool=pool, own_pool_if_short=True,
         )
         _watch(destination)
-        signal.signal(signal.SIGTERM, lambda *_: destination.cancel("terminated (SIGTERM)"))
+        _cancel_on_signals(destination)
         # Ready before a source connects: RAM created and touched (--ram), and the fork
         # server its channels fork from has imported their modules.
         channel_fork_server().wait_ready()
@@ -516,7 +524,7 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation
                 dirty_rate=getattr(args, "device_dirty_rate", 0.0) / 100)
             running = _watch(operation(ram, guest, devices, config))
             running.dirty_source, running.throttle_guest = guest.dirty_source, guest.throttle
-            signal.signal(signal.SIGTERM, lambda *_: running.cancel("terminated (SIGTERM)"))
+            _cancel_on_signals(running)
             running.start()
             result = _wait_with_progress(running, _Progress(sys.stdout.isatty() and not args.json))
             if args.guest != "kvm":
@@ -672,7 +680,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                   dump_dir=args.dump_dir, ram=kvm.machine.ram if kvm else None,
                                   ram_is_zeroed=kvm is not None, resume_guest=kvm.start if kvm else None)
         _watch(restore)
-        signal.signal(signal.SIGTERM, lambda *_: restore.cancel("terminated (SIGTERM)"))
+        _cancel_on_signals(restore)
         restore.start()
         result = _wait_with_progress(restore, _Progress(sys.stdout.isatty() and not args.json))
         if kvm is not None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 MULTIFD = [sys.executable, "-m", "engine.cli"]
 
@@ -83,3 +85,25 @@ def test_verify_of_a_directory_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == ("multifd: failed: --verify takes a snapshot file "
                            "(a directory lists its partial files)\n")
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_terminated_save_cancels_and_leaves_nothing(tmp_path: Path, number: int) -> None:
+    """SIGTERM, or SIGHUP from a closed terminal, cancels a save as Ctrl-C does:
+    one line, exit 130, its partial file removed, its channels gone."""
+    target = tmp_path / "vm.snap"
+    save = subprocess.Popen([*MULTIFD, "save", "--ram", "64M", "--live", "--dirty-rate", "1G",
+                             "--max-rounds", "100000", "--downtime-limit", "0.001", str(target)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".vm.snap.partial-") and p.stat().st_size for p in tmp_path.iterdir()):
+        assert save.poll() is None and time.monotonic() < deadline, "the save never started writing"
+        time.sleep(0.05)
+    channels = psutil.Process(save.pid).children(recursive=True)
+    save.send_signal(number)
+    _, err = save.communicate(timeout=60)
+    assert save.returncode == 130
+    assert err == f"multifd: cancelled: terminated ({signal.Signals(number).name})\n"
+    assert list(tmp_path.iterdir()) == []
+    _, alive = psutil.wait_procs(channels, timeout=30)
+    assert not alive
