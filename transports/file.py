@@ -171,9 +171,20 @@ def _sync_directory(path: str) -> None:
 
 
 def partial_path(target: str) -> str:
-    """A fresh hidden name next to `target` for its partial file."""
+    """A fresh hidden name next to `target` for its partial file.  SnapshotError
+    where that name would be too long for the directory's filesystem."""
     head, tail = os.path.split(os.path.abspath(target))
-    return os.path.join(head, f".{tail}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    name = f".{tail}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        longest = os.pathconf(head, "PC_NAME_MAX")
+    except OSError:
+        longest = 255
+    if len(os.fsencode(name)) > longest:
+        # Said first, short: the one-line error cuts a long path's tail.
+        raise SnapshotError(f"file name too long for a save ({len(os.fsencode(tail))} bytes; its partial "
+                            f"file's name adds {len(os.fsencode(name)) - len(os.fsencode(tail))}, "
+                            f"over {longest}): {target}")
+    return os.path.join(head, name)
 
 
 @dataclass(frozen=True)
@@ -212,7 +223,9 @@ def _probe(path: str, pid: int) -> tuple[int, bool] | None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None  # a symbolic link: only named like one
         return (os.lstat(path).st_size, False)  # not ours to judge (another user's)
     try:
         status = os.fstat(fd)

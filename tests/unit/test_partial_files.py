@@ -73,3 +73,22 @@ def test_things_merely_named_like_partial_files_are_left_alone(tmp_path: Path) -
     (tmp_path / ".vm.snap.partial-x-1").write_bytes(b"")
     (tmp_path / "vm.snap.partial-1-1").write_bytes(b"")
     assert partial_files(str(tmp_path)) == []
+
+
+def test_a_target_whose_partial_name_is_too_long_is_refused_saying_why(tmp_path: Path) -> None:
+    """A legal 240-byte name: its partial file's name would pass NAME_MAX.  The
+    reason comes first, as the one-line error cuts a long path's tail."""
+    target = tmp_path / ("v" * 240)
+    target.touch()
+    target.unlink()
+    with pytest.raises(SnapshotError, match=r"^file name too long for a save \(240 bytes; its partial "
+                                            r"file's name adds \d+, over 255\)"):
+        open_file(str(target), "create")
+    assert list(tmp_path.iterdir()) == []
+    with open_file(str(tmp_path / ("v" * 200)), "create"):  # room for the partial name
+        pass
+
+
+def test_a_symbolic_link_named_like_a_partial_file_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / f".vm.snap.partial-{dead_pid()}-00000001").symlink_to(tmp_path / "elsewhere")
+    assert partial_files(str(tmp_path)) == []
