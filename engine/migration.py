@@ -49,6 +49,9 @@ class Migration(Operation):
 
     def __init__(self, config: LocalConfig, secret: bytes = b"",
                  pool: WorkerPool | None = None, own_pool_if_short: bool = False) -> None:
+        if not isinstance(secret, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"the secret must be bytes, not {type(secret).__name__}"
+                              + (" (encode it)" if isinstance(secret, str) else ""))
         if not secret:
             raise ConfigError("a shared secret is required (both sides must be given the same one)")
         super().__init__(config, pool=pool, own_pool_if_short=own_pool_if_short)

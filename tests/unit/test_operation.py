@@ -44,6 +44,10 @@ def test_a_restore_has_no_secret_and_a_migration_needs_one(tmp_path) -> None:
     try:
         with pytest.raises(ConfigError, match="shared secret"):
             SourceMigration(ram, "tcp://127.0.0.1:1", secret=b"")
+        with pytest.raises(ConfigError, match=r"^the secret must be bytes, not str \(encode it\)$"):
+            SourceMigration(ram, "tcp://127.0.0.1:1", secret="s3cret")  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=r"^the secret must be bytes, not str"):
+            DestinationMigration("tcp://127.0.0.1:0", secret="s3cret")  # type: ignore[arg-type]
     finally:
         ram.close()
         ram.unlink()
