@@ -396,9 +396,10 @@ class _Progress:
         )
         self._live.update(line)
 
-    def close(self) -> None:
-        if self._live is not None:
-            self._live.stop()
+    def close(self) -> None:  # idempotent
+        live, self._live = self._live, None
+        if live is not None:
+            live.stop()
 
 
 def _cancel_on_signals(operation: Any) -> None:
@@ -410,7 +411,11 @@ def _cancel_on_signals(operation: Any) -> None:
 
 
 def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
-    """Wait for a started migration; Ctrl-C cancels it (and still waits for teardown)."""
+    """Wait for a started migration; Ctrl-C cancels it and still waits for the
+    teardown.  Past the commit point a cancel is refused and the wait goes on to
+    the real outcome: more Ctrl-Cs only say so again, for leaving then would
+    report "cancelled" for a VM the destination runs.  Every later wait is
+    bounded (the teardown's grace, the answer's stall timeout: exit 3)."""
     try:
         while True:
             try:
@@ -419,8 +424,20 @@ def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
             except TimeoutError:
                 progress.update(migration.stats())
     except KeyboardInterrupt:
-        migration.cancel("interrupted (Ctrl-C)")
-        return migration.wait()
+        progress.close()
+        if migration.cancel("interrupted (Ctrl-C)"):
+            note = "multifd: cancelling: waiting for the teardown"
+        elif migration.committed:
+            note = "multifd: cannot cancel, the migration has committed: waiting for its outcome"
+        else:
+            note = ""  # it ended on its own: its outcome follows
+        while True:
+            if note:
+                print(note, file=sys.stderr, flush=True)
+            try:
+                return migration.wait()
+            except KeyboardInterrupt:
+                continue
     finally:
         progress.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -364,6 +365,34 @@ def test_outcome_unknown_is_exit_3_and_names_the_migration() -> None:
     summary = json.loads(done.stdout)
     assert summary["status"] == "outcome_unknown"
     assert summary["migration_id"] == result.migration_id and destination.committed
+
+
+def test_ctrl_c_after_the_commit_waits_for_the_outcome() -> None:
+    """Ctrl-C, twice, while the source waits for RESUMED after COMMIT: the cancel
+    is refused, the source says so and waits, and reports the completed
+    migration (exit 0), never "cancelled" for a VM the destination runs."""
+    source: subprocess.Popen | None = None
+
+    def interrupt_twice_then_resume() -> None:
+        assert source is not None
+        for _ in range(2):
+            source.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+
+    destination = DestinationMigration("tcp://127.0.0.1:0", secret=b"s3cret",
+                                       resume_guest=interrupt_twice_then_resume)
+    destination.start()
+    source = subprocess.Popen([*MULTIFD, "migrate", "--to", destination.address, "--ram", "4M",
+                               "--workload", "idle", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    out, err = source.communicate(timeout=60)
+    destination.wait(30)
+    assert destination.ram is not None
+    destination.ram.close()
+    destination.ram.unlink()
+    assert source.returncode == 0, err
+    assert json.loads(out)["status"] == "completed" and destination.committed
+    assert err.count("multifd: cannot cancel, the migration has committed: waiting for its outcome\n") == 2
 
 
 def test_inspect_verify_reports_each_damaged_region_and_exits_1(tmp_path: Path) -> None:
