@@ -383,8 +383,9 @@ def test_ctrl_c_after_the_commit_waits_for_the_outcome() -> None:
                                        resume_guest=interrupt_twice_then_resume)
     destination.start()
     source = subprocess.Popen([*MULTIFD, "migrate", "--to", destination.address, "--ram", "4M",
-                               "--workload", "idle", "--json"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+                               "--workload", "idle", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MULTIFD_SECRET": "s3cret"})
     out, err = source.communicate(timeout=60)
     destination.wait(30)
     assert destination.ram is not None
