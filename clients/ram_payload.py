@@ -307,7 +307,8 @@ def _digest_map(ctx: ChannelContext) -> RegionMap | None:
         return None
     assert ctx.spec.piece_pages > 0
     return RegionMap(ctx.ram.blocks, ctx.spec.piece_pages, ctx.piece_digests,
-                     f"S{RAM_DIGEST_SIZE}", xxhash.xxh3_128_digest)
+                     f"S{RAM_DIGEST_SIZE}", xxhash.xxh3_128_digest,
+                     on_time=partial(ctx.count, Counter.HASH_NS))  # the downtime's share: engine/verify.py
 
 
 def _store_runs(digests: RegionMap, block: RamBlock, firsts: np.ndarray, counts: np.ndarray) -> None:

@@ -194,6 +194,7 @@ class DestinationMigration(Migration):
         self._ack_due = False
         self._digests: PieceDigests | None = None  # tracked verification: CONFIG's PAGE_SUMS
         self.ram_digests: bytes | None = None  # ours, as compared with DIGESTS, joined
+        self._hashed_at_switchover: list[int] = []  # each channel's hashing ns at SWITCHOVER
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
@@ -456,6 +457,7 @@ class DestinationMigration(Migration):
                 self._on_live_round(message, t_switchover is not None)
             elif isinstance(message, wire.Switchover):
                 t_switchover = time.perf_counter()
+                self._hashed_at_switchover = self._hashing_ns()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
                 self.tracker.state = MigrationState.SWITCHOVER
             elif isinstance(message, wire.RamHandover):
@@ -570,6 +572,8 @@ class DestinationMigration(Migration):
                                           f"expected {chunk}")
             detail = compare_digests(self.ram, chunk, ours, theirs.digests)
             verify_s = time.perf_counter() - t_hash
+            if self._digests is not None:  # the pieces hashed as they landed after SWITCHOVER
+                verify_s += self._hashing_since(self._hashed_at_switchover)
             if detail:
                 raise VerificationError(f"destination memory differs from the source: {detail}")
             verified = 1

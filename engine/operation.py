@@ -495,6 +495,17 @@ class Operation:
             self._defer("keep final counters", self.tracker.freeze)
         return slots
 
+    def _hashing_ns(self) -> list[int]:
+        """Each channel's time hashing pieces for tracked verification so far (ns):
+        a mark to measure a stretch of the migration against."""
+        return [] if self._slots is None else self._slots.counters[:, Counter.HASH_NS].tolist()
+
+    def _hashing_since(self, mark: list[int]) -> float:
+        """Seconds the busiest channel spent hashing pieces since `mark` (the
+        channels hash at once: the busiest one's time is what a wait on them took)."""
+        now = self._hashing_ns()
+        return max((b - a for a, b in zip(mark, now)), default=0) / 1e9
+
     def _free_slots(self) -> None:
         if self.tracker is not None:
             self.tracker.slots = None

@@ -19,6 +19,7 @@ RAM: tracked verification's pieces and a snapshot's chunks are both regions.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,11 +85,14 @@ class RegionMap:
     snapshot's chunk checksum map (a chunk: xxh3-64, engine/wire/snapshot_format.py)
     are both this.  ``buf`` holds ``parts`` such arrays back to back (a snapshot
     restore keeps the chunks' present-page counts after their checksums); this map
-    is array ``part``.  ``hash_fn`` turns a region's pages into its word."""
+    is array ``part``.  ``hash_fn`` turns a region's pages into its word;
+    ``on_time(ns)``, when given, is told how long each :meth:`store` took."""
 
     def __init__(self, blocks: Sequence[RamBlock], region_pages: int, buf: memoryview | None,
-                 dtype: str, hash_fn: Callable[[memoryview], Any], part: int = 0) -> None:
+                 dtype: str, hash_fn: Callable[[memoryview], Any], part: int = 0,
+                 on_time: Callable[[int], None] | None = None) -> None:
         self.blocks = blocks
+        self.on_time = on_time
         self.region_pages = region_pages
         self.bases = np.cumsum([0] + [n_regions(b.n_pages, region_pages) for b in blocks]).tolist()
         self.total = self.bases[-1]
@@ -124,6 +128,14 @@ class RegionMap:
 
     def store(self, block: RamBlock, regions: Sequence[int]) -> None:
         """Hash each of the block's `regions` from guest RAM as it is now, into its word."""
+        if self.on_time is None:
+            self._store(block, regions)
+            return
+        start = time.perf_counter_ns()
+        self._store(block, regions)
+        self.on_time(time.perf_counter_ns() - start)
+
+    def _store(self, block: RamBlock, regions: Sequence[int]) -> None:
         words, hash_fn = self.of_block(block), self.hash_fn
         if isinstance(regions, range) and regions.step == 1 and len(regions) > 1:
             # Consecutive regions: one view, sliced (a block's last region may be shorter).

@@ -58,6 +58,7 @@ class Counter(IntEnum):
     DEVICE_BYTES = 7
     LAST_WORD = 8        # 1 once the channel's work is done: END written (source) or read
                          # (destination), set just before it tells main so
+    HASH_NS = 9          # tracked verification: nanoseconds spent hashing pieces
 
 
 N_COUNTERS = len(Counter)

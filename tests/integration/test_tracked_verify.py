@@ -53,6 +53,9 @@ def test_digests_compared_are_those_of_the_memory_at_the_end(packet_pages: int, 
         assert not stale, f"source digests of {len(stale)} pieces are not of its memory: {stale[:5]}"
         assert destination.ram_digests == _fresh(dst, piece)
         assert len(fresh) == src.n_pages // piece * size
+        # Each side's channels counted their hashing (the downtime's share of it
+        # is in verify_time_ms).
+        assert source.tracker.totals()["hash_ns"] > 0 and destination.tracker.totals()["hash_ns"] > 0
 
 
 def test_zero_pages_over_stale_destination_memory_are_hashed_once_placed() -> None:

@@ -101,3 +101,40 @@ def test_a_range_of_regions_hashes_as_region_by_region(dtype: str,
         assert np.array_equal(one_by_one.words, ranged.words)
         assert ranged.of_block(block)[3] == hash_fn(block.page_view(192, 8))
         assert ranged.of_block(block)[0] == np.zeros(1, dtype=dtype)[0]  # untouched
+
+
+def test_a_map_with_on_time_reports_each_stores_hashing_time() -> None:
+    """Tracked verification's digest map tells its channel how long it hashed (the
+    downtime's share reported as verification), each store once; a map without
+    on_time reports nothing."""
+    spent: list[int] = []
+    with GuestRAM.create({"a": 128 * 4096}) as ram:
+        block = ram.blocks[0]
+        timed = RegionMap(ram.blocks, 64, None, "S16", xxhash.xxh3_128_digest, on_time=spent.append)
+        timed.store(block, range(0, 2))
+        timed.store(block, [1])
+        assert len(spent) == 2 and all(ns > 0 for ns in spent)
+        RegionMap(ram.blocks, 64, None, "S16", xxhash.xxh3_128_digest).store(block, [0])
+        assert len(spent) == 2
+
+
+def test_hashing_since_is_the_busiest_channels_share() -> None:
+    """The channels hash at once: what a wait on them took is the busiest one's time
+    since the mark, not the sum."""
+    from types import SimpleNamespace
+
+    from engine.operation import Operation
+    from engine.slots import Counter
+
+    table = SlotTable.create(n_slots=2, max_items=1, payload_capacity=0, n_channels=3)
+    try:
+        operation = SimpleNamespace(_slots=table)
+        operation._hashing_ns = lambda: Operation._hashing_ns(operation)  # type: ignore[attr-defined]
+        table.counters[:, Counter.HASH_NS] = [5_000_000, 0, 1_000_000]
+        mark = Operation._hashing_ns(operation)  # type: ignore[arg-type]
+        table.counters[:, Counter.HASH_NS] += np.array([1_000_000, 3_000_000, 2_000_000], dtype=np.uint64)
+        assert Operation._hashing_since(operation, mark) == 0.003  # type: ignore[arg-type]
+        assert Operation._hashing_since(operation, []) == 0.0  # type: ignore[arg-type]
+    finally:
+        table.close()
+        table.unlink()
