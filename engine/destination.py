@@ -281,7 +281,7 @@ class DestinationMigration(Migration):
             else:
                 block.dirty.mark(0, block.n_pages)
         if config.page_sums and self.ram is not None:  # tracked verification (engine/verify.py)
-            self._digests = PieceDigests(self.ram, tracked_piece_pages(config.packet_pages))
+            self._digests = PieceDigests(self.ram, tracked_piece_pages(config.packet_pages, self.ram))
             self._defer("unlink the digest map", self._digests.close)
         spec = ChannelSpec(
             # Local mode: no page comes, so the channels map no RAM (and refuse pages).

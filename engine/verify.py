@@ -44,9 +44,13 @@ from engine.wire.message import MAX_DIGESTS_BYTES as wire_max_digests_bytes
 from engine.wire.message import RAM_DIGEST_SIZE
 
 DIGEST_CHUNK = 64 << 20
-# Tracked verification: pieces of at most this many pages (256 KiB): a late
-# round's scattered page costs its piece's hash; 2 GiB make a DIGESTS of 128 KiB.
+# Tracked verification: pieces of 16 to 64 pages (64-256 KiB), the smallest whose
+# digest map fits one DIGESTS.  A late round's scattered page costs its whole
+# piece's hash, inside the downtime (demo, 256 MiB, ~1000 pages in the last round:
+# ~40 ms of downtime at 64 pages, ~20 at 16); a smaller piece costs a hash call
+# more per 64 KiB in the bulk (16 pages: ~6 ms more per GiB and side).
 TRACKED_PIECE_PAGES = 64
+MIN_TRACKED_PIECE_PAGES = 16
 # DIGESTS' digests, at most: a migration whose digest map is larger is verified
 # after the pause (docs/wire-format.md §3.3).  1M digests: 256 GiB of RAM at the
 # default packets, 4 GiB at packet_pages=1.  Read at the call, so a test can lower it.
@@ -102,11 +106,17 @@ def compare_digests(ram: GuestRAM, chunk: int, ours: bytes, theirs: bytes) -> st
     return f"memory differs in {len(differing)} of {len(pieces)} pieces: {shown}{more}"
 
 
-def tracked_piece_pages(packet_pages: int) -> int:
-    """Pages per piece of tracked verification for a migration of `packet_pages`-page
-    packets (CONFIG's): a power of two, at most TRACKED_PIECE_PAGES, so a piece fits
-    a packet.  Both sides derive it from CONFIG."""
-    return 1 << (min(TRACKED_PIECE_PAGES, packet_pages).bit_length() - 1)
+def tracked_piece_pages(packet_pages: int, ram: GuestRAM) -> int:
+    """Pages per piece of tracked verification for a migration of `ram` in
+    `packet_pages`-page packets (CONFIG's): a power of two, the smallest from
+    MIN_TRACKED_PIECE_PAGES whose digest map fits one DIGESTS, at most
+    TRACKED_PIECE_PAGES and at most a packet.  Both sides derive it from CONFIG
+    (its blocks and packet_pages)."""
+    largest = 1 << (min(TRACKED_PIECE_PAGES, packet_pages).bit_length() - 1)
+    pages = min(MIN_TRACKED_PIECE_PAGES, largest)
+    while pages < largest and not tracked_fits(ram, pages):
+        pages *= 2
+    return pages
 
 
 def n_pieces(ram: GuestRAM, piece_pages: int) -> int:

@@ -41,7 +41,7 @@ def test_digests_compared_are_those_of_the_memory_at_the_end(packet_pages: int, 
             source, result, destination, remote = migrate_pair(src, dst, config, guest=guest,
                                                                dirty_source=lockstep)
             assert guest.paused  # the source's memory is final
-            piece = tracked_piece_pages(packet_pages)
+            piece = tracked_piece_pages(packet_pages, src)
             fresh = _fresh(src, piece)
         assert result.verified is True and remote.verified is True
         assert result.rounds == 5 and result.pages_sent > src.n_pages  # pages went again
@@ -69,7 +69,7 @@ def test_zero_pages_over_stale_destination_memory_are_hashed_once_placed() -> No
         assert result.verified is True and remote.verified is True
         assert result.zero_pages > 0
         assert same_memory(src, dst)
-        piece = tracked_piece_pages(256)
+        piece = tracked_piece_pages(256, src)
         assert destination.ram_digests == _fresh(dst, piece) == source.ram_digests
 
 
@@ -77,9 +77,9 @@ def test_zero_pages_over_stale_destination_memory_are_hashed_once_placed() -> No
 def test_digest_map_over_one_digests_is_verified_after_the_pause(monkeypatch: pytest.MonkeyPatch) -> None:
     """A digest map larger than one DIGESTS may carry (1M digests: 256 GiB of RAM
     at default packets; here the limit is lowered below an 8 MiB RAM's 128
-    pieces) is not tracked: the migration hashes after the pause and verifies,
-    instead of failing at DIGESTS with the guest paused."""
-    piece = tracked_piece_pages(64)
+    pieces of 64 pages, the largest) is not tracked: the migration hashes after the
+    pause and verifies, instead of failing at DIGESTS with the guest paused."""
+    piece = 64  # the largest: smaller pieces are tried first, and need more digests
     monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", (8 * MiB // (piece * PAGE_SIZE) - 1) * RAM_DIGEST_SIZE)
     config = MigrationConfig(channels=2, packet_pages=64, verify=True)
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
@@ -89,6 +89,7 @@ def test_digest_map_over_one_digests_is_verified_after_the_pause(monkeypatch: py
         assert source.ram_digests == destination.ram_digests == verify.ram_digests(src)
         # One digest more than the limit: the same RAM at the limit is tracked.
         monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", 8 * MiB // (piece * PAGE_SIZE) * RAM_DIGEST_SIZE)
+        assert tracked_piece_pages(64, src) == piece
         source, result, destination, remote = migrate_pair(src, dst, config)
         assert result.verified is True
         assert result.extra["verification"] == remote.extra["verification"] == "tracked"

@@ -138,3 +138,17 @@ def test_hashing_since_is_the_busiest_channels_share() -> None:
     finally:
         table.close()
         table.unlink()
+
+
+def test_tracked_pieces_are_the_smallest_whose_map_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 pages where the digest map fits one DIGESTS, doubled until it does (at
+    most 64), never more than a packet (rounded down to a power of two)."""
+    from engine import verify
+
+    with GuestRAM.create({"a": 8 << 20}) as ram:  # 2048 pages
+        assert verify.tracked_piece_pages(256, ram) == 16
+        assert verify.tracked_piece_pages(12, ram) == 8 and verify.tracked_piece_pages(1, ram) == 1
+        monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", 50 * 16)  # 50 digests: 2048 / 32 = 64 too many
+        assert verify.tracked_piece_pages(256, ram) == 64
+        monkeypatch.setattr(verify, "MAX_DIGESTS_BYTES", 10 * 16)  # none fits: the largest (not tracked)
+        assert verify.tracked_piece_pages(256, ram) == 64 and not verify.tracked_fits(ram, 64)
