@@ -96,6 +96,14 @@ def _destination_config(config: DestinationConfig | MigrationConfig | None) -> D
 # Deliveries): one being filled while the main process copies the other out.
 DELIVERY_SLOTS = 2
 
+# Refused connections: each is a log line until this many in a window, then only
+# counted (a flood must not write without bound into a log nobody may read: a
+# full stderr pipe would block the admission thread), and the first ones' reasons
+# are kept in `refused`.
+REFUSALS_LOGGED = 10
+REFUSAL_WINDOW_S = 10.0
+REFUSALS_KEPT = 1000
+
 
 class DestinationMigration(Migration):
     """Receive a migration on `address` into `ram` (or into RAM created from CONFIG).
@@ -181,7 +189,8 @@ class DestinationMigration(Migration):
         self._admission = Admission(self._listener, self.config.handshake_timeout_s, self.latch,
                                     self._refuse)
         self.negotiated: wire.Config | None = None
-        self.refused: list[str] = []   # why each refused connection was refused
+        self.refused: list[str] = []   # why each refused connection was refused (the first REFUSALS_KEPT)
+        self._refusals_window = (-REFUSAL_WINDOW_S, 0, 0)  # (start, logged, not logged) of the window
         self._receiver: MultifdReceiver | None = None
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self.autostart = autostart
@@ -204,6 +213,7 @@ class DestinationMigration(Migration):
 
     def _run(self) -> MigrationResult:
         self._defer("stop listening", self._listener.close)
+        self._defer("log the refusals only counted", self._log_quiet_refusals)  # after the close below
         self._defer("close connections not admitted", self._admission.close)
         self._machine.fire(MigrationEvent.LISTEN)
         conn, hello, challenge = self._accept_main()
@@ -634,9 +644,28 @@ class DestinationMigration(Migration):
     # -- helpers -----------------------------------------------------------
 
     def _refuse(self, conn: Connection, why: str) -> None:
-        log.warning("refused a connection from %s: %s", conn.peer, why)
-        self.refused.append(why)
         conn.close()
+        if len(self.refused) < REFUSALS_KEPT:
+            self.refused.append(why)
+        now = time.monotonic()
+        start, logged, quiet = self._refusals_window
+        if now - start >= REFUSAL_WINDOW_S:
+            self._log_quiet_refusals()
+            start, logged, quiet = now, 0, 0
+        if logged < REFUSALS_LOGGED:
+            log.warning("refused a connection from %s: %s", conn.peer, why)
+            logged += 1
+        else:
+            quiet += 1
+        self._refusals_window = (start, logged, quiet)
+
+    def _log_quiet_refusals(self) -> None:
+        """One line for the refusals of the window that were only counted."""
+        start, logged, quiet = self._refusals_window
+        if quiet:
+            log.warning("refused %d more connection(s) in %.0f s (after %d logged one by one)",
+                        quiet, REFUSAL_WINDOW_S, logged)
+            self._refusals_window = (start, logged, 0)
 
     def _free_created_ram(self) -> None:
         """Teardown: the RAM this side created goes, unless the migration committed

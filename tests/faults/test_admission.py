@@ -3,9 +3,12 @@ port is hit by silent connections, garbage and a connect flood."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
+
+import pytest
 
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from tests.harness import SECRET, MiB, guest_ram, same_memory
@@ -57,3 +60,31 @@ def test_a_migration_completes_while_strangers_hit_the_port() -> None:
         assert result.status == "completed" and remote.status == "completed"
         assert same_memory(src, dst)
         assert counts["garbage"] >= 50 and destination.refused  # strangers were there, and refused
+
+
+def test_a_flood_of_refusals_is_logged_in_bounded_lines(caplog) -> None:
+    """Each refusal is a log line only up to REFUSALS_LOGGED a window; the rest are
+    counted, and said in one line at the latest when the destination stops (a
+    listener's stderr that nobody reads would otherwise fill and block it)."""
+    from engine.destination import REFUSALS_LOGGED
+    from engine.errors import CancelledError
+
+    caplog.set_level(logging.WARNING, logger="multifd.destination")
+    destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, config=CONFIG)
+    destination.start()
+    addr = port_of(destination)
+    for _ in range(60):
+        with socket.create_connection(addr, timeout=2) as s:
+            s.sendall(b"\x00\xffGARBAGE" * 10)
+    deadline = time.monotonic() + 30
+    while len(destination.refused) < 60:
+        assert time.monotonic() < deadline, f"{len(destination.refused)} refused"
+        time.sleep(0.01)
+    destination.cancel("test over")
+    with pytest.raises(CancelledError):
+        destination.wait(30)
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    one_by_one = [line for line in lines if line.startswith("refused a connection from")]
+    assert len(one_by_one) == REFUSALS_LOGGED
+    assert lines[-1] == f"refused {60 - REFUSALS_LOGGED} more connection(s) in 10 s " \
+                        f"(after {REFUSALS_LOGGED} logged one by one)"
