@@ -887,8 +887,11 @@ def _watch(operation: Operation) -> Any:
 
 def _one_line(text: str, verbose: bool = False, limit: int = LINE_LIMIT) -> str:
     """`text` on one line, cut to `limit` characters unless `verbose`: an error
-    may quote the peer's data (a CONFIG's blocks) at any length."""
+    may quote the peer's data (a CONFIG's blocks) at any length, and its control
+    characters (a terminal's escape sequences) are shown escaped, never sent on."""
     text = " ".join(line.strip() for line in text.splitlines())
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
     if verbose or len(text) <= limit:
         return text
     return f"{text[:limit]}… ({len(text) - limit} more characters)"

@@ -486,3 +486,12 @@ def test_a_listener_that_refuses_local_mode_is_one_clear_line(tmp_path: Path) ->
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0
     assert "refused the configuration: local mode" in done.stderr and "not accepted" in done.stderr
+
+
+def test_a_peers_control_characters_are_shown_escaped() -> None:
+    """An error may quote what the peer sent (an ABORT's text, unauthenticated before
+    the hellos): its escape sequences must not reach the user's terminal."""
+    from engine.cli import _one_line
+
+    assert _one_line("destination failed: \x1b[2J\x1b[32mok\x1b[0m\r\x07 é") == \
+        "destination failed: \\x1b[2J\\x1b[32mok\\x1b[0m \\x07 é"
