@@ -496,6 +496,10 @@ def tls_error(exc: ssl.SSLError, peer: str) -> TlsError:
         why = exc.verify_message or exc.reason or str(exc)
         return TlsError(f"TLS: the {peer}'s certificate was refused: {why}")
     reason = (exc.reason or "").lower().replace("_", " ")
+    if "alert bad record mac" in reason:
+        # The peer's record layer saw bytes that fail their check: not a certificate.
+        return TlsError(f"TLS: the {peer} received data that failed its check: bytes were "
+                        f"changed in flight ({reason})")
     if "alert" in reason:
         return TlsError(f"TLS: the {peer} refused the handshake or this side's certificate ({reason})")
     if reason == "peer did not return a certificate":

@@ -245,6 +245,8 @@ def test_a_flipped_bit_after_the_handshake(pki: Pki, mode: str, number: int, off
             assert "failed its MAC" in str(dst_error)
         elif mode == "tls":
             assert isinstance(dst_error, TlsError), dst_error
+            # Tampering, named as such on both sides: no certificate to blame.
+            assert "certificate" not in f"{src_error} {dst_error}", (src_error, dst_error)
         else:
             assert "destination memory differs" in str(dst_error), dst_error
         assert isinstance(src_error, MigrationError)
@@ -332,3 +334,21 @@ def test_cli_tls_refusal_is_one_line_on_both_sides(pki: Pki) -> None:
     said = _one_error_line(source.stderr)
     assert "TLS: the destination's certificate was refused: Hostname mismatch" in said
     assert "TLS: the source refused the handshake" in _one_error_line(listen_err)
+
+
+def test_a_bad_record_alert_is_named_tampering_not_a_certificate() -> None:
+    """The side told by its peer's alert that a record failed (bytes changed in
+    flight, the other direction) says so; other alerts still point at the handshake."""
+    import ssl
+
+    from engine.link import tls_error
+
+    def alert(reason: str) -> str:
+        exc = ssl.SSLError(1, reason)
+        exc.reason = reason  # as _ssl sets it
+        return str(tls_error(exc, "source"))
+
+    assert alert("SSLV3_ALERT_BAD_RECORD_MAC") == (
+        "TLS: the source received data that failed its check: bytes were changed in flight "
+        "(sslv3 alert bad record mac)")
+    assert "certificate" in alert("TLSV1_ALERT_UNKNOWN_CA")
