@@ -259,6 +259,8 @@ class SavingOperation(Operation):
             t_round = time.perf_counter()
             self._live_start()
             if client is not None:
+                tracker.round_started(tracker.ram_bytes // PAGE_SIZE if tracker.round == 1
+                                      else client.pending_pages())
                 taken = client.queue_all() if tracker.round == 1 else client.queue_dirty()
                 client.flush()
             self._live_wait()  # the devices' live chunks go before the round's SYNC
@@ -269,7 +271,7 @@ class SavingOperation(Operation):
             sent = tracker.totals()["wire_bytes"] - wire_at_start
             tracker.bandwidth = sent / max(now - t_precopy, 1e-9)
             pending = client.pending_pages() if client is not None else 0
-            tracker.remaining_pages = pending
+            tracker.round_done(pending)
             tracker.dirty_rate = pending * PAGE_SIZE / max(now - t_round, 1e-9)
             expected = tracker.expected_downtime_s()
             if self._converge is not None:

@@ -91,7 +91,8 @@ class StatsTracker:
         self.state = MigrationState.SETUP
         self.round = 0
         self.main_bytes = 0
-        self.remaining_pages = 0
+        self.remaining_pages = 0      # dirty after the last round (see left_pages)
+        self._round_queue: tuple[int, int] | None = None  # in a round: (its pages, guest pages sent before)
         self.device_pending_bytes = 0  # iterative devices' state not sent yet
         self.device_load_s = 0.0       # ... and the slowest one's loading time left
         self.dirty_rate = 0.0
@@ -128,6 +129,26 @@ class StatsTracker:
             "compression_ratio": normal_bytes / totals["payload_bytes"] if totals["payload_bytes"] else 1.0,
         }
 
+    def round_started(self, pages: int) -> None:
+        """A precopy round sends `pages`: until :meth:`round_done`, what is left is
+        what of them has not gone yet."""
+        self._round_queue = (pages, self._guest_pages_sent())
+
+    def round_done(self, dirty_pages: int) -> None:
+        """The round ended: `dirty_pages` were written during it, left for the next."""
+        self._round_queue = None
+        self.remaining_pages = dirty_pages
+
+    def left_pages(self) -> int:
+        """Pages left to send: of the round in flight, or dirty after the last one."""
+        if self._round_queue is None:
+            return self.remaining_pages
+        pages, before = self._round_queue
+        return max(0, pages - (self._guest_pages_sent() - before))
+
+    def _guest_pages_sent(self) -> int:
+        return self.totals()["guest_bytes"] // self.page_size
+
     def freeze(self) -> None:
         """Keep the final counters (call before the slot table goes away)."""
         self._frozen = self.totals()
@@ -137,7 +158,7 @@ class StatsTracker:
         devices' loading time left (as the destination measured it)."""
         if self.bandwidth <= 0:
             return self.device_load_s
-        moving = self.remaining_pages * self.page_size + self.device_pending_bytes
+        moving = self.left_pages() * self.page_size + self.device_pending_bytes
         return moving / self.bandwidth + self.device_load_s
 
     def snapshot(self) -> MigrationStats:
@@ -161,7 +182,7 @@ class StatsTracker:
             guest_bytes_sent=totals["guest_bytes"],
             throughput_bytes_per_s=throughput,
             dirty_rate_bytes_per_s=self.dirty_rate,
-            remaining_bytes=self.remaining_pages * self.page_size + self.device_pending_bytes,
+            remaining_bytes=self.left_pages() * self.page_size + self.device_pending_bytes,
             expected_downtime_ms=self.expected_downtime_s() * 1000,
         )
 

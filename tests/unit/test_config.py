@@ -198,6 +198,7 @@ def test_counters_in_the_table_show_up_in_totals_and_snapshot(table: SlotTable) 
         "syncs": 2,
         "device_bytes": 11,
         "last_word": 0,
+        "hash_ns": 0,
     }
     tracker.state, tracker.round, tracker.remaining_pages = "active", 4, 10
     snap = tracker.snapshot()
@@ -221,6 +222,22 @@ def test_throughput_follows_wire_bytes(table: SlotTable) -> None:
     assert tracker.snapshot().throughput_bytes_per_s == 0.0  # one sample: no rate yet
     table.counters[0, Counter.WIRE_BYTES] = 10_000_000
     assert tracker.snapshot().throughput_bytes_per_s > 0
+
+
+def test_left_in_a_round_is_what_of_its_pages_has_not_gone(table: SlotTable) -> None:
+    """During a round the stats count down its pages as channels send them (round 1
+    showed "0 B left" throughout); after it, the pages it left dirty."""
+    tracker = StatsTracker(ram_bytes=100 * PAGE_SIZE, page_size=PAGE_SIZE)
+    tracker.slots = table
+    table.counters[0, Counter.GUEST_BYTES] = 10 * PAGE_SIZE  # before the round
+    tracker.round_started(100)
+    assert tracker.snapshot().remaining_bytes == 100 * PAGE_SIZE
+    table.counters[1, Counter.GUEST_BYTES] = 30 * PAGE_SIZE
+    assert tracker.snapshot().remaining_bytes == 70 * PAGE_SIZE
+    table.counters[1, Counter.GUEST_BYTES] = 200 * PAGE_SIZE  # more than queued (pages resent)
+    assert tracker.snapshot().remaining_bytes == 0
+    tracker.round_done(7)
+    assert tracker.snapshot().remaining_bytes == 7 * PAGE_SIZE
 
 
 def test_expected_downtime_is_remaining_bytes_over_bandwidth() -> None:

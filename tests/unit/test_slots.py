@@ -168,7 +168,7 @@ def test_counters_are_shared_and_totals_sum_channels(table: SlotTable) -> None:
 
 def test_counter_enum_layout() -> None:
     assert [c.value for c in Counter] == list(range(N_COUNTERS))
-    assert N_COUNTERS == 9
+    assert N_COUNTERS == 10
 
 
 @pytest.mark.parametrize(
