@@ -591,6 +591,10 @@ def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationRe
 def cmd_migrate(args: argparse.Namespace) -> int:
     result = _run_source(args, args.to, _secret(args))
     _emit(args, result, _kvm_lines(args, result) if args.guest == "kvm" and not args.json else None)
+    if "destination_error" in result.extra:  # the VM runs nowhere: the destination's VMM must act
+        print(f"multifd: failed: the destination committed, but its guest is not running: "
+              f"{_one_line(result.extra['destination_error'], args.verbose)}", file=sys.stderr)
+        return 1
     return 0
 
 

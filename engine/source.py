@@ -207,12 +207,13 @@ class SourceMigration(SavingOperation, Migration):
             rounds=self.tracker.round,
             compression=self.config.compression,
             verified=None if resumed.verified == 0 else resumed.verified == 1,
-            verify_detail=resumed.detail,
             verify_time_ms=max(verify_ms, resumed.verify_us / 1000),
             expected_downtime_ms=expected_downtime_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
             rtt_ms=self._rtt_s * 1000,
             extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {}),
+                   # committed, but the destination's resume_guest raised: why
+                   **({"destination_error": resumed.detail} if resumed.detail else {}),
                    # "tracked": pieces hashed as they moved, only digests compared in the
                    # downtime; "after pause": both memories hashed whole in it
                    **({"verification": "tracked" if self._digests is not None else "after pause"}

@@ -274,6 +274,7 @@ def test_a_destination_resume_that_raises_keeps_the_ram_and_says_so(src, guest) 
     source, destination = run.run()
     assert isinstance(destination, GuestControlError) and "NOT running" in str(destination)
     assert source.status == "completed" and source.extra["destination_running"] is False
+    assert "resume_guest raised OSError: vCPU would not start" in source.extra["destination_error"]
     assert run.destination.state is MigrationState.FAILED and run.destination.committed
     run.dest_guest.resume()  # the destination VMM retries: the guest, RAM and devices are there
     run.assert_destination_runs_alone()
