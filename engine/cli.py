@@ -456,6 +456,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     config = DestinationConfig(integrity=args.integrity)
     if args.channels < 1:
         raise ConfigError(f"--channels must be at least 1, not {args.channels}")
+    _check_device_args(args)
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = None
     stack = contextlib.ExitStack()
@@ -600,6 +601,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _check_device_args(args: argparse.Namespace) -> None:
     """ConfigError for demo-device options that do not go together."""
+    if getattr(args, "devices", 0) < 0:
+        raise ConfigError(f"--devices must be 0 or more, not {args.devices}")
     if getattr(args, "device_dirty_rate", 0.0) and not getattr(args, "device_iterative", False):
         raise ConfigError("--device-dirty-rate needs --device-iterative (a plain demo "
                           "device's state does not change while the guest runs)")
