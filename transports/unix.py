@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import stat
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError
@@ -36,8 +38,30 @@ def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connec
     return Connection(sock, path)
 
 
+def _remove_if_stale(path: str) -> None:
+    """A socket file nobody listens on (its listener was killed, and could not
+    remove it) is removed, so a new listener can bind there.  Anything else at
+    `path` (a live listener, a regular file) is left for the bind to refuse."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
 def listen(uri: str) -> SocketListener:
     path = _path(uri)
+    _remove_if_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bind_and_listen(sock, path, uri)
     inode = os.stat(path).st_ino
