@@ -457,6 +457,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if args.channels < 1:
         raise ConfigError(f"--channels must be at least 1, not {args.channels}")
     _check_device_args(args)
+    if args.ready_fd is not None:  # before anything starts, not when it is ready
+        try:
+            os.fstat(args.ready_fd)
+        except OSError as exc:
+            raise ConfigError(f"--ready-fd {args.ready_fd}: {exc.strerror}") from exc
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = None
     stack = contextlib.ExitStack()

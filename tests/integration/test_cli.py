@@ -317,6 +317,9 @@ def test_listen_needs_a_channel() -> None:
     done = run("listen", "--devices", "-1", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --devices must be 0 or more, not -1"
+    done = run("listen", "--ready-fd", "987", env={"MULTIFD_SECRET": "s3cret"})
+    assert done.returncode == 1
+    assert done.stderr.strip() == "multifd: failed: --ready-fd 987: Bad file descriptor"
 
 
 def test_a_usage_error_is_one_line_and_exit_1() -> None:
