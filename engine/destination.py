@@ -467,6 +467,9 @@ class DestinationMigration(Migration):
                 self._on_live_round(message, t_switchover is not None)
             elif isinstance(message, wire.Switchover):
                 t_switchover = time.perf_counter()
+                if not self._local:  # the final round's pages follow (counted as the source does)
+                    rounds += 1
+                    self.tracker.round = rounds
                 self._hashed_at_switchover = self._hashing_ns()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
                 self.tracker.state = MigrationState.SWITCHOVER
