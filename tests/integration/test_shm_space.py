@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,7 +122,9 @@ def test_destination_creating_ram_from_the_source_layout_refuses_in_one_line(tmp
             listener.communicate()
     line = f"not enough shared memory for guest RAM: {NEED}"
     assert listener.returncode == 1
-    assert listen_err == f"multifd: failed: {line}\n"
+    # listen names the migration the source's hello gave it, and that it did not commit
+    assert re.fullmatch(rf"multifd: failed: {re.escape(line)} \(migration [0-9a-f-]{{36}}: committed no\)\n",
+                        listen_err), listen_err
     assert source.returncode == 1
     assert source.stderr == f"multifd: failed: destination failed: {line}\n"
 
