@@ -424,22 +424,32 @@ def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
             except TimeoutError:
                 progress.update(migration.stats())
     except KeyboardInterrupt:
-        progress.close()
-        if migration.cancel("interrupted (Ctrl-C)"):
-            note = "multifd: cancelling: waiting for the teardown"
-        elif migration.committed:
-            note = "multifd: cannot cancel, the migration has committed: waiting for its outcome"
-        else:
-            note = ""  # it ended on its own: its outcome follows
-        while True:
-            if note:
-                print(note, file=sys.stderr, flush=True)
-            try:
-                return migration.wait()
-            except KeyboardInterrupt:
-                continue
+        pass
     finally:
         progress.close()
+    # Every step from here is retried on a further Ctrl-C (the cancel itself may wait
+    # for a COMMIT being sent), so none of them can end the command early.
+    note: str | None = None
+    while True:
+        try:
+            progress.close()
+            if note is None:
+                note = _cancel_note(migration)
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+            return migration.wait()
+        except KeyboardInterrupt:
+            if note:
+                print(note, file=sys.stderr, flush=True)
+
+
+def _cancel_note(migration: Any) -> str:
+    """Cancel on Ctrl-C; what the user is told ("": it had already ended)."""
+    if migration.cancel("interrupted (Ctrl-C)"):
+        return "multifd: cancelling: waiting for the teardown"
+    if migration.committed:
+        return "multifd: cannot cancel, the migration has committed: waiting for its outcome"
+    return ""
 
 
 # ---------------------------------------------------------------------------
