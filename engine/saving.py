@@ -259,8 +259,9 @@ class SavingOperation(Operation):
             t_round = time.perf_counter()
             self._live_start()
             if client is not None:
+                # Round 1 sends every page; a later one what the last left dirty.
                 tracker.round_started(tracker.ram_bytes // PAGE_SIZE if tracker.round == 1
-                                      else client.pending_pages())
+                                      else tracker.remaining_pages)
                 taken = client.queue_all() if tracker.round == 1 else client.queue_dirty()
                 client.flush()
             self._live_wait()  # the devices' live chunks go before the round's SYNC

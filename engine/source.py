@@ -399,14 +399,15 @@ class SourceMigration(SavingOperation, Migration):
         verify_ms = 0.0
         if self.config.verify:
             t_hash = time.perf_counter()
+            hashed_s = 0.0
             if self._digests is not None:
                 # Every piece was hashed as it left, the final round's with the guest
                 # paused: that hashing is the downtime's share too.
                 self.ram_digests, chunk = self._digests.digests(), self._digests.chunk
-                t_hash -= self._hashing_since(hashed_at_pause)
+                hashed_s = self._hashing_since(hashed_at_pause)
             else:  # hash while the destination hashes its copy; the guest stays paused
                 self.ram_digests, chunk = ram_digests(self.ram, DIGEST_CHUNK), DIGEST_CHUNK
-            verify_ms = (time.perf_counter() - t_hash) * 1000
+            verify_ms = (time.perf_counter() - t_hash + hashed_s) * 1000
             self._send_message(wire.Digests(chunk, self.ram_digests))
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "source.ram"))

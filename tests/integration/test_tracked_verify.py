@@ -14,6 +14,7 @@ import pytest
 from clients.guest import SyntheticGuest, fill_ram
 from engine import MigrationConfig, verify
 from engine.errors import VerificationError
+from engine.operation import Operation
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.verify import tracked_piece_pages
 from engine.wire.message import RAM_DIGEST_SIZE
@@ -72,6 +73,22 @@ def test_zero_pages_over_stale_destination_memory_are_hashed_once_placed() -> No
         piece = tracked_piece_pages(256, src)
         assert destination.ram_digests == _fresh(dst, piece) == source.ram_digests
 
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_verify_time_includes_the_channels_hashing_after_the_pause(monkeypatch: pytest.MonkeyPatch,
+                                                                    side: str) -> None:
+    """The final round's pieces are hashed with the guest paused: each side's
+    verify_time_ms adds its busiest channel's hashing since the pause (SWITCHOVER)
+    to the digests' compare (here made to read 250 ms on one side, 0 on the other;
+    the source reports the larger of the two sides')."""
+    monkeypatch.setattr(Operation, "_hashing_since", lambda self, mark: 0.25 if self.role == side else 0.0)
+    config = MigrationConfig(channels=2, packet_pages=64, verify=True)
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
+        _, result, _, remote = migrate_pair(src, dst, config)
+    assert result.extra["verification"] == remote.extra["verification"] == "tracked"
+    assert result.verify_time_ms >= 250
+    assert (remote.verify_time_ms >= 250) == (side == "destination")
 
 
 def test_digest_map_over_one_digests_is_verified_after_the_pause(monkeypatch: pytest.MonkeyPatch) -> None:
