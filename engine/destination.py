@@ -98,8 +98,8 @@ DELIVERY_SLOTS = 2
 
 # Refused connections: each is a log line until this many in a window, then only
 # counted (a flood must not write without bound into a log nobody may read: a
-# full stderr pipe would block the admission thread), and the first ones' reasons
-# are kept in `refused`.
+# full stderr pipe would block the thread that admits connections, the
+# migration's own), and the first ones' reasons are kept in `refused`.
 REFUSALS_LOGGED = 10
 REFUSAL_WINDOW_S = 10.0
 REFUSALS_KEPT = 1000
@@ -658,6 +658,8 @@ class DestinationMigration(Migration):
         if logged < REFUSALS_LOGGED:
             log.warning("refused a connection from %s: %s", conn.peer, why)
             logged += 1
+            if logged == REFUSALS_LOGGED:
+                log.warning("further refusals in these %.0f s are only counted", REFUSAL_WINDOW_S)
         else:
             quiet += 1
         self._refusals_window = (start, logged, quiet)
