@@ -320,7 +320,8 @@ class SnapshotSave(SavingOperation):
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
-        problem = fmt.devices_problem([device_key(d) for d in devices])
+        # What the file's metadata could not hold (as a device chunk: a non-empty idstr).
+        problem = packet.devices_problem([device_key(d) for d in devices], min_idstr=1)
         if problem:  # before anything starts (the operation's fork server)
             raise ConfigError(problem)
         super().__init__(ram, _check_config(config or MigrationConfig()), pause_guest=pause_guest,

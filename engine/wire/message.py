@@ -57,6 +57,7 @@ from engine.wire.packet import (
     NeedData,
     PacketLimits,
     StreamBuffer,
+    devices_problem,
 )
 
 DIGEST_SIZE: Final = 32  # SHA-256 of a device's stream (DEVICES_DONE)
@@ -419,16 +420,7 @@ def _config_problem(config: Config) -> str | None:
                     f"of the page size, at most {MAX_BLOCK_PAGES} pages")
     if len({block.name for block in config.blocks}) != len(config.blocks):
         return "block names are not unique"
-    if len(config.devices) > MAX_DEVICES:
-        return f"{len(config.devices)} devices exceed {MAX_DEVICES}"
-    for device in config.devices:
-        if _utf8_length(device.idstr) > _STRING1_MAX:
-            return f"device idstr {device.idstr!r} is longer than 255 UTF-8 bytes"
-        if not 0 <= device.instance_id <= 0xFFFF_FFFF:
-            return f"device {device.idstr!r} instance_id does not fit 32 bits"
-    if len({(d.idstr, d.instance_id) for d in config.devices}) != len(config.devices):
-        return "(idstr, instance_id) pairs of devices are not unique"
-    return None
+    return devices_problem([(d.idstr, d.instance_id) for d in config.devices], min_idstr=0)
 
 
 def _digests_problem(digests: Digests) -> str | None:

@@ -521,6 +521,27 @@ def encode_end(sequence: int, epoch: int) -> bytes:
     return _encode_epoch_packet(PacketKind.END, sequence, epoch)
 
 
+def devices_problem(keys: Sequence[tuple[str, int]], *, min_idstr: int) -> str | None:
+    """Why devices of these ``(idstr, instance_id)`` keys cannot be named (None: they
+    can): at most MAX_DEVICES, an idstr of `min_idstr`..255 UTF-8 bytes, a 32-bit
+    instance_id, each key once.  CONFIG takes an empty idstr (`min_idstr` 0); a
+    device chunk and a snapshot's metadata do not (1)."""
+    if len(keys) > MAX_DEVICES:
+        return f"{len(keys)} devices: at most {MAX_DEVICES}"
+    for idstr, instance_id in keys:
+        try:
+            length = len(idstr.encode("utf-8"))
+        except UnicodeEncodeError:
+            return f"device idstr {idstr!r} is not UTF-8"
+        if not min_idstr <= length <= 255:
+            return f"device idstr {idstr!r} must be {min_idstr}..255 UTF-8 bytes"
+        if not 0 <= instance_id <= 0xFFFF_FFFF:
+            return f"device {idstr!r} instance_id {instance_id} does not fit 32 bits"
+    if len(set(keys)) != len(keys):
+        return "two devices share an (idstr, instance_id)"
+    return None
+
+
 def encode_device_state(
     sequence: int, idstr: str, instance_id: int, index: int, end: bool, payload_length: int,
     live: bool = False,

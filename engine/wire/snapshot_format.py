@@ -42,6 +42,7 @@ import numpy as np
 import xxhash
 
 from engine.errors import SnapshotFormatError
+from engine.wire import packet
 
 MAGIC = b"MFDSNAP\x00"
 VERSION = 3
@@ -53,7 +54,7 @@ BLOCK_MAGIC = b"MFDBLOCK"
 PAGE_AREA_ALIGN = 1 << 20     # page areas start on 1 MiB: any O_DIRECT block size divides it
 DEVICE_AREA_ALIGN = 4096
 MAX_BLOCKS = 1024
-MAX_DEVICES = 1024
+MAX_DEVICES = packet.MAX_DEVICES  # a migration's devices (engine/snapshot.py checks a save's)
 MAX_NAME = 255
 MAX_CHUNK = 1 << 20           # a device chunk, as on the wire (packet.MAX_DEVICE_CHUNK)
 MAX_BLOB = 16 << 20           # info JSON and VMM configuration, each
@@ -439,25 +440,6 @@ def _name(text: str, what: str) -> bytes:
     if not 1 <= len(raw) <= MAX_NAME:
         raise SnapshotFormatError(f"{what} {text!r} must be 1..{MAX_NAME} UTF-8 bytes")
     return _U8.pack(len(raw)) + raw
-
-
-def devices_problem(keys: Sequence[tuple[str, int]]) -> str | None:
-    """Why devices of these (idstr, instance_id) keys cannot be saved (None: they
-    can): a save checks before it writes, so the file it publishes can be read."""
-    if len(keys) > MAX_DEVICES:
-        return f"{len(keys)} devices: a snapshot holds at most {MAX_DEVICES}"
-    for idstr, instance_id in keys:
-        try:
-            length = len(idstr.encode())
-        except UnicodeEncodeError:
-            length = -1
-        if not 1 <= length <= MAX_NAME:
-            return f"device idstr {idstr!r} must be 1..{MAX_NAME} UTF-8 bytes"
-        if not 0 <= instance_id <= 0xFFFF_FFFF:
-            return f"device {idstr!r} instance_id {instance_id} does not fit 32 bits"
-    if len(set(keys)) != len(keys):
-        return "two devices share an (idstr, instance_id)"
-    return None
 
 
 def encode_metadata(md: Metadata) -> bytes:
