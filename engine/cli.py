@@ -346,8 +346,8 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
                     if not (to_file or from_file) else ""))
     if not (to_file or from_file):
         lines.append(f"memory verified  {verified}"
-                     + ((f" ({result.verify_time_ms:.1f} ms of the downtime: pages hashed as they "
-                         f"moved, the digests compared after the pause)"
+                     + ((f" ({result.verify_time_ms:.1f} ms of the downtime: the last round's pieces "
+                         f"hashed and the digests compared; the rest hashed as it moved)"
                          if result.extra.get("verification") == "tracked" else
                          f" ({result.verify_time_ms:.1f} ms of the downtime: the guest stays paused "
                          f"while both sides hash)") if result.verified else "")
