@@ -865,7 +865,8 @@ def _emit(args: argparse.Namespace, result: MigrationResult, extra: dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command.  Exit status: 0 done, 1 failed (or not verified), 3 the
+    """Run one command.  Exit status: 0 done, 1 failed (or not verified, or the
+    destination committed but could not start its guest), 3 the
     outcome is unknown (COMMIT sent, no answer: the guest stays paused), 130
     cancelled, 141 our reader went away."""
     global _operation
