@@ -47,6 +47,16 @@ def test_workers_fork_from_the_server_with_its_preloads() -> None:
     assert server.pid is None
 
 
+def test_channel_processes_start_with_numpys_lazy_imports_done() -> None:
+    """np.unique imports numpy.ma at its first call (9-35 ms): a channel's first
+    packet of scattered pages, usually the final round's, paid it inside the
+    downtime.  Channels forked from the channel server have it already."""
+    from engine.channel import channel_pool
+
+    with channel_pool(1, name="channel-preload") as pool:
+        assert pool.submit(imported, "numpy.ma").result(GUARD)
+
+
 def test_stop_waits_for_the_server_and_a_later_pool_starts_another() -> None:
     server = fork_server((MARKER,))
     server.wait_ready(GUARD)
