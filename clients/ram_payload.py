@@ -524,8 +524,7 @@ class RamPagesReceiver:
                 normal, total = normal + part_normal, total + part_total
                 digests.store(block, pieces)
         else:
-            views = [block.page_view(first, count)
-                     for first, count in zip(firsts[~zero].tolist(), counts[~zero].tolist())]
+            views = _segment_views(block, firsts, counts, zero)
             if record.codec == 0:
                 yield views
             else:
