@@ -58,6 +58,7 @@ from engine.wire.packet import (
     PacketLimits,
     StreamBuffer,
     devices_problem,
+    utf8_length,
 )
 
 DIGEST_SIZE: Final = 32  # SHA-256 of a device's stream (DEVICES_DONE)
@@ -412,7 +413,7 @@ def _config_problem(config: Config) -> str | None:
     if not 1 <= len(config.blocks) <= MAX_BLOCKS:
         return f"{len(config.blocks)} blocks, not 1..{MAX_BLOCKS}"
     for block in config.blocks:
-        if not 1 <= _utf8_length(block.name) <= _STRING1_MAX:
+        if not 1 <= utf8_length(block.name) <= _STRING1_MAX:
             return f"block name {block.name!r} is not 1..255 UTF-8 bytes"
         pages, rest = divmod(block.size, config.page_size)
         if rest or not 1 <= pages <= MAX_BLOCK_PAGES:
@@ -432,14 +433,6 @@ def _digests_problem(digests: Digests) -> str | None:
     if len(digests.digests) % RAM_DIGEST_SIZE:
         return f"the digests are not a whole number of {RAM_DIGEST_SIZE}-byte digests"
     return None
-
-
-def _utf8_length(text: str) -> int:
-    """Length of ``text`` in UTF-8; -1 if it cannot be encoded (lone surrogates)."""
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        return -1
 
 
 # ── encoding ──────────────────────────────────────────────────────────────────
@@ -518,7 +511,7 @@ def _encode_ram_handover(handover: RamHandover) -> bytes:
     if not 1 <= len(handover.segments) <= MAX_BLOCKS:
         raise LocalProtocolError(f"RAM_HANDOVER names {len(handover.segments)} segments, "
                                  f"not 1..{MAX_BLOCKS}")
-    if not all(1 <= _utf8_length(name) <= _STRING1_MAX for name in handover.segments):
+    if not all(1 <= utf8_length(name) <= _STRING1_MAX for name in handover.segments):
         raise LocalProtocolError("a RAM_HANDOVER segment name must be 1..255 UTF-8 bytes")
     return _U16.pack(len(handover.segments)) + b"".join(
         _string(name, _U8) for name in handover.segments)

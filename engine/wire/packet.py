@@ -521,6 +521,14 @@ def encode_end(sequence: int, epoch: int) -> bytes:
     return _encode_epoch_packet(PacketKind.END, sequence, epoch)
 
 
+def utf8_length(text: str) -> int:
+    """Length of ``text`` in UTF-8; -1 if it cannot be encoded (lone surrogates)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
+
+
 def devices_problem(keys: Sequence[tuple[str, int]], *, min_idstr: int) -> str | None:
     """Why devices of these ``(idstr, instance_id)`` keys cannot be named (None: they
     can): at most MAX_DEVICES, an idstr of `min_idstr`..255 UTF-8 bytes, a 32-bit
@@ -529,9 +537,8 @@ def devices_problem(keys: Sequence[tuple[str, int]], *, min_idstr: int) -> str |
     if len(keys) > MAX_DEVICES:
         return f"{len(keys)} devices: at most {MAX_DEVICES}"
     for idstr, instance_id in keys:
-        try:
-            length = len(idstr.encode("utf-8"))
-        except UnicodeEncodeError:
+        length = utf8_length(idstr)
+        if length < 0:
             return f"device idstr {idstr!r} is not UTF-8"
         if not min_idstr <= length <= 255:
             return f"device idstr {idstr!r} must be {min_idstr}..255 UTF-8 bytes"
