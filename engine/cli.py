@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeGuard
@@ -403,11 +404,19 @@ class _Progress:
 
 
 def _cancel_on_signals(operation: Any) -> None:
-    """SIGTERM, and SIGHUP (the terminal went away), cancel the operation as Ctrl-C
-    does: it tears down, and the command exits 130 with one line."""
+    """SIGTERM, and SIGHUP (the terminal went away; not under ``nohup``, which
+    ignores it), cancel the operation as Ctrl-C does: it tears down, and the
+    command exits 130 with one line.  The cancel runs on a thread of its own, not
+    in the interrupted frame, which may hold the locks a cancel takes."""
+    def cancel(number: int, _frame: object) -> None:
+        reason = f"terminated ({signal.Signals(number).name})"
+        threading.Thread(target=operation.cancel, args=(reason,), name="mfd-signal-cancel",
+                         daemon=True).start()
+
     for number in (signal.SIGTERM, signal.SIGHUP):
-        name = signal.Signals(number).name
-        signal.signal(number, lambda *_, name=name: operation.cancel(f"terminated ({name})"))
+        if number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN:
+            continue
+        signal.signal(number, cancel)
 
 
 def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
@@ -432,7 +441,6 @@ def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
     note: str | None = None
     while True:
         try:
-            progress.close()
             if note is None:
                 note = _cancel_note(migration)
                 if note:

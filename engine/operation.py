@@ -131,7 +131,7 @@ class Operation:
         # A migration's commit point (engine/migration.py): a cancel and the commit
         # take this lock, so a cancel either lands before the commit (and stops it)
         # or is refused after it.  An operation without a peer never commits.
-        self._commit_lock = threading.RLock()  # re-entered by a signal handler's cancel()
+        self._commit_lock = threading.Lock()
         self._committed = False
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the operation; a migration reports them.

@@ -87,19 +87,30 @@ def test_verify_of_a_directory_is_refused(tmp_path: Path) -> None:
                            "(a directory lists its partial files)\n")
 
 
-@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_a_terminated_save_cancels_and_leaves_nothing(tmp_path: Path, number: int) -> None:
+def _nohup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("number,nohup", [(signal.SIGTERM, False), (signal.SIGHUP, False),
+                                          (signal.SIGTERM, True)], ids=["SIGTERM", "SIGHUP", "nohup"])
+def test_a_terminated_save_cancels_and_leaves_nothing(tmp_path: Path, number: int, nohup: bool) -> None:
     """SIGTERM, or SIGHUP from a closed terminal, cancels a save as Ctrl-C does:
-    one line, exit 130, its partial file removed, its channels gone."""
+    one line, exit 130, its partial file removed, its channels gone.  Under nohup
+    (SIGHUP ignored from the start) a SIGHUP changes nothing."""
     target = tmp_path / "vm.snap"
     save = subprocess.Popen([*MULTIFD, "save", "--ram", "64M", "--live", "--dirty-rate", "1G",
                              "--max-rounds", "100000", "--downtime-limit", "0.001", str(target)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_nohup if nohup else None)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".vm.snap.partial-") and p.stat().st_size for p in tmp_path.iterdir()):
         assert save.poll() is None and time.monotonic() < deadline, "the save never started writing"
         time.sleep(0.05)
     channels = psutil.Process(save.pid).children(recursive=True)
+    if nohup:
+        save.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert save.poll() is None, "a SIGHUP under nohup stopped the save"
     save.send_signal(number)
     _, err = save.communicate(timeout=60)
     assert save.returncode == 130
