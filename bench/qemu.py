@@ -350,7 +350,8 @@ def cli_once(args: argparse.Namespace, channels: int) -> dict[str, Any]:
             listen.wait()
     source, destination = json.loads(migrate.stdout), json.loads(said["json"])
     if source.get("verified") is not True:
-        raise RuntimeError(f"ours-cold not verified: {source.get('verify_detail')}")
+        raise RuntimeError(f"ours-cold not verified: status {source.get('status')}, "
+                           f"verified {source.get('verified')}")
     return {"seconds": source["total_time_s"], "process_wall_s": wall,
             "listen_done_s": said["at"] - t0, "setup_ms": source["setup_time_ms"],
             "downtime_ms": source["downtime_ms"], "verify_ms": source["verify_time_ms"],

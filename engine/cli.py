@@ -351,8 +351,7 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
                          f"hashed and the digests compared; the rest hashed as it moved)"
                          if result.extra.get("verification") == "tracked" else
                          f" ({result.verify_time_ms:.1f} ms of the downtime: the guest stays paused "
-                         f"while both sides hash)") if result.verified else "")
-                     + (f" — {result.verify_detail}" if result.verify_detail else ""))
+                         f"while both sides hash)") if result.verified else ""))
     for device in result.extra.get("devices", []):
         checked = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]
         saved = f"saved in {device['save_ms']:.0f} ms"

@@ -59,7 +59,6 @@ class MigrationResult:
     bytes_on_wire: int           # main channel + every channel, headers included
     throughput_bytes_per_s: float  # bytes on the wire per second of transfer
     verified: bool | None
-    verify_detail: str = ""
     verify_time_ms: float = 0.0
     expected_downtime_ms: float = 0.0
     dirty_rate_bytes_per_s: float = 0.0
