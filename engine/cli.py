@@ -45,6 +45,7 @@ from engine.operation import Operation
 from engine.pool import stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
+from engine.wire.packet import MAX_CHANNELS
 
 log = logging.getLogger("multifd.cli")
 
@@ -473,6 +474,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     config = DestinationConfig(integrity=args.integrity)
     if args.channels < 1:
         raise ConfigError(f"--channels must be at least 1, not {args.channels}")
+    if args.channels > MAX_CHANNELS:  # no source may ask for more: no processes for them
+        raise ConfigError(f"--channels must be at most {MAX_CHANNELS}, not {args.channels}")
     _check_device_args(args)
     if args.ready_fd is not None:  # before anything starts, not when it is ready
         try:

@@ -314,6 +314,9 @@ def test_listen_needs_a_channel() -> None:
     done = run("listen", "--ram", "1M", "--channels", "0", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --channels must be at least 1, not 0"
+    done = run("listen", "--ram", "1M", "--channels", "100000", env={"MULTIFD_SECRET": "s3cret"})
+    assert done.returncode == 1
+    assert done.stderr.strip() == "multifd: failed: --channels must be at most 256, not 100000"
     done = run("listen", "--devices", "-1", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --devices must be 0 or more, not -1"
