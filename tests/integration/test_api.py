@@ -45,6 +45,8 @@ def test_the_readme_example_with_live_stats() -> None:
         assert all(b.bytes_on_wire >= a.bytes_on_wire for a, b in zip(seen, seen[1:]))
         assert max(s.round for s in seen) >= 1
         assert any(s.throughput_bytes_per_s > 0 for s in active)
+        # Round 1 counts its pages down as they go (it said "0 B left" throughout).
+        assert any(s.round == 1 and 0 < s.remaining_bytes < 64 * MiB for s in active)
         final = outgoing.stats()
         assert final is not None and final.state == "completed"
         assert final.bytes_on_wire == result.bytes_on_wire
