@@ -38,8 +38,9 @@ What each clock includes (the ``seconds`` of a run, the ones compared):
 * ours-cold: the ``total_time_s`` the source prints with ``--json``: from the
   request (the migration's start inside ``migrate``, once its RAM is created and
   filled) until the destination's RESUMED answer, which it sends after its
-  guest runs: channel spawning, handshakes, transfer, both sides' verification
-  and the commit are inside.  Excluded, like QEMU's process start and filling:
+  guest runs: the source's channel forks, handshakes, transfer, both sides'
+  verification and the commit are inside (the destination's channels are up,
+  RAM mapped, before the clock starts, as ``listen --channels`` starts them).  Excluded, like QEMU's process start and filling:
   the ``migrate`` process's interpreter start, imports, creating and filling its
   RAM; that whole process, from ``exec`` to exit, is reported apart as
   ``process_wall_s``, and ``listen_done_s`` is when ``listen`` printed its
