@@ -40,9 +40,9 @@ What each clock includes (the ``seconds`` of a run, the ones compared):
   filled) until the destination's RESUMED answer, which it sends after its
   guest runs: the source's channel forks, handshakes, transfer, both sides'
   verification and the commit are inside (the destination's channels are up,
-  RAM mapped, before the clock starts, as ``listen --channels`` starts them).  Excluded, like QEMU's process start and filling:
-  the ``migrate`` process's interpreter start, imports, creating and filling its
-  RAM; that whole process, from ``exec`` to exit, is reported apart as
+  RAM mapped, before the clock starts, as ``listen --channels`` starts them).
+  Excluded, like QEMU's process start and filling: the ``migrate`` process's
+  interpreter start, imports, creating and filling its RAM; that whole process, from ``exec`` to exit, is reported apart as
   ``process_wall_s``, and ``listen_done_s`` is when ``listen`` printed its
   result, counted from the same ``exec``.
 * ours-warm: the source's ``total_time_s`` (the request → RESUMED, as above);
