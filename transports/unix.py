@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
 import stat
 from urllib.parse import urlsplit
 
-from engine.errors import ConfigError, TransportBrokenError
+from engine.errors import ConfigError
 from engine.transport import (
     Connection,
     Selectable,
@@ -39,16 +38,16 @@ def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connec
     return Connection(sock, path)
 
 
-def _remove_if_stale(path: str) -> bool:
+def _remove_if_stale(path: str) -> None:
     """Remove `path` if it is a socket file nobody listens on (its listener was
-    killed, and could not remove it); True if it did.  Anything else (a live
-    listener, its backlog full or not, a regular file) stays.  The probe does not
+    killed, and could not remove it).  Anything else (a live listener, its backlog
+    full or not, a regular file) stays, for the bind to refuse.  The probe does not
     wait: a connect that cannot complete at once is a live listener."""
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
+            return
     except FileNotFoundError:
-        return False
+        return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
@@ -56,26 +55,18 @@ def _remove_if_stale(path: str) -> bool:
     except ConnectionRefusedError:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        return True
     except OSError:
         pass
     finally:
         probe.close()
-    return False
 
 
 def listen(uri: str) -> SocketListener:
     path = _path(uri)
+    if os.path.lexists(path):  # probed only then: a usual listen sends nobody a connect
+        _remove_if_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        bind_and_listen(sock, path, uri)
-    except TransportBrokenError as exc:
-        # Probed only when the path is taken, so a usual listen sends nobody a connect.
-        if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EADDRINUSE
-                and _remove_if_stale(path)):
-            raise
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        bind_and_listen(sock, path, uri)
+    bind_and_listen(sock, path, uri)
     inode = os.stat(path).st_ino
 
     def remove_socket_file() -> None:
