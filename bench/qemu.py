@@ -42,9 +42,10 @@ What each clock includes (the ``seconds`` of a run, the ones compared):
   verification and the commit are inside (the destination's channels are up,
   RAM mapped, before the clock starts, as ``listen --channels`` starts them).
   Excluded, like QEMU's process start and filling: the ``migrate`` process's
-  interpreter start, imports, creating and filling its RAM; that whole process, from ``exec`` to exit, is reported apart as
-  ``process_wall_s``, and ``listen_done_s`` is when ``listen`` printed its
-  result, counted from the same ``exec``.
+  interpreter start, imports, creating and filling its RAM; that whole process,
+  from ``exec`` to exit, is reported apart as ``process_wall_s``, and
+  ``listen_done_s`` is when ``listen`` printed its result, counted from the same
+  ``exec``.
 * ours-warm: the source's ``total_time_s`` (the request → RESUMED, as above);
   ``call_s`` is the whole ``SourceMigration(...).run()`` call around it,
   teardown included.
