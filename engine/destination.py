@@ -437,7 +437,6 @@ class DestinationMigration(Migration):
         t_switchover: float | None = None
         devices_done: wire.DevicesDone | None = None
         handed_over = False
-        rounds = 0
         stall = self.config.stall_timeout_s
         last_bytes, last_progress = -1, time.monotonic()
         while True:
@@ -461,15 +460,13 @@ class DestinationMigration(Migration):
                 self._send_message(wire.Pong(message.token))
             elif isinstance(message, wire.SyncMarker):
                 receiver.sync(message.epoch)
-                rounds += 1
-                self.tracker.round = rounds
+                self.tracker.round += 1
             elif isinstance(message, wire.LiveRound):
                 self._on_live_round(message, t_switchover is not None)
             elif isinstance(message, wire.Switchover):
                 t_switchover = time.perf_counter()
                 if not self._local:  # the final round's pages follow (counted as the source does)
-                    rounds += 1
-                    self.tracker.round = rounds
+                    self.tracker.round += 1
                 self._hashed_at_switchover = self._hashing_ns()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
                 self.tracker.state = MigrationState.SWITCHOVER
@@ -490,7 +487,7 @@ class DestinationMigration(Migration):
                                               "without devices")
                 if self._local and not handed_over:
                     raise RemoteProtocolError("COMPLETE in local mode without RAM_HANDOVER")
-                return self._complete(message, t_start, t_setup, t_switchover, rounds, devices_done)
+                return self._complete(message, t_start, t_setup, t_switchover, devices_done)
             else:
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
 
@@ -556,9 +553,9 @@ class DestinationMigration(Migration):
 
     def _complete(
         self, message: wire.Complete, t_start: float, t_setup: float, t_switchover: float,
-        rounds: int, devices_done: wire.DevicesDone | None,
+        devices_done: wire.DevicesDone | None,
     ) -> MigrationResult:
-        assert self._receiver is not None and self.ram is not None
+        assert self._receiver is not None and self.ram is not None and self.tracker is not None
         self._receiver.wait_all_ended()
         last_epoch = self._receiver.barrier.epochs[0] - 1
         if message.final_epoch != last_epoch:
@@ -616,7 +613,7 @@ class DestinationMigration(Migration):
         return self._result(
             t_start, t_setup, t_ready, t_end,  # moved: every page is in place
             downtime_ms=downtime_s * 1000,
-            rounds=rounds,
+            rounds=self.tracker.round,
             compression=self.negotiated.codec,
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
