@@ -183,8 +183,9 @@ class SourceMigration(SavingOperation, Migration):
         # Verification: tracked (each page hashed by the channel that sent it) unless
         # the RAM is handed over, or its digests would not fit one DIGESTS (then
         # hashed after the pause); the digests sent in DIGESTS, once they are.
-        self._tracks_pages = config.verify and not config.local \
-            and tracked_fits(ram, tracked_piece_pages(config.packet_pages, ram))
+        self._tracked_piece_pages = tracked_piece_pages(config.packet_pages, ram)
+        self._tracks_pages = (config.verify and not config.local
+                              and tracked_fits(ram, self._tracked_piece_pages))
         self._digests: PieceDigests | None = None
         self.ram_digests: bytes | None = None  # as sent in DIGESTS, joined
 
@@ -321,7 +322,7 @@ class SourceMigration(SavingOperation, Migration):
                 data.settimeout(None)
         self._mark("channel_handshakes")
         if self._tracks_pages:  # verification hashes each piece as it leaves (engine/verify.py)
-            self._digests = PieceDigests(self.ram, tracked_piece_pages(cfg.packet_pages, self.ram))
+            self._digests = PieceDigests(self.ram, self._tracked_piece_pages)
             self._defer("unlink the digest map", self._digests.close)
         spec = ChannelSpec(
             # Local mode: the channels carry device state only, so they map no RAM.
