@@ -501,10 +501,8 @@ class Operation:
         return [] if self._slots is None else self._slots.counters[:, Counter.HASH_NS].tolist()
 
     def _hashing_since(self, mark: list[int]) -> float:
-        """Seconds the busiest channel spent hashing pieces since `mark` (the
-        channels hash at once: the busiest one's time is what a wait on them took)."""
-        now = self._hashing_ns()
-        return max((b - a for a, b in zip(mark, now)), default=0) / 1e9
+        """Seconds the busiest channel spent hashing pieces since `mark`."""
+        return busiest_since(mark, self._hashing_ns())
 
     def _free_slots(self) -> None:
         if self.tracker is not None:
@@ -561,3 +559,10 @@ def _free_workers(pool: WorkerPool) -> int:
     """Workers of `pool` neither busy nor claimed by a queued job."""
     stats = pool.statistics()
     return stats.max_workers - stats.busy - stats.pending
+
+
+def busiest_since(mark: Sequence[int], now: Sequence[int]) -> float:
+    """Seconds (from per-channel ns counters) the busiest channel spent between
+    `mark` and `now`: channels work at once, so the busiest one's time is what a
+    wait on all of them took, not the sum."""
+    return max((b - a for a, b in zip(mark, now)), default=0) / 1e9

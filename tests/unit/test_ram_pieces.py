@@ -121,23 +121,10 @@ def test_a_map_with_on_time_reports_each_stores_hashing_time() -> None:
 def test_hashing_since_is_the_busiest_channels_share() -> None:
     """The channels hash at once: what a wait on them took is the busiest one's time
     since the mark, not the sum."""
-    from types import SimpleNamespace
+    from engine.operation import busiest_since
 
-    from engine.operation import Operation
-    from engine.slots import Counter
-
-    table = SlotTable.create(n_slots=2, max_items=1, payload_capacity=0, n_channels=3)
-    try:
-        operation = SimpleNamespace(_slots=table)
-        operation._hashing_ns = lambda: Operation._hashing_ns(operation)  # type: ignore[attr-defined]
-        table.counters[:, Counter.HASH_NS] = [5_000_000, 0, 1_000_000]
-        mark = Operation._hashing_ns(operation)  # type: ignore[arg-type]
-        table.counters[:, Counter.HASH_NS] += np.array([1_000_000, 3_000_000, 2_000_000], dtype=np.uint64)
-        assert Operation._hashing_since(operation, mark) == 0.003  # type: ignore[arg-type]
-        assert Operation._hashing_since(operation, []) == 0.0  # type: ignore[arg-type]
-    finally:
-        table.close()
-        table.unlink()
+    assert busiest_since([5_000_000, 0, 1_000_000], [6_000_000, 3_000_000, 3_000_000]) == 0.003
+    assert busiest_since([], []) == 0.0
 
 
 def test_tracked_pieces_are_the_smallest_whose_map_fits(monkeypatch: pytest.MonkeyPatch) -> None:
