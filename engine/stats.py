@@ -131,33 +131,33 @@ class StatsTracker:
     def round_started(self, pages: int) -> None:
         """A precopy round sends `pages`: until :meth:`round_done`, what is left is
         what of them has not gone yet."""
-        self._round_queue = (pages, self._guest_pages_sent())
+        self._round_queue = (pages, self.totals()["guest_bytes"] // self.page_size)
 
     def round_done(self, dirty_pages: int) -> None:
         """The round ended: `dirty_pages` were written during it, left for the next."""
         self._round_queue = None
         self.remaining_pages = dirty_pages
 
-    def left_pages(self) -> int:
-        """Pages left to send: of the round in flight, or dirty after the last one."""
+    def left_pages(self, totals: dict[str, int] | None = None) -> int:
+        """Pages left to send: of the round in flight, or dirty after the last one
+        (`totals`: :meth:`totals` if the caller has them already)."""
         if self._round_queue is None:
             return self.remaining_pages
         pages, before = self._round_queue
-        return max(0, pages - (self._guest_pages_sent() - before))
-
-    def _guest_pages_sent(self) -> int:
-        return self.totals()["guest_bytes"] // self.page_size
+        sent = (totals or self.totals())["guest_bytes"] // self.page_size
+        return max(0, pages - (sent - before))
 
     def freeze(self) -> None:
         """Keep the final counters (call before the slot table goes away)."""
         self._frozen = self.totals()
 
-    def expected_downtime_s(self) -> float:
+    def expected_downtime_s(self, left_pages: int | None = None) -> float:
         """Dirty RAM and devices' pending state at the measured bandwidth, plus the
         devices' loading time left (as the destination measured it)."""
         if self.bandwidth <= 0:
             return self.device_load_s
-        moving = self.left_pages() * self.page_size + self.device_pending_bytes
+        left = self.left_pages() if left_pages is None else left_pages
+        moving = left * self.page_size + self.device_pending_bytes
         return moving / self.bandwidth + self.device_load_s
 
     def snapshot(self) -> MigrationStats:
@@ -170,6 +170,7 @@ class StatsTracker:
                 self._samples.popleft()
             first_t, first_bytes = self._samples[0]
         throughput = (wire - first_bytes) / (now - first_t) if now > first_t else 0.0
+        left = self.left_pages(totals)
         return MigrationStats(
             state=self.state,
             round=self.round,
@@ -181,8 +182,8 @@ class StatsTracker:
             guest_bytes_sent=totals["guest_bytes"],
             throughput_bytes_per_s=throughput,
             dirty_rate_bytes_per_s=self.dirty_rate,
-            remaining_bytes=self.left_pages() * self.page_size + self.device_pending_bytes,
-            expected_downtime_ms=self.expected_downtime_s() * 1000,
+            remaining_bytes=left * self.page_size + self.device_pending_bytes,
+            expected_downtime_ms=self.expected_downtime_s(left) * 1000,
         )
 
 
