@@ -87,7 +87,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import channel_cpu, write_report  # noqa: E402
+from bench.remote import channel_cpu, channel_cpu_per_gib, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
 from engine.channel import keep_ram_mapped  # noqa: E402
@@ -426,16 +426,17 @@ def summarize(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str,
           f"median (min-max); ratio = QEMU s / ours s per round, median (> 1: ours faster)")
     for n in args.channels:
         for case in CASES:
-            secs = [r["seconds"] for r in runs if r["channels"] == n and r["case"] == case]
-            summary["cases"].append({"channels": n, "case": case, "median_s": statistics.median(secs),
-                                     "min_s": min(secs), "max_s": max(secs)})
+            mine = [r for r in runs if r["channels"] == n and r["case"] == case]
+            secs = [r["seconds"] for r in mine]
+            entry = {"channels": n, "case": case, "median_s": statistics.median(secs),
+                     "min_s": min(secs), "max_s": max(secs)}
             cpu = ""
             if case.startswith("ours"):  # where the two cores went
-                mine = [r for r in runs if r["channels"] == n and r["case"] == case]
-                gib = args.ram / 2**30
-                src_ms, dst_ms = (statistics.median(r[f"{side}_channel_cpu_ms"] for r in mine) / gib
-                                  for side in ("source", "destination"))
+                src_ms, dst_ms = channel_cpu_per_gib(mine, args.ram / 2**30)
+                entry |= {"source_channel_cpu_ms_per_gib": src_ms,
+                          "destination_channel_cpu_ms_per_gib": dst_ms}
                 cpu = f"  channel CPU per GiB: source {src_ms:.0f} ms, destination {dst_ms:.0f} ms"
+            summary["cases"].append(entry)
             secs_text = f"{statistics.median(secs):7.3f} s ({min(secs):.3f}-{max(secs):.3f})"
             print(f"{n} ch  {case:<14} {secs_text}{cpu}")
         for qemu_case, ours in PAIRS:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import statistics
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
@@ -128,6 +129,14 @@ def channel_cpu(source: dict[str, Any], destination: dict[str, Any]) -> dict[str
     from the two results as dicts (``MigrationResult.to_dict()``, or a destination's)."""
     return {f"{side}_channel_cpu_ms": sum(m.get("cpu_ms", 0) for m in result["channel_memory_kib"])
             for side, result in (("source", source), ("destination", destination))}
+
+
+def channel_cpu_per_gib(runs: list[dict[str, Any]], gib: float) -> tuple[float, float]:
+    """The median source and destination channel CPU, ms per GiB moved, of runs that
+    carry :func:`channel_cpu`'s keys."""
+    src, dst = (statistics.median(r[f"{side}_channel_cpu_ms"] for r in runs) / gib
+                for side in ("source", "destination"))
+    return src, dst
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import channel_cpu, migrate, write_report  # noqa: E402
+from bench.remote import channel_cpu, channel_cpu_per_gib, migrate, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
@@ -150,9 +150,7 @@ def main() -> int:
             setup = statistics.median(r["setup_ms"] for r in runs[n][mode])
             cpu = statistics.median(r["source_channel_cpu_ms"] + r["destination_channel_cpu_ms"]
                                     for r in runs[n][mode])
-            per_gib = 2**30 / args.ram / 1000  # channel CPU ms per run -> CPU-s per GiB
-            src_cpu = statistics.median(r["source_channel_cpu_ms"] for r in runs[n][mode]) * per_gib
-            dst_cpu = statistics.median(r["destination_channel_cpu_ms"] for r in runs[n][mode]) * per_gib
+            src_cpu, dst_cpu = (ms / 1000 for ms in channel_cpu_per_gib(runs[n][mode], args.ram / 2**30))
             print(f"  {n} ch  {mode:4}  {rate:5.2f} GB/s ({min(rates):.2f}-{max(rates):.2f})  "
                   f"x{rate / bare:4.2f}  setup {setup:5.0f} ms  channel CPU {cpu:5.0f} ms "
                   f"(CPU-s/GiB source {src_cpu:4.2f}, destination {dst_cpu:4.2f})")
