@@ -427,11 +427,7 @@ class RamPagesFileReader:
         self.offsets = target.pages_offsets
         self.sums = _per_block(ctx, ctx.page_sums, "<u8")
         self.chunks = _chunk_map(ctx)
-        # Per block, each chunk's word and present pages, as lists: read once (the
-        # restore filled the maps before the channels started), then per chunk.
-        present = _chunk_map(ctx, part=1)
-        self.chunk_words = [self.chunks.of_block(b).tolist() if self.chunks else [] for b in self.blocks]
-        self.chunk_present = [present.of_block(b).tolist() if present else [] for b in self.blocks]
+        self.present = _chunk_map(ctx, part=1)  # each chunk's present pages (the restore's)
 
     def plan(self, slot: SendSlot) -> list[FileIO]:
         block = self.blocks[slot.a0]
@@ -448,13 +444,18 @@ class RamPagesFileReader:
         # one hash of the whole chunk, with a chunk word (not 0): checked by it after
         # their last piece; every other piece page by page after its read.  A piece
         # lies in one chunk and a chunk's pieces are consecutive.
-        words, present = self.chunk_words[block.index], self.chunk_present[block.index]
+        # The slot's chunks' words and present pages, as lists (per chunk below; numpy
+        # scalars cost more), of these chunks only.
+        c0, c1 = int(starts.min()) // fmt.CHUNK_PAGES, int(starts.max()) // fmt.CHUNK_PAGES + 1
+        words = self.chunks.of_block(block)[c0:c1].tolist() if self.chunks else []
+        present = self.present.of_block(block)[c0:c1].tolist() if self.present else []
         afters: list[Callable[[], None] | None] = [None] * len(pieces)
         for chunk, group in groupby(range(len(pieces)), key=lambda i: pieces[i][0] // fmt.CHUNK_PAGES):
             indices = list(group)
             held = sum(pieces[i][1] for i in indices)
-            if words and words[chunk] and held == present[chunk] and held >= CHUNK_CHECK_MIN_PAGES:
-                afters[indices[-1]] = partial(self._check_chunk, block, chunk, words[chunk],
+            word = words[chunk - c0] if words else 0
+            if word and held == present[chunk - c0] and held >= CHUNK_CHECK_MIN_PAGES:
+                afters[indices[-1]] = partial(self._check_chunk, block, chunk, word,
                                               [(pieces[i][0], views[i]) for i in indices])
             else:
                 for i in indices:
