@@ -58,7 +58,7 @@ from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
 from engine.wire import packet
-from engine.wire.snapshot_format import PAGE_SUM_SIZE
+from engine.wire.snapshot_format import PAGE_SUM_SIZE, sum_words
 
 # ---------------------------------------------------------------------------
 # Control messages between a main process and its channel processes.
@@ -624,8 +624,9 @@ class _FileChannel(_JobChannel):
         if target.sums is not None:
             sums = Segment.attach(target.sums)
             self._stack.callback(sums.close)
-            page_words = self.ctx.ram.n_pages * PAGE_SUM_SIZE
-            self.ctx.page_sums, self.ctx.chunk_sums = sums.buf[:page_words], sums.buf[page_words:]
+            page_words, _, _ = sum_words([block.n_pages for block in self.ctx.ram.blocks])
+            at = page_words.stop * PAGE_SUM_SIZE  # chunk words (and a restore's counts) follow
+            self.ctx.page_sums, self.ctx.chunk_sums = sums.buf[:at], sums.buf[at:]
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
         self.planners: dict[int, FilePlanner] = {}

@@ -376,8 +376,8 @@ class SnapshotSave(SavingOperation):
             # The channels put each page's checksum here as they write the page: a
             # page written again (a later round) gets its new checksum in place; then
             # each chunk's, recomputed by every channel that writes its pages.
-            self._sums = _shared_map(self, (self.ram.n_pages + _total_chunks(self.ram)) * fmt.PAGE_SUM_SIZE,
-                                     "the checksum map")
+            _, chunk_words, _ = _sum_words(self.ram)
+            self._sums = _shared_map(self, chunk_words.stop * fmt.PAGE_SUM_SIZE, "the checksum map")
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
@@ -417,10 +417,10 @@ class SnapshotSave(SavingOperation):
         assert file is not None and area is not None and present_map is not None
         n_pages = self.ram.n_pages
         present = np.frombuffer(bytes(present_map.buf[:n_pages]), dtype=np.uint8)
-        n_chunks = _total_chunks(self.ram)
-        words = (np.frombuffer(bytes(self._sums.buf[:(n_pages + n_chunks) * fmt.PAGE_SUM_SIZE]), dtype="<u8")
-                 if self._sums is not None else np.zeros(n_pages + n_chunks, dtype="<u8"))
-        all_sums, all_chunk_sums = words[:n_pages], words[n_pages:]
+        page_words, chunk_words, _ = _sum_words(self.ram)
+        words = (np.frombuffer(bytes(self._sums.buf[:chunk_words.stop * fmt.PAGE_SUM_SIZE]), dtype="<u8")
+                 if self._sums is not None else np.zeros(chunk_words.stop, dtype="<u8"))
+        all_sums, all_chunk_sums = words[page_words], words[chunk_words]
         blocks: list[fmt.BlockEntry] = []
         first = first_chunk = 0
         for entry, block in zip(self.layout.blocks, self.ram.blocks):
@@ -486,9 +486,9 @@ def _chunk_piece_pages(packet_pages: int) -> int:
     return fmt.CHUNK_PAGES if packet_pages >= fmt.CHUNK_PAGES else 1
 
 
-def _total_chunks(ram: GuestRAM) -> int:
-    """Chunks (snapshot_format.CHUNK_PAGES pages) of all blocks: the chunk maps' length."""
-    return sum(fmt.n_chunks(block.n_pages) for block in ram.blocks)
+def _sum_words(ram: GuestRAM) -> tuple[slice, slice, slice]:
+    """The checksum map's parts for `ram` (snapshot_format.sum_words)."""
+    return fmt.sum_words([block.n_pages for block in ram.blocks])
 
 
 # ---------------------------------------------------------------------------
@@ -623,18 +623,18 @@ class SnapshotRestore(Operation):
             # the block headers already, in _read_snapshot), in one map: each page's
             # checksum, each chunk's, then each chunk's present pages (a channel
             # holding them all checks the chunk by its word: ChannelContext.chunk_sums).
-            n_chunks = _total_chunks(ram)
-            self._sums = _shared_map(self, (ram.n_pages + 2 * n_chunks) * fmt.PAGE_SUM_SIZE,
-                                     "the checksum map")
-            words = np.frombuffer(self._sums.buf, dtype="<u8", count=ram.n_pages + 2 * n_chunks)
-            page_at, chunk_at = 0, ram.n_pages
+            layout = _sum_words(ram)
+            self._sums = _shared_map(self, layout[-1].stop * fmt.PAGE_SUM_SIZE, "the checksum map")
+            words = np.frombuffer(self._sums.buf, dtype="<u8", count=layout[-1].stop)
+            page_words, chunk_words, present_words = (words[part] for part in layout)
+            page_at = chunk_at = 0
             for block, pages, (page_sums, chunk_sums) in zip(ram.blocks, present, sums):
                 block_chunks = fmt.n_chunks(block.n_pages)
-                words[page_at:page_at + block.n_pages] = page_sums
-                words[chunk_at:chunk_at + block_chunks] = chunk_sums
+                page_words[page_at:page_at + block.n_pages] = page_sums
+                chunk_words[chunk_at:chunk_at + block_chunks] = chunk_sums
                 # present pages per chunk: the pages are sorted, so where each chunk starts
                 bounds = np.searchsorted(pages, np.arange(block_chunks + 1) * fmt.CHUNK_PAGES)
-                words[chunk_at + n_chunks:chunk_at + n_chunks + block_chunks] = np.diff(bounds)
+                present_words[chunk_at:chunk_at + block_chunks] = np.diff(bounds)
                 page_at, chunk_at = page_at + block.n_pages, chunk_at + block_chunks
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,

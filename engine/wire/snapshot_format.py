@@ -190,6 +190,16 @@ def n_chunks(n_pages: int) -> int:
     return -(-n_pages // CHUNK_PAGES)
 
 
+def sum_words(block_pages: Sequence[int]) -> tuple[slice, slice, slice]:
+    """Where a save's or restore's checksum map (words of PAGE_SUM_SIZE bytes, one
+    segment shared with the channels) keeps, for blocks of `block_pages` pages,
+    blocks in order within each: every page's checksum, every chunk's, then (a
+    restore's only) every chunk's present pages."""
+    n_pages = sum(block_pages)
+    chunks_end = n_pages + sum(n_chunks(n) for n in block_pages)
+    return slice(0, n_pages), slice(n_pages, chunks_end), slice(chunks_end, 2 * chunks_end - n_pages)
+
+
 def plan_layout(blocks: Sequence[tuple[str, int]], page_size: int = 4096) -> Layout:
     """Offsets for a snapshot of RAM with `blocks` (name, size)."""
     _check_blocks(blocks, page_size)
