@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.remote import SECRET, against_destination, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration  # noqa: E402
-from engine.channel import CHANNEL_PRELOAD, channel_fork_server  # noqa: E402
+from engine.channel import channel_fork_server, channel_pool  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.pool import WorkerPool, warm_up  # noqa: E402
 from engine.shm import RamHandle  # noqa: E402
@@ -59,8 +59,8 @@ def _destination(handle: RamHandle, case: str, channels: int, pipe: Connection) 
     "warm"), all before it tells the source where it listens."""
     ram = GuestRAM.attach(handle, populate=True)
     config = MigrationConfig(channels=channels, start_method=_start_method(case)).for_destination()
-    pool = WorkerPool("process", channels, name="dst-warm",
-                                                preload=CHANNEL_PRELOAD) if case == "warm" else None
+    # spawned workers, as the bench always had them (channel_pool's default is the fork server)
+    pool = channel_pool(channels, "dst-warm", start_method="spawn") if case == "warm" else None
     try:
         if pool is not None:
             warm_up(pool)
@@ -134,8 +134,7 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     with GuestRAM.create({"pc.ram": args.ram}) as src, \
             GuestRAM.create({"pc.ram": args.ram}, prealloc=True) as dst, \
-            WorkerPool("process", args.channels, name="src-warm",
-                       preload=CHANNEL_PRELOAD) as warm:
+            channel_pool(args.channels, "src-warm", start_method="spawn") as warm:
         fill_ram(src, "random", seed=7)
         if "forkserver" in args.cases:
             channel_fork_server().wait_ready()  # as the CLI starts it when a command begins

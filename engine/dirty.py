@@ -49,11 +49,7 @@ class DirtySource(Protocol):
 def drop_marks(source: DirtySource, block: RamBlock) -> None:
     """Clear `block`'s marks in `source` when nobody reads the pages (round 1): its
     own ``drop`` where it has one (no page list made), else a take."""
-    own = getattr(source, "drop", None)
-    if own is not None:
-        own(block)
-    else:
-        source.take(block)
+    getattr(source, "drop", source.take)(block)
 
 
 class BlockDirtyMaps:
