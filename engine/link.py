@@ -274,7 +274,10 @@ class RecordConnection(Connection):
     of its own, so a receiver checks headers before it acts on them.
     Receiving scatters each record's data straight into the caller's views
     (guest RAM) and feeds the tag from there; the tag is checked as soon as the
-    record's last byte is in, before anything after it is read.
+    record's last byte is in, before anything after it is read.  A caller that
+    asks for a few bytes (:meth:`recv_exact_or_eof`: a packet's headers) gets
+    them only from a whole record whose tag checked; the rest of that record
+    waits in this object for the next call (:meth:`pending`).
     """
 
     def __init__(self, sock: socket.socket, peer: str, send_key: bytes, recv_key: bytes) -> None:
@@ -290,6 +293,8 @@ class RecordConnection(Connection):
         self._stage_lock = threading.Lock()  # a send holds the buffer; close() gives it back
         self._fd_room = 0       # descriptors a receive may take now (recv_some_with_fds)
         self._fds: list[int] = []
+        # Bytes of records whose tag checked, not yet handed on (recv_exact_or_eof).
+        self._checked = bytearray()
 
     # -- descriptors (local mode: the RAM handover over a unix socket) ------
 
@@ -407,29 +412,52 @@ class RecordConnection(Connection):
         return total
 
     def recv_exact_or_eof(self, n: int) -> bytes | None:
+        """`n` bytes, each from a record whose tag checked: the whole record is read
+        before any of it is handed on (a packet's headers are acted on only once
+        checked), its rest kept for the next call."""
         try:
-            if not self._left and not self._open_record(eof_ok=True):
-                return None
-            buf = bytearray(n)
-            self._fill([memoryview(buf)])
+            while len(self._checked) < n:
+                if not self._read_checked(eof_ok=not self._checked):
+                    return None
         except OSError as exc:
             raise self._failed(exc, f"receive from {self.peer}") from exc
-        return bytes(buf)
+        data = bytes(self._checked[:n])
+        del self._checked[:n]
+        return data
 
     def recv_some(self, max_bytes: int = 65536) -> bytes:
         """The rest of the current record, whatever `max_bytes` says (b"" at the end
         of the stream): bytes are handed on only once their tag checked."""
         try:
-            if not self._left and not self._open_record(eof_ok=True):
+            if not self._checked and not self._read_checked(eof_ok=True):
                 return b""
-            buf = bytearray(self._left)
-            self._fill([memoryview(buf)])
         except OSError as exc:
             raise self._failed(exc, f"receive from {self.peer}") from exc
-        return bytes(buf)
+        data, self._checked = bytes(self._checked), bytearray()
+        return data
+
+    def pending(self) -> int:
+        return len(self._checked)
+
+    def _read_checked(self, eof_ok: bool) -> bool:
+        """The rest of the current record (or all of the next one, ≤ MAX_RECORD)
+        onto :attr:`_checked`, its tag checked; False at a clean end of the stream."""
+        if not self._left and not self._open_record(eof_ok):
+            return False
+        rest = bytearray(self._left)
+        self._fill([memoryview(rest)])
+        self._checked += rest
+        return True
 
     def _fill(self, views: list[memoryview]) -> None:
         start = 0
+        at = 0  # checked bytes left over from a headers read come first
+        while at < len(self._checked) and start < len(views):
+            take = min(views[start].nbytes, len(self._checked) - at)
+            views[start][:take] = self._checked[at:at + take]
+            at += take
+            start = advance(views, start, take)
+        del self._checked[:at]
         while start < len(views):
             if not self._left:
                 self._open_record(eof_ok=False)

@@ -30,7 +30,7 @@ from engine.errors import (
 )
 from engine.link import TlsConfig
 from engine.sync import MigrationState, wait_readable
-from engine.wire import packet
+from engine.wire import packet, record
 from tests.certs import NoOpenssl, Pki, make_pki
 from tests.harness import SECRET, MiB, SlowLink, guest_ram, outcomes, same_memory
 from tests.integration.test_cli import MULTIFD, _one_error_line
@@ -225,6 +225,8 @@ FLIP_AT = 3 * MiB + 12345
 @pytest.mark.parametrize(("mode", "number", "offset"), [
     pytest.param("mac", 1, FLIP_AT, id="mac"),
     pytest.param("mac", 0, packet.HELLO_SIZE + 20, id="mac-main-channel"),  # inside CONFIG
+    # the first packet's magic: its headers' record is checked before they are read
+    pytest.param("mac", 1, packet.HELLO_SIZE + record.HEADER_SIZE, id="mac-packet-header"),
     pytest.param("tls", 1, FLIP_AT, id="tls"),
     pytest.param("none", 1, FLIP_AT, id="none"),
 ])

@@ -158,6 +158,37 @@ def test_a_changed_stream_fails_its_tag(change: str) -> None:
             sock.close()
 
 
+def test_a_short_read_hands_on_nothing_before_its_record_checked() -> None:
+    """A packet's headers are read in two steps (the common header, then the
+    kind's): the first bytes of a record are handed on only once the whole
+    record's tag checked (docs/wire-format.md §1.1), so a flipped header byte is
+    an IntegrityError, not a malformed packet; the record's rest comes next."""
+    out, back = key(1, record.Direction.TO_DESTINATION), key(1, record.Direction.TO_SOURCE)
+    a, b = socket.socketpair()
+    try:
+        sender = RecordConnection(a, "dst", out, back)
+        (headers,) = raw_records(sender, b, b"COMMON16BYTES!!!" + b"kind header")
+        for wire, intact in ((headers, True), (headers[:5] + bytes([headers[5] ^ 1]) + headers[6:], False)):
+            feed, receiver_sock = socket.socketpair()
+            with feed, receiver_sock:
+                feed.sendall(wire)
+                feed.shutdown(socket.SHUT_WR)
+                receiver = RecordConnection(receiver_sock, "src", back, out)
+                if not intact:
+                    with pytest.raises(IntegrityError):
+                        receiver.recv_exact_or_eof(16)
+                    continue
+                assert receiver.recv_exact_or_eof(16) == b"COMMON16BYTES!!!"
+                assert receiver.pending() == len(b"kind header")  # checked, kept for the next read
+                into = bytearray(4)
+                receiver.recv_into_buffers([memoryview(into)])
+                assert into == b"kind" and receiver.recv_exact_or_eof(7) == b" header"
+                assert receiver.pending() == 0 and receiver.recv_exact_or_eof(1) is None
+    finally:
+        a.close()
+        b.close()
+
+
 # -- the staging buffer, kept for the process's next connection (engine/link.py) --
 
 
