@@ -770,6 +770,9 @@ class _RecvChannel(_Channel):
                 self._wait_release(record.epoch)
                 self.epoch += 1
             elif isinstance(record, packet.EndPacket):
+                if self.conn.peek():  # bytes of END's own record, or already in: main checks later ones
+                    raise RemoteProtocolError(f"the source sent bytes after END on multifd channel "
+                                              f"{self.spec.channel_id}")
                 self.ctx.count(Counter.LAST_WORD, 1)  # every page is in place: our work is done
                 post(self.ctrl, ControlOp.ENDED, record.epoch)
                 self._wait_goodbye()

@@ -192,6 +192,7 @@ class DestinationMigration(Migration):
         self.refused: list[str] = []   # why each refused connection was refused (the first REFUSALS_KEPT)
         self._refusals_window = (-REFUSAL_WINDOW_S, 0, 0)  # (start, logged, not logged) of the window
         self._receiver: MultifdReceiver | None = None
+        self._channel_conns: list[Connection] = []  # main's copies of the channels' connections
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
         self.autostart = autostart
         self.running = False  # the guest was resumed here (after the commit)
@@ -266,6 +267,7 @@ class DestinationMigration(Migration):
         self._mark("main_channel")
 
         conns = self._accept_channels(hello)
+        self._channel_conns = conns  # after END nothing may come on them (_complete)
         self._mark("channel_handshakes")
         self._defer("close the channel connections", close_all, conns)
         # Destination slots carry no pages: they deliver device chunks to this
@@ -557,6 +559,9 @@ class DestinationMigration(Migration):
     ) -> MigrationResult:
         assert self._receiver is not None and self.ram is not None and self.tracker is not None
         self._receiver.wait_all_ended()
+        for channel_id, conn in enumerate(self._channel_conns):
+            if conn.peek():  # the source sent COMPLETE after END on every channel: nothing follows END
+                raise RemoteProtocolError(f"the source sent bytes after END on multifd channel {channel_id}")
         last_epoch = self._receiver.barrier.epochs[0] - 1
         if message.final_epoch != last_epoch:
             raise RemoteProtocolError(

@@ -656,6 +656,24 @@ class TlsConnection(Connection):
     def pending(self) -> int:
         return self.sock.pending()
 
+    def peek(self) -> bool | None:
+        """As :meth:`Connection.peek`; a TLS record that carries no data (a
+        close_notify) is no bytes.  Decrypting what came may take a byte of data
+        off the stream: a caller peeks where any byte is an error."""
+        raw = super().peek()
+        if not raw or self.sock.pending():
+            return raw
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0)
+        try:
+            return True if self.sock.recv(1) else None
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False  # part of a record
+        except OSError:
+            return None
+        finally:
+            self.sock.settimeout(timeout)
+
     def shutdown_read(self) -> None:
         # SSLSocket.shutdown() drops the TLS state (later writes would go out in the
         # clear): shut the socket underneath instead.

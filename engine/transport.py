@@ -162,6 +162,19 @@ class Connection:
         them): 0 here; a TLS connection may hold decrypted bytes."""
         return 0
 
+    def peek(self) -> bool | None:
+        """Without blocking or reading: True if received bytes wait to be read (held
+        in this process, :meth:`pending`, or in the socket), None at the peer's end
+        of the stream (EOF, or an error), False while nothing came."""
+        if self.pending():
+            return True
+        try:  # the plain socket's recv (a TLS one's too: its records): peek, never consume
+            return True if socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else None
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return None
+
     def readable(self, timeout: float = 0.0) -> bool:
         """True if a read would not block (data, EOF or an error are waiting)."""
         return bool(wait_readable([self.sock], timeout))
