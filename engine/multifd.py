@@ -43,6 +43,7 @@ from engine.errors import (
     BrokenPoolError,
     CancelledError,
     LocalProtocolError,
+    RemoteProtocolError,
     RemoteTraceback,
     TransportBrokenError,
     TransportClosedError,
@@ -428,7 +429,12 @@ class MultifdReceiver:
         self._pump.watch = (fd, readable)
 
     def sync(self, epoch: int) -> None:
-        """Wait until every channel reached SYNC(epoch), then release them all."""
+        """Wait until every channel reached SYNC(epoch), then release them all.
+        Markers come in order, one per epoch: another (a repeated one) would wait
+        for a sync that never comes."""
+        if epoch != self.barrier.epochs[0]:
+            raise RemoteProtocolError(f"SYNC_MARKER({epoch}) while the channels are in epoch "
+                                      f"{self.barrier.epochs[0]}")
         self._pump.pump_until(lambda: self.barrier.all_at(epoch), self._handle, f"sync {epoch}")
         self.barrier.release_all(epoch)
         for link in self._links:

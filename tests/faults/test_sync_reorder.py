@@ -140,3 +140,23 @@ def test_a_page_of_the_next_epoch_is_not_overwritten_by_a_late_stale_copy() -> N
                 destination.wait(10)
             except MigrationError:
                 pass
+
+
+def test_a_repeated_marker_is_refused_at_once() -> None:
+    """Markers come one per epoch, in order: a second SYNC_MARKER(1) would wait for
+    a sync 1 that never comes again (a stall until the stall timeout)."""
+    with guest_ram(1 * MiB, fill="zero") as dst:
+        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst,
+                                           config=FAST, ram_is_zeroed=True)
+        destination.start()
+        source = HandMadeSource(destination, list(dst.layout), channels=1)
+        try:
+            (ch0,) = _join(source)
+            _page(ch0, 1, P, NEW)
+            _sync(ch0, 1)
+            source.send(wire.SyncMarker(1))
+            source.send(wire.SyncMarker(1))
+            with pytest.raises(MigrationError, match=r"SYNC_MARKER\(1\) while the channels are in epoch 2"):
+                destination.wait(10)
+        finally:
+            source.close()
