@@ -22,6 +22,7 @@ warning (the source decides them).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Protocol, Self
 
@@ -47,7 +48,31 @@ class LocalConfig(Protocol):
     def validate(self) -> Self: ...
 
 
+def _check_types(config: Any) -> None:
+    """Each field of the dataclass `config` holds what its annotation says (a JSON
+    or YAML config file gives 2.0 for 2, "2" for 2, inf for "no limit"): ConfigError
+    naming the first that does not.  bool is not taken for int or float."""
+    for spec in fields(config):
+        value, kind = getattr(config, spec.name), str(spec.type)
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("int"):
+            ok, want = type(value) is int, "a whole number"
+        elif kind.startswith("float"):
+            ok = type(value) in (int, float) and math.isfinite(value)
+            want = "a finite number"
+        elif kind == "bool":
+            ok, want = type(value) is bool, "True or False"
+        elif kind == "str" or kind.startswith("Literal"):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{spec.name} must be {want}, got {value!r}")
+
+
 def _check_local(config: LocalConfig) -> None:
+    _check_types(config)
     if config.integrity not in ("mac", "none"):
         raise ConfigError(f"integrity must be 'mac' or 'none', not {config.integrity!r}")
     for name in ("handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
@@ -127,6 +152,7 @@ class MigrationConfig:
 
     def validate(self) -> MigrationConfig:
         """Return self, or raise ConfigError naming the bad field."""
+        _check_types(self)
         if not 1 <= self.channels <= packet.MAX_CHANNELS:
             raise ConfigError(f"channels must be 1..{packet.MAX_CHANNELS}, got {self.channels}")
         if not 1 <= self.packet_pages <= packet.MAX_PACKET_PAGES:
@@ -181,3 +207,13 @@ NEGOTIATED = frozenset({"channels", "packet_pages", "compression", "compression_
                         "zero_page_detection", "verify", "local"})
 SHARED_LOCAL = frozenset(f.name for f in fields(DestinationConfig))
 SOURCE_LOCAL = frozenset(f.name for f in fields(MigrationConfig)) - NEGOTIATED - SHARED_LOCAL
+
+
+def source_config(config: object) -> MigrationConfig:
+    """A source's or a snapshot's `config`: the defaults for None; ConfigError
+    for anything but a MigrationConfig."""
+    if config is None:
+        return MigrationConfig()
+    if not isinstance(config, MigrationConfig):
+        raise ConfigError(f"config must be a MigrationConfig, not {type(config).__name__}")
+    return config

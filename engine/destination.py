@@ -57,12 +57,13 @@ from engine.errors import (
 from engine.link import LinkSecurity, TlsConfig, destination_peer_name, require_tls_files
 from engine.migration import Migration
 from engine.multifd import MultifdReceiver
+from engine.operation import check_ram
 from engine.payload import DeliveryConsumer, payload_modules, slot_capacity
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, MigrationState, Signal, wait_any
+from engine.sync import MigrationEvent, Signal, wait_any
 from engine.transport import Connection, close_all, listen
 from engine.verify import (
     DIGEST_CHUNK,
@@ -84,6 +85,8 @@ def _destination_config(config: DestinationConfig | MigrationConfig | None) -> D
         return DestinationConfig()
     if isinstance(config, DestinationConfig):
         return config
+    if not isinstance(config, MigrationConfig):
+        raise ConfigError(f"config must be a DestinationConfig, not {type(config).__name__}")
     unused = config.validate().unused_by_destination()
     if unused:
         given = ", ".join(f"{name}={value!r}" for name, value in unused.items())
@@ -160,7 +163,13 @@ class DestinationMigration(Migration):
         on_ram: Callable[[GuestRAM], None] | None = None,
         tls: TlsConfig | None = None,
     ) -> None:
+        # Every argument is checked before anything is made (the operation's latch).
         require_tls_files(address, tls)
+        check_ram(ram, optional=True)
+        keyed_devices = loading_devices(devices, device_load)
+        if type(max_device_buffer) is not int or max_device_buffer < packet.MAX_DEVICE_CHUNK:
+            raise ConfigError(f"max_device_buffer must be a whole number of bytes, at least one chunk "
+                              f"({packet.MAX_DEVICE_CHUNK}), got {max_device_buffer!r}")
         self.tls = tls.validate() if tls is not None else None
         peer_name = destination_peer_name(tls) if tls is not None else None
         super().__init__(_destination_config(config), secret, pool, own_pool_if_short)
@@ -177,7 +186,7 @@ class DestinationMigration(Migration):
         # RAM created here is zero; RAM handed in is only if the caller says so.
         self.ram_is_zeroed = ram_is_zeroed or ram is None
         self.accept_codecs = accept_codecs  # None: every codec this side has
-        self.devices = loading_devices(devices, device_load)
+        self.devices = keyed_devices
         self.device_load = device_load
         self.max_device_buffer = max_device_buffer
         self._loader: DeviceLoading | None = None
@@ -208,6 +217,10 @@ class DestinationMigration(Migration):
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
+        self._release_unstarted()
+
+    def _release_unstarted(self) -> None:
+        self._admission.close()
         self._listener.close()
 
     # -- the phases --------------------------------------------------------
@@ -471,7 +484,6 @@ class DestinationMigration(Migration):
                     self.tracker.round += 1
                 self._hashed_at_switchover = self._hashing_ns()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
-                self.tracker.state = MigrationState.SWITCHOVER
             elif isinstance(message, wire.RamHandover):
                 if t_switchover is None or handed_over or not self._local:
                     raise RemoteProtocolError("RAM_HANDOVER out of place")
@@ -600,7 +612,6 @@ class DestinationMigration(Migration):
         self._commit()  # from here on this side owns the VM, whatever happens
         if self._local:
             self.ram.adopt()  # the source gave it up before it sent COMMIT
-        self._set_state(MigrationState.COMMITTED)
         resume_error = self._start_guest()
         downtime_s = time.perf_counter() - t_switchover
         try:

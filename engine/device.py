@@ -132,10 +132,25 @@ def device_key(device: MigratableDevice) -> tuple[str, int]:
     return (device.idstr, device.instance_id)
 
 
+def checked_devices(devices: Iterable[MigratableDevice]) -> list[MigratableDevice]:
+    """`devices` as a list, each a :class:`MigratableDevice` with a str idstr and an
+    int instance_id; else ConfigError naming the first that is not."""
+    listed = list(devices)
+    for device in listed:
+        if not isinstance(device, MigratableDevice):
+            raise ConfigError(f"{device!r} is not a device: a device has idstr, instance_id, "
+                              f"save_state, save_config, load_state and load_config")
+        if not isinstance(device.idstr, str) or type(device.instance_id) is not int:
+            raise ConfigError(f"device {device!r}: idstr must be a str and instance_id an int, got "
+                              f"{device.idstr!r} and {device.instance_id!r}")
+    return listed
+
+
 def loading_devices(devices: Sequence[MigratableDevice], device_load: str
                     ) -> dict[tuple[str, int], MigratableDevice]:
-    """The devices a loading side was given, by key; ConfigError for a key given
-    twice or a device_load other than "parallel" or "serial"."""
+    """The devices a loading side was given, by key; ConfigError for a device that
+    is not one, a key given twice or a device_load other than "parallel" or "serial"."""
+    devices = checked_devices(devices)
     keyed = {device_key(device): device for device in devices}
     if len(keyed) != len(devices):
         raise ConfigError("two devices share an (idstr, instance_id)")

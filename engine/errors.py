@@ -25,6 +25,7 @@ Every error the engine raises derives from :class:`MigrationError`::
     ├── GuestControlError             pause_guest / resume_guest raised: says where the guest is
     ├── OutcomeUnknownError           the source sent COMMIT but never heard back: guest paused
     ├── CancelledError                the migration was cancelled
+    ├── WaitTimeout                   wait(timeout) returned before the operation ended (a TimeoutError too)
     └── RemoteTraceback               (a cause, never raised) another process's traceback
 
 Errors cross process boundaries (channel processes report them to the main
@@ -156,6 +157,11 @@ class CancelledError(MigrationError):
     """The migration (or a pool job) was cancelled."""
 
 
+class WaitTimeout(MigrationError, TimeoutError):
+    """``Operation.wait(timeout)`` ran out of time; the operation goes on (wait
+    again, or cancel it).  Also a TimeoutError, as ``Future.result`` raises."""
+
+
 class RemoteTraceback(MigrationError):
     """The formatted traceback of an exception raised in another process.
 
@@ -175,7 +181,7 @@ class RemoteTraceback(MigrationError):
 
 # Classes whose meaning is this side's own state (where its guest is, what it
 # committed): the peer's use of them says nothing of ours, so they arrive plain.
-_LOCAL_MEANING = (RemoteTraceback, GuestControlError, OutcomeUnknownError)
+_LOCAL_MEANING = (RemoteTraceback, GuestControlError, OutcomeUnknownError, WaitTimeout)
 
 
 def remote_error(name: str, message: str) -> MigrationError:

@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
 from dataclasses import replace
 from typing import Any
@@ -56,7 +57,7 @@ from engine.channel import (
     read_control,
     run_contained,
 )
-from engine.config import LocalConfig
+from engine.config import DestinationConfig, LocalConfig, MigrationConfig
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice
 from engine.errors import (
     CancelledError,
@@ -66,6 +67,7 @@ from engine.errors import (
     OutcomeUnknownError,
     PoolError,
     TransportClosedError,
+    WaitTimeout,
 )
 from engine.multifd import ChannelLink, channel_error, root_cause, shutdown_links
 from engine.payload import payload_entry
@@ -99,6 +101,8 @@ class Operation:
 
     def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None,
                  own_pool_if_short: bool = False) -> None:
+        if not isinstance(config, (MigrationConfig, DestinationConfig)):
+            raise ConfigError(f"config must be a MigrationConfig, not {type(config).__name__}")
         self.config = config.validate()
         # The payload handlers are found through entry points (a scan of the installed
         # packages, ~50 ms), and OpenSSL sets AES-GCM up on first use (~5 ms): now,
@@ -133,6 +137,12 @@ class Operation:
         # or is refused after it.  An operation without a peer never commits.
         self._commit_lock = threading.Lock()
         self._committed = False
+        # A snapshot's point of no return (published, or the restored guest about to
+        # start): after it, as after a commit, a cancel is refused.
+        self._past_return = False
+        # An operation runs once: run(), start() or a cancel() before either claims it.
+        self._claim_lock = threading.Lock()
+        self._claimed_by: str | None = None
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the operation; a migration reports them.
         self.late_channel_failures: list[str] = []
@@ -146,7 +156,21 @@ class Operation:
         return self._machine.state
 
     def run(self) -> MigrationResult:
-        """Run to completion in this thread.  Raises a MigrationError on failure or cancel."""
+        """Run to completion in this thread.  Raises a MigrationError on failure or
+        cancel, and ConfigError if the operation was already started: it runs once."""
+        self._claim("run")
+        return self._run_once()
+
+    def _claim(self, how: str) -> None:
+        with self._claim_lock:
+            claimed, self._claimed_by = self._claimed_by, self._claimed_by or how
+        if claimed == "cancel":
+            self.latch.raise_if_failed()  # the CancelledError run() raises after a cancel
+        if claimed is not None:
+            raise ConfigError(f"this {self.role} was already started (with {claimed}()): an operation "
+                              f"runs once; create a new one")
+
+    def _run_once(self) -> MigrationResult:
         try:
             self.result = self._run()
         except BaseException as exc:
@@ -182,36 +206,71 @@ class Operation:
         return error
 
     def start(self) -> None:
-        """Run in the background; use :meth:`wait` for the result."""
-        if self._runner is not None:
-            raise ConfigError("this migration was already started")
+        """Run in the background; use :meth:`wait` for the result.  ConfigError if
+        the operation was already started: it runs once."""
+        self._claim("start")
         self._runner = WorkerPool("thread", 1, name=f"mfd-{self.role}")
-        self._run_future = self._runner.submit(self.run)
+        self._run_future = self._runner.submit(self._run_once)
 
     def wait(self, timeout: float | None = None) -> MigrationResult:
-        """Wait for a started migration.  Raises its error, or TimeoutError."""
+        """Wait for an operation started with :meth:`start`.  Raises its error, or
+        :class:`~engine.errors.WaitTimeout` (a MigrationError and a TimeoutError)
+        if it is still running after `timeout` seconds."""
         if self._run_future is None or self._runner is None:
-            raise ConfigError("start() the migration first")
+            if self._claimed_by == "run":
+                raise ConfigError(f"this {self.role} runs in the thread that called run(): wait() is "
+                                  f"for one started with start()")
+            raise ConfigError(f"start() the {self.role} first")
         try:
             return self._run_future.result(timeout)
+        except FutureTimeout:
+            raise WaitTimeout(f"the {self.role} is still running ({self.state}) after {timeout} s") from None
         finally:
             if self._run_future.done():
                 self._runner.shutdown()
 
     def done(self) -> bool:
-        return self._run_future is not None and self._run_future.done()
+        """True once the operation has finished, however it was run (or cancelled
+        before it started)."""
+        return self.state.finished
 
     def cancel(self, reason: str = "migration cancelled") -> bool:
         """Cancel at any phase before the commit point; run() then raises CancelledError.
 
         Returns False, and changes nothing, once the migration committed (the
-        destination owns the VM: there is nothing left to cancel) or already failed.
+        destination owns the VM: there is nothing left to cancel), once a snapshot
+        is past its point of no return (published; the restored guest starting),
+        or once the operation finished.  A cancel before run() or start() releases
+        at once what the operation holds (a destination's listening socket).
         """
         with self._commit_lock:
-            if self._committed:
-                log.info("%s: cancel refused, the migration has committed", self.role)
+            if self._committed or self._past_return or self.state.finished:
+                log.info("%s: cancel refused, the %s has %s", self.role, self.role,
+                         "finished" if self.state.finished else "committed")
                 return False
-            return self.latch.cancel(reason)
+            if not self.latch.cancel(reason):
+                return False
+        with self._claim_lock:
+            unstarted, self._claimed_by = self._claimed_by is None, self._claimed_by or "cancel"
+        if unstarted:  # nothing runs that would tear it down
+            self._machine.fire(MigrationEvent.CANCEL)
+            self._release_unstarted()
+            self._teardown()
+            self._machine.fire(MigrationEvent.TORN_DOWN)
+            self.latch.close()
+        return True
+
+    def _release_unstarted(self) -> None:
+        """What construction took (a destination's listener), for a cancel before
+        the operation ran; what set-up makes is released by :meth:`_teardown`."""
+
+    def _pass_point_of_no_return(self) -> None:
+        """A snapshot's step after which it completes whatever happens (the file is
+        published; the restored guest is started): a cancel or failure that came
+        first is raised here; one after it is refused (:meth:`cancel` says False)."""
+        with self._commit_lock:
+            self.latch.raise_if_failed()
+            self._past_return = True
 
     @property
     def committed(self) -> bool:
@@ -219,8 +278,13 @@ class Operation:
         (an operation without a peer never commits)."""
         return self._committed
 
-    def stats(self) -> MigrationStats | None:
-        return self.tracker.snapshot() if self.tracker is not None else None
+    def stats(self) -> MigrationStats:
+        """Where the operation is (its :attr:`state`) and its figures so far: all
+        zero until set-up has made its counters (a destination still listening)."""
+        if self.tracker is None:
+            ram_bytes = self.ram.size if self.ram is not None else 0
+            return MigrationStats(self.state, 0, 0.0, ram_bytes, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0)
+        return self.tracker.snapshot(self.state)
 
     def channel_pids(self) -> tuple[int, ...]:
         """PIDs of this operation's channel processes, once they are serving
@@ -404,11 +468,6 @@ class Operation:
             figures["first_packet_ms"] = round((min(firsts) - t_start) * 1000, 3)
         return figures
 
-    def _set_state(self, state: MigrationState) -> None:
-        """What :meth:`stats` reports as the state from now on."""
-        if self.tracker is not None:
-            self.tracker.state = state
-
     def _result(self, t_start: float, t_setup: float, t_moved: float, t_end: float, *,
                 downtime_ms: float, rounds: int, extra: dict[str, Any] | None = None,
                 **fields: Any) -> MigrationResult:
@@ -566,3 +625,9 @@ def busiest_since(mark: Sequence[int], now: Sequence[int]) -> float:
     `mark` and `now`: channels work at once, so the busiest one's time is what a
     wait on all of them took, not the sum."""
     return max((b - a for a, b in zip(mark, now)), default=0) / 1e9
+
+
+def check_ram(ram: object, optional: bool = False) -> None:
+    """ConfigError unless `ram` is a GuestRAM (or None, where `optional`)."""
+    if not (isinstance(ram, GuestRAM) or (optional and ram is None)):
+        raise ConfigError(f"ram must be a GuestRAM{' or None' if optional else ''}, not {type(ram).__name__}")

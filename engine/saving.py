@@ -28,10 +28,9 @@ from typing import Any
 
 from engine.config import MigrationConfig
 from engine.converge import AutoConverge, DirtyRateMeter
-from engine.device import DeviceSaving, MigratableDevice, is_iterative
+from engine.device import DeviceSaving, MigratableDevice, checked_devices, is_iterative
 from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.errors import (
-    CancelledError,
     ConfigError,
     ConvergenceError,
     GuestControlError,
@@ -39,12 +38,12 @@ from engine.errors import (
     OutcomeUnknownError,
 )
 from engine.multifd import MultifdSender
-from engine.operation import Operation
+from engine.operation import Operation, check_ram
 from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.stats import StatsTracker
-from engine.sync import MigrationEvent, MigrationState
+from engine.sync import MigrationEvent
 from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
@@ -87,6 +86,8 @@ class SavingOperation(Operation):
         throttle_guest: Callable[[int], None] | None = None,
         **more: Any,
     ) -> None:
+        check_ram(ram)
+        devices = checked_devices(devices)
         super().__init__(config, pool=pool, **more)
         self.ram = ram
         self.dirty_source = dirty_source
@@ -94,7 +95,7 @@ class SavingOperation(Operation):
         self.throttle_pct = 0            # the guest's throttle now (auto-converge)
         self.throttle_at_switchover = 0  # ... when it was paused
         self.throttle_steps: list[tuple[int, int]] = []  # (round, percent) each time it rose
-        self.devices = list(devices)
+        self.devices = devices
         self.dump_dir = dump_dir
         self.tracker = StatsTracker(ram.size, PAGE_SIZE)
         self._pause_guest = pause_guest
@@ -138,14 +139,12 @@ class SavingOperation(Operation):
         self._setup()
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
-        self._set_state(MigrationState.ACTIVE)
         if not self._sends_pages():
             # No RAM round, no dirty map: the RAM is shared.  Iterative devices
             # still hand out their state while the guest runs.
             iterative = any(map(is_iterative, self.devices))
             expected_s = self._precopy(None) if live and iterative else 0.0
             self._machine.fire(MigrationEvent.SWITCHOVER)
-            self._set_state(MigrationState.SWITCHOVER)
             return t_start, t_setup, None, expected_s
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
@@ -164,7 +163,6 @@ class SavingOperation(Operation):
         )
         expected_s = self._precopy(client) if live else 0.0
         self._machine.fire(MigrationEvent.SWITCHOVER)
-        self._set_state(MigrationState.SWITCHOVER)
         return t_start, t_setup, client, expected_s
 
     def _piece_pages(self) -> int:
@@ -198,7 +196,7 @@ class SavingOperation(Operation):
             try:
                 self._pause_guest()
             except Exception as exc:
-                raise GuestControlError(f"pause_guest raised {type(exc).__name__}: {exc}") from exc
+                raise _PauseFailed(f"pause_guest raised {type(exc).__name__}: {exc}") from exc
         t_paused = time.perf_counter()
         self.throttle_at_switchover = self.throttle_pct
         self._set_throttle(0)  # whoever runs the guest next runs it at full speed
@@ -355,7 +353,7 @@ class SavingOperation(Operation):
         if force or now - self._last_progress >= _PROGRESS_EVERY_S:
             self._last_progress = now
             if self.tracker is not None:
-                self.tracker.snapshot()  # keeps the throughput window fed
+                self.tracker.snapshot(self.state)  # keeps the throughput window fed
 
 
     def _on_failure(self, error: BaseException) -> BaseException:
@@ -363,13 +361,10 @@ class SavingOperation(Operation):
         (its ABORT): resume the guest, so it runs on.  After the commit point
         without an answer: keep it paused and report OutcomeUnknownError.
         Returns the error to report (GuestControlError if resuming raised)."""
-        cancelled = isinstance(error, CancelledError)
-        self._set_state(MigrationState.CANCELLED if cancelled else MigrationState.FAILED)
         self._unthrottle_after(error)
         if not self._paused:
             return error
         if self._committed and error is not self._peer_reason:
-            self._set_state(MigrationState.OUTCOME_UNKNOWN)
             unknown = OutcomeUnknownError(
                 f"COMMIT was sent but the destination's answer never came ({error}); the guest "
                 f"stays paused here: ask the destination whether migration {self.migration_id} "
@@ -386,9 +381,12 @@ class SavingOperation(Operation):
             log.warning("after %s: %s", error, failed)
 
     def _resume_after(self, error: BaseException) -> BaseException:
-        """Resume the paused guest after `error`; a resume that raises is reported."""
+        """Resume the paused guest after `error`; a resume that raises is reported.
+        After a pause that raised, the error says where the guest is either way."""
         self._paused = False
         if self._resume_guest is None:
+            if isinstance(error, _PauseFailed):
+                return _where(error, "no resume_guest was given: the guest is as pause_guest left it")
             return error
         try:
             self._resume_guest()
@@ -398,4 +396,17 @@ class SavingOperation(Operation):
             failed.__cause__ = exc
             failed.__context__ = error
             return failed
+        if isinstance(error, _PauseFailed):
+            return _where(error, "resume_guest was called: the guest runs on here")
         return error
+
+
+class _PauseFailed(GuestControlError):
+    """pause_guest raised: the guest may be half paused (the failure path resumes it)."""
+
+
+def _where(error: _PauseFailed, where: str) -> GuestControlError:
+    """The GuestControlError to report for a pause that failed: it says where the guest is."""
+    told = GuestControlError(f"{error}; {where}")
+    told.__cause__ = error.__cause__
+    return told

@@ -609,6 +609,8 @@ class GuestRAM:
         if len(set(names)) != len(names):
             raise ConfigError(f"RAM block names must be unique: {names}")
         for name, size in items:
+            if not isinstance(name, str) or type(size) is not int:
+                raise ConfigError(f"a RAM block is a name (str) and a size (int), got {name!r}: {size!r}")
             if not name or len(name.encode()) > 255:
                 raise ConfigError(f"RAM block name must be 1..255 bytes: {name!r}")
             if size <= 0 or size % PAGE_SIZE:
@@ -638,6 +640,9 @@ class GuestRAM:
         channel processes do, each mapping the pages it moves, for reading (send,
         save) or writing (receive, restore).
         """
+        if not isinstance(handle, RamHandle):
+            raise ConfigError(f"attach takes a GuestRAM's handle (ram.handle), not {type(handle).__name__}")
+
         def blocks() -> Iterator[RamBlock]:
             for index, spec in enumerate(handle.blocks):
                 segment = Segment.attach(spec.segment, populate is True)

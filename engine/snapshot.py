@@ -43,12 +43,12 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.channel import ChannelSpec, FileTarget, run_file_channel
-from engine.config import MigrationConfig
-from engine.device import DeviceLoading, MigratableDevice, device_key, loading_devices
+from engine.config import MigrationConfig, source_config
+from engine.device import DeviceLoading, MigratableDevice, checked_devices, device_key, loading_devices
 from engine.dirty import DirtySource
 from engine.errors import ConfigError, LocalProtocolError, SnapshotFormatError
 from engine.multifd import MultifdSender
-from engine.operation import Operation
+from engine.operation import Operation, check_ram
 from engine.pages import pages_to_runs
 from engine.payload import PrecopyClient, payload_entry
 from engine.pool import WorkerPool
@@ -57,7 +57,7 @@ from engine.scrub import scrub_pages
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, MigrationState
+from engine.sync import MigrationEvent
 from engine.transport import PositionalFile, open_file
 from engine.verify import dump_ram
 from engine.wire import message as wire
@@ -321,10 +321,11 @@ class SnapshotSave(SavingOperation):
         throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
         # What the file's metadata could not hold (as a device chunk: a non-empty idstr).
+        devices = checked_devices(devices)
         problem = packet.devices_problem([device_key(d) for d in devices], min_idstr=1)
         if problem:  # before anything starts (the operation's fork server)
             raise ConfigError(problem)
-        super().__init__(ram, _check_config(config or MigrationConfig()), pause_guest=pause_guest,
+        super().__init__(ram, _check_config(source_config(config)), pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
         self.path = path
@@ -353,7 +354,6 @@ class SnapshotSave(SavingOperation):
                 self._resume_guest()
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)
-        self._set_state(MigrationState.COMPLETED)
         assert self.tracker is not None
         return self._result(
             t_start, t_setup, t_durable, t_end,
@@ -453,6 +453,7 @@ class SnapshotSave(SavingOperation):
             hashlib.sha256(metadata).digest(),
         )
         file.write_at(0, [fmt.encode_superblock(superblock)])
+        self._pass_point_of_no_return()  # a cancel from here on is refused: the file stands
         self.published = file.publish()
 
     def _release_file(self) -> None:
@@ -532,11 +533,13 @@ class SnapshotRestore(Operation):
         dump_dir: str | None = None,
         pool: WorkerPool | None = None,
     ) -> None:
-        super().__init__(_check_config(config or MigrationConfig()), pool=pool)
+        check_ram(ram, optional=True)
+        keyed_devices = loading_devices(devices, device_load)
+        super().__init__(_check_config(source_config(config)), pool=pool)
         self.path = path
         self.ram = ram
         self._ram_is_zeroed = ram_is_zeroed or ram is None
-        self.devices = loading_devices(devices, device_load)
+        self.devices = keyed_devices
         self.device_load = device_load
         self.resume_guest = resume_guest
         self.direct_io = direct_io
@@ -553,7 +556,6 @@ class SnapshotRestore(Operation):
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)
         assert self.ram is not None and self._core is not None and self.tracker is not None
-        self.tracker.state = MigrationState.ACTIVE
         loader, expected = self._start_device_loads(info)
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
@@ -571,11 +573,11 @@ class SnapshotRestore(Operation):
         self._machine.fire(MigrationEvent.SWITCHOVER)
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "dest.ram"))
+        self._pass_point_of_no_return()  # a cancel from here on is refused: the guest starts
         if self.resume_guest is not None:
             self.resume_guest()
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)
-        self.tracker.state = MigrationState.COMPLETED
         self.device_reports = reports
         return self._result(
             t_start, t_setup, t_ram, t_end,

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 from engine import codecs
 from engine.channel import ChannelSpec, run_send_channel
-from engine.config import MigrationConfig
+from engine.config import MigrationConfig, source_config
 from engine.device import LiveDevices, MigratableDevice, device_key, is_iterative, wants_switchover_ack
 from engine.dirty import DirtySource
 from engine.errors import (
@@ -149,7 +149,7 @@ class SourceMigration(SavingOperation, Migration):
         tls: TlsConfig | None = None,
     ) -> None:
         self.payloads = list(payloads)
-        config = config or MigrationConfig()
+        config = source_config(config)
         if config.local:
             if urlsplit(to).scheme != "unix":
                 raise ConfigError(f"local mode hands the RAM over a unix socket on this host: "
@@ -197,7 +197,6 @@ class SourceMigration(SavingOperation, Migration):
         t_end = time.perf_counter()
         self._paused = False  # the guest is the destination's now
         self._machine.fire(MigrationEvent.COMPLETE)
-        self._set_state(MigrationState.COMPLETED)
         assert self.tracker is not None
         downtime_ms = (
             (t_switchover_sent - t_pause) * 1000 + self._rtt_s * 500 + resumed.downtime_us / 1000
@@ -241,11 +240,9 @@ class SourceMigration(SavingOperation, Migration):
         if destination_runs:
             self._paused = False
             self._machine.fire(MigrationEvent.SETTLE_DESTINATION)
-            self._set_state(MigrationState.COMPLETED)
             return
         error = self._resume_after(OutcomeUnknownError("settled: the destination did not commit"))
         self._machine.fire(MigrationEvent.SETTLE_SOURCE)
-        self._set_state(MigrationState.FAILED)
         if isinstance(error, GuestControlError):
             raise error
 
@@ -415,7 +412,6 @@ class SourceMigration(SavingOperation, Migration):
         self._wait_answer(self._prepared, "PREPARED")
         # The commit point: once COMMIT is in our socket the destination owns the VM.
         self._commit(self._send_commit)
-        self._set_state(MigrationState.COMMITTED)
         resumed = self._wait_answer(self._resumed, "RESUMED")
         assert isinstance(resumed, wire.Resumed)
         return resumed, t_pause, t_switchover_sent, t_complete, verify_ms

@@ -87,7 +87,6 @@ class StatsTracker:
         self.page_size = page_size
         self.slots: SlotTable | None = None
         self.started = time.perf_counter()
-        self.state = MigrationState.SETUP
         self.round = 0
         self.main_bytes = 0
         self.remaining_pages = 0      # dirty after the last round (see left_pages)
@@ -98,6 +97,7 @@ class StatsTracker:
         self.bandwidth = 0.0
         self._samples: deque[tuple[float, int]] = deque()
         self._frozen: dict[str, int] | None = None
+        self._ended: float | None = None  # when the counters were frozen: elapsed stops there
         self._lock = threading.Lock()
 
     def totals(self) -> dict[str, int]:
@@ -150,6 +150,7 @@ class StatsTracker:
     def freeze(self) -> None:
         """Keep the final counters (call before the slot table goes away)."""
         self._frozen = self.totals()
+        self._ended = time.perf_counter()
 
     def expected_downtime_s(self, left_pages: int | None = None) -> float:
         """Dirty RAM and devices' pending state at the measured bandwidth, plus the
@@ -160,8 +161,9 @@ class StatsTracker:
         moving = left * self.page_size + self.device_pending_bytes
         return moving / self.bandwidth + self.device_load_s
 
-    def snapshot(self) -> MigrationStats:
-        now = time.perf_counter()
+    def snapshot(self, state: MigrationState) -> MigrationStats:
+        """The figures now, for an operation in `state`."""
+        now = self._ended if self._ended is not None else time.perf_counter()
         totals = self.totals()
         wire = totals["wire_bytes"]
         with self._lock:
@@ -172,7 +174,7 @@ class StatsTracker:
         throughput = (wire - first_bytes) / (now - first_t) if now > first_t else 0.0
         left = self.left_pages(totals)
         return MigrationStats(
-            state=self.state,
+            state=state,
             round=self.round,
             elapsed_s=now - self.started,
             ram_bytes=self.ram_bytes,

@@ -16,6 +16,7 @@ from engine.pages import pages_to_runs
 from engine.shm import PAGE_SIZE
 from engine.slots import Counter, SlotTable
 from engine.stats import MigrationResult, MigrationStats, StatsTracker
+from engine.sync import MigrationState
 from engine.wire.packet import MAX_CHANNELS, MAX_PACKET_PAGES
 
 # ---------------------------------------------------------------------------
@@ -200,8 +201,8 @@ def test_counters_in_the_table_show_up_in_totals_and_snapshot(table: SlotTable) 
         "last_word": 0,
         "hash_ns": 0,
     }
-    tracker.state, tracker.round, tracker.remaining_pages = "active", 4, 10
-    snap = tracker.snapshot()
+    tracker.round, tracker.remaining_pages = 4, 10
+    snap = tracker.snapshot(MigrationState.ACTIVE)
     assert isinstance(snap, MigrationStats)
     assert (snap.state, snap.round, snap.ram_bytes) == ("active", 4, 100 * PAGE_SIZE)
     assert snap.bytes_on_wire == 3_500
@@ -213,15 +214,15 @@ def test_counters_in_the_table_show_up_in_totals_and_snapshot(table: SlotTable) 
     assert snap.to_dict()["bytes_on_wire"] == 3_500
     # live: a later write into the table is seen by the next snapshot
     table.counters[1, Counter.NORMAL_PAGES] += 2
-    assert tracker.snapshot().pages_sent == 42
+    assert tracker.snapshot(MigrationState.ACTIVE).pages_sent == 42
 
 
 def test_throughput_follows_wire_bytes(table: SlotTable) -> None:
     tracker = StatsTracker(ram_bytes=PAGE_SIZE, page_size=PAGE_SIZE)
     tracker.slots = table
-    assert tracker.snapshot().throughput_bytes_per_s == 0.0  # one sample: no rate yet
+    assert tracker.snapshot(MigrationState.ACTIVE).throughput_bytes_per_s == 0.0  # one sample: no rate yet
     table.counters[0, Counter.WIRE_BYTES] = 10_000_000
-    assert tracker.snapshot().throughput_bytes_per_s > 0
+    assert tracker.snapshot(MigrationState.ACTIVE).throughput_bytes_per_s > 0
 
 
 def test_left_in_a_round_is_what_of_its_pages_has_not_gone(table: SlotTable) -> None:
@@ -231,13 +232,13 @@ def test_left_in_a_round_is_what_of_its_pages_has_not_gone(table: SlotTable) -> 
     tracker.slots = table
     table.counters[0, Counter.GUEST_BYTES] = 10 * PAGE_SIZE  # before the round
     tracker.round_started(100)
-    assert tracker.snapshot().remaining_bytes == 100 * PAGE_SIZE
+    assert tracker.snapshot(MigrationState.ACTIVE).remaining_bytes == 100 * PAGE_SIZE
     table.counters[1, Counter.GUEST_BYTES] = 30 * PAGE_SIZE
-    assert tracker.snapshot().remaining_bytes == 70 * PAGE_SIZE
+    assert tracker.snapshot(MigrationState.ACTIVE).remaining_bytes == 70 * PAGE_SIZE
     table.counters[1, Counter.GUEST_BYTES] = 200 * PAGE_SIZE  # more than queued (pages resent)
-    assert tracker.snapshot().remaining_bytes == 0
+    assert tracker.snapshot(MigrationState.ACTIVE).remaining_bytes == 0
     tracker.round_done(7)
-    assert tracker.snapshot().remaining_bytes == 7 * PAGE_SIZE
+    assert tracker.snapshot(MigrationState.ACTIVE).remaining_bytes == 7 * PAGE_SIZE
 
 
 def test_expected_downtime_is_remaining_bytes_over_bandwidth() -> None:
@@ -246,7 +247,7 @@ def test_expected_downtime_is_remaining_bytes_over_bandwidth() -> None:
     assert tracker.expected_downtime_s() == 0.0  # no bandwidth measured yet
     tracker.bandwidth = 100 * PAGE_SIZE  # bytes per second
     assert tracker.expected_downtime_s() == pytest.approx(2.5)
-    assert tracker.snapshot().expected_downtime_ms == pytest.approx(2500.0)
+    assert tracker.snapshot(MigrationState.ACTIVE).expected_downtime_ms == pytest.approx(2500.0)
     tracker.bandwidth = -1.0
     assert tracker.expected_downtime_s() == 0.0
     tracker.bandwidth, tracker.remaining_pages = 1.0, 0
@@ -267,7 +268,7 @@ def test_freeze_keeps_totals_after_the_table_is_gone() -> None:
     frozen = tracker.totals()
     assert frozen["wire_bytes"] == 4100
     assert frozen["normal_pages"] == 1
-    snap = tracker.snapshot()
+    snap = tracker.snapshot(MigrationState.ACTIVE)
     assert (snap.bytes_on_wire, snap.pages_sent) == (4100, 1)
     tracker.slots = None
     assert tracker.totals() == frozen

@@ -11,7 +11,7 @@ from clients.devices import DemoDevice, IterativeDemoDevice
 from engine.device import LiveDevices
 from engine.errors import CancelledError, RemoteProtocolError, TransportBrokenError
 from engine.stats import StatsTracker
-from engine.sync import FailureLatch
+from engine.sync import FailureLatch, MigrationState
 from engine.wire.message import DeviceLoaded, DevicesLoaded
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -57,7 +57,7 @@ def test_the_estimate_counts_device_bytes_and_load_time() -> None:
     assert tracker.expected_downtime_s() == pytest.approx(1.0)
     tracker.device_pending_bytes, tracker.device_load_s = 512 * KiB, 0.25
     assert tracker.expected_downtime_s() == pytest.approx(1.75)
-    assert tracker.snapshot().remaining_bytes == MiB + 512 * KiB
+    assert tracker.snapshot(MigrationState.ACTIVE).remaining_bytes == MiB + 512 * KiB
 
 
 def test_refusals_and_ways_out(latch: FailureLatch) -> None:

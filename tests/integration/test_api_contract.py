@@ -1,0 +1,198 @@
+"""What the API promises a VMM that drives it (README "Embedding it in a VMM",
+engine/operation.py): an operation runs once, says where it is at every moment,
+refuses what it cannot use with a ConfigError, and a cancel means what it says."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import threading
+
+import pytest
+
+from clients.devices import DemoDevice
+from engine import (
+    DestinationMigration,
+    GuestRAM,
+    MigrationConfig,
+    MigrationError,
+    SnapshotRestore,
+    SnapshotSave,
+    SourceMigration,
+)
+from engine.errors import CancelledError, ConfigError, GuestControlError, WaitTimeout
+from engine.sync import MigrationState
+from tests.harness import SECRET, MiB, guest_ram, same_memory
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+SLOW = MigrationConfig(channels=1, max_bandwidth=8 * MiB)  # 16 MiB: about two seconds
+
+
+def test_an_operation_runs_once_and_a_second_run_leaves_it_alone() -> None:
+    """A second run() (a retry path, two threads) is refused as a second start()
+    is; the migration it would have wrecked completes.  done() holds after run()."""
+    with guest_ram(16 * MiB) as src, guest_ram(16 * MiB, fill="zero") as dst:
+        incoming = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst)
+        incoming.start()
+        outgoing = SourceMigration(src, incoming.address, secret=SECRET, config=SLOW)
+        outgoing.start()
+        for again in (outgoing.run, outgoing.start, incoming.run, incoming.start):
+            with pytest.raises(ConfigError, match=r"started \(with start\(\)\): an operation runs once"):
+                again()
+        assert outgoing.wait(30).status == incoming.wait(30).status == "completed"
+        assert same_memory(src, dst) and outgoing.done() and incoming.done()
+    with guest_ram(1 * MiB) as src, guest_ram(1 * MiB, fill="zero") as dst:
+        incoming = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst)
+        incoming.start()
+        outgoing = SourceMigration(src, incoming.address, secret=SECRET, config=MigrationConfig(channels=1))
+        assert not outgoing.done()
+        outgoing.run()
+        assert outgoing.done()  # run() returned: it is over (it said False for ever)
+        with pytest.raises(ConfigError, match=r"with run\(\)"):
+            outgoing.run()
+        with pytest.raises(ConfigError, match="wait\\(\\) is for one started with start\\(\\)"):
+            outgoing.wait()
+        incoming.wait(10)
+
+
+def test_stats_say_where_each_side_is() -> None:
+    """stats().state is the operation's state at every moment (the destination's
+    said "setup" all through precopy and "committed" after completion); before
+    set-up the figures are zero, never None."""
+    with guest_ram(16 * MiB) as src, guest_ram(16 * MiB, fill="zero") as dst:
+        incoming = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst)
+        outgoing = SourceMigration(src, incoming.address, secret=SECRET, config=SLOW)
+        assert incoming.stats().state == outgoing.stats().state == "none"
+        assert incoming.stats().bytes_on_wire == 0
+        incoming.start()
+        seen: set[tuple[str, str]] = set()
+        outgoing.start()
+        while not (outgoing.done() and incoming.done()):
+            for side in (incoming, outgoing):
+                state = side.state
+                figures = side.stats()
+                if state == side.state:  # no move in between: the two must agree
+                    assert figures.state == state, (side.role, figures.state, state)
+                seen.add((side.role, figures.state))
+        assert ("destination", "active") in seen, seen
+        outgoing.wait()
+        incoming.wait()
+        assert incoming.stats().state == outgoing.stats().state == "completed"
+        elapsed = incoming.stats().elapsed_s
+        assert incoming.stats().elapsed_s == elapsed  # over: the clock stopped
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"channels": 2.0}, "channels"),
+    ({"channels": "2"}, "channels"),
+    ({"channels": True}, "channels"),
+    ({"stall_timeout_s": math.inf}, "stall_timeout_s"),
+    ({"downtime_limit_ms": math.nan}, "downtime_limit_ms"),
+    ({"verify": 1}, "verify"),
+    ({"compression": None}, "compression"),
+])
+def test_a_config_value_of_the_wrong_type_is_a_config_error(change: dict, field: str) -> None:
+    """Values from a JSON or YAML file (2.0, "2", inf) are refused up front: they
+    passed the range checks and failed later outside the error tree."""
+    with pytest.raises(ConfigError, match=f"^{field} must be"):
+        MigrationConfig(**change).validate()
+
+
+def test_arguments_that_are_not_what_they_should_be_are_config_errors() -> None:
+    with guest_ram(1 * MiB) as ram:
+        cases = [
+            lambda: GuestRAM.create({"a": "4096"}),  # type: ignore[dict-item]
+            lambda: GuestRAM.create({1: 4096}),  # type: ignore[dict-item]
+            lambda: GuestRAM.attach("mfd-nothing"),  # type: ignore[arg-type]
+            lambda: SourceMigration(None, "tcp://127.0.0.1:1", secret=SECRET),  # type: ignore[arg-type]
+            lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, devices=[object()]),  # type: ignore[list-item]
+            lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, config={}),  # type: ignore[arg-type]
+            lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, config={}),  # type: ignore[arg-type]
+            lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, max_device_buffer=0),
+            lambda: SnapshotSave(ram, "/nonexistent/x.snap", devices=[object()]),  # type: ignore[list-item]
+        ]
+        for case in cases:
+            with pytest.raises(ConfigError):
+                case()
+
+
+def test_wait_with_a_timeout_raises_an_error_of_the_tree() -> None:
+    incoming = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET)
+    incoming.start()
+    with pytest.raises(MigrationError, match="still running") as waited:
+        incoming.wait(timeout=0.1)
+    assert isinstance(waited.value, WaitTimeout) and isinstance(waited.value, TimeoutError)
+    assert incoming.cancel()
+    with pytest.raises(CancelledError):
+        incoming.wait(10)
+
+
+def test_a_pause_that_raises_says_where_the_guest_is() -> None:
+    def pause() -> None:
+        raise RuntimeError("boom")
+
+    resumed: list[bool] = []
+    for resume in (lambda: resumed.append(True), None):
+        with guest_ram(1 * MiB) as src, guest_ram(1 * MiB, fill="zero") as dst:
+            incoming = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst)
+            incoming.start()
+            outgoing = SourceMigration(src, incoming.address, secret=SECRET, pause_guest=pause,
+                                       resume_guest=resume, config=MigrationConfig(channels=1))
+            with pytest.raises(GuestControlError) as failed:
+                outgoing.run()
+            with pytest.raises(MigrationError):
+                incoming.wait(10)
+        where = "resume_guest was called: the guest runs on here" if resume else \
+            "no resume_guest was given: the guest is as pause_guest left it"
+        assert str(failed.value) == f"pause_guest raised RuntimeError: boom; {where}"
+        assert isinstance(failed.value.__cause__, RuntimeError)
+    assert resumed == [True]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_cancel_before_start_releases_the_listener(transport: str) -> None:
+    """The VMM made the incoming side (to hand its address to the source), then
+    gave up: cancel() closes the port (and the unix socket file) at once, and a
+    later run() or start() raises the cancel."""
+    path = os.path.join(tempfile.gettempdir(), f"mfd-test-cancel-{os.getpid()}.sock")
+    incoming = DestinationMigration("tcp://127.0.0.1:0" if transport == "tcp" else f"unix://{path}",
+                                    secret=SECRET)
+    assert incoming.cancel() and incoming.state is MigrationState.CANCELLED and incoming.done()
+    if transport == "tcp":
+        host, port = incoming.address.removeprefix("tcp://").rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=5).close()
+    else:
+        assert not os.path.exists(path)
+    for call in (incoming.run, incoming.start):
+        with pytest.raises(CancelledError):
+            call()
+    assert not incoming.cancel()
+
+
+def test_a_finished_snapshot_cannot_be_cancelled(tmp_path) -> None:
+    """True from cancel() means stopped: after a save is published, or once a restore
+    starts its guest, cancel() is refused (it said True, and the guest ran)."""
+    path = str(tmp_path / "vm.snap")
+    device = DemoDevice("dev", state_size=4096)
+    with guest_ram(1 * MiB) as ram:
+        save = SnapshotSave(ram, path, devices=[device])
+        save.run()
+        assert not save.cancel() and save.state is MigrationState.COMPLETED
+        started = threading.Event()
+        cancels: list[bool] = []
+
+        def resume() -> None:
+            cancels.append(restore.cancel())  # at the point of no return: the guest starts
+            started.set()
+
+        with guest_ram(1 * MiB, fill="zero") as into:
+            empty = DemoDevice("dev", state_size=4096, with_state=False)
+            restore = SnapshotRestore(path, ram=into, devices=[empty], resume_guest=resume)
+            result = restore.run()
+            assert started.is_set() and cancels == [False] and result.status == "completed"
+            assert not restore.cancel()
+            assert same_memory(ram, into)
