@@ -20,8 +20,9 @@ register, so the tracker cleans up if the owner itself dies.
 Ownership can move (same-host migration, docs/architecture.md "Local
 mode")::
 
-    source:      create (owner, registered) ── disown() at the commit: never unlinks,
-                                               unregistered (its exit removes nothing)
+    source:      create (owner, registered) ── disown(spare=True) at the commit: never
+                 unlinks, unregistered (its exit removes nothing but the spare name it
+                 keeps until the answer, to take the RAM back by: adopt(renamed=True))
     destination: from_fds (mapped from the descriptors the source sent, not
                  registered, never unlinks) ── adopt() at the commit: owner, registered
 
@@ -48,7 +49,9 @@ Bytes, not bits, so concurrent writers never read-modify-write each other.
 from __future__ import annotations
 
 import _posixshmem  # the primitive multiprocessing.shared_memory is built on
+import contextlib
 import errno
+import logging
 import mmap
 import os
 import secrets
@@ -62,6 +65,8 @@ from typing import Literal
 import numpy as np
 
 from engine.errors import ConfigError, LocalProtocolError
+
+log = logging.getLogger("multifd.shm")
 
 PAGE_SIZE = 4096
 # Every segment this project creates is named so.  MULTIFD_SEGMENT_TAG, when set
@@ -111,6 +116,10 @@ def _unregister(path: str) -> None:
             resource_tracker.unregister(path, _TRACKER_TYPE)
         else:
             _registered[path] = count - 1
+
+
+def _inode(status: os.stat_result) -> tuple[int, int]:
+    return (status.st_dev, status.st_ino)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -222,6 +231,8 @@ class Segment:
         # Kept open by a segment this process created or was handed: what it
         # passes on to another process in a same-host migration (fileno()).
         self._fd = fd
+        # A second name of this process's while another owns the first (disown(spare=True)).
+        self._spare: str | None = None
 
     @classmethod
     def create(cls, size: int, *, name: str | None = None, prealloc: bool = False,
@@ -327,23 +338,64 @@ class Segment:
             raise LocalProtocolError(f"shared memory {self.name!r} has no descriptor open here")
         return self._fd
 
-    def adopt(self) -> None:
+    def adopt(self, renamed: bool = False) -> None:
         """Become the owner: unlink is ours to do, and the resource tracker
-        removes the segment should this process die first.  Idempotent."""
+        removes the segment should this process die first.  Idempotent.
+
+        Taking back a segment given up with a spare name: `renamed` makes the
+        spare its name from now on, and removes the first if it still names this
+        file (the other process may have owned it: its resource tracker removes
+        that name when it dies); else the spare goes."""
         if self.owner:
             return
         self.owner = True
         self._unlinked = False
+        spare, self._spare = self._spare, None
+        if spare is None:
+            _register("/" + self.name)
+            return
+        if renamed:
+            first, self.name = self.name, spare  # the spare is registered already
+            if self._names_this_file(first):
+                os.unlink(os.path.join(SHM_DIR, first))
+            return
         _register("/" + self.name)
+        self._drop(spare)
 
-    def disown(self) -> None:
+    def disown(self, spare: bool = False) -> None:
         """Stop being the owner (another process owns it now): never unlink, and
         take the segment off this process's resource tracker, so exiting removes
-        nothing.  Idempotent."""
+        nothing.  Idempotent.
+
+        `spare`: first give it a second name, this process's (registered, so our
+        exit removes it), for :meth:`adopt` to take it back by should the other
+        owner die with the first; :meth:`drop_spare` once that owner runs it."""
         if not self.owner:
             return
+        if spare and self._spare is None:
+            name = self.name + "-spare"
+            try:
+                os.link(os.path.join(SHM_DIR, self.name), os.path.join(SHM_DIR, name))
+            except OSError as exc:
+                log.warning("shared memory %s: no spare name (%s): taken back, it keeps its "
+                            "first name, which its new owner's exit may remove", self.name, exc)
+            else:
+                _register("/" + name)
+                self._spare = name
         self.owner = False
         _unregister("/" + self.name)
+
+    def drop_spare(self) -> None:
+        """The other owner keeps the segment: its spare name goes.  Idempotent."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            self._drop(spare)
+
+    @staticmethod
+    def _drop(name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, name))
+        _unregister("/" + name)
     def populate(self, start: int, length: int) -> bool:
         """Build this process's page tables for [start, start + length) now, in one
         call (MADV_POPULATE_READ, Linux 5.14), instead of one fault per page later
@@ -391,9 +443,14 @@ class Segment:
             pass
         _unregister(path)
 
-    def _names_this_file(self) -> bool:
-        status = os.stat(os.path.join(SHM_DIR, self.name))
-        return (status.st_dev, status.st_ino) == self.inode
+    def _names_this_file(self, name: str | None = None) -> bool:
+        """Whether `name` (this segment's own by default) names this very file."""
+        try:
+            status = os.stat(os.path.join(SHM_DIR, self.name if name is None else name))
+        except FileNotFoundError:
+            return False
+        inode = self.inode if self.inode is not None or self._fd < 0 else _inode(os.fstat(self._fd))
+        return (status.st_dev, status.st_ino) == inode
 
     def __repr__(self) -> str:
         role = "owner" if self.owner else "attached"
@@ -671,20 +728,27 @@ class GuestRAM:
              for index, ((name, size), segment_name, fd) in enumerate(zip(blocks, names, descriptors))),
             unlink=False), owner=False)
 
-    def adopt(self) -> None:
-        """Take ownership of RAM another process created (and gave up with :meth:`disown`):
-        from now on this process unlinks it.  Idempotent."""
+    def adopt(self, renamed: bool = False) -> None:
+        """Take ownership of RAM another process created (and gave up with :meth:`disown`),
+        or take back RAM this process gave up (`renamed`: under its spare names,
+        :meth:`Segment.adopt`): from now on this process unlinks it.  Idempotent."""
         for block in self.blocks:
-            block.segment.adopt()
+            block.segment.adopt(renamed)
         self.owner = True
 
-    def disown(self) -> None:
+    def disown(self, spare: bool = False) -> None:
         """Give up ownership (another process has adopted the RAM): :meth:`unlink`
         and the context manager's exit no longer remove it, nor does this
-        process's exit.  Idempotent."""
+        process's exit.  `spare`: keep a second name per block to take it back by
+        (:meth:`Segment.disown`).  Idempotent."""
         self.owner = False
         for block in self.blocks:
-            block.segment.disown()
+            block.segment.disown(spare)
+
+    def drop_spare(self) -> None:
+        """The other process keeps the RAM: the spare names go.  Idempotent."""
+        for block in self.blocks:
+            block.segment.drop_spare()
 
     @property
     def handle(self) -> RamHandle:

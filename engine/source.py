@@ -239,6 +239,8 @@ class SourceMigration(SavingOperation, Migration):
             raise ConfigError(f"settle() is for a migration whose outcome is unknown, not {self.state.name}")
         if destination_runs:
             self._paused = False
+            if self.config.local:
+                self.ram.drop_spare()
             self._machine.fire(MigrationEvent.SETTLE_DESTINATION)
             return
         error = self._resume_after(OutcomeUnknownError("settled: the destination did not commit"))
@@ -414,6 +416,8 @@ class SourceMigration(SavingOperation, Migration):
         self._commit(self._send_commit)
         resumed = self._wait_answer(self._resumed, "RESUMED")
         assert isinstance(resumed, wire.Resumed)
+        if self.config.local:
+            self.ram.drop_spare()  # the destination holds the RAM: its names are its own
         return resumed, t_pause, t_switchover_sent, t_complete, verify_ms
 
     def _hand_over_ram(self) -> None:
@@ -432,7 +436,10 @@ class SourceMigration(SavingOperation, Migration):
         then on (one resource tracker shared by both processes sees the
         unregister before the register); if the send fails, it is taken back."""
         if self.config.local:
-            self.ram.disown()
+            # A spare name per block, ours: should the destination die after COMMIT,
+            # its resource tracker removes the first names, and a guest resumed here
+            # (settle(False)) keeps its RAM by the spares.
+            self.ram.disown(spare=True)
         try:
             self._send_message(wire.Commit())
         except TransportError:
@@ -444,7 +451,7 @@ class SourceMigration(SavingOperation, Migration):
         # Local mode: a guest that resumes here takes its RAM back (it was given
         # up with COMMIT, and the destination did not commit after all).
         if self.config.local and not self.ram.owner:
-            self.ram.adopt()
+            self.ram.adopt(renamed=self._committed)  # after COMMIT the first names may go
         return super()._resume_after(error)
 
     def _wait_answer(self, answer: Signal, what: str) -> object:

@@ -356,6 +356,43 @@ def test_a_destination_that_dies_after_the_handover_leaves_the_source_owning_and
         assert check_incrementer(ram) == ""
 
 
+def _destination_dying_as_it_resumes(path: str, ready: Any) -> None:
+    """A destination VMM of its own (spawned): it commits, adopts the RAM, and dies
+    (SIGKILL) as it starts the guest, before it answers RESUMED."""
+    _own_tracker()
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    migration = DestinationMigration(path, secret=SECRET, config=LOCAL.for_destination(), resume_guest=die)
+    ready.send(migration.address)
+    migration.run()
+
+
+def test_a_guest_taken_back_after_the_destination_died_keeps_named_ram() -> None:
+    """The destination adopted the RAM at COMMIT, then died: its resource tracker
+    removes the names it owned.  settle(False) resumes the guest here on the same
+    pages, under the spare names the source kept: still attachable by its handle
+    (a later save or migration attaches so), and removed when the source unlinks."""
+    with running_guest() as (ram, guest):
+        first = {block.segment.name for block in ram.blocks}
+        with _vmm_process(_destination_dying_as_it_resumes, address("unix")) as (process, parent):
+            assert parent.poll(30)
+            source = source_for(ram, guest, parent.recv())
+            with pytest.raises(OutcomeUnknownError):
+                source.run()
+            process.join(15)
+            assert process.exitcode == -signal.SIGKILL
+        wait_until(lambda: not first & shm_segments(), "the dead destination's tracker to remove its names")
+        source.settle(destination_runs=False)
+        assert ram.owner and not guest.paused
+        names = {block.segment.name for block in ram.blocks}
+        assert names <= shm_segments() and not names & first
+        guest.pause()
+        assert check_incrementer(ram) == ""
+        with GuestRAM.attach(ram.handle) as again:
+            assert bytes(again.blocks[0].pages) == bytes(ram.blocks[0].pages)
+
+
 def _source_process(to: str, done: Any) -> None:
     """A source VMM of its own (spawned, with its own resource tracker): it creates
     its RAM, migrates it locally, and exits without unlinking anything."""
