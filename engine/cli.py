@@ -707,6 +707,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from engine.snapshot import SnapshotRestore, inspect_snapshot
 
     info = inspect_snapshot(args.file)
+    if args.guest != "kvm":
+        from clients.kvm.machine import VcpuDevice
+
+        if any(d.idstr == VcpuDevice.idstr for d in info.metadata.devices):
+            raise ConfigError(f"{args.file} holds a KVM guest (device {VcpuDevice.idstr}): restore it "
+                              f"with --guest kvm")
     kvm = restore = None
     if args.guest == "kvm":  # the VM is built on new RAM before the vCPU's state loads
         from engine.shm import GuestRAM

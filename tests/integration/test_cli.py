@@ -221,6 +221,22 @@ def test_restore_of_a_damaged_file_is_one_line(tmp_path: Path) -> None:
         assert "snapshot is truncated" in done.stderr
 
 
+def test_restore_of_a_kvm_snapshot_without_guest_kvm_says_so(tmp_path: Path) -> None:
+    """The vCPU's state would go to a demo device and fail as a JSON error after
+    the load started; the command names the flag instead, before anything loads."""
+    from clients.devices import DemoDevice
+    from clients.kvm.machine import VcpuDevice
+    from engine.snapshot import SnapshotSave
+
+    snap = tmp_path / "vm.snap"
+    with GuestRAM.create({"pc.ram": 1 << 20}) as ram:
+        SnapshotSave(ram, str(snap), devices=[DemoDevice(VcpuDevice.idstr, state_size=4096)]).run()
+    done = run("restore", str(snap))
+    assert done.returncode == 1
+    assert f"holds a KVM guest (device {VcpuDevice.idstr}): restore it with --guest kvm" in \
+        _one_error_line(done.stderr)
+
+
 def _one_error_line(stderr: str, status: str = "failed") -> str:
     assert "Traceback" not in stderr and "terminating" not in stderr, stderr
     assert stderr.endswith("\n") and stderr.count("\n") == 1, stderr
