@@ -328,7 +328,11 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
         f"total time       {result.total_time_s:.3f} s (setup {result.setup_time_ms:.1f} ms)",
     ]
     if not from_file:
-        lines += [f"{'guest paused' if to_file else 'downtime':<16} {result.downtime_ms:.1f} ms",
+        forced = result.extra.get("switchover_forced")
+        lines += [f"{'guest paused' if to_file else 'downtime':<16} {result.downtime_ms:.1f} ms"
+                  + (f" (the {forced['downtime_limit_ms']:.0f} ms limit was out of reach after "
+                     f"{forced['after_rounds']} rounds: switched over as --on-max-rounds says)"
+                     if forced else ""),
                   f"rounds           {result.rounds}"]
     lines += [
         f"{'pages ' + moved:<16} {result.pages_sent}"

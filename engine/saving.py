@@ -95,6 +95,8 @@ class SavingOperation(Operation):
         self.throttle_pct = 0            # the guest's throttle now (auto-converge)
         self.throttle_at_switchover = 0  # ... when it was paused
         self.throttle_steps: list[tuple[int, int]] = []  # (round, percent) each time it rose
+        # max_rounds ran out above the downtime limit, and on_max_rounds said switch over
+        self.forced_switchover = False
         self.devices = devices
         self.dump_dir = dump_dir
         self.tracker = StatsTracker(ram.size, PAGE_SIZE)
@@ -229,6 +231,16 @@ class SavingOperation(Operation):
         self._set_throttle(wanted)
         self.throttle_steps.append((self.tracker.round, wanted))
 
+    def _result_extra(self) -> dict[str, Any]:
+        return {**super()._result_extra(), **self._throttle_extra(), **self._convergence_extra()}
+
+    def _convergence_extra(self) -> dict[str, Any]:
+        """A switchover forced by max_rounds: the limit it was not going to meet."""
+        if not self.forced_switchover:
+            return {}
+        return {"switchover_forced": {"after_rounds": self.config.max_rounds,
+                                      "downtime_limit_ms": self.config.downtime_limit_ms}}
+
     def _throttle_extra(self) -> dict[str, Any]:
         """The result's auto-converge section (``guest_dirty_pages_per_s``: the
         guest's dirty rate per second of running time, the fastest measured)."""
@@ -293,6 +305,7 @@ class SavingOperation(Operation):
                         + (f", guest throttled to {self.throttle_pct} %" if cfg.auto_converge else "")
                     )
                 log.info("forcing switchover after %d rounds", tracker.round)
+                self.forced_switchover = True
                 self._live_ready(final=True)
                 return expected
             self._live_pace()

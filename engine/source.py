@@ -44,7 +44,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Any
 from urllib.parse import urlsplit
 
 from engine import codecs
@@ -219,9 +218,6 @@ class SourceMigration(SavingOperation, Migration):
                    **({"verification": "tracked" if self._digests is not None else "after pause"}
                       if self.config.verify else {})},
         )
-
-    def _result_extra(self) -> dict[str, Any]:
-        return {**super()._result_extra(), **self._throttle_extra()}
 
     def _sends_pages(self) -> bool:
         return not self.config.local

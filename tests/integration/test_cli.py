@@ -63,6 +63,23 @@ def test_demo_with_devices_reports_each_device() -> None:
     assert summary["destination"]["downtime_ms"] >= 3 * 20
 
 
+def test_a_forced_switchover_says_the_limit_was_out_of_reach() -> None:
+    """max_rounds ran out above the downtime limit and --on-max-rounds switchover
+    (the default) switched over anyway: the summary says so beside the downtime,
+    and the JSON carries it; a migration that converged carries nothing of it."""
+    forced = run("demo", "--ram", "8M", "--workload", "random", "--dirty-rate", "8M",
+                 "--downtime-limit", "0", "--max-rounds", "2")
+    assert forced.returncode == 0, forced.stderr
+    assert "(the 0 ms limit was out of reach after 2 rounds: switched over as --on-max-rounds says)" \
+        in forced.stdout
+    forced = run("demo", "--ram", "8M", "--workload", "random", "--dirty-rate", "8M",
+                 "--downtime-limit", "0", "--max-rounds", "2", "--json")
+    summary = json.loads(forced.stdout)
+    assert summary["switchover_forced"] == {"after_rounds": 2, "downtime_limit_ms": 0.0}
+    calm = json.loads(run("demo", "--ram", "8M", "--json").stdout)
+    assert "switchover_forced" not in calm
+
+
 def test_demo_dumps_equal_images(tmp_path: Path) -> None:
     done = run("demo", "--ram", "8M", "--dump-dir", str(tmp_path), "--json")
     assert done.returncode == 0, done.stderr
