@@ -143,6 +143,7 @@ class Operation:
         # An operation runs once: run(), start() or a cancel() before either claims it.
         self._claim_lock = threading.Lock()
         self._claimed_by: str | None = None
+        self._over = False  # ended: torn down, result or error settled (done())
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the operation; a migration reports them.
         self.late_channel_failures: list[str] = []
@@ -185,7 +186,14 @@ class Operation:
             self._teardown()
             return self.result
         finally:
-            self.latch.close()
+            self._end()
+
+    def _end(self) -> None:
+        """Everything is torn down and the outcome settled: the operation is over."""
+        self.latch.close()
+        if self.tracker is not None:
+            self.tracker.stop()
+        self._over = True
 
     def _fail(self) -> BaseException:
         """Recover, tear down, settle the state; return the error to report."""
@@ -230,9 +238,9 @@ class Operation:
                 self._runner.shutdown()
 
     def done(self) -> bool:
-        """True once the operation has finished, however it was run (or cancelled
-        before it started)."""
-        return self.state.finished
+        """True once the operation is over, torn down, however it was run (or
+        cancelled before it started): its result or error is there to take."""
+        return self._over
 
     def cancel(self, reason: str = "migration cancelled") -> bool:
         """Cancel at any phase before the commit point; run() then raises CancelledError.
@@ -257,7 +265,7 @@ class Operation:
             self._release_unstarted()
             self._teardown()
             self._machine.fire(MigrationEvent.TORN_DOWN)
-            self.latch.close()
+            self._end()
         return True
 
     def _release_unstarted(self) -> None:

@@ -305,7 +305,7 @@ class SavingOperation(Operation):
                         + (f", guest throttled to {self.throttle_pct} %" if cfg.auto_converge else "")
                     )
                 log.info("forcing switchover after %d rounds", tracker.round)
-                self.forced_switchover = True
+                self.forced_switchover = expected > limit_s  # (else a device's ack was still due)
                 self._live_ready(final=True)
                 return expected
             self._live_pace()

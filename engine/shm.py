@@ -357,7 +357,8 @@ class Segment:
         if renamed:
             first, self.name = self.name, spare  # the spare is registered already
             if self._names_this_file(first):
-                os.unlink(os.path.join(SHM_DIR, first))
+                with contextlib.suppress(FileNotFoundError):  # the other tracker may be at it too
+                    os.unlink(os.path.join(SHM_DIR, first))
             return
         _register("/" + self.name)
         self._drop(spare)

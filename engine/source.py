@@ -447,7 +447,9 @@ class SourceMigration(SavingOperation, Migration):
         # Local mode: a guest that resumes here takes its RAM back (it was given
         # up with COMMIT, and the destination did not commit after all).
         if self.config.local and not self.ram.owner:
-            self.ram.adopt(renamed=self._committed)  # after COMMIT the first names may go
+            # After COMMIT the destination may have adopted the RAM, and its tracker may
+            # remove the first names; not if it answered ABORT (it never committed).
+            self.ram.adopt(renamed=self._committed and error is not self._peer_reason)
         return super()._resume_after(error)
 
     def _wait_answer(self, answer: Signal, what: str) -> object:

@@ -97,7 +97,7 @@ class StatsTracker:
         self.bandwidth = 0.0
         self._samples: deque[tuple[float, int]] = deque()
         self._frozen: dict[str, int] | None = None
-        self._ended: float | None = None  # when the counters were frozen: elapsed stops there
+        self._ended: float | None = None  # when the operation ended (stop): its clock stops there
         self._lock = threading.Lock()
 
     def totals(self) -> dict[str, int]:
@@ -150,7 +150,11 @@ class StatsTracker:
     def freeze(self) -> None:
         """Keep the final counters (call before the slot table goes away)."""
         self._frozen = self.totals()
-        self._ended = time.perf_counter()
+
+    def stop(self) -> None:
+        """The operation is over: its clock stops (elapsed, throughput) here."""
+        if self._ended is None:
+            self._ended = time.perf_counter()
 
     def expected_downtime_s(self, left_pages: int | None = None) -> float:
         """Dirty RAM and devices' pending state at the measured bandwidth, plus the
@@ -167,7 +171,8 @@ class StatsTracker:
         totals = self.totals()
         wire = totals["wire_bytes"]
         with self._lock:
-            self._samples.append((now, wire))
+            if self._ended is None or not self._samples:  # over: the window stays as it ended
+                self._samples.append((now, wire))
             while len(self._samples) > 2 and now - self._samples[0][0] > _WINDOW_S:
                 self._samples.popleft()
             first_t, first_bytes = self._samples[0]

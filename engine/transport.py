@@ -168,6 +168,8 @@ class Connection:
         of the stream (EOF, or an error), False while nothing came."""
         if self.pending():
             return True
+        if not self.readable(0):  # (a socket with a timeout would wait it out in recv)
+            return False
         try:  # the plain socket's recv (a TLS one's too: its records): peek, never consume
             return True if socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else None
         except (BlockingIOError, InterruptedError):

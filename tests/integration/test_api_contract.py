@@ -25,6 +25,7 @@ from engine import (
 from engine.errors import CancelledError, ConfigError, GuestControlError, WaitTimeout
 from engine.sync import MigrationState
 from tests.harness import SECRET, MiB, guest_ram, same_memory
+from transports.file import SnapshotFile
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -78,8 +79,8 @@ def test_stats_say_where_each_side_is() -> None:
                     assert figures.state == state, (side.role, figures.state, state)
                 seen.add((side.role, figures.state))
         assert ("destination", "active") in seen, seen
-        outgoing.wait()
-        incoming.wait()
+        outgoing.wait(0)  # done(): over, torn down, its result there to take
+        incoming.wait(0)
         assert incoming.stats().state == outgoing.stats().state == "completed"
         elapsed = incoming.stats().elapsed_s
         assert incoming.stats().elapsed_s == elapsed  # over: the clock stopped
@@ -173,17 +174,26 @@ def test_a_cancel_before_start_releases_the_listener(transport: str) -> None:
     assert not incoming.cancel()
 
 
-def test_a_finished_snapshot_cannot_be_cancelled(tmp_path) -> None:
-    """True from cancel() means stopped: after a save is published, or once a restore
+def test_a_finished_snapshot_cannot_be_cancelled(tmp_path, monkeypatch) -> None:
+    """True from cancel() means stopped: once a save publishes its file, or a restore
     starts its guest, cancel() is refused (it said True, and the guest ran)."""
     path = str(tmp_path / "vm.snap")
     device = DemoDevice("dev", state_size=4096)
+    publish = SnapshotFile.publish
+    cancels: list[bool] = []
+
+    def cancel_then_publish(file: SnapshotFile) -> str:
+        cancels.append(save.cancel())  # at the point of no return: the file stands
+        return publish(file)
+
+    monkeypatch.setattr(SnapshotFile, "publish", cancel_then_publish)
     with guest_ram(1 * MiB) as ram:
         save = SnapshotSave(ram, path, devices=[device])
         save.run()
+        assert cancels == [False] and os.path.exists(path)
         assert not save.cancel() and save.state is MigrationState.COMPLETED
+        cancels.clear()
         started = threading.Event()
-        cancels: list[bool] = []
 
         def resume() -> None:
             cancels.append(restore.cancel())  # at the point of no return: the guest starts

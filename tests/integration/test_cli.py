@@ -67,13 +67,13 @@ def test_a_forced_switchover_says_the_limit_was_out_of_reach() -> None:
     """max_rounds ran out above the downtime limit and --on-max-rounds switchover
     (the default) switched over anyway: the summary says so beside the downtime,
     and the JSON carries it; a migration that converged carries nothing of it."""
-    forced = run("demo", "--ram", "8M", "--workload", "random", "--dirty-rate", "8M",
-                 "--downtime-limit", "0", "--max-rounds", "2")
+    # Capped, round 1 takes ~0.5 s: the guest has dirtied pages by its end, whatever the timing.
+    slow = ("--max-bandwidth", "16M", "--downtime-limit", "0", "--max-rounds", "2")
+    forced = run("demo", "--ram", "8M", "--workload", "random", "--dirty-rate", "8M", *slow)
     assert forced.returncode == 0, forced.stderr
     assert "(the 0 ms limit was out of reach after 2 rounds: switched over as --on-max-rounds says)" \
         in forced.stdout
-    forced = run("demo", "--ram", "8M", "--workload", "random", "--dirty-rate", "8M",
-                 "--downtime-limit", "0", "--max-rounds", "2", "--json")
+    forced = run("demo", "--ram", "8M", "--workload", "random", "--dirty-rate", "8M", *slow, "--json")
     summary = json.loads(forced.stdout)
     assert summary["switchover_forced"] == {"after_rounds": 2, "downtime_limit_ms": 0.0}
     calm = json.loads(run("demo", "--ram", "8M", "--json").stdout)

@@ -217,6 +217,20 @@ def test_counters_in_the_table_show_up_in_totals_and_snapshot(table: SlotTable) 
     assert tracker.snapshot(MigrationState.ACTIVE).pages_sent == 42
 
 
+def test_a_stopped_tracker_keeps_its_clock_and_window(table: SlotTable) -> None:
+    """Over: elapsed and throughput stay as they ended, however often a VMM polls
+    (each poll added a sample that was never pruned)."""
+    tracker = StatsTracker(ram_bytes=PAGE_SIZE, page_size=PAGE_SIZE)
+    tracker.slots = table
+    tracker.snapshot(MigrationState.ACTIVE)
+    tracker.stop()
+    first = tracker.snapshot(MigrationState.COMPLETED)
+    for _ in range(1000):
+        last = tracker.snapshot(MigrationState.COMPLETED)
+    assert (last.elapsed_s, last.throughput_bytes_per_s) == (first.elapsed_s, first.throughput_bytes_per_s)
+    assert len(tracker._samples) <= 2
+
+
 def test_throughput_follows_wire_bytes(table: SlotTable) -> None:
     tracker = StatsTracker(ram_bytes=PAGE_SIZE, page_size=PAGE_SIZE)
     tracker.slots = table
