@@ -133,6 +133,8 @@ class SavingOperation(Operation):
         """
         if live and self.config.auto_converge and self.throttle_guest is None:
             raise ConfigError("auto_converge needs a throttle_guest callback from the VMM")
+        release = self.ram.lease_dirty(f"{self.role} {self.migration_id}")
+        self._defer("release the RAM's dirty marks", release)
         self._machine.fire(MigrationEvent.START)
         t_start = time.perf_counter()
         for device in self.devices:

@@ -57,7 +57,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from typing import Literal
@@ -92,6 +92,11 @@ SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linu
 _CGROUP_ROOT = "/sys/fs/cgroup"
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
 
+
+# RAM whose dirty marks an operation of this process takes (a source's or a live
+# save's rounds), by its first segment's name: what holds them (GuestRAM.lease_dirty).
+_dirty_leases: dict[str, str] = {}
+_dirty_leases_lock = threading.Lock()
 
 # Names this process registered with its resource tracker, and how many of this
 # process's segments hold each (see the module's docstring).
@@ -750,6 +755,25 @@ class GuestRAM:
         """The other process keeps the RAM: the spare names go.  Idempotent."""
         for block in self.blocks:
             block.segment.drop_spare()
+
+    def lease_dirty(self, holder: str) -> Callable[[], None]:
+        """Take this RAM's dirty marks for `holder` (an operation's rounds take and
+        clear them: two at once would each miss the pages the other took, and
+        report success with stale pages).  Returns the release; ConfigError if
+        another operation of this process holds them."""
+        key = self.blocks[0].segment.name
+        with _dirty_leases_lock:
+            if key in _dirty_leases:
+                raise ConfigError(f"this guest RAM is already being saved or migrated "
+                                  f"({_dirty_leases[key]}): its dirty pages can feed one operation "
+                                  f"at a time")
+            _dirty_leases[key] = holder
+
+        def release() -> None:
+            with _dirty_leases_lock:
+                if _dirty_leases.get(key) == holder:
+                    del _dirty_leases[key]
+        return release
 
     @property
     def handle(self) -> RamHandle:

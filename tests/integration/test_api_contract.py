@@ -24,7 +24,7 @@ from engine import (
 )
 from engine.errors import CancelledError, ConfigError, GuestControlError, WaitTimeout
 from engine.sync import MigrationState
-from tests.harness import SECRET, MiB, guest_ram, same_memory
+from tests.harness import SECRET, MiB, guest_ram, same_memory, wait_until
 from transports.file import SnapshotFile
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -206,3 +206,22 @@ def test_a_finished_snapshot_cannot_be_cancelled(tmp_path, monkeypatch) -> None:
             assert started.is_set() and cancels == [False] and result.status == "completed"
             assert not restore.cancel()
             assert same_memory(ram, into)
+
+
+def test_one_operation_at_a_time_takes_a_guests_dirty_pages(tmp_path) -> None:
+    """A live save and a migration of the same RAM at once would each take (and
+    clear) marks the other needs, and both report success with stale pages: the
+    second is refused, and the RAM is free again once the first ends."""
+    with guest_ram(16 * MiB) as src, guest_ram(16 * MiB, fill="zero") as dst:
+        incoming = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst)
+        incoming.start()
+        outgoing = SourceMigration(src, incoming.address, secret=SECRET, config=SLOW)
+        outgoing.start()
+        wait_until(lambda: outgoing.state is MigrationState.ACTIVE, "the source's rounds")
+        save = SnapshotSave(src, str(tmp_path / "vm.snap"), live=True)
+        with pytest.raises(ConfigError, match="already being saved or migrated .source "):
+            save.run()
+        assert outgoing.wait(30).status == "completed"
+        incoming.wait(30)
+        again = SnapshotSave(src, str(tmp_path / "vm.snap"), live=True)
+        assert again.run().status == "completed"
