@@ -38,6 +38,7 @@ import functools
 import logging
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -177,6 +178,9 @@ class Operation:
         except BaseException as exc:
             self.latch.fail(exc)
             error = self._fail()
+            # The finished frames' locals would keep what teardown released alive (views
+            # of shared memory the error's traceback holds, for as long as the object).
+            traceback.clear_frames(exc.__traceback__)
             if error is exc:
                 raise
             if error.__cause__ is None:  # keep a cause the error already names

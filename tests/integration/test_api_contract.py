@@ -9,6 +9,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -23,6 +24,7 @@ from engine import (
     SourceMigration,
 )
 from engine.errors import CancelledError, ConfigError, GuestControlError, WaitTimeout
+from engine.shm import SEGMENT_PREFIX
 from engine.sync import MigrationState
 from tests.harness import SECRET, MiB, guest_ram, same_memory, wait_until
 from transports.file import SnapshotFile
@@ -225,3 +227,20 @@ def test_one_operation_at_a_time_takes_a_guests_dirty_pages(tmp_path) -> None:
         incoming.wait(30)
         again = SnapshotSave(src, str(tmp_path / "vm.snap"), live=True)
         assert again.run().status == "completed"
+
+
+def test_a_cancelled_restore_keeps_no_shared_memory_mapped(tmp_path) -> None:
+    """Teardown releases the checksum map; the cancel's traceback must not keep it
+    mapped (a deleted segment, for as long as the VMM keeps the object)."""
+    path = str(tmp_path / "vm.snap")
+    with guest_ram(16 * MiB) as ram:
+        SnapshotSave(ram, path).run()
+    restore = SnapshotRestore(path)
+    restore.start()
+    time.sleep(0.01)
+    restore.cancel()
+    with pytest.raises(MigrationError):
+        restore.wait(10)
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if f"/dev/shm/{SEGMENT_PREFIX}" in line]
+    assert not mapped, mapped
