@@ -632,6 +632,8 @@ def _check_device_args(args: argparse.Namespace) -> None:
     """ConfigError for demo-device options that do not go together."""
     if getattr(args, "devices", 0) < 0:
         raise ConfigError(f"--devices must be 0 or more, not {args.devices}")
+    if (getattr(args, "run_after", None) or 0) < 0:
+        raise ConfigError(f"--run-after must be 0 or more seconds, not {args.run_after}")
     if getattr(args, "device_dirty_rate", 0.0) and not getattr(args, "device_iterative", False):
         raise ConfigError("--device-dirty-rate needs --device-iterative (a plain demo "
                           "device's state does not change while the guest runs)")
@@ -710,6 +712,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from clients.devices import DemoDevice
     from engine.snapshot import SnapshotRestore, inspect_snapshot
 
+    _check_device_args(args)
     info = inspect_snapshot(args.file)
     if args.guest != "kvm":
         from clients.kvm.machine import VcpuDevice

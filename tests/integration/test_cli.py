@@ -353,6 +353,10 @@ def test_listen_needs_a_channel() -> None:
     done = run("listen", "--devices", "-1", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --devices must be 0 or more, not -1"
+    for command in (["listen"], ["demo", "--ram", "1M"], ["restore", "any.snap"]):
+        done = run(*command, "--run-after", "-1", env={"MULTIFD_SECRET": "s3cret"})
+        assert done.returncode == 1
+        assert done.stderr.strip() == "multifd: failed: --run-after must be 0 or more seconds, not -1.0"
     done = run("listen", "--ready-fd", "987", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --ready-fd 987: Bad file descriptor"
