@@ -237,10 +237,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "cancel-ignores-commit",
         "cancel() after the commit point is not refused",
         ("engine/operation.py",
-         "            if self._committed:\n"
-         '                log.info("%s: cancel refused',
-         "            if False:  # MUTANT: self._committed\n"
-         '                log.info("%s: cancel refused'),
+         "            if self._committed or self._past_return or self.state.finished:\n",
+         "            if self._past_return or self.state.finished:  # MUTANT: self._committed or\n"),
     ),
     mutant(
         "scrub-chunk-word-unchecked",
