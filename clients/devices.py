@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import time
 from collections.abc import Iterator
@@ -38,8 +39,8 @@ class DemoDevice:
     def __init__(self, idstr: str, instance_id: int = 0, state_size: int = 4 << 20,
                  save_latency_s: float = 0.0, load_latency_s: float = 0.0,
                  with_state: bool = True, seed: int = 0) -> None:
-        if state_size < 0 or save_latency_s < 0 or load_latency_s < 0:
-            raise ConfigError("device state size and latencies must not be negative")
+        if state_size < 0 or not 0 <= save_latency_s < math.inf or not 0 <= load_latency_s < math.inf:
+            raise ConfigError("device state size and latencies must be finite and not negative")
         self.idstr = idstr
         self.instance_id = instance_id
         self.state_size = state_size

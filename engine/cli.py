@@ -45,6 +45,7 @@ from engine.operation import Operation
 from engine.pool import stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
+from engine.verify import check_dump_dir
 from engine.wire.packet import MAX_CHANNELS
 
 log = logging.getLogger("multifd.cli")
@@ -359,13 +360,15 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
                          f"while both sides hash)") if result.verified else ""))
     for device in result.extra.get("devices", []):
         checked = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]
-        saved = f"saved in {device['save_ms']:.0f} ms"
-        loaded = f"loaded in {device['load_ms']:.0f} ms {checked}".rstrip()
+        # Each side knows its own part: the source what it saved, the destination what it loaded.
+        done = [f"saved in {device['save_ms']:.0f} ms" if device["save_ms"] is not None else "",
+                f"loaded in {device['load_ms']:.0f} ms {checked}".rstrip()
+                if device["load_ms"] is not None else ""]
         lines.append(
             f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
-            f"{device['chunks']} chunks, "
-            + (f"{_human(device['live_bytes'])} of them in precopy, " if device.get("live_bytes") else "")
-            + (saved if to_file else loaded if from_file else f"{saved}, {loaded}")
+            f"{device['chunks']} chunks"
+            + (f", {_human(device['live_bytes'])} of them in precopy" if device.get("live_bytes") else "")
+            + "".join(f", {part}" for part in done if part)
         )
     for key, value in (extra or {}).items():
         lines.append(f"{key:<16} {value}")
@@ -480,7 +483,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         raise ConfigError(f"--channels must be at least 1, not {args.channels}")
     if args.channels > MAX_CHANNELS:  # no source may ask for more: no processes for them
         raise ConfigError(f"--channels must be at most {MAX_CHANNELS}, not {args.channels}")
-    _check_device_args(args)
+    _check_args(args)
     if args.ready_fd is not None:  # before anything starts, not when it is ready
         try:
             os.fstat(args.ready_fd)
@@ -555,7 +558,7 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation
     from engine.shm import GuestRAM
 
     config = _config(args)
-    _check_device_args(args)
+    _check_args(args)
     with GuestRAM.create([("pc.ram", args.ram)]) as ram:
         guest: Any
         if args.guest == "kvm":
@@ -628,19 +631,25 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device_args(args: argparse.Namespace) -> None:
-    """ConfigError for demo-device options that do not go together."""
+def _check_args(args: argparse.Namespace) -> None:
+    """ConfigError, before anything starts, for options that cannot work or do not
+    go together (demo devices, --run-after, --dump-dir)."""
     if getattr(args, "devices", 0) < 0:
         raise ConfigError(f"--devices must be 0 or more, not {args.devices}")
     if (getattr(args, "run_after", None) or 0) < 0:
         raise ConfigError(f"--run-after must be 0 or more seconds, not {args.run_after}")
+    for option in ("device_save_latency", "device_load_latency"):
+        value = getattr(args, option, 0.0)
+        if not 0 <= value < float("inf"):  # also refuses NaN
+            raise ConfigError(f"--{option.replace('_', '-')} must be 0 or more milliseconds, not {value}")
+    check_dump_dir(getattr(args, "dump_dir", None))
     if getattr(args, "device_dirty_rate", 0.0) and not getattr(args, "device_iterative", False):
         raise ConfigError("--device-dirty-rate needs --device-iterative (a plain demo "
                           "device's state does not change while the guest runs)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _check_device_args(args)  # before the destination process starts
+    _check_args(args)  # before the destination process starts
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
         # --local: over a unix socket, to a destination that takes the source's RAM.
@@ -712,7 +721,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from clients.devices import DemoDevice
     from engine.snapshot import SnapshotRestore, inspect_snapshot
 
-    _check_device_args(args)
+    _check_args(args)
     info = inspect_snapshot(args.file)
     if args.guest != "kvm":
         from clients.kvm.machine import VcpuDevice
@@ -840,8 +849,7 @@ def _merge_devices(result: MigrationResult, remote: dict[str, Any]) -> Migration
     devices = []
     for device in result.extra["devices"]:
         theirs = loaded.get((device["idstr"], device["instance_id"]), {})
-        devices.append({**device, "load_ms": theirs.get("load_ms", 0.0),
-                        "verified": theirs.get("verified")})
+        devices.append({**device, "load_ms": theirs.get("load_ms"), "verified": theirs.get("verified")})
     extra = {**result.extra, "devices": devices,
              "devices_verified": remote.get("devices_verified")}
     return dataclasses.replace(result, extra=extra)

@@ -68,6 +68,7 @@ from engine.transport import Connection, close_all, listen
 from engine.verify import (
     DIGEST_CHUNK,
     PieceDigests,
+    check_dump_dir,
     compare_digests,
     dump_ram,
     ram_digests,
@@ -167,6 +168,7 @@ class DestinationMigration(Migration):
         require_tls_files(address, tls)
         check_ram(ram, optional=True)
         keyed_devices = loading_devices(devices, device_load)
+        check_dump_dir(dump_dir)
         if type(max_device_buffer) is not int or max_device_buffer < packet.MAX_DEVICE_CHUNK:
             raise ConfigError(f"max_device_buffer must be a whole number of bytes, at least one chunk "
                               f"({packet.MAX_DEVICE_CHUNK}), got {max_device_buffer!r}")

@@ -121,8 +121,9 @@ class DeviceReport:
     instance_id: int
     bytes: int
     chunks: int
-    save_ms: float = 0.0      # source: time spent in save_live/save_state/save_config
-    load_ms: float = 0.0      # destination: time spent in load_state/load_config
+    save_ms: float | None = None  # source: time spent in save_live/save_state/save_config
+    load_ms: float | None = None  # destination: time spent in load_state/load_config
+    # (None: the other side's figure, unknown here)
     verified: bool | None = None  # destination: loaded stream hashes as the saved one
     reordered: int = 0            # destination: chunks that overtook an earlier one
     live_bytes: int = 0           # bytes handed out (source) or loaded (destination) in precopy

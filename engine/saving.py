@@ -44,6 +44,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM
 from engine.stats import StatsTracker
 from engine.sync import MigrationEvent
+from engine.verify import check_dump_dir
 from engine.wire import packet
 
 log = logging.getLogger("multifd.source")
@@ -88,6 +89,7 @@ class SavingOperation(Operation):
     ) -> None:
         check_ram(ram)
         devices = checked_devices(devices)
+        check_dump_dir(dump_dir)
         super().__init__(config, pool=pool, **more)
         self.ram = ram
         self.dirty_source = dirty_source

@@ -59,7 +59,7 @@ from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
 from engine.sync import MigrationEvent
 from engine.transport import PositionalFile, open_file
-from engine.verify import dump_ram
+from engine.verify import check_dump_dir, dump_ram
 from engine.wire import message as wire
 from engine.wire import packet
 from engine.wire import snapshot_format as fmt
@@ -535,6 +535,7 @@ class SnapshotRestore(Operation):
     ) -> None:
         check_ram(ram, optional=True)
         keyed_devices = loading_devices(devices, device_load)
+        check_dump_dir(dump_dir)
         super().__init__(_check_config(source_config(config)), pool=pool)
         self.path = path
         self.ram = ram

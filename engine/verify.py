@@ -31,12 +31,13 @@ hashed there.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
 import xxhash
 
-from engine.errors import VerificationError
+from engine.errors import ConfigError, VerificationError
 from engine.pages import n_regions
 from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
@@ -168,6 +169,19 @@ class PieceDigests:
         if segment is not None:
             segment.close()
             segment.unlink()
+
+
+def check_dump_dir(path: str | None) -> None:
+    """Create the dump directory `path` now (None: no dumps): a bad one is a
+    ConfigError before the operation, not a failure at its switchover."""
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as exc:
+        raise ConfigError(f"dump directory {path!r}: {exc.strerror or exc}") from None
 
 
 def dump_ram(ram: GuestRAM, path: str) -> int:

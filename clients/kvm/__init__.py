@@ -14,5 +14,5 @@ Layers, each importing only those below it::
     ioctl     the KVM ABI: numbers, structs, kvm_run offsets, ioctl() -> KvmError
     guests/   our guest programs (.S sources, committed .bin) and their invariant
 
-Facts about KVM on these machines: ``shared/reference/kvm.md``.
+What KVM on these machines does: docs/architecture.md, "A real guest: the KVM VMM".
 """

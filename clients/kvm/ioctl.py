@@ -1,7 +1,7 @@
 """The KVM ABI for x86-64: ioctl numbers, ctypes structures, kvm_run offsets.
 
-Everything here mirrors ``<linux/kvm.h>``; the sizes and numbers are the ones
-``shared/reference/kvm.md`` lists (checked at import and in
+Everything here mirrors ``<linux/kvm.h>``; the sizes and numbers are that header's
+for x86-64 (checked at import and in
 ``tests/unit/test_kvm_abi.py``).  The only function that talks to the kernel
 is :func:`ioctl`, which turns ``OSError`` into :class:`KvmError` naming the
 request, so no bare ``OSError`` leaves this package::

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,23 @@ def test_listen_and_migrate_as_two_processes(tmp_path: Path) -> None:
     assert source["verified"] is True and source["channels"] == 3
     assert destination["guest_pages_written_after_resume"] > 0  # the guest ran afterwards
     assert destination["committed"] is True and destination["migration_id"] == source["migration_id"]
+
+
+@pytest.mark.parametrize("listener", [("--devices", "2", "--device-load-latency", "20", "--json")],
+                         indirect=True)
+def test_each_side_reports_its_own_part_of_the_devices(listener: tuple[subprocess.Popen, str]) -> None:
+    """The source knows what it saved, the destination what it loaded: neither
+    makes up the other's figure (the source printed "loaded in 0 ms")."""
+    process, address = listener
+    done = run("migrate", "--to", address, "--ram", "8M", "--devices", "2", "--json",
+               env={"MULTIFD_SECRET": "s3cret"})
+    assert done.returncode == 0, done.stderr
+    out, _ = process.communicate(timeout=60)
+    source, destination = json.loads(done.stdout), json.loads(out)
+    for device in source["devices"]:
+        assert device["save_ms"] >= 0 and device["load_ms"] is None and device["verified"] is None
+    for device in destination["devices"]:
+        assert device["save_ms"] is None and device["load_ms"] >= 20 and device["verified"] is True
 
 
 @pytest.mark.heavy  # a demo with devices runs by default (test_demo_with_devices_reports_each_device)
@@ -357,6 +375,16 @@ def test_listen_needs_a_channel() -> None:
         done = run(*command, "--run-after", "-1", env={"MULTIFD_SECRET": "s3cret"})
         assert done.returncode == 1
         assert done.stderr.strip() == "multifd: failed: --run-after must be 0 or more seconds, not -1.0"
+    for value in ("nan", "inf"):
+        done = run("demo", "--ram", "1M", "--devices", "1", "--device-load-latency", value)
+        assert done.returncode == 1
+        assert done.stderr.strip() == f"multifd: failed: --device-load-latency must be 0 or more " \
+                                      f"milliseconds, not {value}"
+    with tempfile.NamedTemporaryFile() as not_a_directory:  # found before the migration, not at its end
+        done = run("demo", "--ram", "1M", "--dump-dir", f"{not_a_directory.name}/dumps")
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"multifd: failed: dump directory '{not_a_directory.name}/dumps': " \
+                                  f"Not a directory"
     done = run("listen", "--ready-fd", "987", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --ready-fd 987: Bad file descriptor"

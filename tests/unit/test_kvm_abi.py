@@ -1,4 +1,4 @@
-"""The KVM ABI layer (clients/kvm/ioctl.py) against shared/reference/kvm.md: pure, no /dev/kvm."""
+"""The KVM ABI layer (clients/kvm/ioctl.py) against <linux/kvm.h>'s x86-64 values: pure, no /dev/kvm."""
 
 from __future__ import annotations
 
