@@ -80,10 +80,16 @@ def _human(n: float, unit: str = "B") -> str:
     return f"{n:.1f} {unit}"
 
 
+MAX_SECRET_FILE = 4096  # bytes a secret file may hold
+
+
 def _secret(args: argparse.Namespace) -> bytes:
     if getattr(args, "secret_file", None):
         with open(args.secret_file, "rb") as f:
-            secret = f.read().strip()
+            secret = f.read(MAX_SECRET_FILE + 1).strip()
+        if len(secret) > MAX_SECRET_FILE:  # /dev/zero, a disk image: not a secret, and no end
+            raise ConfigError(f"--secret-file {args.secret_file} holds more than {MAX_SECRET_FILE} "
+                              f"bytes: is it the secret?")
     else:
         secret = os.environ.get(SECRET_ENV, "").encode()
     if not secret:

@@ -528,10 +528,16 @@ class SourceMigration(SavingOperation, Migration):
         self._main.feed(data)
         try:
             self._main.next(self._setup_deadline)  # an ABORT raises the destination's error
-        except MigrationError:
-            if self._peer_reason is not None:
-                raise
-            # not an ABORT either: the caller's error stands
+        except MigrationError as exc:
+            if self._peer_reason is None:
+                return  # not an ABORT either: the caller's error stands
+            # Nothing authenticates it (it comes before the reply hello): anyone on the
+            # path may have sent it.  It may refuse this source's settings (the
+            # destination's ConfigError), never report anything else (a cancel, say).
+            kind = ConfigError if type(exc) is ConfigError else HandshakeError
+            error = kind(f"{exc} (unauthenticated: sent before the destination proved it holds the secret)")
+            self._main.peer_reason = error
+            raise error from None
 
 
     def _send_message(self, record: wire.Message) -> None:

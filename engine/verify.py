@@ -189,7 +189,9 @@ def dump_ram(ram: GuestRAM, path: str) -> int:
     created if needed).  Returns bytes written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     written = 0
-    with open(path, "wb") as out:
+    # Guest memory: readable by its owner only, as the RAM and a snapshot are.
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # (one that was there keeps its mode otherwise)
         for block in ram.blocks:
             out.write(block.pages)
             written += block.size

@@ -536,15 +536,19 @@ def decode_metadata(data: bytes, sb: Superblock, blocks: Sequence[BlockEntry]) -
         blobs.append(reader.take(length))
     if reader.at != len(data):
         raise SnapshotFormatError(f"{len(data) - reader.at} unexpected bytes after the metadata")
-    try:
-        info = json.loads(blobs[0])
-    except ValueError:
+    try:  # strict JSON: no NaN or Infinity (they would not print as JSON), nesting Python can parse
+        info = json.loads(blobs[0], parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         raise SnapshotFormatError("the snapshot's info is not JSON") from None
     if not isinstance(info, dict):
         raise SnapshotFormatError("the snapshot's info is not a JSON object")
     metadata = Metadata(tuple(blocks), tuple(devices), info, blobs[1])
     check_regions(metadata, sb)
     return metadata
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def check_regions(md: Metadata, sb: Superblock) -> None:

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
-from engine.errors import HandshakeError, MigrationError
+from engine.errors import ConfigError, HandshakeError, MigrationError
 from engine.sync import MigrationState
 from engine.wire import message as wire
 from engine.wire import packet
@@ -127,3 +127,29 @@ def test_channel_hellos_that_must_not_join(caplog: pytest.LogCaptureFixture) -> 
     for needle in ("migration id", "channel id 2", "channel count 3", "MAIN hello where CHANNEL",
                    "recorded hello", "duplicate channel id 0"):
         assert needle in refused, f"no refusal mentions {needle!r}: {refused}"
+
+
+@pytest.mark.parametrize(("code", "error", "reported"), [
+    (wire.AbortCode.CANCELLED, "CancelledError", HandshakeError),
+    (wire.AbortCode.FAILED, "IntegrityError", HandshakeError),
+    (wire.AbortCode.FAILED, "ConfigError", ConfigError),  # the refusal a destination sends there
+])
+def test_an_unauthenticated_abort_can_only_refuse(code: int, error: str, reported: type) -> None:
+    """An ABORT in place of the destination's reply comes before anything is
+    authenticated: anyone on the path could forge it.  It fails the migration (a
+    stranger can always stop one), but never as a cancel or an integrity failure,
+    and says it is unauthenticated."""
+    with socket.create_server(("127.0.0.1", 0)) as fake, guest_ram(1 * MiB) as ram:
+        source = SourceMigration(ram, f"tcp://127.0.0.1:{fake.getsockname()[1]}", secret=SECRET,
+                                 config=FAST)
+        source.start()
+        conn, _ = fake.accept()
+        with conn:  # as a refusing destination does: the ABORT, then the close
+            conn.sendall(packet.encode_challenge(os.urandom(packet.NONCE_SIZE)))
+            conn.recv(packet.HELLO_SIZE, socket.MSG_WAITALL)
+            conn.sendall(wire.encode_message(wire.Abort(code, "cancelled by the operator", error)))
+        with pytest.raises(MigrationError) as failed:
+            source.wait(10)
+    assert type(failed.value) is reported, failed.value
+    assert "unauthenticated" in str(failed.value)
+    assert source.state is MigrationState.FAILED

@@ -87,6 +87,8 @@ def test_demo_dumps_equal_images(tmp_path: Path) -> None:
     source, dest = tmp_path / "source.ram", tmp_path / "dest.ram"
     assert source.stat().st_size == dest.stat().st_size == 8 << 20
     assert source.read_bytes() == dest.read_bytes()
+    # Guest memory, readable by its owner only (as the RAM and a snapshot are).
+    assert source.stat().st_mode & 0o777 == dest.stat().st_mode & 0o777 == 0o600
 
 
 def test_demo_human_summary() -> None:
@@ -385,6 +387,10 @@ def test_listen_needs_a_channel() -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == f"multifd: failed: dump directory '{not_a_directory.name}/dumps': " \
                                   f"Not a directory"
+    done = run("listen", "--secret-file", "/dev/zero")  # read to its end, it never ended
+    assert done.returncode == 1
+    assert done.stderr.strip() == "multifd: failed: --secret-file /dev/zero holds more than 4096 bytes: " \
+                                  "is it the secret?"
     done = run("listen", "--ready-fd", "987", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --ready-fd 987: Bad file descriptor"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import uuid
 from dataclasses import replace
@@ -166,6 +167,13 @@ def test_metadata_refusals() -> None:
     refuse(replace(md, blocks=(ram, replace(rom, name="pc.ram"))), "two blocks are named")
     refuse(meta[:-3], "ends early")
     refuse(meta + b"??", "unexpected bytes after the metadata")
+    # Info that is not strict JSON (it would not print as JSON), or nested past what
+    # Python parses (a RecursionError escaped the exception tree).
+    info = json.dumps(md.info, sort_keys=True).encode()
+    at = meta.index(info)
+    for blob in (b'{"a": NaN}', b'{"a": -Infinity}', b'{"a":' * 5000 + b"1" + b"}" * 5000):
+        crafted = meta[:at - 4] + struct.pack("<I", len(blob)) + blob + meta[at + len(info):]
+        refuse(crafted, "info is not JSON")
     refuse(replace(md, blocks=(replace(ram, bitmap_offset=sb.file_size), rom)),
            "bitmap of block 'pc.ram' .* points outside")
     refuse(replace(md, blocks=(ram, replace(rom, pages_offset=ram.pages_offset + 4096))),
