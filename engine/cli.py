@@ -86,8 +86,9 @@ MAX_SECRET_FILE = 4096  # bytes a secret file may hold
 def _secret(args: argparse.Namespace) -> bytes:
     if getattr(args, "secret_file", None):
         with open(args.secret_file, "rb") as f:
-            secret = f.read(MAX_SECRET_FILE + 1).strip()
-        if len(secret) > MAX_SECRET_FILE:  # /dev/zero, a disk image: not a secret, and no end
+            raw = f.read(MAX_SECRET_FILE + 3)  # the secret, and a line end (\r\n) at most
+        secret = raw.strip()
+        if len(raw.rstrip(b"\r\n")) > MAX_SECRET_FILE:  # /dev/zero, a disk image: not a secret
             raise ConfigError(f"--secret-file {args.secret_file} holds more than {MAX_SECRET_FILE} "
                               f"bytes: is it the secret?")
     else:

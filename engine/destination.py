@@ -302,6 +302,8 @@ class DestinationMigration(Migration):
         # During an incoming migration the dirty map says which pages may hold
         # data, so a ZERO run only writes pages that need it (clients/ram_payload.py).
         # (Local mode: no RAM here yet, and the source's is not ours to touch.)
+        if self.ram is not None:  # and nothing else of this process takes its marks meanwhile
+            self._lease_dirty_marks()
         for block in self.ram.blocks if self.ram is not None else ():
             if self.ram_is_zeroed:
                 block.dirty.clear_all()

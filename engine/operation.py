@@ -38,7 +38,6 @@ import functools
 import logging
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -178,9 +177,6 @@ class Operation:
         except BaseException as exc:
             self.latch.fail(exc)
             error = self._fail()
-            # The finished frames' locals would keep what teardown released alive (views
-            # of shared memory the error's traceback holds, for as long as the object).
-            traceback.clear_frames(exc.__traceback__)
             if error is exc:
                 raise
             if error.__cause__ is None:  # keep a cause the error already names
@@ -555,6 +551,12 @@ class Operation:
     def _aborting(self) -> bool:
         """Tearing down a migration that failed before its commit point."""
         return self.latch.failed and not self._committed
+
+    def _lease_dirty_marks(self) -> None:
+        """Hold the RAM's dirty marks until teardown: nothing else of this process
+        takes (or rewrites) them meanwhile (GuestRAM.lease_dirty)."""
+        assert self.ram is not None
+        self._defer("release the RAM's dirty marks", self.ram.lease_dirty(f"{self.role} {self.migration_id}"))
 
     def _own_slots(self, slots: SlotTable) -> SlotTable:
         """The slot table: freed at teardown, after the channels and device jobs

@@ -135,8 +135,8 @@ class SavingOperation(Operation):
         """
         if live and self.config.auto_converge and self.throttle_guest is None:
             raise ConfigError("auto_converge needs a throttle_guest callback from the VMM")
-        release = self.ram.lease_dirty(f"{self.role} {self.migration_id}")
-        self._defer("release the RAM's dirty marks", release)
+        if self._sends_pages():  # (local mode hands the RAM over: it takes no marks)
+            self._lease_dirty_marks()
         self._machine.fire(MigrationEvent.START)
         t_start = time.perf_counter()
         for device in self.devices:

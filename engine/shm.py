@@ -760,7 +760,8 @@ class GuestRAM:
         """Take this RAM's dirty marks for `holder` (an operation's rounds take and
         clear them: two at once would each miss the pages the other took, and
         report success with stale pages).  Returns the release; ConfigError if
-        another operation of this process holds them."""
+        another operation of this process holds them.  Within this process only,
+        by the first segment's name: other processes are the VMM's to keep apart."""
         key = self.blocks[0].segment.name
         with _dirty_leases_lock:
             if key in _dirty_leases:

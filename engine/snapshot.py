@@ -639,6 +639,9 @@ class SnapshotRestore(Operation):
                 bounds = np.searchsorted(pages, np.arange(block_chunks + 1) * fmt.CHUNK_PAGES)
                 present_words[chunk_at:chunk_at + block_chunks] = np.diff(bounds)
                 page_at, chunk_at = page_at + block.n_pages, chunk_at + block_chunks
+            # No view of the map outlives this block: a failure below keeps this frame
+            # (in its traceback), and its views would keep the map mapped after teardown.
+            del words, page_words, chunk_words, present_words
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
                             direct_io=self.direct_io)

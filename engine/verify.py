@@ -31,6 +31,7 @@ hashed there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -189,9 +190,11 @@ def dump_ram(ram: GuestRAM, path: str) -> int:
     created if needed).  Returns bytes written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     written = 0
-    # Guest memory: readable by its owner only, as the RAM and a snapshot are.
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-        os.fchmod(out.fileno(), 0o600)  # (one that was there keeps its mode otherwise)
+    # Guest memory: readable by its owner only, as the RAM and a snapshot are; a new
+    # file (an old one's open readers, or a symlink planted there, get nothing).
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as out:
         for block in ram.blocks:
             out.write(block.pages)
             written += block.size

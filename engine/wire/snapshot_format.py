@@ -463,7 +463,11 @@ def encode_metadata(md: Metadata) -> bytes:
                                       f"{len(device.chunk_sums)} checksums for {len(device.chunks)} chunks")
         for (offset, length), chunk_sum in zip(device.chunks, device.chunk_sums):
             out += _CHUNK.pack(offset, length, chunk_sum)
-    for blob in (json.dumps(md.info, sort_keys=True).encode(), md.vmm_config):
+    try:  # what the reader takes: strict JSON
+        info = json.dumps(md.info, sort_keys=True, allow_nan=False).encode()
+    except ValueError as exc:
+        raise SnapshotFormatError(f"the snapshot's info is not JSON: {exc}") from None
+    for blob in (info, md.vmm_config):
         if len(blob) > MAX_BLOB:
             raise SnapshotFormatError(f"info or VMM configuration over {MAX_BLOB} bytes")
         out += _U32.pack(len(blob)) + blob

@@ -15,6 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -354,6 +355,26 @@ def test_a_destination_that_dies_after_the_handover_leaves_the_source_owning_and
         assert ram.owner and not guest.paused
         guest.pause()
         assert check_incrementer(ram) == ""
+
+
+def test_the_ram_handed_over_can_be_saved_at_once() -> None:
+    """A local source takes no dirty marks (it hands the RAM over): the RAM that
+    arrived can be saved while the source is still tearing down."""
+    with running_guest() as (ram, guest):
+        destination = Destination()
+        source = source_for(ram, guest, destination.migration.address)
+        source.start()
+        landed = destination.outcome()
+        assert landed.status == "completed" and destination.migration.ram is not None
+        arrived = destination.migration.ram
+        try:
+            with tempfile.TemporaryDirectory() as where:
+                saved = SnapshotSave(arrived, os.path.join(where, "vm.snap"), live=True).run()
+                assert saved.status == "completed"
+            assert source.wait(15).status == "completed"
+        finally:
+            arrived.close()
+            arrived.unlink()
 
 
 def _destination_dying_as_it_resumes(path: str, ready: Any) -> None:
