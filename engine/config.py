@@ -23,6 +23,7 @@ warning (the source decides them).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Protocol, Self
 
@@ -217,3 +218,19 @@ def source_config(config: object) -> MigrationConfig:
     if not isinstance(config, MigrationConfig):
         raise ConfigError(f"config must be a MigrationConfig, not {type(config).__name__}")
     return config
+
+
+def check_argument(name: str, value: object, ok: bool, wanted: str) -> None:
+    """ConfigError unless `ok`: a constructor's argument `name` is not `wanted`."""
+    if not ok:
+        raise ConfigError(f"{name} must be {wanted}, not {value!r}"[:300])
+
+
+def check_hooks(**hooks: object) -> None:
+    """ConfigError for a VMM hook (pause_guest, ...) that is neither callable nor None."""
+    for name, hook in hooks.items():
+        check_argument(name, hook, hook is None or callable(hook), "callable or None")
+
+
+def check_path(name: str, value: object) -> None:
+    check_argument(name, value, isinstance(value, (str, os.PathLike)), "a file path")

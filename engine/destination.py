@@ -35,6 +35,7 @@ any channel, fails the migration.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from typing import Literal
 from engine import codecs
 from engine.admission import Admission
 from engine.channel import ChannelSpec, run_recv_channel
-from engine.config import DestinationConfig, MigrationConfig
+from engine.config import DestinationConfig, MigrationConfig, check_argument, check_hooks
 from engine.device import DeviceLoading, MigratableDevice, is_iterative, loading_devices
 from engine.errors import (
     ConfigError,
@@ -169,6 +170,11 @@ class DestinationMigration(Migration):
         check_ram(ram, optional=True)
         keyed_devices = loading_devices(devices, device_load)
         check_dump_dir(dump_dir)
+        check_hooks(resume_guest=resume_guest, on_ram=on_ram)
+        check_argument("payloads", payloads, isinstance(payloads, Sequence), "a sequence")
+        check_argument("accept_timeout_s", accept_timeout_s, accept_timeout_s is None or (
+            type(accept_timeout_s) in (int, float) and 0 < accept_timeout_s < math.inf),
+            "a positive number of seconds or None")
         if type(max_device_buffer) is not int or max_device_buffer < packet.MAX_DEVICE_CHUNK:
             raise ConfigError(f"max_device_buffer must be a whole number of bytes, at least one chunk "
                               f"({packet.MAX_DEVICE_CHUNK}), got {max_device_buffer!r}")

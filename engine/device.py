@@ -136,6 +136,8 @@ def device_key(device: MigratableDevice) -> tuple[str, int]:
 def checked_devices(devices: Iterable[MigratableDevice]) -> list[MigratableDevice]:
     """`devices` as a list, each a :class:`MigratableDevice` with a str idstr and an
     int instance_id; else ConfigError naming the first that is not."""
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Iterable):
+        raise ConfigError(f"devices must be a sequence of devices, not {devices!r}")
     listed = list(devices)
     for device in listed:
         if not isinstance(device, MigratableDevice):

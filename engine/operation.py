@@ -57,7 +57,7 @@ from engine.channel import (
     read_control,
     run_contained,
 )
-from engine.config import DestinationConfig, LocalConfig, MigrationConfig
+from engine.config import DestinationConfig, LocalConfig, MigrationConfig, check_argument
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice
 from engine.errors import (
     CancelledError,
@@ -103,6 +103,7 @@ class Operation:
                  own_pool_if_short: bool = False) -> None:
         if not isinstance(config, (MigrationConfig, DestinationConfig)):
             raise ConfigError(f"config must be a MigrationConfig, not {type(config).__name__}")
+        check_argument("pool", pool, pool is None or isinstance(pool, WorkerPool), "a WorkerPool or None")
         self.config = config.validate()
         # The payload handlers are found through entry points (a scan of the installed
         # packages, ~50 ms), and OpenSSL sets AES-GCM up on first use (~5 ms): now,
@@ -225,6 +226,8 @@ class Operation:
         :class:`~engine.errors.WaitTimeout` (a MigrationError and a TimeoutError)
         if it is still running after `timeout` seconds."""
         if self._run_future is None or self._runner is None:
+            if self._claimed_by == "cancel":
+                self.latch.raise_if_failed()  # cancelled before it started: that is its outcome
             if self._claimed_by == "run":
                 raise ConfigError(f"this {self.role} runs in the thread that called run(): wait() is "
                                   f"for one started with start()")

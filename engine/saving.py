@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.config import MigrationConfig
+from engine.config import MigrationConfig, check_hooks
 from engine.converge import AutoConverge, DirtyRateMeter
 from engine.device import DeviceSaving, MigratableDevice, checked_devices, is_iterative
 from engine.dirty import BlockDirtyMaps, DirtySource
@@ -90,6 +90,7 @@ class SavingOperation(Operation):
         check_ram(ram)
         devices = checked_devices(devices)
         check_dump_dir(dump_dir)
+        check_hooks(pause_guest=pause_guest, resume_guest=resume_guest, throttle_guest=throttle_guest)
         super().__init__(config, pool=pool, **more)
         self.ram = ram
         self.dirty_source = dirty_source

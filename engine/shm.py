@@ -665,7 +665,12 @@ class GuestRAM:
         also touches every page now (the destination should: first touch of
         fresh memory costs as much as the copy).  Raises ConfigError.
         """
-        items = list(blocks.items() if isinstance(blocks, Mapping) else blocks)
+        pairs = blocks.items() if isinstance(blocks, Mapping) else blocks
+        try:
+            items = [(name, size) for name, size in pairs]
+        except (TypeError, ValueError):
+            wanted = "{name: size} or (name, size) pairs"
+            raise ConfigError(f"guest RAM blocks are {wanted}, not {blocks!r}"[:300]) from None
         if not items:
             raise ConfigError("guest RAM needs at least one block")
         names = [name for name, _ in items]

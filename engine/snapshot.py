@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.channel import ChannelSpec, FileTarget, run_file_channel
-from engine.config import MigrationConfig, source_config
+from engine.config import MigrationConfig, check_argument, check_hooks, check_path, source_config
 from engine.device import DeviceLoading, MigratableDevice, checked_devices, device_key, loading_devices
 from engine.dirty import DirtySource
 from engine.errors import ConfigError, LocalProtocolError, SnapshotFormatError
@@ -320,6 +320,9 @@ class SnapshotSave(SavingOperation):
         dirty_source: DirtySource | None = None,
         throttle_guest: Callable[[int], None] | None = None,
     ) -> None:
+        check_path("path", path)
+        check_argument("vmm_config", vmm_config, isinstance(vmm_config, (bytes, bytearray, memoryview)),
+                       "bytes")
         # What the file's metadata could not hold (as a device chunk: a non-empty idstr).
         devices = checked_devices(devices)
         problem = packet.devices_problem([device_key(d) for d in devices], min_idstr=1)
@@ -533,9 +536,11 @@ class SnapshotRestore(Operation):
         dump_dir: str | None = None,
         pool: WorkerPool | None = None,
     ) -> None:
+        check_path("path", path)
         check_ram(ram, optional=True)
         keyed_devices = loading_devices(devices, device_load)
         check_dump_dir(dump_dir)
+        check_hooks(resume_guest=resume_guest)
         super().__init__(_check_config(source_config(config)), pool=pool)
         self.path = path
         self.ram = ram
@@ -613,6 +618,8 @@ class SnapshotRestore(Operation):
         elif self.ram.layout != info.layout:
             raise ConfigError(f"the snapshot's RAM {_describe(info.layout)} does not match the "
                               f"guest's {_describe(self.ram.layout)}")
+        else:  # the VMM's RAM: nothing else of this process moves it while the snapshot lands
+            self._lease_dirty_marks()
         return info, present, sums
 
     def _setup(self, info: SnapshotInfo, present: list[np.ndarray], sums: list[_Sums]) -> None:

@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 
 from engine import codecs
 from engine.channel import ChannelSpec, run_send_channel
-from engine.config import MigrationConfig, source_config
+from engine.config import MigrationConfig, check_argument, source_config
 from engine.device import LiveDevices, MigratableDevice, device_key, is_iterative, wants_switchover_ack
 from engine.dirty import DirtySource
 from engine.errors import (
@@ -71,7 +71,7 @@ from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult
 from engine.sync import MigrationEvent, MigrationState, Signal
-from engine.transport import Connection, close_all, connect
+from engine.transport import Connection, check_address, close_all, connect
 from engine.verify import (
     DIGEST_CHUNK,
     PieceDigests,
@@ -147,6 +147,8 @@ class SourceMigration(SavingOperation, Migration):
         payloads: Sequence[SwitchoverSaver] = (),
         tls: TlsConfig | None = None,
     ) -> None:
+        check_address(to)
+        check_argument("payloads", payloads, isinstance(payloads, Sequence), "a sequence")
         self.payloads = list(payloads)
         config = source_config(config)
         if config.local:

@@ -335,7 +335,15 @@ def _installed(scheme: str) -> bool:
     return bool(found)
 
 
-def _entry(uri: str) -> TransportEntry:
+def check_address(uri: object) -> None:
+    """ConfigError unless `uri` is an address of a known transport (its host and
+    port are checked when it is used)."""
+    _entry(uri)
+
+
+def _entry(uri: object) -> TransportEntry:
+    if not isinstance(uri, str):
+        raise ConfigError(f"an address is a string such as tcp://HOST:PORT or unix:///PATH, not {uri!r}")
     scheme = urlsplit(uri).scheme
     if not scheme:
         raise ConfigError(f"address {uri!r} has no scheme; use e.g. tcp://HOST:PORT or unix:///PATH")

@@ -177,6 +177,8 @@ def check_dump_dir(path: str | None) -> None:
     ConfigError before the operation, not a failure at its switchover."""
     if path is None:
         return
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"dump_dir must be a directory path or None, not {path!r}")
     try:
         os.makedirs(path, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):

@@ -116,6 +116,22 @@ def test_arguments_that_are_not_what_they_should_be_are_config_errors() -> None:
             lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, config={}),  # type: ignore[arg-type]
             lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, max_device_buffer=0),
             lambda: SnapshotSave(ram, "/nonexistent/x.snap", devices=[object()]),  # type: ignore[list-item]
+            # what the second outside round tried, argument by argument
+            lambda: SourceMigration(ram, 1, secret=SECRET),  # type: ignore[arg-type]
+            lambda: SourceMigration(ram, "ftp://x", secret=SECRET),
+            lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, devices=None),  # type: ignore[arg-type]
+            lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, pause_guest=1),  # type: ignore[arg-type]
+            lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, pool="s"),  # type: ignore[arg-type]
+            lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, tls="s"),  # type: ignore[arg-type]
+            lambda: DestinationMigration(1, secret=SECRET),  # type: ignore[arg-type]
+            lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, payloads=None),  # type: ignore[arg-type]
+            lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, accept_timeout_s=math.nan),
+            lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, on_ram=1),  # type: ignore[arg-type]
+            lambda: SnapshotSave(ram, None),  # type: ignore[arg-type]
+            lambda: SnapshotSave(ram, "/tmp/x.snap", vmm_config="s"),  # type: ignore[arg-type]
+            lambda: SnapshotSave(ram, "/tmp/x.snap", dump_dir=1),  # type: ignore[arg-type]
+            lambda: SnapshotRestore(1),  # type: ignore[arg-type]
+            lambda: GuestRAM.create("s"),  # type: ignore[arg-type]
         ]
         for case in cases:
             with pytest.raises(ConfigError):
@@ -170,7 +186,7 @@ def test_a_cancel_before_start_releases_the_listener(transport: str) -> None:
             socket.create_connection((host, int(port)), timeout=5).close()
     else:
         assert not os.path.exists(path)
-    for call in (incoming.run, incoming.start):
+    for call in (incoming.run, incoming.start, incoming.wait):
         with pytest.raises(CancelledError):
             call()
     assert not incoming.cancel()
@@ -227,6 +243,13 @@ def test_one_operation_at_a_time_takes_a_guests_dirty_pages(tmp_path) -> None:
         incoming.wait(30)
         again = SnapshotSave(src, str(tmp_path / "vm.snap"), live=True)
         assert again.run().status == "completed"
+        # A restore into that RAM lands pages in it: it waits its turn too.
+        save = SnapshotSave(src, str(tmp_path / "other.snap"), live=True, config=SLOW)
+        save.start()
+        wait_until(lambda: save.state is MigrationState.ACTIVE, "the save's rounds")
+        with pytest.raises(ConfigError, match="already being saved or migrated .save "):
+            SnapshotRestore(str(tmp_path / "vm.snap"), ram=src).run()
+        assert save.wait(30).status == "completed"
 
 
 def test_a_cancelled_restore_keeps_no_shared_memory_mapped(tmp_path) -> None:
