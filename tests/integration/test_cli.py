@@ -89,6 +89,14 @@ def test_demo_dumps_equal_images(tmp_path: Path) -> None:
     assert source.read_bytes() == dest.read_bytes()
     # Guest memory, readable by its owner only (as the RAM and a snapshot are).
     assert source.stat().st_mode & 0o777 == dest.stat().st_mode & 0o777 == 0o600
+    # Again into the same directory: new files, and a symlink planted there is not followed.
+    planted = tmp_path / "elsewhere"
+    planted.write_bytes(b"untouched")
+    source.unlink()
+    source.symlink_to(planted)
+    assert run("demo", "--ram", "8M", "--dump-dir", str(tmp_path), "--json").returncode == 0
+    assert planted.read_bytes() == b"untouched" and not source.is_symlink()
+    assert source.read_bytes() == dest.read_bytes()
 
 
 def test_demo_human_summary() -> None:
@@ -387,6 +395,12 @@ def test_listen_needs_a_channel() -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == f"multifd: failed: dump directory '{not_a_directory.name}/dumps': " \
                                   f"Not a directory"
+    with tempfile.NamedTemporaryFile() as longer:  # a line end, then more: not the secret either
+        longer.write(b"s" * 4096 + b"\n" + b"more")
+        longer.flush()
+        done = run("listen", "--secret-file", longer.name, "--address", "tcp://127.0.0.1:0",
+                   "--accept-timeout", "2")
+    assert done.returncode == 1 and "holds more than 4096 bytes" in done.stderr
     done = run("listen", "--secret-file", "/dev/zero")  # read to its end, it never ended
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --secret-file /dev/zero holds more than 4096 bytes: " \

@@ -174,6 +174,8 @@ def test_metadata_refusals() -> None:
     for blob in (b'{"a": NaN}', b'{"a": -Infinity}', b'{"a":' * 5000 + b"1" + b"}" * 5000):
         crafted = meta[:at - 4] + struct.pack("<I", len(blob)) + blob + meta[at + len(info):]
         refuse(crafted, "info is not JSON")
+    with pytest.raises(SnapshotFormatError, match="info is not JSON"):  # the writer refuses it too
+        fmt.encode_metadata(replace(md, info={"a": float("nan")}))
     refuse(replace(md, blocks=(replace(ram, bitmap_offset=sb.file_size), rom)),
            "bitmap of block 'pc.ram' .* points outside")
     refuse(replace(md, blocks=(ram, replace(rom, pages_offset=ram.pages_offset + 4096))),
