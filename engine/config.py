@@ -73,7 +73,6 @@ def _check_types(config: Any) -> None:
 
 
 def _check_local(config: LocalConfig) -> None:
-    _check_types(config)
     if config.integrity not in ("mac", "none"):
         raise ConfigError(f"integrity must be 'mac' or 'none', not {config.integrity!r}")
     for name in ("handshake_timeout_s", "stall_timeout_s", "cancel_grace_s"):
@@ -98,6 +97,7 @@ class DestinationConfig:
 
     def validate(self) -> DestinationConfig:
         """Return self, or raise ConfigError naming the bad field."""
+        _check_types(self)
         _check_local(self)
         return self
 
