@@ -173,18 +173,15 @@ class MigrationConfig:
         for name in ("throttle_trigger_pct", "throttle_initial_pct", "throttle_step_pct",
                      "throttle_max_pct"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 99:
+            if not 1 <= value <= 99:
                 raise ConfigError(f"{name} must be a whole percentage in 1..99, got {value!r}")
         if self.throttle_policy not in ("rate", "step"):
             raise ConfigError(f"throttle_policy must be 'rate' or 'step', got {self.throttle_policy!r}")
-        if not isinstance(self.throttle_rounds, int) or isinstance(self.throttle_rounds, bool) \
-                or not 1 <= self.throttle_rounds <= 10:
+        if not 1 <= self.throttle_rounds <= 10:
             raise ConfigError(f"throttle_rounds must be a whole number in 1..10, "
                               f"got {self.throttle_rounds!r}")
         if not 0 < self.dirty_sample_ms <= 1000:  # also refuses NaN
             raise ConfigError(f"dirty_sample_ms must be in (0, 1000], got {self.dirty_sample_ms!r}")
-        if not isinstance(self.local, bool):
-            raise ConfigError(f"local must be True or False, got {self.local!r}")
         if self.throttle_initial_pct > self.throttle_max_pct:
             raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
                               f"throttle_max_pct ({self.throttle_max_pct})")

@@ -57,7 +57,7 @@ from engine.channel import (
     read_control,
     run_contained,
 )
-from engine.config import DestinationConfig, LocalConfig, MigrationConfig, check_argument
+from engine.config import LocalConfig, check_argument
 from engine.device import DeviceLoading, DeviceReport, MigratableDevice
 from engine.errors import (
     CancelledError,
@@ -101,8 +101,6 @@ class Operation:
 
     def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None,
                  own_pool_if_short: bool = False) -> None:
-        if not isinstance(config, (MigrationConfig, DestinationConfig)):
-            raise ConfigError(f"config must be a MigrationConfig, not {type(config).__name__}")
         check_argument("pool", pool, pool is None or isinstance(pool, WorkerPool), "a WorkerPool or None")
         self.config = config.validate()
         # The payload handlers are found through entry points (a scan of the installed
@@ -294,7 +292,10 @@ class Operation:
         zero until set-up has made its counters (a destination still listening)."""
         if self.tracker is None:
             ram_bytes = self.ram.size if self.ram is not None else 0
-            return MigrationStats(self.state, 0, 0.0, ram_bytes, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0)
+            return MigrationStats(
+                state=self.state, round=0, elapsed_s=0.0, ram_bytes=ram_bytes, bytes_on_wire=0,
+                pages_sent=0, zero_pages=0, guest_bytes_sent=0, throughput_bytes_per_s=0.0,
+                dirty_rate_bytes_per_s=0.0, remaining_bytes=0, expected_downtime_ms=0.0)
         return self.tracker.snapshot(self.state)
 
     def channel_pids(self) -> tuple[int, ...]:
@@ -646,5 +647,5 @@ def busiest_since(mark: Sequence[int], now: Sequence[int]) -> float:
 
 def check_ram(ram: object, optional: bool = False) -> None:
     """ConfigError unless `ram` is a GuestRAM (or None, where `optional`)."""
-    if not (isinstance(ram, GuestRAM) or (optional and ram is None)):
-        raise ConfigError(f"ram must be a GuestRAM{' or None' if optional else ''}, not {type(ram).__name__}")
+    check_argument("ram", ram, isinstance(ram, GuestRAM) or (optional and ram is None),
+                   "a GuestRAM" + (" or None" if optional else ""))

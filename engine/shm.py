@@ -333,7 +333,7 @@ class Segment:
             mapping = mmap.mmap(fd, status.st_size, flags=mmap.MAP_SHARED)
         except OSError as exc:
             raise ConfigError(f"cannot map shared memory {name!r}: {exc}") from exc
-        return cls(name, status.st_size, mapping, owner=False, inode=(status.st_dev, status.st_ino),
+        return cls(name, status.st_size, mapping, owner=False, inode=_inode(status),
                    fd=os.dup(fd))
 
     def fileno(self) -> int:
@@ -456,7 +456,7 @@ class Segment:
         except FileNotFoundError:
             return False
         inode = self.inode if self.inode is not None or self._fd < 0 else _inode(os.fstat(self._fd))
-        return (status.st_dev, status.st_ino) == inode
+        return _inode(status) == inode
 
     def __repr__(self) -> str:
         role = "owner" if self.owner else "attached"

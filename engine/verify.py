@@ -38,6 +38,7 @@ import os
 import numpy as np
 import xxhash
 
+from engine.config import check_argument
 from engine.errors import ConfigError, VerificationError
 from engine.pages import n_regions
 from engine.pool import WorkerPool
@@ -177,8 +178,7 @@ def check_dump_dir(path: str | None) -> None:
     ConfigError before the operation, not a failure at its switchover."""
     if path is None:
         return
-    if not isinstance(path, (str, os.PathLike)):
-        raise ConfigError(f"dump_dir must be a directory path or None, not {path!r}")
+    check_argument("dump_dir", path, isinstance(path, (str, os.PathLike)), "a directory path or None")
     try:
         os.makedirs(path, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):
