@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import engine.snapshot
 from clients.devices import DemoDevice
 from engine import (
     DestinationMigration,
@@ -80,6 +81,7 @@ def test_stats_say_where_each_side_is() -> None:
                 if state == side.state:  # no move in between: the two must agree
                     assert figures.state == state, (side.role, figures.state, state)
                 seen.add((side.role, figures.state))
+            time.sleep(0.001)  # (the migration it watches shares the cores)
         assert ("destination", "active") in seen, seen
         outgoing.wait(0)  # done(): over, torn down, its result there to take
         incoming.wait(0)
@@ -239,6 +241,8 @@ def test_one_operation_at_a_time_takes_a_guests_dirty_pages(tmp_path) -> None:
         save = SnapshotSave(src, str(tmp_path / "vm.snap"), live=True)
         with pytest.raises(ConfigError, match="already being saved or migrated .source "):
             save.run()
+        with pytest.raises(ConfigError, match="already being saved or migrated .destination "):
+            SnapshotSave(dst, str(tmp_path / "dst.snap"), live=True).run()
         assert outgoing.wait(30).status == "completed"
         incoming.wait(30)
         again = SnapshotSave(src, str(tmp_path / "vm.snap"), live=True)
@@ -252,18 +256,21 @@ def test_one_operation_at_a_time_takes_a_guests_dirty_pages(tmp_path) -> None:
         assert save.wait(30).status == "completed"
 
 
-def test_a_cancelled_restore_keeps_no_shared_memory_mapped(tmp_path) -> None:
-    """Teardown releases the checksum map; the cancel's traceback must not keep it
-    mapped (a deleted segment, for as long as the VMM keeps the object)."""
+def test_a_cancelled_restore_keeps_no_shared_memory_mapped(tmp_path, monkeypatch) -> None:
+    """Teardown releases the checksum map; the failure's traceback must not keep it
+    mapped (a deleted segment, for as long as the VMM keeps the object).  The
+    failure comes right after the map is filled, where the set-up holds views of it."""
     path = str(tmp_path / "vm.snap")
     with guest_ram(16 * MiB) as ram:
         SnapshotSave(ram, path).run()
+
+    def cancelled(*args: object, **kwargs: object) -> None:
+        raise CancelledError("cancelled as the channels start")
+
+    monkeypatch.setattr(engine.snapshot, "_start_file_channels", cancelled)
     restore = SnapshotRestore(path)
-    restore.start()
-    time.sleep(0.01)
-    restore.cancel()
-    with pytest.raises(MigrationError):
-        restore.wait(10)
+    with pytest.raises(CancelledError):
+        restore.run()
     with open("/proc/self/maps") as maps:
         mapped = [line for line in maps if f"/dev/shm/{SEGMENT_PREFIX}" in line]
     assert not mapped, mapped

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -359,8 +360,17 @@ def test_a_destination_that_dies_after_the_handover_leaves_the_source_owning_and
 
 def test_the_ram_handed_over_can_be_saved_at_once() -> None:
     """A local source takes no dirty marks (it hands the RAM over): the RAM that
-    arrived can be saved while the source is still tearing down."""
-    with running_guest() as (ram, guest):
+    arrived can be saved while the source has not yet finished (held right after
+    RESUMED, where it drops its spare names)."""
+    release = threading.Event()
+    drop_spare = GuestRAM.drop_spare
+
+    def held(self: GuestRAM) -> None:
+        drop_spare(self)
+        release.wait(15)
+
+    with running_guest() as (ram, guest), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GuestRAM, "drop_spare", held)
         destination = Destination()
         source = source_for(ram, guest, destination.migration.address)
         source.start()
@@ -371,8 +381,10 @@ def test_the_ram_handed_over_can_be_saved_at_once() -> None:
             with tempfile.TemporaryDirectory() as where:
                 saved = SnapshotSave(arrived, os.path.join(where, "vm.snap"), live=True).run()
                 assert saved.status == "completed"
+            release.set()
             assert source.wait(15).status == "completed"
         finally:
+            release.set()
             arrived.close()
             arrived.unlink()
 
