@@ -290,8 +290,8 @@ def keep_ram_mapped(pool: WorkerPool, ram: GuestRAM, timeout: float | None = Non
     """Every worker of `pool` maps `ram` now, page tables and all, and keeps it mapped
     until the block ends: the channels of every operation on `pool` for this RAM then
     start with it in hand, instead of mapping it and building its page tables again as
-    they first move pages (~0.3 µs a page: ~80 ms per GiB and side, against 214-265 ms
-    of a loopback channel's CPU per GiB here).
+    they first move pages (~0.3 µs a page: ~80 ms per GiB and side, of the 265 ms a cold loopback
+    source channel spends per GiB here, bench/README.md).
 
     For a VMM's warm pool and its VM's preallocated RAM, e.g. from VM start to VM end.
     Each worker holds page tables for all of the RAM (~2 MiB per GiB with 4 KiB pages),

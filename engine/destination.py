@@ -65,7 +65,7 @@ from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
 from engine.sync import MigrationEvent, Signal, wait_any
-from engine.transport import Connection, close_all, listen
+from engine.transport import Connection, check_address, close_all, listen
 from engine.verify import (
     DIGEST_CHUNK,
     PieceDigests,
@@ -74,6 +74,7 @@ from engine.verify import (
     dump_ram,
     ram_digests,
     tracked_piece_pages,
+    verification_extra,
 )
 from engine.wire import message as wire
 from engine.wire import packet
@@ -166,6 +167,7 @@ class DestinationMigration(Migration):
         tls: TlsConfig | None = None,
     ) -> None:
         # Every argument is checked before anything is made (the operation's latch).
+        check_address(address)
         require_tls_files(address, tls)
         check_ram(ram, optional=True)
         keyed_devices = loading_devices(devices, device_load)
@@ -175,9 +177,9 @@ class DestinationMigration(Migration):
         check_argument("accept_timeout_s", accept_timeout_s, accept_timeout_s is None or (
             type(accept_timeout_s) in (int, float) and 0 < accept_timeout_s < math.inf),
             "a positive number of seconds or None")
-        if type(max_device_buffer) is not int or max_device_buffer < packet.MAX_DEVICE_CHUNK:
-            raise ConfigError(f"max_device_buffer must be a whole number of bytes, at least one chunk "
-                              f"({packet.MAX_DEVICE_CHUNK}), got {max_device_buffer!r}")
+        check_argument("max_device_buffer", max_device_buffer,
+                       type(max_device_buffer) is int and max_device_buffer >= packet.MAX_DEVICE_CHUNK,
+                       f"a whole number of bytes, at least one chunk ({packet.MAX_DEVICE_CHUNK})")
         self.tls = tls.validate() if tls is not None else None
         peer_name = destination_peer_name(tls) if tls is not None else None
         super().__init__(_destination_config(config), secret, pool, own_pool_if_short)
@@ -644,9 +646,7 @@ class DestinationMigration(Migration):
             verified=True if verified == 1 else None,
             verify_time_ms=verify_s * 1000,
             extra={"running": self.running, **({"local": True} if self._local else {}),
-                   # as the source reports it (engine/source.py)
-                   **({"verification": "tracked" if self._digests is not None else "after pause"}
-                      if message.digests_follow else {})},
+                   **verification_extra(message.digests_follow, self._digests is not None)},
         )
 
     def _start_guest(self) -> GuestControlError | None:

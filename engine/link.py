@@ -44,7 +44,7 @@ from engine.errors import (
 )
 from engine.scatter import Buffer, advance, batch, flat_views
 from engine.sync import Pollable, wait_readable, wait_writable
-from engine.transport import Connection, broken, check_address
+from engine.transport import Connection, broken
 from engine.wire import packet, record
 
 if TYPE_CHECKING:
@@ -134,7 +134,6 @@ _HELLO_FLAGS = {"tls": packet.HelloFlags.TLS, "mac": packet.HelloFlags.MAC, "non
 
 def require_tls_files(address: str, tls: TlsConfig | None) -> None:
     """A ``tls://`` address needs the TLS files.  Raises ConfigError."""
-    check_address(address)
     if tls is not None and not isinstance(tls, TlsConfig):
         raise ConfigError(f"tls must be a TlsConfig or None, not {tls!r}")
     if urlsplit(address).scheme == "tls" and tls is None:

@@ -79,6 +79,7 @@ from engine.verify import (
     ram_digests,
     tracked_fits,
     tracked_piece_pages,
+    verification_extra,
 )
 from engine.wire import message as wire
 from engine.wire import packet
@@ -215,10 +216,7 @@ class SourceMigration(SavingOperation, Migration):
             extra={"destination_running": resumed.running, **({"local": True} if self.config.local else {}),
                    # committed, but the destination's resume_guest raised: why
                    **({"destination_error": resumed.detail} if resumed.detail else {}),
-                   # "tracked": pieces hashed as they moved, only digests compared in the
-                   # downtime; "after pause": both memories hashed whole in it
-                   **({"verification": "tracked" if self._digests is not None else "after pause"}
-                      if self.config.verify else {})},
+                   **verification_extra(self.config.verify, self._digests is not None)},
         )
 
     def _sends_pages(self) -> bool:

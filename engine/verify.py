@@ -173,6 +173,13 @@ class PieceDigests:
             segment.unlink()
 
 
+def verification_extra(verified: bool, tracked: bool) -> dict[str, str]:
+    """A result's word on how the memories were compared, if they were (both sides
+    say it alike): "tracked", pieces hashed as they moved and only the digests
+    compared in the downtime; "after pause", both memories hashed whole in it."""
+    return {"verification": "tracked" if tracked else "after pause"} if verified else {}
+
+
 def check_dump_dir(path: str | None) -> None:
     """Create the dump directory `path` now (None: no dumps): a bad one is a
     ConfigError before the operation, not a failure at its switchover."""

@@ -42,7 +42,8 @@ def _remove_if_stale(path: str) -> None:
     """Remove `path` if it is a socket file nobody listens on (its listener was
     killed, and could not remove it).  Anything else (a live listener, its backlog
     full or not, a regular file) stays, for the bind to refuse.  The probe does not
-    wait: a connect that cannot complete at once is a live listener."""
+    wait: a connect that cannot complete at once is a live listener.  Nothing there:
+    no probe, so a usual listen sends nobody a connect."""
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             return
@@ -63,8 +64,7 @@ def _remove_if_stale(path: str) -> None:
 
 def listen(uri: str) -> SocketListener:
     path = _path(uri)
-    if os.path.lexists(path):  # probed only then: a usual listen sends nobody a connect
-        _remove_if_stale(path)
+    _remove_if_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bind_and_listen(sock, path, uri)
     inode = os.stat(path).st_ino
