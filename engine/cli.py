@@ -42,7 +42,7 @@ from engine.config import DestinationConfig, MigrationConfig
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.link import TlsConfig
 from engine.operation import Operation
-from engine.pool import stop_fork_servers
+from engine.pool import WorkerPool, stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
 from engine.verify import check_dump_dir
@@ -500,13 +500,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     kvm = None
     stack = contextlib.ExitStack()
     try:
-        pool = None
-        if ram is not None:
-            # The channels, started now with the RAM mapped and its page tables built:
-            # a migration's channels then begin with both in hand.
-            pool = channel_pool(args.channels, "mfd-listen", config.start_method, config.cancel_grace_s)
-            stack.callback(pool.shutdown, wait=True, cancel=True)
-            stack.enter_context(keep_ram_mapped(pool, ram))
+        pool = None if ram is None else _channels_with_ram(stack, args.channels, "mfd-listen", config, ram)
         # Without --ram the VM takes its memory when it exists: created from the
         # source's CONFIG, or the source's own pages (--local).
         kvm = _kvm_guest(args, ram) if args.guest == "kvm" else None
@@ -556,30 +550,44 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 ram.unlink()
 
 
+def _channels_with_ram(stack: contextlib.ExitStack, channels: int, name: str,
+                       config: MigrationConfig | DestinationConfig, ram: Any) -> WorkerPool:
+    """This VMM's channel processes, started now with `ram` mapped and its page tables
+    built (keep_ram_mapped), as a VMM's pool is from VM start: a migration's or a
+    save's channels then begin with both in hand, instead of forking and mapping
+    on its clock.  `stack` unmaps the RAM, then stops them."""
+    pool = channel_pool(channels, name, config.start_method, config.cancel_grace_s)
+    stack.callback(pool.shutdown, wait=True, cancel=True)
+    stack.enter_context(keep_ram_mapped(pool, ram))
+    return pool
+
+
 def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation]) -> MigrationResult:
     """Run the synthetic guest and demo devices `args` describe, and the
-    operation ``operation(ram, guest, devices, config)`` builds on them, with
-    progress; SIGTERM cancels it (the guest is resumed, nothing is left)."""
+    operation ``operation(ram, guest, devices, config, pool)`` builds on them, with
+    progress; SIGTERM cancels it (the guest is resumed, nothing is left).  `pool`:
+    the channels, started with the guest (None in local mode: no page moves)."""
     from clients.devices import demo_devices
     from clients.guest import SyntheticGuest, fill_ram
     from engine.shm import GuestRAM
 
     config = _config(args)
     _check_args(args)
-    with GuestRAM.create([("pc.ram", args.ram)]) as ram:
+    with GuestRAM.create([("pc.ram", args.ram)]) as ram, contextlib.ExitStack() as stack:
         guest: Any
         if args.guest == "kvm":
             guest = _kvm_guest(args, ram)
         else:
             fill_ram(ram, args.fill, args.zero_fraction)
             guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
+        pool = None if config.local else _channels_with_ram(stack, config.channels, "mfd-vmm", config, ram)
         try:
             guest.start()
             devices = getattr(guest, "devices", []) + demo_devices(
                 args.devices, args.device_state, save_latency_s=args.device_save_latency / 1000,
                 iterative=getattr(args, "device_iterative", False),
                 dirty_rate=getattr(args, "device_dirty_rate", 0.0) / 100)
-            running = _watch(operation(ram, guest, devices, config))
+            running = _watch(operation(ram, guest, devices, config, pool))
             running.dirty_source, running.throttle_guest = guest.dirty_source, guest.throttle
             _cancel_on_signals(running)
             running.start()
@@ -621,8 +629,8 @@ def _kvm_lines(args: argparse.Namespace, result: MigrationResult,
 def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationResult:
     from engine.source import SourceMigration
 
-    return _run_with_guest(args, lambda ram, guest, devices, config: SourceMigration(
-        ram, to, secret=secret, config=config, pause_guest=guest.pause,
+    return _run_with_guest(args, lambda ram, guest, devices, config, pool: SourceMigration(
+        ram, to, secret=secret, config=config, pause_guest=guest.pause, pool=pool,
         resume_guest=guest.resume, dump_dir=args.dump_dir, devices=devices,
         tls=_tls(args) if hasattr(args, "tls_cert") else None,
     ))
@@ -656,14 +664,16 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _check_args(args)  # before the destination process starts
+    _config(args)  # both checked before the destination process starts
+    _check_args(args)
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
         # --local: over a unix socket, to a destination that takes the source's RAM.
         unix = args.transport == "unix" or args.local
         address = f"unix://{tmp}/migration.sock" if unix else "tcp://127.0.0.1:0"
         command = [sys.executable, "-m", "engine.cli", "listen", "--address", address,
-                   *(() if args.local else ("--ram", str(args.ram))), "--json", "--accept-timeout", "60",
+                   *(() if args.local else ("--ram", str(args.ram), "--channels", str(args.channels))),
+                   "--json", "--accept-timeout", "60",
                    "--devices", str(args.devices), "--device-state", str(args.device_state),
                    "--device-load-latency", str(args.device_load_latency),
                    "--device-load", args.device_load]
@@ -715,8 +725,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_save(args: argparse.Namespace) -> int:
     from engine.snapshot import SnapshotSave
 
-    result = _run_with_guest(args, lambda ram, guest, devices, config: SnapshotSave(
-        ram, args.file, config=config, live=args.live, pause_guest=guest.pause,
+    result = _run_with_guest(args, lambda ram, guest, devices, config, pool: SnapshotSave(
+        ram, args.file, config=config, live=args.live, pause_guest=guest.pause, pool=pool,
         resume_guest=guest.resume, devices=devices, direct_io=args.direct_io, dump_dir=args.dump_dir,
     ))
     _emit(args, result, {} if args.json else {"file": result.extra["path"],

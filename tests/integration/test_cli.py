@@ -307,8 +307,10 @@ def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
     each side says so in one line (no pool warnings about terminating the stuck
     workers, no traceback)."""
     process, address = listener
+    # The cap keeps the transfer going for seconds: the channels are still at work when
+    # they die (a source whose channels are up with its guest is done in milliseconds).
     source = subprocess.Popen(
-        [*MULTIFD, "migrate", "--to", address, "--ram", "16M", "--channels", "3"],
+        [*MULTIFD, "migrate", "--to", address, "--ram", "16M", "--channels", "3", "--max-bandwidth", "4M"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "MULTIFD_SECRET": "s3cret"})
     workers: list[psutil.Process] = []
@@ -337,6 +339,14 @@ def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
 
 def _family(pid: int) -> set[int]:
     return {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+
+
+def _gone(pid: int) -> bool:
+    """Exited: reaped, or a zombie of whichever process adopted it."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _maps_guest_ram(pid: int) -> bool:
@@ -369,6 +379,39 @@ def test_listen_with_ram_has_its_channels_mapping_it_before_a_source_comes(liste
     assert process.returncode == 0
     assert json.loads(listened)["status"] == json.loads(out)["status"] == "completed"
     assert (not started) if channels == 2 else len(started) >= channels, started
+
+
+def test_migrate_has_its_channels_mapping_the_guest_before_it_connects() -> None:
+    """migrate starts its --channels channel processes with the guest, RAM mapped,
+    before the migration begins: they are up when it connects to a destination that
+    never answers (a migration forks its own only after the handshakes).  SIGTERM
+    then ends the command in one line, leaving none of them."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(30)
+        source = subprocess.Popen(
+            [*MULTIFD, "migrate", "--to", f"tcp://127.0.0.1:{server.getsockname()[1]}", "--ram", "32M",
+             "--channels", "3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+        try:
+            conn, _ = server.accept()  # the request: its main channel connects, and waits
+            with conn:
+                family = _family(source.pid)
+                workers = [worker.pid for worker in _channel_processes(source.pid)]
+                # the 3 channels, and the synthetic guest's own process
+                assert len(workers) == 4 and all(map(_maps_guest_ram, workers)), workers
+                source.send_signal(signal.SIGTERM)
+                _, err = source.communicate(timeout=30)
+        finally:
+            if source.poll() is None:
+                source.kill()
+                source.communicate()
+    assert source.returncode == 130, err
+    _one_error_line(err, "cancelled")
+    deadline = time.monotonic() + 10  # a worker may still be exiting on a loaded machine
+    while (left := [pid for pid in family - {source.pid} if not _gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, [psutil.Process(pid).cmdline() for pid in left]
 
 
 def test_listen_needs_a_channel() -> None:
