@@ -421,9 +421,13 @@ def _cancel_on_signals(operation: Any) -> None:
     """SIGTERM, and SIGHUP (the terminal went away; not under ``nohup``, which
     ignores it), cancel the operation as Ctrl-C does: it tears down, and the
     command exits 130 with one line.  The cancel runs on a thread of its own, not
-    in the interrupted frame, which may hold the locks a cancel takes."""
+    in the interrupted frame, which may hold the locks a cancel takes.  Before the
+    operation exists (`operation` None: the guest, its RAM and channels being set
+    up), the signal raises CancelledError there, and the set-up unwinds."""
     def cancel(number: int, _frame: object) -> None:
         reason = f"terminated ({signal.Signals(number).name})"
+        if operation is None:
+            raise CancelledError(reason)
         threading.Thread(target=operation.cancel, args=(reason,), name="mfd-signal-cancel",
                          daemon=True).start()
 
@@ -496,6 +500,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             os.fstat(args.ready_fd)
         except OSError as exc:
             raise ConfigError(f"--ready-fd {args.ready_fd}: {exc.strerror}") from exc
+    _cancel_on_signals(None)
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = None
     stack = contextlib.ExitStack()
@@ -573,6 +578,7 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation
 
     config = _config(args)
     _check_args(args)
+    _cancel_on_signals(None)
     with GuestRAM.create([("pc.ram", args.ram)]) as ram, contextlib.ExitStack() as stack:
         guest: Any
         if args.guest == "kvm":
@@ -580,8 +586,11 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation
         else:
             fill_ram(ram, args.fill, args.zero_fraction)
             guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
-        pool = None if config.local else _channels_with_ram(stack, config.channels, "mfd-vmm", config, ram)
+        running: Any = None  # the operation, once made
         try:
+            pool = None
+            if not config.local:  # local mode moves no page
+                pool = _channels_with_ram(stack, config.channels, "mfd-vmm", config, ram)
             guest.start()
             devices = getattr(guest, "devices", []) + demo_devices(
                 args.devices, args.device_state, save_latency_s=args.device_save_latency / 1000,
@@ -596,7 +605,20 @@ def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation
                 return result
             return dataclasses.replace(result, extra={**result.extra, "guest": guest.com1()})
         finally:
-            guest.stop()
+            try:
+                if running is not None and not running.done():  # an exception left it running
+                    _stop_unfinished(running)
+            finally:
+                guest.stop()  # then the channels give the RAM up and stop (the stack)
+
+
+def _stop_unfinished(operation: Operation) -> None:
+    """Cancel an operation an exception left running (a second Ctrl-C as the first
+    one's wait began) and wait for its teardown: it ends before its guest and its
+    channels do."""
+    operation.cancel("interrupted")
+    with contextlib.suppress(MigrationError):
+        operation.wait()
 
 
 def _kvm_guest(args: argparse.Namespace, ram: Any) -> Any:

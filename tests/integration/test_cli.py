@@ -414,6 +414,48 @@ def test_migrate_has_its_channels_mapping_the_guest_before_it_connects() -> None
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
 
 
+def _moved_by_channels_mapping_all_of_it(done: subprocess.CompletedProcess, channels: int, mib: int) -> bool:
+    """Each channel process of the operation held all of the RAM mapped: those started
+    with the guest (channels started for the operation map only the pieces they move,
+    about a third each with three)."""
+    assert done.returncode == 0, done.stderr
+    memory = json.loads(done.stdout)["channel_memory_kib"]
+    return len(memory) == channels and all(m["RssShmem"] >= mib << 10 for m in memory)
+
+
+@pytest.mark.parametrize("listener", [("--ram", "32M", "--channels", "3", "--json")], indirect=True)
+def test_migrate_moves_pages_on_the_channels_started_with_the_guest(listener) -> None:
+    _, address = listener
+    done = run("migrate", "--to", address, "--ram", "32M", "--channels", "3", "--json",
+               env={"MULTIFD_SECRET": "s3cret"})
+    assert _moved_by_channels_mapping_all_of_it(done, 3, 32)
+
+
+def test_save_writes_pages_from_the_channels_started_with_the_guest(tmp_path: Path) -> None:
+    done = run("save", str(tmp_path / "vm.snap"), "--ram", "32M", "--channels", "3", "--json")
+    assert _moved_by_channels_mapping_all_of_it(done, 3, 32)
+
+
+def test_sigterm_while_the_guest_is_built_cancels_in_one_line() -> None:
+    """SIGTERM before the migration exists (its RAM being filled, its channels
+    started) still ends the command in one line with 130, and the RAM goes."""
+    source = subprocess.Popen([*MULTIFD, "migrate", "--to", "tcp://127.0.0.1:9", "--ram", "1G"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    try:
+        deadline = time.monotonic() + 30
+        while not _maps_guest_ram(source.pid) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        source.send_signal(signal.SIGTERM)  # filling 1 GiB takes far longer than this poll
+        _, err = source.communicate(timeout=60)
+    finally:
+        if source.poll() is None:
+            source.kill()
+            source.communicate()
+    assert source.returncode == 130, err
+    assert "terminated (SIGTERM)" in _one_error_line(err, "cancelled")
+
+
 def test_listen_needs_a_channel() -> None:
     done = run("listen", "--ram", "1M", "--channels", "0", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
