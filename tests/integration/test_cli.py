@@ -33,6 +33,20 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
                           env={**os.environ, **(env or {})})
 
 
+@contextlib.contextmanager
+def _running(*args: str) -> Iterator[subprocess.Popen]:
+    """`multifd ARGS` started (the tests' secret, output piped); killed and reaped at the
+    block's end if it still runs then (a failed test)."""
+    process = subprocess.Popen([*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_demo_json(transport: str) -> None:
     done = run("demo", "--ram", "16M", "--channels", "2", "--transport", transport,
@@ -309,29 +323,24 @@ def test_a_channel_killed_in_setup_is_one_line_on_each_side(listener) -> None:
     process, address = listener
     # The cap keeps the transfer going for seconds: the channels are still at work when
     # they die (a source whose channels are up with its guest is done in milliseconds).
-    source = subprocess.Popen(
-        [*MULTIFD, "migrate", "--to", address, "--ram", "16M", "--channels", "3", "--max-bandwidth", "4M"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MULTIFD_SECRET": "s3cret"})
     workers: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 20
-        while len(workers) < 3 and time.monotonic() < deadline:
-            workers = _channel_processes(process.pid)
-            time.sleep(0.005)
-        assert len(workers) == 3
-        for stuck in workers[1:]:  # they cannot stop in time: the pool terminates them
-            stuck.suspend()
-        workers[0].kill()
-        _, source_err = source.communicate(timeout=30)
-        _, listen_err = process.communicate(timeout=30)
-    finally:
-        if source.poll() is None:
-            source.kill()
-            source.communicate()
-        for worker in workers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
+    with _running("migrate", "--to", address, "--ram", "16M", "--channels", "3",
+                  "--max-bandwidth", "4M") as source:
+        try:
+            deadline = time.monotonic() + 20
+            while len(workers) < 3 and time.monotonic() < deadline:
+                workers = _channel_processes(process.pid)
+                time.sleep(0.005)
+            assert len(workers) == 3
+            for stuck in workers[1:]:  # they cannot stop in time: the pool terminates them
+                stuck.suspend()
+            workers[0].kill()
+            _, source_err = source.communicate(timeout=30)
+            _, listen_err = process.communicate(timeout=30)
+        finally:
+            for worker in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
     assert source.returncode == process.returncode == 1
     assert "died with exit code -9" in _one_error_line(source_err)
     assert "died with exit code -9" in _one_error_line(listen_err)
@@ -386,26 +395,18 @@ def test_migrate_has_its_channels_mapping_the_guest_before_it_connects() -> None
     before the migration begins: they are up when it connects to a destination that
     never answers (a migration forks its own only after the handshakes).  SIGTERM
     then ends the command in one line, leaving none of them."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            _running("migrate", "--to", f"tcp://127.0.0.1:{server.getsockname()[1]}", "--ram", "32M",
+                     "--channels", "3") as source:
         server.settimeout(30)
-        source = subprocess.Popen(
-            [*MULTIFD, "migrate", "--to", f"tcp://127.0.0.1:{server.getsockname()[1]}", "--ram", "32M",
-             "--channels", "3"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "MULTIFD_SECRET": "s3cret"})
-        try:
-            conn, _ = server.accept()  # the request: its main channel connects, and waits
-            with conn:
-                family = _family(source.pid)
-                workers = [worker.pid for worker in _channel_processes(source.pid)]
-                # the 3 channels, and the synthetic guest's own process
-                assert len(workers) == 4 and all(map(_maps_guest_ram, workers)), workers
-                source.send_signal(signal.SIGTERM)
-                _, err = source.communicate(timeout=30)
-        finally:
-            if source.poll() is None:
-                source.kill()
-                source.communicate()
+        conn, _ = server.accept()  # the request: its main channel connects, and waits
+        with conn:
+            family = _family(source.pid)
+            workers = [worker.pid for worker in _channel_processes(source.pid)]
+            # the 3 channels, and the synthetic guest's own process
+            assert len(workers) == 4 and all(map(_maps_guest_ram, workers)), workers
+            source.send_signal(signal.SIGTERM)
+            _, err = source.communicate(timeout=30)
     assert source.returncode == 130, err
     _one_error_line(err, "cancelled")
     deadline = time.monotonic() + 10  # a worker may still be exiting on a loaded machine
@@ -439,19 +440,12 @@ def test_save_writes_pages_from_the_channels_started_with_the_guest(tmp_path: Pa
 def test_sigterm_while_the_guest_is_built_cancels_in_one_line() -> None:
     """SIGTERM before the migration exists (its RAM being filled, its channels
     started) still ends the command in one line with 130, and the RAM goes."""
-    source = subprocess.Popen([*MULTIFD, "migrate", "--to", "tcp://127.0.0.1:9", "--ram", "1G"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "MULTIFD_SECRET": "s3cret"})
-    try:
+    with _running("migrate", "--to", "tcp://127.0.0.1:9", "--ram", "2G") as source:
         deadline = time.monotonic() + 30
         while not _maps_guest_ram(source.pid) and time.monotonic() < deadline:
             time.sleep(0.002)
-        source.send_signal(signal.SIGTERM)  # filling 1 GiB takes far longer than this poll
+        source.send_signal(signal.SIGTERM)  # filling 2 GiB takes far longer than this poll
         _, err = source.communicate(timeout=60)
-    finally:
-        if source.poll() is None:
-            source.kill()
-            source.communicate()
     assert source.returncode == 130, err
     assert "terminated (SIGTERM)" in _one_error_line(err, "cancelled")
 
