@@ -407,8 +407,15 @@ class RecordConnection(Connection):
     def recv_into_buffers(self, buffers: Sequence[memoryview]) -> int:
         views = [b for b in buffers if b.nbytes]
         total = sum(v.nbytes for v in views)
+        start = at = 0  # checked bytes left over from a headers read come first
+        while at < len(self._checked) and start < len(views):
+            take = min(views[start].nbytes, len(self._checked) - at)
+            views[start][:take] = self._checked[at:at + take]
+            at += take
+            start = advance(views, start, take)
+        del self._checked[:at]
         try:
-            self._fill(views)
+            self._fill(views[start:])
         except OSError as exc:
             raise self._failed(exc, f"receive from {self.peer}") from exc
         return total
@@ -452,14 +459,9 @@ class RecordConnection(Connection):
         return True
 
     def _fill(self, views: list[memoryview]) -> None:
+        """Fill `views` with record data as it arrives, each record's tag checked as
+        its last byte lands."""
         start = 0
-        at = 0  # checked bytes left over from a headers read come first
-        while at < len(self._checked) and start < len(views):
-            take = min(views[start].nbytes, len(self._checked) - at)
-            views[start][:take] = self._checked[at:at + take]
-            at += take
-            start = advance(views, start, take)
-        del self._checked[:at]
         while start < len(views):
             if not self._left:
                 self._open_record(eof_ok=False)

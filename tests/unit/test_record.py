@@ -189,6 +189,20 @@ def test_a_short_read_hands_on_nothing_before_its_record_checked() -> None:
         b.close()
 
 
+def test_a_read_across_records_hands_on_each_only_once_checked(pair) -> None:
+    """Headers that straddle two records: the rest of the first, kept from an earlier
+    read, then the whole second record, tag checked, before any of it is handed on,
+    in order."""
+    sender, receiver, _, b = pair
+    b.settimeout(10)  # a read that never ends fails instead
+    sender.send_all(b"ABCDE")
+    sender.send_all(b"FGHIJKLMNOPQ")
+    assert receiver.recv_exact_or_eof(3) == b"ABC"
+    assert receiver.recv_exact_or_eof(4) == b"DEFG"
+    assert receiver.pending() == len(b"HIJKLMNOPQ")  # the second record, whole and checked
+    assert receiver.recv_exact_or_eof(10) == b"HIJKLMNOPQ"
+
+
 # -- the staging buffer, kept for the process's next connection (engine/link.py) --
 
 
