@@ -64,6 +64,7 @@ from engine.errors import (
 from engine.link import LinkSecurity, TlsConfig, require_tls_files, source_peer_name
 from engine.migration import Migration
 from engine.multifd import MultifdSender
+from engine.operation import check_ram
 from engine.payload import PrecopyClient, SwitchoverSaver, SwitchoverSaves, payload_modules, slot_capacity
 from engine.pool import WorkerPool
 from engine.saving import RAM_CLIENT, SavingOperation
@@ -148,6 +149,7 @@ class SourceMigration(SavingOperation, Migration):
         payloads: Sequence[SwitchoverSaver] = (),
         tls: TlsConfig | None = None,
     ) -> None:
+        check_ram(ram)  # before local mode asks it who owns it
         check_address(to)
         check_argument("payloads", payloads, isinstance(payloads, Sequence), "a sequence")
         self.payloads = list(payloads)

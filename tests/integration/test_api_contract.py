@@ -113,6 +113,8 @@ def test_arguments_that_are_not_what_they_should_be_are_config_errors() -> None:
             lambda: GuestRAM.create({1: 4096}),  # type: ignore[dict-item]
             lambda: GuestRAM.attach("mfd-nothing"),  # type: ignore[arg-type]
             lambda: SourceMigration(None, "tcp://127.0.0.1:1", secret=SECRET),  # type: ignore[arg-type]
+            lambda: SourceMigration(None, "unix:///tmp/x.sock", secret=SECRET,  # type: ignore[arg-type]
+                                    config=MigrationConfig(local=True)),
             lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, devices=[object()]),  # type: ignore[list-item]
             lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, config={}),  # type: ignore[arg-type]
             lambda: DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, config={}),  # type: ignore[arg-type]
