@@ -207,6 +207,10 @@ class DestinationMigration(Migration):
         # Connections are challenged and read concurrently: a stranger stalls nobody.
         self._admission = Admission(self._listener, self.config.handshake_timeout_s, self.latch,
                                     self._refuse)
+        # Released by teardown, also a cancel's before the destination ran.
+        self._defer("stop listening", self._listener.close)
+        self._defer("log the refusals only counted", self._log_quiet_refusals)  # after the close below
+        self._defer("close connections not admitted", self._admission.close)
         self.negotiated: wire.Config | None = None
         self.refused: list[str] = []   # why each refused connection was refused (the first REFUSALS_KEPT)
         self._refusals_window = (-REFUSAL_WINDOW_S, 0, 0)  # (start, logged, not logged) of the window
@@ -227,18 +231,12 @@ class DestinationMigration(Migration):
 
     def close(self) -> None:
         """Stop listening (for a destination that will not run)."""
-        self._release_unstarted()
-
-    def _release_unstarted(self) -> None:
         self._admission.close()
         self._listener.close()
 
     # -- the phases --------------------------------------------------------
 
     def _run(self) -> MigrationResult:
-        self._defer("stop listening", self._listener.close)
-        self._defer("log the refusals only counted", self._log_quiet_refusals)  # after the close below
-        self._defer("close connections not admitted", self._admission.close)
         self._machine.fire(MigrationEvent.LISTEN)
         conn, hello, challenge = self._accept_main()
         self._own_conn(conn)

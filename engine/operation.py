@@ -249,8 +249,8 @@ class Operation:
         Returns False, and changes nothing, once the migration committed (the
         destination owns the VM: there is nothing left to cancel), once a snapshot
         is past its point of no return (published; the restored guest starting),
-        or once the operation finished.  A cancel before run() or start() releases
-        at once what the operation holds (a destination's listening socket).
+        or once the operation finished.  A cancel before run() or start() tears
+        down at once what the operation holds (a destination's listening socket).
         """
         with self._commit_lock:
             if self._committed or self._past_return or self.state.finished:
@@ -263,15 +263,10 @@ class Operation:
             unstarted, self._claimed_by = self._claimed_by is None, self._claimed_by or "cancel"
         if unstarted:  # nothing runs that would tear it down
             self._machine.fire(MigrationEvent.CANCEL)
-            self._release_unstarted()
             self._teardown()
             self._machine.fire(MigrationEvent.TORN_DOWN)
             self._end()
         return True
-
-    def _release_unstarted(self) -> None:
-        """What construction took (a destination's listener), for a cancel before
-        the operation ran; what set-up makes is released by :meth:`_teardown`."""
 
     def _pass_point_of_no_return(self) -> None:
         """A snapshot's step after which it completes whatever happens (the file is
