@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -38,7 +39,7 @@ from typing import Any, NoReturn, TypeGuard
 
 from engine import codecs
 from engine.channel import channel_fork_server, channel_pool, keep_ram_mapped
-from engine.config import DestinationConfig, MigrationConfig
+from engine.config import DestinationConfig, MigrationConfig, check_argument
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.link import TlsConfig
 from engine.operation import Operation
@@ -367,16 +368,16 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
                          f"while both sides hash)") if result.verified else ""))
     for device in result.extra.get("devices", []):
         checked = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]
+        line = (f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
+                f"{device['chunks']} chunks"
+                + (f", {_human(device['live_bytes'])} of them in precopy"
+                   if device.get("live_bytes") else ""))
         # Each side knows its own part: the source what it saved, the destination what it loaded.
-        done = [f"saved in {device['save_ms']:.0f} ms" if device["save_ms"] is not None else "",
-                f"loaded in {device['load_ms']:.0f} ms {checked}".rstrip()
-                if device["load_ms"] is not None else ""]
-        lines.append(
-            f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
-            f"{device['chunks']} chunks"
-            + (f", {_human(device['live_bytes'])} of them in precopy" if device.get("live_bytes") else "")
-            + "".join(f", {part}" for part in done if part)
-        )
+        if device["save_ms"] is not None:
+            line += f", saved in {device['save_ms']:.0f} ms"
+        if device["load_ms"] is not None:
+            line += f", loaded in {device['load_ms']:.0f} ms {checked}".rstrip()
+        lines.append(line)
     for key, value in (extra or {}).items():
         lines.append(f"{key:<16} {value}")
     print("\n".join(lines))
@@ -567,17 +568,17 @@ def _channels_with_ram(stack: contextlib.ExitStack, channels: int, name: str,
     return pool
 
 
-def _run_with_guest(args: argparse.Namespace, operation: Callable[..., Operation]) -> MigrationResult:
+def _run_with_guest(args: argparse.Namespace, config: MigrationConfig,
+                    operation: Callable[..., Operation]) -> MigrationResult:
     """Run the synthetic guest and demo devices `args` describe, and the
     operation ``operation(ram, guest, devices, config, pool)`` builds on them, with
-    progress; SIGTERM cancels it (the guest is resumed, nothing is left).  `pool`:
-    the channels, started with the guest (None in local mode: no page moves)."""
+    progress; SIGTERM cancels it (the guest is resumed, nothing is left).  `config`:
+    :func:`_checked`'s.  `pool`: the channels, started with the guest (None in local
+    mode: no page moves)."""
     from clients.devices import demo_devices
     from clients.guest import SyntheticGuest, fill_ram
     from engine.shm import GuestRAM
 
-    config = _config(args)
-    _check_args(args)
     _cancel_on_signals(None)
     with GuestRAM.create([("pc.ram", args.ram)]) as ram, contextlib.ExitStack() as stack:
         guest: Any
@@ -648,10 +649,10 @@ def _kvm_lines(args: argparse.Namespace, result: MigrationResult,
     return summary_lines(result.extra, (remote or {}).get("guest"), args.auto_converge)
 
 
-def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationResult:
+def _run_source(args: argparse.Namespace, config: MigrationConfig, to: str, secret: bytes) -> MigrationResult:
     from engine.source import SourceMigration
 
-    return _run_with_guest(args, lambda ram, guest, devices, config, pool: SourceMigration(
+    return _run_with_guest(args, config, lambda ram, guest, devices, config, pool: SourceMigration(
         ram, to, secret=secret, config=config, pause_guest=guest.pause, pool=pool,
         resume_guest=guest.resume, dump_dir=args.dump_dir, devices=devices,
         tls=_tls(args) if hasattr(args, "tls_cert") else None,
@@ -659,7 +660,8 @@ def _run_source(args: argparse.Namespace, to: str, secret: bytes) -> MigrationRe
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    result = _run_source(args, args.to, _secret(args))
+    secret = _secret(args)
+    result = _run_source(args, _checked(args), args.to, secret)
     _emit(args, result, _kvm_lines(args, result) if args.guest == "kvm" and not args.json else None)
     if "destination_error" in result.extra:  # the VM runs nowhere: the destination's VMM must act
         print(f"multifd: failed: the destination committed, but its guest is not running: "
@@ -668,17 +670,25 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked(args: argparse.Namespace) -> MigrationConfig:
+    """The operation's config from `args`, once every option is checked
+    (:func:`_check_args`): before anything starts."""
+    config = _config(args)
+    _check_args(args)
+    return config
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """ConfigError, before anything starts, for options that cannot work or do not
     go together (demo devices, --run-after, --dump-dir)."""
-    if getattr(args, "devices", 0) < 0:
-        raise ConfigError(f"--devices must be 0 or more, not {args.devices}")
-    if (getattr(args, "run_after", None) or 0) < 0:
-        raise ConfigError(f"--run-after must be 0 or more seconds, not {args.run_after}")
+    devices = getattr(args, "devices", 0)
+    check_argument("--devices", devices, devices >= 0, "0 or more")
+    run_after = getattr(args, "run_after", None)
+    check_argument("--run-after", run_after, (run_after or 0) >= 0, "0 or more seconds")
     for option in ("device_save_latency", "device_load_latency"):
         value = getattr(args, option, 0.0)
-        if not 0 <= value < float("inf"):  # also refuses NaN
-            raise ConfigError(f"--{option.replace('_', '-')} must be 0 or more milliseconds, not {value}")
+        check_argument(f"--{option.replace('_', '-')}", value, 0 <= value < math.inf,
+                       "0 or more milliseconds")
     check_dump_dir(getattr(args, "dump_dir", None))
     if getattr(args, "device_dirty_rate", 0.0) and not getattr(args, "device_iterative", False):
         raise ConfigError("--device-dirty-rate needs --device-iterative (a plain demo "
@@ -686,8 +696,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _config(args)  # both checked before the destination process starts
-    _check_args(args)
+    config = _checked(args)  # before the destination process starts
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
         # --local: over a unix socket, to a destination that takes the source's RAM.
@@ -725,7 +734,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 to = _read_listening(destination, ready, errors)
                 if not args.json:
                     print(f"destination process {destination.pid} listening on {to}")
-                result = _run_source(args, to, secret)
+                result = _run_source(args, config, to, secret)
                 remote = json.loads(destination.communicate(timeout=60)[0] or "{}")
             finally:
                 if destination.poll() is None:
@@ -747,7 +756,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_save(args: argparse.Namespace) -> int:
     from engine.snapshot import SnapshotSave
 
-    result = _run_with_guest(args, lambda ram, guest, devices, config, pool: SnapshotSave(
+    result = _run_with_guest(args, _checked(args), lambda ram, guest, devices, config, pool: SnapshotSave(
         ram, args.file, config=config, live=args.live, pause_guest=guest.pause, pool=pool,
         resume_guest=guest.resume, devices=devices, direct_io=args.direct_io, dump_dir=args.dump_dir,
     ))

@@ -158,7 +158,7 @@ class MigrationConfig:
             raise ConfigError(f"channels must be 1..{packet.MAX_CHANNELS}, got {self.channels}")
         if not 1 <= self.packet_pages <= packet.MAX_PACKET_PAGES:
             raise ConfigError(f"packet_pages must be 1..{packet.MAX_PACKET_PAGES}")
-        if not self.downtime_limit_ms >= 0:  # also refuses NaN
+        if not self.downtime_limit_ms >= 0:
             raise ConfigError("downtime_limit_ms must be a non-negative number")
         if not self.connect_timeout_s > 0:
             raise ConfigError("connect_timeout_s must be a positive number of seconds")
@@ -180,7 +180,7 @@ class MigrationConfig:
         if not 1 <= self.throttle_rounds <= 10:
             raise ConfigError(f"throttle_rounds must be a whole number in 1..10, "
                               f"got {self.throttle_rounds!r}")
-        if not 0 < self.dirty_sample_ms <= 1000:  # also refuses NaN
+        if not 0 < self.dirty_sample_ms <= 1000:
             raise ConfigError(f"dirty_sample_ms must be in (0, 1000], got {self.dirty_sample_ms!r}")
         if self.throttle_initial_pct > self.throttle_max_pct:
             raise ConfigError(f"throttle_initial_pct ({self.throttle_initial_pct}) is above "
