@@ -447,6 +447,7 @@ def test_sigterm_while_the_guest_is_built_cancels_in_one_line() -> None:
         source.send_signal(signal.SIGTERM)  # filling 2 GiB takes far longer than this poll
         _, err = source.communicate(timeout=60)
     assert source.returncode == 130, err
+    # One line: a RAM segment the command left would add the resource tracker's warning.
     assert "terminated (SIGTERM)" in _one_error_line(err, "cancelled")
 
 

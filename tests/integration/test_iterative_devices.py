@@ -84,6 +84,18 @@ def test_switchover_waits_for_the_destination_to_load_the_initial_state() -> Non
     assert target.state == source.state and target.intact()
 
 
+def test_max_rounds_reached_while_only_an_ack_is_due_is_no_forced_switchover() -> None:
+    """The last round ends with the downtime well in reach but the switchover ack still
+    due (a slow load): the switchover that max_rounds then makes is not reported as
+    one forced past the downtime limit."""
+    source = IterativeDemoDevice("gpu", 0, STATE, seed=3, switchover_ack=True)
+    target = Counting("gpu", 0, STATE, load_latency_s=0.6, with_state=False)
+    config = MigrationConfig(channels=2, packet_pages=64, downtime_limit_ms=5000, max_rounds=1)
+    result, _ = _migrate([source], [target], config=config)
+    assert "switchover_forced" not in result.extra
+    assert target.state == source.state and target.intact()
+
+
 def test_a_source_iterative_device_needs_an_iterative_destination_device() -> None:
     with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
         destination = DestinationMigration(address("tcp"), secret=SECRET, ram=dst,

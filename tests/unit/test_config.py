@@ -223,10 +223,12 @@ def test_a_stopped_tracker_keeps_its_clock_and_window(table: SlotTable) -> None:
     tracker = StatsTracker(ram_bytes=PAGE_SIZE, page_size=PAGE_SIZE)
     tracker.slots = table
     tracker.snapshot(MigrationState.ACTIVE)
+    table.counters[0, Counter.WIRE_BYTES] = 10_000_000  # a rate to keep (0 would stay 0 anyway)
     tracker.stop()
     first = tracker.snapshot(MigrationState.COMPLETED)
     for _ in range(1000):
         last = tracker.snapshot(MigrationState.COMPLETED)
+    assert first.throughput_bytes_per_s > 0
     assert (last.elapsed_s, last.throughput_bytes_per_s) == (first.elapsed_s, first.throughput_bytes_per_s)
     assert len(tracker._samples) <= 2
 
