@@ -59,6 +59,8 @@ EXIT_OUTCOME_UNKNOWN = 3
 
 # The operation this command runs, once built: its latch says whether it failed.
 _operation: Operation | None = None
+# SIGTERM or SIGHUP that came while the command set up, before its operation existed.
+_signalled: list[str] = []
 
 
 def parse_size(text: str) -> int:
@@ -424,11 +426,18 @@ def _cancel_on_signals(operation: Any) -> None:
     command exits 130 with one line.  The cancel runs on a thread of its own, not
     in the interrupted frame, which may hold the locks a cancel takes.  Before the
     operation exists (`operation` None: the guest, its RAM and channels being set
-    up), the signal raises CancelledError there, and the set-up unwinds."""
+    up), the signal is noted, and the set-up raises CancelledError at its next step
+    (:func:`_raise_if_signalled`; not from the handler, whose exception any library
+    code it interrupts might swallow), at the latest as the operation is given here."""
+    if operation is not None and _signalled:
+        operation.cancel(_signalled[0])  # not started: it releases what it holds
+        _raise_if_signalled()
+
     def cancel(number: int, _frame: object) -> None:
         reason = f"terminated ({signal.Signals(number).name})"
         if operation is None:
-            raise CancelledError(reason)
+            _signalled.append(reason)
+            return
         threading.Thread(target=operation.cancel, args=(reason,), name="mfd-signal-cancel",
                          daemon=True).start()
 
@@ -436,6 +445,12 @@ def _cancel_on_signals(operation: Any) -> None:
         if number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN:
             continue
         signal.signal(number, cancel)
+
+
+def _raise_if_signalled() -> None:
+    """CancelledError if a signal came while the command set up (_cancel_on_signals)."""
+    if _signalled:
+        raise CancelledError(_signalled[0])
 
 
 def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
@@ -506,6 +521,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     kvm = None
     stack = contextlib.ExitStack()
     try:
+        _raise_if_signalled()
         pool = None if ram is None else _channels_with_ram(stack, args.channels, "mfd-listen", config, ram)
         # Without --ram the VM takes its memory when it exists: created from the
         # source's CONFIG, or the source's own pages (--local).
@@ -589,9 +605,11 @@ def _run_with_guest(args: argparse.Namespace, config: MigrationConfig,
             guest = SyntheticGuest(ram, args.workload, args.dirty_rate, args.hot_fraction)
         running: Any = None  # the operation, once made
         try:
+            _raise_if_signalled()
             pool = None
             if not config.local:  # local mode moves no page
                 pool = _channels_with_ram(stack, config.channels, "mfd-vmm", config, ram)
+            _raise_if_signalled()
             guest.start()
             devices = getattr(guest, "devices", []) + demo_devices(
                 args.devices, args.device_state, save_latency_s=args.device_save_latency / 1000,
@@ -950,6 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cancelled, 141 our reader went away."""
     global _operation
     _operation = None
+    _signalled.clear()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate,
