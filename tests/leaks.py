@@ -61,6 +61,16 @@ def shm_segments() -> set[str]:
     return {n for n in os.listdir(_SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
 
 
+def segment_mappings(pid: int | str = "self") -> list[str]:
+    """The lines of process `pid`'s memory map that map this project's segments
+    ([] for a process that is gone)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return [line for line in maps if f"{_SHM_DIR}/{SEGMENT_PREFIX}" in line]
+    except OSError:
+        return []
+
+
 def _fds() -> set[int]:
     _, tracker_fd = _tracker_pid_and_fd()
     fds = set()

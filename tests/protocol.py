@@ -17,6 +17,7 @@ from collections.abc import Callable
 from engine import DestinationMigration
 from engine.errors import MigrationError, TransportClosedError
 from engine.link import RecordConnection
+from engine.sync import SyncBarrier
 from engine.wire import message as wire
 from engine.wire import packet, record
 from tests.harness import SECRET
@@ -169,6 +170,23 @@ class ChannelWriter:
     def end(self, epoch: int = 0) -> None:
         self.sock.sendall(packet.encode_end(self.sequence, epoch))
         self.sequence += 1
+
+
+def barrier(destination: DestinationMigration) -> SyncBarrier:
+    """The destination's bookkeeping of its channels' barrier states (read-only here)."""
+    receiver = destination._receiver
+    assert receiver is not None
+    return receiver.barrier
+
+
+def final_answer(source: HandMadeSource) -> wire.Message:
+    """The destination's answer to COMPLETE, as a real source gets it (engine/source.py):
+    a PREPARED is committed first.  Adjust here when the end of the protocol changes."""
+    answer = source.next_message()
+    if isinstance(answer, wire.Prepared):
+        source.send(wire.Commit())
+        answer = source.next_message()
+    return answer
 
 
 def destination_failure(destination: DestinationMigration, source: HandMadeSource,

@@ -14,7 +14,7 @@ from engine import DestinationMigration, MigrationConfig
 from engine.wire import message as wire
 from engine.wire import packet
 from tests.harness import SECRET, MiB, guest_ram, wait_until
-from tests.protocol import ChannelWriter, HandMadeSource
+from tests.protocol import ChannelWriter, HandMadeSource, barrier, final_answer
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -36,15 +36,10 @@ def _migrate(after_end: str) -> tuple[wire.Message, DestinationMigration]:
             end = packet.encode_end(channel.sequence, 0)
             sock.sendall(end + packet.encode_sync(channel.sequence + 1, 0) if after_end == "with" else end)
             if after_end == "later":
-                receiver = destination._receiver
-                assert receiver is not None
-                wait_until(lambda: receiver.barrier.all_ended, "END to be read", timeout=10)
+                wait_until(lambda: barrier(destination).all_ended, "END to be read", timeout=10)
                 sock.sock.sendall(b"bytes after END")  # raw: not even a record
             source.send(wire.Complete(0))
-            answer = source.next_message()
-            if isinstance(answer, wire.Prepared):
-                source.send(wire.Commit())
-                answer = source.next_message()
+            answer = final_answer(source)
             try:
                 destination.wait(10)
             except Exception:

@@ -22,11 +22,12 @@ import pytest
 
 from engine import DestinationMigration, MigrationConfig
 from engine.errors import MigrationError
-from engine.sync import ChannelState, SyncBarrier
+from engine.sync import ChannelState
 from engine.wire import message as wire
 from engine.wire import packet
 from tests.harness import SECRET, MiB, guest_ram, wait_until
-from tests.protocol import ChannelWriter, HandMadeSource
+from tests.protocol import ChannelWriter, HandMadeSource, destination_failure, final_answer
+from tests.protocol import barrier as protocol_barrier
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -41,13 +42,6 @@ OLD, NEW = 0xAA, 0xBB  # its content in epoch 1 (channel 0) and epoch 2 (channel
 # lands last whatever the timing. It only makes sure a broken barrier shows.
 HOLD_S = 0.5
 FAST = MigrationConfig(handshake_timeout_s=2.0)
-
-
-def _barrier(destination: DestinationMigration) -> SyncBarrier:
-    """The destination's bookkeeping of its channels' barrier states (read-only here)."""
-    receiver = destination._receiver
-    assert receiver is not None
-    return receiver.barrier
 
 
 def _join(source: HandMadeSource) -> list[ChannelWriter]:
@@ -72,18 +66,13 @@ def _complete(source: HandMadeSource, channels: list[ChannelWriter], final_epoch
     """End the migration as a real source does (engine/source.py); the destination's answer.
 
     SWITCHOVER, END on every channel, COMPLETE(final_epoch), then whatever the
-    destination answers. Adjust here when the end of the protocol changes: with
-    a PREPARED / COMMIT exchange, a PREPARED answer is committed first.
+    destination answers (tests/protocol.py final_answer).
     """
     source.send(wire.Switchover())
     for channel in channels:
         channel.end(final_epoch)
     source.send(wire.Complete(final_epoch))
-    answer = source.next_message()
-    if type(answer).__name__ == "Prepared":
-        source.send(wire.Commit())
-        answer = source.next_message()
-    return answer
+    return final_answer(source)
 
 
 def test_a_page_of_the_next_epoch_is_not_overwritten_by_a_late_stale_copy() -> None:
@@ -98,7 +87,7 @@ def test_a_page_of_the_next_epoch_is_not_overwritten_by_a_late_stale_copy() -> N
         source = HandMadeSource(destination, list(dst.layout), channels=2)
         try:
             ch0, ch1 = _join(source)
-            barrier = _barrier(destination)
+            barrier = protocol_barrier(destination)
 
             # Channel 1 closes epoch 1 (it sent nothing in it) and sends P's new copy.
             _sync(ch1, 1)
@@ -150,13 +139,13 @@ def test_a_repeated_marker_is_refused_at_once() -> None:
                                            config=FAST, ram_is_zeroed=True)
         destination.start()
         source = HandMadeSource(destination, list(dst.layout), channels=1)
-        try:
-            (ch0,) = _join(source)
+
+        def repeat_the_marker(channels: list[ChannelWriter], source: HandMadeSource) -> None:
+            (ch0,) = channels
             _page(ch0, 1, P, NEW)
             _sync(ch0, 1)
             source.send(wire.SyncMarker(1))
             source.send(wire.SyncMarker(1))
-            with pytest.raises(MigrationError, match=r"SYNC_MARKER\(1\) while the channels are in epoch 2"):
-                destination.wait(10)
-        finally:
-            source.close()
+
+        failure = destination_failure(destination, source, repeat_the_marker)
+        assert "SYNC_MARKER(1) while the channels are in epoch 2" in failure

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import tempfile
 import threading
 import time
 
@@ -25,9 +24,9 @@ from engine import (
     SourceMigration,
 )
 from engine.errors import CancelledError, ConfigError, GuestControlError, WaitTimeout
-from engine.shm import SEGMENT_PREFIX
 from engine.sync import MigrationState
-from tests.harness import SECRET, MiB, guest_ram, same_memory, wait_until
+from tests.harness import SECRET, MiB, address, guest_ram, same_memory, wait_until
+from tests.leaks import segment_mappings
 from transports.file import SnapshotFile
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -180,16 +179,15 @@ def test_a_cancel_before_start_releases_the_listener(transport: str) -> None:
     """The VMM made the incoming side (to hand its address to the source), then
     gave up: cancel() closes the port (and the unix socket file) at once, and a
     later run() or start() raises the cancel."""
-    path = os.path.join(tempfile.gettempdir(), f"mfd-test-cancel-{os.getpid()}.sock")
-    incoming = DestinationMigration("tcp://127.0.0.1:0" if transport == "tcp" else f"unix://{path}",
-                                    secret=SECRET)
+    where = address(transport)
+    incoming = DestinationMigration(where, secret=SECRET)
     assert incoming.cancel() and incoming.state is MigrationState.CANCELLED and incoming.done()
     if transport == "tcp":
         host, port = incoming.address.removeprefix("tcp://").rsplit(":", 1)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((host, int(port)), timeout=5).close()
     else:
-        assert not os.path.exists(path)
+        assert not os.path.exists(where.removeprefix("unix://"))
     for call in (incoming.run, incoming.start, incoming.wait):
         with pytest.raises(CancelledError):
             call()
@@ -273,6 +271,4 @@ def test_a_cancelled_restore_keeps_no_shared_memory_mapped(tmp_path, monkeypatch
     restore = SnapshotRestore(path)
     with pytest.raises(CancelledError):
         restore.run()
-    with open("/proc/self/maps") as maps:
-        mapped = [line for line in maps if f"/dev/shm/{SEGMENT_PREFIX}" in line]
-    assert not mapped, mapped
+    assert not (mapped := segment_mappings()), mapped

@@ -19,9 +19,10 @@ import pytest
 
 from engine.destination import DestinationMigration
 from engine.errors import MigrationError
-from engine.shm import SEGMENT_PREFIX, GuestRAM
+from engine.shm import GuestRAM
 from engine.source import SourceMigration
 from engine.sync import wait_readable
+from tests.leaks import segment_mappings
 
 MULTIFD = [sys.executable, "-m", "engine.cli"]
 REQUIRED = {"status", "ram_bytes", "channels", "total_time_s", "setup_time_ms", "downtime_ms",
@@ -359,9 +360,7 @@ def _gone(pid: int) -> bool:
 
 
 def _maps_guest_ram(pid: int) -> bool:
-    with contextlib.suppress(OSError):
-        return f"/dev/shm/{SEGMENT_PREFIX}" in Path(f"/proc/{pid}/maps").read_text()
-    return False
+    return bool(segment_mappings(pid))
 
 
 @pytest.mark.parametrize("listener", [("--ram", "32M", "--channels", "2", "--json")], indirect=True)
