@@ -68,7 +68,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -80,16 +79,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.remote import channel_cpu, channel_cpu_per_gib, write_report  # noqa: E402
+from bench.remote import WarmDestination, channel_cpu, channel_cpu_per_gib, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
-from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration  # noqa: E402
+from engine import GuestRAM, MigrationConfig  # noqa: E402
 from engine.channel import keep_ram_mapped  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.pool import WorkerPool  # noqa: E402
@@ -362,52 +360,12 @@ def cli_once(args: argparse.Namespace, channels: int) -> dict[str, Any]:
             "destination_total_s": destination["total_time_s"], **channel_cpu(source, destination)}
 
 
-def _warm_destination(size: int, workers: int, secret: str, timeout: float, pipe: Connection) -> None:
-    """The destination VMM of the warm case: preallocated RAM and a pool kept across
-    migrations.  Serves one migration per channel count received; None stops it."""
-    with GuestRAM.create({BLOCK: size}, prealloc=True) as ram, \
-            WorkerPool("process", workers, name="bench-qemu-dst") as pool, \
-            keep_ram_mapped(pool, ram):
-        pipe.send("ready")
-        while (channels := pipe.recv()) is not None:
-            try:
-                destination = DestinationMigration(
-                    "tcp://127.0.0.1:0", secret=secret.encode(), ram=ram, pool=pool,
-                    accept_timeout_s=timeout,
-                    config=MigrationConfig(channels=channels, verify=False,
-                                                        integrity="none").for_destination())
-                destination.start()
-                pipe.send(destination.address)
-                pipe.send(destination.wait().to_dict())
-            except Exception as exc:
-                pipe.send({"error": repr(exc)})
-        pool.shutdown(wait=True, cancel=True)
-
-
-def stop_process(process: multiprocessing.process.BaseProcess, pipe: Connection) -> None:
-    """Ask the warm destination to stop; end it if it does not (a failed run)."""
-    with contextlib.suppress(OSError):
-        pipe.send(None)
-    process.join(30)
-    if process.is_alive():
-        process.terminate()
-        process.join(10)
-    pipe.close()
-
-
-def warm_once(src: GuestRAM, pool: WorkerPool, destination: Connection, channels: int) -> dict[str, Any]:
-    destination.send(channels)
-    address = destination.recv()
-    if isinstance(address, dict):
-        raise RuntimeError(f"warm destination failed: {address['error']}")
+def warm_once(src: GuestRAM, pool: WorkerPool, destination: WarmDestination, channels: int) -> dict[str, Any]:
+    # Bare and unverified, as QEMU's plain multifd is.
+    config = MigrationConfig(channels=channels, verify=False, integrity="none")
     t0 = time.perf_counter()
-    result = SourceMigration(src, address, secret=SECRET.encode(), pool=pool,
-                             config=MigrationConfig(channels=channels, verify=False,
-                                                    integrity="none")).run()  # QEMU's plain multifd: bare too
+    result, remote = destination.migrate(src, pool, config)
     call = time.perf_counter() - t0
-    remote = destination.recv()
-    if "error" in remote:
-        raise RuntimeError(f"warm destination failed: {remote['error']}")
     return {"seconds": result.total_time_s, "call_s": call, "setup_ms": result.setup_time_ms,
             "downtime_ms": result.downtime_ms, "transfer_s": result.transfer_time_s,
             "bytes_on_wire": result.bytes_on_wire, "destination_total_s": remote["total_time_s"],
@@ -519,14 +477,7 @@ def main() -> int:
         fill_ram(src, "random", seed=SEED)
         pool = stack.enter_context(WorkerPool("process", max(args.channels), name="bench-qemu-src"))
         stack.enter_context(keep_ram_mapped(pool, src))
-        ours, theirs = multiprocessing.Pipe()
-        process = multiprocessing.get_context("spawn").Process(
-            target=_warm_destination, args=(args.ram, max(args.channels), SECRET, args.timeout, theirs))
-        process.start()
-        theirs.close()
-        stack.callback(stop_process, process, ours)
-        if ours.recv() != "ready":
-            raise RuntimeError("the warm destination did not start")
+        ours = stack.enter_context(WarmDestination(src, max(args.channels), args.timeout))
         for n in args.channels:  # start both pools' workers (and imports), untimed
             warm_once(src, pool, ours, n)
         for k in range(args.rounds):

@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 from clients.devices import demo_devices
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
-from engine.channel import channel_fork_server
+from engine.channel import channel_fork_server, keep_ram_mapped
 from engine.device import MigratableDevice
 from engine.link import TlsConfig
+from engine.pool import WorkerPool
 from engine.shm import RamHandle
 from tests.netns import Hosts, enter, inside
 
@@ -98,6 +99,77 @@ def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport:
         _destination_process, (dst.handle, address, config), source,
         ram_is_zeroed, destination_devices, tls[1] if tls else None, hosts.destination if hosts else None)
     return result, remote, main_cpu_s
+
+
+def _warm_destination(blocks: dict[str, int], workers: int, timeout: float, pipe: Connection) -> None:
+    """The destination VMM of :class:`WarmDestination`: preallocated RAM, mapped, page
+    tables and all, by every worker of a pool kept across migrations.  Serves one
+    migration per DestinationConfig received (its address, then its result as a dict,
+    or ``{"error": ...}``); None stops it."""
+    with GuestRAM.create(blocks, prealloc=True) as ram, \
+            WorkerPool("process", workers, name="bench-warm-dst") as pool, \
+            keep_ram_mapped(pool, ram):
+        pipe.send("ready")
+        while (config := pipe.recv()) is not None:
+            try:
+                destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=ram, pool=pool,
+                                                   accept_timeout_s=timeout, config=config)
+                destination.start()
+                pipe.send(destination.address)
+                pipe.send(destination.wait().to_dict())
+            except Exception as exc:
+                pipe.send({"error": repr(exc)})
+        pool.shutdown(wait=True, cancel=True)
+
+
+class WarmDestination:
+    """A destination VMM process kept across migrations, as a VMM that keeps its pool
+    and its RAM from VM start: nothing of its set-up lands on a migration's clock.
+    Its RAM has `src`'s layout; `workers` is the most channels a migration may use."""
+
+    def __init__(self, src: GuestRAM, workers: int, timeout: float = 300.0) -> None:
+        self._pipe, theirs = multiprocessing.Pipe()
+        blocks = {block.name: block.size for block in src.blocks}
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_warm_destination, args=(blocks, workers, timeout, theirs))
+        self._process.start()
+        theirs.close()
+        try:
+            if self._pipe.recv() != "ready":
+                raise RuntimeError("the warm destination did not start")
+        except BaseException:
+            self.close()
+            raise
+
+    def migrate(self, src: GuestRAM, pool: WorkerPool,
+                config: MigrationConfig) -> tuple[MigrationResult, dict[str, Any]]:
+        """Migrate `src` on `pool`'s workers into this destination: the source's result
+        and the destination's, as a dict.  Raises if either side failed."""
+        self._pipe.send(config.for_destination())
+        address = self._pipe.recv()
+        if isinstance(address, dict):
+            raise RuntimeError(f"the warm destination failed: {address['error']}")
+        result = SourceMigration(src, address, secret=SECRET, pool=pool, config=config).run()
+        remote = self._pipe.recv()
+        if "error" in remote:
+            raise RuntimeError(f"the warm destination failed: {remote['error']}")
+        return result, remote
+
+    def close(self) -> None:
+        """Stop the destination; end it if it does not stop (after a failed run)."""
+        with contextlib.suppress(OSError):
+            self._pipe.send(None)
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(10)
+        self._pipe.close()
+
+    def __enter__(self) -> WarmDestination:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def against_destination(target: Callable[..., None], args: tuple[Any, ...],
