@@ -34,11 +34,12 @@ def bench(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_throughput_bench(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
-    bench("throughput.py", "--ram", "8M", "--channels", "1", "2", "--repeat", "1", "--json", str(out))
+    bench("throughput.py", "--ram", "8M", "--channels", "1", "2", "--repeat", "1", "--warm", "--json", str(out))
     report = json.loads(out.read_text())
     assert [case["channels"] for case in report["cases"]] == [1, 2]
     for case in report["cases"]:
         assert len(case["runs"]) == 1 and case["ratio_median"] > 0
+        assert len(case["warm_runs"]) == 1 and case["warm_ratio_median"] > 0
 
 
 def test_devices_bench(tmp_path: Path) -> None:
