@@ -34,7 +34,8 @@ def bench(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_throughput_bench(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
-    bench("throughput.py", "--ram", "8M", "--channels", "1", "2", "--repeat", "1", "--warm", "--json", str(out))
+    bench("throughput.py", "--ram", "8M", "--channels", "1", "2", "--repeat", "1", "--warm",
+          "--json", str(out))
     report = json.loads(out.read_text())
     assert [case["channels"] for case in report["cases"]] == [1, 2]
     for case in report["cases"]:
