@@ -437,14 +437,24 @@ def _cancel_on_signals(operation: Any) -> None:
         reason = f"terminated ({signal.Signals(number).name})"
         if operation is None:
             _signalled.append(reason)
-            return
-        threading.Thread(target=operation.cancel, args=(reason,), name="mfd-signal-cancel",
-                         daemon=True).start()
+        elif not operation.done():
+            threading.Thread(target=operation.cancel, args=(reason,), name="mfd-signal-cancel",
+                             daemon=True).start()
+
+    def interrupt(number: int, frame: Any) -> None:
+        # Once the operation has ended its outcome is decided: what is left (the
+        # report, the guest's, RAM's and channels' teardown) is bounded, and a
+        # KeyboardInterrupt there would exit 130, "cancelled", for a migration
+        # the destination may have committed and runs.
+        if not operation.done():
+            signal.default_int_handler(number, frame)
 
     for number in (signal.SIGTERM, signal.SIGHUP):
         if number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN:
             continue
         signal.signal(number, cancel)
+    if operation is not None and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def _raise_if_signalled() -> None:
@@ -962,10 +972,11 @@ def _emit(args: argparse.Namespace, result: MigrationResult, extra: dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command.  Exit status: 0 done, 1 failed (or not verified, or the
-    destination committed but could not start its guest), 3 the
-    outcome is unknown (COMMIT sent, no answer: the guest stays paused), 130
-    cancelled, 141 our reader went away."""
+    """Run one command, as this process's command line: it returns with SIGINT,
+    SIGTERM and SIGHUP ignored, its exit status decided.  Exit status: 0 done, 1
+    failed (or not verified, or the destination committed but could not start its
+    guest), 3 the outcome is unknown (COMMIT sent, no answer: the guest stays
+    paused), 130 cancelled, 141 our reader went away."""
     global _operation
     _operation = None
     _signalled.clear()
@@ -996,7 +1007,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(args, MigrationState.CANCELLED, "interrupted")
         return 130
     finally:
-        stop_fork_servers()
+        _stop_fork_servers_quietly()
+
+
+def _stop_fork_servers_quietly() -> None:
+    """The command's last step, its exit status decided: stop the fork servers (up to
+    10 s) with Ctrl-C, SIGTERM and SIGHUP ignored from here to the exit, for they could
+    only turn that status into a traceback or a "cancelled" it is not."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+    stop_fork_servers()
 
 
 def _watch(operation: Operation) -> Any:

@@ -569,6 +569,26 @@ def test_ctrl_c_after_the_commit_waits_for_the_outcome() -> None:
     assert err.count("multifd: cannot cancel, the migration has committed: waiting for its outcome\n") == 2
 
 
+@pytest.mark.parametrize("listener", [("--run-after", "3", "--json")], indirect=True)
+def test_signals_after_the_migration_ended_leave_its_outcome(listener: tuple[subprocess.Popen, str]) -> None:
+    """Ctrl-C and SIGTERM once the migration has ended (here while the destination's
+    guest runs its --run-after): its outcome is decided, the signals are ignored, and
+    the command still exits 0 with its completed, committed summary: never 130,
+    "cancelled", for a VM the destination runs."""
+    process, address = listener
+    done = run("migrate", "--to", address, "--ram", "4M", "--workload", "idle", "--json",
+               env={"MULTIFD_SECRET": "s3cret"})
+    assert done.returncode == 0, done.stderr
+    process.send_signal(signal.SIGINT)  # the source exited: the destination has resumed
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "cancel" not in err
+    summary = json.loads(out)
+    assert summary["status"] == "completed" and summary["committed"] is True
+
+
 def test_inspect_verify_reports_each_damaged_region_and_exits_1(tmp_path: Path) -> None:
     from engine.snapshot import inspect_snapshot
 
