@@ -52,7 +52,7 @@ from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import Any, cast
 
 from engine.errors import PoolError
-from engine.pool._spawn import DEFAULT_WORKER_ENV, child_environment
+from engine.pool._spawn import DEFAULT_WORKER_ENV, OWN_PROCESS_GROUP, child_environment
 from engine.pool._token import poll_millis
 
 _Key = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]  # (preload, worker_env's items)
@@ -155,7 +155,7 @@ class ForkServer:
             self._server = subprocess.Popen(
                 [spawn.get_executable(), "-c", command],
                 pass_fds=(listener.fileno(), alive_r, ready_w), env=child_environment(self.worker_env),
-                restore_signals=False, stdin=subprocess.DEVNULL)
+                restore_signals=False, stdin=subprocess.DEVNULL, process_group=OWN_PROCESS_GROUP)
         except OSError as exc:
             os.close(alive_w)
             os.close(ready_r)

@@ -31,6 +31,15 @@ DEFAULT_WORKER_ENV: Mapping[str, str] = {
     "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+#: The process group of every interpreter the pool starts (a spawned worker, a fork
+#: server, and so the workers a server forks): one of its own, not the owner's.  A
+#: terminal's Ctrl-C goes to the foreground group: it must reach the owner only,
+#: which cancels what its workers run and stops them.  Sent to a worker too, it
+#: landed while the fresh interpreter re-imported the owner's ``__main__``, before
+#: the worker could ignore it, and printed that import's KeyboardInterrupt traceback.
+OWN_PROCESS_GROUP = 0
+
+
 def child_environment(worker_env: Mapping[str, str]) -> dict[str, str]:
     """The owner's environment, plus each of `worker_env`'s names it does not set."""
     env = dict(os.environ)
@@ -75,10 +84,10 @@ class _EnvSpawnPopen(popen_spawn_posix.Popen):
             cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
             self._fds.extend([child_r, child_w])
             # As util.spawnv_passfds does it (close_fds, these fds only, signals as
-            # they are), with `env`.
+            # they are), with `env`, in a process group of its own (OWN_PROCESS_GROUP).
             self._child = subprocess.Popen(
                 cmd, executable=spawn.get_executable(), pass_fds=sorted(set(self._fds)),
-                env=self._env, restore_signals=False)
+                env=self._env, restore_signals=False, process_group=OWN_PROCESS_GROUP)
             self.pid = self._child.pid
             self.sentinel = parent_r
             with open(parent_w, "wb", closefd=False) as f:

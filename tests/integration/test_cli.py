@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -35,11 +36,11 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
 
 
 @contextlib.contextmanager
-def _running(*args: str) -> Iterator[subprocess.Popen]:
-    """`multifd ARGS` started (the tests' secret, output piped); killed and reaped at the
-    block's end if it still runs then (a failed test)."""
+def _running(*args: str, **popen: Any) -> Iterator[subprocess.Popen]:
+    """`multifd ARGS` started (the tests' secret, output piped, `popen` for the rest);
+    killed and reaped at the block's end if it still runs then (a failed test)."""
     process = subprocess.Popen([*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+                               text=True, env={**os.environ, "MULTIFD_SECRET": "s3cret"}, **popen)
     try:
         yield process
     finally:
@@ -409,6 +410,34 @@ def test_migrate_has_its_channels_mapping_the_guest_before_it_connects() -> None
     assert source.returncode == 130, err
     _one_error_line(err, "cancelled")
     deadline = time.monotonic() + 10  # a worker may still be exiting on a loaded machine
+    while (left := [pid for pid in family - {source.pid} if not _gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, [psutil.Process(pid).cmdline() for pid in left]
+
+
+def test_ctrl_c_from_a_terminal_reaches_the_command_only() -> None:
+    """A terminal's Ctrl-C goes to its foreground process group: the command's own.
+    Every process the command started (guest, fork server, channels) is in a group
+    of its own, so the command alone gets it, cancels in one line, and stops them:
+    one that got it as it started printed its import's traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            _running("migrate", "--to", f"tcp://127.0.0.1:{server.getsockname()[1]}", "--ram", "16M",
+                     start_new_session=True) as source:  # its group: a terminal's foreground job
+        server.settimeout(30)
+        conn, _ = server.accept()  # set up: its main channel connects, and waits
+        with conn:
+            family = _family(source.pid)
+            assert len(family) >= 4  # the command, its fork server, channels, the guest
+            in_its_group = [" ".join(psutil.Process(pid).cmdline()) for pid in family - {source.pid}
+                            if os.getpgid(pid) == source.pid]
+            # but multiprocessing's resource tracker, which starts and runs with SIGINT ignored
+            assert [command for command in in_its_group if "resource_tracker" not in command] == []
+            os.killpg(source.pid, signal.SIGINT)
+            _, err = source.communicate(timeout=30)
+    assert source.returncode == 130, err
+    assert err.splitlines() == ["multifd: cancelling: waiting for the teardown",
+                                "multifd: cancelled: interrupted (Ctrl-C)"], err
+    deadline = time.monotonic() + 10
     while (left := [pid for pid in family - {source.pid} if not _gone(pid)]) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
