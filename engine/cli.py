@@ -217,12 +217,29 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+class _UsageError(Exception):
+    """A command line that does not parse; `prog`: the command whose --help lists the options."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
-    """A usage error is one line and exit 1, as every other error (argparse's own
-    prints the whole usage and exits 2).  Subcommands' parsers are of this class too."""
+    """A usage error is reported as every other error is (:func:`_parse`), not by
+    argparse's own (the whole usage, exit 2).  Subcommands' parsers are of this class too."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(1, f"multifd: failed: {message} (`{self.prog} --help` lists the options)\n")
+        raise _UsageError(message, self.prog)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line's options.  Raises _UsageError, naming the subcommand's
+    --help for an option it does not know."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise _UsageError(f"unrecognized arguments: {' '.join(unknown)}", f"multifd {args.command}")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -980,7 +997,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _operation
     _operation = None
     _signalled.clear()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(argv)
+    except _UsageError as exc:  # one line, and with --json one object, as every error
+        if "--json" in argv:
+            print(json.dumps({"status": MigrationState.FAILED.value, "error": str(exc)}))
+        print(f"multifd: failed: {exc} (`{exc.prog} --help` lists the options)", file=sys.stderr)
+        return 1
     _setup_logging(args.verbose)
     handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate,
                 "save": cmd_save, "restore": cmd_restore, "inspect": cmd_inspect}

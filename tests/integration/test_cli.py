@@ -523,6 +523,16 @@ def test_a_usage_error_is_one_line_and_exit_1() -> None:
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == ("multifd: failed: argument --channels: invalid int value: 'two' "
                            "(`multifd migrate --help` lists the options)\n")
+    # an option the command does not know: its own --help is named
+    done = run("save", "vm.snap", "--no-verify")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("multifd: failed: unrecognized arguments: --no-verify "
+                           "(`multifd save --help` lists the options)\n")
+    # with --json, the error is the one JSON object on stdout too
+    done = run("migrate", "--ram", "abc", "--json")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert json.loads(done.stdout) == {"status": "failed", "error": "argument --ram: not a size: 'abc' "
+                                                                    "(try 256M or 1G)"}
 
 
 @pytest.mark.parametrize("listener", [("--ram", "1M", "--json")], indirect=True)
