@@ -742,6 +742,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _checked(args)  # before the destination process starts
+    _cancel_on_signals(None)  # SIGTERM from here cancels, the destination process stopped
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
         # --local: over a unix socket, to a destination that takes the source's RAM.
@@ -962,7 +963,10 @@ def _read_listening(process: subprocess.Popen, ready: Any, errors: Any = None) -
     """The address `listen` wrote to its ready pipe (`ready`, our end); `errors`,
     its stderr file, says why not."""
     assert process.stdout is not None
-    line = ready.readline() if wait_readable([ready], 30) else ""
+    deadline = time.monotonic() + 30
+    while not (said := bool(wait_readable([ready], 0.1))) and time.monotonic() < deadline:
+        _raise_if_signalled()  # a SIGTERM while it starts (_cancel_on_signals)
+    line = ready.readline() if said else ""
     if not line.startswith("LISTENING "):
         # It ended, or will: its --json error is on stdout, its line on stderr.
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -443,6 +443,37 @@ def test_ctrl_c_from_a_terminal_reaches_the_command_only() -> None:
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
 
 
+def test_sigterm_while_the_demo_starts_its_destination_is_one_line() -> None:
+    """SIGTERM while the demo waits for its destination process to listen: exit 130,
+    one line and the one JSON object, the destination process stopped (it died
+    silently of the signal, 143, nothing said)."""
+    with _running("demo", "--ram", "64M", "--json") as demo:
+        deadline = time.monotonic() + 30
+        while not (started := _children_running(demo.pid, "listen")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert started
+        demo.send_signal(signal.SIGTERM)  # the destination imports, fills its RAM, starts channels
+        out, err = demo.communicate(timeout=60)
+        family = _family(demo.pid) if demo.poll() is None else set()
+    assert demo.returncode == 130, err
+    _one_error_line(err, "cancelled")
+    assert json.loads(out)["status"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in started + list(family) if not _gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left
+
+
+def _children_running(pid: int, word: str) -> list[int]:
+    """The children of `pid` whose command line holds `word`."""
+    found = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):
+            if word in child.cmdline():
+                found.append(child.pid)
+    return found
+
+
 def _moved_by_channels_mapping_all_of_it(done: subprocess.CompletedProcess, channels: int, mib: int) -> bool:
     """Each channel process of the operation held all of the RAM mapped: those started
     with the guest (channels started for the operation map only the pieces they move,
