@@ -417,9 +417,13 @@ class DestinationMigration(Migration):
         for idstr, instance in sorted(set(self.devices) - theirs):
             return f"device {idstr!r}/{instance} is on the destination only: it would get no state"
         for spec in config.devices:
-            if spec.iterative and not is_iterative(self.devices[(spec.idstr, spec.instance_id)]):
+            here = is_iterative(self.devices[(spec.idstr, spec.instance_id)])
+            if spec.iterative and not here:
                 return (f"device {spec.idstr!r}/{spec.instance_id} is iterative on the source but "
                         f"not on this destination: it cannot load live state")
+            if here and not spec.iterative:
+                return (f"device {spec.idstr!r}/{spec.instance_id} is iterative on this destination but "
+                        f"not on the source: it would load the source's plain state as live state")
         layout = tuple((b.name, b.size) for b in config.blocks)
         if self.ram is not None and layout != self.ram.layout:
             return f"RAM layout differs: source {list(layout)}, destination {list(self.ram.layout)}"

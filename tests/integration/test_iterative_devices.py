@@ -109,6 +109,21 @@ def test_a_source_iterative_device_needs_an_iterative_destination_device() -> No
             destination.wait(10)
 
 
+def test_a_destination_iterative_device_needs_an_iterative_source_device() -> None:
+    """The reverse mismatch is refused at CONFIG too: loaded, the plain state failed
+    only after the RAM rounds, as a region at a nonsense offset."""
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
+        destination = DestinationMigration(address("tcp"), secret=SECRET, ram=dst,
+                                           devices=[IterativeDemoDevice("gpu", 0, MiB, with_state=False)])
+        destination.start()
+        source = SourceMigration(src, destination.address, secret=SECRET,
+                                 devices=[DemoDevice("gpu", 0, MiB)])
+        with pytest.raises(ConfigError, match="iterative on this destination but not on the source"):
+            source.run()
+        with pytest.raises(MigrationError, match="iterative on this destination"):
+            destination.wait(10)
+
+
 @pytest.mark.parametrize("side", ["source", pytest.param("destination", marks=pytest.mark.heavy)])
 def test_cancel_during_the_live_phase(side: str) -> None:
     """Cancel (either side) while live chunks are loading on the destination
