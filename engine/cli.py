@@ -212,8 +212,9 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--dump-dir", help="write the RAM images (source.ram / dest.ram) here; written "
-                                      "while the guest is stopped, they lengthen its pause")
+    p.add_argument("--dump-dir", help="write the RAM image here (source.ram from the side that sends, "
+                                      "dest.ram on the side that receives); written while the guest is "
+                                      "stopped, it lengthens its pause")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
