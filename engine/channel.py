@@ -53,7 +53,7 @@ from engine.errors import (
 from engine.link import LinkSecurity, secure, warm_up_records
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
 from engine.pool import CancelToken, ForkServer, WorkerPool, fork_server, on_every_worker
-from engine.shm import GuestRAM, Populate, RamHandle, Segment
+from engine.shm import GuestRAM, Populate, RamHandle, Segment, start_resource_tracker
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
@@ -252,6 +252,7 @@ def channel_pool(workers: int, name: str, start_method: str = "forkserver",
                  cancel_grace: float = 1.0) -> WorkerPool:
     """A process pool whose workers are channel processes: forked from this process's
     channel fork server by default, each importing the channel modules first."""
+    start_resource_tracker()  # before the pool's processes would start it in our group
     return WorkerPool("process", workers, name=name, start_method=start_method,
                       cancel_grace=cancel_grace, preload=CHANNEL_PRELOAD)
 
@@ -262,6 +263,7 @@ def channel_fork_server() -> ForkServer:
     without a shared pool starts it; ``start()`` it earlier (a VMM at start-up, a
     command as it begins) and its start is off every migration's clock; ``stop()``
     it, or :func:`engine.pool.stop_fork_servers`, at exit."""
+    start_resource_tracker()  # before the server would start it in our process group
     return fork_server(CHANNEL_PRELOAD)
 
 

@@ -55,12 +55,13 @@ import logging
 import mmap
 import os
 import secrets
+import signal
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
-from typing import Literal
+from multiprocessing import resource_tracker, spawn, util
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -104,10 +105,59 @@ _registered: dict[str, int] = {}
 _registered_lock = threading.Lock()
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker in a process group of its own, unless
+    this process has one already (started by anyone: left as it is).
+
+    The tracker unlinks the segments this process registered (:func:`_register`)
+    once it is gone: the guest RAM a command owned, when it is killed.  Started by
+    multiprocessing it stays in the owner's process group, so ``kill -9 -- -PGID``
+    (a shell's ``kill -9 %1``) killed it with the command, and the RAM stayed in
+    /dev/shm until reboot.  CPython 3.11's ``ResourceTracker.ensure_running``, but
+    for the group; later calls of that find it running.
+    """
+    tracker: Any = resource_tracker._resource_tracker  # its private fields: CPython 3.11's
+    with tracker._lock:
+        if tracker._fd is not None:
+            return
+        read, write = os.pipe()
+        try:
+            os.set_inheritable(read, True)
+            # Its descriptors are 0-2 and `read`, as close_fds and pass_fds would leave them.
+            closed = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2 and fd != read]
+            command = f"from multiprocessing.resource_tracker import main;main({read})"
+            executable = spawn.get_executable()
+            argv = [executable, *cast(Any, util)._args_from_interpreter_flags(), "-c", command]
+            # SIGINT and SIGTERM blocked until its main ignores them, as ensure_running does.
+            pid = os.posix_spawn(executable, argv, os.environ, file_actions=closed,
+                                 setpgroup=0, setsigmask={signal.SIGINT, signal.SIGTERM})
+        except BaseException:
+            os.close(write)
+            raise
+        else:
+            tracker._fd, tracker._pid = write, pid
+        finally:
+            os.close(read)
+
+
+def _inheritable_fds() -> list[int]:
+    """This process's descriptors a child would inherit (those without close-on-exec)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the directory's own descriptor, closed since
+            pass
+    return found
+
+
 def _register(path: str) -> None:
     with _registered_lock:
         _registered[path] = _registered.get(path, 0) + 1
         if _registered[path] == 1:
+            start_resource_tracker()  # out of our process group: a group kill spares it
             resource_tracker.register(path, _TRACKER_TYPE)
 
 

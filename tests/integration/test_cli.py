@@ -474,6 +474,25 @@ def _children_running(pid: int, word: str) -> list[int]:
     return found
 
 
+def test_sigkill_of_the_commands_group_leaves_no_guest_ram() -> None:
+    """SIGKILL to the whole process group of a command (a shell's `kill -9 %1`): the
+    resource tracker, in a group of its own, survives it and unlinks the guest RAM
+    the command owned (killed with the group, it left the RAM in /dev/shm for good)."""
+    with _running("listen", "--address", "tcp://127.0.0.1:0", "--ram", "16M", "--channels", "2",
+                  start_new_session=True) as listen:
+        assert listen.stdout is not None
+        line = listen.stdout.readline() if wait_readable([listen.stdout], 30) else ""
+        assert line.startswith("LISTENING "), line
+        segments = {line.split()[-1] for line in segment_mappings(listen.pid)}
+        assert segments  # its guest RAM
+        os.killpg(listen.pid, signal.SIGKILL)
+        listen.wait(30)
+    deadline = time.monotonic() + 20  # its channels notice they are orphans, then the tracker runs
+    while (left := [path for path in segments if os.path.exists(path)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left
+
+
 def _moved_by_channels_mapping_all_of_it(done: subprocess.CompletedProcess, channels: int, mib: int) -> bool:
     """Each channel process of the operation held all of the RAM mapped: those started
     with the guest (channels started for the operation map only the pieces they move,
