@@ -61,6 +61,8 @@ EXIT_OUTCOME_UNKNOWN = 3
 _operation: Operation | None = None
 # SIGTERM or SIGHUP that came while the command set up, before its operation existed.
 _signalled: list[str] = []
+# Set by a signal once the command's operation has ended: its --run-after stops.
+_after_end = threading.Event()
 
 
 def parse_size(text: str) -> int:
@@ -455,16 +457,20 @@ def _cancel_on_signals(operation: Any) -> None:
         reason = f"terminated ({signal.Signals(number).name})"
         if operation is None:
             _signalled.append(reason)
-        elif not operation.done():
+        elif operation.done():
+            _after_end.set()
+        else:
             threading.Thread(target=operation.cancel, args=(reason,), name="mfd-signal-cancel",
                              daemon=True).start()
 
     def interrupt(number: int, frame: Any) -> None:
-        # Once the operation has ended its outcome is decided: what is left (the
-        # report, the guest's, RAM's and channels' teardown) is bounded, and a
-        # KeyboardInterrupt there would exit 130, "cancelled", for a migration
-        # the destination may have committed and runs.
-        if not operation.done():
+        # Once the operation has ended its outcome is decided: a KeyboardInterrupt
+        # in what is left (the report, --run-after, the teardown) would exit 130,
+        # "cancelled", for a migration the destination may have committed and
+        # runs.  The signal only cuts --run-after short (_after_end).
+        if operation.done():
+            _after_end.set()
+        else:
             signal.default_int_handler(number, frame)
 
     for number in (signal.SIGTERM, signal.SIGHUP):
@@ -491,18 +497,22 @@ def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
         while True:
             try:
                 result: MigrationResult = migration.wait(timeout=0.1)
-                return result
             except TimeoutError:
                 progress.update(migration.stats())
+                continue
+            except MigrationError:
+                progress.close()  # it ended: a Ctrl-C from here on is ignored
+                raise
+            progress.close()
+            return result
     except KeyboardInterrupt:
         pass
-    finally:
-        progress.close()
     # Every step from here is retried on a further Ctrl-C (the cancel itself may wait
     # for a COMMIT being sent), so none of them can end the command early.
     note: str | None = None
     while True:
         try:
+            progress.close()  # idempotent
             if note is None:
                 note = _cancel_note(migration)
                 if note:
@@ -544,9 +554,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
             os.fstat(args.ready_fd)
         except OSError as exc:
             raise ConfigError(f"--ready-fd {args.ready_fd}: {exc.strerror}") from exc
-    _cancel_on_signals(None)
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
-    kvm = None
+    kvm = destination = None
     stack = contextlib.ExitStack()
     try:
         _raise_if_signalled()
@@ -583,7 +592,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         elif (args.run_after or 0) > 0 and ram is not None:
             guest = SyntheticGuest(ram, workload="incrementer", dirty_rate=0)
             guest.start()
-            time.sleep(args.run_after)
+            _after_end.wait(args.run_after)  # a signal ends it early
             report = guest.stop()
             extra["guest_pages_written_after_resume"] = report.pages_written if report else 0
         _emit(args, result, extra if args.json or kvm is None else
@@ -591,6 +600,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
         return 0 if kvm is None or extra["guest"]["ok"] else 1
     finally:
         try:
+            if destination is not None and not destination.done():  # an exception left it running
+                _stop_unfinished(destination)
             stack.close()  # the channels give the RAM up, then stop
         finally:
             if kvm is not None:
@@ -623,7 +634,6 @@ def _run_with_guest(args: argparse.Namespace, config: MigrationConfig,
     from clients.guest import SyntheticGuest, fill_ram
     from engine.shm import GuestRAM
 
-    _cancel_on_signals(None)
     with GuestRAM.create([("pc.ram", args.ram)]) as ram, contextlib.ExitStack() as stack:
         guest: Any
         if args.guest == "kvm":
@@ -743,7 +753,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _checked(args)  # before the destination process starts
-    _cancel_on_signals(None)  # SIGTERM from here cancels, the destination process stopped
     secret = secrets.token_hex(32).encode()
     with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
         # --local: over a unix socket, to a destination that takes the source's RAM.
@@ -853,12 +862,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
             report = kvm.after(1.0 if args.run_after is None else args.run_after)
             result = dataclasses.replace(result, extra={**result.extra, "guest": report})
     finally:
-        restored = kvm.machine.ram if kvm is not None else restore.ram if restore is not None else None
-        if kvm is not None:
-            kvm.stop()
-        if restored is not None:
-            restored.close()
-            restored.unlink()
+        try:
+            if restore is not None and not restore.done():  # an exception left it running
+                _stop_unfinished(restore)
+        finally:
+            restored = kvm.machine.ram if kvm is not None else restore.ram if restore is not None else None
+            if kvm is not None:
+                kvm.stop()
+            if restored is not None:
+                restored.close()
+                restored.unlink()
     if devices:  # each demo device also checks its state against its own config part
         verified = bool(result.extra.get("devices_verified")) and all(d.intact() for d in devices)
         result = dataclasses.replace(result, extra={**result.extra, "devices_verified": verified})
@@ -1002,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _operation
     _operation = None
     _signalled.clear()
+    _after_end.clear()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parse(argv)
@@ -1015,6 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "save": cmd_save, "restore": cmd_restore, "inspect": cmd_inspect}
     try:
         if args.command != "inspect":
+            _cancel_on_signals(None)  # SIGTERM and SIGHUP from here cancel the command
             # Channel processes fork from it in milliseconds; it imports their modules
             # while this process builds the guest (stopped below, or at exit).
             channel_fork_server().start()
