@@ -12,13 +12,14 @@ import json
 import multiprocessing
 import os
 import statistics
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 from clients.devices import demo_devices
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
-from engine.channel import channel_fork_server, keep_ram_mapped
+from engine.channel import channel_fork_server, channel_pool, keep_ram_mapped
 from engine.device import MigratableDevice
 from engine.link import TlsConfig
 from engine.pool import WorkerPool
@@ -107,7 +108,7 @@ def _warm_destination(blocks: dict[str, int], workers: int, timeout: float, pipe
     migration per DestinationConfig received (its address, then its result as a dict,
     or ``{"error": ...}``); None stops it."""
     with GuestRAM.create(blocks, prealloc=True) as ram, \
-            WorkerPool("process", workers, name="bench-warm-dst") as pool, \
+            channel_pool(workers, "bench-warm-dst") as pool, \
             keep_ram_mapped(pool, ram):
         pipe.send("ready")
         while (config := pipe.recv()) is not None:
@@ -142,18 +143,26 @@ class WarmDestination:
             raise
 
     def migrate(self, src: GuestRAM, pool: WorkerPool,
-                config: MigrationConfig) -> tuple[MigrationResult, dict[str, Any]]:
-        """Migrate `src` on `pool`'s workers into this destination: the source's result
-        and the destination's, as a dict.  Raises if either side failed."""
+                config: MigrationConfig) -> tuple[MigrationResult, dict[str, Any], float]:
+        """Migrate `src` on `pool`'s workers into this destination: the source's result,
+        the destination's as a dict, and the seconds the source's ``run()`` call took.
+        Raises if either side failed."""
         self._pipe.send(config.for_destination())
         address = self._pipe.recv()
         if isinstance(address, dict):
             raise RuntimeError(f"the warm destination failed: {address['error']}")
-        result = SourceMigration(src, address, secret=SECRET, pool=pool, config=config).run()
+        started = time.perf_counter()
+        try:
+            result = SourceMigration(src, address, secret=SECRET, pool=pool, config=config).run()
+        except BaseException:
+            if self._pipe.poll(60):  # its answer to this one: the next migration starts clean
+                self._pipe.recv()
+            raise
+        run_s = time.perf_counter() - started
         remote = self._pipe.recv()
         if "error" in remote:
             raise RuntimeError(f"the warm destination failed: {remote['error']}")
-        return result, remote
+        return result, remote, run_s
 
     def close(self) -> None:
         """Stop the destination; end it if it does not stop (after a failed run)."""
