@@ -448,7 +448,10 @@ def _cancel_on_signals(operation: Any) -> None:
     operation exists (`operation` None: the guest, its RAM and channels being set
     up), the signal is noted, and the set-up raises CancelledError at its next step
     (:func:`_raise_if_signalled`; not from the handler, whose exception any library
-    code it interrupts might swallow), at the latest as the operation is given here."""
+    code it interrupts might swallow), at the latest as the operation is given here.
+    With the operation given, Ctrl-C raises KeyboardInterrupt while it runs
+    (:func:`_wait_with_progress` cancels); once it has ended, any of the three
+    only sets `_after_end`: the outcome is decided."""
     if operation is not None and _signalled:
         operation.cancel(_signalled[0])  # not started: it releases what it holds
         _raise_if_signalled()
