@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import errno
+import ipaddress
 import os
 import socket
 import threading
@@ -206,7 +207,7 @@ def check_peer_name(conn: Connection, link: LinkSecurity) -> None:
     if not (isinstance(conn, TlsConnection) and link.server_side and link.peer_name):
         return
     names = _names(conn.sock.getpeercert() or {})
-    if link.peer_name not in names:
+    if not any(_same_name(name, link.peer_name) for name in names):
         raise TlsError(f"TLS: the {link.peer}'s certificate is for {', '.join(names) or 'no name'}, "
                        f"not {link.peer_name}")
 
@@ -539,6 +540,15 @@ def tls_error(exc: ssl.SSLError, peer: str) -> TlsError:
     if reason in ("wrong version number", "http request", "record layer failure"):
         return TlsError(f"TLS: the {peer} does not speak TLS on this connection ({reason})")
     return TlsError(f"TLS with the {peer} failed: {reason or exc}")
+
+
+def _same_name(name: str, wanted: str) -> bool:
+    """A certificate's name is the one wanted: DNS names in any case (as the client's
+    check, OpenSSL's, takes them), IP addresses in any spelling."""
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(wanted)
+    except ValueError:
+        return name.casefold() == wanted.casefold()
 
 
 def _names(cert: dict) -> list[str]:

@@ -58,6 +58,7 @@ from engine.errors import (
     MigrationError,
     OutcomeUnknownError,
     RemoteProtocolError,
+    TlsError,
     TransportBrokenError,
     TransportError,
 )
@@ -535,8 +536,9 @@ class SourceMigration(SavingOperation, Migration):
                 return  # not an ABORT either: the caller's error stands
             # Nothing authenticates it (it comes before the reply hello): anyone on the
             # path may have sent it.  It may refuse this source's settings (the
-            # destination's ConfigError), never report anything else (a cancel, say).
-            kind = ConfigError if type(exc) is ConfigError else HandshakeError
+            # destination's ConfigError) or its certificate (TlsError), never report
+            # anything else (a cancel, say).
+            kind = type(exc) if type(exc) in (ConfigError, TlsError) else HandshakeError
             error = kind(f"{exc} (unauthenticated: sent before the destination proved it holds the secret)")
             self._main.peer_reason = error
             raise error from None
