@@ -1045,7 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OutcomeUnknownError as exc:
-        _fail(args, MigrationState.OUTCOME_UNKNOWN, exc, _outcome_unknown(exc, args.verbose))
+        _fail(args, MigrationState.OUTCOME_UNKNOWN, exc)
         return EXIT_OUTCOME_UNKNOWN
     except (MigrationError, OSError) as exc:
         _fail(args, MigrationState.FAILED, exc)
@@ -1131,18 +1131,21 @@ def _names_migration(operation: Operation | None, error: object) -> TypeGuard[Op
                                       or getattr(operation, "source_known", False))
 
 
-def _fail(args: argparse.Namespace, status: MigrationState, error: object, line: str | None = None) -> None:
+def _fail(args: argparse.Namespace, status: MigrationState, error: object) -> None:
     """Report a failure: the full error in --json output (``status`` is the state's
-    value, "outcome_unknown" say), one line on stderr ("multifd: outcome unknown: ...")."""
+    value, "outcome_unknown" say), one line on stderr ("multifd: outcome unknown: ...");
+    an unanswered COMMIT in the CLI's words (:func:`_outcome_unknown`), not the API's."""
     verbose = getattr(args, "verbose", False)
     if getattr(args, "json", False):
-        data: dict[str, Any] = {"status": status.value, "error": str(error)}
+        data: dict[str, Any] = {"status": status.value, "error": _outcome_unknown(error, True)
+                                if isinstance(error, OutcomeUnknownError) else str(error)}
         if _operation is not None and args.command == "listen":
             data["committed"] = _operation.committed
         if _names_migration(_operation, error):
             data["migration_id"] = str(_operation.migration_id)
         print(json.dumps(data))
-    line = line if line is not None else _one_line(str(error), verbose)
+    line = (_outcome_unknown(error, verbose) if isinstance(error, OutcomeUnknownError)
+            else _one_line(str(error), verbose))
     if args.command == "listen" and _names_migration(_operation, error):
         # the line a source's "outcome unknown" points its user to
         line += (f" (migration {_operation.migration_id}: committed "

@@ -628,6 +628,9 @@ def test_outcome_unknown_is_exit_3_and_names_the_migration() -> None:
     summary = json.loads(done.stdout)
     assert summary["status"] == "outcome_unknown"
     assert summary["migration_id"] == result.migration_id and destination.committed
+    # the CLI's words, not the API's ("call settle()")
+    assert summary["error"].startswith("the destination never answered COMMIT")
+    assert f"`listen` output says whether migration {result.migration_id}" in summary["error"]
 
 
 def test_ctrl_c_after_the_commit_waits_for_the_outcome() -> None:
