@@ -1118,10 +1118,18 @@ def _setup_logging(verbose: bool) -> None:
 
 def _outcome_unknown(error: OutcomeUnknownError, verbose: bool) -> str:
     """The one line for a source that sent COMMIT and heard nothing back."""
+    from engine.shm import SHM_DIR
+
     migration_id = getattr(_operation, "migration_id", None)
     cause = _one_line(str(error.__cause__ or error), verbose, limit=120)
-    return (f"the destination never answered COMMIT ({cause}); the guest stays paused; the "
+    line = (f"the destination never answered COMMIT ({cause}); the guest stays paused; the "
             f"destination's `listen` output says whether migration {migration_id} committed")
+    ram = getattr(_operation, "ram", None)
+    if getattr(getattr(_operation, "config", None), "local", False) and ram is not None:
+        # Handed over at COMMIT, the RAM is the destination's if it committed; nobody's if not.
+        paths = ", ".join(os.path.join(SHM_DIR, block.segment.name) for block in ram.blocks)
+        line += f"; its RAM stays in {paths}: remove that if it did not commit"
+    return line
 
 
 def _names_migration(operation: Operation | None, error: object) -> TypeGuard[Operation]:

@@ -127,7 +127,10 @@ def start_resource_tracker() -> None:
             closed = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2 and fd != read]
             command = f"from multiprocessing.resource_tracker import main;main({read})"
             executable = spawn.get_executable()
-            argv = [executable, *cast(Any, util)._args_from_interpreter_flags(), "-c", command]
+            # Unlinking what a dead owner left (a killed command, the spare names of an
+            # unanswered COMMIT) is its job: not a warning on the owner's terminal.
+            quiet = ["-W", "ignore:resource_tracker:UserWarning"]
+            argv = [executable, *cast(Any, util)._args_from_interpreter_flags(), *quiet, "-c", command]
             # SIGINT and SIGTERM blocked until its main ignores them, as ensure_running does.
             pid = os.posix_spawn(executable, argv, os.environ, file_actions=closed,
                                  setpgroup=0, setsigmask={signal.SIGINT, signal.SIGTERM})
