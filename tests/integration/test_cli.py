@@ -633,6 +633,25 @@ def test_outcome_unknown_is_exit_3_and_names_the_migration() -> None:
     assert f"`listen` output says whether migration {result.migration_id}" in summary["error"]
 
 
+def test_an_unanswered_local_commit_names_the_ram_it_handed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In local mode the RAM went over with COMMIT: the outcome-unknown line names its
+    segment, the destination's if it committed and nobody's if not (the CLI cannot
+    settle(): without it the RAM stayed in /dev/shm, unnamed)."""
+    from engine import cli
+    from engine.config import MigrationConfig
+    from engine.errors import OutcomeUnknownError
+
+    with GuestRAM.create([("pc.ram", 1 << 20)]) as ram:
+        source = SourceMigration(ram, "unix:///nowhere.sock", secret=b"s3cret",
+                                 config=MigrationConfig(local=True))
+        monkeypatch.setattr(cli, "_operation", source)
+        line = cli._outcome_unknown(OutcomeUnknownError("no RESUMED within 60 s"), verbose=False)
+        source.cancel("test over")
+        assert line.endswith(f"its RAM stays in /dev/shm/{ram.blocks[0].segment.name}: remove that if it "
+                             f"did not commit")
+        assert f"whether migration {source.migration_id} committed" in line
+
+
 def test_ctrl_c_after_the_commit_waits_for_the_outcome() -> None:
     """Ctrl-C, twice, while the source waits for RESUMED after COMMIT: the cancel
     is refused, the source says so and waits, and reports the completed
