@@ -88,7 +88,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.remote import WarmDestination, channel_cpu, channel_cpu_per_gib, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig  # noqa: E402
-from engine.channel import keep_ram_mapped  # noqa: E402
+from engine.channel import channels_with_ram  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
 from engine.pool import WorkerPool  # noqa: E402
 from engine.shm import SEGMENT_PREFIX  # noqa: E402
@@ -473,8 +473,7 @@ def main() -> int:
         fill_file(src_path, args.ram, SEED)
         src = stack.enter_context(GuestRAM.create({BLOCK: args.ram}))
         fill_ram(src, "random", seed=SEED)
-        pool = stack.enter_context(WorkerPool("process", max(args.channels), name="bench-qemu-src"))
-        stack.enter_context(keep_ram_mapped(pool, src))
+        pool = stack.enter_context(channels_with_ram(max(args.channels), "bench-qemu-src", src))
         ours = stack.enter_context(WarmDestination(src, max(args.channels), args.timeout))
         for n in args.channels:  # start both pools' workers (and imports), untimed
             warm_once(src, pool, ours, n)

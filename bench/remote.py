@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from clients.devices import demo_devices
 from engine import DestinationMigration, GuestRAM, MigrationConfig, MigrationResult, SourceMigration
-from engine.channel import channel_fork_server, channel_pool, keep_ram_mapped
+from engine.channel import channel_fork_server, channels_with_ram
 from engine.device import MigratableDevice
 from engine.link import TlsConfig
 from engine.pool import WorkerPool
@@ -108,8 +108,7 @@ def _warm_destination(blocks: dict[str, int], workers: int, timeout: float, pipe
     migration per DestinationConfig received (its address, then its result as a dict,
     or ``{"error": ...}``); None stops it."""
     with GuestRAM.create(blocks, prealloc=True) as ram, \
-            channel_pool(workers, "bench-warm-dst") as pool, \
-            keep_ram_mapped(pool, ram):
+            channels_with_ram(workers, "bench-warm-dst", ram) as pool:
         pipe.send("ready")
         while (config := pipe.recv()) is not None:
             try:
@@ -120,7 +119,6 @@ def _warm_destination(blocks: dict[str, int], workers: int, timeout: float, pipe
                 pipe.send(destination.wait().to_dict())
             except Exception as exc:
                 pipe.send({"error": repr(exc)})
-        pool.shutdown(wait=True, cancel=True)
 
 
 class WarmDestination:

@@ -44,9 +44,8 @@ from bench.baseline import raw_socket_seconds  # noqa: E402
 from bench.remote import WarmDestination, migrate, write_report  # noqa: E402
 from clients.guest import fill_ram  # noqa: E402
 from engine import GuestRAM, MigrationConfig, MigrationResult  # noqa: E402
-from engine.channel import keep_ram_mapped  # noqa: E402
+from engine.channel import channels_with_ram  # noqa: E402
 from engine.cli import parse_size  # noqa: E402
-from engine.pool import WorkerPool  # noqa: E402
 
 
 def migrate_once(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, transport: str) -> dict:
@@ -89,8 +88,7 @@ def main() -> int:
         dst = stack.enter_context(GuestRAM.create({"pc.ram": args.ram}, prealloc=True))
         fill_ram(src, "random", seed=7)
         if args.warm:
-            pool = stack.enter_context(WorkerPool("process", max(args.channels), name="bench-warm-src"))
-            stack.enter_context(keep_ram_mapped(pool, src))
+            pool = stack.enter_context(channels_with_ram(max(args.channels), "bench-warm-src", src))
             destination = stack.enter_context(WarmDestination(src, max(args.channels)))
         for rep in range(args.repeat + args.warm):  # with --warm, a first untimed round starts the pools
             for n in args.channels:

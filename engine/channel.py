@@ -324,6 +324,16 @@ def keep_ram_mapped(pool: WorkerPool, ram: GuestRAM, timeout: float | None = Non
     unmap()
 
 
+
+@contextlib.contextmanager
+def channels_with_ram(workers: int, name: str, ram: GuestRAM, start_method: str = "forkserver",
+                      cancel_grace: float = 1.0) -> Iterator[WorkerPool]:
+    """A :func:`channel_pool` whose workers map `ram` now, page tables and all
+    (:func:`keep_ram_mapped`), as a VMM's pool from VM start: a migration's or a save's
+    channels then begin with both in hand.  Leaving the block unmaps it, then stops them."""
+    with channel_pool(workers, name, start_method, cancel_grace) as pool, keep_ram_mapped(pool, ram):
+        yield pool
+
 # ---------------------------------------------------------------------------
 # The two channel loops.  Each runs in a pool process and returns a report.
 

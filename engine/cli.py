@@ -38,12 +38,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeGuard
 
 from engine import codecs
-from engine.channel import channel_fork_server, channel_pool, keep_ram_mapped
+from engine.channel import channel_fork_server, channels_with_ram
 from engine.config import DestinationConfig, MigrationConfig, check_argument
 from engine.errors import CancelledError, ConfigError, MigrationError, OutcomeUnknownError
 from engine.link import TlsConfig
 from engine.operation import Operation
-from engine.pool import WorkerPool, stop_fork_servers
+from engine.pool import stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
 from engine.verify import check_dump_dir
@@ -562,7 +562,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     stack = contextlib.ExitStack()
     try:
         _raise_if_signalled()
-        pool = None if ram is None else _channels_with_ram(stack, args.channels, "mfd-listen", config, ram)
+        pool = None if ram is None else stack.enter_context(channels_with_ram(
+            args.channels, "mfd-listen", ram, config.start_method, config.cancel_grace_s))
         # Without --ram the VM takes its memory when it exists: created from the
         # source's CONFIG, or the source's own pages (--local).
         kvm = _kvm_guest(args, ram) if args.guest == "kvm" else None
@@ -614,18 +615,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 ram.unlink()
 
 
-def _channels_with_ram(stack: contextlib.ExitStack, channels: int, name: str,
-                       config: MigrationConfig | DestinationConfig, ram: Any) -> WorkerPool:
-    """This VMM's channel processes, started now with `ram` mapped and its page tables
-    built (keep_ram_mapped), as a VMM's pool is from VM start: a migration's or a
-    save's channels then begin with both in hand, instead of forking and mapping
-    on its clock.  `stack` unmaps the RAM, then stops them."""
-    pool = channel_pool(channels, name, config.start_method, config.cancel_grace_s)
-    stack.callback(pool.shutdown, wait=True, cancel=True)
-    stack.enter_context(keep_ram_mapped(pool, ram))
-    return pool
-
-
 def _run_with_guest(args: argparse.Namespace, config: MigrationConfig,
                     operation: Callable[..., Operation]) -> MigrationResult:
     """Run the synthetic guest and demo devices `args` describe, and the
@@ -649,7 +638,8 @@ def _run_with_guest(args: argparse.Namespace, config: MigrationConfig,
             _raise_if_signalled()
             pool = None
             if not config.local:  # local mode moves no page
-                pool = _channels_with_ram(stack, config.channels, "mfd-vmm", config, ram)
+                pool = stack.enter_context(channels_with_ram(
+                    config.channels, "mfd-vmm", ram, config.start_method, config.cancel_grace_s))
             _raise_if_signalled()
             guest.start()
             devices = getattr(guest, "devices", []) + demo_devices(
