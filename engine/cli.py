@@ -604,8 +604,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         return 0 if kvm is None or extra["guest"]["ok"] else 1
     finally:
         try:
-            if destination is not None and not destination.done():  # an exception left it running
-                _stop_unfinished(destination)
+            _stop_unfinished(destination)
             stack.close()  # the channels give the RAM up, then stop
         finally:
             if kvm is not None:
@@ -656,16 +655,17 @@ def _run_with_guest(args: argparse.Namespace, config: MigrationConfig,
             return dataclasses.replace(result, extra={**result.extra, "guest": guest.com1()})
         finally:
             try:
-                if running is not None and not running.done():  # an exception left it running
-                    _stop_unfinished(running)
+                _stop_unfinished(running)
             finally:
                 guest.stop()  # then the channels give the RAM up and stop (the stack)
 
 
-def _stop_unfinished(operation: Operation) -> None:
-    """Cancel an operation an exception left running (a second Ctrl-C as the first
-    one's wait began) and wait for its teardown: it ends before its guest and its
-    channels do."""
+def _stop_unfinished(operation: Operation | None) -> None:
+    """Cancel the command's operation if an exception left it running (a second Ctrl-C
+    as the first one's wait began) and wait for its teardown: it ends before its
+    guest and its channels do.  None (not made yet) or done: nothing to do."""
+    if operation is None or operation.done():
+        return
     operation.cancel("interrupted")
     with contextlib.suppress(MigrationError):
         operation.wait()
@@ -856,8 +856,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             result = dataclasses.replace(result, extra={**result.extra, "guest": report})
     finally:
         try:
-            if restore is not None and not restore.done():  # an exception left it running
-                _stop_unfinished(restore)
+            _stop_unfinished(restore)
         finally:
             restored = kvm.machine.ram if kvm is not None else restore.ram if restore is not None else None
             if kvm is not None:
