@@ -64,7 +64,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, Signal, wait_any
+from engine.sync import MigrationEvent, ProgressWatch, Signal, wait_any
 from engine.transport import Connection, check_address, close_all, listen
 from engine.verify import (
     DIGEST_CHUNK,
@@ -467,21 +467,19 @@ class DestinationMigration(Migration):
         devices_done: wire.DevicesDone | None = None
         handed_over = False
         stall = self.config.stall_timeout_s
-        last_bytes, last_progress = -1, time.monotonic()
+        watch = ProgressWatch(stall, time.monotonic())  # the channels' bytes move in their processes
         while True:
             self._answer_live()
             message = self._main.poll()  # an ABORT raises the source's error
             if message is None:
                 wake = [self._live_wake] if self._live_due and self._live_wake is not None else []
-                ready = wait_any([self._conn, *receiver.fds(), *wake], stall, self.latch)
+                ready = wait_any([self._conn, *receiver.fds(), *wake], watch.wait_s(time.monotonic()),
+                                 self.latch)
                 if wake and wake[0] in ready:
                     wake[0].clear()  # seen: the next load's set() wakes the loop again
                 if ready:
                     receiver.poll()  # channel reports, and the main channel through its watch
-                received = self.tracker.totals()["wire_bytes"]
-                if ready or received != last_bytes:
-                    last_bytes, last_progress = received, time.monotonic()
-                elif time.monotonic() - last_progress >= stall:
+                if watch.look(self.tracker.totals()["wire_bytes"], time.monotonic(), moved=bool(ready)):
                     raise TransportBrokenError(f"nothing came from the source for {stall:.0f} s, "
                                                f"on the main channel or any multifd channel")
                 continue

@@ -147,6 +147,34 @@ def wait_any(fds: list, timeout: float | None, latch: FailureLatch) -> list:
     return ready
 
 
+class ProgressWatch:
+    """A counter another process moves (bytes received by channel processes), looked
+    at between waits: the peer is stalled once it has not moved for `limit` seconds.
+
+    No wait lasts longer than `tick`, so a move is seen at most `tick` after it
+    happened and a stall is told between `limit` and `limit + tick` after the last
+    move (a wait of `limit`, then a fresh `limit` from the look that saw the move,
+    would make that up to twice `limit`).  Times are the caller's monotonic clock.
+    """
+
+    def __init__(self, limit: float, now: float, tick: float = 1.0) -> None:
+        self.limit = limit
+        self.tick = tick
+        self._value: int | None = None
+        self._moved_at = now
+
+    def wait_s(self, now: float) -> float:
+        """How long the next wait may last."""
+        return max(0.0, min(self.tick, self._moved_at + self.limit - now))
+
+    def look(self, value: int, now: float, moved: bool = False) -> bool:
+        """After a wait: the counter's `value` (`moved`: something else counts as
+        progress, such as a message read).  True when the peer is stalled."""
+        if moved or value != self._value:
+            self._value, self._moved_at = value, now
+        return now - self._moved_at >= self.limit
+
+
 # ---------------------------------------------------------------------------
 # Waiting on descriptors: one poll() loop for the whole engine.
 

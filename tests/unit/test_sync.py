@@ -25,6 +25,7 @@ from engine.sync import (
     FailureLatch,
     MigrationEvent,
     MigrationState,
+    ProgressWatch,
     Signal,
     StateMachine,
     SyncBarrier,
@@ -709,3 +710,30 @@ def test_end_while_at_the_barrier_or_after_end_is_refused() -> None:
     with pytest.raises(LocalProtocolError):
         barrier.reached(1, 1)
     assert not barrier.all_ended
+
+
+def test_a_stall_is_told_from_the_last_move_not_from_the_look_that_saw_it() -> None:
+    # The counter moves once, at 0.5 s, then never again; the loop looks after each
+    # wait the watch allows.  The stall must be told `limit` after the move, within a
+    # tick: not `limit` after a look that came a whole `limit` later (20 s here).
+    def counter(t: float) -> int:
+        return 5 if t >= 0.5 else 0
+
+    watch = ProgressWatch(limit=10.0, now=0.0, tick=1.0)
+    now = 0.0
+    assert not watch.look(counter(now), now)
+    while True:
+        now += watch.wait_s(now)
+        if watch.look(counter(now), now):
+            break
+    assert 10.5 <= now <= 11.5
+
+
+def test_progress_of_any_kind_restarts_the_stall_clock() -> None:
+    watch = ProgressWatch(limit=3.0, now=0.0, tick=1.0)
+    watch.look(7, now=0.0)
+    assert not watch.look(7, now=2.5, moved=True)  # a message read counts, bytes or not
+    assert not watch.look(7, now=5.0)
+    assert watch.wait_s(5.0) == 0.5  # the last wait ends at the deadline, not a tick past it
+    assert watch.look(7, now=5.5)
+    assert watch.wait_s(6.0) == 0.0
