@@ -279,7 +279,9 @@ class Operation:
     @property
     def committed(self) -> bool:
         """True once a migration's commit point passed: the destination owns the VM
-        (an operation without a peer never commits)."""
+        (an operation without a peer never commits).  A source whose COMMIT the
+        destination answered with ABORT (it was cancelled or failed before reading
+        it: it never runs the guest) is not committed: False again, guest resumed."""
         return self._committed
 
     def stats(self) -> MigrationStats:

@@ -382,7 +382,12 @@ class SavingOperation(Operation):
         self._unthrottle_after(error)
         if not self._paused:
             return error
-        if self._committed and error is not self._peer_reason:
+        if self._committed and error is self._peer_reason:
+            # The destination's ABORT: it never took COMMIT, and never will; the
+            # guest is ours again, and `committed` says so.
+            with self._commit_lock:
+                self._committed = False
+        if self._committed:
             unknown = OutcomeUnknownError(
                 f"COMMIT was sent but the destination's answer never came ({error}); the guest "
                 f"stays paused here: ask the destination whether migration {self.migration_id} "

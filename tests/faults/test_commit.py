@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -216,6 +217,26 @@ def test_a_destination_cancel_after_prepared_aborts_and_the_source_resumes(src, 
     source, destination = run.run()
     assert isinstance(destination, CancelledError)
     assert isinstance(source, CancelledError) and "VMM said stop" in str(source)
+    run.assert_source_runs_alone()
+
+
+def test_a_destination_abort_after_commit_was_sent_leaves_the_source_uncommitted(src, guest) -> None:
+    """COMMIT has left the source, but the destination is cancelled before it reads
+    it: its ABORT says it never committed, so the source resumes, and `committed`
+    (the API's "the destination owns the VM") must say False again."""
+    run = Run(src, guest)
+
+    def cancel_once_commit_left() -> None:  # the destination's thread: COMMIT stays unread
+        deadline = time.monotonic() + 10
+        while not run.source.committed and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert run.destination.cancel("VMM said stop after COMMIT left")
+
+    after_sending(run.destination, wire.Prepared, cancel_once_commit_left)
+    source, destination = run.run()
+    assert isinstance(destination, CancelledError)
+    assert isinstance(source, CancelledError) and "after COMMIT left" in str(source)
+    assert not run.source.committed
     run.assert_source_runs_alone()
 
 
