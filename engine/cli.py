@@ -61,6 +61,10 @@ EXIT_OUTCOME_UNKNOWN = 3
 _operation: Operation | None = None
 # SIGTERM or SIGHUP that came while the command set up, before its operation existed.
 _signalled: list[str] = []
+# --run-after's bound: a KVM guest runs all of it before its check (no signal cuts
+# it short), and a sleep past the platform's time_t would fail after the commit.
+_MAX_RUN_AFTER_S = 7 * 86400.0
+
 # Set by a signal once the command's operation has ended: its --run-after stops.
 _after_end = threading.Event()
 
@@ -733,7 +737,8 @@ def _check_args(args: argparse.Namespace) -> None:
     devices = getattr(args, "devices", 0)
     check_argument("--devices", devices, devices >= 0, "0 or more")
     run_after = getattr(args, "run_after", None)
-    check_argument("--run-after", run_after, (run_after or 0) >= 0, "0 or more seconds")
+    check_argument("--run-after", run_after, 0 <= (run_after or 0) <= _MAX_RUN_AFTER_S,
+                   f"0 to {_MAX_RUN_AFTER_S:.0f} seconds (a week)")
     for option in ("device_save_latency", "device_load_latency"):
         value = getattr(args, option, 0.0)
         check_argument(f"--{option.replace('_', '-')}", value, 0 <= value < math.inf,

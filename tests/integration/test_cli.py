@@ -541,9 +541,11 @@ def test_listen_needs_a_channel() -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --devices must be 0 or more, not -1"
     for command in (["listen"], ["demo", "--ram", "1M"], ["restore", "any.snap"]):
-        done = run(*command, "--run-after", "-1", env={"MULTIFD_SECRET": "s3cret"})
-        assert done.returncode == 1
-        assert done.stderr.strip() == "multifd: failed: --run-after must be 0 or more seconds, not -1.0"
+        for value in ("-1", "inf", "1e12"):  # a sleep past time_t failed after the commit
+            done = run(*command, "--run-after", value, env={"MULTIFD_SECRET": "s3cret"})
+            assert done.returncode == 1
+            assert done.stderr.strip() == (f"multifd: failed: --run-after must be 0 to 604800 seconds "
+                                           f"(a week), not {float(value)!r}")
     for value in ("nan", "inf"):
         done = run("demo", "--ram", "1M", "--devices", "1", "--device-load-latency", value)
         assert done.returncode == 1
