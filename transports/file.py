@@ -15,8 +15,9 @@ complete snapshot, and an older one there stays intact until the new one is.
 A save that dies (SIGKILL, power loss) cannot remove its partial file, so the
 name says whose it is, ``.NAME.partial-PID-RANDOM``, and the save holds an
 exclusive ``flock`` on it while it runs (the kernel drops it however the
-process ends).  A partial file is *stale* when nobody holds its lock and no
-process PID runs here; the next save to the same target removes the stale
+process ends).  A partial file is *stale* when nobody holds its lock, unless it
+is new (younger than :data:`LOCK_WINDOW_S`: a save creates the file, then locks
+it) and process PID runs here; the next save to the same target removes the stale
 partial files of that target first (each with a warning), and leaves those of a
 save still running.  :func:`partial_files` lists them for ``multifd inspect DIR``.
 
@@ -35,6 +36,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -50,6 +52,13 @@ Mode = Literal["create", "write", "read"]
 _PARTIAL_NAME = re.compile(r"\.(?P<target>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+")
 
 _STEP = 64 << 20  # bytes per call at most: keeps one call's pinned pages bounded
+
+#: A new partial file whose pid runs is a save between creating and locking it
+#: (microseconds); past this age only the lock says a save is alive.  A pid alone
+#: cannot: after a reboot or a container's restart another process has it, often
+#: the next save itself.
+LOCK_WINDOW_S = 10.0
+_PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT: a larger number names no process
 
 
 class SnapshotFile:
@@ -199,6 +208,8 @@ class PartialFile:
 
 
 def _process_runs(pid: int) -> bool:
+    if not 0 < pid <= _PID_MAX:
+        return False  # (0 would signal our own process group)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -215,9 +226,9 @@ def _process_runs(pid: int) -> bool:
 def _probe(path: str, pid: int) -> tuple[int, bool] | None:
     """``(size, stale)`` of the partial file at `path`; None if it is gone.
 
-    Stale: nobody holds its lock, and its pid runs nowhere here.  A save takes
-    its lock just after creating the file, and runs meanwhile, so a new file
-    is never stale.  Where locks are not supported the pid alone decides.
+    Stale: nobody holds its lock, unless the file is new and its pid runs (a save
+    takes its lock just after creating the file, and runs meanwhile).  Where locks
+    are not supported the pid alone decides.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -237,8 +248,9 @@ def _probe(path: str, pid: int) -> tuple[int, bool] | None:
         except BlockingIOError:
             return size, False  # its save holds the lock: in progress
         except OSError:
-            pass  # no locks on this filesystem
-        return size, not _process_runs(pid)
+            return size, not _process_runs(pid)  # no locks on this filesystem
+        new = time.time() - status.st_mtime < LOCK_WINDOW_S
+        return size, not (new and _process_runs(pid))
     finally:
         os.close(fd)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -77,6 +78,27 @@ def test_inspect_clean_removes_only_stale_partial_files(tmp_path: Path) -> None:
                                         f"{stale.name}  4.0 KiB  for a.snap, process {child.pid}: removed"]
     assert list(tmp_path.iterdir()) == []
     assert run("inspect", str(tmp_path)).stdout == f"no partial files in {tmp_path}\n"
+
+
+def test_an_unlocked_partial_file_is_stale_whoever_has_its_pid_now(tmp_path: Path) -> None:
+    """After a reboot or a container's restart another process has the dead save's
+    pid (here: this test's own), often the next save itself: only a new file (a save
+    between creating and locking it) is kept for its pid; an older one is stale.
+    Pids that name no process (0, past Linux's limit) are stale, never a traceback."""
+    running = os.getpid()
+    old = tmp_path / f".vm.snap.partial-{running}-0000000a"
+    new = tmp_path / f".vm.snap.partial-{running}-0000000b"
+    huge = tmp_path / ".vm.snap.partial-99999999999999999999-0000000c"
+    zero = tmp_path / ".vm.snap.partial-0-0000000d"
+    for path in (old, new, huge, zero):
+        path.write_bytes(b"x" * 4096)
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    stale = {Path(p["path"]).name: p["stale"] for p in partials(tmp_path)}
+    assert stale == {old.name: True, new.name: False, huge.name: True, zero.name: True}
+    again = run("save", "--ram", "4M", str(tmp_path / "vm.snap"))
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, "vm.snap"])
 
 
 def test_verify_of_a_directory_is_refused(tmp_path: Path) -> None:
