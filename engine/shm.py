@@ -191,6 +191,12 @@ def _size_text(n: int) -> str:
     return f"{n} bytes"
 
 
+def _need_and_room(need: int, room: int) -> tuple[str, str]:
+    """Both sizes as text, in bytes where one decimal would show them equal."""
+    texts = _size_text(need), _size_text(room)
+    return texts if texts[0] != texts[1] else (f"{need} bytes", f"{room} bytes")
+
+
 def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
@@ -249,8 +255,11 @@ def _shm_free() -> int | None:
 
 def _no_space(what: str, need: int) -> ConfigError:
     free = _shm_free()
-    have = f"{SHM_DIR} has {_size_text(free)} free" if free is not None else f"{SHM_DIR} is full"
-    return ConfigError(f"not enough shared memory for {what}: need {_size_text(need)}, {have}")
+    need_text, have = _size_text(need), f"{SHM_DIR} is full"
+    if free is not None:
+        need_text, free_text = _need_and_room(need, free)
+        have = f"{SHM_DIR} has {free_text} free"
+    return ConfigError(f"not enough shared memory for {what}: need {need_text}, {have}")
 
 
 def check_space(need: int, what: str) -> None:
@@ -262,8 +271,9 @@ def check_space(need: int, what: str) -> None:
         raise _no_space(what, need)
     room = _cgroup_memory_room()
     if room is not None and need > room[0]:
-        raise ConfigError(f"not enough memory for {what}: need {_size_text(need)}, the memory "
-                          f"cgroup's limit of {_size_text(room[1])} leaves {_size_text(room[0])}")
+        need_text, room_text = _need_and_room(need, room[0])
+        raise ConfigError(f"not enough memory for {what}: need {need_text}, the memory "
+                          f"cgroup's limit of {_size_text(room[1])} leaves {room_text}")
 
 
 class Segment:

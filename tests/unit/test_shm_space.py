@@ -69,6 +69,16 @@ def test_ram_over_the_memory_cgroup_limit_is_refused_up_front(cgroup: Path) -> N
         pass
 
 
+def test_a_refusal_never_reads_need_x_and_have_x(cgroup: Path) -> None:
+    # 8 MiB of room for 8 MiB of RAM and a page for its dirty map: one decimal of MiB
+    # would print the same figure twice.
+    set_cgroup(cgroup, str(100 * MiB), 93 * MiB, 2 * MiB, 1 * MiB)
+    with pytest.raises(ConfigError) as caught:
+        GuestRAM.create({"pc.ram": 8 * MiB})
+    assert str(caught.value) == ("not enough memory for guest RAM: need 8392704 bytes, the memory "
+                                 "cgroup's limit of 100.0 MiB leaves 8388608 bytes")
+
+
 def test_no_memory_cgroup_limit_checks_nothing(cgroup: Path) -> None:
     set_cgroup(cgroup, "max", 96 * MiB, 0, 0)
     with GuestRAM.create({"pc.ram": 8 * MiB}):
