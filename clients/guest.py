@@ -2,7 +2,7 @@
 
 Used by the demo, the tests and the benchmarks in place of real vCPUs.  It runs
 as a job on the process backend of the engine's worker pool and follows the
-guest contract of DESIGN.md: write the page first, then mark it dirty.
+guest contract (engine/shm.py, "Dirty tracking"): write the page first, then mark it dirty.
 
 Workloads:
 

@@ -494,13 +494,16 @@ def _raise_if_signalled() -> None:
         raise CancelledError(_signalled[0])
 
 
-def _wait_with_progress(migration: Any, progress: _Progress) -> MigrationResult:
-    """Wait for a started migration; Ctrl-C cancels it and still waits for the
-    teardown.  Past the commit point a cancel is refused and the wait goes on to
-    the real outcome: more Ctrl-Cs only say so again, for leaving then would
-    report "cancelled" for a VM the destination runs.  Every later wait is
-    bounded (the teardown's grace, the answer's stall timeout: exit 3)."""
+def _wait_with_progress(migration: Any, progress: _Progress,
+                        first: Callable[[], None] | None = None) -> MigrationResult:
+    """Wait for a started migration (having called `first`, if given); Ctrl-C
+    cancels it and still waits for the teardown.  Past the commit point a cancel
+    is refused and the wait goes on to the real outcome: more Ctrl-Cs only say so
+    again, for leaving then would report "cancelled" for a VM the destination
+    runs.  Every later wait is bounded (the teardown's grace, the answer's stall timeout: exit 3)."""
     try:
+        if first is not None:
+            first()
         while True:
             try:
                 result: MigrationResult = migration.wait(timeout=0.1)
@@ -588,9 +591,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
         # Ready before a source connects: RAM created and touched (--ram), and the fork
         # server its channels fork from has imported their modules.
         channel_fork_server().wait_ready()
-        _announce(args, f"LISTENING {destination.address}")
         destination.start()
-        result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json))
+        # LISTENING inside the wait: a Ctrl-C from the line on meets the wait's cancel.
+        result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json),
+                                     first=lambda: _announce(args, f"LISTENING {destination.address}"))
         ram = destination.ram
         # The answer to a source whose outcome is unknown: did this migration commit?
         extra: dict[str, Any] = {"committed": destination.committed} if args.json else {

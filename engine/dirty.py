@@ -14,7 +14,7 @@
     a VMM's own source        e.g. clients/kvm KvmMachine: the hypervisor's dirty
                               log merged with the VMM's own marks
 
-Both keep DESIGN.md's order (read the log, clear what was read, then read the
+Both keep one order (read the log, clear what was read, then read the
 pages), so no write is lost: one that lands after the clear is marked again and
 taken next round.  A source is called from the thread that runs the migration,
 in the VMM's process (a hypervisor's log is readable only there), one call at a

@@ -39,7 +39,7 @@ limit, then reserves the whole segment with ``posix_fallocate``, which fails
 with ENOSPC instead; either way a ConfigError names the size needed and the
 space free, and no segment is left behind.
 
-Dirty tracking (DESIGN.md): the guest writes a page first, then sets its byte.
+Dirty tracking (docs/architecture.md, "Shared memory"): the guest writes a page first, then sets its byte.
 :meth:`DirtyMap.take` snapshots the map, clears exactly the entries it saw set,
 and only then may the caller read those pages.  A write that lands after the
 clear marks the page again, so it goes in the next round: nothing is lost.
@@ -530,7 +530,7 @@ class DirtyMap:
     """One byte per page: 1 = written since the migration last took it.
 
     Writers (the guest) store the page, then call :meth:`mark`.  The migration
-    calls :meth:`take`, which is the get-and-clear rule of DESIGN.md.
+    calls :meth:`take`, which is the get-and-clear rule of engine/dirty.py.
     """
 
     def __init__(self, view: np.ndarray) -> None:

@@ -13,7 +13,7 @@ Every wait on descriptors in the engine goes through :func:`wait_readable`
 (poll, not select: select fails for descriptors above 1023, and a VMM may hold
 thousands).
 
-Destination barrier, per channel (DESIGN.md "Sync")::
+Destination barrier, per channel (docs/architecture.md, "The multifd core")::
 
     RUNNING ──SYNC packet read──▶ AT_BARRIER ──main saw all N──▶ RUNNING (epoch+1)
        └──────END packet read──▶ ENDED

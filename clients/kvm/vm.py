@@ -10,7 +10,7 @@
                          CLEAR_DIRTY_LOG of exactly those bits (re-arm them)
                          ──► page indices; only now may the caller read those pages
 
-That is the get → clear → read order of DESIGN.md: a guest write that lands
+That is the get → clear → read order of engine/dirty.py: a guest write that lands
 after the clear faults again and shows in the next call, so none is lost.  Only
 the guest's own writes (and the CPU's, e.g. accessed bits) are logged; writes
 the VMM or another process makes through the shared memory never are, so a VMM

@@ -1,4 +1,4 @@
-"""The reorder the destination's sync barrier exists for (DESIGN.md "Sync").
+"""The reorder the destination's sync barrier exists for (docs/architecture.md, "The multifd core").
 
 Page P goes in epoch 1 on channel 0 (content 0xAA) and again in epoch 2 on
 channel 1 (content 0xBB). The test forces, on the wire, the order in which a

@@ -442,6 +442,18 @@ def test_ctrl_c_from_a_terminal_reaches_the_command_only() -> None:
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
 
 
+def test_ctrl_c_the_moment_listen_says_listening_is_a_cancel(listener) -> None:
+    """From its LISTENING line on, `listen` is waiting for its source: a Ctrl-C then
+    cancels it as documented, with both lines (it used to come before the wait's
+    handler, and only the last line came)."""
+    process, _ = listener
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["multifd: cancelling: waiting for the teardown",
+                                "multifd: cancelled: interrupted (Ctrl-C)"], err
+
+
 def test_sigterm_while_the_demo_starts_its_destination_is_one_line() -> None:
     """SIGTERM while the demo waits for its destination process to listen: exit 130,
     one line and the one JSON object, the destination process stopped (it died
