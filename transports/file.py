@@ -312,6 +312,31 @@ def _clean_partials(target: str) -> None:
                     partial.path, partial.size / (1 << 20), target, partial.pid)
 
 
+def _not_a_file(mode: int) -> str:
+    """What a file of st_mode `mode` is, when it is not a regular file ("" if it is)."""
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _check_target(path: str) -> None:
+    """A save replaces its target by rename: only a regular file, or nothing, may be
+    there (a device node such as /dev/null would be replaced by the snapshot)."""
+    try:
+        kind = _not_a_file(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SnapshotError(f"cannot save to {path}: {exc.strerror}") from exc
+    if kind == "a directory":
+        raise SnapshotError(f"cannot save to {path}: it is a directory")
+    if kind:
+        raise SnapshotError(f"cannot save to {path}: it is {kind}, which a save would replace "
+                            f"with a regular file")
+
+
 def open_file(path: str, mode: Mode, direct_io: bool = False) -> SnapshotFile:
     """Open a snapshot file.
 
@@ -325,10 +350,11 @@ def open_file(path: str, mode: Mode, direct_io: bool = False) -> SnapshotFile:
         flags |= os.O_DIRECT
     target = path
     if mode == "create":
-        if os.path.isdir(path):
-            raise SnapshotError(f"cannot save to {path}: it is a directory")
+        _check_target(path)
         _clean_partials(path)
         path = partial_path(path)
+    elif mode == "read":
+        flags |= os.O_NONBLOCK  # a FIFO would block the open until a writer came
     try:
         fd = os.open(path, flags, 0o600)  # guest memory: for its owner's eyes only
     except OSError as exc:
@@ -338,6 +364,12 @@ def open_file(path: str, mode: Mode, direct_io: bool = False) -> SnapshotFile:
         if exc.errno == errno.ENOENT and mode == "read":
             raise SnapshotError(f"no snapshot at {path}") from exc
         raise SnapshotError(f"cannot open {path}: {exc.strerror}") from exc
+    if mode == "read":
+        kind = _not_a_file(os.fstat(fd).st_mode)
+        if kind:
+            os.close(fd)
+            raise SnapshotError(f"{path} is {kind}, not a snapshot file")
+        os.set_blocking(fd, True)
     if mode == "create":
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: "this save is alive"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,26 @@ def test_clear_errors(tmp_path: Path) -> None:
         file.publish()
     with open_file(str(tmp_path / "ro"), "read") as file, pytest.raises(SnapshotError, match="cannot write"):
         file.write_at(0, [b"x"])
+
+
+def test_a_fifo_or_device_is_never_saved_over_nor_waited_on(tmp_path: Path) -> None:
+    """A save renames its file over the target: a FIFO or a device node there (a root
+    save 'to /dev/null') would become a regular file.  A restore's open of a FIFO
+    would block until a writer came, deaf to SIGTERM."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(SnapshotError, match="it is a FIFO, which a save would replace"):
+        open_file(str(fifo), "create")
+    with pytest.raises(SnapshotError, match="fifo is a FIFO, not a snapshot file"):
+        open_file(str(fifo), "read")  # at once
+    if os.geteuid() == 0:
+        null = tmp_path / "null"
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        with pytest.raises(SnapshotError, match="it is a character device"):
+            open_file(str(null), "create")
+        assert stat.S_ISCHR(null.stat().st_mode)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
 def test_direct_io_where_supported(tmp_path: Path) -> None:
