@@ -1126,7 +1126,8 @@ def _outcome_unknown(error: OutcomeUnknownError, verbose: bool) -> str:
     if getattr(getattr(_operation, "config", None), "local", False) and ram is not None:
         # Handed over at COMMIT, the RAM is the destination's if it committed; nobody's if not.
         paths = ", ".join(os.path.join(SHM_DIR, block.segment.name) for block in ram.blocks)
-        line += f"; its RAM stays in {paths}: remove that if it did not commit"
+        line += (f"; its RAM went with COMMIT: {paths}, if still there, is the destination's if it "
+                 f"committed (gone if it then died), nobody's if not: remove it then")
     return line
 
 

@@ -34,6 +34,7 @@ any channel, fails the migration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -230,9 +231,13 @@ class DestinationMigration(Migration):
         self._hashed_at_switchover: list[int] = []  # each channel's hashing ns at SWITCHOVER
 
     def close(self) -> None:
-        """Stop listening (for a destination that will not run)."""
-        self._admission.close()
-        self._listener.close()
+        """Stop listening, for a destination that will not run: :meth:`cancel`, and
+        return once the port is closed (a started one has torn down); a later
+        ``start()``, ``run()`` or ``wait()`` raises CancelledError.  After the
+        commit point it does nothing, as a cancel does."""
+        if self.cancel("closed: the destination will not run"):
+            with contextlib.suppress(MigrationError):
+                self.wait()  # the cancel, raised; a started one's teardown closed the port
 
     # -- the phases --------------------------------------------------------
 

@@ -194,6 +194,25 @@ def test_a_cancel_before_start_releases_the_listener(transport: str) -> None:
     assert not incoming.cancel()
 
 
+@pytest.mark.parametrize("started", [False, True])
+def test_close_stops_a_destination_listening_started_or_not(started: bool) -> None:
+    """close() is "this destination will not run": the port is closed when it returns,
+    and waiting says why, whether start() came before (it went on listening) or
+    after (it failed with an internal error on the closed listener)."""
+    incoming = DestinationMigration(address("tcp"), secret=SECRET)
+    host, port = incoming.address.removeprefix("tcp://").rsplit(":", 1)
+    if started:
+        incoming.start()
+    incoming.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=5).close()
+    with pytest.raises(CancelledError):
+        if not started:
+            incoming.start()
+        incoming.wait(10)
+    assert incoming.state is MigrationState.CANCELLED
+
+
 def test_a_finished_snapshot_cannot_be_cancelled(tmp_path, monkeypatch) -> None:
     """True from cancel() means stopped: once a save publishes its file, or a restore
     starts its guest, cancel() is refused (it said True, and the guest ran)."""

@@ -661,8 +661,9 @@ def test_an_unanswered_local_commit_names_the_ram_it_handed_over(monkeypatch: py
         monkeypatch.setattr(cli, "_operation", source)
         line = cli._outcome_unknown(OutcomeUnknownError("no RESUMED within 60 s"), verbose=False)
         source.cancel("test over")
-        assert line.endswith(f"its RAM stays in /dev/shm/{ram.blocks[0].segment.name}: remove that if it "
-                             f"did not commit")
+        assert line.endswith(f"its RAM went with COMMIT: /dev/shm/{ram.blocks[0].segment.name}, if still "
+                             f"there, is the destination's if it committed (gone if it then died), "
+                             f"nobody's if not: remove it then")
         assert f"whether migration {source.migration_id} committed" in line
 
 
