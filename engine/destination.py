@@ -34,10 +34,10 @@ any channel, fails the migration.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -81,6 +81,10 @@ from engine.wire import message as wire
 from engine.wire import packet
 
 log = logging.getLogger("multifd.destination")
+
+# close() waits this long at most for a cancelled destination's teardown (which the
+# channels' cancel grace and the stall timeout bound well below it).
+_CLOSE_WAIT_S = 120.0
 
 def _destination_config(config: DestinationConfig | MigrationConfig | None) -> DestinationConfig:
     """A destination's configuration.  Given a source's MigrationConfig (as older
@@ -231,13 +235,21 @@ class DestinationMigration(Migration):
         self._hashed_at_switchover: list[int] = []  # each channel's hashing ns at SWITCHOVER
 
     def close(self) -> None:
-        """Stop listening, for a destination that will not run: :meth:`cancel`, and
-        return once the port is closed (a started one has torn down); a later
-        ``start()``, ``run()`` or ``wait()`` raises CancelledError.  After the
-        commit point it does nothing, as a cancel does."""
-        if self.cancel("closed: the destination will not run"):
-            with contextlib.suppress(MigrationError):
-                self.wait()  # the cancel, raised; a started one's teardown closed the port
+        """Stop listening, for a destination that will not run: :meth:`cancel` it
+        (``start()``, ``run()`` and ``wait()`` then raise CancelledError), and
+        return once it is over and its port closed.  After the commit point nothing
+        is cancelled and it returns at once, as it does when a hook of the operation
+        calls it (its own thread tears down after the hook)."""
+        self.cancel("closed: the destination will not run")
+        if self._committed or self._thread is threading.current_thread():
+            return
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        while self._claimed_by in ("run", "start") and not self.done():  # it tears down: bounded
+            if time.monotonic() > deadline:
+                log.warning("destination: close() gave up waiting for the teardown after %.0f s",
+                            _CLOSE_WAIT_S)
+                return
+            time.sleep(0.005)
 
     # -- the phases --------------------------------------------------------
 

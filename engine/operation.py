@@ -143,6 +143,7 @@ class Operation:
         self._claim_lock = threading.Lock()
         self._claimed_by: str | None = None
         self._over = False  # ended: torn down, result or error settled (done())
+        self._thread: threading.Thread | None = None  # the one running it (run()'s caller, start()'s)
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the operation; a migration reports them.
         self.late_channel_failures: list[str] = []
@@ -171,6 +172,7 @@ class Operation:
                               f"runs once; create a new one")
 
     def _run_once(self) -> MigrationResult:
+        self._thread = threading.current_thread()
         try:
             self.result = self._run()
         except BaseException as exc:

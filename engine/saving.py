@@ -384,9 +384,11 @@ class SavingOperation(Operation):
             return error
         if self._committed and error is self._peer_reason:
             # The destination's ABORT: it never took COMMIT, and never will; the
-            # guest is ours again, and `committed` says so.
+            # guest is ours again, and `committed` and the state say so (it ends
+            # cancelled or failed as it would have before the commit).
             with self._commit_lock:
                 self._committed = False
+                self._machine.fire(MigrationEvent.COMMIT_REFUSED)
         if self._committed:
             unknown = OutcomeUnknownError(
                 f"COMMIT was sent but the destination's answer never came ({error}); the guest "

@@ -299,6 +299,7 @@ class MigrationEvent(Enum):
     CANCEL = auto()
     FAIL = auto()
     LOSE_TRACK = auto()         # source: the answer to COMMIT never came
+    COMMIT_REFUSED = auto()     # source: the answer to COMMIT was ABORT (the destination never took it)
     SETTLE_DESTINATION = auto()  # the VMM says the destination runs the VM
     SETTLE_SOURCE = auto()       # the VMM says the destination never will: the source resumes
     TORN_DOWN = auto()
@@ -315,6 +316,7 @@ MIGRATION_TRANSITIONS: dict[tuple[MigrationState, MigrationEvent], MigrationStat
     (_S.SWITCHOVER, _E.COMMIT): _S.COMMITTED,
     (_S.COMMITTED, _E.COMPLETE): _S.COMPLETED,
     (_S.COMMITTED, _E.LOSE_TRACK): _S.OUTCOME_UNKNOWN,
+    (_S.COMMITTED, _E.COMMIT_REFUSED): _S.SWITCHOVER,  # as if never sent: it fails or cancels from there
     (_S.COMMITTED, _E.FAIL): _S.FAILED,            # destination: committed, but could not resume
     (_S.OUTCOME_UNKNOWN, _E.SETTLE_DESTINATION): _S.COMPLETED,
     (_S.OUTCOME_UNKNOWN, _E.SETTLE_SOURCE): _S.FAILED,

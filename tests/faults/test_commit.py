@@ -237,6 +237,7 @@ def test_a_destination_abort_after_commit_was_sent_leaves_the_source_uncommitted
     assert isinstance(destination, CancelledError)
     assert isinstance(source, CancelledError) and "after COMMIT left" in str(source)
     assert not run.source.committed
+    assert run.source.state is MigrationState.CANCELLED  # as a cancel before the commit ends
     run.assert_source_runs_alone()
 
 

@@ -194,23 +194,47 @@ def test_a_cancel_before_start_releases_the_listener(transport: str) -> None:
     assert not incoming.cancel()
 
 
-@pytest.mark.parametrize("started", [False, True])
-def test_close_stops_a_destination_listening_started_or_not(started: bool) -> None:
-    """close() is "this destination will not run": the port is closed when it returns,
-    and waiting says why, whether start() came before (it went on listening) or
-    after (it failed with an internal error on the closed listener)."""
+@pytest.mark.parametrize("how", ["not-started", "start", "run-in-a-thread"])
+def test_close_stops_a_destination_listening_started_or_not(how: str) -> None:
+    """close() is "this destination will not run": it returns with the port closed
+    and the operation over, and waiting says why, however it was run (started, it
+    used to go on listening; closed first, start() failed on the closed listener)."""
     incoming = DestinationMigration(address("tcp"), secret=SECRET)
     host, port = incoming.address.removeprefix("tcp://").rsplit(":", 1)
-    if started:
+    outcome: list[BaseException] = []
+    runner = threading.Thread(target=lambda: outcome.append(pytest.raises(CancelledError, incoming.run)))
+    if how == "start":
         incoming.start()
+    elif how == "run-in-a-thread":
+        runner.start()
+        while incoming.state is not MigrationState.LISTENING:
+            time.sleep(0.001)
     incoming.close()
+    assert incoming.done() and incoming.state is MigrationState.CANCELLED
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5).close()
-    with pytest.raises(CancelledError):
-        if not started:
-            incoming.start()
-        incoming.wait(10)
-    assert incoming.state is MigrationState.CANCELLED
+    if how == "run-in-a-thread":
+        runner.join(10)
+        assert outcome
+    else:
+        with pytest.raises(CancelledError):
+            if how == "not-started":
+                incoming.start()
+            incoming.wait(10)
+
+
+def test_close_from_a_hook_of_the_destination_cancels_without_waiting_on_itself() -> None:
+    """A hook runs on the destination's own thread: close() there cancels and returns
+    (waiting for its own teardown would never end); both sides then fail as a cancel."""
+    with guest_ram(4 * MiB) as ram:
+        incoming = DestinationMigration(address("tcp"), secret=SECRET,
+                                        on_ram=lambda created: incoming.close())
+        incoming.start()
+        with pytest.raises(MigrationError):  # the ABORT, or (set-up had not said it) a reset
+            SourceMigration(ram, incoming.address, secret=SECRET).run()
+        with pytest.raises(CancelledError, match="closed: the destination will not run"):
+            incoming.wait(30)
+        assert incoming.ram is None  # the RAM it created went with the teardown
 
 
 def test_a_finished_snapshot_cannot_be_cancelled(tmp_path, monkeypatch) -> None:
