@@ -59,6 +59,7 @@ from engine.wire import message as wire
 from engine.wire import packet
 
 CHUNK = packet.MAX_DEVICE_CHUNK
+_END = object()  # a save_state() iterator ran out
 
 
 # ---------------------------------------------------------------------------
@@ -187,9 +188,9 @@ class DeviceSaver:
             started = time.perf_counter()
             state = iter(device.save_state())
             while True:
-                chunk = next(state, None)
+                chunk = next(state, _END)  # not None: a device that yields None must not end its state there
                 busy += time.perf_counter() - started
-                if chunk is None:
+                if chunk is _END:
                     break
                 for piece in _pieces(chunk):
                     self._emit(index, self.chunks[index], piece, False)
@@ -233,8 +234,11 @@ class DeviceSaver:
 _END, _LIVE = int(packet.DeviceFlags.END), int(packet.DeviceFlags.LIVE)
 
 
-def _pieces(chunk: bytes) -> list[memoryview]:
-    view = memoryview(chunk).cast("B")
+def _pieces(chunk: object) -> list[memoryview]:
+    try:
+        view = memoryview(chunk).cast("B")  # type: ignore[arg-type]  # any buffer; else the TypeError
+    except TypeError:
+        raise TypeError(f"save_state() yielded {type(chunk).__name__}, not bytes") from None
     return [view[at:at + CHUNK] for at in range(0, len(view), CHUNK)]
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeGuard, runtime_checkable
 
 from engine.errors import ConfigError, RemoteProtocolError, TransportBrokenError
+from engine.wire.packet import devices_problem
 
 if TYPE_CHECKING:
     from engine.slots import SendSlot
@@ -146,6 +147,11 @@ def checked_devices(devices: Iterable[MigratableDevice]) -> list[MigratableDevic
         if not isinstance(device.idstr, str) or type(device.instance_id) is not int:
             raise ConfigError(f"device {device!r}: idstr must be a str and instance_id an int, got "
                               f"{device.idstr!r} and {device.instance_id!r}")
+    # What the wire can name (CONFIG, each chunk's header, a snapshot's metadata):
+    # refused here, before anything starts, not when the first chunk is framed.
+    problem = devices_problem([(device.idstr, device.instance_id) for device in listed], min_idstr=1)
+    if problem is not None:
+        raise ConfigError(problem)
     return listed
 
 

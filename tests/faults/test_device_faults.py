@@ -164,6 +164,8 @@ class Failing(DemoDevice):
         for n, chunk in enumerate(super().save_state()):
             if self.fail_on == "save" and n == 3:
                 raise OSError("firmware timed out")
+            if self.fail_on == "none" and n == 3:
+                yield None  # type: ignore[misc]  # once taken for the end: the rest was lost
             yield chunk
 
     def load_state(self, chunk: bytes) -> None:
@@ -172,7 +174,7 @@ class Failing(DemoDevice):
         super().load_state(chunk)
 
 
-@pytest.mark.parametrize("where", ["save", "load"])
+@pytest.mark.parametrize("where", ["save", "load", "none"])
 def test_save_or_load_that_raises_leaves_the_guest_running(where: str) -> None:
     with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
         destination = DestinationMigration(
@@ -193,6 +195,10 @@ def test_save_or_load_that_raises_leaves_the_guest_running(where: str) -> None:
         if where == "save":
             assert isinstance(failure.value, DeviceStateError)
             assert "device 'gpu'/0 failed to save: firmware timed out" in str(failure.value)
+        elif where == "none":
+            assert isinstance(failure.value, DeviceStateError)
+            assert "device 'gpu'/0 failed to save: save_state() yielded NoneType, not bytes" \
+                in str(failure.value)
         else:
             assert isinstance(remote.value, DeviceStateError)
             assert "device 'gpu'/0 failed to load chunk 2: firmware rejected" in str(remote.value)
