@@ -60,6 +60,7 @@ from engine.wire import packet
 
 CHUNK = packet.MAX_DEVICE_CHUNK
 _END = object()  # a save_state() iterator ran out
+_WATCH_S = 0.1  # wait_loaded(): how often a bounded or watched wait looks up
 
 
 # ---------------------------------------------------------------------------
@@ -494,17 +495,27 @@ class DeviceLoader:
                 stream.draining = False
                 stream.idle.notify_all()
 
-    def wait_loaded(self, expected: Sequence[wire.DeviceDone]) -> list[DeviceReport]:
+    def wait_loaded(self, expected: Sequence[wire.DeviceDone], until: float | None = None,
+                    watch: Callable[[], None] | None = None) -> list[DeviceReport]:
         """After every chunk was delivered: wait for the loads, check them against
-        DEVICES_DONE.  Raises DeviceStateError for a missing chunk or another digest."""
+        DEVICES_DONE.  Raises DeviceStateError for a missing chunk or another digest,
+        or for a load still running at `until` (monotonic); `watch()` runs between
+        waits of at most _WATCH_S (the destination: whether its source gave up)."""
         if len(expected) != len(self.streams):
             raise RemoteProtocolError(f"DEVICES_DONE lists {len(expected)} devices, "
                                       f"CONFIG {len(self.streams)}")
         reports = []
         for stream, done in zip(self.streams, expected):
-            with stream.lock:
-                while stream.draining and not self.latch.failed:
-                    stream.idle.wait()
+            while True:
+                with stream.lock:
+                    if not stream.draining or self.latch.failed:
+                        break
+                    stream.idle.wait(_WATCH_S if watch is not None or until is not None else None)
+                if until is not None and time.monotonic() >= until:
+                    raise DeviceStateError(f"device {stream.name} is still loading its state: the "
+                                           f"source stops waiting for this side then too")
+                if watch is not None:
+                    watch()
             self.latch.raise_if_failed()
             with stream.lock:
                 if not stream.done or stream.loaded != done.chunks:

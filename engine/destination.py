@@ -65,7 +65,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, ProgressWatch, Signal, wait_any
+from engine.sync import MigrationEvent, ProgressWatch, Signal, wait_any, wait_readable
 from engine.transport import Connection, check_address, close_all, listen
 from engine.verify import (
     DIGEST_CHUNK,
@@ -594,6 +594,14 @@ class DestinationMigration(Migration):
         if message is not None:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source in setup")
 
+    def _hear_the_source(self) -> None:
+        """While this side is busy (its devices load): take in what the source sent (a
+        DIGESTS waits there for its turn), so that its end, after an ABORT (raised
+        then) or without one, ends the wait now."""
+        assert self._conn is not None
+        if self._conn.pending() or wait_readable([self._conn], 0):
+            self._main.receive()
+
     def _complete(
         self, message: wire.Complete, t_start: float, t_setup: float, t_switchover: float,
         devices_done: wire.DevicesDone | None,
@@ -609,8 +617,11 @@ class DestinationMigration(Migration):
                 f"COMPLETE for epoch {message.final_epoch}, channels ended after {last_epoch}"
             )
         if self._loader is not None and devices_done is not None:
-            # Every chunk is delivered (END on every channel): wait for the loads.
-            self.device_reports = self._loader.wait_loaded(devices_done.devices)
+            # Every chunk is delivered (END on every channel): wait for the loads, as
+            # long as the source waits for PREPARED, and hear it if it gives up first.
+            self.device_reports = self._loader.wait_loaded(
+                devices_done.devices, until=time.monotonic() + self.config.stall_timeout_s,
+                watch=self._hear_the_source)
         for consumer in self.payloads:
             consumer.finish()  # every payload is delivered too
         t_ready = time.perf_counter()

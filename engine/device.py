@@ -328,8 +328,10 @@ class DeviceLoading(Protocol):
         returning (the core then gives the slot back)."""
         ...
 
-    def wait_loaded(self, expected: Sequence[DeviceDone]) -> list[DeviceReport]:
-        """Once every chunk was delivered: wait for the loads, check them."""
+    def wait_loaded(self, expected: Sequence[DeviceDone], until: float | None = None,
+                    watch: Callable[[], None] | None = None) -> list[DeviceReport]:
+        """Once every chunk was delivered: wait for the loads (until `until`,
+        monotonic; calling `watch()` between waits), check them."""
         ...
 
     def expect_live(self, iterative: Sequence[bool], on_progress: Callable[[], None]) -> None:

@@ -120,6 +120,40 @@ def test_index_being_loaded() -> None:
     assert bytes(nic.state) == b"first"  # the held load finished; no second copy was loaded
 
 
+class HungLoad(HeldLoad):
+    """Its load hangs until cancel() (or the test) releases it."""
+
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.release.set()
+
+
+@pytest.mark.parametrize("who_waits_less", ["source", "destination"])
+def test_a_device_load_that_hangs_at_switchover_ends_both_sides(who_waits_less: str) -> None:
+    """The destination waits for its devices' loads after COMPLETE, on the thread that
+    reads the source: it still hears the source give up (its ABORT and close), or
+    gives up itself once the source would have (stall_timeout_s); either way the
+    device is cancelled and nothing waits for ever."""
+    short, long = FAST.with_(stall_timeout_s=2.0), FAST.with_(stall_timeout_s=60.0)
+    source_config, destination_config = (short, long) if who_waits_less == "source" else (long, short)
+    nic = HungLoad()
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
+        destination = DestinationMigration(address("tcp"), secret=SECRET, ram=dst, devices=[nic],
+                                           config=destination_config.for_destination())
+        destination.start()
+        try:
+            with pytest.raises(MigrationError):
+                SourceMigration(src, destination.address, secret=SECRET, config=source_config,
+                                devices=[DemoDevice(*NIC, state_size=4096)]).run()
+            with pytest.raises(MigrationError):
+                destination.wait(20)
+        finally:
+            nic.release.set()
+    assert nic.cancelled
+
+
 def test_chunk_after_the_end_marker() -> None:
     def run(ch: list[ChannelWriter], src: HandMadeSource) -> None:
         # A config part the device accepts: it may load before chunk 2 arrives.
