@@ -38,9 +38,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeGuard, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeGuard, TypeVar, runtime_checkable
 
-from engine.errors import ConfigError, RemoteProtocolError, TransportBrokenError
+from engine.errors import (
+    ConfigError,
+    DeviceStateError,
+    MigrationError,
+    RemoteProtocolError,
+    TransportBrokenError,
+)
 from engine.wire.packet import devices_problem
 
 if TYPE_CHECKING:
@@ -134,6 +140,21 @@ def device_key(device: MigratableDevice) -> tuple[str, int]:
     return (device.idstr, device.instance_id)
 
 
+T = TypeVar("T")
+
+
+def call_device(device: MigratableDevice, what: str, call: Callable[[], T]) -> T:
+    """`call()`, a call into `device` (its method `what`); any error it raises but a
+    MigrationError becomes a DeviceStateError naming the device."""
+    try:
+        return call()
+    except MigrationError:
+        raise
+    except Exception as exc:
+        raise DeviceStateError(f"device {device.idstr!r}/{device.instance_id}: {what}() raised "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
 def checked_devices(devices: Iterable[MigratableDevice]) -> list[MigratableDevice]:
     """`devices` as a list, each a :class:`MigratableDevice` with a str idstr and an
     int instance_id; else ConfigError naming the first that is not."""
@@ -205,7 +226,7 @@ class LiveDevices:
         """Ask every iterative device what it has pending; the bytes in all."""
         for index, device in enumerate(self.devices):
             if is_iterative(device):
-                initial, dirty = device.live_pending()
+                initial, dirty = call_device(device, "live_pending", device.live_pending)
                 self.initial[index], self.pending[index] = initial, initial + dirty
         return sum(self.pending)
 

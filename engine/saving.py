@@ -28,7 +28,7 @@ from typing import Any
 
 from engine.config import MigrationConfig, check_hooks
 from engine.converge import AutoConverge, DirtyRateMeter
-from engine.device import DeviceSaving, MigratableDevice, checked_devices, is_iterative
+from engine.device import DeviceSaving, MigratableDevice, call_device, checked_devices, is_iterative
 from engine.dirty import BlockDirtyMaps, DirtySource
 from engine.errors import (
     ConfigError,
@@ -142,7 +142,7 @@ class SavingOperation(Operation):
         t_start = time.perf_counter()
         for device in self.devices:
             if is_iterative(device):
-                device.live_begin()  # every byte is initial state again
+                call_device(device, "live_begin", device.live_begin)  # every byte is initial state again
         self._setup()
         t_setup = time.perf_counter()
         self._machine.fire(MigrationEvent.SETUP_DONE)

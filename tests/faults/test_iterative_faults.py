@@ -11,7 +11,7 @@ import pytest
 from clients.devices import DemoDevice, IterativeDemoDevice
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
-from engine.errors import DeviceStateError
+from engine.errors import DeviceStateError, MigrationError
 from engine.wire import message as wire
 from tests.harness import SECRET, MiB, guest_ram, wait_until
 from tests.protocol import ChannelWriter, HandMadeSource, destination_failure
@@ -160,3 +160,40 @@ def test_a_live_save_that_raises_fails_the_migration_and_the_guest_runs() -> Non
         assert not guest.paused
         guest.pause()
         assert check_incrementer(src) == ""
+
+
+class BrokenBookkeeping(IterativeDemoDevice):
+    """Its live_begin() or live_pending() raises (the VMM's own bug, not an I/O error)."""
+
+    def __init__(self, *args: object, fails: str, **kwargs: object) -> None:
+        self.fails = ""  # the constructor begins a live phase of its own
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.fails = fails
+
+    def live_begin(self) -> None:
+        if self.fails == "live_begin":
+            raise RuntimeError("dirty log not armed")
+        super().live_begin()
+
+    def live_pending(self) -> tuple[int, int]:
+        if self.fails == "live_pending":
+            raise ValueError("negative count")
+        return super().live_pending()
+
+
+@pytest.mark.parametrize("fails", ["live_begin", "live_pending"])
+def test_an_iterative_devices_bookkeeping_that_raises_is_a_device_state_error(fails: str) -> None:
+    """Every error is a MigrationError: a device's exception from the calls the
+    source's own thread makes is one too, naming the device and the call."""
+    with guest_ram(4 * MiB) as src, guest_ram(4 * MiB, fill="zero") as dst:
+        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=FAST,
+                                           devices=[IterativeDemoDevice(*GPU, MiB, with_state=False)])
+        destination.start()
+        source = SourceMigration(src, destination.address, secret=SECRET,
+                                 config=MigrationConfig(channels=2, handshake_timeout_s=2.0),
+                                 devices=[BrokenBookkeeping(*GPU, MiB, fails=fails)])
+        with pytest.raises(DeviceStateError, match=f"device 'gpu'/0: {fails}\\(\\) raised"):
+            source.run()
+        destination.cancel("test over")  # live_begin fails before the source connects
+        with pytest.raises(MigrationError):
+            destination.wait(10)
