@@ -332,13 +332,25 @@ class Operation:
         every channel is serving (READY)."""
         cfg = self.config
         shared = self._shared_pool
-        if shared is not None and self._own_pool_if_short and _free_workers(shared) < len(conns):
-            shared = None  # too few free warm workers: this operation starts its own
-        if shared is not None:
-            self._pool = self._check_shared_pool(shared, len(conns))
-        else:
+        # Counting a shared pool's free workers and taking them is one step: two
+        # operations starting at once must not both count the same ones.
+        with _SHARED_POOL_LOCK if shared is not None else contextlib.nullcontext():
+            if shared is not None and self._own_pool_if_short and _free_workers(shared) < len(conns):
+                shared = None  # too few free warm workers: this operation starts its own
+            if shared is not None:
+                self._pool = self._check_shared_pool(shared, len(conns))
+                self._defer("stop the channels", self._stop_channels)
+                self._submit_channels(target, conns, spec)
+        if shared is None:  # (its processes start outside the lock)
             self._pool = channel_pool(len(conns), f"mfd-{self.role}", cfg.start_method, cfg.cancel_grace_s)
-        self._defer("stop the channels", self._stop_channels)
+            self._defer("stop the channels", self._stop_channels)
+            self._submit_channels(target, conns, spec)
+        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
+
+    def _submit_channels(self, target: Callable[..., Any], conns: Sequence[Connection | None],
+                         spec: ChannelSpec) -> None:
+        """One channel job per connection on the operation's pool, each with its link."""
+        assert self._pool is not None
         for channel_id, conn in enumerate(conns):
             main_end, channel_end = control_pair()
             data = () if conn is None else (conn.sock,)
@@ -364,7 +376,6 @@ class Operation:
             self._pool.spare(future, functools.partial(self._spared, link))
             self._links.append(link)
             future.add_done_callback(functools.partial(self._channel_done, link))
-        self._wait_channels_ready(cfg.handshake_timeout_s * 3)
 
     def _open_device_pool(self, devices: Sequence[MigratableDevice], workers: int) -> WorkerPool:
         """The thread pool for the save or load jobs of `devices` (objects of this
@@ -629,6 +640,10 @@ class Operation:
         except Exception as exc:  # teardown goes on; the first error is already recorded
             log.warning("teardown: could not %s: %s", what, exc)
             log.debug("teardown step %r failed", what, exc_info=True)
+
+
+# Held while an operation counts a shared pool's free workers and submits its channels.
+_SHARED_POOL_LOCK = threading.Lock()
 
 
 def _free_workers(pool: WorkerPool) -> int:

@@ -8,13 +8,14 @@ a pool that cannot serve (broken, too small, threads) is refused up front.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from clients.guest import SyntheticGuest
-from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration
+from engine import DestinationMigration, GuestRAM, MigrationConfig, SourceMigration, operation
 from engine.channel import keep_ram_mapped
 from engine.errors import CancelledError, ConfigError, DeviceStateError, MigrationError
 from engine.pool import WorkerPool
@@ -158,6 +159,40 @@ def test_a_pool_that_cannot_serve_is_refused(tmp_path: Path) -> None:
         with WorkerPool("thread", 4) as threads, pytest.raises(ConfigError, match="process backend"):
             SnapshotSave(ram, str(tmp_path / "a.snap"), config=TWO, live=False, pool=threads).run()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_operations_starting_at_once_never_count_the_same_free_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two saves of 3 channels each start together on 4 warm workers: each either gets
+    its workers or a ConfigError at once (both complete if the first is done before the
+    second counts).  Never both counted the same workers: their 6 jobs queued on 4
+    workers hung until the channels' start-up timeout.  Several rounds: it was a race."""
+    three = MigrationConfig(channels=3, packet_pages=64)
+    count = operation._free_workers
+
+    def slow_count(pool: WorkerPool) -> int:  # the race's window, held open
+        free = count(pool)
+        time.sleep(0.05)
+        return free
+
+    monkeypatch.setattr(operation, "_free_workers", slow_count)
+    with warm_pool(4) as pool, guest_ram(4 * MiB) as first, guest_ram(4 * MiB, seed=2) as second:
+        _migrate(first, second, pool, TWO)  # every worker up
+        for round_ in range(4):
+            saves = [SnapshotSave(ram, str(tmp_path / f"{round_}-{i}.snap"), config=three, live=False,
+                                  pool=pool) for i, ram in enumerate((first, second))]
+            for save in saves:
+                save.start()
+            outcomes = []
+            for save in saves:
+                try:
+                    save.wait(60)
+                    outcomes.append("completed")
+                except ConfigError as refused:
+                    assert "free workers of 4; 3 channels need one each" in str(refused)
+                    outcomes.append("refused")
+            assert "completed" in outcomes, outcomes
+            _assert_idle(pool)
 
 
 def _maps(pid: int, ram: GuestRAM) -> bool:
