@@ -103,6 +103,7 @@ class SavingOperation(Operation):
         self.devices = devices
         self.dump_dir = dump_dir
         self.tracker = StatsTracker(ram.size, PAGE_SIZE)
+        self.tracker.started = None  # its clock starts with the run (_until_switchover)
         self._pause_guest = pause_guest
         self._resume_guest = resume_guest
         self._paused = False
@@ -140,6 +141,8 @@ class SavingOperation(Operation):
             self._lease_dirty_marks()
         self._machine.fire(MigrationEvent.START)
         t_start = time.perf_counter()
+        assert self.tracker is not None
+        self.tracker.started = t_start  # the figures' clock: from the run, not the constructor
         for device in self.devices:
             if is_iterative(device):
                 call_device(device, "live_begin", device.live_begin)  # every byte is initial state again

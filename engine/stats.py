@@ -86,7 +86,9 @@ class StatsTracker:
         self.ram_bytes = ram_bytes
         self.page_size = page_size
         self.slots: SlotTable | None = None
-        self.started = time.perf_counter()
+        # When the operation started (its request; elapsed_s counts from it): made at
+        # set-up, now; the source makes its tracker with the operation and starts it.
+        self.started: float | None = time.perf_counter()
         self.round = 0
         self.main_bytes = 0
         self.remaining_pages = 0      # dirty after the last round (see left_pages)
@@ -181,7 +183,7 @@ class StatsTracker:
         return MigrationStats(
             state=state,
             round=self.round,
-            elapsed_s=now - self.started,
+            elapsed_s=now - self.started if self.started is not None else 0.0,
             ram_bytes=self.ram_bytes,
             bytes_on_wire=wire,
             pages_sent=totals["normal_pages"],

@@ -70,6 +70,8 @@ def test_stats_say_where_each_side_is() -> None:
         outgoing = SourceMigration(src, incoming.address, secret=SECRET, config=SLOW)
         assert incoming.stats().state == outgoing.stats().state == "none"
         assert incoming.stats().bytes_on_wire == 0
+        time.sleep(0.2)
+        assert incoming.stats().elapsed_s == outgoing.stats().elapsed_s == 0  # its clock starts with it
         incoming.start()
         seen: set[tuple[str, str]] = set()
         outgoing.start()
@@ -87,6 +89,7 @@ def test_stats_say_where_each_side_is() -> None:
         assert incoming.stats().state == outgoing.stats().state == "completed"
         elapsed = incoming.stats().elapsed_s
         assert incoming.stats().elapsed_s == elapsed  # over: the clock stopped
+        assert outgoing.stats().elapsed_s <= outgoing.result.total_time_s + 0.2  # not from the constructor
 
 
 @pytest.mark.parametrize(("change", "field"), [
