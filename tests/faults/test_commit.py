@@ -21,6 +21,7 @@ import pytest
 from clients.guest import SyntheticGuest, check_incrementer
 from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine import channel as channel_module
+from engine import destination as destination_module
 from engine.channel import ControlOp
 from engine.errors import (
     CancelledError,
@@ -30,7 +31,7 @@ from engine.errors import (
     OutcomeUnknownError,
 )
 from engine.shm import GuestRAM
-from engine.sync import MigrationState
+from engine.sync import MigrationState, ProgressWatch
 from engine.wire import message as wire
 from tests.harness import SECRET, MiB, address, after_sending, guest_ram, same_memory
 
@@ -359,10 +360,34 @@ def test_channels_that_die_after_their_last_packet_do_not_fail_a_complete_migrat
     run.assert_destination_runs_alone()
 
 
-def test_a_source_that_goes_silent_after_setup_is_noticed(src, guest) -> None:
+class RecordedWatch(ProgressWatch):
+    """The destination's progress watch, its waits and its verdict recorded."""
+
+    made: list[RecordedWatch] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waits: list[float] = []
+        self.stalled = False
+        RecordedWatch.made.append(self)
+
+    def wait_s(self, now: float) -> float:
+        self.waits.append(super().wait_s(now))
+        return self.waits[-1]
+
+    def look(self, value: int, now: float, moved: bool = False) -> bool:
+        self.stalled = super().look(value, now, moved)
+        return self.stalled
+
+
+def test_a_source_that_goes_silent_after_setup_is_noticed(src, guest, monkeypatch) -> None:
     """A source that stops sending anything (no page, no message) during precopy,
-    its connections still open: the destination gives up after stall_timeout_s."""
+    its connections still open: the destination gives up after stall_timeout_s,
+    told by its progress watch (waits of a tick at most: a stall is told within a
+    tick of the limit, engine.sync.ProgressWatch)."""
     config = CONFIG.with_(stall_timeout_s=1.0, downtime_limit_ms=0, max_rounds=10_000)
+    RecordedWatch.made.clear()
+    monkeypatch.setattr(destination_module, "ProgressWatch", RecordedWatch)
     run = Run(src, guest, config=config)
     stopped: list[int] = []
 
@@ -388,3 +413,5 @@ def test_a_source_that_goes_silent_after_setup_is_noticed(src, guest) -> None:
             run.source.wait(15)
     assert run.destination.ram is None
     assert not guest.paused
+    [watch] = RecordedWatch.made
+    assert watch.stalled and watch.waits and max(watch.waits) <= watch.tick
