@@ -101,7 +101,10 @@ class Operation:
 
     def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None,
                  own_pool_if_short: bool = False) -> None:
-        check_argument("pool", pool, pool is None or isinstance(pool, WorkerPool), "a WorkerPool or None")
+        usable = pool is None or (isinstance(pool, WorkerPool) and pool.backend == "process"
+                                  and not pool.closed)
+        check_argument("pool", pool, usable, "a running WorkerPool of the process backend (channels "
+                       "are processes), or None")
         self.config = config.validate()
         # The payload handlers are found through entry points (a scan of the installed
         # packages, ~50 ms), and OpenSSL sets AES-GCM up on first use (~5 ms): now,
@@ -396,8 +399,6 @@ class Operation:
 
     @staticmethod
     def _check_shared_pool(pool: WorkerPool, channels: int) -> WorkerPool:
-        if pool.backend != "process":
-            raise ConfigError("channels are processes: the pool must have the process backend")
         if pool.broken is not None:
             raise ConfigError(f"the pool was broken by an earlier failure ({pool.broken}); "
                               f"shut it down and create a new one")

@@ -157,7 +157,11 @@ def test_a_pool_that_cannot_serve_is_refused(tmp_path: Path) -> None:
         with warm_pool(1) as small, pytest.raises(ConfigError, match="1 free workers of 1; 2 channels"):
             SnapshotSave(ram, str(tmp_path / "a.snap"), config=TWO, live=False, pool=small).run()
         with WorkerPool("thread", 4) as threads, pytest.raises(ConfigError, match="process backend"):
-            SnapshotSave(ram, str(tmp_path / "a.snap"), config=TWO, live=False, pool=threads).run()
+            SnapshotSave(ram, str(tmp_path / "a.snap"), config=TWO, live=False, pool=threads)  # no run()
+        with warm_pool(2) as gone:
+            pass
+        with pytest.raises(ConfigError, match="a running WorkerPool"):  # shut down: refused as made
+            SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, config=TWO, pool=gone)
     assert list(tmp_path.iterdir()) == []
 
 
