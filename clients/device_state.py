@@ -197,6 +197,8 @@ class DeviceSaver:
                     self._emit(index, self.chunks[index], piece, False)
                     self._count(index, piece)
                 started = time.perf_counter()
+            assert self._latch is not None
+            self._latch.raise_if_failed()  # a cancelled save asks the device for nothing more
             started = time.perf_counter()
             config = bytes(device.save_config())
             busy += time.perf_counter() - started
