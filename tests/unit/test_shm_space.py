@@ -57,26 +57,22 @@ def set_cgroup(root: Path, limit: str, usage: int, cache: int, shmem: int) -> No
     (v1 / "memory.stat").write_text(f"cache 0\ntotal_cache {cache}\ntotal_shmem {shmem}\n")
 
 
-def test_ram_over_the_memory_cgroup_limit_is_refused_up_front(cgroup: Path) -> None:
+@pytest.mark.parametrize(("used", "need_and_room"), [
     # 100 MiB limit, 96 MiB used of which 2 MiB page cache (1 MiB of it shared memory,
     # which cannot be dropped): 5 MiB of room.
-    set_cgroup(cgroup, str(100 * MiB), 96 * MiB, 2 * MiB, 1 * MiB)
+    (96 * MiB, "need 8.0 MiB, the memory cgroup's limit of 100.0 MiB leaves 5.0 MiB"),
+    # 8 MiB of room for 8 MiB of RAM and a page for its dirty map: one decimal of MiB
+    # would print the same figure twice, so the figures are bytes.
+    (93 * MiB, "need 8392704 bytes, the memory cgroup's limit of 100.0 MiB leaves 8388608 bytes"),
+], ids=["5-MiB-room", "need-about-the-room"])
+def test_ram_over_the_memory_cgroup_limit_is_refused_up_front(cgroup: Path, used: int,
+                                                              need_and_room: str) -> None:
+    set_cgroup(cgroup, str(100 * MiB), used, 2 * MiB, 1 * MiB)
     with pytest.raises(ConfigError) as caught:
         GuestRAM.create({"pc.ram": 8 * MiB})
-    assert str(caught.value) == ("not enough memory for guest RAM: need 8.0 MiB, the memory "
-                                 "cgroup's limit of 100.0 MiB leaves 5.0 MiB")
+    assert str(caught.value) == f"not enough memory for guest RAM: {need_and_room}"
     with GuestRAM.create({"pc.ram": 4 * MiB}):
         pass
-
-
-def test_a_refusal_never_reads_need_x_and_have_x(cgroup: Path) -> None:
-    # 8 MiB of room for 8 MiB of RAM and a page for its dirty map: one decimal of MiB
-    # would print the same figure twice.
-    set_cgroup(cgroup, str(100 * MiB), 93 * MiB, 2 * MiB, 1 * MiB)
-    with pytest.raises(ConfigError) as caught:
-        GuestRAM.create({"pc.ram": 8 * MiB})
-    assert str(caught.value) == ("not enough memory for guest RAM: need 8392704 bytes, the memory "
-                                 "cgroup's limit of 100.0 MiB leaves 8388608 bytes")
 
 
 def test_no_memory_cgroup_limit_checks_nothing(cgroup: Path) -> None:
