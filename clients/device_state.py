@@ -136,7 +136,7 @@ class DeviceSaver:
             started = time.perf_counter()
             for chunk in device.save_live(allowance):
                 self._busy[index] += time.perf_counter() - started
-                for piece in _pieces(chunk):
+                for piece in _pieces(chunk, "save_live"):
                     self._send(index, self.chunks[index], piece, False, live=True)
                     self._count(index, piece)
                     sent += len(piece)
@@ -193,7 +193,7 @@ class DeviceSaver:
                 busy += time.perf_counter() - started
                 if chunk is _END:
                     break
-                for piece in _pieces(chunk):
+                for piece in _pieces(chunk, "save_state"):
                     self._emit(index, self.chunks[index], piece, False)
                     self._count(index, piece)
                 started = time.perf_counter()
@@ -237,11 +237,12 @@ class DeviceSaver:
 _END, _LIVE = int(packet.DeviceFlags.END), int(packet.DeviceFlags.LIVE)
 
 
-def _pieces(chunk: object) -> list[memoryview]:
+def _pieces(chunk: object, source: str) -> list[memoryview]:
+    """`chunk`, a device's `source`() gave it, in pieces of at most CHUNK bytes."""
     try:
         view = memoryview(chunk).cast("B")  # type: ignore[arg-type]  # any buffer; else the TypeError
-    except TypeError:
-        raise TypeError(f"save_state() yielded {type(chunk).__name__}, not bytes") from None
+    except TypeError as exc:
+        raise TypeError(f"{source}() yielded {type(chunk).__name__}, not bytes ({exc})") from None
     return [view[at:at + CHUNK] for at in range(0, len(view), CHUNK)]
 
 

@@ -88,7 +88,7 @@ class DestinationConfig:
     and arrives in CONFIG (see the module's docstring)."""
 
     handshake_timeout_s: float = 10.0
-    stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
+    stall_timeout_s: float = 60.0           # no progress for this long fails the migration
     start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
     # Without TLS, every byte after the hellos travels in MAC records; "none" also
@@ -122,7 +122,7 @@ class MigrationConfig:
     max_bandwidth: float | None = None      # bytes/s over all channels together; None: no cap
     connect_timeout_s: float = 10.0
     handshake_timeout_s: float = 10.0
-    stall_timeout_s: float = 60.0           # no channel progress for this long fails the migration
+    stall_timeout_s: float = 60.0           # no progress for this long fails the migration
     start_method: str = "forkserver"        # how channel processes start (engine/pool/_forkserver.py)
     cancel_grace_s: float = 1.0             # then channel processes that do not stop are killed
     # Without TLS: "mac" sends every byte after the hellos in MAC records (the

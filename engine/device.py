@@ -34,6 +34,7 @@ is refused before any page moves)::
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -155,6 +156,15 @@ def call_device(device: MigratableDevice, what: str, call: Callable[[], T]) -> T
                                f"{type(exc).__name__}: {exc}") from exc
 
 
+def _pending(device: IterativeDevice) -> tuple[int, int]:
+    """The device's live_pending(), which must be two byte counts."""
+    pending = device.live_pending()
+    if not (isinstance(pending, tuple) and len(pending) == 2
+            and all(type(n) is int and n >= 0 for n in pending)):
+        raise TypeError(f"it must return two byte counts (int >= 0), not {pending!r}")
+    return pending
+
+
 def checked_devices(devices: Iterable[MigratableDevice]) -> list[MigratableDevice]:
     """`devices` as a list, each a :class:`MigratableDevice` with a str idstr and an
     int instance_id; else ConfigError naming the first that is not."""
@@ -226,7 +236,7 @@ class LiveDevices:
         """Ask every iterative device what it has pending; the bytes in all."""
         for index, device in enumerate(self.devices):
             if is_iterative(device):
-                initial, dirty = call_device(device, "live_pending", device.live_pending)
+                initial, dirty = call_device(device, "live_pending", functools.partial(_pending, device))
                 self.initial[index], self.pending[index] = initial, initial + dirty
         return sum(self.pending)
 

@@ -173,9 +173,11 @@ def test_two_operations_starting_at_once_never_count_the_same_free_workers(
     workers hung until the channels' start-up timeout.  Several rounds: it was a race."""
     three = MigrationConfig(channels=3, packet_pages=64)
     count = operation._free_workers
+    counted: list[int] = []
 
     def slow_count(pool: WorkerPool) -> int:  # the race's window, held open
         free = count(pool)
+        counted.append(free)
         time.sleep(0.05)
         return free
 
@@ -183,6 +185,7 @@ def test_two_operations_starting_at_once_never_count_the_same_free_workers(
     with warm_pool(4) as pool, guest_ram(4 * MiB) as first, guest_ram(4 * MiB, seed=2) as second:
         _migrate(first, second, pool, TWO)  # every worker up
         for round_ in range(4):
+            counted.clear()
             saves = [SnapshotSave(ram, str(tmp_path / f"{round_}-{i}.snap"), config=three, live=False,
                                   pool=pool) for i, ram in enumerate((first, second))]
             for save in saves:
@@ -196,6 +199,7 @@ def test_two_operations_starting_at_once_never_count_the_same_free_workers(
                     assert "free workers of 4; 3 channels need one each" in str(refused)
                     outcomes.append("refused")
             assert "completed" in outcomes, outcomes
+            assert counted.count(4) == 1, counted  # the second count saw the first's workers taken
             _assert_idle(pool)
 
 
