@@ -230,8 +230,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "resume-after-unanswered-commit",
         "after COMMIT without an answer the source resumes its guest (it could run twice)",
         ("engine/saving.py",
-         "        if self._committed and error is not self._peer_reason:\n",
-         "        if False:  # MUTANT: self._committed and error is not self._peer_reason\n"),
+         "        if self._committed:\n            unknown = OutcomeUnknownError(\n",
+         "        if False:  # MUTANT: self._committed\n            unknown = OutcomeUnknownError(\n"),
+    ),
+    mutant(
+        "commit-refusal-ignored",
+        "the destination's ABORT after COMMIT left the source is taken for an unanswered COMMIT "
+        "(the guest stays paused, outcome unknown, though the destination never took it)",
+        ("engine/saving.py",
+         "        if self._committed and error is self._peer_reason:\n",
+         "        if False:  # MUTANT: self._committed and error is self._peer_reason\n"),
+    ),
+    mutant(
+        "stall-wait-uncapped",
+        "the destination waits a whole stall_timeout_s between looks at its channels' bytes "
+        "(a stall is told up to twice the limit after the last byte)",
+        ("engine/sync.py",
+         "        return max(0.0, min(self.tick, self._moved_at + self.limit - now))\n",
+         "        return max(0.0, self._moved_at + self.limit - now)  # MUTANT: no tick\n"),
     ),
     mutant(
         "cancel-ignores-commit",
