@@ -308,8 +308,9 @@ def _clean_partials(target: str) -> None:
         except SnapshotError as exc:
             log.warning("%s", exc)
             continue
-        log.warning("removed %s (%.1f MiB), left by a save to %s that died (process %d)",
-                    partial.path, partial.size / (1 << 20), target, partial.pid)
+        size = f"{partial.size / (1 << 20):.1f} MiB" if partial.size >= 1 << 20 else f"{partial.size} bytes"
+        log.warning("removed %s (%s), left by a save to %s that died (process %d)",
+                    partial.path, size, target, partial.pid)
 
 
 def _not_a_file(mode: int) -> str:
