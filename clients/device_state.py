@@ -59,7 +59,7 @@ from engine.wire import message as wire
 from engine.wire import packet
 
 CHUNK = packet.MAX_DEVICE_CHUNK
-_END = object()  # a save_state() iterator ran out
+_EXHAUSTED = object()  # what next() gives for a save_state() iterator that ran out
 _WATCH_S = 0.1  # wait_loaded(): how often a bounded or watched wait looks up
 
 
@@ -189,9 +189,9 @@ class DeviceSaver:
             started = time.perf_counter()
             state = iter(device.save_state())
             while True:
-                chunk = next(state, _END)  # not None: a device that yields None must not end its state there
+                chunk = next(state, _EXHAUSTED)  # (a chunk of None is no end: it fails)
                 busy += time.perf_counter() - started
-                if chunk is _END:
+                if chunk is _EXHAUSTED:
                     break
                 for piece in _pieces(chunk, "save_state"):
                     self._emit(index, self.chunks[index], piece, False)
