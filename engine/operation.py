@@ -341,19 +341,18 @@ class Operation:
             if shared is not None and self._own_pool_if_short and _free_workers(shared) < len(conns):
                 shared = None  # too few free warm workers: this operation starts its own
             if shared is not None:
-                self._pool = self._check_shared_pool(shared, len(conns))
-                self._defer("stop the channels", self._stop_channels)
-                self._submit_channels(target, conns, spec)
+                self._submit_channels(self._check_shared_pool(shared, len(conns)), target, conns, spec)
         if shared is None:  # (its processes start outside the lock)
-            self._pool = channel_pool(len(conns), f"mfd-{self.role}", cfg.start_method, cfg.cancel_grace_s)
-            self._defer("stop the channels", self._stop_channels)
-            self._submit_channels(target, conns, spec)
+            pool = channel_pool(len(conns), f"mfd-{self.role}", cfg.start_method, cfg.cancel_grace_s)
+            self._submit_channels(pool, target, conns, spec)
         self._wait_channels_ready(cfg.handshake_timeout_s * 3)
 
-    def _submit_channels(self, target: Callable[..., Any], conns: Sequence[Connection | None],
-                         spec: ChannelSpec) -> None:
-        """One channel job per connection on the operation's pool, each with its link."""
-        assert self._pool is not None
+    def _submit_channels(self, pool: WorkerPool, target: Callable[..., Any],
+                         conns: Sequence[Connection | None], spec: ChannelSpec) -> None:
+        """`pool` becomes the operation's (stopped at teardown); one channel job per
+        connection on it, each with its link."""
+        self._pool = pool
+        self._defer("stop the channels", self._stop_channels)
         for channel_id, conn in enumerate(conns):
             main_end, channel_end = control_pair()
             data = () if conn is None else (conn.sock,)

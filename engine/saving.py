@@ -102,8 +102,7 @@ class SavingOperation(Operation):
         self.forced_switchover = False
         self.devices = devices
         self.dump_dir = dump_dir
-        self.tracker = StatsTracker(ram.size, PAGE_SIZE)
-        self.tracker.started = None  # its clock starts with the run (_until_switchover)
+        self.tracker = StatsTracker(ram.size, PAGE_SIZE, started=False)  # started by the run
         self._pause_guest = pause_guest
         self._resume_guest = resume_guest
         self._paused = False

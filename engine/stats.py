@@ -82,13 +82,14 @@ class MigrationResult:
 class StatsTracker:
     """Collects what the source knows and answers :class:`MigrationStats`."""
 
-    def __init__(self, ram_bytes: int, page_size: int) -> None:
+    def __init__(self, ram_bytes: int, page_size: int, started: bool = True) -> None:
         self.ram_bytes = ram_bytes
         self.page_size = page_size
         self.slots: SlotTable | None = None
-        # When the operation started (its request; elapsed_s counts from it): made at
-        # set-up, now; the source makes its tracker with the operation and starts it.
-        self.started: float | None = time.perf_counter()
+        # When the operation started (its request; elapsed_s counts from it): now, for
+        # a tracker made at set-up; a source's, made with the operation (`started`
+        # False), is given its start when it runs.
+        self.started: float | None = time.perf_counter() if started else None
         self.round = 0
         self.main_bytes = 0
         self.remaining_pages = 0      # dirty after the last round (see left_pages)
