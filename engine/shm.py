@@ -35,9 +35,10 @@ Space is reserved when a segment is created, never on first touch: /dev/shm
 (tmpfs) allocates a page when it is first written, and a write that finds the
 filesystem full is a SIGBUS that kills the process without a word.  So
 :meth:`Segment.create` checks the free space of /dev/shm and the memory cgroup's
-limit, then reserves the whole segment with ``posix_fallocate``, which fails
-with ENOSPC instead; either way a ConfigError names the size needed and the
-space free, and no segment is left behind.
+limit (less CGROUP_HEADROOM for the processes to come), then reserves the whole
+segment with ``posix_fallocate``, which fails with ENOSPC instead; either way a
+ConfigError names the size needed and the space free, and no segment is left
+behind.
 
 Dirty tracking (docs/architecture.md, "Shared memory"): the guest writes a page first, then sets its byte.
 :meth:`DirtyMap.take` snapshots the map, clears exactly the entries it saw set,
@@ -92,6 +93,11 @@ Populate = bool | Literal["read"]
 SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linux)
 _CGROUP_ROOT = "/sys/fs/cgroup"
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
+#: What a memory cgroup must keep free beyond the shared memory asked for: the
+#: processes an operation starts after its RAM exists (channels, a fork server, the
+#: CLI's synthetic guest: ~100 MiB for one side of the CLI here) are charged to the
+#: same cgroup, and a charge over its limit is an OOM kill, not an error.
+CGROUP_HEADROOM = 128 << 20
 
 
 # RAM whose dirty marks an operation of this process takes (a source's or a live
@@ -263,16 +269,17 @@ def _no_space(what: str, need: int) -> ConfigError:
 
 
 def check_space(need: int, what: str) -> None:
-    """Raise ConfigError unless /dev/shm and this process's memory cgroup both
-    have room for `need` more bytes of shared memory (`what` names it in the
-    message).  A check only: :meth:`Segment.create` reserves."""
+    """Raise ConfigError unless /dev/shm has room for `need` more bytes of shared
+    memory, and this process's memory cgroup for those and CGROUP_HEADROOM more
+    (`what` names them in the message).  A check only: :meth:`Segment.create` reserves."""
     free = _shm_free()
     if free is not None and need > free:
         raise _no_space(what, need)
     room = _cgroup_memory_room()
-    if room is not None and need > room[0]:
-        need_text, room_text = _need_and_room(need, room[0])
-        raise ConfigError(f"not enough memory for {what}: need {need_text}, the memory "
+    if room is not None and need + CGROUP_HEADROOM > room[0]:
+        need_text, room_text = _need_and_room(need + CGROUP_HEADROOM, room[0])
+        raise ConfigError(f"not enough memory for {what}: need {need_text} ({_size_text(need)} and "
+                          f"{_size_text(CGROUP_HEADROOM)} for the engine's processes), the memory "
                           f"cgroup's limit of {_size_text(room[1])} leaves {room_text}")
 
 
@@ -325,6 +332,9 @@ class Segment:
             fd = _posixshmem.shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         except OSError as exc:
             raise ConfigError(f"cannot create shared memory {name!r}: {exc}") from exc
+        # Registered before any page is charged: a process the kernel kills while it
+        # reserves them (the memory cgroup's OOM killer) leaves its tracker to unlink it.
+        _register(path)
         try:
             os.ftruncate(fd, size)
             os.posix_fallocate(fd, 0, size)
@@ -334,6 +344,7 @@ class Segment:
         except BaseException as exc:
             os.close(fd)
             _posixshmem.shm_unlink(path)
+            _unregister(path)
             if not isinstance(exc, OSError):
                 raise
             need = _size_text(_round_up(size, PAGE_SIZE))
@@ -342,7 +353,6 @@ class Segment:
             if exc.errno == errno.ENOMEM:  # the memory cgroup could not charge the pages
                 raise ConfigError(f"not enough memory for {what}: need {need}: {exc.strerror}") from exc
             raise ConfigError(f"cannot size shared memory {name!r} to {size} bytes: {exc}") from exc
-        _register(path)
         if not keep_fd:
             os.close(fd)
             fd = -1

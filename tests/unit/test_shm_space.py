@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,17 +61,23 @@ def set_cgroup(root: Path, limit: str, usage: int, cache: int, shmem: int) -> No
     (v1 / "memory.stat").write_text(f"cache 0\ntotal_cache {cache}\ntotal_shmem {shmem}\n")
 
 
+LIMIT = 100 * MiB + shm.CGROUP_HEADROOM
+
+
 @pytest.mark.parametrize(("used", "need_and_room"), [
-    # 100 MiB limit, 96 MiB used of which 2 MiB page cache (1 MiB of it shared memory,
-    # which cannot be dropped): 5 MiB of room.
-    (96 * MiB, "need 8.0 MiB, the memory cgroup's limit of 100.0 MiB leaves 5.0 MiB"),
-    # 8 MiB of room for 8 MiB of RAM and a page for its dirty map: one decimal of MiB
-    # would print the same figure twice, so the figures are bytes.
-    (93 * MiB, "need 8392704 bytes, the memory cgroup's limit of 100.0 MiB leaves 8388608 bytes"),
+    # A 228 MiB limit (128 MiB of it the headroom for the engine's processes), 96 MiB
+    # used of which 2 MiB page cache (1 MiB of it shared memory, which cannot be
+    # dropped): 133 MiB of room, 5 MiB beyond the headroom.
+    (96 * MiB, "need 136.0 MiB (8.0 MiB and 128.0 MiB for the engine's processes), "
+               "the memory cgroup's limit of 228.0 MiB leaves 133.0 MiB"),
+    # 8 MiB beyond the headroom for 8 MiB of RAM and a page for its dirty map: one
+    # decimal of MiB would print the same figure twice, so the figures are bytes.
+    (93 * MiB, "need 142610432 bytes (8.0 MiB and 128.0 MiB for the engine's processes), "
+               "the memory cgroup's limit of 228.0 MiB leaves 142606336 bytes"),
 ], ids=["5-MiB-room", "need-about-the-room"])
 def test_ram_over_the_memory_cgroup_limit_is_refused_up_front(cgroup: Path, used: int,
                                                               need_and_room: str) -> None:
-    set_cgroup(cgroup, str(100 * MiB), used, 2 * MiB, 1 * MiB)
+    set_cgroup(cgroup, str(LIMIT), used, 2 * MiB, 1 * MiB)
     with pytest.raises(ConfigError) as caught:
         GuestRAM.create({"pc.ram": 8 * MiB})
     assert str(caught.value) == f"not enough memory for guest RAM: {need_and_room}"
@@ -79,3 +89,24 @@ def test_no_memory_cgroup_limit_checks_nothing(cgroup: Path) -> None:
     set_cgroup(cgroup, "max", 96 * MiB, 0, 0)
     with GuestRAM.create({"pc.ram": 8 * MiB}):
         pass
+
+
+def test_a_process_killed_while_it_reserves_ram_leaves_no_segment() -> None:
+    # The memory cgroup's OOM killer strikes inside posix_fallocate, with no error to
+    # catch: the segment must already be the resource tracker's to unlink.
+    name = f"{shm.SEGMENT_PREFIX}killed-{os.getpid()}"
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys\n"
+         "from engine import shm\n"
+         "os.posix_fallocate = lambda *_: os.kill(os.getpid(), signal.SIGKILL)\n"
+         f"shm.Segment.create(1 << 20, name={name!r})\n"],
+        cwd=Path(__file__).parents[2], capture_output=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"{shm.SHM_DIR}/{name}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = os.path.exists(f"{shm.SHM_DIR}/{name}")
+    if leaked:
+        os.unlink(f"{shm.SHM_DIR}/{name}")
+    assert not leaked, "the killed process's segment was left in /dev/shm"
