@@ -674,6 +674,8 @@ class TlsConnection(Connection):
         """As :meth:`Connection.peek`; a TLS record that carries no data (a
         close_notify) is no bytes.  Decrypting what came may take a byte of data
         off the stream: a caller peeks where any byte is an error."""
+        import ssl
+
         raw = super().peek()
         if not raw or self.sock.pending():
             return raw
