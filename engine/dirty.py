@@ -23,13 +23,17 @@ time.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from engine.errors import GuestControlError
 from engine.shm import RamBlock
 
-__all__ = ["BlockDirtyMaps", "DirtySource", "drop_marks"]
+__all__ = ["BlockDirtyMaps", "DirtySource", "VmmDirtySource", "drop_marks"]
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -68,3 +72,28 @@ class BlockDirtyMaps:
 
     def count(self, block: RamBlock) -> int:
         return block.dirty.count()
+
+
+class VmmDirtySource:
+    """A VMM's dirty source as the engine calls it: whatever it raises is a
+    GuestControlError naming the call (the guest still runs: the operation fails
+    before its pause, or resumes it)."""
+
+    def __init__(self, source: DirtySource) -> None:
+        self._source = source
+
+    def take(self, block: RamBlock) -> np.ndarray:
+        return self._call("take", self._source.take, block)
+
+    def drop(self, block: RamBlock) -> None:
+        self._call("take", drop_marks, self._source, block)
+
+    def count(self, block: RamBlock) -> int:
+        return self._call("count", self._source.count, block)
+
+    @staticmethod
+    def _call(name: str, call: Callable[..., T], *args: object) -> T:
+        try:
+            return call(*args)
+        except Exception as exc:
+            raise GuestControlError(f"dirty_source.{name}() raised {type(exc).__name__}: {exc}") from exc

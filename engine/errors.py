@@ -136,7 +136,8 @@ class VerificationError(MigrationError):
 
 
 class GuestControlError(MigrationError):
-    """The VMM's ``pause_guest`` or ``resume_guest`` raised.
+    """A VMM hook that drives the guest raised: ``pause_guest``, ``resume_guest``,
+    ``throttle_guest`` or the ``dirty_source``.
 
     The message says what state the guest was left in ("still running" after a
     failed pause, "NOT running" after a failed resume); the callback's exception

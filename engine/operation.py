@@ -563,8 +563,9 @@ class Operation:
 
     @property
     def _aborting(self) -> bool:
-        """Tearing down a migration that failed before its commit point."""
-        return self.latch.failed and not self._committed
+        """Tearing down a migration that failed before its commit point (a snapshot:
+        before its point of no return)."""
+        return self.latch.failed and not self._committed and not self._past_return
 
     def _lease_dirty_marks(self) -> None:
         """Hold the RAM's dirty marks until teardown: nothing else of this process

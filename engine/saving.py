@@ -29,7 +29,7 @@ from typing import Any
 from engine.config import MigrationConfig, check_hooks
 from engine.converge import AutoConverge, DirtyRateMeter
 from engine.device import DeviceSaving, MigratableDevice, call_device, checked_devices, is_iterative
-from engine.dirty import BlockDirtyMaps, DirtySource
+from engine.dirty import BlockDirtyMaps, DirtySource, VmmDirtySource
 from engine.errors import (
     ConfigError,
     ConvergenceError,
@@ -157,7 +157,8 @@ class SavingOperation(Operation):
             return t_start, t_setup, None, expected_s
         make_client = payload_entry(packet.PacketKind.RAM_PAGES).client
         assert make_client is not None
-        dirty_source: DirtySource | None = self.dirty_source
+        dirty_source: DirtySource | None = None if self.dirty_source is None else \
+            VmmDirtySource(self.dirty_source)
         on_packet: Callable[[], None] = self._progress
         if live and self.config.auto_converge:
             meter = None

@@ -46,7 +46,7 @@ from engine.channel import ChannelSpec, FileTarget, run_file_channel
 from engine.config import MigrationConfig, check_argument, check_hooks, check_path, source_config
 from engine.device import DeviceLoading, MigratableDevice, checked_devices, device_key, loading_devices
 from engine.dirty import DirtySource
-from engine.errors import ConfigError, LocalProtocolError, SnapshotFormatError
+from engine.errors import ConfigError, GuestControlError, LocalProtocolError, SnapshotFormatError
 from engine.multifd import MultifdSender
 from engine.operation import Operation, check_ram
 from engine.pages import pages_to_runs
@@ -581,7 +581,12 @@ class SnapshotRestore(Operation):
             dump_ram(self.ram, os.path.join(self.dump_dir, "dest.ram"))
         self._pass_point_of_no_return()  # a cancel from here on is refused: the guest starts
         if self.resume_guest is not None:
-            self.resume_guest()
+            try:
+                self.resume_guest()
+            except Exception as exc:
+                raise GuestControlError(
+                    f"restored, but resume_guest raised {type(exc).__name__}: {exc}: the guest is NOT "
+                    f"running; its RAM and devices are in place (the RAM is kept: restore.ram)") from exc
         t_end = time.perf_counter()
         self._machine.fire(MigrationEvent.COMPLETE)
         self.device_reports = reports
@@ -694,8 +699,9 @@ class SnapshotRestore(Operation):
             file.close()
 
     def _free_created_ram(self) -> None:
-        """Teardown: RAM this restore created, and nobody will get (it failed), goes."""
-        if self.result is None and self.ram is not None:
+        """Teardown: RAM this restore created, and nobody will get (it failed before
+        its point of no return: past it, the RAM holds the restored guest), goes."""
+        if self.result is None and not self._past_return and self.ram is not None:
             ram, self.ram = self.ram, None
             ram.close()
             ram.unlink()

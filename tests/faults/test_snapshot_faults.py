@@ -23,6 +23,7 @@ from engine.errors import (
     CancelledError,
     ConfigError,
     DeviceStateError,
+    GuestControlError,
     MigrationError,
     SnapshotError,
     SnapshotFormatError,
@@ -341,3 +342,47 @@ def test_save_and_restore_in_threads_at_once(tmp_path: Path) -> None:
         with GuestRAM.create({"pc.ram": 4 * MiB}) as target:
             SnapshotRestore(str(tmp_path / "b.snap"), ram=target).run()  # the other save is whole
             assert same_memory(b, target)
+
+
+def test_a_resume_hook_that_raises_after_a_restore_keeps_the_restored_guest(snapshot: Path) -> None:
+    """Past its point of no return a restore's resume_guest failing is a
+    GuestControlError that says the guest is not running; the RAM it restored
+    (made by the restore) and the devices stay in place for the VMM to retry."""
+    def fail() -> None:
+        raise ValueError("the vCPUs would not start")
+
+    class Cancellable(Recorder):
+        def cancel(self) -> None:
+            self.calls.append("cancel")
+
+    device = Cancellable(*NIC)
+    restore = SnapshotRestore(str(snapshot), devices=[device], resume_guest=fail)
+    with pytest.raises(GuestControlError, match="restored, but resume_guest raised ValueError: the vCPUs "
+                                                "would not start: the guest is NOT running") as caught:
+        restore.run()
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert restore.ram is not None, "the restored RAM was freed"
+    with restore.ram as ram, guest_ram(4 * MiB, fill="text") as saved:
+        assert same_memory(saved, ram)
+    assert device.calls == ["state", "config"], "a device in place was cancelled"
+
+
+def test_a_dirty_source_that_raises_is_a_guest_control_error(tmp_path: Path) -> None:
+    """The VMM's dirty log is a hook like pause_guest: its exception fails the
+    save as a GuestControlError (in the one tree), the guest running on, no file."""
+    class BrokenDirtyLog:
+        def take(self, block: object) -> object:
+            raise ValueError("the dirty log ioctl failed")
+
+        def count(self, block: object) -> int:
+            return 0
+
+    resumed: list[bool] = []
+    path = tmp_path / "vm.snap"
+    with guest_ram(4 * MiB) as ram:
+        save = SnapshotSave(ram, str(path), dirty_source=BrokenDirtyLog(), pause_guest=lambda: None,
+                            resume_guest=lambda: resumed.append(True))
+        with pytest.raises(GuestControlError,
+                           match=r"dirty_source\.take\(\) raised ValueError: the dirty log ioctl failed"):
+            save.run()
+    assert resumed == [] and not path.exists()
