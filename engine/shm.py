@@ -92,6 +92,7 @@ POPULATE_MIN_PAGES = 64
 Populate = bool | Literal["read"]
 SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linux)
 _CGROUP_ROOT = "/sys/fs/cgroup"
+_PROC_CGROUP = "/proc/self/cgroup"  # which cgroup of each hierarchy this process is in
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
 #: What a memory cgroup must keep free beyond the shared memory asked for: the
 #: processes an operation starts after its RAM exists (channels, a fork server, the
@@ -222,11 +223,13 @@ def _read_stat(path: str) -> dict[str, int]:
 
 def _cgroup_memory_room() -> tuple[int, int] | None:
     """``(room, limit)``: bytes this process's memory cgroup can still charge, and
-    its limit; None without a limit.  Page cache the kernel can drop counts as room;
+    the limit that leaves the least; None without a limit.  Every cgroup from this
+    process's up to the mount's root counts (a limit is often a parent's: a slice,
+    a container's outer cgroup).  Page cache the kernel can drop counts as room;
     shared memory cannot be dropped (without swap), so it does not.
     """
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(_PROC_CGROUP) as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
@@ -237,18 +240,28 @@ def _cgroup_memory_room() -> tuple[int, int] | None:
         base = _CGROUP_ROOT if v2 else os.path.join(_CGROUP_ROOT, "memory")
         names = (("memory.max", "memory.current", "file", "shmem") if v2 else
                  ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem"))
-        # Our own cgroup, or the root of the mount where a container sees only its own.
-        for directory in (os.path.join(base, path.lstrip("/")), base):
-            limit = _read_int(os.path.join(directory, names[0]))
-            usage = _read_int(os.path.join(directory, names[1]))
-            if limit is None or usage is None:
-                continue
-            if limit >= _NO_LIMIT:
-                return None
-            stat = _read_stat(os.path.join(directory, "memory.stat"))
-            droppable = max(0, stat.get(names[2], 0) - stat.get(names[3], 0))
-            return max(0, limit - usage + droppable), limit
+        rooms = []
+        directory = os.path.normpath(os.path.join(base, path.lstrip("/")))
+        while True:  # up to the root of the mount, where a container sees only its own
+            room = _cgroup_room_in(directory, names)
+            if room is not None:
+                rooms.append(room)
+            if directory == base or not directory.startswith(base + os.sep):
+                break
+            directory = os.path.dirname(directory)
+        return min(rooms) if rooms else None
     return None
+
+
+def _cgroup_room_in(directory: str, names: tuple[str, str, str, str]) -> tuple[int, int] | None:
+    """``(room, limit)`` of one cgroup directory; None if it sets no limit (or is unreadable)."""
+    limit = _read_int(os.path.join(directory, names[0]))
+    usage = _read_int(os.path.join(directory, names[1]))
+    if limit is None or usage is None or limit >= _NO_LIMIT:
+        return None
+    stat = _read_stat(os.path.join(directory, "memory.stat"))
+    droppable = max(0, stat.get(names[2], 0) - stat.get(names[3], 0))
+    return max(0, limit - usage + droppable), limit
 
 
 def _shm_free() -> int | None:

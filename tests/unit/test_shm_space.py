@@ -85,6 +85,26 @@ def test_ram_over_the_memory_cgroup_limit_is_refused_up_front(cgroup: Path, used
         pass
 
 
+@pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
+def test_a_parent_cgroups_limit_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2: bool) -> None:
+    # The process's own cgroup sets no limit; its parent (a slice, a container's
+    # outer cgroup) allows 100 MiB beyond the headroom, 96 MiB of it used.
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/outer/inner\n" if v2 else "4:memory:/outer/inner\n0::/\n")
+    monkeypatch.setattr(shm, "_PROC_CGROUP", str(proc))
+    monkeypatch.setattr(shm, "_CGROUP_ROOT", str(tmp_path))
+    base = tmp_path if v2 else tmp_path / "memory"
+    (base / "outer" / "inner").mkdir(parents=True)
+    limit_file, usage_file = ("memory.max", "memory.current") if v2 else \
+        ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    for directory, limit in ((base, "max" if v2 else str(2**63 - 4096)), (base / "outer", str(LIMIT)),
+                             (base / "outer" / "inner", "max" if v2 else str(2**63 - 4096))):
+        (directory / limit_file).write_text(f"{limit}\n")
+        (directory / usage_file).write_text(f"{96 * MiB}\n")
+    with pytest.raises(ConfigError, match="the memory cgroup's limit of 228.0 MiB leaves 132.0 MiB"):
+        GuestRAM.create({"pc.ram": 8 * MiB})
+
+
 def test_no_memory_cgroup_limit_checks_nothing(cgroup: Path) -> None:
     set_cgroup(cgroup, "max", 96 * MiB, 0, 0)
     with GuestRAM.create({"pc.ram": 8 * MiB}):
