@@ -96,13 +96,13 @@ class SnapshotFile:
         format's reader to say: it checks the layout against the size first)."""
         views = flat_views(buffers)
         total = sum(v.nbytes for v in views)
-        start = 0
+        first, start = offset, 0
         try:
             while start < len(views):
                 done = os.preadv(self.fd, batch(views, start, _STEP), offset)
-                if done == 0:
-                    raise SnapshotError(f"cannot read {self.path}: it ends at {offset}, "
-                                        f"{total} bytes were asked for")
+                if done == 0:  # its size now, not where this read stopped: it may have shrunk
+                    raise SnapshotError(f"cannot read {self.path}: it ends at {self.size()}, "
+                                        f"{total} bytes from offset {first} were asked for")
                 offset += done
                 start = advance(views, start, done)
         except OSError as exc:

@@ -32,6 +32,17 @@ def test_reading_past_the_end_is_an_error_not_a_short_read(tmp_path: Path) -> No
         file.read_at(50, 51)
 
 
+def test_a_file_that_shrank_says_where_it_ends_now(tmp_path: Path) -> None:
+    # Truncated under a restore: the read finds the end at once, at its own offset;
+    # the message gives the file's size, not that offset.
+    path = tmp_path / "shrinking"
+    path.write_bytes(b"x" * 8192)
+    with open_file(str(path), "read") as file:
+        os.truncate(path, 100)
+        with pytest.raises(SnapshotError, match="it ends at 100, 10 bytes from offset 4096 were asked for"):
+            file.read_at(4096, 10)
+
+
 def test_partial_file_is_hidden_until_published(tmp_path: Path) -> None:
     target = tmp_path / "vm.snap"
     target.write_bytes(b"the old snapshot")
