@@ -305,7 +305,7 @@ def qemu_once(args: argparse.Namespace, src_path: str, where: str, channels: int
 
 def multifd_command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "multifd")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "engine.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "engine.console"]
 
 
 def cli_once(args: argparse.Namespace, channels: int) -> dict[str, Any]:

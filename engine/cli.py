@@ -1017,6 +1017,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _operation = None
     _signalled.clear()
     _after_end.clear()
+    # Undo engine/console.py's handlers for the loading (any not ignored): Ctrl-C is a
+    # KeyboardInterrupt again, SIGTERM and SIGHUP end `inspect` as they would any program
+    # (the other commands cancel on them: _cancel_on_signals below).
+    for number, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
+                            (signal.SIGHUP, signal.SIG_DFL)):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, default)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parse(argv)

@@ -25,7 +25,7 @@ from engine.source import SourceMigration
 from engine.sync import wait_readable
 from tests.leaks import segment_mappings
 
-MULTIFD = [sys.executable, "-m", "engine.cli"]
+MULTIFD = [sys.executable, "-m", "engine.console"]  # the `multifd` console script
 REQUIRED = {"status", "ram_bytes", "channels", "total_time_s", "setup_time_ms", "downtime_ms",
             "rounds", "pages_sent", "bytes_on_wire", "throughput_bytes_per_s", "verified"}
 
@@ -440,6 +440,34 @@ def test_ctrl_c_from_a_terminal_reaches_the_command_only() -> None:
     while (left := [pid for pid in family - {source.pid} if not _gone(pid)]) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
+
+
+def _catches(pid: int, number: int) -> bool:
+    """Whether process `pid` has a handler of its own for signal `number`."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (number - 1) & 1)
+
+
+@pytest.mark.parametrize(("number", "why"), [(signal.SIGINT, "interrupted"),
+                                             (signal.SIGTERM, "terminated (SIGTERM)")])
+def test_a_signal_while_the_command_loads_is_one_line(number: int, why: str) -> None:
+    """Ctrl-C or SIGTERM in the command's first ~0.4 s, while its modules load: the
+    one line and 130 of any cancel (it was a 26-36-line KeyboardInterrupt traceback,
+    and SIGTERM killed it with no word).  The console script's handler is in place
+    before numpy (the bulk of the loading) is, and the signal comes then."""
+    with _running("save", "--ram", "16M", "--json", os.devnull) as save:
+        deadline = time.monotonic() + 30
+        while not _catches(save.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with open(f"/proc/{save.pid}/maps") as f:
+            loaded = "_multiarray_umath" in f.read()
+        save.send_signal(number)
+        out, err = save.communicate(timeout=30)
+    assert not loaded, "the console script's handler came after the engine's modules had loaded"
+    assert save.returncode == 130, err
+    assert err.splitlines() == [f"multifd: cancelled: {why}"], err
+    assert json.loads(out) == {"status": "cancelled", "error": why}
 
 
 def test_ctrl_c_the_moment_listen_says_listening_is_a_cancel(listener) -> None:

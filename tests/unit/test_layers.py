@@ -13,7 +13,7 @@ TYPE_CHECKING:`` are left out, as they never run.  Bottom to top:
     core        engine.slots, dirty, converge, stats, verify, channel, multifd, payload,
                 device, admission, scrub
     operations  engine.operation, migration, saving, source, destination, snapshot
-    app         engine (the facade), engine.cli
+    app         engine (the facade), engine.cli, engine.console (the console script)
 
 A module may import its own layer and the layers below it, never above, and no
 two modules import each other, directly or around a cycle.  Plug-ins sit beside
@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "engine.main_channel", "engine.pages", "engine.converge", "engine.scrub")),
     ("operations", ("engine.operation", "engine.migration", "engine.saving", "engine.source",
                     "engine.destination", "engine.snapshot")),
-    ("app", ("engine.cli", "engine")),
+    ("app", ("engine.console", "engine.cli", "engine")),
 ]
 
 # What a plug-in package may import from the engine.
