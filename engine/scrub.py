@@ -20,7 +20,9 @@ structure, then hands the pages here::
 
 This is the restore's check (clients/ram_payload.py: one hash per chunk, page
 words to name a damaged page), applied to every chunk with a word, sparse ones
-too: a file the restore would refuse is never reported intact.  Only offsets,
+too: a file damaged by accident that the restore would refuse is never reported
+intact.  (A forger who makes a page's word disagree with its chunk's can: the
+restore checks a sparse chunk page by page; docs/snapshot-format.md says so.)  Only offsets,
 page numbers and checksum words go to a job, and only damaged page and chunk
 numbers come back: page bytes are read by the job that checks them and never
 leave it.  With one channel and no pool the jobs run here, in order (the
