@@ -100,12 +100,18 @@ class TlsConfig:
         else:
             ctx.check_hostname = True  # against LinkSecurity.peer_name, in the handshake
         try:
-            ctx.load_cert_chain(self.cert, self.key)
+            # Never OpenSSL's own passphrase prompt: it reads the terminal, from every
+            # process that loads the key (a channel not in the foreground is stopped).
+            ctx.load_cert_chain(self.cert, self.key, password=self._no_passphrase)
             ctx.load_verify_locations(cafile=self.ca)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"TLS files {self.cert}, {self.key}, {self.ca} do not load: "
                               f"{getattr(exc, 'reason', None) or exc}") from exc
         return ctx
+
+    def _no_passphrase(self) -> bytes:
+        raise ConfigError(f"TLS key file {self.key!r} is encrypted: give it unencrypted "
+                          f"(e.g. openssl pkey -in KEY -out PLAIN), readable by this user only")
 
 
 Mode = Literal["none", "mac", "tls"]
@@ -208,7 +214,8 @@ def check_peer_name(conn: Connection, link: LinkSecurity) -> None:
         return
     names = _names(conn.sock.getpeercert() or {})
     if not any(_same_name(name, link.peer_name) for name in names):
-        raise TlsError(f"TLS: the {link.peer}'s certificate is for {', '.join(names) or 'no name'}, "
+        listed = ", ".join(f"{'IP' if kind == 'IP Address' else kind}:{value}" for kind, value in names)
+        raise TlsError(f"TLS: the {link.peer}'s certificate is for {listed or 'no name'}, "
                        f"not {link.peer_name}")
 
 
@@ -542,19 +549,34 @@ def tls_error(exc: ssl.SSLError, peer: str) -> TlsError:
     return TlsError(f"TLS with the {peer} failed: {reason or exc}")
 
 
-def _same_name(name: str, wanted: str) -> bool:
-    """A certificate's name is the one wanted: DNS names in any case (as the client's
-    check, OpenSSL's, takes them), IP addresses in any spelling."""
+def _same_name(name: tuple[str, str], wanted: str) -> bool:
+    """A certificate's name (kind, value) is the one wanted, found as the client's
+    check (OpenSSL's) finds it: an address only in an IP subjectAltName, in any
+    spelling; a DNS name in a DNS one (or the common name), in any case, a
+    ``*.`` leftmost label standing for exactly one label."""
+    kind, value = name
     try:
-        return ipaddress.ip_address(name) == ipaddress.ip_address(wanted)
+        address = ipaddress.ip_address(wanted)
     except ValueError:
-        return name.casefold() == wanted.casefold()
+        address = None
+    if address is not None or kind == "IP Address":
+        try:
+            return kind == "IP Address" and ipaddress.ip_address(value) == address
+        except ValueError:
+            return False
+    value, wanted = value.casefold().rstrip("."), wanted.casefold().rstrip(".")
+    if value.startswith("*.") and "*" not in value[2:]:
+        label, dot, rest = wanted.partition(".")
+        return bool(label and dot) and rest == value[2:]
+    return value == wanted
 
 
-def _names(cert: dict) -> list[str]:
-    names = [value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
+def _names(cert: dict) -> list[tuple[str, str]]:
+    """(kind, value) of each DNS and IP subjectAltName; without any, the common name's."""
+    names = [(kind, value) for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
     if not names:  # no subjectAltName: the common name
-        names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        names = [("DNS", value) for rdn in cert.get("subject", ())
+                 for key, value in rdn if key == "commonName"]
     return names
 
 

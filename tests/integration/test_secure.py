@@ -146,8 +146,9 @@ REFUSALS = [
                  "destination refused", id="destination-trusts-another-CA"),
     pytest.param(dict(peer_name="elsewhere.test"), "refused the handshake",
                  "destination's certificate was refused: Hostname mismatch", id="wrong-destination-name"),
-    pytest.param(dict(dest_peer_name="other.test"), "source's certificate is for source.test, not other.test",
-                 "source's certificate is for source.test, not other.test", id="wrong-source-name"),
+    pytest.param(dict(dest_peer_name="other.test"),
+                 "source's certificate is for DNS:source.test, not other.test",
+                 "source's certificate is for DNS:source.test, not other.test", id="wrong-source-name"),
     # a DNS name in another case is the same name, as the source's own check takes it
     pytest.param(dict(dest_peer_name="Source.TEST"), None, None, id="source-name-in-another-case"),
     pytest.param(dict(dest="expired"), "refused the handshake or this side's certificate",
@@ -281,6 +282,13 @@ def test_tls_settings_that_cannot_work_are_refused_up_front(pki: Pki, tmp_path: 
                             tls=replace(pki.config("source", peer_name="dest.test"), any_peer=True))
     with pytest.raises(ConfigError, match="certificate file"):
         DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, tls=missing)
+    # A key with a passphrase: one line, never OpenSSL's prompt on the terminal.
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", pki.dir / "dest.key", "-out", encrypted, "-aes256",
+                    "-passout", "pass:hunter2"], check=True, capture_output=True, timeout=30)
+    with pytest.raises(ConfigError, match=f"TLS key file '{encrypted}' is encrypted: give it unencrypted"):
+        DestinationMigration("tls://127.0.0.1:0", secret=SECRET,
+                             tls=replace(pki.config("dest", peer_name="source.test"), key=str(encrypted)))
     with pytest.raises(ConfigError, match=r"name the source whose certificate it admits .* --tls-any-peer"):
         DestinationMigration("tls://127.0.0.1:0", secret=SECRET, tls=pki.config("dest"))
     with pytest.raises(ConfigError, match=r"TLS: give either .* not both"):

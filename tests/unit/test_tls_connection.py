@@ -1,4 +1,5 @@
-"""TlsConnection over a real TLS session on a socket pair (certificates made fresh)."""
+"""TLS pieces: TlsConnection over a real TLS session on a socket pair (certificates
+made fresh), and the destination's check of its source's certificate name."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.link import TlsConnection
+from engine.link import TlsConnection, _same_name
 from tests.certs import NoOpenssl, make_pki
 
 
@@ -44,3 +45,21 @@ def test_peek_at_part_of_a_record_is_no_byte_yet(tls_pair: tuple[ssl.SSLSocket, 
     assert server.recv(1) == b"x"
     socket.socket.send(client, b"\x17\x03\x03")  # a record's header, raw, and no more
     assert TlsConnection(server, "peer", "source").peek() is False
+
+
+IP, DNS = "IP Address", "DNS"
+
+
+@pytest.mark.parametrize(("name", "wanted", "same"), [
+    ((IP, "10.77.0.2"), "10.77.0.2", True),
+    ((IP, "fd00:0:0::2"), "fd00::2", True),          # an address in any spelling
+    ((DNS, "10.77.0.2"), "10.77.0.2", False),         # an address only in an IP name,
+    ((IP, "10.77.0.2"), "host.test", False),          # as OpenSSL checks a server's
+    ((DNS, "Source.Test"), "source.test", True),      # a DNS name in any case
+    ((DNS, "*.example"), "src.example", True),        # a wildcard: one label
+    ((DNS, "*.example"), "a.src.example", False),
+    ((DNS, "*.example"), "example", False),
+    ((DNS, "src.*.example"), "src.x.example", False),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_the_destination_finds_a_name_as_openssl_does(name: tuple[str, str], wanted: str, same: bool) -> None:
+    assert _same_name(name, wanted) is same
