@@ -100,6 +100,9 @@ def _secret(args: argparse.Namespace) -> bytes:
         if len(raw.rstrip(b"\r\n")) > MAX_SECRET_FILE:  # /dev/zero, a disk image: not a secret
             raise ConfigError(f"--secret-file {args.secret_file} holds more than {MAX_SECRET_FILE} "
                               f"bytes: is it the secret?")
+        if not secret:
+            raise ConfigError(f"--secret-file {args.secret_file} is empty (blank): put the shared "
+                              f"secret in it, the same on both sides")
     else:
         secret = os.environ.get(SECRET_ENV, "").encode()
     if not secret:

@@ -606,6 +606,13 @@ def test_listen_needs_a_channel() -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --secret-file /dev/zero holds more than 4096 bytes: " \
                                   "is it the secret?"
+    with tempfile.NamedTemporaryFile() as blank:  # the file was given: say it is empty
+        blank.write(b" \n")
+        blank.flush()
+        done = run("listen", "--secret-file", blank.name)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"multifd: failed: --secret-file {blank.name} is empty (blank): put the " \
+                                  f"shared secret in it, the same on both sides"
     done = run("listen", "--ready-fd", "987", env={"MULTIFD_SECRET": "s3cret"})
     assert done.returncode == 1
     assert done.stderr.strip() == "multifd: failed: --ready-fd 987: Bad file descriptor"
