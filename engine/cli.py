@@ -90,6 +90,7 @@ def _human(n: float, unit: str = "B") -> str:
 
 
 MAX_SECRET_FILE = 4096  # bytes a secret file may hold
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _secret(args: argparse.Namespace) -> bytes:
@@ -280,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--ready-fd", type=int, default=None,
                         help="write the LISTENING line to this inherited descriptor (then close it) "
                         "instead of stdout, or stderr with --json")
+    listen.add_argument("--exit-with-parent", action="store_true",
+                        help="stop, as SIGTERM does, when the process that started this one exits "
+                        "(a supervisor's, or the demo's, destination)")
     listen.add_argument("--run-after", type=float, default=None,
                         help="after resume, run the guest this many seconds (the incrementer: 0; kvm: "
                         "the VM, then check it: 1)")
@@ -567,6 +571,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
             os.fstat(args.ready_fd)
         except OSError as exc:
             raise ConfigError(f"--ready-fd {args.ready_fd}: {exc.strerror}") from exc
+    if args.exit_with_parent:
+        _exit_with_parent()
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = destination = None
     stack = contextlib.ExitStack()
@@ -759,13 +765,13 @@ def _check_args(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _checked(args)  # before the destination process starts
     secret = secrets.token_hex(32).encode()
-    with tempfile.TemporaryDirectory(prefix="multifd-demo-") as tmp:
-        # --local: over a unix socket, to a destination that takes the source's RAM.
-        unix = args.transport == "unix" or args.local
+    # --local: over a unix socket, to a destination that takes the source's RAM.
+    unix = args.transport == "unix" or args.local
+    with (tempfile.TemporaryDirectory(prefix="multifd-demo-") if unix else contextlib.nullcontext("")) as tmp:
         address = f"unix://{tmp}/migration.sock" if unix else "tcp://127.0.0.1:0"
         command = [sys.executable, "-m", "engine.cli", "listen", "--address", address,
                    *(() if args.local else ("--ram", str(args.ram), "--channels", str(args.channels))),
-                   "--json", "--accept-timeout", "60",
+                   "--json", "--accept-timeout", "60", "--exit-with-parent",
                    "--devices", str(args.devices), "--device-state", str(args.device_state),
                    "--device-load-latency", str(args.device_load_latency),
                    "--device-load", args.device_load]
@@ -783,8 +789,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # on success (on failure the source's one line says "destination failed: …").
         ready_read, ready_write = os.pipe()
         command += ["--ready-fd", str(ready_write)]
-        with open(os.path.join(tmp, "destination.log"), "w+") as errors, \
-                open(ready_read, closefd=True) as ready:
+        # An unnamed file: nothing of it is left, whatever ends this process.
+        with tempfile.TemporaryFile("w+") as errors, open(ready_read, closefd=True) as ready:
             try:
                 destination = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True,
                                                stderr=None if args.verbose else errors,
@@ -977,6 +983,19 @@ def _announce(args: argparse.Namespace, line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
+def _exit_with_parent() -> None:
+    """SIGTERM from the kernel when our parent exits (Linux's PR_SET_PDEATHSIG): a
+    killed demo's destination is cancelled, as by any SIGTERM (_cancel_on_signals),
+    instead of waiting out its --accept-timeout.  A parent gone already: now."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise ConfigError(f"--exit-with-parent: prctl failed: {os.strerror(ctypes.get_errno())}")
+    if os.getppid() == 1:  # orphaned before the prctl: init adopted us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _read_listening(process: subprocess.Popen, ready: Any, errors: Any = None) -> str:
     """The address `listen` wrote to its ready pipe (`ready`, our end); `errors`,
     its stderr file, says why not."""
@@ -1160,7 +1179,10 @@ def _fail(args: argparse.Namespace, status: MigrationState, error: object) -> No
             data["committed"] = _operation.committed
         if _names_migration(_operation, error):
             data["migration_id"] = str(_operation.migration_id)
-        print(json.dumps(data))
+        try:
+            print(json.dumps(data), flush=True)
+        except BrokenPipeError:  # whoever read stdout went away (a killed demo): the line below stays
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     line = (_outcome_unknown(error, verbose) if isinstance(error, OutcomeUnknownError)
             else _one_line(str(error), verbose))
     if args.command == "listen" and _names_migration(_operation, error):

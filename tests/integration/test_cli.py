@@ -503,6 +503,24 @@ def test_sigterm_while_the_demo_starts_its_destination_is_one_line() -> None:
     assert not left
 
 
+def test_a_killed_demo_leaves_no_destination() -> None:
+    """SIGKILL of the demo alone, its destination listening for it: the destination
+    (started --exit-with-parent) is cancelled at once with its channels, fork server
+    and RAM, instead of waiting out its 60 s accept timeout."""
+    with _running("demo", "--ram", "256M", "--channels", "2") as demo:
+        assert demo.stdout is not None
+        line = demo.stdout.readline()  # "destination process N listening on ...": set up, unconnected
+        assert " listening on " in line, line
+        family = _family(demo.pid) - {demo.pid}
+        assert _children_running(demo.pid, "listen")
+        demo.kill()
+        demo.wait()
+    deadline = time.monotonic() + 15
+    while (left := [pid for pid in family if not _gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, [psutil.Process(pid).cmdline() for pid in left]
+
+
 def _children_running(pid: int, word: str) -> list[int]:
     """The children of `pid` whose command line holds `word`."""
     found = []
