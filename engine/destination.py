@@ -625,7 +625,7 @@ class DestinationMigration(Migration):
         for consumer in self.payloads:
             consumer.finish()  # every payload is delivered too
         t_ready = time.perf_counter()
-        verify_s, verified = 0.0, 0
+        verify_s, verified = 0.0, wire.Verification.NOT_CHECKED
         if message.digests_follow:
             t_hash = time.perf_counter()
             if self._digests is not None:  # each piece was hashed as it landed
@@ -642,8 +642,9 @@ class DestinationMigration(Migration):
             if self._digests is not None:  # the pieces hashed as they landed after SWITCHOVER
                 verify_s += self._hashing_since(self._hashed_at_switchover)
             if detail:
+                # Before PREPARED: nothing commits, and RESUMED never says "different".
                 raise VerificationError(f"destination memory differs from the source: {detail}")
-            verified = 1
+            verified = wire.Verification.EQUAL
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "dest.ram"))
         # Everything is in place and the guest has not run: the source may commit.
@@ -671,7 +672,7 @@ class DestinationMigration(Migration):
             downtime_ms=downtime_s * 1000,
             rounds=self.tracker.round,
             compression=self.negotiated.codec,
-            verified=True if verified == 1 else None,
+            verified=True if verified is wire.Verification.EQUAL else None,
             verify_time_ms=verify_s * 1000,
             extra={"running": self.running, **({"local": True} if self._local else {}),
                    **verification_extra(message.digests_follow, self._digests is not None)},

@@ -47,6 +47,7 @@ from engine.wire.message import (
     Resumed,
     Switchover,
     SyncMarker,
+    Verification,
     encode_message,
 )
 from engine.wire.packet import (
@@ -502,7 +503,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(DevicesDone, st.lists(st.builds(DeviceDone, st.integers(1, 0xFFFF_FFFF), U64,
                                               st.binary(min_size=32, max_size=32)),
                                     max_size=3).map(tuple)),
-    st.builds(Resumed, U64, U64, st.integers(0, 2), TEXT, st.booleans()),
+    st.builds(Resumed, U64, U64, st.sampled_from(Verification), TEXT, st.booleans()),
     st.builds(Abort, st.integers(1, 2), TEXT,
               st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=1,
                       max_size=40)),
