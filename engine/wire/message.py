@@ -557,6 +557,15 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
 }
 
 
+def message_type(record: type) -> MessageType:
+    """The type (and name: ``.name``) of a message record class.  Raises
+    LocalProtocolError for a class that is not a message."""
+    try:
+        return _ENCODERS[record][0]
+    except KeyError:
+        raise LocalProtocolError(f"{record.__name__} is not a message") from None
+
+
 def encode_message(message: Message) -> bytes:
     """Header and body of ``message``.
 
