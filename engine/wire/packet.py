@@ -19,6 +19,7 @@ by field; the main-channel messages live in :mod:`engine.wire.message`)::
                            SYNC, END  epoch | 0
                        payload, payload_length bytes
                            RAM_PAGES only: the non-zero pages, run after run
+                           (with a codec: as frames, engine/wire/frames.py)
 
 A channel is read with :class:`PacketDecoder`, the sans-IO decoder that keeps the
 channel's state (sequence, epoch, END), in one of two ways:
@@ -30,7 +31,8 @@ channel's state (sequence, epoch, END), in one of two ways:
   each packet with its payload, or :data:`NEED_DATA` (``next_packet``).
 
 :func:`decode_packet_header` and :func:`decode_packet` are its steps, usable alone.
-The run table of a RAM_PAGES header is :mod:`engine.wire.runs`.
+The run table of a RAM_PAGES header is :mod:`engine.wire.runs`; the frames of a
+compressed RAM_PAGES payload are :mod:`engine.wire.frames`.
 
 Every header field is validated against hard caps and the negotiated
 :class:`PacketLimits` before a byte of payload is read.  Bytes from the peer that
