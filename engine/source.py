@@ -528,7 +528,7 @@ class SourceMigration(SavingOperation, Migration):
     def _abort_in_handshake(self, data: bytes) -> None:
         """What came instead of a hello may be the destination's ABORT (it refused
         this source's settings, protection say): raise its error if so."""
-        if not data or data.startswith(packet.HELLO_MAGIC.to_bytes(4, "big")):
+        if not data or packet.looks_like_hello(data):
             return
         self._main.feed(data)
         try:

@@ -285,6 +285,16 @@ def _hello_ids_problem(role: int, channel_id: int, channel_count: int) -> str | 
     return None
 
 
+_HELLO_MAGIC_BYTES: Final = HELLO_MAGIC.to_bytes(4, "big")
+
+
+def looks_like_hello(data: Buffer) -> bool:
+    """Whether `data` (what came where a hello was due) starts as a hello does,
+    with its magic: a peer that answers with something else (an ABORT, say) does
+    not.  A hint for which decoder to try, never a check: :func:`decode_hello` is."""
+    return bytes(data[:len(_HELLO_MAGIC_BYTES)]) == _HELLO_MAGIC_BYTES
+
+
 def decode_hello(data: Buffer, key: bytes, answers: bytes,
                  roles: frozenset[HelloRole] | tuple[HelloRole, ...]) -> ChannelHello:
     """Check and decode an 80-byte hello that must have one of ``roles`` and be

@@ -81,6 +81,7 @@ from engine.wire.packet import (
     encode_hello,
     encode_ram_pages,
     encode_sync,
+    looks_like_hello,
     session_key,
 )
 from engine.wire.runs import run_columns
@@ -244,6 +245,13 @@ CHANNEL_CHECK = (SESSION, CHANNEL_CHALLENGE, (CHANNEL,))
 def test_hello_refused(wire: bytes, check: tuple, match: str) -> None:
     with pytest.raises(HandshakeError, match=match):
         decode_hello(wire, *check)
+
+
+def test_looks_like_hello() -> None:
+    """What a source reads where the reply hello was due: a hello, or (an ABORT, say) not."""
+    assert looks_like_hello(MAIN_HELLO) and looks_like_hello(memoryview(MAIN_HELLO)[:4])
+    assert not looks_like_hello(encode_message(Abort(AbortCode.FAILED, "no")))
+    assert not looks_like_hello(b"MFD") and not looks_like_hello(b"")
 
 
 def test_hello_wrong_secret() -> None:
