@@ -72,10 +72,10 @@ from engine.slots import Counter, SendSlot
 from engine.transport import Buffer
 from engine.wire import packet
 from engine.wire import snapshot_format as fmt
+from engine.wire.frames import FRAME_BYTES, FRAME_HEADER, decode_frame_header, encode_frame_header
 from engine.wire.message import RAM_DIGEST_SIZE
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
-_FRAME_BYTES = codecs.FRAME_PAGES * PAGE_SIZE
 _FEW_RUNS = 32  # up to this many runs, check them slice by slice; beyond, gather
 _GATHER_PAGES = 256  # ... 1 MiB of scattered pages at a time, into a reused buffer
 # A run's rows left open by their ends are gathered and reduced while they are at
@@ -216,7 +216,7 @@ class RamPagesSender:
         self.gather = gather_scratch() if spec.zero_page_detection else None
         self.codec = codecs.make_codec(spec.codec, spec.codec_level)
         self.compress = self.codec.wire_id != 0
-        self._scratch = bytearray(_FRAME_BYTES) if self.compress else bytearray()
+        self._scratch = bytearray(FRAME_BYTES) if self.compress else bytearray()
         self.digests = _digest_map(ctx)
 
     def prepare(self, slot: SendSlot, sequence: int, epoch: int) -> list[Part]:
@@ -265,7 +265,7 @@ class RamPagesSender:
     def _frames(self, views: list[memoryview]) -> list[Buffer]:
         """The pages of `views` as frames: header, then compressed bytes or RAW views."""
         buffers: list[Buffer] = []
-        for frame in _cut(views, _FRAME_BYTES):
+        for frame in _cut(views, FRAME_BYTES):
             size = sum(view.nbytes for view in frame)
             # Compress a copy: the guest may write a page while the codec reads it
             # twice; the copy keeps every codec's input stable (that page is dirty
@@ -277,9 +277,9 @@ class RamPagesSender:
                 at += view.nbytes
             packed = self.codec.compress(scratch)
             if len(packed) < size:
-                buffers += [codecs.encode_frame_header(len(packed), raw=False), packed]
+                buffers += [encode_frame_header(len(packed), raw=False), packed]
             else:
-                buffers += [codecs.encode_frame_header(size, raw=True), *frame]
+                buffers += [encode_frame_header(size, raw=True), *frame]
         return buffers
 
 
@@ -502,8 +502,8 @@ class RamPagesReceiver:
         self.ctx = ctx
         self.blocks = ctx.ram.blocks
         self.codec = codecs.make_codec(ctx.spec.codec, None)
-        self._frame = bytearray(_FRAME_BYTES) if self.codec.wire_id else bytearray()
-        self._frame_header = memoryview(bytearray(codecs.FRAME_HEADER.size))
+        self._frame = bytearray(FRAME_BYTES) if self.codec.wire_id else bytearray()
+        self._frame_header = memoryview(bytearray(FRAME_HEADER.size))
         self.digests = _digest_map(ctx)
 
     def receive(self, record: packet.Packet) -> Iterator[Sequence[memoryview]]:
@@ -537,10 +537,10 @@ class RamPagesReceiver:
 
     def _frames(self, views: list[memoryview]) -> Iterator[Sequence[memoryview]]:
         """Frame by frame: its header, then its pages (RAW) or its compressed bytes."""
-        for frame in _cut(views, _FRAME_BYTES):
+        for frame in _cut(views, FRAME_BYTES):
             size = sum(view.nbytes for view in frame)
             yield [self._frame_header]
-            length, raw = codecs.decode_frame_header(bytes(self._frame_header), size)
+            length, raw = decode_frame_header(self._frame_header, size)
             if raw:
                 yield frame
                 continue

@@ -57,7 +57,7 @@ from engine.shm import GuestRAM, Populate, RamHandle, Segment, start_resource_tr
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
-from engine.wire import packet
+from engine.wire import frames, packet
 from engine.wire.snapshot_format import PAGE_SUM_SIZE, sum_words
 
 # ---------------------------------------------------------------------------
@@ -754,7 +754,7 @@ class _RecvChannel(_Channel):
             packet_pages=spec.packet_pages,
             block_pages=tuple(block.n_pages for block in self.ctx.ram.blocks),
             codec=codecs.codec_entry(spec.codec).wire_id,
-            codec_bound=codecs.payload_bound,
+            codec_bound=frames.payload_bound,
         )
         self.reader = PacketReader(self.conn, limits, f"multifd channel {spec.channel_id}")
 

@@ -2,17 +2,13 @@
 
 Every channel process builds its own codec object once and reuses it for
 every packet (python-zstandard style).  Compression state never spans packets:
-a compressed RAM_PAGES payload is a sequence of self-contained *frames*, each
-covering at most :data:`FRAME_PAGES` non-zero pages (docs/wire-format.md §2.1)::
+a compressed RAM_PAGES payload is a sequence of self-contained *frames* of at
+most 1 MiB of non-zero pages each, and a codec compresses or decompresses one
+frame's pages.  The frames' layout and their headers are the wire's
+(:mod:`engine.wire.frames`, docs/wire-format.md §2.1).
 
-    frame := length (u32, big-endian; bit 31 = RAW) ‖ bytes
-    RAW frame      : the pages as they are   (length == raw size)
-    compressed     : codec output            (length <  raw size, decodes to exactly it)
-
-A frame that does not shrink is sent RAW — straight from guest memory on the
-source and straight into guest memory on the destination.  Decompression is
-always bounded by the frame's raw size: a frame that claims or produces more
-is a :class:`CompressionError`, never a large allocation.
+Decompression is always bounded by the frame's raw size: a frame that produces
+more (or less) is a :class:`CompressionError`, never a large allocation.
 
 Ids on the wire: none 0, lz4 1, zstd 2, zlib 3.  Add a codec with
 :func:`register_codec`.
@@ -20,17 +16,11 @@ Ids on the wire: none 0, lz4 1, zstd 2, zlib 3.  Add a codec with
 
 from __future__ import annotations
 
-import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
 
 from engine.errors import CompressionError, ConfigError
-
-FRAME_PAGES: Final = 256            # 1 MiB of 4 KiB pages per frame
-RAW_FLAG: Final = 1 << 31
-FRAME_HEADER = struct.Struct(">I")  # length | RAW flag
 
 
 class Codec:
@@ -189,29 +179,3 @@ def codec_entry(name: str) -> CodecEntry:
 def make_codec(name: str, level: int | None = None) -> Codec:
     """A fresh codec object (one per channel).  Raises ConfigError."""
     return codec_entry(name).factory(level)
-
-
-def payload_bound(raw_size: int) -> int:
-    """The largest compressed RAM_PAGES payload for `raw_size` bytes of pages:
-    every frame RAW, plus its 4-byte header."""
-    frame_bytes = FRAME_PAGES * 4096
-    return raw_size + FRAME_HEADER.size * -(-raw_size // frame_bytes)
-
-
-def encode_frame_header(length: int, raw: bool) -> bytes:
-    return FRAME_HEADER.pack(length | (RAW_FLAG if raw else 0))
-
-
-def decode_frame_header(data: bytes, raw_size: int) -> tuple[int, bool]:
-    """(length, is RAW) of a frame that must cover `raw_size` bytes.
-
-    Raises CompressionError unless a RAW frame is exactly `raw_size` bytes and a
-    compressed one is shorter than that.
-    """
-    (word,) = FRAME_HEADER.unpack(data)
-    length, raw = word & ~RAW_FLAG, bool(word & RAW_FLAG)
-    if raw and length != raw_size:
-        raise CompressionError(f"RAW frame of {length} bytes for {raw_size} bytes of pages")
-    if not raw and not 0 < length < raw_size:
-        raise CompressionError(f"compressed frame of {length} bytes for {raw_size} bytes of pages")
-    return length, raw

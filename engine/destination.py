@@ -34,6 +34,7 @@ any channel, fails the migration.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Final, Literal, TypeAlias
 
 from engine import codecs
 from engine.admission import Admission
@@ -114,6 +115,61 @@ DELIVERY_SLOTS = 2
 REFUSALS_LOGGED = 10
 REFUSAL_WINDOW_S = 10.0
 REFUSALS_KEPT = 1000
+
+
+class _Phase(enum.Enum):
+    """How far the source's main-channel messages got (its order: wire-format §3)."""
+
+    PRECOPY = "before SWITCHOVER"
+    SWITCHED_OVER = "after SWITCHOVER"          # the source's guest is paused: the final round
+    RAM_HANDED_OVER = "after RAM_HANDOVER"      # local mode: the source's RAM is mapped here
+    DEVICES_DONE = "after DEVICES_DONE"
+    COMPLETE = "after COMPLETE"                 # the main loop's end: _complete() takes over
+
+
+_MainOrder: TypeAlias = dict[tuple[_Phase, type], _Phase]
+
+# A message the source sends only in some modes, and why it is refused in the others.
+_MODE_ONLY: Final[dict[type, str]] = {
+    wire.LiveRound: "without an iterative device",
+    wire.RamHandover: "without LOCAL",
+    wire.DevicesDone: "without devices",
+}
+
+
+def _main_order(local: bool, devices: bool, live: bool) -> _MainOrder:
+    """Which source message the main channel takes in which phase, and the phase
+    it leads to, for a migration of this mode.  Anything else is the source's
+    fault (RemoteProtocolError), never this side's state table's.
+
+    Precopy: PING, SYNC_MARKER and LIVE_ROUND (iterative devices) until SWITCHOVER;
+    then, in this order: RAM_HANDOVER (local mode), DEVICES_DONE (devices),
+    COMPLETE.  (The final round is not synced: END on every channel is its barrier.)
+    """
+    order: _MainOrder = {(_Phase.PRECOPY, wire.Ping): _Phase.PRECOPY,
+                         (_Phase.PRECOPY, wire.SyncMarker): _Phase.PRECOPY,
+                         (_Phase.PRECOPY, wire.Switchover): _Phase.SWITCHED_OVER}
+    if live:
+        order[_Phase.PRECOPY, wire.LiveRound] = _Phase.PRECOPY
+    phase = _Phase.SWITCHED_OVER
+    for message, after, wanted in ((wire.RamHandover, _Phase.RAM_HANDED_OVER, local),
+                                   (wire.DevicesDone, _Phase.DEVICES_DONE, devices),
+                                   (wire.Complete, _Phase.COMPLETE, True)):
+        if wanted:
+            order[phase, message] = after
+            phase = after
+    return order
+
+
+def _out_of_place(order: _MainOrder, phase: _Phase, message: wire.Message) -> RemoteProtocolError:
+    """The error for `message`, which `order` does not take in `phase`."""
+    kind = type(message)
+    name = wire.message_type(kind).name
+    if kind in _MODE_ONLY and not any(taken is kind for _, taken in order):
+        return RemoteProtocolError(f"{name} {_MODE_ONLY[kind]}")
+    expected = [wire.message_type(taken).name for at, taken in order if at is phase]
+    return RemoteProtocolError(f"{name} {phase.value} is out of place (expected "
+                               f"{' or '.join(expected)})")
 
 
 class DestinationMigration(Migration):
@@ -480,9 +536,10 @@ class DestinationMigration(Migration):
     def _receive(self, t_start: float, t_setup: float) -> MigrationResult:
         receiver = self._receiver
         assert receiver is not None and self._conn is not None and self.tracker is not None
-        t_switchover: float | None = None
+        order = _main_order(self._local, self._loader is not None, self._live_wake is not None)
+        phase = _Phase.PRECOPY
+        t_switchover = 0.0
         devices_done: wire.DevicesDone | None = None
-        handed_over = False
         stall = self.config.stall_timeout_s
         watch = ProgressWatch(stall, time.monotonic())  # the channels' bytes move in their processes
         while True:
@@ -500,13 +557,17 @@ class DestinationMigration(Migration):
                     raise TransportBrokenError(f"nothing came from the source for {stall:.0f} s, "
                                                f"on the main channel or any multifd channel")
                 continue
+            following = order.get((phase, type(message)))
+            if following is None:
+                raise _out_of_place(order, phase, message)
+            phase = following
             if isinstance(message, wire.Ping):
                 self._send_message(wire.Pong(message.token))
             elif isinstance(message, wire.SyncMarker):
                 receiver.sync(message.epoch)
                 self.tracker.round += 1
             elif isinstance(message, wire.LiveRound):
-                self._on_live_round(message, t_switchover is not None)
+                self._on_live_round(message)
             elif isinstance(message, wire.Switchover):
                 t_switchover = time.perf_counter()
                 if not self._local:  # the final round's pages follow (counted as the source does)
@@ -514,35 +575,20 @@ class DestinationMigration(Migration):
                 self._hashed_at_switchover = self._hashing_ns()
                 self._machine.fire(MigrationEvent.SWITCHOVER)
             elif isinstance(message, wire.RamHandover):
-                if t_switchover is None or handed_over or not self._local:
-                    raise RemoteProtocolError("RAM_HANDOVER out of place")
                 self._take_ram(message)
-                handed_over = True
             elif isinstance(message, wire.DevicesDone):
-                if t_switchover is None or devices_done is not None:
-                    raise RemoteProtocolError("DEVICES_DONE out of place")
                 devices_done = message
             elif isinstance(message, wire.Complete):
-                if t_switchover is None:
-                    raise RemoteProtocolError("COMPLETE before SWITCHOVER")
-                if (devices_done is None) != (self._loader is None):
-                    raise RemoteProtocolError("COMPLETE without DEVICES_DONE, or DEVICES_DONE "
-                                              "without devices")
-                if self._local and not handed_over:
-                    raise RemoteProtocolError("COMPLETE in local mode without RAM_HANDOVER")
                 return self._complete(message, t_start, t_setup, t_switchover, devices_done)
-            else:
-                raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source")
 
     # -- iterative devices in precopy (issue 16) ----------------------------
 
-    def _on_live_round(self, message: wire.LiveRound, switched_over: bool) -> None:
+    def _on_live_round(self, message: wire.LiveRound) -> None:
         """LIVE_ROUND, right after its round's SYNC_MARKER (so every chunk it counts
-        was delivered): check it; tell how far the loads are, and answer again
+        was delivered), in precopy with an iterative device (the main channel's
+        order says so): check it; tell how far the loads are, and answer again
         once they catch up."""
-        if switched_over or self._loader is None or self._live_wake is None:
-            raise RemoteProtocolError("LIVE_ROUND " + ("after SWITCHOVER" if switched_over
-                                                       else "without an iterative device"))
+        assert self._loader is not None
         self._loader.check_live_round(message.chunks)
         self._live_due = True
         self._ack_due = self._ack_due or message.ack_wanted
@@ -625,7 +671,7 @@ class DestinationMigration(Migration):
         for consumer in self.payloads:
             consumer.finish()  # every payload is delivered too
         t_ready = time.perf_counter()
-        verify_s, verified = 0.0, 0
+        verify_s, verified = 0.0, wire.Verification.NOT_CHECKED
         if message.digests_follow:
             t_hash = time.perf_counter()
             if self._digests is not None:  # each piece was hashed as it landed
@@ -642,8 +688,9 @@ class DestinationMigration(Migration):
             if self._digests is not None:  # the pieces hashed as they landed after SWITCHOVER
                 verify_s += self._hashing_since(self._hashed_at_switchover)
             if detail:
+                # Before PREPARED: nothing commits, and RESUMED never says "different".
                 raise VerificationError(f"destination memory differs from the source: {detail}")
-            verified = 1
+            verified = wire.Verification.EQUAL
         if self.dump_dir:
             dump_ram(self.ram, os.path.join(self.dump_dir, "dest.ram"))
         # Everything is in place and the guest has not run: the source may commit.
@@ -671,7 +718,7 @@ class DestinationMigration(Migration):
             downtime_ms=downtime_s * 1000,
             rounds=self.tracker.round,
             compression=self.negotiated.codec,
-            verified=True if verified == 1 else None,
+            verified=True if verified is wire.Verification.EQUAL else None,
             verify_time_ms=verify_s * 1000,
             extra={"running": self.running, **({"local": True} if self._local else {}),
                    **verification_extra(message.digests_follow, self._digests is not None)},

@@ -211,7 +211,9 @@ class SourceMigration(SavingOperation, Migration):
             downtime_ms=downtime_ms,
             rounds=self.tracker.round,
             compression=self.config.compression,
-            verified=None if resumed.verified == 0 else resumed.verified == 1,
+            # Committed: the destination's memory matched, or nobody compared it (a
+            # mismatch fails it before PREPARED; its decoder refuses any other value).
+            verified=True if resumed.verified is wire.Verification.EQUAL else None,
             verify_time_ms=max(verify_ms, resumed.verify_us / 1000),
             expected_downtime_ms=expected_downtime_s * 1000,
             dirty_rate_bytes_per_s=self.tracker.dirty_rate,
@@ -526,7 +528,7 @@ class SourceMigration(SavingOperation, Migration):
     def _abort_in_handshake(self, data: bytes) -> None:
         """What came instead of a hello may be the destination's ABORT (it refused
         this source's settings, protection say): raise its error if so."""
-        if not data or data.startswith(packet.HELLO_MAGIC.to_bytes(4, "big")):
+        if not data or packet.looks_like_hello(data):
             return
         self._main.feed(data)
         try:

@@ -115,11 +115,13 @@ class CompleteFlags(enum.IntFlag):
 
 
 class Verification(enum.IntEnum):
-    """RESUMED ``verified``: how the destination's memory compared with the digests."""
+    """RESUMED ``verified``: whether the destination compared its memory with the
+    source's digests.  There is no "different": a destination whose memory differs
+    fails with VerificationError before PREPARED and never commits, so no RESUMED
+    can say so (2, once listed as DIFFERENT, is refused like any unknown value)."""
 
     NOT_CHECKED = 0
     EQUAL = 1
-    DIFFERENT = 2
 
 
 # A plain int: ~ of an IntFlag keeps only the defined bits, which would hide unknown ones.
@@ -350,7 +352,7 @@ class Resumed:
 
     downtime_us: int
     verify_us: int
-    verified: int
+    verified: Verification
     detail: str = ""
     running: bool = True
 
@@ -519,7 +521,7 @@ def _encode_ram_handover(handover: RamHandover) -> bytes:
 
 def _encode_resumed(resumed: Resumed) -> bytes:
     if resumed.verified not in _VERIFICATIONS:
-        raise LocalProtocolError(f"RESUMED verified {resumed.verified} is not 0, 1 or 2")
+        raise LocalProtocolError(f"RESUMED verified {resumed.verified} is not 0 or 1")
     return (_RESUMED.pack(resumed.downtime_us, resumed.verify_us, resumed.verified,
                           int(resumed.running))
             + _string(resumed.detail, _U16))
@@ -553,6 +555,15 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[..., bytes]]]] = {
     DevicesLoaded: (MessageType.DEVICES_LOADED, _encode_devices_loaded),
     RamHandover: (MessageType.RAM_HANDOVER, _encode_ram_handover),
 }
+
+
+def message_type(record: type) -> MessageType:
+    """The type (and name: ``.name``) of a message record class.  Raises
+    LocalProtocolError for a class that is not a message."""
+    try:
+        return _ENCODERS[record][0]
+    except KeyError:
+        raise LocalProtocolError(f"{record.__name__} is not a message") from None
 
 
 def encode_message(message: Message) -> bytes:
@@ -720,7 +731,7 @@ def _decode_ram_handover(body: _Reader) -> RamHandover:
 def _decode_resumed(body: _Reader) -> Resumed:
     downtime_us, verify_us, verified, running = body.unpack(_RESUMED)
     if verified not in _VERIFICATIONS:
-        raise RemoteProtocolError(f"RESUMED verified {verified} is not 0, 1 or 2")
+        raise RemoteProtocolError(f"RESUMED verified {verified} is not 0 (not checked) or 1 (equal)")
     if running not in (0, 1):
         raise RemoteProtocolError(f"RESUMED running {running} is not 0 or 1")
     return Resumed(downtime_us, verify_us, Verification(verified),

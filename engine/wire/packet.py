@@ -19,6 +19,7 @@ by field; the main-channel messages live in :mod:`engine.wire.message`)::
                            SYNC, END  epoch | 0
                        payload, payload_length bytes
                            RAM_PAGES only: the non-zero pages, run after run
+                           (with a codec: as frames, engine/wire/frames.py)
 
 A channel is read with :class:`PacketDecoder`, the sans-IO decoder that keeps the
 channel's state (sequence, epoch, END), in one of two ways:
@@ -30,7 +31,8 @@ channel's state (sequence, epoch, END), in one of two ways:
   each packet with its payload, or :data:`NEED_DATA` (``next_packet``).
 
 :func:`decode_packet_header` and :func:`decode_packet` are its steps, usable alone.
-The run table of a RAM_PAGES header is :mod:`engine.wire.runs`.
+The run table of a RAM_PAGES header is :mod:`engine.wire.runs`; the frames of a
+compressed RAM_PAGES payload are :mod:`engine.wire.frames`.
 
 Every header field is validated against hard caps and the negotiated
 :class:`PacketLimits` before a byte of payload is read.  Bytes from the peer that
@@ -281,6 +283,16 @@ def _hello_ids_problem(role: int, channel_id: int, channel_count: int) -> str | 
     elif channel_id != 0:
         return f"main-channel hello has channel id {channel_id}, not 0"
     return None
+
+
+_HELLO_MAGIC_BYTES: Final = HELLO_MAGIC.to_bytes(4, "big")
+
+
+def looks_like_hello(data: Buffer) -> bool:
+    """Whether `data` (what came where a hello was due) starts as a hello does,
+    with its magic: a peer that answers with something else (an ABORT, say) does
+    not.  A hint for which decoder to try, never a check: :func:`decode_hello` is."""
+    return bytes(data[:len(_HELLO_MAGIC_BYTES)]) == _HELLO_MAGIC_BYTES
 
 
 def decode_hello(data: Buffer, key: bytes, answers: bytes,

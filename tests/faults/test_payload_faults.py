@@ -14,8 +14,8 @@ import pytest
 import zstandard
 
 from engine import DestinationMigration, MigrationConfig, SourceMigration, codecs
-from engine.errors import ConfigError, MigrationError
-from engine.wire import packet
+from engine.errors import CompressionError, ConfigError, MigrationError, RemoteProtocolError
+from engine.wire import frames, packet
 from tests.harness import SECRET, MiB, guest_ram
 from tests.protocol import HandMadeSource
 
@@ -23,11 +23,12 @@ FAST = MigrationConfig(handshake_timeout_s=2.0)
 PAGE = 4096
 
 
-def _frames(*frames: tuple[bytes, bool]) -> bytes:
-    return b"".join(codecs.encode_frame_header(len(data), raw) + data for data, raw in frames)
+def _frames(*parts: tuple[bytes, bool]) -> bytes:
+    return b"".join(frames.encode_frame_header(len(data), raw) + data for data, raw in parts)
 
 
-def _attempt(codec: str, n_pages: int, payload: bytes, wire_codec: int | None = None) -> tuple[str, bytes]:
+def _attempt(codec: str, n_pages: int, payload: bytes,
+             wire_codec: int | None = None) -> tuple[MigrationError, bytes]:
     """Send one RAM_PAGES packet of `n_pages` pages at page 0; the destination's error
     and its memory's first pages afterwards."""
     with guest_ram(4 * MiB, fill="zero") as dst:
@@ -44,13 +45,15 @@ def _attempt(codec: str, n_pages: int, payload: bytes, wire_codec: int | None = 
                 destination.wait(10)
         finally:
             source.close()
-        return str(failure.value), bytes(dst.blocks[0].pages[: n_pages * PAGE])
+        return failure.value, bytes(dst.blocks[0].pages[: n_pages * PAGE])
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd", "zlib"])
 def test_corrupted_frame(codec: str) -> None:
-    error, memory = _attempt(codec, 4, _frames((os.urandom(900), False)))
+    failure, memory = _attempt(codec, 4, _frames((os.urandom(900), False)))
+    error = str(failure)
     assert f"{codec}:" in error and ("corrupt" in error or "declares" in error)
+    assert type(failure) is CompressionError  # what the codec library said of the bytes
     assert memory == bytes(len(memory))  # nothing was written
 
 
@@ -61,14 +64,22 @@ def test_corrupted_frame(codec: str) -> None:
 ], ids=["lz4", "zstd", "zlib"])
 def test_frame_that_decompresses_too_large(codec: str, packed: bytes) -> None:
     # Eight pages of data in a frame for four pages: it must not fit anywhere.
-    error, memory = _attempt(codec, 4, _frames((packed, False)))
-    assert f"{codec}:" in error
+    failure, memory = _attempt(codec, 4, _frames((packed, False)))
+    assert f"{codec}:" in str(failure) and type(failure) is CompressionError
     assert memory == bytes(len(memory))
 
 
 def test_raw_frame_of_the_wrong_size() -> None:
-    error, _ = _attempt("lz4", 4, _frames((b"y" * 3 * PAGE, True)))
-    assert "RAW frame of 12288 bytes for 16384 bytes of pages" in error
+    failure, _ = _attempt("lz4", 4, _frames((b"y" * 3 * PAGE, True)))
+    assert "RAW frame of 12288 bytes for 16384 bytes of pages" in str(failure)
+    assert type(failure) is RemoteProtocolError  # the peer's frame header, not the codec
+
+
+def test_compressed_frame_not_shorter_than_its_pages() -> None:
+    failure, memory = _attempt("lz4", 1, frames.FRAME_HEADER.pack(PAGE) + b"q" * PAGE)
+    assert "compressed frame of 4096 bytes for 4096 bytes of pages" in str(failure)
+    assert type(failure) is RemoteProtocolError
+    assert memory == bytes(PAGE)
 
 
 def test_frames_overrunning_the_payload_length() -> None:
@@ -91,8 +102,8 @@ def test_frames_overrunning_the_payload_length() -> None:
 
 def test_codec_other_than_negotiated() -> None:
     packed = zstandard.ZstdCompressor(write_content_size=True).compress(b"a" * 4 * PAGE)
-    error, _ = _attempt("lz4", 4, _frames((packed, False)), wire_codec=2)
-    assert "codec 2 was not negotiated" in error
+    failure, _ = _attempt("lz4", 4, _frames((packed, False)), wire_codec=2)
+    assert "codec 2 was not negotiated" in str(failure)
 
 
 def test_destination_that_does_not_accept_the_codec_refuses_before_any_page() -> None:

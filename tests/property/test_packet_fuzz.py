@@ -5,7 +5,9 @@ Every decoder is fed both whole and one byte at a time, and the two feedings mus
 agree.  The packet decoder is also driven the way channel processes drive it
 (:class:`engine.channel.PacketReader`): header bytes fed as many as it wants
 (``want``), each payload claimed with ``payload_into`` for views that are then
-filled from the stream; that must agree too.  Every record a decoder answers is
+filled from the stream; that must agree too.  A compressed RAM_PAGES payload is
+also read frame by frame as a destination does, its frame headers decoded by
+engine.wire.frames, with random and nearly valid frame headers in it.  Every record a decoder answers is
 checked against the rules of docs/wire-format.md by an oracle written here, and must re-encode to exactly the
 bytes it was decoded from.
 """
@@ -23,6 +25,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import HandshakeError, RemoteProtocolError
+from engine.wire.frames import (
+    FRAME_BYTES,
+    FRAME_HEADER,
+    FRAME_PAGES,
+    RAW_FLAG,
+    decode_frame_header,
+    payload_bound,
+)
 from engine.wire.message import (
     Abort,
     BlockSpec,
@@ -47,6 +57,7 @@ from engine.wire.message import (
     Resumed,
     Switchover,
     SyncMarker,
+    Verification,
     encode_message,
 )
 from engine.wire.packet import (
@@ -54,6 +65,7 @@ from engine.wire.packet import (
     HELLO_SIZE,
     MAX_DEVICE_CHUNK,
     NEED_DATA,
+    PACKET_HEADER_SIZE,
     PAGE_SIZE,
     DeviceChunkHeader,
     EndPacket,
@@ -405,6 +417,130 @@ def test_split_packet_decoders_random_bytes(rest: bytes, body: bytes, in_sequenc
     assert wire == b"MFDP" + rest + body + payload
 
 
+# ── frames of a compressed RAM_PAGES payload ──────────────────────────────────
+
+FRAME_LIMITS = PacketLimits(PAGE_SIZE, packet_pages=2 * FRAME_PAGES + 8, block_pages=(1024,), codec=9,
+                            codec_bound=payload_bound)
+FRAMED_PAGES = st.sampled_from([1, 3, FRAME_PAGES, FRAME_PAGES + 1, 2 * FRAME_PAGES + 5])
+
+
+def frame_sizes(raw_size: int) -> list[int]:
+    """The raw size of each frame of ``raw_size`` bytes of pages (wire-format §2.1)."""
+    return [min(FRAME_BYTES, raw_size - at) for at in range(0, raw_size, FRAME_BYTES)]
+
+
+@st.composite
+def framed_streams(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A channel of one compressed RAM_PAGES packet and END; the packet's payload is
+    a frame per frame size, each with a valid header (RAW, or compressed), a nearly
+    valid one, or a random word, then as many bytes as its header says (within
+    reason); ``payload_length`` is their total, or a few bytes off.  Also answers
+    the packet's non-zero pages."""
+    n_pages = draw(FRAMED_PAGES)
+    parts = []
+    for size in frame_sizes(n_pages * PAGE_SIZE):
+        how = draw(st.sampled_from(["raw", "compressed", "near", "random"]))
+        if how == "raw":
+            word = size | RAW_FLAG
+        elif how == "compressed":
+            word = draw(st.integers(1, min(size - 1, 200)))
+        elif how == "near":
+            word = draw(st.sampled_from([size - 1, size, size + 1, 0, 1, FRAME_BYTES])) | draw(
+                st.sampled_from([0, RAW_FLAG]))
+        else:
+            word = draw(U32)
+        body = bytes([draw(st.integers(0, 255))]) * min(word & ~RAW_FLAG, size + 8)
+        parts.append(FRAME_HEADER.pack(word) + body)
+    payload = b"".join(parts)
+    length = max(len(payload) + draw(st.sampled_from([0, 0, 0, -1, 1, -4, 4])), 1)
+    payload = payload[:length].ljust(length, b"\xee")
+    return (encode_ram_pages(0, 0, FRAME_LIMITS.codec, 1, [(0, n_pages, False)], length) + payload
+            + encode_end(1, 0)), n_pages
+
+
+def expected_frames(data: bytes, n_pages: int) -> tuple[list[tuple[bool, bytes]], str]:
+    """The oracle, from wire-format §2.1 alone: the frames of the stream's packet
+    (RAW?, bytes) and "need-data" (it ended after END), or "error"."""
+    header_size = PACKET_HEADER_SIZE + 12 + 8
+    payload_length = int.from_bytes(data[8:12], "big")
+    raw_size = n_pages * PAGE_SIZE
+    if payload_length > raw_size + 4 * len(frame_sizes(raw_size)):
+        return [], "error"  # over the codec's bound: refused with the headers
+    payload = data[header_size:header_size + payload_length]
+    found, at = [], 0
+    for size in frame_sizes(raw_size):
+        if at + 4 > len(payload):
+            return [], "error"
+        word = int.from_bytes(payload[at:at + 4], "big")
+        length, raw = word & 0x7FFF_FFFF, bool(word >> 31)
+        if (length != size) if raw else not 0 < length < size:
+            return [], "error"
+        if at + 4 + length > len(payload):
+            return [], "error"
+        found.append((raw, payload[at + 4:at + 4 + length]))
+        at += 4 + length
+    return (found, "need-data") if at == len(payload) else ([], "error")
+
+
+def read_frames(data: bytes, feed: Sequence[int]) -> tuple[list[tuple[bool, bytes]], str]:
+    """Read the stream as a destination channel does (engine.channel.PacketReader
+    driving clients.ram_payload.RamPagesReceiver): headers fed as the decoder wants
+    (plus ``feed`` extra bytes in a cycle), then, frame by frame, the frame header
+    claimed and read, decoded against the frame's raw size, and the frame's bytes
+    claimed and read; then the payload done.  Answers the frames and how it ended."""
+    decoder = PacketDecoder(FRAME_LIMITS)
+    extra = itertools.cycle(feed)
+    found: list[tuple[bool, bytes]] = []
+    at = 0
+
+    def fill(views: list[memoryview]) -> None:
+        nonlocal at
+        for view in decoder.payload_into(views):
+            chunk = data[at:at + view.nbytes]
+            if len(chunk) < view.nbytes:
+                raise _StreamEnded
+            view[:] = chunk
+            at += view.nbytes
+
+    try:
+        while True:
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                piece = data[at:at + decoder.want + next(extra)]
+                at += len(piece)
+                if not piece:
+                    return found, "need-data"
+                decoder.receive_data(piece)
+                continue
+            assert isinstance(event, PacketStart)
+            record = event.packet
+            if isinstance(record, EndPacket):
+                continue
+            assert isinstance(record, RamPagesHeader) and record.codec == FRAME_LIMITS.codec
+            for size in frame_sizes(record.normal_pages * PAGE_SIZE):
+                header = bytearray(FRAME_HEADER.size)
+                fill([memoryview(header)])
+                length, raw = decode_frame_header(header, size)
+                frame = bytearray(size if raw else length)
+                fill([memoryview(frame)])
+                found.append((raw, bytes(frame)))
+            decoder.payload_done()
+    except _StreamEnded:
+        return [], "error"
+    except RemoteProtocolError:  # the only error a peer's bytes may cause
+        return [], "error"
+
+
+@FAST
+@given(framed_streams(), st.lists(st.integers(0, 9), min_size=1, max_size=3))
+def test_random_frame_headers_in_a_compressed_payload(stream: tuple[bytes, int], feed: list[int]) -> None:
+    """Frames that obey §2.1 are read as sent; anything else (a RAW frame not of its
+    raw size, a compressed one not shorter, frames past payload_length or short of
+    it) is a RemoteProtocolError, never another error or a large allocation."""
+    data, n_pages = stream
+    assert read_frames(data, feed) == expected_frames(data, n_pages)
+
+
 # ── hello ─────────────────────────────────────────────────────────────────────
 
 SECRET = b"fuzz secret"
@@ -502,7 +638,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(DevicesDone, st.lists(st.builds(DeviceDone, st.integers(1, 0xFFFF_FFFF), U64,
                                               st.binary(min_size=32, max_size=32)),
                                     max_size=3).map(tuple)),
-    st.builds(Resumed, U64, U64, st.integers(0, 2), TEXT, st.booleans()),
+    st.builds(Resumed, U64, U64, st.sampled_from(Verification), TEXT, st.booleans()),
     st.builds(Abort, st.integers(1, 2), TEXT,
               st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=1,
                       max_size=40)),

@@ -81,6 +81,7 @@ from engine.wire.packet import (
     encode_hello,
     encode_ram_pages,
     encode_sync,
+    looks_like_hello,
     session_key,
 )
 from engine.wire.runs import run_columns
@@ -244,6 +245,13 @@ CHANNEL_CHECK = (SESSION, CHANNEL_CHALLENGE, (CHANNEL,))
 def test_hello_refused(wire: bytes, check: tuple, match: str) -> None:
     with pytest.raises(HandshakeError, match=match):
         decode_hello(wire, *check)
+
+
+def test_looks_like_hello() -> None:
+    """What a source reads where the reply hello was due: a hello, or (an ABORT, say) not."""
+    assert looks_like_hello(MAIN_HELLO) and looks_like_hello(memoryview(MAIN_HELLO)[:4])
+    assert not looks_like_hello(encode_message(Abort(AbortCode.FAILED, "no")))
+    assert not looks_like_hello(b"MFD") and not looks_like_hello(b"")
 
 
 def test_hello_wrong_secret() -> None:
@@ -860,8 +868,8 @@ MESSAGE_VECTORS = [
     pytest.param(Resumed(1500, 250000, Verification.EQUAL, ""),
                  "0007" "0000" "00000014" "00000000000005dc" "000000000003d090" "01" "01" "0000",
                  id="resumed"),
-    pytest.param(Resumed(7, 0, 2, "ré", running=False),
-                 "0007" "0000" "00000017" "0000000000000007" "0000000000000000" "02" "00"
+    pytest.param(Resumed(7, 0, Verification.NOT_CHECKED, "ré", running=False),
+                 "0007" "0000" "00000017" "0000000000000007" "0000000000000000" "00" "00"
                  "0003" "72c3a9", id="resumed-detail-not-running"),
     pytest.param(Abort(AbortCode.FAILED, "disk full"),
                  "0008" "0000" "0000001c" "0002" "0e" "4d6967726174696f6e4572726f72"
@@ -982,6 +990,9 @@ def test_config_body_helper_matches_golden() -> None:
         pytest.param(message(7, h("00" * 16 + "01" "02" "0000")), "RESUMED running 2",
                      id="resumed-running-2"),
         pytest.param(message(7, bytes(16) + h("03" "01" "0000")), "verified 3", id="verified"),
+        # 2 was "different", never sent: a destination whose memory differs aborts
+        # before PREPARED, so a committed migration is never reported unverified.
+        pytest.param(message(7, bytes(16) + h("02" "01" "0000")), "verified 2", id="verified-2"),
         pytest.param(message(6, h("00000001" "00000002")), "unknown COMPLETE flags",
                      id="complete-flags"),
         pytest.param(message(6, h("00000001" "00000000" "00")), "COMPLETE body_length 9",
@@ -1124,6 +1135,7 @@ def _config(**changes: object) -> Config:
         pytest.param(Digests(4096, b""), id="digests-none"),
         pytest.param(Digests(4096, bytes(31)), id="digests-digest-size"),
         pytest.param(Resumed(0, 0, 3), id="resumed-verified"),
+        pytest.param(Resumed(0, 0, 2), id="resumed-verified-2"),
         pytest.param(Resumed(-1, 0, 0), id="resumed-downtime"),
         pytest.param(Abort(0, "x"), id="abort-code"),
         pytest.param(Ping(1 << 64), id="ping"),
