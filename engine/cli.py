@@ -46,6 +46,7 @@ from engine.operation import Operation
 from engine.pool import stop_fork_servers
 from engine.stats import MigrationResult
 from engine.sync import MigrationState, wait_readable
+from engine.units import size_text
 from engine.verify import check_dump_dir
 from engine.wire.packet import MAX_CHANNELS
 
@@ -79,14 +80,6 @@ def parse_size(text: str) -> int:
 
 def parse_rate(text: str) -> float:
     return float(parse_size(text))
-
-
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
-        if abs(n) < 1024 or prefix == "Ti":
-            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} {unit}"
 
 
 MAX_SECRET_FILE = 4096  # bytes a secret file may hold
@@ -366,7 +359,7 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
     moved = "written" if to_file else "read" if from_file else "sent"
     lines = [
         f"status           {result.status} ({result.role})",
-        f"guest RAM        {_human(result.ram_bytes)} over {result.channels} channel(s)",
+        f"guest RAM        {size_text(result.ram_bytes)} over {result.channels} channel(s)",
         f"total time       {result.total_time_s:.3f} s (setup {result.setup_time_ms:.1f} ms)",
     ]
     if not from_file:
@@ -381,16 +374,17 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
         + f" (+{result.zero_pages} zero pages, "
         + ("not written)" if to_file else "not stored)" if from_file else "no payload)"),
         f"{'bytes ' + moved if to_file or from_file else 'bytes on wire':<16} "
-        f"{_human(result.bytes_on_wire)} for {_human(result.guest_bytes)} of guest memory",
+        f"{size_text(result.bytes_on_wire)} for {size_text(result.guest_bytes)} of guest memory",
     ]
     if result.extra.get("local"):
         lines.append("local mode       the guest's RAM was handed over on this host: no page copied")
     if not (to_file or from_file):
         lines.append(f"compression      {result.compression}"
-                     + (f", {_human(result.payload_bytes)} of payload, ratio {result.compression_ratio:.2f}"
+                     + (f", {size_text(result.payload_bytes)} of payload, "
+                        f"ratio {result.compression_ratio:.2f}"
                         if result.compression != "none" else ""))
-    lines.append(f"throughput       {_human(result.guest_throughput_bytes_per_s)}/s of guest memory"
-                 + (f", {_human(result.throughput_bytes_per_s)}/s on the wire"
+    lines.append(f"throughput       {size_text(result.guest_throughput_bytes_per_s)}/s of guest memory"
+                 + (f", {size_text(result.throughput_bytes_per_s)}/s on the wire"
                     if not (to_file or from_file) else ""))
     if not (to_file or from_file):
         lines.append(f"memory verified  {verified}"
@@ -401,9 +395,9 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
                          f"while both sides hash)") if result.verified else ""))
     for device in result.extra.get("devices", []):
         checked = {True: "verified", False: "DIFFERS", None: ""}[device["verified"]]
-        line = (f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
+        line = (f"device {device['idstr']}/{device['instance_id']:<6} {size_text(device['bytes'])} in "
                 f"{device['chunks']} chunks"
-                + (f", {_human(device['live_bytes'])} of them in precopy"
+                + (f", {size_text(device['live_bytes'])} of them in precopy"
                    if device.get("live_bytes") else ""))
         # Each side knows its own part: the source what it saved, the destination what it loaded.
         if device["save_ms"] is not None:
@@ -439,8 +433,8 @@ class _Progress:
         line.add_row(
             f"[bold]{stats.state:<10}[/]",
             ProgressBar(total=max(stats.ram_bytes, 1), completed=done, width=16),
-            f"round {stats.round} · {_human(stats.bytes_on_wire)} · "
-            f"{_human(stats.throughput_bytes_per_s)}/s · left {_human(stats.remaining_bytes)} · "
+            f"round {stats.round} · {size_text(stats.bytes_on_wire)} · "
+            f"{size_text(stats.throughput_bytes_per_s)}/s · left {size_text(stats.remaining_bytes)} · "
             f"~{stats.expected_downtime_ms:.0f} ms",
         )
         self._live.update(line)
@@ -908,7 +902,7 @@ def cmd_partial_files(args: argparse.Namespace) -> int:
     for p in found:
         state = ("removed" if p.path in removed else "stale: its save died (--clean removes it)"
                  if p.stale else "a save in progress")
-        lines.append(f"{os.path.basename(p.path)}  {_human(p.size)}  for {os.path.basename(p.target)}, "
+        lines.append(f"{os.path.basename(p.path)}  {size_text(p.size)}  for {os.path.basename(p.target)}, "
                      f"process {p.pid}: {state}")
     print("\n".join(lines))
     return 0
@@ -934,17 +928,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return damaged
     saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["saved_at_ns"] / 1e9))
     lines = [
-        f"snapshot         {summary['path']} ({_human(summary['file_size'])})",
+        f"snapshot         {summary['path']} ({size_text(summary['file_size'])})",
         f"format           version {summary['format_version']}, id {summary['snapshot_id']}",
         f"saved            {saved}, {'live' if summary['live'] else 'stopped'}, "
         f"page size {summary['page_size']}",
-        f"guest RAM        {_human(summary['ram_bytes'])} in {len(summary['blocks'])} block(s)",
+        f"guest RAM        {size_text(summary['ram_bytes'])} in {len(summary['blocks'])} block(s)",
     ]
     for block in summary["blocks"]:
-        lines.append(f"block {block['name']:<10} {_human(block['size'])}: {block['present_pages']} of "
+        lines.append(f"block {block['name']:<10} {size_text(block['size'])}: {block['present_pages']} of "
                      f"{block['pages']} pages present (the rest zero), pages at {block['pages_offset']}")
     for device in summary["devices"]:
-        lines.append(f"device {device['idstr']}/{device['instance_id']:<6} {_human(device['bytes'])} in "
+        lines.append(f"device {device['idstr']}/{device['instance_id']:<6} {size_text(device['bytes'])} in "
                      f"{device['chunks']} chunks, sha256 {device['sha256'][:16]}…")
     if not summary["devices"]:
         lines.append("devices          none")

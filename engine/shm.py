@@ -67,6 +67,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from engine.errors import ConfigError, LocalProtocolError
+from engine.units import size_text, sizes_text
 
 log = logging.getLogger("multifd.shm")
 
@@ -191,19 +192,6 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _size_text(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def _need_and_room(need: int, room: int) -> tuple[str, str]:
-    """Both sizes as text, in bytes where one decimal would show them equal."""
-    texts = _size_text(need), _size_text(room)
-    return texts if texts[0] != texts[1] else (f"{need} bytes", f"{room} bytes")
-
-
 def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
@@ -274,9 +262,9 @@ def _shm_free() -> int | None:
 
 def _no_space(what: str, need: int) -> ConfigError:
     free = _shm_free()
-    need_text, have = _size_text(need), f"{SHM_DIR} is full"
+    need_text, have = size_text(need), f"{SHM_DIR} is full"
     if free is not None:
-        need_text, free_text = _need_and_room(need, free)
+        need_text, free_text = sizes_text(need, free)
         have = f"{SHM_DIR} has {free_text} free"
     return ConfigError(f"not enough shared memory for {what}: need {need_text}, {have}")
 
@@ -290,10 +278,10 @@ def check_space(need: int, what: str) -> None:
         raise _no_space(what, need)
     room = _cgroup_memory_room()
     if room is not None and need + CGROUP_HEADROOM > room[0]:
-        need_text, room_text = _need_and_room(need + CGROUP_HEADROOM, room[0])
-        raise ConfigError(f"not enough memory for {what}: need {need_text} ({_size_text(need)} and "
-                          f"{_size_text(CGROUP_HEADROOM)} for the engine's processes), the memory "
-                          f"cgroup's limit of {_size_text(room[1])} leaves {room_text}")
+        need_text, room_text = sizes_text(need + CGROUP_HEADROOM, room[0])
+        raise ConfigError(f"not enough memory for {what}: need {need_text} ({size_text(need)} and "
+                          f"{size_text(CGROUP_HEADROOM)} for the engine's processes), the memory "
+                          f"cgroup's limit of {size_text(room[1])} leaves {room_text}")
 
 
 class Segment:
@@ -360,7 +348,7 @@ class Segment:
             _unregister(path)
             if not isinstance(exc, OSError):
                 raise
-            need = _size_text(_round_up(size, PAGE_SIZE))
+            need = size_text(_round_up(size, PAGE_SIZE))
             if exc.errno == errno.ENOSPC:  # another process took the space since the check
                 raise _no_space(what, _round_up(size, PAGE_SIZE)) from exc
             if exc.errno == errno.ENOMEM:  # the memory cgroup could not charge the pages

@@ -44,6 +44,7 @@ from typing import Literal
 from engine.errors import SnapshotError
 from engine.scatter import Buffer, advance, batch, flat_views
 from engine.transport import register_file_transport
+from engine.units import size_text
 
 log = logging.getLogger("multifd.file")
 
@@ -308,9 +309,8 @@ def _clean_partials(target: str) -> None:
         except SnapshotError as exc:
             log.warning("%s", exc)
             continue
-        size = f"{partial.size / (1 << 20):.1f} MiB" if partial.size >= 1 << 20 else f"{partial.size} bytes"
         log.warning("removed %s (%s), left by a save to %s that died (process %d)",
-                    partial.path, size, target, partial.pid)
+                    partial.path, size_text(partial.size), target, partial.pid)
 
 
 def _not_a_file(mode: int) -> str:

@@ -98,7 +98,7 @@ def test_an_unlocked_partial_file_is_stale_whoever_has_its_pid_now(tmp_path: Pat
     assert stale == {old.name: True, new.name: False, huge.name: True, zero.name: True}
     again = run("save", "--ram", "4M", str(tmp_path / "vm.snap"))
     assert again.returncode == 0, again.stderr
-    assert f"removed {old} (4096 bytes), left by a save to" in again.stderr  # not "(0.0 MiB)"
+    assert f"removed {old} (4.0 KiB), left by a save to" in again.stderr  # not "(0.0 MiB)"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, "vm.snap"])
 
 

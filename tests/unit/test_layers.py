@@ -5,7 +5,7 @@ function, and every module named in a string, as for ``importlib.import_module``
 so a contract holds for code that runs late too; imports under ``if
 TYPE_CHECKING:`` are left out, as they never run.  Bottom to top:
 
-    base        engine.errors, engine.scatter          standard library only
+    base        engine.errors, scatter, units          standard library only
     wire        engine.wire.*                          + engine.errors, numpy, xxhash and
                                                        cryptography (bitmaps, page checksums,
                                                        record tags)
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "clients", "transports")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("engine.errors", "engine.scatter")),
+    ("base", ("engine.errors", "engine.scatter", "engine.units")),
     ("wire", ("engine.wire",)),
     ("io", ("engine.sync", "engine.shm", "engine.codecs", "engine.config", "engine.transport", "engine.link",
             "engine.pool")),
@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 # What a plug-in package may import from the engine.
-TRANSPORT_INTERFACE = ("engine.errors", "engine.scatter", "engine.sync", "engine.transport")
+TRANSPORT_INTERFACE = ("engine.errors", "engine.scatter", "engine.sync", "engine.transport", "engine.units")
 OPERATIONS = dict(LAYERS)["operations"] + dict(LAYERS)["app"]
 
 
