@@ -156,8 +156,6 @@ _EPOCH = struct.Struct(">II")
 # encode_ram_pages packs its fixed fields in one call: it runs once per packet.
 _RAM_PAGES_PREFIX = struct.Struct(_PACKET_HEADER.format + _RAM_PAGES.format[1:])
 
-#: Where a RAM_PAGES header's run table starts (after its fixed fields).
-RAM_PAGES_RUNS_AT: Final = _RAM_PAGES.size
 _RAM_PAGES_MIN_HEADER: Final = _RAM_PAGES.size + RUN_SIZE
 _RAM_PAGES_MAX_HEADER: Final = _RAM_PAGES.size + RUN_SIZE * MAX_PACKET_PAGES
 _ROLES: Final = {role.value: role for role in HelloRole}
