@@ -92,17 +92,27 @@ class FailureLatch:
     def __init__(self) -> None:
         self._signal = Signal()
         self._on_fail: list[Callable[[], None]] = []
+        # Orders a registration against the failing call's snapshot of the kicks, so
+        # that every kick runs exactly once, whichever comes first.
+        self._kicks_lock = threading.Lock()
 
     def on_fail(self, kick: Callable[[], None]) -> None:
-        """Call `kick` (quick, non-blocking) once the latch fails: it wakes waits
-        that cannot select on the latch, such as a blocking socket read."""
-        self._on_fail.append(kick)
+        """Call `kick` (quick, non-blocking) once the latch fails — now, in this
+        thread, if it already has: it wakes waits that cannot select on the latch,
+        such as a blocking socket read."""
+        with self._kicks_lock:
+            if not self._signal.is_set():
+                self._on_fail.append(kick)
+                return
+        kick()
 
     def fail(self, error: BaseException) -> bool:
         """Record `error` unless an error is already recorded.  True if it was first."""
         if not self._signal.set(error):
             return False
-        for kick in self._on_fail:
+        with self._kicks_lock:  # a kick registered from now on runs in on_fail
+            kicks = list(self._on_fail)
+        for kick in kicks:
             kick()
         return True
 

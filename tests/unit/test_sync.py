@@ -16,7 +16,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.errors import CancelledError, ConfigError, LocalProtocolError, MigrationError
+from engine.errors import (
+    CancelledError,
+    ConfigError,
+    LocalProtocolError,
+    MigrationError,
+    TransportBrokenError,
+)
+from engine.payload import SwitchoverSaves
+from engine.pool import WorkerPool
 from engine.sync import (
     CHANNEL_TRANSITIONS,
     MIGRATION_TRANSITIONS,
@@ -121,6 +129,59 @@ def test_on_fail_callbacks_run_once_after_the_error_is_recorded(latch: FailureLa
     latch.fail(MigrationError("again"))
     latch.cancel()
     assert seen == [("a", error, True), ("b", error, True)]
+
+
+def test_a_kick_registered_after_the_failure_runs_at_once(latch: FailureLatch) -> None:
+    error = MigrationError("boom")
+    latch.fail(error)
+    seen: list[BaseException | None] = []
+    latch.on_fail(lambda: seen.append(latch.error))
+    assert seen == [error]  # now, not never: a wait it was to wake must not block
+    latch.fail(MigrationError("again"))
+    assert seen == [error]  # and once
+
+
+def test_a_kick_registered_while_failing_runs_exactly_once() -> None:
+    def register(latch: FailureLatch, calls: list[int], i: int) -> None:
+        latch.on_fail(lambda: calls.append(i))
+
+    for _ in range(100):
+        latch = FailureLatch()
+        calls: list[int] = []
+        threads = [threading.Thread(target=register, args=(latch, calls, i)) for i in range(8)]
+        for thread in threads[:4]:
+            thread.start()
+        latch.fail(MigrationError("x"))
+        for thread in threads[4:]:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(calls) == list(range(8))  # none lost, none run twice
+        latch.close()
+
+
+def test_switchover_saves_made_after_the_failure_do_not_wait_out_their_savers(
+        latch: FailureLatch) -> None:
+    """SwitchoverSaves is built during the switchover, maybe after the return path
+    failed the latch: its wait() relies on the late on_fail kick to end."""
+    release = threading.Event()
+
+    class BusySaver:
+        kind = 200
+
+        def save(self, send: object) -> None:
+            release.wait(30)  # in the VMM's own code, not calling send()
+
+    latch.fail(TransportBrokenError("the destination went away"))
+    with WorkerPool("thread", 1) as pool:
+        saves = SwitchoverSaves([BusySaver()], core=None, first_client=0, pool=pool, latch=latch)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransportBrokenError):
+                saves.wait()
+            assert time.monotonic() - started < 5
+        finally:
+            release.set()
 
 
 def test_raise_if_failed_keeps_a_migration_error_as_is(latch: FailureLatch) -> None:
