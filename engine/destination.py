@@ -207,15 +207,19 @@ class DestinationMigration(Migration):
         self._loader: DeviceLoading | None = None
         self.accept_local = accept_local
         self._on_ram = on_ram
-        self._listener = listen(address)
-        self.address = self._listener.address
-        # Connections are challenged and read concurrently: a stranger stalls nobody.
-        self._admission = Admission(self._listener, self.config.handshake_timeout_s, self.latch,
-                                    self._refuse)
-        # Released by teardown, also a cancel's before the destination ran.
-        self._defer("stop listening", self._listener.close)
-        self._defer("log the refusals only counted", self._log_quiet_refusals)  # after the close below
-        self._defer("close connections not admitted", self._admission.close)
+        try:  # a listen that fails (address in use) must not leak what the operation holds
+            self._listener = listen(address)
+            # Released by teardown, also a cancel's before the destination ran.
+            self._defer("stop listening", self._listener.close)
+            self.address = self._listener.address
+            # Connections are challenged and read concurrently: a stranger stalls nobody.
+            self._admission = Admission(self._listener, self.config.handshake_timeout_s, self.latch,
+                                        self._refuse)
+            self._defer("log the refusals only counted", self._log_quiet_refusals)  # after the close below
+            self._defer("close connections not admitted", self._admission.close)
+        except BaseException:
+            self._abandon()
+            raise
         self.negotiated: wire.Config | None = None
         self.refused: list[str] = []   # why each refused connection was refused (the first REFUSALS_KEPT)
         self._refusals_window = (-REFUSAL_WINDOW_S, 0, 0)  # (start, logged, not logged) of the window

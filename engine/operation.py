@@ -199,6 +199,13 @@ class Operation:
             self.tracker.stop()
         self._over = True
 
+    def _abandon(self) -> None:
+        """For a subclass's constructor that fails after this one ran: the object is
+        never returned, so nobody can close() it; release what it holds now (the
+        latch's pipe, whatever set-up already deferred)."""
+        self._teardown()
+        self._end()
+
     def _fail(self) -> BaseException:
         """Recover, tear down, settle the state; return the error to report."""
         first = self.latch.error

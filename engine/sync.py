@@ -26,6 +26,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from enum import Enum, StrEnum, auto
 from typing import Any, Protocol, TypeVar
@@ -38,6 +39,10 @@ class Signal:
 
     def __init__(self) -> None:
         self._read_fd, self._write_fd = os.pipe()
+        # Raw descriptors, which the garbage collector would never close: one dropped
+        # without close() (a half-built operation nobody can reach) closes them then.
+        self._release = weakref.finalize(self, _close_pipe, self._read_fd, self._write_fd)
+        self._release.atexit = False
         os.set_blocking(self._write_fd, False)
         self._value: object = None
         self._set = False
@@ -79,11 +84,13 @@ class Signal:
 
     def close(self) -> None:
         with self._lock:
-            if self._read_fd < 0:
-                return
-            os.close(self._read_fd)
-            os.close(self._write_fd)
             self._read_fd = self._write_fd = -1
+            self._release()  # closes them the first time only
+
+
+def _close_pipe(read_fd: int, write_fd: int) -> None:
+    os.close(read_fd)
+    os.close(write_fd)
 
 
 class FailureLatch:

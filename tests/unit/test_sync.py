@@ -233,6 +233,27 @@ def test_close_releases_both_fds() -> None:
     assert set(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_signal_dropped_without_close_releases_its_pipe() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    signal = Signal()
+    assert len(set(os.listdir("/proc/self/fd")) - before) == 2
+    del signal  # nobody closed it (a half-built operation): its finaliser does
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_closed_signal_is_not_closed_again_when_dropped() -> None:
+    signal = Signal()
+    signal.close()
+    reused = os.pipe()  # likely the very numbers the signal had
+    try:
+        del signal
+        os.fstat(reused[0])
+        os.fstat(reused[1])  # still open: nothing closed them by their old owner's numbers
+    finally:
+        os.close(reused[0])
+        os.close(reused[1])
+
+
 # ---------------------------------------------------------------------------
 # Signal and wait_any
 
