@@ -9,9 +9,13 @@ The state machines are tables (h2 style): ``{(state, event): next_state}``.
 Anything not in a table is a :class:`LocalProtocolError` — a bug, never
 silently tolerated.
 
-Every wait on descriptors in the engine goes through :func:`wait_readable`
-(poll, not select: select fails for descriptors above 1023, and a VMM may hold
-thousands).
+The engine waits on its descriptors together with the latch through
+:func:`wait_readable` / :func:`wait_writable` (poll, not select: select fails for
+descriptors above 1023, and a VMM may hold thousands); a blocking read of one
+socket is woken by an :meth:`FailureLatch.on_fail` kick instead.  The worker pool,
+which knows nothing of the latch, polls its own descriptors.  Every ``poll()``
+call, the pool's too, takes its timeout through :func:`engine.poll.poll_events`,
+so no timeout, however long, overflows poll()'s milliseconds.
 
 Destination barrier, per channel (docs/architecture.md, "The multifd core")::
 
@@ -21,17 +25,16 @@ Destination barrier, per channel (docs/architecture.md, "The multifd core")::
 
 from __future__ import annotations
 
-import math
 import os
 import select
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable
 from enum import Enum, StrEnum, auto
 from typing import Any, Protocol, TypeVar
 
 from engine.errors import CancelledError, LocalProtocolError, MigrationError
+from engine.poll import poll_events
 
 
 class Signal:
@@ -193,7 +196,7 @@ class ProgressWatch:
 
 
 # ---------------------------------------------------------------------------
-# Waiting on descriptors: one poll() loop for the whole engine.
+# Waiting on descriptors (poll(): any descriptor number, any timeout).
 
 
 class Pollable(Protocol):
@@ -208,7 +211,6 @@ _WRITABLE = select.POLLOUT
 # Reported as ready whatever was asked for, as select() does: the caller's next
 # read or write then sees the EOF or the error instead of waiting forever.
 _TROUBLE = select.POLLHUP | select.POLLERR | select.POLLNVAL
-_MAX_POLL_MS = 2**31 - 1  # poll() takes a C int; longer waits go round again
 
 
 def wait_readable(objs: Iterable[_P], timeout: float | None) -> list[_P]:
@@ -248,18 +250,7 @@ def _wait_ready(
     poller = select.poll()
     for fd, mask in wanted.items():
         poller.register(fd, mask)
-    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-    while True:
-        if deadline is None:
-            ms = None
-        else:  # round up: waking a hair early would only spin
-            ms = min(math.ceil(max(0.0, deadline - time.monotonic()) * 1000), _MAX_POLL_MS)
-        try:
-            events = dict(poller.poll(ms))
-        except InterruptedError:  # Python retries EINTR itself (PEP 475); belt and braces
-            continue
-        if events or deadline is None or time.monotonic() >= deadline:
-            break
+    events = dict(poll_events(poller, timeout))
     return (
         [obj for obj, fd in zip(reading, read_fds) if events.get(fd, 0) & (_READABLE | _TROUBLE)],
         [obj for obj, fd in zip(writing, write_fds) if events.get(fd, 0) & (_WRITABLE | _TROUBLE)],

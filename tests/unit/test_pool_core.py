@@ -10,6 +10,7 @@ reaches.
 from __future__ import annotations
 
 import ast
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import engine.pool
 from engine.errors import BrokenPoolError, CancelledError, PoolError
 from engine.pool import CancelToken, WorkerPool
 from engine.pool._core import Job, PoolCore
+from engine.pool._forkserver import _readable
 
 GUARD = 10.0
 
@@ -296,6 +298,28 @@ def test_thread_job_ignoring_the_token_is_abandoned_and_its_late_result_dropped(
 
 
 # --------------------------------------------------------------------------- the package's shape
+
+
+def test_a_token_wait_of_any_length_does_not_overflow() -> None:
+    """poll() takes a C int of milliseconds: 1e7 s is beyond it (the audit's
+    poll_overflow.py), and a job author's wait must not raise for it."""
+    owner = CancelToken()
+    view = CancelToken(owner.wait_end())  # what a worker holds: set only through the EOF
+    try:
+        owner.set()
+        assert view.wait(1e7) is True
+    finally:
+        owner.close()
+
+
+def test_a_fork_server_wait_of_any_length_does_not_overflow() -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        assert _readable(r, 1e7) is True
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _pool_modules() -> dict[str, ast.Module]:

@@ -12,10 +12,12 @@ import signal as signals
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
 
+import engine.poll
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -24,6 +26,7 @@ from engine.errors import (
     TransportBrokenError,
 )
 from engine.payload import SwitchoverSaves
+from engine.poll import MAX_POLL_MS, poll_events
 from engine.pool import WorkerPool
 from engine.sync import (
     CHANNEL_TRANSITIONS,
@@ -433,6 +436,26 @@ def test_closed_objects_and_negative_fds_raise_a_migration_error() -> None:
             wait_readable([obj], 0)
     with pytest.raises(LocalProtocolError):
         wait_writable([sock], 0)
+
+
+def test_a_wait_longer_than_poll_can_take_goes_round_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int | None] = []
+
+    class Poller:
+        def poll(self, ms: int | None) -> list[tuple[int, int]]:
+            asked.append(ms)
+            return [(7, select.POLLIN)] if len(asked) == 2 else []
+
+    clock = iter([0.0, 0.0, 2**31 / 1000, 2**31 / 1000])  # 1e7 s is ~4.7 times past the clamp
+    monkeypatch.setattr(engine.poll, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    assert poll_events(Poller(), 1e7) == [(7, select.POLLIN)]  # type: ignore[arg-type]
+    assert asked == [MAX_POLL_MS, MAX_POLL_MS]  # clamped to a C int, then again
+
+
+def test_wait_readable_of_any_length(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    os.write(w, b"x")
+    assert wait_readable([r], 1e7) == [r]
 
 
 def test_wait_retries_an_interrupted_poll_with_the_remaining_time(
