@@ -145,7 +145,7 @@ class Operation:
         # An operation runs once: run(), start() or a cancel() before either claims it.
         self._claim_lock = threading.Lock()
         self._claimed_by: str | None = None
-        self._over = False  # ended: torn down, result or error settled (done())
+        self._over = threading.Event()  # ended: torn down, result or error settled (done())
         self._thread: threading.Thread | None = None  # the one running it (run()'s caller, start()'s)
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the operation; a migration reports them.
@@ -197,7 +197,7 @@ class Operation:
         self.latch.close()
         if self.tracker is not None:
             self.tracker.stop()
-        self._over = True
+        self._over.set()
 
     def _abandon(self) -> None:
         """For a subclass's constructor that fails after this one ran: the object is
@@ -253,7 +253,7 @@ class Operation:
     def done(self) -> bool:
         """True once the operation is over, torn down, however it was run (or
         cancelled before it started): its result or error is there to take."""
-        return self._over
+        return self._over.is_set()
 
     def cancel(self, reason: str = "migration cancelled") -> bool:
         """Cancel at any phase before the commit point; run() then raises CancelledError.

@@ -357,7 +357,6 @@ class StateMachine:
     def __init__(self) -> None:
         self._state = MigrationState.NONE
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
 
     @property
     def state(self) -> MigrationState:
@@ -372,12 +371,7 @@ class StateMachine:
                 raise LocalProtocolError(
                     f"migration event {event.name} is not allowed in state {self._state.name}"
                 ) from None
-            self._changed.notify_all()
             return self._state
-
-    def wait_finished(self, timeout: float | None = None) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._state.finished, timeout)
 
 
 # ---------------------------------------------------------------------------

@@ -690,29 +690,6 @@ def test_finished_states() -> None:
                                                          S.OUTCOME_UNKNOWN}
 
 
-def test_wait_finished_wakes_on_completion() -> None:
-    machine = _machine_in(S.SWITCHOVER)
-    assert machine.wait_finished(timeout=0.01) is False
-    thread = _later(0.05, lambda: machine.fire(E.COMPLETE))
-    try:
-        assert machine.wait_finished(timeout=5) is True
-        assert machine.state is S.COMPLETED
-    finally:
-        thread.join()
-
-
-def test_wait_finished_is_not_woken_by_cancelling_alone() -> None:
-    machine = _machine_in(S.ACTIVE)
-    thread = _later(0.02, lambda: machine.fire(E.CANCEL))
-    try:
-        assert machine.wait_finished(timeout=0.2) is False
-        assert machine.state is S.CANCELLING
-    finally:
-        thread.join()
-    machine.fire(E.TORN_DOWN)
-    assert machine.wait_finished(timeout=0) is True
-
-
 # ---------------------------------------------------------------------------
 # SyncBarrier
 
