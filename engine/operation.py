@@ -452,13 +452,14 @@ class Operation:
                                  and bool(slots.counters[link.channel_id, Counter.LAST_WORD]))
 
     def _wait_channels_ready(self, timeout: float) -> None:
-        """Wait until every channel process attached its memory and is serving."""
+        """Wait until every channel process attached its memory and is serving.
+        Raises PoolError if they do not within `timeout` seconds."""
         waiting = {link.ctrl.fileno(): link for link in self._links}
         deadline = time.monotonic() + timeout
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MigrationError(
+                raise PoolError(  # they are pool workers that did not start
                     f"{len(waiting)} channel process(es) did not start within {timeout:.0f} s"
                 )
             for fd in wait_any(list(waiting), remaining, self.latch):

@@ -44,6 +44,7 @@ A job that watches the cancel token gets it as an argument:
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +54,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from engine.errors import CancelledError, ConfigError, PoolError
+from engine.poll import poll_events
 from engine.pool._core import MAX_MESSAGE_BYTES, Backend, BackendName, PoolCore, PoolStatistics
 from engine.pool._forkserver import (
     ForkServer,
@@ -216,33 +218,43 @@ def on_every_worker(pool: WorkerPool, fn: Callable[..., Any], *args: Any, timeou
     and return once all of them have (their pids; thread workers: this process's).
 
     Every worker runs one such job at the same time, so each gets one: call it on an
-    idle pool.  Raises PoolError if one fails (the pool is then broken) or `timeout`
-    passes first; `what` names the step in that error.
+    idle pool.  Raises PoolError if one fails (the pool is then broken), the pool is
+    shut down meanwhile, or `timeout` passes first (waiting for the jobs to run, and
+    again for them to return); `what` names the step in that error.
     """
     ours, theirs = socket.socketpair()
     futures: list[Future[int]] = []
     try:
         futures = [pool.submit(_hold_until_all, theirs, fn, args) for _ in range(pool.max_workers)]
         deadline = time.monotonic() + timeout
-        ours.settimeout(0.05)
+        # A job says it ran on `ours`; the token wakes the wait the moment the pool breaks.
+        poller = select.poll()
+        poller.register(ours, select.POLLIN)
+        poller.register(pool.token.fileno(), select.POLLIN)
         ready = 0
         while ready < len(futures):
             if pool.broken is not None:
                 raise PoolError(f"pool {pool.name!r} broke while {what}") from pool.broken
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise PoolError(f"pool {pool.name!r}: {len(futures) - ready} worker(s) not "
                                 f"done {what} within {timeout:.0f} s")
-            try:
-                ready += len(ours.recv(len(futures)))
-            except TimeoutError:
-                continue
+            for fd, _ in poll_events(poller, remaining):
+                if fd == ours.fileno():
+                    ready += len(ours.recv(len(futures)))
+                elif pool.broken is None:  # the token closed under us, not set
+                    raise PoolError(f"pool {pool.name!r} was shut down while {what}")
     finally:
         ours.close()  # EOF: the jobs return
         try:
             futures_wait(futures, timeout)
         finally:
             theirs.close()  # a thread worker's job held this very socket
-    return [future.result(0) for future in futures]
+    stuck = sum(not future.done() for future in futures)
+    if stuck:
+        raise PoolError(f"pool {pool.name!r}: {stuck} worker(s) did not return within "
+                        f"{timeout:.0f} s after {what}")
+    return [future.result() for future in futures]
 
 
 def warm_up(pool: WorkerPool, timeout: float = 60.0) -> list[int]:
