@@ -442,9 +442,15 @@ class _Channel:
                 digests = Segment.attach(spec.digest_map)
                 self._stack.callback(digests.close)
                 self.ctx.piece_digests = digests.buf
+            self._setup()
         except BaseException:
             self._stack.close()
             raise
+
+    def _setup(self) -> None:
+        """What a kind of channel opens and builds beyond what every channel holds,
+        each release pushed on ``self._stack``.  Runs inside the constructor's guard:
+        if it raises, everything opened so far, here or above, is closed."""
 
     def __enter__(self) -> Self:
         return self
@@ -574,10 +580,8 @@ class _JobChannel(_Channel):
 class _SendChannel(_JobChannel):
     """Jobs become packets on the data socket; SYNC and FINISH write SYNC and END."""
 
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket,
-                 token: CancelToken) -> None:
-        super().__init__(spec, ctrl, data, token)
-        self.senders = {kind: payload_entry(kind).sender(self.ctx) for kind in spec.payload_kinds}
+    def _setup(self) -> None:
+        self.senders = {kind: payload_entry(kind).sender(self.ctx) for kind in self.spec.payload_kinds}
 
     def _job(self, slot: SendSlot, index: int) -> None:
         sender = self._handler(self.senders, slot)
@@ -625,7 +629,9 @@ class _FileChannel(_JobChannel):
 
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, token: CancelToken) -> None:
         super().__init__(spec, ctrl, None, token)
-        target = spec.file
+
+    def _setup(self) -> None:
+        target = self.spec.file
         assert target is not None
         self.file: PositionalFile = open_file(target.path, target.mode, target.direct_io)
         self._stack.callback(self.file.close)
@@ -642,7 +648,7 @@ class _FileChannel(_JobChannel):
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
         self.planners: dict[int, FilePlanner] = {}
-        for kind in spec.payload_kinds:
+        for kind in self.spec.payload_kinds:
             entry = payload_entry(kind)
             factory = entry.file_writer if writing else entry.file_reader
             if factory is None:
@@ -742,9 +748,8 @@ class PacketReader:
 
 
 class _RecvChannel(_Channel):
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket,
-                 token: CancelToken) -> None:
-        super().__init__(spec, ctrl, data, token)
+    def _setup(self) -> None:
+        spec = self.spec
         per_channel = spec.delivery_slots
         first = spec.channel_id * per_channel
         self.deliveries = Deliveries(self, range(first, first + per_channel))
