@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Self, TypeVar
 
-from engine import codecs
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -175,6 +174,8 @@ class ChannelSpec:
     link: LinkSecurity | None = None              # what protects the data socket (engine/link.py)
     digest_map: str | None = None                 # tracked verification: the digest map's
     piece_pages: int = 0                          #   segment, pages per piece (engine/verify.py)
+    limits: packet.PacketLimits | None = None     # receive channels: what they accept, from
+                                                  #   CONFIG (wire.message.packet_limits)
 
 
 @dataclass(frozen=True)
@@ -754,14 +755,9 @@ class _RecvChannel(_Channel):
         first = spec.channel_id * per_channel
         self.deliveries = Deliveries(self, range(first, first + per_channel))
         self.ctx.deliveries = self.deliveries
-        limits = packet.PacketLimits(
-            page_size=packet.PAGE_SIZE,
-            packet_pages=spec.packet_pages,
-            block_pages=tuple(block.n_pages for block in self.ctx.ram.blocks),
-            codec=codecs.codec_entry(spec.codec).wire_id,
-            codec_bound=codecs.payload_bound,
-        )
-        self.reader = PacketReader(self.conn, limits, f"multifd channel {spec.channel_id}")
+        if spec.limits is None:
+            raise LocalProtocolError("a receive channel needs the packet limits of its CONFIG")
+        self.reader = PacketReader(self.conn, spec.limits, f"multifd channel {spec.channel_id}")
 
     def wait_control(self, what: str) -> ControlMessage:
         """Block for the next control message, handling RETURN; QUIT or a cancel raise."""

@@ -347,6 +347,8 @@ class DestinationMigration(Migration):
             link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
             digest_map=self._digests.name if self._digests is not None else None,
             piece_pages=self._digests.piece_pages if self._digests is not None else 0,
+            limits=wire.packet_limits(config, codecs.codec_entry(config.codec).wire_id,
+                                      codecs.payload_bound),
         )
         self._mark("slots")
         self._start_channels(run_recv_channel, conns, spec)

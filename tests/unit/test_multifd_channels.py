@@ -94,7 +94,8 @@ class Pipeline:
             spec_s = ChannelSpec(i, src.handle, self.table_s.handle, PACKET_PAGES,
                                  zero_page_detection=zero_pages)
             spec_d = ChannelSpec(i, dst.handle, self.table_d.handle, PACKET_PAGES,
-                                 zero_page_detection=zero_pages)
+                                 zero_page_detection=zero_pages, limits=packet.PacketLimits(
+                                     PAGE_SIZE, PACKET_PAGES, tuple(b.n_pages for b in dst.blocks)))
             future_s, thread_s = _start(run_send_channel, spec_s, chan_s, data_s, token=self.token)
             future_d, thread_d = _start(run_recv_channel, spec_d, chan_d, data_d, token=self.token)
             self.threads += [thread_s, thread_d]
