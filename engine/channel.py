@@ -85,9 +85,9 @@ class ControlOp(IntEnum):
     BYE = 14       # main → recv channel: your ENDED arrived; nothing more will come
 
 
-# op (1) | payload kind (1) | reserved (2) | a (4) | b (8)
 T = TypeVar("T")
 
+# op (1) | payload kind (1) | reserved (2) | a (4) | b (8)
 _CONTROL = struct.Struct(">BBHIQ")
 CONTROL_SIZE = _CONTROL.size
 
@@ -336,7 +336,8 @@ def channels_with_ram(workers: int, name: str, ram: GuestRAM, start_method: str 
         yield pool
 
 # ---------------------------------------------------------------------------
-# The two channel loops.  Each runs in a pool process and returns a report.
+# The three channel loops (send, receive, file).  Each runs in a pool process
+# and returns a report.
 
 
 def _hand_back(slot: SendSlot, ctrl: socket.socket, index: int) -> None:
@@ -395,7 +396,8 @@ class _Stopped(Exception):
 
 
 class _Channel:
-    """What both channel loops hold: memory (pre-faulted), sockets, counters.
+    """What every channel loop holds: guest RAM (mapped piece by piece as it is
+    first used), its sockets (none for a file channel), its counters.
 
     Used as a context manager: whatever happens, everything is released.
     """
