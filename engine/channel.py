@@ -33,7 +33,6 @@ import os
 import socket
 import struct
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -51,7 +50,15 @@ from engine.errors import (
 )
 from engine.link import LinkSecurity, secure, warm_up_records
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
-from engine.pool import CancelToken, ForkServer, WorkerPool, fork_server, on_every_worker
+from engine.pool import (
+    CancelToken,
+    ForkServer,
+    JobFailure,
+    WorkerPool,
+    contained,
+    fork_server,
+    on_every_worker,
+)
 from engine.shm import GuestRAM, Populate, RamHandle, Segment, start_resource_tracker
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
@@ -186,8 +193,7 @@ class ChannelReport:
     packets: int
     memory: dict[str, int]  # kB from /proc/self/status (VmHWM, RssAnon, ...) and cpu_ms
     stopped: bool = False   # main said QUIT (or closed its end) before the channel's end
-    error: BaseException | None = None  # run_contained: why the channel failed
-    traceback: str = ""                 # ... and where, formatted in the channel process
+    failure: JobFailure | None = None   # run_contained: why the channel failed, and where
     attach_ms: float = 0.0              # mapping guest RAM and the slot table at start
     first_packet_at: float | None = None  # perf_counter (CLOCK_MONOTONIC, the same in every
                                           # process) when its first packet's I/O began
@@ -384,11 +390,10 @@ def run_contained(target: Callable[..., ChannelReport], spec: ChannelSpec,
     report instead (``multifd.channel_error`` raises it on the main side). A
     channel process that dies still breaks the pool: its worker is gone.
     """
-    try:
-        return target(spec, ctrl, *data, token=token)
-    except Exception as exc:
-        return ChannelReport(spec.channel_id, 0, {}, error=exc,
-                             traceback="".join(traceback.format_exception(exc)))
+    report = contained(target, spec, ctrl, *data, token=token)
+    if isinstance(report, JobFailure):
+        return ChannelReport(spec.channel_id, 0, {}, failure=report)
+    return report
 
 
 class _Stopped(Exception):

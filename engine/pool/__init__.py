@@ -47,13 +47,15 @@ import os
 import select
 import socket
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from engine.errors import CancelledError, ConfigError, PoolError
+from engine.errors import CancelledError, ConfigError, PoolError, RemoteTraceback
 from engine.poll import poll_events
 from engine.pool._core import MAX_MESSAGE_BYTES, Backend, BackendName, PoolCore, PoolStatistics
 from engine.pool._forkserver import (
@@ -69,9 +71,9 @@ from engine.pool._spawn import DEFAULT_WORKER_ENV
 from engine.pool._thread import ThreadBackend
 from engine.pool._token import CancelToken
 
-__all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "ForkServer", "PoolStatistics",
-           "WorkerPool", "fork_server", "fork_server_fds", "fork_server_pids", "on_every_worker",
-           "stop_fork_servers", "warm_up"]
+__all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "ForkServer", "JobFailure",
+           "PoolStatistics", "WorkerPool", "contained", "fork_server", "fork_server_fds",
+           "fork_server_pids", "on_every_worker", "stop_fork_servers", "warm_up"]
 
 T = TypeVar("T")
 
@@ -255,6 +257,36 @@ def on_every_worker(pool: WorkerPool, fn: Callable[..., Any], *args: Any, timeou
         raise PoolError(f"pool {pool.name!r}: {stuck} worker(s) did not return within "
                         f"{timeout:.0f} s after {what}")
     return [future.result() for future in futures]
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """An exception a job answered instead of raising (:func:`contained`), with its
+    traceback formatted where it ran: pickling drops ``__traceback__``."""
+
+    error: BaseException
+    traceback: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> JobFailure:
+        return cls(exc, "".join(traceback.format_exception(exc)))
+
+    def rebuilt(self) -> BaseException:
+        """The error, with the worker's traceback as its cause (a RemoteTraceback)
+        unless it has one already (it did not cross a process boundary)."""
+        if self.traceback and self.error.__cause__ is None:
+            self.error.__cause__ = RemoteTraceback(self.traceback)
+        return self.error
+
+
+def contained(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | JobFailure:
+    """`fn(*args, **kwargs)`, an Exception it raises answered as a :class:`JobFailure`:
+    submit this (``pool.submit(contained, fn, ...)``) to run `fn` on a pool shared
+    with other work, which a job that raises would break, failing every other job."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        return JobFailure.of(exc)
 
 
 def warm_up(pool: WorkerPool, timeout: float = 60.0) -> list[int]:

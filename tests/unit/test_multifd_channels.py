@@ -154,7 +154,7 @@ class Pipeline:
         ended.join(HANG_S)
         assert not ended.is_alive()
         for link in self.links_s + self.links_d:
-            assert link.future.result(HANG_S).error is None
+            assert link.future.result(HANG_S).failure is None
 
     def close(self) -> None:
         self.release_held.set()
