@@ -33,13 +33,11 @@ import os
 import socket
 import struct
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Self, TypeVar
 
-from engine import codecs
 from engine.errors import (
     CancelledError,
     ConfigError,
@@ -52,12 +50,20 @@ from engine.errors import (
 )
 from engine.link import LinkSecurity, secure, warm_up_records
 from engine.payload import ChannelContext, FilePlanner, PayloadReceiver, payload_entry
-from engine.pool import CancelToken, ForkServer, WorkerPool, fork_server, on_every_worker
+from engine.pool import (
+    CancelToken,
+    ForkServer,
+    JobFailure,
+    WorkerPool,
+    contained,
+    fork_server,
+    on_every_worker,
+)
 from engine.shm import GuestRAM, Populate, RamHandle, Segment, start_resource_tracker
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
 from engine.transport import Connection, PositionalFile, open_file
-from engine.wire import frames, packet
+from engine.wire import packet
 from engine.wire.snapshot_format import PAGE_SUM_SIZE, sum_words
 
 # ---------------------------------------------------------------------------
@@ -86,9 +92,9 @@ class ControlOp(IntEnum):
     BYE = 14       # main → recv channel: your ENDED arrived; nothing more will come
 
 
-# op (1) | payload kind (1) | reserved (2) | a (4) | b (8)
 T = TypeVar("T")
 
+# op (1) | payload kind (1) | reserved (2) | a (4) | b (8)
 _CONTROL = struct.Struct(">BBHIQ")
 CONTROL_SIZE = _CONTROL.size
 
@@ -175,6 +181,8 @@ class ChannelSpec:
     link: LinkSecurity | None = None              # what protects the data socket (engine/link.py)
     digest_map: str | None = None                 # tracked verification: the digest map's
     piece_pages: int = 0                          #   segment, pages per piece (engine/verify.py)
+    limits: packet.PacketLimits | None = None     # receive channels: what they accept, from
+                                                  #   CONFIG (wire.message.packet_limits)
 
 
 @dataclass(frozen=True)
@@ -185,8 +193,7 @@ class ChannelReport:
     packets: int
     memory: dict[str, int]  # kB from /proc/self/status (VmHWM, RssAnon, ...) and cpu_ms
     stopped: bool = False   # main said QUIT (or closed its end) before the channel's end
-    error: BaseException | None = None  # run_contained: why the channel failed
-    traceback: str = ""                 # ... and where, formatted in the channel process
+    failure: JobFailure | None = None   # run_contained: why the channel failed, and where
     attach_ms: float = 0.0              # mapping guest RAM and the slot table at start
     first_packet_at: float | None = None  # perf_counter (CLOCK_MONOTONIC, the same in every
                                           # process) when its first packet's I/O began
@@ -335,7 +342,8 @@ def channels_with_ram(workers: int, name: str, ram: GuestRAM, start_method: str 
         yield pool
 
 # ---------------------------------------------------------------------------
-# The two channel loops.  Each runs in a pool process and returns a report.
+# The three channel loops (send, receive, file).  Each runs in a pool process
+# and returns a report.
 
 
 def _hand_back(slot: SendSlot, ctrl: socket.socket, index: int) -> None:
@@ -382,11 +390,10 @@ def run_contained(target: Callable[..., ChannelReport], spec: ChannelSpec,
     report instead (``multifd.channel_error`` raises it on the main side). A
     channel process that dies still breaks the pool: its worker is gone.
     """
-    try:
-        return target(spec, ctrl, *data, token=token)
-    except Exception as exc:
-        return ChannelReport(spec.channel_id, 0, {}, error=exc,
-                             traceback="".join(traceback.format_exception(exc)))
+    report = contained(target, spec, ctrl, *data, token=token)
+    if isinstance(report, JobFailure):
+        return ChannelReport(spec.channel_id, 0, {}, failure=report)
+    return report
 
 
 class _Stopped(Exception):
@@ -394,7 +401,8 @@ class _Stopped(Exception):
 
 
 class _Channel:
-    """What both channel loops hold: memory (pre-faulted), sockets, counters.
+    """What every channel loop holds: guest RAM (mapped piece by piece as it is
+    first used), its sockets (none for a file channel), its counters.
 
     Used as a context manager: whatever happens, everything is released.
     """
@@ -442,9 +450,15 @@ class _Channel:
                 digests = Segment.attach(spec.digest_map)
                 self._stack.callback(digests.close)
                 self.ctx.piece_digests = digests.buf
+            self._setup()
         except BaseException:
             self._stack.close()
             raise
+
+    def _setup(self) -> None:
+        """What a kind of channel opens and builds beyond what every channel holds,
+        each release pushed on ``self._stack``.  Runs inside the constructor's guard:
+        if it raises, everything opened so far, here or above, is closed."""
 
     def __enter__(self) -> Self:
         return self
@@ -574,10 +588,8 @@ class _JobChannel(_Channel):
 class _SendChannel(_JobChannel):
     """Jobs become packets on the data socket; SYNC and FINISH write SYNC and END."""
 
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket,
-                 token: CancelToken) -> None:
-        super().__init__(spec, ctrl, data, token)
-        self.senders = {kind: payload_entry(kind).sender(self.ctx) for kind in spec.payload_kinds}
+    def _setup(self) -> None:
+        self.senders = {kind: payload_entry(kind).sender(self.ctx) for kind in self.spec.payload_kinds}
 
     def _job(self, slot: SendSlot, index: int) -> None:
         sender = self._handler(self.senders, slot)
@@ -625,7 +637,9 @@ class _FileChannel(_JobChannel):
 
     def __init__(self, spec: ChannelSpec, ctrl: socket.socket, token: CancelToken) -> None:
         super().__init__(spec, ctrl, None, token)
-        target = spec.file
+
+    def _setup(self) -> None:
+        target = self.spec.file
         assert target is not None
         self.file: PositionalFile = open_file(target.path, target.mode, target.direct_io)
         self._stack.callback(self.file.close)
@@ -642,7 +656,7 @@ class _FileChannel(_JobChannel):
         writing = target.mode == "write"
         self._move = self.file.write_at if writing else self.file.read_into
         self.planners: dict[int, FilePlanner] = {}
-        for kind in spec.payload_kinds:
+        for kind in self.spec.payload_kinds:
             entry = payload_entry(kind)
             factory = entry.file_writer if writing else entry.file_reader
             if factory is None:
@@ -742,21 +756,15 @@ class PacketReader:
 
 
 class _RecvChannel(_Channel):
-    def __init__(self, spec: ChannelSpec, ctrl: socket.socket, data: socket.socket,
-                 token: CancelToken) -> None:
-        super().__init__(spec, ctrl, data, token)
+    def _setup(self) -> None:
+        spec = self.spec
         per_channel = spec.delivery_slots
         first = spec.channel_id * per_channel
         self.deliveries = Deliveries(self, range(first, first + per_channel))
         self.ctx.deliveries = self.deliveries
-        limits = packet.PacketLimits(
-            page_size=packet.PAGE_SIZE,
-            packet_pages=spec.packet_pages,
-            block_pages=tuple(block.n_pages for block in self.ctx.ram.blocks),
-            codec=codecs.codec_entry(spec.codec).wire_id,
-            codec_bound=frames.payload_bound,
-        )
-        self.reader = PacketReader(self.conn, limits, f"multifd channel {spec.channel_id}")
+        if spec.limits is None:
+            raise LocalProtocolError("a receive channel needs the packet limits of its CONFIG")
+        self.reader = PacketReader(self.conn, spec.limits, f"multifd channel {spec.channel_id}")
 
     def wait_control(self, what: str) -> ControlMessage:
         """Block for the next control message, handling RETURN; QUIT or a cancel raise."""

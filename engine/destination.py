@@ -78,8 +78,8 @@ from engine.verify import (
     tracked_piece_pages,
     verification_extra,
 )
+from engine.wire import frames, packet
 from engine.wire import message as wire
-from engine.wire import packet
 
 log = logging.getLogger("multifd.destination")
 
@@ -263,15 +263,19 @@ class DestinationMigration(Migration):
         self._loader: DeviceLoading | None = None
         self.accept_local = accept_local
         self._on_ram = on_ram
-        self._listener = listen(address)
-        self.address = self._listener.address
-        # Connections are challenged and read concurrently: a stranger stalls nobody.
-        self._admission = Admission(self._listener, self.config.handshake_timeout_s, self.latch,
-                                    self._refuse)
-        # Released by teardown, also a cancel's before the destination ran.
-        self._defer("stop listening", self._listener.close)
-        self._defer("log the refusals only counted", self._log_quiet_refusals)  # after the close below
-        self._defer("close connections not admitted", self._admission.close)
+        try:  # a listen that fails (address in use) must not leak what the operation holds
+            self._listener = listen(address)
+            # Released by teardown, also a cancel's before the destination ran.
+            self._defer("stop listening", self._listener.close)
+            self.address = self._listener.address
+            # Connections are challenged and read concurrently: a stranger stalls nobody.
+            self._admission = Admission(self._listener, self.config.handshake_timeout_s, self.latch,
+                                        self._refuse)
+            self._defer("log the refusals only counted", self._log_quiet_refusals)  # after the close below
+            self._defer("close connections not admitted", self._admission.close)
+        except BaseException:
+            self._abandon()
+            raise
         self.negotiated: wire.Config | None = None
         self.refused: list[str] = []   # why each refused connection was refused (the first REFUSALS_KEPT)
         self._refusals_window = (-REFUSAL_WINDOW_S, 0, 0)  # (start, logged, not logged) of the window
@@ -299,13 +303,10 @@ class DestinationMigration(Migration):
         self.cancel("closed: the destination will not run")
         if self._committed or self._thread is threading.current_thread():
             return
-        deadline = time.monotonic() + _CLOSE_WAIT_S
-        while self._claimed_by in ("run", "start") and not self.done():  # it tears down: bounded
-            if time.monotonic() > deadline:
-                log.warning("destination: close() gave up waiting for the teardown after %.0f s",
-                            _CLOSE_WAIT_S)
-                return
-            time.sleep(0.005)
+        # The thread that runs it tears down (bounded); a deadlock guard only.
+        if self._claimed_by in ("run", "start") and not self._over.wait(_CLOSE_WAIT_S):
+            log.warning("destination: close() gave up waiting for the teardown after %.0f s",
+                        _CLOSE_WAIT_S)
 
     # -- the phases --------------------------------------------------------
 
@@ -402,6 +403,8 @@ class DestinationMigration(Migration):
             link=self._link,  # each channel process secures its own socket (TLS: handshakes there)
             digest_map=self._digests.name if self._digests is not None else None,
             piece_pages=self._digests.piece_pages if self._digests is not None else 0,
+            limits=wire.packet_limits(config, codecs.codec_entry(config.codec).wire_id,
+                                      frames.payload_bound),
         )
         self._mark("slots")
         self._start_channels(run_recv_channel, conns, spec)

@@ -44,7 +44,6 @@ from engine.errors import (
     CancelledError,
     LocalProtocolError,
     RemoteProtocolError,
-    RemoteTraceback,
     TransportBrokenError,
     TransportClosedError,
 )
@@ -135,10 +134,8 @@ def channel_error(future: Future, timeout: float | None = None) -> BaseException
     if error is not None:
         return error
     report = future.result()
-    if isinstance(report, ChannelReport) and report.error is not None:
-        if report.traceback and report.error.__cause__ is None:
-            report.error.__cause__ = RemoteTraceback(report.traceback)
-        return report.error
+    if isinstance(report, ChannelReport) and report.failure is not None:
+        return report.failure.rebuilt()
     return None
 
 

@@ -145,7 +145,7 @@ class Operation:
         # An operation runs once: run(), start() or a cancel() before either claims it.
         self._claim_lock = threading.Lock()
         self._claimed_by: str | None = None
-        self._over = False  # ended: torn down, result or error settled (done())
+        self._over = threading.Event()  # ended: torn down, result or error settled (done())
         self._thread: threading.Thread | None = None  # the one running it (run()'s caller, start()'s)
         # Channels that failed after their last word (END sent or read): their
         # work is done, so they do not fail the operation; a migration reports them.
@@ -197,7 +197,14 @@ class Operation:
         self.latch.close()
         if self.tracker is not None:
             self.tracker.stop()
-        self._over = True
+        self._over.set()
+
+    def _abandon(self) -> None:
+        """For a subclass's constructor that fails after this one ran: the object is
+        never returned, so nobody can close() it; release what it holds now (the
+        latch's pipe, whatever set-up already deferred)."""
+        self._teardown()
+        self._end()
 
     def _fail(self) -> BaseException:
         """Recover, tear down, settle the state; return the error to report."""
@@ -246,7 +253,7 @@ class Operation:
     def done(self) -> bool:
         """True once the operation is over, torn down, however it was run (or
         cancelled before it started): its result or error is there to take."""
-        return self._over
+        return self._over.is_set()
 
     def cancel(self, reason: str = "migration cancelled") -> bool:
         """Cancel at any phase before the commit point; run() then raises CancelledError.
@@ -445,13 +452,14 @@ class Operation:
                                  and bool(slots.counters[link.channel_id, Counter.LAST_WORD]))
 
     def _wait_channels_ready(self, timeout: float) -> None:
-        """Wait until every channel process attached its memory and is serving."""
+        """Wait until every channel process attached its memory and is serving.
+        Raises PoolError if they do not within `timeout` seconds."""
         waiting = {link.ctrl.fileno(): link for link in self._links}
         deadline = time.monotonic() + timeout
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MigrationError(
+                raise PoolError(  # they are pool workers that did not start
                     f"{len(waiting)} channel process(es) did not start within {timeout:.0f} s"
                 )
             for fd in wait_any(list(waiting), remaining, self.latch):

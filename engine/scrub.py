@@ -43,7 +43,7 @@ import numpy as np
 from engine.channel import channel_pool
 from engine.errors import ConfigError
 from engine.pages import cut_runs, pages_to_runs
-from engine.pool import WorkerPool
+from engine.pool import JobFailure, WorkerPool, contained
 from engine.transport import open_file
 from engine.wire import snapshot_format as fmt
 
@@ -64,8 +64,6 @@ class ScrubJob:
 # What a job finds: (block, damaged page numbers) per chunk with any, and
 # (block, chunk) for each chunk whose word does not match though every page does.
 Found = tuple[list[tuple[int, np.ndarray]], list[tuple[int, int]]]
-# A job's answer: what it found, or the error it met.
-JobAnswer = tuple[Found, BaseException | None]
 
 
 def plan_jobs(pages_offsets: Sequence[int], present: Sequence[np.ndarray],
@@ -189,34 +187,26 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
             for pages, chunks in zip(found, found_chunks)]
 
 
-def _contained(path: str, job: ScrubJob, page_size: int) -> JobAnswer:
-    """check_job, its failure answered instead of raised: a job that raises would
-    break the pool, and the pool may be the VMM's, shared with other work."""
-    try:
-        return check_job(path, job, page_size), None
-    except Exception as exc:
-        return ([], []), exc
-
-
 def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob], page_size: int,
          channels: int) -> list[Found]:
     """Every job on `pool`, at most `channels` at a time; their answers in job
     order (the first failure raised, the jobs not yet sent never sent)."""
     answers: list[Found] = []
-    in_flight: deque[Future[JobAnswer]] = deque()
+    in_flight: deque[Future[Found | JobFailure]] = deque()
     waiting = iter(jobs)
     while True:
         for job in itertools.islice(waiting, channels - len(in_flight)):
-            in_flight.append(pool.submit(_contained, path, job, page_size))
+            # Contained: a job that raised would break the pool, which may be the VMM's.
+            in_flight.append(pool.submit(contained, check_job, path, job, page_size))
         if not in_flight:
             return answers
-        found, error = in_flight.popleft().result()  # a job is bounded work, or its worker dies
-        if error is not None:
+        answer = in_flight.popleft().result()  # a job is bounded work, or its worker dies
+        if isinstance(answer, JobFailure):
             for future in in_flight:  # let the jobs sent finish: the pool may be the VMM's
                 with contextlib.suppress(Exception):  # the first error is the one to tell
                     future.result()
-            raise error
-        answers.append(found)
+            raise answer.rebuilt()  # with the worker's traceback as its cause
+        answers.append(answer)
 
 
 __all__ = ["JOB_PAGES", "ScrubJob", "check_job", "plan_jobs", "scrub_pages"]

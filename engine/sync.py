@@ -9,9 +9,13 @@ The state machines are tables (h2 style): ``{(state, event): next_state}``.
 Anything not in a table is a :class:`LocalProtocolError` — a bug, never
 silently tolerated.
 
-Every wait on descriptors in the engine goes through :func:`wait_readable`
-(poll, not select: select fails for descriptors above 1023, and a VMM may hold
-thousands).
+The engine waits on its descriptors together with the latch through
+:func:`wait_readable` / :func:`wait_writable` (poll, not select: select fails for
+descriptors above 1023, and a VMM may hold thousands); a blocking read of one
+socket is woken by an :meth:`FailureLatch.on_fail` kick instead.  The worker pool,
+which knows nothing of the latch, polls its own descriptors.  Every ``poll()``
+call, the pool's too, takes its timeout through :func:`engine.poll.poll_events`,
+so no timeout, however long, overflows poll()'s milliseconds.
 
 Destination barrier, per channel (docs/architecture.md, "The multifd core")::
 
@@ -21,16 +25,16 @@ Destination barrier, per channel (docs/architecture.md, "The multifd core")::
 
 from __future__ import annotations
 
-import math
 import os
 import select
 import threading
-import time
+import weakref
 from collections.abc import Callable, Iterable
 from enum import Enum, StrEnum, auto
 from typing import Any, Protocol, TypeVar
 
 from engine.errors import CancelledError, LocalProtocolError, MigrationError
+from engine.poll import poll_events
 
 
 class Signal:
@@ -38,6 +42,10 @@ class Signal:
 
     def __init__(self) -> None:
         self._read_fd, self._write_fd = os.pipe()
+        # Raw descriptors, which the garbage collector would never close: one dropped
+        # without close() (a half-built operation nobody can reach) closes them then.
+        self._release = weakref.finalize(self, _close_pipe, self._read_fd, self._write_fd)
+        self._release.atexit = False
         os.set_blocking(self._write_fd, False)
         self._value: object = None
         self._set = False
@@ -79,11 +87,13 @@ class Signal:
 
     def close(self) -> None:
         with self._lock:
-            if self._read_fd < 0:
-                return
-            os.close(self._read_fd)
-            os.close(self._write_fd)
             self._read_fd = self._write_fd = -1
+            self._release()  # closes them the first time only
+
+
+def _close_pipe(read_fd: int, write_fd: int) -> None:
+    os.close(read_fd)
+    os.close(write_fd)
 
 
 class FailureLatch:
@@ -92,17 +102,27 @@ class FailureLatch:
     def __init__(self) -> None:
         self._signal = Signal()
         self._on_fail: list[Callable[[], None]] = []
+        # Orders a registration against the failing call's snapshot of the kicks, so
+        # that every kick runs exactly once, whichever comes first.
+        self._kicks_lock = threading.Lock()
 
     def on_fail(self, kick: Callable[[], None]) -> None:
-        """Call `kick` (quick, non-blocking) once the latch fails: it wakes waits
-        that cannot select on the latch, such as a blocking socket read."""
-        self._on_fail.append(kick)
+        """Call `kick` (quick, non-blocking) once the latch fails — now, in this
+        thread, if it already has: it wakes waits that cannot select on the latch,
+        such as a blocking socket read."""
+        with self._kicks_lock:
+            if not self._signal.is_set():
+                self._on_fail.append(kick)
+                return
+        kick()
 
     def fail(self, error: BaseException) -> bool:
         """Record `error` unless an error is already recorded.  True if it was first."""
         if not self._signal.set(error):
             return False
-        for kick in self._on_fail:
+        with self._kicks_lock:  # a kick registered from now on runs in on_fail
+            kicks = list(self._on_fail)
+        for kick in kicks:
             kick()
         return True
 
@@ -176,7 +196,7 @@ class ProgressWatch:
 
 
 # ---------------------------------------------------------------------------
-# Waiting on descriptors: one poll() loop for the whole engine.
+# Waiting on descriptors (poll(): any descriptor number, any timeout).
 
 
 class Pollable(Protocol):
@@ -191,7 +211,6 @@ _WRITABLE = select.POLLOUT
 # Reported as ready whatever was asked for, as select() does: the caller's next
 # read or write then sees the EOF or the error instead of waiting forever.
 _TROUBLE = select.POLLHUP | select.POLLERR | select.POLLNVAL
-_MAX_POLL_MS = 2**31 - 1  # poll() takes a C int; longer waits go round again
 
 
 def wait_readable(objs: Iterable[_P], timeout: float | None) -> list[_P]:
@@ -231,18 +250,7 @@ def _wait_ready(
     poller = select.poll()
     for fd, mask in wanted.items():
         poller.register(fd, mask)
-    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-    while True:
-        if deadline is None:
-            ms = None
-        else:  # round up: waking a hair early would only spin
-            ms = min(math.ceil(max(0.0, deadline - time.monotonic()) * 1000), _MAX_POLL_MS)
-        try:
-            events = dict(poller.poll(ms))
-        except InterruptedError:  # Python retries EINTR itself (PEP 475); belt and braces
-            continue
-        if events or deadline is None or time.monotonic() >= deadline:
-            break
+    events = dict(poll_events(poller, timeout))
     return (
         [obj for obj, fd in zip(reading, read_fds) if events.get(fd, 0) & (_READABLE | _TROUBLE)],
         [obj for obj, fd in zip(writing, write_fds) if events.get(fd, 0) & (_WRITABLE | _TROUBLE)],
@@ -349,7 +357,6 @@ class StateMachine:
     def __init__(self) -> None:
         self._state = MigrationState.NONE
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
 
     @property
     def state(self) -> MigrationState:
@@ -364,12 +371,7 @@ class StateMachine:
                 raise LocalProtocolError(
                     f"migration event {event.name} is not allowed in state {self._state.name}"
                 ) from None
-            self._changed.notify_all()
             return self._state
-
-    def wait_finished(self, timeout: float | None = None) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._state.finished, timeout)
 
 
 # ---------------------------------------------------------------------------

@@ -44,15 +44,19 @@ A job that watches the cancel token gets it as an argument:
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from engine.errors import CancelledError, ConfigError, PoolError
+from engine.errors import CancelledError, ConfigError, PoolError, RemoteTraceback
+from engine.poll import poll_events
 from engine.pool._core import MAX_MESSAGE_BYTES, Backend, BackendName, PoolCore, PoolStatistics
 from engine.pool._forkserver import (
     ForkServer,
@@ -67,9 +71,9 @@ from engine.pool._spawn import DEFAULT_WORKER_ENV
 from engine.pool._thread import ThreadBackend
 from engine.pool._token import CancelToken
 
-__all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "ForkServer", "PoolStatistics",
-           "WorkerPool", "fork_server", "fork_server_fds", "fork_server_pids", "on_every_worker",
-           "stop_fork_servers", "warm_up"]
+__all__ = ["DEFAULT_WORKER_ENV", "MAX_MESSAGE_BYTES", "CancelToken", "ForkServer", "JobFailure",
+           "PoolStatistics", "WorkerPool", "contained", "fork_server", "fork_server_fds",
+           "fork_server_pids", "on_every_worker", "stop_fork_servers", "warm_up"]
 
 T = TypeVar("T")
 
@@ -216,33 +220,73 @@ def on_every_worker(pool: WorkerPool, fn: Callable[..., Any], *args: Any, timeou
     and return once all of them have (their pids; thread workers: this process's).
 
     Every worker runs one such job at the same time, so each gets one: call it on an
-    idle pool.  Raises PoolError if one fails (the pool is then broken) or `timeout`
-    passes first; `what` names the step in that error.
+    idle pool.  Raises PoolError if one fails (the pool is then broken), the pool is
+    shut down meanwhile, or `timeout` passes first (waiting for the jobs to run, and
+    again for them to return); `what` names the step in that error.
     """
     ours, theirs = socket.socketpair()
     futures: list[Future[int]] = []
     try:
         futures = [pool.submit(_hold_until_all, theirs, fn, args) for _ in range(pool.max_workers)]
         deadline = time.monotonic() + timeout
-        ours.settimeout(0.05)
+        # A job says it ran on `ours`; the token wakes the wait the moment the pool breaks.
+        poller = select.poll()
+        poller.register(ours, select.POLLIN)
+        poller.register(pool.token.fileno(), select.POLLIN)
         ready = 0
         while ready < len(futures):
             if pool.broken is not None:
                 raise PoolError(f"pool {pool.name!r} broke while {what}") from pool.broken
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise PoolError(f"pool {pool.name!r}: {len(futures) - ready} worker(s) not "
                                 f"done {what} within {timeout:.0f} s")
-            try:
-                ready += len(ours.recv(len(futures)))
-            except TimeoutError:
-                continue
+            for fd, _ in poll_events(poller, remaining):
+                if fd == ours.fileno():
+                    ready += len(ours.recv(len(futures)))
+                elif pool.broken is None:  # the token closed under us, not set
+                    raise PoolError(f"pool {pool.name!r} was shut down while {what}")
     finally:
         ours.close()  # EOF: the jobs return
         try:
             futures_wait(futures, timeout)
         finally:
             theirs.close()  # a thread worker's job held this very socket
-    return [future.result(0) for future in futures]
+    stuck = sum(not future.done() for future in futures)
+    if stuck:
+        raise PoolError(f"pool {pool.name!r}: {stuck} worker(s) did not return within "
+                        f"{timeout:.0f} s after {what}")
+    return [future.result() for future in futures]
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """An exception a job answered instead of raising (:func:`contained`), with its
+    traceback formatted where it ran: pickling drops ``__traceback__``."""
+
+    error: BaseException
+    traceback: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> JobFailure:
+        return cls(exc, "".join(traceback.format_exception(exc)))
+
+    def rebuilt(self) -> BaseException:
+        """The error, with the worker's traceback as its cause (a RemoteTraceback)
+        unless it has one already (it did not cross a process boundary)."""
+        if self.traceback and self.error.__cause__ is None:
+            self.error.__cause__ = RemoteTraceback(self.traceback)
+        return self.error
+
+
+def contained(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | JobFailure:
+    """`fn(*args, **kwargs)`, an Exception it raises answered as a :class:`JobFailure`:
+    submit this (``pool.submit(contained, fn, ...)``) to run `fn` on a pool shared
+    with other work, which a job that raises would break, failing every other job."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        return JobFailure.of(exc)
 
 
 def warm_up(pool: WorkerPool, timeout: float = 60.0) -> list[int]:

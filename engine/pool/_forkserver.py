@@ -52,8 +52,8 @@ from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import Any, cast
 
 from engine.errors import PoolError
+from engine.poll import poll_events
 from engine.pool._spawn import DEFAULT_WORKER_ENV, OWN_PROCESS_GROUP, child_environment
-from engine.pool._token import poll_millis
 
 _Key = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]  # (preload, worker_env's items)
 _SERVERS: dict[_Key, ForkServer] = {}
@@ -66,7 +66,7 @@ def _readable(fd: int, timeout: float) -> bool:
     hold descriptors numbered above select()'s 1023."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(poll_millis(timeout)))
+    return bool(poll_events(poller, timeout))
 
 
 def import_preload(preload: Sequence[str]) -> None:

@@ -24,11 +24,12 @@ from multiprocessing.process import BaseProcess
 from typing import Any, cast
 
 from engine.errors import PoolError, RemoteTraceback, WorkerCrashedError
+from engine.poll import poll_events
 from engine.pool._core import Job, PoolCore, settle
 from engine.pool._forkserver import fork_server, server_process_factory
 from engine.pool._frames import FRAME, FrameReader, encode_job
 from engine.pool._spawn import process_factory
-from engine.pool._token import close_in_forked_child, poll_millis
+from engine.pool._token import close_in_forked_child
 from engine.pool._worker import worker_main
 
 logger = logging.getLogger("multifd.pool")
@@ -199,7 +200,7 @@ class ProcessBackend:
             poller.register(worker.process.sentinel, select.POLLIN)
             sentinels[worker.process.sentinel] = worker
         dead = []
-        for fd, revents in poller.poll(poll_millis(timeout)):
+        for fd, revents in poll_events(poller, timeout):
             if fd in channels:
                 if revents & select.POLLOUT:
                     self._send(channels[fd])

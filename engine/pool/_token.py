@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 
 from engine.errors import CancelledError, PoolError
+from engine.poll import poll_events
 
 # Sockets whose copies must not survive in a forked child.  A token is set, and a
 # worker stopped, by EOF, which only comes once *every* copy of the other end is
@@ -33,11 +34,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def poll_millis(timeout: float | None) -> int:
-    """A timeout in seconds (None: for ever) as ``poll()`` wants it, rounded up."""
-    return -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
 
 
 class CancelToken:
@@ -87,7 +83,7 @@ class CancelToken:
         with contextlib.suppress(ValueError):  # closed under us: the pool is gone
             poller.register(wait_end, select.POLLIN)
             # Only EOF ever makes the wait end readable.  POLLNVAL: closed under us.
-            events = poller.poll(poll_millis(timeout))
+            events = poll_events(poller, timeout)
             self._flag = self._flag or any(not ev & select.POLLNVAL for _, ev in events)
         return self._flag
 

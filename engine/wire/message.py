@@ -387,12 +387,15 @@ Message: TypeAlias = (
 def packet_limits(
     config: Config, codec: int, codec_bound: Callable[[int], int] | None = None
 ) -> PacketLimits:
-    """The PacketLimits a channel receiver enforces for an accepted ``config``.
+    """The PacketLimits a channel receiver enforces for an accepted ``config``
+    (the destination builds them here and hands them to its channels).
 
-    ``codec`` is the id the codec registry gives ``config.codec``.
+    ``codec`` is the id the codec registry gives ``config.codec``.  In local mode
+    (``config.local``) the RAM is handed over, never sent: the limits name no
+    block, so a RAM_PAGES packet is refused.
     """
-    return PacketLimits(config.page_size, config.packet_pages, config.block_pages,
-                        codec, codec_bound)
+    return PacketLimits(config.page_size, config.packet_pages,
+                        () if config.local else config.block_pages, codec, codec_bound)
 
 
 # ── validation shared by the encoder and the decoder ──────────────────────────

@@ -22,13 +22,15 @@ by field; the main-channel messages live in :mod:`engine.wire.message`)::
                            (with a codec: as frames, engine/wire/frames.py)
 
 A channel is read with :class:`PacketDecoder`, the sans-IO decoder that keeps the
-channel's state (sequence, epoch, END), in one of two ways:
+channel's state (sequence, epoch, END):
 
-* payload in place (destination channels, through ``engine.channel.PacketReader``):
-  feed exactly the header bytes it wants (``want``); on :class:`PacketStart` claim the
-  payload for views (``payload_into``) and fill them straight from the socket;
-* whole packets, the h11 way: feed whatever arrives (``receive_data``) and take
-  each packet with its payload, or :data:`NEED_DATA` (``next_packet``).
+* payload in place, the way every destination channel reads (through
+  ``engine.channel.PacketReader``): feed exactly the header bytes it wants
+  (``want``); on :class:`PacketStart` claim the payload for views
+  (``payload_into``) and fill them straight from the socket;
+* whole packets, the h11 way, for tests and tools (no channel reads so): feed
+  whatever arrives (``receive_data``) and take each packet with its payload, or
+  :data:`NEED_DATA` (``next_packet``).
 
 :func:`decode_packet_header` and :func:`decode_packet` are its steps, usable alone.
 The run table of a RAM_PAGES header is :mod:`engine.wire.runs`; the frames of a
@@ -1047,7 +1049,8 @@ class PacketDecoder(StreamBuffer):
         self._start = None
 
     def next_packet(self) -> tuple[Packet, bytes] | Literal[NeedData.NEED_DATA]:
-        """The next whole packet and its payload, or NEED_DATA.
+        """The next whole packet and its payload, or NEED_DATA (for tests and tools:
+        channels read payloads in place).
 
         After END it answers NEED_DATA while no further byte arrives.  Raises
         RemoteProtocolError for an invalid packet, bytes after END, or a stream that

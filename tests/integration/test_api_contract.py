@@ -9,9 +9,12 @@ import os
 import socket
 import threading
 import time
+import types
 
 import pytest
 
+import engine.admission
+import engine.destination
 import engine.snapshot
 from clients.devices import DemoDevice
 from engine import (
@@ -230,6 +233,31 @@ def test_close_stops_a_destination_listening_started_or_not(how: str) -> None:
             if how == "not-started":
                 incoming.start()
             incoming.wait(10)
+
+
+def test_close_waits_for_the_teardown_on_the_end_itself_not_a_sleep_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() returns the moment the running thread's teardown ends (an event set
+    by the operation's end), without waking every few ms to look."""
+    real_close = engine.admission.Admission.close
+
+    def slow_close(admission: engine.admission.Admission) -> None:
+        time.sleep(0.1)  # a teardown that takes a while: close() must wait for it
+        real_close(admission)
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"close() sleep-polled ({seconds} s)")
+
+    monkeypatch.setattr(engine.admission.Admission, "close", slow_close)
+    monkeypatch.setattr(engine.destination, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, perf_counter=time.perf_counter, sleep=no_sleep))
+    incoming = DestinationMigration(address("tcp"), secret=SECRET)
+    incoming.start()
+    wait_until(lambda: incoming.state is MigrationState.LISTENING, "listening")
+    incoming.close()
+    assert incoming.done() and incoming.state is MigrationState.CANCELLED
+    with pytest.raises(CancelledError):
+        incoming.wait(10)
 
 
 def test_close_from_a_hook_of_the_destination_cancels_without_waiting_on_itself() -> None:

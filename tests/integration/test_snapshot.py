@@ -12,7 +12,7 @@ import pytest
 from clients.devices import DemoDevice, demo_devices
 from clients.guest import SyntheticGuest, check_incrementer, fill_ram
 from engine import GuestRAM, MigrationConfig
-from engine.errors import CancelledError, ConfigError, SnapshotError, SnapshotFormatError
+from engine.errors import CancelledError, ConfigError, RemoteTraceback, SnapshotError, SnapshotFormatError
 from engine.pool import WorkerPool
 from engine.scrub import scrub_pages
 from engine.snapshot import (
@@ -367,10 +367,13 @@ def test_a_scrub_that_cannot_read_fails_clearly_and_leaves_a_shared_pool_working
     info = inspect_snapshot(str(path))
     _, present, sums = _read_structure(path)
     with WorkerPool("process", 2, name="scrub-shared") as shared:
-        with pytest.raises(SnapshotError):
+        with pytest.raises(SnapshotError) as failed:
             scrub_pages(str(tmp_path / "gone.snap"), [b.pages_offset for b in md.blocks], present, sums,
                         4096, pool=shared)
         assert shared.broken is None
+        # The worker's frames come back with it, as a contained channel's do.
+        cause = failed.value.__cause__
+        assert isinstance(cause, RemoteTraceback) and "in check_job" in cause.tb
         assert inspect_snapshot(str(path), verify=True, pool=shared).damage == \
             inspect_snapshot(str(path), verify=True, channels=1).damage
     with pytest.raises(ConfigError, match="process pool"), \

@@ -40,6 +40,7 @@ from engine.errors import (
     TransportBrokenError,
 )
 from engine.multifd import ChannelLink, MultifdReceiver, MultifdSender, RateLimiter
+from engine.pool import JobFailure
 from engine.slots import KIND_EMPTY, SendSlot, SlotTable
 from engine.sync import FailureLatch, wait_readable
 
@@ -399,7 +400,7 @@ def test_a_contained_channel_failure_comes_back_from_its_report() -> None:
         call = Background(sender.sync)
         c.channels[0].expect(ControlOp.SYNC, 1)
         cause = LocalProtocolError("channel 0: a slot of unknown kind")
-        c.channels[0].future.set_result(ChannelReport(0, 0, {}, error=cause))
+        c.channels[0].future.set_result(ChannelReport(0, 0, {}, failure=JobFailure(cause, "")))
         c.channels[0].sock.close()
         call.join()
         assert c.latch.error is cause

@@ -25,11 +25,15 @@ from clients.guest import fill_ram
 from engine.channel import (
     ChannelSpec,
     ControlOp,
+    FileTarget,
+    _FileChannel,
+    _SendChannel,
     control_pair,
     read_control,
     run_recv_channel,
     run_send_channel,
 )
+from engine.errors import LocalProtocolError, SnapshotError
 from engine.multifd import ChannelLink, MultifdReceiver, MultifdSender, shutdown_links
 from engine.pool import CancelToken
 from engine.shm import PAGE_SIZE, GuestRAM
@@ -90,7 +94,8 @@ class Pipeline:
             spec_s = ChannelSpec(i, src.handle, self.table_s.handle, PACKET_PAGES,
                                  zero_page_detection=zero_pages)
             spec_d = ChannelSpec(i, dst.handle, self.table_d.handle, PACKET_PAGES,
-                                 zero_page_detection=zero_pages)
+                                 zero_page_detection=zero_pages, limits=packet.PacketLimits(
+                                     PAGE_SIZE, PACKET_PAGES, tuple(b.n_pages for b in dst.blocks)))
             future_s, thread_s = _start(run_send_channel, spec_s, chan_s, data_s, token=self.token)
             future_d, thread_d = _start(run_recv_channel, spec_d, chan_d, data_d, token=self.token)
             self.threads += [thread_s, thread_d]
@@ -149,7 +154,7 @@ class Pipeline:
         ended.join(HANG_S)
         assert not ended.is_alive()
         for link in self.links_s + self.links_d:
-            assert link.future.result(HANG_S).error is None
+            assert link.future.result(HANG_S).failure is None
 
     def close(self) -> None:
         self.release_held.set()
@@ -265,3 +270,40 @@ def test_the_barrier_keeps_a_late_stale_copy_from_landing_last() -> None:
         memory = bytes(p.dst.blocks[0].pages)  # and nothing else was written
         assert memory[:P * PAGE_SIZE] == bytes(P * PAGE_SIZE)
         assert memory[(P + 1) * PAGE_SIZE:] == bytes(len(memory) - (P + 1) * PAGE_SIZE)
+
+
+# ---------------------------------------------------------------------------
+# A channel that cannot start
+
+
+@pytest.mark.parametrize("kind", ["send", "file"])
+def test_a_channel_whose_own_set_up_fails_closes_what_the_base_opened(kind: str, tmp_path) -> None:
+    """The worker may serve other jobs after this one: a subclass's failure (an
+    unregistered payload kind, a snapshot file that is not there) closes the
+    control and data sockets, the RAM mapping and the slot table the base opened,
+    now, not at garbage collection."""
+    ram = GuestRAM.create([("pc.ram", 1 << 20)])
+    table = SlotTable.create(n_slots=2, max_items=16, payload_capacity=0, n_channels=1)
+    main_end, chan_end = control_pair()
+    ours, theirs = socket.socketpair()
+    token = CancelToken()
+    try:
+        if kind == "send":
+            spec = ChannelSpec(0, ram.handle, table.handle, PACKET_PAGES, payload_kinds=(99,))
+            with pytest.raises(LocalProtocolError, match="no payload handler registered for kind 99"):
+                _SendChannel(spec, chan_end, ours, token)
+            assert ours.fileno() == -1
+        else:
+            target = FileTarget(str(tmp_path / "missing.snap"), "read", (0,))
+            spec = ChannelSpec(0, ram.handle, table.handle, PACKET_PAGES, file=target)
+            with pytest.raises(SnapshotError):
+                _FileChannel(spec, chan_end, token)
+        assert chan_end.fileno() == -1  # while the error (and its frames) is still held
+    finally:
+        for sock in (main_end, chan_end, ours, theirs):
+            sock.close()
+        token.close()
+        table.close()
+        table.unlink()
+        ram.close()
+        ram.unlink()

@@ -7,14 +7,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
+from concurrent.futures import Future
 
 import pytest
 
 import engine
 from engine.config import NEGOTIATED, SHARED_LOCAL, SOURCE_LOCAL, DestinationConfig, MigrationConfig
 from engine.destination import DestinationMigration
-from engine.errors import ConfigError
+from engine.errors import ConfigError, PoolError
 from engine.migration import Migration
+from engine.multifd import ChannelLink
 from engine.operation import Operation
 from engine.saving import SavingOperation
 from engine.shm import GuestRAM
@@ -107,3 +110,17 @@ def test_a_destination_takes_only_what_applies_and_says_what_it_cannot_use(caplo
         destination = _destination(config)
         _close(destination)
     assert not caplog.records  # nothing it cannot use was given
+
+
+def test_channel_processes_that_do_not_start_in_time_are_a_pool_error() -> None:
+    """They are pool workers that did not start: PoolError, not the root MigrationError."""
+    operation = Operation(MigrationConfig(start_method="fork"))
+    ours, theirs = socket.socketpair()  # a channel that never says READY
+    operation._links = [ChannelLink(0, ours, None, Future())]
+    try:
+        with pytest.raises(PoolError, match=r"^1 channel process\(es\) did not start within 0 s$"):
+            operation._wait_channels_ready(0.05)
+    finally:
+        ours.close()
+        theirs.close()
+        operation.latch.close()

@@ -8,6 +8,7 @@ inputs are built here with ``struct``, never with the encoder under test.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import struct
@@ -929,6 +930,8 @@ def test_config_helpers() -> None:
     assert ConfigAck(0).accepted and not ConfigAck(3, "why").accepted
     limits = packet_limits(CONFIG, codec=9)
     assert limits == PacketLimits(4096, 128, (262144, 4096), 9, None)
+    # Local mode hands the RAM over: its channels' limits name no block, so no page is accepted.
+    assert packet_limits(dataclasses.replace(CONFIG, local=True), codec=0).block_pages == ()
 
 
 def message(type_: int, body: bytes, flags: int = 0, length: int | None = None) -> bytes:

@@ -10,6 +10,7 @@ reaches.
 from __future__ import annotations
 
 import ast
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,8 +22,9 @@ import pytest
 
 import engine.pool
 from engine.errors import BrokenPoolError, CancelledError, PoolError
-from engine.pool import CancelToken, WorkerPool
+from engine.pool import CancelToken, WorkerPool, on_every_worker
 from engine.pool._core import Job, PoolCore
+from engine.pool._forkserver import _readable
 
 GUARD = 10.0
 
@@ -296,6 +298,60 @@ def test_thread_job_ignoring_the_token_is_abandoned_and_its_late_result_dropped(
 
 
 # --------------------------------------------------------------------------- the package's shape
+
+
+def test_on_every_worker_is_woken_by_the_pool_breaking() -> None:
+    release = threading.Event()
+    with WorkerPool("thread", 2, name="every") as pool:
+        breaker = threading.Timer(0.1, pool.cancel, (PoolError("stop"),))
+        breaker.start()
+        try:
+            with pytest.raises(PoolError, match="broke while holding"):
+                on_every_worker(pool, release.wait, GUARD, timeout=GUARD, what="holding")
+        finally:
+            release.set()
+            breaker.join()
+
+
+def test_on_every_worker_whose_jobs_do_not_return_is_a_pool_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the builtin TimeoutError of future.result(0): every failure is in the tree."""
+    release = threading.Event()
+    hold = engine.pool._hold_until_all
+
+    def held_past_the_eof(*args: Any) -> int:
+        pid = hold(*args)
+        release.wait(GUARD)  # ran, said so, saw the EOF, and still has not returned
+        return pid
+
+    monkeypatch.setattr(engine.pool, "_hold_until_all", held_past_the_eof)
+    with WorkerPool("thread", 2, name="stuck") as pool:
+        try:
+            with pytest.raises(PoolError, match=r"2 worker\(s\) did not return within 0 s after"):
+                on_every_worker(pool, int, timeout=0.2)
+        finally:
+            release.set()
+
+
+def test_a_token_wait_of_any_length_does_not_overflow() -> None:
+    """poll() takes a C int of milliseconds: 1e7 s is beyond it (the audit's
+    poll_overflow.py), and a job author's wait must not raise for it."""
+    owner = CancelToken()
+    view = CancelToken(owner.wait_end())  # what a worker holds: set only through the EOF
+    try:
+        owner.set()
+        assert view.wait(1e7) is True
+    finally:
+        owner.close()
+
+
+def test_a_fork_server_wait_of_any_length_does_not_overflow() -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        assert _readable(r, 1e7) is True
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _pool_modules() -> dict[str, ast.Module]:

@@ -12,11 +12,22 @@ import signal as signals
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
 
-from engine.errors import CancelledError, ConfigError, LocalProtocolError, MigrationError
+import engine.poll
+from engine.errors import (
+    CancelledError,
+    ConfigError,
+    LocalProtocolError,
+    MigrationError,
+    TransportBrokenError,
+)
+from engine.payload import SwitchoverSaves
+from engine.poll import MAX_POLL_MS, poll_events
+from engine.pool import WorkerPool
 from engine.sync import (
     CHANNEL_TRANSITIONS,
     MIGRATION_TRANSITIONS,
@@ -123,6 +134,59 @@ def test_on_fail_callbacks_run_once_after_the_error_is_recorded(latch: FailureLa
     assert seen == [("a", error, True), ("b", error, True)]
 
 
+def test_a_kick_registered_after_the_failure_runs_at_once(latch: FailureLatch) -> None:
+    error = MigrationError("boom")
+    latch.fail(error)
+    seen: list[BaseException | None] = []
+    latch.on_fail(lambda: seen.append(latch.error))
+    assert seen == [error]  # now, not never: a wait it was to wake must not block
+    latch.fail(MigrationError("again"))
+    assert seen == [error]  # and once
+
+
+def test_a_kick_registered_while_failing_runs_exactly_once() -> None:
+    def register(latch: FailureLatch, calls: list[int], i: int) -> None:
+        latch.on_fail(lambda: calls.append(i))
+
+    for _ in range(100):
+        latch = FailureLatch()
+        calls: list[int] = []
+        threads = [threading.Thread(target=register, args=(latch, calls, i)) for i in range(8)]
+        for thread in threads[:4]:
+            thread.start()
+        latch.fail(MigrationError("x"))
+        for thread in threads[4:]:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(calls) == list(range(8))  # none lost, none run twice
+        latch.close()
+
+
+def test_switchover_saves_made_after_the_failure_do_not_wait_out_their_savers(
+        latch: FailureLatch) -> None:
+    """SwitchoverSaves is built during the switchover, maybe after the return path
+    failed the latch: its wait() relies on the late on_fail kick to end."""
+    release = threading.Event()
+
+    class BusySaver:
+        kind = 200
+
+        def save(self, send: object) -> None:
+            release.wait(30)  # in the VMM's own code, not calling send()
+
+    latch.fail(TransportBrokenError("the destination went away"))
+    with WorkerPool("thread", 1) as pool:
+        saves = SwitchoverSaves([BusySaver()], core=None, first_client=0, pool=pool, latch=latch)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransportBrokenError):
+                saves.wait()
+            assert time.monotonic() - started < 5
+        finally:
+            release.set()
+
+
 def test_raise_if_failed_keeps_a_migration_error_as_is(latch: FailureLatch) -> None:
     error = CancelledError("stop")
     latch.fail(error)
@@ -170,6 +234,27 @@ def test_close_releases_both_fds() -> None:
     assert len(set(os.listdir("/proc/self/fd")) - before) == 2
     latch.close()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_signal_dropped_without_close_releases_its_pipe() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    signal = Signal()
+    assert len(set(os.listdir("/proc/self/fd")) - before) == 2
+    del signal  # nobody closed it (a half-built operation): its finaliser does
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_closed_signal_is_not_closed_again_when_dropped() -> None:
+    signal = Signal()
+    signal.close()
+    reused = os.pipe()  # likely the very numbers the signal had
+    try:
+        del signal
+        os.fstat(reused[0])
+        os.fstat(reused[1])  # still open: nothing closed them by their old owner's numbers
+    finally:
+        os.close(reused[0])
+        os.close(reused[1])
 
 
 # ---------------------------------------------------------------------------
@@ -351,6 +436,26 @@ def test_closed_objects_and_negative_fds_raise_a_migration_error() -> None:
             wait_readable([obj], 0)
     with pytest.raises(LocalProtocolError):
         wait_writable([sock], 0)
+
+
+def test_a_wait_longer_than_poll_can_take_goes_round_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int | None] = []
+
+    class Poller:
+        def poll(self, ms: int | None) -> list[tuple[int, int]]:
+            asked.append(ms)
+            return [(7, select.POLLIN)] if len(asked) == 2 else []
+
+    clock = iter([0.0, 0.0, 2**31 / 1000, 2**31 / 1000])  # 1e7 s is ~4.7 times past the clamp
+    monkeypatch.setattr(engine.poll, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    assert poll_events(Poller(), 1e7) == [(7, select.POLLIN)]  # type: ignore[arg-type]
+    assert asked == [MAX_POLL_MS, MAX_POLL_MS]  # clamped to a C int, then again
+
+
+def test_wait_readable_of_any_length(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    os.write(w, b"x")
+    assert wait_readable([r], 1e7) == [r]
 
 
 def test_wait_retries_an_interrupted_poll_with_the_remaining_time(
@@ -583,29 +688,6 @@ def test_fail_from_every_running_state(state: MigrationState) -> None:
 def test_finished_states() -> None:
     assert {s for s in MigrationState if s.finished} == {S.COMPLETED, S.CANCELLED, S.FAILED,
                                                          S.OUTCOME_UNKNOWN}
-
-
-def test_wait_finished_wakes_on_completion() -> None:
-    machine = _machine_in(S.SWITCHOVER)
-    assert machine.wait_finished(timeout=0.01) is False
-    thread = _later(0.05, lambda: machine.fire(E.COMPLETE))
-    try:
-        assert machine.wait_finished(timeout=5) is True
-        assert machine.state is S.COMPLETED
-    finally:
-        thread.join()
-
-
-def test_wait_finished_is_not_woken_by_cancelling_alone() -> None:
-    machine = _machine_in(S.ACTIVE)
-    thread = _later(0.02, lambda: machine.fire(E.CANCEL))
-    try:
-        assert machine.wait_finished(timeout=0.2) is False
-        assert machine.state is S.CANCELLING
-    finally:
-        thread.join()
-    machine.fire(E.TORN_DOWN)
-    assert machine.wait_finished(timeout=0) is True
 
 
 # ---------------------------------------------------------------------------
