@@ -344,7 +344,10 @@ def check_address(uri: object) -> None:
 def _entry(uri: object) -> TransportEntry:
     if not isinstance(uri, str):
         raise ConfigError(f"an address is a string such as tcp://HOST:PORT or unix:///PATH, not {uri!r}")
-    scheme = urlsplit(uri).scheme
+    try:
+        scheme = urlsplit(uri).scheme
+    except ValueError as exc:  # "Invalid IPv6 URL": a '[' without its ']'
+        raise ConfigError(f"address {uri!r} is not a URL: {exc}") from None
     if not scheme:
         raise ConfigError(f"address {uri!r} has no scheme; use e.g. tcp://HOST:PORT or unix:///PATH")
     if scheme not in _REGISTRY:

@@ -128,6 +128,8 @@ def test_arguments_that_are_not_what_they_should_be_are_config_errors() -> None:
             # what the second outside round tried, argument by argument
             lambda: SourceMigration(ram, 1, secret=SECRET),  # type: ignore[arg-type]
             lambda: SourceMigration(ram, "ftp://x", secret=SECRET),
+            lambda: SourceMigration(ram, "tcp://[fd00::1:4444", secret=SECRET),  # no ']': not a URL
+            lambda: DestinationMigration("tcp://[::1:4444", secret=SECRET),
             lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, devices=None),  # type: ignore[arg-type]
             lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, pause_guest=1),  # type: ignore[arg-type]
             lambda: SourceMigration(ram, "tcp://127.0.0.1:1", secret=SECRET, pool="s"),  # type: ignore[arg-type]
