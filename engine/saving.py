@@ -299,6 +299,9 @@ class SavingOperation(Operation):
             log.debug("round %d: %d pages sent, %d dirty, expected downtime %.1f ms",
                       tracker.round, taken, pending, expected * 1000)
             if expected <= limit_s:
+                self._await_commit_cost()  # a peer's round trips count: known before deciding
+                expected = tracker.expected_downtime_s()
+            if expected <= limit_s:
                 if self._live_ready():  # converged; a device may want its switchover ack first
                     return expected
             else:
@@ -333,6 +336,10 @@ class SavingOperation(Operation):
         `wait_loaded` (no RAM round: the device state is all the round moved):
         first wait for the peer to load what the round handed out."""
         return 0, 0.0
+
+    def _await_commit_cost(self) -> None:
+        """Before the switchover decision: what the commit adds to the downtime
+        (tracker.commit_s) is known.  A snapshot has no peer: nothing to wait for."""
 
     def _live_ready(self, final: bool = False) -> bool:
         """May the guest be paused now (the switchover ack, if a device asks)?

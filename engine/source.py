@@ -98,6 +98,10 @@ HELLO_BATCH = 16
 
 #: PING/PONG round trips measured in precopy, one after the other; the RTT is the best.
 RTT_SAMPLES = 3
+#: Round trips of the switchover the paused guest waits for beyond the data: SWITCHOVER's
+#: way there (half), then PREPARED back and COMMIT there (one); the downtime_ms reported
+#: counts them, so the estimate it is compared with, and converges on, does too.
+COMMIT_ROUND_TRIPS = 1.5
 
 
 def _link_security(to: str, tls: TlsConfig | None, config: MigrationConfig) -> LinkSecurity:
@@ -173,6 +177,7 @@ class SourceMigration(SavingOperation, Migration):
         self._prepared = Signal()
         self._resumed = Signal()
         self._channels_joined = Signal()  # the destination's CHANNELS_READY came
+        self._first_rtt = Signal()  # the first PONG came: the commit's cost is known
         self._defer("close the return-path signals", self._close_signals)
         self._rtt_s = 0.0  # the best PING's round trip (0 until a PONG came)
         # When the PING whose PONG is due went (None: none is due), and how many
@@ -582,6 +587,9 @@ class SourceMigration(SavingOperation, Migration):
         rtt = time.perf_counter() - sent
         self._rtt_s = rtt if self._pings_sent == 1 else min(self._rtt_s, rtt)
         self._ping_sent_at = None
+        if self.tracker is not None:  # the paused guest waits out its way there, PREPARED and COMMIT
+            self.tracker.commit_s = COMMIT_ROUND_TRIPS * self._rtt_s
+        self._first_rtt.set()
 
     def _read_return_path(self) -> None:
         """Thread job: dispatch the destination's messages until RESUMED or failure.
@@ -690,4 +698,15 @@ class SourceMigration(SavingOperation, Migration):
         self._prepared.close()
         self._resumed.close()
         self._channels_joined.close()
+        self._first_rtt.close()
+
+    def _await_commit_cost(self) -> None:
+        """Before switching over: the RTT (its first PONG, sent right after set-up),
+        for the commit's round trips count in the expected downtime; bounded by
+        stall_timeout_s."""
+        try:
+            self._first_rtt.wait(self.latch, self.config.stall_timeout_s)
+        except TimeoutError:
+            raise TransportBrokenError(f"the destination did not answer a PING in "
+                                       f"{self.config.stall_timeout_s:.0f} s") from None
 

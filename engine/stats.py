@@ -96,6 +96,7 @@ class StatsTracker:
         self._round_queue: tuple[int, int] | None = None  # in a round: (its pages, guest pages sent before)
         self.device_pending_bytes = 0  # iterative devices' state not sent yet
         self.device_load_s = 0.0       # ... and the slowest one's loading time left
+        self.commit_s = 0.0            # the commit's round trips after the pause (a peer's RTT)
         self.dirty_rate = 0.0
         self.bandwidth = 0.0
         self._samples: deque[tuple[float, int]] = deque()
@@ -161,12 +162,13 @@ class StatsTracker:
 
     def expected_downtime_s(self, left_pages: int | None = None) -> float:
         """Dirty RAM and devices' pending state at the measured bandwidth, plus the
-        devices' loading time left (as the destination measured it)."""
+        devices' loading time left (as the destination measured it) and the
+        commit's round trips (:attr:`commit_s`)."""
         if self.bandwidth <= 0:
-            return self.device_load_s
+            return self.device_load_s + self.commit_s
         left = self.left_pages() if left_pages is None else left_pages
         moving = left * self.page_size + self.device_pending_bytes
-        return moving / self.bandwidth + self.device_load_s
+        return moving / self.bandwidth + self.device_load_s + self.commit_s
 
     def snapshot(self, state: MigrationState) -> MigrationStats:
         """The figures now, for an operation in `state`."""

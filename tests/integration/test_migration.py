@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from clients.guest import SyntheticGuest, check_incrementer
-from engine import MigrationConfig
+from engine import DestinationMigration, MigrationConfig, SourceMigration
 from engine.errors import ConvergenceError
-from tests.harness import LockstepGuest, MiB, guest_ram, migrate, same_memory
+from tests.harness import SECRET, LockstepGuest, MiB, SlowLink, guest_ram, migrate, same_memory
 
 
 @pytest.mark.parametrize("channels", [1, 2, 4])
@@ -97,6 +97,26 @@ def test_forced_switchover_after_max_rounds() -> None:
         result, _ = migrate(src, dst, config, "tcp", guest)
         assert guest.paused
         assert result.rounds == 4  # three precopy rounds, then the final one
+        assert same_memory(src, dst)
+
+
+def test_the_commits_round_trips_count_in_the_expected_downtime() -> None:
+    """A main channel 40 ms long: the paused guest waits 1.5 round trips for the
+    commit whatever its RAM, so a 20 ms limit is never met; the source says so
+    (switchover forced) instead of expecting a few ms and measuring 60+."""
+    config = MigrationConfig(channels=2, packet_pages=64, downtime_limit_ms=20, max_rounds=2)
+    with guest_ram(8 * MiB) as src, guest_ram(8 * MiB, fill="zero") as dst:
+        destination = DestinationMigration("tcp://127.0.0.1:0", secret=SECRET, ram=dst, config=config)
+        destination.start()
+        link = SlowLink(destination.address, slow=0, pause=0.04)  # the main channel's bytes
+        try:
+            result = SourceMigration(src, link.address, secret=SECRET, config=config).run()
+        finally:
+            link.close()
+            destination.wait(10)
+        assert result.rtt_ms >= 40
+        assert result.expected_downtime_ms >= 1.5 * result.rtt_ms
+        assert result.extra["switchover_forced"] == {"after_rounds": 2, "downtime_limit_ms": 20}
         assert same_memory(src, dst)
 
 

@@ -268,6 +268,10 @@ def test_expected_downtime_is_remaining_bytes_over_bandwidth() -> None:
     assert tracker.expected_downtime_s() == 0.0
     tracker.bandwidth, tracker.remaining_pages = 1.0, 0
     assert tracker.expected_downtime_s() == 0.0
+    tracker.commit_s = 0.06  # a peer's commit round trips: there whatever is left
+    assert tracker.expected_downtime_s() == pytest.approx(0.06)
+    tracker.bandwidth, tracker.remaining_pages = 100 * PAGE_SIZE, 250
+    assert tracker.expected_downtime_s() == pytest.approx(2.56)
 
 
 @pytest.mark.usefixtures("no_leaks")
