@@ -806,12 +806,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
             errors.seek(0)
             sys.stderr.write(errors.read())
     result = _merge_devices(result, remote)
-    _emit(args, result, {"destination": remote} if args.json else {
-        "dest downtime": f"{remote.get('downtime_ms', 0):.1f} ms (destination's share)",
-        **(_kvm_lines(args, result, remote) if args.guest == "kvm" else {}),
-    })
+    # Committed, then the destination said nothing: it died, and the guest with it.
+    lost = None if remote or destination.returncode == 0 else (
+        f"the destination process {destination.pid} "
+        f"{_ended_how(destination.returncode)} after the commit: the guest runs nowhere")
+    _emit(args, result, {"destination": remote, **({"destination_error": lost} if lost else {})}
+          if args.json else {
+              "dest downtime": f"{remote.get('downtime_ms', 0):.1f} ms (destination's share)",
+              **(_kvm_lines(args, result, remote) if args.guest == "kvm" and not lost else {}),
+          })
+    if lost:
+        print(f"multifd: failed: {lost}", file=sys.stderr)
+        return 1
     guest_ok = args.guest != "kvm" or remote.get("guest", {}).get("ok", False)
     return 0 if result.verified is not False and guest_ok else 1
+
+
+def _ended_how(returncode: int) -> str:
+    """'was killed by SIGKILL', 'exited 1': how a child process ended."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited {returncode}"
 
 
 def cmd_save(args: argparse.Namespace) -> int:

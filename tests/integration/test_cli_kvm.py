@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from clients.kvm.ioctl import kvm_unavailable_reason
-from tests.integration.test_cli import run
+from tests.integration.test_cli import _children_running, _running, run
 
 _UNAVAILABLE = kvm_unavailable_reason()
 pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None,
@@ -62,3 +66,29 @@ def test_demo_local_runs_the_vm_on_the_pages_handed_over() -> None:
     arrived = summary["destination"]["guest"]
     assert arrived["ok"] and arrived["ran_on"] and arrived["invariant"] == ""
     assert arrived["boot_chars"] == 0 and arrived["progress_chars"] >= 1
+
+
+def test_a_destination_that_dies_after_the_commit_is_one_line() -> None:
+    """The demo's destination killed while it runs the guest it committed (its
+    --run-after): the demo says so in one line, and in --json, and exits 1 (it
+    printed 'dest downtime 0.0 ms' and exited 1 with no word)."""
+    with _running("demo", *KVM, "--run-after", "60", "--json") as demo:
+        deadline = time.monotonic() + 60
+        servers: list[psutil.Process] = []
+        while not servers and time.monotonic() < deadline:
+            servers = [p for p in psutil.Process(demo.pid).children()
+                       if "_forkserver" in " ".join(p.cmdline())]
+            time.sleep(0.01)
+        assert servers, "the demo's fork server never started"
+        while not servers[0].children() and time.monotonic() < deadline:  # the source's channels, up
+            time.sleep(0.01)
+        while servers[0].children() and time.monotonic() < deadline:  # ... and gone: it has committed
+            time.sleep(0.01)
+        (listen,) = _children_running(demo.pid, "listen")
+        os.kill(listen, signal.SIGKILL)
+        out, err = demo.communicate(timeout=60)
+    assert demo.returncode == 1, err
+    lost = f"the destination process {listen} was killed by SIGKILL after the commit: the guest runs nowhere"
+    assert err.splitlines()[-1] == f"multifd: failed: {lost}", err
+    summary = json.loads(out)
+    assert summary["status"] == "completed" and summary["destination_error"] == lost
