@@ -160,6 +160,7 @@ class FileTarget:
     # restore: checked here
     sums: str | None = None
     direct_io: bool = False
+    identity: tuple[int, int] | None = None  # the file the operation opened (it must be that one)
 
 
 @dataclass(frozen=True)
@@ -641,7 +642,7 @@ class _FileChannel(_JobChannel):
     def _setup(self) -> None:
         target = self.spec.file
         assert target is not None
-        self.file: PositionalFile = open_file(target.path, target.mode, target.direct_io)
+        self.file: PositionalFile = open_file(target.path, target.mode, target.direct_io, target.identity)
         self._stack.callback(self.file.close)
         if target.present is not None:
             present = Segment.attach(target.present)

@@ -106,11 +106,12 @@ def _job(chunks: list[tuple[int, int, int, int, int, int]], runs: list[np.ndarra
     return ScrubJob(tuple(chunks), np.concatenate(runs), np.concatenate(words))  # words: uint64 already
 
 
-def check_job(path: str, job: ScrubJob, page_size: int) -> Found:
+def check_job(path: str, job: ScrubJob, page_size: int, identity: tuple[int, int] | None = None) -> Found:
     """Read and check one job's chunks; answer (block, damaged page numbers) per
     chunk that has any, and (block, chunk) per chunk that has none but does not
-    match its word.  Raises SnapshotError when the file cannot be read."""
-    file = open_file(path, "read")
+    match its word.  Raises SnapshotError when the file cannot be read, or is no
+    longer the one `identity` names (engine.transport.open_file)."""
+    file = open_file(path, "read", identity=identity)
     try:
         scratch = bytearray(fmt.CHUNK_PAGES * page_size)
         zeros = np.frombuffer(scratch, dtype=np.uint8)
@@ -150,13 +151,15 @@ def check_job(path: str, job: ScrubJob, page_size: int) -> Found:
 
 def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.ndarray],
                 sums: Sequence[tuple[np.ndarray, np.ndarray]], page_size: int, *, channels: int = 1,
-                pool: WorkerPool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                pool: WorkerPool | None = None,
+                identity: tuple[int, int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per block, its damaged pages and the chunks whose word does not match though
     every page does (sorted numbers); every present page and chunk word checked,
     `channels` jobs at a time on worker processes: those of `pool` (a process
     pool, e.g. the VMM's warm one), else a pool of `channels` of this scrub's own.
     ``channels=1`` without a pool: sequentially, in this process.  `sums`: each
-    block's page words and chunk words.
+    block's page words and chunk words; `identity`: the file the caller checked
+    (a job that finds another at `path` fails: it was replaced meanwhile).
 
     Raises ConfigError for a bad `channels` or a thread pool; SnapshotError when
     the file cannot be read; a pool's error when a worker fails.
@@ -167,14 +170,14 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
         raise ConfigError("a scrub runs on a process pool: page checks hold the GIL")
     jobs = plan_jobs(pages_offsets, present, sums, page_size, JOB_PAGES)
     if pool is None and (channels == 1 or len(jobs) <= 1):
-        results = [check_job(path, job, page_size) for job in jobs]
+        results = [check_job(path, job, page_size, identity) for job in jobs]
     elif pool is not None:
-        results = _run(pool, path, jobs, page_size, channels)
+        results = _run(pool, path, jobs, page_size, channels, identity)
     else:
         # Forked from the process's channel fork server (started by the CLI, or now):
         # a spawned interpreter per worker cost more than the scrub saved.
         with channel_pool(min(channels, len(jobs)), "mfd-scrub") as own:
-            results = _run(own, path, jobs, page_size, channels)
+            results = _run(own, path, jobs, page_size, channels, identity)
     found: list[list[np.ndarray]] = [[] for _ in present]
     found_chunks: list[list[int]] = [[] for _ in present]
     for damaged, bad_chunks in results:
@@ -188,7 +191,7 @@ def scrub_pages(path: str, pages_offsets: Sequence[int], present: Sequence[np.nd
 
 
 def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob], page_size: int,
-         channels: int) -> list[Found]:
+         channels: int, identity: tuple[int, int] | None) -> list[Found]:
     """Every job on `pool`, at most `channels` at a time; their answers in job
     order (the first failure raised, the jobs not yet sent never sent)."""
     answers: list[Found] = []
@@ -197,7 +200,7 @@ def _run(pool: WorkerPool, path: str, jobs: Sequence[ScrubJob], page_size: int,
     while True:
         for job in itertools.islice(waiting, channels - len(in_flight)):
             # Contained: a job that raised would break the pool, which may be the VMM's.
-            in_flight.append(pool.submit(contained, check_job, path, job, page_size))
+            in_flight.append(pool.submit(contained, check_job, path, job, page_size, identity))
         if not in_flight:
             return answers
         answer = in_flight.popleft().result()  # a job is bounded work, or its worker dies

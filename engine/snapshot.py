@@ -219,7 +219,7 @@ def _scrub(file: PositionalFile, info: SnapshotInfo, present: Sequence[np.ndarra
     page_size = info.superblock.page_size
     blocks = info.metadata.blocks
     damaged = scrub_pages(file.path, [b.pages_offset for b in blocks], present, sums, page_size,
-                          channels=channels, pool=pool)
+                          channels=channels, pool=pool, identity=file.identity())
     damage: list[Damage] = []
     for block, (pages, chunks) in zip(blocks, damaged):
         # One region per run of consecutive damaged pages.
@@ -384,7 +384,7 @@ class SnapshotSave(SavingOperation):
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
-                            direct_io=self.direct_io)
+                            direct_io=self.direct_io, identity=self._file.identity())
         self._core = _start_file_channels(self, cfg, self.ram, target,
                                           zero_page_detection=cfg.zero_page_detection,
                                           max_bandwidth=cfg.max_bandwidth)
@@ -654,9 +654,10 @@ class SnapshotRestore(Operation):
             # No view of the map outlives this block: a failure below keeps this frame
             # (in its traceback), and its views would keep the map mapped after teardown.
             del words, page_words, chunk_words, present_words
+        assert self._file is not None
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
-                            direct_io=self.direct_io)
+                            direct_io=self.direct_io, identity=self._file.identity())
         self._core = _start_file_channels(self, self.config, ram, target)
 
     def _zero_absent(self, present: list[np.ndarray]) -> None:

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from engine.errors import ConfigError, MigrationError, TransportBrokenError, TransportClosedError
+from engine.errors import (
+    ConfigError,
+    MigrationError,
+    SnapshotError,
+    TransportBrokenError,
+    TransportClosedError,
+)
 from engine.scatter import IOV_MAX, Buffer, advance, batch, flat_views
 from engine.sync import wait_readable, wait_writable
 
@@ -386,15 +392,24 @@ class PositionalFile(Protocol):
     def read_into(self, offset: int, buffers: Sequence[Buffer]) -> int: ...
     def read_at(self, offset: int, length: int) -> bytes: ...
     def size(self) -> int: ...
+    def identity(self) -> tuple[int, int]: ...
     def sync(self) -> None: ...
     def publish(self) -> str: ...
     def discard(self) -> None: ...
     def close(self) -> None: ...
 
 
-def open_file(path: str, mode: str, direct_io: bool = False) -> PositionalFile:
+def open_file(path: str, mode: str, direct_io: bool = False,
+              identity: tuple[int, int] | None = None) -> PositionalFile:
     """Open a snapshot file: ``create`` (a partial file for target `path`),
-    ``write`` or ``read``.  Raises SnapshotError."""
+    ``write`` or ``read``.  `identity`: the file another process opened at `path`
+    (its :meth:`PositionalFile.identity`), which this one must be too (a channel
+    opens by name).  Raises SnapshotError."""
     if "file" not in _FILE_OPENERS and not _installed("file"):
         raise ConfigError(f"no file transport is installed to open {path}")
-    return _FILE_OPENERS["file"](path, mode, direct_io)
+    file = _FILE_OPENERS["file"](path, mode, direct_io)
+    if identity is not None and file.identity() != identity:
+        file.close()
+        raise SnapshotError(f"{path} was replaced while in use: another file took its name "
+                            f"(renamed over it, or written anew); nothing was read from that one")
+    return file

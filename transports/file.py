@@ -121,6 +121,14 @@ class SnapshotFile:
         except OSError as exc:
             raise self._error(exc, "stat") from exc
 
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino): which file this is, whatever its name now."""
+        try:
+            status = os.fstat(self.fd)
+        except OSError as exc:
+            raise self._error(exc, "stat") from exc
+        return status.st_dev, status.st_ino
+
     def sync(self) -> None:
         """Make everything written to this file so far durable (any descriptor's)."""
         try:

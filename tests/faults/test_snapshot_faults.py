@@ -28,7 +28,7 @@ from engine.errors import (
     SnapshotError,
     SnapshotFormatError,
 )
-from engine.snapshot import SnapshotRestore, SnapshotSave
+from engine.snapshot import SnapshotRestore, SnapshotSave, inspect_snapshot
 from engine.wire import snapshot_format as fmt
 from tests.harness import NIC, MiB, Recorder, guest_ram, in_round, kill_a_channel, same_memory
 
@@ -386,3 +386,34 @@ def test_a_dirty_source_that_raises_is_a_guest_control_error(tmp_path: Path) -> 
                            match=r"dirty_source\.take\(\) raised ValueError: the dirty log ioctl failed"):
             save.run()
     assert resumed == [] and not path.exists()
+
+
+@pytest.mark.parametrize("reader", ["restore", "scrub"])
+def test_a_snapshot_renamed_over_while_read_is_not_called_damaged(
+        snapshot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    """Another good snapshot renamed over the file between the structure check and
+    the channels' opens (a checkpoint save to the same path does that): the
+    channels open by name, so they would read the other file against this one's
+    checksums and blame a good snapshot ("page N is damaged").  They find it is not
+    the file checked, and say it was replaced."""
+    other = tmp_path / "other.snap"
+    with guest_ram(4 * MiB, fill="random") as ram:
+        SnapshotSave(ram, str(other), live=False, devices=[Recorder(*NIC)]).run()
+    import engine.snapshot as snapshot_module
+
+    def replaced_first(original: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            os.rename(other, snapshot)  # as a save publishes: rename over the target
+            return original(*args, **kwargs)
+        return call
+
+    message = f"{snapshot} was replaced while in use: another file took its name"
+    if reader == "restore":
+        monkeypatch.setattr(snapshot_module, "_start_file_channels",
+                            replaced_first(snapshot_module._start_file_channels))
+        with GuestRAM.create({"pc.ram": 4 * MiB}) as ram, pytest.raises(SnapshotError, match=message):
+            SnapshotRestore(str(snapshot), ram=ram, devices=[Recorder(*NIC)]).run()
+    else:
+        monkeypatch.setattr(snapshot_module, "scrub_pages", replaced_first(snapshot_module.scrub_pages))
+        with pytest.raises(SnapshotError, match=message):
+            inspect_snapshot(str(snapshot), verify=True, channels=2)
