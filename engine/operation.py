@@ -98,6 +98,7 @@ class Operation:
     """
 
     role = "operation"
+    noun = "migration"  # what a user calls it: "migration cancelled"
 
     def __init__(self, config: LocalConfig, *, pool: WorkerPool | None = None,
                  own_pool_if_short: bool = False) -> None:
@@ -255,7 +256,7 @@ class Operation:
         cancelled before it started): its result or error is there to take."""
         return self._over.is_set()
 
-    def cancel(self, reason: str = "migration cancelled") -> bool:
+    def cancel(self, reason: str | None = None) -> bool:
         """Cancel at any phase before the commit point; run() then raises CancelledError.
 
         Returns False, and changes nothing, once the migration committed (the
@@ -266,10 +267,11 @@ class Operation:
         """
         with self._commit_lock:
             if self._committed or self._past_return or self.state.finished:
-                log.info("%s: cancel refused, the %s has %s", self.role, self.role,
-                         "finished" if self.state.finished else "committed")
+                log.info("%s: cancel refused, the %s has %s", self.role, self.noun,
+                         "finished" if self.state.finished else
+                         "committed" if self._committed else "passed its point of no return")
                 return False
-            if not self.latch.cancel(reason):
+            if not self.latch.cancel(reason or f"{self.noun} cancelled"):
                 return False
         with self._claim_lock:
             unstarted, self._claimed_by = self._claimed_by is None, self._claimed_by or "cancel"

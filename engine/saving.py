@@ -47,7 +47,7 @@ from engine.sync import MigrationEvent
 from engine.verify import check_dump_dir
 from engine.wire import packet
 
-log = logging.getLogger("multifd.source")
+log = logging.getLogger("multifd.saving")
 
 RAM_CLIENT = 0  # the RAM client's slot; device save job i uses client RAM_CLIENT + 1 + i
 _PROGRESS_EVERY_S = 0.1

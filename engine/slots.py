@@ -57,7 +57,8 @@ class Counter(IntEnum):
     SYNCS = 6
     DEVICE_BYTES = 7
     LAST_WORD = 8        # 1 once the channel's work is done: END written (source) or read
-                         # (destination), set just before it tells main so
+                         # (destination), set just before it tells main so, so that a
+                         # death after it is known to be after its last word
     HASH_NS = 9          # tracked verification: nanoseconds spent hashing pieces
 
 

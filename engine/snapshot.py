@@ -298,6 +298,7 @@ class SnapshotSave(SavingOperation):
     """
 
     role = "save"
+    noun = "snapshot save"
     # Internal, for bench/snapshot.py's "without checksums" column only: a file
     # saved without them has all-zero checksums and fails a checking restore.
     _page_checksums = True
@@ -519,6 +520,7 @@ class SnapshotRestore(Operation):
     """
 
     role = "restore"
+    noun = "snapshot restore"
     config: MigrationConfig
     _page_checksums = True  # internal: off only for bench/snapshot.py's "without" column
 

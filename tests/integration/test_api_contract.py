@@ -276,6 +276,14 @@ def test_close_from_a_hook_of_the_destination_cancels_without_waiting_on_itself(
         assert incoming.ram is None  # the RAM it created went with the teardown
 
 
+def test_a_cancelled_snapshot_says_what_was_cancelled(tmp_path) -> None:
+    with guest_ram(1 * MiB) as ram:
+        save = SnapshotSave(ram, str(tmp_path / "vm.snap"))
+        assert save.cancel()
+        with pytest.raises(CancelledError, match="^snapshot save cancelled$"):
+            save.run()
+
+
 def test_a_finished_snapshot_cannot_be_cancelled(tmp_path, monkeypatch) -> None:
     """True from cancel() means stopped: once a save publishes its file, or a restore
     starts its guest, cancel() is refused (it said True, and the guest ran)."""
