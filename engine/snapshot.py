@@ -284,7 +284,34 @@ class _DeviceArea:
         return tuple(entries)
 
 
-class SnapshotSave(SavingOperation):
+class _FileChannels(Operation):
+    """What a save and a restore share: maps their channels attach, and N file
+    channels on the snapshot driven by a multifd core."""
+
+    def _shared_map(self, size: int, what: str) -> Segment:
+        """A zero-filled shared segment of `size` bytes that the channels attach by
+        name (`what` names it in errors), closed and unlinked at teardown."""
+        segment = Segment.create(size, what=what)
+        self._defer(f"unlink {what}", _free_segment, segment)
+        return segment
+
+    def _start_file_channels(self, cfg: MigrationConfig, ram: GuestRAM, target: FileTarget, *,
+                             zero_page_detection: bool = False,
+                             max_bandwidth: float | None = None) -> MultifdSender:
+        """N file channels on `target`, serving; the multifd core that drives them
+        with RAM slots (no payload: a slot only names pages)."""
+        slots = self._own_slots(SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
+                                                 payload_capacity=0, n_channels=cfg.channels))
+        spec = ChannelSpec(channel_id=0, ram=ram.handle, slots=slots.handle, packet_pages=cfg.packet_pages,
+                           zero_page_detection=zero_page_detection,
+                           payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target)
+        self._start_channels(run_file_channel, [None] * cfg.channels, spec)
+        return MultifdSender(self._links, slots, n_clients=1, latch=self.latch,
+                             marker=lambda epoch: None, stall_timeout=cfg.stall_timeout_s,
+                             max_bandwidth=max_bandwidth)
+
+
+class SnapshotSave(SavingOperation, _FileChannels):
     """Save `ram` and `devices` to the snapshot file `path`.
 
     ``live=True``: the guest keeps running through precopy rounds until what is
@@ -375,18 +402,18 @@ class SnapshotSave(SavingOperation):
         self._defer("remove or close the snapshot file", self._release_file)
         if self.direct_io:
             open_file(self._file.path, "write", direct_io=True).close()  # fails here if unsupported
-        self._present = _shared_map(self, self.ram.n_pages, "the present map")  # fresh: all absent
+        self._present = self._shared_map(self.ram.n_pages, "the present map")  # fresh: all absent
         if self._page_checksums:
             # The channels put each page's checksum here as they write the page: a
             # page written again (a later round) gets its new checksum in place; then
             # each chunk's, recomputed by every channel that writes its pages.
             _, chunk_words, _ = _sum_words(self.ram)
-            self._sums = _shared_map(self, chunk_words.stop * fmt.PAGE_SUM_SIZE, "the checksum map")
+            self._sums = self._shared_map(chunk_words.stop * fmt.PAGE_SUM_SIZE, "the checksum map")
         target = FileTarget(self._file.path, "write", tuple(b.pages_offset for b in self.layout.blocks),
                             present=self._present.name,
                             sums=self._sums.name if self._sums is not None else None,
                             direct_io=self.direct_io, identity=self._file.identity())
-        self._core = _start_file_channels(self, cfg, self.ram, target,
+        self._core = self._start_file_channels(cfg, self.ram, target,
                                           zero_page_detection=cfg.zero_page_detection,
                                           max_bandwidth=cfg.max_bandwidth)
         self._start_device_pool()
@@ -470,14 +497,6 @@ class SnapshotSave(SavingOperation):
         file.close()
 
 
-def _shared_map(operation: Operation, size: int, what: str) -> Segment:
-    """A zero-filled shared segment of `size` bytes that the operation's channels
-    attach by name (`what` names it in errors), closed and unlinked at teardown."""
-    segment = Segment.create(size, what=what)
-    operation._defer(f"unlink {what}", _free_segment, segment)
-    return segment
-
-
 def _free_segment(segment: Segment) -> None:
     segment.close()
     segment.unlink()
@@ -500,7 +519,7 @@ def _sum_words(ram: GuestRAM) -> tuple[slice, slice, slice]:
 # Restore.
 
 
-class SnapshotRestore(Operation):
+class SnapshotRestore(_FileChannels):
     """Restore the snapshot at `path` into guest RAM and `devices`.
 
     Without `ram` the restore creates RAM of the snapshot's layout
@@ -641,7 +660,7 @@ class SnapshotRestore(Operation):
             # checksum, each chunk's, then each chunk's present pages (a channel
             # holding them all checks the chunk by its word: ChannelContext.chunk_sums).
             layout = _sum_words(ram)
-            self._sums = _shared_map(self, layout[-1].stop * fmt.PAGE_SUM_SIZE, "the checksum map")
+            self._sums = self._shared_map(layout[-1].stop * fmt.PAGE_SUM_SIZE, "the checksum map")
             words = np.frombuffer(self._sums.buf, dtype="<u8", count=layout[-1].stop)
             page_words, chunk_words, present_words = (words[part] for part in layout)
             page_at = chunk_at = 0
@@ -660,7 +679,7 @@ class SnapshotRestore(Operation):
         target = FileTarget(info.path, "read", tuple(b.pages_offset for b in info.metadata.blocks),
                             sums=self._sums.name if self._sums is not None else None,
                             direct_io=self.direct_io, identity=self._file.identity())
-        self._core = _start_file_channels(self, self.config, ram, target)
+        self._core = self._start_file_channels(self.config, ram, target)
 
     def _zero_absent(self, present: list[np.ndarray]) -> None:
         """RAM that held something: zero the pages the snapshot does not hold."""
@@ -708,22 +727,6 @@ class SnapshotRestore(Operation):
             ram, self.ram = self.ram, None
             ram.close()
             ram.unlink()
-
-
-def _start_file_channels(operation: Operation, cfg: MigrationConfig, ram: GuestRAM, target: FileTarget, *,
-                         zero_page_detection: bool = False,
-                         max_bandwidth: float | None = None) -> MultifdSender:
-    """A save's or restore's N file channels on `target`, serving; the multifd core
-    that drives them with RAM slots (no payload: a slot only names pages)."""
-    slots = operation._own_slots(SlotTable.create(n_slots=cfg.channels + 1, max_items=cfg.packet_pages,
-                                                  payload_capacity=0, n_channels=cfg.channels))
-    spec = ChannelSpec(channel_id=0, ram=ram.handle, slots=slots.handle, packet_pages=cfg.packet_pages,
-                       zero_page_detection=zero_page_detection,
-                       payload_kinds=(packet.PacketKind.RAM_PAGES,), file=target)
-    operation._start_channels(run_file_channel, [None] * cfg.channels, spec)
-    return MultifdSender(operation._links, slots, n_clients=1, latch=operation.latch,
-                         marker=lambda epoch: None, stall_timeout=cfg.stall_timeout_s,
-                         max_bandwidth=max_bandwidth)
 
 
 def _describe(layout: Sequence[tuple[str, int]]) -> str:

@@ -409,8 +409,8 @@ def test_a_snapshot_renamed_over_while_read_is_not_called_damaged(
 
     message = f"{snapshot} was replaced while in use: another file took its name"
     if reader == "restore":
-        monkeypatch.setattr(snapshot_module, "_start_file_channels",
-                            replaced_first(snapshot_module._start_file_channels))
+        monkeypatch.setattr(SnapshotRestore, "_start_file_channels",
+                            replaced_first(SnapshotRestore._start_file_channels))
         with GuestRAM.create({"pc.ram": 4 * MiB}) as ram, pytest.raises(SnapshotError, match=message):
             SnapshotRestore(str(snapshot), ram=ram, devices=[Recorder(*NIC)]).run()
     else:

@@ -357,7 +357,7 @@ def test_a_cancelled_restore_keeps_no_shared_memory_mapped(tmp_path, monkeypatch
     def cancelled(*args: object, **kwargs: object) -> None:
         raise CancelledError("cancelled as the channels start")
 
-    monkeypatch.setattr(engine.snapshot, "_start_file_channels", cancelled)
+    monkeypatch.setattr(SnapshotRestore, "_start_file_channels", cancelled)
     restore = SnapshotRestore(path)
     with pytest.raises(CancelledError):
         restore.run()
