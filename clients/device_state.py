@@ -1,4 +1,4 @@
-"""The device-state client: device streams as multifd payloads (seeds 000, 001, 003).
+"""The device-state client: device streams as multifd payloads.
 
 Source, at switchover (guest paused)::
 

@@ -6,7 +6,7 @@ device, spread over its chunks the way a device's firmware would spend it —
 so the benchmark and the demo can show the devices' share of the downtime.
 It implements :class:`engine.device.MigratableDevice`.
 
-An :class:`IterativeDemoDevice` (issue 16) is one whose state keeps changing
+An :class:`IterativeDemoDevice` is one whose state keeps changing
 while the guest runs — ``dirty_rate`` of it per second, in 256 KiB regions —
 and that hands it out during precopy (:class:`engine.device.IterativeDevice`)::
 

@@ -164,7 +164,7 @@ def _add_device_options(p: argparse.ArgumentParser, source: bool = True,
     p.add_argument("--devices", type=int, default=0, help="demo devices to migrate (0)")
     p.add_argument("--device-state", type=parse_size, default=parse_size("4M"),
                    help="state size of each demo device (4M)")
-    if iterative:  # issue 16: both sides must say it
+    if iterative:  # both sides must say it
         p.add_argument("--device-iterative", action="store_true",
                        help="demo devices send their state during precopy, and the source waits "
                        "for the destination to load it before it pauses (both sides must say it)")

@@ -285,7 +285,7 @@ class DestinationMigration(Migration):
         self.autostart = autostart
         self.running = False  # the guest was resumed here (after the commit)
         self.source_known = False  # a source's main hello was accepted: migration_id is its
-        # Iterative devices (issue 16): a LIVE_ROUND waits for its answer until
+        # Iterative devices: a LIVE_ROUND waits for its answer until
         # the loads catch up; a load job sets the wake signal after each chunk.
         self._live_wake: Signal | None = None
         self._live_due = False
@@ -584,7 +584,7 @@ class DestinationMigration(Migration):
             elif isinstance(message, wire.Complete):
                 return self._complete(message, t_start, t_setup, t_switchover, devices_done)
 
-    # -- iterative devices in precopy (issue 16) ----------------------------
+    # -- iterative devices in precopy -------------------------------------
 
     def _on_live_round(self, message: wire.LiveRound) -> None:
         """LIVE_ROUND, right after its round's SYNC_MARKER (so every chunk it counts

@@ -15,7 +15,7 @@ Source (:class:`MultifdSender`), N channels and M clients, N + M slots::
               END is the final barrier, so the last round needs no sync.
 
 Flush is the client's business (send its partly filled slot); sync is the
-core's: the two are separate calls (seed 004).
+core's: the two are separate calls.
 
 Destination (:class:`MultifdReceiver`): channels report AT_SYNC(e) and wait;
 on the main channel's SYNC_MARKER(e) the receiver waits until every channel is

@@ -27,7 +27,7 @@ The core moves slots and never looks inside them.  A *client* (RAM pages,
 device state, ...) registers, per packet kind:
 
 * a **sender** factory — runs in each source channel process and turns a filled
-  slot into ``[header, buffers...]`` (the *prepare* op of seed 002);
+  slot into ``[header, buffers...]`` (the *prepare* op);
 * a **receiver** factory — runs in each destination channel process and says
   where a checked packet's payload goes (views), then places it; it does no I/O;
 * optionally a **client** factory — runs in the source main process and fills

@@ -321,7 +321,7 @@ class SavingOperation(Operation):
                 return expected
             self._live_pace()
 
-    # Iterative devices in precopy (issue 16): the source of a migration
+    # Iterative devices in precopy: the source of a migration
     # overrides these; a snapshot saves every device at switchover.
 
     def _live_start(self) -> None:

@@ -1,6 +1,6 @@
 """Send slots in shared memory: the N + M buffers of the multifd core.
 
-A slot describes one payload to send (seed 000): each of the N channels owns one
+A slot describes one payload to send: each of the N channels owns one
 slot, each of the M clients owns one slot it is filling.  ``send()`` swaps a
 client's filled slot with an idle channel's empty one, so nothing is allocated
 per packet and only a slot *index* crosses the process boundary; the slot

@@ -187,7 +187,7 @@ class SourceMigration(SavingOperation, Migration):
         self._pings_sent = 0
         self._setup_deadline = 0.0
         self._session_key = b""  # from the main channel's handshake; channels authenticate with it
-        self._live: LiveDevices | None = None  # iterative devices' precopy (issue 16)
+        self._live: LiveDevices | None = None  # iterative devices' precopy
         self._live_counts: tuple[int, ...] = ()  # the last LIVE_ROUND's
         self._ack_deadline: float | None = None
         # Verification: tracked (each page hashed by the channel that sent it) unless
@@ -631,7 +631,7 @@ class SourceMigration(SavingOperation, Migration):
         self.latch.fail(error)
 
 
-    # -- iterative devices in precopy (issue 16) ----------------------------
+    # -- iterative devices in precopy -------------------------------------
 
     def _live_start(self) -> None:
         if self._live is not None:

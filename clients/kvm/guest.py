@@ -9,7 +9,7 @@
       devices = [machine.device]               after(seconds): run on, pause, check
       stop(): vCPU loop, pool, VM gone         stop()
 
-:meth:`KvmGuest.after` is issue 11's oracle for a guest that moved: it ran on
+:meth:`KvmGuest.after` is the oracle for a guest that moved: it ran on
 (its loop's pages changed after the resume), its invariant holds (checked
 paused), and it did not boot again (no boot character in this side's COM1).
 The object has :class:`clients.guest.SyntheticGuest`'s shape (start, pause,

@@ -93,7 +93,7 @@ class ConfigFlags(enum.IntFlag):
 
 
 class DeviceSpecFlags(enum.IntFlag):
-    ITERATIVE = 1       # the device sends live state during precopy (issue 16)
+    ITERATIVE = 1       # the device sends live state during precopy
     SWITCHOVER_ACK = 2  # the source waits for the destination to load its initial state
 
 
