@@ -119,7 +119,8 @@ def _vmm_process(config: MigrationConfig, pipe: Connection) -> None:
         pipe.close()
 
 
-def _checked(answer: Any) -> dict[str, Any]:
+def _checked(answer: Any) -> Any:
+    """The other VMM's answer (an address, a result), unless it says it failed."""
     if isinstance(answer, dict) and "error" in answer:
         raise RuntimeError(f"the other VMM failed: {answer['error']}")
     return answer

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
@@ -68,7 +68,7 @@ def _destination_process(handle: RamHandle, address: str, config: MigrationConfi
 
 
 def migrate(src: GuestRAM, dst: GuestRAM, config: MigrationConfig, *, transport: str = "tcp",
-            ram_is_zeroed: bool = False, source_devices: list[MigratableDevice] | None = None,
+            ram_is_zeroed: bool = False, source_devices: Sequence[MigratableDevice] | None = None,
             destination_devices: dict[str, Any] | None = None,
             tls: tuple[TlsConfig, TlsConfig] | None = None, hosts: Hosts | None = None,
             guest: Any = None) -> tuple[MigrationResult, dict[str, Any], float]:

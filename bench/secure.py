@@ -75,7 +75,7 @@ def ktls_probe(pki: Pki) -> tuple[str, str]:
     server = pki.config("dest").context(True)
     client = pki.config("source", peer_name="localhost").context(False)
     for ctx in (server, client):
-        ctx.options |= SSL_OP_ENABLE_KTLS  # type: ignore[assignment]
+        ctx.options |= SSL_OP_ENABLE_KTLS
     listener = socket.create_server(("127.0.0.1", 0))
     said: dict[str, str] = {}
 

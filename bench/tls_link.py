@@ -133,9 +133,9 @@ def transfer(pki: Pki, mode: str, src: RamHandle, dst: RamHandle, size: int, ste
                 proc.join()
         for pipe in pipes:
             pipe.close()
-    if None in results:
-        raise RuntimeError(f"a {mode} side did not report (see its traceback above)")
     receive, send = results
+    if receive is None or send is None:
+        raise RuntimeError(f"a {mode} side did not report (see its traceback above)")
     if receive["sha256"] != send["sha256"]:
         raise RuntimeError(f"{mode}: the receiver's memory differs from the sender's")
     gib = size / 2**30
