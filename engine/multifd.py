@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError as FuturesCancelledError
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FuturesTimeoutError
 
 from engine.channel import ChannelReport, ControlMessage, ControlOp, post, read_control
 from engine.errors import (
@@ -106,7 +105,7 @@ class ChannelLink:
         """
         try:
             error = channel_error(self.future, timeout=_EXIT_CAUSE_WAIT)
-        except FuturesTimeoutError:
+        except TimeoutError:  # concurrent.futures' is the builtin since 3.11
             error = TransportBrokenError(f"multifd channel {self.channel_id} stopped answering and "
                                          f"its process did not end within {_EXIT_CAUSE_WAIT:.0f} s")
         except FuturesCancelledError:

@@ -41,7 +41,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
 from dataclasses import replace
 from typing import Any
@@ -245,7 +244,7 @@ class Operation:
             raise ConfigError(f"start() the {self.role} first")
         try:
             return self._run_future.result(timeout)
-        except FutureTimeout:
+        except TimeoutError:  # concurrent.futures' is the builtin since 3.11
             raise WaitTimeout(f"the {self.role} is still running ({self.state}) after {timeout} s") from None
         finally:
             if self._run_future.done():

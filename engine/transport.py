@@ -32,7 +32,7 @@ from engine.errors import (
     TransportClosedError,
 )
 from engine.scatter import IOV_MAX, Buffer, advance, batch, flat_views
-from engine.sync import wait_readable, wait_writable
+from engine.sync import Pollable, wait_readable, wait_writable
 
 
 def broken(exc: OSError, what: str) -> TransportBrokenError | TransportClosedError:
@@ -223,7 +223,7 @@ def bind_and_listen(sock: socket.socket, address: object, uri: str) -> None:
 
 
 def connect_socket(
-    sock: socket.socket, address: object, timeout: float, abort: Selectable | None, what: str
+    sock: socket.socket, address: object, timeout: float, abort: Pollable | None, what: str
 ) -> None:
     """Connect `sock` within `timeout` s; give up at once when `abort` becomes readable.
 
@@ -244,10 +244,6 @@ def connect_socket(
             raise TransportBrokenError(f"cannot connect to {what}: {os.strerror(error)}")
     finally:
         sock.setblocking(True)
-
-
-class Selectable(Protocol):
-    def fileno(self) -> int: ...
 
 
 class Listener(Protocol):
@@ -308,7 +304,7 @@ def _describe(sock: socket.socket) -> str:
 # The registry: URI scheme -> transport module.
 
 
-ConnectFn = Callable[[str, float, "Selectable | None"], Connection]
+ConnectFn = Callable[[str, float, "Pollable | None"], Connection]
 
 
 @dataclass(frozen=True)
@@ -366,7 +362,7 @@ def _entry(uri: object) -> TransportEntry:
         raise ConfigError(f"unknown transport {scheme!r} in {uri!r}; known: {known}") from None
 
 
-def connect(uri: str, timeout: float = 10.0, abort: Selectable | None = None) -> Connection:
+def connect(uri: str, timeout: float = 10.0, abort: Pollable | None = None) -> Connection:
     """Open a connection to `uri`, giving up when `abort` becomes readable.
 
     Raises ConfigError or TransportBrokenError.

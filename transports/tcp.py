@@ -13,7 +13,7 @@ from engine.errors import ConfigError, TransportBrokenError
 from engine.sync import wait_readable
 from engine.transport import (
     Connection,
-    Selectable,
+    Pollable,
     SocketListener,
     bind_and_listen,
     connect_socket,
@@ -37,7 +37,7 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connection:
+def connect(uri: str, timeout: float, abort: Pollable | None = None) -> Connection:
     host, port = _host_port(uri)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

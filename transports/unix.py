@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from engine.errors import ConfigError
 from engine.transport import (
     Connection,
-    Selectable,
+    Pollable,
     SocketListener,
     bind_and_listen,
     connect_socket,
@@ -27,7 +27,7 @@ def _path(uri: str) -> str:
     return path
 
 
-def connect(uri: str, timeout: float, abort: Selectable | None = None) -> Connection:
+def connect(uri: str, timeout: float, abort: Pollable | None = None) -> Connection:
     path = _path(uri)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
