@@ -216,7 +216,7 @@ def bind_and_listen(sock: socket.socket, address: object, uri: str) -> None:
     TransportBrokenError naming `uri`."""
     try:
         sock.bind(address)  # type: ignore[arg-type]
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)  # the kernel's cap: a burst of strangers waits, not the source
     except OSError as exc:
         sock.close()
         raise TransportBrokenError(f"cannot listen on {uri}: {exc.strerror or exc}") from exc
