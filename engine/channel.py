@@ -59,9 +59,10 @@ from engine.pool import (
     fork_server,
     on_every_worker,
 )
-from engine.shm import GuestRAM, Populate, RamHandle, Segment, start_resource_tracker
+from engine.shm import GuestRAM, Populate, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
 from engine.sync import wait_readable
+from engine.tracker import start_resource_tracker
 from engine.transport import Connection, PositionalFile, open_file
 from engine.wire import packet
 from engine.wire.snapshot_format import PAGE_SUM_SIZE, sum_words

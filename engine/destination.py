@@ -334,6 +334,34 @@ class DestinationMigration(Migration):
                                           "a source to connect")
 
     def _setup(self, hello: packet.ChannelHello) -> None:
+        """The set-up steps of the module's docstring, in order: the main channel's
+        reply and CONFIG → CONFIG_ACK, the channels' hellos, the slot table and the
+        RAM's dirty marks, the channel processes, then the receiver and CHANNELS_READY."""
+        conn, config = self._handshake_main(hello)
+        self._mark("main_channel")
+        conns = self._accept_channels(hello)
+        self._channel_conns = conns  # after END nothing may come on them (_complete)
+        self._mark("channel_handshakes")
+        self._defer("close the channel connections", close_all, conns)
+        # Destination slots carry no pages: they deliver device chunks to this
+        # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
+        devices = [self.devices[(d.idstr, d.instance_id)] for d in config.devices]
+        kinds = self._payload_kinds(devices)
+        per_channel = DELIVERY_SLOTS if devices or self.payloads else 0
+        slots = self._create_slots(config, per_channel, kinds, devices)
+        self._prepare_ram(config)
+        spec = self._channel_spec(config, slots, kinds, per_channel)
+        self._mark("slots")
+        self._start_channels(run_recv_channel, conns, spec)
+        self._mark("channel_processes")
+        self._start_receiver(conn, slots, devices)
+
+    def _handshake_main(self, hello: packet.ChannelHello) -> tuple[Connection, wire.Config]:
+        """Answer the source's main hello (reply hello, then MAC records if agreed),
+        read its CONFIG and check it fits, make the RAM it asks for (or expect the
+        RAM's descriptors, local mode), → CONFIG_ACK.  Returns the main connection
+        (secured) and the configuration.  Raises ConfigError for a configuration
+        refused (after telling the source why)."""
         cfg = self.config
         conn = self._conn
         assert conn is not None
@@ -359,26 +387,32 @@ class DestinationMigration(Migration):
             self._defer("free the RAM it created", self._free_created_ram)
             self._ram_arrived(self.ram)
         self._send_message(wire.ConfigAck(0, ""))
-        self._mark("main_channel")
+        return conn, config
 
-        conns = self._accept_channels(hello)
-        self._channel_conns = conns  # after END nothing may come on them (_complete)
-        self._mark("channel_handshakes")
-        self._defer("close the channel connections", close_all, conns)
-        # Destination slots carry no pages: they deliver device chunks to this
-        # process (DELIVERY_SLOTS per channel) and hold the channels' counters.
-        devices = [self.devices[(d.idstr, d.instance_id)] for d in config.devices]
+    def _payload_kinds(self, devices: list[MigratableDevice]) -> list[int]:
+        """The packet kinds the channels deliver: RAM pages, device state when
+        `devices` load here, and each payload consumer's kind."""
         kinds: list[int] = [packet.PacketKind.RAM_PAGES]
         if devices:
             kinds.append(packet.PacketKind.DEVICE_STATE)
         kinds += sorted({consumer.kind for consumer in self.payloads})
-        per_channel = DELIVERY_SLOTS if devices or self.payloads else 0
+        return kinds
+
+    def _create_slots(self, config: wire.Config, per_channel: int, kinds: list[int],
+                      devices: list[MigratableDevice]) -> SlotTable:
+        """The statistics tracker and the slot table (freed at teardown):
+        `per_channel` delivery slots for each channel, at least one."""
         self.tracker = StatsTracker(sum(block.size for block in config.blocks), PAGE_SIZE)
-        slots = self._own_slots(SlotTable.create(
+        return self._own_slots(SlotTable.create(
             n_slots=max(1, per_channel * config.channel_count), max_items=1,
             payload_capacity=max(packet.MAX_DEVICE_CHUNK if devices else 0, slot_capacity(kinds)),
             n_channels=config.channel_count,
         ))
+
+    def _prepare_ram(self, config: wire.Config) -> None:
+        """The RAM here (none yet in local mode) before any page comes: its dirty
+        marks held and set to the pages that may hold data, and the digest map of
+        tracked verification if CONFIG asks for page sums."""
         # During an incoming migration the dirty map says which pages may hold
         # data, so a ZERO run only writes pages that need it (clients/ram_payload.py).
         # (Local mode: no RAM here yet, and the source's is not ours to touch.)
@@ -392,7 +426,11 @@ class DestinationMigration(Migration):
         if config.page_sums and self.ram is not None:  # tracked verification (engine/verify.py)
             self._digests = PieceDigests(self.ram, tracked_piece_pages(config.packet_pages, self.ram))
             self._defer("unlink the digest map", self._digests.close)
-        spec = ChannelSpec(
+
+    def _channel_spec(self, config: wire.Config, slots: SlotTable, kinds: list[int],
+                      per_channel: int) -> ChannelSpec:
+        """What each receiving channel process is started with."""
+        return ChannelSpec(
             # Local mode: no page comes, so the channels map no RAM (and refuse pages).
             channel_id=0, ram=RamHandle(()) if self.ram is None else self.ram.handle,
             slots=slots.handle, packet_pages=config.packet_pages,
@@ -406,19 +444,21 @@ class DestinationMigration(Migration):
             limits=wire.packet_limits(config, codecs.codec_entry(config.codec).wire_id,
                                       frames.payload_bound),
         )
-        self._mark("slots")
-        self._start_channels(run_recv_channel, conns, spec)
-        self._mark("channel_processes")
+
+    def _start_receiver(self, conn: Connection, slots: SlotTable, devices: list[MigratableDevice]) -> None:
+        """Every channel joined: stop listening, start the receiver (the main
+        channel's reads, the deliveries to the device loader and the payload
+        consumers), → CHANNELS_READY."""
         self._listener.close()  # every channel joined: nobody else may connect
         self._admission.close()
-        self._receiver = MultifdReceiver(self._links, self.latch, cfg.stall_timeout_s, slots=slots)
+        self._receiver = MultifdReceiver(self._links, self.latch, self.config.stall_timeout_s, slots=slots)
         self._receiver.watch(conn.fileno(), self._main.receive)
         if devices:
             self._start_device_loader(devices)
         for consumer in self.payloads:
             self._receiver.on_delivery(consumer.kind, consumer.on_delivered)
         self._send_message(wire.ChannelsReady())
-        conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
+        conn.settimeout(self.config.stall_timeout_s)  # bounds a send to a peer that stopped reading
 
     def _start_device_loader(self, devices: list[MigratableDevice]) -> None:
         """Chunks delivered by the channels go to the device-state client's loader."""

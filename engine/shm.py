@@ -15,7 +15,8 @@ owner unlinks it.  Other processes *attach* by name.  Python 3.11's
 ``SharedMemory`` registers every attach with the resource tracker, which then
 unlinks the segment when the attaching process exits; so attaching here goes
 straight to ``shm_open`` + ``mmap`` and never registers.  The owner does
-register, so the tracker cleans up if the owner itself dies.
+register, so the tracker cleans up if the owner itself dies (the tracker and the
+count of registrations: engine/tracker.py).
 
 Ownership can move (same-host migration, docs/architecture.md "Local
 mode")::
@@ -38,7 +39,7 @@ filesystem full is a SIGBUS that kills the process without a word.  So
 limit (less CGROUP_HEADROOM for the processes to come), then reserves the whole
 segment with ``posix_fallocate``, which fails with ENOSPC instead; either way a
 ConfigError names the size needed and the space free, and no segment is left
-behind.
+behind.  The check of that room is engine/space.py.
 
 Dirty tracking (docs/architecture.md, "Shared memory"): the guest writes a page first, then sets its byte.
 :meth:`DirtyMap.take` snapshots the map, clears exactly the entries it saw set,
@@ -56,18 +57,18 @@ import logging
 import mmap
 import os
 import secrets
-import signal
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, spawn, util
-from typing import Any, Literal, cast
+from typing import Literal
 
 import numpy as np
 
 from engine.errors import ConfigError, LocalProtocolError
-from engine.units import size_text, sizes_text
+from engine.space import SHM_DIR, check_space, no_space
+from engine.tracker import register, unregister
+from engine.units import size_text
 
 log = logging.getLogger("multifd.shm")
 
@@ -76,7 +77,6 @@ PAGE_SIZE = 4096
 # (inherited by child processes), is added: a test run sets it to tell its own
 # segments from those of any other run on the machine.
 SEGMENT_PREFIX = "mfd-" + os.environ.get("MULTIFD_SEGMENT_TAG", "")
-_TRACKER_TYPE = "shared_memory"
 # madvise(2) since Linux 5.14; Python 3.11's mmap does not name them.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 #: How much of a block a channel maps at once when it first touches it (populate
@@ -91,97 +91,11 @@ POPULATE_MIN_PAGES = 64
 #: "read" (piece by piece on first use: RamBlock.prepare_pages; a shared tmpfs
 #: page maps writable on a read fault, so writers use it too).
 Populate = bool | Literal["read"]
-SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linux)
-_CGROUP_ROOT = "/sys/fs/cgroup"
-_PROC_CGROUP = "/proc/self/cgroup"  # which cgroup of each hierarchy this process is in
-_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
-#: What a memory cgroup must keep free beyond the shared memory asked for: the
-#: processes an operation starts after its RAM exists (channels, a fork server, the
-#: CLI's synthetic guest: ~100 MiB for one side of the CLI here) are charged to the
-#: same cgroup, and a charge over its limit is an OOM kill, not an error.
-CGROUP_HEADROOM = 128 << 20
-
 
 # RAM whose dirty marks an operation of this process takes (a source's or a live
 # save's rounds), by its first segment's name: what holds them (GuestRAM.lease_dirty).
 _dirty_leases: dict[str, str] = {}
 _dirty_leases_lock = threading.Lock()
-
-# Names this process registered with its resource tracker, and how many of this
-# process's segments hold each (see the module's docstring).
-_registered: dict[str, int] = {}
-_registered_lock = threading.Lock()
-
-
-def start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker in a process group of its own, unless
-    this process has one already (started by anyone: left as it is).
-
-    The tracker unlinks the segments this process registered (:func:`_register`)
-    once it is gone: the guest RAM a command owned, when it is killed.  Started by
-    multiprocessing it stays in the owner's process group, so ``kill -9 -- -PGID``
-    (a shell's ``kill -9 %1``) killed it with the command, and the RAM stayed in
-    /dev/shm until reboot.  CPython 3.11's ``ResourceTracker.ensure_running``, but
-    for the group; later calls of that find it running.
-    """
-    tracker: Any = resource_tracker._resource_tracker  # its private fields: CPython 3.11's
-    with tracker._lock:
-        if tracker._fd is not None:
-            return
-        read, write = os.pipe()
-        try:
-            os.set_inheritable(read, True)
-            # Its descriptors are 0-2 and `read`, as close_fds and pass_fds would leave them.
-            closed = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2 and fd != read]
-            command = f"from multiprocessing.resource_tracker import main;main({read})"
-            executable = spawn.get_executable()
-            # Unlinking what a dead owner left (a killed command, the spare names of an
-            # unanswered COMMIT) is its job: not a warning on the owner's terminal.
-            quiet = ["-W", "ignore:resource_tracker:UserWarning"]
-            argv = [executable, *cast(Any, util)._args_from_interpreter_flags(), *quiet, "-c", command]
-            # SIGINT and SIGTERM blocked until its main ignores them, as ensure_running does.
-            pid = os.posix_spawn(executable, argv, os.environ, file_actions=closed,
-                                 setpgroup=0, setsigmask={signal.SIGINT, signal.SIGTERM})
-        except BaseException:
-            os.close(write)
-            raise
-        else:
-            tracker._fd, tracker._pid = write, pid
-        finally:
-            os.close(read)
-
-
-def _inheritable_fds() -> list[int]:
-    """This process's descriptors a child would inherit (those without close-on-exec)."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            if os.get_inheritable(fd):
-                found.append(fd)
-        except OSError:  # the directory's own descriptor, closed since
-            pass
-    return found
-
-
-def _register(path: str) -> None:
-    with _registered_lock:
-        _registered[path] = _registered.get(path, 0) + 1
-        if _registered[path] == 1:
-            start_resource_tracker()  # out of our process group: a group kill spares it
-            resource_tracker.register(path, _TRACKER_TYPE)
-
-
-def _unregister(path: str) -> None:
-    with _registered_lock:
-        count = _registered.get(path, 0)
-        if count == 0:
-            return
-        if count == 1:
-            del _registered[path]
-            resource_tracker.unregister(path, _TRACKER_TYPE)
-        else:
-            _registered[path] = count - 1
 
 
 def _inode(status: os.stat_result) -> tuple[int, int]:
@@ -190,98 +104,6 @@ def _inode(status: os.stat_result) -> tuple[int, int]:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max": no limit
-
-
-def _read_stat(path: str) -> dict[str, int]:
-    try:
-        with open(path) as f:
-            return {k: int(v) for k, v in (line.split() for line in f if line.count(" ") == 1)}
-    except (OSError, ValueError):
-        return {}
-
-
-def _cgroup_memory_room() -> tuple[int, int] | None:
-    """``(room, limit)``: bytes this process's memory cgroup can still charge, and
-    the limit that leaves the least; None without a limit.  Every cgroup from this
-    process's up to the mount's root counts (a limit is often a parent's: a slice,
-    a container's outer cgroup).  Page cache the kernel can drop counts as room;
-    shared memory cannot be dropped (without swap), so it does not.
-    """
-    try:
-        with open(_PROC_CGROUP) as f:
-            lines = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
-    for hierarchy, controllers, path in lines:
-        v2 = hierarchy == "0" and controllers == ""
-        if not v2 and "memory" not in controllers.split(","):
-            continue
-        base = _CGROUP_ROOT if v2 else os.path.join(_CGROUP_ROOT, "memory")
-        names = (("memory.max", "memory.current", "file", "shmem") if v2 else
-                 ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem"))
-        rooms = []
-        directory = os.path.normpath(os.path.join(base, path.lstrip("/")))
-        while True:  # up to the root of the mount, where a container sees only its own
-            room = _cgroup_room_in(directory, names)
-            if room is not None:
-                rooms.append(room)
-            if directory == base or not directory.startswith(base + os.sep):
-                break
-            directory = os.path.dirname(directory)
-        return min(rooms) if rooms else None
-    return None
-
-
-def _cgroup_room_in(directory: str, names: tuple[str, str, str, str]) -> tuple[int, int] | None:
-    """``(room, limit)`` of one cgroup directory; None if it sets no limit (or is unreadable)."""
-    limit = _read_int(os.path.join(directory, names[0]))
-    usage = _read_int(os.path.join(directory, names[1]))
-    if limit is None or usage is None or limit >= _NO_LIMIT:
-        return None
-    stat = _read_stat(os.path.join(directory, "memory.stat"))
-    droppable = max(0, stat.get(names[2], 0) - stat.get(names[3], 0))
-    return max(0, limit - usage + droppable), limit
-
-
-def _shm_free() -> int | None:
-    try:
-        status = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return status.f_bavail * status.f_frsize
-
-
-def _no_space(what: str, need: int) -> ConfigError:
-    free = _shm_free()
-    need_text, have = size_text(need), f"{SHM_DIR} is full"
-    if free is not None:
-        need_text, free_text = sizes_text(need, free)
-        have = f"{SHM_DIR} has {free_text} free"
-    return ConfigError(f"not enough shared memory for {what}: need {need_text}, {have}")
-
-
-def check_space(need: int, what: str) -> None:
-    """Raise ConfigError unless /dev/shm has room for `need` more bytes of shared
-    memory, and this process's memory cgroup for those and CGROUP_HEADROOM more
-    (`what` names them in the message).  A check only: :meth:`Segment.create` reserves."""
-    free = _shm_free()
-    if free is not None and need > free:
-        raise _no_space(what, need)
-    room = _cgroup_memory_room()
-    if room is not None and need + CGROUP_HEADROOM > room[0]:
-        need_text, room_text = sizes_text(need + CGROUP_HEADROOM, room[0])
-        raise ConfigError(f"not enough memory for {what}: need {need_text} ({size_text(need)} and "
-                          f"{size_text(CGROUP_HEADROOM)} for the engine's processes), the memory "
-                          f"cgroup's limit of {size_text(room[1])} leaves {room_text}")
 
 
 class Segment:
@@ -335,7 +157,7 @@ class Segment:
             raise ConfigError(f"cannot create shared memory {name!r}: {exc}") from exc
         # Registered before any page is charged: a process the kernel kills while it
         # reserves them (the memory cgroup's OOM killer) leaves its tracker to unlink it.
-        _register(path)
+        register(path)
         try:
             os.ftruncate(fd, size)
             os.posix_fallocate(fd, 0, size)
@@ -345,12 +167,12 @@ class Segment:
         except BaseException as exc:
             os.close(fd)
             _posixshmem.shm_unlink(path)
-            _unregister(path)
+            unregister(path)
             if not isinstance(exc, OSError):
                 raise
             need = size_text(_round_up(size, PAGE_SIZE))
             if exc.errno == errno.ENOSPC:  # another process took the space since the check
-                raise _no_space(what, _round_up(size, PAGE_SIZE)) from exc
+                raise no_space(what, _round_up(size, PAGE_SIZE)) from exc
             if exc.errno == errno.ENOMEM:  # the memory cgroup could not charge the pages
                 raise ConfigError(f"not enough memory for {what}: need {need}: {exc.strerror}") from exc
             raise ConfigError(f"cannot size shared memory {name!r} to {size} bytes: {exc}") from exc
@@ -431,7 +253,7 @@ class Segment:
         self._unlinked = False
         spare, self._spare = self._spare, None
         if spare is None:
-            _register("/" + self.name)
+            register("/" + self.name)
             return
         if renamed:
             first, self.name = self.name, spare  # the spare is registered already
@@ -439,7 +261,7 @@ class Segment:
                 with contextlib.suppress(FileNotFoundError):  # the other tracker may be at it too
                     os.unlink(os.path.join(SHM_DIR, first))
             return
-        _register("/" + self.name)
+        register("/" + self.name)
         self._drop(spare)
 
     def disown(self, spare: bool = False) -> None:
@@ -460,10 +282,10 @@ class Segment:
                 log.warning("shared memory %s: no spare name (%s): taken back, it keeps its "
                             "first name, which its new owner's exit may remove", self.name, exc)
             else:
-                _register("/" + name)
+                register("/" + name)
                 self._spare = name
         self.owner = False
-        _unregister("/" + self.name)
+        unregister("/" + self.name)
 
     def drop_spare(self) -> None:
         """The other owner keeps the segment: its spare name goes.  Idempotent."""
@@ -475,7 +297,8 @@ class Segment:
     def _drop(name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM_DIR, name))
-        _unregister("/" + name)
+        unregister("/" + name)
+
     def populate(self, start: int, length: int) -> bool:
         """Build this process's page tables for [start, start + length) now, in one
         call (MADV_POPULATE_READ, Linux 5.14), instead of one fault per page later
@@ -521,7 +344,7 @@ class Segment:
                 _posixshmem.shm_unlink(path)
         except FileNotFoundError:
             pass
-        _unregister(path)
+        unregister(path)
 
     def _names_this_file(self, name: str | None = None) -> bool:
         """Whether `name` (this segment's own by default) names this very file."""

@@ -255,6 +255,37 @@ class SourceMigration(SavingOperation, Migration):
             raise error
 
     def _setup(self) -> None:
+        """The set-up steps of the module's docstring, in order: the main channel's
+        handshake, the channel connections and their hellos, the channel processes,
+        the return-path reader; then the sender and the device pool."""
+        cfg = self.config
+        kinds = self._payload_kinds()
+        conn, slots = self._handshake_main(kinds)
+        self._mark("main_channel")
+        # From here the main thread reads nothing on the main channel: the return
+        # path does (CHANNELS_READY first), its thread started once our channels serve.
+        conns = self._connect_channels()
+        self._mark("channel_handshakes")
+        self._start_send_channels(conns, slots, kinds)
+        self._mark("channel_processes")
+        self._start_return_path()
+        conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
+        self._core = MultifdSender(
+            self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,
+            marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
+            stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
+        )
+        self._start_device_pool(len(self.payloads))
+        if any(map(is_iterative, self.devices)):
+            self._live = LiveDevices(self.devices, self.live_window, self.latch)
+            self._device_saver()
+
+    def _handshake_main(self, kinds: tuple[int, ...]) -> tuple[Connection, SlotTable]:
+        """Connect the main channel and authenticate both ways (← challenge, our
+        hello, ← its reply), protect it as agreed, CONFIG → ← CONFIG_ACK.  Returns
+        the main connection (secured) and the slot table for `kinds`, made while
+        the destination checks our hello.  Raises HandshakeError, or ConfigError
+        when the destination refuses the configuration."""
         cfg = self.config
         conn = self._own_conn(connect(self.to, cfg.connect_timeout_s, self.latch))
         conn.settimeout(cfg.handshake_timeout_s)  # bounds sends; reads wait on the latch
@@ -271,15 +302,7 @@ class SourceMigration(SavingOperation, Migration):
         self._session_key = packet.session_key(self.secret, self.migration_id, nonce, challenge)
         self._link = replace(self._link, session_key=self._session_key)
         # While the destination checks our hello: the slot table.
-        # N channel slots + one for the RAM client + one per device save job,
-        # each big enough for a device chunk when there are devices.
-        # ... and one per switchover payload.
-        kinds = self._payload_kinds()
-        slots = self._own_slots(SlotTable.create(
-            n_slots=cfg.channels + 1 + len(self.devices) + len(self.payloads), max_items=cfg.packet_pages,
-            payload_capacity=max(packet.MAX_DEVICE_CHUNK if self.devices else 0, slot_capacity(kinds)),
-            n_channels=cfg.channels,
-        ))
+        slots = self._create_slots(kinds)
         if self._link.mode == "tls":  # the reply and everything after it inside TLS
             conn = self._secure_main(conn, self._link)
         answer = self._read_handshake(packet.HELLO_SIZE)
@@ -299,10 +322,23 @@ class SourceMigration(SavingOperation, Migration):
         ack = self._read_message(wire.ConfigAck, self._setup_deadline)
         if not ack.accepted:
             raise ConfigError(f"destination refused the configuration: {ack.reason}")
-        self._mark("main_channel")
-        # From here the main thread reads nothing on the main channel: the return
-        # path does (CHANNELS_READY first), its thread started once our channels serve.
+        return conn, slots
 
+    def _create_slots(self, kinds: tuple[int, ...]) -> SlotTable:
+        """The slot table, freed at teardown: N channel slots + one for the RAM
+        client + one per device save job + one per switchover payload, each big
+        enough for a device chunk when there are devices (and for `kinds`)."""
+        cfg = self.config
+        return self._own_slots(SlotTable.create(
+            n_slots=cfg.channels + 1 + len(self.devices) + len(self.payloads), max_items=cfg.packet_pages,
+            payload_capacity=max(packet.MAX_DEVICE_CHUNK if self.devices else 0, slot_capacity(kinds)),
+            n_channels=cfg.channels,
+        ))
+
+    def _connect_channels(self) -> list[Connection]:
+        """Connect the channels and answer each one's challenge with its hello (the
+        session key's); returns their connections, closed at teardown."""
+        cfg = self.config
         conns: list[Connection] = []
         # Until the channel processes own them (and after: closing twice is harmless).
         self._defer("close the channel connections", close_all, conns)
@@ -311,7 +347,7 @@ class SourceMigration(SavingOperation, Migration):
         # under what admission holds from one peer before it evicts the oldest).
         for first in range(0, cfg.channels, HELLO_BATCH):
             batch = range(first, min(cfg.channels, first + HELLO_BATCH))
-            self._connect_channels(conns, batch.stop)
+            self._connect_batch(conns, batch.stop)
             for channel_id in batch:
                 data = conns[channel_id]
                 self._track(data)  # a cancel wakes the read of its challenge
@@ -322,10 +358,21 @@ class SourceMigration(SavingOperation, Migration):
                 self.latch.raise_if_failed()
                 data.send_all(packet.encode_hello(
                     packet.HelloRole.CHANNEL, self.migration_id, channel_id, cfg.channels,
-                    self._session_key, channel_challenge, flags=flags,
+                    self._session_key, channel_challenge, flags=self._link.hello_flags,
                 ))
                 data.settimeout(None)
-        self._mark("channel_handshakes")
+        return conns
+
+    def _connect_batch(self, conns: list[Connection], up_to: int) -> None:
+        """Connect channel connections until there are `up_to` (hellos not sent)."""
+        while len(conns) < up_to:
+            conns.append(connect(self.to, self.config.connect_timeout_s, self.latch))
+            conns[-1].settimeout(self.config.handshake_timeout_s)
+
+    def _start_send_channels(self, conns: list[Connection], slots: SlotTable, kinds: tuple[int, ...]) -> None:
+        """The channel processes, one per connection (and the digest map they
+        hash into, for tracked verification)."""
+        cfg = self.config
         if self._tracks_pages:  # verification hashes each piece as it leaves (engine/verify.py)
             self._digests = PieceDigests(self.ram, self._tracked_piece_pages)
             self._defer("unlink the digest map", self._digests.close)
@@ -341,33 +388,19 @@ class SourceMigration(SavingOperation, Migration):
             piece_pages=self._digests.piece_pages if self._digests is not None else 0,
         )
         self._start_channels(run_send_channel, conns, spec)
-        self._mark("channel_processes")
-        # Our channels serve: pages may go.  The destination's channels may still be
-        # starting (their sockets buffer what comes); its CHANNELS_READY is read by
-        # the return path within the set-up deadline (else the migration fails,
-        # whether or not round 1 still fits in the sockets), and waited for before
-        # our first main-channel message.
-        self._setup_deadline = time.monotonic() + cfg.handshake_timeout_s
+
+    def _start_return_path(self) -> None:
+        """The return-path reader, a thread job reading the destination's messages
+        until teardown.  Our channels serve: pages may go.  The destination's
+        channels may still be starting (their sockets buffer what comes); its
+        CHANNELS_READY is read by the return path within the set-up deadline (else
+        the migration fails, whether or not round 1 still fits in the sockets), and
+        waited for before our first main-channel message."""
+        self._setup_deadline = time.monotonic() + self.config.handshake_timeout_s
         self._helpers = WorkerPool("thread", 1, name="mfd-src-return-path")
         self._defer("stop the return-path reader", self._helpers.shutdown, wait=True, cancel=True)
         reader = self._helpers.submit(self._read_return_path)
         reader.add_done_callback(self._reader_done)
-        conn.settimeout(cfg.stall_timeout_s)  # bounds a send to a peer that stopped reading
-        self._core = MultifdSender(
-            self._links, slots, n_clients=1 + len(self.devices) + len(self.payloads), latch=self.latch,
-            marker=lambda epoch: self._send_message(wire.SyncMarker(epoch)),
-            stall_timeout=cfg.stall_timeout_s, max_bandwidth=cfg.max_bandwidth,
-        )
-        self._start_device_pool(len(self.payloads))
-        if any(map(is_iterative, self.devices)):
-            self._live = LiveDevices(self.devices, self.live_window, self.latch)
-            self._device_saver()
-
-    def _connect_channels(self, conns: list[Connection], up_to: int) -> None:
-        """Connect channel connections until there are `up_to` (hellos not sent)."""
-        while len(conns) < up_to:
-            conns.append(connect(self.to, self.config.connect_timeout_s, self.latch))
-            conns[-1].settimeout(self.config.handshake_timeout_s)
 
     def _switchover(
         self, client: PrecopyClient | None

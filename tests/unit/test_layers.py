@@ -9,7 +9,7 @@ TYPE_CHECKING:`` are left out, as they never run.  Bottom to top:
     wire        engine.wire.*                          + engine.errors, numpy, xxhash and
                                                        cryptography (bitmaps, page checksums,
                                                        record tags)
-    io          engine.sync, shm, codecs, transport, pool.*
+    io          engine.sync, shm, space, tracker, codecs, config, transport, link, pool.*
     core        engine.slots, dirty, converge, stats, verify, channel, multifd, payload,
                 device, admission, scrub
     operations  engine.operation, migration, saving, source, destination, snapshot
@@ -35,8 +35,8 @@ PACKAGES = ("engine", "clients", "transports")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("engine.errors", "engine.scatter", "engine.units", "engine.poll")),
     ("wire", ("engine.wire",)),
-    ("io", ("engine.sync", "engine.shm", "engine.codecs", "engine.config", "engine.transport", "engine.link",
-            "engine.pool")),
+    ("io", ("engine.sync", "engine.shm", "engine.space", "engine.tracker", "engine.codecs", "engine.config",
+            "engine.transport", "engine.link", "engine.pool")),
     ("core", ("engine.slots", "engine.dirty", "engine.stats", "engine.verify", "engine.channel",
               "engine.multifd", "engine.payload", "engine.device", "engine.admission",
               "engine.main_channel", "engine.pages", "engine.converge", "engine.scrub")),

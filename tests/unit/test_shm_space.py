@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import shm
+from engine import shm, space
 from engine.errors import ConfigError
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 
@@ -19,7 +19,7 @@ MiB = 1 << 20
 
 
 def allocated(segment: Segment) -> int:
-    return os.stat(f"{shm.SHM_DIR}/{segment.name}").st_blocks * 512
+    return os.stat(f"{space.SHM_DIR}/{segment.name}").st_blocks * 512
 
 
 def test_segment_create_reserves_every_page_before_any_touch() -> None:
@@ -46,7 +46,7 @@ def cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         pytest.skip("no /proc/self/cgroup")
     if not any(line.startswith("0::") or ":memory:" in line or ",memory" in line for line in lines):
         pytest.skip("this process is in no memory cgroup")
-    monkeypatch.setattr(shm, "_CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(space, "_CGROUP_ROOT", str(tmp_path))
     (tmp_path / "memory").mkdir()
     return tmp_path
 
@@ -61,7 +61,7 @@ def set_cgroup(root: Path, limit: str, usage: int, cache: int, shmem: int) -> No
     (v1 / "memory.stat").write_text(f"cache 0\ntotal_cache {cache}\ntotal_shmem {shmem}\n")
 
 
-LIMIT = 100 * MiB + shm.CGROUP_HEADROOM
+LIMIT = 100 * MiB + space.CGROUP_HEADROOM
 
 
 @pytest.mark.parametrize(("used", "need_and_room"), [
@@ -91,8 +91,8 @@ def test_a_parent_cgroups_limit_counts(tmp_path: Path, monkeypatch: pytest.Monke
     # outer cgroup) allows 100 MiB beyond the headroom, 96 MiB of it used.
     proc = tmp_path / "cgroup"
     proc.write_text("0::/outer/inner\n" if v2 else "4:memory:/outer/inner\n0::/\n")
-    monkeypatch.setattr(shm, "_PROC_CGROUP", str(proc))
-    monkeypatch.setattr(shm, "_CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(space, "_PROC_CGROUP", str(proc))
+    monkeypatch.setattr(space, "_CGROUP_ROOT", str(tmp_path))
     base = tmp_path if v2 else tmp_path / "memory"
     (base / "outer" / "inner").mkdir(parents=True)
     limit_file, usage_file = ("memory.max", "memory.current") if v2 else \
@@ -124,9 +124,9 @@ def test_a_process_killed_while_it_reserves_ram_leaves_no_segment() -> None:
         cwd=Path(__file__).parents[2], capture_output=True, timeout=60)
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()
     deadline = time.monotonic() + 10
-    while os.path.exists(f"{shm.SHM_DIR}/{name}") and time.monotonic() < deadline:
+    while os.path.exists(f"{space.SHM_DIR}/{name}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    leaked = os.path.exists(f"{shm.SHM_DIR}/{name}")
+    leaked = os.path.exists(f"{space.SHM_DIR}/{name}")
     if leaked:
-        os.unlink(f"{shm.SHM_DIR}/{name}")
+        os.unlink(f"{space.SHM_DIR}/{name}")
     assert not leaked, "the killed process's segment was left in /dev/shm"
