@@ -66,7 +66,7 @@ from typing import Literal
 import numpy as np
 
 from engine.errors import ConfigError, LocalProtocolError
-from engine.space import SHM_DIR, check_space, no_space
+from engine.space import CGROUP_HEADROOM, SHM_DIR, check_space, no_space
 from engine.tracker import register, unregister
 from engine.units import size_text
 
@@ -134,7 +134,7 @@ class Segment:
 
     @classmethod
     def create(cls, size: int, *, name: str | None = None, prealloc: bool = False,
-               what: str = "a shared-memory segment", keep_fd: bool = False) -> Segment:
+               what: str = "a shared-memory segment", keep_fd: bool = False, headroom: int = 0) -> Segment:
         """Create a zero-filled segment of `size` bytes; this process owns it.
 
         Every page is reserved now (``posix_fallocate``): a full /dev/shm fails
@@ -145,10 +145,11 @@ class Segment:
         not enough shared memory for `what` (the message says how much is
         needed and free); nothing is left behind.  `keep_fd`: keep the descriptor
         open for :meth:`fileno` (guest RAM, which local mode hands over).
+        `headroom`: memory a memory cgroup must have beyond `size` (check_space).
         """
         if size <= 0:
             raise ConfigError(f"segment size must be positive, got {size}")
-        check_space(_round_up(size, PAGE_SIZE), what)
+        check_space(_round_up(size, PAGE_SIZE), what, headroom)
         name = name or f"{SEGMENT_PREFIX}{secrets.token_hex(8)}"
         path = "/" + name
         try:
@@ -584,12 +585,15 @@ class GuestRAM:
                 )
         # Each block's segment holds its pages and its dirty map (page aligned).
         sizes = [size + _round_up(size // PAGE_SIZE, PAGE_SIZE) for _, size in items]
-        check_space(sum(sizes), "guest RAM")  # all blocks at once: the message names the total
+        # All blocks at once (the message names the total), and room in a memory cgroup
+        # for the channels and fork server that start once RAM exists.
+        check_space(sum(sizes), "guest RAM", CGROUP_HEADROOM)
 
         def made() -> Iterator[RamBlock]:
             for index, ((name, size), segment_size) in enumerate(zip(items, sizes)):
                 segment = Segment.create(segment_size, prealloc=prealloc, what="guest RAM",
-                                         keep_fd=True)  # local mode hands the descriptor over
+                                         keep_fd=True,  # local mode hands the descriptor over
+                                         headroom=CGROUP_HEADROOM)
                 yield RamBlock(index, name, size, segment)
 
         return cls(_all_or_none(made(), unlink=True), owner=True)

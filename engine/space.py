@@ -8,8 +8,9 @@ dies without a word, so :func:`check_space` refuses up front with a ConfigError
 that names the size needed and the room there is::
 
     need ≤ free space of SHM_DIR                      (statvfs)
-    need + CGROUP_HEADROOM ≤ min room of every cgroup  (this process's and each parent's:
-                                                       limit - usage + droppable page cache)
+    need ≤ min room of every cgroup                   (this process's and each parent's:
+                                                       limit - usage + droppable page cache;
+                                                       guest RAM: need + CGROUP_HEADROOM)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ SHM_DIR = "/dev/shm"  # the filesystem shm_open creates segments in (glibc, Linu
 _CGROUP_ROOT = "/sys/fs/cgroup"
 _PROC_CGROUP = "/proc/self/cgroup"  # which cgroup of each hierarchy this process is in
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
-#: What a memory cgroup must keep free beyond the shared memory asked for: the
+#: What a memory cgroup must keep free beyond guest RAM when it is created: the
 #: processes an operation starts after its RAM exists (channels, a fork server, the
 #: CLI's synthetic guest: ~100 MiB for one side of the CLI here) are charged to the
 #: same cgroup, and a charge over its limit is an OOM kill, not an error.
@@ -107,16 +108,18 @@ def no_space(what: str, need: int) -> ConfigError:
     return ConfigError(f"not enough shared memory for {what}: need {need_text}, {have}")
 
 
-def check_space(need: int, what: str) -> None:
+def check_space(need: int, what: str, headroom: int = 0) -> None:
     """Raise ConfigError unless /dev/shm has room for `need` more bytes of shared
-    memory, and this process's memory cgroup for those and CGROUP_HEADROOM more
-    (`what` names them in the message).  A check only: :meth:`Segment.create` reserves."""
+    memory, and this process's memory cgroup for those and `headroom` more (guest
+    RAM's CGROUP_HEADROOM: the processes still to start; `what` names it in the
+    message).  A check only: :meth:`Segment.create` reserves."""
     free = _shm_free()
     if free is not None and need > free:
         raise no_space(what, need)
     room = _cgroup_memory_room()
-    if room is not None and need + CGROUP_HEADROOM > room[0]:
-        need_text, room_text = sizes_text(need + CGROUP_HEADROOM, room[0])
-        raise ConfigError(f"not enough memory for {what}: need {need_text} ({size_text(need)} and "
-                          f"{size_text(CGROUP_HEADROOM)} for the engine's processes), the memory "
+    if room is not None and need + headroom > room[0]:
+        need_text, room_text = sizes_text(need + headroom, room[0])
+        if headroom:
+            need_text += f" ({size_text(need)} and {size_text(headroom)} for the engine's processes)"
+        raise ConfigError(f"not enough memory for {what}: need {need_text}, the memory "
                           f"cgroup's limit of {size_text(room[1])} leaves {room_text}")

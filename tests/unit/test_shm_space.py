@@ -85,6 +85,21 @@ def test_ram_over_the_memory_cgroup_limit_is_refused_up_front(cgroup: Path, used
         pass
 
 
+def test_the_headroom_is_asked_of_guest_ram_only(cgroup: Path) -> None:
+    # The processes it stands for start once RAM exists, and are then usage: a map
+    # or slot table made after them needs its own size only (asking the headroom
+    # again refused a save half-way that fitted).
+    set_cgroup(cgroup, str(LIMIT), 96 * MiB + space.CGROUP_HEADROOM, 0, 0)  # 4 MiB of room
+    segment = Segment.create(1 * MiB, what="the present map")
+    segment.close()
+    segment.unlink()
+    with pytest.raises(ConfigError, match="not enough memory for the slot table: need 8.0 MiB, the "
+                                          "memory cgroup's limit of 228.0 MiB leaves 4.0 MiB"):
+        Segment.create(8 * MiB, what="the slot table")
+    with pytest.raises(ConfigError, match=r"need 129.0 MiB \(1012.0 KiB and 128.0 MiB for the engine's"):
+        GuestRAM.create({"pc.ram": 1 * MiB - 4 * PAGE_SIZE})
+
+
 @pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
 def test_a_parent_cgroups_limit_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2: bool) -> None:
     # The process's own cgroup sets no limit; its parent (a slice, a container's
