@@ -75,7 +75,7 @@ def test_a_segment_that_fills_shm_on_allocation_is_removed_again() -> None:
         from engine import shm
         from engine.errors import ConfigError
         out = {}
-        shm.check_space = lambda need, what: None
+        shm.check_space = lambda need, what, headroom=0: None
         try:
             shm.Segment.create(64 << 20, what="slot table")
         except ConfigError as exc:
