@@ -86,7 +86,7 @@ class VmmDirtySource:
         return self._call("take", self._source.take, block)
 
     def drop(self, block: RamBlock) -> None:
-        self._call("take", drop_marks, self._source, block)
+        self._call("drop" if hasattr(self._source, "drop") else "take", drop_marks, self._source, block)
 
     def count(self, block: RamBlock) -> int:
         return self._call("count", self._source.count, block)

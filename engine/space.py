@@ -67,17 +67,25 @@ def _cgroup_memory_room() -> tuple[int, int] | None:
         base = _CGROUP_ROOT if v2 else os.path.join(_CGROUP_ROOT, "memory")
         names = (("memory.max", "memory.current", "file", "shmem") if v2 else
                  ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem"))
-        rooms = []
-        directory = os.path.normpath(os.path.join(base, path.lstrip("/")))
-        while True:  # up to the root of the mount, where a container sees only its own
-            room = _cgroup_room_in(directory, names)
-            if room is not None:
-                rooms.append(room)
-            if directory == base or not directory.startswith(base + os.sep):
-                break
-            directory = os.path.dirname(directory)
-        return min(rooms) if rooms else None
+        rooms = [room for directory in _up_to(base, path, v2)
+                 if (room := _cgroup_room_in(directory, names)) is not None]
+        if rooms:
+            return min(rooms)
     return None
+
+
+def _up_to(base: str, path: str, v2: bool) -> list[str]:
+    """The cgroup directories whose limits bind this process: its own, each parent
+    within the mount, and the mount's root (where a container sees only its own).
+    cgroup v1 without use_hierarchy (old kernels): its own and the root only."""
+    own = os.path.normpath(os.path.join(base, path.lstrip("/")))
+    chain = [own]
+    if v2 or _read_int(os.path.join(own, "memory.use_hierarchy")) != 0:
+        directory = own
+        while directory.startswith(base + os.sep):
+            directory = os.path.dirname(directory)
+            chain.append(directory)
+    return chain if base in chain else [*chain, base]
 
 
 def _cgroup_room_in(directory: str, names: tuple[str, str, str, str]) -> tuple[int, int] | None:
