@@ -711,7 +711,7 @@ def test_an_unanswered_local_commit_names_the_ram_it_handed_over(monkeypatch: py
     with GuestRAM.create([("pc.ram", 1 << 20)]) as ram:
         source = SourceMigration(ram, "unix:///nowhere.sock", secret=b"s3cret",
                                  config=MigrationConfig(local=True))
-        monkeypatch.setattr(cli, "_operation", source)
+        monkeypatch.setattr(cli.output, "_operation", source)  # its one home
         line = cli._outcome_unknown(OutcomeUnknownError("no RESUMED within 60 s"), verbose=False)
         source.cancel("test over")
         assert line.endswith(f"its RAM went with COMMIT: /dev/shm/{ram.blocks[0].segment.name}, if still "

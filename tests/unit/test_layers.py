@@ -13,7 +13,7 @@ TYPE_CHECKING:`` are left out, as they never run.  Bottom to top:
     core        engine.slots, dirty, converge, stats, verify, channel, multifd, payload,
                 device, admission, scrub
     operations  engine.operation, migration, saving, source, destination, snapshot
-    app         engine (the facade), engine.cli, engine.console (the console script)
+    app         engine (the facade), engine.cli.*, engine.console (the console script)
 
 A module may import its own layer and the layers below it, never above, and no
 two modules import each other, directly or around a cycle.  Plug-ins sit beside
@@ -204,7 +204,8 @@ def test_plug_ins_sit_beside_the_engine(package: str) -> None:
         if module.split(".")[0] != package:
             continue
         for target in filter(_project, imported):
-            if package == "engine" and module != "engine.cli" and target.split(".")[0] != "engine":
+            cli = _under(module, ("engine.cli",))  # the composition root wires plug-ins in
+            if package == "engine" and not cli and target.split(".")[0] != "engine":
                 wrong.append(f"{module} names {target}: the engine finds plug-ins through registries")
             if package == "transports" and _under(target, ("engine",)) \
                     and not _under(target, TRANSPORT_INTERFACE):
