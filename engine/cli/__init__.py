@@ -40,6 +40,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from engine.channel import channel_fork_server
 from engine.cli import output
@@ -79,6 +80,12 @@ __all__ = [
 EXIT_OUTCOME_UNKNOWN = 3
 
 
+def _restore_signal(number: int, handler: Any) -> None:
+    """Put `handler` back for `number`, unless it is ignored (nohup, a background job)."""
+    if signal.getsignal(number) is not signal.SIG_IGN:
+        signal.signal(number, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command, as this process's command line: it returns with SIGINT,
     SIGTERM and SIGHUP ignored, its exit status decided.  Exit status: 0 done, 1
@@ -88,13 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     output._operation = None  # its one home: output.py
     _signalled.clear()
     _after_end.clear()
-    # Undo engine/console.py's handlers for the loading (any not ignored): Ctrl-C is a
-    # KeyboardInterrupt again, SIGTERM and SIGHUP end `inspect` as they would any program
-    # (the other commands cancel on them: _cancel_on_signals below).
-    for number, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
-                            (signal.SIGHUP, signal.SIG_DFL)):
-        if signal.getsignal(number) is not signal.SIG_IGN:
-            signal.signal(number, default)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parse(argv)
@@ -107,7 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"demo": cmd_demo, "listen": cmd_listen, "migrate": cmd_migrate,
                 "save": cmd_save, "restore": cmd_restore, "inspect": cmd_inspect}
     try:
-        if args.command != "inspect":
+        # engine/console.py's handlers held while nothing existed to tear down; from here
+        # Ctrl-C is a KeyboardInterrupt again (one line below, after the teardown), and
+        # SIGTERM and SIGHUP cancel the command, or end `inspect` as they would any program.
+        _restore_signal(signal.SIGINT, signal.default_int_handler)
+        if args.command == "inspect":
+            _restore_signal(signal.SIGTERM, signal.SIG_DFL)
+            _restore_signal(signal.SIGHUP, signal.SIG_DFL)
+        else:
             _cancel_on_signals(None)  # SIGTERM and SIGHUP from here cancel the command
             # Channel processes fork from it in milliseconds; it imports their modules
             # while this process builds the guest (stopped below, or at exit).

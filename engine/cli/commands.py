@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,10 +25,9 @@ from engine.config import DestinationConfig, MigrationConfig
 from engine.errors import ConfigError, MigrationError
 from engine.operation import Operation
 from engine.stats import MigrationResult
+from engine.sync import wait_readable
 from engine.units import size_text
 from engine.wire.packet import MAX_CHANNELS
-
-_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -43,13 +43,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if args.channels > MAX_CHANNELS:  # no source may ask for more: no processes for them
         raise ConfigError(f"--channels must be at most {MAX_CHANNELS}, not {args.channels}")
     _check_args(args)
-    if args.ready_fd is not None:  # before anything starts, not when it is ready
-        try:
-            os.fstat(args.ready_fd)
-        except OSError as exc:
-            raise ConfigError(f"--ready-fd {args.ready_fd}: {exc.strerror}") from exc
-    if args.exit_with_parent:
-        _exit_with_parent()
+    for option, fd in (("--ready-fd", args.ready_fd), ("--lifeline-fd", args.lifeline_fd)):
+        if fd is not None:  # before anything starts, not when it is needed
+            try:
+                os.fstat(fd)
+            except OSError as exc:
+                raise ConfigError(f"{option} {fd}: {exc.strerror}") from exc
+    if args.lifeline_fd is not None:
+        _watch_lifeline(args.lifeline_fd)
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
     kvm = destination = None
     stack = contextlib.ExitStack()
@@ -362,14 +363,14 @@ def _announce(args: argparse.Namespace, line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
-def _exit_with_parent() -> None:
-    """SIGTERM from the kernel when our parent exits (Linux's PR_SET_PDEATHSIG): a
-    killed demo's destination is cancelled, as by any SIGTERM (_cancel_on_signals),
-    instead of waiting out its --accept-timeout.  A parent gone already: now."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise ConfigError(f"--exit-with-parent: prctl failed: {os.strerror(ctypes.get_errno())}")
-    if os.getppid() == 1:  # orphaned before the prctl: init adopted us
+def _watch_lifeline(fd: int) -> None:
+    """SIGTERM to this process once `fd` reads end of file (or anything): the
+    process that holds its write end, the one that started this one, is gone, and
+    the usual SIGTERM cancel tears down.  A thread of its own waits on it for the
+    process's life; a pipe, unlike a parent-death signal, follows a process, not
+    the thread that forked, and any reparenting."""
+    def watch() -> None:
+        wait_readable([fd], None)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="mfd-lifeline", daemon=True).start()

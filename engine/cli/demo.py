@@ -33,15 +33,20 @@ _PACKAGE = __name__.rpartition(".")[0]  # engine.cli
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _checked(args)  # before the destination process starts
     secret = secrets.token_hex(32).encode()
-    # --local: over a unix socket, to a destination that takes the source's RAM.
+    # --local: over a unix socket, to a destination that takes the source's RAM.  A name
+    # of its own, no directory: the destination removes the socket whatever ends the demo.
     unix = args.transport == "unix" or args.local
-    with (tempfile.TemporaryDirectory(prefix="multifd-demo-") if unix else contextlib.nullcontext("")) as tmp:
-        address = f"unix://{tmp}/migration.sock" if unix else "tcp://127.0.0.1:0"
+    socket_path = os.path.join(tempfile.gettempdir(), f"multifd-demo-{secrets.token_hex(8)}.sock")
+    # The destination's lifeline: the read end of a pipe whose write end only this
+    # process holds, so that it reads EOF (and cancels) once this process is gone.
+    lifeline_read, lifeline_write = os.pipe()
+    try:
+        address = f"unix://{socket_path}" if unix else "tcp://127.0.0.1:0"
         # `listen` runs as this package's script (__main__.py).  Its name is derived, not
         # written out: test_layers reads a module's name in a string as an import of it.
         command = [sys.executable, "-m", _PACKAGE, "listen", "--address", address,
                    *(() if args.local else ("--ram", str(args.ram), "--channels", str(args.channels))),
-                   "--json", "--accept-timeout", "60", "--exit-with-parent",
+                   "--json", "--accept-timeout", "60", "--lifeline-fd", str(lifeline_read),
                    "--devices", str(args.devices), "--device-state", str(args.device_state),
                    "--device-load-latency", str(args.device_load_latency),
                    "--device-load", args.device_load]
@@ -64,9 +69,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             try:
                 destination = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True,
                                                stderr=None if args.verbose else errors,
-                                               pass_fds=(ready_write,))
+                                               pass_fds=(ready_write, lifeline_read))
             finally:
                 os.close(ready_write)  # the destination holds it now: EOF when it exits
+                os.close(lifeline_read)
             try:
                 to = _read_listening(destination, ready, errors)
                 if not args.json:
@@ -81,6 +87,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     destination.stdout.close()
             errors.seek(0)
             sys.stderr.write(errors.read())
+    finally:
+        os.close(lifeline_write)
     result = _merge_devices(result, remote)
     # Committed, then the destination said nothing: it died, and the guest with it.
     lost = None if remote or destination.returncode == 0 else (

@@ -231,9 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--ready-fd", type=int, default=None,
                         help="write the LISTENING line to this inherited descriptor (then close it) "
                         "instead of stdout, or stderr with --json")
-    listen.add_argument("--exit-with-parent", action="store_true",
-                        help="stop, as SIGTERM does, when the process that started this one exits "
-                        "(a supervisor's, or the demo's, destination)")
+    listen.add_argument("--lifeline-fd", type=int, default=None,
+                        help="an inherited pipe's read end whose writer is the process that started "
+                        "this one: its end of file (that process is gone) stops this one as SIGTERM does")
     listen.add_argument("--run-after", type=float, default=None,
                         help="after resume, run the guest this many seconds (the incrementer: 0; kvm: "
                         "the VM, then check it: 1)")

@@ -503,11 +503,13 @@ def test_sigterm_while_the_demo_starts_its_destination_is_one_line() -> None:
     assert not left
 
 
-def test_a_killed_demo_leaves_no_destination() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_killed_demo_leaves_no_destination(transport: str) -> None:
     """SIGKILL of the demo alone, its destination listening for it: the destination
-    (started --exit-with-parent) is cancelled at once with its channels, fork server
-    and RAM, instead of waiting out its 60 s accept timeout."""
-    with _running("demo", "--ram", "256M", "--channels", "2") as demo:
+    (started with a --lifeline-fd) is cancelled at once with its channels, fork server
+    and RAM, instead of waiting out its 60 s accept timeout; a unix socket's file goes
+    with it, and no directory was made for it."""
+    with _running("demo", "--ram", "256M", "--channels", "2", "--transport", transport) as demo:
         assert demo.stdout is not None
         line = demo.stdout.readline()  # "destination process N listening on ...": set up, unconnected
         assert " listening on " in line, line
@@ -519,6 +521,11 @@ def test_a_killed_demo_leaves_no_destination() -> None:
     while (left := [pid for pid in family if not _gone(pid)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
+    address = line.split(" listening on ")[1].strip()
+    if transport == "unix":
+        socket_path = address.removeprefix("unix://")
+        assert os.path.dirname(socket_path) == tempfile.gettempdir()  # no directory of its own
+        assert not os.path.exists(socket_path)
 
 
 def _children_running(pid: int, word: str) -> list[int]:
