@@ -9,6 +9,7 @@ handlers in place before it starts anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,9 +18,12 @@ import sys
 
 def _cancelled(number: int, _frame: object) -> None:
     why = "interrupted" if number == signal.SIGINT else f"terminated ({signal.Signals(number).name})"
+    said = [(2, f"multifd: cancelled: {why}\n")]
     if "--json" in sys.argv[1:]:
-        os.write(1, (json.dumps({"status": "cancelled", "error": why}) + "\n").encode())
-    os.write(2, f"multifd: cancelled: {why}\n".encode())
+        said.insert(0, (1, json.dumps({"status": "cancelled", "error": why}) + "\n"))
+    for fd, text in said:
+        with contextlib.suppress(OSError):  # its reader gone (a pipeline's Ctrl-C): the rest still goes
+            os.write(fd, text.encode())
     os._exit(130)
 
 
