@@ -301,27 +301,29 @@ class LiveDevices:
     def wait_ack(self, timeout: float, deadline: float | None = None) -> bool:
         """Wait `timeout` seconds at most for the switchover ack: True once it came.
         TransportBrokenError once `deadline` (monotonic) has passed without it."""
-        try:
-            self._wait(lambda: self.acked, timeout, "")
-        except TimeoutError:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TransportBrokenError("the destination sent no SWITCHOVER_ACK in time: a "
-                                           "device's initial state did not load") from None
-            return False
-        return True
+        if self._wait(lambda: self.acked, timeout):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TransportBrokenError("the destination sent no SWITCHOVER_ACK in time: a "
+                                       "device's initial state did not load")
+        return False
 
-    def _wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+    def _wait(self, done: Callable[[], bool], timeout: float, what: str | None = None) -> bool:
+        """Until `done()`: True.  After `timeout` seconds without it: False, or, with
+        `what` (the message awaited), TransportBrokenError ("the destination sent no
+        `what` within ...").  The latch's error as soon as the migration fails."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while not done():
                 self.latch.raise_if_failed()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    if not what:
-                        raise TimeoutError
+                    if what is None:
+                        return False
                     raise TransportBrokenError(f"the destination sent {what} within {timeout:.0f} s")
                 self._changed.wait(remaining)
         self.latch.raise_if_failed()
+        return True
 
     def _wake(self) -> None:
         with self._changed:

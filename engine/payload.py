@@ -413,6 +413,7 @@ class SwitchoverSaves:
             self._done.set()
 
     def wait(self) -> None:
-        """Until every saver returned; raises the migration's error if it failed."""
+        """Until every saver returned, or the migration failed: then its error is
+        raised at once, while savers may still run (their jobs see the cancel)."""
         self._done.wait()
         self._latch.raise_if_failed()

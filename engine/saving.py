@@ -225,17 +225,17 @@ class SavingOperation(Operation):
         if self._converge is not None:
             self._converge.throttled(percent)
 
-    def _auto_converge(self, sent: int, pending: int) -> None:
-        """A round sent `sent` pages and left `pending` for the next: if that is
-        not shrinking (enough), throttle the guest (engine/converge.py)."""
+    def _auto_converge(self, taken: int, pending: int) -> None:
+        """A round took `taken` dirty pages to send and left `pending` for the next:
+        if that is not shrinking (enough), throttle the guest (engine/converge.py)."""
         if self._converge is None:
             return
         assert self.tracker is not None
-        wanted = self._converge.after_round(sent, pending, self.tracker.bandwidth)
+        wanted = self._converge.after_round(taken, pending, self.tracker.bandwidth)
         if wanted is None:
             return
         log.info("round %d: %d of %d pages dirty again, throttling the guest to %d %%",
-                 self.tracker.round, pending, sent, wanted)
+                 self.tracker.round, pending, taken, wanted)
         self._set_throttle(wanted)
         self.throttle_steps.append((self.tracker.round, wanted))
 
