@@ -242,6 +242,33 @@ MUTANTS: tuple[Mutant, ...] = (
          "        if False:  # MUTANT: self._committed and error is self._peer_reason\n"),
     ),
     mutant(
+        "segment-registered-after-reserve",
+        "a segment is registered with the resource tracker only once its pages are reserved: a "
+        "process killed inside posix_fallocate (the memory cgroup's OOM killer) leaves it in /dev/shm",
+        ("engine/shm.py",
+         "        register(path)\n        try:\n            os.ftruncate(fd, size)\n",
+         "        try:  # MUTANT: registered after the reservation\n            os.ftruncate(fd, size)\n"),
+        ("engine/shm.py",
+         "        if not keep_fd:\n            os.close(fd)\n            fd = -1\n",
+         "        register(path)\n        if not keep_fd:\n            os.close(fd)\n            fd = -1\n"),
+    ),
+    mutant(
+        "commit-round-trips-uncounted",
+        "the expected downtime leaves out the commit's round trips: on a link with latency the source "
+        "converges on an estimate the downtime then misses by 1.5 RTT",
+        ("engine/stats.py",
+         "        return moving / self.bandwidth + self.device_load_s + self.commit_s\n",
+         "        return moving / self.bandwidth + self.device_load_s  # MUTANT: no commit_s\n"),
+    ),
+    mutant(
+        "snapshot-replaced-unnoticed",
+        "a channel or scrub job that opens the snapshot by name reads whatever file has the name now: "
+        "one renamed over it is read against the first one's checksums (a good file called damaged)",
+        ("engine/transport.py",
+         "    if identity is not None and file.identity() != identity:\n",
+         "    if False:  # MUTANT: identity is not None and file.identity() != identity\n"),
+    ),
+    mutant(
         "stall-wait-uncapped",
         "the destination waits a whole stall_timeout_s between looks at its channels' bytes "
         "(a stall is told up to twice the limit after the last byte)",
