@@ -61,9 +61,11 @@ from engine.pool import (
 )
 from engine.shm import GuestRAM, Populate, RamHandle, Segment
 from engine.slots import Counter, SendSlot, SlotTable, SlotTableHandle
+from engine.space import CHANNEL_MEMORY, check_memory
 from engine.sync import wait_readable
 from engine.tracker import start_resource_tracker
 from engine.transport import Connection, PositionalFile, open_file
+from engine.units import size_text
 from engine.wire import packet
 from engine.wire.snapshot_format import PAGE_SUM_SIZE, sum_words
 
@@ -260,7 +262,11 @@ CHANNEL_PRELOAD = (f"{__name__}:preload_channel",)
 def channel_pool(workers: int, name: str, start_method: str = "forkserver",
                  cancel_grace: float = 1.0) -> WorkerPool:
     """A process pool whose workers are channel processes: forked from this process's
-    channel fork server by default, each importing the channel modules first."""
+    channel fork server by default, each importing the channel modules first.
+    ConfigError if a memory cgroup has no room for them (space.CHANNEL_MEMORY each):
+    past its limit the kernel would kill one, or this process, without a word."""
+    check_memory(workers * CHANNEL_MEMORY,
+                 f"{workers} channel process(es) ({size_text(CHANNEL_MEMORY)} each)")
     start_resource_tracker()  # before the pool's processes would start it in our group
     return WorkerPool("process", workers, name=name, start_method=start_method,
                       cancel_grace=cancel_grace, preload=CHANNEL_PRELOAD)

@@ -29,6 +29,9 @@ _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
 #: CLI's synthetic guest: ~100 MiB for one side of the CLI here) are charged to the
 #: same cgroup, and a charge over its limit is an OOM kill, not an error.
 CGROUP_HEADROOM = 128 << 20
+#: What one channel process adds to its memory cgroup: its own heap, buffers and page
+#: tables (~8 MiB measured here, from 2 to 16 channels), and half as much again.
+CHANNEL_MEMORY = 12 << 20
 
 
 def _read_int(path: str) -> int | None:
@@ -124,6 +127,12 @@ def check_space(need: int, what: str, headroom: int = 0) -> None:
     free = _shm_free()
     if free is not None and need > free:
         raise no_space(what, need)
+    check_memory(need, what, headroom)
+
+
+def check_memory(need: int, what: str, headroom: int = 0) -> None:
+    """Raise ConfigError unless this process's memory cgroup (and every parent) has
+    room for `need` + `headroom` more bytes: before RAM, or processes, are made."""
     room = _cgroup_memory_room()
     if room is not None and need + headroom > room[0]:
         need_text, room_text = sizes_text(need + headroom, room[0])

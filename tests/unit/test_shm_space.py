@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import shm, space
+from engine.channel import channel_pool
 from engine.errors import ConfigError
 from engine.shm import PAGE_SIZE, GuestRAM, Segment
 
@@ -149,3 +150,14 @@ def test_a_process_killed_while_it_reserves_ram_leaves_no_segment() -> None:
     if leaked:
         os.unlink(f"{space.SHM_DIR}/{name}")
     assert not leaked, "the killed process's segment was left in /dev/shm"
+
+
+def test_channel_processes_need_room_in_the_memory_cgroup(cgroup: Path) -> None:
+    # Each channel process is charged to the cgroup too (CHANNEL_MEMORY): past the
+    # limit the kernel would kill one silently, so the pool is refused up front.
+    set_cgroup(cgroup, str(LIMIT), LIMIT - 40 * MiB, 0, 0)  # 40 MiB of room
+    with pytest.raises(ConfigError, match=r"not enough memory for 4 channel process\(es\) \(12.0 MiB "
+                                          r"each\): need 48.0 MiB, the memory cgroup's limit of 228.0 MiB "
+                                          r"leaves 40.0 MiB"):
+        channel_pool(4, "test-too-many")
+    channel_pool(2, "test-room-for-two").shutdown()
