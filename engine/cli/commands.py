@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -20,7 +21,13 @@ from typing import Any
 from engine.channel import channel_fork_server, channels_with_ram
 from engine.cli.output import _emit, _one_line, _Progress, _watch
 from engine.cli.parser import _check_args, _checked, _secret, _tls
-from engine.cli.signals import _after_end, _cancel_on_signals, _raise_if_signalled, _wait_with_progress
+from engine.cli.signals import (
+    _after_end,
+    _cancel_on_signals,
+    _lifeline_ended,
+    _raise_if_signalled,
+    _wait_with_progress,
+)
 from engine.config import DestinationConfig, MigrationConfig
 from engine.errors import ConfigError, MigrationError
 from engine.operation import Operation
@@ -43,12 +50,17 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if args.channels > MAX_CHANNELS:  # no source may ask for more: no processes for them
         raise ConfigError(f"--channels must be at most {MAX_CHANNELS}, not {args.channels}")
     _check_args(args)
+    if args.lifeline_fd is not None and args.lifeline_fd == args.ready_fd:
+        raise ConfigError(f"--lifeline-fd and --ready-fd are both {args.ready_fd}: they are two pipes")
     for option, fd in (("--ready-fd", args.ready_fd), ("--lifeline-fd", args.lifeline_fd)):
         if fd is not None:  # before anything starts, not when it is needed
             try:
-                os.fstat(fd)
+                mode = os.fstat(fd).st_mode
             except OSError as exc:
                 raise ConfigError(f"{option} {fd}: {exc.strerror}") from exc
+            if option == "--lifeline-fd" and not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                raise ConfigError(f"--lifeline-fd {fd} is not a pipe: give the read end of one whose "
+                                  f"write end only the starting process holds")
     if args.lifeline_fd is not None:
         _watch_lifeline(args.lifeline_fd)
     ram = GuestRAM.create([("pc.ram", args.ram)], prealloc=True) if args.ram else None
@@ -371,6 +383,7 @@ def _watch_lifeline(fd: int) -> None:
     the thread that forked, and any reparenting."""
     def watch() -> None:
         wait_readable([fd], None)
+        _lifeline_ended.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="mfd-lifeline", daemon=True).start()

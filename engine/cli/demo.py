@@ -123,6 +123,8 @@ def _read_listening(process: subprocess.Popen, ready: Any, errors: Any = None) -
         _raise_if_signalled()  # a SIGTERM while it starts (_cancel_on_signals)
     line = ready.readline() if said else ""
     if not line.startswith("LISTENING "):
+        # A SIGTERM to the whole group ends it too, before its line: ours comes first.
+        _raise_if_signalled()
         # It ended, or will: its --json error is on stdout, its line on stderr.
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)

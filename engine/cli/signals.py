@@ -21,6 +21,8 @@ _signalled: list[str] = []
 
 # Set by a signal once the command's operation has ended: its --run-after stops.
 _after_end = threading.Event()
+# Set when listen's --lifeline-fd ended: the SIGTERM that follows says why.
+_lifeline_ended = threading.Event()
 
 
 def _cancel_on_signals(operation: Any) -> None:
@@ -40,7 +42,9 @@ def _cancel_on_signals(operation: Any) -> None:
         _raise_if_signalled()
 
     def cancel(number: int, _frame: object) -> None:
-        reason = f"terminated ({signal.Signals(number).name})"
+        reason = ("the process that started it is gone (its --lifeline-fd ended)"
+                  if number == signal.SIGTERM and _lifeline_ended.is_set()
+                  else f"terminated ({signal.Signals(number).name})")
         if operation is None:
             _signalled.append(reason)
         elif operation.done():

@@ -528,6 +528,50 @@ def test_a_killed_demo_leaves_no_destination(transport: str) -> None:
         assert not os.path.exists(socket_path)
 
 
+def test_sigterm_to_the_demos_group_while_its_destination_starts_is_a_cancel() -> None:
+    """SIGTERM to the whole group (a hang-up, systemd's stop) reaches the demo and its
+    starting destination at once; the destination ends before its LISTENING line, and
+    the demo reported that as a failure (exit 1) instead of its own cancel (130)."""
+    with _running("demo", "--ram", "64M", start_new_session=True) as demo:
+        deadline = time.monotonic() + 30
+        while not _children_running(demo.pid, "listen") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(demo.pid, signal.SIGTERM)
+        _, err = demo.communicate(timeout=60)
+    assert demo.returncode == 130, err
+    assert err.splitlines()[-1] == "multifd: cancelled: terminated (SIGTERM)", err
+
+
+def test_a_lifeline_is_a_pipe_and_its_end_says_why_listen_stops(tmp_path: Path) -> None:
+    """--lifeline-fd: a descriptor that is not a pipe is refused (it read EOF at once and
+    stopped listen, "terminated (SIGTERM)"); the pipe's end is named as the reason."""
+    regular = tmp_path / "not-a-pipe"
+    regular.write_bytes(b"")
+    with open(regular, "rb") as f:
+        fd = f.fileno()
+        done = subprocess.run([*MULTIFD, "listen", "--address", "tcp://127.0.0.1:0", "--lifeline-fd",
+                               str(fd)], pass_fds=(fd,), capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "MULTIFD_SECRET": "s3cret"})
+    assert done.returncode == 1
+    assert done.stderr == f"multifd: failed: --lifeline-fd {fd} is not a pipe: give the read end " \
+                          f"of one whose write end only the starting process holds\n"
+    read, write = os.pipe()
+    try:
+        with _running("listen", "--address", "tcp://127.0.0.1:0", "--lifeline-fd", str(read),
+                      pass_fds=(read,)) as listen:
+            os.close(read)
+            assert listen.stdout is not None and listen.stdout.readline().startswith("LISTENING ")
+            os.close(write)  # the supervisor is gone
+            write = -1
+            _, err = listen.communicate(timeout=30)
+    finally:
+        if write >= 0:
+            os.close(write)
+    assert listen.returncode == 130
+    assert err.splitlines()[-1] == ("multifd: cancelled: the process that started it is gone "
+                                    "(its --lifeline-fd ended)"), err
+
+
 def _children_running(pid: int, word: str) -> list[int]:
     """The children of `pid` whose command line holds `word`."""
     found = []
