@@ -9,6 +9,7 @@ environment (``engine.pool._spawn``) and run ``engine.pool._worker.worker_main``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -387,7 +388,11 @@ class ProcessBackend:
         with self._core.lock:  # first: statistics() reads the pids of listed workers
             del self._workers[worker.index]
             job, worker.job = worker.job, None
-        worker.process.close()  # frees the sentinel's descriptors now, not at GC
+        # Frees the sentinel's descriptors now, not at GC.  With the fork start method
+        # another thread's multiprocessing._cleanup() may have won the waitpid() for
+        # this child: then its exit status is unknown here and close() refuses.
+        with contextlib.suppress(ValueError):
+            worker.process.close()
         worker.close_channel()
         logger.debug("pool %r: %s exited with code %s", self._core.name, label, code)
         if worker.stopping:

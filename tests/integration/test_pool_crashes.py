@@ -10,6 +10,7 @@ and after shutdown no worker process is left.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing.process
 import os
 import select
 import signal
@@ -179,3 +180,23 @@ def test_a_spared_job_that_dies_after_its_work_breaks_nothing(done: bool) -> Non
         pool.shutdown(wait=True)
     stats = pool.statistics()
     assert (stats.workers_alive, stats.busy, stats.pending) == (0, 0, 0)
+
+
+def test_a_crashed_worker_whose_process_will_not_close_still_fails_its_job(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the fork start method another thread's multiprocessing._cleanup() can win
+    the waitpid() for a dead worker, and Process.close() then refuses ("still
+    running"): that killed the pool's manager thread (the job hung until the
+    stall timeout, descriptors leaked). The crash is reported all the same."""
+    def refuse(self: Any) -> None:
+        raise ValueError("Cannot close a process while it is still running.")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "close", refuse)
+    pool = WorkerPool("process", 1, name="crash-close-refused", cancel_grace=0.2, start_method="fork")
+    try:
+        pool.submit(os.getpid).result(GUARD)
+        error = pool.submit(exit_hard, 3).exception(GUARD)
+        assert type(error) is WorkerCrashedError and error.exitcode == 3
+    finally:
+        monkeypatch.undo()
+        pool.shutdown(wait=True)
