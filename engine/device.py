@@ -34,7 +34,6 @@ is refused before any page moves)::
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -144,11 +143,11 @@ def device_key(device: MigratableDevice) -> tuple[str, int]:
 T = TypeVar("T")
 
 
-def call_device(device: MigratableDevice, what: str, call: Callable[[], T]) -> T:
-    """`call()`, a call into `device` (its method `what`); any error it raises but a
+def call_device(device: MigratableDevice, what: str, call: Callable[..., T], *args: object) -> T:
+    """`call(*args)`, a call into `device` (its method `what`); any error it raises but a
     MigrationError becomes a DeviceStateError naming the device."""
     try:
-        return call()
+        return call(*args)
     except MigrationError:
         raise
     except Exception as exc:
@@ -236,7 +235,7 @@ class LiveDevices:
         """Ask every iterative device what it has pending; the bytes in all."""
         for index, device in enumerate(self.devices):
             if is_iterative(device):
-                initial, dirty = call_device(device, "live_pending", functools.partial(_pending, device))
+                initial, dirty = call_device(device, "live_pending", _pending, device)
                 self.initial[index], self.pending[index] = initial, initial + dirty
         return sum(self.pending)
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from engine.channel import ChannelSpec, FileTarget, run_file_channel
 from engine.config import MigrationConfig, check_argument, check_hooks, check_path, source_config
-from engine.device import DeviceLoading, MigratableDevice, checked_devices, device_key, loading_devices
+from engine.device import DeviceLoading, MigratableDevice, checked_devices, loading_devices
 from engine.dirty import DirtySource
 from engine.errors import ConfigError, GuestControlError, LocalProtocolError, SnapshotFormatError
 from engine.multifd import MultifdSender
@@ -351,11 +351,7 @@ class SnapshotSave(SavingOperation, _FileChannels):
         check_path("path", path)
         check_argument("vmm_config", vmm_config, isinstance(vmm_config, (bytes, bytearray, memoryview)),
                        "bytes")
-        # What the file's metadata could not hold (as a device chunk: a non-empty idstr).
-        devices = checked_devices(devices)
-        problem = packet.devices_problem([device_key(d) for d in devices], min_idstr=1)
-        if problem:  # before anything starts (the operation's fork server)
-            raise ConfigError(problem)
+        devices = checked_devices(devices)  # and what the file's metadata could not name
         super().__init__(ram, _check_config(source_config(config)), pause_guest=pause_guest,
                          resume_guest=resume_guest, dump_dir=dump_dir, devices=devices, pool=pool,
                          dirty_source=dirty_source, throttle_guest=throttle_guest)
