@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +360,14 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _left_after(pids: Iterable[int], timeout: float = 10) -> list[int]:
+    """Those of `pids` still running once `timeout` s have passed (none: at once)."""
+    deadline = time.monotonic() + timeout
+    while (left := [pid for pid in pids if not _gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
 def _maps_guest_ram(pid: int) -> bool:
     return bool(segment_mappings(pid))
 
@@ -409,9 +417,7 @@ def test_migrate_has_its_channels_mapping_the_guest_before_it_connects() -> None
             _, err = source.communicate(timeout=30)
     assert source.returncode == 130, err
     _one_error_line(err, "cancelled")
-    deadline = time.monotonic() + 10  # a worker may still be exiting on a loaded machine
-    while (left := [pid for pid in family - {source.pid} if not _gone(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    left = _left_after(family - {source.pid}, 10)  # a worker may still be exiting on a loaded machine
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
 
 
@@ -436,9 +442,7 @@ def test_ctrl_c_from_a_terminal_reaches_the_command_only() -> None:
     assert source.returncode == 130, err
     assert err.splitlines() == ["multifd: cancelling: waiting for the teardown",
                                 "multifd: cancelled: interrupted (Ctrl-C)"], err
-    deadline = time.monotonic() + 10
-    while (left := [pid for pid in family - {source.pid} if not _gone(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    left = _left_after(family - {source.pid}, 10)
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
 
 
@@ -497,9 +501,7 @@ def test_sigterm_while_the_demo_starts_its_destination_is_one_line() -> None:
     assert demo.returncode == 130, err
     _one_error_line(err, "cancelled")
     assert json.loads(out)["status"] == "cancelled"
-    deadline = time.monotonic() + 10
-    while (left := [pid for pid in family if not _gone(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    left = _left_after(family, 10)
     assert not left
 
 
@@ -517,9 +519,7 @@ def test_a_killed_demo_leaves_no_destination(transport: str) -> None:
         assert _children_running(demo.pid, "listen")
         demo.kill()
         demo.wait()
-    deadline = time.monotonic() + 15
-    while (left := [pid for pid in family if not _gone(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    left = _left_after(family, 15)
     assert not left, [psutil.Process(pid).cmdline() for pid in left]
     address = line.split(" listening on ")[1].strip()
     if transport == "unix":
@@ -536,6 +536,7 @@ def test_sigterm_to_the_demos_group_while_its_destination_starts_is_a_cancel() -
         deadline = time.monotonic() + 30
         while not _children_running(demo.pid, "listen") and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert _children_running(demo.pid, "listen"), "the demo's destination never started"
         os.killpg(demo.pid, signal.SIGTERM)
         _, err = demo.communicate(timeout=60)
     assert demo.returncode == 130, err
