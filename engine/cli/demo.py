@@ -114,7 +114,7 @@ def _ended_how(returncode: int) -> str:
     return f"exited {returncode}"
 
 
-def _read_listening(process: subprocess.Popen, ready: Any, errors: Any = None) -> str:
+def _read_listening(process: subprocess.Popen, ready: Any, errors: Any) -> str:
     """The address `listen` wrote to its ready pipe (`ready`, our end); `errors`,
     its stderr file, says why not."""
     assert process.stdout is not None
@@ -132,7 +132,7 @@ def _read_listening(process: subprocess.Popen, ready: Any, errors: Any = None) -
         with contextlib.suppress(ValueError):
             said_json = json.loads(process.stdout.read() if process.poll() is not None else "")
             why = str(said_json.get("error", "")) if isinstance(said_json, dict) else ""
-        if not why and errors is not None:
+        if not why:
             errors.seek(0)
             said = errors.read().strip().splitlines()
             why = said[-1].removeprefix("multifd: failed: ") if said else ""
