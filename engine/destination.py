@@ -66,7 +66,7 @@ from engine.pool import WorkerPool
 from engine.shm import PAGE_SIZE, GuestRAM, RamHandle
 from engine.slots import SlotTable
 from engine.stats import MigrationResult, StatsTracker
-from engine.sync import MigrationEvent, ProgressWatch, Signal, wait_any, wait_readable
+from engine.sync import MigrationEvent, ProgressWatch, Signal, wait_any
 from engine.transport import Connection, check_address, close_all, listen
 from engine.verify import (
     DIGEST_CHUNK,
@@ -683,14 +683,6 @@ class DestinationMigration(Migration):
         if message is not None:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} from the source in setup")
 
-    def _hear_the_source(self) -> None:
-        """While this side is busy (its devices load): take in what the source sent (a
-        DIGESTS waits there for its turn), so that its end, after an ABORT (raised
-        then) or without one, ends the wait now."""
-        assert self._conn is not None
-        if self._conn.pending() or wait_readable([self._conn], 0):
-            self._main.receive()
-
     def _complete(
         self, message: wire.Complete, t_start: float, t_setup: float, t_switchover: float,
         devices_done: wire.DevicesDone | None,
@@ -710,7 +702,9 @@ class DestinationMigration(Migration):
             # long as the source waits for PREPARED, and hear it if it gives up first.
             self.device_reports = self._loader.wait_loaded(
                 devices_done.devices, until=time.monotonic() + self.config.stall_timeout_s,
-                watch=self._hear_the_source)
+                # the source's end (after an ABORT, raised then) ends the wait now; a
+                # DIGESTS it sent meanwhile waits in the buffer for its turn
+                watch=self._main.receive_if_ready)
         for consumer in self.payloads:
             consumer.finish()  # every payload is delivered too
         t_ready = time.perf_counter()

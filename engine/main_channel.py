@@ -127,6 +127,13 @@ class MainChannel:
                 raise late()
             raise TransportBrokenError(f"the {self.peer} did not answer on the main channel in time")
 
+    def receive_if_ready(self) -> None:
+        """Take in what came, if anything did, without waiting: a side busy with
+        something else keeps the peer's bytes (and its ABORT or its end) moving."""
+        assert self.conn is not None
+        if self.conn.pending() or wait_readable([self.conn], 0):
+            self.receive()
+
     def read_raw(self, deadline: float | None, max_bytes: int = 65536) -> bytes:
         """At most `max_bytes` off the connection (b"" at its end), for a handshake
         before any message."""
