@@ -92,7 +92,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         channel_fork_server().wait_ready()
         destination.start()
         # LISTENING inside the wait: a Ctrl-C from the line on meets the wait's cancel.
-        result = _wait_with_progress(destination, _Progress(sys.stdout.isatty() and not args.json),
+        result = _wait_with_progress(destination, _Progress.for_command(args),
                                      first=lambda: _announce(args, f"LISTENING {destination.address}"))
         ram = destination.ram
         # The answer to a source whose outcome is unknown: did this migration commit?
@@ -156,7 +156,7 @@ def _run_with_guest(args: argparse.Namespace, config: MigrationConfig,
             running.dirty_source, running.throttle_guest = guest.dirty_source, guest.throttle
             _cancel_on_signals(running)
             running.start()
-            result = _wait_with_progress(running, _Progress(sys.stdout.isatty() and not args.json))
+            result = _wait_with_progress(running, _Progress.for_command(args))
             if args.guest != "kvm":
                 return result
             return dataclasses.replace(result, extra={**result.extra, "guest": guest.com1()})
@@ -274,7 +274,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         _watch(restore)
         _cancel_on_signals(restore)
         restore.start()
-        result = _wait_with_progress(restore, _Progress(sys.stdout.isatty() and not args.json))
+        result = _wait_with_progress(restore, _Progress.for_command(args))
         if kvm is not None:
             report = kvm.after(1.0 if args.run_after is None else args.run_after)
             result = dataclasses.replace(result, extra={**result.extra, "guest": report})

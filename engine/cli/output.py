@@ -85,6 +85,11 @@ def _print_summary(result: MigrationResult, extra: dict[str, Any] | None = None)
 class _Progress:
     """A one-line live view on a terminal (nothing when not a tty or with --json)."""
 
+    @classmethod
+    def for_command(cls, args: argparse.Namespace) -> _Progress:
+        """Shown on a terminal, unless the command prints --json."""
+        return cls(sys.stdout.isatty() and not args.json)
+
     def __init__(self, enabled: bool) -> None:
         self._live = None
         if enabled:
